@@ -1,0 +1,160 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/version"
+
+	"github.com/netagent/netagent/pkg/bridge"
+	"github.com/netagent/netagent/pkg/hostport"
+	"github.com/netagent/netagent/pkg/subnetfile"
+)
+
+const (
+	defaultBridge  = "cni0"
+	defaultDataDir = "/var/lib/cni/netagent"
+	defaultMTU     = 1500
+	defaultWait    = 5 * time.Second
+)
+
+// netConf is the plugin's configuration as the runtime passes it on stdin.
+type netConf struct {
+	types.PluginConf
+
+	Bridge           string `json:"bridge"`
+	Subnet           string `json:"subnet"`
+	RangeStart       string `json:"rangeStart"`
+	RangeEnd         string `json:"rangeEnd"`
+	Gateway          string `json:"gateway"`
+	SubnetFile       string `json:"subnetFile"`
+	SubnetFileWait   string `json:"subnetFileWait"`
+	DataDir          string `json:"dataDir"`
+	MTU              int    `json:"mtu"`
+	HairpinMode      *bool  `json:"hairpinMode"`
+	IsDefaultGateway *bool  `json:"isDefaultGateway"`
+
+	RuntimeConfig struct {
+		PortMappings []hostport.Mapping `json:"portMappings,omitempty"`
+	} `json:"runtimeConfig"`
+
+	// Parsed and defaulted values.
+	subnet, network  netip.Prefix
+	start, end, gw   netip.Addr
+	wait             time.Duration
+	hairpin, defGW   bool
+	subnetFromAgent  bool
+	delegateIPAM     bool
+	subnetFileLoaded bool
+}
+
+// configError is an invalid-config error (CNI code 7) naming the field.
+func configError(field, format string, args ...any) error {
+	return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("invalid %s: %s", field, fmt.Sprintf(format, args...)), "")
+}
+
+// parseConfig decodes and validates stdin. It does not look at the subnet file (that may
+// wait); loadSubnet does.
+func parseConfig(stdin []byte) (*netConf, error) {
+	c := &netConf{}
+	if err := json.Unmarshal(stdin, c); err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode network config: %v", err), "")
+	}
+	if c.CNIVersion == "" {
+		return nil, configError("cniVersion", "missing")
+	}
+	if _, _, _, err := version.ParseVersion(c.CNIVersion); err != nil {
+		return nil, types.NewError(types.ErrIncompatibleCNIVersion, fmt.Sprintf("invalid cniVersion %q", c.CNIVersion), err.Error())
+	}
+	if c.RawPrevResult != nil {
+		if err := version.ParsePrevResult(&c.PluginConf); err != nil {
+			return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
+		}
+	}
+	if c.Bridge == "" {
+		c.Bridge = defaultBridge
+	}
+	if err := bridge.ValidIfName(c.Bridge); err != nil {
+		return nil, configError("bridge", "%v", err)
+	}
+	if c.MTU != 0 && (c.MTU < 576 || c.MTU > 65535) {
+		return nil, configError("mtu", "%d is out of range 576-65535", c.MTU)
+	}
+	if c.DataDir == "" {
+		c.DataDir = defaultDataDir
+	}
+	if !filepath.IsAbs(c.DataDir) {
+		return nil, configError("dataDir", "%q is not an absolute path", c.DataDir)
+	}
+	if c.SubnetFile == "" {
+		c.SubnetFile = subnetfile.DefaultPath
+	}
+	if !filepath.IsAbs(c.SubnetFile) {
+		return nil, configError("subnetFile", "%q is not an absolute path", c.SubnetFile)
+	}
+	c.wait = defaultWait
+	if c.SubnetFileWait != "" {
+		d, err := time.ParseDuration(c.SubnetFileWait)
+		if err != nil || d < 0 || d > time.Minute {
+			return nil, configError("subnetFileWait", "%q is not a duration between 0 and 1m", c.SubnetFileWait)
+		}
+		c.wait = d
+	}
+	c.hairpin = c.HairpinMode == nil || *c.HairpinMode
+	c.defGW = c.IsDefaultGateway == nil || *c.IsDefaultGateway
+	c.delegateIPAM = c.IPAM.Type != ""
+	if c.delegateIPAM && c.Subnet != "" {
+		return nil, configError("ipam", "set either subnet or an ipam section, not both")
+	}
+	for i, m := range c.RuntimeConfig.PortMappings {
+		if err := m.Validate(); err != nil {
+			return nil, configError(fmt.Sprintf("runtimeConfig.portMappings[%d]", i), "%v", err)
+		}
+	}
+	for _, f := range []struct {
+		name string
+		s    string
+		dst  *netip.Addr
+	}{{"rangeStart", c.RangeStart, &c.start}, {"rangeEnd", c.RangeEnd, &c.end}, {"gateway", c.Gateway, &c.gw}} {
+		if f.s == "" {
+			continue
+		}
+		a, err := netip.ParseAddr(f.s)
+		if err != nil {
+			return nil, configError(f.name, "%q is not an IP address", f.s)
+		}
+		*f.dst = a
+	}
+	if c.Subnet != "" {
+		p, err := netip.ParsePrefix(c.Subnet)
+		if err != nil {
+			return nil, configError("subnet", "%q is not a CIDR prefix", c.Subnet)
+		}
+		if p != p.Masked() {
+			return nil, configError("subnet", "%s has host bits set (did you mean %s?)", p, p.Masked())
+		}
+		if !p.Addr().Is4() {
+			return nil, configError("subnet", "%s: only IPv4 subnets are supported", p)
+		}
+		if p.Bits() > 30 {
+			return nil, configError("subnet", "%s is too small (at most /30)", p)
+		}
+		c.subnet = p
+	}
+	return c, nil
+}
+
+// mtu is the pod interface MTU: the config's, else the agent's, else 1500.
+func (c *netConf) mtu(agent int) int {
+	switch {
+	case c.MTU != 0:
+		return c.MTU
+	case agent != 0:
+		return agent
+	}
+	return defaultMTU
+}

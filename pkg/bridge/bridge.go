@@ -1,0 +1,409 @@
+// Package bridge wires pods into the node bridge: it ensures the bridge with its gateway
+// address, and creates, checks and removes one veth pair per pod attachment.
+//
+// Speed matters here (every pod ADD runs this), so each step is the fewest netlink
+// messages that do the job: the veth pair is created with its pod end already inside the
+// pod's namespace, already named as the runtime asked and already with the right MTU and
+// MAC, and with its host end up; the pod end is then configured through a netlink socket
+// opened in the pod namespace, so no OS thread ever switches namespace. The host end's
+// name is a hash of the attachment, so DEL can remove it by name without entering the pod
+// namespace, which may already be gone.
+package bridge
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"syscall"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// HostVethPrefix starts the name of every host-side veth this package creates.
+const HostVethPrefix = "na"
+
+// HostVethName is the host end's name for an attachment: stable, 13 characters, unique in
+// practice (44 bits of a SHA-256).
+func HostVethName(containerID, ifName string) string {
+	sum := sha256.Sum256([]byte(containerID + "\x00" + ifName))
+	return HostVethPrefix + hex.EncodeToString(sum[:])[:11]
+}
+
+// ValidIfName reports whether name is usable as a Linux interface name.
+func ValidIfName(name string) error {
+	switch {
+	case name == "":
+		return errors.New("is empty")
+	case len(name) > 15:
+		return fmt.Errorf("%q is longer than 15 characters", name)
+	case name == "." || name == "..":
+		return fmt.Errorf("%q is not allowed", name)
+	case strings.ContainsAny(name, "/: \t\n"):
+		return fmt.Errorf("%q contains '/', ':' or white space", name)
+	}
+	return nil
+}
+
+// GatewayMAC is the MAC the bridge gets: fixed and derived from the gateway address, so it
+// neither changes as ports come and go (the kernel's default) nor differs across restarts.
+func GatewayMAC(gw netip.Addr) net.HardwareAddr { return addrMAC(gw) }
+
+// PodMAC is the MAC a pod interface gets: derived from its address, so a neighbour that
+// cached an old pod's MAC for a reused address is still right.
+func PodMAC(ip netip.Addr) net.HardwareAddr { return addrMAC(ip) }
+
+func addrMAC(a netip.Addr) net.HardwareAddr {
+	if a.Is4() {
+		b := a.As4()
+		return net.HardwareAddr{0x0a, 0x58, b[0], b[1], b[2], b[3]}
+	}
+	b := a.As16()
+	return net.HardwareAddr{0x0a, 0x58, b[12], b[13], b[14], b[15]}
+}
+
+// Ensure makes sure the bridge name exists, is up and carries gw (the gateway address with
+// the subnet's prefix length). It is safe to run concurrently from many plugin processes.
+func Ensure(h *netlink.Handle, name string, gw netip.Prefix, mtu int) (*netlink.Bridge, error) {
+	br, err := lookup(h, name)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if !errors.As(err, &nf) {
+			return nil, err
+		}
+		attrs := netlink.NewLinkAttrs()
+		attrs.Name = name
+		attrs.MTU = mtu
+		attrs.HardwareAddr = GatewayMAC(gw.Addr())
+		attrs.Flags = net.FlagUp
+		if err := h.LinkAdd(&netlink.Bridge{LinkAttrs: attrs}); err != nil && !errors.Is(err, syscall.EEXIST) {
+			return nil, fmt.Errorf("create bridge %s: %w", name, err)
+		}
+		if br, err = lookup(h, name); err != nil {
+			return nil, err
+		}
+	}
+	if br.Attrs().Flags&net.FlagUp == 0 {
+		if err := h.LinkSetUp(br); err != nil {
+			return nil, fmt.Errorf("set bridge %s up: %w", name, err)
+		}
+	}
+	if err := ensureAddr(h, br, gw); err != nil {
+		return nil, err
+	}
+	return br, nil
+}
+
+func lookup(h *netlink.Handle, name string) (*netlink.Bridge, error) {
+	l, err := h.LinkByName(name)
+	if err != nil {
+		return nil, err
+	}
+	br, ok := l.(*netlink.Bridge)
+	if !ok {
+		return nil, fmt.Errorf("link %s exists but is a %s, not a bridge", name, l.Type())
+	}
+	return br, nil
+}
+
+func ensureAddr(h *netlink.Handle, l netlink.Link, want netip.Prefix) error {
+	addrs, err := h.AddrList(l, family(want.Addr()))
+	if err != nil {
+		return fmt.Errorf("list addresses of %s: %w", l.Attrs().Name, err)
+	}
+	for _, a := range addrs {
+		if p, ok := prefixOf(a.IPNet); ok && p == want {
+			return nil
+		}
+	}
+	addr := &netlink.Addr{IPNet: ipNet(want)}
+	if err := h.AddrAdd(l, addr); err != nil && !errors.Is(err, syscall.EEXIST) {
+		return fmt.Errorf("add %s to %s: %w", want, l.Attrs().Name, err)
+	}
+	return nil
+}
+
+// Pod describes one pod attachment to wire.
+type Pod struct {
+	NetnsFd  int          // an open fd of the pod's network namespace
+	IfName   string       // interface name inside the pod
+	HostVeth string       // host end name (HostVethName)
+	Addr     netip.Prefix // pod address with the subnet's prefix length
+	Gateway  netip.Addr   // default route via; invalid means no default route
+	MTU      int
+	Hairpin  bool
+}
+
+// Wired is what Add created, for the CNI result.
+type Wired struct {
+	HostMAC, PodMAC net.HardwareAddr
+	PodIndex        int
+}
+
+// Add creates the veth pair of p on bridge br and configures the pod end. On error it
+// removes what it created (the pod end goes with the host end).
+func Add(h *netlink.Handle, br *netlink.Bridge, p Pod) (Wired, error) {
+	veth := &netlink.Veth{
+		LinkAttrs: netlink.LinkAttrs{
+			Name:        p.HostVeth,
+			MTU:         p.MTU,
+			Flags:       net.FlagUp,
+			MasterIndex: br.Attrs().Index,
+			TxQLen:      -1,
+		},
+		PeerName:         p.IfName,
+		PeerHardwareAddr: PodMAC(p.Addr.Addr()),
+		PeerNamespace:    netlink.NsFd(p.NetnsFd),
+		PeerTxQLen:       -1,
+	}
+	err := h.LinkAdd(veth)
+	if errors.Is(err, syscall.EEXIST) {
+		// A host end left by an earlier, interrupted ADD of this same attachment (the name
+		// is a hash of it): remove it and try once more.
+		if derr := Del(h, p.HostVeth); derr != nil {
+			return Wired{}, fmt.Errorf("create veth %s: %w (removing the stale one: %v)", p.HostVeth, err, derr)
+		}
+		err = h.LinkAdd(veth)
+	}
+	if err != nil {
+		if errors.Is(err, syscall.EEXIST) {
+			return Wired{}, fmt.Errorf("create veth %s/%s: interface %s already exists in the pod namespace: %w", p.HostVeth, p.IfName, p.IfName, err)
+		}
+		return Wired{}, fmt.Errorf("create veth %s/%s: %w", p.HostVeth, p.IfName, err)
+	}
+	w, err := configure(h, veth, p)
+	if err != nil {
+		_ = h.LinkDel(veth)
+		return Wired{}, err
+	}
+	return w, nil
+}
+
+func configure(h *netlink.Handle, veth *netlink.Veth, p Pod) (Wired, error) {
+	if p.Hairpin {
+		if err := h.LinkSetHairpin(veth, true); err != nil {
+			return Wired{}, fmt.Errorf("set hairpin on %s: %w", p.HostVeth, err)
+		}
+	}
+	host, err := h.LinkByName(p.HostVeth)
+	if err != nil {
+		return Wired{}, fmt.Errorf("read back %s: %w", p.HostVeth, err)
+	}
+	ph, err := netlink.NewHandleAt(netns.NsHandle(p.NetnsFd))
+	if err != nil {
+		return Wired{}, fmt.Errorf("netlink in pod namespace: %w", err)
+	}
+	defer ph.Close()
+	pod, err := ph.LinkByName(p.IfName)
+	if err != nil {
+		return Wired{}, fmt.Errorf("find %s in pod namespace: %w", p.IfName, err)
+	}
+	if err := ph.AddrAdd(pod, &netlink.Addr{IPNet: ipNet(p.Addr)}); err != nil {
+		return Wired{}, fmt.Errorf("add %s to %s: %w", p.Addr, p.IfName, err)
+	}
+	if err := ph.LinkSetUp(pod); err != nil {
+		return Wired{}, fmt.Errorf("set %s up: %w", p.IfName, err)
+	}
+	if p.Gateway.IsValid() {
+		r := &netlink.Route{
+			LinkIndex: pod.Attrs().Index,
+			Dst:       defaultDst(p.Gateway),
+			Gw:        p.Gateway.AsSlice(),
+		}
+		if err := ph.RouteAdd(r); err != nil {
+			return Wired{}, fmt.Errorf("add default route via %s in pod: %w", p.Gateway, err)
+		}
+	}
+	return Wired{HostMAC: host.Attrs().HardwareAddr, PodMAC: pod.Attrs().HardwareAddr, PodIndex: pod.Attrs().Index}, nil
+}
+
+// Del removes the host end hostVeth (and with it the pod end). A missing link is not an
+// error: DEL must be repeatable.
+func Del(h *netlink.Handle, hostVeth string) error {
+	l, err := h.LinkByName(hostVeth)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return nil
+		}
+		return fmt.Errorf("find %s: %w", hostVeth, err)
+	}
+	if _, ok := l.(*netlink.Veth); !ok {
+		return fmt.Errorf("refusing to delete %s: it is a %s, not a veth", hostVeth, l.Type())
+	}
+	if err := h.LinkDel(l); err != nil && !errors.Is(err, syscall.ENODEV) {
+		return fmt.Errorf("delete %s: %w", hostVeth, err)
+	}
+	return nil
+}
+
+// Check verifies the wiring of p: the bridge carries the gateway, the host end is an up veth
+// on the bridge whose peer is the pod interface, and the pod interface is up with the
+// address, MTU and default route. The first mismatch is returned, described for an operator.
+func Check(h *netlink.Handle, bridgeName string, gw netip.Prefix, p Pod) error {
+	br, err := lookup(h, bridgeName)
+	if err != nil {
+		return fmt.Errorf("bridge: %w", err)
+	}
+	if ok, err := hasAddr(h, br, gw); err != nil || !ok {
+		return fmt.Errorf("bridge %s does not carry gateway address %s", bridgeName, gw)
+	}
+	host, err := h.LinkByName(p.HostVeth)
+	if err != nil {
+		return fmt.Errorf("host veth %s is missing: %w", p.HostVeth, err)
+	}
+	if _, ok := host.(*netlink.Veth); !ok {
+		return fmt.Errorf("host interface %s is a %s, not a veth", p.HostVeth, host.Type())
+	}
+	if host.Attrs().MasterIndex != br.Attrs().Index {
+		return fmt.Errorf("host veth %s is not attached to bridge %s", p.HostVeth, bridgeName)
+	}
+	if host.Attrs().Flags&net.FlagUp == 0 {
+		return fmt.Errorf("host veth %s is down", p.HostVeth)
+	}
+	ph, err := netlink.NewHandleAt(netns.NsHandle(p.NetnsFd))
+	if err != nil {
+		return fmt.Errorf("netlink in pod namespace: %w", err)
+	}
+	defer ph.Close()
+	pod, err := ph.LinkByName(p.IfName)
+	if err != nil {
+		return fmt.Errorf("pod interface %s is missing: %w", p.IfName, err)
+	}
+	// For a veth, IFLA_LINK (ParentIndex) is the peer's index in the peer's namespace.
+	if idx := host.Attrs().ParentIndex; idx != 0 && idx != pod.Attrs().Index {
+		return fmt.Errorf("host veth %s is not the peer of pod interface %s", p.HostVeth, p.IfName)
+	}
+	if pod.Attrs().Flags&net.FlagUp == 0 {
+		return fmt.Errorf("pod interface %s is down", p.IfName)
+	}
+	if p.MTU > 0 && pod.Attrs().MTU != p.MTU {
+		return fmt.Errorf("pod interface %s has MTU %d, want %d", p.IfName, pod.Attrs().MTU, p.MTU)
+	}
+	if ok, err := hasAddr(ph, pod, p.Addr); err != nil || !ok {
+		return fmt.Errorf("pod interface %s does not carry %s", p.IfName, p.Addr)
+	}
+	if p.Gateway.IsValid() {
+		routes, err := ph.RouteList(pod, family(p.Gateway))
+		if err != nil {
+			return fmt.Errorf("list pod routes: %w", err)
+		}
+		found := false
+		for _, r := range routes {
+			if (r.Dst == nil || isDefault(r.Dst)) && net.IP(p.Gateway.AsSlice()).Equal(r.Gw) {
+				found = true
+			}
+		}
+		if !found {
+			return fmt.Errorf("pod has no default route via %s on %s", p.Gateway, p.IfName)
+		}
+	}
+	return nil
+}
+
+func hasAddr(h *netlink.Handle, l netlink.Link, want netip.Prefix) (bool, error) {
+	addrs, err := h.AddrList(l, family(want.Addr()))
+	if err != nil {
+		return false, err
+	}
+	for _, a := range addrs {
+		if p, ok := prefixOf(a.IPNet); ok && p == want {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// Veths lists the host-side veths attached to bridge name (for GC).
+func Veths(h *netlink.Handle, name string) ([]string, error) {
+	br, err := lookup(h, name)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	links, err := h.LinkList()
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, l := range links {
+		if _, ok := l.(*netlink.Veth); ok && l.Attrs().MasterIndex == br.Attrs().Index {
+			out = append(out, l.Attrs().Name)
+		}
+	}
+	return out, nil
+}
+
+// Status reports whether bridge name is usable: absent (ADD creates it) or an up bridge.
+func Status(h *netlink.Handle, name string) error {
+	br, err := lookup(h, name)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return nil
+		}
+		return err
+	}
+	if br.Attrs().Flags&net.FlagUp == 0 {
+		return fmt.Errorf("bridge %s is down", name)
+	}
+	return nil
+}
+
+// EnableForwarding turns on IPv4 forwarding in the current network namespace, which a
+// bridge gateway needs; it reads first so the common case is one small read.
+func EnableForwarding() error {
+	const p = "/proc/sys/net/ipv4/ip_forward"
+	b, err := os.ReadFile(p)
+	if err == nil && strings.TrimSpace(string(b)) == "1" {
+		return nil
+	}
+	if err := os.WriteFile(p, []byte("1"), 0o644); err != nil {
+		return fmt.Errorf("enable ip_forward: %w", err)
+	}
+	return nil
+}
+
+func family(a netip.Addr) int {
+	if a.Is4() {
+		return unix.AF_INET
+	}
+	return unix.AF_INET6
+}
+
+func ipNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones), true
+}
+
+func defaultDst(gw netip.Addr) *net.IPNet {
+	if gw.Is4() {
+		return &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+	}
+	return &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
+}
+
+func isDefault(n *net.IPNet) bool {
+	ones, _ := n.Mask.Size()
+	return ones == 0 && n.IP.IsUnspecified()
+}
