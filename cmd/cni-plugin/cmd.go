@@ -220,7 +220,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 
 	// 3. Host ports, only for pods that publish some.
 	if len(c.RuntimeConfig.PortMappings) > 0 {
-		t, err := hostport.New()
+		t, err := hostport.New(hostport.DefaultLock)
 		if err != nil {
 			return err
 		}
@@ -314,7 +314,7 @@ func cmdDel(args *skel.CmdArgs) error {
 		return err
 	}
 	if found && x.Ports > 0 {
-		t, err := hostport.New()
+		t, err := hostport.New(hostport.DefaultLock)
 		if err != nil {
 			return err
 		}
@@ -398,7 +398,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 		return fmt.Errorf("check %s: %w", key, err)
 	}
 	if x.Ports > 0 {
-		t, err := hostport.New()
+		t, err := hostport.New(hostport.DefaultLock)
 		if err != nil {
 			return err
 		}
@@ -476,7 +476,7 @@ func cmdGC(args *skel.CmdArgs) error {
 			}
 		}
 	}
-	if t, err := hostport.New(); err == nil {
+	if t, err := hostport.New(hostport.DefaultLock); err == nil {
 		if _, err := t.Retain(ctx, func(tag string) bool {
 			id, ifn, ok := hostport.ParseTag(tag)
 			return ok && valid[ipam.Key{ContainerID: id, IfName: ifn}]

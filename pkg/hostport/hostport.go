@@ -22,8 +22,11 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/coreos/go-iptables/iptables"
@@ -102,18 +105,44 @@ func Rules(tag string, podIP netip.Addr, subnet netip.Prefix, ms []Mapping) []st
 	return out
 }
 
+// DefaultLock serialises host-port changes between plugin processes on a node.
+const DefaultLock = "/run/netagent/hostport.lock"
+
 // Table programs host ports in the current network namespace.
 type Table struct {
-	ipt *iptables.IPTables
+	ipt  *iptables.IPTables
+	lock string
 }
 
-// New finds iptables (it runs `iptables --version` once).
-func New() (*Table, error) {
+// New finds iptables (it runs `iptables --version` once). lock is the file that serialises
+// changes, so that removing the last mapping's chains cannot race with adding a new one.
+func New(lock string) (*Table, error) {
 	ipt, err := iptables.New(iptables.Timeout(10))
 	if err != nil {
 		return nil, fmt.Errorf("iptables: %w", err)
 	}
-	return &Table{ipt: ipt}, nil
+	return &Table{ipt: ipt, lock: lock}, nil
+}
+
+func (t *Table) locked(fn func() error) error {
+	if err := os.MkdirAll(filepath.Dir(t.lock), 0o755); err != nil {
+		return fmt.Errorf("host port lock: %w", err)
+	}
+	f, err := os.OpenFile(t.lock, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("host port lock: %w", err)
+	}
+	defer f.Close() // releases the lock
+	for {
+		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX)
+		if err != syscall.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("host port lock %s: %w", t.lock, err)
+	}
+	return fn()
 }
 
 // Add installs the mappings of one attachment.
@@ -122,6 +151,10 @@ func (t *Table) Add(ctx context.Context, tag string, podIP netip.Addr, subnet ne
 	if len(rules) == 0 {
 		return nil
 	}
+	return t.locked(func() error { return t.add(ctx, rules) })
+}
+
+func (t *Table) add(ctx context.Context, rules []string) error {
 	err := restore(ctx, rules)
 	if err == nil {
 		return nil
@@ -131,6 +164,17 @@ func (t *Table) Add(ctx context.Context, tag string, podIP netip.Addr, subnet ne
 		return errors.Join(err, serr)
 	}
 	return restore(ctx, rules)
+}
+
+// jumps are the node-level rules that lead to the host-port chains.
+var jumps = []struct {
+	chain string
+	rule  []string
+}{
+	{"PREROUTING", []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", "netagent host ports", "-j", Chain}},
+	{"OUTPUT", []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", "netagent host ports", "-j", Chain}},
+	{"POSTROUTING", []string{"-m", "comment", "--comment", "netagent host ports", "-j", PostChain}},
+	{PostChain, []string{"-m", "mark", "--mark", MasqMark, "-j", "MASQUERADE"}},
 }
 
 func (t *Table) setup() error {
@@ -146,15 +190,6 @@ func (t *Table) setup() error {
 				}
 			}
 		}
-	}
-	jumps := []struct {
-		chain string
-		rule  []string
-	}{
-		{"PREROUTING", []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", "netagent host ports", "-j", Chain}},
-		{"OUTPUT", []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", "netagent host ports", "-j", Chain}},
-		{"POSTROUTING", []string{"-m", "comment", "--comment", "netagent host ports", "-j", PostChain}},
-		{PostChain, []string{"-m", "mark", "--mark", MasqMark, "-j", "MASQUERADE"}},
 	}
 	for _, j := range jumps {
 		if err := t.ipt.AppendUnique("nat", j.chain, j.rule...); err != nil {
@@ -200,16 +235,48 @@ func (t *Table) list() ([]string, error) {
 	return t.ipt.List("nat", Chain)
 }
 
-func (t *Table) delWhere(ctx context.Context, del func(tag string) bool) ([]string, error) {
+func (t *Table) delWhere(ctx context.Context, del func(tag string) bool) (tags []string, err error) {
+	err = t.locked(func() error {
+		tags, err = t.delLocked(ctx, del)
+		return err
+	})
+	return tags, err
+}
+
+// teardown removes the jumps and chains once no mapping is left, so a node whose pods
+// published nothing (any more) carries no host-port rules at all.
+func (t *Table) teardown() error {
+	var errs []error
+	for _, j := range jumps[:3] {
+		if err := t.ipt.DeleteIfExists("nat", j.chain, j.rule...); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, c := range []string{Chain, PostChain} {
+		if ok, _ := t.ipt.ChainExists("nat", c); ok {
+			if err := t.ipt.ClearAndDeleteChain("nat", c); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (t *Table) delLocked(ctx context.Context, del func(tag string) bool) ([]string, error) {
 	rules, err := t.list()
 	if err != nil {
 		return nil, fmt.Errorf("list %s: %w", Chain, err)
 	}
 	var dels, tags []string
 	seen := map[string]bool{}
+	kept := 0
 	for _, r := range rules {
 		tag := tagOf(r)
-		if tag == "" || !del(tag) {
+		if tag == "" {
+			continue
+		}
+		if !del(tag) {
+			kept++
 			continue
 		}
 		dels = append(dels, "-D"+strings.TrimPrefix(r, "-A"))
@@ -218,11 +285,15 @@ func (t *Table) delWhere(ctx context.Context, del func(tag string) bool) ([]stri
 			tags = append(tags, tag)
 		}
 	}
-	if len(dels) == 0 {
-		return nil, nil
+	if len(dels) > 0 {
+		if err := restore(ctx, dels); err != nil {
+			return nil, err
+		}
 	}
-	if err := restore(ctx, dels); err != nil {
-		return nil, err
+	if kept == 0 && rules != nil {
+		if err := t.teardown(); err != nil {
+			return tags, fmt.Errorf("remove host-port chains: %w", err)
+		}
 	}
 	return tags, nil
 }

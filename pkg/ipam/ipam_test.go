@@ -1,0 +1,241 @@
+package ipam
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+)
+
+func mustRange(t *testing.T, subnet, start, end, gw string) Range {
+	t.Helper()
+	parse := func(s string) netip.Addr {
+		if s == "" {
+			return netip.Addr{}
+		}
+		return netip.MustParseAddr(s)
+	}
+	r, err := NewRange(netip.MustParsePrefix(subnet), parse(start), parse(end), parse(gw))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func TestNewRange(t *testing.T) {
+	tests := []struct {
+		subnet, start, end, gw string
+		wantErr                string
+		wantSize               int
+		wantStart, wantEnd     string
+	}{
+		{subnet: "10.0.0.0/24", wantSize: 253, wantStart: "10.0.0.1", wantEnd: "10.0.0.254"},
+		{subnet: "10.0.0.0/26", wantSize: 61, wantStart: "10.0.0.1", wantEnd: "10.0.0.62"},
+		{subnet: "10.0.0.0/30", wantSize: 1, wantStart: "10.0.0.1", wantEnd: "10.0.0.2"},
+		{subnet: "10.0.0.0/24", start: "10.0.0.100", end: "10.0.0.109", wantSize: 10, wantStart: "10.0.0.100", wantEnd: "10.0.0.109"},
+		{subnet: "10.0.0.0/24", gw: "10.0.0.254", wantSize: 253},
+		{subnet: "10.0.0.0/31", wantErr: "too small"},
+		{subnet: "10.0.0.0/24", start: "10.0.1.5", wantErr: "rangeStart 10.0.1.5 is outside"},
+		{subnet: "10.0.0.0/24", end: "10.0.0.255", wantErr: "rangeEnd 10.0.0.255 is the network or broadcast"},
+		{subnet: "10.0.0.0/24", gw: "10.0.0.0", wantErr: "gateway 10.0.0.0 is the network"},
+		{subnet: "10.0.0.0/24", start: "10.0.0.9", end: "10.0.0.3", wantErr: "is after rangeEnd"},
+		{subnet: "10.0.0.0/24", gw: "fd00::1", wantErr: "gateway fd00::1 is outside"},
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprintf("%s_%s_%s_%s", tt.subnet, tt.start, tt.end, tt.gw), func(t *testing.T) {
+			p := func(s string) netip.Addr {
+				if s == "" {
+					return netip.Addr{}
+				}
+				return netip.MustParseAddr(s)
+			}
+			r, err := NewRange(netip.MustParsePrefix(tt.subnet), p(tt.start), p(tt.end), p(tt.gw))
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("NewRange() error = %v, want containing %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Size() != tt.wantSize {
+				t.Errorf("Size() = %d, want %d", r.Size(), tt.wantSize)
+			}
+			if tt.wantStart != "" && r.Start.String() != tt.wantStart {
+				t.Errorf("Start = %s, want %s", r.Start, tt.wantStart)
+			}
+			if tt.wantEnd != "" && r.End.String() != tt.wantEnd {
+				t.Errorf("End = %s, want %s", r.End, tt.wantEnd)
+			}
+		})
+	}
+}
+
+func allocate(t *testing.T, s *Store, r Range, id string) (Record, error) {
+	t.Helper()
+	var rec Record
+	err := s.Update(func(tx *Tx) error {
+		var err error
+		rec, err = tx.Allocate(r, Key{ContainerID: id, IfName: "eth0"}, Record{})
+		return err
+	})
+	return rec, err
+}
+
+func TestAllocateRoundRobinAndExhaustion(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := mustRange(t, "10.0.0.0/29", "", "", "") // .1 gateway, .2-.6 usable
+	var got []string
+	for i := range 5 {
+		rec, err := allocate(t, s, r, fmt.Sprint("c", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, rec.IP.String())
+	}
+	if want := "10.0.0.2 10.0.0.3 10.0.0.4 10.0.0.5 10.0.0.6"; strings.Join(got, " ") != want {
+		t.Errorf("allocated %v, want %s", got, want)
+	}
+	if _, err := allocate(t, s, r, "c5"); !errors.Is(err, ErrExhausted) {
+		t.Fatalf("6th Allocate error = %v, want ErrExhausted", err)
+	}
+	// A failed allocation leaves nothing behind.
+	_ = s.View(func(tx *Tx) error {
+		if _, ok := tx.Get(Key{"c5", "eth0"}); ok {
+			t.Error("exhausted allocation left a record")
+		}
+		return nil
+	})
+	// Same key again: same address (repeated ADD).
+	rec, err := allocate(t, s, r, "c2")
+	if err != nil || rec.IP.String() != "10.0.0.4" {
+		t.Errorf("re-Allocate(c2) = %v, %v; want 10.0.0.4", rec.IP, err)
+	}
+	// Free .3, then the next allocation wraps around to it (round robin from .6).
+	_ = s.Update(func(tx *Tx) error { tx.Release(Key{"c1", "eth0"}); return nil })
+	rec, err = allocate(t, s, r, "c9")
+	if err != nil || rec.IP.String() != "10.0.0.3" {
+		t.Errorf("Allocate after release = %v, %v; want 10.0.0.3", rec.IP, err)
+	}
+}
+
+func TestReleaseUnknownIsNoop(t *testing.T) {
+	s, _ := Open(t.TempDir())
+	err := s.Update(func(tx *Tx) error {
+		if _, ok := tx.Release(Key{"nope", "eth0"}); ok {
+			t.Error("Release(unknown) reported a record")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(s.Dir(), "state.json")); !os.IsNotExist(err) {
+		t.Errorf("a no-op Update wrote the state file (err %v)", err)
+	}
+}
+
+func TestConcurrentAllocate(t *testing.T) {
+	s, _ := Open(t.TempDir())
+	r := mustRange(t, "10.0.0.0/26", "", "", "")
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	ips := map[netip.Addr]string{}
+	var exhausted int
+	for i := range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// Each goroutine opens its own Store, as separate plugin processes would.
+			s2, _ := Open(s.Dir())
+			rec, err := allocate(t, s2, r, fmt.Sprint("c", i))
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case errors.Is(err, ErrExhausted):
+				exhausted++
+			case err != nil:
+				t.Error(err)
+			default:
+				if prev, dup := ips[rec.IP]; dup {
+					t.Errorf("%s given to c%d and %s", rec.IP, i, prev)
+				}
+				ips[rec.IP] = fmt.Sprint("c", i)
+			}
+		}()
+	}
+	wg.Wait()
+	if len(ips) != 61 || exhausted != 3 {
+		t.Errorf("got %d allocations and %d exhausted, want 61 and 3", len(ips), exhausted)
+	}
+}
+
+func TestDecodeRejectsCorruption(t *testing.T) {
+	tests := []struct{ name, in, want string }{
+		{"truncated", `{"version":1,"allocations":[{"id":"a"`, "unexpected EOF"},
+		{"garbage", "\x00\x01", "invalid character"},
+		{"version", `{"version":7,"allocations":[]}`, "unsupported version 7"},
+		{"bad ip", `{"version":1,"allocations":[{"id":"a","if":"eth0","ip":"10.0.0.300"}]}`, "ParseAddr"},
+		{"no ip", `{"version":1,"allocations":[{"id":"a","if":"eth0"}]}`, "has no address"},
+		{"dup ip", `{"version":1,"allocations":[{"id":"a","if":"eth0","ip":"10.0.0.2"},{"id":"b","if":"eth0","ip":"10.0.0.2"}]}`, "allocated twice"},
+		{"dup key", `{"version":1,"allocations":[{"id":"a","if":"eth0","ip":"10.0.0.2"},{"id":"a","if":"eth0","ip":"10.0.0.3"}]}`, "allocated twice"},
+		{"unknown field", `{"version":1,"allocations":[],"x":1}`, "unknown field"},
+		{"empty id", `{"version":1,"allocations":[{"id":"","if":"eth0","ip":"10.0.0.2"}]}`, "empty container ID"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Decode([]byte(tt.in))
+			if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("Decode(%q) = %v, want ErrCorrupt containing %q", tt.in, err, tt.want)
+			}
+		})
+	}
+}
+
+func TestCorruptStoreIsReportedWithPath(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "state.json"), []byte("{nope"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, _ := Open(dir)
+	_, err := allocate(t, s, mustRange(t, "10.0.0.0/24", "", "", ""), "a")
+	if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), filepath.Join(dir, "state.json")) {
+		t.Errorf("Allocate on corrupt store = %v, want ErrCorrupt naming the file", err)
+	}
+}
+
+func FuzzDecode(f *testing.F) {
+	f.Add([]byte(`{"version":1,"last":"10.0.0.3","allocations":[{"id":"a","if":"eth0","ip":"10.0.0.2","extra":{"x":1}}]}`))
+	f.Add([]byte(`{"version":1,"allocations":[]}`))
+	f.Add([]byte(`{}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		st, err := Decode(b)
+		if err != nil {
+			if !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("Decode error %v is not ErrCorrupt", err)
+			}
+			return
+		}
+		// A decoded state is internally consistent: indexes match and allocation works.
+		for i, a := range st.Allocations {
+			if st.byIP[a.IP] != i || st.byKey[a.Key] != i {
+				t.Fatalf("index mismatch for %v", a)
+			}
+		}
+		r, _ := NewRange(netip.MustParsePrefix("10.0.0.0/28"), netip.Addr{}, netip.Addr{}, netip.Addr{})
+		tx := &Tx{st: st}
+		if rec, err := tx.Allocate(r, Key{"fuzz-new", "eth9"}, Record{}); err == nil {
+			if n := tx.st.byIP[rec.IP]; tx.st.Allocations[n].Key != (Key{"fuzz-new", "eth9"}) {
+				t.Fatalf("allocated %s which belongs to someone else", rec.IP)
+			}
+		}
+	})
+}
