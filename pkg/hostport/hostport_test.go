@@ -1,0 +1,68 @@
+package hostport
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+func TestRules(t *testing.T) {
+	got := Rules(Tag("abc", "eth0"), netip.MustParseAddr("10.244.1.5"), netip.MustParsePrefix("10.244.1.0/24"), []Mapping{
+		{HostPort: 8080, ContainerPort: 80},
+		{HostPort: 53, ContainerPort: 5353, Protocol: "UDP", HostIP: "192.0.2.10"},
+	})
+	want := []string{
+		"-A NETAGENT-HOSTPORTS -p tcp -m tcp --dport 8080 -s 10.244.1.0/24 -m comment --comment netagent-hp:abc:eth0 -j MARK --set-xmark 0x2000/0x2000",
+		"-A NETAGENT-HOSTPORTS -p tcp -m tcp --dport 8080 -m comment --comment netagent-hp:abc:eth0 -j DNAT --to-destination 10.244.1.5:80",
+		"-A NETAGENT-HOSTPORTS -d 192.0.2.10/32 -p udp -m udp --dport 53 -s 10.244.1.0/24 -m comment --comment netagent-hp:abc:eth0 -j MARK --set-xmark 0x2000/0x2000",
+		"-A NETAGENT-HOSTPORTS -d 192.0.2.10/32 -p udp -m udp --dport 53 -m comment --comment netagent-hp:abc:eth0 -j DNAT --to-destination 10.244.1.5:5353",
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("Rules() =\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+func TestTags(t *testing.T) {
+	tests := []struct {
+		rule, tag string
+		id, ifn   string
+	}{
+		{`-A NETAGENT-HOSTPORTS -p tcp -m comment --comment netagent-hp:abc:eth0 -j DNAT`, "netagent-hp:abc:eth0", "abc", "eth0"},
+		{`-A NETAGENT-HOSTPORTS -p tcp -m comment --comment "netagent-hp:a.b_c-1:net1" -j DNAT`, "netagent-hp:a.b_c-1:net1", "a.b_c-1", "net1"},
+		{`-A NETAGENT-HOSTPORTS -m comment --comment other -j DNAT`, "", "", ""},
+		{`-N NETAGENT-HOSTPORTS`, "", "", ""},
+	}
+	for _, tt := range tests {
+		if got := tagOf(tt.rule); got != tt.tag {
+			t.Errorf("tagOf(%q) = %q, want %q", tt.rule, got, tt.tag)
+		}
+		if tt.tag == "" {
+			continue
+		}
+		id, ifn, ok := ParseTag(tt.tag)
+		if !ok || id != tt.id || ifn != tt.ifn {
+			t.Errorf("ParseTag(%q) = %q, %q, %v", tt.tag, id, ifn, ok)
+		}
+	}
+}
+
+func TestMappingValidate(t *testing.T) {
+	tests := []struct {
+		m    Mapping
+		want string
+	}{
+		{Mapping{HostPort: 80, ContainerPort: 80, Protocol: "tcp"}, ""},
+		{Mapping{HostPort: 80, ContainerPort: 80, Protocol: "SCTP", HostIP: "0.0.0.0"}, ""},
+		{Mapping{HostPort: 0, ContainerPort: 80}, "hostPort 0"},
+		{Mapping{HostPort: 80, ContainerPort: 65536}, "containerPort 65536"},
+		{Mapping{HostPort: 80, ContainerPort: 80, Protocol: "icmp"}, "protocol"},
+		{Mapping{HostPort: 80, ContainerPort: 80, HostIP: "fd00::1"}, "only IPv4"},
+		{Mapping{HostPort: 80, ContainerPort: 80, HostIP: "nope"}, "hostIP"},
+	}
+	for _, tt := range tests {
+		err := tt.m.Validate()
+		if (tt.want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tt.want)) {
+			t.Errorf("%+v.Validate() = %v, want %q", tt.m, err, tt.want)
+		}
+	}
+}

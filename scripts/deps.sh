@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests and the lab need (only the missing ones), so the
+# README's commands work on a fresh machine. Go itself comes with the machine.
+set -euo pipefail
+pkgs=(iproute2 iptables iputils-ping containerd runc busybox-static procps util-linux)
+missing=()
+for p in "${pkgs[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+	echo "installing: ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/local/go/bin:/usr/sbin:/sbin"
+command -v go >/dev/null || { echo "go is not installed (expected at /usr/local/go)"; exit 1; }

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): installs what it needs, then runs static checks
+# and every test, as root, in network namespaces only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+[ "$(id -u)" = 0 ] || { echo "run as root: the tests create network namespaces"; exit 1; }
+
+echo "== gofmt, go vet"
+unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+[ -z "$unformatted" ] || { echo "gofmt needed:"; echo "$unformatted"; exit 1; }
+go vet ./...
+
+echo "== the CNI plugin stays lean (no etcd or Kubernetes packages)"
+if go list -deps ./cmd/cni-plugin | grep -E '^(go\.etcd\.io|k8s\.io|sigs\.k8s\.io)/'; then
+	echo "cmd/cni-plugin depends on the packages above; it must not"; exit 1
+fi
+
+echo "== fuzz targets (bounded)"
+for pkg in $(go list ./pkg/... ./cmd/...); do
+	for target in $(go test -list '^Fuzz' "$pkg" | grep '^Fuzz' || true); do
+		go test -run '^$' -fuzz "^$target\$" -fuzztime "${FUZZTIME:-10s}" "$pkg"
+	done
+done
+
+echo "== tests"
+go test -race -count=1 -timeout 30m ./... 2>&1 | tee /tmp/netagent-test.log
