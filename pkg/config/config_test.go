@@ -1,0 +1,110 @@
+package config
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+func TestParse(t *testing.T) {
+	tests := []struct {
+		name, in string
+		field    string // "" = valid
+	}{
+		{"minimal", `{"network":"10.244.0.0/16"}`, ""},
+		{"host-gw", `{"network":"10.244.0.0/16","subnetLen":26,"backend":{"type":"host-gw"}}`, ""},
+		{"hybrid", `{"network":"10.244.0.0/16","backend":{"type":"hybrid","vni":42,"port":4789},"mtu":1400}`, ""},
+		{"bounds", `{"network":"10.244.0.0/16","subnetMin":"10.244.10.0","subnetMax":"10.244.20.0"}`, ""},
+		{"no network", `{}`, "network"},
+		{"v6", `{"network":"fd00::/48"}`, "network"},
+		{"host bits", `{"network":"10.244.3.0/16"}`, "network"},
+		{"loopback", `{"network":"127.0.0.0/16"}`, "network"},
+		{"too large", `{"network":"0.0.0.0/0"}`, "network"},
+		{"subnetLen too short", `{"network":"10.244.0.0/16","subnetLen":16}`, "subnetLen"},
+		{"subnetLen too long", `{"network":"10.244.0.0/16","subnetLen":31}`, "subnetLen"},
+		{"subnetMin outside", `{"network":"10.244.0.0/16","subnetMin":"10.245.0.0"}`, "subnetMin"},
+		{"subnetMax unaligned", `{"network":"10.244.0.0/16","subnetMax":"10.244.5.7"}`, "subnetMax"},
+		{"min after max", `{"network":"10.244.0.0/16","subnetMin":"10.244.9.0","subnetMax":"10.244.2.0"}`, "subnetMin"},
+		{"unknown backend", `{"network":"10.244.0.0/16","backend":{"type":"udp"}}`, "backend.type"},
+		{"vni", `{"network":"10.244.0.0/16","backend":{"type":"vxlan","vni":16777216}}`, "backend.vni"},
+		{"port", `{"network":"10.244.0.0/16","backend":{"type":"vxlan","port":70000}}`, "backend.port"},
+		{"host-gw with vni", `{"network":"10.244.0.0/16","backend":{"type":"host-gw","vni":3}}`, "backend"},
+		{"mtu", `{"network":"10.244.0.0/16","mtu":100}`, "mtu"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			n, err := Parse([]byte(tt.in))
+			if tt.field == "" {
+				if err != nil {
+					t.Fatalf("Parse() = %v", err)
+				}
+				if n.Subnets() < 1 {
+					t.Errorf("Subnets() = %d", n.Subnets())
+				}
+				return
+			}
+			var fe *FieldError
+			if !errors.As(err, &fe) || fe.Field != tt.field {
+				t.Errorf("Parse() = %v, want an error on field %q", err, tt.field)
+			}
+		})
+	}
+}
+
+func TestParseRejectsTypos(t *testing.T) {
+	_, err := Parse([]byte(`{"network":"10.244.0.0/16","backnd":{"type":"vxlan"}}`))
+	if err == nil || !strings.Contains(err.Error(), "backnd") {
+		t.Errorf("Parse() = %v, want unknown field backnd", err)
+	}
+}
+
+func TestSubnets(t *testing.T) {
+	n, err := Parse([]byte(`{"network":"10.244.0.0/16"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := n.Subnets(), 255; got != want {
+		t.Errorf("Subnets() = %d, want %d", got, want)
+	}
+	if got := n.SubnetAt(0).String(); got != "10.244.1.0/24" {
+		t.Errorf("SubnetAt(0) = %s", got)
+	}
+	if got := n.SubnetAt(254).String(); got != "10.244.255.0/24" {
+		t.Errorf("SubnetAt(254) = %s", got)
+	}
+	if !n.Contains(n.SubnetAt(7)) {
+		t.Errorf("Contains(SubnetAt(7)) = false")
+	}
+	if n.Contains(mustPrefix("10.244.7.0/25")) {
+		t.Error("Contains(a /25) = true, want false")
+	}
+	if n.Contains(mustPrefix("10.244.0.0/24")) {
+		t.Error("Contains(first subnet) = true, but it is below subnetMin")
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(`{"network":"10.244.0.0/16","subnetLen":24,"backend":{"type":"vxlan","vni":1,"port":8472}}`))
+	f.Add([]byte(`{"network":"10.0.0.0/8","subnetLen":30,"subnetMin":"10.0.0.4","subnetMax":"10.255.255.252","backend":{"type":"hybrid"}}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		n, err := Parse(b)
+		if err != nil {
+			return
+		}
+		if n.Subnets() < 1 {
+			t.Fatalf("valid config with %d subnets: %s", n.Subnets(), b)
+		}
+		for _, i := range []int{0, n.Subnets() - 1} {
+			s := n.SubnetAt(i)
+			if !n.Contains(s) || !n.Network.Contains(s.Addr()) {
+				t.Fatalf("SubnetAt(%d) = %s outside the config %s", i, s, b)
+			}
+		}
+		if _, err := Parse(n.Marshal()); err != nil {
+			t.Fatalf("re-parse of %s: %v", n.Marshal(), err)
+		}
+	})
+}
+
+func mustPrefix(s string) netip.Prefix { return netip.MustParsePrefix(s) }

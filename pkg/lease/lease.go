@@ -1,0 +1,83 @@
+// Package lease defines a node's subnet lease, how it is encoded in the store, and the
+// Store interface the agent works against (etcd today, the Kubernetes API later).
+package lease
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+)
+
+// ErrConflict means the subnet or node is held by someone else.
+var ErrConflict = errors.New("lease conflict")
+
+// Lease is one node's claim on a subnet and how peers reach it.
+type Lease struct {
+	Node     string       `json:"node"`
+	Subnet   netip.Prefix `json:"subnet"`
+	PublicIP netip.Addr   `json:"publicIP"`
+	Backend  string       `json:"backend"`
+	// VTEPMAC is the MAC of the node's VXLAN device (vxlan and hybrid backends).
+	VTEPMAC string `json:"vtepMAC,omitempty"`
+}
+
+// MAC parses VTEPMAC (nil when unset or invalid).
+func (l Lease) MAC() net.HardwareAddr {
+	m, err := net.ParseMAC(l.VTEPMAC)
+	if err != nil || len(m) != 6 {
+		return nil
+	}
+	return m
+}
+
+// Validate checks a lease for use as a peer.
+func (l Lease) Validate() error {
+	switch {
+	case l.Node == "" || len(l.Node) > 253 || strings.ContainsAny(l.Node, "/ \t\n"):
+		return fmt.Errorf("lease: invalid node name %q", l.Node)
+	case !l.Subnet.IsValid() || !l.Subnet.Addr().Is4() || l.Subnet != l.Subnet.Masked():
+		return fmt.Errorf("lease %s: invalid subnet %s", l.Node, l.Subnet)
+	case !l.PublicIP.IsValid() || !l.PublicIP.Is4() || l.PublicIP.IsUnspecified() || l.PublicIP.IsMulticast():
+		return fmt.Errorf("lease %s: invalid public IP %s", l.Node, l.PublicIP)
+	case l.VTEPMAC != "" && l.MAC() == nil:
+		return fmt.Errorf("lease %s: invalid VTEP MAC %q", l.Node, l.VTEPMAC)
+	}
+	return nil
+}
+
+// Encode is the stored form.
+func (l Lease) Encode() []byte {
+	b, _ := json.Marshal(l)
+	return b
+}
+
+// Decode parses and validates a stored lease value.
+func Decode(b []byte) (Lease, error) {
+	var l Lease
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if err := dec.Decode(&l); err != nil {
+		return Lease{}, fmt.Errorf("decode lease: %w", err)
+	}
+	if err := l.Validate(); err != nil {
+		return Lease{}, err
+	}
+	return l, nil
+}
+
+// SubnetKey is the key suffix for a subnet: 10.244.1.0/24 -> 10.244.1.0-24.
+func SubnetKey(p netip.Prefix) string {
+	return fmt.Sprintf("%s-%d", p.Addr(), p.Bits())
+}
+
+// ParseSubnetKey reverses SubnetKey.
+func ParseSubnetKey(s string) (netip.Prefix, error) {
+	i := strings.LastIndexByte(s, '-')
+	if i < 0 {
+		return netip.Prefix{}, fmt.Errorf("subnet key %q: no '-'", s)
+	}
+	return netip.ParsePrefix(s[:i] + "/" + s[i+1:])
+}

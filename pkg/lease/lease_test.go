@@ -1,0 +1,51 @@
+package lease
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+func TestDecode(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","backend":"vxlan","vtepMAC":"0a:00:00:00:00:01"}`, ""},
+		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","backend":"host-gw"}`, ""},
+		{`{"node":"","subnet":"10.244.1.0/24","publicIP":"192.0.2.1"}`, "invalid node name"},
+		{`{"node":"a/b","subnet":"10.244.1.0/24","publicIP":"192.0.2.1"}`, "invalid node name"},
+		{`{"node":"n1","subnet":"10.244.1.7/24","publicIP":"192.0.2.1"}`, "invalid subnet"},
+		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"0.0.0.0"}`, "invalid public IP"},
+		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","vtepMAC":"zz"}`, "invalid VTEP MAC"},
+		{`{"node":"n1","subnet":"nope"}`, "decode lease"},
+		{`[`, "decode lease"},
+	}
+	for _, tt := range tests {
+		_, err := Decode([]byte(tt.in))
+		if (tt.want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tt.want)) {
+			t.Errorf("Decode(%s) = %v, want %q", tt.in, err, tt.want)
+		}
+	}
+}
+
+func TestSubnetKey(t *testing.T) {
+	p := netip.MustParsePrefix("10.244.17.0/24")
+	if k := SubnetKey(p); k != "10.244.17.0-24" {
+		t.Errorf("SubnetKey = %s", k)
+	}
+	if got, err := ParseSubnetKey(SubnetKey(p)); err != nil || got != p {
+		t.Errorf("ParseSubnetKey = %v, %v", got, err)
+	}
+}
+
+func FuzzDecode(f *testing.F) {
+	f.Add([]byte(`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","backend":"vxlan","vtepMAC":"0a:00:00:00:00:01"}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		l, err := Decode(b)
+		if err != nil {
+			return
+		}
+		l2, err := Decode(l.Encode())
+		if err != nil || l2 != l {
+			t.Fatalf("round trip of %s: %+v, %v", b, l2, err)
+		}
+	})
+}

@@ -1,0 +1,170 @@
+package plan
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/lease"
+)
+
+func cfg(t testing.TB, backend string) config.Network {
+	t.Helper()
+	n, err := config.Parse([]byte(fmt.Sprintf(`{"network":"10.244.0.0/16","backend":{"type":%q}}`, backend)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func mk(node, subnet, ip string) lease.Lease {
+	return lease.Lease{Node: node, Subnet: netip.MustParsePrefix(subnet), PublicIP: netip.MustParseAddr(ip), VTEPMAC: VTEPMAC(node).String()}
+}
+
+var underlay = Underlay{Dev: "eth0", MTU: 1500, Connected: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}}
+
+// render prints a plan compactly so table tests compare whole plans.
+func render(p Plan) string {
+	var b strings.Builder
+	for _, r := range p.Routes {
+		fmt.Fprintf(&b, "route %s via %s dev %s", r.Dst, r.Gw, r.Dev)
+		if r.OnLink {
+			b.WriteString(" onlink")
+		}
+		if r.MTU != 0 {
+			fmt.Fprintf(&b, " mtu %d", r.MTU)
+		}
+		b.WriteString("\n")
+	}
+	for _, n := range p.Neighs {
+		fmt.Fprintf(&b, "neigh %s %s\n", n.IP, n.MAC)
+	}
+	for _, f := range p.FDB {
+		fmt.Fprintf(&b, "fdb %s dst %s\n", f.MAC, f.Dst)
+	}
+	for _, peer := range p.Peers {
+		fmt.Fprintf(&b, "peer %s %s", peer.Node, peer.Mode)
+		if peer.Reason != "" {
+			fmt.Fprintf(&b, " (%s)", peer.Reason)
+		}
+		b.WriteString("\n")
+	}
+	if p.VXLAN != nil {
+		fmt.Fprintf(&b, "vxlan %s vni %d port %d local %s addr %s mtu %d\n", p.VXLAN.Name, p.VXLAN.VNI, p.VXLAN.Port, p.VXLAN.Local, p.VXLAN.Addr, p.VXLAN.MTU)
+	}
+	fmt.Fprintf(&b, "pod mtu %d\n", p.PodMTU)
+	return b.String()
+}
+
+func TestBuild(t *testing.T) {
+	self := mk("a", "10.244.1.0/24", "192.0.2.1")
+	near := mk("b", "10.244.2.0/24", "192.0.2.2")
+	far := mk("c", "10.244.3.0/24", "198.51.100.3")
+	macB, macC := VTEPMAC("b").String(), VTEPMAC("c").String()
+	tests := []struct {
+		name    string
+		backend string
+		peers   []lease.Lease
+		want    string
+	}{
+		{"host-gw", config.HostGW, []lease.Lease{near, far}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
+peer b direct
+peer c unreachable (host-gw: 198.51.100.3 is not on-link from eth0 (use the hybrid or vxlan backend to reach it))
+pod mtu 1500
+`},
+		{"vxlan", config.VXLAN, []lease.Lease{far, near}, fmt.Sprintf(`route 10.244.2.0/24 via 10.244.2.0 dev na.1 onlink
+route 10.244.3.0/24 via 10.244.3.0 dev na.1 onlink
+neigh 10.244.2.0 %[1]s
+neigh 10.244.3.0 %[2]s
+fdb %[2]s dst 198.51.100.3
+fdb %[1]s dst 192.0.2.2
+peer b vxlan
+peer c vxlan
+vxlan na.1 vni 1 port 8472 local 192.0.2.1 addr 10.244.1.0/32 mtu 1450
+pod mtu 1450
+`, macB, macC)},
+		{"hybrid", config.Hybrid, []lease.Lease{near, far}, fmt.Sprintf(`route 10.244.2.0/24 via 192.0.2.2 dev eth0
+route 10.244.3.0/24 via 10.244.3.0 dev na.1 onlink mtu 1450
+neigh 10.244.3.0 %[1]s
+fdb %[1]s dst 198.51.100.3
+peer b direct
+peer c vxlan
+vxlan na.1 vni 1 port 8472 local 192.0.2.1 addr 10.244.1.0/32 mtu 1450
+pod mtu 1500
+`, macC)},
+		{"self is skipped", config.HostGW, []lease.Lease{self}, "pod mtu 1500\n"},
+		{"duplicate subnet", config.HostGW, []lease.Lease{near, mk("d", "10.244.2.0/24", "192.0.2.4")}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
+peer b direct
+peer d unreachable (subnet 10.244.2.0/24 is also held by b)
+pod mtu 1500
+`},
+		{"own subnet claimed", config.HostGW, []lease.Lease{mk("e", "10.244.1.0/24", "192.0.2.5")}, `peer e unreachable (subnet 10.244.1.0/24 is also held by a)
+pod mtu 1500
+`},
+		{"odd length overlaps", config.HostGW, []lease.Lease{mk("f", "10.244.2.0/23", "192.0.2.6"), near}, `route 10.244.2.0/23 via 192.0.2.6 dev eth0
+peer b unreachable (subnet 10.244.2.0/24 overlaps 10.244.2.0/23 of f)
+peer f direct
+pod mtu 1500
+`},
+		{"outside network", config.HostGW, []lease.Lease{mk("g", "10.9.0.0/24", "192.0.2.7")}, `peer g unreachable (subnet 10.9.0.0/24 is outside the cluster network 10.244.0.0/16)
+pod mtu 1500
+`},
+		{"vxlan peer without MAC", config.VXLAN, []lease.Lease{{Node: "h", Subnet: netip.MustParsePrefix("10.244.8.0/24"), PublicIP: netip.MustParseAddr("192.0.2.8")}}, `peer h unreachable (the peer published no VTEP MAC (is it running a vxlan or hybrid backend?))
+vxlan na.1 vni 1 port 8472 local 192.0.2.1 addr 10.244.1.0/32 mtu 1450
+pod mtu 1450
+`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := render(Build(Input{Config: cfg(t, tt.backend), Self: self, Peers: tt.peers, Underlay: underlay, VXLANDev: "na.1"}))
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("Build() mismatch (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestMTUOverride(t *testing.T) {
+	c := cfg(t, config.VXLAN)
+	c.MTU = 1400
+	p := Build(Input{Config: c, Self: mk("a", "10.244.1.0/24", "192.0.2.1"), Underlay: underlay, VXLANDev: "na.1"})
+	if p.PodMTU != 1400 {
+		t.Errorf("PodMTU = %d, want the configured 1400", p.PodMTU)
+	}
+}
+
+func TestVTEPMACStable(t *testing.T) {
+	a, b := VTEPMAC("node-1"), VTEPMAC("node-1")
+	if a.String() != b.String() || a.String() == VTEPMAC("node-2").String() {
+		t.Errorf("VTEPMAC not stable/unique: %s %s %s", a, b, VTEPMAC("node-2"))
+	}
+	if a[0]&0x01 != 0 || a[0]&0x02 == 0 {
+		t.Errorf("VTEPMAC %s is not a locally administered unicast address", a)
+	}
+}
+
+func BenchmarkBuild5000(b *testing.B) {
+	c := cfg(b, config.Hybrid)
+	c.Network = netip.MustParsePrefix("10.0.0.0/8")
+	c.SubnetLen = 24
+	var peers []lease.Lease
+	for i := range 5000 {
+		ip := "192.0.2.9"
+		if i%2 == 0 {
+			ip = fmt.Sprintf("198.51.%d.%d", i/250, i%250+1)
+		}
+		peers = append(peers, mk(fmt.Sprint("n", i), fmt.Sprintf("10.%d.%d.0/24", i/256, i%256), ip))
+	}
+	in := Input{Config: c, Self: mk("self", "10.250.0.0/24", "192.0.2.1"), Peers: peers, Underlay: underlay, VXLANDev: "na.1"}
+	b.ReportAllocs()
+	for b.Loop() {
+		p := Build(in)
+		if len(p.Peers) != 5000 {
+			b.Fatal(len(p.Peers))
+		}
+	}
+}
