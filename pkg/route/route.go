@@ -1,0 +1,155 @@
+// Package route makes the kernel's main routing table match the plan's routes, touching
+// only routes that carry netagent's own route protocol number (visible as "proto 180" in
+// `ip route`), so an operator can always tell which routes are ours and a restart adopts
+// them without churn.
+//
+// Sync is level-triggered: it lists our routes, replaces the ones that differ from the
+// plan, adds the missing ones, deletes the rest last, and keeps going past a failure. One
+// Sync with nothing to change costs one netlink dump filtered by protocol.
+package route
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/netagent/netagent/pkg/plan"
+)
+
+// Protocol marks netagent's routes (rtnetlink protocol numbers above 4 belong to routing
+// daemons; 180 is not used by any common one).
+const Protocol netlink.RouteProtocol = 180
+
+// Kernel is the part of a netlink handle the reconciler needs.
+type Kernel interface {
+	RouteListFiltered(family int, filter *netlink.Route, mask uint64) ([]netlink.Route, error)
+	RouteReplace(*netlink.Route) error
+	RouteDel(*netlink.Route) error
+	LinkByName(string) (netlink.Link, error)
+}
+
+// Reconciler owns netagent's routes in one network namespace.
+type Reconciler struct {
+	k   Kernel
+	log *slog.Logger
+}
+
+// New returns a reconciler working through k.
+func New(k Kernel, log *slog.Logger) *Reconciler {
+	return &Reconciler{k: k, log: log}
+}
+
+// Stats counts what a Sync changed.
+type Stats struct{ Added, Replaced, Deleted int }
+
+// Changed reports whether Sync touched the kernel.
+func (s Stats) Changed() bool { return s.Added+s.Replaced+s.Deleted > 0 }
+
+// Current lists our routes, keyed by destination.
+func (r *Reconciler) Current() (map[netip.Prefix]netlink.Route, error) {
+	routes, err := r.k.RouteListFiltered(unix.AF_INET, &netlink.Route{Protocol: Protocol, Table: unix.RT_TABLE_MAIN},
+		netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil, fmt.Errorf("list routes: %w", err)
+	}
+	out := make(map[netip.Prefix]netlink.Route, len(routes))
+	for _, rt := range routes {
+		if p, ok := prefix(rt.Dst); ok {
+			out[p] = rt
+		}
+	}
+	return out, nil
+}
+
+// Sync makes our routes equal to want.
+func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
+	var st Stats
+	cur, err := r.Current()
+	if err != nil {
+		return st, err
+	}
+	links := map[string]int{}
+	var errs []error
+	keep := make(map[netip.Prefix]bool, len(want))
+	for _, w := range want {
+		keep[w.Dst] = true
+		idx, ok := links[w.Dev]
+		if !ok {
+			l, err := r.k.LinkByName(w.Dev)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("route %s: device %s: %w", w.Dst, w.Dev, err))
+				links[w.Dev] = -1
+				continue
+			}
+			idx = l.Attrs().Index
+			links[w.Dev] = idx
+		}
+		if idx < 0 {
+			continue
+		}
+		nr := toNetlink(w, idx)
+		if c, ok := cur[w.Dst]; ok && same(c, nr) {
+			continue
+		}
+		if err := r.k.RouteReplace(nr); err != nil {
+			errs = append(errs, fmt.Errorf("replace route %s via %s dev %s: %w", w.Dst, w.Gw, w.Dev, err))
+			continue
+		}
+		if _, ok := cur[w.Dst]; ok {
+			st.Replaced++
+		} else {
+			st.Added++
+		}
+		r.log.Debug("route set", "dst", w.Dst, "via", w.Gw, "dev", w.Dev, "mtu", w.MTU)
+	}
+	for dst, c := range cur {
+		if keep[dst] {
+			continue
+		}
+		if err := r.k.RouteDel(&c); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("delete route %s: %w", dst, err))
+			continue
+		}
+		st.Deleted++
+		r.log.Debug("route deleted", "dst", dst)
+	}
+	return st, errors.Join(errs...)
+}
+
+func toNetlink(w plan.Route, idx int) *netlink.Route {
+	nr := &netlink.Route{
+		LinkIndex: idx,
+		Dst:       &net.IPNet{IP: w.Dst.Addr().AsSlice(), Mask: net.CIDRMask(w.Dst.Bits(), 32)},
+		Gw:        w.Gw.AsSlice(),
+		Protocol:  Protocol,
+		Table:     unix.RT_TABLE_MAIN,
+		MTU:       w.MTU,
+	}
+	if w.OnLink {
+		nr.Flags = int(netlink.FLAG_ONLINK)
+	}
+	return nr
+}
+
+// same compares what we control of a route.
+func same(c netlink.Route, w *netlink.Route) bool {
+	return c.LinkIndex == w.LinkIndex && c.Gw.Equal(w.Gw) && c.MTU == w.MTU &&
+		c.Flags&int(netlink.FLAG_ONLINK) == w.Flags&int(netlink.FLAG_ONLINK)
+}
+
+func prefix(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones), true
+}

@@ -1,0 +1,89 @@
+package route
+
+import (
+	"io"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/netagent/netagent/pkg/plan"
+	"github.com/netagent/netagent/test/netns"
+)
+
+func TestSyncTransitions(t *testing.T) {
+	netns.RequireRoot(t)
+	n := netns.New(t, "route")
+	n.MustRun(t, "ip", "link", "add", "eth0", "type", "bridge")
+	n.MustRun(t, "ip", "addr", "add", "192.0.2.1/24", "dev", "eth0")
+	n.MustRun(t, "ip", "link", "set", "eth0", "up")
+	n.MustRun(t, "ip", "route", "add", "203.0.113.0/24", "via", "192.0.2.254") // not ours
+	h, err := n.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	r := New(h, slog.New(slog.NewTextHandler(io.Discard, nil)))
+
+	rt := func(dst, gw string, mtu int) plan.Route {
+		return plan.Route{Dst: netip.MustParsePrefix(dst), Gw: netip.MustParseAddr(gw), Dev: "eth0", MTU: mtu}
+	}
+	steps := []struct {
+		name   string
+		before func()
+		want   []plan.Route
+		stats  Stats
+		table  []string // lines expected in `ip route show proto 180`
+	}{
+		{"add two", nil, []plan.Route{rt("10.244.2.0/24", "192.0.2.2", 0), rt("10.244.3.0/24", "192.0.2.3", 0)}, Stats{Added: 2},
+			[]string{"10.244.2.0/24 via 192.0.2.2 dev eth0", "10.244.3.0/24 via 192.0.2.3 dev eth0"}},
+		{"same again changes nothing", nil, []plan.Route{rt("10.244.2.0/24", "192.0.2.2", 0), rt("10.244.3.0/24", "192.0.2.3", 0)}, Stats{},
+			[]string{"10.244.2.0/24 via 192.0.2.2", "10.244.3.0/24 via 192.0.2.3"}},
+		{"gateway moves, mtu set", nil, []plan.Route{rt("10.244.2.0/24", "192.0.2.22", 1450), rt("10.244.3.0/24", "192.0.2.3", 0)}, Stats{Replaced: 1},
+			[]string{"10.244.2.0/24 via 192.0.2.22 dev eth0 mtu 1450"}},
+		{"deleted by hand is repaired", func() { n.MustRun(t, "ip", "route", "del", "10.244.3.0/24") },
+			[]plan.Route{rt("10.244.2.0/24", "192.0.2.22", 1450), rt("10.244.3.0/24", "192.0.2.3", 0)}, Stats{Added: 1},
+			[]string{"10.244.3.0/24 via 192.0.2.3"}},
+		{"peer leaves", nil, []plan.Route{rt("10.244.3.0/24", "192.0.2.3", 0)}, Stats{Deleted: 1}, []string{"10.244.3.0/24"}},
+		{"all leave", nil, nil, Stats{Deleted: 1}, nil},
+	}
+	for _, s := range steps {
+		if s.before != nil {
+			s.before()
+		}
+		st, err := r.Sync(s.want)
+		if err != nil {
+			t.Fatalf("%s: Sync: %v", s.name, err)
+		}
+		if st != s.stats {
+			t.Errorf("%s: Sync stats = %+v, want %+v", s.name, st, s.stats)
+		}
+		table := n.MustRun(t, "ip", "route", "show", "proto", "180")
+		for _, l := range s.table {
+			if !strings.Contains(table, l) {
+				t.Errorf("%s: route table lacks %q:\n%s", s.name, l, table)
+			}
+		}
+		if got := strings.Count(table, "\n"); got != len(s.want) {
+			t.Errorf("%s: %d routes with proto 180, want %d:\n%s", s.name, got, len(s.want), table)
+		}
+	}
+	if all := n.MustRun(t, "ip", "route"); !strings.Contains(all, "203.0.113.0/24 via 192.0.2.254") {
+		t.Errorf("a foreign route was touched:\n%s", all)
+	}
+}
+
+func TestSyncReportsMissingDevice(t *testing.T) {
+	netns.RequireRoot(t)
+	n := netns.New(t, "route")
+	h, err := n.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	r := New(h, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	_, err = r.Sync([]plan.Route{{Dst: netip.MustParsePrefix("10.1.0.0/24"), Gw: netip.MustParseAddr("192.0.2.1"), Dev: "nope0"}})
+	if err == nil || !strings.Contains(err.Error(), "device nope0") {
+		t.Errorf("Sync = %v, want an error naming device nope0", err)
+	}
+}
