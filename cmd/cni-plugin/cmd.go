@@ -280,7 +280,7 @@ func recordExtra(rec ipam.Record) extra {
 }
 
 func cmdDel(args *skel.CmdArgs) error {
-	c, err := parseConfig(args.StdinData)
+	c, err := parseConfigForDel(args.StdinData)
 	if err != nil {
 		return err
 	}

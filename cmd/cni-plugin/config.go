@@ -58,8 +58,15 @@ func configError(field, format string, args ...any) error {
 }
 
 // parseConfig decodes and validates stdin. It does not look at the subnet file (that may
-// wait); loadSubnet does.
-func parseConfig(stdin []byte) (*netConf, error) {
+// wait); pool does.
+func parseConfig(stdin []byte) (*netConf, error) { return parse(stdin, false) }
+
+// parseConfigForDel is parseConfig for DEL: DEL must be able to clean up even after the
+// config was changed to something ADD would refuse, so only what DEL uses (the network
+// name, dataDir, the delegated IPAM type) is checked.
+func parseConfigForDel(stdin []byte) (*netConf, error) { return parse(stdin, true) }
+
+func parse(stdin []byte, forDel bool) (*netConf, error) {
 	c := &netConf{}
 	if err := json.Unmarshal(stdin, c); err != nil {
 		return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode network config: %v", err), "")
@@ -78,17 +85,21 @@ func parseConfig(stdin []byte) (*netConf, error) {
 	if c.Bridge == "" {
 		c.Bridge = defaultBridge
 	}
-	if err := bridge.ValidIfName(c.Bridge); err != nil {
-		return nil, configError("bridge", "%v", err)
-	}
-	if c.MTU != 0 && (c.MTU < 576 || c.MTU > 65535) {
-		return nil, configError("mtu", "%d is out of range 576-65535", c.MTU)
-	}
 	if c.DataDir == "" {
 		c.DataDir = defaultDataDir
 	}
 	if !filepath.IsAbs(c.DataDir) {
 		return nil, configError("dataDir", "%q is not an absolute path", c.DataDir)
+	}
+	c.delegateIPAM = c.IPAM.Type != ""
+	if forDel {
+		return c, nil
+	}
+	if err := bridge.ValidIfName(c.Bridge); err != nil {
+		return nil, configError("bridge", "%v", err)
+	}
+	if c.MTU != 0 && (c.MTU < 576 || c.MTU > 65535) {
+		return nil, configError("mtu", "%d is out of range 576-65535", c.MTU)
 	}
 	if c.SubnetFile == "" {
 		c.SubnetFile = subnetfile.DefaultPath
@@ -106,7 +117,6 @@ func parseConfig(stdin []byte) (*netConf, error) {
 	}
 	c.hairpin = c.HairpinMode == nil || *c.HairpinMode
 	c.defGW = c.IsDefaultGateway == nil || *c.IsDefaultGateway
-	c.delegateIPAM = c.IPAM.Type != ""
 	if c.delegateIPAM && c.Subnet != "" {
 		return nil, configError("ipam", "set either subnet or an ipam section, not both")
 	}

@@ -307,6 +307,17 @@ func TestDelEdgeCases(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+	t.Run("config since made invalid", func(t *testing.T) {
+		p := n.newPod("badconf")
+		n.mustAdd(l, p)
+		bad := n.list("1.0.0", conf{"subnet": "10.244.4.0/33", "mtu": 5})
+		if _, err := n.add(bad, n.newPod("refused")); err == nil {
+			t.Fatal("ADD accepted an invalid config")
+		}
+		if err := n.del(bad, p); err != nil {
+			t.Fatalf("DEL with a config ADD would refuse: %v", err)
+		}
+	})
 	if v := n.veths(); len(v) != 0 {
 		t.Errorf("veths left: %v", v)
 	}
