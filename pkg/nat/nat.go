@@ -1,0 +1,218 @@
+// Package nat keeps the node-level firewall rules of the pod network: one masquerade for
+// pod traffic leaving the cluster network (per node, not per pod), an exemption that keeps
+// pod-to-pod source addresses, and FORWARD accepts for cluster traffic that work even when
+// the FORWARD policy is DROP.
+//
+// The rules live in netagent's own chains, rewritten whole in one iptables-restore
+// transaction when they differ from the plan; the jumps into them are kept first in their
+// built-in chains (a firewall that inserts its own rules above ours is put back below).
+// Reading the state is one iptables-save; Sync with nothing to change writes nothing.
+package nat
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os/exec"
+	"strings"
+	"time"
+
+	"github.com/netagent/netagent/pkg/plan"
+)
+
+// Chain names.
+const (
+	PostChain = "NETAGENT-POSTRTG"
+	FwdChain  = "NETAGENT-FWD"
+)
+
+// table is our chain in one iptables table and the built-in chain that jumps to it.
+type table struct {
+	name  string
+	hook  string   // built-in chain that jumps to ours, first
+	chain string   // our chain
+	rules []string // our chain's rules, in iptables-save's canonical form, without "-A CHAIN "
+}
+
+// desired renders the rules for a plan.
+func desired(n plan.NAT) []table {
+	if !n.Network.IsValid() || !n.Subnet.IsValid() {
+		return []table{{name: "nat", hook: "POSTROUTING", chain: PostChain}, {name: "filter", hook: "FORWARD", chain: FwdChain}}
+	}
+	return []table{
+		{name: "nat", hook: "POSTROUTING", chain: PostChain, rules: []string{
+			fmt.Sprintf("-s %s -d %s -m comment --comment \"netagent:pod-to-pod\" -j RETURN", n.Network, n.Network),
+			fmt.Sprintf("-s %s ! -d 224.0.0.0/4 -m comment --comment \"netagent:pod-egress\" -j MASQUERADE --random-fully", n.Subnet),
+		}},
+		{name: "filter", hook: "FORWARD", chain: FwdChain, rules: []string{
+			fmt.Sprintf("-s %s -m comment --comment \"netagent:cluster-out\" -j ACCEPT", n.Network),
+			fmt.Sprintf("-d %s -m comment --comment \"netagent:cluster-in\" -j ACCEPT", n.Network),
+		}},
+	}
+}
+
+func jump(t table) string {
+	return fmt.Sprintf("-m comment --comment netagent -j %s", t.chain)
+}
+
+// Stats tells what a Sync changed.
+type Stats struct {
+	ChainsRewritten int
+	JumpsFixed      int
+}
+
+// Changed reports whether Sync wrote anything.
+func (s Stats) Changed() bool { return s.ChainsRewritten+s.JumpsFixed > 0 }
+
+// Runner runs iptables-save / iptables-restore (in the current network namespace).
+type Runner interface {
+	Save(ctx context.Context, table string) (string, error)
+	Restore(ctx context.Context, input string) error
+}
+
+// Exec is the Runner that executes the iptables binaries.
+type Exec struct{}
+
+// Save runs iptables-save -t table.
+func (Exec) Save(ctx context.Context, table string) (string, error) {
+	out, err := exec.CommandContext(ctx, "iptables-save", "-t", table).Output()
+	if err != nil {
+		return "", fmt.Errorf("iptables-save -t %s: %w", table, err)
+	}
+	return string(out), nil
+}
+
+// Restore feeds input to iptables-restore --noflush.
+func (Exec) Restore(ctx context.Context, input string) error {
+	cmd := exec.CommandContext(ctx, "iptables-restore", "--noflush", "-w", "5")
+	cmd.Stdin = strings.NewReader(input)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("iptables-restore: %w: %s", err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// Reconciler owns netagent's NAT and FORWARD chains.
+type Reconciler struct {
+	run Runner
+}
+
+// New returns a reconciler using run.
+func New(run Runner) *Reconciler { return &Reconciler{run: run} }
+
+// Sync makes the chains match the plan.
+func (r *Reconciler) Sync(ctx context.Context, n plan.NAT) (Stats, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	var st Stats
+	var in strings.Builder
+	for _, t := range desired(n) {
+		saved, err := r.run.Save(ctx, t.name)
+		if err != nil {
+			return st, err
+		}
+		cur := parse(saved)
+		var tb strings.Builder
+		rewrite := !cur.chains[t.chain] || !equal(cur.rules[t.chain], t.rules)
+		if rewrite {
+			// Declaring the chain in --noflush mode flushes it: a whole-chain rewrite in the
+			// same transaction as its new rules.
+			fmt.Fprintf(&tb, ":%s - [0:0]\n", t.chain)
+			for _, rule := range t.rules {
+				fmt.Fprintf(&tb, "-A %s %s\n", t.chain, rule)
+			}
+			st.ChainsRewritten++
+		}
+		j := jump(t)
+		hook := cur.rules[t.hook]
+		if len(hook) == 0 || hook[0] != j || count(hook, j) != 1 {
+			for range count(hook, j) {
+				fmt.Fprintf(&tb, "-D %s %s\n", t.hook, j)
+			}
+			fmt.Fprintf(&tb, "-I %s 1 %s\n", t.hook, j)
+			st.JumpsFixed++
+		}
+		if tb.Len() > 0 {
+			fmt.Fprintf(&in, "*%s\n%sCOMMIT\n", t.name, tb.String())
+		}
+	}
+	if in.Len() == 0 {
+		return st, nil
+	}
+	if err := r.run.Restore(ctx, in.String()); err != nil {
+		return Stats{}, err
+	}
+	return st, nil
+}
+
+// Remove deletes the jumps and chains (netagent cleanup).
+func (r *Reconciler) Remove(ctx context.Context) error {
+	var in strings.Builder
+	for _, t := range desired(plan.NAT{}) {
+		saved, err := r.run.Save(ctx, t.name)
+		if err != nil {
+			return err
+		}
+		cur := parse(saved)
+		var tb strings.Builder
+		for range count(cur.rules[t.hook], jump(t)) {
+			fmt.Fprintf(&tb, "-D %s %s\n", t.hook, jump(t))
+		}
+		if cur.chains[t.chain] {
+			fmt.Fprintf(&tb, "-F %s\n-X %s\n", t.chain, t.chain)
+		}
+		if tb.Len() > 0 {
+			fmt.Fprintf(&in, "*%s\n%sCOMMIT\n", t.name, tb.String())
+		}
+	}
+	if in.Len() == 0 {
+		return nil
+	}
+	return r.run.Restore(ctx, in.String())
+}
+
+type saved struct {
+	chains map[string]bool
+	rules  map[string][]string // chain -> rules without "-A CHAIN "
+}
+
+func parse(s string) saved {
+	out := saved{chains: map[string]bool{}, rules: map[string][]string{}}
+	for _, line := range strings.Split(s, "\n") {
+		switch {
+		case strings.HasPrefix(line, ":"):
+			out.chains[strings.Fields(line[1:])[0]] = true
+		case strings.HasPrefix(line, "-A "):
+			f := strings.SplitN(line[3:], " ", 2)
+			rule := ""
+			if len(f) == 2 {
+				rule = f[1]
+			}
+			out.rules[f[0]] = append(out.rules[f[0]], rule)
+		}
+	}
+	return out
+}
+
+func equal(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func count(rules []string, r string) int {
+	n := 0
+	for _, x := range rules {
+		if x == r {
+			n++
+		}
+	}
+	return n
+}

@@ -1,0 +1,87 @@
+package nat
+
+import (
+	"context"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/netagent/netagent/pkg/plan"
+	"github.com/netagent/netagent/test/netns"
+)
+
+// nsRunner runs iptables inside a test namespace.
+type nsRunner struct{ n *netns.NS }
+
+func (r nsRunner) Save(ctx context.Context, table string) (string, error) {
+	return r.n.Run("iptables-save", "-t", table)
+}
+
+func (r nsRunner) Restore(ctx context.Context, input string) error {
+	cmd := r.n.Command(ctx, "iptables-restore", "--noflush", "-w", "5")
+	cmd.Stdin = strings.NewReader(input)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return &restoreErr{string(out)}
+	}
+	return nil
+}
+
+type restoreErr struct{ out string }
+
+func (e *restoreErr) Error() string { return "iptables-restore: " + e.out }
+
+func TestSyncTransitions(t *testing.T) {
+	netns.RequireRoot(t)
+	n := netns.New(t, "nat")
+	n.MustRun(t, "iptables", "-P", "FORWARD", "DROP")
+	n.MustRun(t, "iptables", "-A", "FORWARD", "-i", "lo", "-j", "ACCEPT")
+	r := New(nsRunner{n})
+	ctx := context.Background()
+	p := plan.NAT{Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.244.1.0/24")}
+
+	steps := []struct {
+		name   string
+		before []string // iptables commands run first
+		want   Stats
+	}{
+		{"first sync", nil, Stats{ChainsRewritten: 2, JumpsFixed: 2}},
+		{"no change", nil, Stats{}},
+		{"someone inserts above our jump", []string{"-I FORWARD 1 -s 192.0.2.66 -j DROP"}, Stats{JumpsFixed: 1}},
+		{"our chain flushed", []string{"-t nat -F " + PostChain}, Stats{ChainsRewritten: 1}},
+		{"a rule of ours deleted", []string{"-D " + FwdChain + " 2"}, Stats{ChainsRewritten: 1}},
+		{"jump and chain removed", []string{"-D FORWARD -m comment --comment netagent -j " + FwdChain, "-F " + FwdChain, "-X " + FwdChain}, Stats{ChainsRewritten: 1, JumpsFixed: 1}},
+		{"duplicate jump", []string{"-A FORWARD -m comment --comment netagent -j " + FwdChain}, Stats{JumpsFixed: 1}},
+		{"settled", nil, Stats{}},
+	}
+	for _, s := range steps {
+		for _, c := range s.before {
+			n.MustRun(t, "iptables", strings.Fields(c)...)
+		}
+		st, err := r.Sync(ctx, p)
+		if err != nil {
+			t.Fatalf("%s: %v", s.name, err)
+		}
+		if st != s.want {
+			t.Errorf("%s: stats %+v, want %+v", s.name, st, s.want)
+		}
+		fwd := n.MustRun(t, "iptables", "-S", "FORWARD")
+		lines := strings.Split(strings.TrimSpace(fwd), "\n")
+		if len(lines) < 2 || !strings.Contains(lines[1], "-j "+FwdChain) || strings.Count(fwd, "-j "+FwdChain) != 1 {
+			t.Errorf("%s: our jump is not first (exactly once) in FORWARD:\n%s", s.name, fwd)
+		}
+		post := n.MustRun(t, "iptables", "-t", "nat", "-S", PostChain)
+		if !strings.Contains(post, "-s 10.244.1.0/24 ! -d 224.0.0.0/4") || !strings.Contains(post, "MASQUERADE --random-fully") {
+			t.Errorf("%s: masquerade rule missing:\n%s", s.name, post)
+		}
+	}
+	if !strings.Contains(n.MustRun(t, "iptables", "-S", "FORWARD"), "-s 192.0.2.66/32 -j DROP") {
+		t.Error("a foreign FORWARD rule was removed")
+	}
+	if err := r.Remove(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if all := n.MustRun(t, "iptables-save"); strings.Contains(all, "NETAGENT") {
+		t.Errorf("Remove left rules:\n%s", all)
+	}
+}
