@@ -1,0 +1,459 @@
+package lease
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/netip"
+	"path"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/netagent/netagent/pkg/config"
+)
+
+// Keys under the prefix:
+//
+//	config                  the network config (config.Network JSON)
+//	subnets/<10.244.1.0-24> a live lease (Lease JSON), bound to an etcd lease with a TTL
+//	owners/<node>           the subnet a node last held, without TTL: it lets a node come
+//	                        back to its subnet after an outage longer than the TTL, and
+//	                        keeps others from taking it meanwhile
+//	reservations/<node>     a subnet pinned to a node by an operator
+//
+// Acquiring is a transaction that creates the subnet key only if it is absent (or already
+// ours), so agents racing for subnets always end up with distinct ones.
+
+// Etcd is the lease store on etcd.
+type Etcd struct {
+	cli    *clientv3.Client
+	prefix string
+	ttl    time.Duration
+	log    *slog.Logger
+}
+
+// NewEtcd returns a store under prefix (e.g. "/netagent") whose leases live ttl.
+func NewEtcd(cli *clientv3.Client, prefix string, ttl time.Duration, log *slog.Logger) *Etcd {
+	return &Etcd{cli: cli, prefix: strings.TrimSuffix(prefix, "/"), ttl: ttl, log: log}
+}
+
+func (e *Etcd) key(parts ...string) string {
+	return path.Join(append([]string{e.prefix}, parts...)...)
+}
+
+// SubnetsPrefix is the key prefix of live leases.
+func (e *Etcd) SubnetsPrefix() string { return e.key("subnets") + "/" }
+
+// Config reads and validates the network config.
+func (e *Etcd) Config(ctx context.Context) (config.Network, int64, error) {
+	resp, err := e.cli.Get(ctx, e.key("config"))
+	if err != nil {
+		return config.Network{}, 0, fmt.Errorf("read config: %w", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return config.Network{}, resp.Header.Revision, fmt.Errorf("no network config at %s (write one with `netagent config set`)", e.key("config"))
+	}
+	n, err := config.Parse(resp.Kvs[0].Value)
+	if err != nil {
+		return config.Network{}, resp.Header.Revision, fmt.Errorf("network config at %s: %w", e.key("config"), err)
+	}
+	return n, resp.Kvs[0].ModRevision, nil
+}
+
+// SetConfig validates and writes the network config.
+func (e *Etcd) SetConfig(ctx context.Context, n config.Network) error {
+	n.Default()
+	if err := n.Validate(); err != nil {
+		return err
+	}
+	_, err := e.cli.Put(ctx, e.key("config"), string(n.Marshal()))
+	return err
+}
+
+// Reserve pins subnet to node.
+func (e *Etcd) Reserve(ctx context.Context, node string, subnet netip.Prefix) error {
+	_, err := e.cli.Put(ctx, e.key("reservations", node), subnet.String())
+	return err
+}
+
+// Held is a lease this agent holds.
+type Held struct {
+	Lease Lease
+	ID    clientv3.LeaseID
+}
+
+// Acquire claims a subnet for self (Node, PublicIP, Backend, VTEPMAC set; Subnet ignored
+// unless hint). The order of preference: the node's reservation, the subnet the store
+// remembers for it, hint (the subnet this node used last, from local state), then a free
+// subnet chosen at random.
+func (e *Etcd) Acquire(ctx context.Context, cfg config.Network, self Lease, hint netip.Prefix) (Held, error) {
+	taken, owners, reserved, err := e.state(ctx)
+	if err != nil {
+		return Held{}, err
+	}
+	var candidates []netip.Prefix
+	if r, ok := reserved[self.Node]; ok {
+		if !cfg.Contains(r) && !cfg.Network.Contains(r.Addr()) {
+			return Held{}, fmt.Errorf("reservation %s of %s is outside network %s", r, self.Node, cfg.Network)
+		}
+		candidates = append(candidates, r)
+	} else {
+		for s, l := range taken {
+			if l.Node == self.Node {
+				candidates = append(candidates, s)
+			}
+		}
+		if s, ok := ownerOf(owners, self.Node); ok {
+			candidates = append(candidates, s)
+		}
+		if hint.IsValid() && cfg.Contains(hint) {
+			candidates = append(candidates, hint)
+		}
+	}
+	for _, s := range candidates {
+		h, err := e.claim(ctx, self, s)
+		if err == nil {
+			return h, nil
+		}
+		if !errors.Is(err, ErrConflict) {
+			return Held{}, err
+		}
+		e.log.Warn("preferred subnet is taken", "subnet", s, "err", err)
+		if _, isReserved := reserved[self.Node]; isReserved {
+			return Held{}, fmt.Errorf("reserved subnet %s: %w", s, err)
+		}
+	}
+	// A fresh subnet: skip live leases, other nodes' remembered subnets and reservations.
+	blocked := map[netip.Prefix]bool{}
+	for s := range taken {
+		blocked[s] = true
+	}
+	for node, s := range owners {
+		if node != self.Node {
+			blocked[s] = true
+		}
+	}
+	for node, s := range reserved {
+		if node != self.Node {
+			blocked[s] = true
+		}
+	}
+	total := cfg.Subnets()
+	for attempt := 0; attempt < 16; attempt++ {
+		var free []netip.Prefix
+		// Random probing finds a free subnet fast when the pool is sparse; a full scan
+		// settles the dense case.
+		for range 64 {
+			s := cfg.SubnetAt(rand.IntN(total))
+			if !blocked[s] {
+				free = append(free, s)
+				break
+			}
+		}
+		if len(free) == 0 {
+			for i := range total {
+				if s := cfg.SubnetAt(i); !blocked[s] {
+					free = append(free, s)
+					break
+				}
+			}
+		}
+		if len(free) == 0 {
+			return Held{}, fmt.Errorf("no free subnet in %s (%d in use or reserved)", cfg.Network, len(blocked))
+		}
+		h, err := e.claim(ctx, self, free[0])
+		if err == nil {
+			return h, nil
+		}
+		if !errors.Is(err, ErrConflict) {
+			return Held{}, err
+		}
+		blocked[free[0]] = true // lost a race: try another
+	}
+	return Held{}, fmt.Errorf("could not claim a subnet after 16 races")
+}
+
+func ownerOf(owners map[string]netip.Prefix, node string) (netip.Prefix, bool) {
+	s, ok := owners[node]
+	return s, ok
+}
+
+// state lists live leases, remembered owners and reservations.
+func (e *Etcd) state(ctx context.Context) (map[netip.Prefix]Lease, map[string]netip.Prefix, map[string]netip.Prefix, error) {
+	taken := map[netip.Prefix]Lease{}
+	owners := map[string]netip.Prefix{}
+	reserved := map[string]netip.Prefix{}
+	resp, err := e.cli.Get(ctx, e.prefix+"/", clientv3.WithPrefix())
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("list leases: %w", err)
+	}
+	for _, kv := range resp.Kvs {
+		k := string(kv.Key)
+		switch {
+		case strings.HasPrefix(k, e.key("subnets")+"/"):
+			if l, err := Decode(kv.Value); err == nil {
+				taken[l.Subnet] = l
+			} else if s, perr := ParseSubnetKey(path.Base(k)); perr == nil {
+				taken[s] = Lease{Subnet: s} // undecodable, but the subnet is still in use
+			}
+		case strings.HasPrefix(k, e.key("owners")+"/"):
+			if s, err := netip.ParsePrefix(string(kv.Value)); err == nil {
+				owners[path.Base(k)] = s
+			}
+		case strings.HasPrefix(k, e.key("reservations")+"/"):
+			if s, err := netip.ParsePrefix(string(kv.Value)); err == nil {
+				reserved[path.Base(k)] = s
+			}
+		}
+	}
+	return taken, owners, reserved, nil
+}
+
+// claim takes subnet s for self if it is free or already self's, in one transaction, with a
+// fresh etcd lease.
+func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix) (Held, error) {
+	self.Subnet = s
+	k := e.key("subnets", SubnetKey(s))
+	ownerKey := e.key("owners", self.Node)
+	grant, err := e.cli.Grant(ctx, int64(e.ttl/time.Second))
+	if err != nil {
+		return Held{}, fmt.Errorf("grant etcd lease: %w", err)
+	}
+	revoke := func() {
+		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_, _ = e.cli.Revoke(rctx, grant.ID)
+	}
+	cur, err := e.cli.Get(ctx, k)
+	if err != nil {
+		revoke()
+		return Held{}, fmt.Errorf("read %s: %w", k, err)
+	}
+	var cmp clientv3.Cmp
+	if len(cur.Kvs) == 0 {
+		cmp = clientv3.Compare(clientv3.CreateRevision(k), "=", 0)
+	} else {
+		old, derr := Decode(cur.Kvs[0].Value)
+		if derr != nil || old.Node != self.Node {
+			revoke()
+			holder := "an undecodable lease"
+			if derr == nil {
+				holder = old.Node
+			}
+			return Held{}, fmt.Errorf("%w: %s is held by %s", ErrConflict, s, holder)
+		}
+		cmp = clientv3.Compare(clientv3.ModRevision(k), "=", cur.Kvs[0].ModRevision)
+	}
+	txn, err := e.cli.Txn(ctx).If(cmp).Then(
+		clientv3.OpPut(k, string(self.Encode()), clientv3.WithLease(grant.ID)),
+		clientv3.OpPut(ownerKey, s.String()),
+	).Commit()
+	if err != nil {
+		revoke()
+		return Held{}, fmt.Errorf("claim %s: %w", s, err)
+	}
+	if !txn.Succeeded {
+		revoke()
+		return Held{}, fmt.Errorf("%w: %s was taken concurrently", ErrConflict, s)
+	}
+	if len(cur.Kvs) > 0 && cur.Kvs[0].Lease != 0 && clientv3.LeaseID(cur.Kvs[0].Lease) != grant.ID {
+		// Our previous etcd lease (from before a restart) is no longer needed.
+		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, _ = e.cli.Revoke(rctx, clientv3.LeaseID(cur.Kvs[0].Lease))
+		cancel()
+	}
+	return Held{Lease: self, ID: grant.ID}, nil
+}
+
+// Renew re-claims h's subnet (after its etcd lease was lost): same subnet, new etcd lease.
+func (e *Etcd) Renew(ctx context.Context, h Held) (Held, error) {
+	return e.claim(ctx, h.Lease, h.Lease.Subnet)
+}
+
+// KeepAlive keeps h alive until ctx ends or the lease is lost; it returns why it stopped.
+func (e *Etcd) KeepAlive(ctx context.Context, h Held) error {
+	ch, err := e.cli.KeepAlive(ctx, h.ID)
+	if err != nil {
+		return fmt.Errorf("keepalive: %w", err)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case resp, ok := <-ch:
+			if !ok {
+				return errors.New("keepalive stopped (etcd unreachable or lease expired)")
+			}
+			if resp == nil || resp.TTL <= 0 {
+				return errors.New("lease expired")
+			}
+		}
+	}
+}
+
+// Release gives up h's subnet for good (netagent leave): the live lease, the remembered
+// owner record and the etcd lease.
+func (e *Etcd) Release(ctx context.Context, node string, subnet netip.Prefix) error {
+	k := e.key("subnets", SubnetKey(subnet))
+	cur, err := e.cli.Get(ctx, k)
+	if err != nil {
+		return err
+	}
+	ops := []clientv3.Op{clientv3.OpDelete(e.key("owners", node))}
+	if len(cur.Kvs) > 0 {
+		if l, err := Decode(cur.Kvs[0].Value); err == nil && l.Node == node {
+			ops = append(ops, clientv3.OpDelete(k))
+			if cur.Kvs[0].Lease != 0 {
+				defer func() { _, _ = e.cli.Revoke(ctx, clientv3.LeaseID(cur.Kvs[0].Lease)) }()
+			}
+		}
+	}
+	_, err = e.cli.Txn(ctx).Then(ops...).Commit()
+	return err
+}
+
+// Peers is a watched view of all live leases.
+type Peers struct {
+	mu     sync.Mutex
+	leases map[string]Lease // key -> lease
+	bad    map[string]string
+}
+
+// Snapshot returns the current leases sorted by subnet.
+func (p *Peers) Snapshot() []Lease {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]Lease, 0, len(p.leases))
+	for _, l := range p.leases {
+		out = append(out, l)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Subnet.Addr().Less(out[j].Subnet.Addr()) })
+	return out
+}
+
+// Len is the number of live leases.
+func (p *Peers) Len() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.leases)
+}
+
+// WatchStats is reported to metrics.
+type WatchStats interface {
+	WatchRestart(reason string)
+}
+
+// Watch keeps peers current until ctx ends: a list, then a watch from the list's revision;
+// on compaction, a broken stream or an error it lists again (keeping the old view until the
+// new one is complete, so peers are never dropped because the watch broke). changed gets a
+// non-blocking signal after every change.
+func (e *Etcd) Watch(ctx context.Context, peers *Peers, changed chan<- struct{}, stats WatchStats) {
+	notify := func() {
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	}
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		rev, err := e.list(ctx, peers)
+		if err != nil {
+			e.log.Warn("list leases failed; keeping the current peers", "err", err, "retry", backoff)
+			stats.WatchRestart("list")
+			sleep(ctx, backoff)
+			backoff = min(backoff*2, 5*time.Second)
+			continue
+		}
+		backoff = 100 * time.Millisecond
+		notify()
+		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		wch := e.cli.Watch(wctx, e.SubnetsPrefix(), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
+		reason := e.consume(wch, peers, notify)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		e.log.Warn("lease watch restarting", "reason", reason)
+		stats.WatchRestart(reason)
+		sleep(ctx, 100*time.Millisecond)
+	}
+}
+
+func (e *Etcd) consume(wch clientv3.WatchChan, peers *Peers, notify func()) string {
+	for resp := range wch {
+		if err := resp.Err(); err != nil {
+			if errors.Is(err, rpctypes.ErrCompacted) {
+				return "compacted"
+			}
+			return err.Error()
+		}
+		if resp.Canceled {
+			return "canceled"
+		}
+		peers.mu.Lock()
+		for _, ev := range resp.Events {
+			k := string(ev.Kv.Key)
+			switch ev.Type {
+			case mvccpb.PUT:
+				l, err := Decode(ev.Kv.Value)
+				if err != nil {
+					peers.bad[k] = err.Error()
+					delete(peers.leases, k)
+					e.log.Warn("ignoring undecodable lease", "key", k, "err", err)
+					continue
+				}
+				delete(peers.bad, k)
+				peers.leases[k] = l
+			case mvccpb.DELETE:
+				delete(peers.leases, k)
+				delete(peers.bad, k)
+			}
+		}
+		peers.mu.Unlock()
+		notify()
+	}
+	return "stream closed"
+}
+
+func (e *Etcd) list(ctx context.Context, peers *Peers) (int64, error) {
+	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	resp, err := e.cli.Get(lctx, e.SubnetsPrefix(), clientv3.WithPrefix())
+	if err != nil {
+		return 0, err
+	}
+	leases := make(map[string]Lease, len(resp.Kvs))
+	bad := map[string]string{}
+	for _, kv := range resp.Kvs {
+		l, err := Decode(kv.Value)
+		if err != nil {
+			bad[string(kv.Key)] = err.Error()
+			continue
+		}
+		leases[string(kv.Key)] = l
+	}
+	peers.mu.Lock()
+	peers.leases, peers.bad = leases, bad
+	peers.mu.Unlock()
+	return resp.Header.Revision, nil
+}
+
+// NewPeers returns an empty view.
+func NewPeers() *Peers { return &Peers{leases: map[string]Lease{}, bad: map[string]string{}} }
+
+func sleep(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
