@@ -457,3 +457,23 @@ func sleep(ctx context.Context, d time.Duration) {
 	case <-t.C:
 	}
 }
+
+// Leave releases whatever node holds or is remembered for (netagent leave).
+func (e *Etcd) Leave(ctx context.Context, node string) (netip.Prefix, error) {
+	taken, owners, _, err := e.state(ctx)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	s, ok := owners[node]
+	if !ok {
+		for sub, l := range taken {
+			if l.Node == node {
+				s, ok = sub, true
+			}
+		}
+	}
+	if !ok {
+		return netip.Prefix{}, fmt.Errorf("node %s holds no subnet", node)
+	}
+	return s, e.Release(ctx, node, s)
+}

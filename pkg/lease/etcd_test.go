@@ -13,12 +13,12 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/netagent/netagent/pkg/config"
-	"github.com/netagent/netagent/pkg/etcdtest"
+	"github.com/netagent/netagent/pkg/embedetcd"
 )
 
 func startEtcd(t *testing.T) *clientv3.Client {
 	t.Helper()
-	srv, err := etcdtest.Start(t.TempDir())
+	srv, err := embedetcd.Start(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}

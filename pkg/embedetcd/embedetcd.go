@@ -1,8 +1,9 @@
-// Package etcdtest runs an embedded etcd on unix sockets for tests and the lab. Unix
+// Package embedetcd runs an embedded single-member etcd on unix sockets, the
+// single-machine default of netagent (and what tests and the lab use). Unix
 // sockets are reached by path, not through a network namespace, so agents in any node
 // namespace can use the same etcd without a route to it, and nothing listens on the host's
 // network.
-package etcdtest
+package embedetcd
 
 import (
 	"fmt"

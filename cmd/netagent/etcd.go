@@ -1,0 +1,95 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/url"
+	"strings"
+	"time"
+
+	"go.etcd.io/etcd/client/pkg/v3/transport"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/netagent/netagent/pkg/embedetcd"
+	"github.com/netagent/netagent/pkg/lease"
+)
+
+// etcdFlags are the flags every etcd-using command shares.
+type etcdFlags struct {
+	endpoints string
+	ca        string
+	cert      string
+	key       string
+	prefix    string
+	timeout   time.Duration
+}
+
+func (e *etcdFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&e.endpoints, "etcd-endpoints", "unix:///run/netagent/etcd/etcd.sock:2379", "comma-separated etcd endpoints (http://, https:// or unix://)")
+	fs.StringVar(&e.ca, "etcd-ca", "", "CA bundle to verify etcd's certificate")
+	fs.StringVar(&e.cert, "etcd-cert", "", "client certificate for etcd")
+	fs.StringVar(&e.key, "etcd-key", "", "client key for etcd")
+	fs.StringVar(&e.prefix, "etcd-prefix", "/netagent", "key prefix of netagent's data in etcd")
+	fs.DurationVar(&e.timeout, "etcd-timeout", 5*time.Second, "dial timeout")
+}
+
+func (e *etcdFlags) client() (*clientv3.Client, error) {
+	eps := strings.Split(e.endpoints, ",")
+	var tlsCfg *tls.Config
+	if e.ca != "" || e.cert != "" || e.key != "" {
+		if (e.cert == "") != (e.key == "") {
+			return nil, fmt.Errorf("--etcd-cert and --etcd-key go together")
+		}
+		for _, ep := range eps {
+			if u, err := url.Parse(ep); err == nil && (u.Scheme == "http" || u.Scheme == "unix") {
+				return nil, fmt.Errorf("--etcd-endpoints %s is plaintext but TLS is configured: use https:// (or unixs://)", ep)
+			}
+		}
+		info := transport.TLSInfo{TrustedCAFile: e.ca, CertFile: e.cert, KeyFile: e.key}
+		var err error
+		if tlsCfg, err = info.ClientConfig(); err != nil {
+			return nil, fmt.Errorf("etcd TLS: %w", err)
+		}
+	}
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:   eps,
+		DialTimeout: e.timeout,
+		TLS:         tlsCfg,
+		Logger:      zap.NewNop(),
+		// Keep the connection checked so a dead member is noticed and another used.
+		DialKeepAliveTime:    5 * time.Second,
+		DialKeepAliveTimeout: 3 * time.Second,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("etcd client: %w", err)
+	}
+	return cli, nil
+}
+
+func (e *etcdFlags) store(cli *clientv3.Client, ttl time.Duration, log *slog.Logger) *lease.Etcd {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return lease.NewEtcd(cli, e.prefix, ttl, log)
+}
+
+func cmdEtcd(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("etcd", flag.ContinueOnError)
+	dir := fs.String("data-dir", "/run/netagent/etcd", "data directory; the client socket is DIR/etcd.sock:2379")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	srv, err := embedetcd.Start(*dir)
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	fmt.Fprintf(stdout, "etcd ready at %s\n", srv.Endpoint)
+	<-ctx.Done()
+	return nil
+}

@@ -1,0 +1,102 @@
+// Command netagent is the node agent: `netagent run` leases this node's pod subnet from etcd
+// and keeps routes, VXLAN and NAT in line with the other nodes' leases. Other subcommands
+// manage the network config, show a node's state and clean up.
+//
+// Every flag can also be set from the environment as NETAGENT_<FLAG> (dashes become
+// underscores), which is how the DaemonSet configures it.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+)
+
+type command struct {
+	name  string
+	short string
+	run   func(ctx context.Context, args []string, stdout io.Writer) error
+}
+
+var commands = []command{
+	{"run", "run the node agent", cmdRun},
+	{"config", "get or set the network config in etcd (config get | config set ...)", cmdConfig},
+	{"status", "show this node's lease and every peer's state (asks the running agent)", cmdStatus},
+	{"leave", "release this node's subnet lease for good (node decommissioned)", cmdLeave},
+	{"reserve", "pin a subnet to a node name", cmdReserve},
+	{"cleanup", "remove netagent's kernel state and files from this node", cmdCleanup},
+	{"etcd", "run an embedded single-member etcd on a unix socket (labs, single machines)", cmdEtcd},
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := dispatch(ctx, os.Args[1:], os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "netagent:", err)
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+func dispatch(ctx context.Context, args []string, stdout io.Writer) error {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(stdout)
+		if len(args) == 0 {
+			return flag.ErrHelp
+		}
+		return nil
+	}
+	for _, c := range commands {
+		if c.name == args[0] {
+			return c.run(ctx, args[1:], stdout)
+		}
+	}
+	usage(os.Stderr)
+	return fmt.Errorf("unknown command %q", args[0])
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: netagent COMMAND [flags]")
+	fmt.Fprintln(w)
+	for _, c := range commands {
+		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.short)
+	}
+	fmt.Fprintln(w, "\nRun `netagent COMMAND -h` for a command's flags. Flags may be set as NETAGENT_<FLAG> environment variables.")
+}
+
+// parse parses args after applying NETAGENT_* environment defaults, so the command line
+// wins over the environment.
+func parse(fs *flag.FlagSet, args []string) error {
+	known := map[string]bool{}
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		env := "NETAGENT_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		known[env] = true
+		if v, ok := os.LookupEnv(env); ok {
+			if err := f.Value.Set(v); err != nil {
+				errs = append(errs, fmt.Errorf("%s=%q: %w", env, v, err))
+			}
+		}
+	})
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	return fs.Parse(args)
+}
+
+func newLogger(level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
+}

@@ -1,0 +1,279 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	iofs "io/fs"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/netagent/netagent/pkg/agent"
+	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/nat"
+	"github.com/netagent/netagent/pkg/route"
+	"github.com/netagent/netagent/pkg/subnetfile"
+)
+
+func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
+	if len(args) == 0 || (args[0] != "get" && args[0] != "set") {
+		return errors.New("usage: netagent config get|set [flags]")
+	}
+	fs := flag.NewFlagSet("config "+args[0], flag.ContinueOnError)
+	var ef etcdFlags
+	ef.register(fs)
+	file := fs.String("file", "", "set: read the whole config from this JSON file ('-' for stdin)")
+	network := fs.String("network", "", "set: cluster pod network, e.g. 10.244.0.0/16")
+	subnetLen := fs.Int("subnet-len", 0, "set: prefix length of each node's subnet (default 24)")
+	subnetMin := fs.String("subnet-min", "", "set: first subnet to hand out")
+	subnetMax := fs.String("subnet-max", "", "set: last subnet to hand out")
+	backend := fs.String("backend", "", "set: host-gw, vxlan or hybrid (default vxlan)")
+	vni := fs.Int("vni", 0, "set: VXLAN network identifier (default 1)")
+	port := fs.Int("port", 0, "set: VXLAN UDP port (default 8472)")
+	mtu := fs.Int("mtu", 0, "set: pod MTU override (default: derived from the underlay)")
+	if err := parse(fs, args[1:]); err != nil {
+		return err
+	}
+	cli, err := ef.client()
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	st := ef.store(cli, time.Minute, nil)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if args[0] == "get" {
+		n, _, err := st.Config(ctx)
+		if err != nil {
+			return err
+		}
+		b, _ := json.MarshalIndent(n, "", "  ")
+		_, err = fmt.Fprintf(stdout, "%s\n", b)
+		return err
+	}
+	var raw []byte
+	switch *file {
+	case "":
+		m := map[string]any{"network": *network, "backend": map[string]any{"type": *backend}}
+		if *subnetLen != 0 {
+			m["subnetLen"] = *subnetLen
+		}
+		if *subnetMin != "" {
+			m["subnetMin"] = *subnetMin
+		}
+		if *subnetMax != "" {
+			m["subnetMax"] = *subnetMax
+		}
+		b := m["backend"].(map[string]any)
+		if *vni != 0 {
+			b["vni"] = *vni
+		}
+		if *port != 0 {
+			b["port"] = *port
+		}
+		if *mtu != 0 {
+			m["mtu"] = *mtu
+		}
+		raw, _ = json.Marshal(m)
+	case "-":
+		if raw, err = io.ReadAll(os.Stdin); err != nil {
+			return err
+		}
+	default:
+		if raw, err = os.ReadFile(*file); err != nil {
+			return err
+		}
+	}
+	n, err := config.Parse(raw)
+	if err != nil {
+		return fmt.Errorf("invalid config: %w", err)
+	}
+	if err := st.SetConfig(ctx, n); err != nil {
+		return err
+	}
+	b, _ := json.MarshalIndent(n, "", "  ")
+	_, err = fmt.Fprintf(stdout, "%s\n", b)
+	return err
+}
+
+func cmdStatus(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	addr := fs.String("addr", "127.0.0.1:9476", "the agent's --listen address")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+*addr+"/status", nil)
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Do(req)
+	if err != nil {
+		return fmt.Errorf("ask the agent at %s: %w (is `netagent run` running in this network namespace?)", *addr, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("agent: %s: %s", resp.Status, strings.TrimSpace(string(body)))
+	}
+	if *asJSON {
+		_, err = stdout.Write(body)
+		return err
+	}
+	var st agent.Status
+	if err := json.Unmarshal(body, &st); err != nil {
+		return err
+	}
+	return printStatus(stdout, st)
+}
+
+func printStatus(w io.Writer, st agent.Status) error {
+	ready := "no"
+	if st.Ready {
+		ready = "yes"
+	}
+	fmt.Fprintf(w, "node %s  subnet %s  network %s  backend %s  public IP %s  pod MTU %d  ready %s\n",
+		st.Node, st.Subnet, st.Network, st.Backend, st.PublicIP, st.PodMTU, ready)
+	for k, v := range st.Errors {
+		fmt.Fprintf(w, "error (%s): %s\n", k, v)
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "\nPEER\tSUBNET\tPUBLIC IP\tMODE\tROUTE\tFDB\tNEIGH\tNOTE")
+	yn := func(b *bool) string {
+		switch {
+		case b == nil:
+			return "-"
+		case *b:
+			return "ok"
+		}
+		return "MISSING"
+	}
+	for _, p := range st.Peers {
+		r := "ok"
+		if !p.Route {
+			r = "MISSING"
+			if p.Mode == "unreachable" {
+				r = "-"
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, p.Subnet, p.PublicIP, p.Mode, r, yn(p.FDB), yn(p.Neigh), p.Reason)
+	}
+	return tw.Flush()
+}
+
+func cmdLeave(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("leave", flag.ContinueOnError)
+	var ef etcdFlags
+	ef.register(fs)
+	host, _ := os.Hostname()
+	node := fs.String("node-name", host, "the node whose lease to release")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	cli, err := ef.client()
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	s, err := ef.store(cli, time.Minute, nil).Leave(ctx, *node)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(stdout, "released %s of %s\n", s, *node)
+	return err
+}
+
+func cmdReserve(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("reserve", flag.ContinueOnError)
+	var ef etcdFlags
+	ef.register(fs)
+	node := fs.String("node-name", "", "node to pin the subnet to")
+	subnet := fs.String("subnet", "", "the subnet, e.g. 10.244.9.0/24")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	p, err := netip.ParsePrefix(*subnet)
+	if err != nil || *node == "" {
+		return fmt.Errorf("--node-name and --subnet (a CIDR prefix) are required")
+	}
+	cli, err := ef.client()
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	st := ef.store(cli, time.Minute, nil)
+	cfg, _, err := st.Config(ctx)
+	if err != nil {
+		return err
+	}
+	if !cfg.Contains(p) {
+		return fmt.Errorf("--subnet %s is not a /%d subnet inside %s-%s", p, cfg.SubnetLen, cfg.SubnetMin, cfg.SubnetMax)
+	}
+	if err := st.Reserve(ctx, *node, p); err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(stdout, "reserved %s for %s\n", p, *node)
+	return err
+}
+
+func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("cleanup", flag.ContinueOnError)
+	subnetFile := fs.String("subnet-file", subnetfile.DefaultPath, "subnet file to remove")
+	cniConf := fs.String("cni-conf", "/etc/cni/net.d/10-netagent.conflist", "conflist to remove")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	var errs []error
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	if st, err := route.New(h, slog.New(slog.DiscardHandler)).Sync(nil); err != nil {
+		errs = append(errs, err)
+	} else {
+		fmt.Fprintf(stdout, "removed %d routes\n", st.Deleted)
+	}
+	links, err := h.LinkList()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, l := range links {
+		if _, ok := l.(*netlink.Vxlan); ok && (strings.HasPrefix(l.Attrs().Name, "netagent.") || strings.HasPrefix(l.Attrs().Name, "na.")) {
+			if err := h.LinkDel(l); err != nil {
+				errs = append(errs, err)
+			} else {
+				fmt.Fprintf(stdout, "removed vxlan device %s\n", l.Attrs().Name)
+			}
+		}
+	}
+	if err := nat.New(nat.Exec{}).Remove(ctx); err != nil {
+		errs = append(errs, err)
+	} else {
+		fmt.Fprintln(stdout, "removed NAT and FORWARD chains")
+	}
+	for _, p := range []string{*cniConf, *subnetFile} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, iofs.ErrNotExist) {
+			errs = append(errs, err)
+		} else if err == nil {
+			fmt.Fprintf(stdout, "removed %s\n", filepath.Clean(p))
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,133 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/netagent/netagent/pkg/agent"
+	"github.com/netagent/netagent/pkg/embedetcd"
+	"github.com/netagent/netagent/pkg/subnetfile"
+)
+
+// runFlags are `netagent run`'s flags (a separate type so a test can parse the
+// DaemonSet's arguments with the real parser).
+type runFlags struct {
+	etcd         etcdFlags
+	node         string
+	iface        string
+	publicIP     string
+	subnetFile   string
+	cniConfDir   string
+	cniBridge    string
+	cniDataDir   string
+	leaseTTL     time.Duration
+	resync       time.Duration
+	listen       string
+	logLevel     string
+	embeddedEtcd string
+}
+
+func newRunFlags() (*flag.FlagSet, *runFlags) {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	f := &runFlags{}
+	host, _ := os.Hostname()
+	f.etcd.register(fs)
+	fs.StringVar(&f.node, "node-name", host, "this node's name: its identity in the lease store")
+	fs.StringVar(&f.iface, "iface", "", "underlay interface peers reach this node on (default: the one holding --public-ip, else the default route's)")
+	fs.StringVar(&f.publicIP, "public-ip", "", "address peers reach this node at (default: the first IPv4 address of --iface)")
+	fs.StringVar(&f.subnetFile, "subnet-file", subnetfile.DefaultPath, "where to write the subnet file the CNI plugin reads")
+	fs.StringVar(&f.cniConfDir, "cni-conf-dir", "/etc/cni/net.d", "where to write the CNI conflist (empty: do not write one)")
+	fs.StringVar(&f.cniBridge, "cni-bridge", "cni0", "bridge name put into the conflist")
+	fs.StringVar(&f.cniDataDir, "cni-data-dir", "", "plugin address store put into the conflist (empty: the plugin's default)")
+	fs.DurationVar(&f.leaseTTL, "lease-ttl", 30*time.Second, "subnet lease TTL; the agent renews it continuously")
+	fs.DurationVar(&f.resync, "resync", time.Minute, "full resync period (netlink and firewall events trigger repairs at once)")
+	fs.StringVar(&f.listen, "listen", "127.0.0.1:9476", "address of /healthz, /readyz, /metrics and /status (empty: off)")
+	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&f.embeddedEtcd, "embedded-etcd", "", "run a single-member etcd in this process with its data in DIR and use it (single machine)")
+	return fs, f
+}
+
+func (f *runFlags) validate() error {
+	if f.node == "" {
+		return errors.New("--node-name is empty")
+	}
+	if f.publicIP != "" {
+		if a, err := netip.ParseAddr(f.publicIP); err != nil || !a.Is4() {
+			return fmt.Errorf("--public-ip %q is not an IPv4 address", f.publicIP)
+		}
+	}
+	if f.leaseTTL < 2*time.Second {
+		return fmt.Errorf("--lease-ttl %s is shorter than 2s", f.leaseTTL)
+	}
+	if f.resync < time.Second {
+		return fmt.Errorf("--resync %s is shorter than 1s", f.resync)
+	}
+	return nil
+}
+
+func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
+	fs, f := newRunFlags()
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := f.validate(); err != nil {
+		return err
+	}
+	log, err := newLogger(f.logLevel)
+	if err != nil {
+		return err
+	}
+	if f.embeddedEtcd != "" {
+		srv, err := embedetcd.Start(f.embeddedEtcd)
+		if err != nil {
+			return err
+		}
+		defer srv.Close()
+		f.etcd.endpoints = srv.Endpoint
+		log.Info("embedded etcd", "endpoint", srv.Endpoint)
+	}
+	cli, err := f.etcd.client()
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	metrics := agent.NewMetrics()
+	metrics.LeaseTTL.Set(f.leaseTTL.Seconds())
+	var pub netip.Addr
+	if f.publicIP != "" {
+		pub = netip.MustParseAddr(f.publicIP)
+	}
+	a, err := agent.New(agent.Options{
+		Node:       f.node,
+		Iface:      f.iface,
+		PublicIP:   pub,
+		SubnetFile: f.subnetFile,
+		CNIConfDir: f.cniConfDir,
+		CNIConf:    agent.CNIConf{Bridge: f.cniBridge, DataDir: f.cniDataDir},
+		Resync:     f.resync,
+		Store:      f.etcd.store(cli, f.leaseTTL, log),
+		Log:        log,
+		Metrics:    metrics,
+	})
+	if err != nil {
+		return err
+	}
+	if f.listen != "" {
+		ln, err := net.Listen("tcp", f.listen)
+		if err != nil {
+			return fmt.Errorf("--listen %s: %w", f.listen, err)
+		}
+		srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = srv.Serve(ln) }()
+		defer srv.Close()
+	}
+	return a.Run(ctx)
+}

@@ -1,0 +1,470 @@
+// Package agent is the node agent's main loop: it leases the node's subnet, watches the
+// other nodes' leases, and keeps the kernel equal to the plan built from them.
+//
+// Data flows one way: store -> plan.Build -> reconcilers -> kernel. Every input (a lease
+// change, a netlink event on an object we own, a firewall change, the resync ticker, a
+// config change) only signals "something changed" on a channel of capacity one; a single
+// loop then rebuilds the plan from the full snapshot and lets each reconciler diff it
+// against the kernel. A missed event costs one extra pass, never a stale route.
+//
+// Safety: nothing is reconciled before the node holds its lease and the first full list
+// of peers has arrived, so a restart with etcd down touches nothing; when etcd goes away
+// later the peer view is kept as it is, so the dataplane stays exactly as it was. Shutdown
+// leaves the dataplane in place; a restart adopts it without changes.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"reflect"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/nat"
+	"github.com/netagent/netagent/pkg/plan"
+	"github.com/netagent/netagent/pkg/route"
+	"github.com/netagent/netagent/pkg/subnetfile"
+	"github.com/netagent/netagent/pkg/vxlan"
+)
+
+// Store is what the agent needs from a lease store.
+type Store interface {
+	Config(ctx context.Context) (config.Network, int64, error)
+	Acquire(ctx context.Context, cfg config.Network, self lease.Lease, hint netip.Prefix) (lease.Held, error)
+	Renew(ctx context.Context, h lease.Held) (lease.Held, error)
+	KeepAlive(ctx context.Context, h lease.Held) error
+	Watch(ctx context.Context, peers *lease.Peers, changed chan<- struct{}, stats lease.WatchStats)
+}
+
+// Options configure an agent.
+type Options struct {
+	Node       string
+	Iface      string     // underlay interface; empty: the one holding PublicIP, or the default route's
+	PublicIP   netip.Addr // optional; default: Iface's first IPv4 address
+	SubnetFile string
+	CNIConfDir string // "" disables writing the conflist
+	CNIConf    CNIConf
+	Resync     time.Duration
+	Store      Store
+	Log        *slog.Logger
+	Metrics    *Metrics
+}
+
+// Agent runs one node's control loop.
+type Agent struct {
+	opt   Options
+	h     *netlink.Handle
+	route *route.Reconciler
+	vxlan *vxlan.Reconciler
+	nat   *nat.Reconciler
+
+	trigger chan struct{}
+	fwDirty chan struct{}
+	prev    *plan.Plan // the loop's last plan, to tell drift from plan changes
+
+	mu     sync.Mutex
+	status Status
+}
+
+// New prepares an agent working in the current network namespace.
+func New(opt Options) (*Agent, error) {
+	if opt.Log == nil {
+		opt.Log = slog.Default()
+	}
+	if opt.Metrics == nil {
+		opt.Metrics = NewMetrics()
+	}
+	if opt.Resync == 0 {
+		opt.Resync = time.Minute
+	}
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return nil, fmt.Errorf("netlink: %w", err)
+	}
+	return &Agent{
+		opt:     opt,
+		h:       h,
+		route:   route.New(h, opt.Log),
+		vxlan:   vxlan.New(h, opt.Log),
+		nat:     nat.New(nat.Exec{}),
+		trigger: make(chan struct{}, 1),
+		fwDirty: make(chan struct{}, 1),
+	}, nil
+}
+
+func signal(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// VXLANDevName is the VXLAN device's name for a VNI.
+func VXLANDevName(vni int) string {
+	if n := fmt.Sprintf("netagent.%d", vni); len(n) <= 15 {
+		return n
+	}
+	return fmt.Sprintf("na.%d", vni)
+}
+
+// Run runs until ctx ends.
+func (a *Agent) Run(ctx context.Context) error {
+	log := a.opt.Log.With("node", a.opt.Node)
+	start := time.Now()
+	if err := enableForwarding(); err != nil {
+		return err
+	}
+	ul, err := a.underlay()
+	if err != nil {
+		return err
+	}
+	log.Info("underlay", "dev", ul.dev, "ip", ul.ip, "mtu", ul.mtu)
+
+	// 1. The network config (retried until valid: an agent with no valid config touches
+	// nothing).
+	var cfg config.Network
+	backoff := newBackoff()
+	for {
+		c, _, err := a.opt.Store.Config(ctx)
+		if err == nil {
+			cfg = c
+			break
+		}
+		a.setError("config", err)
+		a.opt.Metrics.Errors.WithLabelValues("config").Inc()
+		log.Warn("no usable network config yet", "err", err, "retry", backoff.peek())
+		if !backoff.wait(ctx) {
+			return ctx.Err()
+		}
+	}
+
+	// 2. The lease.
+	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.ip, Backend: cfg.Backend.Type}
+	if cfg.Backend.Type != config.HostGW {
+		self.VTEPMAC = plan.VTEPMAC(a.opt.Node).String()
+	}
+	hint := netip.Prefix{}
+	if info, err := subnetfile.Read(a.opt.SubnetFile); err == nil {
+		hint = info.Subnet
+	}
+	var held lease.Held
+	backoff = newBackoff()
+	for {
+		held, err = a.opt.Store.Acquire(ctx, cfg, self, hint)
+		if err == nil {
+			break
+		}
+		a.setError("lease", err)
+		a.opt.Metrics.Errors.WithLabelValues("lease").Inc()
+		log.Warn("cannot acquire a subnet lease yet", "err", err, "retry", backoff.peek())
+		if !backoff.wait(ctx) {
+			return ctx.Err()
+		}
+	}
+	log.Info("lease acquired", "subnet", held.Lease.Subnet, "in", time.Since(start).Round(time.Millisecond))
+	a.setLease(held.Lease, cfg)
+	a.opt.Metrics.LeaseHeld.Set(1)
+
+	// 3. Inputs.
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	peers := lease.NewPeers()
+	listed := make(chan struct{}, 1)
+	wg.Add(1)
+	go func() { defer wg.Done(); a.opt.Store.Watch(ctx, peers, listed, a.opt.Metrics) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); a.keepAlive(ctx, log, held) }()
+	vxDev := VXLANDevName(cfg.Backend.VNI)
+	wg.Add(1)
+	go func() { defer wg.Done(); a.watchKernel(ctx, vxDev) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); watchFirewall(ctx, log, a.fwDirty) }()
+
+	// Wait for the first full list of peers before touching anything.
+	select {
+	case <-listed:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+
+	ticker := time.NewTicker(a.opt.Resync)
+	defer ticker.Stop()
+	cfgTicker := time.NewTicker(10 * time.Second)
+	defer cfgTicker.Stop()
+	first := true
+	fw := true
+	for {
+		a.reconcile(ctx, log, cfg, held.Lease, peers.Snapshot(), ul, vxDev, fw || first)
+		fw = false
+		if first && a.ready() {
+			first = false
+			log.Info("ready", "in", time.Since(start).Round(time.Millisecond), "peers", peers.Len())
+		}
+		select {
+		case <-ctx.Done():
+			log.Info("stopping; the dataplane stays in place")
+			return nil
+		case <-listed:
+		case <-a.trigger:
+		case <-a.fwDirty:
+			fw = true
+		case <-ticker.C:
+			fw = true
+		case <-cfgTicker.C:
+			c, _, err := a.opt.Store.Config(ctx)
+			switch {
+			case err == nil && c.Network != cfg.Network:
+				log.Error("the cluster network changed in etcd; keeping the current one (a network change needs every agent restarted)", "current", cfg.Network, "new", c.Network)
+			case err == nil:
+				cfg = c
+				a.clearError("config")
+			case errors.Is(err, context.Canceled):
+			default:
+				a.setError("config", err)
+				a.opt.Metrics.Errors.WithLabelValues("config").Inc()
+				log.Error("network config in etcd is invalid; keeping the dataplane as it is", "err", err)
+			}
+			continue
+		}
+		// Coalesce bursts (a join produces several events at once).
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held) {
+	backoff := newBackoff()
+	for ctx.Err() == nil {
+		err := a.opt.Store.KeepAlive(ctx, held)
+		if ctx.Err() != nil {
+			return
+		}
+		a.opt.Metrics.LeaseHeld.Set(0)
+		log.Warn("lease keepalive lost; the dataplane stays as it is while re-claiming", "err", err)
+		for ctx.Err() == nil {
+			h, err := a.opt.Store.Renew(ctx, held)
+			if err == nil {
+				held = h
+				a.opt.Metrics.LeaseHeld.Set(1)
+				a.clearError("lease")
+				log.Info("lease re-claimed", "subnet", held.Lease.Subnet)
+				backoff = newBackoff()
+				break
+			}
+			a.setError("lease", err)
+			a.opt.Metrics.Errors.WithLabelValues("lease").Inc()
+			if errors.Is(err, lease.ErrConflict) {
+				log.Error("our subnet was taken by another node; keeping the dataplane, operator action needed", "err", err)
+			}
+			if !backoff.wait(ctx) {
+				return
+			}
+		}
+	}
+}
+
+// reconcile makes the kernel match the plan. Routes go right after the VXLAN entries they
+// depend on; the firewall, the slow part, comes last.
+func (a *Agent) reconcile(ctx context.Context, log *slog.Logger, cfg config.Network, self lease.Lease, peers []lease.Lease, ul underlay, vxDev string, firewall bool) {
+	t0 := time.Now()
+	connected, err := a.connected(ul.dev)
+	if err != nil {
+		log.Warn("cannot read underlay prefixes", "err", err)
+	}
+	p := plan.Build(plan.Input{
+		Config:   cfg,
+		Self:     self,
+		Peers:    peers,
+		Underlay: plan.Underlay{Dev: ul.dev, MTU: ul.mtu, Connected: connected},
+		VXLANDev: vxDev,
+	})
+	var errs []error
+	vst, err := a.vxlan.Sync(p.VXLAN, vxDev, ul.dev, plan.VTEPMAC(a.opt.Node), p.Neighs, p.FDB)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	rst, err := a.route.Sync(p.Routes)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	var nst nat.Stats
+	if firewall {
+		nst, err = a.nat.Sync(ctx, p.NAT)
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	m := a.opt.Metrics
+	m.ReconcileSeconds.Observe(time.Since(t0).Seconds())
+	drift := a.prev != nil && samePlan(*a.prev, p)
+	a.prev = &p
+	a.countRepairs(vst, rst, nst, drift)
+	for mode, n := range p.Count() {
+		m.Peers.WithLabelValues(string(mode)).Set(float64(n))
+	}
+	for _, peer := range p.Peers {
+		if peer.Mode == plan.Unreachable {
+			log.Warn("peer unreachable", "peer", peer.Node, "subnet", peer.Subnet, "reason", peer.Reason)
+		}
+	}
+	err = errors.Join(errs...)
+	if err != nil {
+		m.Errors.WithLabelValues("reconcile").Inc()
+		log.Error("reconcile incomplete", "err", err)
+		a.setError("reconcile", err)
+	} else {
+		a.clearError("reconcile")
+	}
+	if vst.Changed() || rst.Changed() || nst.Changed() {
+		log.Info("dataplane updated", "routes", fmt.Sprintf("+%d ~%d -%d", rst.Added, rst.Replaced, rst.Deleted),
+			"neigh", fmt.Sprintf("+%d -%d", vst.NeighSet, vst.NeighDel), "fdb", fmt.Sprintf("+%d -%d", vst.FDBSet, vst.FDBDel),
+			"nat", nst.Changed(), "took", time.Since(t0).Round(time.Microsecond))
+	}
+	a.setPlan(p)
+	if err == nil && !a.ready() {
+		if err := a.writeFiles(cfg, self, p); err != nil {
+			log.Error("cannot write the CNI files", "err", err)
+			a.setError("files", err)
+			return
+		}
+		a.setReady()
+	}
+}
+
+func samePlan(a, b plan.Plan) bool {
+	return reflect.DeepEqual(a.Routes, b.Routes) && reflect.DeepEqual(a.Neighs, b.Neighs) &&
+		reflect.DeepEqual(a.FDB, b.FDB) && reflect.DeepEqual(a.VXLAN, b.VXLAN) && a.NAT == b.NAT
+}
+
+// countRepairs counts kernel changes; when the plan had not changed they repaired drift.
+func (a *Agent) countRepairs(v vxlan.Stats, r route.Stats, n nat.Stats, drift bool) {
+	if !a.ready() {
+		return // the first pass builds, it does not repair
+	}
+	c := a.opt.Metrics.Changes
+	if drift {
+		c = a.opt.Metrics.Repairs
+	}
+	c.WithLabelValues("route").Add(float64(r.Added + r.Replaced + r.Deleted))
+	c.WithLabelValues("neigh").Add(float64(v.NeighSet + v.NeighDel))
+	c.WithLabelValues("fdb").Add(float64(v.FDBSet + v.FDBDel))
+	if v.DeviceCreated {
+		c.WithLabelValues("vxlan-device").Inc()
+	}
+	c.WithLabelValues("nat").Add(float64(n.ChainsRewritten + n.JumpsFixed))
+}
+
+type underlay struct {
+	dev string
+	ip  netip.Addr
+	mtu int
+}
+
+// underlay finds the interface and address peers reach this node at.
+func (a *Agent) underlay() (underlay, error) {
+	var link netlink.Link
+	var err error
+	switch {
+	case a.opt.Iface != "":
+		link, err = a.h.LinkByName(a.opt.Iface)
+		if err != nil {
+			return underlay{}, fmt.Errorf("--iface %s: %w", a.opt.Iface, err)
+		}
+	case a.opt.PublicIP.IsValid():
+		link, err = a.linkWith(a.opt.PublicIP)
+		if err != nil {
+			return underlay{}, err
+		}
+	default:
+		routes, err := a.h.RouteGet(net.IPv4(192, 0, 2, 0))
+		if err != nil || len(routes) == 0 {
+			return underlay{}, fmt.Errorf("no --iface given and no default route to pick one from")
+		}
+		if link, err = a.h.LinkByIndex(routes[0].LinkIndex); err != nil {
+			return underlay{}, err
+		}
+	}
+	ip := a.opt.PublicIP
+	if !ip.IsValid() {
+		addrs, err := a.h.AddrList(link, netlink.FAMILY_V4)
+		if err != nil || len(addrs) == 0 {
+			return underlay{}, fmt.Errorf("underlay %s has no IPv4 address (set --public-ip)", link.Attrs().Name)
+		}
+		ip, _ = netip.AddrFromSlice(addrs[0].IP.To4())
+	}
+	return underlay{dev: link.Attrs().Name, ip: ip, mtu: link.Attrs().MTU}, nil
+}
+
+func (a *Agent) linkWith(ip netip.Addr) (netlink.Link, error) {
+	addrs, err := a.h.AddrList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return nil, err
+	}
+	for _, ad := range addrs {
+		if x, ok := netip.AddrFromSlice(ad.IP.To4()); ok && x == ip {
+			return a.h.LinkByIndex(ad.LinkIndex)
+		}
+	}
+	return nil, fmt.Errorf("--public-ip %s is not on any interface", ip)
+}
+
+func (a *Agent) connected(dev string) ([]netip.Prefix, error) {
+	l, err := a.h.LinkByName(dev)
+	if err != nil {
+		return nil, err
+	}
+	addrs, err := a.h.AddrList(l, netlink.FAMILY_V4)
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Prefix
+	for _, ad := range addrs {
+		ip, ok := netip.AddrFromSlice(ad.IP.To4())
+		if !ok {
+			continue
+		}
+		ones, _ := ad.Mask.Size()
+		out = append(out, netip.PrefixFrom(ip, ones).Masked())
+	}
+	return out, nil
+}
+
+func enableForwarding() error {
+	const p = "/proc/sys/net/ipv4/ip_forward"
+	if b, err := os.ReadFile(p); err == nil && len(b) > 0 && b[0] == '1' {
+		return nil
+	}
+	if err := os.WriteFile(p, []byte("1"), 0o644); err != nil {
+		return fmt.Errorf("enable ip_forward: %w", err)
+	}
+	return nil
+}
+
+// backoff doubles from 100ms to 5s.
+type backoff struct{ d time.Duration }
+
+func newBackoff() *backoff { return &backoff{d: 100 * time.Millisecond} }
+
+func (b *backoff) peek() time.Duration { return b.d }
+
+func (b *backoff) wait(ctx context.Context) bool {
+	t := time.NewTimer(b.d)
+	defer t.Stop()
+	b.d = min(b.d*2, 5*time.Second)
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}

@@ -1,0 +1,47 @@
+package agent
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Metrics are the agent's Prometheus metrics, on their own registry.
+type Metrics struct {
+	Registry         *prometheus.Registry
+	LeaseHeld        prometheus.Gauge
+	LeaseTTL         prometheus.Gauge
+	Peers            *prometheus.GaugeVec
+	ReconcileSeconds prometheus.Histogram
+	Changes          *prometheus.CounterVec
+	Repairs          *prometheus.CounterVec
+	WatchRestarts    *prometheus.CounterVec
+	Errors           *prometheus.CounterVec
+}
+
+// NewMetrics registers the metrics.
+func NewMetrics() *Metrics {
+	r := prometheus.NewRegistry()
+	m := &Metrics{
+		Registry:  r,
+		LeaseHeld: prometheus.NewGauge(prometheus.GaugeOpts{Name: "netagent_lease_held", Help: "1 while this node holds a live subnet lease."}),
+		LeaseTTL:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "netagent_lease_ttl_seconds", Help: "TTL of the subnet lease."}),
+		Peers:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "netagent_peers", Help: "Peers by how they are reached."}, []string{"mode"}),
+		ReconcileSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "netagent_reconcile_duration_seconds", Help: "Time of one reconcile pass.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16)}),
+		Changes:       prometheus.NewCounterVec(prometheus.CounterOpts{Name: "netagent_dataplane_changes_total", Help: "Kernel objects changed after the first reconcile, by kind."}, []string{"kind"}),
+		Repairs:       prometheus.NewCounterVec(prometheus.CounterOpts{Name: "netagent_drift_repairs_total", Help: "Kernel objects put back although the plan had not changed (drift), by kind."}, []string{"kind"}),
+		WatchRestarts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "netagent_etcd_watch_restarts_total", Help: "Lease watch restarts, by reason."}, []string{"reason"}),
+		Errors:        prometheus.NewCounterVec(prometheus.CounterOpts{Name: "netagent_errors_total", Help: "Errors, by kind."}, []string{"kind"}),
+	}
+	r.MustRegister(m.LeaseHeld, m.LeaseTTL, m.Peers, m.ReconcileSeconds, m.Changes, m.Repairs, m.WatchRestarts, m.Errors,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// WatchRestart implements lease.WatchStats.
+func (m *Metrics) WatchRestart(reason string) {
+	if len(reason) > 40 {
+		reason = "error" // keep label cardinality bounded
+	}
+	m.WatchRestarts.WithLabelValues(reason).Inc()
+}

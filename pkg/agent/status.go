@@ -1,0 +1,186 @@
+package agent
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"reflect"
+	"sort"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/plan"
+	"github.com/netagent/netagent/pkg/route"
+)
+
+// Status is what `netagent status` shows.
+type Status struct {
+	Node     string            `json:"node"`
+	Ready    bool              `json:"ready"`
+	Subnet   string            `json:"subnet,omitempty"`
+	Network  string            `json:"network,omitempty"`
+	Backend  string            `json:"backend,omitempty"`
+	PublicIP string            `json:"publicIP,omitempty"`
+	PodMTU   int               `json:"podMTU,omitempty"`
+	Errors   map[string]string `json:"errors,omitempty"`
+	Peers    []PeerStatus      `json:"peers"`
+
+	plan *plan.Plan
+}
+
+// PeerStatus is one peer with what the kernel has for it.
+type PeerStatus struct {
+	Node     string `json:"node"`
+	Subnet   string `json:"subnet"`
+	PublicIP string `json:"publicIP"`
+	Mode     string `json:"mode"`
+	Reason   string `json:"reason,omitempty"`
+	Route    bool   `json:"route"`
+	FDB      *bool  `json:"fdb,omitempty"`
+	Neigh    *bool  `json:"neigh,omitempty"`
+}
+
+func (a *Agent) setLease(l lease.Lease, cfg config.Network) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.status.Node = l.Node
+	a.status.Subnet = l.Subnet.String()
+	a.status.Network = cfg.Network.String()
+	a.status.Backend = cfg.Backend.Type
+	a.status.PublicIP = l.PublicIP.String()
+}
+
+func (a *Agent) setPlan(p plan.Plan) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.status.plan != nil && a.status.Ready && reflect.DeepEqual(*a.status.plan, p) {
+		return
+	}
+	a.status.plan = &p
+	a.status.PodMTU = p.PodMTU
+}
+
+func (a *Agent) setError(kind string, err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.status.Errors == nil {
+		a.status.Errors = map[string]string{}
+	}
+	a.status.Errors[kind] = err.Error()
+}
+
+func (a *Agent) clearError(kind string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.status.Errors, kind)
+}
+
+func (a *Agent) setReady() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.status.Ready = true
+}
+
+func (a *Agent) ready() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.status.Ready
+}
+
+// Snapshot returns the status with each peer's kernel state filled in.
+func (a *Agent) Snapshot() (Status, error) {
+	a.mu.Lock()
+	st := a.status
+	st.Errors = map[string]string{}
+	for k, v := range a.status.Errors {
+		st.Errors[k] = v
+	}
+	a.mu.Unlock()
+	st.Peers = []PeerStatus{}
+	if st.plan == nil {
+		return st, nil
+	}
+	h, err := netlink.NewHandle() // its own socket: the loop's handle is not shared
+	if err != nil {
+		return st, err
+	}
+	defer h.Close()
+	routes, err := route.New(h, a.opt.Log).Current()
+	if err != nil {
+		return st, err
+	}
+	neigh := map[netip.Addr]string{}
+	fdb := map[string]netip.Addr{}
+	if st.plan.VXLAN != nil {
+		if l, err := h.LinkByName(st.plan.VXLAN.Name); err == nil {
+			ns, _ := h.NeighList(l.Attrs().Index, unix.AF_INET)
+			for _, n := range ns {
+				if ip, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
+					neigh[ip.Unmap()] = strings.ToLower(n.HardwareAddr.String())
+				}
+			}
+			fs, _ := h.NeighList(l.Attrs().Index, unix.AF_BRIDGE)
+			for _, f := range fs {
+				if ip, ok := netip.AddrFromSlice(f.IP); ok {
+					fdb[strings.ToLower(f.HardwareAddr.String())] = ip.Unmap()
+				}
+			}
+		}
+	}
+	wantRoute := map[netip.Prefix]plan.Route{}
+	for _, r := range st.plan.Routes {
+		wantRoute[r.Dst] = r
+	}
+	wantFDB := map[netip.Addr]plan.FDB{}
+	for _, f := range st.plan.FDB {
+		wantFDB[f.Dst] = f
+	}
+	for _, p := range st.plan.Peers {
+		ps := PeerStatus{Node: p.Node, Subnet: p.Subnet.String(), PublicIP: p.PublicIP.String(), Mode: string(p.Mode), Reason: p.Reason}
+		if w, ok := wantRoute[p.Subnet]; ok {
+			if c, ok := routes[p.Subnet]; ok {
+				gw, _ := netip.AddrFromSlice(c.Gw)
+				ps.Route = gw.Unmap() == w.Gw
+			}
+		}
+		if p.Mode == plan.VXLAN {
+			f := wantFDB[p.PublicIP]
+			hasFDB := fdb[strings.ToLower(f.MAC)] == p.PublicIP
+			hasNeigh := neigh[p.Subnet.Addr()] == strings.ToLower(f.MAC)
+			ps.FDB, ps.Neigh = &hasFDB, &hasNeigh
+		}
+		st.Peers = append(st.Peers, ps)
+	}
+	sort.Slice(st.Peers, func(i, j int) bool { return st.Peers[i].Node < st.Peers[j].Node })
+	return st, nil
+}
+
+// Handler serves /healthz, /readyz, /metrics and /status.
+func (a *Agent) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		if !a.ready() {
+			http.Error(w, "not ready: no lease or first reconcile not done", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	mux.Handle("/metrics", promhttp.HandlerFor(a.opt.Metrics.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/status", func(w http.ResponseWriter, r *http.Request) {
+		st, err := a.Snapshot()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(st)
+	})
+	return mux
+}

@@ -1,0 +1,128 @@
+package agent
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/netagent/netagent/pkg/route"
+)
+
+// watchKernel turns netlink events on objects the agent owns into reconcile triggers: any
+// route with our protocol number, any neighbour or FDB entry on the VXLAN device, and the
+// VXLAN device itself. Pod veths coming and going are ignored. When a subscription breaks
+// (e.g. the socket overflowed) it triggers a full pass and subscribes again.
+func (a *Agent) watchKernel(ctx context.Context, vxDev string) {
+	for ctx.Err() == nil {
+		a.watchKernelOnce(ctx, vxDev)
+		signal(a.trigger)
+		select {
+		case <-ctx.Done():
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (a *Agent) watchKernelOnce(ctx context.Context, vxDev string) {
+	done := make(chan struct{})
+	defer close(done)
+	routes := make(chan netlink.RouteUpdate, 1024)
+	neighs := make(chan netlink.NeighUpdate, 1024)
+	links := make(chan netlink.LinkUpdate, 256)
+	onErr := func(error) { signal(a.trigger) }
+	if err := netlink.RouteSubscribeWithOptions(routes, done, netlink.RouteSubscribeOptions{ErrorCallback: onErr, ReceiveBufferSize: 1 << 20}); err != nil {
+		a.opt.Log.Warn("route subscription failed", "err", err)
+		return
+	}
+	if err := netlink.NeighSubscribeWithOptions(neighs, done, netlink.NeighSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		a.opt.Log.Warn("neighbour subscription failed", "err", err)
+		return
+	}
+	if err := netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		a.opt.Log.Warn("link subscription failed", "err", err)
+		return
+	}
+	vxIndex := func() int {
+		if l, err := a.h.LinkByName(vxDev); err == nil {
+			return l.Attrs().Index
+		}
+		return -1
+	}
+	idx := vxIndex()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case u, ok := <-routes:
+			if !ok {
+				return
+			}
+			if u.Protocol == route.Protocol || (u.Type == unix.RTM_DELROUTE && u.LinkIndex == idx) {
+				signal(a.trigger)
+			}
+		case u, ok := <-neighs:
+			if !ok {
+				return
+			}
+			if u.LinkIndex == idx || idx < 0 {
+				signal(a.trigger)
+			}
+		case u, ok := <-links:
+			if !ok {
+				return
+			}
+			if u.Attrs().Name == vxDev || u.Attrs().Index == idx {
+				idx = vxIndex()
+				signal(a.trigger)
+			}
+		}
+	}
+}
+
+// nfnlgrpNftables is the netfilter netlink multicast group for nftables ruleset changes
+// (NFNLGRP_NFTABLES). iptables-nft changes arrive there too, so the agent hears of a
+// deleted chain or a reordered jump at once, without polling iptables.
+const nfnlgrpNftables = 7
+
+// watchFirewall signals dirty on every ruleset change until ctx ends. Without the
+// subscription (legacy iptables, or an old kernel) the resync ticker is the fallback.
+func watchFirewall(ctx context.Context, log *slog.Logger, dirty chan struct{}) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
+	if err != nil {
+		log.Warn("no firewall change notifications; relying on the resync ticker", "err", err)
+		return
+	}
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: 1 << (nfnlgrpNftables - 1)}); err != nil {
+		unix.Close(fd)
+		log.Warn("no firewall change notifications; relying on the resync ticker", "err", err)
+		return
+	}
+	defer unix.Close(fd)
+	// A blocked recv is not woken by close(2), so wake up twice a second to check ctx.
+	tv := unix.NsecToTimeval((500 * time.Millisecond).Nanoseconds())
+	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	buf := make([]byte, 1<<16)
+	for {
+		n, _, err := unix.Recvfrom(fd, buf, 0)
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			if err == unix.EINTR || err == unix.EAGAIN {
+				continue
+			}
+			if err == unix.ENOBUFS {
+				signal(dirty)
+				continue
+			}
+			log.Warn("firewall notifications stopped; relying on the resync ticker", "err", err)
+			return
+		}
+		if n > 0 {
+			signal(dirty)
+		}
+	}
+}
