@@ -1,0 +1,172 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/containernetworking/cni/libcni"
+	current "github.com/containernetworking/cni/pkg/types/100"
+
+	"github.com/netagent/netagent/test/netns"
+)
+
+// cni returns libcni and the node's conflist as the agent wrote it.
+func (l *Lab) cni(n *Node) (*libcni.CNIConfig, *libcni.NetworkConfigList, error) {
+	list, err := libcni.LoadNetworkConf(filepath.Join(n.Dir, "net.d"), "netagent")
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: conflist: %w", n.Name, err)
+	}
+	return libcni.NewCNIConfigWithCacheDir([]string{l.Opt.CNIBinDir}, filepath.Join(n.Dir, "cni-cache"), nil), list, nil
+}
+
+// AddPod creates a pod namespace on n and wires it through netagent-cni, as a runtime
+// would (libcni, the agent's conflist).
+func (l *Lab) AddPod(ctx context.Context, n *Node, name string) (*Pod, error) {
+	ns, err := l.newNS(name)
+	if err != nil {
+		return nil, err
+	}
+	c, list, err := l.cni(n)
+	if err != nil {
+		return nil, err
+	}
+	var res *current.Result
+	err = l.NodeNS(n).Do(func() error {
+		r, err := c.AddNetworkList(ctx, list, &libcni.RuntimeConf{ContainerID: name, NetNS: ns.Path, IfName: "eth0"})
+		if err != nil {
+			return err
+		}
+		res, err = current.NewResultFromResult(r)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("wire %s on %s: %w", name, n.Name, err)
+	}
+	ip, _ := netip.AddrFromSlice(res.IPs[0].Address.IP.To4())
+	p := &Pod{Name: name, NS: ns.Name, IP: ip, Node: n.Name}
+	n.Pods = append(n.Pods, p)
+	return p, nil
+}
+
+// DelPod unwires and removes a pod.
+func (l *Lab) DelPod(ctx context.Context, n *Node, p *Pod) error {
+	c, list, err := l.cni(n)
+	if err != nil {
+		return err
+	}
+	err = l.NodeNS(n).Do(func() error {
+		return c.DelNetworkList(ctx, list, &libcni.RuntimeConf{ContainerID: p.Name, NetNS: "/run/netns/" + p.NS, IfName: "eth0"})
+	})
+	if err != nil {
+		return err
+	}
+	for i, q := range n.Pods {
+		if q == p {
+			n.Pods = append(n.Pods[:i], n.Pods[i+1:]...)
+			break
+		}
+	}
+	return l.PodNS(p).Close()
+}
+
+// Pods lists every pod, by node then name.
+func (l *Lab) Pods() []*Pod {
+	var out []*Pod
+	for _, n := range l.Nodes {
+		out = append(out, n.Pods...)
+	}
+	return out
+}
+
+// Cell is one measurement of the matrix.
+type Cell struct {
+	From, To string
+	OK       bool
+}
+
+// Matrix pings from every pod to every other pod and to the outside host, 8 at a time.
+func (l *Lab) Matrix(ctx context.Context) [][]Cell {
+	pods := l.Pods()
+	targets := make([]struct{ name, ip string }, 0, len(pods)+1)
+	for _, p := range pods {
+		targets = append(targets, struct{ name, ip string }{p.Name, p.IP.String()})
+	}
+	targets = append(targets, struct{ name, ip string }{"outside", l.Ext.String()})
+	m := make([][]Cell, len(pods))
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 8)
+	for i, p := range pods {
+		m[i] = make([]Cell, len(targets))
+		for j, t := range targets {
+			m[i][j] = Cell{From: p.Name, To: t.name}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				sem <- struct{}{}
+				defer func() { <-sem }()
+				m[i][j].OK = Ping(l.PodNS(p), t.ip) == nil
+			}()
+		}
+	}
+	wg.Wait()
+	return m
+}
+
+// Ping sends one echo request from ns to ip.
+func Ping(ns *netns.NS, ip string) error {
+	_, err := ns.Run("ping", "-c", "1", "-W", "2", "-q", ip)
+	return err
+}
+
+// FormatMatrix renders a matrix as a table.
+func FormatMatrix(m [][]Cell) string {
+	if len(m) == 0 {
+		return "(no pods)\n"
+	}
+	var b strings.Builder
+	w := 10
+	for _, row := range m {
+		if len(row[0].From)+2 > w {
+			w = len(row[0].From) + 2
+		}
+	}
+	fmt.Fprintf(&b, "%-*s", w, "from\\to")
+	for _, c := range m[0] {
+		fmt.Fprintf(&b, "%-*s", w, c.To)
+	}
+	b.WriteString("\n")
+	for _, row := range m {
+		fmt.Fprintf(&b, "%-*s", w, row[0].From)
+		for _, c := range row {
+			mark := "ok"
+			switch {
+			case c.From == c.To:
+				mark = "-"
+			case !c.OK:
+				mark = "FAIL"
+			}
+			fmt.Fprintf(&b, "%-*s", w, mark)
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
+}
+
+// Failures lists the failed cells (a pod to itself is not measured).
+func Failures(m [][]Cell) []string {
+	var out []string
+	for _, row := range m {
+		for _, c := range row {
+			if !c.OK && c.From != c.To {
+				out = append(out, c.From+" -> "+c.To)
+			}
+		}
+	}
+	sort.Strings(out)
+	return out
+}

@@ -1,0 +1,209 @@
+// Package cluster_test runs multi-node netagent clusters in network namespaces (pkg/lab):
+// real agents, a real etcd, pods wired by the real CNI plugin, real traffic.
+package cluster_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/netagent/netagent/pkg/agent"
+	"github.com/netagent/netagent/pkg/lab"
+	"github.com/netagent/netagent/test/netns"
+	"github.com/netagent/netagent/test/testbin"
+)
+
+func TestMain(m *testing.M) {
+	netns.Sweep()
+	code := m.Run()
+	testbin.Cleanup()
+	os.Exit(code)
+}
+
+var labSeq int
+
+func newLab(t *testing.T, backend string, nodes, remote, pods int) *lab.Lab {
+	t.Helper()
+	netns.RequireRoot(t)
+	bin := testbin.Build(t, "./cmd/netagent", "netagent")
+	testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
+	labSeq++
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	l, err := lab.Up(ctx, lab.Options{
+		Prefix:      fmt.Sprintf("%s%d-%d-", netns.Prefix, os.Getpid(), 1000+labSeq),
+		Dir:         t.TempDir(),
+		Nodes:       nodes,
+		Remote:      remote,
+		Backend:     backend,
+		PodsPerNode: pods,
+		Netagent:    bin,
+		CNIBinDir:   testbin.Dir(),
+		LeaseTTL:    3 * time.Second,
+		Log:         t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, n := range l.Nodes {
+				b, _ := os.ReadFile(filepath.Join(n.Dir, "agent.log"))
+				t.Logf("agent log of %s:\n%s", n.Name, lastLines(string(b), 30))
+			}
+		}
+		if err := l.Down(); err != nil {
+			t.Errorf("lab down: %v", err)
+		}
+	})
+	return l
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+func status(t *testing.T, l *lab.Lab, n *lab.Node) agent.Status {
+	t.Helper()
+	code, b, err := l.Get(n, "/status")
+	if err != nil || code != 200 {
+		t.Fatalf("status of %s: %d %v %s", n.Name, code, err, b)
+	}
+	var st agent.Status
+	if err := json.Unmarshal(b, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+// serveAddr runs a TCP server in ns that answers each connection with the client's address.
+func serveAddr(t *testing.T, ns *netns.NS, port int) {
+	t.Helper()
+	var ln net.Listener
+	if err := ns.Do(func() error {
+		var err error
+		ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			host, _, _ := net.SplitHostPort(c.RemoteAddr().String())
+			_, _ = c.Write([]byte(host))
+			_ = c.Close()
+		}
+	}()
+}
+
+// whoami connects from ns to addr and returns the source address the server saw.
+func whoami(ns *netns.NS, addr string) (string, error) {
+	var conn net.Conn
+	if err := ns.Do(func() error {
+		var err error
+		conn, err = net.DialTimeout("tcp4", addr, 3*time.Second)
+		return err
+	}); err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
+	b := make([]byte, 64)
+	n, err := conn.Read(b)
+	return string(b[:n]), err
+}
+
+func TestBackends(t *testing.T) {
+	for _, tc := range []struct {
+		backend       string
+		nodes, remote int
+	}{
+		{"host-gw", 3, 0},
+		{"vxlan", 3, 1},
+		{"hybrid", 4, 1},
+	} {
+		t.Run(tc.backend, func(t *testing.T) {
+			l := newLab(t, tc.backend, tc.nodes, tc.remote, 2)
+			m := l.Matrix(context.Background())
+			if f := lab.Failures(m); len(f) > 0 {
+				t.Errorf("connectivity failures:\n%s", lab.FormatMatrix(m))
+			}
+			pods := l.Pods()
+			a, b := pods[0], pods[len(pods)-1]
+			// Pod to pod across nodes keeps its source address.
+			serveAddr(t, l.PodNS(b), 7000)
+			if got, err := whoami(l.PodNS(a), b.IP.String()+":7000"); err != nil || got != a.IP.String() {
+				t.Errorf("pod %s -> pod %s: server saw %q (%v), want the pod's own %s", a.Name, b.Name, got, err, a.IP)
+			}
+			// Pod to an underlay host outside the cluster is masqueraded to its node's IP.
+			serveAddr(t, l.ExtNS(), 7001)
+			node := l.Nodes[0]
+			if got, err := whoami(l.PodNS(node.Pods[0]), l.Ext.String()+":7001"); err != nil || got != node.IP.String() {
+				t.Errorf("pod -> outside: server saw %q (%v), want node IP %s", got, err, node.IP)
+			}
+			// Modes per peer as the plan says, and what the kernel has.
+			st := status(t, l, l.Nodes[0])
+			for _, p := range st.Peers {
+				wantMode := map[string]string{"host-gw": "direct", "vxlan": "vxlan"}[tc.backend]
+				if tc.backend == "hybrid" {
+					wantMode = "direct"
+					if strings.HasPrefix(p.PublicIP, "198.51.100.") {
+						wantMode = "vxlan"
+					}
+				}
+				if p.Mode != wantMode || !p.Route {
+					t.Errorf("node1 peer %s: mode %s route %v, want %s with route", p.Node, p.Mode, p.Route, wantMode)
+				}
+			}
+			wantMTU := map[string]int{"host-gw": 1500, "vxlan": 1450, "hybrid": 1500}[tc.backend]
+			if st.PodMTU != wantMTU {
+				t.Errorf("pod MTU %d, want %d", st.PodMTU, wantMTU)
+			}
+			if tc.backend == "hybrid" {
+				routes := l.NodeNS(l.Nodes[0]).MustRun(t, "ip", "route", "show", "proto", "180")
+				if !strings.Contains(routes, "dev netagent.1 onlink mtu 1450") || !strings.Contains(routes, "via 192.0.2.12 dev eth0") {
+					t.Errorf("hybrid routes on node1:\n%s", routes)
+				}
+			}
+		})
+	}
+}
+
+func TestHostGWWarnsAboutOffLinkPeer(t *testing.T) {
+	l := newLab(t, "host-gw", 3, 1, 0)
+	st := status(t, l, l.Nodes[0])
+	found := false
+	for _, p := range st.Peers {
+		if p.Node == "node3" {
+			found = true
+			if p.Mode != "unreachable" || !strings.Contains(p.Reason, "not on-link") {
+				t.Errorf("off-link peer under host-gw: mode %s reason %q", p.Mode, p.Reason)
+			}
+		}
+	}
+	if !found {
+		t.Error("node3 missing from node1's peers")
+	}
+	if out, _ := l.Status(l.Nodes[0]); !strings.Contains(out, "not on-link") {
+		t.Errorf("netagent status does not show the warning:\n%s", out)
+	}
+}
