@@ -5,11 +5,11 @@
 //
 // Topology (addresses are documentation ranges):
 //
-//	            [ext 192.0.2.254]
-//	                  |
-//	  [node1 .11]--[switch: br0]--[node2 .12] ...
-//	                  |
-//	            [router .1 | 198.51.100.1]--[switch2: br0]--[nodeN 198.51.100.10]   (remote nodes)
+//	          [ext 192.0.2.254]
+//	                |
+//	[node1 .11]--[switch: br0]--[node2 .12] ...
+//	                |
+//	          [router .1 | 198.51.100.1]--[switch2: br0]--[nodeN 198.51.100.10]   (remote nodes)
 //
 // Every namespace name starts with the lab's prefix; Down removes all of them, also after
 // the lab process crashed, by name.
