@@ -43,6 +43,7 @@ type Store interface {
 	Renew(ctx context.Context, h lease.Held) (lease.Held, error)
 	KeepAlive(ctx context.Context, h lease.Held) error
 	Watch(ctx context.Context, peers *lease.Peers, changed chan<- struct{}, stats lease.WatchStats)
+	WatchConfig(ctx context.Context, changed chan<- struct{})
 }
 
 // Options configure an agent.
@@ -200,8 +201,9 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	ticker := time.NewTicker(a.opt.Resync)
 	defer ticker.Stop()
-	cfgTicker := time.NewTicker(10 * time.Second)
-	defer cfgTicker.Stop()
+	cfgChanged := make(chan struct{}, 1)
+	wg.Add(1)
+	go func() { defer wg.Done(); a.opt.Store.WatchConfig(ctx, cfgChanged) }()
 	first := true
 	fw := true
 	for {
@@ -221,11 +223,15 @@ func (a *Agent) Run(ctx context.Context) error {
 			fw = true
 		case <-ticker.C:
 			fw = true
-		case <-cfgTicker.C:
+		case <-cfgChanged:
 			c, _, err := a.opt.Store.Config(ctx)
 			switch {
-			case err == nil && c.Network != cfg.Network:
-				log.Error("the cluster network changed in etcd; keeping the current one (a network change needs every agent restarted)", "current", cfg.Network, "new", c.Network)
+			case err == nil && (c.Network != cfg.Network || c.SubnetLen != cfg.SubnetLen || c.Backend.Type != cfg.Backend.Type):
+				// The lease (subnet, VTEP MAC) was made for the old values: applying them
+				// live would mean renumbering pods. A restart of each agent applies them.
+				log.Error("network, subnet length or backend changed in etcd; restart the agents to apply it, keeping the current dataplane",
+					"network", c.Network, "subnetLen", c.SubnetLen, "backend", c.Backend.Type)
+				a.setError("config", fmt.Errorf("network, subnetLen or backend changed in etcd; restart the agent to apply"))
 			case err == nil:
 				cfg = c
 				a.clearError("config")

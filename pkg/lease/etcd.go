@@ -477,3 +477,23 @@ func (e *Etcd) Leave(ctx context.Context, node string) (netip.Prefix, error) {
 	}
 	return s, e.Release(ctx, node, s)
 }
+
+// WatchConfig signals changed whenever the network config key changes, until ctx ends.
+func (e *Etcd) WatchConfig(ctx context.Context, changed chan<- struct{}) {
+	for ctx.Err() == nil {
+		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		for resp := range e.cli.Watch(wctx, e.key("config")) {
+			if resp.Err() != nil {
+				break
+			}
+			if len(resp.Events) > 0 {
+				select {
+				case changed <- struct{}{}:
+				default:
+				}
+			}
+		}
+		cancel()
+		sleep(ctx, time.Second)
+	}
+}
