@@ -297,7 +297,7 @@ func TestDriftIsRepaired(t *testing.T) {
 	normalize := func(s string) string { return regexp.MustCompile(`\[\d+:\d+\]|\d+: `).ReplaceAllString(s, "") }
 	want := normalize(snapshot())
 	cases := []struct {
-		name  string
+		name   string
 		break_ []string
 	}{
 		{"route deleted", []string{"ip route del " + peerSub}},
