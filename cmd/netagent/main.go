@@ -33,6 +33,7 @@ var commands = []command{
 	{"reserve", "pin a subnet to a node name", cmdReserve},
 	{"cleanup", "remove netagent's kernel state and files from this node", cmdCleanup},
 	{"etcd", "run an embedded single-member etcd on a unix socket (labs, single machines)", cmdEtcd},
+	{"lab", "a multi-node cluster in network namespaces on this machine (lab up|status|check|down)", cmdLab},
 }
 
 func main() {

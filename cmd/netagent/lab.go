@@ -1,0 +1,139 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/netagent/netagent/pkg/lab"
+)
+
+const labUsage = `usage: netagent lab up|status|check|down [flags]
+
+  up      build a cluster in network namespaces: switch, nodes running netagent, etcd, pods
+  status  each node's lease and peers
+  check   run the connectivity matrix again
+  down    remove everything the lab created (also after a crash)`
+
+func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
+	if len(args) == 0 {
+		return errors.New(labUsage)
+	}
+	fs := flag.NewFlagSet("lab "+args[0], flag.ContinueOnError)
+	dir := fs.String("dir", "/run/netagent-lab", "lab state, logs and etcd data")
+	prefix := fs.String("prefix", "nalab-", "network namespace name prefix")
+	nodes := fs.Int("nodes", 3, "up: number of nodes")
+	remote := fs.Int("remote", -1, "up: nodes on a second underlay subnet behind a router (default: 1 for hybrid and vxlan with 3+ nodes, else 0)")
+	backend := fs.String("backend", "vxlan", "up: host-gw, vxlan or hybrid")
+	pods := fs.Int("pods-per-node", 2, "up: pods per node")
+	cniBin := fs.String("cni-bin-dir", "", "directory with netagent-cni (default: beside this binary)")
+	if err := parse(fs, args[1:]); err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	if *cniBin == "" {
+		*cniBin = filepath.Dir(self)
+	}
+	start := time.Now()
+	logf := func(format string, a ...any) {
+		fmt.Fprintf(stdout, "[%7s] %s\n", time.Since(start).Round(time.Millisecond), fmt.Sprintf(format, a...))
+	}
+	opt := lab.Options{Prefix: *prefix, Dir: *dir, Netagent: self, CNIBinDir: *cniBin, Log: logf}
+	switch args[0] {
+	case "up":
+		if _, err := os.Stat(filepath.Join(*dir, "lab.json")); err == nil {
+			return fmt.Errorf("a lab is already up in %s (netagent lab down first)", *dir)
+		}
+		if _, err := os.Stat(filepath.Join(*cniBin, "netagent-cni")); err != nil {
+			return fmt.Errorf("netagent-cni not found in %s (build it there or pass --cni-bin-dir)", *cniBin)
+		}
+		if *remote < 0 {
+			*remote = 0
+			if *nodes >= 3 && *backend != "host-gw" {
+				*remote = 1
+			}
+		}
+		opt.Nodes, opt.Remote, opt.Backend, opt.PodsPerNode = *nodes, *remote, *backend, *pods
+		l, err := lab.Up(ctx, opt)
+		if err != nil {
+			return err
+		}
+		logf("lab is up")
+		if err := labReport(ctx, l, stdout, logf); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, `
+Poke at it by hand:
+  ip netns exec %[1]snode1 ip route                   # routes (netagent's carry "proto 180")
+  ip netns exec %[1]snode1 bridge fdb show dev netagent.1
+  ip netns exec %[1]snode1 %[2]s status    # lease and peers of node1
+  ip netns exec %[1]snode1-pod1 ping %[3]s            # from a pod
+  %[2]s lab check | status | down
+Logs and state: %[4]s
+`, *prefix, self, l.Ext, *dir)
+		return nil
+	case "status", "check":
+		l, err := lab.Load(*dir, opt)
+		if err != nil {
+			return err
+		}
+		if args[0] == "check" {
+			m := l.Matrix(ctx)
+			fmt.Fprint(stdout, lab.FormatMatrix(m))
+			if f := lab.Failures(m); len(f) > 0 {
+				return fmt.Errorf("%d paths fail: %s", len(f), strings.Join(f, ", "))
+			}
+			return nil
+		}
+		for _, n := range l.Nodes {
+			out, err := l.Status(n)
+			if err != nil {
+				fmt.Fprintf(stdout, "== %s: %v\n", n.Name, err)
+				continue
+			}
+			fmt.Fprintf(stdout, "== %s (%s)\n%s\n", n.Name, n.IP, out)
+		}
+		return nil
+	case "down":
+		l, err := lab.Load(*dir, opt)
+		if err != nil {
+			l = &lab.Lab{Opt: opt, Prefix: *prefix, Dir: *dir} // a crashed lab: remove by prefix
+		}
+		if err := l.Down(); err != nil {
+			return err
+		}
+		if err := os.RemoveAll(*dir); err != nil {
+			return err
+		}
+		logf("lab removed")
+		return nil
+	}
+	return errors.New(labUsage)
+}
+
+func labReport(ctx context.Context, l *lab.Lab, w io.Writer, logf func(string, ...any)) error {
+	t0 := time.Now()
+	m := l.Matrix(ctx)
+	logf("connectivity matrix measured with real pings (%s):", time.Since(t0).Round(time.Millisecond))
+	fmt.Fprint(w, "\n"+lab.FormatMatrix(m)+"\n")
+	for _, n := range l.Nodes {
+		out, err := l.Status(n)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(w, "== %s (%s)\n%s\n", n.Name, n.IP, out)
+	}
+	if f := lab.Failures(m); len(f) > 0 {
+		return fmt.Errorf("%d paths fail: %s", len(f), strings.Join(f, ", "))
+	}
+	return nil
+}

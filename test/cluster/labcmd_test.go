@@ -1,0 +1,65 @@
+package cluster_test
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/netagent/netagent/test/netns"
+	"github.com/netagent/netagent/test/testbin"
+)
+
+// TestLabCommand runs `netagent lab` as a newcomer would: up, check, status, then down
+// after the lab's state file is lost (as after a crash), which must still remove it all.
+func TestLabCommand(t *testing.T) {
+	netns.RequireRoot(t)
+	bin := testbin.Build(t, "./cmd/netagent", "netagent")
+	testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
+	dir := t.TempDir()
+	prefix := fmt.Sprintf("%s%d-labcmd-", netns.Prefix, os.Getpid())
+	run := func(args ...string) (string, error) {
+		args = append(args, "--dir", dir, "--prefix", prefix)
+		out, err := exec.Command(bin, args...).CombinedOutput()
+		return string(out), err
+	}
+	t.Cleanup(func() { _, _ = run("lab", "down") })
+	out, err := run("lab", "up", "--nodes", "3", "--backend", "hybrid", "--pods-per-node", "1")
+	if err != nil {
+		t.Fatalf("lab up: %v\n%s", err, out)
+	}
+	for _, want := range []string{"agents ready on 3 nodes", "from\\to", "outside", "PEER", "direct", "vxlan", "Poke at it by hand"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("lab up output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "FAIL") {
+		t.Errorf("lab up matrix has failures:\n%s", out)
+	}
+	if out, err := run("lab", "check"); err != nil || strings.Contains(out, "FAIL") {
+		t.Errorf("lab check: %v\n%s", err, out)
+	}
+	if out, err := run("lab", "status"); err != nil || strings.Count(out, "ready yes") != 3 {
+		t.Errorf("lab status: %v\n%s", err, out)
+	}
+	if out, err := run("lab", "up"); err == nil || !strings.Contains(out, "already up") {
+		t.Errorf("second lab up = %v, %s; want 'already up'", err, out)
+	}
+	if err := os.Remove(filepath.Join(dir, "lab.json")); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := run("lab", "down"); err != nil {
+		t.Fatalf("lab down: %v\n%s", err, out)
+	}
+	entries, _ := os.ReadDir("/run/netns")
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), prefix) {
+			t.Errorf("namespace %s left after lab down", e.Name())
+		}
+	}
+	if out, _ := exec.Command("pgrep", "-f", dir).Output(); len(out) > 0 {
+		t.Errorf("processes left after lab down: %s", out)
+	}
+}
