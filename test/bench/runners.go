@@ -1,0 +1,411 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/invoke"
+	"github.com/containernetworking/cni/pkg/version"
+	"github.com/vishvananda/netlink"
+	vns "github.com/vishvananda/netns"
+
+	"github.com/netagent/netagent/test/netns"
+	"github.com/netagent/netagent/test/testbin"
+)
+
+const podIf = "eth0"
+
+// Each chain has its own bridge and subnet (on its own node namespace, so they could share
+// them, but distinct ones make a stray packet or a leak easy to attribute).
+const (
+	oursBridge, oursSubnet = "cni0", "10.244.0.0/22"
+	refBridge, refSubnet   = "cni1", "10.245.0.0/22"
+	bareBridge, bareSubnet = "cni2", "10.246.0.0/22"
+)
+
+func oursConf(tmp string) []byte {
+	return fmt.Appendf(nil, `{"cniVersion":"1.0.0","name":"netagent","plugins":[`+
+		`{"type":"netagent-cni","bridge":%q,"subnet":%q,"dataDir":%s,"capabilities":{"portMappings":true}}]}`,
+		oursBridge, oursSubnet, jsonString(filepath.Join(tmp, "ours")))
+}
+
+func refConf(tmp string, ipMasq bool) []byte {
+	return fmt.Appendf(nil, `{"cniVersion":"1.0.0","name":"ref","plugins":[`+
+		`{"type":"bridge","bridge":%q,"isGateway":true,"ipMasq":%t,"ipam":{"type":"host-local","subnet":%q,"dataDir":%s}},`+
+		`{"type":"portmap","capabilities":{"portMappings":true}}]}`,
+		refBridge, ipMasq, refSubnet, jsonString(filepath.Join(tmp, "ref")))
+}
+
+func jsonString(s string) string {
+	b, _ := json.Marshal(s)
+	return string(b)
+}
+
+// containerID is a fresh 64-hex-digit ID, the shape runtimes use.
+func containerID() string {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// buildBinaries builds our plugin and the reference chain into one directory (testbin's),
+// which serves as the CNI bin dir.
+func buildBinaries(tmp string) (string, error) {
+	if _, err := testbin.BuildErr("./cmd/cni-plugin", "netagent-cni"); err != nil {
+		return "", fmt.Errorf("build our plugin: %w", err)
+	}
+	restore, err := refModfile(tmp)
+	if err != nil {
+		return "", err
+	}
+	defer restore()
+	for _, p := range []struct{ pkg, name string }{
+		{"github.com/containernetworking/plugins/plugins/main/bridge", "bridge"},
+		{"github.com/containernetworking/plugins/plugins/ipam/host-local", "host-local"},
+		{"github.com/containernetworking/plugins/plugins/meta/portmap", "portmap"},
+	} {
+		if _, err := testbin.BuildErr(p.pkg, p.name); err != nil {
+			return "", fmt.Errorf("build reference plugin %s: %w", p.name, err)
+		}
+	}
+	return testbin.Dir(), nil
+}
+
+// refModfile points the go command (through GOFLAGS, which testbin's builds inherit) at a
+// copy of go.mod and go.sum that it may extend: the reference plugins import modules that
+// the repository's go.sum does not list, since netagent itself never imports them. Versions
+// are still the ones go.mod selects. restore puts GOFLAGS back.
+func refModfile(tmp string) (restore func(), err error) {
+	dir := filepath.Join(tmp, "modfile")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	root := testbin.Root()
+	for src, dst := range map[string]string{"go.mod": "ref.mod", "go.sum": "ref.sum"} {
+		b, err := os.ReadFile(filepath.Join(root, src))
+		if err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(filepath.Join(dir, dst), b, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	// Keep GOFLAGS from the go env file too (setting the variable would hide it).
+	cmd := exec.Command("go", "env", "GOFLAGS")
+	cmd.Dir = root
+	cur, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("go env GOFLAGS: %w", err)
+	}
+	old, had := os.LookupEnv("GOFLAGS")
+	flags := strings.TrimSpace(string(cur) + " -mod=mod -modfile=" + filepath.Join(dir, "ref.mod"))
+	if err := os.Setenv("GOFLAGS", flags); err != nil {
+		return nil, err
+	}
+	return func() {
+		if had {
+			_ = os.Setenv("GOFLAGS", old)
+		} else {
+			_ = os.Unsetenv("GOFLAGS")
+		}
+	}, nil
+}
+
+func cleanupBinaries() { testbin.Cleanup() }
+
+// cniRunner drives one conflist through libcni, as a runtime does.
+type cniRunner struct {
+	label   string
+	ns      *netns.NS
+	cni     *libcni.CNIConfig
+	list    *libcni.NetworkConfigList
+	conf    []byte
+	timeout time.Duration
+
+	// leak checks
+	cacheDir string
+	records  func() (int, error) // IPAM allocations still recorded
+	iptables bool                // look for CNI-* chains in the node's nat table
+}
+
+func (b *bench) newCNIRunner(label, binDir string, conf []byte) (*cniRunner, error) {
+	list, err := libcni.NetworkConfFromBytes(conf)
+	if err != nil {
+		return nil, fmt.Errorf("%s conflist: %w", label, err)
+	}
+	node, err := b.newNS("node-" + label)
+	if err != nil {
+		return nil, err
+	}
+	// A cache dir of our own: libcni writes a result file per attachment (as it does under
+	// /var/lib/cni for a runtime), and the host's must not collect ours. The exec is given
+	// explicitly because libcni creates its default lazily, which races in parallel use.
+	cacheDir := filepath.Join(b.tmp, "cache-"+label)
+	ex := &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: os.Stderr}, PluginDecoder: version.PluginDecoder{}}
+	r := &cniRunner{
+		label:    label,
+		ns:       node,
+		cni:      libcni.NewCNIConfigWithCacheDir([]string{binDir}, cacheDir, ex),
+		list:     list,
+		conf:     conf,
+		timeout:  b.opt.timeout,
+		cacheDir: cacheDir,
+	}
+	return r, nil
+}
+
+func (r *cniRunner) name() string    { return r.label }
+func (r *cniRunner) node() *netns.NS { return r.ns }
+
+func (r *cniRunner) rt(p pod) *libcni.RuntimeConf {
+	return &libcni.RuntimeConf{ContainerID: p.id, NetNS: p.ns.Path, IfName: podIf}
+}
+
+func (r *cniRunner) add(ctx context.Context, p pod) error {
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	defer cancel()
+	if _, err := r.cni.AddNetworkList(ctx, r.list, r.rt(p)); err != nil {
+		return fmt.Errorf("%s: ADD container %s netns %s: %w\nconflist: %s", r.label, p.id, p.ns.Path, err, r.conf)
+	}
+	return nil
+}
+
+func (r *cniRunner) del(ctx context.Context, p pod) error {
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	defer cancel()
+	if err := r.cni.DelNetworkList(ctx, r.list, r.rt(p)); err != nil {
+		return fmt.Errorf("%s: DEL container %s netns %s: %w\nconflist: %s", r.label, p.id, p.ns.Path, err, r.conf)
+	}
+	return nil
+}
+
+func (r *cniRunner) leaks() ([]string, error) {
+	out, err := nodeVeths(r.ns)
+	if err != nil {
+		return nil, err
+	}
+	if r.records != nil {
+		n, err := r.records()
+		if err != nil {
+			return nil, err
+		}
+		if n > 0 {
+			out = append(out, fmt.Sprintf("%d IPAM allocations still recorded", n))
+		}
+	}
+	entries, err := os.ReadDir(filepath.Join(r.cacheDir, "results"))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	if len(entries) > 0 {
+		out = append(out, fmt.Sprintf("%d libcni cache entries left", len(entries)))
+	}
+	if r.iptables {
+		nat, err := r.ns.Run("iptables-save", "-t", "nat")
+		if err != nil {
+			return nil, err
+		}
+		var n int
+		for _, l := range strings.Split(nat, "\n") {
+			if strings.Contains(l, "CNI-") {
+				n++
+			}
+		}
+		if n > 0 {
+			out = append(out, fmt.Sprintf("%d nat table lines mentioning CNI- chains", n))
+		}
+	}
+	return out, nil
+}
+
+// nodeVeths describes the veths left in a node namespace (every one is a pod's host end).
+func nodeVeths(node *netns.NS) ([]string, error) {
+	h, err := node.Handle()
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	links, err := h.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links in %s: %w", node.Name, err)
+	}
+	var names []string
+	for _, l := range links {
+		if _, ok := l.(*netlink.Veth); ok {
+			names = append(names, l.Attrs().Name)
+		}
+	}
+	n := len(names)
+	if n == 0 {
+		return nil, nil
+	}
+	if n > 5 {
+		names = append(names[:5], "...")
+	}
+	return []string{fmt.Sprintf("%d veths left on the node (%s)", n, strings.Join(names, " "))}, nil
+}
+
+// oursRecords counts the allocations in our IPAM state file (dataDir/NETWORK/state.json). It
+// reads the JSON itself rather than through pkg/ipam, so the benchmark stays a black-box
+// client of the plugin.
+func oursRecords(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	var st struct {
+		Allocations []json.RawMessage `json:"allocations"`
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		return 0, fmt.Errorf("decode %s: %w", path, err)
+	}
+	return len(st.Allocations), nil
+}
+
+// hostLocalRecords counts host-local's allocations: one file per address, named by it.
+func hostLocalRecords(dir string) (int, error) {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	for _, e := range entries {
+		if _, err := netip.ParseAddr(e.Name()); err == nil {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// bareRunner does the kernel work of a pod attachment directly through netlink from this
+// process: no exec, no JSON, no IPAM, no lock. It is the floor under any plugin.
+type bareRunner struct {
+	ns     *netns.NS
+	bridge string
+	subnet netip.Prefix
+}
+
+func (b *bench) newBareRunner() (*bareRunner, error) {
+	node, err := b.newNS("node-bare")
+	if err != nil {
+		return nil, err
+	}
+	r := &bareRunner{ns: node, bridge: bareBridge, subnet: netip.MustParsePrefix(bareSubnet)}
+	h, err := node.Handle()
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: r.bridge, Flags: net.FlagUp}}
+	if err := h.LinkAdd(br); err != nil {
+		return nil, fmt.Errorf("bare: create bridge: %w", err)
+	}
+	gw := netip.PrefixFrom(r.gateway(), r.subnet.Bits())
+	if err := h.AddrAdd(br, &netlink.Addr{IPNet: ipNet(gw)}); err != nil {
+		return nil, fmt.Errorf("bare: bridge address: %w", err)
+	}
+	return r, nil
+}
+
+func (r *bareRunner) name() string    { return "bare" }
+func (r *bareRunner) node() *netns.NS { return r.ns }
+
+func (r *bareRunner) gateway() netip.Addr { return r.subnet.Addr().Next() }
+
+// addr is pod idx's address: the ones after the gateway, in order (idx < maxLive fits a /22).
+func (r *bareRunner) addr(idx int) netip.Prefix {
+	b := r.subnet.Addr().As4()
+	v := binary.BigEndian.Uint32(b[:]) + 2 + uint32(idx)
+	binary.BigEndian.PutUint32(b[:], v)
+	return netip.PrefixFrom(netip.AddrFrom4(b), r.subnet.Bits())
+}
+
+func (r *bareRunner) hostVeth(p pod) string { return fmt.Sprintf("bv%d", p.idx) }
+
+// add runs on a thread inside the node namespace, so a plain netlink handle is in it.
+func (r *bareRunner) add(_ context.Context, p pod) error {
+	podNS, err := vns.GetFromPath(p.ns.Path)
+	if err != nil {
+		return err
+	}
+	defer podNS.Close()
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	br, err := h.LinkByName(r.bridge)
+	if err != nil {
+		return fmt.Errorf("bare: bridge: %w", err)
+	}
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: r.hostVeth(p), MTU: 1500, Flags: net.FlagUp, MasterIndex: br.Attrs().Index},
+		PeerName:      podIf,
+		PeerNamespace: netlink.NsFd(podNS),
+	}
+	if err := h.LinkAdd(veth); err != nil {
+		return fmt.Errorf("bare: create veth %s: %w", r.hostVeth(p), err)
+	}
+	ph, err := netlink.NewHandleAt(podNS)
+	if err != nil {
+		return err
+	}
+	defer ph.Close()
+	l, err := ph.LinkByName(podIf)
+	if err != nil {
+		return fmt.Errorf("bare: pod link: %w", err)
+	}
+	if err := ph.AddrAdd(l, &netlink.Addr{IPNet: ipNet(r.addr(p.idx))}); err != nil {
+		return fmt.Errorf("bare: pod address: %w", err)
+	}
+	if err := ph.LinkSetUp(l); err != nil {
+		return fmt.Errorf("bare: pod link up: %w", err)
+	}
+	def := &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+	if err := ph.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: def, Gw: r.gateway().AsSlice()}); err != nil {
+		return fmt.Errorf("bare: pod default route: %w", err)
+	}
+	return nil
+}
+
+func (r *bareRunner) del(_ context.Context, p pod) error {
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	l, err := h.LinkByName(r.hostVeth(p))
+	if err != nil {
+		return fmt.Errorf("bare: find %s: %w", r.hostVeth(p), err)
+	}
+	if err := h.LinkDel(l); err != nil {
+		return fmt.Errorf("bare: delete %s: %w", r.hostVeth(p), err)
+	}
+	return nil
+}
+
+func (r *bareRunner) leaks() ([]string, error) { return nodeVeths(r.ns) }
+
+func ipNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
