@@ -17,6 +17,7 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/hostport"
@@ -192,7 +193,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	})
 
 	// 2. The bridge and the veth.
-	h, err := netlink.NewHandle()
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink: %w", err)
 	}
@@ -305,7 +306,7 @@ func cmdDel(args *skel.CmdArgs) error {
 	}
 	// Kernel state first, the address last: an address must not be handed out again while
 	// a veth still carries it.
-	h, err := netlink.NewHandle()
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink: %w", err)
 	}
@@ -382,7 +383,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 		return types.NewError(types.ErrUnknownContainer, "open pod network namespace", fmt.Sprintf("%s: %v", args.Netns, err))
 	}
 	defer podNS.Close()
-	h, err := netlink.NewHandle()
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink: %w", err)
 	}
@@ -445,7 +446,7 @@ func cmdGC(args *skel.CmdArgs) error {
 	}); err != nil {
 		return cniError(types.ErrIOFailure, "read address store", err)
 	}
-	h, err := netlink.NewHandle()
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink: %w", err)
 	}
@@ -518,7 +519,7 @@ func cmdStatus(args *skel.CmdArgs) error {
 			return err
 		}
 	}
-	h, err := netlink.NewHandle()
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return notReady(fmt.Sprintf("netlink: %v", err))
 	}

@@ -91,7 +91,7 @@ func New(opt Options) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("netlink: %w", err)
 	}
-	return &Agent{
+	a := &Agent{
 		opt:     opt,
 		h:       h,
 		route:   route.New(h, opt.Log),
@@ -99,7 +99,17 @@ func New(opt Options) (*Agent, error) {
 		nat:     nat.New(nat.Exec{}),
 		trigger: make(chan struct{}, 1),
 		fwDirty: make(chan struct{}, 1),
-	}, nil
+	}
+	// Passes diff against mirrors that kernel notifications keep current (see watchKernel).
+	a.route.Mirror()
+	a.vxlan.Mirror()
+	return a, nil
+}
+
+// invalidate makes the next pass re-read every kernel table.
+func (a *Agent) invalidate() {
+	a.route.Invalidate()
+	a.vxlan.Invalidate()
 }
 
 func signal(ch chan struct{}) {
@@ -188,7 +198,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); a.keepAlive(ctx, log, held) }()
 	vxDev := VXLANDevName(cfg.Backend.VNI)
 	wg.Add(1)
-	go func() { defer wg.Done(); a.watchKernel(ctx, vxDev) }()
+	go func() { defer wg.Done(); a.watchKernel(ctx, vxDev, ul.dev) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); watchFirewall(ctx, log, a.fwDirty) }()
 
@@ -223,6 +233,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			fw = true
 		case <-ticker.C:
 			fw = true
+			a.invalidate()
 		case <-cfgChanged:
 			c, _, err := a.opt.Store.Config(ctx)
 			switch {
@@ -243,8 +254,6 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 			continue
 		}
-		// Coalesce bursts (a join produces several events at once).
-		time.Sleep(2 * time.Millisecond)
 	}
 }
 

@@ -7,17 +7,19 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
-
-	"github.com/netagent/netagent/pkg/route"
 )
 
-// watchKernel turns netlink events on objects the agent owns into reconcile triggers: any
-// route with our protocol number, any neighbour or FDB entry on the VXLAN device, and the
-// VXLAN device itself. Pod veths coming and going are ignored. When a subscription breaks
-// (e.g. the socket overflowed) it triggers a full pass and subscribes again.
-func (a *Agent) watchKernel(ctx context.Context, vxDev string) {
+// watchKernel feeds netlink notifications into the reconcilers' mirrors and triggers a pass
+// when one differs from the mirror: someone else changed or removed a route with our
+// protocol number, a neighbour or FDB entry on the VXLAN device, or the VXLAN or underlay
+// device itself (the kernel drops routes of a device that goes down without notifying
+// each, so a link event invalidates the mirrors). Echoes of our own writes and pod veths
+// coming and going cause no pass. When a subscription breaks (e.g. the socket overflowed)
+// the mirrors are invalidated, a full pass runs and it subscribes again.
+func (a *Agent) watchKernel(ctx context.Context, vxDev, underlay string) {
 	for ctx.Err() == nil {
-		a.watchKernelOnce(ctx, vxDev)
+		a.watchKernelOnce(ctx, vxDev, underlay)
+		a.invalidate()
 		signal(a.trigger)
 		select {
 		case <-ctx.Done():
@@ -26,13 +28,13 @@ func (a *Agent) watchKernel(ctx context.Context, vxDev string) {
 	}
 }
 
-func (a *Agent) watchKernelOnce(ctx context.Context, vxDev string) {
+func (a *Agent) watchKernelOnce(ctx context.Context, vxDev, underlay string) {
 	done := make(chan struct{})
 	defer close(done)
 	routes := make(chan netlink.RouteUpdate, 1024)
 	neighs := make(chan netlink.NeighUpdate, 1024)
 	links := make(chan netlink.LinkUpdate, 256)
-	onErr := func(error) { signal(a.trigger) }
+	onErr := func(error) { a.invalidate(); signal(a.trigger) }
 	if err := netlink.RouteSubscribeWithOptions(routes, done, netlink.RouteSubscribeOptions{ErrorCallback: onErr, ReceiveBufferSize: 1 << 20}); err != nil {
 		a.opt.Log.Warn("route subscription failed", "err", err)
 		return
@@ -45,13 +47,6 @@ func (a *Agent) watchKernelOnce(ctx context.Context, vxDev string) {
 		a.opt.Log.Warn("link subscription failed", "err", err)
 		return
 	}
-	vxIndex := func() int {
-		if l, err := a.h.LinkByName(vxDev); err == nil {
-			return l.Attrs().Index
-		}
-		return -1
-	}
-	idx := vxIndex()
 	for {
 		select {
 		case <-ctx.Done():
@@ -60,22 +55,22 @@ func (a *Agent) watchKernelOnce(ctx context.Context, vxDev string) {
 			if !ok {
 				return
 			}
-			if u.Protocol == route.Protocol || (u.Type == unix.RTM_DELROUTE && u.LinkIndex == idx) {
+			if a.route.Observe(u) {
 				signal(a.trigger)
 			}
 		case u, ok := <-neighs:
 			if !ok {
 				return
 			}
-			if u.LinkIndex == idx || idx < 0 {
+			if a.vxlan.Observe(u) {
 				signal(a.trigger)
 			}
 		case u, ok := <-links:
 			if !ok {
 				return
 			}
-			if u.Attrs().Name == vxDev || u.Attrs().Index == idx {
-				idx = vxIndex()
+			if name := u.Attrs().Name; name == vxDev || name == underlay || u.Attrs().Index == a.vxlan.Device() {
+				a.invalidate()
 				signal(a.trigger)
 			}
 		}

@@ -59,6 +59,14 @@ func GatewayMAC(gw netip.Addr) net.HardwareAddr { return addrMAC(gw) }
 // cached an old pod's MAC for a reused address is still right.
 func PodMAC(ip netip.Addr) net.HardwareAddr { return addrMAC(ip) }
 
+// HostMAC is the MAC of a pod's host-side veth: also derived from the pod address (with
+// another second octet), so ADD knows it without reading the link back.
+func HostMAC(ip netip.Addr) net.HardwareAddr {
+	m := addrMAC(ip)
+	m[1] = 0x5a
+	return m
+}
+
 func addrMAC(a netip.Addr) net.HardwareAddr {
 	if a.Is4() {
 		b := a.As4()
@@ -151,11 +159,12 @@ type Wired struct {
 func Add(h *netlink.Handle, br *netlink.Bridge, p Pod) (Wired, error) {
 	veth := &netlink.Veth{
 		LinkAttrs: netlink.LinkAttrs{
-			Name:        p.HostVeth,
-			MTU:         p.MTU,
-			Flags:       net.FlagUp,
-			MasterIndex: br.Attrs().Index,
-			TxQLen:      -1,
+			Name:         p.HostVeth,
+			MTU:          p.MTU,
+			HardwareAddr: HostMAC(p.Addr.Addr()),
+			Flags:        net.FlagUp,
+			MasterIndex:  br.Attrs().Index,
+			TxQLen:       -1,
 		},
 		PeerName:         p.IfName,
 		PeerHardwareAddr: PodMAC(p.Addr.Addr()),
@@ -191,11 +200,7 @@ func configure(h *netlink.Handle, veth *netlink.Veth, p Pod) (Wired, error) {
 			return Wired{}, fmt.Errorf("set hairpin on %s: %w", p.HostVeth, err)
 		}
 	}
-	host, err := h.LinkByName(p.HostVeth)
-	if err != nil {
-		return Wired{}, fmt.Errorf("read back %s: %w", p.HostVeth, err)
-	}
-	ph, err := netlink.NewHandleAt(netns.NsHandle(p.NetnsFd))
+	ph, err := netlink.NewHandleAt(netns.NsHandle(p.NetnsFd), unix.NETLINK_ROUTE)
 	if err != nil {
 		return Wired{}, fmt.Errorf("netlink in pod namespace: %w", err)
 	}
@@ -220,7 +225,7 @@ func configure(h *netlink.Handle, veth *netlink.Veth, p Pod) (Wired, error) {
 			return Wired{}, fmt.Errorf("add default route via %s in pod: %w", p.Gateway, err)
 		}
 	}
-	return Wired{HostMAC: host.Attrs().HardwareAddr, PodMAC: pod.Attrs().HardwareAddr, PodIndex: pod.Attrs().Index}, nil
+	return Wired{HostMAC: HostMAC(p.Addr.Addr()), PodMAC: pod.Attrs().HardwareAddr, PodIndex: pod.Attrs().Index}, nil
 }
 
 // Del removes the host end hostVeth (and with it the pod end). A missing link is not an
@@ -267,7 +272,7 @@ func Check(h *netlink.Handle, bridgeName string, gw netip.Prefix, p Pod) error {
 	if host.Attrs().Flags&net.FlagUp == 0 {
 		return fmt.Errorf("host veth %s is down", p.HostVeth)
 	}
-	ph, err := netlink.NewHandleAt(netns.NsHandle(p.NetnsFd))
+	ph, err := netlink.NewHandleAt(netns.NsHandle(p.NetnsFd), unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink in pod namespace: %w", err)
 	}

@@ -46,6 +46,7 @@ type Options struct {
 	Netagent    string // path of the netagent binary
 	CNIBinDir   string // directory holding netagent-cni
 	LeaseTTL    time.Duration
+	Network     string // pod network (default 10.244.0.0/16)
 	Log         func(format string, args ...any)
 }
 
@@ -87,7 +88,7 @@ const (
 	routerA   = "192.0.2.1"
 	routerB   = "198.51.100.1"
 	extIP     = "192.0.2.254"
-	// Network is the lab's pod network.
+	// Network is the lab's default pod network.
 	Network = "10.244.0.0/16"
 )
 
@@ -139,6 +140,9 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 	if opt.LeaseTTL == 0 {
 		opt.LeaseTTL = 10 * time.Second
 	}
+	if opt.Network == "" {
+		opt.Network = Network
+	}
 	l = &Lab{Opt: opt, Prefix: opt.Prefix, Dir: opt.Dir, Backend: opt.Backend, Ext: netip.MustParseAddr(extIP)}
 	if err := os.MkdirAll(opt.Dir, 0o755); err != nil {
 		return nil, err
@@ -161,7 +165,7 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 	if err := l.setConfig(ctx); err != nil {
 		return l, err
 	}
-	l.logf("etcd at %s, network %s backend %s (%s)", l.EtcdEndpoint(), Network, opt.Backend, time.Since(t0).Round(time.Millisecond))
+	l.logf("etcd at %s, network %s backend %s (%s)", l.EtcdEndpoint(), opt.Network, opt.Backend, time.Since(t0).Round(time.Millisecond))
 	t0 = time.Now()
 	for _, n := range l.Nodes {
 		if err := l.StartAgent(n); err != nil {
@@ -317,7 +321,7 @@ func (l *Lab) StopEtcd() error {
 }
 
 func (l *Lab) setConfig(ctx context.Context) error {
-	out, err := l.netagent(ctx, "config", "set", "--network", Network, "--backend", l.Opt.Backend)
+	out, err := l.netagent(ctx, "config", "set", "--network", l.Opt.Network, "--backend", l.Opt.Backend)
 	if err != nil {
 		return fmt.Errorf("config set: %v: %s", err, out)
 	}

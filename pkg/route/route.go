@@ -4,8 +4,15 @@
 // them without churn.
 //
 // Sync is level-triggered: it lists our routes, replaces the ones that differ from the
-// plan, adds the missing ones, deletes the rest last, and keeps going past a failure. One
-// Sync with nothing to change costs one netlink dump filtered by protocol.
+// plan, adds the missing ones, deletes the rest last, and keeps going past a failure.
+//
+// Scale: listing means a netlink dump of the whole table (the kernel does not filter by
+// protocol), which with thousands of peers costs milliseconds. So the agent runs the
+// reconciler with a mirror of our routes that the kernel's own route notifications keep
+// current (Observe): a pass diffs the plan against the mirror, and only a notification
+// that differs from the mirror (someone else changed or removed our route) triggers one.
+// A periodic or post-overflow Invalidate makes the next pass dump again, so a lost
+// notification costs one resync period at most.
 package route
 
 import (
@@ -14,6 +21,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -37,11 +45,105 @@ type Kernel interface {
 type Reconciler struct {
 	k   Kernel
 	log *slog.Logger
+
+	mu        sync.Mutex
+	mirror    map[netip.Prefix]netlink.Route // nil: not mirroring, or invalidated
+	mirroring bool                           // Mirror was called
 }
 
 // New returns a reconciler working through k.
 func New(k Kernel, log *slog.Logger) *Reconciler {
 	return &Reconciler{k: k, log: log}
+}
+
+// Mirror makes Sync work against a mirror of our routes kept current by Observe, instead of
+// dumping the table on every pass.
+func (r *Reconciler) Mirror() {
+	r.mu.Lock()
+	r.mirroring = true
+	r.mirror = nil
+	r.mu.Unlock()
+}
+
+// Invalidate makes the next Sync dump the table again.
+func (r *Reconciler) Invalidate() {
+	r.mu.Lock()
+	r.mirror = nil
+	r.mu.Unlock()
+}
+
+// Observe applies a route notification to the mirror and reports whether it changed it
+// (a notification that merely echoes our own write does not).
+func (r *Reconciler) Observe(u netlink.RouteUpdate) bool {
+	if u.Table != unix.RT_TABLE_MAIN && u.Table != 0 {
+		return false
+	}
+	p, ok := prefix(u.Dst)
+	if !ok {
+		return false
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.mirror == nil {
+		return r.mirroring && u.Protocol == Protocol
+	}
+	cur, have := r.mirror[p]
+	switch {
+	case u.Type == unix.RTM_DELROUTE:
+		if have && sameRoute(cur, u.Route) {
+			delete(r.mirror, p)
+			return true
+		}
+	case u.Protocol == Protocol:
+		if !have || !sameRoute(cur, u.Route) {
+			r.mirror[p] = u.Route
+			return true
+		}
+	case have:
+		// Our destination now has someone else's route: ours was replaced.
+		delete(r.mirror, p)
+		return true
+	}
+	return false
+}
+
+func sameRoute(a, b netlink.Route) bool {
+	return a.LinkIndex == b.LinkIndex && a.Gw.Equal(b.Gw) && a.MTU == b.MTU && a.Flags&int(netlink.FLAG_ONLINK) == b.Flags&int(netlink.FLAG_ONLINK)
+}
+
+// current returns our routes: the mirror when valid, else a fresh dump (which becomes
+// the mirror when mirroring).
+func (r *Reconciler) current() (map[netip.Prefix]netlink.Route, error) {
+	r.mu.Lock()
+	if r.mirror != nil {
+		m := r.mirror
+		r.mu.Unlock()
+		return m, nil
+	}
+	r.mu.Unlock()
+	cur, err := r.Current()
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	if r.mirroring {
+		r.mirror = cur
+	}
+	r.mu.Unlock()
+	return cur, nil
+}
+
+func (r *Reconciler) record(p netip.Prefix, rt *netlink.Route) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.mirror == nil {
+		return
+	}
+	if rt == nil {
+		delete(r.mirror, p)
+	} else {
+		r.mirror[p] = *rt
+	}
 }
 
 // Stats counts what a Sync changed.
@@ -69,10 +171,18 @@ func (r *Reconciler) Current() (map[netip.Prefix]netlink.Route, error) {
 // Sync makes our routes equal to want.
 func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 	var st Stats
-	cur, err := r.Current()
+	cur, err := r.current()
 	if err != nil {
 		return st, err
 	}
+	// Work on a copy: the mirror may change under us (Observe runs concurrently).
+	r.mu.Lock()
+	snapshot := make(map[netip.Prefix]netlink.Route, len(cur))
+	for k, v := range cur {
+		snapshot[k] = v
+	}
+	r.mu.Unlock()
+	cur = snapshot
 	links := map[string]int{}
 	var errs []error
 	keep := make(map[netip.Prefix]bool, len(want))
@@ -100,6 +210,7 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 			errs = append(errs, fmt.Errorf("replace route %s via %s dev %s: %w", w.Dst, w.Gw, w.Dev, err))
 			continue
 		}
+		r.record(w.Dst, nr)
 		if _, ok := cur[w.Dst]; ok {
 			st.Replaced++
 		} else {
@@ -115,6 +226,7 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 			errs = append(errs, fmt.Errorf("delete route %s: %w", dst, err))
 			continue
 		}
+		r.record(dst, nil)
 		st.Deleted++
 		r.log.Debug("route deleted", "dst", dst)
 	}
@@ -137,10 +249,7 @@ func toNetlink(w plan.Route, idx int) *netlink.Route {
 }
 
 // same compares what we control of a route.
-func same(c netlink.Route, w *netlink.Route) bool {
-	return c.LinkIndex == w.LinkIndex && c.Gw.Equal(w.Gw) && c.MTU == w.MTU &&
-		c.Flags&int(netlink.FLAG_ONLINK) == w.Flags&int(netlink.FLAG_ONLINK)
-}
+func same(c netlink.Route, w *netlink.Route) bool { return sameRoute(c, *w) }
 
 func prefix(n *net.IPNet) (netip.Prefix, bool) {
 	if n == nil {

@@ -15,9 +15,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -42,9 +44,156 @@ type Kernel interface {
 }
 
 // Reconciler owns the VXLAN device in one network namespace.
+//
+// Like the route reconciler it can mirror its entries (Mirror, Observe, Invalidate) so
+// that a pass with thousands of peers diffs against memory that the kernel's own
+// neighbour notifications keep current, instead of dumping two tables every time.
 type Reconciler struct {
 	k   Kernel
 	log *slog.Logger
+
+	mu        sync.Mutex
+	mirroring bool
+	idx       int // device index the mirror belongs to; 0: invalid
+	neigh     map[netip.Addr]netlink.Neigh
+	fdb       map[fdbKey]netlink.Neigh
+}
+
+type fdbKey struct {
+	mac string
+	dst netip.Addr
+}
+
+// Mirror turns mirroring on.
+func (r *Reconciler) Mirror() {
+	r.mu.Lock()
+	r.mirroring, r.idx = true, 0
+	r.mu.Unlock()
+}
+
+// Invalidate makes the next Sync dump the tables again.
+func (r *Reconciler) Invalidate() {
+	r.mu.Lock()
+	r.idx = 0
+	r.mu.Unlock()
+}
+
+// Device returns the index the mirror belongs to (0 when invalid).
+func (r *Reconciler) Device() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.idx
+}
+
+// Observe applies a neighbour or FDB notification to the mirror and reports whether it
+// changed it (echoes of our own writes do not).
+func (r *Reconciler) Observe(u netlink.NeighUpdate) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.idx == 0 || u.LinkIndex != r.idx {
+		return r.mirroring && r.idx == 0
+	}
+	ip, ok := netip.AddrFromSlice(u.IP)
+	if !ok {
+		return false
+	}
+	ip = ip.Unmap()
+	del := u.Type == unix.RTM_DELNEIGH
+	switch u.Family {
+	case unix.AF_INET:
+		cur, have := r.neigh[ip]
+		if del {
+			if have {
+				delete(r.neigh, ip)
+				return true
+			}
+			return false
+		}
+		if have && cur.State == u.State && cur.HardwareAddr.String() == u.HardwareAddr.String() {
+			return false
+		}
+		r.neigh[ip] = u.Neigh
+		return true
+	case unix.AF_BRIDGE:
+		k := fdbKey{strings.ToLower(u.HardwareAddr.String()), ip}
+		cur, have := r.fdb[k]
+		if del {
+			if have {
+				delete(r.fdb, k)
+				return true
+			}
+			return false
+		}
+		if have && cur.State == u.State {
+			return false
+		}
+		r.fdb[k] = u.Neigh
+		return true
+	}
+	return false
+}
+
+// entries returns copies of the current neighbour and FDB entries of device idx, from the
+// mirror when it is valid for idx, else from a dump.
+func (r *Reconciler) entries(idx int) (map[netip.Addr]netlink.Neigh, map[fdbKey]netlink.Neigh, error) {
+	r.mu.Lock()
+	if r.mirroring && r.idx == idx {
+		n, f := maps.Clone(r.neigh), maps.Clone(r.fdb)
+		r.mu.Unlock()
+		return n, f, nil
+	}
+	r.mu.Unlock()
+	ns, err := r.k.NeighList(idx, unix.AF_INET)
+	if err != nil {
+		return nil, nil, fmt.Errorf("list neighbours: %w", err)
+	}
+	fs, err := r.k.NeighList(idx, unix.AF_BRIDGE)
+	if err != nil {
+		return nil, nil, fmt.Errorf("list fdb: %w", err)
+	}
+	neigh := make(map[netip.Addr]netlink.Neigh, len(ns))
+	for _, n := range ns {
+		if ip, ok := netip.AddrFromSlice(n.IP); ok {
+			neigh[ip.Unmap()] = n
+		}
+	}
+	fdb := make(map[fdbKey]netlink.Neigh, len(fs))
+	for _, f := range fs {
+		ip, _ := netip.AddrFromSlice(f.IP)
+		fdb[fdbKey{strings.ToLower(f.HardwareAddr.String()), ip.Unmap()}] = f
+	}
+	r.mu.Lock()
+	if r.mirroring {
+		r.idx, r.neigh, r.fdb = idx, maps.Clone(neigh), maps.Clone(fdb)
+	}
+	r.mu.Unlock()
+	return neigh, fdb, nil
+}
+
+func (r *Reconciler) recordNeigh(ip netip.Addr, n *netlink.Neigh) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.idx == 0 {
+		return
+	}
+	if n == nil {
+		delete(r.neigh, ip)
+	} else {
+		r.neigh[ip] = *n
+	}
+}
+
+func (r *Reconciler) recordFDB(k fdbKey, n *netlink.Neigh) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.idx == 0 {
+		return
+	}
+	if n == nil {
+		delete(r.fdb, k)
+	} else {
+		r.fdb[k] = *n
+	}
 }
 
 // New returns a reconciler working through k.
@@ -78,14 +227,7 @@ func (r *Reconciler) Sync(dev *plan.VXLANDevice, name, underlay string, mac net.
 		errs = append(errs, err)
 	}
 	// Neighbours and FDB before routes (the caller syncs routes after this).
-	n, d, err := r.syncNeighs(link, neighs)
-	st.NeighSet, st.NeighDel = n, d
-	if err != nil {
-		errs = append(errs, err)
-	}
-	n, d, err = r.syncFDB(link, fdb)
-	st.FDBSet, st.FDBDel = n, d
-	if err != nil {
+	if err := r.syncEntries(link, neighs, fdb, &st); err != nil {
 		errs = append(errs, err)
 	}
 	return st, errors.Join(errs...)
@@ -189,30 +331,27 @@ func (r *Reconciler) ensureAddr(l netlink.Link, want netip.Prefix) error {
 	return errors.Join(errs...)
 }
 
-func (r *Reconciler) syncNeighs(l netlink.Link, want []plan.Neigh) (set, del int, err error) {
-	cur, err := r.k.NeighList(l.Attrs().Index, unix.AF_INET)
+func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan.FDB, st *Stats) error {
+	idx := l.Attrs().Index
+	have, haveFDB, err := r.entries(idx)
 	if err != nil {
-		return 0, 0, fmt.Errorf("list neighbours: %w", err)
-	}
-	have := map[netip.Addr]netlink.Neigh{}
-	for _, n := range cur {
-		if ip, ok := netip.AddrFromSlice(n.IP); ok {
-			have[ip.Unmap()] = n
-		}
+		return err
 	}
 	var errs []error
-	keep := map[netip.Addr]bool{}
-	for _, w := range want {
+	keep := make(map[netip.Addr]bool, len(neighs))
+	for _, w := range neighs {
 		keep[w.IP] = true
 		if c, ok := have[w.IP]; ok && c.State&netlink.NUD_PERMANENT != 0 && strings.EqualFold(c.HardwareAddr.String(), w.MAC) {
 			continue
 		}
 		mac, _ := net.ParseMAC(w.MAC)
-		if err := r.k.NeighSet(&netlink.Neigh{LinkIndex: l.Attrs().Index, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: w.IP.AsSlice(), HardwareAddr: mac}); err != nil {
+		n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: w.IP.AsSlice(), HardwareAddr: mac}
+		if err := r.k.NeighSet(n); err != nil {
 			errs = append(errs, fmt.Errorf("set neighbour %s %s: %w", w.IP, w.MAC, err))
 			continue
 		}
-		set++
+		r.recordNeigh(w.IP, n)
+		st.NeighSet++
 	}
 	for ip, c := range have {
 		if keep[ip] {
@@ -222,60 +361,37 @@ func (r *Reconciler) syncNeighs(l netlink.Link, want []plan.Neigh) (set, del int
 			errs = append(errs, fmt.Errorf("delete neighbour %s: %w", ip, err))
 			continue
 		}
-		del++
+		r.recordNeigh(ip, nil)
+		st.NeighDel++
 	}
-	return set, del, errors.Join(errs...)
-}
-
-func (r *Reconciler) syncFDB(l netlink.Link, want []plan.FDB) (set, del int, err error) {
-	cur, err := r.k.NeighList(l.Attrs().Index, unix.AF_BRIDGE)
-	if err != nil {
-		return 0, 0, fmt.Errorf("list fdb: %w", err)
-	}
-	type entry struct {
-		mac string
-		dst netip.Addr
-	}
-	have := map[string][]netlink.Neigh{}
-	for _, n := range cur {
-		have[strings.ToLower(n.HardwareAddr.String())] = append(have[strings.ToLower(n.HardwareAddr.String())], n)
-	}
-	var errs []error
-	keep := map[entry]bool{}
-	for _, w := range want {
-		mac := strings.ToLower(w.MAC)
-		keep[entry{mac, w.Dst}] = true
-		ok := false
-		for _, c := range have[mac] {
-			if ip, good := netip.AddrFromSlice(c.IP); good && ip.Unmap() == w.Dst && c.State&netlink.NUD_PERMANENT != 0 {
-				ok = true
-			}
-		}
-		if ok {
+	keepFDB := make(map[fdbKey]bool, len(fdb))
+	for _, w := range fdb {
+		k := fdbKey{strings.ToLower(w.MAC), w.Dst}
+		keepFDB[k] = true
+		if c, ok := haveFDB[k]; ok && c.State&netlink.NUD_PERMANENT != 0 {
 			continue
 		}
 		hw, _ := net.ParseMAC(w.MAC)
-		if err := r.k.NeighSet(&netlink.Neigh{LinkIndex: l.Attrs().Index, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
-			State: netlink.NUD_PERMANENT, IP: w.Dst.AsSlice(), HardwareAddr: hw}); err != nil {
+		n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: netlink.NUD_PERMANENT, IP: w.Dst.AsSlice(), HardwareAddr: hw}
+		if err := r.k.NeighSet(n); err != nil {
 			errs = append(errs, fmt.Errorf("set fdb %s dst %s: %w", w.MAC, w.Dst, err))
 			continue
 		}
-		set++
+		r.recordFDB(k, n)
+		st.FDBSet++
 	}
-	for mac, entries := range have {
-		for _, c := range entries {
-			ip, _ := netip.AddrFromSlice(c.IP)
-			if keep[entry{mac, ip.Unmap()}] {
-				continue
-			}
-			c.Family = unix.AF_BRIDGE
-			c.Flags |= netlink.NTF_SELF
-			if err := r.k.NeighDel(&c); err != nil && !errors.Is(err, unix.ENOENT) {
-				errs = append(errs, fmt.Errorf("delete fdb %s dst %s: %w", mac, c.IP, err))
-				continue
-			}
-			del++
+	for k, c := range haveFDB {
+		if keepFDB[k] {
+			continue
 		}
+		c.Family = unix.AF_BRIDGE
+		c.Flags |= netlink.NTF_SELF
+		if err := r.k.NeighDel(&c); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("delete fdb %s dst %s: %w", k.mac, k.dst, err))
+			continue
+		}
+		r.recordFDB(k, nil)
+		st.FDBDel++
 	}
-	return set, del, errors.Join(errs...)
+	return errors.Join(errs...)
 }

@@ -231,7 +231,7 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	if err != nil {
 		return nil, err
 	}
-	ours.records = func() (int, error) { return oursRecords(filepath.Join(tmp, "ours", ours.list.Name, "state.json")) }
+	ours.records = func() (int, error) { return oursRecords(filepath.Join(tmp, "ours", ours.list.Name)) }
 	ref, err := b.newCNIRunner("ref", binDir, refConf(tmp, b.opt.refIPMasq))
 	if err != nil {
 		return nil, err

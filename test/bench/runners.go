@@ -23,6 +23,7 @@ import (
 	"github.com/vishvananda/netlink"
 	vns "github.com/vishvananda/netns"
 
+	"github.com/netagent/netagent/pkg/ipam"
 	"github.com/netagent/netagent/test/netns"
 	"github.com/netagent/netagent/test/testbin"
 )
@@ -259,24 +260,17 @@ func nodeVeths(node *netns.NS) ([]string, error) {
 	return []string{fmt.Sprintf("%d veths left on the node (%s)", n, strings.Join(names, " "))}, nil
 }
 
-// oursRecords counts the allocations in our IPAM state file (dataDir/NETWORK/state.json). It
-// reads the JSON itself rather than through pkg/ipam, so the benchmark stays a black-box
-// client of the plugin.
-func oursRecords(path string) (int, error) {
-	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
+// oursRecords counts the allocations in our IPAM store (dataDir/NETWORK).
+func oursRecords(dir string) (int, error) {
+	if !ipam.IsStore(dir) {
 		return 0, nil
 	}
+	s, err := ipam.Open(dir)
 	if err != nil {
 		return 0, err
 	}
-	var st struct {
-		Allocations []json.RawMessage `json:"allocations"`
-	}
-	if err := json.Unmarshal(b, &st); err != nil {
-		return 0, fmt.Errorf("decode %s: %w", path, err)
-	}
-	return len(st.Allocations), nil
+	recs, err := s.Records()
+	return len(recs), err
 }
 
 // hostLocalRecords counts host-local's allocations: one file per address, named by it.

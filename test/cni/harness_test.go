@@ -5,7 +5,6 @@ package cni_test
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -19,6 +18,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 
+	"github.com/netagent/netagent/pkg/ipam"
 	"github.com/netagent/netagent/test/netns"
 	"github.com/netagent/netagent/test/testbin"
 )
@@ -179,24 +179,17 @@ func (n *node) veths() []string {
 // allocations reads the plugin's address store and returns the allocated IPs.
 func (n *node) allocations() []string {
 	n.t.Helper()
-	b, err := os.ReadFile(filepath.Join(n.dataDir, "ipam", "netagent", "state.json"))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
+	s, err := ipam.Open(filepath.Join(n.dataDir, "ipam", "netagent"))
 	if err != nil {
 		n.t.Fatal(err)
 	}
-	var st struct {
-		Allocations []struct {
-			IP string `json:"ip"`
-		} `json:"allocations"`
-	}
-	if err := json.Unmarshal(b, &st); err != nil {
-		n.t.Fatalf("state.json: %v", err)
+	recs, err := s.Records()
+	if err != nil {
+		n.t.Fatal(err)
 	}
 	var out []string
-	for _, a := range st.Allocations {
-		out = append(out, a.IP)
+	for _, r := range recs {
+		out = append(out, r.IP.String())
 	}
 	return out
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/vishvananda/netlink"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/netagent/netagent/pkg/ipam"
 	"github.com/netagent/netagent/test/netns"
 	"github.com/netagent/netagent/test/testbin"
 )
@@ -445,11 +446,9 @@ func podKeys(pods []*pod) (ids, ips []string) {
 	return ids, ips
 }
 
-// storeMentions reads every file below dir and returns the pod IDs and addresses that
-// still look allocated. Any mention of a sandbox ID counts: an allocation ties an address
-// to its owner. An address counts as a file name (host-local's layout) or inside a JSON
-// object's nested values, but not as a top-level string field or raw file content, because
-// an allocator's cursor ("last address handed out") legitimately outlives the allocation.
+// storeMentions returns the pod IDs and addresses that the IPAM stores below dir still
+// hold: netagent's store read through pkg/ipam, host-local's layout (a file per address,
+// holding the owner's ID) read as files. An allocator's cursor does not count.
 func storeMentions(t *testing.T, dir string, pods []*pod) []string {
 	t.Helper()
 	ids, ips := podKeys(pods)
@@ -459,25 +458,38 @@ func storeMentions(t *testing.T, dir string, pods []*pod) []string {
 			return err
 		}
 		if d.IsDir() {
+			if ipam.IsStore(path) {
+				s, err := ipam.Open(path)
+				if err != nil {
+					return err
+				}
+				recs, err := s.Records()
+				if err != nil {
+					return err
+				}
+				for _, r := range recs {
+					if slices.Contains(ids, r.ContainerID) {
+						found[r.ContainerID] = true
+					}
+					if slices.Contains(ips, r.IP.String()) {
+						found[r.IP.String()] = true
+					}
+				}
+				return fs.SkipDir
+			}
 			return nil
 		}
-		if slices.Contains(ids, d.Name()) || slices.Contains(ips, d.Name()) {
-			found[d.Name()] = true
+		if !slices.Contains(ips, d.Name()) {
+			return nil
 		}
+		found[d.Name()] = true
 		b, err := os.ReadFile(path)
 		if err != nil {
 			return err
 		}
 		for _, id := range ids {
-			if containsToken(string(b), id) {
+			if strings.Contains(string(b), id) {
 				found[id] = true
-			}
-		}
-		if nested, ok := nestedJSON(b); ok {
-			for _, ip := range ips {
-				if containsToken(nested, ip) {
-					found[ip] = true
-				}
 			}
 		}
 		return nil
@@ -494,25 +506,7 @@ func storeMentions(t *testing.T, dir string, pods []*pod) []string {
 	return out
 }
 
-// nestedJSON returns a JSON object's fields other than top-level strings, or false when b
-// is not a JSON object.
-func nestedJSON(b []byte) (string, bool) {
-	var obj map[string]json.RawMessage
-	if json.Unmarshal(b, &obj) != nil {
-		return "", false
-	}
-	var sb strings.Builder
-	for k, v := range obj {
-		var s string
-		if json.Unmarshal(v, &s) == nil {
-			continue
-		}
-		fmt.Fprintf(&sb, "%q:%s\n", k, v)
-	}
-	return sb.String(), true
-}
-
-// containsToken reports whether key occurs in s not as part of a longer address or ID
+// containsToken reports whether key occurs in s not as part of a longer address or number
 // (10.244.1.2 must not match 10.244.1.23).
 func containsToken(s, key string) bool {
 	for i := 0; ; {

@@ -1,60 +1,57 @@
 package containerd
 
 import (
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"testing"
+
+	"github.com/netagent/netagent/pkg/ipam"
 )
 
 // TestStoreMentions pins down the leak check on IPAM stores, which must see an allocation
-// in either layout (netagent's one JSON file, host-local's file per address) and must not
-// mistake an allocator's cursor or a longer address for one.
+// in either layout (netagent's store, host-local's file per address) and must not mistake
+// an allocator's cursor for one.
 func TestStoreMentions(t *testing.T) {
 	const id = "7ba0e8b6ec3785300a83b9ecc44c67ea7433c70117b636058c2ae39f0d112125"
 	pods := []*pod{{name: "pod-0", id: id, ip: "10.244.1.2"}}
+	rng, err := ipam.NewRange(netip.MustParsePrefix("10.244.1.0/24"), netip.Addr{}, netip.Addr{}, netip.Addr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	netagentStore := func(t *testing.T, dir string, release bool) {
+		s, err := ipam.Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		key := ipam.Key{ContainerID: id, IfName: "eth0"}
+		if err := s.Update(func(tx *ipam.Tx) error { _, err := tx.Allocate(rng, key, ipam.Record{}); return err }); err != nil {
+			t.Fatal(err)
+		}
+		if release {
+			_ = s.Update(func(tx *ipam.Tx) error { tx.Release(key); return nil })
+		}
+	}
 	for _, tc := range []struct {
 		name  string
-		files map[string]string
+		setup func(t *testing.T, dir string)
 		want  []string
 	}{
-		{
-			name:  "netagent state with the allocation",
-			files: map[string]string{"state.json": `{"version":1,"last":"10.244.1.2","allocations":[{"id":"` + id + `","if":"eth0","ip":"10.244.1.2"}]}`},
-			want:  []string{id, "10.244.1.2"},
-		},
-		{
-			name:  "netagent state with only the cursor left",
-			files: map[string]string{"state.json": `{"version":1,"last":"10.244.1.2","allocations":[]}`, "lock": ""},
-		},
-		{
-			name:  "address without owner in a nested value",
-			files: map[string]string{"state.json": `{"version":1,"allocations":[{"ip":"10.244.1.2"}]}`},
-			want:  []string{"10.244.1.2"},
-		},
-		{
-			name:  "a longer address is not the pod's",
-			files: map[string]string{"state.json": `{"version":1,"allocations":[{"id":"other","ip":"10.244.1.23"}]}`},
-		},
-		{
-			name:  "host-local allocation",
-			files: map[string]string{"10.244.1.2": id + "\r\neth0", "last_reserved_ip.0": "10.244.1.2", "lock": ""},
-			want:  []string{id, "10.244.1.2"},
-		},
-		{
-			name:  "host-local with only the cursor left",
-			files: map[string]string{"last_reserved_ip.0": "10.244.1.2", "lock": ""},
-		},
+		{"netagent store with the allocation", func(t *testing.T, dir string) { netagentStore(t, filepath.Join(dir, "netagent"), false) }, []string{id, "10.244.1.2"}},
+		{"netagent store after release (cursor and old slot left)", func(t *testing.T, dir string) { netagentStore(t, filepath.Join(dir, "netagent"), true) }, nil},
+		{"host-local allocation", func(t *testing.T, dir string) {
+			write(t, dir, map[string]string{"10.244.1.2": id + "\r\neth0", "last_reserved_ip.0": "10.244.1.2", "lock": ""})
+		}, []string{id, "10.244.1.2"}},
+		{"host-local with only the cursor left", func(t *testing.T, dir string) {
+			write(t, dir, map[string]string{"last_reserved_ip.0": "10.244.1.2", "lock": ""})
+		}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			for name, data := range tc.files {
-				if err := os.WriteFile(filepath.Join(dir, name), []byte(data), 0o600); err != nil {
-					t.Fatal(err)
-				}
-			}
+			tc.setup(t, dir)
 			if got := storeMentions(t, dir, pods); !slices.Equal(got, tc.want) {
-				t.Errorf("storeMentions(%v) = %q, want %q", tc.files, got, tc.want)
+				t.Errorf("storeMentions = %q, want %q", got, tc.want)
 			}
 		})
 	}
@@ -63,4 +60,13 @@ func TestStoreMentions(t *testing.T) {
 			t.Errorf("storeMentions(absent dir) = %q, want none", got)
 		}
 	})
+}
+
+func write(t *testing.T, dir string, files map[string]string) {
+	t.Helper()
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(data), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

@@ -1,0 +1,203 @@
+package cluster_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sys/unix"
+
+	"github.com/netagent/netagent/pkg/lab"
+	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/plan"
+	"github.com/netagent/netagent/pkg/route"
+	"github.com/netagent/netagent/test/netns"
+	"github.com/netagent/netagent/test/testbin"
+)
+
+// synthetic returns the i-th synthetic peer lease (VTEPs behind a router, so vxlan).
+func synthetic(i int) lease.Lease {
+	node := fmt.Sprintf("synthetic-%05d", i)
+	return lease.Lease{
+		Node:     node,
+		Subnet:   netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 1+i/256, i%256)),
+		PublicIP: netip.MustParseAddr(fmt.Sprintf("198.18.%d.%d", i/250, 1+i%250)),
+		Backend:  "vxlan",
+		VTEPMAC:  plan.VTEPMAC(node).String(),
+	}
+}
+
+func countOurRoutes(h *netlink.Handle) int {
+	rs, err := h.RouteListFiltered(unix.AF_INET, &netlink.Route{Protocol: route.Protocol, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return -1
+	}
+	return len(rs)
+}
+
+func rssMB(pid int) float64 {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "VmRSS:") {
+			kb, _ := strconv.Atoi(strings.Fields(l)[1])
+			return float64(kb) / 1024
+		}
+	}
+	return 0
+}
+
+func cpuTicks(pid int) int {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	f := strings.Fields(string(b)[strings.LastIndexByte(string(b), ')')+2:])
+	u, _ := strconv.Atoi(f[11])
+	s, _ := strconv.Atoi(f[12])
+	return u + s
+}
+
+// rawProgram is the reference: the same objects written straight through netlink into a
+// fresh namespace, with nothing else (no etcd, no plan, no diff).
+func rawProgram(b *testing.B, peers []lease.Lease) time.Duration {
+	ns := netns.New(b, "raw")
+	ns.MustRun(b, "ip", "link", "add", "eth0", "type", "bridge")
+	ns.MustRun(b, "ip", "addr", "add", "192.0.2.11/24", "dev", "eth0")
+	ns.MustRun(b, "ip", "link", "set", "eth0", "up")
+	ns.MustRun(b, "ip", "link", "add", "vx", "type", "vxlan", "id", "1", "dstport", "8472", "dev", "eth0", "nolearning")
+	ns.MustRun(b, "ip", "link", "set", "vx", "up")
+	h, err := ns.Handle()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer h.Close()
+	vx, _ := h.LinkByName("vx")
+	idx := vx.Attrs().Index
+	start := time.Now()
+	for _, p := range peers {
+		mac := p.MAC()
+		vtep := p.Subnet.Addr().AsSlice()
+		if err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: vtep, HardwareAddr: mac}); err != nil {
+			b.Fatal(err)
+		}
+		if err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: netlink.NUD_PERMANENT, IP: p.PublicIP.AsSlice(), HardwareAddr: mac}); err != nil {
+			b.Fatal(err)
+		}
+		if err := h.RouteReplace(&netlink.Route{LinkIndex: idx, Dst: &net.IPNet{IP: vtep, Mask: net.CIDRMask(24, 32)}, Gw: vtep, Flags: int(netlink.FLAG_ONLINK), Protocol: route.Protocol}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return time.Since(start)
+}
+
+// BenchmarkAgentScale: one agent, 5,000 synthetic peer leases in etcd. It reports the time
+// to program every route, FDB and neighbour entry from a cold start, the time one further
+// lease takes to reach the kernel, RSS and idle CPU, each next to the raw netlink cost of
+// the same kernel objects measured in the same run.
+//
+//	go test -run '^$' -bench AgentScale -benchtime 20x ./test/cluster
+func BenchmarkAgentScale(b *testing.B) {
+	netns.RequireRoot(b)
+	const peers = 5000
+	bin := testbin.Build(b, "./cmd/netagent", "netagent")
+	testbin.Build(b, "./cmd/cni-plugin", "netagent-cni")
+	ctx := context.Background()
+	l, err := lab.Up(ctx, lab.Options{
+		Prefix: fmt.Sprintf("%s%d-scale-", netns.Prefix, os.Getpid()), Dir: b.TempDir(),
+		Nodes: 1, Backend: "vxlan", Netagent: bin, CNIBinDir: testbin.Dir(), LeaseTTL: 30 * time.Second,
+		Network: "10.0.0.0/8",
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Down()
+	n := l.Nodes[0]
+	if err := l.StopAgent(n, false); err != nil {
+		b.Fatal(err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{l.EtcdEndpoint()}, DialTimeout: 5 * time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer cli.Close()
+	grant, err := cli.Grant(ctx, 3600)
+	if err != nil {
+		b.Fatal(err)
+	}
+	all := make([]lease.Lease, 0, peers+b.N)
+	for i := range peers + b.N {
+		all = append(all, synthetic(i))
+	}
+	for _, p := range all[:peers] {
+		if _, err := cli.Put(ctx, "/netagent/subnets/"+lease.SubnetKey(p.Subnet), string(p.Encode()), clientv3.WithLease(grant.ID)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	raw := rawProgram(b, all[:peers])
+
+	h, err := l.NodeNS(n).Handle()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer h.Close()
+	start := time.Now()
+	if err := l.StartAgent(n); err != nil {
+		b.Fatal(err)
+	}
+	for countOurRoutes(h) < peers {
+		if time.Since(start) > 2*time.Minute {
+			b.Fatalf("only %d routes after 2 minutes", countOurRoutes(h))
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	cold := time.Since(start)
+	if err := l.WaitReady(ctx, n, time.Minute); err != nil {
+		b.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	rss := rssMB(n.Agent)
+	t0 := cpuTicks(n.Agent)
+	time.Sleep(5 * time.Second)
+	idle := float64(cpuTicks(n.Agent)-t0) / 100 / 5 // share of one core
+
+	b.ResetTimer()
+	var total time.Duration
+	for i := range b.N {
+		p := all[peers+i]
+		dst := &net.IPNet{IP: p.Subnet.Addr().AsSlice(), Mask: net.CIDRMask(24, 32)}
+		t := time.Now()
+		if _, err := cli.Put(ctx, "/netagent/subnets/"+lease.SubnetKey(p.Subnet), string(p.Encode()), clientv3.WithLease(grant.ID)); err != nil {
+			b.Fatal(err)
+		}
+		for {
+			rs, _ := h.RouteListFiltered(unix.AF_INET, &netlink.Route{Dst: dst, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_DST|netlink.RT_FILTER_TABLE)
+			if len(rs) > 0 {
+				break
+			}
+			if time.Since(t) > 10*time.Second {
+				b.Fatalf("lease %d not programmed in 10s", i)
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+		total += time.Since(t)
+	}
+	b.StopTimer()
+	perChange := total / time.Duration(b.N)
+	if os.Getenv("SCALE_LOG") != "" {
+		log, _ := os.ReadFile(n.Dir + "/agent.log")
+		b.Logf("agent log:\n%s", lastLines(string(log), 12))
+	}
+	b.ReportMetric(cold.Seconds(), "cold-program-s")
+	b.ReportMetric(cold.Seconds()/raw.Seconds(), "cold/raw-netlink")
+	b.ReportMetric(float64(perChange.Microseconds())/1000, "one-change-ms")
+	b.ReportMetric(float64(perChange)/(float64(raw)/peers), "one-change/raw-netlink-per-peer")
+	b.ReportMetric(rss, "rss-MB")
+	b.ReportMetric(idle*100, "idle-cpu-%")
+	b.Logf("peers %d: agent programs all in %s (raw netlink %s), one change %s, RSS %.1f MB, idle CPU %.2f%% of a core",
+		peers, cold.Round(time.Millisecond), raw.Round(time.Millisecond), perChange.Round(time.Microsecond), rss, idle*100)
+}
