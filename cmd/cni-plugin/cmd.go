@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net"
 	"net/netip"
 	"path/filepath"
 	"time"
@@ -232,24 +231,13 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		}
 	}
 
-	res := &current.Result{
-		CNIVersion: current.ImplementedSpecVersion,
-		Interfaces: []*current.Interface{
-			{Name: c.Bridge, Mac: br.Attrs().HardwareAddr.String()},
-			{Name: x.HostVeth, Mac: wired.HostMAC.String()},
-			{Name: args.IfName, Mac: wired.PodMAC.String(), Sandbox: args.Netns},
-		},
-		IPs: []*current.IPConfig{{
-			Interface: current.Int(2),
-			Address:   net.IPNet{IP: addr.Addr().AsSlice(), Mask: net.CIDRMask(addr.Bits(), 32)},
-			Gateway:   gw.AsSlice(),
-		}},
-		DNS: dns,
-	}
-	if c.defGW {
-		res.Routes = []*types.Route{{Dst: net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, GW: gw.AsSlice()}}
-	}
-	return types.PrintResult(res, c.CNIVersion)
+	return addResult{
+		cniVersion: c.CNIVersion,
+		bridge:     c.Bridge, bridgeMAC: br.Attrs().HardwareAddr.String(),
+		hostVeth: x.HostVeth, hostMAC: wired.HostMAC.String(),
+		ifName: args.IfName, podMAC: wired.PodMAC.String(), netns: args.Netns,
+		addr: addr, gw: gw, defaultRoute: c.defGW, dns: dns,
+	}.print()
 }
 
 func fromIPAMResult(r types.Result) (netip.Prefix, netip.Addr, error) {

@@ -22,9 +22,19 @@ const (
 	defaultWait    = 5 * time.Second
 )
 
-// netConf is the plugin's configuration as the runtime passes it on stdin.
+// netConf is the plugin's configuration as the runtime passes it on stdin. It declares
+// only the standard fields the plugin uses rather than embedding types.PluginConf: decoding
+// runs once per ADD in a fresh process, where reflecting over every nested type of the
+// full struct is a measurable part of the call.
 type netConf struct {
-	types.PluginConf
+	CNIVersion       string                `json:"cniVersion"`
+	Name             string                `json:"name"`
+	Type             string                `json:"type"`
+	IPAM             struct{ Type string } `json:"ipam"`
+	DNS              types.DNS             `json:"dns"`
+	RawPrevResult    json.RawMessage       `json:"prevResult,omitempty"`
+	ValidAttachments []types.GCAttachment  `json:"cni.dev/valid-attachments,omitempty"`
+	PrevResult       types.Result          `json:"-"`
 
 	Bridge           string `json:"bridge"`
 	Subnet           string `json:"subnet"`
@@ -77,10 +87,15 @@ func parse(stdin []byte, forDel bool) (*netConf, error) {
 	if _, _, _, err := version.ParseVersion(c.CNIVersion); err != nil {
 		return nil, types.NewError(types.ErrIncompatibleCNIVersion, fmt.Sprintf("invalid cniVersion %q", c.CNIVersion), err.Error())
 	}
-	if c.RawPrevResult != nil {
-		if err := version.ParsePrevResult(&c.PluginConf); err != nil {
+	if len(c.RawPrevResult) > 0 && string(c.RawPrevResult) != "null" {
+		pc := types.PluginConf{CNIVersion: c.CNIVersion}
+		if err := json.Unmarshal(c.RawPrevResult, &pc.RawPrevResult); err != nil {
 			return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
 		}
+		if err := version.ParsePrevResult(&pc); err != nil {
+			return nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("decode prevResult: %v", err), "")
+		}
+		c.PrevResult = pc.PrevResult
 	}
 	if c.Bridge == "" {
 		c.Bridge = defaultBridge

@@ -1,0 +1,89 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+)
+
+// addResult is what a successful ADD reports.
+type addResult struct {
+	cniVersion            string
+	bridge, bridgeMAC     string
+	hostVeth, hostMAC     string
+	ifName, podMAC, netns string
+	addr                  netip.Prefix
+	gw                    netip.Addr
+	defaultRoute          bool
+	dns                   types.DNS
+}
+
+// print writes the result to stdout. For the 1.x result format without DNS (the common
+// case) it writes the JSON directly: in a process that lives for one call, the library's
+// reflective encoder costs a measurable share of ADD. Everything else goes through the
+// library, and a test keeps the two byte-for-byte equivalent in meaning.
+func (r addResult) print() error {
+	if (r.cniVersion == "1.0.0" || r.cniVersion == "1.1.0") && r.dns.IsEmpty() {
+		_, err := os.Stdout.Write(r.json())
+		return err
+	}
+	return types.PrintResult(r.library(), r.cniVersion)
+}
+
+func (r addResult) library() *current.Result {
+	res := &current.Result{
+		CNIVersion: current.ImplementedSpecVersion,
+		Interfaces: []*current.Interface{
+			{Name: r.bridge, Mac: r.bridgeMAC},
+			{Name: r.hostVeth, Mac: r.hostMAC},
+			{Name: r.ifName, Mac: r.podMAC, Sandbox: r.netns},
+		},
+		IPs: []*current.IPConfig{{
+			Interface: current.Int(2),
+			Address:   net.IPNet{IP: r.addr.Addr().AsSlice(), Mask: net.CIDRMask(r.addr.Bits(), 32)},
+			Gateway:   r.gw.AsSlice(),
+		}},
+		DNS: r.dns,
+	}
+	if r.defaultRoute {
+		res.Routes = []*types.Route{{Dst: net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, GW: r.gw.AsSlice()}}
+	}
+	return res
+}
+
+func (r addResult) json() []byte {
+	var b bytes.Buffer
+	fmt.Fprintf(&b, `{"cniVersion":%s,"interfaces":[{"name":%s,"mac":%s},{"name":%s,"mac":%s},{"name":%s,"mac":%s,"sandbox":%s}],`,
+		q(r.cniVersion), q(r.bridge), q(r.bridgeMAC), q(r.hostVeth), q(r.hostMAC), q(r.ifName), q(r.podMAC), q(r.netns))
+	fmt.Fprintf(&b, `"ips":[{"interface":2,"address":%s,"gateway":%s}]`, q(r.addr.String()), q(r.gw.String()))
+	if r.defaultRoute {
+		fmt.Fprintf(&b, `,"routes":[{"dst":"0.0.0.0/0","gw":%s}]`, q(r.gw.String()))
+	}
+	b.WriteString("}\n")
+	return b.Bytes()
+}
+
+// q quotes s as a JSON string.
+func q(s string) string {
+	var b strings.Builder
+	b.WriteByte('"')
+	for _, c := range s {
+		switch {
+		case c == '"' || c == '\\':
+			b.WriteByte('\\')
+			b.WriteRune(c)
+		case c < 0x20 || c == 0x2028 || c == 0x2029:
+			fmt.Fprintf(&b, `\u%04x`, c)
+		default:
+			b.WriteRune(c)
+		}
+	}
+	b.WriteByte('"')
+	return b.String()
+}
