@@ -21,7 +21,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"reflect"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -66,14 +66,17 @@ type Agent struct {
 	h     *netlink.Handle
 	route *route.Reconciler
 	vxlan *vxlan.Reconciler
-	nat   *nat.Reconciler
+	nat   struct {
+		r    *nat.Reconciler
+		plan plan.NAT // the loop's last NAT plan
+	}
 
 	trigger chan struct{}
 	fwDirty chan struct{}
-	prev    *plan.Plan // the loop's last plan, to tell drift from plan changes
 
-	mu     sync.Mutex
-	status Status
+	mu      sync.Mutex
+	status  Status
+	planner *plan.Planner // the loop's current plan (read by Snapshot under mu)
 }
 
 // New prepares an agent working in the current network namespace.
@@ -96,10 +99,10 @@ func New(opt Options) (*Agent, error) {
 		h:       h,
 		route:   route.New(h, opt.Log),
 		vxlan:   vxlan.New(h, opt.Log),
-		nat:     nat.New(nat.Exec{}),
 		trigger: make(chan struct{}, 1),
 		fwDirty: make(chan struct{}, 1),
 	}
+	a.nat.r = nat.New(nat.Exec{})
 	// Passes diff against mirrors that kernel notifications keep current (see watchKernel).
 	a.route.Mirror()
 	a.vxlan.Mirror()
@@ -214,25 +217,47 @@ func (a *Agent) Run(ctx context.Context) error {
 	cfgChanged := make(chan struct{}, 1)
 	wg.Add(1)
 	go func() { defer wg.Done(); a.opt.Store.WatchConfig(ctx, cfgChanged) }()
+	// Full passes rebuild the plan from the whole snapshot and diff it against the kernel
+	// mirrors; lease events in between take the incremental path (only the changed leases'
+	// entries). Firewall changes only re-check the firewall.
+	full, fw, drift, leases := true, true, false, false
 	first := true
-	fw := true
 	for {
-		a.reconcile(ctx, log, cfg, held.Lease, peers.Snapshot(), ul, vxDev, fw || first)
-		fw = false
+		switch {
+		case full:
+			_, _ = peers.Take() // the snapshot below covers them
+			a.fullPass(ctx, log, cfg, held.Lease, peers.Snapshot(), ul, vxDev, fw, drift)
+			full, fw, drift = false, false, false
+		case leases:
+			changed, relisted := peers.Take()
+			if relisted || a.incrementalPass(log, changed) != nil {
+				full = true
+				continue
+			}
+		case fw:
+			a.firewallPass(ctx, log)
+			fw = false
+		}
+		leases = false
 		if first && a.ready() {
 			first = false
 			log.Info("ready", "in", time.Since(start).Round(time.Millisecond), "peers", peers.Len())
+		}
+		if full || fw {
+			continue
 		}
 		select {
 		case <-ctx.Done():
 			log.Info("stopping; the dataplane stays in place")
 			return nil
 		case <-listed:
+			leases = true
 		case <-a.trigger:
+			full, drift = true, true
 		case <-a.fwDirty:
 			fw = true
 		case <-ticker.C:
-			fw = true
+			full, fw, drift = true, true, true
 			a.invalidate()
 		case <-cfgChanged:
 			c, _, err := a.opt.Store.Config(ctx)
@@ -246,13 +271,13 @@ func (a *Agent) Run(ctx context.Context) error {
 			case err == nil:
 				cfg = c
 				a.clearError("config")
+				full = true
 			case errors.Is(err, context.Canceled):
 			default:
 				a.setError("config", err)
 				a.opt.Metrics.Errors.WithLabelValues("config").Inc()
 				log.Error("network config in etcd is invalid; keeping the dataplane as it is", "err", err)
 			}
-			continue
 		}
 	}
 }
@@ -288,21 +313,24 @@ func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held
 	}
 }
 
-// reconcile makes the kernel match the plan. Routes go right after the VXLAN entries they
-// depend on; the firewall, the slow part, comes last.
-func (a *Agent) reconcile(ctx context.Context, log *slog.Logger, cfg config.Network, self lease.Lease, peers []lease.Lease, ul underlay, vxDev string, firewall bool) {
+// fullPass makes the kernel match a plan built from the whole snapshot. Routes go right
+// after the VXLAN entries they depend on; the firewall, the slow part, comes last.
+func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Network, self lease.Lease, peers []lease.Lease, ul underlay, vxDev string, firewall, drift bool) {
 	t0 := time.Now()
 	connected, err := a.connected(ul.dev)
 	if err != nil {
 		log.Warn("cannot read underlay prefixes", "err", err)
 	}
-	p := plan.Build(plan.Input{
+	planner, p := plan.NewPlanner(plan.Input{
 		Config:   cfg,
 		Self:     self,
 		Peers:    peers,
 		Underlay: plan.Underlay{Dev: ul.dev, MTU: ul.mtu, Connected: connected},
 		VXLANDev: vxDev,
 	})
+	a.mu.Lock()
+	a.planner = planner
+	a.mu.Unlock()
 	var errs []error
 	vst, err := a.vxlan.Sync(p.VXLAN, vxDev, ul.dev, plan.VTEPMAC(a.opt.Node), p.Neighs, p.FDB)
 	if err != nil {
@@ -314,39 +342,26 @@ func (a *Agent) reconcile(ctx context.Context, log *slog.Logger, cfg config.Netw
 	}
 	var nst nat.Stats
 	if firewall {
-		nst, err = a.nat.Sync(ctx, p.NAT)
+		a.nat.plan = p.NAT
+		nst, err = a.nat.r.Sync(ctx, p.NAT)
 		if err != nil {
 			errs = append(errs, err)
 		}
+	} else {
+		a.nat.plan = p.NAT
 	}
-	m := a.opt.Metrics
-	m.ReconcileSeconds.Observe(time.Since(t0).Seconds())
-	drift := a.prev != nil && samePlan(*a.prev, p)
-	a.prev = &p
-	a.countRepairs(vst, rst, nst, drift)
-	for mode, n := range p.Count() {
-		m.Peers.WithLabelValues(string(mode)).Set(float64(n))
+	a.finish(log, "full", t0, vst, rst, nst, drift, errors.Join(errs...))
+	if rst.Added+rst.Replaced+rst.Deleted > 500 {
+		// A big pass (a cold start with thousands of peers) leaves megabytes of garbage;
+		// hand it back now rather than whenever the scavenger gets to it.
+		debug.FreeOSMemory()
 	}
 	for _, peer := range p.Peers {
 		if peer.Mode == plan.Unreachable {
 			log.Warn("peer unreachable", "peer", peer.Node, "subnet", peer.Subnet, "reason", peer.Reason)
 		}
 	}
-	err = errors.Join(errs...)
-	if err != nil {
-		m.Errors.WithLabelValues("reconcile").Inc()
-		log.Error("reconcile incomplete", "err", err)
-		a.setError("reconcile", err)
-	} else {
-		a.clearError("reconcile")
-	}
-	if vst.Changed() || rst.Changed() || nst.Changed() {
-		log.Info("dataplane updated", "routes", fmt.Sprintf("+%d ~%d -%d", rst.Added, rst.Replaced, rst.Deleted),
-			"neigh", fmt.Sprintf("+%d -%d", vst.NeighSet, vst.NeighDel), "fdb", fmt.Sprintf("+%d -%d", vst.FDBSet, vst.FDBDel),
-			"nat", nst.Changed(), "took", time.Since(t0).Round(time.Microsecond))
-	}
-	a.setPlan(p)
-	if err == nil && !a.ready() {
+	if len(errs) == 0 && !a.ready() {
 		if err := a.writeFiles(cfg, self, p); err != nil {
 			log.Error("cannot write the CNI files", "err", err)
 			a.setError("files", err)
@@ -356,9 +371,81 @@ func (a *Agent) reconcile(ctx context.Context, log *slog.Logger, cfg config.Netw
 	}
 }
 
-func samePlan(a, b plan.Plan) bool {
-	return reflect.DeepEqual(a.Routes, b.Routes) && reflect.DeepEqual(a.Neighs, b.Neighs) &&
-		reflect.DeepEqual(a.FDB, b.FDB) && reflect.DeepEqual(a.VXLAN, b.VXLAN) && a.NAT == b.NAT
+// incrementalPass applies changed leases through the planner and fixes only their
+// entries. An error means "run a full pass instead".
+func (a *Agent) incrementalPass(log *slog.Logger, changed []lease.Lease) error {
+	if len(changed) == 0 {
+		return nil
+	}
+	t0 := time.Now()
+	a.mu.Lock()
+	planner := a.planner
+	if planner == nil {
+		a.mu.Unlock()
+		return errors.New("no plan yet")
+	}
+	ch := planner.Update(changed)
+	a.mu.Unlock()
+	if ch.Empty() {
+		return nil
+	}
+	var errs []error
+	vst, err := a.vxlan.Apply(ch.Neighs, ch.FDB, planner.Neigh, planner.HasFDB)
+	if errors.Is(err, vxlan.ErrNoMirror) {
+		return err
+	}
+	if err != nil {
+		errs = append(errs, err)
+	}
+	rst, err := a.route.Apply(ch.Routes, planner.Route)
+	if errors.Is(err, route.ErrNoMirror) {
+		return err
+	}
+	if err != nil {
+		errs = append(errs, err)
+	}
+	a.finish(log, "incremental", t0, vst, rst, nat.Stats{}, false, errors.Join(errs...))
+	for _, l := range changed {
+		if v, ok := planner.Peer(l.Node); ok && v.Mode == plan.Unreachable {
+			log.Warn("peer unreachable", "peer", v.Node, "subnet", v.Subnet, "reason", v.Reason)
+		}
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	return nil
+}
+
+// firewallPass re-checks the NAT and FORWARD chains (after a ruleset change).
+func (a *Agent) firewallPass(ctx context.Context, log *slog.Logger) {
+	t0 := time.Now()
+	nst, err := a.nat.r.Sync(ctx, a.nat.plan)
+	a.finish(log, "firewall", t0, vxlan.Stats{}, route.Stats{}, nst, true, err)
+}
+
+// finish records a pass's outcome in metrics, status and the log.
+func (a *Agent) finish(log *slog.Logger, kind string, t0 time.Time, vst vxlan.Stats, rst route.Stats, nst nat.Stats, drift bool, err error) {
+	m := a.opt.Metrics
+	m.ReconcileSeconds.Observe(time.Since(t0).Seconds())
+	a.countRepairs(vst, rst, nst, drift)
+	a.mu.Lock()
+	counts := a.planner.Count()
+	a.mu.Unlock()
+	for _, mode := range []plan.Mode{plan.Direct, plan.VXLAN, plan.Unreachable} {
+		m.Peers.WithLabelValues(string(mode)).Set(float64(counts[mode]))
+	}
+	if err != nil {
+		m.Errors.WithLabelValues("reconcile").Inc()
+		log.Error("reconcile incomplete", "pass", kind, "err", err)
+		a.setError("reconcile", err)
+	} else {
+		a.clearError("reconcile")
+	}
+	if vst.Changed() || rst.Changed() || nst.Changed() {
+		log.Info("dataplane updated", "pass", kind, "routes", fmt.Sprintf("+%d ~%d -%d", rst.Added, rst.Replaced, rst.Deleted),
+			"neigh", fmt.Sprintf("+%d -%d", vst.NeighSet, vst.NeighDel), "fdb", fmt.Sprintf("+%d -%d", vst.FDBSet, vst.FDBDel),
+			"nat", nst.Changed(), "took", time.Since(t0).Round(time.Microsecond))
+	}
 }
 
 // countRepairs counts kernel changes; when the plan had not changed they repaired drift.

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
-	"reflect"
 	"sort"
 	"strings"
 
@@ -30,8 +29,6 @@ type Status struct {
 	PodMTU   int               `json:"podMTU,omitempty"`
 	Errors   map[string]string `json:"errors,omitempty"`
 	Peers    []PeerStatus      `json:"peers"`
-
-	plan *plan.Plan
 }
 
 // PeerStatus is one peer with what the kernel has for it.
@@ -54,16 +51,6 @@ func (a *Agent) setLease(l lease.Lease, cfg config.Network) {
 	a.status.Network = cfg.Network.String()
 	a.status.Backend = cfg.Backend.Type
 	a.status.PublicIP = l.PublicIP.String()
-}
-
-func (a *Agent) setPlan(p plan.Plan) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.status.plan != nil && a.status.Ready && reflect.DeepEqual(*a.status.plan, p) {
-		return
-	}
-	a.status.plan = &p
-	a.status.PodMTU = p.PodMTU
 }
 
 func (a *Agent) setError(kind string, err error) {
@@ -101,9 +88,15 @@ func (a *Agent) Snapshot() (Status, error) {
 	for k, v := range a.status.Errors {
 		st.Errors[k] = v
 	}
+	var p *plan.Plan
+	if a.planner != nil {
+		pl := a.planner.Plan()
+		p = &pl
+		st.PodMTU = pl.PodMTU
+	}
 	a.mu.Unlock()
 	st.Peers = []PeerStatus{}
-	if st.plan == nil {
+	if p == nil {
 		return st, nil
 	}
 	h, err := netlink.NewHandle() // its own socket: the loop's handle is not shared
@@ -117,8 +110,8 @@ func (a *Agent) Snapshot() (Status, error) {
 	}
 	neigh := map[netip.Addr]string{}
 	fdb := map[string]netip.Addr{}
-	if st.plan.VXLAN != nil {
-		if l, err := h.LinkByName(st.plan.VXLAN.Name); err == nil {
+	if p.VXLAN != nil {
+		if l, err := h.LinkByName(p.VXLAN.Name); err == nil {
 			ns, _ := h.NeighList(l.Attrs().Index, unix.AF_INET)
 			for _, n := range ns {
 				if ip, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
@@ -134,14 +127,14 @@ func (a *Agent) Snapshot() (Status, error) {
 		}
 	}
 	wantRoute := map[netip.Prefix]plan.Route{}
-	for _, r := range st.plan.Routes {
+	for _, r := range p.Routes {
 		wantRoute[r.Dst] = r
 	}
 	wantFDB := map[netip.Addr]plan.FDB{}
-	for _, f := range st.plan.FDB {
+	for _, f := range p.FDB {
 		wantFDB[f.Dst] = f
 	}
-	for _, p := range st.plan.Peers {
+	for _, p := range p.Peers {
 		ps := PeerStatus{Node: p.Node, Subnet: p.Subnet.String(), PublicIP: p.PublicIP.String(), Mode: string(p.Mode), Reason: p.Reason}
 		if w, ok := wantRoute[p.Subnet]; ok {
 			if c, ok := routes[p.Subnet]; ok {

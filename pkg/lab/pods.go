@@ -4,13 +4,16 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/invoke"
 	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/netagent/netagent/test/netns"
 )
@@ -21,7 +24,9 @@ func (l *Lab) cni(n *Node) (*libcni.CNIConfig, *libcni.NetworkConfigList, error)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: conflist: %w", n.Name, err)
 	}
-	return libcni.NewCNIConfigWithCacheDir([]string{l.Opt.CNIBinDir}, filepath.Join(n.Dir, "cni-cache"), nil), list, nil
+	return libcni.NewCNIConfigWithCacheDir([]string{l.Opt.CNIBinDir}, filepath.Join(n.Dir, "cni-cache"),
+		// An explicit exec: libcni creates its default one lazily, racily under parallel use.
+		&invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: os.Stderr}, PluginDecoder: version.PluginDecoder{}}), list, nil
 }
 
 // AddPod creates a pod namespace on n and wires it through netagent-cni, as a runtime

@@ -8,9 +8,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"path"
-	"sort"
 	"strings"
-	"sync"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -320,32 +318,6 @@ func (e *Etcd) Release(ctx context.Context, node string, subnet netip.Prefix) er
 	return err
 }
 
-// Peers is a watched view of all live leases.
-type Peers struct {
-	mu     sync.Mutex
-	leases map[string]Lease // key -> lease
-	bad    map[string]string
-}
-
-// Snapshot returns the current leases sorted by subnet.
-func (p *Peers) Snapshot() []Lease {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	out := make([]Lease, 0, len(p.leases))
-	for _, l := range p.leases {
-		out = append(out, l)
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Subnet.Addr().Less(out[j].Subnet.Addr()) })
-	return out
-}
-
-// Len is the number of live leases.
-func (p *Peers) Len() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.leases)
-}
-
 // WatchStats is reported to metrics.
 type WatchStats interface {
 	WatchRestart(reason string)
@@ -406,14 +378,14 @@ func (e *Etcd) consume(wch clientv3.WatchChan, peers *Peers, notify func()) stri
 				l, err := Decode(ev.Kv.Value)
 				if err != nil {
 					peers.bad[k] = err.Error()
-					delete(peers.leases, k)
+					peers.del(k)
 					e.log.Warn("ignoring undecodable lease", "key", k, "err", err)
 					continue
 				}
 				delete(peers.bad, k)
-				peers.leases[k] = l
+				peers.put(k, l)
 			case mvccpb.DELETE:
-				delete(peers.leases, k)
+				peers.del(k)
 				delete(peers.bad, k)
 			}
 		}
@@ -441,13 +413,11 @@ func (e *Etcd) list(ctx context.Context, peers *Peers) (int64, error) {
 		leases[string(kv.Key)] = l
 	}
 	peers.mu.Lock()
-	peers.leases, peers.bad = leases, bad
+	peers.replace(leases)
+	peers.bad = bad
 	peers.mu.Unlock()
 	return resp.Header.Revision, nil
 }
-
-// NewPeers returns an empty view.
-func NewPeers() *Peers { return &Peers{leases: map[string]Lease{}, bad: map[string]string{}} }
 
 func sleep(ctx context.Context, d time.Duration) {
 	t := time.NewTimer(d)

@@ -43,7 +43,7 @@ func (l Lease) Validate() error {
 		return fmt.Errorf("lease %s: invalid subnet %s", l.Node, l.Subnet)
 	case !l.PublicIP.IsValid() || !l.PublicIP.Is4() || l.PublicIP.IsUnspecified() || l.PublicIP.IsMulticast():
 		return fmt.Errorf("lease %s: invalid public IP %s", l.Node, l.PublicIP)
-	case l.VTEPMAC != "" && l.MAC() == nil:
+	case l.VTEPMAC != "" && !ValidMAC(l.VTEPMAC):
 		return fmt.Errorf("lease %s: invalid VTEP MAC %q", l.Node, l.VTEPMAC)
 	}
 	return nil
@@ -65,7 +65,29 @@ func Decode(b []byte) (Lease, error) {
 	if err := l.Validate(); err != nil {
 		return Lease{}, err
 	}
+	l.VTEPMAC = strings.ToLower(l.VTEPMAC) // canonical, so plans compare strings
 	return l, nil
+}
+
+// ValidMAC reports whether s is a 48-bit MAC in colon notation (the only form netagent
+// writes), without allocating: the planner checks one per peer per pass.
+func ValidMAC(s string) bool {
+	if len(s) != 17 {
+		return false
+	}
+	for i := 0; i < 17; i++ {
+		c := s[i]
+		if i%3 == 2 {
+			if c != ':' {
+				return false
+			}
+			continue
+		}
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
+			return false
+		}
+	}
+	return true
 }
 
 // SubnetKey is the key suffix for a subnet: 10.244.1.0/24 -> 10.244.1.0-24.

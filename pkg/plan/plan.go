@@ -2,17 +2,16 @@
 // dataplane: routes, VXLAN FDB and neighbour entries, the pod MTU and the NAT rules. It is
 // pure — it touches nothing — so every decision is covered by table tests without root.
 //
-// Scale: Build is O(peers log peers) (one pass plus a sort for a stable order); with 5,000
-// peers it allocates a few MB and takes about a millisecond. The reconcilers diff the plan
-// against the kernel, so one changed lease costs one changed route, not a rewrite.
+// Scale: Build is O(peers): two passes over the leases with map lookups, no sorting and no
+// re-parsing. The reconcilers diff the plan against mirrors of the kernel, so one changed
+// lease costs one changed route, not a rewrite.
 package plan
 
 import (
-	"cmp"
 	"fmt"
 	"net"
 	"net/netip"
-	"slices"
+	"strings"
 
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
@@ -86,12 +85,13 @@ type VXLANDevice struct {
 	MTU   int
 }
 
-// Plan is the desired dataplane.
+// Plan is the desired dataplane. Its lists follow the order of Input.Peers (consumers
+// treat them as sets; sorting thousands of entries on every pass is not worth it).
 type Plan struct {
-	Routes []Route // sorted by Dst
-	Neighs []Neigh // sorted by IP
-	FDB    []FDB   // sorted by MAC
-	Peers  []Peer  // sorted by Node
+	Routes []Route
+	Neighs []Neigh
+	FDB    []FDB
+	Peers  []Peer
 	VXLAN  *VXLANDevice
 	PodMTU int
 	NAT    NAT
@@ -134,17 +134,30 @@ func Build(in Input) Plan {
 		p.PodMTU = mtu
 	}
 
-	seen := &subnets{exact: map[netip.Prefix]string{}}
-	seen.add(in.Self.Subnet, in.Self.Node, c.SubnetLen)
+	// Owners first, so a contested subnet goes to the same node whatever the input order:
+	// this node for its own subnet, else the smallest node name among its claimants.
+	owner := make(map[netip.Prefix]string, len(in.Peers)+1)
+	owner[in.Self.Subnet] = in.Self.Node
+	for _, l := range in.Peers {
+		if l.Node == in.Self.Node || quickInvalid(l) != "" {
+			continue
+		}
+		if o, ok := owner[l.Subnet]; !ok || (o != in.Self.Node && l.Node < o) {
+			owner[l.Subnet] = l.Node
+		}
+	}
+	p.Peers = make([]Peer, 0, len(in.Peers))
+	p.Routes = make([]Route, 0, len(in.Peers))
+	if p.VXLAN != nil {
+		p.Neighs = make([]Neigh, 0, len(in.Peers))
+		p.FDB = make([]FDB, 0, len(in.Peers))
+	}
 	for _, l := range in.Peers {
 		if l.Node == in.Self.Node {
 			continue
 		}
 		peer := Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP}
-		peer.Mode, peer.Reason = decide(in, l, seen)
-		if peer.Mode != Unreachable {
-			seen.add(l.Subnet, l.Node, c.SubnetLen)
-		}
+		peer.Mode, peer.Reason = decide(in, l, owner)
 		p.Peers = append(p.Peers, peer)
 		switch peer.Mode {
 		case Direct:
@@ -155,54 +168,51 @@ func Build(in Input) Plan {
 			if backend == config.Hybrid && p.PodMTU > tunnelMTU {
 				r.MTU = tunnelMTU
 			}
+			mac := strings.ToLower(l.VTEPMAC)
 			p.Routes = append(p.Routes, r)
-			p.Neighs = append(p.Neighs, Neigh{IP: vtep, MAC: l.MAC().String()})
-			p.FDB = append(p.FDB, FDB{MAC: l.MAC().String(), Dst: l.PublicIP})
+			p.Neighs = append(p.Neighs, Neigh{IP: vtep, MAC: mac})
+			p.FDB = append(p.FDB, FDB{MAC: mac, Dst: l.PublicIP})
 		}
 	}
-	slices.SortFunc(p.Routes, func(a, b Route) int { return comparePrefix(a.Dst, b.Dst) })
-	slices.SortFunc(p.Neighs, func(a, b Neigh) int { return a.IP.Compare(b.IP) })
-	slices.SortFunc(p.FDB, func(a, b FDB) int { return cmp.Compare(a.MAC, b.MAC) })
-	slices.SortFunc(p.Peers, func(a, b Peer) int { return cmp.Compare(a.Node, b.Node) })
 	return p
 }
 
-// subnets tracks the subnets already given to a node while building a plan.
-type subnets struct {
-	exact map[netip.Prefix]string
-	odd   []netip.Prefix // those whose length differs from the config's
-}
-
-func (s *subnets) add(p netip.Prefix, node string, l int) {
-	s.exact[p] = node
-	if p.Bits() != l {
-		s.odd = append(s.odd, p)
+// quickInvalid checks what the plan relies on (leases from the store were fully validated
+// when decoded; this keeps Build safe for any input without re-parsing every MAC).
+func quickInvalid(l lease.Lease) string {
+	switch {
+	case l.Node == "":
+		return "lease without a node name"
+	case !l.Subnet.IsValid() || !l.Subnet.Addr().Is4() || l.Subnet != l.Subnet.Masked():
+		return fmt.Sprintf("invalid subnet %s", l.Subnet)
+	case !l.PublicIP.IsValid() || !l.PublicIP.Is4() || l.PublicIP.IsUnspecified():
+		return fmt.Sprintf("invalid public IP %s", l.PublicIP)
 	}
+	return ""
 }
 
-func decide(in Input, l lease.Lease, seen *subnets) (Mode, string) {
-	if err := l.Validate(); err != nil {
-		return Unreachable, err.Error()
+func decide(in Input, l lease.Lease, owner map[netip.Prefix]string) (Mode, string) {
+	if why := quickInvalid(l); why != "" {
+		return Unreachable, why
 	}
 	if !in.Config.Network.Contains(l.Subnet.Addr()) || l.Subnet.Bits() < in.Config.Network.Bits() {
 		return Unreachable, fmt.Sprintf("subnet %s is outside the cluster network %s", l.Subnet, in.Config.Network)
 	}
-	if owner, dup := seen.exact[l.Subnet]; dup {
-		return Unreachable, fmt.Sprintf("subnet %s is also held by %s", l.Subnet, owner)
+	if o := owner[l.Subnet]; o != l.Node {
+		return Unreachable, fmt.Sprintf("subnet %s is also held by %s", l.Subnet, o)
 	}
-	// Same-length aligned subnets are equal or disjoint, so the map lookup above settles
-	// them; only a pair in which one has an odd length (a lease from before a config
-	// change) needs an overlap test.
-	for _, o := range seen.odd {
-		if o.Overlaps(l.Subnet) {
-			return Unreachable, fmt.Sprintf("subnet %s overlaps %s of %s", l.Subnet, o, seen.exact[o])
-		}
-	}
+	// Same-length aligned subnets are equal or disjoint, so the owner map settles them; a
+	// subnet of another length (a lease from before a config change) is the anomaly and
+	// loses to any subnet it overlaps.
 	if l.Subnet.Bits() != in.Config.SubnetLen {
-		for s, owner := range seen.exact {
-			if s.Overlaps(l.Subnet) {
-				return Unreachable, fmt.Sprintf("subnet %s overlaps %s of %s", l.Subnet, s, owner)
+		var first netip.Prefix // the lowest overlapping subnet, for a stable reason
+		for s := range owner {
+			if s != l.Subnet && s.Overlaps(l.Subnet) && (!first.IsValid() || s.Addr().Less(first.Addr()) || (s.Addr() == first.Addr() && s.Bits() < first.Bits())) {
+				first = s
 			}
+		}
+		if first.IsValid() {
+			return Unreachable, fmt.Sprintf("subnet %s overlaps %s of %s", l.Subnet, first, owner[first])
 		}
 	}
 	onLink := false
@@ -223,17 +233,10 @@ func decide(in Input, l lease.Lease, seen *subnets) (Mode, string) {
 			return Direct, ""
 		}
 	}
-	if l.MAC() == nil {
+	if !lease.ValidMAC(l.VTEPMAC) {
 		return Unreachable, "the peer published no VTEP MAC (is it running a vxlan or hybrid backend?)"
 	}
 	return VXLAN, ""
-}
-
-func comparePrefix(a, b netip.Prefix) int {
-	if c := a.Addr().Compare(b.Addr()); c != 0 {
-		return c
-	}
-	return cmp.Compare(a.Bits(), b.Bits())
 }
 
 // Count returns how many peers are in each mode.

@@ -3,6 +3,7 @@ package plan
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -27,8 +28,12 @@ func mk(node, subnet, ip string) lease.Lease {
 
 var underlay = Underlay{Dev: "eth0", MTU: 1500, Connected: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}}
 
-// render prints a plan compactly so table tests compare whole plans.
+// render prints a plan compactly, in a stable order, so table tests compare whole plans.
 func render(p Plan) string {
+	slices.SortFunc(p.Routes, func(a, b Route) int { return a.Dst.Addr().Compare(b.Dst.Addr())*2 + cmpInt(a.Dst.Bits(), b.Dst.Bits()) })
+	slices.SortFunc(p.Neighs, func(a, b Neigh) int { return a.IP.Compare(b.IP) })
+	slices.SortFunc(p.FDB, func(a, b FDB) int { return strings.Compare(a.MAC, b.MAC) })
+	slices.SortFunc(p.Peers, func(a, b Peer) int { return strings.Compare(a.Node, b.Node) })
 	var b strings.Builder
 	for _, r := range p.Routes {
 		fmt.Fprintf(&b, "route %s via %s dev %s", r.Dst, r.Gw, r.Dev)
@@ -58,6 +63,16 @@ func render(p Plan) string {
 	}
 	fmt.Fprintf(&b, "pod mtu %d\n", p.PodMTU)
 	return b.String()
+}
+
+func cmpInt(a, b int) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
 }
 
 func TestBuild(t *testing.T) {
@@ -105,9 +120,14 @@ pod mtu 1500
 		{"own subnet claimed", config.HostGW, []lease.Lease{mk("e", "10.244.1.0/24", "192.0.2.5")}, `peer e unreachable (subnet 10.244.1.0/24 is also held by a)
 pod mtu 1500
 `},
-		{"odd length overlaps", config.HostGW, []lease.Lease{mk("f", "10.244.2.0/23", "192.0.2.6"), near}, `route 10.244.2.0/23 via 192.0.2.6 dev eth0
-peer b unreachable (subnet 10.244.2.0/24 overlaps 10.244.2.0/23 of f)
-peer f direct
+		{"odd length overlaps", config.HostGW, []lease.Lease{mk("f", "10.244.2.0/23", "192.0.2.6"), near}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
+peer b direct
+peer f unreachable (subnet 10.244.2.0/23 overlaps 10.244.2.0/24 of b)
+pod mtu 1500
+`},
+		{"contested subnet goes to the smaller name whatever the order", config.HostGW, []lease.Lease{mk("z", "10.244.2.0/24", "192.0.2.9"), near}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
+peer b direct
+peer z unreachable (subnet 10.244.2.0/24 is also held by b)
 pod mtu 1500
 `},
 		{"outside network", config.HostGW, []lease.Lease{mk("g", "10.9.0.0/24", "192.0.2.7")}, `peer g unreachable (subnet 10.9.0.0/24 is outside the cluster network 10.244.0.0/16)

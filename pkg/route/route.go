@@ -133,6 +133,28 @@ func (r *Reconciler) current() (map[netip.Prefix]netlink.Route, error) {
 	return cur, nil
 }
 
+// write performs a kernel change, recording its outcome in the mirror first so that the
+// kernel's echo of our own change finds the mirror already right (and triggers nothing);
+// if the change fails the mirror gets prev back. A route already gone counts as deleted.
+func (r *Reconciler) write(dst netip.Prefix, next, prev *netlink.Route, do func() error) error {
+	r.record(dst, next)
+	err := do()
+	if err != nil && next == nil && errors.Is(err, unix.ESRCH) {
+		err = nil
+	}
+	if err != nil {
+		r.record(dst, prev)
+	}
+	return err
+}
+
+func ptr(r netlink.Route, ok bool) *netlink.Route {
+	if !ok {
+		return nil
+	}
+	return &r
+}
+
 func (r *Reconciler) record(p netip.Prefix, rt *netlink.Route) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -203,15 +225,15 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 			continue
 		}
 		nr := toNetlink(w, idx)
-		if c, ok := cur[w.Dst]; ok && same(c, nr) {
+		c, had := cur[w.Dst]
+		if had && same(c, nr) {
 			continue
 		}
-		if err := r.k.RouteReplace(nr); err != nil {
+		if err := r.write(w.Dst, nr, ptr(c, had), func() error { return r.k.RouteReplace(nr) }); err != nil {
 			errs = append(errs, fmt.Errorf("replace route %s via %s dev %s: %w", w.Dst, w.Gw, w.Dev, err))
 			continue
 		}
-		r.record(w.Dst, nr)
-		if _, ok := cur[w.Dst]; ok {
+		if had {
 			st.Replaced++
 		} else {
 			st.Added++
@@ -222,11 +244,10 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 		if keep[dst] {
 			continue
 		}
-		if err := r.k.RouteDel(&c); err != nil && !errors.Is(err, unix.ESRCH) {
+		if err := r.write(dst, nil, &c, func() error { return r.k.RouteDel(&c) }); err != nil {
 			errs = append(errs, fmt.Errorf("delete route %s: %w", dst, err))
 			continue
 		}
-		r.record(dst, nil)
 		st.Deleted++
 		r.log.Debug("route deleted", "dst", dst)
 	}
@@ -261,4 +282,86 @@ func prefix(n *net.IPNet) (netip.Prefix, bool) {
 	}
 	ones, _ := n.Mask.Size()
 	return netip.PrefixFrom(a.Unmap(), ones), true
+}
+
+// ErrNoMirror means Apply needs a valid mirror; the caller runs a full Sync instead.
+var ErrNoMirror = errors.New("route mirror not valid: full sync needed")
+
+// Apply fixes only the routes to dsts, given the desired route for each (none: delete).
+// It is the per-event path: it needs a valid mirror and touches nothing else.
+func (r *Reconciler) Apply(dsts []netip.Prefix, want func(netip.Prefix) (plan.Route, bool)) (Stats, error) {
+	var st Stats
+	type op struct {
+		dst  netip.Prefix
+		want *netlink.Route
+		cur  *netlink.Route
+	}
+	links := map[string]int{}
+	var errs []error
+	var ops []op
+	r.mu.Lock()
+	if r.mirror == nil {
+		r.mu.Unlock()
+		return st, ErrNoMirror
+	}
+	for _, dst := range dsts {
+		w, ok := want(dst)
+		c, have := r.mirror[dst]
+		switch {
+		case ok:
+			idx, known := links[w.Dev]
+			if !known {
+				r.mu.Unlock()
+				l, err := r.k.LinkByName(w.Dev)
+				r.mu.Lock()
+				idx = -1
+				if err == nil {
+					idx = l.Attrs().Index
+				} else {
+					errs = append(errs, fmt.Errorf("route %s: device %s: %w", dst, w.Dev, err))
+				}
+				links[w.Dev] = idx
+				if r.mirror == nil {
+					r.mu.Unlock()
+					return st, ErrNoMirror
+				}
+				c, have = r.mirror[dst]
+			}
+			if idx < 0 {
+				continue
+			}
+			nr := toNetlink(w, idx)
+			if have && same(c, nr) {
+				continue
+			}
+			o := op{dst: dst, want: nr}
+			if have {
+				o.cur = &c
+			}
+			ops = append(ops, o)
+		case have:
+			ops = append(ops, op{dst: dst, cur: &c})
+		}
+	}
+	r.mu.Unlock()
+	for _, o := range ops {
+		if o.want != nil {
+			if err := r.write(o.dst, o.want, o.cur, func() error { return r.k.RouteReplace(o.want) }); err != nil {
+				errs = append(errs, fmt.Errorf("replace route %s: %w", o.dst, err))
+				continue
+			}
+			if o.cur != nil {
+				st.Replaced++
+			} else {
+				st.Added++
+			}
+			continue
+		}
+		if err := r.write(o.dst, nil, o.cur, func() error { return r.k.RouteDel(o.cur) }); err != nil {
+			errs = append(errs, fmt.Errorf("delete route %s: %w", o.dst, err))
+			continue
+		}
+		st.Deleted++
+	}
+	return st, errors.Join(errs...)
 }

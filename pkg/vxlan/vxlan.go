@@ -170,6 +170,40 @@ func (r *Reconciler) entries(idx int) (map[netip.Addr]netlink.Neigh, map[fdbKey]
 	return neigh, fdb, nil
 }
 
+// writeNeigh and writeFDB perform a kernel change, recording its outcome in the mirror
+// first so the kernel's echo of our own change triggers nothing; on failure the mirror
+// gets prev back. An entry already gone counts as deleted.
+func (r *Reconciler) writeNeigh(ip netip.Addr, next, prev *netlink.Neigh, do func() error) error {
+	r.recordNeigh(ip, next)
+	err := do()
+	if err != nil && next == nil && errors.Is(err, unix.ENOENT) {
+		err = nil
+	}
+	if err != nil {
+		r.recordNeigh(ip, prev)
+	}
+	return err
+}
+
+func (r *Reconciler) writeFDB(k fdbKey, next, prev *netlink.Neigh, do func() error) error {
+	r.recordFDB(k, next)
+	err := do()
+	if err != nil && next == nil && errors.Is(err, unix.ENOENT) {
+		err = nil
+	}
+	if err != nil {
+		r.recordFDB(k, prev)
+	}
+	return err
+}
+
+func nptr(n netlink.Neigh, ok bool) *netlink.Neigh {
+	if !ok {
+		return nil
+	}
+	return &n
+}
+
 func (r *Reconciler) recordNeigh(ip netip.Addr, n *netlink.Neigh) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -341,43 +375,42 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 	keep := make(map[netip.Addr]bool, len(neighs))
 	for _, w := range neighs {
 		keep[w.IP] = true
-		if c, ok := have[w.IP]; ok && c.State&netlink.NUD_PERMANENT != 0 && strings.EqualFold(c.HardwareAddr.String(), w.MAC) {
+		c, ok := have[w.IP]
+		if ok && c.State&netlink.NUD_PERMANENT != 0 && strings.EqualFold(c.HardwareAddr.String(), w.MAC) {
 			continue
 		}
 		mac, _ := net.ParseMAC(w.MAC)
 		n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: w.IP.AsSlice(), HardwareAddr: mac}
-		if err := r.k.NeighSet(n); err != nil {
+		if err := r.writeNeigh(w.IP, n, nptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
 			errs = append(errs, fmt.Errorf("set neighbour %s %s: %w", w.IP, w.MAC, err))
 			continue
 		}
-		r.recordNeigh(w.IP, n)
 		st.NeighSet++
 	}
 	for ip, c := range have {
 		if keep[ip] {
 			continue
 		}
-		if err := r.k.NeighDel(&c); err != nil && !errors.Is(err, unix.ENOENT) {
+		if err := r.writeNeigh(ip, nil, &c, func() error { return r.k.NeighDel(&c) }); err != nil {
 			errs = append(errs, fmt.Errorf("delete neighbour %s: %w", ip, err))
 			continue
 		}
-		r.recordNeigh(ip, nil)
 		st.NeighDel++
 	}
 	keepFDB := make(map[fdbKey]bool, len(fdb))
 	for _, w := range fdb {
 		k := fdbKey{strings.ToLower(w.MAC), w.Dst}
 		keepFDB[k] = true
-		if c, ok := haveFDB[k]; ok && c.State&netlink.NUD_PERMANENT != 0 {
+		c, ok := haveFDB[k]
+		if ok && c.State&netlink.NUD_PERMANENT != 0 {
 			continue
 		}
 		hw, _ := net.ParseMAC(w.MAC)
 		n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: netlink.NUD_PERMANENT, IP: w.Dst.AsSlice(), HardwareAddr: hw}
-		if err := r.k.NeighSet(n); err != nil {
+		if err := r.writeFDB(k, n, nptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
 			errs = append(errs, fmt.Errorf("set fdb %s dst %s: %w", w.MAC, w.Dst, err))
 			continue
 		}
-		r.recordFDB(k, n)
 		st.FDBSet++
 	}
 	for k, c := range haveFDB {
@@ -386,12 +419,95 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		}
 		c.Family = unix.AF_BRIDGE
 		c.Flags |= netlink.NTF_SELF
-		if err := r.k.NeighDel(&c); err != nil && !errors.Is(err, unix.ENOENT) {
+		if err := r.writeFDB(k, nil, &c, func() error { return r.k.NeighDel(&c) }); err != nil {
 			errs = append(errs, fmt.Errorf("delete fdb %s dst %s: %w", k.mac, k.dst, err))
 			continue
 		}
-		r.recordFDB(k, nil)
 		st.FDBDel++
 	}
 	return errors.Join(errs...)
+}
+
+// ErrNoMirror means Apply needs a valid mirror; the caller runs a full Sync instead.
+var ErrNoMirror = errors.New("vxlan mirror not valid: full sync needed")
+
+// Apply fixes only the given neighbour and FDB entries (the per-event path): wantNeigh
+// gives the desired entry for an address (none: delete), wantFDB whether an FDB entry is
+// desired. It needs a valid mirror of the current device.
+func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(netip.Addr) (plan.Neigh, bool), wantFDB func(plan.FDB) bool) (Stats, error) {
+	var st Stats
+	r.mu.Lock()
+	idx := r.idx
+	if !r.mirroring || idx == 0 {
+		r.mu.Unlock()
+		return st, ErrNoMirror
+	}
+	type nop struct {
+		ip   netip.Addr
+		set  *netlink.Neigh
+		del  *netlink.Neigh
+		prev *netlink.Neigh
+		fdb  bool
+		fkey fdbKey
+	}
+	var ops []nop
+	for _, ip := range ips {
+		w, ok := wantNeigh(ip)
+		c, have := r.neigh[ip]
+		switch {
+		case ok:
+			if have && c.State&netlink.NUD_PERMANENT != 0 && strings.EqualFold(c.HardwareAddr.String(), w.MAC) {
+				continue
+			}
+			mac, _ := net.ParseMAC(w.MAC)
+			ops = append(ops, nop{ip: ip, prev: nptr(c, have), set: &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: ip.AsSlice(), HardwareAddr: mac}})
+		case have:
+			ops = append(ops, nop{ip: ip, del: &c, prev: &c})
+		}
+	}
+	for _, f := range fdbs {
+		k := fdbKey{strings.ToLower(f.MAC), f.Dst}
+		c, have := r.fdb[k]
+		if wantFDB(f) {
+			if have && c.State&netlink.NUD_PERMANENT != 0 {
+				continue
+			}
+			hw, _ := net.ParseMAC(f.MAC)
+			ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, prev: nptr(c, have), set: &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
+				State: netlink.NUD_PERMANENT, IP: f.Dst.AsSlice(), HardwareAddr: hw}})
+		} else if have {
+			c.Family = unix.AF_BRIDGE
+			c.Flags |= netlink.NTF_SELF
+			ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, del: &c, prev: &c})
+		}
+	}
+	r.mu.Unlock()
+	var errs []error
+	for _, o := range ops {
+		do := func() error { return r.k.NeighDel(o.del) }
+		if o.set != nil {
+			do = func() error { return r.k.NeighSet(o.set) }
+		}
+		var err error
+		if o.fdb {
+			err = r.writeFDB(o.fkey, o.set, o.prev, do)
+		} else {
+			err = r.writeNeigh(o.ip, o.set, o.prev, do)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("neighbour/fdb %s: %w", o.ip, err))
+			continue
+		}
+		switch {
+		case o.fdb && o.set != nil:
+			st.FDBSet++
+		case o.fdb:
+			st.FDBDel++
+		case o.set != nil:
+			st.NeighSet++
+		default:
+			st.NeighDel++
+		}
+	}
+	return st, errors.Join(errs...)
 }

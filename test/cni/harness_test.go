@@ -15,8 +15,10 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/netagent/netagent/pkg/ipam"
 	"github.com/netagent/netagent/test/netns"
@@ -51,7 +53,9 @@ func newNode(t *testing.T) *node {
 		plugin:  plugin,
 		dataDir: t.TempDir(),
 	}
-	n.cni = libcni.NewCNIConfigWithCacheDir([]string{n.binDir}, filepath.Join(n.dataDir, "cache"), nil)
+	n.cni = libcni.NewCNIConfigWithCacheDir([]string{n.binDir}, filepath.Join(n.dataDir, "cache"),
+		// An explicit exec: libcni creates its default one lazily, racily under parallel use.
+		&invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: os.Stderr}, PluginDecoder: version.PluginDecoder{}})
 	return n
 }
 

@@ -1,0 +1,119 @@
+package lease
+
+import (
+	"sort"
+	"sync"
+)
+
+// Peers is a watched view of all live leases, one per node, that also remembers which
+// nodes changed since the last Take, so the agent can do work for the changed leases only.
+type Peers struct {
+	mu       sync.Mutex
+	byKey    map[string]Lease           // store key -> lease
+	nodeKeys map[string]map[string]bool // node -> its keys (normally one)
+	dirty    map[string]bool            // nodes changed since Take
+	full     bool                       // the whole view was replaced since Take
+	bad      map[string]string          // undecodable keys -> why
+}
+
+// NewPeers returns an empty view.
+func NewPeers() *Peers {
+	return &Peers{byKey: map[string]Lease{}, nodeKeys: map[string]map[string]bool{}, dirty: map[string]bool{}, bad: map[string]string{}}
+}
+
+// put records l under key k (caller holds mu).
+func (p *Peers) put(k string, l Lease) {
+	if old, ok := p.byKey[k]; ok && old.Node != l.Node {
+		p.unlink(old.Node, k)
+	}
+	p.byKey[k] = l
+	if p.nodeKeys[l.Node] == nil {
+		p.nodeKeys[l.Node] = map[string]bool{}
+	}
+	p.nodeKeys[l.Node][k] = true
+	p.dirty[l.Node] = true
+}
+
+// del forgets key k (caller holds mu).
+func (p *Peers) del(k string) {
+	old, ok := p.byKey[k]
+	if !ok {
+		return
+	}
+	delete(p.byKey, k)
+	p.unlink(old.Node, k)
+}
+
+func (p *Peers) unlink(node, k string) {
+	if keys := p.nodeKeys[node]; keys != nil {
+		delete(keys, k)
+		if len(keys) == 0 {
+			delete(p.nodeKeys, node)
+		}
+	}
+	p.dirty[node] = true
+}
+
+// replace swaps in a fresh list (caller holds mu).
+func (p *Peers) replace(byKey map[string]Lease) {
+	p.byKey = map[string]Lease{}
+	p.nodeKeys = map[string]map[string]bool{}
+	for k, l := range byKey {
+		p.put(k, l)
+	}
+	p.dirty = map[string]bool{}
+	p.full = true
+}
+
+// current is node's lease: from its lowest key if it somehow holds several.
+func (p *Peers) current(node string) (Lease, bool) {
+	best := ""
+	for k := range p.nodeKeys[node] {
+		if best == "" || k < best {
+			best = k
+		}
+	}
+	if best == "" {
+		return Lease{}, false
+	}
+	return p.byKey[best], true
+}
+
+// Snapshot returns one lease per node, sorted by node name.
+func (p *Peers) Snapshot() []Lease {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]Lease, 0, len(p.nodeKeys))
+	for n := range p.nodeKeys {
+		l, _ := p.current(n)
+		out = append(out, l)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Node < out[j].Node })
+	return out
+}
+
+// Take returns what changed since the last Take: each changed node's current lease, or
+// Lease{Node: name} for a node that is gone; full means the whole view was replaced (a
+// re-list), so the caller should start over from Snapshot.
+func (p *Peers) Take() (changed []Lease, full bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	full = p.full
+	for n := range p.dirty {
+		if l, ok := p.current(n); ok {
+			changed = append(changed, l)
+		} else {
+			changed = append(changed, Lease{Node: n})
+		}
+	}
+	p.dirty = map[string]bool{}
+	p.full = false
+	return changed, full
+}
+
+// Len is the number of nodes with a live lease.
+func (p *Peers) Len() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.nodeKeys)
+}

@@ -1,0 +1,307 @@
+package plan
+
+import (
+	"net/netip"
+	"strings"
+
+	"github.com/netagent/netagent/pkg/lease"
+)
+
+// Planner keeps a plan up to date one lease at a time, so a lease event costs work for
+// that lease (and the few that claim the same subnet), not for every peer. It makes the
+// same decisions as Build — the tests apply random sequences of changes and compare with
+// Build of the final set — and the agent still runs Build for its full passes (start,
+// resync, config or underlay change); the Planner covers the lease events in between.
+type Planner struct {
+	in      Input // without Peers
+	peers   map[string]lease.Lease
+	claim   map[netip.Prefix]map[string]bool // subnet -> nodes claiming it
+	verdict map[string]Peer
+
+	routes  map[netip.Prefix]Route
+	neighs  map[netip.Addr]Neigh
+	fdb     map[FDB]bool
+	contrib map[string]contribution // what each node put into the three maps
+	odd     map[string]bool         // nodes whose subnet length differs from the config's
+	modes   map[Mode]int            // peers per mode
+
+	tunnelMTU, podMTU int
+}
+
+// contribution is one node's share of the desired state.
+type contribution struct {
+	route *Route
+	neigh *Neigh
+	fdb   *FDB
+}
+
+// Changes names the desired entries an update touched (added, changed or removed).
+type Changes struct {
+	Routes []netip.Prefix
+	Neighs []netip.Addr
+	FDB    []FDB // removed or added entries (an FDB entry is its own key)
+}
+
+// Empty reports whether nothing changed.
+func (c Changes) Empty() bool { return len(c.Routes)+len(c.Neighs)+len(c.FDB) == 0 }
+
+// NewPlanner starts from a full input (its Peers included); it also returns Build(in).
+func NewPlanner(in Input) (*Planner, Plan) {
+	p := &Planner{
+		in:      in,
+		peers:   make(map[string]lease.Lease, len(in.Peers)),
+		claim:   make(map[netip.Prefix]map[string]bool, len(in.Peers)),
+		verdict: make(map[string]Peer, len(in.Peers)),
+		routes:  make(map[netip.Prefix]Route, len(in.Peers)),
+		neighs:  make(map[netip.Addr]Neigh, len(in.Peers)),
+		fdb:     make(map[FDB]bool, len(in.Peers)),
+		contrib: make(map[string]contribution, len(in.Peers)),
+		odd:     map[string]bool{},
+		modes:   map[Mode]int{},
+	}
+	p.in.Peers = nil
+	full := Build(in)
+	p.podMTU = full.PodMTU
+	if full.VXLAN != nil {
+		p.tunnelMTU = full.VXLAN.MTU
+	}
+	for _, l := range in.Peers {
+		if l.Node != in.Self.Node {
+			p.peers[l.Node] = l
+			p.addClaim(l)
+		}
+	}
+	for _, v := range full.Peers {
+		p.verdict[v.Node] = v
+		var ch Changes
+		p.add(p.peers[v.Node], v, &ch)
+		p.modes[v.Mode]++
+	}
+	return p, full
+}
+
+func (p *Planner) addClaim(l lease.Lease) {
+	if quickInvalid(l) != "" {
+		return
+	}
+	if l.Subnet.Bits() != p.in.Config.SubnetLen {
+		p.odd[l.Node] = true
+	}
+	m := p.claim[l.Subnet]
+	if m == nil {
+		m = map[string]bool{}
+		p.claim[l.Subnet] = m
+	}
+	m[l.Node] = true
+}
+
+func (p *Planner) dropClaim(l lease.Lease) {
+	delete(p.odd, l.Node)
+	if m := p.claim[l.Subnet]; m != nil {
+		delete(m, l.Node)
+		if len(m) == 0 {
+			delete(p.claim, l.Subnet)
+		}
+	}
+}
+
+// owners builds the owner map decide() needs for the given subnets, as Build would.
+func (p *Planner) owners(subnets map[netip.Prefix]bool) map[netip.Prefix]string {
+	o := make(map[netip.Prefix]string, len(subnets)+1)
+	o[p.in.Self.Subnet] = p.in.Self.Node
+	for s := range subnets {
+		if s == p.in.Self.Subnet {
+			continue
+		}
+		for n := range p.claim[s] {
+			if cur, ok := o[s]; !ok || n < cur {
+				o[s] = n
+			}
+		}
+	}
+	return o
+}
+
+// Update applies changed leases (a lease whose Subnet is invalid and PublicIP unset, as
+// from Deleted, removes the node) and returns the desired entries that changed.
+func (p *Planner) Update(changed []lease.Lease) Changes {
+	var ch Changes
+	// Every node that claims a subnet touched by the change may win or lose it.
+	subnets := map[netip.Prefix]bool{}
+	for _, l := range changed {
+		if l.Node == p.in.Self.Node {
+			continue
+		}
+		if old, ok := p.peers[l.Node]; ok {
+			subnets[old.Subnet] = true
+			p.dropClaim(old)
+			delete(p.peers, l.Node)
+		}
+		if l.Subnet.IsValid() || l.PublicIP.IsValid() {
+			p.peers[l.Node] = l
+			p.addClaim(l)
+			subnets[l.Subnet] = true
+		}
+	}
+	affected := map[string]bool{}
+	for _, l := range changed {
+		affected[l.Node] = true
+	}
+	// A lease of another subnet length may have gained or lost an overlap with any changed
+	// subnet; they are rare (left from before a config change), so re-decide them all.
+	if len(subnets) > 0 {
+		for n := range p.odd {
+			affected[n] = true
+		}
+	}
+	for s := range subnets {
+		for n := range p.claim[s] {
+			affected[n] = true
+		}
+	}
+	owner := p.owners(subnets)
+	// Odd-length subnets are checked against every owner (rare: leases from before a
+	// config change); give decide the full picture for those.
+	if len(p.odd) > 0 {
+		all := make(map[netip.Prefix]bool, len(p.claim))
+		for s := range p.claim {
+			all[s] = true
+		}
+		owner = p.owners(all)
+	}
+	// All removals before all additions: a subnet changing hands must end up with the new
+	// owner's entries whatever order the nodes come in.
+	for n := range affected {
+		p.remove(n, &ch)
+	}
+	for n := range affected {
+		if n == p.in.Self.Node {
+			continue
+		}
+		if old, ok := p.verdict[n]; ok {
+			p.modes[old.Mode]--
+		}
+		l, ok := p.peers[n]
+		if !ok {
+			delete(p.verdict, n)
+			continue
+		}
+		v := Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP}
+		if quickInvalid(l) == "" {
+			if _, known := owner[l.Subnet]; !known {
+				owner[l.Subnet] = p.ownerOf(l.Subnet)
+			}
+		}
+		v.Mode, v.Reason = decide(p.in, l, owner)
+		p.verdict[n] = v
+		p.modes[v.Mode]++
+		p.add(l, v, &ch)
+	}
+	return ch
+}
+
+// Count returns how many peers are in each mode.
+func (p *Planner) Count() map[Mode]int {
+	out := make(map[Mode]int, len(p.modes))
+	for m, n := range p.modes {
+		if n != 0 {
+			out[m] = n
+		}
+	}
+	return out
+}
+
+// PodMTU is the plan's pod MTU.
+func (p *Planner) PodMTU() int { return p.podMTU }
+
+// Peer returns the verdict on a node.
+func (p *Planner) Peer(node string) (Peer, bool) { v, ok := p.verdict[node]; return v, ok }
+
+func (p *Planner) ownerOf(s netip.Prefix) string {
+	if s == p.in.Self.Subnet {
+		return p.in.Self.Node
+	}
+	best := ""
+	for n := range p.claim[s] {
+		if best == "" || n < best {
+			best = n
+		}
+	}
+	return best
+}
+
+// remove takes node n's contributions out of the desired state.
+func (p *Planner) remove(n string, ch *Changes) {
+	c, ok := p.contrib[n]
+	if !ok {
+		return
+	}
+	delete(p.contrib, n)
+	if c.route != nil {
+		delete(p.routes, c.route.Dst)
+		ch.Routes = append(ch.Routes, c.route.Dst)
+	}
+	if c.neigh != nil {
+		delete(p.neighs, c.neigh.IP)
+		ch.Neighs = append(ch.Neighs, c.neigh.IP)
+	}
+	if c.fdb != nil {
+		delete(p.fdb, *c.fdb)
+		ch.FDB = append(ch.FDB, *c.fdb)
+	}
+}
+
+func (p *Planner) add(l lease.Lease, v Peer, ch *Changes) {
+	var c contribution
+	switch v.Mode {
+	case Direct:
+		c.route = &Route{Dst: l.Subnet, Gw: l.PublicIP, Dev: p.in.Underlay.Dev}
+	case VXLAN:
+		r := Route{Dst: l.Subnet, Gw: l.Subnet.Addr(), Dev: p.in.VXLANDev, OnLink: true}
+		if p.in.Config.Backend.Type == "hybrid" && p.podMTU > p.tunnelMTU {
+			r.MTU = p.tunnelMTU
+		}
+		mac := strings.ToLower(l.VTEPMAC)
+		c.route = &r
+		c.neigh = &Neigh{IP: l.Subnet.Addr(), MAC: mac}
+		c.fdb = &FDB{MAC: mac, Dst: l.PublicIP}
+	default:
+		return
+	}
+	p.contrib[v.Node] = c
+	p.routes[c.route.Dst] = *c.route
+	ch.Routes = append(ch.Routes, c.route.Dst)
+	if c.neigh != nil {
+		p.neighs[c.neigh.IP] = *c.neigh
+		p.fdb[*c.fdb] = true
+		ch.Neighs = append(ch.Neighs, c.neigh.IP)
+		ch.FDB = append(ch.FDB, *c.fdb)
+	}
+}
+
+// Route returns the desired route for dst.
+func (p *Planner) Route(dst netip.Prefix) (Route, bool) { r, ok := p.routes[dst]; return r, ok }
+
+// Neigh returns the desired neighbour entry for ip.
+func (p *Planner) Neigh(ip netip.Addr) (Neigh, bool) { n, ok := p.neighs[ip]; return n, ok }
+
+// HasFDB reports whether f is desired.
+func (p *Planner) HasFDB(f FDB) bool { return p.fdb[f] }
+
+// Plan renders the current desired state as a Plan (for status and full passes).
+func (p *Planner) Plan() Plan {
+	out := Build(Input{Config: p.in.Config, Self: p.in.Self, Underlay: p.in.Underlay, VXLANDev: p.in.VXLANDev})
+	for _, v := range p.verdict {
+		out.Peers = append(out.Peers, v)
+	}
+	for _, r := range p.routes {
+		out.Routes = append(out.Routes, r)
+	}
+	for _, n := range p.neighs {
+		out.Neighs = append(out.Neighs, n)
+	}
+	for f := range p.fdb {
+		out.FDB = append(out.FDB, f)
+	}
+	return out
+}

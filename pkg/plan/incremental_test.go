@@ -1,0 +1,98 @@
+package plan
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+
+	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/lease"
+)
+
+// TestPlannerMatchesBuild applies random sequences of lease changes incrementally and
+// checks after every step that the desired state equals Build of the whole set.
+func TestPlannerMatchesBuild(t *testing.T) {
+	for _, backend := range []string{config.HostGW, config.VXLAN, config.Hybrid} {
+		t.Run(backend, func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(1, uint64(len(backend))))
+			self := mk("self", "10.244.1.0/24", "192.0.2.1")
+			in := Input{Config: cfg(t, backend), Self: self, Underlay: underlay, VXLANDev: "na.1"}
+			random := func() lease.Lease {
+				node := fmt.Sprintf("n%d", rng.IntN(12))
+				subnet := fmt.Sprintf("10.244.%d.0/24", 1+rng.IntN(8)) // .1 collides with self now and then
+				if rng.IntN(10) == 0 {
+					subnet = fmt.Sprintf("10.244.%d.0/23", 2*rng.IntN(4))
+				}
+				ip := fmt.Sprintf("192.0.2.%d", 2+rng.IntN(50))
+				if rng.IntN(2) == 0 {
+					ip = fmt.Sprintf("198.51.100.%d", 2+rng.IntN(50))
+				}
+				l := mk(node, subnet, ip)
+				if rng.IntN(8) == 0 {
+					l.VTEPMAC = ""
+				}
+				return l
+			}
+			current := map[string]lease.Lease{}
+			var peers []lease.Lease
+			for range 5 {
+				l := random()
+				current[l.Node] = l
+			}
+			for _, l := range current {
+				peers = append(peers, l)
+			}
+			in.Peers = peers
+			p, _ := NewPlanner(in)
+			for step := range 400 {
+				var batch []lease.Lease
+				for range 1 + rng.IntN(3) {
+					l := random()
+					if rng.IntN(3) == 0 {
+						delete(current, l.Node)
+						batch = append(batch, lease.Lease{Node: l.Node}) // deletion
+						continue
+					}
+					current[l.Node] = l
+					batch = append(batch, l)
+				}
+				p.Update(batch)
+				var all []lease.Lease
+				for _, l := range current {
+					all = append(all, l)
+				}
+				in.Peers = all
+				want := render(Build(in))
+				built := Build(in)
+				if diff := cmp.Diff(built.Count(), p.Count(), cmpopts.EquateEmpty()); diff != "" {
+					t.Fatalf("step %d: mode counts differ: %s", step, diff)
+				}
+				if diff := cmp.Diff(want, render(p.Plan())); diff != "" {
+					t.Fatalf("step %d, batch %v: incremental plan differs from Build (-build +incremental):\n%s", step, batch, diff)
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkPlannerUpdate5000(b *testing.B) {
+	c := cfg(b, config.Hybrid)
+	c.Network = netip.MustParsePrefix("10.0.0.0/8")
+	var peers []lease.Lease
+	for i := range 5000 {
+		peers = append(peers, mk(fmt.Sprint("n", i), fmt.Sprintf("10.%d.%d.0/24", i/256, i%256), fmt.Sprintf("198.51.%d.%d", i/250, i%250+1)))
+	}
+	p, _ := NewPlanner(Input{Config: c, Self: mk("self", "10.250.0.0/24", "192.0.2.1"), Peers: peers, Underlay: underlay, VXLANDev: "na.1"})
+	i := 0
+	for b.Loop() {
+		l := mk(fmt.Sprint("new", i%1000), fmt.Sprintf("10.251.%d.0/24", i%250), "198.51.200.1")
+		if ch := p.Update([]lease.Lease{l}); ch.Empty() {
+			b.Fatal("no change")
+		}
+		i++
+	}
+}
