@@ -33,6 +33,7 @@ type runFlags struct {
 	listen       string
 	logLevel     string
 	embeddedEtcd string
+	pprof        bool
 }
 
 func newRunFlags() (*flag.FlagSet, *runFlags) {
@@ -52,6 +53,7 @@ func newRunFlags() (*flag.FlagSet, *runFlags) {
 	fs.StringVar(&f.listen, "listen", "127.0.0.1:9476", "address of /healthz, /readyz, /metrics and /status (empty: off)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.embeddedEtcd, "embedded-etcd", "", "run a single-member etcd in this process with its data in DIR and use it (single machine)")
+	fs.BoolVar(&f.pprof, "pprof", false, "also serve Go profiles at /debug/pprof/ on --listen")
 	return fs, f
 }
 
@@ -125,7 +127,7 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("--listen %s: %w", f.listen, err)
 		}
-		srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 5 * time.Second}
+		srv := &http.Server{Handler: a.Handler(f.pprof), ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = srv.Serve(ln) }()
 		defer srv.Close()
 	}

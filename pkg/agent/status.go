@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	httppprof "net/http/pprof"
 	"net/netip"
 	"sort"
 	"strings"
@@ -154,9 +155,13 @@ func (a *Agent) Snapshot() (Status, error) {
 	return st, nil
 }
 
-// Handler serves /healthz, /readyz, /metrics and /status.
-func (a *Agent) Handler() http.Handler {
+// Handler serves /healthz, /readyz, /metrics and /status (and /debug/pprof/ with pprof).
+func (a *Agent) Handler(pprof bool) http.Handler {
 	mux := http.NewServeMux()
+	if pprof {
+		mux.HandleFunc("/debug/pprof/", httppprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", httppprof.Profile)
+	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		if !a.ready() {

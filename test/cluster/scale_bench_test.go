@@ -162,6 +162,11 @@ func BenchmarkAgentScale(b *testing.B) {
 	}
 	time.Sleep(time.Second)
 	rss := rssMB(n.Agent)
+	if f := os.Getenv("SCALE_HEAP"); f != "" { // with NETAGENT_PPROF=true in the environment
+		if _, heap, err := l.Get(n, "/debug/pprof/heap"); err == nil {
+			_ = os.WriteFile(f, heap, 0o644)
+		}
+	}
 	if _, m, err := l.Get(n, "/metrics"); err == nil {
 		for _, line := range strings.Split(string(m), "\n") {
 			if strings.HasPrefix(line, "go_memstats_heap_inuse_bytes") || strings.HasPrefix(line, "go_memstats_heap_idle_bytes") || strings.HasPrefix(line, "go_memstats_heap_released_bytes") || strings.HasPrefix(line, "go_memstats_stack_inuse_bytes") {
