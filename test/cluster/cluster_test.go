@@ -6,11 +6,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -87,51 +85,6 @@ func status(t *testing.T, l *lab.Lab, n *lab.Node) agent.Status {
 	return st
 }
 
-// serveAddr runs a TCP server in ns that answers each connection with the client's address.
-func serveAddr(t *testing.T, ns *netns.NS, port int) {
-	t.Helper()
-	var ln net.Listener
-	if err := ns.Do(func() error {
-		var err error
-		ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			host, _, _ := net.SplitHostPort(c.RemoteAddr().String())
-			_, _ = c.Write([]byte(host))
-			_ = c.Close()
-		}
-	}()
-}
-
-// whoami connects from ns to addr and returns the source address the server saw.
-func whoami(ns *netns.NS, addr string) (string, error) {
-	var conn net.Conn
-	if err := ns.Do(func() error {
-		var err error
-		conn, err = net.DialTimeout("tcp4", addr, 3*time.Second)
-		return err
-	}); err != nil {
-		return "", err
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
-	b := make([]byte, 64)
-	n, err := conn.Read(b)
-	return string(b[:n]), err
-}
-
 func TestBackends(t *testing.T) {
 	for _, tc := range []struct {
 		backend       string
@@ -150,14 +103,14 @@ func TestBackends(t *testing.T) {
 			pods := l.Pods()
 			a, b := pods[0], pods[len(pods)-1]
 			// Pod to pod across nodes keeps its source address.
-			serveAddr(t, l.PodNS(b), 7000)
-			if got, err := whoami(l.PodNS(a), b.IP.String()+":7000"); err != nil || got != a.IP.String() {
+			l.PodNS(b).Serve(t, 7000, func(client string) string { return client })
+			if got, err := l.PodNS(a).Fetch(b.IP.String() + ":7000"); err != nil || got != a.IP.String() {
 				t.Errorf("pod %s -> pod %s: server saw %q (%v), want the pod's own %s", a.Name, b.Name, got, err, a.IP)
 			}
 			// Pod to an underlay host outside the cluster is masqueraded to its node's IP.
-			serveAddr(t, l.ExtNS(), 7001)
+			l.ExtNS().Serve(t, 7001, func(client string) string { return client })
 			node := l.Nodes[0]
-			if got, err := whoami(l.PodNS(node.Pods[0]), l.Ext.String()+":7001"); err != nil || got != node.IP.String() {
+			if got, err := l.PodNS(node.Pods[0]).Fetch(l.Ext.String() + ":7001"); err != nil || got != node.IP.String() {
 				t.Errorf("pod -> outside: server saw %q (%v), want node IP %s", got, err, node.IP)
 			}
 			// Modes per peer as the plan says, and what the kernel has.

@@ -5,12 +5,9 @@ package cni_test
 import (
 	"context"
 	"encoding/json"
-	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -223,55 +220,6 @@ func isBuiltin(chainLine string) bool {
 func ping(ns *netns.NS, ip string) error {
 	_, err := ns.Run("ping", "-c", "1", "-W", "2", "-q", ip)
 	return err
-}
-
-// serve listens on TCP port inside ns and answers each connection with reply, until the
-// test ends.
-func serve(t *testing.T, ns *netns.NS, port int, reply string) {
-	t.Helper()
-	var ln net.Listener
-	if err := ns.Do(func() error {
-		var err error
-		ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			_, _ = c.Write([]byte(reply))
-			_ = c.Close()
-		}
-	}()
-}
-
-// dial connects from inside ns to addr and returns what the server says.
-func dial(ns *netns.NS, addr string) (string, error) {
-	var conn net.Conn
-	err := ns.Do(func() error {
-		var err error
-		conn, err = net.DialTimeout("tcp4", addr, 2*time.Second)
-		return err
-	})
-	if err != nil {
-		return "", err
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
-	b := make([]byte, 64)
-	k, err := conn.Read(b)
-	if err != nil {
-		return "", err
-	}
-	return string(b[:k]), nil
 }
 
 // underlay gives the node an "eth0" towards an outside host namespace: node 192.0.2.10,

@@ -79,11 +79,11 @@ func TestHundredPods(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	serve(t, pods[99].ns, 8080, "hello from 99")
-	if got, err := dial(pods[0].ns, ips[99]+":8080"); err != nil || got != "hello from 99" {
+	pods[99].ns.Serve(t, 8080, func(string) string { return "hello from 99" })
+	if got, err := pods[0].ns.Fetch(ips[99] + ":8080"); err != nil || got != "hello from 99" {
 		t.Errorf("TCP pod 0 -> pod 99 = %q, %v", got, err)
 	}
-	if got, err := dial(n.ns, ips[99]+":8080"); err != nil || got != "hello from 99" {
+	if got, err := n.ns.Fetch(ips[99] + ":8080"); err != nil || got != "hello from 99" {
 		t.Errorf("TCP node -> pod 99 = %q, %v", got, err)
 	}
 
@@ -620,13 +620,13 @@ func TestHostPort(t *testing.T) {
 	other := n.newPod("other")
 	webIP := podIP(t, n.mustAdd(l, web))
 	otherIP := podIP(t, n.mustAdd(l, other))
-	serve(t, web.ns, 80, "web")
+	web.ns.Serve(t, 80, func(string) string { return "web" })
 
 	for _, c := range []struct {
 		name string
 		from *netns.NS
 	}{{"outside host", ext}, {"node itself", n.ns}, {"the pod itself (hairpin)", web.ns}, {"a neighbour pod", other.ns}} {
-		if got, err := dial(c.from, "192.0.2.10:8080"); err != nil || got != "web" {
+		if got, err := c.from.Fetch("192.0.2.10:8080"); err != nil || got != "web" {
 			t.Errorf("host port from %s = %q, %v", c.name, got, err)
 		}
 	}
@@ -637,7 +637,7 @@ func TestHostPort(t *testing.T) {
 	if err := n.del(l, web); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := dial(ext, "192.0.2.10:8080"); err == nil {
+	if _, err := ext.Fetch("192.0.2.10:8080"); err == nil {
 		t.Error("host port still reachable after DEL")
 	}
 	if err := n.del(l, other); err != nil {
