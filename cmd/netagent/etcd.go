@@ -80,11 +80,19 @@ func (e *etcdFlags) store(cli *clientv3.Client, ttl time.Duration, log *slog.Log
 
 func cmdEtcd(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("etcd", flag.ContinueOnError)
-	dir := fs.String("data-dir", "/run/netagent/etcd", "data directory; the client socket is DIR/etcd.sock:2379")
+	dir := fs.String("data-dir", "/run/netagent/etcd", "data directory; the client socket is DIR/etcd.sock:2379 (DIR/NAME.sock:2379 for a cluster member)")
+	name := fs.String("name", "", "cluster member name (with --initial-cluster; default: a single member)")
+	cluster := fs.String("initial-cluster", "", "members as NAME=unix://NAME-peer.sock:2380,... (all members share --data-dir)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	srv, err := embedetcd.Start(*dir)
+	var srv *embedetcd.Server
+	var err error
+	if *name != "" {
+		srv, err = embedetcd.StartMember(embedetcd.Member{Name: *name, Dir: *dir, InitialCluster: *cluster})
+	} else {
+		srv, err = embedetcd.Start(*dir)
+	}
 	if err != nil {
 		return err
 	}

@@ -67,3 +67,56 @@ func Start(dir string) (*Server, error) {
 
 // Close stops etcd.
 func (s *Server) Close() { s.e.Close() }
+
+// Member describes one member of a multi-member etcd on unix sockets. All members of a
+// cluster share Dir as their working directory (unix socket URLs are relative to it:
+// member NAME listens on NAME.sock:2379 for clients and NAME-peer.sock:2380 for peers).
+type Member struct {
+	Name           string
+	Dir            string
+	InitialCluster string // "m1=unix://m1-peer.sock:2380,m2=..."; see PeerURL
+}
+
+// PeerURL is a member's peer URL.
+func PeerURL(name string) string { return "unix://" + name + "-peer.sock:2380" }
+
+// ClientEndpoint is a member's client URL (absolute, for clients in any directory).
+func ClientEndpoint(dir, name string) string {
+	return "unix://" + filepath.Join(dir, name+".sock:2379")
+}
+
+// StartMember runs one member of a cluster. The process's working directory stays in
+// m.Dir, because members dial each other's peer sockets by relative name for as long as
+// they run: use it in a process of its own (`netagent etcd --name`).
+func StartMember(m Member) (*Server, error) {
+	if err := os.MkdirAll(m.Dir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := os.Chdir(m.Dir); err != nil {
+		return nil, err
+	}
+	cfg := embed.NewConfig()
+	cfg.Name = m.Name
+	cfg.Dir = m.Name + ".data"
+	cfg.Logger = "zap"
+	cfg.LogLevel = "error"
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	client, _ := url.Parse("unix://" + m.Name + ".sock:2379")
+	peer, _ := url.Parse(PeerURL(m.Name))
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*client}, []url.URL{*client}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*peer}, []url.URL{*peer}
+	cfg.InitialCluster = m.InitialCluster
+	cfg.InitialClusterToken = "netagent"
+	cfg.SnapshotCount = 10000
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("start etcd member %s: %w", m.Name, err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+	case <-time.After(60 * time.Second):
+		e.Close()
+		return nil, fmt.Errorf("etcd member %s not ready after 60s", m.Name)
+	}
+	return &Server{e: e, Dir: m.Dir, Endpoint: ClientEndpoint(m.Dir, m.Name)}, nil
+}

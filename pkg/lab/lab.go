@@ -32,6 +32,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/netagent/netagent/pkg/embedetcd"
 	"github.com/netagent/netagent/test/netns"
 )
 
@@ -47,6 +48,10 @@ type Options struct {
 	CNIBinDir   string // directory holding netagent-cni
 	LeaseTTL    time.Duration
 	Network     string // pod network (default 10.244.0.0/16)
+	// EtcdMembers > 1 runs a cluster of that many members; EtcdBinary runs an external
+	// etcd (e.g. Debian's /usr/bin/etcd) instead of `netagent etcd`.
+	EtcdMembers int
+	EtcdBinary  string
 	Log         func(format string, args ...any)
 }
 
@@ -76,6 +81,10 @@ type Lab struct {
 	Dir     string  `json:"dir"`
 	Backend string  `json:"backend"`
 	EtcdPid int     `json:"etcdPid"`
+	// EtcdPids are the members' processes in a multi-member etcd (EtcdPid is then 0).
+	EtcdPids    []int  `json:"etcdPids,omitempty"`
+	EtcdMembers int    `json:"etcdMembers,omitempty"`
+	EtcdBinary  string `json:"etcdBinary,omitempty"`
 	Nodes   []*Node `json:"nodes"`
 	Ext     netip.Addr
 	// Namespaces created, in creation order.
@@ -124,10 +133,19 @@ func (l *Lab) NodeNS(n *Node) *netns.NS { return &netns.NS{Name: n.NS, Path: "/r
 // PodNS returns a pod's namespace.
 func (l *Lab) PodNS(p *Pod) *netns.NS { return &netns.NS{Name: p.NS, Path: "/run/netns/" + p.NS} }
 
-// EtcdEndpoint is the etcd client URL.
+// EtcdEndpoint is the etcd client URL (a comma-separated list for a cluster).
 func (l *Lab) EtcdEndpoint() string {
-	return "unix://" + filepath.Join(l.Dir, "etcd", "etcd.sock:2379")
+	if l.EtcdMembers <= 1 && l.EtcdBinary == "" {
+		return "unix://" + filepath.Join(l.Dir, "etcd", "etcd.sock:2379")
+	}
+	var eps []string
+	for i := range max(l.EtcdMembers, 1) {
+		eps = append(eps, embedetcd.ClientEndpoint(filepath.Join(l.Dir, "etcd"), memberName(i)))
+	}
+	return strings.Join(eps, ",")
 }
+
+func memberName(i int) string { return fmt.Sprintf("m%d", i+1) }
 
 // Up builds the lab: namespaces, underlay, etcd, network config, agents, pods.
 func Up(ctx context.Context, opt Options) (l *Lab, err error) {
@@ -143,7 +161,8 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 	if opt.Network == "" {
 		opt.Network = Network
 	}
-	l = &Lab{Opt: opt, Prefix: opt.Prefix, Dir: opt.Dir, Backend: opt.Backend, Ext: netip.MustParseAddr(extIP)}
+	l = &Lab{Opt: opt, Prefix: opt.Prefix, Dir: opt.Dir, Backend: opt.Backend, Ext: netip.MustParseAddr(extIP),
+		EtcdMembers: opt.EtcdMembers, EtcdBinary: opt.EtcdBinary}
 	if err := os.MkdirAll(opt.Dir, 0o755); err != nil {
 		return nil, err
 	}
@@ -291,32 +310,85 @@ func attachAs(sw *netns.NS, port string, ns *netns.NS, dev, addr string) error {
 	return ns.AddrAdd(dev, addr)
 }
 
-// StartEtcd starts `netagent etcd` (inside the switch namespace; it listens on a unix
-// socket only).
+// StartEtcd starts etcd inside the switch namespace (it listens on unix sockets only):
+// `netagent etcd`, or with EtcdMembers/EtcdBinary a cluster or an external etcd.
 func (l *Lab) StartEtcd() error {
 	dir := filepath.Join(l.Dir, "etcd")
-	cmd := l.Switch().Command(context.Background(), l.Opt.Netagent, "etcd", "--data-dir", dir)
-	pid, err := startDetached(cmd, filepath.Join(l.Dir, "etcd.log"))
-	if err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	l.EtcdPid = pid
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if _, err := os.Stat(filepath.Join(dir, "etcd.sock:2379")); err == nil {
-			if out, err := l.netagent(context.Background(), "config", "get"); err == nil || strings.Contains(out, "no network config") {
-				return nil
+	if l.EtcdMembers <= 1 && l.EtcdBinary == "" {
+		cmd := l.Switch().Command(context.Background(), l.Opt.Netagent, "etcd", "--data-dir", dir)
+		pid, err := startDetached(cmd, filepath.Join(l.Dir, "etcd.log"))
+		if err != nil {
+			return err
+		}
+		l.EtcdPid = pid
+	} else {
+		l.EtcdPids = nil
+		for i := range max(l.EtcdMembers, 1) {
+			if err := l.StartEtcdMember(i); err != nil {
+				return err
 			}
+		}
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		if out, err := l.netagent(context.Background(), "config", "get"); err == nil || strings.Contains(out, "no network config") {
+			return nil
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	return fmt.Errorf("etcd did not come up; see %s", filepath.Join(l.Dir, "etcd.log"))
+	return fmt.Errorf("etcd did not come up; see %s", filepath.Join(l.Dir, "etcd*.log"))
 }
 
-// StopEtcd kills etcd.
+// StartEtcdMember starts member i of a multi-member (or external) etcd.
+func (l *Lab) StartEtcdMember(i int) error {
+	dir := filepath.Join(l.Dir, "etcd")
+	n := max(l.EtcdMembers, 1)
+	var cluster []string
+	for j := range n {
+		cluster = append(cluster, memberName(j)+"="+embedetcd.PeerURL(memberName(j)))
+	}
+	name := memberName(i)
+	var cmd *exec.Cmd
+	if l.EtcdBinary == "" {
+		cmd = l.Switch().Command(context.Background(), l.Opt.Netagent, "etcd", "--data-dir", dir, "--name", name, "--initial-cluster", strings.Join(cluster, ","))
+	} else {
+		client := "unix://" + name + ".sock:2379"
+		cmd = l.Switch().Command(context.Background(), l.EtcdBinary, "--name", name, "--data-dir", name+".data",
+			"--listen-client-urls", client, "--advertise-client-urls", client,
+			"--listen-peer-urls", embedetcd.PeerURL(name), "--initial-advertise-peer-urls", embedetcd.PeerURL(name),
+			"--initial-cluster", strings.Join(cluster, ","), "--initial-cluster-token", "netagent", "--initial-cluster-state", "new")
+	}
+	cmd.Dir = dir // members find each other's peer sockets relative to it
+	pid, err := startDetached(cmd, filepath.Join(l.Dir, "etcd-"+name+".log"))
+	if err != nil {
+		return err
+	}
+	for len(l.EtcdPids) <= i {
+		l.EtcdPids = append(l.EtcdPids, 0)
+	}
+	l.EtcdPids[i] = pid
+	return nil
+}
+
+// StopEtcdMember kills member i.
+func (l *Lab) StopEtcdMember(i int) error {
+	err := killWait(l.EtcdPids[i])
+	l.EtcdPids[i] = 0
+	return err
+}
+
+// StopEtcd kills etcd (every member).
 func (l *Lab) StopEtcd() error {
 	err := killWait(l.EtcdPid)
 	l.EtcdPid = 0
+	for i := range l.EtcdPids {
+		if e := l.StopEtcdMember(i); err == nil {
+			err = e
+		}
+	}
 	return err
 }
 
@@ -453,9 +525,7 @@ func (l *Lab) Down() error {
 			_ = signalWait(n.Agent, syscall.SIGKILL)
 		}
 	}
-	if l.EtcdPid != 0 {
-		_ = killWait(l.EtcdPid)
-	}
+	_ = l.StopEtcd()
 	entries, _ := os.ReadDir("/run/netns")
 	for _, e := range entries {
 		if l.Prefix != "" && strings.HasPrefix(e.Name(), l.Prefix) {
