@@ -82,11 +82,11 @@ type Lab struct {
 	Backend string  `json:"backend"`
 	EtcdPid int     `json:"etcdPid"`
 	// EtcdPids are the members' processes in a multi-member etcd (EtcdPid is then 0).
-	EtcdPids    []int  `json:"etcdPids,omitempty"`
-	EtcdMembers int    `json:"etcdMembers,omitempty"`
-	EtcdBinary  string `json:"etcdBinary,omitempty"`
-	Nodes   []*Node `json:"nodes"`
-	Ext     netip.Addr
+	EtcdPids    []int   `json:"etcdPids,omitempty"`
+	EtcdMembers int     `json:"etcdMembers,omitempty"`
+	EtcdBinary  string  `json:"etcdBinary,omitempty"`
+	Nodes       []*Node `json:"nodes"`
+	Ext         netip.Addr
 	// Namespaces created, in creation order.
 	Namespaces []string `json:"namespaces"`
 }
