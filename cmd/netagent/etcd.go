@@ -3,10 +3,13 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/url"
 	"strings"
 	"time"
@@ -56,6 +59,11 @@ func (e *etcdFlags) client() (*clientv3.Client, error) {
 			return nil, fmt.Errorf("etcd TLS: %w", err)
 		}
 	}
+	if tlsCfg != nil {
+		if err := probeTLS(eps, tlsCfg, e.timeout); err != nil {
+			return nil, err
+		}
+	}
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   eps,
 		DialTimeout: e.timeout,
@@ -100,4 +108,48 @@ func cmdEtcd(ctx context.Context, args []string, stdout io.Writer) error {
 	fmt.Fprintf(stdout, "etcd ready at %s\n", srv.Endpoint)
 	<-ctx.Done()
 	return nil
+}
+
+// probeTLS makes one TLS handshake with each https endpoint that answers, so that a
+// certificate problem is reported as what it is; through the gRPC client it would only
+// show as a timeout. Endpoints that do not answer are left to the client's retries.
+func probeTLS(eps []string, cfg *tls.Config, timeout time.Duration) error {
+	for _, ep := range eps {
+		u, err := url.Parse(ep)
+		if err != nil || u.Scheme != "https" {
+			continue
+		}
+		c := cfg.Clone()
+		c.NextProtos = []string{"h2"}
+		if c.ServerName == "" {
+			c.ServerName = u.Hostname()
+		}
+		d := &net.Dialer{Timeout: timeout}
+		conn, err := tls.DialWithDialer(d, "tcp", u.Host, c)
+		if err != nil {
+			if isTLSError(err) {
+				return fmt.Errorf("etcd %s: TLS handshake failed: %w", ep, err)
+			}
+			continue
+		}
+		// TLS 1.3 servers reject a client certificate after the handshake: the alert
+		// arrives on the first read. A healthy gRPC server sends its settings at once.
+		_ = conn.SetReadDeadline(time.Now().Add(timeout))
+		_, err = conn.Read(make([]byte, 1))
+		conn.Close()
+		if err != nil && isTLSError(err) {
+			return fmt.Errorf("etcd %s rejected the client certificate: %w", ep, err)
+		}
+	}
+	return nil
+}
+
+func isTLSError(err error) bool {
+	var alert tls.AlertError
+	var unknown x509.UnknownAuthorityError
+	var hostname x509.HostnameError
+	var invalid x509.CertificateInvalidError
+	var verify *tls.CertificateVerificationError
+	return errors.As(err, &alert) || errors.As(err, &unknown) || errors.As(err, &hostname) || errors.As(err, &invalid) ||
+		errors.As(err, &verify) || strings.Contains(err.Error(), "remote error: tls")
 }

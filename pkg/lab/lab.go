@@ -52,7 +52,10 @@ type Options struct {
 	// etcd (e.g. Debian's /usr/bin/etcd) instead of `netagent etcd`.
 	EtcdMembers int
 	EtcdBinary  string
-	Log         func(format string, args ...any)
+	// EtcdTLS runs a single external etcd (EtcdBinary) with TLS and client-certificate
+	// authentication on the underlay at 192.0.2.250:2379, in a namespace of its own.
+	EtcdTLS bool
+	Log     func(format string, args ...any)
 }
 
 // Node is one lab node.
@@ -82,10 +85,11 @@ type Lab struct {
 	Backend string  `json:"backend"`
 	EtcdPid int     `json:"etcdPid"`
 	// EtcdPids are the members' processes in a multi-member etcd (EtcdPid is then 0).
-	EtcdPids    []int   `json:"etcdPids,omitempty"`
-	EtcdMembers int     `json:"etcdMembers,omitempty"`
-	EtcdBinary  string  `json:"etcdBinary,omitempty"`
-	Nodes       []*Node `json:"nodes"`
+	EtcdPids    []int     `json:"etcdPids,omitempty"`
+	EtcdMembers int       `json:"etcdMembers,omitempty"`
+	EtcdBinary  string    `json:"etcdBinary,omitempty"`
+	EtcdTLS     *TLSFiles `json:"etcdTLS,omitempty"`
+	Nodes       []*Node   `json:"nodes"`
 	Ext         netip.Addr
 	// Namespaces created, in creation order.
 	Namespaces []string `json:"namespaces"`
@@ -133,8 +137,14 @@ func (l *Lab) NodeNS(n *Node) *netns.NS { return &netns.NS{Name: n.NS, Path: "/r
 // PodNS returns a pod's namespace.
 func (l *Lab) PodNS(p *Pod) *netns.NS { return &netns.NS{Name: p.NS, Path: "/run/netns/" + p.NS} }
 
+// etcdTLSAddr is where a TLS lab's etcd listens (on the underlay).
+const etcdTLSAddr = "192.0.2.250"
+
 // EtcdEndpoint is the etcd client URL (a comma-separated list for a cluster).
 func (l *Lab) EtcdEndpoint() string {
+	if l.EtcdTLS != nil {
+		return "https://" + etcdTLSAddr + ":2379"
+	}
 	if l.EtcdMembers <= 1 && l.EtcdBinary == "" {
 		return "unix://" + filepath.Join(l.Dir, "etcd", "etcd.sock:2379")
 	}
@@ -163,6 +173,16 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 	}
 	l = &Lab{Opt: opt, Prefix: opt.Prefix, Dir: opt.Dir, Backend: opt.Backend, Ext: netip.MustParseAddr(extIP),
 		EtcdMembers: opt.EtcdMembers, EtcdBinary: opt.EtcdBinary}
+	if opt.EtcdTLS {
+		if opt.EtcdBinary == "" {
+			return nil, errors.New("EtcdTLS needs EtcdBinary (an external etcd)")
+		}
+		files, err := GenerateTLS(filepath.Join(opt.Dir, "pki"), net.ParseIP(etcdTLSAddr))
+		if err != nil {
+			return nil, err
+		}
+		l.EtcdTLS = &files
+	}
 	if err := os.MkdirAll(opt.Dir, 0o755); err != nil {
 		return nil, err
 	}
@@ -228,6 +248,20 @@ func (l *Lab) underlay() error {
 	}
 	if err := attach(sw, "ext", ext, extIP+"/24"); err != nil {
 		return err
+	}
+	if l.EtcdTLS != nil {
+		en, err := l.newNS("etcd")
+		if err != nil {
+			return err
+		}
+		if err := attach(sw, "etcd", en, etcdTLSAddr+"/24"); err != nil {
+			return err
+		}
+		if l.Opt.Remote > 0 {
+			if _, err := en.Run("ip", "route", "add", underlayB, "via", routerA); err != nil {
+				return err
+			}
+		}
 	}
 	var swB *netns.NS
 	if l.Opt.Remote > 0 {
@@ -317,7 +351,20 @@ func (l *Lab) StartEtcd() error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	if l.EtcdMembers <= 1 && l.EtcdBinary == "" {
+	if l.EtcdTLS != nil {
+		t := l.EtcdTLS
+		url := "https://" + etcdTLSAddr + ":2379"
+		cmd := l.ns("etcd").Command(context.Background(), l.EtcdBinary, "--name", "tls", "--data-dir", filepath.Join(dir, "tls.data"),
+			"--listen-client-urls", url, "--advertise-client-urls", url,
+			"--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+			"--initial-cluster", "tls=http://127.0.0.1:2380",
+			"--cert-file", t.ServerCert, "--key-file", t.ServerKey, "--trusted-ca-file", t.CA, "--client-cert-auth")
+		pid, err := startDetached(cmd, filepath.Join(l.Dir, "etcd.log"))
+		if err != nil {
+			return err
+		}
+		l.EtcdPid = pid
+	} else if l.EtcdMembers <= 1 && l.EtcdBinary == "" {
 		cmd := l.Switch().Command(context.Background(), l.Opt.Netagent, "etcd", "--data-dir", dir)
 		pid, err := startDetached(cmd, filepath.Join(l.Dir, "etcd.log"))
 		if err != nil {
@@ -402,15 +449,27 @@ func (l *Lab) setConfig(ctx context.Context) error {
 
 // netagent runs a netagent subcommand against the lab's etcd.
 func (l *Lab) netagent(ctx context.Context, args ...string) (string, error) {
-	args = append(args, "--etcd-endpoints", l.EtcdEndpoint())
-	out, err := exec.CommandContext(ctx, l.Opt.Netagent, args...).CombinedOutput()
+	args = append(args, l.EtcdFlags()...)
+	cmd := exec.CommandContext(ctx, l.Opt.Netagent, args...)
+	if l.EtcdTLS != nil {
+		cmd = l.ns("etcd").Command(ctx, l.Opt.Netagent, args...) // etcd is on the underlay
+	}
+	out, err := cmd.CombinedOutput()
 	return string(out), err
+}
+
+// EtcdFlags are the etcd flags of netagent commands in this lab.
+func (l *Lab) EtcdFlags() []string {
+	f := []string{"--etcd-endpoints", l.EtcdEndpoint()}
+	if t := l.EtcdTLS; t != nil {
+		f = append(f, "--etcd-ca", t.CA, "--etcd-cert", t.ClientCert, "--etcd-key", t.ClientKey)
+	}
+	return f
 }
 
 // AgentArgs are the `netagent run` arguments of a node.
 func (l *Lab) AgentArgs(n *Node) []string {
-	return []string{"run",
-		"--etcd-endpoints", l.EtcdEndpoint(),
+	return append([]string{"run",
 		"--node-name", n.Name,
 		"--iface", "eth0",
 		"--subnet-file", filepath.Join(n.Dir, "subnet.env"),
@@ -418,7 +477,7 @@ func (l *Lab) AgentArgs(n *Node) []string {
 		"--cni-data-dir", filepath.Join(n.Dir, "ipam"),
 		"--lease-ttl", l.Opt.LeaseTTL.String(),
 		"--listen", "127.0.0.1:9476",
-	}
+	}, l.EtcdFlags()...)
 }
 
 // StartAgent starts the node's agent.
