@@ -33,6 +33,14 @@ func NewMetrics() *Metrics {
 		WatchRestarts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "netagent_etcd_watch_restarts_total", Help: "Lease watch restarts, by reason."}, []string{"reason"}),
 		Errors:        prometheus.NewCounterVec(prometheus.CounterOpts{Name: "netagent_errors_total", Help: "Errors, by kind."}, []string{"kind"}),
 	}
+	// Known label values start at zero, so dashboards see the series before the first event.
+	for _, k := range []string{"config", "lease", "reconcile", "files"} {
+		m.Errors.WithLabelValues(k)
+	}
+	for _, k := range []string{"route", "neigh", "fdb", "vxlan-device", "nat"} {
+		m.Repairs.WithLabelValues(k)
+		m.Changes.WithLabelValues(k)
+	}
 	r.MustRegister(m.LeaseHeld, m.LeaseTTL, m.Peers, m.ReconcileSeconds, m.Changes, m.Repairs, m.WatchRestarts, m.Errors,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -160,3 +160,48 @@ func TestHostGWWarnsAboutOffLinkPeer(t *testing.T) {
 		t.Errorf("netagent status does not show the warning:\n%s", out)
 	}
 }
+
+func TestHealthReadyAndMetrics(t *testing.T) {
+	l := newLab(t, "vxlan", 2, 0, 0)
+	n := l.Nodes[0]
+	for _, path := range []string{"/healthz", "/readyz"} {
+		if code, b, err := l.Get(n, path); err != nil || code != 200 {
+			t.Errorf("GET %s = %d %v %s", path, code, err, b)
+		}
+	}
+	_, b, err := l.Get(n, "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range []string{
+		"netagent_lease_held 1", "netagent_lease_ttl_seconds 3", `netagent_peers{mode="vxlan"} 1`,
+		"netagent_reconcile_duration_seconds_bucket", "netagent_errors_total", "process_resident_memory_bytes",
+	} {
+		if !strings.Contains(string(b), m) {
+			t.Errorf("/metrics lacks %q", m)
+		}
+	}
+	// A repair shows up as drift, by kind.
+	l.NodeNS(n).MustRun(t, "ip", "route", "del", status(t, l, l.Nodes[1]).Subnet)
+	waitUntil(t, 2*time.Second, "drift counted", func() bool {
+		_, b, _ := l.Get(n, "/metrics")
+		return strings.Contains(string(b), `netagent_drift_repairs_total{kind="route"} 1`)
+	})
+	// Not ready before the lease and first reconcile: an agent without etcd.
+	if err := l.StopAgent(n, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.StopEtcd(); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.StartAgent(n); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 5*time.Second, "healthz answers while etcd is down", func() bool {
+		code, _, err := l.Get(n, "/healthz")
+		return err == nil && code == 200
+	})
+	if code, _, _ := l.Get(n, "/readyz"); code != 503 {
+		t.Errorf("/readyz with no lease = %d, want 503", code)
+	}
+}
