@@ -27,6 +27,7 @@ type command struct {
 
 var commands = []command{
 	{"run", "run the node agent", cmdRun},
+	{"route-mode", "run the agent on a bare Docker host: Docker's bridge uses the leased subnet", cmdRouteMode},
 	{"config", "get or set the network config in etcd (config get | config set ...)", cmdConfig},
 	{"status", "show this node's lease and every peer's state (asks the running agent)", cmdStatus},
 	{"leave", "release this node's subnet lease for good (node decommissioned)", cmdLeave},

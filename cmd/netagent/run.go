@@ -80,6 +80,30 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	return runAgent(ctx, f, nil)
+}
+
+// cmdRouteMode is `netagent run` for bare Docker hosts: the same lease and routing, with
+// Docker's bridge on the leased subnet instead of a CNI plugin.
+func cmdRouteMode(ctx context.Context, args []string, stdout io.Writer) error {
+	fs, f := newRunFlags()
+	fs.Lookup("cni-conf-dir").DefValue = ""
+	_ = fs.Set("cni-conf-dir", "")
+	d := &agent.DockerMode{}
+	fs.StringVar(&d.ConfigPath, "write-docker-config", "", "write bip and mtu for the leased subnet into this daemon.json (then restart dockerd)")
+	fs.StringVar(&d.Network, "docker-network", "", "create this user-defined bridge network on the leased subnet (via --docker-socket)")
+	fs.StringVar(&d.Socket, "docker-socket", "/var/run/docker.sock", "Docker Engine API socket")
+	fs.StringVar(&d.Bridge, "docker-bridge", "docker0", "without the two above: the bridge that must carry the leased subnet")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if d.ConfigPath != "" && d.Network != "" {
+		return errors.New("--write-docker-config and --docker-network are alternatives; pick one")
+	}
+	return runAgent(ctx, f, d)
+}
+
+func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 	if err := f.validate(); err != nil {
 		return err
 	}
@@ -118,6 +142,7 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 		Store:      f.etcd.store(cli, f.leaseTTL, log),
 		Log:        log,
 		Metrics:    metrics,
+		Docker:     d,
 	})
 	if err != nil {
 		return err

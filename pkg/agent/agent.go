@@ -28,6 +28,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/docker"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/nat"
 	"github.com/netagent/netagent/pkg/plan"
@@ -58,6 +59,16 @@ type Options struct {
 	Store      Store
 	Log        *slog.Logger
 	Metrics    *Metrics
+	// Docker, when set, is route mode: Docker's bridge (or a network) must use the lease.
+	Docker *DockerMode
+}
+
+// DockerMode says how a Docker host uses the leased subnet.
+type DockerMode struct {
+	ConfigPath string // write bip/mtu into this daemon.json
+	Network    string // or create this user-defined bridge network (via Socket)
+	Socket     string // Docker Engine API socket
+	Bridge     string // else check that this bridge carries the subnet (default docker0)
 }
 
 // Agent runs one node's control loop.
@@ -367,7 +378,37 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 			a.setError("files", err)
 			return
 		}
+		if a.opt.Docker != nil {
+			if err := a.dockerStep(ctx, log, self, p); err != nil {
+				log.Warn("docker is not using the leased subnet yet; retrying", "err", err)
+				a.setError("docker", err)
+				time.AfterFunc(time.Second, func() { signal(a.trigger) })
+				return
+			}
+			a.clearError("docker")
+		}
 		a.setReady()
+	}
+}
+
+// dockerStep makes Docker use the leased subnet (route mode): write daemon.json, create a
+// network, or check the bridge.
+func (a *Agent) dockerStep(ctx context.Context, log *slog.Logger, self lease.Lease, p plan.Plan) error {
+	d := a.opt.Docker
+	switch {
+	case d.ConfigPath != "":
+		changed, err := docker.WriteConfig(d.ConfigPath, self.Subnet, p.PodMTU)
+		if err != nil {
+			return err
+		}
+		if changed {
+			log.Info("wrote the leased subnet into docker's config; (re)start dockerd to apply it", "file", d.ConfigPath, "bip", docker.Gateway(self.Subnet), "mtu", p.PodMTU)
+		}
+		return nil
+	case d.Network != "":
+		return docker.NewClient(d.Socket).EnsureNetwork(ctx, d.Network, self.Subnet, p.PodMTU)
+	default:
+		return docker.CheckBridge(a.h, d.Bridge, self.Subnet)
 	}
 }
 

@@ -1,0 +1,181 @@
+// Package docker makes a Docker host use the subnet netagent leased for it (route mode):
+// by writing `bip` and `mtu` into daemon.json, by checking that the docker bridge already
+// carries the subnet, or by creating a user-defined bridge network on it.
+//
+// The Engine API is spoken directly over its unix socket with net/http (three calls): the
+// Docker SDK would bring in far more code than these calls need.
+package docker
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/netagent/netagent/pkg/atomicfile"
+)
+
+// Gateway is the bridge address Docker should use for subnet: its first address, with the
+// subnet's length (the form of `bip`).
+func Gateway(subnet netip.Prefix) netip.Prefix {
+	return netip.PrefixFrom(subnet.Addr().Next(), subnet.Bits())
+}
+
+// WriteConfig merges bip and mtu into the daemon.json at path, keeping every other key. It
+// reports whether the file changed (dockerd must then be restarted to apply it).
+func WriteConfig(path string, subnet netip.Prefix, mtu int) (bool, error) {
+	cfg := map[string]any{}
+	b, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return false, fmt.Errorf("read %s: %w", path, err)
+	default:
+		if len(bytes.TrimSpace(b)) > 0 {
+			if err := json.Unmarshal(b, &cfg); err != nil {
+				return false, fmt.Errorf("%s is not a JSON object: %w", path, err)
+			}
+		}
+	}
+	bip := Gateway(subnet).String()
+	if cfg["bip"] == bip && cfg["mtu"] == float64(mtu) {
+		return false, nil
+	}
+	cfg["bip"] = bip
+	cfg["mtu"] = mtu
+	out, err := json.MarshalIndent(cfg, "", "  ")
+	if err != nil {
+		return false, err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return false, err
+	}
+	return true, atomicfile.Write(path, append(out, '\n'), 0o644)
+}
+
+// CheckBridge verifies that the bridge dev carries the gateway of subnet; the error says
+// what it carries instead and how to fix it.
+func CheckBridge(h *netlink.Handle, dev string, subnet netip.Prefix) error {
+	want := Gateway(subnet)
+	l, err := h.LinkByName(dev)
+	if err != nil {
+		return fmt.Errorf("docker bridge %s not found (is dockerd running, started with --bip=%s?): %w", dev, want, err)
+	}
+	addrs, err := h.AddrList(l, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("addresses of %s: %w", dev, err)
+	}
+	var have []string
+	for _, a := range addrs {
+		ip, _ := netip.AddrFromSlice(a.IP.To4())
+		ones, _ := a.Mask.Size()
+		p := netip.PrefixFrom(ip, ones)
+		if p == want {
+			return nil
+		}
+		have = append(have, p.String())
+	}
+	return fmt.Errorf("docker bridge %s carries %v, not the leased %s: start dockerd with --bip=%s (or let netagent write it: --write-docker-config /etc/docker/daemon.json)", dev, have, subnet, want)
+}
+
+// Client talks to the Docker Engine API on a unix socket.
+type Client struct {
+	http *http.Client
+}
+
+// NewClient returns a client for the socket at path.
+func NewClient(path string) *Client {
+	return &Client{http: &http.Client{
+		Timeout: 30 * time.Second,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", path)
+		}},
+	}}
+}
+
+type network struct {
+	Name    string            `json:"Name"`
+	Driver  string            `json:"Driver"`
+	Options map[string]string `json:"Options,omitempty"`
+	IPAM    struct {
+		Config []struct {
+			Subnet  string `json:"Subnet"`
+			Gateway string `json:"Gateway,omitempty"`
+		} `json:"Config"`
+	} `json:"IPAM"`
+}
+
+// EnsureNetwork creates the bridge network name on subnet (with mtu) unless it exists; an
+// existing network on another subnet is an error, not silently replaced (containers may be
+// attached to it).
+func (c *Client) EnsureNetwork(ctx context.Context, name string, subnet netip.Prefix, mtu int) error {
+	var cur network
+	code, err := c.do(ctx, http.MethodGet, "/networks/"+name, nil, &cur)
+	if err != nil {
+		return err
+	}
+	if code == http.StatusOK {
+		for _, cfg := range cur.IPAM.Config {
+			if cfg.Subnet == subnet.String() {
+				return nil
+			}
+		}
+		return fmt.Errorf("docker network %s exists on %+v, not the leased %s: remove it (docker network rm %s) and netagent recreates it", name, cur.IPAM.Config, subnet, name)
+	}
+	n := network{Name: name, Driver: "bridge", Options: map[string]string{"com.docker.network.driver.mtu": strconv.Itoa(mtu)}}
+	n.IPAM.Config = append(n.IPAM.Config, struct {
+		Subnet  string `json:"Subnet"`
+		Gateway string `json:"Gateway,omitempty"`
+	}{subnet.String(), Gateway(subnet).Addr().String()})
+	code, err = c.do(ctx, http.MethodPost, "/networks/create", n, nil)
+	if err != nil {
+		return err
+	}
+	if code != http.StatusCreated && code != http.StatusOK {
+		return fmt.Errorf("create docker network %s: HTTP %d", name, code)
+	}
+	return nil
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) (int, error) {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return 0, err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://docker"+path, body)
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return 0, fmt.Errorf("docker API %s %s: %w", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode >= 400 && resp.StatusCode != http.StatusNotFound {
+		return resp.StatusCode, fmt.Errorf("docker API %s %s: HTTP %d: %s", method, path, resp.StatusCode, bytes.TrimSpace(b))
+	}
+	if out != nil && resp.StatusCode == http.StatusOK {
+		if err := json.Unmarshal(b, out); err != nil {
+			return resp.StatusCode, fmt.Errorf("docker API %s %s: %w", method, path, err)
+		}
+	}
+	return resp.StatusCode, nil
+}
