@@ -339,6 +339,7 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 		Underlay: plan.Underlay{Dev: ul.dev, MTU: ul.mtu, Connected: connected},
 		VXLANDev: vxDev,
 	})
+	p.NAT.Final = a.opt.Docker != nil
 	a.mu.Lock()
 	a.planner = planner
 	a.mu.Unlock()

@@ -55,18 +55,23 @@ type Options struct {
 	// EtcdTLS runs a single external etcd (EtcdBinary) with TLS and client-certificate
 	// authentication on the underlay at 192.0.2.250:2379, in a namespace of its own.
 	EtcdTLS bool
-	Log     func(format string, args ...any)
+	// RouteMode runs `netagent route-mode --write-docker-config` instead of `netagent run`
+	// (the Docker scenario: each node is a Docker host).
+	RouteMode bool
+	Log       func(format string, args ...any)
 }
 
 // Node is one lab node.
 type Node struct {
-	Name  string       `json:"name"`
-	NS    string       `json:"ns"`
-	IP    netip.Addr   `json:"ip"`
-	Agent int          `json:"agentPid"`
-	Pods  []*Pod       `json:"pods"`
-	Dir   string       `json:"dir"`
-	Net   netip.Prefix `json:"underlay"`
+	Name  string     `json:"name"`
+	NS    string     `json:"ns"`
+	IP    netip.Addr `json:"ip"`
+	Agent int        `json:"agentPid"`
+	Pods  []*Pod     `json:"pods"`
+	// Dockerd is the node's dockerd (route-mode labs).
+	Dockerd int          `json:"dockerdPid,omitempty"`
+	Dir     string       `json:"dir"`
+	Net     netip.Prefix `json:"underlay"`
 }
 
 // Pod is one lab pod.
@@ -469,7 +474,13 @@ func (l *Lab) EtcdFlags() []string {
 
 // AgentArgs are the `netagent run` arguments of a node.
 func (l *Lab) AgentArgs(n *Node) []string {
-	return append([]string{"run",
+	cmd := "run"
+	var extra []string
+	if l.Opt.RouteMode {
+		cmd = "route-mode"
+		extra = []string{"--write-docker-config", filepath.Join(n.Dir, "daemon.json")}
+	}
+	return append(append([]string{cmd,
 		"--node-name", n.Name,
 		"--iface", "eth0",
 		"--subnet-file", filepath.Join(n.Dir, "subnet.env"),
@@ -477,7 +488,7 @@ func (l *Lab) AgentArgs(n *Node) []string {
 		"--cni-data-dir", filepath.Join(n.Dir, "ipam"),
 		"--lease-ttl", l.Opt.LeaseTTL.String(),
 		"--listen", "127.0.0.1:9476",
-	}, l.EtcdFlags()...)
+	}, l.EtcdFlags()...), extra...)
 }
 
 // StartAgent starts the node's agent.
@@ -580,6 +591,11 @@ func Load(dir string, opt Options) (*Lab, error) {
 func (l *Lab) Down() error {
 	var errs []error
 	for _, n := range l.Nodes {
+		if n.Dockerd != 0 {
+			if err := l.StopDocker(context.Background(), n); err != nil {
+				errs = append(errs, err)
+			}
+		}
 		if n.Agent != 0 {
 			_ = signalWait(n.Agent, syscall.SIGKILL)
 		}
@@ -616,7 +632,9 @@ func startDetached(cmd *exec.Cmd, logPath string) (int, error) {
 
 func killWait(pid int) error { return signalWait(pid, syscall.SIGKILL) }
 
-func signalWait(pid int, sig syscall.Signal) error {
+func signalWait(pid int, sig syscall.Signal) error { return signalWaitFor(pid, sig, 10*time.Second) }
+
+func signalWaitFor(pid int, sig syscall.Signal, timeout time.Duration) error {
 	if pid <= 0 {
 		return nil
 	}
@@ -626,7 +644,7 @@ func signalWait(pid int, sig syscall.Signal) error {
 		}
 		return err
 	}
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		if syscall.Kill(pid, 0) != nil || zombie(pid) {
 			return nil

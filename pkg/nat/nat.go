@@ -41,7 +41,7 @@ func desired(n plan.NAT) []table {
 	}
 	return []table{
 		{name: "nat", hook: "POSTROUTING", chain: PostChain, rules: []string{
-			fmt.Sprintf("-s %s -d %s -m comment --comment \"netagent:pod-to-pod\" -j RETURN", n.Network, n.Network),
+			fmt.Sprintf("-s %s -d %s -m comment --comment \"netagent:pod-to-pod\" -j %s", n.Network, n.Network, exempt(n)),
 			fmt.Sprintf("-s %s ! -d 224.0.0.0/4 -m comment --comment \"netagent:pod-egress\" -j MASQUERADE --random-fully", n.Subnet),
 		}},
 		{name: "filter", hook: "FORWARD", chain: FwdChain, rules: []string{
@@ -49,6 +49,13 @@ func desired(n plan.NAT) []table {
 			fmt.Sprintf("-d %s -m comment --comment \"netagent:cluster-in\" -j ACCEPT", n.Network),
 		}},
 	}
+}
+
+func exempt(n plan.NAT) string {
+	if n.Final {
+		return "ACCEPT"
+	}
+	return "RETURN"
 }
 
 func jump(t table) string {

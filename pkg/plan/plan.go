@@ -101,6 +101,10 @@ type Plan struct {
 type NAT struct {
 	Network netip.Prefix // the cluster pod network
 	Subnet  netip.Prefix // this node's pod subnet
+	// Final makes the pod-to-pod exemption end NAT processing (ACCEPT) instead of returning
+	// to the built-in chain: needed on Docker hosts, whose own MASQUERADE follows ours;
+	// wrong under kube-proxy, whose hairpin masquerade must still see pod-to-pod packets.
+	Final bool
 }
 
 // Build computes the plan. It never fails: bad peers are marked Unreachable with a reason.

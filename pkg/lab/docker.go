@@ -1,0 +1,148 @@
+package lab
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Docker hosts in the lab: a real dockerd per node namespace, started with nsenter (ip
+// netns exec would remount /sys and hide the cgroup mounts dockerd needs), each with its
+// own data root, exec root, API socket and pid file, configured by the daemon.json that
+// `netagent route-mode --write-docker-config` wrote for the node's lease.
+
+func (l *Lab) dockerSock(n *Node) string { return filepath.Join(n.Dir, "docker.sock") }
+
+// dockerExecRoot is short: dockerd puts unix sockets under it (108-byte path limit).
+func (l *Lab) dockerExecRoot(n *Node) string {
+	return filepath.Join("/run/nadk", fmt.Sprintf("%d-%s", os.Getpid(), n.Name))
+}
+
+// StartDocker starts dockerd on node n and waits for its API.
+func (l *Lab) StartDocker(ctx context.Context, n *Node) error {
+	cfg := filepath.Join(n.Dir, "daemon.json")
+	if _, err := os.Stat(cfg); err != nil {
+		return fmt.Errorf("%s: no daemon.json from netagent route-mode yet: %w", n.Name, err)
+	}
+	if err := os.MkdirAll(l.dockerExecRoot(n), 0o700); err != nil {
+		return err
+	}
+	cmd := l.NodeNS(n).Command(context.Background(), "dockerd",
+		"--config-file", cfg,
+		"--data-root", filepath.Join(n.Dir, "docker-data"),
+		"--exec-root", l.dockerExecRoot(n),
+		"-H", "unix://"+l.dockerSock(n),
+		"--pidfile", filepath.Join(n.Dir, "docker.pid"),
+		"--log-level", "warn",
+		"--shutdown-timeout", "2")
+	pid, err := startDetached(cmd, filepath.Join(n.Dir, "dockerd.log"))
+	if err != nil {
+		return err
+	}
+	n.Dockerd = pid
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := l.Docker(ctx, n, "info", "--format", "{{.ServerVersion}}"); err == nil {
+			return nil
+		}
+		if syscall.Kill(pid, 0) != nil || zombie(pid) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("dockerd on %s did not come up; log:\n%s", n.Name, tail(filepath.Join(n.Dir, "dockerd.log"), 20))
+}
+
+// StopDocker removes every container and stops dockerd gracefully (so it unmounts its
+// layers).
+func (l *Lab) StopDocker(ctx context.Context, n *Node) error {
+	if n.Dockerd == 0 {
+		return nil
+	}
+	if ids, err := l.Docker(ctx, n, "ps", "-aq"); err == nil && strings.TrimSpace(ids) != "" {
+		_, _ = l.Docker(ctx, n, append([]string{"rm", "-f"}, strings.Fields(ids)...)...)
+	}
+	err := signalWaitFor(n.Dockerd, syscall.SIGTERM, 60*time.Second)
+	n.Dockerd = 0
+	_ = os.RemoveAll(l.dockerExecRoot(n))
+	return err
+}
+
+// Docker runs the docker CLI against node n's dockerd.
+func (l *Lab) Docker(ctx context.Context, n *Node, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "docker", append([]string{"-H", "unix://" + l.dockerSock(n)}, args...)...).CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("docker %s on %s: %w: %s", strings.Join(args, " "), n.Name, err, strings.TrimSpace(string(out)))
+	}
+	return string(out), nil
+}
+
+// ImportBusybox makes the image busybox:local on node n from /bin/busybox, without a
+// registry.
+func (l *Lab) ImportBusybox(ctx context.Context, n *Node) error {
+	root := filepath.Join(n.Dir, "busybox-root")
+	if err := os.MkdirAll(filepath.Join(root, "bin"), 0o755); err != nil {
+		return err
+	}
+	b, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		return fmt.Errorf("busybox-static is needed: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "bin", "busybox"), b, 0o755); err != nil {
+		return err
+	}
+	list, err := exec.Command("/bin/busybox", "--list").Output()
+	if err != nil {
+		return err
+	}
+	for _, app := range strings.Fields(string(list)) {
+		if app != "busybox" {
+			_ = os.Symlink("busybox", filepath.Join(root, "bin", app))
+		}
+	}
+	tar := exec.CommandContext(ctx, "tar", "-C", root, "-c", ".")
+	imp := exec.CommandContext(ctx, "docker", "-H", "unix://"+l.dockerSock(n), "import", "-", "busybox:local")
+	pipe, err := tar.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	imp.Stdin = pipe
+	if err := tar.Start(); err != nil {
+		return err
+	}
+	out, ierr := imp.CombinedOutput()
+	terr := tar.Wait()
+	if err := errors.Join(ierr, terr); err != nil {
+		return fmt.Errorf("import busybox on %s: %w: %s", n.Name, err, out)
+	}
+	return nil
+}
+
+// ContainerPid is the pid of a running container's first process (its network namespace
+// is /proc/PID/ns/net).
+func (l *Lab) ContainerPid(ctx context.Context, n *Node, name string) (int, error) {
+	out, err := l.Docker(ctx, n, "inspect", "-f", "{{.State.Pid}}", name)
+	if err != nil {
+		return 0, err
+	}
+	var pid int
+	_, err = fmt.Sscan(out, &pid)
+	return pid, err
+}
+
+// RestartDocker stops dockerd (containers stay defined) and starts it again.
+func (l *Lab) RestartDocker(ctx context.Context, n *Node) error {
+	if err := signalWaitFor(n.Dockerd, syscall.SIGTERM, 60*time.Second); err != nil {
+		return err
+	}
+	n.Dockerd = 0
+	return l.StartDocker(ctx, n)
+}
