@@ -10,8 +10,15 @@ done
 if ((${#missing[@]})); then
 	echo "installing: ${missing[*]}"
 	export DEBIAN_FRONTEND=noninteractive
+	# Install services without starting them: a dockerd or etcd started by the package in
+	# the root network namespace would change it (the tests start their own in namespaces).
+	added_policy=""
+	if [ ! -e /usr/sbin/policy-rc.d ]; then
+		printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && added_policy=1
+	fi
 	apt-get update -qq
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	[ -z "$added_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 export PATH="$PATH:/usr/local/go/bin:/usr/sbin:/sbin"
 command -v go >/dev/null || { echo "go is not installed (expected at /usr/local/go)"; exit 1; }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -33,6 +34,7 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 	backend := fs.String("backend", "vxlan", "up: host-gw, vxlan or hybrid")
 	pods := fs.Int("pods-per-node", 2, "up: pods per node")
 	cniBin := fs.String("cni-bin-dir", "", "directory with netagent-cni (default: beside this binary)")
+	scenario := fs.String("scenario", "cni", "up: cni (agents + CNI pods) or docker (Docker hosts: a dockerd per node on its lease, netagent route-mode, containers)")
 	if err := parse(fs, args[1:]); err != nil {
 		return err
 	}
@@ -63,6 +65,16 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 			}
 		}
 		opt.Nodes, opt.Remote, opt.Backend, opt.PodsPerNode = *nodes, *remote, *backend, *pods
+		switch *scenario {
+		case "cni":
+		case "docker":
+			if _, err := exec.LookPath("dockerd"); err != nil {
+				return errors.New("--scenario docker needs dockerd (apt-get install docker.io)")
+			}
+			opt.RouteMode = true
+		default:
+			return fmt.Errorf("--scenario %q: want cni or docker", *scenario)
+		}
 		l, err := lab.Up(ctx, opt)
 		if err != nil {
 			return err
@@ -76,10 +88,10 @@ Poke at it by hand:
   ip netns exec %[1]snode1 ip route                   # routes (netagent's carry "proto 180")
   ip netns exec %[1]snode1 bridge fdb show dev netagent.1
   ip netns exec %[1]snode1 %[2]s status    # lease and peers of node1
-  ip netns exec %[1]snode1-pod1 ping %[3]s            # from a pod
+  ip netns exec %[1]s%[5]s ping %[3]s            # from a pod
   %[2]s lab check | status | down
 Logs and state: %[4]s
-`, *prefix, self, l.Ext, *dir)
+`, *prefix, self, l.Ext, *dir, firstPod(l))
 		return nil
 	case "status", "check":
 		l, err := lab.Load(*dir, opt)
@@ -136,4 +148,11 @@ func labReport(ctx context.Context, l *lab.Lab, w io.Writer, logf func(string, .
 		return fmt.Errorf("%d paths fail: %s", len(f), strings.Join(f, ", "))
 	}
 	return nil
+}
+
+func firstPod(l *lab.Lab) string {
+	if p := l.Pods(); len(p) > 0 {
+		return strings.TrimPrefix(p[0].NS, l.Prefix)
+	}
+	return "node1-pod1"
 }

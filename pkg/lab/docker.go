@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -145,4 +146,53 @@ func (l *Lab) RestartDocker(ctx context.Context, n *Node) error {
 	}
 	n.Dockerd = 0
 	return l.StartDocker(ctx, n)
+}
+
+// upDocker is the Docker scenario after the agents are ready: a dockerd per node on the
+// lease, busybox imported, containers started, each container's network namespace
+// attached under the lab's prefix so the matrix and `ip netns exec` reach it.
+func (l *Lab) upDocker(ctx context.Context) error {
+	for _, n := range l.Nodes {
+		if err := l.StartDocker(ctx, n); err != nil {
+			return err
+		}
+		if err := l.ImportBusybox(ctx, n); err != nil {
+			return err
+		}
+		for i := range l.Opt.PodsPerNode {
+			name := fmt.Sprintf("%s-c%d", n.Name, i+1)
+			if _, err := l.Docker(ctx, n, "run", "-d", "--restart", "always", "--name", name, "busybox:local", "/bin/sleep", "2147483647"); err != nil {
+				return err
+			}
+			if err := l.attachContainer(ctx, n, name); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// attachContainer names a container's network namespace <prefix><name> and records it as
+// one of the node's pods.
+func (l *Lab) attachContainer(ctx context.Context, n *Node, name string) error {
+	pid, err := l.ContainerPid(ctx, n, name)
+	if err != nil {
+		return err
+	}
+	out, err := l.Docker(ctx, n, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", name)
+	if err != nil {
+		return err
+	}
+	ip, err := netip.ParseAddr(strings.TrimSpace(out))
+	if err != nil {
+		return fmt.Errorf("container %s has no address: %w", name, err)
+	}
+	nsName := l.Prefix + name
+	_ = exec.Command("ip", "netns", "delete", nsName).Run()
+	if b, err := exec.Command("ip", "netns", "attach", nsName, fmt.Sprint(pid)).CombinedOutput(); err != nil {
+		return fmt.Errorf("ip netns attach %s %d: %v: %s", nsName, pid, err, b)
+	}
+	l.Namespaces = append(l.Namespaces, nsName)
+	n.Pods = append(n.Pods, &Pod{Name: name, NS: nsName, IP: ip, Node: n.Name})
+	return nil
 }

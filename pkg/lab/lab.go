@@ -57,6 +57,7 @@ type Options struct {
 	EtcdTLS bool
 	// RouteMode runs `netagent route-mode --write-docker-config` instead of `netagent run`
 	// (the Docker scenario: each node is a Docker host).
+	// With RouteMode, Up starts a dockerd per node and PodsPerNode containers on each.
 	RouteMode bool
 	Log       func(format string, args ...any)
 }
@@ -88,7 +89,9 @@ type Lab struct {
 	Prefix  string  `json:"prefix"`
 	Dir     string  `json:"dir"`
 	Backend string  `json:"backend"`
-	EtcdPid int     `json:"etcdPid"`
+	// RouteMode is the Docker scenario.
+	RouteMode bool `json:"routeMode,omitempty"`
+	EtcdPid   int  `json:"etcdPid"`
 	// EtcdPids are the members' processes in a multi-member etcd (EtcdPid is then 0).
 	EtcdPids    []int     `json:"etcdPids,omitempty"`
 	EtcdMembers int       `json:"etcdMembers,omitempty"`
@@ -177,7 +180,7 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 		opt.Network = Network
 	}
 	l = &Lab{Opt: opt, Prefix: opt.Prefix, Dir: opt.Dir, Backend: opt.Backend, Ext: netip.MustParseAddr(extIP),
-		EtcdMembers: opt.EtcdMembers, EtcdBinary: opt.EtcdBinary}
+		EtcdMembers: opt.EtcdMembers, EtcdBinary: opt.EtcdBinary, RouteMode: opt.RouteMode}
 	if opt.EtcdTLS {
 		if opt.EtcdBinary == "" {
 			return nil, errors.New("EtcdTLS needs EtcdBinary (an external etcd)")
@@ -223,6 +226,13 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 	}
 	l.logf("agents ready on %d nodes (%s)", len(l.Nodes), time.Since(t0).Round(time.Millisecond))
 	t0 = time.Now()
+	if opt.RouteMode {
+		if err := l.upDocker(ctx); err != nil {
+			return l, err
+		}
+		l.logf("dockerd on %d hosts, bridges on their leases, %d containers (%s)", len(l.Nodes), opt.PodsPerNode*len(l.Nodes), time.Since(t0).Round(time.Millisecond))
+		return l, l.Save()
+	}
 	for _, n := range l.Nodes {
 		for i := range opt.PodsPerNode {
 			if _, err := l.AddPod(ctx, n, fmt.Sprintf("%s-pod%d", n.Name, i+1)); err != nil {
@@ -581,7 +591,7 @@ func Load(dir string, opt Options) (*Lab, error) {
 	if err := json.Unmarshal(b, l); err != nil {
 		return nil, fmt.Errorf("%s/lab.json: %w", dir, err)
 	}
-	opt.Prefix, opt.Dir, opt.Backend = l.Prefix, l.Dir, l.Backend
+	opt.Prefix, opt.Dir, opt.Backend, opt.RouteMode = l.Prefix, l.Dir, l.Backend, l.RouteMode
 	l.Opt = opt
 	return l, nil
 }

@@ -63,3 +63,37 @@ func TestLabCommand(t *testing.T) {
 		t.Errorf("processes left after lab down: %s", out)
 	}
 }
+
+// TestLabDockerScenario: `netagent lab up --scenario docker` brings up Docker hosts on
+// their leases with containers, and the matrix between containers passes.
+func TestLabDockerScenario(t *testing.T) {
+	netns.RequireRoot(t)
+	if _, err := exec.LookPath("dockerd"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("dockerd is missing (scripts/deps.sh installs docker.io)")
+		}
+		t.Skip("no dockerd")
+	}
+	bin := testbin.Build(t, "./cmd/netagent", "netagent")
+	testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
+	dir := t.TempDir()
+	prefix := fmt.Sprintf("%s%d-labdk-", netns.Prefix, os.Getpid())
+	run := func(args ...string) (string, error) {
+		out, err := exec.Command(bin, append(args, "--dir", dir, "--prefix", prefix)...).CombinedOutput()
+		return string(out), err
+	}
+	t.Cleanup(func() { _, _ = run("lab", "down") })
+	out, err := run("lab", "up", "--scenario", "docker", "--nodes", "2", "--backend", "host-gw", "--pods-per-node", "1")
+	if err != nil {
+		t.Fatalf("lab up --scenario docker: %v\n%s", err, out)
+	}
+	if !strings.Contains(out, "dockerd on 2 hosts") || !strings.Contains(out, "node1-c1") || strings.Contains(out, "FAIL") {
+		t.Errorf("lab up --scenario docker output:\n%s", out)
+	}
+	if out, err := run("lab", "down"); err != nil {
+		t.Fatalf("lab down: %v\n%s", err, out)
+	}
+	if out, _ := exec.Command("pgrep", "-f", dir).Output(); len(out) > 0 {
+		t.Errorf("processes left: %s", out)
+	}
+}
