@@ -34,6 +34,7 @@ var commands = []command{
 	{"reserve", "pin a subnet to a node name", cmdReserve},
 	{"cleanup", "remove netagent's kernel state and files from this node", cmdCleanup},
 	{"etcd", "run an embedded single-member etcd on a unix socket (labs, single machines)", cmdEtcd},
+	{"doctor", "check this node for what usually breaks a container network, and say how to fix it", cmdDoctor},
 	{"lab", "a multi-node cluster in network namespaces on this machine (lab up|status|check|down)", cmdLab},
 }
 

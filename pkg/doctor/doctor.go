@@ -1,0 +1,274 @@
+// Package doctor checks a node for what usually breaks a container network, in the current
+// network namespace, and says for each finding what is wrong and how to fix it. It only
+// reads: nothing here changes the node.
+package doctor
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/netagent/netagent/pkg/nat"
+	"github.com/netagent/netagent/pkg/subnetfile"
+)
+
+// Severity of a finding.
+type Severity string
+
+const (
+	OK      Severity = "ok"
+	Warn    Severity = "warn"
+	Problem Severity = "PROBLEM"
+)
+
+// Finding is one check's verdict.
+type Finding struct {
+	Check    string
+	Severity Severity
+	What     string
+	Fix      string
+}
+
+// Options say where things are.
+type Options struct {
+	SubnetFile string
+	CNIConfDir string
+	CNIBinDir  string
+	Bridge     string
+	Underlay   string // "" = the default route's interface
+	// Status is the agent's /status as JSON (nil when the agent did not answer).
+	Status []byte
+}
+
+// Run runs every check.
+func Run(o Options) []Finding {
+	var out []Finding
+	add := func(f Finding) { out = append(out, f) }
+	add(sysctl("ip_forward", "/proc/sys/net/ipv4/ip_forward", "1",
+		"net.ipv4.ip_forward is %s: this node does not forward pod traffic",
+		"sysctl -w net.ipv4.ip_forward=1 (netagent run sets it at start)"))
+	h, err := netlink.NewHandle()
+	if err != nil {
+		add(Finding{"netlink", Problem, err.Error(), "run as root"})
+		return out
+	}
+	defer h.Close()
+	underlay := o.Underlay
+	if underlay == "" {
+		if rs, err := h.RouteGet(netip.MustParseAddr("192.0.2.0").AsSlice()); err == nil && len(rs) > 0 {
+			if l, err := h.LinkByIndex(rs[0].LinkIndex); err == nil {
+				underlay = l.Attrs().Name
+			}
+		}
+	}
+	for _, dev := range []string{"all", underlay} {
+		if dev == "" {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc/sys/net/ipv4/conf", dev, "rp_filter"))
+		if err == nil && strings.TrimSpace(string(b)) == "1" {
+			add(Finding{"rp_filter", Warn, fmt.Sprintf("rp_filter is strict (1) on %s: replies that come back another way (hybrid, asymmetric routing) are dropped", dev),
+				fmt.Sprintf("sysctl -w net.ipv4.conf.%s.rp_filter=2", dev)})
+		}
+	}
+	out = append(out, firewall()...)
+	info, ierr := subnetfile.Read(o.SubnetFile)
+	switch {
+	case ierr != nil:
+		add(Finding{"subnet file", Problem, fmt.Sprintf("%s: %v", o.SubnetFile, ierr), "start netagent run on this node; it writes the file once it holds a lease"})
+	default:
+		add(Finding{"subnet file", OK, fmt.Sprintf("%s: subnet %s, MTU %d", o.SubnetFile, info.Subnet, info.MTU), ""})
+	}
+	out = append(out, conflist(o)...)
+	if ierr == nil {
+		out = append(out, mtus(h, o.Bridge, underlay, info)...)
+	}
+	out = append(out, peers(o.Status)...)
+	return out
+}
+
+func sysctl(check, path, want, what, fix string) Finding {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Finding{check, Warn, fmt.Sprintf("cannot read %s: %v", path, err), ""}
+	}
+	v := strings.TrimSpace(string(b))
+	if v != want {
+		return Finding{check, Problem, fmt.Sprintf(what, v), fix}
+	}
+	return Finding{check, OK, fmt.Sprintf("%s = %s", filepath.Base(path), v), ""}
+}
+
+func firewall() []Finding {
+	var out []Finding
+	ver, err := exec.Command("iptables", "--version").Output()
+	if err != nil {
+		return []Finding{{"iptables", Problem, "iptables is not installed", "apt-get install iptables"}}
+	}
+	mode := "legacy"
+	if strings.Contains(string(ver), "nf_tables") {
+		mode = "nf_tables"
+	}
+	other := "iptables-legacy-save"
+	if mode == "legacy" {
+		other = "iptables-nft-save"
+	}
+	if b, err := exec.Command(other).Output(); err == nil && strings.Contains(string(b), "\n-A ") {
+		out = append(out, Finding{"iptables backend", Problem,
+			fmt.Sprintf("iptables here is %s, but %s also holds rules: rules are split across two firewalls and one of them is ignored by the tools you look with", mode, strings.TrimSuffix(other, "-save")),
+			"use one variant on the node (update-alternatives --set iptables ...) and move the other's rules over"})
+	} else {
+		out = append(out, Finding{"iptables backend", OK, "iptables " + mode + " only", ""})
+	}
+	fwd, err := exec.Command("iptables", "-S", "FORWARD").Output()
+	if err != nil {
+		return append(out, Finding{"FORWARD", Warn, "cannot read the FORWARD chain: " + err.Error(), ""})
+	}
+	lines := strings.Split(strings.TrimSpace(string(fwd)), "\n")
+	policy := strings.TrimPrefix(lines[0], "-P FORWARD ")
+	ours := -1
+	for i, l := range lines[1:] {
+		if strings.Contains(l, "-j "+nat.FwdChain) {
+			ours = i
+			break
+		}
+	}
+	switch {
+	case ours < 0 && policy == "DROP":
+		out = append(out, Finding{"FORWARD", Problem, "FORWARD policy is DROP and netagent's accept chain is not hooked in: pod traffic between nodes is dropped", "start netagent run (it inserts -j NETAGENT-FWD first)"})
+	case ours < 0:
+		out = append(out, Finding{"FORWARD", Warn, "netagent's accept chain is not hooked into FORWARD (policy ACCEPT, so traffic passes for now)", "start netagent run"})
+	case ours > 0:
+		out = append(out, Finding{"FORWARD", Problem, fmt.Sprintf("netagent's accept rule is rule %d in FORWARD, after %q: earlier rules may drop pod traffic", ours+1, lines[1]), "restart netagent run (it moves its jump back to the top within a second)"})
+	default:
+		out = append(out, Finding{"FORWARD", OK, "policy " + policy + ", netagent's accept chain first", ""})
+	}
+	return out
+}
+
+func conflist(o Options) []Finding {
+	if o.CNIConfDir == "" {
+		return nil
+	}
+	entries, err := os.ReadDir(o.CNIConfDir)
+	if err != nil {
+		return []Finding{{"CNI config", Problem, fmt.Sprintf("%s: %v", o.CNIConfDir, err), "netagent run writes it once ready; check --cni-conf-dir"}}
+	}
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".conflist") && !strings.HasSuffix(e.Name(), ".conf") {
+			continue
+		}
+		// Runtimes use the first file in lexical order.
+		path := filepath.Join(o.CNIConfDir, e.Name())
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return []Finding{{"CNI config", Problem, err.Error(), ""}}
+		}
+		var cl struct {
+			Plugins []struct {
+				Type string `json:"type"`
+			} `json:"plugins"`
+			Type string `json:"type"`
+		}
+		if err := json.Unmarshal(b, &cl); err != nil {
+			return []Finding{{"CNI config", Problem, fmt.Sprintf("%s is not valid JSON: %v", path, err), "remove it; netagent run rewrites its own"}}
+		}
+		var types []string
+		for _, p := range cl.Plugins {
+			types = append(types, p.Type)
+		}
+		if cl.Type != "" {
+			types = append(types, cl.Type)
+		}
+		found := false
+		for _, t := range types {
+			found = found || t == "netagent-cni"
+		}
+		if !found {
+			return []Finding{{"CNI config", Problem, fmt.Sprintf("the runtime uses %s (first in %s), which does not call netagent-cni (%v)", e.Name(), o.CNIConfDir, types), "remove or rename the other network's config"}}
+		}
+		var out []Finding
+		out = append(out, Finding{"CNI config", OK, path + " calls netagent-cni", ""})
+		if o.CNIBinDir != "" {
+			if _, err := os.Stat(filepath.Join(o.CNIBinDir, "netagent-cni")); err != nil {
+				out = append(out, Finding{"CNI binary", Problem, fmt.Sprintf("netagent-cni is not in %s", o.CNIBinDir), "install it there (the DaemonSet's init container does)"})
+			}
+		}
+		return out
+	}
+	return []Finding{{"CNI config", Problem, "no CNI config in " + o.CNIConfDir, "netagent run writes one once it holds a lease and has reconciled"}}
+}
+
+func mtus(h *netlink.Handle, bridge, underlay string, info subnetfile.Info) []Finding {
+	var out []Finding
+	if underlay != "" {
+		if l, err := h.LinkByName(underlay); err == nil && info.MTU > l.Attrs().MTU {
+			out = append(out, Finding{"MTU", Problem, fmt.Sprintf("pod MTU %d is larger than the underlay's (%s: %d): large packets are dropped", info.MTU, underlay, l.Attrs().MTU), "set mtu in the network config (netagent config set --mtu) or fix the underlay"})
+		}
+	}
+	links, err := h.LinkList()
+	if err != nil {
+		return out
+	}
+	var br netlink.Link
+	for _, l := range links {
+		if l.Attrs().Name == bridge {
+			br = l
+		}
+	}
+	bad := 0
+	for _, l := range links {
+		if br != nil && l.Attrs().MasterIndex == br.Attrs().Index && l.Type() == "veth" && l.Attrs().MTU != info.MTU {
+			bad++
+		}
+		if v, ok := l.(*netlink.Vxlan); ok && underlay != "" {
+			if u, err := h.LinkByName(underlay); err == nil && v.Attrs().MTU > u.Attrs().MTU-50 {
+				out = append(out, Finding{"MTU", Problem, fmt.Sprintf("VXLAN device %s has MTU %d, more than the underlay's %d minus 50", v.Attrs().Name, v.Attrs().MTU, u.Attrs().MTU), "restart netagent run"})
+			}
+		}
+	}
+	if bad > 0 {
+		out = append(out, Finding{"MTU", Warn, fmt.Sprintf("%d pod interfaces on %s have an MTU other than the subnet file's %d (pods created before an MTU change)", bad, bridge, info.MTU), "recreate those pods"})
+	} else {
+		out = append(out, Finding{"MTU", OK, fmt.Sprintf("pod MTU %d consistent", info.MTU), ""})
+	}
+	return out
+}
+
+func peers(status []byte) []Finding {
+	if status == nil {
+		return []Finding{{"agent", Warn, "the agent did not answer (is netagent run running here, with --listen?)", ""}}
+	}
+	var st struct {
+		Ready bool `json:"ready"`
+		Peers []struct {
+			Node, Mode, Reason string
+			Route              bool
+			FDB, Neigh         *bool
+		} `json:"peers"`
+	}
+	if err := json.Unmarshal(status, &st); err != nil {
+		return []Finding{{"agent", Warn, "unreadable status: " + err.Error(), ""}}
+	}
+	var out []Finding
+	missing := 0
+	for _, p := range st.Peers {
+		switch {
+		case p.Mode == "unreachable":
+			out = append(out, Finding{"peer " + p.Node, Problem, "unreachable: " + p.Reason, ""})
+		case !p.Route || (p.FDB != nil && !*p.FDB) || (p.Neigh != nil && !*p.Neigh):
+			missing++
+			out = append(out, Finding{"peer " + p.Node, Problem, "route, FDB or neighbour entry missing", "the agent repairs this within a second; if it stays, see its log"})
+		}
+	}
+	if missing == 0 {
+		out = append(out, Finding{"peers", OK, fmt.Sprintf("%d peers programmed (ready: %v)", len(st.Peers), st.Ready), ""})
+	}
+	return out
+}
