@@ -34,6 +34,7 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 	backend := fs.String("backend", "vxlan", "up: host-gw, vxlan or hybrid")
 	pods := fs.Int("pods-per-node", 2, "up: pods per node")
 	cniBin := fs.String("cni-bin-dir", "", "directory with netagent-cni (default: beside this binary)")
+	picture := fs.String("picture", "", "up, status: also write the topology as an SVG picture to this file")
 	scenario := fs.String("scenario", "cni", "up: cni (agents + CNI pods) or docker (Docker hosts: a dockerd per node on its lease, netagent route-mode, containers)")
 	if err := parse(fs, args[1:]); err != nil {
 		return err
@@ -83,6 +84,9 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 		if err := labReport(ctx, l, stdout, logf); err != nil {
 			return err
 		}
+		if err := writePicture(l, *picture, logf); err != nil {
+			return err
+		}
 		fmt.Fprintf(stdout, `
 Poke at it by hand:
   ip netns exec %[1]snode1 ip route                   # routes (netagent's carry "proto 180")
@@ -114,7 +118,7 @@ Logs and state: %[4]s
 			}
 			fmt.Fprintf(stdout, "== %s (%s)\n%s\n", n.Name, n.IP, out)
 		}
-		return nil
+		return writePicture(l, *picture, logf)
 	case "down":
 		l, err := lab.Load(*dir, opt)
 		if err != nil {
@@ -155,4 +159,19 @@ func firstPod(l *lab.Lab) string {
 		return strings.TrimPrefix(p[0].NS, l.Prefix)
 	}
 	return "node1-pod1"
+}
+
+func writePicture(l *lab.Lab, path string, logf func(string, ...any)) error {
+	if path == "" {
+		return nil
+	}
+	svg, err := l.Picture()
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(path, svg, 0o644); err != nil {
+		return err
+	}
+	logf("topology picture written to %s", path)
+	return nil
 }

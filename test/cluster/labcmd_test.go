@@ -1,6 +1,7 @@
 package cluster_test
 
 import (
+	"encoding/xml"
 	"fmt"
 	"os"
 	"os/exec"
@@ -41,8 +42,21 @@ func TestLabCommand(t *testing.T) {
 	if out, err := run("lab", "check"); err != nil || strings.Contains(out, "FAIL") {
 		t.Errorf("lab check: %v\n%s", err, out)
 	}
-	if out, err := run("lab", "status"); err != nil || strings.Count(out, "ready yes") != 3 {
+	pic := filepath.Join(t.TempDir(), "lab.svg")
+	if out, err := run("lab", "status", "--picture", pic); err != nil || strings.Count(out, "ready yes") != 3 {
 		t.Errorf("lab status: %v\n%s", err, out)
+	}
+	svg, err := os.ReadFile(pic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := xml.Unmarshal(svg, new(struct{ XMLName xml.Name })); err != nil {
+		t.Errorf("the picture is not well-formed SVG: %v", err)
+	}
+	for _, want := range []string{"node1", "node3", "198.51.100.10", "stroke-dasharray", "switch 192.0.2.0/24", "router"} {
+		if !strings.Contains(string(svg), want) {
+			t.Errorf("picture lacks %q", want)
+		}
 	}
 	if out, err := run("lab", "up"); err == nil || !strings.Contains(out, "already up") {
 		t.Errorf("second lab up = %v, %s; want 'already up'", err, out)
