@@ -153,15 +153,21 @@ func (l *Lab) RestartDocker(ctx context.Context, n *Node) error {
 // attached under the lab's prefix so the matrix and `ip netns exec` reach it.
 func (l *Lab) upDocker(ctx context.Context) error {
 	for _, n := range l.Nodes {
-		if err := l.StartDocker(ctx, n); err != nil {
-			return err
+		if n.Dockerd == 0 {
+			if err := l.StartDocker(ctx, n); err != nil {
+				return err
+			}
 		}
 		if err := l.ImportBusybox(ctx, n); err != nil {
 			return err
 		}
 		for i := range l.Opt.PodsPerNode {
 			name := fmt.Sprintf("%s-c%d", n.Name, i+1)
-			if _, err := l.Docker(ctx, n, "run", "-d", "--restart", "always", "--name", name, "busybox:local", "/bin/sleep", "2147483647"); err != nil {
+			args := []string{"run", "-d", "--restart", "always", "--name", name}
+			if l.DockerNetwork != "" {
+				args = append(args, "--network", l.DockerNetwork)
+			}
+			if _, err := l.Docker(ctx, n, append(args, "busybox:local", "/bin/sleep", "2147483647")...); err != nil {
 				return err
 			}
 			if err := l.attachContainer(ctx, n, name); err != nil {
@@ -179,7 +185,11 @@ func (l *Lab) attachContainer(ctx context.Context, n *Node, name string) error {
 	if err != nil {
 		return err
 	}
-	out, err := l.Docker(ctx, n, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", name)
+	format := "{{.NetworkSettings.IPAddress}}"
+	if l.DockerNetwork != "" {
+		format = fmt.Sprintf("{{(index .NetworkSettings.Networks %q).IPAddress}}", l.DockerNetwork)
+	}
+	out, err := l.Docker(ctx, n, "inspect", "-f", format, name)
 	if err != nil {
 		return err
 	}

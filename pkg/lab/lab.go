@@ -59,7 +59,10 @@ type Options struct {
 	// (the Docker scenario: each node is a Docker host).
 	// With RouteMode, Up starts a dockerd per node and PodsPerNode containers on each.
 	RouteMode bool
-	Log       func(format string, args ...any)
+	// DockerNetwork makes route mode create this user-defined network on the lease
+	// (--docker-network) instead of writing daemon.json; dockerd then starts first.
+	DockerNetwork string
+	Log           func(format string, args ...any)
 }
 
 // Node is one lab node.
@@ -90,8 +93,9 @@ type Lab struct {
 	Dir     string  `json:"dir"`
 	Backend string  `json:"backend"`
 	// RouteMode is the Docker scenario.
-	RouteMode bool `json:"routeMode,omitempty"`
-	EtcdPid   int  `json:"etcdPid"`
+	RouteMode     bool   `json:"routeMode,omitempty"`
+	DockerNetwork string `json:"dockerNetwork,omitempty"`
+	EtcdPid       int    `json:"etcdPid"`
 	// EtcdPids are the members' processes in a multi-member etcd (EtcdPid is then 0).
 	EtcdPids    []int     `json:"etcdPids,omitempty"`
 	EtcdMembers int       `json:"etcdMembers,omitempty"`
@@ -180,7 +184,7 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 		opt.Network = Network
 	}
 	l = &Lab{Opt: opt, Prefix: opt.Prefix, Dir: opt.Dir, Backend: opt.Backend, Ext: netip.MustParseAddr(extIP),
-		EtcdMembers: opt.EtcdMembers, EtcdBinary: opt.EtcdBinary, RouteMode: opt.RouteMode}
+		EtcdMembers: opt.EtcdMembers, EtcdBinary: opt.EtcdBinary, RouteMode: opt.RouteMode, DockerNetwork: opt.DockerNetwork}
 	if opt.EtcdTLS {
 		if opt.EtcdBinary == "" {
 			return nil, errors.New("EtcdTLS needs EtcdBinary (an external etcd)")
@@ -214,6 +218,18 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 	}
 	l.logf("etcd at %s, network %s backend %s (%s)", l.EtcdEndpoint(), opt.Network, opt.Backend, time.Since(t0).Round(time.Millisecond))
 	t0 = time.Now()
+	if opt.RouteMode && opt.DockerNetwork != "" {
+		// The agent creates the network through the Docker API, so dockerd comes first
+		// (its own docker0 stays on Docker's default subnet, unused).
+		for _, n := range l.Nodes {
+			if err := os.WriteFile(filepath.Join(n.Dir, "daemon.json"), []byte("{}\n"), 0o644); err != nil {
+				return l, err
+			}
+			if err := l.StartDocker(ctx, n); err != nil {
+				return l, err
+			}
+		}
+	}
 	for _, n := range l.Nodes {
 		if err := l.StartAgent(n); err != nil {
 			return l, err
@@ -489,6 +505,9 @@ func (l *Lab) AgentArgs(n *Node) []string {
 	if l.Opt.RouteMode {
 		cmd = "route-mode"
 		extra = []string{"--write-docker-config", filepath.Join(n.Dir, "daemon.json")}
+		if l.Opt.DockerNetwork != "" {
+			extra = []string{"--docker-network", l.Opt.DockerNetwork, "--docker-socket", l.dockerSock(n)}
+		}
 	}
 	return append(append([]string{cmd,
 		"--node-name", n.Name,
@@ -591,7 +610,7 @@ func Load(dir string, opt Options) (*Lab, error) {
 	if err := json.Unmarshal(b, l); err != nil {
 		return nil, fmt.Errorf("%s/lab.json: %w", dir, err)
 	}
-	opt.Prefix, opt.Dir, opt.Backend, opt.RouteMode = l.Prefix, l.Dir, l.Backend, l.RouteMode
+	opt.Prefix, opt.Dir, opt.Backend, opt.RouteMode, opt.DockerNetwork = l.Prefix, l.Dir, l.Backend, l.RouteMode, l.DockerNetwork
 	l.Opt = opt
 	return l, nil
 }

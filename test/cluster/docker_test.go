@@ -117,3 +117,26 @@ func TestRouteModeDockerHosts(t *testing.T) {
 	}
 	check("after agent restart")
 }
+
+// TestRouteModeDockerNetwork: with --docker-network the agent creates a user-defined
+// bridge network on its lease through the Docker API; containers on it reach each other
+// across hosts.
+func TestRouteModeDockerNetwork(t *testing.T) {
+	netns.RequireRoot(t)
+	if _, err := exec.LookPath("dockerd"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("dockerd is missing (scripts/deps.sh installs docker.io)")
+		}
+		t.Skip("no dockerd")
+	}
+	l := newLabWith(t, lab.Options{Nodes: 2, Backend: "host-gw", RouteMode: true, DockerNetwork: "podnet", PodsPerNode: 1})
+	for _, n := range l.Nodes {
+		sub := netip.MustParsePrefix(status(t, l, n).Subnet)
+		if !sub.Contains(n.Pods[0].IP) {
+			t.Errorf("container on %s got %s, outside the leased %s", n.Name, n.Pods[0].IP, sub)
+		}
+	}
+	if f := lab.Failures(l.Matrix(context.Background())); len(f) > 0 {
+		t.Errorf("containers on the created networks: %v", f)
+	}
+}
