@@ -86,6 +86,18 @@ func (e *etcdFlags) store(cli *clientv3.Client, ttl time.Duration, log *slog.Log
 	return lease.NewEtcd(cli, e.prefix, ttl, log)
 }
 
+// with runs fn against the store with a 10 s deadline (the one-shot commands).
+func (e *etcdFlags) with(ctx context.Context, fn func(context.Context, *lease.Etcd) error) error {
+	cli, err := e.client()
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return fn(ctx, e.store(cli, time.Minute, nil))
+}
+
 func cmdEtcd(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("etcd", flag.ContinueOnError)
 	dir := fs.String("data-dir", "/run/netagent/etcd", "data directory; the client socket is DIR/etcd.sock:2379 (DIR/NAME.sock:2379 for a cluster member)")

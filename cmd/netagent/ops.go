@@ -21,6 +21,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/agent"
 	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/nat"
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/subnetfile"
@@ -182,19 +183,14 @@ func cmdLeave(ctx context.Context, args []string, stdout io.Writer) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	cli, err := ef.client()
-	if err != nil {
+	return ef.with(ctx, func(ctx context.Context, st *lease.Etcd) error {
+		s, err := st.Leave(ctx, *node)
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(stdout, "released %s of %s\n", s, *node)
 		return err
-	}
-	defer cli.Close()
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	s, err := ef.store(cli, time.Minute, nil).Leave(ctx, *node)
-	if err != nil {
-		return err
-	}
-	_, err = fmt.Fprintf(stdout, "released %s of %s\n", s, *node)
-	return err
+	})
 }
 
 func cmdReserve(ctx context.Context, args []string, stdout io.Writer) error {
@@ -210,26 +206,20 @@ func cmdReserve(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil || *node == "" {
 		return fmt.Errorf("--node-name and --subnet (a CIDR prefix) are required")
 	}
-	cli, err := ef.client()
-	if err != nil {
+	return ef.with(ctx, func(ctx context.Context, st *lease.Etcd) error {
+		cfg, _, err := st.Config(ctx)
+		if err != nil {
+			return err
+		}
+		if !cfg.Contains(p) {
+			return fmt.Errorf("--subnet %s is not a /%d subnet inside %s-%s", p, cfg.SubnetLen, cfg.SubnetMin, cfg.SubnetMax)
+		}
+		if err := st.Reserve(ctx, *node, p); err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(stdout, "reserved %s for %s\n", p, *node)
 		return err
-	}
-	defer cli.Close()
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	st := ef.store(cli, time.Minute, nil)
-	cfg, _, err := st.Config(ctx)
-	if err != nil {
-		return err
-	}
-	if !cfg.Contains(p) {
-		return fmt.Errorf("--subnet %s is not a /%d subnet inside %s-%s", p, cfg.SubnetLen, cfg.SubnetMin, cfg.SubnetMax)
-	}
-	if err := st.Reserve(ctx, *node, p); err != nil {
-		return err
-	}
-	_, err = fmt.Fprintf(stdout, "reserved %s for %s\n", p, *node)
-	return err
+	})
 }
 
 func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {

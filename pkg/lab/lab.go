@@ -240,7 +240,10 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 			return l, err
 		}
 	}
-	l.logf("agents ready on %d nodes (%s)", len(l.Nodes), time.Since(t0).Round(time.Millisecond))
+	if err := l.WaitConverged(ctx, 30*time.Second); err != nil {
+		return l, err
+	}
+	l.logf("agents ready on %d nodes, every peer programmed everywhere (%s)", len(l.Nodes), time.Since(t0).Round(time.Millisecond))
 	t0 = time.Now()
 	if opt.RouteMode {
 		if err := l.upDocker(ctx); err != nil {
@@ -559,6 +562,55 @@ func (l *Lab) WaitReady(ctx context.Context, n *Node, timeout time.Duration) err
 		}
 	}
 	return fmt.Errorf("agent on %s not ready after %s; log:\n%s", n.Name, timeout, tail(filepath.Join(n.Dir, "agent.log"), 20))
+}
+
+// WaitConverged waits until every node's agent has every other node as a peer with its
+// route (and FDB and neighbour entries) in the kernel; unreachable peers count as settled.
+func (l *Lab) WaitConverged(ctx context.Context, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	var last string
+	for time.Now().Before(deadline) {
+		done := true
+		for _, n := range l.Nodes {
+			code, b, err := l.Get(n, "/status")
+			if err != nil || code != 200 {
+				done, last = false, fmt.Sprintf("%s: status %d %v", n.Name, code, err)
+				break
+			}
+			var st struct {
+				Peers []struct {
+					Node, Mode string
+					Route      bool
+					FDB, Neigh *bool
+				} `json:"peers"`
+			}
+			if err := json.Unmarshal(b, &st); err != nil {
+				return err
+			}
+			if len(st.Peers) != len(l.Nodes)-1 {
+				done, last = false, fmt.Sprintf("%s sees %d of %d peers", n.Name, len(st.Peers), len(l.Nodes)-1)
+				break
+			}
+			for _, p := range st.Peers {
+				if p.Mode != "unreachable" && (!p.Route || (p.FDB != nil && !*p.FDB) || (p.Neigh != nil && !*p.Neigh)) {
+					done, last = false, fmt.Sprintf("%s has not programmed %s yet", n.Name, p.Node)
+					break
+				}
+			}
+			if !done {
+				break
+			}
+		}
+		if done {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("the lab did not converge in %s: %s", timeout, last)
 }
 
 // Get fetches path from the node agent's HTTP endpoint, connecting inside the node's

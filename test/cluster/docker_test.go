@@ -42,13 +42,7 @@ func TestRouteModeDockerHosts(t *testing.T) {
 		}
 		return strings.TrimSpace(out)
 	}
-	for _, n := range l.Nodes {
-		if err := l.StartDocker(ctx, n); err != nil {
-			t.Fatal(err)
-		}
-		if err := l.ImportBusybox(ctx, n); err != nil {
-			t.Fatal(err)
-		}
+	for _, n := range l.Nodes { // lab.Up started dockerd on each and imported busybox:local
 		c := ctr{node: n, name: "c-" + n.Name}
 		if _, err := l.Docker(ctx, n, "run", "-d", "--restart", "always", "--name", c.name, "busybox:local", "/bin/sleep", "86400"); err != nil {
 			t.Fatal(err)

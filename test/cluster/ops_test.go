@@ -294,7 +294,10 @@ func TestDriftIsRepaired(t *testing.T) {
 			ns.MustRun(t, "bridge", "fdb", "show", "dev", "netagent.1") + ns.MustRun(t, "iptables-save", "-t", "nat") +
 			ns.MustRun(t, "iptables", "-S", "FORWARD") + ns.MustRun(t, "ip", "-br", "link", "show", "netagent.1")
 	}
-	normalize := func(s string) string { return regexp.MustCompile(`\[\d+:\d+\]|\d+: `).ReplaceAllString(s, "") }
+	normalize := func(s string) string {
+		s = regexp.MustCompile(`(?m)^#.*\n`).ReplaceAllString(s, "") // iptables-save timestamps
+		return regexp.MustCompile(`\[\d+:\d+\]|\d+: `).ReplaceAllString(s, "")
+	}
 	want := normalize(snapshot())
 	cases := []struct {
 		name   string
