@@ -9,10 +9,11 @@ cd "$(dirname "$0")/.."
 source scripts/deps.sh
 [ "$(id -u)" = 0 ] || { echo "run as root: the lab creates network namespaces"; exit 1; }
 
-echo "building ./bin/netagent and ./bin/netagent-cni"
+echo "building ./bin/netagent, ./bin/netagent-etcd and ./bin/netagent-cni"
 mkdir -p bin
 CGO_ENABLED=0 go build -trimpath -o bin/netagent-cni ./cmd/cni-plugin
 go build -trimpath -o bin/netagent ./cmd/netagent
+go build -trimpath -o bin/netagent-etcd ./cmd/netagent-etcd
 if [ -e /run/netagent-lab/lab.json ]; then
 	echo "a lab is already up: taking it down first"
 	./bin/netagent lab down

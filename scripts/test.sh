@@ -11,9 +11,12 @@ unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go')
 [ -z "$unformatted" ] || { echo "gofmt needed:"; echo "$unformatted"; exit 1; }
 go vet ./...
 
-echo "== the CNI plugin stays lean (no etcd or Kubernetes packages)"
+echo "== the CNI plugin stays lean (no etcd or Kubernetes packages), the agent carries no etcd server"
 if go list -deps ./cmd/cni-plugin | grep -E '^(go\.etcd\.io|k8s\.io|sigs\.k8s\.io)/'; then
 	echo "cmd/cni-plugin depends on the packages above; it must not"; exit 1
+fi
+if go list -deps ./cmd/netagent | grep -E '^go\.etcd\.io/etcd/server/'; then
+	echo "cmd/netagent depends on the etcd server (it belongs in cmd/netagent-etcd)"; exit 1
 fi
 
 echo "== fuzz targets (bounded)"

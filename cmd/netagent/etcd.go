@@ -11,14 +11,17 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
-	"github.com/netagent/netagent/pkg/embedetcd"
 	"github.com/netagent/netagent/pkg/lease"
 )
 
@@ -98,28 +101,28 @@ func (e *etcdFlags) with(ctx context.Context, fn func(context.Context, *lease.Et
 	return fn(ctx, e.store(cli, time.Minute, nil))
 }
 
+// cmdEtcd becomes netagent-etcd (found beside this binary, else on PATH): the etcd
+// server lives in its own binary so the agent does not carry it.
 func cmdEtcd(ctx context.Context, args []string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("etcd", flag.ContinueOnError)
-	dir := fs.String("data-dir", "/run/netagent/etcd", "data directory; the client socket is DIR/etcd.sock:2379 (DIR/NAME.sock:2379 for a cluster member)")
-	name := fs.String("name", "", "cluster member name (with --initial-cluster; default: a single member)")
-	cluster := fs.String("initial-cluster", "", "members as NAME=unix://NAME-peer.sock:2380,... (all members share --data-dir)")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	var srv *embedetcd.Server
-	var err error
-	if *name != "" {
-		srv, err = embedetcd.StartMember(embedetcd.Member{Name: *name, Dir: *dir, InitialCluster: *cluster})
-	} else {
-		srv, err = embedetcd.Start(*dir)
-	}
+	bin, err := etcdBinary()
 	if err != nil {
 		return err
 	}
-	defer srv.Close()
-	fmt.Fprintf(stdout, "etcd ready at %s\n", srv.Endpoint)
-	<-ctx.Done()
-	return nil
+	return syscall.Exec(bin, append([]string{bin}, args...), os.Environ())
+}
+
+func etcdBinary() (string, error) {
+	if self, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(self), "netagent-etcd")
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		}
+	}
+	p, err := exec.LookPath("netagent-etcd")
+	if err != nil {
+		return "", errors.New("netagent-etcd not found beside netagent or on PATH (go build ./cmd/netagent-etcd)")
+	}
+	return p, nil
 }
 
 // probeTLS makes one TLS handshake with each https endpoint that answers, so that a

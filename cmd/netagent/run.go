@@ -10,10 +10,12 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/netagent/netagent/pkg/agent"
-	"github.com/netagent/netagent/pkg/embedetcd"
 	"github.com/netagent/netagent/pkg/subnetfile"
 )
 
@@ -112,13 +114,13 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 		return err
 	}
 	if f.embeddedEtcd != "" {
-		srv, err := embedetcd.Start(f.embeddedEtcd)
+		stopEtcd, endpoint, err := startEmbeddedEtcd(ctx, f.embeddedEtcd)
 		if err != nil {
 			return err
 		}
-		defer srv.Close()
-		f.etcd.endpoints = srv.Endpoint
-		log.Info("embedded etcd", "endpoint", srv.Endpoint)
+		defer stopEtcd()
+		f.etcd.endpoints = endpoint
+		log.Info("embedded etcd", "endpoint", endpoint)
 	}
 	cli, err := f.etcd.client()
 	if err != nil {
@@ -157,4 +159,38 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 		defer srv.Close()
 	}
 	return a.Run(ctx)
+}
+
+// startEmbeddedEtcd runs netagent-etcd as a child with its data in dir and waits for its
+// socket; the returned func stops it.
+func startEmbeddedEtcd(ctx context.Context, dir string) (func(), string, error) {
+	bin, err := etcdBinary()
+	if err != nil {
+		return nil, "", err
+	}
+	cmd := exec.Command(bin, "--data-dir", dir)
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	if err := cmd.Start(); err != nil {
+		return nil, "", fmt.Errorf("start %s: %w", bin, err)
+	}
+	stop := func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		_ = cmd.Wait()
+	}
+	sock := filepath.Join(dir, "etcd.sock:2379")
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := os.Stat(sock); err == nil {
+			return stop, "unix://" + sock, nil
+		}
+		select {
+		case <-ctx.Done():
+			stop()
+			return nil, "", ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	stop()
+	return nil, "", fmt.Errorf("embedded etcd did not come up in %s", dir)
 }

@@ -14,6 +14,8 @@ import (
 
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
+
+	"github.com/netagent/netagent/pkg/etcdsock"
 )
 
 // Server is a running embedded etcd.
@@ -77,14 +79,6 @@ type Member struct {
 	InitialCluster string // "m1=unix://m1-peer.sock:2380,m2=..."; see PeerURL
 }
 
-// PeerURL is a member's peer URL.
-func PeerURL(name string) string { return "unix://" + name + "-peer.sock:2380" }
-
-// ClientEndpoint is a member's client URL (absolute, for clients in any directory).
-func ClientEndpoint(dir, name string) string {
-	return "unix://" + filepath.Join(dir, name+".sock:2379")
-}
-
 // StartMember runs one member of a cluster. The process's working directory stays in
 // m.Dir, because members dial each other's peer sockets by relative name for as long as
 // they run: use it in a process of its own (`netagent etcd --name`).
@@ -101,8 +95,8 @@ func StartMember(m Member) (*Server, error) {
 	cfg.Logger = "zap"
 	cfg.LogLevel = "error"
 	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	client, _ := url.Parse("unix://" + m.Name + ".sock:2379")
-	peer, _ := url.Parse(PeerURL(m.Name))
+	client, _ := url.Parse(etcdsock.ClientURL(m.Name))
+	peer, _ := url.Parse(etcdsock.PeerURL(m.Name))
 	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*client}, []url.URL{*client}
 	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*peer}, []url.URL{*peer}
 	cfg.InitialCluster = m.InitialCluster
@@ -118,5 +112,5 @@ func StartMember(m Member) (*Server, error) {
 		e.Close()
 		return nil, fmt.Errorf("etcd member %s not ready after 60s", m.Name)
 	}
-	return &Server{e: e, Dir: m.Dir, Endpoint: ClientEndpoint(m.Dir, m.Name)}, nil
+	return &Server{e: e, Dir: m.Dir, Endpoint: etcdsock.ClientEndpoint(m.Dir, m.Name)}, nil
 }

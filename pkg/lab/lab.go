@@ -32,7 +32,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/netagent/netagent/pkg/embedetcd"
+	"github.com/netagent/netagent/pkg/etcdsock"
 	"github.com/netagent/netagent/test/netns"
 )
 
@@ -162,7 +162,7 @@ func (l *Lab) EtcdEndpoint() string {
 	}
 	var eps []string
 	for i := range max(l.EtcdMembers, 1) {
-		eps = append(eps, embedetcd.ClientEndpoint(filepath.Join(l.Dir, "etcd"), memberName(i)))
+		eps = append(eps, etcdsock.ClientEndpoint(filepath.Join(l.Dir, "etcd"), memberName(i)))
 	}
 	return strings.Join(eps, ",")
 }
@@ -429,17 +429,17 @@ func (l *Lab) StartEtcdMember(i int) error {
 	n := max(l.EtcdMembers, 1)
 	var cluster []string
 	for j := range n {
-		cluster = append(cluster, memberName(j)+"="+embedetcd.PeerURL(memberName(j)))
+		cluster = append(cluster, memberName(j)+"="+etcdsock.PeerURL(memberName(j)))
 	}
 	name := memberName(i)
 	var cmd *exec.Cmd
 	if l.EtcdBinary == "" {
 		cmd = l.Switch().Command(context.Background(), l.Opt.Netagent, "etcd", "--data-dir", dir, "--name", name, "--initial-cluster", strings.Join(cluster, ","))
 	} else {
-		client := "unix://" + name + ".sock:2379"
+		client := etcdsock.ClientURL(name)
 		cmd = l.Switch().Command(context.Background(), l.EtcdBinary, "--name", name, "--data-dir", name+".data",
 			"--listen-client-urls", client, "--advertise-client-urls", client,
-			"--listen-peer-urls", embedetcd.PeerURL(name), "--initial-advertise-peer-urls", embedetcd.PeerURL(name),
+			"--listen-peer-urls", etcdsock.PeerURL(name), "--initial-advertise-peer-urls", etcdsock.PeerURL(name),
 			"--initial-cluster", strings.Join(cluster, ","), "--initial-cluster-token", "netagent", "--initial-cluster-state", "new")
 	}
 	cmd.Dir = dir // members find each other's peer sockets relative to it

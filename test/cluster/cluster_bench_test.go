@@ -45,6 +45,7 @@ func ourRoutes(h *netlink.Handle) map[string]bool {
 func BenchmarkClusterLifecycle(b *testing.B) {
 	netns.RequireRoot(b)
 	bin := testbin.Build(b, "./cmd/netagent", "netagent")
+	testbin.Build(b, "./cmd/netagent-etcd", "netagent-etcd")
 	testbin.Build(b, "./cmd/cni-plugin", "netagent-cni")
 	ctx := context.Background()
 	l, err := lab.Up(ctx, lab.Options{

@@ -31,6 +31,7 @@ func newLab(t *testing.T, backend string, nodes, remote, pods int) *lab.Lab {
 	t.Helper()
 	netns.RequireRoot(t)
 	bin := testbin.Build(t, "./cmd/netagent", "netagent")
+	testbin.Build(t, "./cmd/netagent-etcd", "netagent-etcd")
 	testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
 	labSeq++
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)

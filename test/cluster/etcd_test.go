@@ -18,6 +18,7 @@ func newLabWith(t *testing.T, opt lab.Options) *lab.Lab {
 	t.Helper()
 	netns.RequireRoot(t)
 	opt.Netagent = testbin.Build(t, "./cmd/netagent", "netagent")
+	testbin.Build(t, "./cmd/netagent-etcd", "netagent-etcd")
 	testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
 	labSeq++
 	opt.Prefix = fmt.Sprintf("%s%d-%d-", netns.Prefix, os.Getpid(), 1000+labSeq)

@@ -18,6 +18,7 @@ import (
 func TestLabCommand(t *testing.T) {
 	netns.RequireRoot(t)
 	bin := testbin.Build(t, "./cmd/netagent", "netagent")
+	testbin.Build(t, "./cmd/netagent-etcd", "netagent-etcd")
 	testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
 	dir := t.TempDir()
 	prefix := fmt.Sprintf("%s%d-labcmd-", netns.Prefix, os.Getpid())
@@ -89,6 +90,7 @@ func TestLabDockerScenario(t *testing.T) {
 		t.Skip("no dockerd")
 	}
 	bin := testbin.Build(t, "./cmd/netagent", "netagent")
+	testbin.Build(t, "./cmd/netagent-etcd", "netagent-etcd")
 	testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
 	dir := t.TempDir()
 	prefix := fmt.Sprintf("%s%d-labdk-", netns.Prefix, os.Getpid())

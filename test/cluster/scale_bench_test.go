@@ -106,6 +106,7 @@ func BenchmarkAgentScale(b *testing.B) {
 	netns.RequireRoot(b)
 	const peers = 5000
 	bin := testbin.Build(b, "./cmd/netagent", "netagent")
+	testbin.Build(b, "./cmd/netagent-etcd", "netagent-etcd")
 	testbin.Build(b, "./cmd/cni-plugin", "netagent-cni")
 	ctx := context.Background()
 	l, err := lab.Up(ctx, lab.Options{

@@ -65,6 +65,7 @@ func tcpThroughput(b *testing.B, src, dstNS *netns.NS, dst string, d time.Durati
 func BenchmarkThroughput(b *testing.B) {
 	netns.RequireRoot(b)
 	bin := testbin.Build(b, "./cmd/netagent", "netagent")
+	testbin.Build(b, "./cmd/netagent-etcd", "netagent-etcd")
 	testbin.Build(b, "./cmd/cni-plugin", "netagent-cni")
 	const d = 2 * time.Second
 	for _, tc := range []struct {
