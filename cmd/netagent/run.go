@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -108,6 +109,12 @@ func cmdRouteMode(ctx context.Context, args []string, stdout io.Writer) error {
 func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 	if err := f.validate(); err != nil {
 		return err
+	}
+	if os.Getenv("GOGC") == "" {
+		// The agent is idle nearly all the time, so collecting at 1.5x the live heap
+		// instead of 2x costs no noticeable CPU and keeps its footprint down (with 5,000
+		// peers: ~40 MB instead of 41-56 MB). GOGC still overrides it.
+		debug.SetGCPercent(50)
 	}
 	log, err := newLogger(f.logLevel)
 	if err != nil {

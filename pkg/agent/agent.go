@@ -84,6 +84,7 @@ type Agent struct {
 
 	trigger chan struct{}
 	fwDirty chan struct{}
+	bigPass bool // the last full pass changed many objects
 
 	mu      sync.Mutex
 	status  Status
@@ -239,6 +240,12 @@ func (a *Agent) Run(ctx context.Context) error {
 			_, _ = peers.Take() // the snapshot below covers them
 			a.fullPass(ctx, log, cfg, held.Lease, peers.Snapshot(), ul, vxDev, fw, drift)
 			full, fw, drift = false, false, false
+			if a.bigPass {
+				// A big pass (a cold start with thousands of peers) leaves megabytes of
+				// garbage; hand it back now (its plan is dead once fullPass returned) rather
+				// than whenever the scavenger gets to it.
+				debug.FreeOSMemory()
+			}
 		case leases:
 			changed, relisted := peers.Take()
 			if relisted || a.incrementalPass(log, changed) != nil {
@@ -363,11 +370,9 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 		a.nat.plan = p.NAT
 	}
 	a.finish(log, "full", t0, vst, rst, nst, drift, errors.Join(errs...))
-	if rst.Added+rst.Replaced+rst.Deleted > 500 {
-		// A big pass (a cold start with thousands of peers) leaves megabytes of garbage;
-		// hand it back now rather than whenever the scavenger gets to it.
-		debug.FreeOSMemory()
-	}
+	// Big passes (a cold start, or a resync, with thousands of peers) leave megabytes of
+	// dump buffers and plan behind.
+	a.bigPass = len(peers) > 1000 || rst.Added+rst.Replaced+rst.Deleted > 500
 	for _, peer := range p.Peers {
 		if peer.Mode == plan.Unreachable {
 			log.Warn("peer unreachable", "peer", peer.Node, "subnet", peer.Subnet, "reason", peer.Reason)

@@ -35,11 +35,15 @@ func (a *Agent) watchKernelOnce(ctx context.Context, vxDev, underlay string) {
 	neighs := make(chan netlink.NeighUpdate, 1024)
 	links := make(chan netlink.LinkUpdate, 256)
 	onErr := func(error) { a.invalidate(); signal(a.trigger) }
-	if err := netlink.RouteSubscribeWithOptions(routes, done, netlink.RouteSubscribeOptions{ErrorCallback: onErr, ReceiveBufferSize: 1 << 20}); err != nil {
+	// Large receive buffers (forced past rmem_max, we have CAP_NET_ADMIN): a cold start
+	// with thousands of peers echoes tens of thousands of notifications at once; an
+	// overflow is handled (a full resync), but costs a pass.
+	const rcvbuf = 8 << 20
+	if err := netlink.RouteSubscribeWithOptions(routes, done, netlink.RouteSubscribeOptions{ErrorCallback: onErr, ReceiveBufferSize: rcvbuf, ReceiveBufferForceSize: true}); err != nil {
 		a.opt.Log.Warn("route subscription failed", "err", err)
 		return
 	}
-	if err := netlink.NeighSubscribeWithOptions(neighs, done, netlink.NeighSubscribeOptions{ErrorCallback: onErr}); err != nil {
+	if err := netlink.NeighSubscribeWithOptions(neighs, done, netlink.NeighSubscribeOptions{ErrorCallback: onErr, ReceiveBufferSize: rcvbuf, ReceiveBufferForceSize: true}); err != nil {
 		a.opt.Log.Warn("neighbour subscription failed", "err", err)
 		return
 	}

@@ -1,6 +1,7 @@
 package lease
 
 import (
+	"slices"
 	"sort"
 	"sync"
 )
@@ -9,16 +10,16 @@ import (
 // nodes changed since the last Take, so the agent can do work for the changed leases only.
 type Peers struct {
 	mu       sync.Mutex
-	byKey    map[string]Lease           // store key -> lease
-	nodeKeys map[string]map[string]bool // node -> its keys (normally one)
-	dirty    map[string]bool            // nodes changed since Take
-	full     bool                       // the whole view was replaced since Take
-	bad      map[string]string          // undecodable keys -> why
+	byKey    map[string]Lease    // store key -> lease
+	nodeKeys map[string][]string // node -> its keys (normally one)
+	dirty    map[string]bool     // nodes changed since Take
+	full     bool                // the whole view was replaced since Take
+	bad      map[string]string   // undecodable keys -> why
 }
 
 // NewPeers returns an empty view.
 func NewPeers() *Peers {
-	return &Peers{byKey: map[string]Lease{}, nodeKeys: map[string]map[string]bool{}, dirty: map[string]bool{}, bad: map[string]string{}}
+	return &Peers{byKey: map[string]Lease{}, nodeKeys: map[string][]string{}, dirty: map[string]bool{}, bad: map[string]string{}}
 }
 
 // put records l under key k (caller holds mu).
@@ -27,10 +28,9 @@ func (p *Peers) put(k string, l Lease) {
 		p.unlink(old.Node, k)
 	}
 	p.byKey[k] = l
-	if p.nodeKeys[l.Node] == nil {
-		p.nodeKeys[l.Node] = map[string]bool{}
+	if !slices.Contains(p.nodeKeys[l.Node], k) {
+		p.nodeKeys[l.Node] = append(p.nodeKeys[l.Node], k)
 	}
-	p.nodeKeys[l.Node][k] = true
 	p.dirty[l.Node] = true
 }
 
@@ -45,11 +45,11 @@ func (p *Peers) del(k string) {
 }
 
 func (p *Peers) unlink(node, k string) {
-	if keys := p.nodeKeys[node]; keys != nil {
-		delete(keys, k)
-		if len(keys) == 0 {
-			delete(p.nodeKeys, node)
-		}
+	keys := slices.DeleteFunc(p.nodeKeys[node], func(x string) bool { return x == k })
+	if len(keys) == 0 {
+		delete(p.nodeKeys, node)
+	} else {
+		p.nodeKeys[node] = keys
 	}
 	p.dirty[node] = true
 }
@@ -57,7 +57,7 @@ func (p *Peers) unlink(node, k string) {
 // replace swaps in a fresh list (caller holds mu).
 func (p *Peers) replace(byKey map[string]Lease) {
 	p.byKey = map[string]Lease{}
-	p.nodeKeys = map[string]map[string]bool{}
+	p.nodeKeys = make(map[string][]string, len(byKey))
 	for k, l := range byKey {
 		p.put(k, l)
 	}
@@ -68,7 +68,7 @@ func (p *Peers) replace(byKey map[string]Lease) {
 // current is node's lease: from its lowest key if it somehow holds several.
 func (p *Peers) current(node string) (Lease, bool) {
 	best := ""
-	for k := range p.nodeKeys[node] {
+	for _, k := range p.nodeKeys[node] {
 		if best == "" || k < best {
 			best = k
 		}

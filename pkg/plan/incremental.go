@@ -15,7 +15,7 @@ import (
 type Planner struct {
 	in      Input // without Peers
 	peers   map[string]lease.Lease
-	claim   map[netip.Prefix]map[string]bool // subnet -> nodes claiming it
+	claim   map[netip.Prefix][]string // subnet -> nodes claiming it (almost always one)
 	verdict map[string]Peer
 
 	routes  map[netip.Prefix]Route
@@ -28,11 +28,13 @@ type Planner struct {
 	tunnelMTU, podMTU int
 }
 
-// contribution is one node's share of the desired state.
+// contribution is one node's share of the desired state (by value: thousands of small
+// pointed-to objects cost more than the values themselves).
 type contribution struct {
-	route *Route
-	neigh *Neigh
-	fdb   *FDB
+	route Route
+	neigh Neigh // valid only when vxlan
+	fdb   FDB   // valid only when vxlan
+	vxlan bool
 }
 
 // Changes names the desired entries an update touched (added, changed or removed).
@@ -50,7 +52,7 @@ func NewPlanner(in Input) (*Planner, Plan) {
 	p := &Planner{
 		in:      in,
 		peers:   make(map[string]lease.Lease, len(in.Peers)),
-		claim:   make(map[netip.Prefix]map[string]bool, len(in.Peers)),
+		claim:   make(map[netip.Prefix][]string, len(in.Peers)),
 		verdict: make(map[string]Peer, len(in.Peers)),
 		routes:  make(map[netip.Prefix]Route, len(in.Peers)),
 		neighs:  make(map[netip.Addr]Neigh, len(in.Peers)),
@@ -87,21 +89,22 @@ func (p *Planner) addClaim(l lease.Lease) {
 	if l.Subnet.Bits() != p.in.Config.SubnetLen {
 		p.odd[l.Node] = true
 	}
-	m := p.claim[l.Subnet]
-	if m == nil {
-		m = map[string]bool{}
-		p.claim[l.Subnet] = m
-	}
-	m[l.Node] = true
+	p.claim[l.Subnet] = append(p.claim[l.Subnet], l.Node)
 }
 
 func (p *Planner) dropClaim(l lease.Lease) {
 	delete(p.odd, l.Node)
-	if m := p.claim[l.Subnet]; m != nil {
-		delete(m, l.Node)
-		if len(m) == 0 {
-			delete(p.claim, l.Subnet)
+	c := p.claim[l.Subnet]
+	for i, n := range c {
+		if n == l.Node {
+			c = append(c[:i:i], c[i+1:]...)
+			break
 		}
+	}
+	if len(c) == 0 {
+		delete(p.claim, l.Subnet)
+	} else {
+		p.claim[l.Subnet] = c
 	}
 }
 
@@ -113,7 +116,7 @@ func (p *Planner) owners(subnets map[netip.Prefix]bool) map[netip.Prefix]string 
 		if s == p.in.Self.Subnet {
 			continue
 		}
-		for n := range p.claim[s] {
+		for _, n := range p.claim[s] {
 			if cur, ok := o[s]; !ok || n < cur {
 				o[s] = n
 			}
@@ -155,7 +158,7 @@ func (p *Planner) Update(changed []lease.Lease) Changes {
 		}
 	}
 	for s := range subnets {
-		for n := range p.claim[s] {
+		for _, n := range p.claim[s] {
 			affected[n] = true
 		}
 	}
@@ -222,7 +225,7 @@ func (p *Planner) ownerOf(s netip.Prefix) string {
 		return p.in.Self.Node
 	}
 	best := ""
-	for n := range p.claim[s] {
+	for _, n := range p.claim[s] {
 		if best == "" || n < best {
 			best = n
 		}
@@ -237,17 +240,13 @@ func (p *Planner) remove(n string, ch *Changes) {
 		return
 	}
 	delete(p.contrib, n)
-	if c.route != nil {
-		delete(p.routes, c.route.Dst)
-		ch.Routes = append(ch.Routes, c.route.Dst)
-	}
-	if c.neigh != nil {
+	delete(p.routes, c.route.Dst)
+	ch.Routes = append(ch.Routes, c.route.Dst)
+	if c.vxlan {
 		delete(p.neighs, c.neigh.IP)
 		ch.Neighs = append(ch.Neighs, c.neigh.IP)
-	}
-	if c.fdb != nil {
-		delete(p.fdb, *c.fdb)
-		ch.FDB = append(ch.FDB, *c.fdb)
+		delete(p.fdb, c.fdb)
+		ch.FDB = append(ch.FDB, c.fdb)
 	}
 }
 
@@ -255,27 +254,27 @@ func (p *Planner) add(l lease.Lease, v Peer, ch *Changes) {
 	var c contribution
 	switch v.Mode {
 	case Direct:
-		c.route = &Route{Dst: l.Subnet, Gw: l.PublicIP, Dev: p.in.Underlay.Dev}
+		c.route = Route{Dst: l.Subnet, Gw: l.PublicIP, Dev: p.in.Underlay.Dev}
 	case VXLAN:
-		r := Route{Dst: l.Subnet, Gw: l.Subnet.Addr(), Dev: p.in.VXLANDev, OnLink: true}
+		c.route = Route{Dst: l.Subnet, Gw: l.Subnet.Addr(), Dev: p.in.VXLANDev, OnLink: true}
 		if p.in.Config.Backend.Type == "hybrid" && p.podMTU > p.tunnelMTU {
-			r.MTU = p.tunnelMTU
+			c.route.MTU = p.tunnelMTU
 		}
 		mac := strings.ToLower(l.VTEPMAC)
-		c.route = &r
-		c.neigh = &Neigh{IP: l.Subnet.Addr(), MAC: mac}
-		c.fdb = &FDB{MAC: mac, Dst: l.PublicIP}
+		c.vxlan = true
+		c.neigh = Neigh{IP: l.Subnet.Addr(), MAC: mac}
+		c.fdb = FDB{MAC: mac, Dst: l.PublicIP}
 	default:
 		return
 	}
 	p.contrib[v.Node] = c
-	p.routes[c.route.Dst] = *c.route
+	p.routes[c.route.Dst] = c.route
 	ch.Routes = append(ch.Routes, c.route.Dst)
-	if c.neigh != nil {
-		p.neighs[c.neigh.IP] = *c.neigh
-		p.fdb[*c.fdb] = true
+	if c.vxlan {
+		p.neighs[c.neigh.IP] = c.neigh
+		p.fdb[c.fdb] = true
 		ch.Neighs = append(ch.Neighs, c.neigh.IP)
-		ch.FDB = append(ch.FDB, *c.fdb)
+		ch.FDB = append(ch.FDB, c.fdb)
 	}
 }
 

@@ -96,7 +96,7 @@ func (r *Reconciler) Observe(u netlink.RouteUpdate) bool {
 		}
 	case u.Protocol == Protocol:
 		if !have || !sameRoute(cur, u.Route) {
-			r.mirror[p] = u.Route
+			r.mirror[p] = detach(u.Route)
 			return true
 		}
 	case have:
@@ -127,10 +127,28 @@ func (r *Reconciler) current() (map[netip.Prefix]netlink.Route, error) {
 	}
 	r.mu.Lock()
 	if r.mirroring {
-		r.mirror = cur
+		m := make(map[netip.Prefix]netlink.Route, len(cur))
+		for k, v := range cur {
+			m[k] = detach(v)
+		}
+		r.mirror = m
 	}
 	r.mu.Unlock()
 	return cur, nil
+}
+
+// detach copies what the mirror needs of a route into fresh memory: a route parsed from a
+// netlink message points into the message's buffer, and keeping thousands of them would
+// keep every dump buffer alive.
+func detach(rt netlink.Route) netlink.Route {
+	out := netlink.Route{LinkIndex: rt.LinkIndex, MTU: rt.MTU, Flags: rt.Flags, Protocol: rt.Protocol, Table: rt.Table}
+	if rt.Dst != nil {
+		out.Dst = &net.IPNet{IP: append(net.IP(nil), rt.Dst.IP...), Mask: append(net.IPMask(nil), rt.Dst.Mask...)}
+	}
+	if rt.Gw != nil {
+		out.Gw = append(net.IP(nil), rt.Gw...)
+	}
+	return out
 }
 
 // write performs a kernel change, recording its outcome in the mirror first so that the

@@ -112,7 +112,7 @@ func (r *Reconciler) Observe(u netlink.NeighUpdate) bool {
 		if have && cur.State == u.State && cur.HardwareAddr.String() == u.HardwareAddr.String() {
 			return false
 		}
-		r.neigh[ip] = u.Neigh
+		r.neigh[ip] = detach(u.Neigh)
 		return true
 	case unix.AF_BRIDGE:
 		k := fdbKey{strings.ToLower(u.HardwareAddr.String()), ip}
@@ -127,7 +127,7 @@ func (r *Reconciler) Observe(u netlink.NeighUpdate) bool {
 		if have && cur.State == u.State {
 			return false
 		}
-		r.fdb[k] = u.Neigh
+		r.fdb[k] = detach(u.Neigh)
 		return true
 	}
 	return false
@@ -164,10 +164,26 @@ func (r *Reconciler) entries(idx int) (map[netip.Addr]netlink.Neigh, map[fdbKey]
 	}
 	r.mu.Lock()
 	if r.mirroring {
-		r.idx, r.neigh, r.fdb = idx, maps.Clone(neigh), maps.Clone(fdb)
+		r.idx = idx
+		r.neigh = make(map[netip.Addr]netlink.Neigh, len(neigh))
+		for k, v := range neigh {
+			r.neigh[k] = detach(v)
+		}
+		r.fdb = make(map[fdbKey]netlink.Neigh, len(fdb))
+		for k, v := range fdb {
+			r.fdb[k] = detach(v)
+		}
 	}
 	r.mu.Unlock()
 	return neigh, fdb, nil
+}
+
+// detach copies what the mirror needs of an entry into fresh memory: an entry parsed from
+// a netlink dump points into the dump's buffer, which thousands of kept entries would keep
+// alive.
+func detach(n netlink.Neigh) netlink.Neigh {
+	return netlink.Neigh{LinkIndex: n.LinkIndex, Family: n.Family, State: n.State, Type: n.Type, Flags: n.Flags,
+		IP: append(net.IP(nil), n.IP...), HardwareAddr: append(net.HardwareAddr(nil), n.HardwareAddr...)}
 }
 
 // writeNeigh and writeFDB perform a kernel change, recording its outcome in the mirror

@@ -161,7 +161,10 @@ func BenchmarkAgentScale(b *testing.B) {
 	if err := l.WaitReady(ctx, n, time.Minute); err != nil {
 		b.Fatal(err)
 	}
-	time.Sleep(time.Second)
+	t0 := cpuTicks(n.Agent)
+	time.Sleep(5 * time.Second)
+	idle := float64(cpuTicks(n.Agent)-t0) / 100 / 5 // share of one core
+	// Steady-state RSS: after the 5 s idle window, not in the wake of the cold pass.
 	rss := rssMB(n.Agent)
 	if f := os.Getenv("SCALE_HEAP"); f != "" { // with NETAGENT_PPROF=true in the environment
 		if _, heap, err := l.Get(n, "/debug/pprof/heap"); err == nil {
@@ -179,10 +182,6 @@ func BenchmarkAgentScale(b *testing.B) {
 			return grepLines(string(s), "Rss")
 		}())
 	}
-	t0 := cpuTicks(n.Agent)
-	time.Sleep(5 * time.Second)
-	idle := float64(cpuTicks(n.Agent)-t0) / 100 / 5 // share of one core
-
 	// Watch the node's routes as they land (a subscription, not polling, which would dump
 	// 5,000 routes per look).
 	nsh, err := vns.GetFromPath(l.NodeNS(n).Path)
