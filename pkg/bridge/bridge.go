@@ -23,6 +23,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/netagent/netagent/pkg/netipx"
 	"golang.org/x/sys/unix"
 )
 
@@ -126,11 +128,11 @@ func ensureAddr(h *netlink.Handle, l netlink.Link, want netip.Prefix) error {
 		return fmt.Errorf("list addresses of %s: %w", l.Attrs().Name, err)
 	}
 	for _, a := range addrs {
-		if p, ok := prefixOf(a.IPNet); ok && p == want {
+		if p, ok := netipx.Prefix(a.IPNet); ok && p == want {
 			return nil
 		}
 	}
-	addr := &netlink.Addr{IPNet: ipNet(want)}
+	addr := &netlink.Addr{IPNet: netipx.IPNet(want)}
 	if err := h.AddrAdd(l, addr); err != nil && !errors.Is(err, syscall.EEXIST) {
 		return fmt.Errorf("add %s to %s: %w", want, l.Attrs().Name, err)
 	}
@@ -209,7 +211,7 @@ func configure(h *netlink.Handle, veth *netlink.Veth, p Pod) (Wired, error) {
 	if err != nil {
 		return Wired{}, fmt.Errorf("find %s in pod namespace: %w", p.IfName, err)
 	}
-	if err := ph.AddrAdd(pod, &netlink.Addr{IPNet: ipNet(p.Addr)}); err != nil {
+	if err := ph.AddrAdd(pod, &netlink.Addr{IPNet: netipx.IPNet(p.Addr)}); err != nil {
 		return Wired{}, fmt.Errorf("add %s to %s: %w", p.Addr, p.IfName, err)
 	}
 	if err := ph.LinkSetUp(pod); err != nil {
@@ -318,7 +320,7 @@ func hasAddr(h *netlink.Handle, l netlink.Link, want netip.Prefix) (bool, error)
 		return false, err
 	}
 	for _, a := range addrs {
-		if p, ok := prefixOf(a.IPNet); ok && p == want {
+		if p, ok := netipx.Prefix(a.IPNet); ok && p == want {
 			return true, nil
 		}
 	}
@@ -383,22 +385,6 @@ func family(a netip.Addr) int {
 		return unix.AF_INET
 	}
 	return unix.AF_INET6
-}
-
-func ipNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
-}
-
-func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
-	if n == nil {
-		return netip.Prefix{}, false
-	}
-	a, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}, false
-	}
-	ones, _ := n.Mask.Size()
-	return netip.PrefixFrom(a.Unmap(), ones), true
 }
 
 func defaultDst(gw netip.Addr) *net.IPNet {

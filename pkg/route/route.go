@@ -26,6 +26,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/netagent/netagent/pkg/netipx"
 	"github.com/netagent/netagent/pkg/plan"
 )
 
@@ -78,7 +79,7 @@ func (r *Reconciler) Observe(u netlink.RouteUpdate) bool {
 	if u.Table != unix.RT_TABLE_MAIN && u.Table != 0 {
 		return false
 	}
-	p, ok := prefix(u.Dst)
+	p, ok := netipx.Prefix(u.Dst)
 	if !ok {
 		return false
 	}
@@ -201,7 +202,7 @@ func (r *Reconciler) Current() (map[netip.Prefix]netlink.Route, error) {
 	}
 	out := make(map[netip.Prefix]netlink.Route, len(routes))
 	for _, rt := range routes {
-		if p, ok := prefix(rt.Dst); ok {
+		if p, ok := netipx.Prefix(rt.Dst); ok {
 			out[p] = rt
 		}
 	}
@@ -289,18 +290,6 @@ func toNetlink(w plan.Route, idx int) *netlink.Route {
 
 // same compares what we control of a route.
 func same(c netlink.Route, w *netlink.Route) bool { return sameRoute(c, *w) }
-
-func prefix(n *net.IPNet) (netip.Prefix, bool) {
-	if n == nil {
-		return netip.Prefix{}, false
-	}
-	a, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}, false
-	}
-	ones, _ := n.Mask.Size()
-	return netip.PrefixFrom(a.Unmap(), ones), true
-}
 
 // ErrNoMirror means Apply needs a valid mirror; the caller runs a full Sync instead.
 var ErrNoMirror = errors.New("route mirror not valid: full sync needed")
