@@ -20,13 +20,13 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"runtime/debug"
 	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/docker"
 	"github.com/netagent/netagent/pkg/lease"
@@ -146,7 +146,7 @@ func VXLANDevName(vni int) string {
 func (a *Agent) Run(ctx context.Context) error {
 	log := a.opt.Log.With("node", a.opt.Node)
 	start := time.Now()
-	if err := enableForwarding(); err != nil {
+	if err := bridge.EnableForwarding(); err != nil {
 		return err
 	}
 	ul, err := a.underlay()
@@ -586,17 +586,6 @@ func (a *Agent) connected(dev string) ([]netip.Prefix, error) {
 		out = append(out, netip.PrefixFrom(ip, ones).Masked())
 	}
 	return out, nil
-}
-
-func enableForwarding() error {
-	const p = "/proc/sys/net/ipv4/ip_forward"
-	if b, err := os.ReadFile(p); err == nil && len(b) > 0 && b[0] == '1' {
-		return nil
-	}
-	if err := os.WriteFile(p, []byte("1"), 0o644); err != nil {
-		return fmt.Errorf("enable ip_forward: %w", err)
-	}
-	return nil
 }
 
 // backoff doubles from 100ms to 5s.

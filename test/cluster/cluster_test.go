@@ -29,25 +29,26 @@ var labSeq int
 
 func newLab(t *testing.T, backend string, nodes, remote, pods int) *lab.Lab {
 	t.Helper()
+	return newLabWith(t, lab.Options{Backend: backend, Nodes: nodes, Remote: remote, PodsPerNode: pods})
+}
+
+// newLabWith brings up a lab for a test and removes it (printing the agents' logs if the
+// test failed) when the test ends.
+func newLabWith(t *testing.T, opt lab.Options) *lab.Lab {
+	t.Helper()
 	netns.RequireRoot(t)
-	bin := testbin.Build(t, "./cmd/netagent", "netagent")
+	opt.Netagent = testbin.Build(t, "./cmd/netagent", "netagent")
 	testbin.Build(t, "./cmd/netagent-etcd", "netagent-etcd")
 	testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
 	labSeq++
+	opt.Prefix = fmt.Sprintf("%s%d-%d-", netns.Prefix, os.Getpid(), 1000+labSeq)
+	opt.Dir, opt.CNIBinDir, opt.Log = t.TempDir(), testbin.Dir(), t.Logf
+	if opt.LeaseTTL == 0 {
+		opt.LeaseTTL = 3 * time.Second
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	l, err := lab.Up(ctx, lab.Options{
-		Prefix:      fmt.Sprintf("%s%d-%d-", netns.Prefix, os.Getpid(), 1000+labSeq),
-		Dir:         t.TempDir(),
-		Nodes:       nodes,
-		Remote:      remote,
-		Backend:     backend,
-		PodsPerNode: pods,
-		Netagent:    bin,
-		CNIBinDir:   testbin.Dir(),
-		LeaseTTL:    3 * time.Second,
-		Log:         t.Logf,
-	})
+	l, err := lab.Up(ctx, opt)
 	if err != nil {
 		t.Fatal(err)
 	}

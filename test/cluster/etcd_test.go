@@ -10,35 +10,7 @@ import (
 	"time"
 
 	"github.com/netagent/netagent/pkg/lab"
-	"github.com/netagent/netagent/test/netns"
-	"github.com/netagent/netagent/test/testbin"
 )
-
-func newLabWith(t *testing.T, opt lab.Options) *lab.Lab {
-	t.Helper()
-	netns.RequireRoot(t)
-	opt.Netagent = testbin.Build(t, "./cmd/netagent", "netagent")
-	testbin.Build(t, "./cmd/netagent-etcd", "netagent-etcd")
-	testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
-	labSeq++
-	opt.Prefix = fmt.Sprintf("%s%d-%d-", netns.Prefix, os.Getpid(), 1000+labSeq)
-	opt.Dir, opt.CNIBinDir, opt.Log = t.TempDir(), testbin.Dir(), t.Logf
-	if opt.LeaseTTL == 0 {
-		opt.LeaseTTL = 3 * time.Second
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	l, err := lab.Up(ctx, opt)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := l.Down(); err != nil {
-			t.Errorf("lab down: %v", err)
-		}
-	})
-	return l
-}
 
 // TestDebianEtcd34: the agents work against Debian's etcd-server 3.4, a separate binary.
 func TestDebianEtcd34(t *testing.T) {
