@@ -16,7 +16,10 @@ import (
 	"syscall"
 	"time"
 
+	"k8s.io/klog/v2"
+
 	"github.com/netagent/netagent/pkg/agent"
+	"github.com/netagent/netagent/pkg/kube"
 	"github.com/netagent/netagent/pkg/subnetfile"
 )
 
@@ -37,6 +40,10 @@ type runFlags struct {
 	logLevel     string
 	embeddedEtcd string
 	pprof        bool
+	// The Kubernetes subnet manager (--subnet-manager=kube).
+	subnetManager string
+	kubeconfig    string
+	netConf       string
 }
 
 func newRunFlags() (*flag.FlagSet, *runFlags) {
@@ -57,6 +64,9 @@ func newRunFlags() (*flag.FlagSet, *runFlags) {
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.embeddedEtcd, "embedded-etcd", "", "run a single-member etcd in this process with its data in DIR and use it (single machine)")
 	fs.BoolVar(&f.pprof, "pprof", false, "also serve Go profiles at /debug/pprof/ on --listen")
+	fs.StringVar(&f.subnetManager, "subnet-manager", "etcd", "where subnets come from: etcd (leases in etcd) or kube (the Node's spec.podCIDR; peers from the Kubernetes API)")
+	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kube: kubeconfig file (empty: the in-cluster service account)")
+	fs.StringVar(&f.netConf, "net-conf", "/etc/netagent/net-conf.json", "kube: the network config JSON (same schema as `netagent config set --file`; a mounted ConfigMap)")
 	return fs, f
 }
 
@@ -74,6 +84,18 @@ func (f *runFlags) validate() error {
 	}
 	if f.resync < time.Second {
 		return fmt.Errorf("--resync %s is shorter than 1s", f.resync)
+	}
+	switch f.subnetManager {
+	case "etcd":
+	case "kube":
+		if f.embeddedEtcd != "" {
+			return errors.New("--embedded-etcd needs --subnet-manager=etcd")
+		}
+		if f.netConf == "" {
+			return errors.New("--net-conf is empty; --subnet-manager=kube reads the network config from it")
+		}
+	default:
+		return fmt.Errorf("--subnet-manager %q: want etcd or kube", f.subnetManager)
 	}
 	return nil
 }
@@ -129,13 +151,25 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 		f.etcd.endpoints = endpoint
 		log.Info("embedded etcd", "endpoint", endpoint)
 	}
-	cli, err := f.etcd.client()
-	if err != nil {
-		return err
-	}
-	defer cli.Close()
 	metrics := agent.NewMetrics()
-	metrics.LeaseTTL.Set(f.leaseTTL.Seconds())
+	var store agent.Store
+	switch f.subnetManager {
+	case "kube":
+		nodes, err := kubeNodes(f.kubeconfig, f.node)
+		if err != nil {
+			return err
+		}
+		klog.SetSlogLogger(log) // client-go's own messages go to the same log
+		store = kube.New(nodes, f.node, f.netConf, log)
+	default:
+		cli, err := f.etcd.client()
+		if err != nil {
+			return err
+		}
+		defer cli.Close()
+		store = f.etcd.store(cli, f.leaseTTL, log)
+		metrics.LeaseTTL.Set(f.leaseTTL.Seconds())
+	}
 	var pub netip.Addr
 	if f.publicIP != "" {
 		pub = netip.MustParseAddr(f.publicIP)
@@ -148,7 +182,7 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 		CNIConfDir: f.cniConfDir,
 		CNIConf:    agent.CNIConf{Bridge: f.cniBridge, DataDir: f.cniDataDir},
 		Resync:     f.resync,
-		Store:      f.etcd.store(cli, f.leaseTTL, log),
+		Store:      store,
 		Log:        log,
 		Metrics:    metrics,
 		Docker:     d,

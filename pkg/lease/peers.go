@@ -1,6 +1,7 @@
 package lease
 
 import (
+	"maps"
 	"slices"
 	"sort"
 	"sync"
@@ -116,4 +117,39 @@ func (p *Peers) Len() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return len(p.nodeKeys)
+}
+
+// The methods below let stores outside this package (the Kubernetes subnet manager) feed
+// the view; each takes the lock itself.
+
+// Set records l as the lease under store key k.
+func (p *Peers) Set(k string, l Lease) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.bad, k)
+	p.put(k, l)
+}
+
+// Invalid records that the object under key k holds no usable lease (why), dropping any
+// lease it had: a peer whose data turned bad is no longer routed to.
+func (p *Peers) Invalid(k, why string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.bad[k] = why
+	p.del(k)
+}
+
+// Delete forgets key k.
+func (p *Peers) Delete(k string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.bad, k)
+	p.del(k)
+}
+
+// Invalids returns the keys whose objects hold no usable lease, with why.
+func (p *Peers) Invalids() map[string]string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return maps.Clone(p.bad)
 }

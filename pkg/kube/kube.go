@@ -1,0 +1,383 @@
+// Package kube is the Kubernetes subnet manager (`netagent run --subnet-manager=kube`):
+// a node's subnet is the podCIDR the controller-manager assigned to its Node object, the
+// agent publishes how peers reach it as annotations on that Node, and peers come from a
+// Node informer. It satisfies the same Store interface as the etcd store, so the agent's
+// loop, planner and reconcilers do not know which one they run on.
+//
+// There is no TTL here: a node's subnet lives as long as its Node object. Deleting the
+// Node removes its routes on every other node.
+package kube
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/lease"
+)
+
+// Annotations netagent publishes on its Node.
+const (
+	AnnotationPrefix = "netagent.io/"
+	AnnPublicIP      = AnnotationPrefix + "public-ip"
+	AnnBackend       = AnnotationPrefix + "backend"
+	AnnVTEPMAC       = AnnotationPrefix + "vtep-mac"
+)
+
+// ErrNoPodCIDR means the Node has no podCIDR yet.
+var ErrNoPodCIDR = errors.New("node has no spec.podCIDR")
+
+// Store is the Kubernetes subnet manager.
+type Store struct {
+	nodes   Nodes
+	self    string
+	netConf string // path of the network config JSON (a mounted ConfigMap)
+	log     *slog.Logger
+	// ConfigPoll is how often WatchConfig re-reads netConf (a ConfigMap update reaches
+	// the mounted file within about a minute, so polling costs nothing that matters).
+	ConfigPoll time.Duration
+
+	synced   chan struct{} // closed once Watch's informer has listed every node
+	selfMu   sync.Mutex
+	selfNode *corev1.Node  // our own Node as last seen by the informer
+	selfCh   chan struct{} // signalled when our own Node changes
+}
+
+// New returns a store for node self. nodes is a Nodes client (NewNodes, or a fake
+// clientset's in tests); netConf is the network config file.
+func New(nodes Nodes, self, netConf string, log *slog.Logger) *Store {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Store{
+		nodes: nodes, self: self, netConf: netConf, log: log,
+		ConfigPoll: 10 * time.Second,
+		synced:     make(chan struct{}),
+		selfCh:     make(chan struct{}, 1),
+	}
+}
+
+// Config reads and validates the network config file.
+func (s *Store) Config(ctx context.Context) (config.Network, int64, error) {
+	b, err := os.ReadFile(s.netConf)
+	if err != nil {
+		return config.Network{}, 0, fmt.Errorf("--net-conf: %w", err)
+	}
+	n, err := config.Parse(b)
+	if err != nil {
+		return config.Network{}, 0, fmt.Errorf("--net-conf %s: %w", s.netConf, err)
+	}
+	return n, 0, nil
+}
+
+// WatchConfig signals changed whenever the config file's content changes.
+func (s *Store) WatchConfig(ctx context.Context, changed chan<- struct{}) {
+	last, _ := os.ReadFile(s.netConf)
+	t := time.NewTicker(s.ConfigPoll)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		cur, err := os.ReadFile(s.netConf)
+		if err != nil || bytes.Equal(cur, last) {
+			continue
+		}
+		last = cur
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// PodCIDR is the node's IPv4 pod subnet: the first IPv4 entry of spec.podCIDRs (dual
+// stack lists both families), else spec.podCIDR.
+func PodCIDR(n *corev1.Node) (netip.Prefix, error) {
+	cidrs := n.Spec.PodCIDRs
+	if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
+		cidrs = []string{n.Spec.PodCIDR}
+	}
+	if len(cidrs) == 0 {
+		return netip.Prefix{}, ErrNoPodCIDR
+	}
+	for _, c := range cidrs {
+		p, err := netip.ParsePrefix(c)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("node %s: spec.podCIDRs entry %q: %w", n.Name, c, err)
+		}
+		if p.Addr().Is4() {
+			return p.Masked(), nil
+		}
+	}
+	return netip.Prefix{}, fmt.Errorf("node %s: spec.podCIDRs %v holds no IPv4 subnet", n.Name, cidrs)
+}
+
+// errNotPublished means the node's agent has not published its annotations yet: not a
+// peer (yet), and nothing wrong.
+var errNotPublished = errors.New("no netagent annotations yet")
+
+// LeaseOf is the lease a Node stands for.
+func LeaseOf(n *corev1.Node) (lease.Lease, error) {
+	ann := n.Annotations
+	pub, ok := ann[AnnPublicIP]
+	if !ok {
+		return lease.Lease{}, errNotPublished
+	}
+	subnet, err := PodCIDR(n)
+	if err != nil {
+		return lease.Lease{}, err
+	}
+	ip, err := netip.ParseAddr(pub)
+	if err != nil {
+		return lease.Lease{}, fmt.Errorf("node %s: annotation %s=%q: %w", n.Name, AnnPublicIP, pub, err)
+	}
+	l := lease.Lease{
+		Node:     n.Name,
+		Subnet:   subnet,
+		PublicIP: ip,
+		Backend:  ann[AnnBackend],
+		VTEPMAC:  strings.ToLower(ann[AnnVTEPMAC]),
+	}
+	if err := l.Validate(); err != nil {
+		return lease.Lease{}, err
+	}
+	return l, nil
+}
+
+// annotations are what self publishes.
+func annotations(self lease.Lease) map[string]string {
+	return map[string]string{
+		AnnPublicIP: self.PublicIP.String(),
+		AnnBackend:  self.Backend,
+		AnnVTEPMAC:  self.VTEPMAC,
+	}
+}
+
+// Acquire takes the node's podCIDR as its subnet and publishes self's public IP, backend
+// and VTEP MAC on the Node. hint is ignored: the controller-manager owns the assignment.
+func (s *Store) Acquire(ctx context.Context, cfg config.Network, self lease.Lease, _ netip.Prefix) (lease.Held, error) {
+	n, err := s.nodes.Get(ctx, s.self, metav1.GetOptions{})
+	if err != nil {
+		if apierrors.IsNotFound(err) {
+			return lease.Held{}, fmt.Errorf("node %q does not exist in the API (is --node-name right? the DaemonSet sets it from spec.nodeName): %w", s.self, err)
+		}
+		return lease.Held{}, fmt.Errorf("get node %s: %w", s.self, err)
+	}
+	subnet, err := PodCIDR(n)
+	if errors.Is(err, ErrNoPodCIDR) {
+		return lease.Held{}, fmt.Errorf("node %s has no spec.podCIDR: run kube-controller-manager with --allocate-node-cidrs=true --cluster-cidr=%s (or set the node's podCIDR yourself)", s.self, cfg.Network)
+	}
+	if err != nil {
+		return lease.Held{}, err
+	}
+	if !cfg.Network.Contains(subnet.Addr()) || subnet.Bits() < cfg.Network.Bits() {
+		return lease.Held{}, fmt.Errorf("node %s: podCIDR %s is outside the network %s of --net-conf (kube-controller-manager's --cluster-cidr and the net-conf network must agree)", s.self, subnet, cfg.Network)
+	}
+	if subnet.Bits() != cfg.SubnetLen {
+		s.log.Warn("the node's podCIDR length differs from subnetLen in --net-conf; set subnetLen to kube-controller-manager's --node-cidr-mask-size",
+			"podCIDR", subnet, "subnetLen", cfg.SubnetLen)
+	}
+	self.Node = s.self
+	self.Subnet = subnet
+	if err := s.publish(ctx, self); err != nil {
+		return lease.Held{}, err
+	}
+	return lease.Held{Lease: self}, nil
+}
+
+func (s *Store) publish(ctx context.Context, self lease.Lease) error {
+	ann := map[string]any{}
+	for k, v := range annotations(self) {
+		if v == "" {
+			ann[k] = nil // a JSON merge patch deletes keys set to null
+		} else {
+			ann[k] = v
+		}
+	}
+	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": ann}})
+	if _, err := s.nodes.Patch(ctx, s.self, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		return fmt.Errorf("annotate node %s: %w", s.self, err)
+	}
+	return nil
+}
+
+// Renew publishes h's annotations again (after KeepAlive saw them changed or removed).
+func (s *Store) Renew(ctx context.Context, h lease.Held) (lease.Held, error) {
+	n, err := s.nodes.Get(ctx, s.self, metav1.GetOptions{})
+	if err != nil {
+		return lease.Held{}, fmt.Errorf("get node %s: %w", s.self, err)
+	}
+	if subnet, err := PodCIDR(n); err != nil || subnet != h.Lease.Subnet {
+		return lease.Held{}, fmt.Errorf("node %s: podCIDR is now %v (%v), not our %s: %w", s.self, subnet, err, h.Lease.Subnet, lease.ErrConflict)
+	}
+	if err := s.publish(ctx, h.Lease); err != nil {
+		return lease.Held{}, err
+	}
+	return h, nil
+}
+
+// KeepAlive (which needs Watch running) returns when our own Node no longer carries h's annotations (someone removed
+// or changed them, or the Node was deleted), so the agent re-publishes them via Renew.
+// There is no TTL to refresh.
+func (s *Store) KeepAlive(ctx context.Context, h lease.Held) error {
+	want := annotations(h.Lease)
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.synced:
+		}
+		s.selfMu.Lock()
+		n := s.selfNode
+		s.selfMu.Unlock()
+		if n == nil {
+			return fmt.Errorf("node %s is gone from the API", s.self)
+		}
+		for k, v := range want {
+			if n.Annotations[k] != v {
+				return fmt.Errorf("annotation %s on node %s is %q, want %q", k, s.self, n.Annotations[k], v)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.selfCh:
+		}
+	}
+}
+
+// Watch keeps peers current from a Node informer until ctx ends. The informer re-lists
+// and re-watches by itself and keeps its cache while doing so, so a broken watch never
+// drops a peer. changed is signalled once the first list is complete (the agent touches
+// nothing before that) and after every change since.
+func (s *Store) Watch(ctx context.Context, peers *lease.Peers, changed chan<- struct{}, stats lease.WatchStats) {
+	lw := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			return s.nodes.List(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			return s.nodes.Watch(ctx, o)
+		},
+	}
+	// Streaming lists (WatchListClient) unless the client says it cannot do them (fakes).
+	inf := cache.NewSharedIndexInformer(cache.ToListWatcherWithWatchListSemantics(lw, s.nodes), &corev1.Node{}, 0, cache.Indexers{})
+	// Keep only what a lease needs: a Node's status (images, conditions) is most of its
+	// size and changes every few seconds; dropping it keeps memory flat at thousands of nodes.
+	_ = inf.SetTransform(slim)
+	_ = inf.SetWatchErrorHandlerWithContext(func(_ context.Context, _ *cache.Reflector, err error) {
+		s.log.Warn("node watch restarting; keeping the current peers", "err", err)
+		if stats != nil {
+			stats.WatchRestart("kube-watch")
+		}
+	})
+	var synced atomic.Bool
+	after := func() {
+		if synced.Load() {
+			signal(changed)
+		}
+	}
+	_, _ = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { s.update(peers, obj); after() },
+		UpdateFunc: func(_, obj any) { s.update(peers, obj); after() },
+		DeleteFunc: func(obj any) { s.remove(peers, obj); after() },
+	})
+	go inf.RunWithContext(ctx)
+	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+		return
+	}
+	// HasSynced is true once the first list's events were handed to the handlers, so
+	// peers now holds every node.
+	synced.Store(true)
+	close(s.synced)
+	signal(changed)
+	<-ctx.Done()
+}
+
+func (s *Store) update(peers *lease.Peers, obj any) {
+	n, ok := obj.(*corev1.Node)
+	if !ok {
+		return
+	}
+	if n.Name == s.self {
+		s.selfMu.Lock()
+		s.selfNode = n
+		s.selfMu.Unlock()
+		signal(s.selfCh)
+	}
+	l, err := LeaseOf(n)
+	switch {
+	case err == nil:
+		peers.Set(n.Name, l)
+	case errors.Is(err, errNotPublished):
+		peers.Delete(n.Name)
+	default:
+		s.log.Warn("ignoring node with unusable netagent data", "node", n.Name, "err", err)
+		peers.Invalid(n.Name, err.Error())
+	}
+}
+
+func (s *Store) remove(peers *lease.Peers, obj any) {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = t.Obj
+	}
+	n, ok := obj.(*corev1.Node)
+	if !ok {
+		return
+	}
+	if n.Name == s.self {
+		s.selfMu.Lock()
+		s.selfNode = nil
+		s.selfMu.Unlock()
+		signal(s.selfCh)
+	}
+	peers.Delete(n.Name)
+}
+
+func signal(ch chan<- struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// slim keeps a Node's name, netagent annotations and pod CIDRs.
+func slim(obj any) (any, error) {
+	n, ok := obj.(*corev1.Node)
+	if !ok {
+		return obj, nil // a DeletedFinalStateUnknown: passed on as is
+	}
+	out := &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion},
+		Spec:       corev1.NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
+	}
+	for k, v := range n.Annotations {
+		if strings.HasPrefix(k, AnnotationPrefix) {
+			if out.Annotations == nil {
+				out.Annotations = map[string]string{}
+			}
+			out.Annotations[k] = v
+		}
+	}
+	return out, nil
+}
