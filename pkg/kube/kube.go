@@ -200,10 +200,22 @@ func (s *Store) Acquire(ctx context.Context, cfg config.Network, self lease.Leas
 	}
 	self.Node = s.self
 	self.Subnet = subnet
-	if err := s.publish(ctx, self); err != nil {
-		return lease.Held{}, err
+	if !publishedAs(n, self) { // a restart with nothing changed writes nothing
+		if err := s.publish(ctx, self); err != nil {
+			return lease.Held{}, err
+		}
 	}
 	return lease.Held{Lease: self}, nil
+}
+
+// publishedAs reports whether n carries self's annotations (an empty value: absent).
+func publishedAs(n *corev1.Node, self lease.Lease) bool {
+	for k, v := range annotations(self) {
+		if cur, ok := n.Annotations[k]; cur != v || ok != (v != "") {
+			return false
+		}
+	}
+	return true
 }
 
 func (s *Store) publish(ctx context.Context, self lease.Lease) error {
@@ -237,34 +249,48 @@ func (s *Store) Renew(ctx context.Context, h lease.Held) (lease.Held, error) {
 	return h, nil
 }
 
-// KeepAlive (which needs Watch running) returns when our own Node no longer carries h's annotations (someone removed
-// or changed them, or the Node was deleted), so the agent re-publishes them via Renew.
-// There is no TTL to refresh.
+// KeepAlive (which needs Watch running) returns when our own Node no longer carries h's
+// annotations (someone removed or changed them, or the Node was deleted), so the agent
+// re-publishes them via Renew. There is no TTL to refresh. Until the cache has shown our
+// annotations once, a mismatch must outlast settle: the informer may still hold the Node
+// from before our own patch.
 func (s *Store) KeepAlive(ctx context.Context, h lease.Held) error {
-	want := annotations(h.Lease)
+	const settle = 2 * time.Second
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.synced:
+	}
+	seen := false
+	var deadline <-chan time.Time
 	for {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-s.synced:
-		}
 		s.selfMu.Lock()
 		n := s.selfNode
 		s.selfMu.Unlock()
-		if n == nil {
-			return fmt.Errorf("node %s is gone from the API", s.self)
-		}
-		for k, v := range want {
-			if n.Annotations[k] != v {
-				return fmt.Errorf("annotation %s on node %s is %q, want %q", k, s.self, n.Annotations[k], v)
-			}
+		ok := n != nil && publishedAs(n, h.Lease)
+		switch {
+		case ok:
+			seen, deadline = true, nil
+		case seen:
+			return lost(s.self, n)
+		case deadline == nil:
+			deadline = time.After(settle)
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-s.selfCh:
+		case <-deadline:
+			return lost(s.self, n)
 		}
 	}
+}
+
+func lost(self string, n *corev1.Node) error {
+	if n == nil {
+		return fmt.Errorf("node %s is gone from the API", self)
+	}
+	return fmt.Errorf("the netagent annotations on node %s are not ours any more (%v)", self, n.Annotations)
 }
 
 // Watch keeps peers current from a Node informer until ctx ends. The informer re-lists

@@ -365,7 +365,7 @@ func TestKeepAliveRepublishes(t *testing.T) {
 	}
 	select {
 	case err := <-errc:
-		if !strings.Contains(err.Error(), AnnPublicIP) {
+		if !strings.Contains(err.Error(), "not ours any more") {
 			t.Fatalf("KeepAlive: %v", err)
 		}
 	case <-time.After(10 * time.Second):

@@ -62,7 +62,10 @@ type Options struct {
 	// DockerNetwork makes route mode create this user-defined network on the lease
 	// (--docker-network) instead of writing daemon.json; dockerd then starts first.
 	DockerNetwork string
-	Log           func(format string, args ...any)
+	// Kube runs the agents with --subnet-manager=kube against this API server instead of
+	// etcd (see startKube).
+	Kube KubeAPI
+	Log  func(format string, args ...any)
 }
 
 // Node is one lab node.
@@ -105,6 +108,9 @@ type Lab struct {
 	Ext         netip.Addr
 	// Namespaces created, in creation order.
 	Namespaces []string `json:"namespaces"`
+	// Kube: the agents use the Kubernetes subnet manager (Opt.Kube).
+	Kube    bool `json:"kube,omitempty"`
+	kubeSrv *http.Server
 }
 
 const (
@@ -184,7 +190,8 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 		opt.Network = Network
 	}
 	l = &Lab{Opt: opt, Prefix: opt.Prefix, Dir: opt.Dir, Backend: opt.Backend, Ext: netip.MustParseAddr(extIP),
-		EtcdMembers: opt.EtcdMembers, EtcdBinary: opt.EtcdBinary, RouteMode: opt.RouteMode, DockerNetwork: opt.DockerNetwork}
+		EtcdMembers: opt.EtcdMembers, EtcdBinary: opt.EtcdBinary, RouteMode: opt.RouteMode, DockerNetwork: opt.DockerNetwork,
+		Kube: opt.Kube != nil}
 	if opt.EtcdTLS {
 		if opt.EtcdBinary == "" {
 			return nil, errors.New("EtcdTLS needs EtcdBinary (an external etcd)")
@@ -210,13 +217,20 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 	}
 	l.logf("underlay: switch, %d nodes, outside host (%s)", opt.Nodes, time.Since(t0).Round(time.Millisecond))
 	t0 = time.Now()
-	if err := l.StartEtcd(); err != nil {
-		return l, err
+	if l.Kube {
+		if err := l.startKube(ctx); err != nil {
+			return l, err
+		}
+		l.logf("Kubernetes API at %s, nodes registered with podCIDRs, network %s backend %s (%s)", l.KubeServer(), opt.Network, opt.Backend, time.Since(t0).Round(time.Millisecond))
+	} else {
+		if err := l.StartEtcd(); err != nil {
+			return l, err
+		}
+		if err := l.setConfig(ctx); err != nil {
+			return l, err
+		}
+		l.logf("etcd at %s, network %s backend %s (%s)", l.EtcdEndpoint(), opt.Network, opt.Backend, time.Since(t0).Round(time.Millisecond))
 	}
-	if err := l.setConfig(ctx); err != nil {
-		return l, err
-	}
-	l.logf("etcd at %s, network %s backend %s (%s)", l.EtcdEndpoint(), opt.Network, opt.Backend, time.Since(t0).Round(time.Millisecond))
 	t0 = time.Now()
 	if opt.RouteMode && opt.DockerNetwork != "" {
 		// The agent creates the network through the Docker API, so dockerd comes first
@@ -283,16 +297,24 @@ func (l *Lab) underlay() error {
 	if err := attach(sw, "ext", ext, extIP+"/24"); err != nil {
 		return err
 	}
-	if l.EtcdTLS != nil {
-		en, err := l.newNS("etcd")
+	// Servers on the underlay (a TLS etcd, a Kubernetes API) get a namespace of their own,
+	// with a route back to the second underlay through the router.
+	for _, srv := range []struct {
+		on         bool
+		name, addr string
+	}{{l.Kube, "api", kubeAPIAddr}, {l.EtcdTLS != nil, "etcd", etcdTLSAddr}} {
+		if !srv.on {
+			continue
+		}
+		ns, err := l.newNS(srv.name)
 		if err != nil {
 			return err
 		}
-		if err := attach(sw, "etcd", en, etcdTLSAddr+"/24"); err != nil {
+		if err := attach(sw, srv.name, ns, srv.addr+"/24"); err != nil {
 			return err
 		}
 		if l.Opt.Remote > 0 {
-			if _, err := en.Run("ip", "route", "add", underlayB, "via", routerA); err != nil {
+			if _, err := ns.Run("ip", "route", "add", underlayB, "via", routerA); err != nil {
 				return err
 			}
 		}
@@ -501,6 +523,13 @@ func (l *Lab) EtcdFlags() []string {
 	return f
 }
 
+func (l *Lab) storeFlags() []string {
+	if l.Kube {
+		return l.kubeFlags()
+	}
+	return l.EtcdFlags()
+}
+
 // AgentArgs are the `netagent run` arguments of a node.
 func (l *Lab) AgentArgs(n *Node) []string {
 	cmd := "run"
@@ -520,7 +549,7 @@ func (l *Lab) AgentArgs(n *Node) []string {
 		"--cni-data-dir", filepath.Join(n.Dir, "ipam"),
 		"--lease-ttl", l.Opt.LeaseTTL.String(),
 		"--listen", "127.0.0.1:9476",
-	}, l.EtcdFlags()...), extra...)
+	}, l.storeFlags()...), extra...)
 }
 
 // StartAgent starts the node's agent.
@@ -682,6 +711,9 @@ func (l *Lab) Down() error {
 		}
 	}
 	_ = l.StopEtcd()
+	if err := l.stopKube(); err != nil {
+		errs = append(errs, err)
+	}
 	entries, _ := os.ReadDir("/run/netns")
 	for _, e := range entries {
 		if l.Prefix != "" && strings.HasPrefix(e.Name(), l.Prefix) {

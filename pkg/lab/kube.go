@@ -1,0 +1,137 @@
+package lab
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/netagent/netagent/pkg/config"
+)
+
+// KubeAPI is a Kubernetes API server for the nodes resource (test/kubeapi's stand-in):
+// with Options.Kube set, the agents run with --subnet-manager=kube against it.
+type KubeAPI interface {
+	http.Handler
+	// Create registers a node (the kubelet's part; the lab sets its podCIDR as the
+	// controller-manager would).
+	Create(*corev1.Node) error
+}
+
+// kubeAPIAddr is where a Kubernetes lab's API server listens (on the underlay).
+const kubeAPIAddr = "192.0.2.251"
+
+// KubeServer is the API server's URL in a Kubernetes lab.
+func (l *Lab) KubeServer() string { return "https://" + kubeAPIAddr + ":6443" }
+
+// PodCIDR is the podCIDR the lab's "controller-manager" assigns to the i-th node.
+func (l *Lab) PodCIDR(i int) string {
+	n := config.Network{Network: netip.MustParsePrefix(l.Opt.Network), Backend: config.Backend{Type: config.VXLAN}}
+	n.Default()
+	return n.SubnetAt(i + 1).String()
+}
+
+// startKube serves Opt.Kube over TLS with client certificates (as a real API server
+// authenticates kubelets and agents) in its own namespace on the underlay, writes the
+// agents' kubeconfig and net-conf.json, and registers the nodes.
+func (l *Lab) startKube(ctx context.Context) error {
+	files, err := GenerateTLS(filepath.Join(l.Dir, "pki-kube"), net.ParseIP(kubeAPIAddr))
+	if err != nil {
+		return err
+	}
+	cert, err := tls.LoadX509KeyPair(files.ServerCert, files.ServerKey)
+	if err != nil {
+		return err
+	}
+	caPEM, err := os.ReadFile(files.CA)
+	if err != nil {
+		return err
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	var ln net.Listener
+	if err := l.ns("api").Do(func() (err error) {
+		ln, err = net.Listen("tcp", kubeAPIAddr+":6443")
+		return err
+	}); err != nil {
+		return fmt.Errorf("API server listener: %w", err)
+	}
+	l.kubeSrv = &http.Server{
+		Handler:           l.Opt.Kube,
+		ReadHeaderTimeout: 5 * time.Second,
+		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12},
+	}
+	go func() { _ = l.kubeSrv.ServeTLS(ln, "", "") }()
+
+	kubeconfig := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: lab
+  cluster:
+    server: %s
+    certificate-authority: %s
+users:
+- name: netagent
+  user:
+    client-certificate: %s
+    client-key: %s
+contexts:
+- name: lab
+  context:
+    cluster: lab
+    user: netagent
+current-context: lab
+`, l.KubeServer(), files.CA, files.ClientCert, files.ClientKey)
+	if err := os.WriteFile(l.kubeconfig(), []byte(kubeconfig), 0o600); err != nil {
+		return err
+	}
+	netConf := fmt.Sprintf(`{"network":%q,"backend":{"type":%q}}`+"\n", l.Opt.Network, l.Opt.Backend)
+	if _, err := config.Parse([]byte(netConf)); err != nil {
+		return err
+	}
+	if err := os.WriteFile(l.netConf(), []byte(netConf), 0o644); err != nil {
+		return err
+	}
+	for i, n := range l.Nodes {
+		cidr := l.PodCIDR(i)
+		err := l.Opt.Kube.Create(&corev1.Node{
+			ObjectMeta: metav1.ObjectMeta{Name: n.Name},
+			Spec:       corev1.NodeSpec{PodCIDR: cidr, PodCIDRs: []string{cidr}},
+			Status:     corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: n.IP.String()}}},
+		})
+		if err != nil {
+			return fmt.Errorf("register %s: %w", n.Name, err)
+		}
+	}
+	return nil
+}
+
+func (l *Lab) stopKube() error {
+	if l.kubeSrv == nil {
+		return nil
+	}
+	err := l.kubeSrv.Close()
+	l.kubeSrv = nil
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+func (l *Lab) kubeconfig() string { return filepath.Join(l.Dir, "kubeconfig") }
+func (l *Lab) netConf() string    { return filepath.Join(l.Dir, "net-conf.json") }
+
+// kubeFlags are the agents' subnet-manager flags in a Kubernetes lab.
+func (l *Lab) kubeFlags() []string {
+	return []string{"--subnet-manager", "kube", "--kubeconfig", l.kubeconfig(), "--net-conf", l.netConf()}
+}
