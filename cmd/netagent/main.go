@@ -33,6 +33,7 @@ var commands = []command{
 	{"leave", "release this node's subnet lease for good (node decommissioned)", cmdLeave},
 	{"reserve", "pin a subnet to a node name", cmdReserve},
 	{"cleanup", "remove netagent's kernel state and files from this node", cmdCleanup},
+	{"install-cni", "copy the CNI plugin into the node's CNI binary directory, atomically (DaemonSet init container)", cmdInstallCNI},
 	{"etcd", "run an embedded single-member etcd on a unix socket (labs, single machines)", cmdEtcd},
 	{"doctor", "check this node for what usually breaks a container network, and say how to fix it", cmdDoctor},
 	{"lab", "a multi-node cluster in network namespaces on this machine (lab up|status|check|down)", cmdLab},
@@ -71,7 +72,7 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w, "usage: netagent COMMAND [flags]")
 	fmt.Fprintln(w)
 	for _, c := range commands {
-		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.short)
+		fmt.Fprintf(w, "  %-12s %s\n", c.name, c.short)
 	}
 	fmt.Fprintln(w, "\nRun `netagent COMMAND -h` for a command's flags. Flags may be set as NETAGENT_<FLAG> environment variables.")
 }

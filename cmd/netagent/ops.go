@@ -222,10 +222,25 @@ func cmdReserve(ctx context.Context, args []string, stdout io.Writer) error {
 	})
 }
 
-func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {
+// cleanupFlags are `netagent cleanup`'s flags (a separate type so a test can parse the
+// cleanup DaemonSet's arguments with the real parser).
+type cleanupFlags struct {
+	subnetFile string
+	cniConf    string
+	cniBin     string
+}
+
+func newCleanupFlags() (*flag.FlagSet, *cleanupFlags) {
 	fs := flag.NewFlagSet("cleanup", flag.ContinueOnError)
-	subnetFile := fs.String("subnet-file", subnetfile.DefaultPath, "subnet file to remove")
-	cniConf := fs.String("cni-conf", "/etc/cni/net.d/10-netagent.conflist", "conflist to remove")
+	f := &cleanupFlags{}
+	fs.StringVar(&f.subnetFile, "subnet-file", subnetfile.DefaultPath, "subnet file to remove")
+	fs.StringVar(&f.cniConf, "cni-conf", "/etc/cni/net.d/10-netagent.conflist", "conflist to remove")
+	fs.StringVar(&f.cniBin, "cni-bin", "", "plugin binary to remove, e.g. /opt/cni/bin/"+cniBinName+" (empty: keep it)")
+	return fs, f
+}
+
+func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {
+	fs, f := newCleanupFlags()
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -258,7 +273,10 @@ func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {
 	} else {
 		fmt.Fprintln(stdout, "removed NAT and FORWARD chains")
 	}
-	for _, p := range []string{*cniConf, *subnetFile} {
+	for _, p := range []string{f.cniConf, f.subnetFile, f.cniBin} {
+		if p == "" {
+			continue
+		}
 		if err := os.Remove(p); err != nil && !errors.Is(err, iofs.ErrNotExist) {
 			errs = append(errs, err)
 		} else if err == nil {
