@@ -82,9 +82,11 @@ type Agent struct {
 		plan plan.NAT // the loop's last NAT plan
 	}
 
-	trigger chan struct{}
-	fwDirty chan struct{}
-	bigPass bool // the last full pass changed many objects
+	trigger    chan struct{}
+	fwDirty    chan struct{}
+	filesDirty chan struct{}
+	files      []file // what writeFiles last wrote (the loop's)
+	bigPass    bool   // the last full pass changed many objects
 
 	mu      sync.Mutex
 	status  Status
@@ -107,12 +109,13 @@ func New(opt Options) (*Agent, error) {
 		return nil, fmt.Errorf("netlink: %w", err)
 	}
 	a := &Agent{
-		opt:     opt,
-		h:       h,
-		route:   route.New(h, opt.Log),
-		vxlan:   vxlan.New(h, opt.Log),
-		trigger: make(chan struct{}, 1),
-		fwDirty: make(chan struct{}, 1),
+		opt:        opt,
+		h:          h,
+		route:      route.New(h, opt.Log),
+		vxlan:      vxlan.New(h, opt.Log),
+		trigger:    make(chan struct{}, 1),
+		fwDirty:    make(chan struct{}, 1),
+		filesDirty: make(chan struct{}, 1),
 	}
 	a.nat.r = nat.New(nat.Exec{})
 	// Passes diff against mirrors that kernel notifications keep current (see watchKernel).
@@ -259,6 +262,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		leases = false
 		if first && a.ready() {
 			first = false
+			// The files and their directories exist now: watch them.
+			files := make([]string, 0, len(a.files))
+			for _, f := range a.files {
+				files = append(files, f.path)
+			}
+			wg.Add(1)
+			go func() { defer wg.Done(); watchFiles(ctx, log, files, a.filesDirty) }()
 			log.Info("ready", "in", time.Since(start).Round(time.Millisecond), "peers", peers.Len())
 		}
 		if full || fw {
@@ -274,6 +284,11 @@ func (a *Agent) Run(ctx context.Context) error {
 			full, drift = true, true
 		case <-a.fwDirty:
 			fw = true
+		case <-a.filesDirty:
+			if err := a.ensureFiles(); err != nil {
+				log.Error("cannot repair the CNI files", "err", err)
+				a.setError("files", err)
+			}
 		case <-ticker.C:
 			full, fw, drift = true, true, true
 			a.invalidate()
@@ -378,12 +393,16 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 			log.Warn("peer unreachable", "peer", peer.Node, "subnet", peer.Subnet, "reason", peer.Reason)
 		}
 	}
-	if len(errs) == 0 && !a.ready() {
-		if err := a.writeFiles(cfg, self, p); err != nil {
-			log.Error("cannot write the CNI files", "err", err)
-			a.setError("files", err)
-			return
-		}
+	if len(errs) != 0 {
+		return
+	}
+	if err := a.writeFiles(cfg, self, p); err != nil {
+		log.Error("cannot write the CNI files", "err", err)
+		a.setError("files", err)
+		return
+	}
+	a.clearError("files")
+	if !a.ready() {
 		if a.opt.Docker != nil {
 			if err := a.dockerStep(ctx, log, self, p); err != nil {
 				log.Warn("docker is not using the leased subnet yet; retrying", "err", err)

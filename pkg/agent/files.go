@@ -2,6 +2,13 @@ package agent
 
 import (
 	"bytes"
+	"context"
+	"log/slog"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
 	"encoding/json"
 	"fmt"
 	"os"
@@ -48,19 +55,71 @@ func or(s, def string) string {
 	return s
 }
 
+// file is one file the agent keeps correct.
+type file struct {
+	path string
+	data []byte
+}
+
 // writeFiles writes the subnet file and then the conflist (the runtime starts using the
 // network when the conflist appears, and by then the subnet file is there). Each is
-// rewritten only when its content differs, atomically.
+// rewritten only when its content differs, atomically. It runs after every successful
+// full pass, so a config change (say, the MTU) reaches them, and whenever watchFiles sees
+// one removed or replaced.
 func (a *Agent) writeFiles(cfg config.Network, self lease.Lease, p plan.Plan) error {
 	info := subnetfile.Info{Network: cfg.Network, Subnet: self.Subnet, MTU: p.PodMTU}
-	if err := writeIfChanged(a.opt.SubnetFile, info.Marshal(), 0o644); err != nil {
-		return err
+	a.files = append(a.files[:0], file{a.opt.SubnetFile, info.Marshal()})
+	if a.opt.CNIConfDir != "" {
+		name := or(a.opt.CNIConf.FileName, "10-netagent.conflist")
+		a.files = append(a.files, file{filepath.Join(a.opt.CNIConfDir, name), ConfList(a.opt.CNIConf, a.opt.SubnetFile)})
 	}
-	if a.opt.CNIConfDir == "" {
-		return nil
+	return a.ensureFiles()
+}
+
+// ensureFiles puts the last written files back if they changed.
+func (a *Agent) ensureFiles() error {
+	for _, f := range a.files {
+		if err := writeIfChanged(f.path, f.data, 0o644); err != nil {
+			return err
+		}
 	}
-	name := or(a.opt.CNIConf.FileName, "10-netagent.conflist")
-	return writeIfChanged(filepath.Join(a.opt.CNIConfDir, name), ConfList(a.opt.CNIConf, a.opt.SubnetFile), 0o644)
+	return nil
+}
+
+// watchFiles signals ch when a file named in paths is removed, renamed, or written in
+// its directory (inotify; our own atomic renames echo too, and cost one comparison).
+func watchFiles(ctx context.Context, log *slog.Logger, paths []string, ch chan struct{}) {
+	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err != nil {
+		log.Warn("cannot watch the CNI files; the resync repairs them", "err", err)
+		return
+	}
+	f := os.NewFile(uintptr(fd), "inotify") // non-blocking: reads park in the runtime poller
+	defer f.Close()
+	names := map[string]bool{}
+	for _, p := range paths {
+		names[filepath.Base(p)] = true
+		const mask = unix.IN_DELETE | unix.IN_MOVED_FROM | unix.IN_MOVED_TO | unix.IN_CLOSE_WRITE
+		if _, err := unix.InotifyAddWatch(fd, filepath.Dir(p), mask); err != nil {
+			log.Warn("cannot watch a CNI file's directory; the resync repairs it", "dir", filepath.Dir(p), "err", err)
+		}
+	}
+	go func() { <-ctx.Done(); _ = f.SetReadDeadline(time.Now()) }()
+	buf := make([]byte, 64*(unix.SizeofInotifyEvent+unix.NAME_MAX+1))
+	for {
+		n, err := f.Read(buf)
+		if err != nil {
+			return
+		}
+		for off := 0; off+unix.SizeofInotifyEvent <= n; {
+			ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+			name := buf[off+unix.SizeofInotifyEvent : off+unix.SizeofInotifyEvent+int(ev.Len)]
+			off += unix.SizeofInotifyEvent + int(ev.Len)
+			if names[string(bytes.TrimRight(name, "\x00"))] {
+				signal(ch)
+			}
+		}
+	}
 }
 
 func writeIfChanged(path string, data []byte, perm os.FileMode) error {

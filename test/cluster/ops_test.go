@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -289,8 +291,14 @@ func TestDriftIsRepaired(t *testing.T) {
 	ns := l.NodeNS(n)
 	peerSub := status(t, l, l.Nodes[1]).Subnet
 	peerVTEP := strings.Split(peerSub, "/")[0]
+	conflist, subnetFile := filepath.Join(n.Dir, "net.d", "10-netagent.conflist"), filepath.Join(n.Dir, "subnet.env")
 	snapshot := func() string {
-		return ns.MustRun(t, "ip", "route", "show", "proto", "180") + ns.MustRun(t, "ip", "neigh", "show", "dev", "netagent.1") +
+		files := ""
+		for _, p := range []string{conflist, subnetFile} {
+			b, _ := os.ReadFile(p)
+			files += string(b)
+		}
+		return files + ns.MustRun(t, "ip", "route", "show", "proto", "180") + ns.MustRun(t, "ip", "neigh", "show", "dev", "netagent.1") +
 			ns.MustRun(t, "bridge", "fdb", "show", "dev", "netagent.1") + ns.MustRun(t, "iptables-save", "-t", "nat") +
 			ns.MustRun(t, "iptables", "-S", "FORWARD") + ns.MustRun(t, "ip", "-br", "link", "show", "netagent.1")
 	}
@@ -309,6 +317,10 @@ func TestDriftIsRepaired(t *testing.T) {
 		{"vxlan device deleted", []string{"ip link del netagent.1"}},
 		{"masquerade chain flushed", []string{"iptables -t nat -F NETAGENT-POSTRTG"}},
 		{"forward jump deleted", []string{"iptables -D FORWARD -m comment --comment netagent -j NETAGENT-FWD"}},
+		{"conflist deleted", []string{"rm " + conflist}},
+		{"conflist overwritten", []string{"cp /etc/hostname " + conflist}},
+		{"subnet file deleted", []string{"rm " + subnetFile}},
+		// Last: the inserted rule stays (the snapshot ignores it only in this case).
 		{"rule inserted above the jump", []string{"iptables -I FORWARD 1 -s 203.0.113.9 -j ACCEPT"}},
 	}
 	for _, c := range cases {
