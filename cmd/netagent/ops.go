@@ -23,6 +23,7 @@ import (
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/nat"
+	"github.com/netagent/netagent/pkg/vxguard"
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/subnetfile"
 )
@@ -272,6 +273,11 @@ func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {
 		errs = append(errs, err)
 	} else {
 		fmt.Fprintln(stdout, "removed NAT and FORWARD chains")
+	}
+	if err := vxguard.Remove(); err != nil {
+		errs = append(errs, err)
+	} else {
+		fmt.Fprintln(stdout, "removed the VXLAN allow-list (nftables table ip netagent)")
 	}
 	for _, p := range []string{f.cniConf, f.subnetFile, f.cniBin} {
 		if p == "" {

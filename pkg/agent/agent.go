@@ -34,6 +34,7 @@ import (
 	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/subnetfile"
+	"github.com/netagent/netagent/pkg/vxguard"
 	"github.com/netagent/netagent/pkg/vxlan"
 )
 
@@ -82,8 +83,10 @@ type Agent struct {
 		plan plan.NAT // the loop's last NAT plan
 	}
 
+	guard      *vxguard.Guard
 	trigger    chan struct{}
-	fwDirty    chan struct{}
+	fwDirty    chan struct{} // iptables changed (someone's, or ours)
+	nftDirty   chan struct{} // netagent's own nftables tables changed
 	filesDirty chan struct{}
 	files      []file // what writeFiles last wrote (the loop's)
 	bigPass    bool   // the last full pass changed many objects
@@ -91,6 +94,8 @@ type Agent struct {
 	mu      sync.Mutex
 	status  Status
 	planner *plan.Planner // the loop's current plan (read by Snapshot under mu)
+	// guardSpec is the loop's last VXLAN allow-list.
+	guardSpec vxguard.Spec
 }
 
 // New prepares an agent working in the current network namespace.
@@ -118,6 +123,10 @@ func New(opt Options) (*Agent, error) {
 		filesDirty: make(chan struct{}, 1),
 	}
 	a.nat.r = nat.New(nat.Exec{})
+	if a.guard, err = vxguard.New(); err != nil {
+		return nil, err
+	}
+	opt.Metrics.guardDrops(a.guard.Dropped)
 	// Passes diff against mirrors that kernel notifications keep current (see watchKernel).
 	a.route.Mirror()
 	a.vxlan.Mirror()
@@ -218,7 +227,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	wg.Add(1)
 	go func() { defer wg.Done(); a.watchKernel(ctx, vxDev, ul.dev) }()
 	wg.Add(1)
-	go func() { defer wg.Done(); watchFirewall(ctx, log, a.fwDirty) }()
+	go func() { defer wg.Done(); watchFirewall(ctx, log, a.fwDirty, a.nftDirty) }()
 
 	// Wait for the first full list of peers before touching anything.
 	select {
@@ -284,6 +293,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			full, drift = true, true
 		case <-a.fwDirty:
 			fw = true
+		case <-a.nftDirty:
+			a.guardPass(log, cfg)
 		case <-a.filesDirty:
 			if err := a.ensureFiles(); err != nil {
 				log.Error("cannot repair the CNI files", "err", err)
@@ -374,6 +385,12 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 	if err != nil {
 		errs = append(errs, err)
 	}
+	a.guardSpec = guardSpec(cfg, p)
+	gst, err := a.guard.Sync(a.guardSpec)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	a.countGuard(gst, drift)
 	var nst nat.Stats
 	if firewall {
 		a.nat.plan = p.NAT
@@ -470,6 +487,20 @@ func (a *Agent) incrementalPass(log *slog.Logger, changed []lease.Lease) error {
 	if err != nil {
 		errs = append(errs, err)
 	}
+	// The VXLAN allow-list follows the peers: a new peer's packets are accepted from now.
+	allow := make(map[string]netip.Addr, len(changed))
+	for _, l := range changed {
+		v, _ := planner.Peer(l.Node)
+		allow[l.Node] = guardAddr(v)
+	}
+	gst, err := a.guard.Update(allow)
+	if errors.Is(err, vxguard.ErrNoMirror) {
+		return err
+	}
+	if err != nil {
+		errs = append(errs, err)
+	}
+	a.countGuard(gst, false)
 	a.finish(log, "incremental", t0, vst, rst, nat.Stats{}, false, errors.Join(errs...))
 	for _, l := range changed {
 		if v, ok := planner.Peer(l.Node); ok && v.Mode == plan.Unreachable {
@@ -487,6 +518,61 @@ func (a *Agent) firewallPass(ctx context.Context, log *slog.Logger) {
 	t0 := time.Now()
 	nst, err := a.nat.r.Sync(ctx, a.nat.plan)
 	a.finish(log, "firewall", t0, vxlan.Stats{}, route.Stats{}, nst, true, err)
+}
+
+// guardSpec is the VXLAN allow-list for a plan: every peer the plan routes to (a directly
+// routed peer sends no VXLAN, but allowing it costs nothing and survives a mode change).
+func guardSpec(cfg config.Network, p plan.Plan) vxguard.Spec {
+	s := vxguard.Spec{Network: cfg.Network, Peers: make(map[string]netip.Addr, len(p.Peers))}
+	if p.VXLAN != nil {
+		s.Port = p.VXLAN.Port
+	}
+	for _, v := range p.Peers {
+		if a := guardAddr(v); a.IsValid() {
+			s.Peers[v.Node] = a
+		}
+	}
+	return s
+}
+
+func guardAddr(v plan.Peer) netip.Addr {
+	if v.Mode == plan.Direct || v.Mode == plan.VXLAN {
+		return v.PublicIP
+	}
+	return netip.Addr{}
+}
+
+// guardPass re-checks netagent's nftables table after someone changed it.
+func (a *Agent) guardPass(log *slog.Logger, cfg config.Network) {
+	if a.guardSpec.Peers == nil {
+		return // no full pass yet
+	}
+	t0 := time.Now()
+	st, err := a.guard.Sync(a.guardSpec)
+	a.countGuard(st, true)
+	if err != nil {
+		a.opt.Metrics.Errors.WithLabelValues("reconcile").Inc()
+		log.Error("VXLAN allow-list repair failed", "err", err)
+		return
+	}
+	if st.Changed() {
+		log.Info("VXLAN allow-list repaired", "rebuilt", st.Rebuilt, "added", st.Added, "deleted", st.Delete, "took", time.Since(t0).Round(time.Microsecond))
+	}
+}
+
+func (a *Agent) countGuard(st vxguard.Stats, drift bool) {
+	if !a.ready() || !st.Changed() {
+		return
+	}
+	c := a.opt.Metrics.Changes
+	if drift {
+		c = a.opt.Metrics.Repairs
+	}
+	n := st.Added + st.Delete
+	if st.Rebuilt {
+		n++
+	}
+	c.WithLabelValues("vxlan-allowlist").Add(float64(n))
 }
 
 // finish records a pass's outcome in metrics, status and the log.

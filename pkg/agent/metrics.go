@@ -37,13 +37,21 @@ func NewMetrics() *Metrics {
 	for _, k := range []string{"config", "lease", "reconcile", "files"} {
 		m.Errors.WithLabelValues(k)
 	}
-	for _, k := range []string{"route", "neigh", "fdb", "vxlan-device", "nat"} {
+	for _, k := range []string{"route", "neigh", "fdb", "vxlan-device", "nat", "vxlan-allowlist"} {
 		m.Repairs.WithLabelValues(k)
 		m.Changes.WithLabelValues(k)
 	}
 	r.MustRegister(m.LeaseHeld, m.LeaseTTL, m.Peers, m.ReconcileSeconds, m.Changes, m.Repairs, m.WatchRestarts, m.Errors,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// guardDrops exports the VXLAN allow-list's drop counter (read from the kernel on scrape).
+func (m *Metrics) guardDrops(read func() uint64) {
+	_ = m.Registry.Register(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "netagent_vxlan_dropped_packets_total",
+		Help: "VXLAN packets dropped: from addresses that are not peers, or encapsulated by pods.",
+	}, func() float64 { return float64(read()) }))
 }
 
 // WatchRestart implements lease.WatchStats.

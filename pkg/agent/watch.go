@@ -1,7 +1,9 @@
 package agent
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"log/slog"
 	"time"
 
@@ -86,9 +88,12 @@ func (a *Agent) watchKernelOnce(ctx context.Context, vxDev, underlay string) {
 // deleted chain or a reordered jump at once, without polling iptables.
 const nfnlgrpNftables = 7
 
-// watchFirewall signals dirty on every ruleset change until ctx ends. Without the
-// subscription (legacy iptables, or an old kernel) the resync ticker is the fallback.
-func watchFirewall(ctx context.Context, log *slog.Logger, dirty chan struct{}) {
+// watchFirewall signals on every ruleset change until ctx ends: nftDirty when the change
+// is to a table named "netagent" (our own nftables tables, checked over netlink in
+// microseconds), fwDirty otherwise (iptables' tables, checked by running iptables-save).
+// Without the subscription (legacy iptables, or an old kernel) the resync ticker is the
+// fallback.
+func watchFirewall(ctx context.Context, log *slog.Logger, fwDirty, nftDirty chan struct{}) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
 	if err != nil {
 		log.Warn("no firewall change notifications; relying on the resync ticker", "err", err)
@@ -114,14 +119,68 @@ func watchFirewall(ctx context.Context, log *slog.Logger, dirty chan struct{}) {
 				continue
 			}
 			if err == unix.ENOBUFS {
-				signal(dirty)
+				signal(fwDirty)
+				signal(nftDirty)
 				continue
 			}
 			log.Warn("firewall notifications stopped; relying on the resync ticker", "err", err)
 			return
 		}
-		if n > 0 {
-			signal(dirty)
+		ours, others := classifyNftables(buf[:n])
+		if ours {
+			signal(nftDirty)
+		}
+		if others {
+			signal(fwDirty)
 		}
 	}
 }
+
+// classifyNftables reports whether a batch of nftables notifications touches tables
+// named "netagent" (ours) and whether it touches any other table. Every table, chain,
+// rule, set and element message carries its table's name as attribute 1; generation
+// messages (one per transaction) carry none and are skipped. Anything unparsable counts
+// as "others", which costs one extra check, never a missed one.
+func classifyNftables(b []byte) (ours, others bool) {
+	const newGen = 15 // NFT_MSG_NEWGEN
+	for len(b) >= unix.NLMSG_HDRLEN {
+		l := int(binary.NativeEndian.Uint32(b[0:4]))
+		typ := binary.NativeEndian.Uint16(b[4:6])
+		if l < unix.NLMSG_HDRLEN || l > len(b) {
+			return ours, true
+		}
+		msg := b[unix.NLMSG_HDRLEN:l]
+		b = b[min(nlmAlign(l), len(b)):]
+		if typ&0xff == newGen {
+			continue
+		}
+		if tableName(msg) == "netagent" {
+			ours = true
+		} else {
+			others = true
+		}
+	}
+	return ours, others
+}
+
+// tableName is attribute 1 of an nftables message body (after its 4-byte nfgenmsg).
+func tableName(msg []byte) string {
+	if len(msg) < 4 {
+		return ""
+	}
+	for a := msg[4:]; len(a) >= 4; {
+		l := int(binary.NativeEndian.Uint16(a[0:2]))
+		typ := binary.NativeEndian.Uint16(a[2:4]) & 0x3fff
+		if l < 4 || l > len(a) {
+			return ""
+		}
+		if typ == 1 {
+			return string(bytes.TrimRight(a[4:l], "\x00"))
+		}
+		a = a[min(nlaAlign(l), len(a)):]
+	}
+	return ""
+}
+
+func nlmAlign(l int) int { return (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
+func nlaAlign(l int) int { return (l + unix.NLA_ALIGNTO - 1) &^ (unix.NLA_ALIGNTO - 1) }

@@ -1,0 +1,60 @@
+package agent
+
+import (
+	"context"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/netagent/netagent/test/netns"
+)
+
+// Changes to netagent's own nftables tables and to anything else (iptables) are told apart
+// from real kernel notifications.
+func TestWatchFirewallClassifies(t *testing.T) {
+	netns.RequireRoot(t)
+	ns := netns.New(t, "fwwatch")
+	fw, nft := make(chan struct{}, 1), make(chan struct{}, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = ns.Do(func() error { watchFirewall(ctx, slog.New(slog.DiscardHandler), fw, nft); return nil })
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	time.Sleep(100 * time.Millisecond)
+	drain := func() (gotFW, gotNFT bool) {
+		deadline := time.After(300 * time.Millisecond)
+		for {
+			select {
+			case <-fw:
+				gotFW = true
+			case <-nft:
+				gotNFT = true
+			case <-deadline:
+				return gotFW, gotNFT
+			}
+		}
+	}
+	for _, c := range []struct {
+		cmd          string
+		wantFW, want bool
+	}{
+		{"nft add table ip netagent", false, true},
+		{"nft add chain ip netagent c", false, true},
+		{"nft add set ip netagent s { type ipv4_addr; }", false, true},
+		{"nft add element ip netagent s { 192.0.2.1 }", false, true},
+		{"nft add table bridge netagent", false, true},
+		{"iptables -t nat -N NETAGENT-TEST", true, false},
+		{"iptables -A FORWARD -j ACCEPT", true, false},
+		{"nft add table ip other", true, false},
+	} {
+		f := strings.Fields(c.cmd)
+		ns.MustRun(t, f[0], f[1:]...)
+		gotFW, gotNFT := drain()
+		if gotFW != c.wantFW || gotNFT != c.want {
+			t.Errorf("%s: iptables signal %v, ours %v; want %v, %v", c.cmd, gotFW, gotNFT, c.wantFW, c.want)
+		}
+	}
+}

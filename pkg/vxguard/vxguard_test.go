@@ -1,0 +1,155 @@
+package vxguard
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/netagent/netagent/test/netns"
+)
+
+func newGuard(t *testing.T) (*Guard, *netns.NS) {
+	t.Helper()
+	netns.RequireRoot(t)
+	ns := netns.New(t, "vxguard")
+	var g *Guard
+	if err := ns.Do(func() (err error) { g, err = New(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = g.Close() })
+	return g, ns
+}
+
+// elementsIn lists the set's elements as nft prints them.
+func elementsIn(t *testing.T, ns *netns.NS) []string {
+	t.Helper()
+	out := ns.MustRun(t, "nft", "list", "set", "ip", Table, SetName)
+	i := strings.Index(out, "elements = {")
+	if i < 0 {
+		return nil
+	}
+	body := out[i+len("elements = {"):]
+	body = body[:strings.Index(body, "}")]
+	var els []string
+	for _, f := range strings.FieldsFunc(body, func(r rune) bool { return r == ',' || r == ' ' || r == '\n' || r == '\t' }) {
+		els = append(els, f)
+	}
+	slices.Sort(els)
+	return els
+}
+
+func peers(kv ...string) map[string]netip.Addr {
+	m := map[string]netip.Addr{}
+	for i := 0; i < len(kv); i += 2 {
+		m[kv[i]] = netip.MustParseAddr(kv[i+1])
+	}
+	return m
+}
+
+var network = netip.MustParsePrefix("10.244.0.0/16")
+
+func TestSyncAndUpdate(t *testing.T) {
+	g, ns := newGuard(t)
+	if _, err := g.Update(peers("a", "192.0.2.11")); err != ErrNoMirror {
+		t.Fatalf("Update before Sync: %v, want ErrNoMirror", err)
+	}
+	spec := Spec{Port: 8472, Network: network, Peers: peers("a", "192.0.2.11", "b", "192.0.2.12")}
+	st, err := g.Sync(spec)
+	if err != nil || !st.Rebuilt || st.Added != 2 {
+		t.Fatalf("first Sync: %+v %v", st, err)
+	}
+	rules := ns.MustRun(t, "nft", "list", "table", "ip", Table)
+	for _, want := range []string{
+		"udp dport 8472 ip saddr != @vxlan-peers counter packets 0 bytes 0 drop",
+		"ip saddr 10.244.0.0/16 udp dport 8472 counter packets 0 bytes 0 drop",
+		"type filter hook input priority filter - 10; policy accept;",
+		"type filter hook forward priority filter - 10; policy accept;",
+	} {
+		if !strings.Contains(rules, want) {
+			t.Errorf("table lacks %q:\n%s", want, rules)
+		}
+	}
+	if got := elementsIn(t, ns); !slices.Equal(got, []string{"192.0.2.11", "192.0.2.12"}) {
+		t.Fatalf("elements %v", got)
+	}
+	if st, err := g.Sync(spec); err != nil || st.Changed() {
+		t.Fatalf("second Sync changed %+v %v", st, err)
+	}
+
+	for _, c := range []struct {
+		name    string
+		changes map[string]netip.Addr
+		want    []string
+		stats   Stats
+	}{
+		{"join", peers("c", "192.0.2.13"), []string{"192.0.2.11", "192.0.2.12", "192.0.2.13"}, Stats{Added: 1}},
+		{"leave", map[string]netip.Addr{"a": {}}, []string{"192.0.2.12", "192.0.2.13"}, Stats{Delete: 1}},
+		{"move", peers("b", "198.51.100.12"), []string{"192.0.2.13", "198.51.100.12"}, Stats{Added: 1, Delete: 1}},
+		{"two nodes share an address", peers("d", "192.0.2.13"), []string{"192.0.2.13", "198.51.100.12"}, Stats{}},
+		{"one of them leaves", map[string]netip.Addr{"c": {}}, []string{"192.0.2.13", "198.51.100.12"}, Stats{}},
+		{"an address passes between nodes in one batch", peers("d", "192.0.2.14", "e", "192.0.2.13"), []string{"192.0.2.13", "192.0.2.14", "198.51.100.12"}, Stats{Added: 1}},
+	} {
+		st, err := g.Update(c.changes)
+		if err != nil || st != c.stats {
+			t.Errorf("%s: stats %+v err %v, want %+v", c.name, st, err, c.stats)
+		}
+		if got := elementsIn(t, ns); !slices.Equal(got, c.want) {
+			t.Errorf("%s: elements %v, want %v", c.name, got, c.want)
+		}
+	}
+}
+
+// Whatever happens to the table, a Sync puts back exactly the desired one.
+func TestSyncRepairsDrift(t *testing.T) {
+	g, ns := newGuard(t)
+	spec := Spec{Port: 8472, Network: network, Peers: peers("a", "192.0.2.11", "b", "192.0.2.12")}
+	want := func() string {
+		if _, err := g.Sync(spec); err != nil {
+			t.Fatal(err)
+		}
+		return ns.MustRun(t, "nft", "list", "table", "ip", Table)
+	}()
+	for _, c := range []struct {
+		name    string
+		break_  []string
+		rebuilt bool
+	}{
+		{"table deleted", []string{"nft delete table ip netagent"}, true},
+		{"chain flushed", []string{"nft flush chain ip netagent vxlan-input"}, true},
+		{"rule added", []string{"nft add rule ip netagent vxlan-forward accept"}, true},
+		{"element deleted", []string{"nft delete element ip netagent vxlan-peers { 192.0.2.11 }"}, false},
+		{"element added", []string{"nft add element ip netagent vxlan-peers { 203.0.113.66 }"}, false},
+		{"whole ruleset flushed", []string{"nft flush ruleset"}, true},
+	} {
+		for _, cmd := range c.break_ {
+			f := strings.Fields(cmd)
+			ns.MustRun(t, f[0], f[1:]...)
+		}
+		st, err := g.Sync(spec)
+		if err != nil || !st.Changed() || st.Rebuilt != c.rebuilt {
+			t.Errorf("%s: Sync %+v %v", c.name, st, err)
+		}
+		if got := ns.MustRun(t, "nft", "list", "table", "ip", Table); got != want {
+			t.Errorf("%s: not repaired:\n%s\nwant:\n%s", c.name, got, want)
+		}
+	}
+	// Another port or network is another rule: rebuilt.
+	spec.Port = 4789
+	if st, err := g.Sync(spec); err != nil || !st.Rebuilt {
+		t.Fatalf("port change: %+v %v", st, err)
+	}
+	if out := ns.MustRun(t, "nft", "list", "table", "ip", Table); !strings.Contains(out, "udp dport 4789") || strings.Contains(out, "8472") {
+		t.Fatalf("port change not applied:\n%s", out)
+	}
+	// No VXLAN (host-gw): the table goes.
+	if st, err := g.Sync(Spec{}); err != nil || !st.Rebuilt {
+		t.Fatalf("port 0: %+v %v", st, err)
+	}
+	if out := ns.MustRun(t, "nft", "list", "tables"); strings.Contains(out, Table) {
+		t.Fatalf("table left after port 0:\n%s", out)
+	}
+	if st, err := g.Sync(Spec{}); err != nil || st.Changed() {
+		t.Fatalf("port 0 again: %+v %v", st, err)
+	}
+}

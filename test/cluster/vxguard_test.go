@@ -1,0 +1,214 @@
+package cluster_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/netagent/netagent/pkg/lab"
+	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/plan"
+	"github.com/netagent/netagent/test/netns"
+)
+
+// udpSink counts datagrams arriving at port in ns.
+func udpSink(t *testing.T, ns *netns.NS, port int) *atomic.Int64 {
+	t.Helper()
+	var conn *net.UDPConn
+	if err := ns.Do(func() (err error) {
+		conn, err = net.ListenUDP("udp4", &net.UDPAddr{Port: port})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	var n atomic.Int64
+	go func() {
+		b := make([]byte, 2048)
+		for {
+			if _, _, err := conn.ReadFrom(b); err != nil {
+				return
+			}
+			n.Add(1)
+		}
+	}()
+	return &n
+}
+
+// sendUDP sends count datagrams from ns to addr.
+func sendUDP(t *testing.T, ns *netns.NS, addr string, count int) {
+	t.Helper()
+	if err := ns.Do(func() error {
+		c, err := net.Dial("udp4", addr)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		for range count {
+			_, _ = c.Write([]byte("injected"))
+			time.Sleep(2 * time.Millisecond)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// vxlanDev makes a VXLAN device in ns (VNI 1, port 8472, like netagent's) with addr on it,
+// and points dst (an address behind the victim node) at the victim's VTEP MAC and
+// underlay IP: frames it sends are what a peer's would look like.
+func vxlanDev(t *testing.T, ns *netns.NS, local, addr, dst, victimMAC, victimIP string) {
+	t.Helper()
+	for _, cmd := range []string{
+		"ip link add vxrogue type vxlan id 1 dstport 8472 local " + local + " nolearning",
+		"ip addr add " + addr + " dev vxrogue",
+		"ip link set vxrogue up",
+		"ip route replace " + dst + "/32 dev vxrogue",
+		"ip neigh add " + dst + " lladdr " + victimMAC + " dev vxrogue nud permanent",
+		"bridge fdb append " + victimMAC + " dev vxrogue dst " + victimIP,
+	} {
+		f := strings.Fields(cmd)
+		ns.MustRun(t, f[0], f[1:]...)
+	}
+}
+
+func metricValue(t *testing.T, l *lab.Lab, n *lab.Node, name string) float64 {
+	t.Helper()
+	_, b, err := l.Get(n, "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			var f float64
+			fmt.Sscan(v, &f)
+			return f
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
+}
+
+// A rogue host on the underlay that crafts VXLAN frames for a node's VTEP cannot reach
+// its pods; pods cannot encapsulate either; a legitimate new peer is accepted as soon as
+// its lease appears.
+func TestVXLANAllowList(t *testing.T) {
+	l := newLab(t, "vxlan", 2, 0, 1)
+	n1, n2 := l.Nodes[0], l.Nodes[1]
+	victim := n1.Pods[0]
+	got := udpSink(t, l.PodNS(victim), 9999)
+	vtep1 := plan.VTEPMAC(n1.Name).String()
+
+	// 1. A rogue netns on the underlay, with a VXLAN device like a peer's.
+	rogue := netns.New(t, "rogue")
+	port := fmt.Sprintf("rg%d", time.Now().UnixNano()%100000)
+	if err := netns.Veth(l.Switch(), port, rogue, "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	l.Switch().MustRun(t, "ip", "link", "set", port, "master", "br0", "up")
+	rogue.MustRun(t, "ip", "addr", "add", "192.0.2.99/24", "dev", "eth0")
+	rogue.MustRun(t, "ip", "link", "set", "eth0", "up")
+	// It claims an address in node2's subnet, so node1 would route its replies (and
+	// reverse-path checks pass): only the allow-list stands in the way.
+	sub2 := netip.MustParsePrefix(status(t, l, n2).Subnet)
+	spoofed := sub2.Addr().Next().Next().Next().String()
+	vxlanDev(t, rogue, "192.0.2.99", spoofed+"/16", victim.IP.String(), vtep1, n1.IP.String())
+	before := metricValue(t, l, n1, "netagent_vxlan_dropped_packets_total")
+	sendUDP(t, rogue, victim.IP.String()+":9999", 20)
+	time.Sleep(200 * time.Millisecond)
+	if n := got.Load(); n != 0 {
+		t.Fatalf("the victim pod received %d datagrams injected by a rogue VXLAN sender", n)
+	}
+	if d := metricValue(t, l, n1, "netagent_vxlan_dropped_packets_total") - before; d < 20 {
+		t.Errorf("dropped-packets metric grew by %v, want >= 20", d)
+	}
+
+	// 2. A pod on node2 encapsulates towards node1 (its packets would leave node2
+	// masqueraded to node2's address, a legitimate peer's): dropped on node2.
+	attacker := l.PodNS(n2.Pods[0])
+	vxlanDev(t, attacker, n2.Pods[0].IP.String(), spoofed+"/32", victim.IP.String(), vtep1, n1.IP.String())
+	sendUDP(t, attacker, victim.IP.String()+":9999", 20)
+	time.Sleep(200 * time.Millisecond)
+	if n := got.Load(); n != 0 {
+		t.Fatalf("the victim pod received %d datagrams a pod encapsulated", n)
+	}
+
+	// 3. The rogue becomes a legitimate peer: its lease appears and node1 accepts its VXLAN
+	// at once (its datagrams now arrive).
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{l.EtcdEndpoint()}, DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	f := strings.Fields(rogue.MustRun(t, "ip", "-br", "link", "show", "vxrogue")) // name state MAC flags
+	peer := lease.Lease{Node: "newpeer", Subnet: netip.MustParsePrefix("10.244.250.0/24"), PublicIP: netip.MustParseAddr("192.0.2.99"),
+		Backend: "vxlan", VTEPMAC: f[2]}
+	if _, err := cli.Put(context.Background(), "/netagent/subnets/"+lease.SubnetKey(peer.Subnet), string(peer.Encode())); err != nil {
+		t.Fatal(err)
+	}
+	d := waitUntil(t, 5*time.Second, "node1 accepts the new peer's VXLAN", func() bool {
+		sendUDP(t, rogue, victim.IP.String()+":9999", 1)
+		return got.Load() > 0
+	})
+	t.Logf("new peer's VXLAN accepted %s after its lease was written", d.Round(time.Millisecond))
+	// ... and it leaves again: refused again.
+	if _, err := cli.Delete(context.Background(), "/netagent/subnets/"+lease.SubnetKey(peer.Subnet)); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 5*time.Second, "node1 drops the departed peer's VXLAN", func() bool {
+		out := l.NodeNS(n1).MustRun(t, "nft", "list", "set", "ip", "netagent", "vxlan-peers")
+		return !strings.Contains(out, "192.0.2.99")
+	})
+	n := got.Load()
+	sendUDP(t, rogue, victim.IP.String()+":9999", 10)
+	time.Sleep(200 * time.Millisecond)
+	if got.Load() != n {
+		t.Errorf("datagrams from a departed peer still arrive")
+	}
+	// Legitimate pod-to-pod traffic across the overlay is unaffected.
+	attacker.MustRun(t, "ip", "link", "del", "vxrogue")
+	if err := lab.Ping(l.PodNS(n2.Pods[0]), victim.IP.String()); err != nil {
+		t.Errorf("pod on node2 -> pod on node1: %v", err)
+	}
+}
+
+// `netagent cleanup` (uninstall) leaves no netagent kernel state or files on the node.
+func TestCleanup(t *testing.T) {
+	l := newLab(t, "vxlan", 2, 0, 0)
+	n := l.Nodes[0]
+	ns := l.NodeNS(n)
+	if err := l.StopAgent(n, false); err != nil {
+		t.Fatal(err)
+	}
+	conflist := n.Dir + "/net.d/10-netagent.conflist"
+	out, err := ns.Run(l.Opt.Netagent, "cleanup", "--subnet-file", n.Dir+"/subnet.env", "--cni-conf", conflist)
+	if err != nil {
+		t.Fatalf("cleanup: %v\n%s", err, out)
+	}
+	t.Logf("cleanup said:\n%s", out)
+	for what, cmd := range map[string][]string{
+		"routes":       {"ip", "route", "show", "proto", "180"},
+		"vxlan device": {"ip", "-br", "link", "show", "type", "vxlan"},
+		"nft table":    {"nft", "list", "tables"},
+	} {
+		if got := strings.TrimSpace(ns.MustRun(t, cmd[0], cmd[1:]...)); got != "" && (what != "nft table" || strings.Contains(got, "netagent")) {
+			t.Errorf("%s left after cleanup:\n%s", what, got)
+		}
+	}
+	if rules := ns.MustRun(t, "iptables-save"); strings.Contains(rules, "NETAGENT") {
+		t.Errorf("iptables rules left after cleanup:\n%s", rules)
+	}
+	for _, p := range []string{conflist, n.Dir + "/subnet.env"} {
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("%s left after cleanup", p)
+		}
+	}
+}
