@@ -5,6 +5,8 @@ import (
 	"context"
 	"encoding/binary"
 	"log/slog"
+	"os"
+	"strconv"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -109,6 +111,7 @@ func watchFirewall(ctx context.Context, log *slog.Logger, fwDirty, nftDirty chan
 	tv := unix.NsecToTimeval((500 * time.Millisecond).Nanoseconds())
 	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
 	buf := make([]byte, 1<<16)
+	var ev nftEvents
 	for {
 		n, _, err := unix.Recvfrom(fd, buf, 0)
 		if ctx.Err() != nil {
@@ -119,6 +122,7 @@ func watchFirewall(ctx context.Context, log *slog.Logger, fwDirty, nftDirty chan
 				continue
 			}
 			if err == unix.ENOBUFS {
+				ev = nftEvents{}
 				signal(fwDirty)
 				signal(nftDirty)
 				continue
@@ -126,7 +130,7 @@ func watchFirewall(ctx context.Context, log *slog.Logger, fwDirty, nftDirty chan
 			log.Warn("firewall notifications stopped; relying on the resync ticker", "err", err)
 			return
 		}
-		ours, others := classifyNftables(buf[:n])
+		ours, others := ev.feed(buf[:n])
 		if ours {
 			signal(nftDirty)
 		}
@@ -136,50 +140,67 @@ func watchFirewall(ctx context.Context, log *slog.Logger, fwDirty, nftDirty chan
 	}
 }
 
-// classifyNftables reports whether a batch of nftables notifications touches tables
-// named "netagent" (ours) and whether it touches any other table. Every table, chain,
-// rule, set and element message carries its table's name as attribute 1; generation
-// messages (one per transaction) carry none and are skipped. Anything unparsable counts
-// as "others", which costs one extra check, never a missed one.
-func classifyNftables(b []byte) (ours, others bool) {
-	const newGen = 15 // NFT_MSG_NEWGEN
+// nftEvents sorts nftables notifications by transaction. The kernel sends one message
+// per changed object and then a generation message naming the thread that committed the
+// transaction; transactions of this process (the VXLAN allow-list writing its set) are
+// dropped, the others report whether they touched a table named "netagent" (ours) or any
+// other table. Anything unparsable counts as "others": one extra check, never a missed one.
+type nftEvents struct {
+	pendOurs, pendOthers bool
+}
+
+// ownThread reports whether tid is a thread of this process (the kernel names the
+// committing thread, and Go writes from any of its threads).
+func ownThread(tid uint32) bool {
+	_, err := os.Stat("/proc/self/task/" + strconv.FormatUint(uint64(tid), 10))
+	return err == nil
+}
+
+func (e *nftEvents) feed(b []byte) (ours, others bool) {
+	const newGen, genProcPID = 15, 2 // NFT_MSG_NEWGEN, NFTA_GEN_PROC_PID
 	for len(b) >= unix.NLMSG_HDRLEN {
 		l := int(binary.NativeEndian.Uint32(b[0:4]))
 		typ := binary.NativeEndian.Uint16(b[4:6])
 		if l < unix.NLMSG_HDRLEN || l > len(b) {
-			return ours, true
+			return ours || e.pendOurs, true
 		}
 		msg := b[unix.NLMSG_HDRLEN:l]
 		b = b[min(nlmAlign(l), len(b)):]
-		if typ&0xff == newGen {
+		if typ&0xff != newGen {
+			if attr(msg, 1) != nil && string(bytes.TrimRight(attr(msg, 1), "\x00")) == "netagent" {
+				e.pendOurs = true
+			} else {
+				e.pendOthers = true
+			}
 			continue
 		}
-		if tableName(msg) == "netagent" {
-			ours = true
-		} else {
-			others = true
+		if pid := attr(msg, genProcPID); len(pid) != 4 || !ownThread(binary.BigEndian.Uint32(pid)) {
+			ours, others = ours || e.pendOurs, others || e.pendOthers
 		}
+		e.pendOurs, e.pendOthers = false, false
 	}
 	return ours, others
 }
 
-// tableName is attribute 1 of an nftables message body (after its 4-byte nfgenmsg).
-func tableName(msg []byte) string {
+// attr is attribute typ of an nftables message body (after its 4-byte nfgenmsg), or nil.
+// Every table, chain, rule, set and element message carries its table's name as
+// attribute 1.
+func attr(msg []byte, typ uint16) []byte {
 	if len(msg) < 4 {
-		return ""
+		return nil
 	}
 	for a := msg[4:]; len(a) >= 4; {
 		l := int(binary.NativeEndian.Uint16(a[0:2]))
-		typ := binary.NativeEndian.Uint16(a[2:4]) & 0x3fff
+		t := binary.NativeEndian.Uint16(a[2:4]) & 0x3fff
 		if l < 4 || l > len(a) {
-			return ""
+			return nil
 		}
-		if typ == 1 {
-			return string(bytes.TrimRight(a[4:l], "\x00"))
+		if t == typ {
+			return a[4:l]
 		}
 		a = a[min(nlaAlign(l), len(a)):]
 	}
-	return ""
+	return nil
 }
 
 func nlmAlign(l int) int { return (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }

@@ -3,10 +3,12 @@ package agent
 import (
 	"context"
 	"log/slog"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/netagent/netagent/pkg/vxguard"
 	"github.com/netagent/netagent/test/netns"
 )
 
@@ -49,7 +51,26 @@ func TestWatchFirewallClassifies(t *testing.T) {
 		{"iptables -t nat -N NETAGENT-TEST", true, false},
 		{"iptables -A FORWARD -j ACCEPT", true, false},
 		{"nft add table ip other", true, false},
+		{"own", false, false}, // this process's own transaction: the allow-list's echo
 	} {
+		if c.cmd == "own" {
+			if err := ns.Do(func() error {
+				g, err := vxguard.New()
+				if err != nil {
+					return err
+				}
+				defer g.Close()
+				_, err = g.Sync(vxguard.Spec{Port: 8472, Network: netip.MustParsePrefix("10.244.0.0/16"), Peers: map[string]netip.Addr{"a": netip.MustParseAddr("192.0.2.1")}})
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			gotFW, gotNFT := drain()
+			if gotFW || gotNFT {
+				t.Errorf("our own transaction signalled: iptables %v, ours %v", gotFW, gotNFT)
+			}
+			continue
+		}
 		f := strings.Fields(c.cmd)
 		ns.MustRun(t, f[0], f[1:]...)
 		gotFW, gotNFT := drain()
