@@ -3,6 +3,7 @@ package cluster_test
 import (
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -11,8 +12,9 @@ import (
 )
 
 // TestEtcdTLS: agents talk to a real etcd (Debian's 3.4) that requires client
-// certificates; plaintext, a missing client certificate and an untrusted server are each
-// refused with a message that says so; no key material reaches the logs.
+// certificates, with the PKI of the documented example (docs/etcd-tls.md, made by
+// scripts/etcd-tls-example.sh); plaintext, a missing client certificate and an untrusted
+// server are each refused with a message that says so; no key material reaches the logs.
 func TestEtcdTLS(t *testing.T) {
 	if _, err := os.Stat("/usr/bin/etcd"); err != nil {
 		if os.Getenv("CI") != "" {
@@ -20,7 +22,22 @@ func TestEtcdTLS(t *testing.T) {
 		}
 		t.Skip("no /usr/bin/etcd")
 	}
-	l := newLabWith(t, lab.Options{Nodes: 2, Backend: "vxlan", PodsPerNode: 1, EtcdBinary: "/usr/bin/etcd", EtcdTLS: true})
+	pki := t.TempDir()
+	if out, err := exec.Command("../../scripts/etcd-tls-example.sh", pki, "192.0.2.250").CombinedOutput(); err != nil {
+		t.Fatalf("the documented PKI example failed: %v\n%s", err, out)
+	}
+	for _, key := range []string{"ca.key", "server.key", "client.key"} {
+		fi, err := os.Stat(filepath.Join(pki, key))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s has mode %v, want 0600", key, fi.Mode().Perm())
+		}
+	}
+	files := &lab.TLSFiles{CA: filepath.Join(pki, "ca.crt"), ServerCert: filepath.Join(pki, "server.crt"), ServerKey: filepath.Join(pki, "server.key"),
+		ClientCert: filepath.Join(pki, "client.crt"), ClientKey: filepath.Join(pki, "client.key")}
+	l := newLabWith(t, lab.Options{Nodes: 2, Backend: "vxlan", PodsPerNode: 1, EtcdBinary: "/usr/bin/etcd", EtcdTLS: true, EtcdTLSFiles: files})
 	if f := lab.Failures(l.Matrix(context.Background())); len(f) > 0 {
 		t.Errorf("connectivity with a TLS etcd: %v", f)
 	}
