@@ -79,3 +79,29 @@ func TestWatchFirewallClassifies(t *testing.T) {
 		}
 	}
 }
+
+// The notification parser reads kernel bytes by hand: it must never panic or read out of
+// bounds, whatever it is given.
+func FuzzNftEvents(f *testing.F) {
+	// A table message for "netagent" followed by a generation message (pid 1).
+	msg := func(typ uint16, attrType uint16, val []byte) []byte {
+		al := 4 + len(val)
+		body := append([]byte{2, 0, 0, 0}, byte(al), byte(al>>8), byte(attrType), byte(attrType>>8))
+		body = append(body, val...)
+		for len(body)%4 != 0 {
+			body = append(body, 0)
+		}
+		l := 16 + len(body)
+		h := []byte{byte(l), byte(l >> 8), 0, 0, byte(typ), byte(typ >> 8), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+		return append(h, body...)
+	}
+	f.Add(append(msg(0xa00, 1, []byte("netagent\x00")), msg(0xa0f, 2, []byte{0, 0, 0, 1})...))
+	f.Add(msg(0xa00, 1, []byte("nat\x00")))
+	f.Add([]byte{})
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var ev nftEvents
+		ev.feed(b)
+		ev.feed(b)
+	})
+}

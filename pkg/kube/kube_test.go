@@ -436,3 +436,24 @@ func TestSlim(t *testing.T) {
 		t.Fatalf("slim kept %+v", s)
 	}
 }
+
+// Node objects come from the API server and their annotations from anyone with patch
+// rights on nodes: decoding must never panic, and a lease it accepts must be valid.
+func FuzzLeaseOf(f *testing.F) {
+	f.Add("n1", "10.244.1.0/24", "192.0.2.11", "vxlan", "0e:72:07:23:2f:14")
+	f.Add("n1", "fd00::/64", "192.0.2.11", "host-gw", "")
+	f.Add("", "10.244.1.7/33", "::1", "x", "zz")
+	f.Fuzz(func(t *testing.T, name, cidr, ip, backend, mac string) {
+		n := node(name, []string{cidr}, published(ip, backend, mac))
+		l, err := LeaseOf(n)
+		if err != nil {
+			return
+		}
+		if err := l.Validate(); err != nil {
+			t.Fatalf("LeaseOf accepted an invalid lease %+v: %v", l, err)
+		}
+		if !l.Subnet.Addr().Is4() || l.Subnet != l.Subnet.Masked() {
+			t.Fatalf("subnet %s", l.Subnet)
+		}
+	})
+}
