@@ -36,7 +36,7 @@ const (
 	ChainFwd   = "vxlan-forward"
 	priority   = -10
 	tagPrefix  = "netagent-vxguard:"
-	maxBatched = 4096 // elements per netlink message batch (keeps messages well under limits)
+	maxBatched = 1024 // elements per netlink message: its nested element list has a 16-bit length (64 KiB)
 )
 
 // ErrNoMirror means Update was called before a Sync established what is in the kernel.

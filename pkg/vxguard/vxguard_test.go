@@ -1,6 +1,7 @@
 package vxguard
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -151,5 +152,29 @@ func TestSyncRepairsDrift(t *testing.T) {
 	}
 	if st, err := g.Sync(Spec{}); err != nil || st.Changed() {
 		t.Fatalf("port 0 again: %+v %v", st, err)
+	}
+}
+
+// Thousands of peers at once (a cold start at scale), into a new table and into an
+// existing one.
+func TestManyPeers(t *testing.T) {
+	g, ns := newGuard(t)
+	many := map[string]netip.Addr{}
+	for i := range 5000 {
+		many[fmt.Sprintf("n%d", i)] = netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
+	}
+	for _, c := range []struct {
+		name  string
+		peers map[string]netip.Addr
+	}{{"into an existing table", many}, {"all gone", nil}, {"rebuilt", many}} {
+		if c.name == "rebuilt" {
+			ns.MustRun(t, "nft", "flush", "ruleset")
+		}
+		if _, err := g.Sync(Spec{Port: 8472, Network: network, Peers: c.peers}); err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if got := len(elementsIn(t, ns)); got != len(c.peers) {
+			t.Fatalf("%s: %d elements, want %d", c.name, got, len(c.peers))
+		}
 	}
 }
