@@ -18,6 +18,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/netagent/netagent/pkg/antispoof"
 	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/hostport"
 	"github.com/netagent/netagent/pkg/ipam"
@@ -187,9 +188,8 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err != nil {
 		return cniError(types.ErrIOFailure, "record address", err)
 	}
-	rollback.push(func() error {
-		return store.Update(func(tx *ipam.Tx) error { tx.Release(key); return nil })
-	})
+	entry := antispoof.EntryFor(x.HostVeth, addr.Addr())
+	rollback.push(func() error { return release(ctx, store, key, entry) })
 
 	// 2. The bridge and the veth.
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
@@ -218,7 +218,13 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	}
 	rollback.push(func() error { return bridge.Del(h, x.HostVeth) })
 
-	// 3. Host ports, only for pods that publish some.
+	// 3. Anti-spoofing: the pod may send only from its own address and MAC. Undone by the
+	// release above (the entry goes with the address, under the store's lock).
+	if err := antispoof.Add(ctx, entry); err != nil {
+		return err
+	}
+
+	// 4. Host ports, only for pods that publish some.
 	if len(c.RuntimeConfig.PortMappings) > 0 {
 		t, err := hostport.New(hostport.DefaultLock)
 		if err != nil {
@@ -260,6 +266,21 @@ func fromIPAMResult(r types.Result) (netip.Prefix, netip.Addr, error) {
 		return p, gw.Unmap(), nil
 	}
 	return netip.Prefix{}, netip.Addr{}, errors.New("IPAM plugin returned no IPv4 address")
+}
+
+// release gives key's address back and removes its anti-spoofing entry, together under the
+// store's lock: the agent's antispoof.SyncDataDir holds that lock while it makes the set
+// equal to the records, so it can neither see the record without the entry (and put the
+// entry back for good) nor the entry without the record. A failure to remove the entry
+// keeps the record, so that a retried DEL finds it again.
+func release(ctx context.Context, store *ipam.Store, key ipam.Key, entry antispoof.Entry) error {
+	return store.Update(func(tx *ipam.Tx) error {
+		if err := antispoof.Delete(ctx, entry); err != nil {
+			return err
+		}
+		tx.Release(key)
+		return nil
+	})
 }
 
 func recordExtra(rec ipam.Record) extra {
@@ -317,9 +338,11 @@ func cmdDel(args *skel.CmdArgs) error {
 		}
 	}
 	if !found {
-		return nil
+		// No record, so no address to name the entry by (a repeated DEL, or one after a
+		// failed ADD): remove whatever entry the host veth has.
+		return antispoof.DeleteVeth(ctx, x.HostVeth)
 	}
-	if err := store.Update(func(tx *ipam.Tx) error { tx.Release(key); return nil }); err != nil {
+	if err := release(ctx, store, key, antispoof.EntryFor(x.HostVeth, rec.IP)); err != nil {
 		return cniError(types.ErrIOFailure, "release address", err)
 	}
 	return nil
@@ -386,6 +409,12 @@ func cmdCheck(args *skel.CmdArgs) error {
 	}); err != nil {
 		return fmt.Errorf("check %s: %w", key, err)
 	}
+	entry := antispoof.EntryFor(x.HostVeth, rec.IP)
+	if ok, err := antispoof.Has(context.Background(), entry); err != nil {
+		return fmt.Errorf("check %s: %w", key, err)
+	} else if !ok {
+		return fmt.Errorf("check %s: anti-spoofing entry (%s) is missing from set %s of bridge table %s", key, entry, antispoof.Set, antispoof.Table)
+	}
 	if x.Ports > 0 {
 		t, err := hostport.New(hostport.DefaultLock)
 		if err != nil {
@@ -424,11 +453,15 @@ func cmdGC(args *skel.CmdArgs) error {
 		return err
 	}
 	var stale []ipam.Record
+	want := map[string]antispoof.Entry{} // the anti-spoofing entry of each valid attachment, by host veth
 	if err := store.View(func(tx *ipam.Tx) error {
 		for _, r := range tx.Records() {
 			if !valid[r.Key] {
 				stale = append(stale, r)
+				continue
 			}
+			e := antispoof.EntryFor(recordVeth(r), r.IP)
+			want[e.HostVeth] = e
 		}
 		return nil
 	}); err != nil {
@@ -440,17 +473,14 @@ func cmdGC(args *skel.CmdArgs) error {
 	}
 	defer h.Close()
 	var errs []error
-	released := map[ipam.Key]bool{}
+	released := map[ipam.Key]antispoof.Entry{}
 	for _, r := range stale {
-		x := recordExtra(r)
-		if x.HostVeth == "" {
-			x.HostVeth = bridge.HostVethName(r.ContainerID, r.IfName)
-		}
-		if err := bridge.Del(h, x.HostVeth); err != nil {
+		veth := recordVeth(r)
+		if err := bridge.Del(h, veth); err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		released[r.Key] = true
+		released[r.Key] = antispoof.EntryFor(veth, r.IP)
 	}
 	// Veths on our bridge that no valid attachment owns (an ADD killed before it recorded
 	// anything cannot leave one: the address is recorded first, but be thorough).
@@ -476,7 +506,15 @@ func cmdGC(args *skel.CmdArgs) error {
 		errs = append(errs, err)
 	}
 	if len(released) > 0 {
+		// Entries and addresses go together under the store's lock (see release).
 		if err := store.Update(func(tx *ipam.Tx) error {
+			var entries []antispoof.Entry
+			for _, e := range released {
+				entries = append(entries, e)
+			}
+			if err := antispoof.Delete(ctx, entries...); err != nil {
+				return err
+			}
 			for k := range released {
 				tx.Release(k)
 			}
@@ -484,6 +522,9 @@ func cmdGC(args *skel.CmdArgs) error {
 		}); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if err := gcEntries(ctx, h, c.Bridge, want); err != nil {
+		errs = append(errs, err)
 	}
 	if c.delegateIPAM {
 		if err := invoke.DelegateGC(ctx, c.IPAM.Type, args.StdinData, nil); err != nil {
@@ -494,6 +535,53 @@ func cmdGC(args *skel.CmdArgs) error {
 		return cniError(types.ErrInternal, "garbage collection incomplete", err)
 	}
 	return nil
+}
+
+// recordVeth is the host veth of a record: as recorded, else as derived from its key.
+func recordVeth(r ipam.Record) string {
+	if x := recordExtra(r); x.HostVeth != "" {
+		return x.HostVeth
+	}
+	return bridge.HostVethName(r.ContainerID, r.IfName)
+}
+
+// gcEntries removes anti-spoofing entries that no valid attachment of this network owns:
+// an entry of a valid attachment's veth that is not its entry (an old address), and an
+// entry of any other veth that is gone or sits on this network's bridge. Entries of veths
+// on other bridges belong to other networks, whose GC is not ours.
+func gcEntries(ctx context.Context, h *netlink.Handle, bridgeName string, want map[string]antispoof.Entry) error {
+	entries, err := antispoof.List(ctx)
+	if errors.Is(err, antispoof.ErrNotInstalled) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	links, err := h.LinkList()
+	if err != nil {
+		return fmt.Errorf("list links: %w", err)
+	}
+	master := map[string]int{}
+	brIndex := -1
+	for _, l := range links {
+		master[l.Attrs().Name] = l.Attrs().MasterIndex
+		if l.Attrs().Name == bridgeName {
+			brIndex = l.Attrs().Index
+		}
+	}
+	var drop []antispoof.Entry
+	for _, e := range entries {
+		if w, ok := want[e.HostVeth]; ok {
+			if w.String() != e.String() {
+				drop = append(drop, e)
+			}
+			continue
+		}
+		if m, exists := master[e.HostVeth]; !exists || m == brIndex {
+			drop = append(drop, e)
+		}
+	}
+	return antispoof.Delete(ctx, drop...)
 }
 
 func cmdStatus(args *skel.CmdArgs) error {

@@ -1,0 +1,301 @@
+package antispoof_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/netagent/netagent/pkg/antispoof"
+	"github.com/netagent/netagent/pkg/bridge"
+	"github.com/netagent/netagent/pkg/ipam"
+	"github.com/netagent/netagent/test/netns"
+)
+
+func TestMain(m *testing.M) {
+	netns.Sweep()
+	os.Exit(m.Run())
+}
+
+var ctx = context.Background()
+
+func entry(veth, ip string) antispoof.Entry {
+	return antispoof.EntryFor(veth, netip.MustParseAddr(ip))
+}
+
+// in runs fn inside ns (on a locked thread) and fails the test on error.
+func in(t *testing.T, ns *netns.NS, fn func() error) {
+	t.Helper()
+	if err := ns.Do(fn); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// list returns the set's entries as sorted strings.
+func list(t *testing.T, ns *netns.NS) []string {
+	t.Helper()
+	var out []string
+	in(t, ns, func() error {
+		es, err := antispoof.List(ctx)
+		for _, e := range es {
+			out = append(out, e.String())
+		}
+		return err
+	})
+	slices.Sort(out)
+	return out
+}
+
+func strs(es ...antispoof.Entry) []string {
+	var out []string
+	for _, e := range es {
+		out = append(out, e.String())
+	}
+	slices.Sort(out)
+	return out
+}
+
+func TestAddDelete(t *testing.T) {
+	netns.RequireRoot(t)
+	ns := netns.New(t, "as")
+	a, b, c := entry("na00000000001", "10.9.0.2"), entry("na00000000002", "10.9.0.3"), entry("na00000000003", "10.9.0.4")
+
+	in(t, ns, func() error {
+		if _, err := antispoof.List(ctx); err != antispoof.ErrNotInstalled {
+			return fmt.Errorf("List before anything = %v, want ErrNotInstalled", err)
+		}
+		if _, _, err := antispoof.Dropped(ctx); err != antispoof.ErrNotInstalled {
+			return fmt.Errorf("Dropped before anything = %v, want ErrNotInstalled", err)
+		}
+		// Deleting from nothing is fine (DEL before any ADD).
+		if err := antispoof.Delete(ctx, a); err != nil {
+			return fmt.Errorf("Delete with no table: %v", err)
+		}
+		if err := antispoof.DeleteVeth(ctx, a.HostVeth); err != nil {
+			return fmt.Errorf("DeleteVeth with no table: %v", err)
+		}
+		for _, e := range []antispoof.Entry{a, a, b, c} { // a twice: a repeated ADD
+			if err := antispoof.Add(ctx, e); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if got, want := list(t, ns), strs(a, b, c); !slices.Equal(got, want) {
+		t.Fatalf("after Add: %v, want %v", got, want)
+	}
+	out := ns.MustRun(t, "nft", "list", "table", "bridge", antispoof.Table)
+	for _, s := range []string{"type ifname . ipv4_addr . ether_addr", "hook prerouting priority filter; policy accept;",
+		`iifname != "na*" accept`, "iifname . ip saddr . ether saddr @pods accept", `counter name "spoofed-ipv4" drop`} {
+		if !strings.Contains(out, s) {
+			t.Errorf("nft list table does not contain %q:\n%s", s, out)
+		}
+	}
+	if n := strings.Count(out, "netagent antispoof v1"); n != 6 {
+		t.Errorf("%d rules, want 6 (a repeated ADD must not duplicate them):\n%s", n, out)
+	}
+
+	in(t, ns, func() error {
+		if ok, err := antispoof.Has(ctx, a); err != nil || !ok {
+			return fmt.Errorf("Has(a) = %v, %v, want true", ok, err)
+		}
+		if err := antispoof.Delete(ctx, a); err != nil {
+			return err
+		}
+		if err := antispoof.Delete(ctx, a); err != nil { // a repeated DEL
+			return fmt.Errorf("second Delete: %v", err)
+		}
+		if ok, err := antispoof.Has(ctx, a); err != nil || ok {
+			return fmt.Errorf("Has(a) after Delete = %v, %v, want false", ok, err)
+		}
+		// One of two absent: the other still goes.
+		if err := antispoof.Delete(ctx, a, b); err != nil {
+			return fmt.Errorf("Delete(a, b): %v", err)
+		}
+		// An entry with another address on c's veth (as a DEL without a record finds it).
+		c2 := entry(c.HostVeth, "10.9.0.99")
+		if err := antispoof.Add(ctx, c2); err != nil {
+			return err
+		}
+		return antispoof.DeleteVeth(ctx, c.HostVeth)
+	})
+	if got := list(t, ns); len(got) != 0 {
+		t.Errorf("after deletes: %v, want none", got)
+	}
+	in(t, ns, func() error { return antispoof.Remove(ctx) })
+	in(t, ns, func() error { return antispoof.Remove(ctx) })
+	if out := ns.MustRun(t, "nft", "list", "ruleset"); strings.TrimSpace(out) != "" {
+		t.Errorf("ruleset after Remove:\n%s", out)
+	}
+}
+
+func TestBadEntries(t *testing.T) {
+	netns.RequireRoot(t)
+	ns := netns.New(t, "as") // rejected before any kernel call, but never risk the root namespace
+	for _, e := range []antispoof.Entry{
+		{HostVeth: "", IP: netip.MustParseAddr("10.0.0.1"), MAC: bridge.PodMAC(netip.MustParseAddr("10.0.0.1"))},
+		{HostVeth: "name-is-16-long!", IP: netip.MustParseAddr("10.0.0.1"), MAC: bridge.PodMAC(netip.MustParseAddr("10.0.0.1"))},
+		{HostVeth: "na1", IP: netip.MustParseAddr("fd00::1"), MAC: bridge.PodMAC(netip.MustParseAddr("10.0.0.1"))},
+		{HostVeth: "na1", IP: netip.MustParseAddr("10.0.0.1"), MAC: net.HardwareAddr{1, 2, 3}},
+	} {
+		in(t, ns, func() error {
+			if err := antispoof.Add(ctx, e); err == nil || !strings.Contains(err.Error(), "entry") {
+				t.Errorf("Add(%v) = %v, want an error naming the entry", e, err)
+			}
+			return nil
+		})
+	}
+	if out := ns.MustRun(t, "nft", "list", "ruleset"); strings.TrimSpace(out) != "" {
+		t.Errorf("bad entries changed the ruleset:\n%s", out)
+	}
+}
+
+// TestSync applies desired states in order, some after breaking the kernel state the way an
+// admin or a crash could, and checks the set and what Sync reports.
+func TestSync(t *testing.T) {
+	netns.RequireRoot(t)
+	ns := netns.New(t, "as")
+	a, b, c := entry("na00000000001", "10.9.0.2"), entry("na00000000002", "10.9.0.3"), entry("na00000000003", "10.9.0.4")
+	nft := func(args ...string) func() { return func() { ns.MustRun(t, "nft", args...) } }
+	steps := []struct {
+		name    string
+		before  func()
+		desired []antispoof.Entry
+		want    antispoof.Stats
+	}{
+		{"install", nil, []antispoof.Entry{a, b}, antispoof.Stats{Entries: 2, Added: 2, Repaired: true}},
+		{"unchanged writes nothing", nil, []antispoof.Entry{b, a}, antispoof.Stats{Entries: 2}},
+		{"one in, one out", nil, []antispoof.Entry{b, c}, antispoof.Stats{Entries: 2, Added: 1, Removed: 1}},
+		{"table deleted", nft("delete", "table", "bridge", "netagent"), []antispoof.Entry{b, c}, antispoof.Stats{Entries: 2, Added: 2, Repaired: true}},
+		{"ruleset flushed", nft("flush", "ruleset"), []antispoof.Entry{b, c}, antispoof.Stats{Entries: 2, Added: 2, Repaired: true}},
+		{"chain flushed", nft("flush", "chain", "bridge", "netagent", "prerouting"), []antispoof.Entry{b, c}, antispoof.Stats{Entries: 2, Repaired: true}},
+		{"rule added", nft("insert", "rule", "bridge", "netagent", "prerouting", "accept"), []antispoof.Entry{b, c}, antispoof.Stats{Entries: 2, Repaired: true}},
+		{"rule changed", func() {
+			// Same comment, different expressions: the IPv4 accept rule without its lookup.
+			out := ns.MustRun(t, "nft", "-a", "list", "chain", "bridge", "netagent", "prerouting")
+			h := handleOf(t, out, "@pods accept comment \"netagent antispoof v1: IPv4")
+			ns.MustRun(t, "nft", "replace", "rule", "bridge", "netagent", "prerouting", "handle", h,
+				"ether", "type", "ip", "accept", "comment", `"netagent antispoof v1: IPv4 from the pod's own address and MAC"`)
+		}, []antispoof.Entry{b, c}, antispoof.Stats{Entries: 2, Repaired: true}},
+		{"policy changed", nft("add", "chain", "bridge", "netagent", "prerouting", "{ policy drop; }"), []antispoof.Entry{b, c}, antispoof.Stats{Entries: 2, Repaired: true}},
+		{"foreign element removed", nft("add", "element", "bridge", "netagent", "pods", `{ "na0000000000f" . 10.9.0.200 . 0a:58:0a:09:00:c8 }`), []antispoof.Entry{b, c}, antispoof.Stats{Entries: 2, Removed: 1}},
+		{"empty", nil, nil, antispoof.Stats{Removed: 2}},
+	}
+	for _, s := range steps {
+		t.Run(s.name, func(t *testing.T) {
+			if s.before != nil {
+				s.before()
+			}
+			var got antispoof.Stats
+			in(t, ns, func() error {
+				var err error
+				got, err = antispoof.Sync(ctx, s.desired)
+				return err
+			})
+			if got != s.want {
+				t.Errorf("Sync = %+v, want %+v", got, s.want)
+			}
+			if l, w := list(t, ns), strs(s.desired...); !slices.Equal(l, w) {
+				t.Errorf("set = %v, want %v", l, w)
+			}
+			// Applying the same state again changes nothing.
+			in(t, ns, func() error {
+				var err error
+				got, err = antispoof.Sync(ctx, s.desired)
+				return err
+			})
+			if want := (antispoof.Stats{Entries: len(s.desired)}); got != want {
+				t.Errorf("second Sync = %+v, want %+v", got, want)
+			}
+		})
+	}
+}
+
+func handleOf(t *testing.T, listing, contains string) string {
+	t.Helper()
+	for _, l := range strings.Split(listing, "\n") {
+		if strings.Contains(l, contains) {
+			if _, h, ok := strings.Cut(l, "# handle "); ok {
+				return strings.TrimSpace(h)
+			}
+		}
+	}
+	t.Fatalf("no rule containing %q in\n%s", contains, listing)
+	return ""
+}
+
+func TestSyncDataDir(t *testing.T) {
+	netns.RequireRoot(t)
+	ns := netns.New(t, "as")
+	dir := t.TempDir()
+	put := func(network string, recs ...ipam.Record) {
+		s, err := ipam.Open(filepath.Join(dir, network))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Update(func(tx *ipam.Tx) error {
+			for _, r := range recs {
+				if err := tx.Put(r); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rec := func(id, ip string) ipam.Record {
+		return ipam.Record{Key: ipam.Key{ContainerID: id, IfName: "eth0"}, IP: netip.MustParseAddr(ip)}
+	}
+	put("netagent", rec("pod-a", "10.9.0.2"), rec("pod-b", "10.9.0.3"))
+	put("other", rec("pod-c", "10.8.0.2"))
+	if err := os.MkdirAll(filepath.Join(dir, "not-a-store"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	want := strs(
+		entry(bridge.HostVethName("pod-a", "eth0"), "10.9.0.2"),
+		entry(bridge.HostVethName("pod-b", "eth0"), "10.9.0.3"),
+		entry(bridge.HostVethName("pod-c", "eth0"), "10.8.0.2"),
+	)
+	es, err := antispoof.Entries(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want, strs(es...)); diff != "" {
+		t.Errorf("Entries (-want +got):\n%s", diff)
+	}
+
+	var st antispoof.Stats
+	in(t, ns, func() error { st, err = antispoof.SyncDataDir(ctx, dir); return err })
+	if st != (antispoof.Stats{Entries: 3, Added: 3, Repaired: true}) {
+		t.Errorf("SyncDataDir = %+v", st)
+	}
+	if diff := cmp.Diff(want, list(t, ns)); diff != "" {
+		t.Errorf("set (-want +got):\n%s", diff)
+	}
+
+	// A data dir that does not exist keeps the entries and says so.
+	missing := filepath.Join(dir, "nope")
+	in(t, ns, func() error {
+		st, err = antispoof.SyncDataDir(ctx, missing)
+		if err == nil || !strings.Contains(err.Error(), "kept them") {
+			return fmt.Errorf("SyncDataDir(missing) = %+v, %v, want an error saying the entries were kept", st, err)
+		}
+		return nil
+	})
+	if diff := cmp.Diff(want, list(t, ns)); diff != "" {
+		t.Errorf("set after a missing data dir (-want +got):\n%s", diff)
+	}
+	// An empty data dir is the truth: nothing recorded, nothing allowed.
+	in(t, ns, func() error { st, err = antispoof.SyncDataDir(ctx, t.TempDir()); return err })
+	if st != (antispoof.Stats{Removed: 3}) || len(list(t, ns)) != 0 {
+		t.Errorf("SyncDataDir(empty) = %+v, set %v", st, list(t, ns))
+	}
+}

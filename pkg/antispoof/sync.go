@@ -1,0 +1,228 @@
+package antispoof
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+
+	"github.com/netagent/netagent/pkg/bridge"
+	"github.com/netagent/netagent/pkg/ipam"
+)
+
+// Stats says what a Sync found and changed.
+type Stats struct {
+	Entries  int  // entries in the set afterwards
+	Added    int  // entries added
+	Removed  int  // entries removed
+	Repaired bool // the table, chain or rules were missing or not as written, and were rewritten
+}
+
+// Sync makes the kernel's set equal to desired and the rule set as this package writes it,
+// in one transaction. When everything already matches it writes nothing. Entries the
+// kernel has and desired lacks are removed, so desired must be complete: see SyncDataDir
+// for the race this leaves with a plugin that adds a pod meanwhile, and how it avoids it.
+func Sync(ctx context.Context, desired []Entry) (Stats, error) {
+	return sync(ctx, desired, true)
+}
+
+func sync(ctx context.Context, desired []Entry, removeStale bool) (Stats, error) {
+	c, err := conn(ctx)
+	if err != nil {
+		return Stats{}, err
+	}
+	defer c.CloseLasting()
+
+	want := make(map[string]Entry, len(desired))
+	var errs []error
+	for _, e := range desired {
+		k, err := e.key()
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		want[string(k)] = e
+	}
+
+	cur, err := list(c)
+	installed := !errors.Is(err, ErrNotInstalled)
+	if err != nil && installed {
+		return Stats{}, err
+	}
+	var st Stats
+	set := podsSet()
+	if !installed || !intact(c) {
+		ensure(c, set)
+		st.Repaired = true
+	}
+	have := make(map[string]bool, len(cur))
+	var del []nftables.SetElement
+	for _, e := range cur {
+		k, err := e.key()
+		if err != nil {
+			continue // not an element we could have written; leave it
+		}
+		have[string(k)] = true
+		if _, ok := want[string(k)]; !ok && removeStale {
+			del = append(del, nftables.SetElement{Key: k})
+		}
+	}
+	var add []nftables.SetElement
+	for k := range want {
+		if !have[k] {
+			add = append(add, nftables.SetElement{Key: []byte(k)})
+		}
+	}
+	if len(del) > 0 {
+		if err := c.SetDeleteElements(set, del); err != nil {
+			return Stats{}, err
+		}
+	}
+	if len(add) > 0 {
+		if err := c.SetAddElements(set, add); err != nil {
+			return Stats{}, err
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return Stats{}, fmt.Errorf("sync anti-spoofing set (%d to add, %d to remove, repair %v): %w", len(add), len(del), st.Repaired, err)
+	}
+	st.Added, st.Removed = len(add), len(del)
+	st.Entries = len(cur) + len(add) - len(del)
+	return st, errors.Join(errs...)
+}
+
+// intact reports whether the chain and its rules are exactly as ensure writes them. Any
+// error reading them counts as "no": rewriting is always safe.
+func intact(c *nftables.Conn) bool {
+	ch, err := c.ListChain(table, Chain)
+	if err != nil || ch.Type != chain.Type || ch.Hooknum == nil || *ch.Hooknum != *chain.Hooknum ||
+		ch.Priority == nil || *ch.Priority != *chain.Priority || ch.Policy == nil || *ch.Policy != *chain.Policy {
+		return false
+	}
+	got, err := c.GetRules(table, chain)
+	if err != nil || len(got) != len(rules) {
+		return false
+	}
+	fam := byte(table.Family)
+	for i, r := range rules {
+		if !bytes.Equal(got[i].UserData, r.userData()) || len(got[i].Exprs) != len(r.exprs) {
+			return false
+		}
+		for j := range r.exprs {
+			a, err1 := expr.Marshal(fam, got[i].Exprs[j])
+			b, err2 := expr.Marshal(fam, r.exprs[j])
+			if err1 != nil || err2 != nil || !bytes.Equal(a, b) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// FromRecords is the desired set of an IPAM store's records: each IPv4 record's host veth
+// (bridge.HostVethName of its attachment), address and the MAC the plugin derives from it.
+func FromRecords(recs []ipam.Record) []Entry {
+	out := make([]Entry, 0, len(recs))
+	for _, r := range recs {
+		if r.IP.Is4() {
+			out = append(out, EntryFor(bridge.HostVethName(r.ContainerID, r.IfName), r.IP))
+		}
+	}
+	return out
+}
+
+// Entries reads the desired set from the plugin's data directory (one IPAM store per
+// network below it), store by store (for status and diagnostics; Sync with SyncDataDir).
+func Entries(dataDir string) ([]Entry, error) {
+	stores, err := openStores(dataDir)
+	if err != nil {
+		return nil, err
+	}
+	var out []Entry
+	for _, s := range stores {
+		recs, err := s.Records()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, FromRecords(recs)...)
+	}
+	return out, nil
+}
+
+// SyncDataDir syncs the set with the pods netagent-cni recorded under dataDir (its
+// "dataDir" setting, /var/lib/cni/netagent by default): the agent's one call.
+//
+// It holds the lock of every address store while it reads the records and writes the
+// kernel. That closes the race a plain Sync would have: a pod whose address is recorded
+// after the records were read, and whose entry the plugin added before Sync wrote, would
+// be removed as stale. The plugin records an address before it adds the entry, and removes
+// entries under the same lock as it releases the address, so under the locks the records
+// and the set cannot move apart.
+//
+// A dataDir that does not exist (no pod was ever added here, or the agent was given the
+// wrong directory) removes nothing: the rule set is ensured, entries are kept, and if
+// there are any the error says so, since emptying the set would cut every pod off.
+func SyncDataDir(ctx context.Context, dataDir string) (Stats, error) {
+	if _, err := os.Stat(dataDir); errors.Is(err, fs.ErrNotExist) {
+		st, err := sync(ctx, nil, false)
+		if err == nil && st.Entries > 0 {
+			err = fmt.Errorf("CNI data dir %s does not exist, yet the anti-spoofing set holds %d entries: kept them", dataDir, st.Entries)
+		}
+		return st, err
+	}
+	stores, err := openStores(dataDir)
+	if err != nil {
+		return Stats{}, err
+	}
+	var st Stats
+	err = withLocked(stores, nil, func(recs []ipam.Record) error {
+		var err error
+		st, err = Sync(ctx, FromRecords(recs))
+		return err
+	})
+	return st, err
+}
+
+// withLocked holds the locks of stores, in order, and calls fn with all their records.
+// The plugin takes one store's lock at a time, so the nesting cannot deadlock with it.
+func withLocked(stores []*ipam.Store, recs []ipam.Record, fn func([]ipam.Record) error) error {
+	if len(stores) == 0 {
+		return fn(recs)
+	}
+	return stores[0].View(func(tx *ipam.Tx) error {
+		return withLocked(stores[1:], append(recs, tx.Records()...), fn)
+	})
+}
+
+// openStores opens the address stores directly below dataDir (the plugin keeps one per
+// network name), sorted by name.
+func openStores(dataDir string) ([]*ipam.Store, error) {
+	ents, err := os.ReadDir(dataDir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read CNI data dir: %w", err)
+	}
+	var out []*ipam.Store
+	for _, e := range ents {
+		dir := filepath.Join(dataDir, e.Name())
+		if !e.IsDir() || !ipam.IsStore(dir) {
+			continue
+		}
+		s, err := ipam.Open(dir)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, s)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Dir() < out[j].Dir() })
+	return out, nil
+}
