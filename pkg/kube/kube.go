@@ -22,7 +22,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -57,7 +56,7 @@ type Store struct {
 
 	synced   chan struct{} // closed once Watch's informer has listed every node
 	selfMu   sync.Mutex
-	selfNode *corev1.Node  // our own Node as last seen by the informer
+	selfNode *Node         // our own Node as last seen by the informer
 	selfCh   chan struct{} // signalled when our own Node changes
 }
 
@@ -113,7 +112,7 @@ func (s *Store) WatchConfig(ctx context.Context, changed chan<- struct{}) {
 
 // PodCIDR is the node's IPv4 pod subnet: the first IPv4 entry of spec.podCIDRs (dual
 // stack lists both families), else spec.podCIDR.
-func PodCIDR(n *corev1.Node) (netip.Prefix, error) {
+func PodCIDR(n *Node) (netip.Prefix, error) {
 	cidrs := n.Spec.PodCIDRs
 	if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
 		cidrs = []string{n.Spec.PodCIDR}
@@ -138,7 +137,7 @@ func PodCIDR(n *corev1.Node) (netip.Prefix, error) {
 var errNotPublished = errors.New("no netagent annotations yet")
 
 // LeaseOf is the lease a Node stands for.
-func LeaseOf(n *corev1.Node) (lease.Lease, error) {
+func LeaseOf(n *Node) (lease.Lease, error) {
 	ann := n.Annotations
 	pub, ok := ann[AnnPublicIP]
 	if !ok {
@@ -177,7 +176,7 @@ func annotations(self lease.Lease) map[string]string {
 // Acquire takes the node's podCIDR as its subnet and publishes self's public IP, backend
 // and VTEP MAC on the Node. hint is ignored: the controller-manager owns the assignment.
 func (s *Store) Acquire(ctx context.Context, cfg config.Network, self lease.Lease, _ netip.Prefix) (lease.Held, error) {
-	n, err := s.nodes.Get(ctx, s.self, metav1.GetOptions{})
+	n, err := s.nodes.Get(ctx, s.self)
 	if err != nil {
 		if apierrors.IsNotFound(err) {
 			return lease.Held{}, fmt.Errorf("node %q does not exist in the API (is --node-name right? the DaemonSet sets it from spec.nodeName): %w", s.self, err)
@@ -209,7 +208,7 @@ func (s *Store) Acquire(ctx context.Context, cfg config.Network, self lease.Leas
 }
 
 // publishedAs reports whether n carries self's annotations (an empty value: absent).
-func publishedAs(n *corev1.Node, self lease.Lease) bool {
+func publishedAs(n *Node, self lease.Lease) bool {
 	for k, v := range annotations(self) {
 		if cur, ok := n.Annotations[k]; cur != v || ok != (v != "") {
 			return false
@@ -228,7 +227,7 @@ func (s *Store) publish(ctx context.Context, self lease.Lease) error {
 		}
 	}
 	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": ann}})
-	if _, err := s.nodes.Patch(ctx, s.self, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+	if _, err := s.nodes.Patch(ctx, s.self, types.MergePatchType, patch); err != nil {
 		return fmt.Errorf("annotate node %s: %w", s.self, err)
 	}
 	return nil
@@ -236,7 +235,7 @@ func (s *Store) publish(ctx context.Context, self lease.Lease) error {
 
 // Renew publishes h's annotations again (after KeepAlive saw them changed or removed).
 func (s *Store) Renew(ctx context.Context, h lease.Held) (lease.Held, error) {
-	n, err := s.nodes.Get(ctx, s.self, metav1.GetOptions{})
+	n, err := s.nodes.Get(ctx, s.self)
 	if err != nil {
 		return lease.Held{}, fmt.Errorf("get node %s: %w", s.self, err)
 	}
@@ -286,7 +285,7 @@ func (s *Store) KeepAlive(ctx context.Context, h lease.Held) error {
 	}
 }
 
-func lost(self string, n *corev1.Node) error {
+func lost(self string, n *Node) error {
 	if n == nil {
 		return fmt.Errorf("node %s is gone from the API", self)
 	}
@@ -307,7 +306,7 @@ func (s *Store) Watch(ctx context.Context, peers *lease.Peers, changed chan<- st
 		},
 	}
 	// Streaming lists (WatchListClient) unless the client says it cannot do them (fakes).
-	inf := cache.NewSharedIndexInformer(cache.ToListWatcherWithWatchListSemantics(lw, s.nodes), &corev1.Node{}, 0, cache.Indexers{})
+	inf := cache.NewSharedIndexInformer(cache.ToListWatcherWithWatchListSemantics(lw, s.nodes), &Node{}, 0, cache.Indexers{})
 	// Keep only what a lease needs: a Node's status (images, conditions) is most of its
 	// size and changes every few seconds; dropping it keeps memory flat at thousands of nodes.
 	_ = inf.SetTransform(slim)
@@ -341,7 +340,7 @@ func (s *Store) Watch(ctx context.Context, peers *lease.Peers, changed chan<- st
 }
 
 func (s *Store) update(peers *lease.Peers, obj any) {
-	n, ok := obj.(*corev1.Node)
+	n, ok := obj.(*Node)
 	if !ok {
 		return
 	}
@@ -367,7 +366,7 @@ func (s *Store) remove(peers *lease.Peers, obj any) {
 	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		obj = t.Obj
 	}
-	n, ok := obj.(*corev1.Node)
+	n, ok := obj.(*Node)
 	if !ok {
 		return
 	}
@@ -389,13 +388,13 @@ func signal(ch chan<- struct{}) {
 
 // slim keeps a Node's name, netagent annotations and pod CIDRs.
 func slim(obj any) (any, error) {
-	n, ok := obj.(*corev1.Node)
+	n, ok := obj.(*Node)
 	if !ok {
 		return obj, nil // a DeletedFinalStateUnknown: passed on as is
 	}
-	out := &corev1.Node{
+	out := &Node{
 		ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion},
-		Spec:       corev1.NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
+		Spec:       NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
 	}
 	for k, v := range n.Annotations {
 		if strings.HasPrefix(k, AnnotationPrefix) {

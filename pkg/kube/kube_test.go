@@ -2,6 +2,7 @@ package kube
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -15,6 +16,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
 	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
 
@@ -23,10 +25,11 @@ import (
 	"github.com/netagent/netagent/pkg/plan"
 )
 
-// fakeNodes is the fake clientset's Nodes client, telling the informer (as the clientset
-// does) that the fake cannot stream lists.
+// fakeNodes adapts the fake clientset's Nodes client to Nodes, converting its core/v1
+// Nodes to ours through JSON as the API server's response would be decoded, and telling
+// the informer (as the clientset does) that the fake cannot stream lists.
 type fakeNodes struct {
-	corev1client.NodeInterface
+	c  corev1client.NodeInterface
 	cs *fake.Clientset
 }
 
@@ -34,7 +37,59 @@ func (f fakeNodes) IsWatchListSemanticsUnSupported() bool {
 	return f.cs.IsWatchListSemanticsUnSupported()
 }
 
+func convert[T any](in any) T {
+	var out T
+	b, err := json.Marshal(in)
+	if err == nil {
+		err = json.Unmarshal(b, &out)
+	}
+	if err != nil {
+		panic(err)
+	}
+	return out
+}
+
+func (f fakeNodes) Get(ctx context.Context, name string) (*Node, error) {
+	n, err := f.c.Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return convert[*Node](n), nil
+}
+
+func (f fakeNodes) List(ctx context.Context, opts metav1.ListOptions) (*NodeList, error) {
+	l, err := f.c.List(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	return convert[*NodeList](l), nil
+}
+
+func (f fakeNodes) Watch(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+	w, err := f.c.Watch(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	return watch.Filter(w, func(e watch.Event) (watch.Event, bool) {
+		if n, ok := e.Object.(*corev1.Node); ok {
+			e.Object = convert[*Node](n)
+		}
+		return e, true
+	}), nil
+}
+
+func (f fakeNodes) Patch(ctx context.Context, name string, pt types.PatchType, data []byte) (*Node, error) {
+	n, err := f.c.Patch(ctx, name, pt, data, metav1.PatchOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return convert[*Node](n), nil
+}
+
 func nodesOf(cs *fake.Clientset) Nodes { return fakeNodes{cs.CoreV1().Nodes(), cs} }
+
+// ours is a core/v1 Node as netagent decodes it.
+func ours(n *corev1.Node) *Node { return convert[*Node](n) }
 
 func node(name string, podCIDRs []string, ann map[string]string) *corev1.Node {
 	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: ann}}
@@ -86,7 +141,7 @@ func TestLeaseOf(t *testing.T) {
 		{name: "bad MAC", node: node("n1", []string{"10.244.1.0/24"}, published("192.0.2.11", "vxlan", "zz:zz")), wantErr: true, want: "invalid VTEP MAC"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			l, err := LeaseOf(c.node)
+			l, err := LeaseOf(ours(c.node))
 			switch {
 			case c.notPub:
 				if err != errNotPublished {
@@ -426,14 +481,34 @@ func TestWatchConfig(t *testing.T) {
 
 // The informer keeps only what leases need.
 func TestSlim(t *testing.T) {
-	n := node("n1", []string{"10.244.1.0/24"}, map[string]string{AnnPublicIP: "192.0.2.11", "other.io/x": "y"})
+	n := ours(node("n1", []string{"10.244.1.0/24"}, map[string]string{AnnPublicIP: "192.0.2.11", "other.io/x": "y"}))
+	n.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubelet"}}
+	n.Labels = map[string]string{"kubernetes.io/hostname": "n1"}
 	out, err := slim(n)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := out.(*corev1.Node)
-	if len(s.Status.Images) != 0 || len(s.Annotations) != 1 || s.Spec.PodCIDR != "10.244.1.0/24" || s.Name != "n1" {
+	s := out.(*Node)
+	if len(s.ManagedFields) != 0 || len(s.Labels) != 0 || len(s.Annotations) != 1 || s.Spec.PodCIDR != "10.244.1.0/24" || s.Name != "n1" {
 		t.Fatalf("slim kept %+v", s)
+	}
+}
+
+// A real Node's JSON (what the API server sends) decodes into our Node with every field
+// netagent reads.
+func TestNodeDecode(t *testing.T) {
+	n := node("n1", []string{"10.244.1.0/24", "fd00::/64"}, published("192.0.2.11", "vxlan", "0e:72:07:23:2f:14"))
+	n.TypeMeta = metav1.TypeMeta{Kind: "Node", APIVersion: "v1"}
+	n.ResourceVersion, n.UID = "42", "uid-1"
+	got := ours(n)
+	if got.Name != "n1" || got.ResourceVersion != "42" || got.UID != "uid-1" || got.Spec.PodCIDR != "10.244.1.0/24" ||
+		!slices.Equal(got.Spec.PodCIDRs, n.Spec.PodCIDRs) || !mapsEqual(got.Annotations, n.Annotations) || got.Kind != "Node" {
+		t.Fatalf("decoded %+v", got)
+	}
+	c := got.DeepCopy()
+	c.Spec.PodCIDRs[0] = "x"
+	if got.Spec.PodCIDRs[0] == "x" {
+		t.Fatal("DeepCopy shares PodCIDRs")
 	}
 }
 
@@ -445,7 +520,7 @@ func FuzzLeaseOf(f *testing.F) {
 	f.Add("", "10.244.1.7/33", "::1", "x", "zz")
 	f.Fuzz(func(t *testing.T, name, cidr, ip, backend, mac string) {
 		n := node(name, []string{cidr}, published(ip, backend, mac))
-		l, err := LeaseOf(n)
+		l, err := LeaseOf(ours(n))
 		if err != nil {
 			return
 		}

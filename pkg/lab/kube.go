@@ -13,9 +13,6 @@ import (
 	"path/filepath"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
 	"github.com/netagent/netagent/pkg/config"
 )
 
@@ -23,9 +20,9 @@ import (
 // with Options.Kube set, the agents run with --subnet-manager=kube against it.
 type KubeAPI interface {
 	http.Handler
-	// Create registers a node (the kubelet's part; the lab sets its podCIDR as the
-	// controller-manager would).
-	Create(*corev1.Node) error
+	// Register adds a Node with its podCIDR (the kubelet's and the controller-manager's
+	// parts).
+	Register(name, podCIDR string) error
 }
 
 // kubeAPIAddr is where a Kubernetes lab's API server listens (on the underlay).
@@ -103,13 +100,7 @@ current-context: lab
 		return err
 	}
 	for i, n := range l.Nodes {
-		cidr := l.PodCIDR(i)
-		err := l.Opt.Kube.Create(&corev1.Node{
-			ObjectMeta: metav1.ObjectMeta{Name: n.Name},
-			Spec:       corev1.NodeSpec{PodCIDR: cidr, PodCIDRs: []string{cidr}},
-			Status:     corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: n.IP.String()}}},
-		})
-		if err != nil {
+		if err := l.Opt.Kube.Register(n.Name, l.PodCIDR(i)); err != nil {
 			return fmt.Errorf("register %s: %w", n.Name, err)
 		}
 	}

@@ -80,6 +80,11 @@ func (s *Server) PatchCount(name string) int {
 	return s.patches[name]
 }
 
+// Register creates a node with its podCIDR (lab.KubeAPI).
+func (s *Server) Register(name, podCIDR string) error {
+	return s.Create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: corev1.NodeSpec{PodCIDR: podCIDR, PodCIDRs: []string{podCIDR}}})
+}
+
 // Get returns a node.
 func (s *Server) Get(name string) (*corev1.Node, bool) {
 	s.mu.Lock()

@@ -38,15 +38,15 @@ func TestStandInWithTheAgentsClient(t *testing.T) {
 		}
 	}
 	add("a", "10.244.1.0/24", "192.0.2.11")
-	if _, err := nodes.Get(ctx, "missing", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+	if _, err := nodes.Get(ctx, "missing"); !apierrors.IsNotFound(err) {
 		t.Fatalf("get missing node: %v, want NotFound", err)
 	}
 	patch := fmt.Appendf(nil, `{"metadata":{"annotations":{%q:"192.0.2.21"}}}`, kube.AnnPublicIP)
-	n, err := nodes.Patch(ctx, "a", types.MergePatchType, patch, metav1.PatchOptions{})
+	n, err := nodes.Patch(ctx, "a", types.MergePatchType, patch)
 	if err != nil || n.Annotations[kube.AnnPublicIP] != "192.0.2.21" || n.Spec.PodCIDR != "10.244.1.0/24" {
 		t.Fatalf("patch: %v %+v", err, n)
 	}
-	if _, err := nodes.Patch(ctx, "a", types.JSONPatchType, []byte(`[]`), metav1.PatchOptions{}); err == nil {
+	if _, err := nodes.Patch(ctx, "a", types.JSONPatchType, []byte(`[]`)); err == nil {
 		t.Fatal("a JSON patch was accepted; the stand-in only does merge patches")
 	}
 
