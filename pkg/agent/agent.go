@@ -94,8 +94,6 @@ type Agent struct {
 	mu      sync.Mutex
 	status  Status
 	planner *plan.Planner // the loop's current plan (read by Snapshot under mu)
-	// guardSpec is the loop's last VXLAN allow-list.
-	guardSpec vxguard.Spec
 }
 
 // New prepares an agent working in the current network namespace.
@@ -385,8 +383,7 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 	if err != nil {
 		errs = append(errs, err)
 	}
-	a.guardSpec = guardSpec(cfg, p)
-	gst, err := a.guard.Sync(a.guardSpec)
+	gst, err := a.guard.Sync(guardSpec(cfg, p))
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -544,11 +541,12 @@ func guardAddr(v plan.Peer) netip.Addr {
 
 // guardPass re-checks netagent's nftables table after someone changed it.
 func (a *Agent) guardPass(log *slog.Logger, cfg config.Network) {
-	if a.guardSpec.Peers == nil {
-		return // no full pass yet
-	}
 	t0 := time.Now()
-	st, err := a.guard.Sync(a.guardSpec)
+	st, err := a.guard.Resync()
+	if errors.Is(err, vxguard.ErrNoMirror) {
+		signal(a.trigger) // no full pass yet, or the last one failed: a full pass syncs it
+		return
+	}
 	a.countGuard(st, true)
 	if err != nil {
 		a.opt.Metrics.Errors.WithLabelValues("reconcile").Inc()

@@ -151,7 +151,8 @@ func elements(addrs []netip.Addr) []nftables.SetElement {
 	return out
 }
 
-// Sync makes the kernel's table equal to spec, reading what is there first. It rebuilds
+// Sync makes the kernel's table equal to spec, reading what is there first; it keeps
+// spec.Peers (the caller must not use it afterwards). It rebuilds
 // the table when its structure is not exactly ours, and otherwise only adds and removes
 // set elements.
 func (g *Guard) Sync(spec Spec) (Stats, error) {
@@ -174,12 +175,18 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 		g.spec, g.nodes, g.refs, g.valid = spec, map[string]netip.Addr{}, map[netip.Addr]int{}, true
 		return Stats{Rebuilt: true}, nil
 	}
-	nodes, refs := map[string]netip.Addr{}, map[netip.Addr]int{}
-	for n, a := range spec.Peers {
-		if a.Is4() {
-			nodes[n] = a
-			refs[a]++
+	// spec.Peers becomes the mirror of which node holds which address (no copy: with
+	// thousands of peers the maps are most of the guard's memory).
+	nodes, refs := spec.Peers, make(map[netip.Addr]int, len(spec.Peers))
+	if nodes == nil {
+		nodes = map[string]netip.Addr{}
+	}
+	for n, a := range nodes {
+		if !a.Is4() {
+			delete(nodes, n)
+			continue
 		}
+		refs[a]++
 	}
 	want := make([]netip.Addr, 0, len(refs))
 	for a := range refs {
@@ -230,8 +237,23 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 		}
 		st = Stats{Added: len(add), Delete: len(del)}
 	}
+	spec.Peers = nil
 	g.spec, g.nodes, g.refs, g.valid = spec, nodes, refs, true
 	return st, nil
+}
+
+// Resync is Sync with the last spec and the peers as updated since (after someone else
+// changed the table).
+func (g *Guard) Resync() (Stats, error) {
+	g.mu.Lock()
+	if !g.valid {
+		g.mu.Unlock()
+		return Stats{}, ErrNoMirror
+	}
+	spec := g.spec
+	spec.Peers = g.nodes
+	g.mu.Unlock()
+	return g.Sync(spec)
 }
 
 // structureOK reads the table and reports its set's elements and whether the set, the two
