@@ -220,7 +220,16 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 
 	// 3. Anti-spoofing: the pod may send only from its own address and MAC. Undone by the
 	// release above (the entry goes with the address, under the store's lock).
-	if err := antispoof.Add(ctx, entry); err != nil {
+	if err := antispoof.Add(ctx, entry); errors.Is(err, antispoof.ErrNotInstalled) {
+		// The first pod on this node, or the table was removed (`nft flush ruleset`):
+		// install the rule set with the entries of every pod recorded here, or a fresh
+		// rule set would cut the others off until the agent's next sync.
+		if err := store.View(func(tx *ipam.Tx) error {
+			return antispoof.Install(ctx, antispoof.FromRecords(tx.Records()))
+		}); err != nil {
+			return err
+		}
+	} else if err != nil {
 		return err
 	}
 

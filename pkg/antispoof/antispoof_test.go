@@ -81,25 +81,33 @@ func TestAddDelete(t *testing.T) {
 		if err := antispoof.DeleteVeth(ctx, a.HostVeth); err != nil {
 			return fmt.Errorf("DeleteVeth with no table: %v", err)
 		}
-		for _, e := range []antispoof.Entry{a, a, b, c} { // a twice: a repeated ADD
+		// Add does not install: the caller installs with what it knows (the plugin: its store).
+		if err := antispoof.Add(ctx, a); err != antispoof.ErrNotInstalled {
+			return fmt.Errorf("Add with no table = %v, want ErrNotInstalled", err)
+		}
+		if err := antispoof.Install(ctx, []antispoof.Entry{a}); err != nil {
+			return err
+		}
+		for _, e := range []antispoof.Entry{a, b} { // a again: a repeated ADD
 			if err := antispoof.Add(ctx, e); err != nil {
 				return err
 			}
 		}
-		return nil
+		// Install again (a racing first ADD): keeps what is there, rules stay as they are.
+		return antispoof.Install(ctx, []antispoof.Entry{c})
 	})
 	if got, want := list(t, ns), strs(a, b, c); !slices.Equal(got, want) {
 		t.Fatalf("after Add: %v, want %v", got, want)
 	}
-	out := ns.MustRun(t, "nft", "list", "table", "bridge", antispoof.Table)
-	for _, s := range []string{"type ifname . ipv4_addr . ether_addr", "hook prerouting priority filter; policy accept;",
-		`iifname != "na*" accept`, "iifname . ip saddr . ether saddr @pods accept", `counter name "spoofed-ipv4" drop`} {
-		if !strings.Contains(out, s) {
-			t.Errorf("nft list table does not contain %q:\n%s", s, out)
-		}
+	// nft, an independent decoder, reads back what was written.
+	if got := ns.MustRun(t, "nft", "list", "chain", "bridge", antispoof.Table, antispoof.Chain); got != wantChain {
+		t.Errorf("nft list chain:\n%s\nwant\n%s", got, wantChain)
 	}
-	if n := strings.Count(out, "netagent antispoof v1"); n != 6 {
-		t.Errorf("%d rules, want 6 (a repeated ADD must not duplicate them):\n%s", n, out)
+	if got := ns.MustRun(t, "nft", "list", "set", "bridge", antispoof.Table, antispoof.Set); !strings.Contains(got, "type ifname . ipv4_addr . ether_addr\n") {
+		t.Errorf("nft list set:\n%s", got)
+	}
+	if got := ns.MustRun(t, "nft", "list", "counters", "table", "bridge", antispoof.Table); strings.Count(got, "packets 0 bytes 0") != 3 {
+		t.Errorf("nft list counters:\n%s", got)
 	}
 
 	in(t, ns, func() error {
@@ -135,6 +143,20 @@ func TestAddDelete(t *testing.T) {
 		t.Errorf("ruleset after Remove:\n%s", out)
 	}
 }
+
+// wantChain is the chain as `nft list chain` prints it.
+const wantChain = `table bridge netagent {
+	chain prerouting {
+		type filter hook prerouting priority filter; policy accept;
+		iifname != "na*" accept comment "netagent antispoof v1: not from a pod"
+		iifname . ip saddr . ether saddr @pods accept comment "netagent antispoof v1: IPv4 from the pod's own address and MAC"
+		arp htype 1 arp ptype ip arp hlen 6 arp plen 4 iifname . arp saddr ip . ether saddr @pods iifname . arp saddr ip . arp saddr ether @pods accept comment "netagent antispoof v1: ARP from the pod's own address and MAC"
+		ether type ip counter name "spoofed-ipv4" drop comment "netagent antispoof v1: spoofed IPv4"
+		ether type arp counter name "spoofed-arp" drop comment "netagent antispoof v1: spoofed ARP"
+		counter name "not-ipv4" drop comment "netagent antispoof v1: neither IPv4 nor ARP"
+	}
+}
+`
 
 func TestBadEntries(t *testing.T) {
 	netns.RequireRoot(t)
@@ -297,5 +319,75 @@ func TestSyncDataDir(t *testing.T) {
 	in(t, ns, func() error { st, err = antispoof.SyncDataDir(ctx, t.TempDir()); return err })
 	if st != (antispoof.Stats{Removed: 3}) || len(list(t, ns)) != 0 {
 		t.Errorf("SyncDataDir(empty) = %+v, set %v", st, list(t, ns))
+	}
+}
+
+// TestCounters wires one pod with the plugin's own bridge code, lets it send with its own
+// and with another source, and reads the counters; a repair of the rule set keeps them.
+func TestCounters(t *testing.T) {
+	netns.RequireRoot(t)
+	node, pod := netns.New(t, "asnode"), netns.New(t, "aspod")
+	h, err := node.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	podFd, err := os.Open(pod.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer podFd.Close()
+	gw, addr := netip.MustParsePrefix("10.9.0.1/24"), netip.MustParsePrefix("10.9.0.2/24")
+	br, err := bridge.Ensure(h, "br0", gw, 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	veth := bridge.HostVethName("counters", "eth0")
+	if _, err := bridge.Add(h, br, bridge.Pod{NetnsFd: int(podFd.Fd()), IfName: "eth0", HostVeth: veth, Addr: addr, Gateway: gw.Addr(), MTU: 1500}); err != nil {
+		t.Fatal(err)
+	}
+	in(t, node, func() error { return antispoof.Install(ctx, []antispoof.Entry{antispoof.EntryFor(veth, addr.Addr())}) })
+	counts := func() antispoof.Counts {
+		var c antispoof.Counts
+		in(t, node, func() error { var err error; c, err = antispoof.Counters(ctx); return err })
+		return c
+	}
+	ping := func(args ...string) error {
+		_, err := pod.Run("ping", append([]string{"-c", "1", "-W", "1", "-q"}, args...)...)
+		return err
+	}
+
+	if err := ping("10.9.0.1"); err != nil {
+		t.Fatalf("legitimate ping: %v", err)
+	}
+	if c := counts(); c.SpoofedIPv4.Packets != 0 || c.SpoofedARP.Packets != 0 {
+		t.Fatalf("legitimate traffic was counted as spoofed: %+v", c)
+	}
+	pod.MustRun(t, "ip", "addr", "add", "10.9.0.77/32", "dev", "eth0")
+	if err := ping("-I", "10.9.0.77", "10.9.0.1"); err == nil {
+		t.Error("ping from a spoofed source got an answer")
+	}
+	pod.MustRun(t, "ip", "addr", "del", "10.9.0.77/32", "dev", "eth0")
+	spoofed := counts()
+	var packets uint64
+	in(t, node, func() error { var err error; packets, _, err = antispoof.Dropped(ctx); return err })
+	if packets == 0 || packets != spoofed.SpoofedIPv4.Packets+spoofed.SpoofedARP.Packets {
+		t.Errorf("Dropped = %d after a spoofed ping, counters %+v", packets, spoofed)
+	}
+	if err := ping("10.9.0.1"); err != nil {
+		t.Errorf("legitimate ping after the spoofed one: %v", err)
+	}
+
+	// A repair rewrites the chain and re-sends the counters: their values stay.
+	node.MustRun(t, "nft", "flush", "chain", "bridge", antispoof.Table, antispoof.Chain)
+	in(t, node, func() error {
+		st, err := antispoof.Sync(ctx, []antispoof.Entry{antispoof.EntryFor(veth, addr.Addr())})
+		if err == nil && !st.Repaired {
+			err = fmt.Errorf("Sync after a flushed chain = %+v, want repaired", st)
+		}
+		return err
+	})
+	if c := counts(); c.SpoofedIPv4 != spoofed.SpoofedIPv4 || c.SpoofedARP != spoofed.SpoofedARP {
+		t.Errorf("counters after a repair %+v, before %+v", c, spoofed)
 	}
 }

@@ -1,7 +1,6 @@
 package antispoof
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,8 +9,7 @@ import (
 	"path/filepath"
 	"sort"
 
-	"github.com/google/nftables"
-	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/ipam"
@@ -33,14 +31,16 @@ func Sync(ctx context.Context, desired []Entry) (Stats, error) {
 	return sync(ctx, desired, true)
 }
 
+// sync adds what desired has and the set lacks, removes what it has and desired lacks when
+// removeStale, and rewrites the rule set when it is not intact.
 func sync(ctx context.Context, desired []Entry, removeStale bool) (Stats, error) {
-	c, err := conn(ctx)
+	c, err := dial(ctx)
 	if err != nil {
 		return Stats{}, err
 	}
-	defer c.CloseLasting()
+	defer c.close()
 
-	want := make(map[string]Entry, len(desired))
+	want := make(map[string]bool, len(desired))
 	var errs []error
 	for _, e := range desired {
 		k, err := e.key()
@@ -48,82 +48,48 @@ func sync(ctx context.Context, desired []Entry, removeStale bool) (Stats, error)
 			errs = append(errs, err)
 			continue
 		}
-		want[string(k)] = e
+		want[string(k)] = true
 	}
-
 	cur, err := list(c)
 	installed := !errors.Is(err, ErrNotInstalled)
 	if err != nil && installed {
 		return Stats{}, err
 	}
 	var st Stats
-	set := podsSet()
+	var msgs []msg
 	if !installed || !intact(c) {
-		ensure(c, set)
+		msgs = ensureMsgs()
 		st.Repaired = true
 	}
 	have := make(map[string]bool, len(cur))
-	var del []nftables.SetElement
+	var del, add [][]byte
 	for _, e := range cur {
 		k, err := e.key()
 		if err != nil {
 			continue // not an element we could have written; leave it
 		}
 		have[string(k)] = true
-		if _, ok := want[string(k)]; !ok && removeStale {
-			del = append(del, nftables.SetElement{Key: k})
+		if !want[string(k)] && removeStale {
+			del = append(del, k)
 		}
 	}
-	var add []nftables.SetElement
 	for k := range want {
 		if !have[k] {
-			add = append(add, nftables.SetElement{Key: []byte(k)})
+			add = append(add, []byte(k))
 		}
 	}
 	if len(del) > 0 {
-		if err := c.SetDeleteElements(set, del); err != nil {
-			return Stats{}, err
-		}
+		msgs = append(msgs, elementMsg(unix.NFT_MSG_DELSETELEM, del))
 	}
 	if len(add) > 0 {
-		if err := c.SetAddElements(set, add); err != nil {
-			return Stats{}, err
-		}
+		msgs = append(msgs, elementMsg(unix.NFT_MSG_NEWSETELEM, add))
 	}
-	if err := c.Flush(); err != nil {
+	if err := c.transact(msgs); err != nil {
 		return Stats{}, fmt.Errorf("sync anti-spoofing set (%d to add, %d to remove, repair %v): %w", len(add), len(del), st.Repaired, err)
 	}
 	st.Added, st.Removed = len(add), len(del)
 	st.Entries = len(cur) + len(add) - len(del)
 	return st, errors.Join(errs...)
-}
-
-// intact reports whether the chain and its rules are exactly as ensure writes them. Any
-// error reading them counts as "no": rewriting is always safe.
-func intact(c *nftables.Conn) bool {
-	ch, err := c.ListChain(table, Chain)
-	if err != nil || ch.Type != chain.Type || ch.Hooknum == nil || *ch.Hooknum != *chain.Hooknum ||
-		ch.Priority == nil || *ch.Priority != *chain.Priority || ch.Policy == nil || *ch.Policy != *chain.Policy {
-		return false
-	}
-	got, err := c.GetRules(table, chain)
-	if err != nil || len(got) != len(rules) {
-		return false
-	}
-	fam := byte(table.Family)
-	for i, r := range rules {
-		if !bytes.Equal(got[i].UserData, r.userData()) || len(got[i].Exprs) != len(r.exprs) {
-			return false
-		}
-		for j := range r.exprs {
-			a, err1 := expr.Marshal(fam, got[i].Exprs[j])
-			b, err2 := expr.Marshal(fam, r.exprs[j])
-			if err1 != nil || err2 != nil || !bytes.Equal(a, b) {
-				return false
-			}
-		}
-	}
-	return true
 }
 
 // FromRecords is the desired set of an IPAM store's records: each IPv4 record's host veth

@@ -134,6 +134,28 @@ func TestAntiSpoofing(t *testing.T) {
 	})
 	everyoneTalks(t)
 
+	t.Run("an ADD after a flush ruleset installs it for every pod", func(t *testing.T) {
+		n.ns.MustRun(t, "nft", "flush", "ruleset")
+		d := n.newPod("spoof-d")
+		ipD := podIP(t, n.mustAdd(l, d))
+		if got, want := entryVeths(t, n), vethsOf(a, b, c, d); !slices.Equal(got, want) {
+			t.Errorf("entries = %v, want %v", got, want)
+		}
+		everyoneTalks(t)
+		if err := ping(d.ns, ipA); err != nil {
+			t.Error(err)
+		}
+		if err := ping(a.ns, ipD); err != nil {
+			t.Error(err)
+		}
+		if attacks[0].run(t) {
+			t.Errorf("%s got through", attacks[0].name)
+		}
+		if err := n.del(l, d); err != nil {
+			t.Fatal(err)
+		}
+	})
+
 	t.Run("IPv6 from a pod is dropped", func(t *testing.T) {
 		before := counters(t, n).NotIPv4.Packets
 		if _, err := a.ns.Run("ip", "-6", "addr", "add", "fd00::a/64", "dev", "eth0", "nodad"); err != nil {
