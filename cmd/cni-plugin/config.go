@@ -12,12 +12,13 @@ import (
 
 	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/hostport"
+	"github.com/netagent/netagent/pkg/ipam"
 	"github.com/netagent/netagent/pkg/subnetfile"
 )
 
 const (
 	defaultBridge  = "cni0"
-	defaultDataDir = "/var/lib/cni/netagent"
+	defaultDataDir = ipam.DefaultDataDir
 	defaultMTU     = 1500
 	defaultWait    = 5 * time.Second
 )

@@ -47,6 +47,10 @@ var ErrCorrupt = errors.New("ipam state is corrupt")
 
 const stateVersion = 1
 
+// DefaultDataDir is where netagent-cni keeps its stores unless its config's "dataDir" says
+// otherwise (the agent reads them there too, for anti-spoofing).
+const DefaultDataDir = "/var/lib/cni/netagent"
+
 // Key identifies one attachment, as the CNI spec does: container ID plus interface name.
 type Key struct {
 	ContainerID string `json:"id"`
