@@ -20,12 +20,13 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/netagent/netagent/pkg/agent"
+	"github.com/netagent/netagent/pkg/antispoof"
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/nat"
-	"github.com/netagent/netagent/pkg/vxguard"
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/subnetfile"
+	"github.com/netagent/netagent/pkg/vxguard"
 )
 
 func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
@@ -278,6 +279,11 @@ func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {
 		errs = append(errs, err)
 	} else {
 		fmt.Fprintln(stdout, "removed the VXLAN allow-list (nftables table ip netagent)")
+	}
+	if err := antispoof.Remove(ctx); err != nil {
+		errs = append(errs, err)
+	} else {
+		fmt.Fprintln(stdout, "removed the pod anti-spoofing rules (nftables table bridge netagent)")
 	}
 	for _, p := range []string{f.cniConf, f.subnetFile, f.cniBin} {
 		if p == "" {

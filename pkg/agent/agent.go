@@ -22,6 +22,7 @@ import (
 	"net/netip"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -83,13 +84,15 @@ type Agent struct {
 		plan plan.NAT // the loop's last NAT plan
 	}
 
-	guard      *vxguard.Guard
-	trigger    chan struct{}
-	fwDirty    chan struct{} // iptables changed (someone's, or ours)
-	nftDirty   chan struct{} // netagent's own nftables tables changed
-	filesDirty chan struct{}
-	files      []file // what writeFiles last wrote (the loop's)
-	bigPass    bool   // the last full pass changed many objects
+	guard         *vxguard.Guard
+	trigger       chan struct{}
+	fwDirty       chan struct{} // iptables changed (someone's, or ours)
+	nftDirty      chan struct{} // netagent's own nftables tables changed
+	podDirty      chan struct{} // time to check the pod anti-spoofing set
+	podGuardArmed atomic.Bool
+	filesDirty    chan struct{}
+	files         []file // what writeFiles last wrote (the loop's)
+	bigPass       bool   // the last full pass changed many objects
 
 	mu      sync.Mutex
 	status  Status
@@ -119,12 +122,15 @@ func New(opt Options) (*Agent, error) {
 		trigger:    make(chan struct{}, 1),
 		fwDirty:    make(chan struct{}, 1),
 		filesDirty: make(chan struct{}, 1),
+		nftDirty:   make(chan struct{}, 1),
+		podDirty:   make(chan struct{}, 1),
 	}
 	a.nat.r = nat.New(nat.Exec{})
 	if a.guard, err = vxguard.New(); err != nil {
 		return nil, err
 	}
 	opt.Metrics.guardDrops(a.guard.Dropped)
+	opt.Metrics.podSpoofDrops(podSpoofDrops)
 	// Passes diff against mirrors that kernel notifications keep current (see watchKernel).
 	a.route.Mirror()
 	a.vxlan.Mirror()
@@ -293,6 +299,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			fw = true
 		case <-a.nftDirty:
 			a.guardPass(log, cfg)
+			a.schedulePodGuard()
+		case <-a.podDirty:
+			a.podGuardPass(ctx, log)
 		case <-a.filesDirty:
 			if err := a.ensureFiles(); err != nil {
 				log.Error("cannot repair the CNI files", "err", err)
@@ -395,6 +404,7 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 		if err != nil {
 			errs = append(errs, err)
 		}
+		a.podGuardPass(ctx, log)
 	} else {
 		a.nat.plan = p.NAT
 	}

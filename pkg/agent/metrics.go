@@ -37,7 +37,7 @@ func NewMetrics() *Metrics {
 	for _, k := range []string{"config", "lease", "reconcile", "files"} {
 		m.Errors.WithLabelValues(k)
 	}
-	for _, k := range []string{"route", "neigh", "fdb", "vxlan-device", "nat", "vxlan-allowlist"} {
+	for _, k := range []string{"route", "neigh", "fdb", "vxlan-device", "nat", "vxlan-allowlist", "antispoof"} {
 		m.Repairs.WithLabelValues(k)
 		m.Changes.WithLabelValues(k)
 	}
@@ -51,6 +51,14 @@ func (m *Metrics) guardDrops(read func() uint64) {
 	_ = m.Registry.Register(prometheus.NewCounterFunc(prometheus.CounterOpts{
 		Name: "netagent_vxlan_dropped_packets_total",
 		Help: "VXLAN packets dropped: from addresses that are not peers, or encapsulated by pods.",
+	}, func() float64 { return float64(read()) }))
+}
+
+// podSpoofDrops exports the pod anti-spoofing drop counter (read on scrape).
+func (m *Metrics) podSpoofDrops(read func() uint64) {
+	_ = m.Registry.Register(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "netagent_pod_spoofed_dropped_packets_total",
+		Help: "Frames from pods dropped for a source IPv4 address or MAC that is not the pod's (IPv4 and ARP).",
 	}, func() float64 { return float64(read()) }))
 }
 

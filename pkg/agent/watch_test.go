@@ -51,6 +51,7 @@ func TestWatchFirewallClassifies(t *testing.T) {
 		{"iptables -t nat -N NETAGENT-TEST", true, false},
 		{"iptables -A FORWARD -j ACCEPT", true, false},
 		{"nft add table ip other", true, false},
+		{"nft flush ruleset", true, true},
 		{"own", false, false}, // this process's own transaction: the allow-list's echo
 	} {
 		if c.cmd == "own" {

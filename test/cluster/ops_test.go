@@ -292,6 +292,13 @@ func TestDriftIsRepaired(t *testing.T) {
 	peerSub := status(t, l, l.Nodes[1]).Subnet
 	peerVTEP := strings.Split(peerSub, "/")[0]
 	conflist, subnetFile := filepath.Join(n.Dir, "net.d", "10-netagent.conflist"), filepath.Join(n.Dir, "subnet.env")
+	run := func(args ...string) string { // absent while the test breaks it: not fatal
+		out, err := ns.Run(args[0], args[1:]...)
+		if err != nil {
+			return "missing: " + strings.Join(args, " ") + "\n"
+		}
+		return out
+	}
 	snapshot := func() string {
 		files := ""
 		for _, p := range []string{conflist, subnetFile} {
@@ -300,10 +307,12 @@ func TestDriftIsRepaired(t *testing.T) {
 		}
 		return files + ns.MustRun(t, "ip", "route", "show", "proto", "180") + ns.MustRun(t, "ip", "neigh", "show", "dev", "netagent.1") +
 			ns.MustRun(t, "bridge", "fdb", "show", "dev", "netagent.1") + ns.MustRun(t, "iptables-save", "-t", "nat") +
-			ns.MustRun(t, "iptables", "-S", "FORWARD") + ns.MustRun(t, "ip", "-br", "link", "show", "netagent.1")
+			ns.MustRun(t, "iptables", "-S", "FORWARD") + ns.MustRun(t, "ip", "-br", "link", "show", "netagent.1") +
+			run("nft", "list", "table", "ip", "netagent") + run("nft", "list", "table", "bridge", "netagent")
 	}
 	normalize := func(s string) string {
-		s = regexp.MustCompile(`(?m)^#.*\n`).ReplaceAllString(s, "") // iptables-save timestamps
+		s = regexp.MustCompile(`(?m)^#.*\n`).ReplaceAllString(s, "")            // iptables-save timestamps
+		s = regexp.MustCompile(`packets \d+ bytes \d+`).ReplaceAllString(s, "") // nft counters
 		return regexp.MustCompile(`\[\d+:\d+\]|\d+: `).ReplaceAllString(s, "")
 	}
 	want := normalize(snapshot())
@@ -320,6 +329,8 @@ func TestDriftIsRepaired(t *testing.T) {
 		{"conflist deleted", []string{"rm " + conflist}},
 		{"conflist overwritten", []string{"cp /etc/hostname " + conflist}},
 		{"subnet file deleted", []string{"rm " + subnetFile}},
+		// Every nftables table at once: iptables-nft's, the VXLAN allow-list, anti-spoofing.
+		{"nftables ruleset flushed", []string{"nft flush ruleset"}},
 		// Last: the inserted rule stays (the snapshot ignores it only in this case).
 		{"rule inserted above the jump", []string{"iptables -I FORWARD 1 -s 203.0.113.9 -j ACCEPT"}},
 	}

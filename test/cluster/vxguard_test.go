@@ -178,6 +178,20 @@ func TestVXLANAllowList(t *testing.T) {
 	if err := lab.Ping(l.PodNS(n2.Pods[0]), victim.IP.String()); err != nil {
 		t.Errorf("pod on node2 -> pod on node1: %v", err)
 	}
+
+	// An admin flushes every nftables table on node1: the agent puts back the allow-list and
+	// the pod anti-spoofing set, with the pod's entry (read from the plugin's store).
+	l.NodeNS(n1).MustRun(t, "nft", "flush", "ruleset")
+	d = waitUntil(t, 5*time.Second, "node1's nftables tables restored", func() bool {
+		out, err := l.NodeNS(n1).Run("nft", "list", "set", "bridge", "netagent", "pods")
+		vx, err2 := l.NodeNS(n1).Run("nft", "list", "set", "ip", "netagent", "vxlan-peers")
+		return err == nil && err2 == nil && strings.Contains(out, victim.IP.String()) && strings.Contains(vx, n2.IP.String())
+	})
+	t.Logf("allow-list and anti-spoofing set restored %s after nft flush ruleset", d.Round(time.Millisecond))
+	if err := lab.Ping(l.PodNS(n2.Pods[0]), victim.IP.String()); err != nil {
+		t.Errorf("pod on node2 -> pod on node1 after the repair: %v", err)
+	}
+	metricValue(t, l, n1, "netagent_pod_spoofed_dropped_packets_total") // exported
 }
 
 // `netagent cleanup` (uninstall) leaves no netagent kernel state or files on the node.

@@ -1,0 +1,71 @@
+package agent
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"github.com/netagent/netagent/pkg/antispoof"
+	"github.com/netagent/netagent/pkg/ipam"
+)
+
+// The pod anti-spoofing set (pkg/antispoof) is written by the CNI plugin as pods come and
+// go; the agent keeps it equal to the plugin's address stores, which repairs a lost
+// element, an agent-less window or an `nft flush ruleset`. It checks on full passes with
+// the firewall (start, resync) and shortly after any change to netagent's nftables tables:
+// shortly after, because every pod ADD and DEL changes the set too, and one check covers
+// a burst of them.
+
+const podGuardDelay = 300 * time.Millisecond
+
+func (a *Agent) podDataDir() string { return or(a.opt.CNIConf.DataDir, ipam.DefaultDataDir) }
+
+// podGuardEnabled: only where netagent-cni wires the pods (not on Docker hosts).
+func (a *Agent) podGuardEnabled() bool { return a.opt.Docker == nil }
+
+// schedulePodGuard asks for one podGuardPass podGuardDelay from now.
+func (a *Agent) schedulePodGuard() {
+	if !a.podGuardEnabled() || a.podGuardArmed.Swap(true) {
+		return
+	}
+	time.AfterFunc(podGuardDelay, func() { signal(a.podDirty) })
+}
+
+func (a *Agent) podGuardPass(ctx context.Context, log *slog.Logger) {
+	a.podGuardArmed.Store(false)
+	if !a.podGuardEnabled() {
+		return
+	}
+	t0 := time.Now()
+	st, err := antispoof.SyncDataDir(ctx, a.podDataDir())
+	if err != nil {
+		a.opt.Metrics.Errors.WithLabelValues("reconcile").Inc()
+		a.setError("antispoof", err)
+		log.Error("pod anti-spoofing set not in sync", "err", err)
+		return
+	}
+	a.clearError("antispoof")
+	if !st.Repaired && st.Added+st.Removed == 0 {
+		return
+	}
+	if a.ready() {
+		n := st.Added + st.Removed
+		if st.Repaired {
+			n++
+		}
+		a.opt.Metrics.Repairs.WithLabelValues("antispoof").Add(float64(n))
+	}
+	log.Info("pod anti-spoofing set repaired", "rules", st.Repaired, "added", st.Added, "removed", st.Removed,
+		"entries", st.Entries, "took", time.Since(t0).Round(time.Microsecond))
+}
+
+// podSpoofDrops reads the spoofed-frame counter for /metrics (0 before the first pod).
+func podSpoofDrops() uint64 {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	p, _, err := antispoof.Dropped(ctx)
+	if err != nil {
+		return 0
+	}
+	return p
+}
