@@ -19,7 +19,6 @@ package hostport
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -28,8 +27,6 @@ import (
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/coreos/go-iptables/iptables"
 )
 
 const (
@@ -110,18 +107,20 @@ const DefaultLock = "/run/netagent/hostport.lock"
 
 // Table programs host ports in the current network namespace.
 type Table struct {
-	ipt  *iptables.IPTables
 	lock string
 }
 
-// New finds iptables (it runs `iptables --version` once). lock is the file that serialises
-// changes, so that removing the last mapping's chains cannot race with adding a new one.
+// New checks that iptables-save and iptables-restore are there (every change is one save
+// and one restore; go-iptables, which runs one iptables command per rule, cannot make a
+// change atomic). lock is the file that serialises changes between plugin processes, so
+// that removing the last mapping's chains cannot race with adding a new one.
 func New(lock string) (*Table, error) {
-	ipt, err := iptables.New(iptables.Timeout(10))
-	if err != nil {
-		return nil, fmt.Errorf("iptables: %w", err)
+	for _, bin := range []string{"iptables-save", "iptables-restore"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			return nil, fmt.Errorf("iptables: %w", err)
+		}
 	}
-	return &Table{ipt: ipt, lock: lock}, nil
+	return &Table{lock: lock}, nil
 }
 
 func (t *Table) locked(fn func() error) error {
@@ -154,49 +153,101 @@ func (t *Table) Add(ctx context.Context, tag string, podIP netip.Addr, subnet ne
 	return t.locked(func() error { return t.add(ctx, rules) })
 }
 
+// Every change is one iptables-restore transaction computed from one iptables-save: the
+// chains, jumps and masquerade a mapping needs are created with it, and removed with the
+// last mapping, in the same transaction. A plugin killed at any point therefore leaves the
+// nat table as it was before or after the change, never half set up or half torn down.
+
 func (t *Table) add(ctx context.Context, rules []string) error {
-	err := restore(ctx, rules)
-	if err == nil {
-		return nil
+	st, err := readState(ctx)
+	if err != nil {
+		return err
 	}
-	// The likely cause is a missing chain (first mapping on this node): set up, retry once.
-	if serr := t.setup(); serr != nil {
-		return errors.Join(err, serr)
-	}
-	return restore(ctx, rules)
+	return restore(ctx, append(st.setup(), rules...))
 }
 
-// jumps are the node-level rules that lead to the host-port chains.
+// jumps are the node-level rules that lead to the host-port chains (and the masquerade
+// for hairpin traffic), as iptables-save prints them.
 var jumps = []struct {
-	chain string
-	rule  []string
+	key, line string
 }{
-	{"PREROUTING", []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", "netagent host ports", "-j", Chain}},
-	{"OUTPUT", []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", "netagent host ports", "-j", Chain}},
-	{"POSTROUTING", []string{"-m", "comment", "--comment", "netagent host ports", "-j", PostChain}},
-	{PostChain, []string{"-m", "mark", "--mark", MasqMark, "-j", "MASQUERADE"}},
+	{"PREROUTING", `-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment "netagent host ports" -j ` + Chain},
+	{"OUTPUT", `-A OUTPUT -m addrtype --dst-type LOCAL -m comment --comment "netagent host ports" -j ` + Chain},
+	{"POSTROUTING", `-A POSTROUTING -m comment --comment "netagent host ports" -j ` + PostChain},
+	{"MASQ", "-A " + PostChain + " -m mark --mark " + MasqMark + " -j MASQUERADE"},
 }
 
-func (t *Table) setup() error {
-	for _, c := range []string{Chain, PostChain} {
-		ok, err := t.ipt.ChainExists("nat", c)
-		if err != nil {
-			return fmt.Errorf("check chain %s: %w", c, err)
+// natState is what the nat table holds of ours.
+type natState struct {
+	chains map[string]bool   // our chains that exist
+	jumps  map[string]string // jump key -> the rule as saved
+	rules  []string          // the rules in Chain, as saved
+}
+
+// readState reads the nat table once.
+func readState(ctx context.Context) (natState, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "iptables-save", "-t", "nat").Output()
+	if err != nil {
+		return natState{}, fmt.Errorf("iptables-save -t nat: %w", err)
+	}
+	return parseState(string(out)), nil
+}
+
+func parseState(saved string) natState {
+	st := natState{chains: map[string]bool{}, jumps: map[string]string{}}
+	for _, line := range strings.Split(saved, "\n") {
+		switch {
+		case strings.HasPrefix(line, ":"+Chain+" "):
+			st.chains[Chain] = true
+		case strings.HasPrefix(line, ":"+PostChain+" "):
+			st.chains[PostChain] = true
+		case strings.HasPrefix(line, "-A "+Chain+" "):
+			st.rules = append(st.rules, line)
+		case strings.HasPrefix(line, "-A PREROUTING ") && strings.HasSuffix(line, " -j "+Chain):
+			st.jumps["PREROUTING"] = line
+		case strings.HasPrefix(line, "-A OUTPUT ") && strings.HasSuffix(line, " -j "+Chain):
+			st.jumps["OUTPUT"] = line
+		case strings.HasPrefix(line, "-A POSTROUTING ") && strings.HasSuffix(line, " -j "+PostChain):
+			st.jumps["POSTROUTING"] = line
+		case strings.HasPrefix(line, "-A "+PostChain+" ") && strings.HasSuffix(line, " -j MASQUERADE"):
+			st.jumps["MASQ"] = line
 		}
-		if !ok {
-			if err := t.ipt.NewChain("nat", c); err != nil {
-				if ok, _ := t.ipt.ChainExists("nat", c); !ok {
-					return fmt.Errorf("create chain %s: %w", c, err)
-				}
-			}
+	}
+	return st
+}
+
+// setup is what creates the missing chains and jumps (nothing when all are there).
+func (st natState) setup() []string {
+	var out []string
+	for _, c := range []string{Chain, PostChain} {
+		if !st.chains[c] {
+			out = append(out, ":"+c+" - [0:0]") // declares a missing chain (an existing one would be flushed)
 		}
 	}
 	for _, j := range jumps {
-		if err := t.ipt.AppendUnique("nat", j.chain, j.rule...); err != nil {
-			return fmt.Errorf("add jump in %s: %w", j.chain, err)
+		if _, ok := st.jumps[j.key]; !ok {
+			out = append(out, j.line)
 		}
 	}
-	return nil
+	return out
+}
+
+// teardown is what removes every jump and chain there is.
+func (st natState) teardown() []string {
+	var out []string
+	for _, j := range jumps[:3] { // the masquerade goes with its chain
+		if line, ok := st.jumps[j.key]; ok {
+			out = append(out, "-D"+strings.TrimPrefix(line, "-A"))
+		}
+	}
+	for _, c := range []string{Chain, PostChain} {
+		if st.chains[c] {
+			out = append(out, "-F "+c, "-X "+c)
+		}
+	}
+	return out
 }
 
 // Del removes the rules tagged tag; none present is not an error.
@@ -212,27 +263,19 @@ func (t *Table) Retain(ctx context.Context, keep func(tag string) bool) ([]strin
 
 // Tags lists the tags that have rules.
 func (t *Table) Tags() ([]string, error) {
-	rules, err := t.list()
+	st, err := readState(context.Background())
 	if err != nil {
 		return nil, err
 	}
 	seen := map[string]bool{}
 	var out []string
-	for _, r := range rules {
+	for _, r := range st.rules {
 		if tag := tagOf(r); tag != "" && !seen[tag] {
 			seen[tag] = true
 			out = append(out, tag)
 		}
 	}
 	return out, nil
-}
-
-func (t *Table) list() ([]string, error) {
-	ok, err := t.ipt.ChainExists("nat", Chain)
-	if err != nil || !ok {
-		return nil, err
-	}
-	return t.ipt.List("nat", Chain)
 }
 
 func (t *Table) delWhere(ctx context.Context, del func(tag string) bool) (tags []string, err error) {
@@ -243,57 +286,47 @@ func (t *Table) delWhere(ctx context.Context, del func(tag string) bool) (tags [
 	return tags, err
 }
 
-// teardown removes the jumps and chains once no mapping is left, so a node whose pods
-// published nothing (any more) carries no host-port rules at all.
-func (t *Table) teardown() error {
-	var errs []error
-	for _, j := range jumps[:3] {
-		if err := t.ipt.DeleteIfExists("nat", j.chain, j.rule...); err != nil {
-			errs = append(errs, err)
-		}
+// delLocked removes the selected attachments' rules, and with the last mapping every
+// chain and jump (also ones an interrupted change left behind), in one transaction.
+func (t *Table) delLocked(ctx context.Context, del func(tag string) bool) ([]string, error) {
+	tags, err := t.delOnce(ctx, del)
+	if err != nil {
+		// A killed plugin's iptables-restore may still have committed after we read the
+		// table (it was past its input when its parent died): read again, once.
+		tags, err = t.delOnce(ctx, del)
 	}
-	for _, c := range []string{Chain, PostChain} {
-		if ok, _ := t.ipt.ChainExists("nat", c); ok {
-			if err := t.ipt.ClearAndDeleteChain("nat", c); err != nil {
-				errs = append(errs, err)
-			}
-		}
-	}
-	return errors.Join(errs...)
+	return tags, err
 }
 
-func (t *Table) delLocked(ctx context.Context, del func(tag string) bool) ([]string, error) {
-	rules, err := t.list()
+func (t *Table) delOnce(ctx context.Context, del func(tag string) bool) ([]string, error) {
+	st, err := readState(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("list %s: %w", Chain, err)
+		return nil, err
 	}
-	var dels, tags []string
+	var lines, tags []string
 	seen := map[string]bool{}
 	kept := 0
-	for _, r := range rules {
+	for _, r := range st.rules {
 		tag := tagOf(r)
-		if tag == "" {
+		if tag == "" || !del(tag) {
+			kept++ // an untagged rule in our chain is not ours to judge: keep the chain
 			continue
 		}
-		if !del(tag) {
-			kept++
-			continue
-		}
-		dels = append(dels, "-D"+strings.TrimPrefix(r, "-A"))
+		lines = append(lines, "-D"+strings.TrimPrefix(r, "-A"))
 		if !seen[tag] {
 			seen[tag] = true
 			tags = append(tags, tag)
 		}
 	}
-	if len(dels) > 0 {
-		if err := restore(ctx, dels); err != nil {
-			return nil, err
-		}
+	if kept == 0 {
+		// No mapping left: a node whose pods publish nothing carries no host-port rules.
+		lines = append(lines, st.teardown()...)
 	}
-	if kept == 0 && rules != nil {
-		if err := t.teardown(); err != nil {
-			return tags, fmt.Errorf("remove host-port chains: %w", err)
-		}
+	if len(lines) == 0 {
+		return tags, nil
+	}
+	if err := restore(ctx, lines); err != nil {
+		return nil, fmt.Errorf("remove host ports: %w", err)
 	}
 	return tags, nil
 }
@@ -340,6 +373,9 @@ func restore(ctx context.Context, rules []string) error {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "iptables-restore", "--noflush", "-w", "10")
 	cmd.Stdin = &in
+	// Dies with us: a restore that outlives a killed plugin could commit later, under the
+	// next plugin's lock.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("iptables-restore: %w: %s", err, bytes.TrimSpace(out))
