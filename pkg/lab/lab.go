@@ -780,7 +780,14 @@ func zombie(pid int) bool {
 		return true
 	}
 	f := strings.Fields(string(b))
-	return len(f) > 2 && f[2] == "Z"
+	if len(f) <= 2 || f[2] != "Z" {
+		return false
+	}
+	// The leader turns zombie as it exits, while its other threads may still be closing
+	// the process's sockets (a restarted agent would find its port still taken): done
+	// only when the leader is the last task.
+	tasks, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task")
+	return err != nil || len(tasks) <= 1
 }
 
 func tail(path string, n int) string {
