@@ -88,6 +88,7 @@ type Agent struct {
 	trigger       chan struct{}
 	fwDirty       chan struct{} // iptables changed (someone's, or ours)
 	nftDirty      chan struct{} // netagent's own nftables tables changed
+	podChanged    chan struct{} // the pod anti-spoofing table changed
 	podDirty      chan struct{} // time to check the pod anti-spoofing set
 	podGuardArmed atomic.Bool
 	filesDirty    chan struct{}
@@ -124,6 +125,7 @@ func New(opt Options) (*Agent, error) {
 		filesDirty: make(chan struct{}, 1),
 		nftDirty:   make(chan struct{}, 1),
 		podDirty:   make(chan struct{}, 1),
+		podChanged: make(chan struct{}, 1),
 	}
 	a.nat.r = nat.New(nat.Exec{})
 	if a.guard, err = vxguard.New(); err != nil {
@@ -231,7 +233,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	wg.Add(1)
 	go func() { defer wg.Done(); a.watchKernel(ctx, vxDev, ul.dev) }()
 	wg.Add(1)
-	go func() { defer wg.Done(); watchFirewall(ctx, log, a.fwDirty, a.nftDirty) }()
+	go func() { defer wg.Done(); watchFirewall(ctx, log, a.fwDirty, a.nftDirty, a.podChanged) }()
 
 	// Wait for the first full list of peers before touching anything.
 	select {
@@ -299,6 +301,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			fw = true
 		case <-a.nftDirty:
 			a.guardPass(log, cfg)
+		case <-a.podChanged:
 			a.schedulePodGuard()
 		case <-a.podDirty:
 			a.podGuardPass(ctx, log)

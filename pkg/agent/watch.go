@@ -90,12 +90,13 @@ func (a *Agent) watchKernelOnce(ctx context.Context, vxDev, underlay string) {
 // deleted chain or a reordered jump at once, without polling iptables.
 const nfnlgrpNftables = 7
 
-// watchFirewall signals on every ruleset change until ctx ends: nftDirty when the change
-// is to a table named "netagent" (our own nftables tables, checked over netlink in
-// microseconds), fwDirty otherwise (iptables' tables, checked by running iptables-save).
+// watchFirewall signals on every ruleset change until ctx ends: nftDirty for netagent's
+// ip-family table (the VXLAN allow-list), podDirty for its bridge-family one (pod
+// anti-spoofing, which the CNI plugin changes with every pod), fwDirty for any other
+// (iptables' tables, checked by running iptables-save).
 // Without the subscription (legacy iptables, or an old kernel) the resync ticker is the
 // fallback.
-func watchFirewall(ctx context.Context, log *slog.Logger, fwDirty, nftDirty chan struct{}) {
+func watchFirewall(ctx context.Context, log *slog.Logger, fwDirty, nftDirty, podDirty chan struct{}) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
 	if err != nil {
 		log.Warn("no firewall change notifications; relying on the resync ticker", "err", err)
@@ -125,14 +126,18 @@ func watchFirewall(ctx context.Context, log *slog.Logger, fwDirty, nftDirty chan
 				ev = nftEvents{}
 				signal(fwDirty)
 				signal(nftDirty)
+				signal(podDirty)
 				continue
 			}
 			log.Warn("firewall notifications stopped; relying on the resync ticker", "err", err)
 			return
 		}
-		ours, others := ev.feed(buf[:n])
-		if ours {
+		ip, bridge, others := ev.feed(buf[:n])
+		if ip {
 			signal(nftDirty)
+		}
+		if bridge {
+			signal(podDirty)
 		}
 		if others {
 			signal(fwDirty)
@@ -146,7 +151,7 @@ func watchFirewall(ctx context.Context, log *slog.Logger, fwDirty, nftDirty chan
 // dropped, the others report whether they touched a table named "netagent" (ours) or any
 // other table. Anything unparsable counts as "others": one extra check, never a missed one.
 type nftEvents struct {
-	pendOurs, pendOthers bool
+	pendIP, pendBridge, pendOthers bool
 }
 
 // ownThread reports whether tid is a thread of this process (the kernel names the
@@ -156,30 +161,35 @@ func ownThread(tid uint32) bool {
 	return err == nil
 }
 
-func (e *nftEvents) feed(b []byte) (ours, others bool) {
+// feed returns whether the completed transactions touched netagent's ip table (the VXLAN
+// allow-list), its bridge table (pod anti-spoofing) and anything else.
+func (e *nftEvents) feed(b []byte) (ip, bridge, others bool) {
 	const newGen, genProcPID = 15, 2 // NFT_MSG_NEWGEN, NFTA_GEN_PROC_PID
 	for len(b) >= unix.NLMSG_HDRLEN {
 		l := int(binary.NativeEndian.Uint32(b[0:4]))
 		typ := binary.NativeEndian.Uint16(b[4:6])
 		if l < unix.NLMSG_HDRLEN || l > len(b) {
-			return ours || e.pendOurs, true
+			return true, true, true
 		}
 		msg := b[unix.NLMSG_HDRLEN:l]
 		b = b[min(nlmAlign(l), len(b)):]
 		if typ&0xff != newGen {
-			if attr(msg, 1) != nil && string(bytes.TrimRight(attr(msg, 1), "\x00")) == "netagent" {
-				e.pendOurs = true
-			} else {
+			switch {
+			case attr(msg, 1) == nil || string(bytes.TrimRight(attr(msg, 1), "\x00")) != "netagent":
 				e.pendOthers = true
+			case msg[0] == unix.NFPROTO_BRIDGE: // nfgenmsg.nfgen_family
+				e.pendBridge = true
+			default:
+				e.pendIP = true
 			}
 			continue
 		}
 		if pid := attr(msg, genProcPID); len(pid) != 4 || !ownThread(binary.BigEndian.Uint32(pid)) {
-			ours, others = ours || e.pendOurs, others || e.pendOthers
+			ip, bridge, others = ip || e.pendIP, bridge || e.pendBridge, others || e.pendOthers
 		}
-		e.pendOurs, e.pendOthers = false, false
+		e.pendIP, e.pendBridge, e.pendOthers = false, false, false
 	}
-	return ours, others
+	return ip, bridge, others
 }
 
 // attr is attribute typ of an nftables message body (after its 4-byte nfgenmsg), or nil.

@@ -12,47 +12,58 @@ import (
 	"github.com/netagent/netagent/test/netns"
 )
 
-// Changes to netagent's own nftables tables and to anything else (iptables) are told apart
-// from real kernel notifications.
+// Changes to netagent's own nftables tables (ip: the allow-list, bridge: anti-spoofing)
+// and to anything else (iptables) are told apart from real kernel notifications.
 func TestWatchFirewallClassifies(t *testing.T) {
 	netns.RequireRoot(t)
 	ns := netns.New(t, "fwwatch")
-	fw, nft := make(chan struct{}, 1), make(chan struct{}, 1)
+	fw, ip, br := make(chan struct{}, 1), make(chan struct{}, 1), make(chan struct{}, 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		_ = ns.Do(func() error { watchFirewall(ctx, slog.New(slog.DiscardHandler), fw, nft); return nil })
+		_ = ns.Do(func() error { watchFirewall(ctx, slog.New(slog.DiscardHandler), fw, ip, br); return nil })
 	}()
 	t.Cleanup(func() { cancel(); <-done })
 	time.Sleep(100 * time.Millisecond)
-	drain := func() (gotFW, gotNFT bool) {
+	// drain reports which signals arrived: "f" iptables, "i" our ip table, "b" our bridge table.
+	drain := func() string {
+		got := map[byte]bool{}
 		deadline := time.After(300 * time.Millisecond)
 		for {
 			select {
 			case <-fw:
-				gotFW = true
-			case <-nft:
-				gotNFT = true
+				got['f'] = true
+			case <-ip:
+				got['i'] = true
+			case <-br:
+				got['b'] = true
 			case <-deadline:
-				return gotFW, gotNFT
+				out := ""
+				for _, c := range []byte("fib") {
+					if got[c] {
+						out += string(c)
+					}
+				}
+				return out
 			}
 		}
 	}
 	for _, c := range []struct {
-		cmd          string
-		wantFW, want bool
+		cmd, want string
 	}{
-		{"nft add table ip netagent", false, true},
-		{"nft add chain ip netagent c", false, true},
-		{"nft add set ip netagent s { type ipv4_addr; }", false, true},
-		{"nft add element ip netagent s { 192.0.2.1 }", false, true},
-		{"nft add table bridge netagent", false, true},
-		{"iptables -t nat -N NETAGENT-TEST", true, false},
-		{"iptables -A FORWARD -j ACCEPT", true, false},
-		{"nft add table ip other", true, false},
-		{"nft flush ruleset", true, true},
-		{"own", false, false}, // this process's own transaction: the allow-list's echo
+		{"nft add table ip netagent", "i"},
+		{"nft add chain ip netagent c", "i"},
+		{"nft add set ip netagent s { type ipv4_addr; }", "i"},
+		{"nft add element ip netagent s { 192.0.2.1 }", "i"},
+		{"nft add table bridge netagent", "b"},
+		{"nft add set bridge netagent s { type ipv4_addr; }", "b"},
+		{"nft add element bridge netagent s { 192.0.2.1 }", "b"},
+		{"iptables -t nat -N NETAGENT-TEST", "f"},
+		{"iptables -A FORWARD -j ACCEPT", "f"},
+		{"nft add table ip other", "f"},
+		{"nft flush ruleset", "fib"},
+		{"own", ""}, // this process's own transaction: the allow-list's echo
 	} {
 		if c.cmd == "own" {
 			if err := ns.Do(func() error {
@@ -66,17 +77,12 @@ func TestWatchFirewallClassifies(t *testing.T) {
 			}); err != nil {
 				t.Fatal(err)
 			}
-			gotFW, gotNFT := drain()
-			if gotFW || gotNFT {
-				t.Errorf("our own transaction signalled: iptables %v, ours %v", gotFW, gotNFT)
-			}
-			continue
+		} else {
+			f := strings.Fields(c.cmd)
+			ns.MustRun(t, f[0], f[1:]...)
 		}
-		f := strings.Fields(c.cmd)
-		ns.MustRun(t, f[0], f[1:]...)
-		gotFW, gotNFT := drain()
-		if gotFW != c.wantFW || gotNFT != c.want {
-			t.Errorf("%s: iptables signal %v, ours %v; want %v, %v", c.cmd, gotFW, gotNFT, c.wantFW, c.want)
+		if got := drain(); got != c.want {
+			t.Errorf("%s: signals %q, want %q", c.cmd, got, c.want)
 		}
 	}
 }
