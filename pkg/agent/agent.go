@@ -91,6 +91,7 @@ type Agent struct {
 	podChanged    chan struct{} // the pod anti-spoofing table changed
 	podDirty      chan struct{} // time to check the pod anti-spoofing set
 	podGuardArmed atomic.Bool
+	podMissing    map[string]time.Time // anti-spoofing entries missing at the last check, since when
 	filesDirty    chan struct{}
 	files         []file // what writeFiles last wrote (the loop's)
 	bigPass       bool   // the last full pass changed many objects

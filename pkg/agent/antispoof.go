@@ -37,7 +37,27 @@ func (a *Agent) podGuardPass(ctx context.Context, log *slog.Logger) {
 		return
 	}
 	t0 := time.Now()
-	st, err := antispoof.SyncDataDir(ctx, a.podDataDir())
+	// An entry is added only once it was missing at an earlier check too: the plugin adds
+	// entries itself, so one missing now is most likely a pod in the middle of its ADD or
+	// DEL, and putting it back would race the plugin (and leave a deleted pod's entry).
+	seen := a.podMissing
+	now := map[string]time.Time{}
+	st, withheld, err := antispoof.SyncDataDirFunc(ctx, a.podDataDir(), func(e antispoof.Entry) bool {
+		first, ok := seen[e.String()]
+		return ok && t0.Sub(first) >= podGuardDelay/2
+	})
+	for _, e := range withheld {
+		k := e.String()
+		if first, ok := seen[k]; ok {
+			now[k] = first
+		} else {
+			now[k] = t0
+		}
+	}
+	a.podMissing = now
+	if len(withheld) > 0 {
+		a.schedulePodGuard() // look again: added then if still missing
+	}
 	if err != nil {
 		a.opt.Metrics.Errors.WithLabelValues("reconcile").Inc()
 		a.setError("antispoof", err)

@@ -186,7 +186,7 @@ func Add(ctx context.Context, e Entry) error {
 // or not as this package writes it, and adds entries, in one transaction, so a packet sees
 // either the old state or all of the new one. It removes nothing.
 func Install(ctx context.Context, entries []Entry) error {
-	_, err := sync(ctx, entries, false)
+	_, _, err := sync(ctx, func() []Entry { return entries }, false, nil)
 	return err
 }
 

@@ -277,7 +277,12 @@ func TestSyncDataDir(t *testing.T) {
 		return ipam.Record{Key: ipam.Key{ContainerID: id, IfName: "eth0"}, IP: netip.MustParseAddr(ip)}
 	}
 	put("netagent", rec("pod-a", "10.9.0.2"), rec("pod-b", "10.9.0.3"))
-	put("other", rec("pod-c", "10.8.0.2"))
+	put("other", rec("pod-c", "10.8.0.2"), rec("pod-d", "10.8.0.3"))
+	// Pods a, b and c have their host veths; d's is gone (a DEL on its way: veth and entry
+	// removed, address not yet released), so its entry must not be put back.
+	for i, id := range []string{"pod-a", "pod-b", "pod-c"} {
+		ns.MustRun(t, "ip", "link", "add", bridge.HostVethName(id, "eth0"), "type", "veth", "peer", "name", fmt.Sprintf("peer%d", i))
+	}
 	if err := os.MkdirAll(filepath.Join(dir, "not-a-store"), 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -290,7 +295,7 @@ func TestSyncDataDir(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if diff := cmp.Diff(want, strs(es...)); diff != "" {
+	if diff := cmp.Diff(slices.Sorted(slices.Values(append(slices.Clone(want), entry(bridge.HostVethName("pod-d", "eth0"), "10.8.0.3").String()))), strs(es...)); diff != "" {
 		t.Errorf("Entries (-want +got):\n%s", diff)
 	}
 

@@ -7,9 +7,12 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vishvananda/netlink"
 
 	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/ipam"
@@ -28,32 +31,38 @@ type Stats struct {
 // kernel has and desired lacks are removed, so desired must be complete: see SyncDataDir
 // for the race this leaves with a plugin that adds a pod meanwhile, and how it avoids it.
 func Sync(ctx context.Context, desired []Entry) (Stats, error) {
-	return sync(ctx, desired, true)
+	st, _, err := sync(ctx, func() []Entry { return desired }, true, nil)
+	return st, err
 }
 
 // sync adds what desired has and the set lacks, removes what it has and desired lacks when
-// removeStale, and rewrites the rule set when it is not intact.
-func sync(ctx context.Context, desired []Entry, removeStale bool) (Stats, error) {
+// removeStale, and rewrites the rule set when it is not intact. desired is called after the
+// kernel's set was read (see SyncDataDir for why the order matters).
+//
+// addOK, when set, decides which missing entries are added while the rule set is intact;
+// the others are returned as withheld (a rebuilt rule set gets every entry at once).
+func sync(ctx context.Context, desired func() []Entry, removeStale bool, addOK func(Entry) bool) (Stats, []Entry, error) {
 	c, err := dial(ctx)
 	if err != nil {
-		return Stats{}, err
+		return Stats{}, nil, err
 	}
 	defer c.close()
 
-	want := make(map[string]bool, len(desired))
+	cur, err := list(c)
+	installed := !errors.Is(err, ErrNotInstalled)
+	if err != nil && installed {
+		return Stats{}, nil, err
+	}
+	d := desired()
+	want := make(map[string]Entry, len(d))
 	var errs []error
-	for _, e := range desired {
+	for _, e := range d {
 		k, err := e.key()
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		want[string(k)] = true
-	}
-	cur, err := list(c)
-	installed := !errors.Is(err, ErrNotInstalled)
-	if err != nil && installed {
-		return Stats{}, err
+		want[string(k)] = e
 	}
 	var st Stats
 	var msgs []msg
@@ -69,12 +78,17 @@ func sync(ctx context.Context, desired []Entry, removeStale bool) (Stats, error)
 			continue // not an element we could have written; leave it
 		}
 		have[string(k)] = true
-		if !want[string(k)] && removeStale {
+		if _, ok := want[string(k)]; !ok && removeStale {
 			del = append(del, k)
 		}
 	}
-	for k := range want {
-		if !have[k] {
+	var withheld []Entry
+	for k, e := range want {
+		switch {
+		case have[k]:
+		case addOK != nil && !st.Repaired && !addOK(e):
+			withheld = append(withheld, e)
+		default:
 			add = append(add, []byte(k))
 		}
 	}
@@ -85,11 +99,11 @@ func sync(ctx context.Context, desired []Entry, removeStale bool) (Stats, error)
 		msgs = append(msgs, elementMsg(unix.NFT_MSG_NEWSETELEM, add))
 	}
 	if err := c.transact(msgs); err != nil {
-		return Stats{}, fmt.Errorf("sync anti-spoofing set (%d to add, %d to remove, repair %v): %w", len(add), len(del), st.Repaired, err)
+		return Stats{}, nil, fmt.Errorf("sync anti-spoofing set (%d to add, %d to remove, repair %v): %w", len(add), len(del), st.Repaired, err)
 	}
 	st.Added, st.Removed = len(add), len(del)
 	st.Entries = len(cur) + len(add) - len(del)
-	return st, errors.Join(errs...)
+	return st, withheld, errors.Join(errs...)
 }
 
 // FromRecords is the desired set of an IPAM store's records: each IPv4 record's host veth
@@ -136,24 +150,53 @@ func Entries(dataDir string) ([]Entry, error) {
 // wrong directory) removes nothing: the rule set is ensured, entries are kept, and if
 // there are any the error says so, since emptying the set would cut every pod off.
 func SyncDataDir(ctx context.Context, dataDir string) (Stats, error) {
+	st, _, err := SyncDataDirFunc(ctx, dataDir, nil)
+	return st, err
+}
+
+// SyncDataDirFunc is SyncDataDir where addOK decides which missing entries of live pods
+// are added while the rule set is intact; it returns the others. The agent uses it so as
+// not to race the plugin: an entry missing once may be a pod between its veth and its
+// entry (ADD) or between its entry and its address (DEL), so it adds only entries that
+// stay missing across two checks.
+func SyncDataDirFunc(ctx context.Context, dataDir string, addOK func(Entry) bool) (Stats, []Entry, error) {
 	if _, err := os.Stat(dataDir); errors.Is(err, fs.ErrNotExist) {
-		st, err := sync(ctx, nil, false)
+		st, _, err := sync(ctx, func() []Entry { return nil }, false, nil)
 		if err == nil && st.Entries > 0 {
 			err = fmt.Errorf("CNI data dir %s does not exist, yet the anti-spoofing set holds %d entries: kept them", dataDir, st.Entries)
 		}
-		return st, err
+		return st, nil, err
 	}
 	stores, err := openStores(dataDir)
 	if err != nil {
-		return Stats{}, err
+		return Stats{}, nil, err
 	}
 	var st Stats
+	var withheld []Entry
 	err = withLocked(stores, nil, func(recs []ipam.Record) error {
 		var err error
-		st, err = Sync(ctx, FromRecords(recs))
+		st, withheld, err = sync(ctx, func() []Entry { return withVeth(FromRecords(recs)) }, true, addOK)
 		return err
 	})
-	return st, err
+	return st, withheld, err
+}
+
+// withVeth keeps the entries whose host veth exists. A DEL removes the veth and the entry
+// before it releases the address (outside the store lock, so the kernel's waits overlap):
+// a record without its veth is a pod on its way out, and putting its entry back would
+// leave it behind. Called after the set was read: a plugin adds an entry only once the
+// veth exists, so an entry in what was read has its veth in what is listed here, unless it
+// really is gone.
+func withVeth(entries []Entry) []Entry {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return entries // cannot tell: keep what the records say
+	}
+	have := make(map[string]bool, len(links))
+	for _, l := range links {
+		have[l.Attrs().Name] = true
+	}
+	return slices.DeleteFunc(entries, func(e Entry) bool { return !have[e.HostVeth] })
 }
 
 // withLocked holds the locks of stores, in order, and calls fn with all their records.

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"regexp"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -192,6 +193,21 @@ func TestVXLANAllowList(t *testing.T) {
 		t.Errorf("pod on node2 -> pod on node1 after the repair: %v", err)
 	}
 	metricValue(t, l, n1, "netagent_pod_spoofed_dropped_packets_total") // exported
+
+	// One pod's entry deleted by hand: put back (after a second look, so as not to race a
+	// plugin that is deleting that pod).
+	out := l.NodeNS(n1).MustRun(t, "nft", "list", "set", "bridge", "netagent", "pods")
+	m := regexp.MustCompile(`"(na[0-9a-f]+)" \. ` + regexp.QuoteMeta(victim.IP.String()) + ` \. ([0-9a-f:]+)`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("no element for %s in:\n%s", victim.IP, out)
+	}
+	elem := fmt.Sprintf("%q . %s . %s", m[1], victim.IP, m[2])
+	l.NodeNS(n1).MustRun(t, "nft", "delete", "element", "bridge", "netagent", "pods", "{ "+elem+" }")
+	d = waitUntil(t, 5*time.Second, "the victim's anti-spoofing entry restored", func() bool {
+		out, err := l.NodeNS(n1).Run("nft", "list", "set", "bridge", "netagent", "pods")
+		return err == nil && strings.Contains(out, victim.IP.String())
+	})
+	t.Logf("a deleted anti-spoofing entry was restored after %s", d.Round(time.Millisecond))
 }
 
 // `netagent cleanup` (uninstall) leaves no netagent kernel state or files on the node.
