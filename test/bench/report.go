@@ -230,7 +230,7 @@ func ms(d time.Duration) float64 { return d.Seconds() * 1000 }
 
 func leakSummary(r *results) []string {
 	if len(r.leaks) == 0 {
-		return []string{"none (veths, IPAM records, libcni cache, CNI iptables chains checked after every phase)"}
+		return []string{"none (veths, IPAM records, anti-spoofing entries, libcni cache, CNI iptables chains checked after every phase)"}
 	}
 	return r.leaks
 }

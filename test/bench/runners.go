@@ -17,6 +17,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/netagent/netagent/pkg/antispoof"
+
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/version"
@@ -207,6 +209,13 @@ func (r *cniRunner) leaks() ([]string, error) {
 		if n > 0 {
 			out = append(out, fmt.Sprintf("%d IPAM allocations still recorded", n))
 		}
+	}
+	var spoof []antispoof.Entry
+	if err := r.ns.Do(func() (err error) { spoof, err = antispoof.List(context.Background()); return err }); err != nil && !errors.Is(err, antispoof.ErrNotInstalled) {
+		return nil, err
+	}
+	if len(spoof) > 0 {
+		out = append(out, fmt.Sprintf("%d anti-spoofing entries left", len(spoof)))
 	}
 	entries, err := os.ReadDir(filepath.Join(r.cacheDir, "results"))
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
