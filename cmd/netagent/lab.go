@@ -91,6 +91,7 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 Poke at it by hand:
   ip netns exec %[1]snode1 ip route                   # routes (netagent's carry "proto 180")
   ip netns exec %[1]snode1 bridge fdb show dev netagent.1
+  ip netns exec %[1]snode1 nft list ruleset          # VXLAN allow-list, pod anti-spoofing (and iptables' tables)
   ip netns exec %[1]snode1 %[2]s status    # lease and peers of node1
   ip netns exec %[1]s%[5]s ping %[3]s            # from a pod
   %[2]s lab check | status | down
