@@ -36,6 +36,7 @@ import (
 
 	"github.com/netagent/netagent/manifests"
 	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/ipam"
 	"github.com/netagent/netagent/pkg/subnetfile"
 )
 
@@ -303,6 +304,8 @@ func TestManifestsAgentDaemonSet(t *testing.T) {
 				f.cniConfDir:        "/etc/cni/net.d",
 				"/run/xtables.lock": "/run/xtables.lock",
 				"/lib/modules":      "/lib/modules",
+				// The agent syncs the pods' anti-spoofing entries from the plugin's stores.
+				ipam.DefaultDataDir: ipam.DefaultDataDir,
 			})
 			if f.subnetFile != subnetfile.DefaultPath {
 				t.Errorf("--subnet-file %s, want the plugin's default %s", f.subnetFile, subnetfile.DefaultPath)

@@ -130,6 +130,7 @@ func New(opt Options) (*Agent, error) {
 	}
 	a.nat.r = nat.New(nat.Exec{})
 	if a.guard, err = vxguard.New(); err != nil {
+		h.Close()
 		return nil, err
 	}
 	opt.Metrics.guardDrops(a.guard.Dropped)
@@ -320,9 +321,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			case err == nil && (c.Network != cfg.Network || c.SubnetLen != cfg.SubnetLen || c.Backend.Type != cfg.Backend.Type):
 				// The lease (subnet, VTEP MAC) was made for the old values: applying them
 				// live would mean renumbering pods. A restart of each agent applies them.
-				log.Error("network, subnet length or backend changed in etcd; restart the agents to apply it, keeping the current dataplane",
+				log.Error("network, subnet length or backend changed in the network config; restart the agents to apply it, keeping the current dataplane",
 					"network", c.Network, "subnetLen", c.SubnetLen, "backend", c.Backend.Type)
-				a.setError("config", fmt.Errorf("network, subnetLen or backend changed in etcd; restart the agent to apply"))
+				a.setError("config", fmt.Errorf("network, subnetLen or backend changed in the network config; restart the agent to apply"))
 			case err == nil:
 				cfg = c
 				a.clearError("config")
@@ -331,7 +332,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			default:
 				a.setError("config", err)
 				a.opt.Metrics.Errors.WithLabelValues("config").Inc()
-				log.Error("network config in etcd is invalid; keeping the dataplane as it is", "err", err)
+				log.Error("network config is invalid; keeping the dataplane as it is", "err", err)
 			}
 		}
 	}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"time"
 
@@ -46,6 +47,18 @@ func (a *Agent) podGuardPass(ctx context.Context, log *slog.Logger) {
 		first, ok := seen[e.String()]
 		return ok && t0.Sub(first) >= podGuardDelay/2
 	})
+	if err != nil {
+		// Most likely a DEL removed an entry this sync was removing too (the kernel refuses
+		// the whole transaction): look again shortly, keeping what was seen missing.
+		if !errors.Is(err, antispoof.ErrNoDataDir) {
+			a.schedulePodGuard()
+		}
+		a.opt.Metrics.Errors.WithLabelValues("reconcile").Inc()
+		a.setError("antispoof", err)
+		log.Error("pod anti-spoofing set not in sync", "err", err)
+		return
+	}
+	a.clearError("antispoof")
 	for _, e := range withheld {
 		k := e.String()
 		if first, ok := seen[k]; ok {
@@ -58,13 +71,6 @@ func (a *Agent) podGuardPass(ctx context.Context, log *slog.Logger) {
 	if len(withheld) > 0 {
 		a.schedulePodGuard() // look again: added then if still missing
 	}
-	if err != nil {
-		a.opt.Metrics.Errors.WithLabelValues("reconcile").Inc()
-		a.setError("antispoof", err)
-		log.Error("pod anti-spoofing set not in sync", "err", err)
-		return
-	}
-	a.clearError("antispoof")
 	if !st.Repaired && st.Added+st.Removed == 0 {
 		return
 	}

@@ -97,13 +97,16 @@ func watchFiles(ctx context.Context, log *slog.Logger, paths []string, ch chan s
 	f := os.NewFile(uintptr(fd), "inotify") // non-blocking: reads park in the runtime poller
 	defer f.Close()
 	names := map[string]bool{}
-	for _, p := range paths {
-		names[filepath.Base(p)] = true
-		const mask = unix.IN_DELETE | unix.IN_MOVED_FROM | unix.IN_MOVED_TO | unix.IN_CLOSE_WRITE
-		if _, err := unix.InotifyAddWatch(fd, filepath.Dir(p), mask); err != nil {
-			log.Warn("cannot watch a CNI file's directory; the resync repairs it", "dir", filepath.Dir(p), "err", err)
+	watch := func(quiet bool) {
+		for _, p := range paths {
+			names[filepath.Base(p)] = true
+			const mask = unix.IN_DELETE | unix.IN_MOVED_FROM | unix.IN_MOVED_TO | unix.IN_CLOSE_WRITE
+			if _, err := unix.InotifyAddWatch(fd, filepath.Dir(p), mask); err != nil && !quiet {
+				log.Warn("cannot watch a CNI file's directory; the resync repairs it", "dir", filepath.Dir(p), "err", err)
+			}
 		}
 	}
+	watch(false)
 	go func() { <-ctx.Done(); _ = f.SetReadDeadline(time.Now()) }()
 	buf := make([]byte, 64*(unix.SizeofInotifyEvent+unix.NAME_MAX+1))
 	for {
@@ -111,13 +114,25 @@ func watchFiles(ctx context.Context, log *slog.Logger, paths []string, ch chan s
 		if err != nil {
 			return
 		}
+		rewatch := false
 		for off := 0; off+unix.SizeofInotifyEvent <= n; {
 			ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
-			name := buf[off+unix.SizeofInotifyEvent : off+unix.SizeofInotifyEvent+int(ev.Len)]
-			off += unix.SizeofInotifyEvent + int(ev.Len)
-			if names[string(bytes.TrimRight(name, "\x00"))] {
+			end := min(off+unix.SizeofInotifyEvent+int(ev.Len), n)
+			name := buf[off+unix.SizeofInotifyEvent : end]
+			off = end
+			switch {
+			case ev.Mask&unix.IN_Q_OVERFLOW != 0: // events were lost: check anyway
+				signal(ch)
+			case ev.Mask&unix.IN_IGNORED != 0: // the directory went away, and its watch with it
+				signal(ch)
+				rewatch = true
+			case names[string(bytes.TrimRight(name, "\x00"))]:
 				signal(ch)
 			}
+		}
+		if rewatch {
+			time.Sleep(100 * time.Millisecond) // the repair re-creates the directory
+			watch(true)
 		}
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -154,17 +155,32 @@ type nftEvents struct {
 	pendIP, pendBridge, pendOthers bool
 }
 
-// ownThread reports whether tid is a thread of this process (the kernel names the
-// committing thread, and Go writes from any of its threads).
-func ownThread(tid uint32) bool {
-	_, err := os.Stat("/proc/self/task/" + strconv.FormatUint(uint64(tid), 10))
-	return err == nil
+// ownTransaction reports whether a generation message names a thread of this process as
+// the committer. The kernel gives the thread's id as seen from the host and its command
+// name: the id is found under /proc/self/task when we share the host's PID namespace (the
+// lab, a plain process); in a pod with its own PID namespace (the DaemonSet) only the name
+// tells, so another `netagent` command's change is taken as ours too (the resync covers it).
+func ownTransaction(msg []byte) bool {
+	const genProcPID, genProcName = 2, 3 // NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME
+	if pid := attr(msg, genProcPID); len(pid) == 4 {
+		if _, err := os.Stat("/proc/self/task/" + strconv.FormatUint(uint64(binary.BigEndian.Uint32(pid)), 10)); err == nil {
+			return true
+		}
+	}
+	name := attr(msg, genProcName)
+	return len(name) > 0 && selfComm != "" && string(bytes.TrimRight(name, "\x00")) == selfComm
 }
+
+// selfComm is this process's command name as the kernel reports it (at most 15 bytes).
+var selfComm = func() string {
+	b, _ := os.ReadFile("/proc/self/comm")
+	return strings.TrimSpace(string(b))
+}()
 
 // feed returns whether the completed transactions touched netagent's ip table (the VXLAN
 // allow-list), its bridge table (pod anti-spoofing) and anything else.
 func (e *nftEvents) feed(b []byte) (ip, bridge, others bool) {
-	const newGen, genProcPID = 15, 2 // NFT_MSG_NEWGEN, NFTA_GEN_PROC_PID
+	const newGen = 15 // NFT_MSG_NEWGEN
 	for len(b) >= unix.NLMSG_HDRLEN {
 		l := int(binary.NativeEndian.Uint32(b[0:4]))
 		typ := binary.NativeEndian.Uint16(b[4:6])
@@ -184,7 +200,7 @@ func (e *nftEvents) feed(b []byte) (ip, bridge, others bool) {
 			}
 			continue
 		}
-		if pid := attr(msg, genProcPID); len(pid) != 4 || !ownThread(binary.BigEndian.Uint32(pid)) {
+		if !ownTransaction(msg) {
 			ip, bridge, others = ip || e.pendIP, bridge || e.pendBridge, others || e.pendOthers
 		}
 		e.pendIP, e.pendBridge, e.pendOthers = false, false, false

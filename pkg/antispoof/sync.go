@@ -136,6 +136,9 @@ func Entries(dataDir string) ([]Entry, error) {
 	return out, nil
 }
 
+// ErrNoDataDir means the plugin's data directory is missing while pods have entries.
+var ErrNoDataDir = errors.New("no CNI data dir")
+
 // SyncDataDir syncs the set with the pods netagent-cni recorded under dataDir (its
 // "dataDir" setting, /var/lib/cni/netagent by default): the agent's one call.
 //
@@ -146,9 +149,9 @@ func Entries(dataDir string) ([]Entry, error) {
 // entries under the same lock as it releases the address, so under the locks the records
 // and the set cannot move apart.
 //
-// A dataDir that does not exist (no pod was ever added here, or the agent was given the
-// wrong directory) removes nothing: the rule set is ensured, entries are kept, and if
-// there are any the error says so, since emptying the set would cut every pod off.
+// A dataDir that does not exist (no pod was ever added here, or the agent cannot see the
+// plugin's directory) changes nothing: installing the rule set without the pods' entries,
+// or emptying the set, would cut every pod off. If the set has entries, the error says so.
 func SyncDataDir(ctx context.Context, dataDir string) (Stats, error) {
 	st, _, err := SyncDataDirFunc(ctx, dataDir, nil)
 	return st, err
@@ -161,9 +164,16 @@ func SyncDataDir(ctx context.Context, dataDir string) (Stats, error) {
 // stay missing across two checks.
 func SyncDataDirFunc(ctx context.Context, dataDir string, addOK func(Entry) bool) (Stats, []Entry, error) {
 	if _, err := os.Stat(dataDir); errors.Is(err, fs.ErrNotExist) {
-		st, _, err := sync(ctx, func() []Entry { return nil }, false, nil)
-		if err == nil && st.Entries > 0 {
-			err = fmt.Errorf("CNI data dir %s does not exist, yet the anti-spoofing set holds %d entries: kept them", dataDir, st.Entries)
+		cur, err := List(ctx)
+		if errors.Is(err, ErrNotInstalled) {
+			return Stats{}, nil, nil // no pod was ever wired here: the plugin installs it with the first
+		}
+		if err != nil {
+			return Stats{}, nil, err
+		}
+		st := Stats{Entries: len(cur)}
+		if len(cur) > 0 {
+			err = fmt.Errorf("CNI data dir %s does not exist, yet the anti-spoofing set holds %d entries: kept them (is the plugin's dataDir visible to the agent?): %w", dataDir, len(cur), ErrNoDataDir)
 		}
 		return st, nil, err
 	}
@@ -189,6 +199,9 @@ func SyncDataDirFunc(ctx context.Context, dataDir string, addOK func(Entry) bool
 // really is gone.
 func withVeth(entries []Entry) []Entry {
 	links, err := netlink.LinkList()
+	for i := 0; errors.Is(err, netlink.ErrDumpInterrupted) && i < 5; i++ {
+		links, err = netlink.LinkList() // links changed during the dump (pods come and go)
+	}
 	if err != nil {
 		return entries // cannot tell: keep what the records say
 	}

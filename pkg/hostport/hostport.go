@@ -179,9 +179,9 @@ var jumps = []struct {
 
 // natState is what the nat table holds of ours.
 type natState struct {
-	chains map[string]bool   // our chains that exist
-	jumps  map[string]string // jump key -> the rule as saved
-	rules  []string          // the rules in Chain, as saved
+	chains map[string]bool     // our chains that exist
+	jumps  map[string][]string // jump key -> the rules as saved (normally one)
+	rules  []string            // the rules in Chain, as saved
 }
 
 // readState reads the nat table once.
@@ -196,7 +196,7 @@ func readState(ctx context.Context) (natState, error) {
 }
 
 func parseState(saved string) natState {
-	st := natState{chains: map[string]bool{}, jumps: map[string]string{}}
+	st := natState{chains: map[string]bool{}, jumps: map[string][]string{}}
 	for _, line := range strings.Split(saved, "\n") {
 		switch {
 		case strings.HasPrefix(line, ":"+Chain+" "):
@@ -206,13 +206,13 @@ func parseState(saved string) natState {
 		case strings.HasPrefix(line, "-A "+Chain+" "):
 			st.rules = append(st.rules, line)
 		case strings.HasPrefix(line, "-A PREROUTING ") && strings.HasSuffix(line, " -j "+Chain):
-			st.jumps["PREROUTING"] = line
+			st.jumps["PREROUTING"] = append(st.jumps["PREROUTING"], line)
 		case strings.HasPrefix(line, "-A OUTPUT ") && strings.HasSuffix(line, " -j "+Chain):
-			st.jumps["OUTPUT"] = line
+			st.jumps["OUTPUT"] = append(st.jumps["OUTPUT"], line)
 		case strings.HasPrefix(line, "-A POSTROUTING ") && strings.HasSuffix(line, " -j "+PostChain):
-			st.jumps["POSTROUTING"] = line
+			st.jumps["POSTROUTING"] = append(st.jumps["POSTROUTING"], line)
 		case strings.HasPrefix(line, "-A "+PostChain+" ") && strings.HasSuffix(line, " -j MASQUERADE"):
-			st.jumps["MASQ"] = line
+			st.jumps["MASQ"] = append(st.jumps["MASQ"], line)
 		}
 	}
 	return st
@@ -238,7 +238,7 @@ func (st natState) setup() []string {
 func (st natState) teardown() []string {
 	var out []string
 	for _, j := range jumps[:3] { // the masquerade goes with its chain
-		if line, ok := st.jumps[j.key]; ok {
+		for _, line := range st.jumps[j.key] { // every copy: one left would keep the chain in use
 			out = append(out, "-D"+strings.TrimPrefix(line, "-A"))
 		}
 	}

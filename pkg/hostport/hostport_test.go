@@ -66,3 +66,33 @@ func TestMappingValidate(t *testing.T) {
 		}
 	}
 }
+
+// A jump that exists twice (someone added one by hand, or an old version did) is removed
+// twice in the teardown: one left would keep the chain in use and make -X fail forever.
+func TestTeardownRemovesDuplicateJumps(t *testing.T) {
+	saved := strings.Join([]string{
+		"*nat",
+		":" + Chain + " - [0:0]",
+		":" + PostChain + " - [0:0]",
+		jumps[0].line, jumps[0].line, jumps[1].line, jumps[2].line, jumps[3].line,
+		"COMMIT",
+	}, "\n")
+	st := parseState(saved)
+	if len(st.setup()) != 0 {
+		t.Fatalf("setup of a complete state: %q", st.setup())
+	}
+	got := strings.Join(st.teardown(), "\n")
+	want := strings.Join([]string{
+		"-D" + strings.TrimPrefix(jumps[0].line, "-A"), "-D" + strings.TrimPrefix(jumps[0].line, "-A"),
+		"-D" + strings.TrimPrefix(jumps[1].line, "-A"), "-D" + strings.TrimPrefix(jumps[2].line, "-A"),
+		"-F " + Chain, "-X " + Chain, "-F " + PostChain, "-X " + PostChain,
+	}, "\n")
+	if got != want {
+		t.Fatalf("teardown:\n%s\nwant:\n%s", got, want)
+	}
+	// Half made: only what is missing is created.
+	st = parseState(strings.Join([]string{":" + Chain + " - [0:0]", jumps[0].line}, "\n"))
+	if got := st.setup(); len(got) != 4 || got[0] != ":"+PostChain+" - [0:0]" {
+		t.Fatalf("setup of a half-made state: %q", got)
+	}
+}

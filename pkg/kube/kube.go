@@ -240,7 +240,10 @@ func (s *Store) Renew(ctx context.Context, h lease.Held) (lease.Held, error) {
 		return lease.Held{}, fmt.Errorf("get node %s: %w", s.self, err)
 	}
 	if subnet, err := PodCIDR(n); err != nil || subnet != h.Lease.Subnet {
-		return lease.Held{}, fmt.Errorf("node %s: podCIDR is now %v (%v), not our %s: %w", s.self, subnet, err, h.Lease.Subnet, lease.ErrConflict)
+		// The Node was deleted and registered again with another podCIDR: this agent's
+		// pods are on the old one. Not a conflict with another node; a restart of the
+		// agent (and of the node's pods) moves the node to the new subnet.
+		return lease.Held{}, fmt.Errorf("node %s: its podCIDR is now %v (%v), not %s as when this agent started: restart the agent and recreate the node's pods to move to it", s.self, subnet, err, h.Lease.Subnet)
 	}
 	if err := s.publish(ctx, h.Lease); err != nil {
 		return lease.Held{}, err
@@ -322,17 +325,23 @@ func (s *Store) Watch(ctx context.Context, peers *lease.Peers, changed chan<- st
 			signal(changed)
 		}
 	}
-	_, _ = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	reg, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { s.update(peers, obj); after() },
 		UpdateFunc: func(_, obj any) { s.update(peers, obj); after() },
 		DeleteFunc: func(obj any) { s.remove(peers, obj); after() },
 	})
-	go inf.RunWithContext(ctx)
-	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+	if err != nil {
+		s.log.Error("node informer", "err", err)
 		return
 	}
-	// HasSynced is true once the first list's events were handed to the handlers, so
-	// peers now holds every node.
+	done := make(chan struct{})
+	go func() { defer close(done); inf.RunWithContext(ctx) }()
+	defer func() { <-done }() // the agent's WaitGroup covers the informer too
+	// The registration's HasSynced, not the informer's: it is true only once our handler
+	// has processed the first list, so peers really holds every node.
+	if !cache.WaitForCacheSync(ctx.Done(), reg.HasSynced) {
+		return
+	}
 	synced.Store(true)
 	close(s.synced)
 	signal(changed)

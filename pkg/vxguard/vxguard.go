@@ -195,6 +195,9 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 	var st Stats
 	set := peerSet(t)
 	have, ok := g.structureOK(spec)
+	if exists && cur.Flags != 0 {
+		ok = false // e.g. "dormant": a table that is there but switched off
+	}
 	if !ok {
 		// Rebuild in one transaction: nothing of a half-changed table is ever in force.
 		if exists {
@@ -267,7 +270,7 @@ func (g *Guard) structureOK(spec Spec) (map[netip.Addr]bool, bool) {
 	in, fwd := chains(t)
 	for _, c := range []*nftables.Chain{in, fwd} {
 		kc, err := g.conn.ListChain(t, c.Name)
-		if err != nil || kc.Hooknum == nil || *kc.Hooknum != *c.Hooknum || kc.Priority == nil || *kc.Priority != *c.Priority ||
+		if err != nil || kc.Type != c.Type || kc.Hooknum == nil || *kc.Hooknum != *c.Hooknum || kc.Priority == nil || *kc.Priority != *c.Priority ||
 			kc.Policy != nil && *kc.Policy != nftables.ChainPolicyAccept {
 			return nil, false
 		}

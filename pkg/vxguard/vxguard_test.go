@@ -122,6 +122,7 @@ func TestSyncRepairsDrift(t *testing.T) {
 		{"element deleted", []string{"nft delete element ip netagent vxlan-peers { 192.0.2.11 }"}, false},
 		{"element added", []string{"nft add element ip netagent vxlan-peers { 203.0.113.66 }"}, false},
 		{"whole ruleset flushed", []string{"nft flush ruleset"}, true},
+		{"table made dormant", []string{"nft add table ip netagent { flags dormant; }"}, true},
 	} {
 		for _, cmd := range c.break_ {
 			f := strings.Fields(cmd)
