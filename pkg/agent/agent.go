@@ -302,7 +302,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-a.fwDirty:
 			fw = true
 		case <-a.nftDirty:
-			a.guardPass(log, cfg)
+			a.guardPass(log)
 		case <-a.podChanged:
 			a.schedulePodGuard()
 		case <-a.podDirty:
@@ -555,7 +555,7 @@ func guardAddr(v plan.Peer) netip.Addr {
 }
 
 // guardPass re-checks netagent's nftables table after someone changed it.
-func (a *Agent) guardPass(log *slog.Logger, cfg config.Network) {
+func (a *Agent) guardPass(log *slog.Logger) {
 	t0 := time.Now()
 	st, err := a.guard.Resync()
 	if errors.Is(err, vxguard.ErrNoMirror) {

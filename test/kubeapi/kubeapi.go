@@ -3,7 +3,7 @@
 // this machine). It serves what client-go's typed client and informer use: list, watch from
 // a resourceVersion (with history, so nothing between a list and its watch is lost), get
 // and JSON merge patch; everything else gets a Status error. The test itself plays the
-// kubelet and the controller-manager through Create, Update and Delete.
+// kubelet and the controller-manager through Create, Register and Delete.
 package kubeapi
 
 import (
