@@ -87,3 +87,35 @@ func TestSyncReportsMissingDevice(t *testing.T) {
 		t.Errorf("Sync = %v, want an error naming device nope0", err)
 	}
 }
+
+// The mirror's compact form must keep everything sameness and deletion depend on: the
+// netlink route rebuilt from it compacts back to the same value.
+func TestCompactRoundTrip(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		w    plan.Route
+	}{
+		{"direct", plan.Route{Dst: netip.MustParsePrefix("10.244.3.0/24"), Gw: netip.MustParseAddr("192.0.2.12"), Dev: "eth0"}},
+		{"vxlan onlink with mtu", plan.Route{Dst: netip.MustParsePrefix("10.244.4.0/24"), Gw: netip.MustParseAddr("10.244.4.0"), Dev: "netagent.1", OnLink: true, MTU: 1450}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			nr := toNetlink(tc.w, 7)
+			k := compact(*nr)
+			if k.link != 7 || k.gw != tc.w.Gw || int(k.mtu) != tc.w.MTU || k.onlink != tc.w.OnLink {
+				t.Fatalf("compact(%+v) = %+v", tc.w, k)
+			}
+			back := k.route(tc.w.Dst)
+			if got := compact(*back); got != k {
+				t.Fatalf("round trip: %+v, want %+v", got, k)
+			}
+			if back.Dst.String() != tc.w.Dst.String() || back.Protocol != Protocol {
+				t.Fatalf("delete form %v proto %d", back.Dst, back.Protocol)
+			}
+			other := *nr
+			other.MTU = 9000
+			if compact(other) == k {
+				t.Fatal("an MTU change must not compare equal")
+			}
+		})
+	}
+}

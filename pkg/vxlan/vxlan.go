@@ -18,7 +18,6 @@ import (
 	"maps"
 	"net"
 	"net/netip"
-	"strings"
 	"sync"
 
 	"github.com/vishvananda/netlink"
@@ -55,13 +54,66 @@ type Reconciler struct {
 	mu        sync.Mutex
 	mirroring bool
 	idx       int // device index the mirror belongs to; 0: invalid
-	neigh     map[netip.Addr]netlink.Neigh
-	fdb       map[fdbKey]netlink.Neigh
+	neigh     map[netip.Addr]entry
+	fdb       map[fdbKey]entry
+}
+
+// entry is what the mirror keeps of a neighbour or FDB entry: what the reconciler compares
+// (a netlink.Neigh is 160 bytes plus two allocations, ~2 MB per 5,000 peers for both
+// tables; this is 10 bytes). The rest of a kernel entry is implied by the table it is in.
+type entry struct {
+	state  uint16
+	mac    [6]byte
+	hasMAC bool
 }
 
 type fdbKey struct {
-	mac string
+	mac [6]byte
 	dst netip.Addr
+}
+
+func mac6(hw net.HardwareAddr) ([6]byte, bool) {
+	var m [6]byte
+	if len(hw) != 6 {
+		return m, false
+	}
+	copy(m[:], hw)
+	return m, true
+}
+
+func toEntry(n netlink.Neigh) entry {
+	m, ok := mac6(n.HardwareAddr)
+	return entry{state: uint16(n.State), mac: m, hasMAC: ok}
+}
+
+func (e entry) permanent() bool { return int(e.state)&netlink.NUD_PERMANENT != 0 }
+
+// permanentWith reports whether e is a permanent entry with MAC m.
+func (e entry) permanentWith(m [6]byte) bool { return e.permanent() && e.hasMAC && e.mac == m }
+
+// planMAC parses a MAC the plan carries (the plan validated it; a bad one is the zero MAC,
+// which no entry matches, so the entry is written and the kernel reports the error).
+func planMAC(s string) [6]byte {
+	hw, _ := net.ParseMAC(s)
+	m, _ := mac6(hw)
+	return m
+}
+
+// fdbKeyOf returns the mirror key of an FDB entry (false for a MAC that is not 6 bytes,
+// which an Ethernet-type device cannot hold).
+func fdbKeyOf(hw net.HardwareAddr, ip net.IP) (fdbKey, bool) {
+	m, ok := mac6(hw)
+	a, _ := netip.AddrFromSlice(ip)
+	return fdbKey{m, a.Unmap()}, ok
+}
+
+// delNeigh and delFDB are the netlink forms of mirrored entries, for deleting them.
+func delNeigh(idx int, ip netip.Addr) *netlink.Neigh {
+	return &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, IP: ip.AsSlice()}
+}
+
+func delFDB(idx int, k fdbKey) *netlink.Neigh {
+	return &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, IP: k.dst.AsSlice(), HardwareAddr: net.HardwareAddr(k.mac[:])}
 }
 
 // Mirror turns mirroring on.
@@ -109,13 +161,17 @@ func (r *Reconciler) Observe(u netlink.NeighUpdate) bool {
 			}
 			return false
 		}
-		if have && cur.State == u.State && cur.HardwareAddr.String() == u.HardwareAddr.String() {
+		e := toEntry(u.Neigh)
+		if have && cur == e {
 			return false
 		}
-		r.neigh[ip] = detach(u.Neigh)
+		r.neigh[ip] = e
 		return true
 	case unix.AF_BRIDGE:
-		k := fdbKey{strings.ToLower(u.HardwareAddr.String()), ip}
+		k, ok := fdbKeyOf(u.HardwareAddr, u.IP)
+		if !ok {
+			return false
+		}
 		cur, have := r.fdb[k]
 		if del {
 			if have {
@@ -124,10 +180,10 @@ func (r *Reconciler) Observe(u netlink.NeighUpdate) bool {
 			}
 			return false
 		}
-		if have && cur.State == u.State {
+		if have && int(cur.state) == u.State {
 			return false
 		}
-		r.fdb[k] = detach(u.Neigh)
+		r.fdb[k] = toEntry(u.Neigh)
 		return true
 	}
 	return false
@@ -135,7 +191,7 @@ func (r *Reconciler) Observe(u netlink.NeighUpdate) bool {
 
 // entries returns copies of the current neighbour and FDB entries of device idx, from the
 // mirror when it is valid for idx, else from a dump.
-func (r *Reconciler) entries(idx int) (map[netip.Addr]netlink.Neigh, map[fdbKey]netlink.Neigh, error) {
+func (r *Reconciler) entries(idx int) (map[netip.Addr]entry, map[fdbKey]entry, error) {
 	r.mu.Lock()
 	if r.mirroring && r.idx == idx {
 		n, f := maps.Clone(r.neigh), maps.Clone(r.fdb)
@@ -151,45 +207,33 @@ func (r *Reconciler) entries(idx int) (map[netip.Addr]netlink.Neigh, map[fdbKey]
 	if err != nil {
 		return nil, nil, fmt.Errorf("list fdb: %w", err)
 	}
-	neigh := make(map[netip.Addr]netlink.Neigh, len(ns))
+	// The compact entries also detach from the dumps (a parsed entry points into its
+	// dump's buffer, which thousands of kept entries would keep alive).
+	neigh := make(map[netip.Addr]entry, len(ns))
 	for _, n := range ns {
 		if ip, ok := netip.AddrFromSlice(n.IP); ok {
-			neigh[ip.Unmap()] = n
+			neigh[ip.Unmap()] = toEntry(n)
 		}
 	}
-	fdb := make(map[fdbKey]netlink.Neigh, len(fs))
+	fdb := make(map[fdbKey]entry, len(fs))
 	for _, f := range fs {
-		ip, _ := netip.AddrFromSlice(f.IP)
-		fdb[fdbKey{strings.ToLower(f.HardwareAddr.String()), ip.Unmap()}] = f
+		if k, ok := fdbKeyOf(f.HardwareAddr, f.IP); ok {
+			fdb[k] = toEntry(f)
+		}
 	}
 	r.mu.Lock()
 	if r.mirroring {
 		r.idx = idx
-		r.neigh = make(map[netip.Addr]netlink.Neigh, len(neigh))
-		for k, v := range neigh {
-			r.neigh[k] = detach(v)
-		}
-		r.fdb = make(map[fdbKey]netlink.Neigh, len(fdb))
-		for k, v := range fdb {
-			r.fdb[k] = detach(v)
-		}
+		r.neigh, r.fdb = maps.Clone(neigh), maps.Clone(fdb)
 	}
 	r.mu.Unlock()
 	return neigh, fdb, nil
 }
 
-// detach copies what the mirror needs of an entry into fresh memory: an entry parsed from
-// a netlink dump points into the dump's buffer, which thousands of kept entries would keep
-// alive.
-func detach(n netlink.Neigh) netlink.Neigh {
-	return netlink.Neigh{LinkIndex: n.LinkIndex, Family: n.Family, State: n.State, Type: n.Type, Flags: n.Flags,
-		IP: append(net.IP(nil), n.IP...), HardwareAddr: append(net.HardwareAddr(nil), n.HardwareAddr...)}
-}
-
 // writeNeigh and writeFDB perform a kernel change, recording its outcome in the mirror
 // first so the kernel's echo of our own change triggers nothing; on failure the mirror
 // gets prev back. An entry already gone counts as deleted.
-func (r *Reconciler) writeNeigh(ip netip.Addr, next, prev *netlink.Neigh, do func() error) error {
+func (r *Reconciler) writeNeigh(ip netip.Addr, next, prev *entry, do func() error) error {
 	r.recordNeigh(ip, next)
 	err := do()
 	if err != nil && next == nil && errors.Is(err, unix.ENOENT) {
@@ -201,7 +245,7 @@ func (r *Reconciler) writeNeigh(ip netip.Addr, next, prev *netlink.Neigh, do fun
 	return err
 }
 
-func (r *Reconciler) writeFDB(k fdbKey, next, prev *netlink.Neigh, do func() error) error {
+func (r *Reconciler) writeFDB(k fdbKey, next, prev *entry, do func() error) error {
 	r.recordFDB(k, next)
 	err := do()
 	if err != nil && next == nil && errors.Is(err, unix.ENOENT) {
@@ -213,14 +257,14 @@ func (r *Reconciler) writeFDB(k fdbKey, next, prev *netlink.Neigh, do func() err
 	return err
 }
 
-func nptr(n netlink.Neigh, ok bool) *netlink.Neigh {
+func nptr(n entry, ok bool) *entry {
 	if !ok {
 		return nil
 	}
 	return &n
 }
 
-func (r *Reconciler) recordNeigh(ip netip.Addr, n *netlink.Neigh) {
+func (r *Reconciler) recordNeigh(ip netip.Addr, n *entry) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.idx == 0 {
@@ -233,7 +277,7 @@ func (r *Reconciler) recordNeigh(ip netip.Addr, n *netlink.Neigh) {
 	}
 }
 
-func (r *Reconciler) recordFDB(k fdbKey, n *netlink.Neigh) {
+func (r *Reconciler) recordFDB(k fdbKey, n *entry) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.idx == 0 {
@@ -392,12 +436,13 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 	for _, w := range neighs {
 		keep[w.IP] = true
 		c, ok := have[w.IP]
-		if ok && c.State&netlink.NUD_PERMANENT != 0 && strings.EqualFold(c.HardwareAddr.String(), w.MAC) {
+		m := planMAC(w.MAC)
+		if ok && c.permanentWith(m) {
 			continue
 		}
-		mac, _ := net.ParseMAC(w.MAC)
-		n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: w.IP.AsSlice(), HardwareAddr: mac}
-		if err := r.writeNeigh(w.IP, n, nptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
+		n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: w.IP.AsSlice(), HardwareAddr: net.HardwareAddr(m[:])}
+		next := toEntry(*n)
+		if err := r.writeNeigh(w.IP, &next, nptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
 			errs = append(errs, fmt.Errorf("set neighbour %s %s: %w", w.IP, w.MAC, err))
 			continue
 		}
@@ -407,7 +452,7 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		if keep[ip] {
 			continue
 		}
-		if err := r.writeNeigh(ip, nil, &c, func() error { return r.k.NeighDel(&c) }); err != nil {
+		if err := r.writeNeigh(ip, nil, &c, func() error { return r.k.NeighDel(delNeigh(idx, ip)) }); err != nil {
 			errs = append(errs, fmt.Errorf("delete neighbour %s: %w", ip, err))
 			continue
 		}
@@ -415,15 +460,15 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 	}
 	keepFDB := make(map[fdbKey]bool, len(fdb))
 	for _, w := range fdb {
-		k := fdbKey{strings.ToLower(w.MAC), w.Dst}
+		k := fdbKey{planMAC(w.MAC), w.Dst}
 		keepFDB[k] = true
 		c, ok := haveFDB[k]
-		if ok && c.State&netlink.NUD_PERMANENT != 0 {
+		if ok && c.permanent() {
 			continue
 		}
-		hw, _ := net.ParseMAC(w.MAC)
-		n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: netlink.NUD_PERMANENT, IP: w.Dst.AsSlice(), HardwareAddr: hw}
-		if err := r.writeFDB(k, n, nptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
+		n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: netlink.NUD_PERMANENT, IP: w.Dst.AsSlice(), HardwareAddr: net.HardwareAddr(k.mac[:])}
+		next := toEntry(*n)
+		if err := r.writeFDB(k, &next, nptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
 			errs = append(errs, fmt.Errorf("set fdb %s dst %s: %w", w.MAC, w.Dst, err))
 			continue
 		}
@@ -433,10 +478,8 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		if keepFDB[k] {
 			continue
 		}
-		c.Family = unix.AF_BRIDGE
-		c.Flags |= netlink.NTF_SELF
-		if err := r.writeFDB(k, nil, &c, func() error { return r.k.NeighDel(&c) }); err != nil {
-			errs = append(errs, fmt.Errorf("delete fdb %s dst %s: %w", k.mac, k.dst, err))
+		if err := r.writeFDB(k, nil, &c, func() error { return r.k.NeighDel(delFDB(idx, k)) }); err != nil {
+			errs = append(errs, fmt.Errorf("delete fdb %s dst %s: %w", net.HardwareAddr(k.mac[:]), k.dst, err))
 			continue
 		}
 		st.FDBDel++
@@ -462,7 +505,8 @@ func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(net
 		ip   netip.Addr
 		set  *netlink.Neigh
 		del  *netlink.Neigh
-		prev *netlink.Neigh
+		next *entry // the mirror's form of set
+		prev *entry
 		fdb  bool
 		fkey fdbKey
 	}
@@ -472,29 +516,30 @@ func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(net
 		c, have := r.neigh[ip]
 		switch {
 		case ok:
-			if have && c.State&netlink.NUD_PERMANENT != 0 && strings.EqualFold(c.HardwareAddr.String(), w.MAC) {
+			m := planMAC(w.MAC)
+			if have && c.permanentWith(m) {
 				continue
 			}
-			mac, _ := net.ParseMAC(w.MAC)
-			ops = append(ops, nop{ip: ip, prev: nptr(c, have), set: &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: ip.AsSlice(), HardwareAddr: mac}})
+			n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: ip.AsSlice(), HardwareAddr: net.HardwareAddr(m[:])}
+			next := toEntry(*n)
+			ops = append(ops, nop{ip: ip, prev: nptr(c, have), set: n, next: &next})
 		case have:
-			ops = append(ops, nop{ip: ip, del: &c, prev: &c})
+			ops = append(ops, nop{ip: ip, del: delNeigh(idx, ip), prev: &c})
 		}
 	}
 	for _, f := range fdbs {
-		k := fdbKey{strings.ToLower(f.MAC), f.Dst}
+		k := fdbKey{planMAC(f.MAC), f.Dst}
 		c, have := r.fdb[k]
 		if wantFDB(f) {
-			if have && c.State&netlink.NUD_PERMANENT != 0 {
+			if have && c.permanent() {
 				continue
 			}
-			hw, _ := net.ParseMAC(f.MAC)
-			ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, prev: nptr(c, have), set: &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
-				State: netlink.NUD_PERMANENT, IP: f.Dst.AsSlice(), HardwareAddr: hw}})
+			n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
+				State: netlink.NUD_PERMANENT, IP: f.Dst.AsSlice(), HardwareAddr: net.HardwareAddr(k.mac[:])}
+			next := toEntry(*n)
+			ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, prev: nptr(c, have), set: n, next: &next})
 		} else if have {
-			c.Family = unix.AF_BRIDGE
-			c.Flags |= netlink.NTF_SELF
-			ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, del: &c, prev: &c})
+			ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, del: delFDB(idx, k), prev: &c})
 		}
 	}
 	r.mu.Unlock()
@@ -506,9 +551,9 @@ func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(net
 		}
 		var err error
 		if o.fdb {
-			err = r.writeFDB(o.fkey, o.set, o.prev, do)
+			err = r.writeFDB(o.fkey, o.next, o.prev, do)
 		} else {
-			err = r.writeNeigh(o.ip, o.set, o.prev, do)
+			err = r.writeNeigh(o.ip, o.next, o.prev, do)
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("neighbour/fdb %s: %w", o.ip, err))

@@ -3,9 +3,13 @@ package vxlan
 import (
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/test/netns"
@@ -124,5 +128,37 @@ func TestSyncTransitions(t *testing.T) {
 	}
 	if _, err := n.Run("ip", "link", "show", "na.1"); err == nil {
 		t.Error("device still present after Sync(nil)")
+	}
+}
+
+func TestMirrorEntries(t *testing.T) {
+	mac := planMAC("0A:58:0A:F4:06:01")
+	if net.HardwareAddr(mac[:]).String() != "0a:58:0a:f4:06:01" {
+		t.Fatalf("planMAC: %v", net.HardwareAddr(mac[:]))
+	}
+	n := netlink.Neigh{State: netlink.NUD_PERMANENT, HardwareAddr: net.HardwareAddr(mac[:])}
+	e := toEntry(n)
+	if !e.permanentWith(mac) {
+		t.Fatalf("entry %+v should be permanent with %v", e, mac)
+	}
+	if e.permanentWith(planMAC("0a:58:0a:f4:06:02")) {
+		t.Fatal("another MAC must not match")
+	}
+	if toEntry(netlink.Neigh{State: netlink.NUD_REACHABLE, HardwareAddr: n.HardwareAddr}).permanentWith(mac) {
+		t.Fatal("a learned entry must not count as ours")
+	}
+	if toEntry(netlink.Neigh{State: netlink.NUD_PERMANENT}).permanentWith([6]byte{}) {
+		t.Fatal("an entry without a MAC must not match the zero MAC")
+	}
+	k, ok := fdbKeyOf(n.HardwareAddr, net.ParseIP("192.0.2.12"))
+	if !ok || k.mac != mac || k.dst != netip.MustParseAddr("192.0.2.12") {
+		t.Fatalf("fdbKeyOf: %+v %v", k, ok)
+	}
+	if _, ok := fdbKeyOf(net.HardwareAddr{1, 2, 3}, net.ParseIP("192.0.2.12")); ok {
+		t.Fatal("a 3-byte MAC is no FDB key")
+	}
+	d := delFDB(5, k)
+	if d.LinkIndex != 5 || d.Family != unix.AF_BRIDGE || d.Flags&netlink.NTF_SELF == 0 || d.HardwareAddr.String() != "0a:58:0a:f4:06:01" || !d.IP.Equal(net.ParseIP("192.0.2.12")) {
+		t.Fatalf("delFDB: %+v", d)
 	}
 }
