@@ -2,7 +2,7 @@
 # Installs the Debian packages the tests and the lab need (only the missing ones), so the
 # README's commands work on a fresh machine. Go itself comes with the machine.
 set -euo pipefail
-pkgs=(iproute2 iptables nftables openssl iputils-ping containerd runc busybox-static procps util-linux etcd-server docker.io)
+pkgs=(iproute2 iptables nftables openssl iputils-ping containerd runc busybox-static procps util-linux etcd-server docker.io iperf3)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -50,8 +50,12 @@ func TestSyncTransitions(t *testing.T) {
 		{"someone inserts above our jump", []string{"-I FORWARD 1 -s 192.0.2.66 -j DROP"}, Stats{JumpsFixed: 1}},
 		{"our chain flushed", []string{"-t nat -F " + PostChain}, Stats{ChainsRewritten: 1}},
 		{"a rule of ours deleted", []string{"-D " + FwdChain + " 2"}, Stats{ChainsRewritten: 1}},
-		{"jump and chain removed", []string{"-D FORWARD -m comment --comment netagent -j " + FwdChain, "-F " + FwdChain, "-X " + FwdChain}, Stats{ChainsRewritten: 1, JumpsFixed: 1}},
-		{"duplicate jump", []string{"-A FORWARD -m comment --comment netagent -j " + FwdChain}, Stats{JumpsFixed: 1}},
+		{"jump and chain removed", []string{"-D FORWARD -j " + FwdChain, "-F " + FwdChain, "-X " + FwdChain}, Stats{ChainsRewritten: 1, JumpsFixed: 1}},
+		{"duplicate jump", []string{"-A FORWARD -j " + FwdChain}, Stats{JumpsFixed: 1}},
+		// What an agent from before 2026-12 left: commented FORWARD rules (evaluated per
+		// packet); an upgrade replaces jump and chain.
+		{"upgrade from commented rules", []string{"-D FORWARD -j " + FwdChain, "-I FORWARD 1 -m comment --comment netagent -j " + FwdChain,
+			"-F " + FwdChain, "-A " + FwdChain + " -s 10.244.0.0/16 -m comment --comment netagent:cluster-out -j ACCEPT"}, Stats{ChainsRewritten: 1, JumpsFixed: 1}},
 		{"settled", nil, Stats{}},
 	}
 	for _, s := range steps {
@@ -78,6 +82,8 @@ func TestSyncTransitions(t *testing.T) {
 	if !strings.Contains(n.MustRun(t, "iptables", "-S", "FORWARD"), "-s 192.0.2.66/32 -j DROP") {
 		t.Error("a foreign FORWARD rule was removed")
 	}
+	// Remove takes older jump forms too.
+	n.MustRun(t, "iptables", "-A", "FORWARD", "-m", "comment", "--comment", "netagent", "-j", FwdChain)
 	if err := r.Remove(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -325,7 +325,7 @@ func TestDriftIsRepaired(t *testing.T) {
 		{"fdb entry deleted", []string{"bridge fdb del " + strings.TrimSpace(firstField(ns.MustRun(t, "bridge", "fdb", "show", "dev", "netagent.1"))) + " dev netagent.1 dst " + l.Nodes[1].IP.String() + " self"}},
 		{"vxlan device deleted", []string{"ip link del netagent.1"}},
 		{"masquerade chain flushed", []string{"iptables -t nat -F NETAGENT-POSTRTG"}},
-		{"forward jump deleted", []string{"iptables -D FORWARD -m comment --comment netagent -j NETAGENT-FWD"}},
+		{"forward jump deleted", []string{"iptables -D FORWARD -j NETAGENT-FWD"}},
 		{"conflist deleted", []string{"rm " + conflist}},
 		{"conflist overwritten", []string{"cp /etc/hostname " + conflist}},
 		{"subnet file deleted", []string{"rm " + subnetFile}},
