@@ -63,6 +63,8 @@ type Options struct {
 	Metrics    *Metrics
 	// Docker, when set, is route mode: Docker's bridge (or a network) must use the lease.
 	Docker *DockerMode
+	// OnReady, when set, runs once, when the agent first becomes ready.
+	OnReady func()
 }
 
 // DockerMode says how a Docker host uses the leased subnet.
@@ -80,8 +82,9 @@ type Agent struct {
 	route *route.Reconciler
 	vxlan *vxlan.Reconciler
 	nat   struct {
-		r    *nat.Reconciler
-		plan plan.NAT // the loop's last NAT plan
+		r     *nat.Reconciler
+		plan  plan.NAT       // the loop's last NAT plan
+		early chan natResult // the start-up sync, running while the peers are listed
 	}
 
 	guard         *vxguard.Guard
@@ -219,6 +222,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	log.Info("lease acquired", "subnet", held.Lease.Subnet, "in", time.Since(start).Round(time.Millisecond))
 	a.setLease(held.Lease, cfg)
 	a.opt.Metrics.LeaseHeld.Set(1)
+	// The NAT and FORWARD chains depend on the config and our subnet only: write them
+	// while the peers are listed and routed (the iptables execs take tens of milliseconds
+	// on a loaded node, and peers' routes must not wait for them). The first full pass
+	// takes the result.
+	a.startEarlyNAT(ctx, plan.NAT{Network: cfg.Network, Subnet: held.Lease.Subnet, Final: a.opt.Docker != nil})
 
 	// 3. Inputs.
 	var wg sync.WaitGroup
@@ -287,6 +295,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			wg.Add(1)
 			go func() { defer wg.Done(); watchFiles(ctx, log, files, a.filesDirty) }()
 			log.Info("ready", "in", time.Since(start).Round(time.Millisecond), "peers", peers.Len())
+			if a.opt.OnReady != nil {
+				a.opt.OnReady()
+			}
 		}
 		if full || fw {
 			continue
@@ -405,7 +416,7 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 	var nst nat.Stats
 	if firewall {
 		a.nat.plan = p.NAT
-		nst, err = a.nat.r.Sync(ctx, p.NAT)
+		nst, err = a.natSync(ctx, p.NAT)
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -525,10 +536,37 @@ func (a *Agent) incrementalPass(log *slog.Logger, changed []lease.Lease) error {
 	return nil
 }
 
+type natResult struct {
+	plan plan.NAT
+	st   nat.Stats
+	err  error
+}
+
+func (a *Agent) startEarlyNAT(ctx context.Context, n plan.NAT) {
+	ch := make(chan natResult, 1)
+	a.nat.early = ch
+	go func() {
+		st, err := a.nat.r.Sync(ctx, n)
+		ch <- natResult{n, st, err}
+	}()
+}
+
+// natSync syncs the NAT chains to n, or takes the start-up sync's result when it was for
+// n and succeeded.
+func (a *Agent) natSync(ctx context.Context, n plan.NAT) (nat.Stats, error) {
+	if ch := a.nat.early; ch != nil {
+		a.nat.early = nil
+		if r := <-ch; r.err == nil && r.plan == n {
+			return r.st, nil
+		}
+	}
+	return a.nat.r.Sync(ctx, n)
+}
+
 // firewallPass re-checks the NAT and FORWARD chains (after a ruleset change).
 func (a *Agent) firewallPass(ctx context.Context, log *slog.Logger) {
 	t0 := time.Now()
-	nst, err := a.nat.r.Sync(ctx, a.nat.plan)
+	nst, err := a.natSync(ctx, a.nat.plan)
 	a.finish(log, "firewall", t0, vxlan.Stats{}, route.Stats{}, nst, true, err)
 }
 

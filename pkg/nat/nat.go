@@ -94,18 +94,20 @@ func (s Stats) Changed() bool { return s.ChainsRewritten+s.JumpsFixed > 0 }
 
 // Runner runs iptables-save / iptables-restore (in the current network namespace).
 type Runner interface {
-	Save(ctx context.Context, table string) (string, error)
+	// Save dumps every table (one exec for both of ours: each costs milliseconds, and the
+	// first pass after a restart is on the way to ready).
+	Save(ctx context.Context) (string, error)
 	Restore(ctx context.Context, input string) error
 }
 
 // Exec is the Runner that executes the iptables binaries.
 type Exec struct{}
 
-// Save runs iptables-save -t table.
-func (Exec) Save(ctx context.Context, table string) (string, error) {
-	out, err := exec.CommandContext(ctx, "iptables-save", "-t", table).Output()
+// Save runs iptables-save.
+func (Exec) Save(ctx context.Context) (string, error) {
+	out, err := exec.CommandContext(ctx, "iptables-save").Output()
 	if err != nil {
-		return "", fmt.Errorf("iptables-save -t %s: %w", table, err)
+		return "", fmt.Errorf("iptables-save: %w", err)
 	}
 	return string(out), nil
 }
@@ -135,12 +137,13 @@ func (r *Reconciler) Sync(ctx context.Context, n plan.NAT) (Stats, error) {
 	defer cancel()
 	var st Stats
 	var in strings.Builder
+	all, err := r.run.Save(ctx)
+	if err != nil {
+		return st, err
+	}
+	tables := parse(all)
 	for _, t := range desired(n) {
-		saved, err := r.run.Save(ctx, t.name)
-		if err != nil {
-			return st, err
-		}
-		cur := parse(saved)
+		cur := tables[t.name]
 		var tb strings.Builder
 		rewrite := !cur.chains[t.chain] || !equal(cur.rules[t.chain], t.rules)
 		if rewrite {
@@ -177,12 +180,13 @@ func (r *Reconciler) Sync(ctx context.Context, n plan.NAT) (Stats, error) {
 // Remove deletes the jumps and chains (netagent cleanup).
 func (r *Reconciler) Remove(ctx context.Context) error {
 	var in strings.Builder
+	all, err := r.run.Save(ctx)
+	if err != nil {
+		return err
+	}
+	tables := parse(all)
 	for _, t := range desired(plan.NAT{}) {
-		saved, err := r.run.Save(ctx, t.name)
-		if err != nil {
-			return err
-		}
-		cur := parse(saved)
+		cur := tables[t.name]
 		var tb strings.Builder
 		for _, r := range jumps(cur.rules[t.hook], t) {
 			fmt.Fprintf(&tb, "-D %s %s\n", t.hook, r)
@@ -205,19 +209,31 @@ type saved struct {
 	rules  map[string][]string // chain -> rules without "-A CHAIN "
 }
 
-func parse(s string) saved {
-	out := saved{chains: map[string]bool{}, rules: map[string][]string{}}
+// parse splits iptables-save output by table ("*nat" ... "COMMIT"); a table that is not
+// there yet reads as empty.
+func parse(s string) map[string]saved {
+	out := map[string]saved{}
+	empty := func() saved { return saved{chains: map[string]bool{}, rules: map[string][]string{}} }
+	for _, name := range []string{"nat", "filter"} {
+		out[name] = empty()
+	}
+	cur := empty()
 	for _, line := range strings.Split(s, "\n") {
 		switch {
+		case strings.HasPrefix(line, "*"):
+			cur = empty()
+			out[strings.TrimSpace(line[1:])] = cur
 		case strings.HasPrefix(line, ":"):
-			out.chains[strings.Fields(line[1:])[0]] = true
+			if f := strings.Fields(line[1:]); len(f) > 0 {
+				cur.chains[f[0]] = true
+			}
 		case strings.HasPrefix(line, "-A "):
 			f := strings.SplitN(line[3:], " ", 2)
 			rule := ""
 			if len(f) == 2 {
 				rule = f[1]
 			}
-			out.rules[f[0]] = append(out.rules[f[0]], rule)
+			cur.rules[f[0]] = append(cur.rules[f[0]], rule)
 		}
 	}
 	return out

@@ -13,8 +13,8 @@ import (
 // nsRunner runs iptables inside a test namespace.
 type nsRunner struct{ n *netns.NS }
 
-func (r nsRunner) Save(ctx context.Context, table string) (string, error) {
-	return r.n.Run("iptables-save", "-t", table)
+func (r nsRunner) Save(ctx context.Context) (string, error) {
+	return r.n.Run("iptables-save")
 }
 
 func (r nsRunner) Restore(ctx context.Context, input string) error {
