@@ -152,9 +152,6 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 			if limit {
 				debug.SetMemoryLimit(math.MaxInt64)
 			}
-			// And hand back what start-up left (with 5,000 peers, 6 MB more resident
-			// otherwise); the agent is ready, so the collection delays nothing it waits for.
-			debug.FreeOSMemory()
 		}
 	}
 	log, err := newLogger(f.logLevel)

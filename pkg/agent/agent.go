@@ -268,10 +268,10 @@ func (a *Agent) Run(ctx context.Context) error {
 			_, _ = peers.Take() // the snapshot below covers them
 			a.fullPass(ctx, log, cfg, held.Lease, peers.Snapshot(), ul, vxDev, fw, drift)
 			full, fw, drift = false, false, false
-			if a.bigPass {
-				// A big pass (a cold start with thousands of peers) leaves megabytes of
+			if a.bigPass && !first {
+				// A big pass (a resync with thousands of peers) leaves megabytes of
 				// garbage; hand it back now (its plan is dead once fullPass returned) rather
-				// than whenever the scavenger gets to it.
+				// than whenever the scavenger gets to it. Start-up's is handed back at ready.
 				debug.FreeOSMemory()
 			}
 		case leases:
@@ -298,6 +298,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			if a.opt.OnReady != nil {
 				a.opt.OnReady()
 			}
+			// What start-up left (a cold pass with thousands of peers leaves megabytes)
+			// goes back now; readiness is already reported, so this delays nothing.
+			debug.FreeOSMemory()
 		}
 		if full || fw {
 			continue

@@ -16,7 +16,7 @@ type Planner struct {
 	in      Input // without Peers
 	peers   map[string]lease.Lease
 	claim   map[netip.Prefix][]string // subnet -> nodes claiming it (almost always one)
-	verdict map[string]Peer
+	verdict map[string]verdict        // the rest of a Peer is its lease in peers
 
 	routes  map[netip.Prefix]Route
 	neighs  map[netip.Addr]Neigh
@@ -28,12 +28,19 @@ type Planner struct {
 	tunnelMTU, podMTU int
 }
 
-// contribution is one node's share of the desired state (by value: thousands of small
-// pointed-to objects cost more than the values themselves).
+// verdict is the plan's decision on a peer.
+type verdict struct {
+	mode   Mode
+	reason string
+}
+
+// contribution is the keys of one node's share of the desired state, for taking it out
+// again: its route's destination and, for a VXLAN peer, its FDB entry (its neighbour entry
+// is keyed by the route's destination address, its VTEP address). Kept small and by value:
+// with thousands of peers the planner is the agent's biggest structure.
 type contribution struct {
-	route Route
-	neigh Neigh // valid only when vxlan
-	fdb   FDB   // valid only when vxlan
+	dst   netip.Prefix
+	fdb   FDB // valid only when vxlan
 	vxlan bool
 }
 
@@ -53,7 +60,7 @@ func NewPlanner(in Input) (*Planner, Plan) {
 		in:      in,
 		peers:   make(map[string]lease.Lease, len(in.Peers)),
 		claim:   make(map[netip.Prefix][]string, len(in.Peers)),
-		verdict: make(map[string]Peer, len(in.Peers)),
+		verdict: make(map[string]verdict, len(in.Peers)),
 		routes:  make(map[netip.Prefix]Route, len(in.Peers)),
 		neighs:  make(map[netip.Addr]Neigh, len(in.Peers)),
 		fdb:     make(map[FDB]bool, len(in.Peers)),
@@ -74,7 +81,7 @@ func NewPlanner(in Input) (*Planner, Plan) {
 		}
 	}
 	for _, v := range full.Peers {
-		p.verdict[v.Node] = v
+		p.verdict[v.Node] = verdict{v.Mode, v.Reason}
 		var ch Changes
 		p.add(p.peers[v.Node], v, &ch)
 		p.modes[v.Mode]++
@@ -182,7 +189,7 @@ func (p *Planner) Update(changed []lease.Lease) Changes {
 			continue
 		}
 		if old, ok := p.verdict[n]; ok {
-			p.modes[old.Mode]--
+			p.modes[old.mode]--
 		}
 		l, ok := p.peers[n]
 		if !ok {
@@ -196,7 +203,7 @@ func (p *Planner) Update(changed []lease.Lease) Changes {
 			}
 		}
 		v.Mode, v.Reason = decide(p.in, l, owner)
-		p.verdict[n] = v
+		p.verdict[n] = verdict{v.Mode, v.Reason}
 		p.modes[v.Mode]++
 		p.add(l, v, &ch)
 	}
@@ -218,7 +225,14 @@ func (p *Planner) Count() map[Mode]int {
 func (p *Planner) PodMTU() int { return p.podMTU }
 
 // Peer returns the verdict on a node.
-func (p *Planner) Peer(node string) (Peer, bool) { v, ok := p.verdict[node]; return v, ok }
+func (p *Planner) Peer(node string) (Peer, bool) {
+	v, ok := p.verdict[node]
+	if !ok {
+		return Peer{}, false
+	}
+	l := p.peers[node]
+	return Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP, Mode: v.mode, Reason: v.reason}, true
+}
 
 func (p *Planner) ownerOf(s netip.Prefix) string {
 	if s == p.in.Self.Subnet {
@@ -240,40 +254,43 @@ func (p *Planner) remove(n string, ch *Changes) {
 		return
 	}
 	delete(p.contrib, n)
-	delete(p.routes, c.route.Dst)
-	ch.Routes = append(ch.Routes, c.route.Dst)
+	delete(p.routes, c.dst)
+	ch.Routes = append(ch.Routes, c.dst)
 	if c.vxlan {
-		delete(p.neighs, c.neigh.IP)
-		ch.Neighs = append(ch.Neighs, c.neigh.IP)
+		delete(p.neighs, c.dst.Addr())
+		ch.Neighs = append(ch.Neighs, c.dst.Addr())
 		delete(p.fdb, c.fdb)
 		ch.FDB = append(ch.FDB, c.fdb)
 	}
 }
 
 func (p *Planner) add(l lease.Lease, v Peer, ch *Changes) {
-	var c contribution
+	var r Route
+	var neigh Neigh
+	c := contribution{dst: l.Subnet}
 	switch v.Mode {
 	case Direct:
-		c.route = Route{Dst: l.Subnet, Gw: l.PublicIP, Dev: p.in.Underlay.Dev}
+		r = Route{Dst: l.Subnet, Gw: l.PublicIP, Dev: p.in.Underlay.Dev}
 	case VXLAN:
-		c.route = Route{Dst: l.Subnet, Gw: l.Subnet.Addr(), Dev: p.in.VXLANDev, OnLink: true}
+		// The neighbour's address is the route's destination address (remove relies on it).
+		r = Route{Dst: l.Subnet, Gw: l.Subnet.Addr(), Dev: p.in.VXLANDev, OnLink: true}
 		if p.in.Config.Backend.Type == "hybrid" && p.podMTU > p.tunnelMTU {
-			c.route.MTU = p.tunnelMTU
+			r.MTU = p.tunnelMTU
 		}
 		mac := strings.ToLower(l.VTEPMAC)
 		c.vxlan = true
-		c.neigh = Neigh{IP: l.Subnet.Addr(), MAC: mac}
+		neigh = Neigh{IP: l.Subnet.Addr(), MAC: mac}
 		c.fdb = FDB{MAC: mac, Dst: l.PublicIP}
 	default:
 		return
 	}
 	p.contrib[v.Node] = c
-	p.routes[c.route.Dst] = c.route
-	ch.Routes = append(ch.Routes, c.route.Dst)
+	p.routes[r.Dst] = r
+	ch.Routes = append(ch.Routes, r.Dst)
 	if c.vxlan {
-		p.neighs[c.neigh.IP] = c.neigh
+		p.neighs[neigh.IP] = neigh
 		p.fdb[c.fdb] = true
-		ch.Neighs = append(ch.Neighs, c.neigh.IP)
+		ch.Neighs = append(ch.Neighs, neigh.IP)
 		ch.FDB = append(ch.FDB, c.fdb)
 	}
 }
@@ -290,7 +307,8 @@ func (p *Planner) HasFDB(f FDB) bool { return p.fdb[f] }
 // Plan renders the current desired state as a Plan (for status and full passes).
 func (p *Planner) Plan() Plan {
 	out := Build(Input{Config: p.in.Config, Self: p.in.Self, Underlay: p.in.Underlay, VXLANDev: p.in.VXLANDev})
-	for _, v := range p.verdict {
+	for n := range p.verdict {
+		v, _ := p.Peer(n)
 		out.Peers = append(out.Peers, v)
 	}
 	for _, r := range p.routes {

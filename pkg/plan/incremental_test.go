@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -73,6 +75,19 @@ func TestPlannerMatchesBuild(t *testing.T) {
 				}
 				if diff := cmp.Diff(want, render(p.Plan())); diff != "" {
 					t.Fatalf("step %d, batch %v: incremental plan differs from Build (-build +incremental):\n%s", step, batch, diff)
+				}
+				// The whole verdicts too (the planner rebuilds them from the leases it holds).
+				byNode := func(a, b Peer) int { return strings.Compare(a.Node, b.Node) }
+				got := p.Plan().Peers
+				slices.SortFunc(built.Peers, byNode)
+				slices.SortFunc(got, byNode)
+				if !slices.Equal(built.Peers, got) {
+					t.Fatalf("step %d: peers differ:\nbuild %v\nincremental %v", step, built.Peers, got)
+				}
+				for _, v := range built.Peers {
+					if pv, ok := p.Peer(v.Node); !ok || pv != v {
+						t.Fatalf("step %d: Peer(%s) = %v, %v; want %v", step, v.Node, pv, ok, v)
+					}
 				}
 			}
 		})
