@@ -107,13 +107,26 @@ func fdbKeyOf(hw net.HardwareAddr, ip net.IP) (fdbKey, bool) {
 	return fdbKey{m, a.Unmap()}, ok
 }
 
-// delNeigh and delFDB are the netlink forms of mirrored entries, for deleting them.
+// delNeigh and delFDB are the netlink forms of mirrored entries, for deleting them;
+// setNeigh and setFDB those of the permanent entries the plan wants.
 func delNeigh(idx int, ip netip.Addr) *netlink.Neigh {
 	return &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, IP: ip.AsSlice()}
 }
 
 func delFDB(idx int, k fdbKey) *netlink.Neigh {
 	return &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, IP: k.dst.AsSlice(), HardwareAddr: net.HardwareAddr(k.mac[:])}
+}
+
+func setNeigh(idx int, ip netip.Addr, m [6]byte) *netlink.Neigh {
+	n := delNeigh(idx, ip)
+	n.State, n.HardwareAddr = netlink.NUD_PERMANENT, net.HardwareAddr(m[:])
+	return n
+}
+
+func setFDB(idx int, k fdbKey) *netlink.Neigh {
+	n := delFDB(idx, k)
+	n.State = netlink.NUD_PERMANENT
+	return n
 }
 
 // Mirror turns mirroring on.
@@ -440,7 +453,7 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		if ok && c.permanentWith(m) {
 			continue
 		}
-		n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: w.IP.AsSlice(), HardwareAddr: net.HardwareAddr(m[:])}
+		n := setNeigh(idx, w.IP, m)
 		next := toEntry(*n)
 		if err := r.writeNeigh(w.IP, &next, nptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
 			errs = append(errs, fmt.Errorf("set neighbour %s %s: %w", w.IP, w.MAC, err))
@@ -466,7 +479,7 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		if ok && c.permanent() {
 			continue
 		}
-		n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: netlink.NUD_PERMANENT, IP: w.Dst.AsSlice(), HardwareAddr: net.HardwareAddr(k.mac[:])}
+		n := setFDB(idx, k)
 		next := toEntry(*n)
 		if err := r.writeFDB(k, &next, nptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
 			errs = append(errs, fmt.Errorf("set fdb %s dst %s: %w", w.MAC, w.Dst, err))
@@ -520,7 +533,7 @@ func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(net
 			if have && c.permanentWith(m) {
 				continue
 			}
-			n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: ip.AsSlice(), HardwareAddr: net.HardwareAddr(m[:])}
+			n := setNeigh(idx, ip, m)
 			next := toEntry(*n)
 			ops = append(ops, nop{ip: ip, prev: nptr(c, have), set: n, next: &next})
 		case have:
@@ -534,8 +547,7 @@ func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(net
 			if have && c.permanent() {
 				continue
 			}
-			n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
-				State: netlink.NUD_PERMANENT, IP: f.Dst.AsSlice(), HardwareAddr: net.HardwareAddr(k.mac[:])}
+			n := setFDB(idx, k)
 			next := toEntry(*n)
 			ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, prev: nptr(c, have), set: n, next: &next})
 		} else if have {
