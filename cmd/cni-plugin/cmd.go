@@ -131,6 +131,15 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	key := ipam.Key{ContainerID: args.ContainerID, IfName: args.IfName}
 	x := extra{HostVeth: bridge.HostVethName(args.ContainerID, args.IfName), Bridge: c.Bridge, Ports: len(c.RuntimeConfig.PortMappings)}
 
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("netlink: %w", err)
+	}
+	defer h.Close()
+	if err := refuseLive(h, podNS, store, key, x.HostVeth); err != nil {
+		return err
+	}
+
 	var rollback undo
 	defer func() {
 		// A panic after the address was taken would otherwise leave err nil and skip the
@@ -204,11 +213,6 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	rollback.push(func() error { return release(ctx, store, key, entry) })
 
 	// 2. The bridge and the veth.
-	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-	if err != nil {
-		return fmt.Errorf("netlink: %w", err)
-	}
-	defer h.Close()
 	if err := bridge.EnableForwarding(); err != nil {
 		return err
 	}
@@ -258,6 +262,11 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		}
 	}
 
+	// 5. Last, the host end goes up: from here on the attachment is live (see refuseLive).
+	if err := bridge.Up(h, wired); err != nil {
+		return err
+	}
+
 	return addResult{
 		cniVersion: c.CNIVersion,
 		bridge:     c.Bridge, bridgeMAC: br.Attrs().HardwareAddr.String(),
@@ -265,6 +274,29 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		ifName: args.IfName, podMAC: wired.PodMAC.String(), netns: args.Netns,
 		addr: addr, gw: gw, defaultRoute: c.defGW, dns: dns,
 	}.print()
+}
+
+// refuseLive fails an ADD of an attachment that is already live: the spec requires an
+// error when the interface exists, and rebuilding it would break the pod's connections.
+// An attachment an interrupted ADD left half-built is not live, and ADD rebuilds it.
+func refuseLive(h *netlink.Handle, podNS netns.NsHandle, store *ipam.Store, key ipam.Key, hostVeth string) error {
+	host, err := bridge.Lookup(h, hostVeth)
+	if err != nil || host == nil {
+		return err
+	}
+	var rec ipam.Record
+	if err := store.View(func(tx *ipam.Tx) error { rec, _ = tx.Get(key); return nil }); err != nil {
+		return cniError(types.ErrIOFailure, "read address store", err)
+	}
+	live, err := bridge.Live(h, podNS, host, key.IfName, rec.IP)
+	if err != nil {
+		return err
+	}
+	if live {
+		return types.NewError(types.ErrInternal, "interface already exists",
+			fmt.Sprintf("%s is live in the container (host veth %s, address %s): DEL it before adding it again", key.IfName, hostVeth, rec.IP))
+	}
+	return nil
 }
 
 // fromIPAMResult is the first IPv4 address of a result and its gateway (the subnet's

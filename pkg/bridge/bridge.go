@@ -152,19 +152,69 @@ type Pod struct {
 
 // Wired is what Add created, for the CNI result.
 type Wired struct {
-	HostMAC, PodMAC net.HardwareAddr
-	PodIndex        int
+	HostMAC, PodMAC     net.HardwareAddr
+	HostIndex, PodIndex int
 }
 
-// Add creates the veth pair of p on bridge br and configures the pod end. On error it
-// removes what it created (the pod end goes with the host end).
+// ErrLive means an attachment's interfaces already exist and are in use: its host veth is
+// up and its peer is the pod interface, carrying the pod's address.
+var ErrLive = errors.New("interface already exists")
+
+// Lookup is the link named name, or nil if there is none.
+func Lookup(h *netlink.Handle, name string) (netlink.Link, error) {
+	l, err := h.LinkByName(name)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("find %s: %w", name, err)
+	}
+	return l, nil
+}
+
+// Live reports whether host is the host end of a finished attachment, ADD's last step
+// being to set the host end up (Up): host is an up veth whose peer is ifName in the
+// namespace podNS, carrying addr. Anything else under its name is what an interrupted ADD
+// left (a host end still down, a pod end without the address), which ADD may rebuild.
+func Live(h *netlink.Handle, podNS netns.NsHandle, host netlink.Link, ifName string, addr netip.Addr) (bool, error) {
+	if _, ok := host.(*netlink.Veth); !ok || host.Attrs().Flags&net.FlagUp == 0 || !addr.IsValid() {
+		return false, nil
+	}
+	// The peer must be in podNS: its IFLA_LINK index names a link there only if the
+	// host veth's link-netnsid is podNS's id.
+	if id, err := h.GetNetNsIdByFd(int(podNS)); err != nil || id < 0 || id != host.Attrs().NetNsID {
+		return false, nil
+	}
+	ph, err := netlink.NewHandleAt(podNS, unix.NETLINK_ROUTE)
+	if err != nil {
+		return false, fmt.Errorf("netlink in pod namespace: %w", err)
+	}
+	defer ph.Close()
+	pod, err := ph.LinkByName(ifName)
+	if err != nil || pod.Attrs().Index != host.Attrs().ParentIndex {
+		return false, nil
+	}
+	return hasAddrOf(ph, pod, addr)
+}
+
+// Up sets the host end of an attachment up: the last step of ADD, which marks it live.
+func Up(h *netlink.Handle, w Wired) error {
+	if err := h.LinkSetUp(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: w.HostIndex}}); err != nil {
+		return fmt.Errorf("set host veth up: %w", err)
+	}
+	return nil
+}
+
+// Add creates the veth pair of p on bridge br and configures the pod end; the host end
+// stays down until Up. On error it removes what it created (the pod end goes with the host
+// end).
 func Add(h *netlink.Handle, br *netlink.Bridge, p Pod) (Wired, error) {
 	veth := &netlink.Veth{
 		LinkAttrs: netlink.LinkAttrs{
 			Name:         p.HostVeth,
 			MTU:          p.MTU,
 			HardwareAddr: HostMAC(p.Addr.Addr()),
-			Flags:        net.FlagUp,
 			MasterIndex:  br.Attrs().Index,
 			TxQLen:       -1,
 		},
@@ -227,19 +277,15 @@ func configure(h *netlink.Handle, veth *netlink.Veth, p Pod) (Wired, error) {
 			return Wired{}, fmt.Errorf("add default route via %s in pod: %w", p.Gateway, err)
 		}
 	}
-	return Wired{HostMAC: HostMAC(p.Addr.Addr()), PodMAC: pod.Attrs().HardwareAddr, PodIndex: pod.Attrs().Index}, nil
+	return Wired{HostMAC: HostMAC(p.Addr.Addr()), PodMAC: pod.Attrs().HardwareAddr, HostIndex: veth.Attrs().Index, PodIndex: pod.Attrs().Index}, nil
 }
 
 // Del removes the host end hostVeth (and with it the pod end). A missing link is not an
 // error: DEL must be repeatable.
 func Del(h *netlink.Handle, hostVeth string) error {
-	l, err := h.LinkByName(hostVeth)
-	if err != nil {
-		var nf netlink.LinkNotFoundError
-		if errors.As(err, &nf) {
-			return nil
-		}
-		return fmt.Errorf("find %s: %w", hostVeth, err)
+	l, err := Lookup(h, hostVeth)
+	if err != nil || l == nil {
+		return err
 	}
 	if _, ok := l.(*netlink.Veth); !ok {
 		return fmt.Errorf("refusing to delete %s: it is a %s, not a veth", hostVeth, l.Type())
@@ -321,6 +367,20 @@ func hasAddr(h *netlink.Handle, l netlink.Link, want netip.Prefix) (bool, error)
 	}
 	for _, a := range addrs {
 		if p, ok := netipx.Prefix(a.IPNet); ok && p == want {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// hasAddrOf reports whether l carries a, whatever its prefix length.
+func hasAddrOf(h *netlink.Handle, l netlink.Link, a netip.Addr) (bool, error) {
+	addrs, err := h.AddrList(l, family(a))
+	if err != nil {
+		return false, fmt.Errorf("list addresses of %s: %w", l.Attrs().Name, err)
+	}
+	for _, x := range addrs {
+		if p, ok := netipx.Prefix(x.IPNet); ok && p.Addr() == a {
 			return true, nil
 		}
 	}
