@@ -263,7 +263,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	}
 
 	// 5. Last, the host end goes up: from here on the attachment is live (see refuseLive).
-	if err := bridge.Up(h, wired); err != nil {
+	if err := bridge.Up(h, podNS, wired, x.HostVeth, args.IfName); err != nil {
 		return err
 	}
 

@@ -20,8 +20,10 @@ import (
 	"os"
 	"strings"
 	"syscall"
+	"unsafe"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 
 	"github.com/netagent/netagent/pkg/netipx"
@@ -198,10 +200,50 @@ func Live(h *netlink.Handle, podNS netns.NsHandle, host netlink.Link, ifName str
 	return hasAddrOf(ph, pod, addr)
 }
 
-// Up sets the host end of an attachment up: the last step of ADD, which marks it live.
-func Up(h *netlink.Handle, w Wired) error {
+// Up sets the host end of an attachment up, ADD's last step, which marks it live (see
+// Live), and returns once the pod's path is usable. Setting the host end up turns on the
+// carrier of both ends, but the kernel applies a carrier change later, from its link-watch
+// work: until then the end opened first (the pod's) sends into a qdisc that drops
+// everything, and the bridge keeps the port disabled. Under a burst of ADDs that work runs
+// late, and a pod's first packets were lost after ADD returned. Asking a device for its
+// link state (ETHTOOL_GLINK) makes the kernel apply its pending link event at once.
+func Up(h *netlink.Handle, podNS netns.NsHandle, w Wired, hostVeth, ifName string) error {
 	if err := h.LinkSetUp(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: w.HostIndex}}); err != nil {
-		return fmt.Errorf("set host veth up: %w", err)
+		return fmt.Errorf("set %s up: %w", hostVeth, err)
+	}
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socket: %w", err)
+	}
+	defer unix.Close(fd)
+	if err := syncLink(fd, hostVeth); err != nil {
+		return err
+	}
+	// The ioctl acts in its socket's namespace: a netlink socket opened in the pod's.
+	s, err := nl.GetNetlinkSocketAt(podNS, netns.None(), unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("socket in pod namespace: %w", err)
+	}
+	defer s.Close()
+	return syncLink(s.GetFd(), ifName)
+}
+
+// syncLink reads the link state of device name through socket fd (SIOCETHTOOL,
+// ETHTOOL_GLINK), which applies the device's pending carrier change first.
+func syncLink(fd int, name string) error {
+	v := struct{ cmd, data uint32 }{cmd: unix.ETHTOOL_GLINK}
+	var ifr struct {
+		name [unix.IFNAMSIZ]byte
+		data unsafe.Pointer
+		_    [16]byte
+	}
+	copy(ifr.name[:], name)
+	ifr.data = unsafe.Pointer(&v)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCETHTOOL, uintptr(unsafe.Pointer(&ifr))); errno != 0 {
+		return fmt.Errorf("link state of %s: %w", name, errno)
+	}
+	if v.data == 0 {
+		return fmt.Errorf("%s has no carrier", name)
 	}
 	return nil
 }
