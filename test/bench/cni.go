@@ -242,6 +242,16 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	ref.records = func() (int, error) { return hostLocalRecords(filepath.Join(tmp, "ref", ref.list.Name)) }
 	ref.iptables = true
 	runners := []runner{ours, ref}
+	if b.opt.pod {
+		// The loopback network alone: what every pod costs the runtime whatever its
+		// network plugin, so the bound it puts on any ratio is visible.
+		lo, err := b.newCNIRunner("lo", binDir, []byte(loConf))
+		if err != nil {
+			return nil, err
+		}
+		lo.lo = nil
+		runners = append(runners, lo)
+	}
 	if b.opt.bare {
 		bare, err := b.newBareRunner()
 		if err != nil {

@@ -220,6 +220,17 @@ func notes(m meta, r *results) []string {
 				c.op, ms(floor), ms(budget), c.target))
 		}
 	}
+	if lo, ok := r.add["lo"]; ok {
+		ref, lop50 := percentile(r.add["ref"], 0.5), percentile(lo, 0.5)
+		out = append(out, fmt.Sprintf("whole pods include the loopback network; its ADD alone takes %.2f ms p50, and a pod's ADD takes at least as long: ours/ref ≥ %.3f even for a plugin that cost nothing",
+			ms(lop50), float64(lop50)/float64(ref)))
+		for _, c := range r.opt.conc {
+			if t := r.tput["lo"][c].podsPerSec(); t > 0 {
+				out = append(out, fmt.Sprintf("loopback alone at c=%d: %.1f pods/s, so whole pods can be at most %.2f× the reference's %.1f pods/s even with a plugin that cost nothing",
+					c, t, t/r.tput["ref"][c].podsPerSec(), r.tput["ref"][c].podsPerSec()))
+			}
+		}
+	}
 	if m.foreignNS > 0 {
 		out = append(out, fmt.Sprintf("%d network namespaces of other processes existed during the run: other tests may have loaded the machine", m.foreignNS))
 	}
