@@ -198,7 +198,11 @@ func title(r *results) string {
 	if !r.opt.refIPMasq {
 		masq = "no ipMasq"
 	}
-	return fmt.Sprintf("netagent-cni vs bridge (isGateway, %s) + host-local + portmap, through libcni, cniVersion 1.0.0", masq)
+	what := "the pod network alone"
+	if r.opt.pod {
+		what = "whole pods (loopback network + pod network, portMappings passed)"
+	}
+	return fmt.Sprintf("netagent-cni vs bridge (isGateway, %s) + host-local + portmap %s, through libcni, cniVersion 1.0.0, %s", masq, r.opt.refVersion, what)
 }
 
 // notes points out what the numbers cannot show by themselves: a target below the floor
