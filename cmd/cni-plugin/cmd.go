@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -130,8 +131,22 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	key := ipam.Key{ContainerID: args.ContainerID, IfName: args.IfName}
 	x := extra{HostVeth: bridge.HostVethName(args.ContainerID, args.IfName), Bridge: c.Bridge, Ports: len(c.RuntimeConfig.PortMappings)}
 
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("netlink: %w", err)
+	}
+	defer h.Close()
+	if err := refuseLive(h, podNS, store, key, x.HostVeth); err != nil {
+		return err
+	}
+
 	var rollback undo
 	defer func() {
+		// A panic after the address was taken would otherwise leave err nil and skip the
+		// rollback (skel does not recover): turn it into an error so the address is freed.
+		if p := recover(); p != nil {
+			err = fmt.Errorf("panic: %v", p)
+		}
 		if err != nil {
 			err = cniError(types.ErrInternal, "add pod network", rollback.run(err))
 		}
@@ -149,12 +164,18 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 			return derr
 		}
 		rollback.push(func() error { return invoke.DelegateDel(ctx, c.IPAM.Type, args.StdinData, nil) })
-		addr, gw, err = fromIPAMResult(res)
+		// The delegate answers in the config's version (a 0.3.1 or 0.4.0 result for
+		// flannel-era conflists): convert, never assert the type.
+		ipamRes, cerr := current.NewResultFromResult(res)
+		if cerr != nil {
+			return types.NewError(types.ErrDecodingFailure, "convert IPAM result", cerr.Error())
+		}
+		addr, gw, err = fromIPAMResult(ipamRes)
 		if err != nil {
 			return err
 		}
-		if len(res.(*current.Result).DNS.Nameservers) > 0 {
-			dns = res.(*current.Result).DNS
+		if len(ipamRes.DNS.Nameservers) > 0 {
+			dns = ipamRes.DNS
 		}
 		mtu = c.mtu(0)
 		x.Gateway, x.Prefix, x.MTU = gw.String(), addr.Bits(), mtu
@@ -192,11 +213,6 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	rollback.push(func() error { return release(ctx, store, key, entry) })
 
 	// 2. The bridge and the veth.
-	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-	if err != nil {
-		return fmt.Errorf("netlink: %w", err)
-	}
-	defer h.Close()
 	if err := bridge.EnableForwarding(); err != nil {
 		return err
 	}
@@ -246,6 +262,11 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		}
 	}
 
+	// 5. Last, the host end goes up: from here on the attachment is live (see refuseLive).
+	if err := bridge.Up(h, podNS, wired, x.HostVeth, args.IfName); err != nil {
+		return err
+	}
+
 	return addResult{
 		cniVersion: c.CNIVersion,
 		bridge:     c.Bridge, bridgeMAC: br.Attrs().HardwareAddr.String(),
@@ -255,11 +276,32 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	}.print()
 }
 
-func fromIPAMResult(r types.Result) (netip.Prefix, netip.Addr, error) {
-	res, err := current.NewResultFromResult(r)
-	if err != nil {
-		return netip.Prefix{}, netip.Addr{}, fmt.Errorf("convert IPAM result: %w", err)
+// refuseLive fails an ADD of an attachment that is already live: the spec requires an
+// error when the interface exists, and rebuilding it would break the pod's connections.
+// An attachment an interrupted ADD left half-built is not live, and ADD rebuilds it.
+func refuseLive(h *netlink.Handle, podNS netns.NsHandle, store *ipam.Store, key ipam.Key, hostVeth string) error {
+	host, err := bridge.Lookup(h, hostVeth)
+	if err != nil || host == nil {
+		return err
 	}
+	var rec ipam.Record
+	if err := store.View(func(tx *ipam.Tx) error { rec, _ = tx.Get(key); return nil }); err != nil {
+		return cniError(types.ErrIOFailure, "read address store", err)
+	}
+	live, err := bridge.Live(h, podNS, host, key.IfName, rec.IP)
+	if err != nil {
+		return err
+	}
+	if live {
+		return types.NewError(types.ErrInternal, "interface already exists",
+			fmt.Sprintf("%s is live in the container (host veth %s, address %s): DEL it before adding it again", key.IfName, hostVeth, rec.IP))
+	}
+	return nil
+}
+
+// fromIPAMResult is the first IPv4 address of a result and its gateway (the subnet's
+// first address when the result names none).
+func fromIPAMResult(res *current.Result) (netip.Prefix, netip.Addr, error) {
 	for _, ipc := range res.IPs {
 		a, ok := netip.AddrFromSlice(ipc.Address.IP)
 		if !ok || !a.Unmap().Is4() {
@@ -507,6 +549,14 @@ func cmdGC(args *skel.CmdArgs) error {
 			errs = append(errs, err)
 			continue
 		}
+		if c.delegateIPAM {
+			// The delegate's GC may do nothing (host-local's does not): release the
+			// attachment there by the DEL the runtime would have sent.
+			if err := delegateDelFor(ctx, c.IPAM.Type, args.StdinData, r); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+		}
 		released[r.Key] = antispoof.EntryFor(veth, r.IP)
 	}
 	// Veths on our bridge that no valid attachment owns (an ADD killed before it recorded
@@ -560,6 +610,20 @@ func cmdGC(args *skel.CmdArgs) error {
 	}
 	if err := errors.Join(errs...); err != nil {
 		return cniError(types.ErrInternal, "garbage collection incomplete", err)
+	}
+	return nil
+}
+
+// delegateDelFor runs the delegated IPAM plugin's DEL for the attachment of record r (not
+// the one in this process's environment, which GC does not have).
+func delegateDelFor(ctx context.Context, plugin string, stdin []byte, r ipam.Record) error {
+	path, err := invoke.FindInPath(plugin, filepath.SplitList(os.Getenv("CNI_PATH")))
+	if err != nil {
+		return fmt.Errorf("find IPAM plugin %s: %w", plugin, err)
+	}
+	a := &invoke.Args{Command: "DEL", ContainerID: r.ContainerID, NetNS: r.Netns, IfName: r.IfName, Path: os.Getenv("CNI_PATH")}
+	if err := invoke.ExecPluginWithoutResult(ctx, path, stdin, a, nil); err != nil {
+		return fmt.Errorf("release %s in IPAM plugin %s: %w", r.Key, plugin, err)
 	}
 	return nil
 }

@@ -20,8 +20,10 @@ import (
 	"os"
 	"strings"
 	"syscall"
+	"unsafe"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 
 	"github.com/netagent/netagent/pkg/netipx"
@@ -152,19 +154,109 @@ type Pod struct {
 
 // Wired is what Add created, for the CNI result.
 type Wired struct {
-	HostMAC, PodMAC net.HardwareAddr
-	PodIndex        int
+	HostMAC, PodMAC     net.HardwareAddr
+	HostIndex, PodIndex int
 }
 
-// Add creates the veth pair of p on bridge br and configures the pod end. On error it
-// removes what it created (the pod end goes with the host end).
+// ErrLive means an attachment's interfaces already exist and are in use: its host veth is
+// up and its peer is the pod interface, carrying the pod's address.
+var ErrLive = errors.New("interface already exists")
+
+// Lookup is the link named name, or nil if there is none.
+func Lookup(h *netlink.Handle, name string) (netlink.Link, error) {
+	l, err := h.LinkByName(name)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("find %s: %w", name, err)
+	}
+	return l, nil
+}
+
+// Live reports whether host is the host end of a finished attachment, ADD's last step
+// being to set the host end up (Up): host is an up veth whose peer is ifName in the
+// namespace podNS, carrying addr. Anything else under its name is what an interrupted ADD
+// left (a host end still down, a pod end without the address), which ADD may rebuild.
+func Live(h *netlink.Handle, podNS netns.NsHandle, host netlink.Link, ifName string, addr netip.Addr) (bool, error) {
+	if _, ok := host.(*netlink.Veth); !ok || host.Attrs().Flags&net.FlagUp == 0 || !addr.IsValid() {
+		return false, nil
+	}
+	// The peer must be in podNS: its IFLA_LINK index names a link there only if the
+	// host veth's link-netnsid is podNS's id.
+	if id, err := h.GetNetNsIdByFd(int(podNS)); err != nil || id < 0 || id != host.Attrs().NetNsID {
+		return false, nil
+	}
+	ph, err := netlink.NewHandleAt(podNS, unix.NETLINK_ROUTE)
+	if err != nil {
+		return false, fmt.Errorf("netlink in pod namespace: %w", err)
+	}
+	defer ph.Close()
+	pod, err := ph.LinkByName(ifName)
+	if err != nil || pod.Attrs().Index != host.Attrs().ParentIndex {
+		return false, nil
+	}
+	return hasAddrOf(ph, pod, addr)
+}
+
+// Up sets the host end of an attachment up, ADD's last step, which marks it live (see
+// Live), and returns once the pod's path is usable. Setting the host end up turns on the
+// carrier of both ends, but the kernel applies a carrier change later, from its link-watch
+// work: until then the end opened first (the pod's) sends into a qdisc that drops
+// everything, and the bridge keeps the port disabled. Under a burst of ADDs that work runs
+// late, and a pod's first packets were lost after ADD returned. Asking a device for its
+// link state (ETHTOOL_GLINK) makes the kernel apply its pending link event at once.
+func Up(h *netlink.Handle, podNS netns.NsHandle, w Wired, hostVeth, ifName string) error {
+	if err := h.LinkSetUp(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: w.HostIndex}}); err != nil {
+		return fmt.Errorf("set %s up: %w", hostVeth, err)
+	}
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socket: %w", err)
+	}
+	defer unix.Close(fd)
+	if err := syncLink(fd, hostVeth); err != nil {
+		return err
+	}
+	// The ioctl acts in its socket's namespace: a netlink socket opened in the pod's.
+	s, err := nl.GetNetlinkSocketAt(podNS, netns.None(), unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("socket in pod namespace: %w", err)
+	}
+	defer s.Close()
+	return syncLink(s.GetFd(), ifName)
+}
+
+// syncLink reads the link state of device name through socket fd (SIOCETHTOOL,
+// ETHTOOL_GLINK), which applies the device's pending carrier change first.
+func syncLink(fd int, name string) error {
+	v := struct{ cmd, data uint32 }{cmd: unix.ETHTOOL_GLINK}
+	var ifr struct {
+		name [unix.IFNAMSIZ]byte
+		data unsafe.Pointer
+		_    [16]byte
+	}
+	copy(ifr.name[:], name)
+	ifr.data = unsafe.Pointer(&v)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.SIOCETHTOOL, uintptr(unsafe.Pointer(&ifr))); errno != 0 {
+		return fmt.Errorf("link state of %s: %w", name, errno)
+	}
+	if v.data == 0 {
+		return fmt.Errorf("%s has no carrier", name)
+	}
+	return nil
+}
+
+// Add creates the veth pair of p on bridge br and configures the pod end; the host end
+// stays down until Up. On error it removes what it created (the pod end goes with the host
+// end).
 func Add(h *netlink.Handle, br *netlink.Bridge, p Pod) (Wired, error) {
 	veth := &netlink.Veth{
 		LinkAttrs: netlink.LinkAttrs{
 			Name:         p.HostVeth,
 			MTU:          p.MTU,
 			HardwareAddr: HostMAC(p.Addr.Addr()),
-			Flags:        net.FlagUp,
 			MasterIndex:  br.Attrs().Index,
 			TxQLen:       -1,
 		},
@@ -227,19 +319,15 @@ func configure(h *netlink.Handle, veth *netlink.Veth, p Pod) (Wired, error) {
 			return Wired{}, fmt.Errorf("add default route via %s in pod: %w", p.Gateway, err)
 		}
 	}
-	return Wired{HostMAC: HostMAC(p.Addr.Addr()), PodMAC: pod.Attrs().HardwareAddr, PodIndex: pod.Attrs().Index}, nil
+	return Wired{HostMAC: HostMAC(p.Addr.Addr()), PodMAC: pod.Attrs().HardwareAddr, HostIndex: veth.Attrs().Index, PodIndex: pod.Attrs().Index}, nil
 }
 
 // Del removes the host end hostVeth (and with it the pod end). A missing link is not an
 // error: DEL must be repeatable.
 func Del(h *netlink.Handle, hostVeth string) error {
-	l, err := h.LinkByName(hostVeth)
-	if err != nil {
-		var nf netlink.LinkNotFoundError
-		if errors.As(err, &nf) {
-			return nil
-		}
-		return fmt.Errorf("find %s: %w", hostVeth, err)
+	l, err := Lookup(h, hostVeth)
+	if err != nil || l == nil {
+		return err
 	}
 	if _, ok := l.(*netlink.Veth); !ok {
 		return fmt.Errorf("refusing to delete %s: it is a %s, not a veth", hostVeth, l.Type())
@@ -321,6 +409,20 @@ func hasAddr(h *netlink.Handle, l netlink.Link, want netip.Prefix) (bool, error)
 	}
 	for _, a := range addrs {
 		if p, ok := netipx.Prefix(a.IPNet); ok && p == want {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// hasAddrOf reports whether l carries a, whatever its prefix length.
+func hasAddrOf(h *netlink.Handle, l netlink.Link, a netip.Addr) (bool, error) {
+	addrs, err := h.AddrList(l, family(a))
+	if err != nil {
+		return false, fmt.Errorf("list addresses of %s: %w", l.Attrs().Name, err)
+	}
+	for _, x := range addrs {
+		if p, ok := netipx.Prefix(x.IPNet); ok && p.Addr() == a {
 			return true, nil
 		}
 	}

@@ -24,8 +24,8 @@ import (
 type options struct {
 	n, pods, rounds, warmup int
 	conc                    []int
-	bare, refIPMasq         bool
-	markdown                string
+	bare, refIPMasq, pod    bool
+	markdown, refVersion    string
 	timeout                 time.Duration
 }
 
@@ -42,6 +42,8 @@ func parseOptions(args []string) (options, error) {
 	fs.IntVar(&o.warmup, "warmup", 5, "untimed ADD+DEL of this many pods per chain first")
 	fs.BoolVar(&o.bare, "bare", true, "also time the bare kernel work (netlink from this process, no CNI)")
 	fs.BoolVar(&o.refIPMasq, "ref-ipmasq", true, `"ipMasq" of the reference bridge plugin (flannel with flanneld --ip-masq passes false)`)
+	fs.StringVar(&o.refVersion, "ref-version", "v1.10.0", "containernetworking/plugins version the reference chain and loopback are built from")
+	fs.BoolVar(&o.pod, "pod", true, "time whole pods as containerd's CRI sets them up: the loopback network too (ADD concurrently with the pod network, DEL after it), runtimeConfig.portMappings always passed (an empty list for these pods)")
 	fs.StringVar(&o.markdown, "markdown", "", `write a markdown block for BENCHMARKS.md to this file ("-" for stdout)`)
 	fs.DurationVar(&o.timeout, "timeout", time.Minute, "limit for one plugin call")
 	fs.Usage = func() {
@@ -101,6 +103,7 @@ func runCNI(args []string) error {
 		return err
 	}
 	meta := collectMeta(loadStart, b.foreign)
+	meta.plugins = o.refVersion
 	rows := res.rows()
 	printTable(os.Stdout, meta, rows, res)
 	switch o.markdown {
@@ -223,7 +226,7 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	b.tmp = tmp
 
 	b.log.Info("building plugins")
-	binDir, err := buildBinaries(tmp)
+	binDir, err := buildBinaries(tmp, b.opt.refVersion)
 	if err != nil {
 		return nil, err
 	}
@@ -231,14 +234,24 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	if err != nil {
 		return nil, err
 	}
-	ours.records = func() (int, error) { return oursRecords(filepath.Join(tmp, "ours", ours.list.Name)) }
 	ref, err := b.newCNIRunner("ref", binDir, refConf(tmp, b.opt.refIPMasq))
 	if err != nil {
 		return nil, err
 	}
+	ours.records = func() (int, error) { return oursRecords(filepath.Join(tmp, "ours", ours.list.Name)) }
 	ref.records = func() (int, error) { return hostLocalRecords(filepath.Join(tmp, "ref", ref.list.Name)) }
 	ref.iptables = true
 	runners := []runner{ours, ref}
+	if b.opt.pod {
+		// The loopback network alone: what every pod costs the runtime whatever its
+		// network plugin, so the bound it puts on any ratio is visible.
+		lo, err := b.newCNIRunner("lo", binDir, []byte(loConf))
+		if err != nil {
+			return nil, err
+		}
+		lo.lo = nil
+		runners = append(runners, lo)
+	}
 	if b.opt.bare {
 		bare, err := b.newBareRunner()
 		if err != nil {

@@ -6,10 +6,16 @@
 //
 // The cni command times our CNI plugin, netagent-cni (./cmd/cni-plugin), against the chain
 // flannel's CNI config delegates to: bridge ("isGateway": true, "ipMasq": true) with
-// host-local IPAM, followed by portmap. All four binaries are built from this module
-// (the reference ones from github.com/containernetworking/plugins at the version go.mod
-// selects) and driven through libcni, as a container runtime drives them: AddNetworkList
-// and DelNetworkList, with a result cache, exec'ing one process per plugin.
+// host-local IPAM, followed by portmap. The reference binaries and loopback are built from
+// github.com/containernetworking/plugins at -ref-version (default v1.10.0, through a
+// throw-away module file) and everything is driven through libcni, as a container runtime
+// drives it: AddNetworkList and DelNetworkList, with a result cache, exec'ing one process
+// per plugin. By default (-pod) a timed ADD or DEL is a whole pod as containerd's CRI does
+// it: the loopback network too (its ADD concurrent with the pod network's, as go-cni does,
+// its DEL after), and runtimeConfig.portMappings always passed (empty for these pods).
+// -pod=false times the pod network's conflist alone, as earlier figures did. Network
+// namespace creation stays untimed here; the CRI benchmark in test/containerd
+// (TestCRINetworkShare) measures inside the runtime, netns handling included.
 //
 // Nothing touches the root network namespace. Each chain gets its own "node" namespace
 // (its own bridge, subnet, iptables) and every plugin call is made from an OS thread locked

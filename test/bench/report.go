@@ -198,7 +198,11 @@ func title(r *results) string {
 	if !r.opt.refIPMasq {
 		masq = "no ipMasq"
 	}
-	return fmt.Sprintf("netagent-cni vs bridge (isGateway, %s) + host-local + portmap, through libcni, cniVersion 1.0.0", masq)
+	what := "the pod network alone"
+	if r.opt.pod {
+		what = "whole pods (loopback network + pod network, portMappings passed)"
+	}
+	return fmt.Sprintf("netagent-cni vs bridge (isGateway, %s) + host-local + portmap %s, through libcni, cniVersion 1.0.0, %s", masq, r.opt.refVersion, what)
 }
 
 // notes points out what the numbers cannot show by themselves: a target below the floor
@@ -218,6 +222,17 @@ func notes(m meta, r *results) []string {
 		if floor := percentile(bare, 0.5); floor > budget {
 			out = append(out, fmt.Sprintf("%s p50 target is below the kernel floor: the bare netlink work alone takes %.2f ms, the target allows %.2f ms (%.2f × ref)",
 				c.op, ms(floor), ms(budget), c.target))
+		}
+	}
+	if lo, ok := r.add["lo"]; ok {
+		ref, lop50 := percentile(r.add["ref"], 0.5), percentile(lo, 0.5)
+		out = append(out, fmt.Sprintf("whole pods include the loopback network; its ADD alone takes %.2f ms p50, and a pod's ADD takes at least as long: ours/ref ≥ %.3f even for a plugin that cost nothing",
+			ms(lop50), float64(lop50)/float64(ref)))
+		for _, c := range r.opt.conc {
+			if t := r.tput["lo"][c].podsPerSec(); t > 0 {
+				out = append(out, fmt.Sprintf("loopback alone at c=%d: %.1f pods/s, so whole pods can be at most %.2f× the reference's %.1f pods/s even with a plugin that cost nothing",
+					c, t, t/r.tput["ref"][c].podsPerSec(), r.tput["ref"][c].podsPerSec()))
+			}
 		}
 	}
 	if m.foreignNS > 0 {

@@ -67,7 +67,9 @@ func containerID() string {
 
 // buildBinaries builds our plugin and the reference chain into one directory (testbin's),
 // which serves as the CNI bin dir.
-func buildBinaries(tmp string) (string, error) {
+// The reference plugins and loopback are built from containernetworking/plugins at
+// refVersion (in the throw-away module file, so go.mod is not changed).
+func buildBinaries(tmp, refVersion string) (string, error) {
 	if _, err := testbin.BuildErr("./cmd/cni-plugin", "netagent-cni"); err != nil {
 		return "", fmt.Errorf("build our plugin: %w", err)
 	}
@@ -76,10 +78,16 @@ func buildBinaries(tmp string) (string, error) {
 		return "", err
 	}
 	defer restore()
+	get := exec.Command("go", "get", "github.com/containernetworking/plugins@"+refVersion)
+	get.Dir = testbin.Root()
+	if out, err := get.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("reference plugins %s: %w\n%s", refVersion, err, out)
+	}
 	for _, p := range []struct{ pkg, name string }{
 		{"github.com/containernetworking/plugins/plugins/main/bridge", "bridge"},
 		{"github.com/containernetworking/plugins/plugins/ipam/host-local", "host-local"},
 		{"github.com/containernetworking/plugins/plugins/meta/portmap", "portmap"},
+		{"github.com/containernetworking/plugins/plugins/main/loopback", "loopback"},
 	} {
 		if _, err := testbin.BuildErr(p.pkg, p.name); err != nil {
 			return "", fmt.Errorf("build reference plugin %s: %w", p.name, err)
@@ -130,12 +138,20 @@ func refModfile(tmp string) (restore func(), err error) {
 
 func cleanupBinaries() { testbin.Cleanup() }
 
-// cniRunner drives one conflist through libcni, as a runtime does.
+// loConf is the loopback network containerd's CRI (go-cni) sets up in every pod besides
+// the configured one.
+const loConf = `{"cniVersion":"0.3.1","name":"cni-loopback","plugins":[{"type":"loopback"}]}`
+
+// cniRunner drives one conflist through libcni, as a runtime does. With lo set it does
+// what containerd's CRI does for a pod (go-cni): ADD of the loopback network concurrently
+// with the pod network's, DEL of both one after the other, and the portMappings capability
+// always passed (an empty list for a pod that publishes none).
 type cniRunner struct {
 	label   string
 	ns      *netns.NS
 	cni     *libcni.CNIConfig
 	list    *libcni.NetworkConfigList
+	lo      *libcni.NetworkConfigList
 	conf    []byte
 	timeout time.Duration
 
@@ -168,6 +184,11 @@ func (b *bench) newCNIRunner(label, binDir string, conf []byte) (*cniRunner, err
 		timeout:  b.opt.timeout,
 		cacheDir: cacheDir,
 	}
+	if b.opt.pod {
+		if r.lo, err = libcni.NetworkConfFromBytes([]byte(loConf)); err != nil {
+			return nil, err
+		}
+	}
 	return r, nil
 }
 
@@ -175,13 +196,38 @@ func (r *cniRunner) name() string    { return r.label }
 func (r *cniRunner) node() *netns.NS { return r.ns }
 
 func (r *cniRunner) rt(p pod) *libcni.RuntimeConf {
-	return &libcni.RuntimeConf{ContainerID: p.id, NetNS: p.ns.Path, IfName: podIf}
+	rt := &libcni.RuntimeConf{ContainerID: p.id, NetNS: p.ns.Path, IfName: podIf}
+	if r.lo != nil {
+		rt.CapabilityArgs = map[string]any{"portMappings": []any{}}
+	}
+	return rt
+}
+
+func (r *cniRunner) loRT(p pod) *libcni.RuntimeConf {
+	return &libcni.RuntimeConf{ContainerID: p.id, NetNS: p.ns.Path, IfName: "lo"}
 }
 
 func (r *cniRunner) add(ctx context.Context, p pod) error {
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
-	if _, err := r.cni.AddNetworkList(ctx, r.list, r.rt(p)); err != nil {
+	loDone := make(chan error, 1)
+	if r.lo != nil {
+		// On a thread of its own inside the node namespace: a plugin process inherits the
+		// namespace of the thread that starts it.
+		go func() {
+			loDone <- r.ns.Do(func() error {
+				_, err := r.cni.AddNetworkList(ctx, r.lo, r.loRT(p))
+				return err
+			})
+		}()
+	} else {
+		loDone <- nil
+	}
+	_, err := r.cni.AddNetworkList(ctx, r.list, r.rt(p))
+	if lerr := <-loDone; lerr != nil {
+		err = errors.Join(err, fmt.Errorf("loopback: %w", lerr))
+	}
+	if err != nil {
 		return fmt.Errorf("%s: ADD container %s netns %s: %w\nconflist: %s", r.label, p.id, p.ns.Path, err, r.conf)
 	}
 	return nil
@@ -190,6 +236,11 @@ func (r *cniRunner) add(ctx context.Context, p pod) error {
 func (r *cniRunner) del(ctx context.Context, p pod) error {
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
+	if r.lo != nil {
+		if err := r.cni.DelNetworkList(ctx, r.lo, r.loRT(p)); err != nil {
+			return fmt.Errorf("%s: DEL loopback of container %s: %w", r.label, p.id, err)
+		}
+	}
 	if err := r.cni.DelNetworkList(ctx, r.list, r.rt(p)); err != nil {
 		return fmt.Errorf("%s: DEL container %s netns %s: %w\nconflist: %s", r.label, p.id, p.ns.Path, err, r.conf)
 	}

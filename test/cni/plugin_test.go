@@ -449,43 +449,6 @@ func TestGC(t *testing.T) {
 	}
 }
 
-// TestVersions: each supported config version gets a result in kind.
-func TestVersions(t *testing.T) {
-	n := newNode(t)
-	for i, v := range []string{"0.3.1", "0.4.0", "1.0.0", "1.1.0"} {
-		t.Run(v, func(t *testing.T) {
-			l := n.list(v, conf{"subnet": "10.244.8.0/24"})
-			p := n.newPod(fmt.Sprint("v", i))
-			var raw []byte
-			err := n.ns.Do(func() error {
-				res, err := n.cni.AddNetworkList(t.Context(), l, p.rt)
-				if err != nil {
-					return err
-				}
-				if res.Version() != v {
-					return fmt.Errorf("result version %s, want %s", res.Version(), v)
-				}
-				raw, err = json.Marshal(res)
-				return err
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !strings.Contains(string(raw), `"10.244.8.`) {
-				t.Errorf("result lacks the address: %s", raw)
-			}
-			if v != "0.3.1" {
-				if err := n.check(l, p); err != nil {
-					t.Errorf("CHECK: %v", err)
-				}
-			}
-			if err := n.del(l, p); err != nil {
-				t.Fatal(err)
-			}
-		})
-	}
-}
-
 // TestSubnetFromAgent: without "subnet", ADD waits for the agent's subnet file.
 func TestSubnetFromAgent(t *testing.T) {
 	n := newNode(t)

@@ -369,26 +369,7 @@ type pod struct {
 // runPod starts a pod sandbox (which runs the CNI ADD) and reads its IP back from the
 // runtime, as the kubelet would.
 func (n *node) runPod(ctx context.Context, name string, ports []*runtimeapi.PortMapping) (*pod, error) {
-	cfg := &runtimeapi.PodSandboxConfig{
-		Metadata: &runtimeapi.PodSandboxMetadata{
-			Name:      name,
-			Namespace: podNamespace,
-			Uid:       fmt.Sprintf("%s-%s", filepath.Base(n.dir), name),
-		},
-		Hostname:     name,
-		LogDirectory: filepath.Join(n.dir, "logs", name),
-		PortMappings: ports,
-		Linux: &runtimeapi.LinuxPodSandboxConfig{
-			CgroupParent: n.cgroupParent,
-			SecurityContext: &runtimeapi.LinuxSandboxSecurityContext{
-				NamespaceOptions: &runtimeapi.NamespaceOption{
-					Network: runtimeapi.NamespaceMode_POD,
-					Pid:     runtimeapi.NamespaceMode_POD,
-					Ipc:     runtimeapi.NamespaceMode_POD,
-				},
-			},
-		},
-	}
+	cfg := n.sandboxConfig(name, ports, runtimeapi.NamespaceMode_POD)
 	callCtx, cancel := context.WithTimeout(ctx, criTimeout)
 	defer cancel()
 	resp, err := n.rt.RunPodSandbox(callCtx, &runtimeapi.RunPodSandboxRequest{Config: cfg})
@@ -409,6 +390,30 @@ func (n *node) runPod(ctx context.Context, name string, ports []*runtimeapi.Port
 	}
 	p.ip = st.GetStatus().GetNetwork().GetIp()
 	return p, nil
+}
+
+// sandboxConfig is a pod's sandbox config; network NODE is a host-network pod (no CNI).
+func (n *node) sandboxConfig(name string, ports []*runtimeapi.PortMapping, network runtimeapi.NamespaceMode) *runtimeapi.PodSandboxConfig {
+	return &runtimeapi.PodSandboxConfig{
+		Metadata: &runtimeapi.PodSandboxMetadata{
+			Name:      name,
+			Namespace: podNamespace,
+			Uid:       fmt.Sprintf("%s-%s", filepath.Base(n.dir), name),
+		},
+		Hostname:     name,
+		LogDirectory: filepath.Join(n.dir, "logs", name),
+		PortMappings: ports,
+		Linux: &runtimeapi.LinuxPodSandboxConfig{
+			CgroupParent: n.cgroupParent,
+			SecurityContext: &runtimeapi.LinuxSandboxSecurityContext{
+				NamespaceOptions: &runtimeapi.NamespaceOption{
+					Network: network,
+					Pid:     runtimeapi.NamespaceMode_POD,
+					Ipc:     runtimeapi.NamespaceMode_POD,
+				},
+			},
+		},
+	}
 }
 
 // startContainer runs cmd in a new container of pod p, from the same busybox image.

@@ -1,0 +1,123 @@
+package containerd
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"testing"
+	"time"
+
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/netagent/netagent/test/netns"
+	"github.com/netagent/netagent/test/testbin"
+)
+
+// TestCRINetworkShare is a benchmark, not a check (CI shares the machine, so it is skipped
+// unless NETAGENT_CRI_BENCH=1): it times netagent-cni and the reference chain (bridge with
+// isGateway and ipMasq + host-local + portmap, plus loopback, at the plugins version go.mod
+// selects) inside containerd's CRI, each under its own containerd, in the same run. The
+// network's share of RunPodSandbox (and of StopPodSandbox) is a pod-network sandbox's time
+// minus a host-network sandbox's (no netns, no CNI) on the same node; the calls alternate
+// between the nodes and between both kinds, and the medians are logged with the ratio.
+// NETAGENT_CRI_BENCH_N sets the pods per kind and node (default 20).
+func TestCRINetworkShare(t *testing.T) {
+	if os.Getenv("NETAGENT_CRI_BENCH") == "" {
+		t.Skip("set NETAGENT_CRI_BENCH=1 to run the CRI benchmark")
+	}
+	netns.RequireRoot(t)
+	count := 20
+	if s := os.Getenv("NETAGENT_CRI_BENCH_N"); s != "" {
+		var err error
+		if count, err = strconv.Atoi(s); err != nil || count < 1 {
+			t.Fatalf("NETAGENT_CRI_BENCH_N=%q is not a positive number", s)
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Minute)
+	defer cancel()
+	build := func(p string) string {
+		return testbin.Build(t, "github.com/containernetworking/plugins/plugins/"+p, filepath.Base(p))
+	}
+	loopback := build("main/loopback")
+	dataDir := t.TempDir()
+	ours := mustJSON(t, map[string]any{"cniVersion": "1.0.0", "name": networkName, "plugins": []any{map[string]any{
+		"type": "netagent-cni", "bridge": bridgeName, "subnet": podSubnet.String(),
+		"dataDir": filepath.Join(dataDir, "ours"), "capabilities": map[string]bool{"portMappings": true},
+	}}})
+	ref := mustJSON(t, map[string]any{"cniVersion": "1.0.0", "name": networkName, "plugins": []any{
+		map[string]any{"type": "bridge", "bridge": bridgeName, "isGateway": true, "ipMasq": true,
+			"ipam": map[string]any{"type": "host-local", "subnet": podSubnet.String(), "dataDir": filepath.Join(dataDir, "ref")}},
+		map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}},
+	}})
+	nodes := map[string]*node{
+		"ours": startNode(ctx, t, nodeOptions{
+			plugins:  map[string]string{"netagent-cni": testbin.Build(t, "./cmd/cni-plugin", "netagent-cni"), "loopback": loopback},
+			confName: "10-netagent.conflist", conflist: ours, setup: addNodeAddr,
+		}),
+		"ref": startNode(ctx, t, nodeOptions{
+			plugins:  map[string]string{"bridge": build("main/bridge"), "host-local": build("ipam/host-local"), "portmap": build("meta/portmap"), "loopback": loopback},
+			confName: "10-reference.conflist", conflist: ref, setup: addNodeAddr,
+		}),
+	}
+	type key struct{ node, kind, call string }
+	took := map[key][]time.Duration{}
+	modes := map[string]runtimeapi.NamespaceMode{"pod": runtimeapi.NamespaceMode_POD, "host": runtimeapi.NamespaceMode_NODE}
+	for i := range count {
+		order := []string{"ours", "ref"}
+		kinds := []string{"pod", "host"}
+		if i%2 == 1 {
+			slices.Reverse(order)
+			slices.Reverse(kinds)
+		}
+		for _, name := range order {
+			n := nodes[name]
+			for _, kind := range kinds {
+				cfg := n.sandboxConfig(fmt.Sprintf("b%s%d", kind, i), nil, modes[kind])
+				if kind == "host" {
+					cfg.Hostname = "" // the node's UTS namespace: a kubelet sets none either
+				}
+				callCtx, cancel := context.WithTimeout(ctx, criTimeout)
+				start := time.Now()
+				resp, err := n.rt.RunPodSandbox(callCtx, &runtimeapi.RunPodSandboxRequest{Config: cfg})
+				took[key{name, kind, "run"}] = append(took[key{name, kind, "run"}], time.Since(start))
+				if err != nil {
+					cancel()
+					t.Fatalf("%s: RunPodSandbox: %v", name, err)
+				}
+				id := resp.GetPodSandboxId()
+				n.mu.Lock()
+				n.sandboxes = append(n.sandboxes, id)
+				n.mu.Unlock()
+				n.recordShims()
+				start = time.Now()
+				_, err = n.rt.StopPodSandbox(callCtx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: id})
+				took[key{name, kind, "stop"}] = append(took[key{name, kind, "stop"}], time.Since(start))
+				if err == nil {
+					_, err = n.rt.RemovePodSandbox(callCtx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: id})
+				}
+				cancel()
+				if err != nil {
+					t.Fatalf("%s: stop or remove: %v", name, err)
+				}
+			}
+		}
+	}
+	med := func(k key) time.Duration {
+		ds := slices.Clone(took[k])
+		slices.Sort(ds)
+		return ds[len(ds)/2]
+	}
+	for _, call := range []string{"run", "stop"} {
+		share := map[string]time.Duration{}
+		for _, name := range []string{"ours", "ref"} {
+			pod, host := med(key{name, "pod", call}), med(key{name, "host", call})
+			share[name] = pod - host
+			t.Logf("%s %s: pod network %v, host network %v, network share %v (medians of %d)", call, name,
+				pod.Round(100*time.Microsecond), host.Round(100*time.Microsecond), share[name].Round(100*time.Microsecond), count)
+		}
+		t.Logf("%s: network share ours/ref = %.3f", call, float64(share["ours"])/float64(share["ref"]))
+	}
+}
