@@ -1,11 +1,13 @@
-# The netagent image: the agent (netagent) and the CNI plugin (netagent-cni) on Debian with
+# The netagent image: the agent (netagent) and the CNI plugin (netagent-cni) with Debian's
 # iptables. The DaemonSet in manifests/ runs `netagent run`; its init container runs
 # `netagent install-cni`, which copies /usr/local/bin/netagent-cni onto the node.
 #
-#   docker build -t ghcr.io/netagent/netagent:0.1.0 .
+#   docker build -t REGISTRY/netagent:TAG . && docker push REGISTRY/netagent:TAG
 #
-# Not built or tested where this was written: that machine cannot pull base images. The
-# manifests are tested (go test ./cmd/netagent ./manifests/...); this file is not.
+# The root file system is assembled by scripts/image-rootfs.sh (Debian's iptables and what it
+# depends on, unpacked with dpkg-deb, plus the two static binaries) on no base image: the
+# Kubernetes lab builds its image with the same script on a machine that pulls nothing, so
+# the image the lab tests and the one built here hold the same files.
 
 FROM golang:1.26-bookworm AS build
 WORKDIR /src
@@ -16,17 +18,18 @@ ENV CGO_ENABLED=0
 RUN go build -trimpath -ldflags="-s -w" -o /out/netagent ./cmd/netagent && \
     go build -trimpath -ldflags="-s -w" -o /out/netagent-cni ./cmd/cni-plugin
 
-FROM debian:bookworm-slim
-# iptables brings iptables-nft and iptables-legacy; the agent runs whichever `iptables`
-# the alternatives select, which on bookworm is nf_tables. Its rules must live where the
-# node's other iptables users (kube-proxy) put theirs: on a node that uses legacy
-# iptables, build a derived image with
-#   RUN update-alternatives --set iptables /usr/sbin/iptables-legacy
-# (`netagent doctor` on the node reports a legacy/nf_tables split).
-RUN apt-get update && \
-    apt-get install -y --no-install-recommends iptables && \
-    rm -rf /var/lib/apt/lists/*
-COPY --from=build /out/netagent /out/netagent-cni /usr/local/bin/
-# Netlink and iptables need root (the DaemonSet grants NET_ADMIN and NET_RAW only).
+FROM debian:bookworm-slim AS assemble
+RUN apt-get update
+COPY scripts/image-rootfs.sh /image-rootfs.sh
+COPY --from=build /out/ /out/
+RUN bash /image-rootfs.sh /rootfs /out/netagent /out/netagent-cni /debs
+
+FROM scratch
+COPY --from=assemble /rootfs/ /
+ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# Netlink and iptables need root (the DaemonSet grants NET_ADMIN and NET_RAW only). On a
+# node whose other iptables users (kube-proxy) use the legacy backend, point the iptables
+# links in /usr/sbin at the -legacy binaries in a derived image (`netagent doctor` on the
+# node reports a legacy/nf_tables split).
 USER root
 ENTRYPOINT ["/usr/local/bin/netagent"]

@@ -208,7 +208,7 @@ func runPods(t *testing.T, opts nodeOptions, sc scenario) {
 		t.Run("host port reaches its pod", func(t *testing.T) {
 			addr := fmt.Sprintf("%s:%d", nodeAddr.Addr(), hostPort)
 			// busybox nc, not the host's: its flags are the ones the pods use.
-			out, err := n.ns.Run(busyboxPath, "nc", "-w", "2", nodeAddr.Addr().String(), fmt.Sprint(hostPort))
+			out, err := n.ns.Run("/bin/busybox", "nc", "-w", "2", nodeAddr.Addr().String(), fmt.Sprint(hostPort))
 			if err != nil {
 				t.Fatalf("connect to %s from the node: %v", addr, err)
 			}

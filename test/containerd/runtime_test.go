@@ -72,7 +72,7 @@ type nodeOptions struct {
 // Everything is torn down when the test ends, whether it passed or not.
 func startNode(ctx context.Context, t *testing.T, opts nodeOptions) *node {
 	t.Helper()
-	requireTools(t, "containerd", "containerd-shim-runc-v2", "runc", "ctr", "nsenter", "iptables-save", busyboxPath)
+	requireTools(t, "containerd", "containerd-shim-runc-v2", "runc", "ctr", "nsenter", "iptables-save", "/bin/busybox")
 	// The name carries "netagent" so leftovers are easy to spot in `mount` and /proc, and
 	// stays short: the gRPC socket path must fit in sun_path (108 bytes).
 	dir, err := os.MkdirTemp("", "netagent-containerd-")

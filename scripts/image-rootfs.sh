@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# image-rootfs.sh OUT NETAGENT NETAGENT_CNI [DEB_CACHE]
+#
+# Assembles the netagent image's root file system in OUT: Debian's iptables (the nf_tables
+# variant selected, as update-alternatives would on bookworm) with the packages it depends
+# on, unpacked with dpkg-deb, plus the two static binaries in /usr/local/bin. The Dockerfile
+# runs this script in its assembly stage and the Kubernetes lab runs it on the node, so both
+# images hold the same files; no base image is pulled.
+set -euo pipefail
+out=$1 agent=$2 cni=$3 cache=${4:-/var/cache/netagent/debs}
+pkgs=(iptables)
+mkdir -p "$cache"
+# The dependency closure, as Debian resolves it (libc6, libxtables12, libnftnl11, ...).
+mapfile -t closure < <(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
+	--no-breaks --no-replaces --no-enhances "${pkgs[@]}" | grep -v '^ ' | grep -v '<' | sort -u)
+((${#closure[@]})) || { echo "apt-cache found no packages (run apt-get update first)" >&2; exit 1; }
+(cd "$cache" && apt-get -o APT::Sandbox::User=root download "${closure[@]}" >/dev/null)
+rm -rf "$out"
+mkdir -p "$out"
+for p in "${closure[@]}"; do
+	deb=$(ls -t "$cache"/"${p}"_*.deb | head -n 1)
+	dpkg-deb -x "$deb" "$out"
+done
+for t in iptables ip6tables; do
+	ln -sf "$t-nft" "$out/usr/sbin/$t"
+	ln -sf "$t-nft-save" "$out/usr/sbin/$t-save"
+	ln -sf "$t-nft-restore" "$out/usr/sbin/$t-restore"
+done
+mkdir -p "$out/usr/local/bin" "$out/tmp" "$out/run" "$out/proc" "$out/sys" "$out/dev" "$out/var/lib" "$out/root"
+chmod 1777 "$out/tmp"
+install -m 0755 "$agent" "$out/usr/local/bin/netagent"
+install -m 0755 "$cni" "$out/usr/local/bin/netagent-cni"
+printf 'root:x:0:0:root:/root:/usr/sbin/nologin\n' > "$out/etc/passwd"
+printf 'root:x:0:\n' > "$out/etc/group"
+# The packages' documentation is not needed at run time.
+rm -rf "$out/usr/share/doc" "$out/usr/share/man" "$out/usr/share/lintian"

@@ -1,0 +1,304 @@
+// Package k8s_test runs netagent as the network of a real Kubernetes cluster (kube-apiserver,
+// controller-manager, scheduler, and per node containerd, kubelet and kube-proxy, built by
+// scripts/k8s-build.sh) in network namespaces, installed the way the README says: the
+// image imported, `kubectl apply -k manifests/kube`.
+package k8s_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/netagent/netagent/pkg/lab/k8s"
+	"github.com/netagent/netagent/test/netns"
+	"github.com/netagent/netagent/test/testbin"
+)
+
+// kubeBin finds the Kubernetes binaries: NETAGENT_K8S_BIN, or the build script's cache.
+// Without them the test skips, and fails when CI is set (scripts/test.sh builds them).
+func kubeBin(t *testing.T) string {
+	dir := os.Getenv("NETAGENT_K8S_BIN")
+	if dir == "" {
+		dir = "/var/cache/netagent/kubernetes/v1.34.4/bin"
+	}
+	if _, err := os.Stat(filepath.Join(dir, ".complete")); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("Kubernetes binaries missing in %s (scripts/k8s-build.sh builds them): %v", dir, err)
+		}
+		t.Skipf("Kubernetes binaries missing in %s (run scripts/k8s-build.sh): %v", dir, err)
+	}
+	return dir
+}
+
+type lab struct {
+	t     *testing.T
+	sw    *netns.NS
+	ext   *netns.NS
+	nodes []*k8s.Node
+	c     *k8s.Cluster
+}
+
+// newLab builds the underlay (a switch, n nodes on 192.0.2.11.., an outside host on
+// 192.0.2.254) and the cluster on it.
+func newLab(t *testing.T, n int) *lab {
+	netns.RequireRoot(t)
+	bin := kubeBin(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	l := &lab{t: t, sw: netns.New(t, "k8sw"), ext: netns.New(t, "k8ext")}
+	l.sw.MustRun(t, "ip", "link", "add", "br0", "type", "bridge")
+	l.sw.MustRun(t, "ip", "link", "set", "br0", "up")
+	attach := func(port string, ns *netns.NS, addr string) {
+		if err := netns.Veth(l.sw, port, ns, "eth0"); err != nil {
+			t.Fatal(err)
+		}
+		l.sw.MustRun(t, "ip", "link", "set", port, "master", "br0")
+		if err := ns.AddrAdd("eth0", addr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	attach("ext", l.ext, "192.0.2.254/24")
+	dir := t.TempDir()
+	for i := range n {
+		ns := netns.New(t, fmt.Sprintf("k8n%d", i+1))
+		ip := netip.AddrFrom4([4]byte{192, 0, 2, byte(11 + i)})
+		attach(fmt.Sprintf("n%d", i+1), ns, ip.String()+"/24")
+		// The outside host is the underlay's gateway (kube-proxy wants a default route).
+		ns.MustRun(t, "ip", "route", "add", "default", "via", "192.0.2.254")
+		l.nodes = append(l.nodes, &k8s.Node{Name: fmt.Sprintf("node%d", i+1), NS: ns.Name, IP: ip, Dir: filepath.Join(dir, "nodes", fmt.Sprintf("node%d", i+1))})
+	}
+	agent := testbin.Build(t, "./cmd/netagent", "netagent")
+	cni := testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
+	etcd := testbin.Build(t, "./cmd/netagent-etcd", "netagent-etcd")
+	loopback := testbin.Build(t, "github.com/containernetworking/plugins/plugins/main/loopback", "loopback")
+	img, err := k8s.BuildNetagentImage(ctx, filepath.Join(testbin.Root(), "scripts/image-rootfs.sh"), agent, cni, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := k8s.Up(ctx, k8s.Options{
+		Dir: dir, KubeBin: bin, Etcd: etcd, Loopback: loopback, NetagentImage: img,
+		Prefix: netns.Prefix + fmt.Sprint(os.Getpid()) + "-",
+		Log:    func(f string, a ...any) { t.Logf(f, a...) },
+	}, l.nodes)
+	// Cleanups run last-in first-out: the cluster goes before its namespaces.
+	t.Cleanup(func() {
+		if c == nil {
+			return
+		}
+		if t.Failed() {
+			for _, n := range l.nodes {
+				for _, f := range []string{"node.log", "kubelet.log", "containerd.log"} {
+					t.Logf("%s %s:\n%s", n.Name, f, k8s.TailFile(filepath.Join(n.Dir, f), 15))
+				}
+			}
+		}
+		if err := c.Down(); err != nil {
+			t.Errorf("cluster down: %v", err)
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.c = c
+	return l
+}
+
+func (l *lab) kubectl(args ...string) string {
+	l.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	out, err := l.c.Kubectl(ctx, args...)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	return out
+}
+
+func (l *lab) eventually(what string, timeout time.Duration, ok func() (bool, string)) {
+	l.t.Helper()
+	deadline := time.Now().Add(timeout)
+	var last string
+	for time.Now().Before(deadline) {
+		var done bool
+		if done, last = ok(); done {
+			return
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	l.t.Fatalf("%s: not within %s; last: %s", what, timeout, last)
+}
+
+const webYAML = `apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: %d
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      topologySpreadConstraints:
+      - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}
+      containers:
+      - name: web
+        image: lab.local/busybox:1
+        imagePullPolicy: Never
+        command: ["sh", "-c", "while true; do printf 'HTTP/1.0 200 OK\r\n\r\n%%s\n' \"$(hostname)\" | nc -l -p 8080 >/dev/null; done"]
+        ports: [{containerPort: 8080, hostPort: 18080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+`
+
+type podInfo struct {
+	Name, IP, Node string
+}
+
+func (l *lab) webPods() []podInfo {
+	var list struct {
+		Items []struct {
+			Metadata struct{ Name string }
+			Spec     struct{ NodeName string }
+			Status   struct {
+				PodIP      string
+				Phase      string
+				Conditions []struct{ Type, Status string }
+			}
+		}
+	}
+	if err := json.Unmarshal([]byte(l.kubectl("get", "pods", "-l", "app=web", "-o", "json")), &list); err != nil {
+		l.t.Fatal(err)
+	}
+	var pods []podInfo
+	for _, it := range list.Items {
+		ready := false
+		for _, c := range it.Status.Conditions {
+			ready = ready || (c.Type == "Ready" && c.Status == "True")
+		}
+		if ready {
+			pods = append(pods, podInfo{it.Metadata.Name, it.Status.PodIP, it.Spec.NodeName})
+		}
+	}
+	return pods
+}
+
+// TestKubernetes is issue 13's items 1 and 2 on a real cluster: the DaemonSet from
+// manifests/kube brings the nodes Ready, and pods made by the kubelet reach each other
+// across nodes, the outside world (masqueraded), a ClusterIP, a NodePort and a hostPort.
+func TestKubernetes(t *testing.T) {
+	l := newLab(t, 3)
+	start := time.Now()
+	l.kubectl("apply", "-k", filepath.Join(testbin.Root(), "manifests/kube"))
+	l.eventually("DaemonSet rolled out", 3*time.Minute, func() (bool, string) {
+		out := l.kubectl("-n", "netagent", "get", "ds", "netagent", "-o", "jsonpath={.status.numberReady}/{.status.desiredNumberScheduled}")
+		return out == fmt.Sprintf("%d/%d", len(l.nodes), len(l.nodes)), out
+	})
+	l.eventually("nodes Ready", time.Minute, func() (bool, string) {
+		out := l.kubectl("get", "nodes", "-o", `jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{" "}{end}`)
+		return strings.Count(out, "True") == len(l.nodes), out
+	})
+	t.Logf("DaemonSet applied -> every agent ready and every node Ready: %s", time.Since(start).Round(time.Millisecond))
+	for _, n := range l.nodes {
+		out := l.kubectl("get", "node", n.Name, "-o", "jsonpath={.spec.podCIDR} {.metadata.annotations.netagent\\.io/public-ip}")
+		f := strings.Fields(out)
+		if len(f) != 2 || f[1] != n.IP.String() {
+			t.Errorf("node %s: podCIDR and netagent.io/public-ip = %q, want a podCIDR and %s", n.Name, out, n.IP)
+		}
+	}
+
+	applyYAML(t, l, fmt.Sprintf(webYAML, len(l.nodes)))
+	var pods []podInfo
+	l.eventually("web pods ready on every node", 2*time.Minute, func() (bool, string) {
+		pods = l.webPods()
+		nodes := map[string]bool{}
+		for _, p := range pods {
+			nodes[p.Node] = true
+		}
+		return len(nodes) == len(l.nodes), fmt.Sprint(pods)
+	})
+
+	t.Run("pod matrix", func(t *testing.T) {
+		for _, a := range pods {
+			for _, b := range pods {
+				if _, err := l.c.Kubectl(context.Background(), "exec", a.Name, "--", "ping", "-c1", "-W2", b.IP); err != nil {
+					t.Errorf("%s (%s) -> %s (%s): %v", a.Name, a.Node, b.Name, b.Node, err)
+				}
+			}
+		}
+	})
+	t.Run("ClusterIP", func(t *testing.T) {
+		svc := l.kubectl("get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}")
+		for _, a := range pods {
+			out, err := l.c.Kubectl(context.Background(), "exec", a.Name, "--", "sh", "-c", "echo | nc -w 3 "+svc+" 80")
+			if err != nil || !strings.Contains(out, "200 OK") {
+				t.Errorf("%s -> ClusterIP %s:80 = %q, %v", a.Name, svc, out, err)
+			}
+		}
+	})
+	t.Run("NodePort and hostPort from outside", func(t *testing.T) {
+		for _, n := range l.nodes {
+			for _, port := range []string{"30080", "18080"} {
+				out, err := l.ext.Run("sh", "-c", "echo | busybox nc -w 3 "+n.IP.String()+" "+port)
+				if err != nil || !strings.Contains(out, "200 OK") {
+					t.Errorf("outside -> %s:%s = %q, %v", n.IP, port, out, err)
+				}
+			}
+		}
+	})
+	t.Run("egress masqueraded", func(t *testing.T) {
+		var ln net.Listener
+		if err := l.ext.Do(func() (err error) { ln, err = net.Listen("tcp", "192.0.2.254:9999"); return err }); err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		nodeIP := map[string]string{}
+		for _, n := range l.nodes {
+			nodeIP[n.Name] = n.IP.String()
+		}
+		for _, a := range pods {
+			got := make(chan string, 1)
+			go func() {
+				c, err := ln.Accept()
+				if err != nil {
+					got <- err.Error()
+					return
+				}
+				got <- c.RemoteAddr().(*net.TCPAddr).IP.String()
+				c.Close()
+			}()
+			if _, err := l.c.Kubectl(context.Background(), "exec", a.Name, "--", "sh", "-c", "echo hi | nc -w 2 192.0.2.254 9999"); err != nil {
+				t.Errorf("%s -> outside: %v", a.Name, err)
+			}
+			select {
+			case src := <-got:
+				if src != nodeIP[a.Node] {
+					t.Errorf("%s (%s) reached the outside host from %s, want its node's address %s", a.Name, a.IP, src, nodeIP[a.Node])
+				}
+			case <-time.After(5 * time.Second):
+				t.Errorf("%s: the outside host saw no connection", a.Name)
+			}
+		}
+	})
+}
+
+func applyYAML(t *testing.T, l *lab, yaml string) {
+	t.Helper()
+	cmd := l.c.KubectlCmd(context.Background(), "apply", "-f", "-")
+	cmd.Stdin = strings.NewReader(yaml)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("kubectl apply: %v: %s", err, out)
+	}
+}
