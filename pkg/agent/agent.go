@@ -27,7 +27,6 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/docker"
 	"github.com/netagent/netagent/pkg/lease"
@@ -169,7 +168,7 @@ func VXLANDevName(vni int) string {
 func (a *Agent) Run(ctx context.Context) error {
 	log := a.opt.Log.With("node", a.opt.Node)
 	start := time.Now()
-	if err := bridge.EnableForwarding(); err != nil {
+	if err := a.enableForwarding(); err != nil {
 		return err
 	}
 	ul, err := a.underlay()
