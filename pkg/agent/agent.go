@@ -28,7 +28,6 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/netagent/netagent/pkg/config"
-	"github.com/netagent/netagent/pkg/docker"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/nat"
 	"github.com/netagent/netagent/pkg/plan"
@@ -64,14 +63,6 @@ type Options struct {
 	Docker *DockerMode
 	// OnReady, when set, runs once, when the agent first becomes ready.
 	OnReady func()
-}
-
-// DockerMode says how a Docker host uses the leased subnet.
-type DockerMode struct {
-	ConfigPath string // write bip/mtu into this daemon.json
-	Network    string // or create this user-defined bridge network (via Socket)
-	Socket     string // Docker Engine API socket
-	Bridge     string // else check that this bridge carries the subnet (default docker0)
 }
 
 // Agent runs one node's control loop.
@@ -200,7 +191,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if cfg.Backend.Type != config.HostGW {
 		self.VTEPMAC = plan.VTEPMAC(a.opt.Node).String()
 	}
-	hint := netip.Prefix{}
+	hint := a.dockerHint(log)
 	if info, err := subnetfile.Read(a.opt.SubnetFile); err == nil {
 		hint = info.Subnet
 	}
@@ -444,38 +435,11 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 		return
 	}
 	a.clearError("files")
-	if !a.ready() {
-		if a.opt.Docker != nil {
-			if err := a.dockerStep(ctx, log, self, p); err != nil {
-				log.Warn("docker is not using the leased subnet yet; retrying", "err", err)
-				a.setError("docker", err)
-				time.AfterFunc(time.Second, func() { signal(a.trigger) })
-				return
-			}
-			a.clearError("docker")
-		}
-		a.setReady()
+	if a.opt.Docker != nil && !a.dockerPass(ctx, log, self, p) {
+		return
 	}
-}
-
-// dockerStep makes Docker use the leased subnet (route mode): write daemon.json, create a
-// network, or check the bridge.
-func (a *Agent) dockerStep(ctx context.Context, log *slog.Logger, self lease.Lease, p plan.Plan) error {
-	d := a.opt.Docker
-	switch {
-	case d.ConfigPath != "":
-		changed, err := docker.WriteConfig(d.ConfigPath, self.Subnet, p.PodMTU)
-		if err != nil {
-			return err
-		}
-		if changed {
-			log.Info("wrote the leased subnet into docker's config; (re)start dockerd to apply it", "file", d.ConfigPath, "bip", docker.Gateway(self.Subnet), "mtu", p.PodMTU)
-		}
-		return nil
-	case d.Network != "":
-		return docker.NewClient(d.Socket).EnsureNetwork(ctx, d.Network, self.Subnet, p.PodMTU)
-	default:
-		return docker.CheckBridge(a.h, d.Bridge, self.Subnet)
+	if !a.ready() {
+		a.setReady()
 	}
 }
 

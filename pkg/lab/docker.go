@@ -60,6 +60,25 @@ func (l *Lab) StartDocker(ctx context.Context, n *Node) error {
 	return fmt.Errorf("dockerd on %s did not come up; log:\n%s", n.Name, tail(filepath.Join(n.Dir, "dockerd.log"), 20))
 }
 
+// waitDaemonJSON waits for the node's agent to write the lease into daemon.json.
+func (l *Lab) waitDaemonJSON(ctx context.Context, n *Node, timeout time.Duration) error {
+	cfg := filepath.Join(n.Dir, "daemon.json")
+	deadline := time.Now().Add(timeout)
+	for {
+		if b, err := os.ReadFile(cfg); err == nil && strings.Contains(string(b), `"bip"`) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the agent on %s wrote no bip into %s in %s; log:\n%s", n.Name, cfg, timeout, tail(filepath.Join(n.Dir, "agent.log"), 20))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
 // StopDocker removes every container and stops dockerd gracefully (so it unmounts its
 // layers).
 func (l *Lab) StopDocker(ctx context.Context, n *Node) error {

@@ -65,6 +65,8 @@ type Options struct {
 	// DockerNetwork makes route mode create this user-defined network on the lease
 	// (--docker-network) instead of writing daemon.json; dockerd then starts first.
 	DockerNetwork string
+	// Resync is the agents' --resync (default: theirs).
+	Resync time.Duration
 	// Kube runs the agents with --subnet-manager=kube against this API server instead of
 	// etcd (see startKube).
 	Kube KubeAPI
@@ -254,6 +256,18 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 	for _, n := range l.Nodes {
 		if err := l.StartAgent(n); err != nil {
 			return l, err
+		}
+	}
+	if opt.RouteMode && opt.DockerNetwork == "" {
+		// An agent is ready once docker0 carries its lease: dockerd starts on the
+		// daemon.json the agent wrote.
+		for _, n := range l.Nodes {
+			if err := l.waitDaemonJSON(ctx, n, 30*time.Second); err != nil {
+				return l, err
+			}
+			if err := l.StartDocker(ctx, n); err != nil {
+				return l, err
+			}
 		}
 	}
 	for _, n := range l.Nodes {
@@ -510,6 +524,11 @@ func (l *Lab) setConfig(ctx context.Context) error {
 	return nil
 }
 
+// Netagent runs a netagent subcommand against the lab's etcd.
+func (l *Lab) Netagent(ctx context.Context, args ...string) (string, error) {
+	return l.netagent(ctx, args...)
+}
+
 // netagent runs a netagent subcommand against the lab's etcd.
 func (l *Lab) netagent(ctx context.Context, args ...string) (string, error) {
 	args = append(args, l.EtcdFlags()...)
@@ -556,7 +575,14 @@ func (l *Lab) AgentArgs(n *Node) []string {
 		"--cni-data-dir", filepath.Join(n.Dir, "ipam"),
 		"--lease-ttl", l.Opt.LeaseTTL.String(),
 		"--listen", "127.0.0.1:9476",
-	}, l.storeFlags()...), extra...)
+	}, l.storeFlags()...), append(extra, l.resyncFlag()...)...)
+}
+
+func (l *Lab) resyncFlag() []string {
+	if l.Opt.Resync == 0 {
+		return nil
+	}
+	return []string{"--resync", l.Opt.Resync.String()}
 }
 
 // StartAgent starts the node's agent.

@@ -94,6 +94,16 @@ func slot(t table, hook []string) int {
 	return at
 }
 
+// ForwardSlot is the index in FORWARD's rules (iptables -S without "-A FORWARD ", and
+// without our jump) where netagent's jump belongs; docker is route mode (plan.NAT.Final).
+func ForwardSlot(rules []string, docker bool) int {
+	t := table{}
+	if docker {
+		t.below = dockerFirst
+	}
+	return slot(t, rules)
+}
+
 func exempt(n plan.NAT) string {
 	if n.Final {
 		return "ACCEPT"

@@ -2,13 +2,16 @@ package cluster_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/netagent/netagent/pkg/agent"
 	"github.com/netagent/netagent/pkg/lab"
 	"github.com/netagent/netagent/test/netns"
 )
@@ -57,6 +60,13 @@ func TestRouteModeFirewall(t *testing.T) {
 		}
 	}
 	peer("initial", true)
+
+	// doctor knows a route-mode host from the agent's status: no CNI checks, Docker's
+	// bridge, netagent's jump below Docker's.
+	out, err := host.Run(l.Opt.Netagent, "doctor", "--subnet-file", filepath.Join(n1.Dir, "subnet.env"), "--iface", "eth0")
+	if err != nil || strings.Contains(out, "PROBLEM") || strings.Contains(out, "CNI") || !strings.Contains(out, "right below Docker's") {
+		t.Errorf("doctor on a healthy route-mode host: %v\n%s", err, out)
+	}
 
 	// An underlay host that routes n1's subnet to n1 must not get past Docker's DOCKER
 	// chain (the port is not published).
@@ -121,4 +131,69 @@ func counted(listing, s string) int {
 		}
 	}
 	return 0
+}
+
+// TestRouteModeDockerLifecycle: a Docker host that already runs dockerd keeps its
+// docker0 subnet when it is free in the cluster network (no renumbering); when it cannot
+// be kept, the agent writes the lease into daemon.json and is not ready, saying why and
+// what to do, until dockerd is restarted onto it.
+func TestRouteModeDockerLifecycle(t *testing.T) {
+	requireDockerd(t)
+	ctx := context.Background()
+	l := newLabWith(t, lab.Options{Nodes: 2, Backend: "host-gw", RouteMode: true})
+	n := l.Nodes[0]
+	cfg := filepath.Join(n.Dir, "daemon.json")
+	// rebase makes node1 a host whose dockerd already runs on bip, with no lease and no
+	// subnet file, then starts its agent again.
+	rebase := func(bip string) {
+		t.Helper()
+		if err := l.StopAgent(n, false); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := l.Netagent(ctx, "leave", "--node-name", n.Name); err != nil {
+			t.Fatalf("leave: %v: %s", err, out)
+		}
+		if err := os.Remove(filepath.Join(n.Dir, "subnet.env")); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(cfg, []byte(fmt.Sprintf(`{"bip": %q}`, bip)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.RestartDocker(ctx, n); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.StartAgent(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	rebase("10.244.77.1/24")
+	if err := l.WaitReady(ctx, n, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if got := status(t, l, n).Subnet; got != "10.244.77.0/24" {
+		t.Errorf("lease = %s, want docker0's own 10.244.77.0/24 (adopted)", got)
+	}
+
+	rebase("172.18.0.1/16")
+	var st agent.Status
+	waitUntil(t, 20*time.Second, "the agent reports why it is not ready", func() bool {
+		code, b, err := l.Get(n, "/status")
+		return err == nil && code == 200 && json.Unmarshal(b, &st) == nil && st.Errors["docker"] != ""
+	})
+	msg := st.Errors["docker"]
+	for _, want := range []string{"restart dockerd", "172.18.0.0/16 is outside the cluster network"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("docker error %q does not say %q", msg, want)
+		}
+	}
+	if code, _, _ := l.Get(n, "/readyz"); code == 200 {
+		t.Errorf("ready while docker0 is on 172.18.0.1/16, not the lease %s", st.Subnet)
+	}
+	if err := l.RestartDocker(ctx, n); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.WaitReady(ctx, n, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -106,10 +106,11 @@ func TestRouteModeDockerHosts(t *testing.T) {
 
 // TestRouteModeDockerNetwork: with --docker-network the agent creates a user-defined
 // bridge network on its lease through the Docker API; containers on it reach each other
-// across hosts, and Docker's isolation between that network and the default bridge holds.
+// across hosts, Docker's isolation between that network and the default bridge holds, and
+// the network is created again when someone removes it.
 func TestRouteModeDockerNetwork(t *testing.T) {
 	requireDockerd(t)
-	l := newLabWith(t, lab.Options{Nodes: 2, Backend: "host-gw", RouteMode: true, DockerNetwork: "podnet", PodsPerNode: 1})
+	l := newLabWith(t, lab.Options{Nodes: 2, Backend: "host-gw", RouteMode: true, DockerNetwork: "podnet", PodsPerNode: 1, Resync: 2 * time.Second})
 	for _, n := range l.Nodes {
 		sub := netip.MustParsePrefix(status(t, l, n).Subnet)
 		if !sub.Contains(n.Pods[0].IP) {
@@ -144,4 +145,16 @@ func TestRouteModeDockerNetwork(t *testing.T) {
 	if got, err := other.Fetch(servePod(t, l, n1.Pods[0])); err == nil {
 		t.Errorf("container on the default bridge reached %s on %s (server saw %q)", n1.Pods[0].IP, l.DockerNetwork, got)
 	}
+
+	// Removed by hand (its container first): the agent creates it again.
+	if _, err := l.Docker(ctx, n1, "rm", "-f", n1.Pods[0].Name); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Docker(ctx, n1, "network", "rm", l.DockerNetwork); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 20*time.Second, "the removed docker network back", func() bool {
+		_, err := l.Docker(ctx, n1, "network", "inspect", l.DockerNetwork)
+		return err == nil
+	})
 }
