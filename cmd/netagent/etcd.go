@@ -89,16 +89,28 @@ func (e *etcdFlags) store(cli *clientv3.Client, ttl time.Duration, log *slog.Log
 	return lease.NewEtcd(cli, e.prefix, ttl, log)
 }
 
-// with runs fn against the store with a 10 s deadline (the one-shot commands).
+// oneShot is the deadline of the one-shot commands' etcd requests.
+const oneShot = 10 * time.Second
+
+// with runs fn against the store with the one-shot deadline.
 func (e *etcdFlags) with(ctx context.Context, fn func(context.Context, *lease.Etcd) error) error {
 	cli, err := e.client()
 	if err != nil {
 		return err
 	}
 	defer cli.Close()
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, oneShot)
 	defer cancel()
-	return fn(ctx, e.store(cli, time.Minute, nil))
+	return e.explain(ctx, fn(ctx, e.store(cli, time.Minute, nil)))
+}
+
+// explain names the endpoints when a one-shot request ran out of time: the client itself
+// says only "context deadline exceeded".
+func (e *etcdFlags) explain(ctx context.Context, err error) error {
+	if err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return fmt.Errorf("etcd at %s did not answer within %s (is it running, and reachable from here? see --etcd-endpoints): %w", e.endpoints, oneShot, err)
+	}
+	return err
 }
 
 // cmdEtcd becomes netagent-etcd (found beside this binary, else on PATH): the etcd

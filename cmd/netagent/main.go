@@ -43,6 +43,9 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := dispatch(ctx, os.Args[1:], os.Stdout); err != nil {
+		if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+			return // stopped by SIGTERM or ^C, also while still starting: a clean stop
+		}
 		fmt.Fprintln(os.Stderr, "netagent:", err)
 		if errors.Is(err, flag.ErrHelp) {
 			os.Exit(2)
@@ -86,7 +89,7 @@ func parse(fs *flag.FlagSet, args []string) error {
 		env := "NETAGENT_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
 		known[env] = true
 		if v, ok := os.LookupEnv(env); ok {
-			if err := f.Value.Set(v); err != nil {
+			if err := fs.Set(f.Name, v); err != nil { // fs.Set: Visit sees it as given
 				errs = append(errs, fmt.Errorf("%s=%q: %w", env, v, err))
 			}
 		}

@@ -54,12 +54,12 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	defer cli.Close()
 	st := ef.store(cli, time.Minute, nil)
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, oneShot)
 	defer cancel()
 	if args[0] == "get" {
 		n, _, err := st.Config(ctx)
 		if err != nil {
-			return err
+			return ef.explain(ctx, err)
 		}
 		b, _ := json.MarshalIndent(n, "", "  ")
 		_, err = fmt.Fprintf(stdout, "%s\n", b)
@@ -79,10 +79,10 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 			m["subnetMax"] = *subnetMax
 		}
 		b := m["backend"].(map[string]any)
-		if *vni != 0 {
+		if set(fs, "vni") { // given as 0 it is rejected, not taken for the default
 			b["vni"] = *vni
 		}
-		if *port != 0 {
+		if set(fs, "port") {
 			b["port"] = *port
 		}
 		if *mtu != 0 {
@@ -103,7 +103,7 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 		return fmt.Errorf("invalid config: %w", err)
 	}
 	if err := st.SetConfig(ctx, n); err != nil {
-		return err
+		return ef.explain(ctx, err)
 	}
 	b, _ := json.MarshalIndent(n, "", "  ")
 	_, err = fmt.Fprintf(stdout, "%s\n", b)

@@ -284,7 +284,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 			wg.Add(1)
 			go func() { defer wg.Done(); watchFiles(ctx, log, files, a.filesDirty) }()
-			log.Info("ready", "in", time.Since(start).Round(time.Millisecond), "peers", peers.Len())
+			log.Info("ready", "in", time.Since(start).Round(time.Millisecond), "peers", a.peerCount())
 			if a.opt.OnReady != nil {
 				a.opt.OnReady()
 			}
@@ -629,9 +629,7 @@ func (a *Agent) countRepairs(v vxlan.Stats, r route.Stats, n nat.Stats, drift bo
 	c.WithLabelValues("route").Add(float64(r.Added + r.Replaced + r.Deleted))
 	c.WithLabelValues("neigh").Add(float64(v.NeighSet + v.NeighDel))
 	c.WithLabelValues("fdb").Add(float64(v.FDBSet + v.FDBDel))
-	if v.DeviceCreated {
-		c.WithLabelValues("vxlan-device").Inc()
-	}
+	c.WithLabelValues("vxlan-device").Add(float64(v.DeviceChanges()))
 	c.WithLabelValues("nat").Add(float64(n.ChainsRewritten + n.JumpsFixed))
 }
 

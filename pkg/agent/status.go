@@ -46,6 +46,20 @@ type PeerStatus struct {
 	Neigh    *bool  `json:"neigh,omitempty"`
 }
 
+// peerCount is how many other nodes the current plan has (the lease list also holds
+// this node's own lease).
+func (a *Agent) peerCount() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	if a.planner != nil {
+		for _, c := range a.planner.Count() {
+			n += c
+		}
+	}
+	return n
+}
+
 func (a *Agent) setLease(l lease.Lease, cfg config.Network) {
 	a.mu.Lock()
 	defer a.mu.Unlock()

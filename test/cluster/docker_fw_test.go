@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -60,6 +61,12 @@ func TestRouteModeFirewall(t *testing.T) {
 		}
 	}
 	peer("initial", true)
+	for _, n := range l.Nodes { // the ready line counts other nodes, not this one's lease
+		b, _ := os.ReadFile(filepath.Join(n.Dir, "agent.log"))
+		if m := regexp.MustCompile(`msg=ready .*peers=(\d+)`).FindSubmatch(b); m == nil || string(m[1]) > "1" {
+			t.Errorf("%s: ready line %q, want peers=0 or 1 of 2 nodes", n.Name, m)
+		}
+	}
 
 	// doctor knows a route-mode host from the agent's status: no CNI checks, Docker's
 	// bridge, netagent's jump below Docker's.
