@@ -217,6 +217,11 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 	defer func() {
 		if err != nil {
 			_ = l.Down()
+			// The logs stay (Down removes namespaces and processes, not files): say where.
+			if logs, _ := filepath.Glob(filepath.Join(opt.Dir, "*.log")); len(logs) > 0 {
+				more, _ := filepath.Glob(filepath.Join(opt.Dir, "*", "*.log"))
+				err = fmt.Errorf("%w\n(the lab is down; its logs are kept: %s)", err, strings.Join(append(logs, more...), " "))
+			}
 			l = nil
 		}
 	}()
@@ -461,9 +466,37 @@ func (l *Lab) StartEtcd() error {
 		if out, err := l.netagent(context.Background(), "config", "get"); err == nil || strings.Contains(out, "no network config") {
 			return nil
 		}
+		if err := l.etcdExited(); err != nil {
+			return err
+		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	return fmt.Errorf("etcd did not come up; see %s", filepath.Join(l.Dir, "etcd*.log"))
+	return fmt.Errorf("etcd did not come up in 60s; %s", l.etcdLogs())
+}
+
+// etcdExited reports an etcd process (or member) that is gone, with its log's tail.
+func (l *Lab) etcdExited() error {
+	pids := map[string]int{"etcd.log": l.EtcdPid}
+	for i, pid := range l.EtcdPids {
+		pids["etcd-"+memberName(i)+".log"] = pid
+	}
+	for log, pid := range pids {
+		if pid != 0 && (syscall.Kill(pid, 0) != nil || zombie(pid)) {
+			path := filepath.Join(l.Dir, log)
+			return fmt.Errorf("etcd exited; %s ends:\n%s", path, tail(path, 20))
+		}
+	}
+	return nil
+}
+
+// etcdLogs is the tail of each etcd log.
+func (l *Lab) etcdLogs() string {
+	paths, _ := filepath.Glob(filepath.Join(l.Dir, "etcd*.log"))
+	var b strings.Builder
+	for _, p := range paths {
+		fmt.Fprintf(&b, "%s ends:\n%s\n", p, tail(p, 20))
+	}
+	return b.String()
 }
 
 // StartEtcdMember starts member i of a multi-member (or external) etcd.
