@@ -35,13 +35,16 @@ type etcdFlags struct {
 	timeout   time.Duration
 }
 
+// etcdFlagNames are the flags register adds, for help groups.
+var etcdFlagNames = []string{"etcd-endpoints", "etcd-ca", "etcd-cert", "etcd-key", "etcd-prefix", "etcd-timeout"}
+
 func (e *etcdFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&e.endpoints, "etcd-endpoints", "unix:///run/netagent/etcd/etcd.sock:2379", "comma-separated etcd endpoints (http://, https:// or unix://)")
 	fs.StringVar(&e.ca, "etcd-ca", "", "CA bundle to verify etcd's certificate")
 	fs.StringVar(&e.cert, "etcd-cert", "", "client certificate for etcd")
 	fs.StringVar(&e.key, "etcd-key", "", "client key for etcd")
 	fs.StringVar(&e.prefix, "etcd-prefix", "/netagent", "key prefix of netagent's data in etcd")
-	fs.DurationVar(&e.timeout, "etcd-timeout", 5*time.Second, "dial timeout")
+	fs.DurationVar(&e.timeout, "etcd-timeout", 5*time.Second, "etcd dial timeout")
 }
 
 func (e *etcdFlags) client() (*clientv3.Client, error) {

@@ -30,8 +30,13 @@ import (
 )
 
 func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
+	const usage = "usage: netagent config get|set [flags]\n\n  get  print the network config stored in etcd\n  set  validate and store a network config (flags, or --file)\n\nRun `netagent config set -h` for the flags."
+	if len(args) > 0 && isHelp(args[0]) {
+		_, err := fmt.Fprintln(stdout, usage)
+		return err
+	}
 	if len(args) == 0 || (args[0] != "get" && args[0] != "set") {
-		return errors.New("usage: netagent config get|set [flags]")
+		return errors.New(usage)
 	}
 	fs := flag.NewFlagSet("config "+args[0], flag.ContinueOnError)
 	var ef etcdFlags
@@ -45,6 +50,8 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 	vni := fs.Int("vni", 0, "set: VXLAN network identifier (default 1)")
 	port := fs.Int("port", 0, "set: VXLAN UDP port (default 8472)")
 	mtu := fs.Int("mtu", 0, "set: pod MTU override (default: derived from the underlay)")
+	group(fs, "Network config (set)", "file", "network", "subnet-len", "subnet-min", "subnet-max", "backend", "vni", "port", "mtu")
+	group(fs, "etcd", etcdFlagNames...)
 	if err := parse(fs, args[1:]); err != nil {
 		return err
 	}
