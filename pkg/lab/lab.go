@@ -592,9 +592,9 @@ func (l *Lab) storeFlags() []string {
 // AgentArgs are the `netagent run` arguments of a node.
 func (l *Lab) AgentArgs(n *Node) []string {
 	cmd := "run"
-	var extra []string
+	extra := []string{"--cni-conf-dir", filepath.Join(n.Dir, "net.d"), "--cni-data-dir", filepath.Join(n.Dir, "ipam")}
 	if l.Opt.RouteMode {
-		cmd = "route-mode"
+		cmd = "route-mode" // no CNI files
 		extra = []string{"--write-docker-config", filepath.Join(n.Dir, "daemon.json")}
 		if l.Opt.DockerNetwork != "" {
 			extra = []string{"--docker-network", l.Opt.DockerNetwork, "--docker-socket", l.dockerSock(n)}
@@ -604,8 +604,6 @@ func (l *Lab) AgentArgs(n *Node) []string {
 		"--node-name", n.Name,
 		"--iface", "eth0",
 		"--subnet-file", filepath.Join(n.Dir, "subnet.env"),
-		"--cni-conf-dir", filepath.Join(n.Dir, "net.d"),
-		"--cni-data-dir", filepath.Join(n.Dir, "ipam"),
 		"--lease-ttl", l.Opt.LeaseTTL.String(),
 		"--listen", "127.0.0.1:9476",
 	}, l.storeFlags()...), append(extra, l.resyncFlag()...)...)
