@@ -140,17 +140,18 @@ func firewall(routeMode bool) []Finding {
 	}
 	lines := strings.Split(strings.TrimSpace(string(fwd)), "\n")
 	policy := strings.TrimPrefix(lines[0], "-P FORWARD ")
-	ours, at := -1, 0
+	ours := -1
 	var others []string
 	for i, l := range lines[1:] {
 		if strings.Contains(l, "-j "+nat.FwdChain) {
 			if ours < 0 {
-				ours, at = i, nat.ForwardSlot(others, routeMode)
+				ours = i
 			}
 			continue
 		}
 		others = append(others, strings.TrimPrefix(l, "-A FORWARD "))
 	}
+	at := nat.ForwardSlot(others, routeMode)
 	where := "first"
 	if routeMode {
 		where = "right below Docker's DOCKER-USER and isolation jumps"
