@@ -109,6 +109,11 @@ func TestSyncDockerHost(t *testing.T) {
 		{"docker 20.10", []string{"-N DOCKER-USER", "-N DOCKER-ISOLATION-STAGE-1", "-N DOCKER",
 			"-A FORWARD -j DOCKER-USER", "-A FORWARD -j DOCKER-ISOLATION-STAGE-1", "-A FORWARD -o docker0 -j DOCKER", "-A FORWARD -i docker0 ! -o docker0 -j ACCEPT"},
 			[]string{"-j DOCKER-USER", "-j DOCKER-ISOLATION-STAGE-1", "-j " + FwdChain, "-o docker0 -j DOCKER", "-i docker0 ! -o docker0 -j ACCEPT"}},
+		// What route mode before 2026-12 left: wide accepts, jumped to first.
+		{"upgrade on docker 20.10", []string{"-N DOCKER-USER", "-N DOCKER-ISOLATION-STAGE-1", "-N " + FwdChain,
+			"-A FORWARD -j DOCKER-USER", "-A FORWARD -j DOCKER-ISOLATION-STAGE-1", "-I FORWARD 1 -j " + FwdChain,
+			"-A " + FwdChain + " -s 10.244.0.0/16 -j ACCEPT", "-A " + FwdChain + " -d 10.244.0.0/16 -j ACCEPT"},
+			[]string{"-j DOCKER-USER", "-j DOCKER-ISOLATION-STAGE-1", "-j " + FwdChain}},
 		{"docker 28", []string{"-N DOCKER-USER", "-N DOCKER-FORWARD", "-A FORWARD -j DOCKER-USER", "-A FORWARD -j DOCKER-FORWARD"},
 			[]string{"-j DOCKER-USER", "-j " + FwdChain, "-j DOCKER-FORWARD"}},
 	} {
