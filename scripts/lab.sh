@@ -2,7 +2,7 @@
 # The README's lab command: builds netagent and netagent-cni into ./bin and brings up a
 # multi-node cluster in network namespaces (`netagent lab up`), which stays up for poking
 # at until `./bin/netagent lab down`. Arguments go to `netagent lab up`, e.g.
-#   sudo bash scripts/lab.sh --backend hybrid --nodes 4 --pods-per-node 3
+#   bash scripts/lab.sh --backend hybrid --nodes 4 --pods-per-node 3   (as root)
 # Nothing in the root network namespace is touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."

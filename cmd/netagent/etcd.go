@@ -35,13 +35,16 @@ type etcdFlags struct {
 	timeout   time.Duration
 }
 
+// etcdFlagNames are the flags register adds, for help groups.
+var etcdFlagNames = []string{"etcd-endpoints", "etcd-ca", "etcd-cert", "etcd-key", "etcd-prefix", "etcd-timeout"}
+
 func (e *etcdFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&e.endpoints, "etcd-endpoints", "unix:///run/netagent/etcd/etcd.sock:2379", "comma-separated etcd endpoints (http://, https:// or unix://)")
 	fs.StringVar(&e.ca, "etcd-ca", "", "CA bundle to verify etcd's certificate")
 	fs.StringVar(&e.cert, "etcd-cert", "", "client certificate for etcd")
 	fs.StringVar(&e.key, "etcd-key", "", "client key for etcd")
 	fs.StringVar(&e.prefix, "etcd-prefix", "/netagent", "key prefix of netagent's data in etcd")
-	fs.DurationVar(&e.timeout, "etcd-timeout", 5*time.Second, "dial timeout")
+	fs.DurationVar(&e.timeout, "etcd-timeout", 5*time.Second, "etcd dial timeout")
 }
 
 func (e *etcdFlags) client() (*clientv3.Client, error) {
@@ -89,16 +92,28 @@ func (e *etcdFlags) store(cli *clientv3.Client, ttl time.Duration, log *slog.Log
 	return lease.NewEtcd(cli, e.prefix, ttl, log)
 }
 
-// with runs fn against the store with a 10 s deadline (the one-shot commands).
+// oneShot is the deadline of the one-shot commands' etcd requests.
+const oneShot = 10 * time.Second
+
+// with runs fn against the store with the one-shot deadline.
 func (e *etcdFlags) with(ctx context.Context, fn func(context.Context, *lease.Etcd) error) error {
 	cli, err := e.client()
 	if err != nil {
 		return err
 	}
 	defer cli.Close()
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, oneShot)
 	defer cancel()
-	return fn(ctx, e.store(cli, time.Minute, nil))
+	return e.explain(ctx, fn(ctx, e.store(cli, time.Minute, nil)))
+}
+
+// explain names the endpoints when a one-shot request ran out of time: the client itself
+// says only "context deadline exceeded".
+func (e *etcdFlags) explain(ctx context.Context, err error) error {
+	if err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return fmt.Errorf("etcd at %s did not answer within %s (is it running, and reachable from here? see --etcd-endpoints): %w", e.endpoints, oneShot, err)
+	}
+	return err
 }
 
 // cmdEtcd becomes netagent-etcd (found beside this binary, else on PATH): the etcd

@@ -23,6 +23,10 @@ const labUsage = `usage: netagent lab up|status|check|down [flags]
   down    remove everything the lab created (also after a crash)`
 
 func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
+	if len(args) > 0 && isHelp(args[0]) {
+		_, err := fmt.Fprintln(stdout, labUsage+"\n\nRun `netagent lab up -h` for the flags.")
+		return err
+	}
 	if len(args) == 0 {
 		return errors.New(labUsage)
 	}

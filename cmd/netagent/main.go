@@ -43,29 +43,39 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := dispatch(ctx, os.Args[1:], os.Stdout); err != nil {
-		fmt.Fprintln(os.Stderr, "netagent:", err)
-		if errors.Is(err, flag.ErrHelp) {
+		if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+			return // stopped by SIGTERM or ^C, also while still starting: a clean stop
+		}
+		if errors.Is(err, errNoCommand) {
+			usage(os.Stderr)
 			os.Exit(2)
 		}
+		fmt.Fprintln(os.Stderr, "netagent:", err)
 		os.Exit(1)
 	}
 }
 
+// errNoCommand: netagent was run without a command (usage goes to stderr, exit status 2).
+var errNoCommand = errors.New("no command")
+
 func dispatch(ctx context.Context, args []string, stdout io.Writer) error {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	if len(args) == 0 {
+		return errNoCommand
+	}
+	if isHelp(args[0]) {
 		usage(stdout)
-		if len(args) == 0 {
-			return flag.ErrHelp
-		}
 		return nil
 	}
 	for _, c := range commands {
 		if c.name == args[0] {
-			return c.run(ctx, args[1:], stdout)
+			err := c.run(ctx, args[1:], stdout)
+			if h := (*helpShown)(nil); errors.As(err, &h) {
+				_, err = fmt.Fprint(stdout, h.text)
+			}
+			return err
 		}
 	}
-	usage(os.Stderr)
-	return fmt.Errorf("unknown command %q", args[0])
+	return fmt.Errorf("unknown command %q (netagent -h lists them)", args[0])
 }
 
 func usage(w io.Writer) {
@@ -86,7 +96,7 @@ func parse(fs *flag.FlagSet, args []string) error {
 		env := "NETAGENT_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
 		known[env] = true
 		if v, ok := os.LookupEnv(env); ok {
-			if err := f.Value.Set(v); err != nil {
+			if err := fs.Set(f.Name, v); err != nil { // fs.Set: Visit sees it as given
 				errs = append(errs, fmt.Errorf("%s=%q: %w", env, v, err))
 			}
 		}
@@ -94,7 +104,14 @@ func parse(fs *flag.FlagSet, args []string) error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	return fs.Parse(args)
+	// The flag package would print its own usage (to stderr, every flag, "Usage of ...");
+	// help.go renders ours.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	if err := fs.Parse(args); err != nil {
+		return parseError(fs, err)
+	}
+	return nil
 }
 
 func newLogger(level string) (*slog.Logger, error) {

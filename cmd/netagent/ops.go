@@ -30,8 +30,13 @@ import (
 )
 
 func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
+	const usage = "usage: netagent config get|set [flags]\n\n  get  print the network config stored in etcd\n  set  validate and store a network config (flags, or --file)\n\nRun `netagent config set -h` for the flags."
+	if len(args) > 0 && isHelp(args[0]) {
+		_, err := fmt.Fprintln(stdout, usage)
+		return err
+	}
 	if len(args) == 0 || (args[0] != "get" && args[0] != "set") {
-		return errors.New("usage: netagent config get|set [flags]")
+		return errors.New(usage)
 	}
 	fs := flag.NewFlagSet("config "+args[0], flag.ContinueOnError)
 	var ef etcdFlags
@@ -45,6 +50,8 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 	vni := fs.Int("vni", 0, "set: VXLAN network identifier (default 1)")
 	port := fs.Int("port", 0, "set: VXLAN UDP port (default 8472)")
 	mtu := fs.Int("mtu", 0, "set: pod MTU override (default: derived from the underlay)")
+	group(fs, "Network config (set)", "file", "network", "subnet-len", "subnet-min", "subnet-max", "backend", "vni", "port", "mtu")
+	group(fs, "etcd", etcdFlagNames...)
 	if err := parse(fs, args[1:]); err != nil {
 		return err
 	}
@@ -54,12 +61,12 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	defer cli.Close()
 	st := ef.store(cli, time.Minute, nil)
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, oneShot)
 	defer cancel()
 	if args[0] == "get" {
 		n, _, err := st.Config(ctx)
 		if err != nil {
-			return err
+			return ef.explain(ctx, err)
 		}
 		b, _ := json.MarshalIndent(n, "", "  ")
 		_, err = fmt.Fprintf(stdout, "%s\n", b)
@@ -79,10 +86,10 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 			m["subnetMax"] = *subnetMax
 		}
 		b := m["backend"].(map[string]any)
-		if *vni != 0 {
+		if set(fs, "vni") { // given as 0 it is rejected, not taken for the default
 			b["vni"] = *vni
 		}
-		if *port != 0 {
+		if set(fs, "port") {
 			b["port"] = *port
 		}
 		if *mtu != 0 {
@@ -103,7 +110,7 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 		return fmt.Errorf("invalid config: %w", err)
 	}
 	if err := st.SetConfig(ctx, n); err != nil {
-		return err
+		return ef.explain(ctx, err)
 	}
 	b, _ := json.MarshalIndent(n, "", "  ")
 	_, err = fmt.Fprintf(stdout, "%s\n", b)

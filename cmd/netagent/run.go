@@ -48,26 +48,42 @@ type runFlags struct {
 }
 
 func newRunFlags() (*flag.FlagSet, *runFlags) {
-	fs := flag.NewFlagSet("run", flag.ContinueOnError)
-	f := &runFlags{}
+	fs, f := sharedAgentFlags("run")
+	describe(fs, `usage: netagent run [flags]
+
+Run the node agent: lease this node's pod subnet (from etcd, or the Node's podCIDR with
+--subnet-manager=kube), keep routes, VXLAN and NAT in line with the other nodes' leases,
+and write the subnet file and CNI config that netagent-cni reads.`)
+	fs.StringVar(&f.cniConfDir, "cni-conf-dir", "/etc/cni/net.d", "where to write the CNI conflist (empty: do not write one)")
+	fs.StringVar(&f.cniBridge, "cni-bridge", "cni0", "bridge name put into the conflist")
+	fs.StringVar(&f.cniDataDir, "cni-data-dir", "", "plugin address store put into the conflist (empty: the plugin's default)")
+	fs.StringVar(&f.subnetManager, "subnet-manager", "etcd", "where subnets come from: etcd (leases in etcd) or kube (the Node's spec.podCIDR; peers from the Kubernetes API)")
+	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kube: kubeconfig file (empty: the in-cluster service account)")
+	fs.StringVar(&f.netConf, "net-conf", "/etc/netagent/net-conf.json", "kube: the network config JSON (a mounted ConfigMap; same schema as netagent config set --file)")
+	group(fs, "Node", "node-name", "iface", "public-ip")
+	group(fs, "CNI files", "subnet-file", "cni-conf-dir", "cni-bridge", "cni-data-dir")
+	group(fs, "Subnet store: etcd", append([]string{"subnet-manager", "lease-ttl", "embedded-etcd"}, etcdFlagNames...)...)
+	group(fs, "Subnet store: Kubernetes (--subnet-manager=kube)", "kubeconfig", "net-conf")
+	group(fs, "Operation", "resync", "listen", "log-level", "pprof")
+	return fs, f
+}
+
+// sharedAgentFlags are the flags `run` and `route-mode` share.
+func sharedAgentFlags(name string) (*flag.FlagSet, *runFlags) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	f := &runFlags{subnetManager: "etcd"}
 	host, _ := os.Hostname()
 	f.etcd.register(fs)
 	fs.StringVar(&f.node, "node-name", host, "this node's name: its identity in the lease store")
 	fs.StringVar(&f.iface, "iface", "", "underlay interface peers reach this node on (default: the one holding --public-ip, else the default route's)")
 	fs.StringVar(&f.publicIP, "public-ip", "", "address peers reach this node at (default: the first IPv4 address of --iface)")
-	fs.StringVar(&f.subnetFile, "subnet-file", subnetfile.DefaultPath, "where to write the subnet file the CNI plugin reads")
-	fs.StringVar(&f.cniConfDir, "cni-conf-dir", "/etc/cni/net.d", "where to write the CNI conflist (empty: do not write one)")
-	fs.StringVar(&f.cniBridge, "cni-bridge", "cni0", "bridge name put into the conflist")
-	fs.StringVar(&f.cniDataDir, "cni-data-dir", "", "plugin address store put into the conflist (empty: the plugin's default)")
+	fs.StringVar(&f.subnetFile, "subnet-file", subnetfile.DefaultPath, "where to write the subnet file (network, subnet, MTU)")
 	fs.DurationVar(&f.leaseTTL, "lease-ttl", 30*time.Second, "subnet lease TTL; the agent renews it continuously")
 	fs.DurationVar(&f.resync, "resync", time.Minute, "full resync period (netlink and firewall events trigger repairs at once)")
 	fs.StringVar(&f.listen, "listen", "127.0.0.1:9476", "address of /healthz, /readyz, /metrics and /status (empty: off)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
-	fs.StringVar(&f.embeddedEtcd, "embedded-etcd", "", "run a single-member etcd in this process with its data in DIR and use it (single machine)")
+	fs.StringVar(&f.embeddedEtcd, "embedded-etcd", "", "run a single-member etcd in this process with its data in `DIR` and use it (single machine)")
 	fs.BoolVar(&f.pprof, "pprof", false, "also serve Go profiles at /debug/pprof/ on --listen")
-	fs.StringVar(&f.subnetManager, "subnet-manager", "etcd", "where subnets come from: etcd (leases in etcd) or kube (the Node's spec.podCIDR; peers from the Kubernetes API)")
-	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kube: kubeconfig file (empty: the in-cluster service account)")
-	fs.StringVar(&f.netConf, "net-conf", "/etc/netagent/net-conf.json", "kube: the network config JSON (same schema as `netagent config set --file`; a mounted ConfigMap)")
 	return fs, f
 }
 
@@ -112,14 +128,32 @@ func cmdRun(ctx context.Context, args []string, stdout io.Writer) error {
 // cmdRouteMode is `netagent run` for bare Docker hosts: the same lease and routing, with
 // Docker's bridge on the leased subnet instead of a CNI plugin.
 func cmdRouteMode(ctx context.Context, args []string, stdout io.Writer) error {
-	fs, f := newRunFlags()
-	fs.Lookup("cni-conf-dir").DefValue = ""
-	_ = fs.Set("cni-conf-dir", "")
+	fs, f := sharedAgentFlags("route-mode")
+	describe(fs, `usage: netagent route-mode [flags]
+
+Run the agent on a bare Docker host: lease a subnet, route it to and from the other hosts,
+and make Docker put its containers on it. Pick one way:
+
+  (default)               check that docker0 (--docker-bridge) carries the lease. A host that
+                          already runs Docker keeps docker0's subnet when it is free in the
+                          cluster network (to pin one first: netagent reserve); otherwise
+                          start dockerd with the --bip the agent's error names.
+  --write-docker-config   write bip and mtu into daemon.json; ready once dockerd is restarted
+                          onto them. Do not also give dockerd --bip or --mtu.
+  --docker-network NAME   create a user-defined bridge network on the lease (docker0 keeps
+                          its own subnet); recreated if removed.
+
+Containers reach containers on other hosts with their own addresses; only that traffic is
+let through, below DOCKER-USER, so Docker's own rules and isolation still apply.`)
 	d := &agent.DockerMode{}
-	fs.StringVar(&d.ConfigPath, "write-docker-config", "", "write bip and mtu for the leased subnet into this daemon.json (then restart dockerd)")
-	fs.StringVar(&d.Network, "docker-network", "", "create this user-defined bridge network on the leased subnet (via --docker-socket)")
+	fs.StringVar(&d.ConfigPath, "write-docker-config", "", "write bip and mtu for the leased subnet into this daemon.json `FILE` (then restart dockerd)")
+	fs.StringVar(&d.Network, "docker-network", "", "create this user-defined bridge network `NAME` on the leased subnet, through --docker-socket")
 	fs.StringVar(&d.Socket, "docker-socket", "/var/run/docker.sock", "Docker Engine API socket")
-	fs.StringVar(&d.Bridge, "docker-bridge", "docker0", "without the two above: the bridge that must carry the leased subnet")
+	fs.StringVar(&d.Bridge, "docker-bridge", "docker0", "Docker's default bridge: it must carry the lease unless --docker-network is used")
+	group(fs, "Docker", "write-docker-config", "docker-network", "docker-socket", "docker-bridge")
+	group(fs, "Node", "node-name", "iface", "public-ip", "subnet-file")
+	group(fs, "Subnet store: etcd", append([]string{"lease-ttl", "embedded-etcd"}, etcdFlagNames...)...)
+	group(fs, "Operation", "resync", "listen", "log-level", "pprof")
 	if err := parse(fs, args); err != nil {
 		return err
 	}

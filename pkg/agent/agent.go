@@ -27,9 +27,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/config"
-	"github.com/netagent/netagent/pkg/docker"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/nat"
 	"github.com/netagent/netagent/pkg/plan"
@@ -65,14 +63,6 @@ type Options struct {
 	Docker *DockerMode
 	// OnReady, when set, runs once, when the agent first becomes ready.
 	OnReady func()
-}
-
-// DockerMode says how a Docker host uses the leased subnet.
-type DockerMode struct {
-	ConfigPath string // write bip/mtu into this daemon.json
-	Network    string // or create this user-defined bridge network (via Socket)
-	Socket     string // Docker Engine API socket
-	Bridge     string // else check that this bridge carries the subnet (default docker0)
 }
 
 // Agent runs one node's control loop.
@@ -169,7 +159,7 @@ func VXLANDevName(vni int) string {
 func (a *Agent) Run(ctx context.Context) error {
 	log := a.opt.Log.With("node", a.opt.Node)
 	start := time.Now()
-	if err := bridge.EnableForwarding(); err != nil {
+	if err := a.enableForwarding(); err != nil {
 		return err
 	}
 	ul, err := a.underlay()
@@ -201,7 +191,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if cfg.Backend.Type != config.HostGW {
 		self.VTEPMAC = plan.VTEPMAC(a.opt.Node).String()
 	}
-	hint := netip.Prefix{}
+	hint := a.dockerHint(log)
 	if info, err := subnetfile.Read(a.opt.SubnetFile); err == nil {
 		hint = info.Subnet
 	}
@@ -294,7 +284,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 			wg.Add(1)
 			go func() { defer wg.Done(); watchFiles(ctx, log, files, a.filesDirty) }()
-			log.Info("ready", "in", time.Since(start).Round(time.Millisecond), "peers", peers.Len())
+			log.Info("ready", "in", time.Since(start).Round(time.Millisecond), "peers", a.peerCount())
 			if a.opt.OnReady != nil {
 				a.opt.OnReady()
 			}
@@ -445,38 +435,11 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 		return
 	}
 	a.clearError("files")
-	if !a.ready() {
-		if a.opt.Docker != nil {
-			if err := a.dockerStep(ctx, log, self, p); err != nil {
-				log.Warn("docker is not using the leased subnet yet; retrying", "err", err)
-				a.setError("docker", err)
-				time.AfterFunc(time.Second, func() { signal(a.trigger) })
-				return
-			}
-			a.clearError("docker")
-		}
-		a.setReady()
+	if a.opt.Docker != nil && !a.dockerPass(ctx, log, self, p) {
+		return
 	}
-}
-
-// dockerStep makes Docker use the leased subnet (route mode): write daemon.json, create a
-// network, or check the bridge.
-func (a *Agent) dockerStep(ctx context.Context, log *slog.Logger, self lease.Lease, p plan.Plan) error {
-	d := a.opt.Docker
-	switch {
-	case d.ConfigPath != "":
-		changed, err := docker.WriteConfig(d.ConfigPath, self.Subnet, p.PodMTU)
-		if err != nil {
-			return err
-		}
-		if changed {
-			log.Info("wrote the leased subnet into docker's config; (re)start dockerd to apply it", "file", d.ConfigPath, "bip", docker.Gateway(self.Subnet), "mtu", p.PodMTU)
-		}
-		return nil
-	case d.Network != "":
-		return docker.NewClient(d.Socket).EnsureNetwork(ctx, d.Network, self.Subnet, p.PodMTU)
-	default:
-		return docker.CheckBridge(a.h, d.Bridge, self.Subnet)
+	if !a.ready() {
+		a.setReady()
 	}
 }
 
@@ -666,9 +629,7 @@ func (a *Agent) countRepairs(v vxlan.Stats, r route.Stats, n nat.Stats, drift bo
 	c.WithLabelValues("route").Add(float64(r.Added + r.Replaced + r.Deleted))
 	c.WithLabelValues("neigh").Add(float64(v.NeighSet + v.NeighDel))
 	c.WithLabelValues("fdb").Add(float64(v.FDBSet + v.FDBDel))
-	if v.DeviceCreated {
-		c.WithLabelValues("vxlan-device").Inc()
-	}
+	c.WithLabelValues("vxlan-device").Add(float64(v.DeviceChanges()))
 	c.WithLabelValues("nat").Add(float64(n.ChainsRewritten + n.JumpsFixed))
 }
 

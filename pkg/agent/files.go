@@ -59,7 +59,19 @@ func or(s, def string) string {
 type file struct {
 	path string
 	data []byte
+	// Repairs of a file someone else keeps rewriting (another agent given the same
+	// --subnet-file) would go on forever, each write waking the other writer: after
+	// maxRepairs within repairWindow the agent stops repairing it until the next full pass,
+	// and reports the conflict instead.
+	repairs int
+	since   time.Time
+	gaveUp  bool
 }
+
+const (
+	maxRepairs   = 5
+	repairWindow = 30 * time.Second
+)
 
 // writeFiles writes the subnet file and then the conflist (the runtime starts using the
 // network when the conflist appears, and by then the subnet file is there). Each is
@@ -68,22 +80,61 @@ type file struct {
 // one removed or replaced.
 func (a *Agent) writeFiles(cfg config.Network, self lease.Lease, p plan.Plan) error {
 	info := subnetfile.Info{Network: cfg.Network, Subnet: self.Subnet, MTU: p.PodMTU}
-	a.files = append(a.files[:0], file{a.opt.SubnetFile, info.Marshal()})
+	want := []file{{path: a.opt.SubnetFile, data: info.Marshal()}}
 	if a.opt.CNIConfDir != "" {
 		name := or(a.opt.CNIConf.FileName, "10-netagent.conflist")
-		a.files = append(a.files, file{filepath.Join(a.opt.CNIConfDir, name), ConfList(a.opt.CNIConf, a.opt.SubnetFile)})
+		want = append(want, file{path: filepath.Join(a.opt.CNIConfDir, name), data: ConfList(a.opt.CNIConf, a.opt.SubnetFile)})
 	}
-	return a.ensureFiles()
-}
-
-// ensureFiles puts the last written files back if they changed.
-func (a *Agent) ensureFiles() error {
+	for i := range want {
+		for _, old := range a.files {
+			if old.path == want[i].path { // keep its repair count: a fight resumes stopped
+				want[i].repairs, want[i].since = old.repairs, old.since
+			}
+		}
+	}
+	a.files = want
 	for _, f := range a.files {
-		if err := writeIfChanged(f.path, f.data, 0o644); err != nil {
+		if _, err := writeIfChanged(f.path, f.data, 0o644); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// ensureFiles puts the last written files back if they changed, unless another writer
+// keeps changing them (then it says so, once, and leaves them to the next full pass).
+func (a *Agent) ensureFiles() error {
+	for i := range a.files {
+		f := &a.files[i]
+		if f.gaveUp {
+			continue
+		}
+		cur, _ := os.ReadFile(f.path)
+		wrote, err := writeIfChanged(f.path, f.data, 0o644)
+		if err != nil {
+			return err
+		}
+		if !wrote {
+			continue
+		}
+		if now := time.Now(); now.Sub(f.since) > repairWindow {
+			f.since, f.repairs = now, 0
+		}
+		if f.repairs++; f.repairs >= maxRepairs {
+			f.gaveUp = true
+			return fmt.Errorf("%s was rewritten %d times in %s by another writer (%s): does another agent use the same file? Give each its own --subnet-file; repairs stop until the next resync",
+				f.path, f.repairs, repairWindow, foreign(cur))
+		}
+	}
+	return nil
+}
+
+// foreign describes what another writer put into a file, for the error.
+func foreign(b []byte) string {
+	if info, err := subnetfile.Parse(b); err == nil {
+		return fmt.Sprintf("it wrote subnet %s", info.Subnet)
+	}
+	return fmt.Sprintf("%d bytes", len(b))
 }
 
 // watchFiles signals ch when a file named in paths is removed, renamed, or written in
@@ -137,12 +188,13 @@ func watchFiles(ctx context.Context, log *slog.Logger, paths []string, ch chan s
 	}
 }
 
-func writeIfChanged(path string, data []byte, perm os.FileMode) error {
+// writeIfChanged writes data to path unless it is there already, and says whether it wrote.
+func writeIfChanged(path string, data []byte, perm os.FileMode) (bool, error) {
 	if cur, err := os.ReadFile(path); err == nil && bytes.Equal(cur, data) {
-		return nil
+		return false, nil
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return fmt.Errorf("create %s: %w", filepath.Dir(path), err)
+		return false, fmt.Errorf("create %s: %w", filepath.Dir(path), err)
 	}
-	return atomicfile.Write(path, data, perm)
+	return true, atomicfile.Write(path, data, perm)
 }

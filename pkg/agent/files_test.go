@@ -2,10 +2,15 @@ package agent
 
 import (
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/netagent/netagent/pkg/subnetfile"
 )
 
 func TestWatchFiles(t *testing.T) {
@@ -62,5 +67,62 @@ func TestWatchFiles(t *testing.T) {
 		case <-ch:
 		default:
 		}
+	}
+}
+
+// TestSharedFileNoFight: two agents given the same subnet file used to repair it after
+// each other's writes forever (each write wakes the other's watch). Each now stops after a
+// few repairs and reports the other writer.
+func TestSharedFileNoFight(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "subnet.env")
+	var writes atomic.Int64
+	errs := make(chan error, 2)
+	var kick []chan struct{}
+	for i, subnet := range []string{"10.244.1.0/24", "10.244.2.0/24"} {
+		info := subnetfile.Info{Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix(subnet), MTU: 1450}
+		a := &Agent{files: []file{{path: path, data: info.Marshal()}}}
+		if i == 0 {
+			if err := a.ensureFiles(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ch := make(chan struct{}, 1)
+		go watchFiles(t.Context(), slog.Default(), []string{path}, ch)
+		go func() {
+			for {
+				select {
+				case <-t.Context().Done():
+					return
+				case <-ch:
+					writes.Add(1)
+					if err := a.ensureFiles(); err != nil {
+						errs <- err
+					}
+				}
+			}
+		}()
+		kick = append(kick, ch)
+	}
+	time.Sleep(50 * time.Millisecond) // both watches armed
+	for _, ch := range kick {
+		signal(ch)
+	}
+	var got []error
+	for len(got) < 1 {
+		select {
+		case err := <-errs:
+			got = append(got, err)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no agent reported the other writer after %d repairs", writes.Load())
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+	before := writes.Load()
+	time.Sleep(500 * time.Millisecond)
+	if after := writes.Load(); after != before {
+		t.Errorf("still fighting over the file: %d wake-ups in 500ms", after-before)
+	}
+	if !strings.Contains(got[0].Error(), "another writer (it wrote subnet 10.244.") {
+		t.Errorf("error = %v, want it to name the other writer's subnet", got[0])
 	}
 }

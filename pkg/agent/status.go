@@ -21,15 +21,17 @@ import (
 
 // Status is what `netagent status` shows.
 type Status struct {
-	Node     string            `json:"node"`
-	Ready    bool              `json:"ready"`
-	Subnet   string            `json:"subnet,omitempty"`
-	Network  string            `json:"network,omitempty"`
-	Backend  string            `json:"backend,omitempty"`
-	PublicIP string            `json:"publicIP,omitempty"`
-	PodMTU   int               `json:"podMTU,omitempty"`
-	Errors   map[string]string `json:"errors,omitempty"`
-	Peers    []PeerStatus      `json:"peers"`
+	Node     string `json:"node"`
+	Ready    bool   `json:"ready"`
+	Subnet   string `json:"subnet,omitempty"`
+	Network  string `json:"network,omitempty"`
+	Backend  string `json:"backend,omitempty"`
+	PublicIP string `json:"publicIP,omitempty"`
+	PodMTU   int    `json:"podMTU,omitempty"`
+	// Docker is route mode's bridge ("docker0") or "network NAME".
+	Docker string            `json:"docker,omitempty"`
+	Errors map[string]string `json:"errors,omitempty"`
+	Peers  []PeerStatus      `json:"peers"`
 }
 
 // PeerStatus is one peer with what the kernel has for it.
@@ -44,6 +46,20 @@ type PeerStatus struct {
 	Neigh    *bool  `json:"neigh,omitempty"`
 }
 
+// peerCount is how many other nodes the current plan has (the lease list also holds
+// this node's own lease).
+func (a *Agent) peerCount() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	if a.planner != nil {
+		for _, c := range a.planner.Count() {
+			n += c
+		}
+	}
+	return n
+}
+
 func (a *Agent) setLease(l lease.Lease, cfg config.Network) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -52,6 +68,12 @@ func (a *Agent) setLease(l lease.Lease, cfg config.Network) {
 	a.status.Network = cfg.Network.String()
 	a.status.Backend = cfg.Backend.Type
 	a.status.PublicIP = l.PublicIP.String()
+	if d := a.opt.Docker; d != nil {
+		a.status.Docker = d.Bridge
+		if d.Network != "" {
+			a.status.Docker = "network " + d.Network
+		}
+	}
 }
 
 func (a *Agent) setError(kind string, err error) {

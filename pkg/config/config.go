@@ -72,11 +72,35 @@ func Parse(b []byte) (Network, error) {
 	if dec.More() {
 		return Network{}, fmt.Errorf("decode network config: trailing data")
 	}
+	if err := explicitZeros(b); err != nil {
+		return Network{}, err
+	}
 	n.Default()
 	if err := n.Validate(); err != nil {
 		return Network{}, err
 	}
 	return n, nil
+}
+
+// explicitZeros rejects "vni": 0 and "port": 0, which would otherwise read as "not set"
+// and silently become the defaults.
+func explicitZeros(b []byte) error {
+	var probe struct {
+		Backend struct {
+			VNI  *int `json:"vni"`
+			Port *int `json:"port"`
+		} `json:"backend"`
+	}
+	if json.Unmarshal(b, &probe) != nil {
+		return nil // the strict decode has said what is wrong
+	}
+	if v := probe.Backend.VNI; v != nil && *v == 0 {
+		return fieldErr("backend.vni", "0 is out of range 1-16777215 (leave it out for the default %d)", DefaultVNI)
+	}
+	if p := probe.Backend.Port; p != nil && *p == 0 {
+		return fieldErr("backend.port", "0 is out of range 1-65535 (leave it out for the default %d)", DefaultPort)
+	}
+	return nil
 }
 
 // Marshal encodes the config (the form stored in etcd).

@@ -29,6 +29,8 @@ func TestParse(t *testing.T) {
 		{"unknown backend", `{"network":"10.244.0.0/16","backend":{"type":"udp"}}`, "backend.type"},
 		{"vni", `{"network":"10.244.0.0/16","backend":{"type":"vxlan","vni":16777216}}`, "backend.vni"},
 		{"port", `{"network":"10.244.0.0/16","backend":{"type":"vxlan","port":70000}}`, "backend.port"},
+		{"vni 0", `{"network":"10.244.0.0/16","backend":{"type":"vxlan","vni":0}}`, "backend.vni"},
+		{"port 0", `{"network":"10.244.0.0/16","backend":{"type":"hybrid","port":0}}`, "backend.port"},
 		{"host-gw with vni", `{"network":"10.244.0.0/16","backend":{"type":"host-gw","vni":3}}`, "backend"},
 		{"mtu", `{"network":"10.244.0.0/16","mtu":100}`, "mtu"},
 	}

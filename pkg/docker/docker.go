@@ -20,6 +20,8 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -90,14 +92,99 @@ func CheckBridge(h *netlink.Handle, dev string, subnet netip.Prefix) error {
 	return fmt.Errorf("docker bridge %s carries %v, not the leased %s: start dockerd with --bip=%s (or let netagent write it: --write-docker-config /etc/docker/daemon.json)", dev, have, subnet, want)
 }
 
+// BridgeSubnet is the subnet of dev's first IPv4 address (invalid when dev is missing or
+// has none): what a host that already runs Docker has, and may keep (route mode adopts it
+// when it is free in the cluster network).
+func BridgeSubnet(h *netlink.Handle, dev string) netip.Prefix {
+	l, err := h.LinkByName(dev)
+	if err != nil {
+		return netip.Prefix{}
+	}
+	addrs, err := h.AddrList(l, netlink.FAMILY_V4)
+	if err != nil || len(addrs) == 0 {
+		return netip.Prefix{}
+	}
+	ip, _ := netip.AddrFromSlice(addrs[0].IP.To4())
+	ones, _ := addrs[0].Mask.Size()
+	return netip.PrefixFrom(ip, ones).Masked()
+}
+
+// Holder names the link carrying an address inside subnet ("" when none does).
+func Holder(h *netlink.Handle, subnet netip.Prefix) (string, netip.Prefix) {
+	addrs, err := h.AddrList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return "", netip.Prefix{}
+	}
+	for _, a := range addrs {
+		ip, _ := netip.AddrFromSlice(a.IP.To4())
+		if !subnet.Contains(ip) {
+			continue
+		}
+		ones, _ := a.Mask.Size()
+		name := fmt.Sprint(a.LinkIndex)
+		if l, err := h.LinkByIndex(a.LinkIndex); err == nil {
+			name = l.Attrs().Name
+		}
+		return name, netip.PrefixFrom(ip, ones)
+	}
+	return "", netip.Prefix{}
+}
+
+// DefaultConfig is dockerd's daemon.json when it is started without --config-file.
+const DefaultConfig = "/etc/docker/daemon.json"
+
+// FlagConflicts lists the running dockerd processes (found under procRoot, normally
+// /proc) that read configPath and set bip or mtu on their command line: dockerd refuses
+// to start when a directive is both a flag and in daemon.json, so writing ours would
+// break their next restart. Each entry says "pid N: --flag".
+func FlagConflicts(procRoot, configPath string) []string {
+	entries, err := os.ReadDir(procRoot)
+	if err != nil {
+		return nil
+	}
+	want := filepath.Clean(configPath)
+	var out []string
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(procRoot, e.Name(), "cmdline"))
+		if err != nil || len(b) == 0 {
+			continue
+		}
+		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+		if filepath.Base(args[0]) != "dockerd" {
+			continue
+		}
+		cfg, flags := DefaultConfig, []string{}
+		for i, a := range args[1:] {
+			name, val, hasVal := strings.Cut(a, "=")
+			switch name {
+			case "--config-file":
+				if !hasVal && i+2 < len(args) {
+					val = args[i+2]
+				}
+				cfg = val
+			case "--bip", "--mtu":
+				flags = append(flags, name)
+			}
+		}
+		if len(flags) > 0 && filepath.Clean(cfg) == want {
+			out = append(out, fmt.Sprintf("pid %s: %s", e.Name(), strings.Join(flags, " ")))
+		}
+	}
+	return out
+}
+
 // Client talks to the Docker Engine API on a unix socket.
 type Client struct {
+	path string
 	http *http.Client
 }
 
 // NewClient returns a client for the socket at path.
 func NewClient(path string) *Client {
-	return &Client{http: &http.Client{
+	return &Client{path: path, http: &http.Client{
 		Timeout: 30 * time.Second,
 		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", path)
@@ -164,6 +251,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) (int,
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := c.http.Do(req)
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
+		return 0, fmt.Errorf("dockerd is not listening on %s (not running yet, or another --docker-socket?): %w", c.path, err)
+	}
 	if err != nil {
 		return 0, fmt.Errorf("docker API %s %s: %w", method, path, err)
 	}

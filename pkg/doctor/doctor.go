@@ -42,6 +42,9 @@ type Options struct {
 	CNIBinDir  string
 	Bridge     string
 	Underlay   string // "" = the default route's interface
+	// RouteMode is a Docker host (netagent route-mode): no CNI files; the bridge is
+	// Docker's; netagent's FORWARD jump sits below Docker's.
+	RouteMode bool
 	// Status is the agent's /status as JSON (nil when the agent did not answer).
 	Status []byte
 }
@@ -50,9 +53,12 @@ type Options struct {
 func Run(o Options) []Finding {
 	var out []Finding
 	add := func(f Finding) { out = append(out, f) }
+	fix := "sysctl -w net.ipv4.ip_forward=1 (netagent run sets it at start)"
+	if o.RouteMode {
+		fix = "start dockerd (it turns forwarding on, with FORWARD policy DROP), or sysctl -w net.ipv4.ip_forward=1"
+	}
 	add(sysctl("ip_forward", "/proc/sys/net/ipv4/ip_forward", "1",
-		"net.ipv4.ip_forward is %s: this node does not forward pod traffic",
-		"sysctl -w net.ipv4.ip_forward=1 (netagent run sets it at start)"))
+		"net.ipv4.ip_forward is %s: this node does not forward pod traffic", fix))
 	h, err := netlink.NewHandle()
 	if err != nil {
 		add(Finding{"netlink", Problem, err.Error(), "run as root"})
@@ -77,7 +83,7 @@ func Run(o Options) []Finding {
 				fmt.Sprintf("sysctl -w net.ipv4.conf.%s.rp_filter=2", dev)})
 		}
 	}
-	out = append(out, firewall()...)
+	out = append(out, firewall(o.RouteMode)...)
 	info, ierr := subnetfile.Read(o.SubnetFile)
 	switch {
 	case ierr != nil:
@@ -85,7 +91,9 @@ func Run(o Options) []Finding {
 	default:
 		add(Finding{"subnet file", OK, fmt.Sprintf("%s: subnet %s, MTU %d", o.SubnetFile, info.Subnet, info.MTU), ""})
 	}
-	out = append(out, conflist(o)...)
+	if !o.RouteMode {
+		out = append(out, conflist(o)...)
+	}
 	if ierr == nil {
 		out = append(out, mtus(h, o.Bridge, underlay, info)...)
 	}
@@ -105,7 +113,7 @@ func sysctl(check, path, want, what, fix string) Finding {
 	return Finding{check, OK, fmt.Sprintf("%s = %s", filepath.Base(path), v), ""}
 }
 
-func firewall() []Finding {
+func firewall(routeMode bool) []Finding {
 	var out []Finding
 	ver, err := exec.Command("iptables", "--version").Output()
 	if err != nil {
@@ -133,21 +141,30 @@ func firewall() []Finding {
 	lines := strings.Split(strings.TrimSpace(string(fwd)), "\n")
 	policy := strings.TrimPrefix(lines[0], "-P FORWARD ")
 	ours := -1
+	var others []string
 	for i, l := range lines[1:] {
 		if strings.Contains(l, "-j "+nat.FwdChain) {
-			ours = i
-			break
+			if ours < 0 {
+				ours = i
+			}
+			continue
 		}
+		others = append(others, strings.TrimPrefix(l, "-A FORWARD "))
+	}
+	at := nat.ForwardSlot(others, routeMode)
+	where := "first"
+	if routeMode {
+		where = "right below Docker's DOCKER-USER and isolation jumps"
 	}
 	switch {
 	case ours < 0 && policy == "DROP":
-		out = append(out, Finding{"FORWARD", Problem, "FORWARD policy is DROP and netagent's accept chain is not hooked in: pod traffic between nodes is dropped", "start netagent run (it inserts -j NETAGENT-FWD first)"})
+		out = append(out, Finding{"FORWARD", Problem, "FORWARD policy is DROP and netagent's accept chain is not hooked in: pod traffic between nodes is dropped", "start netagent (it inserts -j NETAGENT-FWD " + where + ")"})
 	case ours < 0:
-		out = append(out, Finding{"FORWARD", Warn, "netagent's accept chain is not hooked into FORWARD (policy ACCEPT, so traffic passes for now)", "start netagent run"})
-	case ours > 0:
-		out = append(out, Finding{"FORWARD", Problem, fmt.Sprintf("netagent's accept rule is rule %d in FORWARD, after %q: earlier rules may drop pod traffic", ours+1, lines[1]), "restart netagent run (it moves its jump back to the top within a second)"})
+		out = append(out, Finding{"FORWARD", Warn, "netagent's accept chain is not hooked into FORWARD (policy ACCEPT, so traffic passes for now)", "start netagent"})
+	case ours != at:
+		out = append(out, Finding{"FORWARD", Problem, fmt.Sprintf("netagent's accept rule is rule %d in FORWARD, not %s (rule %d): rules above it may drop pod traffic, or it may bypass them", ours+1, where, at+1), "restart netagent (it moves its jump back within a second)"})
 	default:
-		out = append(out, Finding{"FORWARD", OK, "policy " + policy + ", netagent's accept chain first", ""})
+		out = append(out, Finding{"FORWARD", OK, "policy " + policy + ", netagent's accept chain " + where, ""})
 	}
 	return out
 }
@@ -222,6 +239,12 @@ func mtus(h *netlink.Handle, bridge, underlay string, info subnetfile.Info) []Fi
 			br = l
 		}
 	}
+	if br != nil && br.Attrs().MTU < info.MTU {
+		// Packets routed into the bridge are cut to its MTU: full-size ones with DF set
+		// (pings of the pod MTU, PMTU-discovering TCP) are dropped.
+		out = append(out, Finding{"MTU", Problem, fmt.Sprintf("bridge %s has MTU %d, lower than the pod MTU %d: full-size packets to pods are dropped", bridge, br.Attrs().MTU, info.MTU),
+			fmt.Sprintf("ip link set %s mtu %d", bridge, info.MTU)})
+	}
 	bad := 0
 	for _, l := range links {
 		if br != nil && l.Attrs().MasterIndex == br.Attrs().Index && l.Type() == "veth" && l.Attrs().MTU != info.MTU {
@@ -233,9 +256,10 @@ func mtus(h *netlink.Handle, bridge, underlay string, info subnetfile.Info) []Fi
 			}
 		}
 	}
-	if bad > 0 {
+	switch {
+	case bad > 0:
 		out = append(out, Finding{"MTU", Warn, fmt.Sprintf("%d pod interfaces on %s have an MTU other than the subnet file's %d (pods created before an MTU change)", bad, bridge, info.MTU), "recreate those pods"})
-	} else {
+	case len(out) == 0:
 		out = append(out, Finding{"MTU", OK, fmt.Sprintf("pod MTU %d consistent", info.MTU), ""})
 	}
 	return out

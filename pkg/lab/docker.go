@@ -60,6 +60,25 @@ func (l *Lab) StartDocker(ctx context.Context, n *Node) error {
 	return fmt.Errorf("dockerd on %s did not come up; log:\n%s", n.Name, tail(filepath.Join(n.Dir, "dockerd.log"), 20))
 }
 
+// waitDaemonJSON waits for the node's agent to write the lease into daemon.json.
+func (l *Lab) waitDaemonJSON(ctx context.Context, n *Node, timeout time.Duration) error {
+	cfg := filepath.Join(n.Dir, "daemon.json")
+	deadline := time.Now().Add(timeout)
+	for {
+		if b, err := os.ReadFile(cfg); err == nil && strings.Contains(string(b), `"bip"`) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the agent on %s wrote no bip into %s in %s; log:\n%s", n.Name, cfg, timeout, tail(filepath.Join(n.Dir, "agent.log"), 20))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
 // StopDocker removes every container and stops dockerd gracefully (so it unmounts its
 // layers).
 func (l *Lab) StopDocker(ctx context.Context, n *Node) error {
@@ -181,7 +200,19 @@ func (l *Lab) upDocker(ctx context.Context) error {
 // attachContainer names a container's network namespace <prefix><name> and records it as
 // one of the node's pods.
 func (l *Lab) attachContainer(ctx context.Context, n *Node, name string) error {
-	pid, err := l.ContainerPid(ctx, n, name)
+	p := &Pod{Name: name, NS: l.Prefix + name, Node: n.Name}
+	if err := l.ReattachContainer(ctx, n, p); err != nil {
+		return err
+	}
+	l.Namespaces = append(l.Namespaces, p.NS)
+	n.Pods = append(n.Pods, p)
+	return nil
+}
+
+// ReattachContainer points p's namespace name at its container's current network
+// namespace and updates its address (a restarted container has new ones).
+func (l *Lab) ReattachContainer(ctx context.Context, n *Node, p *Pod) error {
+	pid, err := l.ContainerPid(ctx, n, p.Name)
 	if err != nil {
 		return err
 	}
@@ -189,20 +220,18 @@ func (l *Lab) attachContainer(ctx context.Context, n *Node, name string) error {
 	if l.DockerNetwork != "" {
 		format = fmt.Sprintf("{{(index .NetworkSettings.Networks %q).IPAddress}}", l.DockerNetwork)
 	}
-	out, err := l.Docker(ctx, n, "inspect", "-f", format, name)
+	out, err := l.Docker(ctx, n, "inspect", "-f", format, p.Name)
 	if err != nil {
 		return err
 	}
 	ip, err := netip.ParseAddr(strings.TrimSpace(out))
 	if err != nil {
-		return fmt.Errorf("container %s has no address: %w", name, err)
+		return fmt.Errorf("container %s has no address: %w", p.Name, err)
 	}
-	nsName := l.Prefix + name
-	_ = exec.Command("ip", "netns", "delete", nsName).Run()
-	if b, err := exec.Command("ip", "netns", "attach", nsName, fmt.Sprint(pid)).CombinedOutput(); err != nil {
-		return fmt.Errorf("ip netns attach %s %d: %v: %s", nsName, pid, err, b)
+	_ = exec.Command("ip", "netns", "delete", p.NS).Run()
+	if b, err := exec.Command("ip", "netns", "attach", p.NS, fmt.Sprint(pid)).CombinedOutput(); err != nil {
+		return fmt.Errorf("ip netns attach %s %d: %v: %s", p.NS, pid, err, b)
 	}
-	l.Namespaces = append(l.Namespaces, nsName)
-	n.Pods = append(n.Pods, &Pod{Name: name, NS: nsName, IP: ip, Node: n.Name})
+	p.IP = ip
 	return nil
 }

@@ -65,6 +65,8 @@ type Options struct {
 	// DockerNetwork makes route mode create this user-defined network on the lease
 	// (--docker-network) instead of writing daemon.json; dockerd then starts first.
 	DockerNetwork string
+	// Resync is the agents' --resync (default: theirs).
+	Resync time.Duration
 	// Kube runs the agents with --subnet-manager=kube against this API server instead of
 	// etcd (see startKube).
 	Kube KubeAPI
@@ -215,6 +217,11 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 	defer func() {
 		if err != nil {
 			_ = l.Down()
+			// The logs stay (Down removes namespaces and processes, not files): say where.
+			if logs, _ := filepath.Glob(filepath.Join(opt.Dir, "*.log")); len(logs) > 0 {
+				more, _ := filepath.Glob(filepath.Join(opt.Dir, "*", "*.log"))
+				err = fmt.Errorf("%w\n(the lab is down; its logs are kept: %s)", err, strings.Join(append(logs, more...), " "))
+			}
 			l = nil
 		}
 	}()
@@ -254,6 +261,18 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 	for _, n := range l.Nodes {
 		if err := l.StartAgent(n); err != nil {
 			return l, err
+		}
+	}
+	if opt.RouteMode && opt.DockerNetwork == "" {
+		// An agent is ready once docker0 carries its lease: dockerd starts on the
+		// daemon.json the agent wrote.
+		for _, n := range l.Nodes {
+			if err := l.waitDaemonJSON(ctx, n, 30*time.Second); err != nil {
+				return l, err
+			}
+			if err := l.StartDocker(ctx, n); err != nil {
+				return l, err
+			}
 		}
 	}
 	for _, n := range l.Nodes {
@@ -447,9 +466,37 @@ func (l *Lab) StartEtcd() error {
 		if out, err := l.netagent(context.Background(), "config", "get"); err == nil || strings.Contains(out, "no network config") {
 			return nil
 		}
+		if err := l.etcdExited(); err != nil {
+			return err
+		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	return fmt.Errorf("etcd did not come up; see %s", filepath.Join(l.Dir, "etcd*.log"))
+	return fmt.Errorf("etcd did not come up in 60s; %s", l.etcdLogs())
+}
+
+// etcdExited reports an etcd process (or member) that is gone, with its log's tail.
+func (l *Lab) etcdExited() error {
+	pids := map[string]int{"etcd.log": l.EtcdPid}
+	for i, pid := range l.EtcdPids {
+		pids["etcd-"+memberName(i)+".log"] = pid
+	}
+	for log, pid := range pids {
+		if pid != 0 && (syscall.Kill(pid, 0) != nil || zombie(pid)) {
+			path := filepath.Join(l.Dir, log)
+			return fmt.Errorf("etcd exited; %s ends:\n%s", path, tail(path, 20))
+		}
+	}
+	return nil
+}
+
+// etcdLogs is the tail of each etcd log.
+func (l *Lab) etcdLogs() string {
+	paths, _ := filepath.Glob(filepath.Join(l.Dir, "etcd*.log"))
+	var b strings.Builder
+	for _, p := range paths {
+		fmt.Fprintf(&b, "%s ends:\n%s\n", p, tail(p, 20))
+	}
+	return b.String()
 }
 
 // StartEtcdMember starts member i of a multi-member (or external) etcd.
@@ -510,6 +557,11 @@ func (l *Lab) setConfig(ctx context.Context) error {
 	return nil
 }
 
+// Netagent runs a netagent subcommand against the lab's etcd.
+func (l *Lab) Netagent(ctx context.Context, args ...string) (string, error) {
+	return l.netagent(ctx, args...)
+}
+
 // netagent runs a netagent subcommand against the lab's etcd.
 func (l *Lab) netagent(ctx context.Context, args ...string) (string, error) {
 	args = append(args, l.EtcdFlags()...)
@@ -540,9 +592,9 @@ func (l *Lab) storeFlags() []string {
 // AgentArgs are the `netagent run` arguments of a node.
 func (l *Lab) AgentArgs(n *Node) []string {
 	cmd := "run"
-	var extra []string
+	extra := []string{"--cni-conf-dir", filepath.Join(n.Dir, "net.d"), "--cni-data-dir", filepath.Join(n.Dir, "ipam")}
 	if l.Opt.RouteMode {
-		cmd = "route-mode"
+		cmd = "route-mode" // no CNI files
 		extra = []string{"--write-docker-config", filepath.Join(n.Dir, "daemon.json")}
 		if l.Opt.DockerNetwork != "" {
 			extra = []string{"--docker-network", l.Opt.DockerNetwork, "--docker-socket", l.dockerSock(n)}
@@ -552,11 +604,16 @@ func (l *Lab) AgentArgs(n *Node) []string {
 		"--node-name", n.Name,
 		"--iface", "eth0",
 		"--subnet-file", filepath.Join(n.Dir, "subnet.env"),
-		"--cni-conf-dir", filepath.Join(n.Dir, "net.d"),
-		"--cni-data-dir", filepath.Join(n.Dir, "ipam"),
 		"--lease-ttl", l.Opt.LeaseTTL.String(),
 		"--listen", "127.0.0.1:9476",
-	}, l.storeFlags()...), extra...)
+	}, l.storeFlags()...), append(extra, l.resyncFlag()...)...)
+}
+
+func (l *Lab) resyncFlag() []string {
+	if l.Opt.Resync == 0 {
+		return nil
+	}
+	return []string{"--resync", l.Opt.Resync.String()}
 }
 
 // StartAgent starts the node's agent.

@@ -3,9 +3,17 @@
 // pod-to-pod source addresses, and FORWARD accepts for cluster traffic that work even when
 // the FORWARD policy is DROP.
 //
+// On a Docker host (route mode) the FORWARD accepts are narrow and come after Docker's own
+// gatekeepers: only traffic between the cluster network and this host's subnet is accepted
+// (what Docker's DOCKER chain would drop as "unpublished" when it comes from a peer), and
+// the jump sits right below the jumps to DOCKER-USER and DOCKER-ISOLATION-STAGE-1, so an
+// admin's DOCKER-USER rules and Docker's network isolation see every packet first.
+// Everything else (underlay hosts, other Docker networks) keeps Docker's own behaviour.
+//
 // The rules live in netagent's own chains, rewritten whole in one iptables-restore
 // transaction when they differ from the plan; the jumps into them are kept first in their
-// built-in chains (a firewall that inserts its own rules above ours is put back below).
+// built-in chains, or in the Docker case right below Docker's (a firewall that inserts its
+// own rules above ours is put back below).
 // Reading the state is one iptables-save; Sync with nothing to change writes nothing.
 package nat
 
@@ -14,6 +22,7 @@ import (
 	"context"
 	"fmt"
 	"os/exec"
+	"slices"
 	"strings"
 	"time"
 
@@ -32,26 +41,67 @@ type table struct {
 	hook  string   // built-in chain that jumps to ours, first
 	chain string   // our chain
 	rules []string // our chain's rules, in iptables-save's canonical form, without "-A CHAIN "
+	// below: the jump goes right below a leading run of jumps to these chains instead of
+	// first (Docker hosts).
+	below map[string]bool
 }
+
+// dockerFirst are the chains whose jumps stay above ours in FORWARD on a Docker host: the
+// admin's, and Docker's network isolation (Docker 20.10 puts both first; Docker 28 has
+// DOCKER-USER then DOCKER-FORWARD, whose DOCKER chain drops unpublished traffic, so ours
+// goes between them).
+var dockerFirst = map[string]bool{"DOCKER-USER": true, "DOCKER-ISOLATION-STAGE-1": true}
 
 // desired renders the rules for a plan.
 func desired(n plan.NAT) []table {
 	if !n.Network.IsValid() || !n.Subnet.IsValid() {
 		return []table{{name: "nat", hook: "POSTROUTING", chain: PostChain}, {name: "filter", hook: "FORWARD", chain: FwdChain}}
 	}
+	fwd := table{name: "filter", hook: "FORWARD", chain: FwdChain, rules: []string{
+		fmt.Sprintf("-s %s -j ACCEPT", n.Network),
+		fmt.Sprintf("-d %s -j ACCEPT", n.Network),
+	}}
+	if n.Final {
+		fwd.below = dockerFirst
+		fwd.rules = []string{
+			// Within this host's subnet Docker decides (icc, its own accepts).
+			fmt.Sprintf("-s %s -d %s -j RETURN", n.Subnet, n.Subnet),
+			fmt.Sprintf("-s %s -d %s -j ACCEPT", n.Network, n.Subnet),
+			fmt.Sprintf("-s %s -d %s -j ACCEPT", n.Subnet, n.Network),
+		}
+	}
 	return []table{
 		{name: "nat", hook: "POSTROUTING", chain: PostChain, rules: []string{
 			fmt.Sprintf("-s %s -d %s -m comment --comment \"netagent:pod-to-pod\" -j %s", n.Network, n.Network, exempt(n)),
 			fmt.Sprintf("-s %s ! -d 224.0.0.0/4 -m comment --comment \"netagent:pod-egress\" -j MASQUERADE --random-fully", n.Subnet),
 		}},
-		// No comments here: the filter rules see every forwarded packet, and iptables-nft
+		// No comments in fwd: the filter rules see every forwarded packet, and iptables-nft
 		// evaluates "-m comment" per packet through the xtables compatibility layer (about
 		// 1 % of a pod flow's CPU in a profile); the chain's name says whose they are.
-		{name: "filter", hook: "FORWARD", chain: FwdChain, rules: []string{
-			fmt.Sprintf("-s %s -j ACCEPT", n.Network),
-			fmt.Sprintf("-d %s -j ACCEPT", n.Network),
-		}},
+		fwd,
 	}
+}
+
+// slot is the index in hook (without our jumps) where t's jump belongs: first, or right
+// below the last jump to one of t.below (rules someone puts above those stay above ours).
+func slot(t table, hook []string) int {
+	at := 0
+	for i, r := range hook {
+		if c, ok := strings.CutPrefix(r, "-j "); ok && t.below[c] {
+			at = i + 1
+		}
+	}
+	return at
+}
+
+// ForwardSlot is the index in FORWARD's rules (iptables -S without "-A FORWARD ", and
+// without our jump) where netagent's jump belongs; docker is route mode (plan.NAT.Final).
+func ForwardSlot(rules []string, docker bool) int {
+	t := table{}
+	if docker {
+		t.below = dockerFirst
+	}
+	return slot(t, rules)
 }
 
 func exempt(n plan.NAT) string {
@@ -157,11 +207,13 @@ func (r *Reconciler) Sync(ctx context.Context, n plan.NAT) (Stats, error) {
 		}
 		j := jump(t)
 		hook := cur.rules[t.hook]
-		if ours := jumps(hook, t); len(hook) == 0 || hook[0] != j || len(ours) != 1 {
+		ours := jumps(hook, t)
+		at := slot(t, without(hook, ours))
+		if len(ours) != 1 || at >= len(hook) || hook[at] != j {
 			for _, r := range ours {
 				fmt.Fprintf(&tb, "-D %s %s\n", t.hook, r)
 			}
-			fmt.Fprintf(&tb, "-I %s 1 %s\n", t.hook, j)
+			fmt.Fprintf(&tb, "-I %s %d %s\n", t.hook, at+1, j)
 			st.JumpsFixed++
 		}
 		if tb.Len() > 0 {
@@ -202,6 +254,17 @@ func (r *Reconciler) Remove(ctx context.Context) error {
 		return nil
 	}
 	return r.run.Restore(ctx, in.String())
+}
+
+// without returns rules minus drop (iptables-save prints a chain's rules in order).
+func without(rules, drop []string) []string {
+	out := make([]string, 0, len(rules))
+	for _, r := range rules {
+		if !slices.Contains(drop, r) {
+			out = append(out, r)
+		}
+	}
+	return out
 }
 
 type saved struct {

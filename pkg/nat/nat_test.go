@@ -2,7 +2,9 @@ package nat
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -90,4 +92,92 @@ func TestSyncTransitions(t *testing.T) {
 	if all := n.MustRun(t, "iptables-save"); strings.Contains(all, "NETAGENT") {
 		t.Errorf("Remove left rules:\n%s", all)
 	}
+}
+
+// TestSyncDockerHost: on a Docker host our FORWARD jump goes right below Docker's
+// DOCKER-USER and isolation jumps (whatever Docker version's layout), is put back there
+// when Docker re-inserts its jumps on a restart, and accepts only cluster <-> own subnet.
+func TestSyncDockerHost(t *testing.T) {
+	netns.RequireRoot(t)
+	p := plan.NAT{Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.244.1.0/24"), Final: true}
+	for _, tc := range []struct {
+		name   string
+		docker []string // the FORWARD layout dockerd sets up
+		want   []string // FORWARD after our sync
+	}{
+		{"no docker yet", nil, []string{"-j " + FwdChain}},
+		{"docker 20.10", []string{"-N DOCKER-USER", "-N DOCKER-ISOLATION-STAGE-1", "-N DOCKER",
+			"-A FORWARD -j DOCKER-USER", "-A FORWARD -j DOCKER-ISOLATION-STAGE-1", "-A FORWARD -o docker0 -j DOCKER", "-A FORWARD -i docker0 ! -o docker0 -j ACCEPT"},
+			[]string{"-j DOCKER-USER", "-j DOCKER-ISOLATION-STAGE-1", "-j " + FwdChain, "-o docker0 -j DOCKER", "-i docker0 ! -o docker0 -j ACCEPT"}},
+		// What route mode before 2026-12 left: wide accepts, jumped to first.
+		{"upgrade on docker 20.10", []string{"-N DOCKER-USER", "-N DOCKER-ISOLATION-STAGE-1", "-N " + FwdChain,
+			"-A FORWARD -j DOCKER-USER", "-A FORWARD -j DOCKER-ISOLATION-STAGE-1", "-I FORWARD 1 -j " + FwdChain,
+			"-A " + FwdChain + " -s 10.244.0.0/16 -j ACCEPT", "-A " + FwdChain + " -d 10.244.0.0/16 -j ACCEPT"},
+			[]string{"-j DOCKER-USER", "-j DOCKER-ISOLATION-STAGE-1", "-j " + FwdChain}},
+		{"docker 28", []string{"-N DOCKER-USER", "-N DOCKER-FORWARD", "-A FORWARD -j DOCKER-USER", "-A FORWARD -j DOCKER-FORWARD"},
+			[]string{"-j DOCKER-USER", "-j " + FwdChain, "-j DOCKER-FORWARD"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := netns.New(t, "natd")
+			n.MustRun(t, "iptables", "-P", "FORWARD", "DROP")
+			for _, c := range tc.docker {
+				n.MustRun(t, "iptables", strings.Fields(c)...)
+			}
+			r := New(nsRunner{n})
+			ctx := context.Background()
+			check := func(stage string, want Stats) {
+				t.Helper()
+				st, err := r.Sync(ctx, p)
+				if err != nil {
+					t.Fatalf("%s: %v", stage, err)
+				}
+				if st != want {
+					t.Errorf("%s: stats %+v, want %+v", stage, st, want)
+				}
+				if got := forward(t, n); !slices.Equal(got, tc.want) {
+					t.Errorf("%s: FORWARD\n%s\nwant\n%s", stage, strings.Join(got, "\n"), strings.Join(tc.want, "\n"))
+				}
+			}
+			check("first sync", Stats{ChainsRewritten: 2, JumpsFixed: 2})
+			check("settled", Stats{})
+			if len(tc.docker) > 0 {
+				// A dockerd restart deletes its jumps and inserts them first again; ours
+				// stays right below them.
+				for _, c := range []string{"-D FORWARD -j DOCKER-USER", "-I FORWARD 1 -j DOCKER-USER"} {
+					n.MustRun(t, "iptables", strings.Fields(c)...)
+				}
+				check("after a dockerd restart", Stats{})
+				// A rule an admin inserts first stays above everything; a rule inserted
+				// between Docker's jumps and ours goes below ours.
+				n.MustRun(t, "iptables", "-I", "FORWARD", "1", "-s", "192.0.2.66/32", "-j", "DROP")
+				n.MustRun(t, "iptables", "-I", "FORWARD", fmt.Sprint(slices.Index(tc.want, "-j "+FwdChain)+2), "-s", "192.0.2.67/32", "-j", "DROP")
+				want := slices.Insert(slices.Clone(tc.want), slices.Index(tc.want, "-j "+FwdChain)+1, "-s 192.0.2.67/32 -j DROP")
+				want = slices.Insert(want, 0, "-s 192.0.2.66/32 -j DROP")
+				if st, err := r.Sync(ctx, p); err != nil || st != (Stats{JumpsFixed: 1}) {
+					t.Errorf("foreign rules: stats %+v, %v; want one jump fixed", st, err)
+				}
+				if got := forward(t, n); !slices.Equal(got, want) {
+					t.Errorf("foreign rules: FORWARD\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+				}
+			}
+			want := []string{"-s 10.244.1.0/24 -d 10.244.1.0/24 -j RETURN", "-s 10.244.0.0/16 -d 10.244.1.0/24 -j ACCEPT", "-s 10.244.1.0/24 -d 10.244.0.0/16 -j ACCEPT"}
+			if got := chain(t, n, FwdChain); !slices.Equal(got, want) {
+				t.Errorf("%s:\n%s\nwant\n%s", FwdChain, strings.Join(got, "\n"), strings.Join(want, "\n"))
+			}
+		})
+	}
+}
+
+// forward is FORWARD's rules without "-A FORWARD ".
+func forward(t *testing.T, n *netns.NS) []string { return chain(t, n, "FORWARD") }
+
+func chain(t *testing.T, n *netns.NS, name string) []string {
+	t.Helper()
+	var out []string
+	for _, l := range strings.Split(n.MustRun(t, "iptables", "-S", name), "\n") {
+		if r, ok := strings.CutPrefix(l, "-A "+name+" "); ok {
+			out = append(out, r)
+		}
+	}
+	return out
 }

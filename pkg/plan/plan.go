@@ -101,9 +101,11 @@ type Plan struct {
 type NAT struct {
 	Network netip.Prefix // the cluster pod network
 	Subnet  netip.Prefix // this node's pod subnet
-	// Final makes the pod-to-pod exemption end NAT processing (ACCEPT) instead of returning
-	// to the built-in chain: needed on Docker hosts, whose own MASQUERADE follows ours;
-	// wrong under kube-proxy, whose hairpin masquerade must still see pod-to-pod packets.
+	// Final is set on Docker hosts (route mode). It makes the pod-to-pod exemption end NAT
+	// processing (ACCEPT) instead of returning to the built-in chain, since Docker's own
+	// MASQUERADE follows ours (wrong under kube-proxy, whose hairpin masquerade must still
+	// see pod-to-pod packets); and it narrows the FORWARD accepts to traffic between the
+	// cluster network and this host's subnet, below DOCKER-USER and Docker's isolation.
 	Final bool
 }
 

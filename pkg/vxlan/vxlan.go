@@ -308,13 +308,23 @@ func New(k Kernel, log *slog.Logger) *Reconciler { return &Reconciler{k: k, log:
 
 // Stats counts what a Sync changed.
 type Stats struct {
-	DeviceCreated                      bool
+	DeviceCreated bool
+	// DeviceFixed counts attributes put back on an existing device (MAC, MTU, up).
+	DeviceFixed                        int
 	NeighSet, NeighDel, FDBSet, FDBDel int
 }
 
 // Changed reports whether Sync touched the kernel.
 func (s Stats) Changed() bool {
-	return s.DeviceCreated || s.NeighSet+s.NeighDel+s.FDBSet+s.FDBDel > 0
+	return s.DeviceCreated || s.DeviceFixed+s.NeighSet+s.NeighDel+s.FDBSet+s.FDBDel > 0
+}
+
+// DeviceChanges counts the device's own changes (a creation, or attributes fixed).
+func (s Stats) DeviceChanges() int {
+	if s.DeviceCreated {
+		return 1 + s.DeviceFixed
+	}
+	return s.DeviceFixed
 }
 
 // Sync ensures the device dev (nil: remove a device of that name if present) on underlay
@@ -324,7 +334,7 @@ func (r *Reconciler) Sync(dev *plan.VXLANDevice, name, underlay string, mac net.
 	if dev == nil {
 		return st, r.remove(name)
 	}
-	link, created, err := r.ensureDevice(dev, underlay, mac)
+	link, created, err := r.ensureDevice(dev, underlay, mac, &st)
 	if err != nil {
 		return st, err
 	}
@@ -354,7 +364,7 @@ func (r *Reconciler) remove(name string) error {
 	return nil
 }
 
-func (r *Reconciler) ensureDevice(dev *plan.VXLANDevice, underlay string, mac net.HardwareAddr) (netlink.Link, bool, error) {
+func (r *Reconciler) ensureDevice(dev *plan.VXLANDevice, underlay string, mac net.HardwareAddr, st *Stats) (netlink.Link, bool, error) {
 	ul, err := r.k.LinkByName(underlay)
 	if err != nil {
 		return nil, false, fmt.Errorf("underlay device %s: %w", underlay, err)
@@ -394,20 +404,31 @@ func (r *Reconciler) ensureDevice(dev *plan.VXLANDevice, underlay string, mac ne
 		}
 	}
 	a := l.Attrs()
+	// A repair of an existing device is logged and counted like every other repair; the
+	// attributes of a device just created are part of creating it.
+	fixed := func(attr string, from, to any) {
+		if !created {
+			st.DeviceFixed++
+			r.log.Info("vxlan device repaired", "dev", dev.Name, "attr", attr, "from", from, "to", to)
+		}
+	}
 	if a.HardwareAddr.String() != mac.String() {
 		if err := r.k.LinkSetHardwareAddr(l, mac); err != nil {
 			return nil, created, fmt.Errorf("set %s mac: %w", dev.Name, err)
 		}
+		fixed("mac", a.HardwareAddr.String(), mac.String())
 	}
 	if a.MTU != dev.MTU {
 		if err := r.k.LinkSetMTU(l, dev.MTU); err != nil {
 			return nil, created, fmt.Errorf("set %s mtu %d: %w", dev.Name, dev.MTU, err)
 		}
+		fixed("mtu", a.MTU, dev.MTU)
 	}
 	if a.Flags&net.FlagUp == 0 {
 		if err := r.k.LinkSetUp(l); err != nil {
 			return nil, created, fmt.Errorf("set %s up: %w", dev.Name, err)
 		}
+		fixed("state", "down", "up")
 	}
 	return l, created, nil
 }

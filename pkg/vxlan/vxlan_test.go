@@ -1,7 +1,7 @@
 package vxlan
 
 import (
-	"io"
+	"bytes"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -26,7 +26,8 @@ func TestSyncTransitions(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	r := New(h, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	var logs bytes.Buffer
+	r := New(h, slog.New(slog.NewTextHandler(&logs, nil)))
 	mac := plan.VTEPMAC("self")
 	dev := &plan.VXLANDevice{Name: "na.1", VNI: 1, Port: 8472, Local: netip.MustParseAddr("192.0.2.1"), Addr: netip.MustParsePrefix("10.244.1.0/32"), MTU: 1450}
 	macB, macC := plan.VTEPMAC("b").String(), plan.VTEPMAC("c").String()
@@ -97,7 +98,18 @@ func TestSyncTransitions(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Setting the link down flushes its neighbour entries; the next Sync restores them.
-	check("mac and state repaired", Stats{NeighSet: 2}, st, fdbLines, neighLines)
+	check("mac and state repaired", Stats{DeviceFixed: 2, NeighSet: 2}, st, fdbLines, neighLines)
+
+	logs.Reset()
+	n.MustRun(t, "ip", "link", "set", "na.1", "mtu", "1400")
+	st, err = r.Sync(dev, "na.1", "eth0", mac, neighs, fdb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("mtu repaired", Stats{DeviceFixed: 1}, st, fdbLines, neighLines)
+	if !strings.Contains(logs.String(), `msg="vxlan device repaired" dev=na.1 attr=mtu from=1400 to=1450`) {
+		t.Errorf("mtu repair not logged:\n%s", logs.String())
+	}
 
 	st, err = r.Sync(dev, "na.1", "eth0", mac, neighs[:1], fdb[:1])
 	if err != nil {

@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"os"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -18,15 +16,9 @@ import (
 // real dockerd whose bridge uses the subnet `netagent route-mode` leased and wrote into its
 // daemon.json. Containers reach containers on the other hosts and see each other's own
 // addresses; traffic to an outside host is masqueraded; a dockerd restart (which puts
-// Docker's FORWARD and NAT rules back above ours) and an agent restart keep it working.
+// Docker's FORWARD and NAT rules back first) and an agent restart keep it working.
 func TestRouteModeDockerHosts(t *testing.T) {
-	netns.RequireRoot(t)
-	if _, err := exec.LookPath("dockerd"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("dockerd is missing (scripts/deps.sh installs docker.io)")
-		}
-		t.Skip("dockerd is not installed (apt-get install docker.io)")
-	}
+	requireDockerd(t)
 	ctx := context.Background()
 	l := newLabWith(t, lab.Options{Nodes: 3, Remote: 1, Backend: "hybrid", RouteMode: true})
 	type ctr struct {
@@ -95,8 +87,8 @@ func TestRouteModeDockerHosts(t *testing.T) {
 	})
 	ctrs[0].ip = inspectIP(ctrs[0])
 	fwd := l.NodeNS(l.Nodes[0]).MustRun(t, "iptables", "-S", "FORWARD")
-	if lines := strings.Split(fwd, "\n"); len(lines) < 2 || !strings.Contains(lines[1], "NETAGENT-FWD") {
-		t.Errorf("after the dockerd restart our FORWARD jump is not first:\n%s", fwd)
+	if !belowDocker(fwd) {
+		t.Errorf("after the dockerd restart our FORWARD jump is not right below Docker's:\n%s", fwd)
 	}
 	check("after dockerd restart")
 
@@ -114,16 +106,11 @@ func TestRouteModeDockerHosts(t *testing.T) {
 
 // TestRouteModeDockerNetwork: with --docker-network the agent creates a user-defined
 // bridge network on its lease through the Docker API; containers on it reach each other
-// across hosts.
+// across hosts, Docker's isolation between that network and the default bridge holds, and
+// the network is created again when someone removes it.
 func TestRouteModeDockerNetwork(t *testing.T) {
-	netns.RequireRoot(t)
-	if _, err := exec.LookPath("dockerd"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("dockerd is missing (scripts/deps.sh installs docker.io)")
-		}
-		t.Skip("no dockerd")
-	}
-	l := newLabWith(t, lab.Options{Nodes: 2, Backend: "host-gw", RouteMode: true, DockerNetwork: "podnet", PodsPerNode: 1})
+	requireDockerd(t)
+	l := newLabWith(t, lab.Options{Nodes: 2, Backend: "host-gw", RouteMode: true, DockerNetwork: "podnet", PodsPerNode: 1, Resync: 2 * time.Second})
 	for _, n := range l.Nodes {
 		sub := netip.MustParsePrefix(status(t, l, n).Subnet)
 		if !sub.Contains(n.Pods[0].IP) {
@@ -133,4 +120,41 @@ func TestRouteModeDockerNetwork(t *testing.T) {
 	if f := lab.Failures(l.Matrix(context.Background())); len(f) > 0 {
 		t.Errorf("containers on the created networks: %v", f)
 	}
+
+	// A container on the default bridge of node1 and one on the leased network: Docker
+	// isolates the two networks, and netagent must not open a path between them.
+	ctx := context.Background()
+	n1 := l.Nodes[0]
+	if _, err := l.Docker(ctx, n1, "run", "-d", "--name", "other", "busybox:local", "/bin/sleep", "86400"); err != nil {
+		t.Fatal(err)
+	}
+	out, err := l.Docker(ctx, n1, "inspect", "-f", "{{.State.Pid}} {{.NetworkSettings.IPAddress}}", "other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pid int
+	var ip string
+	if _, err := fmt.Sscan(out, &pid, &ip); err != nil {
+		t.Fatalf("inspect other: %q: %v", out, err)
+	}
+	other := &netns.NS{Name: "other", Path: fmt.Sprintf("/proc/%d/ns/net", pid)}
+	other.Serve(t, 7100, func(client string) string { return client })
+	if got, err := l.PodNS(n1.Pods[0]).Fetch(ip + ":7100"); err == nil {
+		t.Errorf("container on %s reached %s on the default bridge (server saw %q)", l.DockerNetwork, ip, got)
+	}
+	if got, err := other.Fetch(servePod(t, l, n1.Pods[0])); err == nil {
+		t.Errorf("container on the default bridge reached %s on %s (server saw %q)", n1.Pods[0].IP, l.DockerNetwork, got)
+	}
+
+	// Removed by hand (its container first): the agent creates it again.
+	if _, err := l.Docker(ctx, n1, "rm", "-f", n1.Pods[0].Name); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Docker(ctx, n1, "network", "rm", l.DockerNetwork); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 20*time.Second, "the removed docker network back", func() bool {
+		_, err := l.Docker(ctx, n1, "network", "inspect", l.DockerNetwork)
+		return err == nil
+	})
 }

@@ -25,6 +25,7 @@ func TestDoctor(t *testing.T) {
 	ns.MustRun(t, "sysctl", "-qw", "net.ipv4.ip_forward=0")
 	ns.MustRun(t, "iptables", "-P", "FORWARD", "DROP")
 	ns.MustRun(t, "iptables", "-I", "FORWARD", "1", "-s", "203.0.113.1", "-j", "DROP")
+	ns.MustRun(t, "ip", "link", "set", "cni0", "mtu", "1400")
 	if err := os.WriteFile(filepath.Join(n.Dir, "net.d", "00-other.conf"), []byte(`{"cniVersion":"1.0.0","name":"x","type":"flannel"}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -32,7 +33,8 @@ func TestDoctor(t *testing.T) {
 	if err == nil {
 		t.Fatalf("doctor found nothing on a broken node:\n%s", out)
 	}
-	for _, want := range []string{"ip_forward is 0", "rule 2 in FORWARD", "does not call netagent-cni", "agent did not answer", "fix: sysctl -w net.ipv4.ip_forward=1"} {
+	for _, want := range []string{"ip_forward is 0", "rule 2 in FORWARD", "does not call netagent-cni", "agent did not answer", "fix: sysctl -w net.ipv4.ip_forward=1",
+		"bridge cni0 has MTU 1400, lower than the pod MTU 1450", "fix: ip link set cni0 mtu 1450"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("doctor output lacks %q:\n%s", want, out)
 		}

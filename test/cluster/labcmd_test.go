@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/netagent/netagent/test/netns"
 	"github.com/netagent/netagent/test/testbin"
@@ -111,5 +112,42 @@ func TestLabDockerScenario(t *testing.T) {
 	}
 	if out, _ := exec.Command("pgrep", "-f", dir).Output(); len(out) > 0 {
 		t.Errorf("processes left: %s", out)
+	}
+}
+
+// TestLabUpFailureKeepsLogs: when `lab up` fails (here: etcd cannot start, its binary is
+// missing) it fails fast, shows the log's tail, and keeps the logs it points to.
+func TestLabUpFailureKeepsLogs(t *testing.T) {
+	netns.RequireRoot(t)
+	bin := testbin.Build(t, "./cmd/netagent", "netagent")
+	cni := testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
+	alone := t.TempDir() // netagent and netagent-cni, without netagent-etcd
+	for _, f := range []string{bin, cni} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(alone, filepath.Base(f)), b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dir := filepath.Join(t.TempDir(), "lab")
+	prefix := fmt.Sprintf("%s%d-labfail-", netns.Prefix, os.Getpid())
+	start := time.Now()
+	out, err := exec.Command(filepath.Join(alone, "netagent"), "lab", "up", "--dir", dir, "--prefix", prefix, "--nodes", "1", "--pods-per-node", "0").CombinedOutput()
+	t.Cleanup(func() { _ = exec.Command(bin, "lab", "down", "--dir", dir, "--prefix", prefix).Run() })
+	if err == nil {
+		t.Fatalf("lab up without netagent-etcd succeeded:\n%s", out)
+	}
+	if took := time.Since(start); took > 30*time.Second {
+		t.Errorf("lab up took %s to notice that etcd exited", took)
+	}
+	for _, want := range []string{"etcd exited", "netagent-etcd not found", "logs are kept: " + filepath.Join(dir, "etcd.log")} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("lab up output lacks %q:\n%s", want, out)
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "etcd.log")); err != nil || !strings.Contains(string(b), "netagent-etcd not found") {
+		t.Errorf("etcd.log after the failure: %v %q", err, b)
 	}
 }

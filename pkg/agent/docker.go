@@ -1,0 +1,139 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/netagent/netagent/pkg/bridge"
+	"github.com/netagent/netagent/pkg/docker"
+	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/plan"
+)
+
+// DockerMode says how a Docker host uses the leased subnet.
+type DockerMode struct {
+	ConfigPath string // write bip/mtu into this daemon.json, then wait for Bridge to carry it
+	Network    string // or create this user-defined bridge network (via Socket)
+	Socket     string // Docker Engine API socket
+	Bridge     string // the default bridge: it must carry the subnet unless Network is set (default docker0)
+	ProcRoot   string // where to look for dockerd's command line (default /proc)
+
+	adopt   netip.Prefix  // the subnet Bridge had at start, offered as the lease hint
+	retry   time.Duration // the loop's backoff between failed Docker steps
+	failing string        // the last failure logged
+}
+
+// enableForwarding turns on IPv4 forwarding, except on a Docker host: there dockerd turns
+// it on, and sets the FORWARD policy to DROP when it is the one doing so, which is what
+// keeps unpublished container ports closed to the underlay. Turning it on before dockerd
+// starts would leave that policy ACCEPT.
+func (a *Agent) enableForwarding() error {
+	if a.opt.Docker != nil {
+		return nil
+	}
+	return bridge.EnableForwarding()
+}
+
+// dockerHint is the lease hint of a Docker host that already runs containers: the subnet
+// its bridge has, so that it need not be renumbered (the store grants it when it is free,
+// inside the network and of the network's subnet length).
+func (a *Agent) dockerHint(log *slog.Logger) netip.Prefix {
+	d := a.opt.Docker
+	if d == nil || d.Network != "" {
+		return netip.Prefix{}
+	}
+	d.adopt = docker.BridgeSubnet(a.h, d.Bridge)
+	if d.adopt.IsValid() {
+		log.Info("asking for the subnet the docker bridge already has", "dev", d.Bridge, "subnet", d.adopt)
+	}
+	return d.adopt
+}
+
+// dockerPass makes Docker use the lease, on every full pass (a network removed by hand is
+// recreated, a bridge renumbered by hand is reported), and reports whether it does.
+// Failures are retried with a backoff (1 s doubling to 30 s) and logged when they change.
+func (a *Agent) dockerPass(ctx context.Context, log *slog.Logger, self lease.Lease, p plan.Plan) bool {
+	d := a.opt.Docker
+	err := a.dockerStep(ctx, log, self, p)
+	if err == nil {
+		if d.failing != "" {
+			log.Info("docker uses the leased subnet", "subnet", self.Subnet)
+		}
+		d.failing, d.retry = "", 0
+		a.clearError("docker")
+		return true
+	}
+	a.setError("docker", err)
+	a.opt.Metrics.Errors.WithLabelValues("docker").Inc()
+	d.retry = min(max(2*d.retry, time.Second), 30*time.Second)
+	if msg := err.Error(); msg != d.failing {
+		log.Warn("docker is not on the leased subnet", "subnet", self.Subnet, "err", err, "retry", d.retry)
+		d.failing = msg
+	} else {
+		log.Debug("docker is not on the leased subnet", "subnet", self.Subnet, "err", err, "retry", d.retry)
+	}
+	time.AfterFunc(d.retry, func() { signal(a.trigger) })
+	return false
+}
+
+// dockerStep makes Docker use the leased subnet (route mode): write daemon.json and wait
+// for the bridge to carry it, create a network, or check the bridge.
+func (a *Agent) dockerStep(ctx context.Context, log *slog.Logger, self lease.Lease, p plan.Plan) error {
+	d := a.opt.Docker
+	switch {
+	case d.ConfigPath != "":
+		if c := docker.FlagConflicts(or(d.ProcRoot, "/proc"), d.ConfigPath); len(c) > 0 {
+			return fmt.Errorf("dockerd (%s) sets bip or mtu on its command line, and with them also in %s it refuses to start: remove the flags from its command line (systemctl edit docker), or drop --write-docker-config and start dockerd with --bip=%s --mtu=%d",
+				strings.Join(c, "; "), d.ConfigPath, docker.Gateway(self.Subnet), p.PodMTU)
+		}
+		changed, err := docker.WriteConfig(d.ConfigPath, self.Subnet, p.PodMTU)
+		if err != nil {
+			return err
+		}
+		if changed {
+			log.Info("wrote the leased subnet into docker's config; (re)start dockerd to apply it", "file", d.ConfigPath, "bip", docker.Gateway(self.Subnet), "mtu", p.PodMTU)
+		}
+		if err := docker.CheckBridge(a.h, d.Bridge, self.Subnet); err != nil {
+			have := docker.BridgeSubnet(a.h, d.Bridge)
+			if !have.IsValid() {
+				return err
+			}
+			return fmt.Errorf("%s is on %s, not the leased %s: %s has bip %s now, restart dockerd to apply it%s",
+				d.Bridge, have, self.Subnet, d.ConfigPath, docker.Gateway(self.Subnet), a.notAdopted(self, p))
+		}
+		return nil
+	case d.Network != "":
+		err := docker.NewClient(d.Socket).EnsureNetwork(ctx, d.Network, self.Subnet, p.PodMTU)
+		if err != nil && strings.Contains(err.Error(), "overlaps") {
+			if dev, addr := docker.Holder(a.h, self.Subnet); dev != "" {
+				return fmt.Errorf("the leased %s is already on %s (%s), so Docker cannot create network %s: if that is docker0 with bip from --write-docker-config, remove bip from daemon.json and restart dockerd: %w",
+					self.Subnet, dev, addr, d.Network, err)
+			}
+		}
+		return err
+	default:
+		if err := docker.CheckBridge(a.h, d.Bridge, self.Subnet); err != nil {
+			return fmt.Errorf("%w%s", err, a.notAdopted(self, p))
+		}
+		return nil
+	}
+}
+
+// notAdopted says why the bridge's own subnet did not become the lease, if it did not.
+func (a *Agent) notAdopted(self lease.Lease, p plan.Plan) string {
+	have := a.opt.Docker.adopt
+	switch {
+	case !have.IsValid() || have == self.Subnet:
+		return ""
+	case !p.NAT.Network.Contains(have.Addr()):
+		return fmt.Sprintf(" (its %s is outside the cluster network %s, so it could not be kept)", have, p.NAT.Network)
+	case have.Bits() != self.Subnet.Bits():
+		return fmt.Sprintf(" (its %s is not a /%d, the network's subnet length, so it could not be kept)", have, self.Subnet.Bits())
+	default:
+		return fmt.Sprintf(" (its %s is leased or reserved by another node, so it could not be kept; `netagent status` shows who holds it)", have)
+	}
+}
