@@ -199,6 +199,7 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 		CNIConf:    agent.CNIConf{Bridge: f.cniBridge, DataDir: f.cniDataDir},
 		Resync:     f.resync,
 		Store:      store,
+		LeaseTTL:   f.leaseTTL,
 		Log:        log,
 		Metrics:    metrics,
 		Docker:     d,

@@ -59,8 +59,11 @@ type Options struct {
 	CNIConf    CNIConf
 	Resync     time.Duration
 	Store      Store
-	Log        *slog.Logger
-	Metrics    *Metrics
+	// LeaseTTL is the store's lease TTL; after a store outage, peers whose leases vanish
+	// are kept for two of it (see grace). Default 30s.
+	LeaseTTL time.Duration
+	Log      *slog.Logger
+	Metrics  *Metrics
 	// Docker, when set, is route mode: Docker's bridge (or a network) must use the lease.
 	Docker *DockerMode
 	// OnReady, when set, runs once, when the agent first becomes ready.
@@ -96,8 +99,11 @@ type Agent struct {
 	podGuardArmed atomic.Bool
 	podMissing    map[string]time.Time // anti-spoofing entries missing at the last check, since when
 	filesDirty    chan struct{}
-	files         []file // what writeFiles last wrote (the loop's)
-	bigPass       bool   // the last full pass changed many objects
+	storeChanged  chan struct{} // the store became reachable or unreachable
+	reclaim       chan struct{} // the store is back: re-claim a lost lease now
+	graceEnd      chan struct{} // the post-outage window for vanished peers ended
+	files         []file        // what writeFiles last wrote (the loop's)
+	bigPass       bool          // the last full pass changed many objects
 
 	mu      sync.Mutex
 	status  Status
@@ -115,6 +121,9 @@ func New(opt Options) (*Agent, error) {
 	if opt.Resync == 0 {
 		opt.Resync = time.Minute
 	}
+	if opt.LeaseTTL == 0 {
+		opt.LeaseTTL = 30 * time.Second
+	}
 	h, err := netlink.NewHandle()
 	if err != nil {
 		return nil, fmt.Errorf("netlink: %w", err)
@@ -130,6 +139,10 @@ func New(opt Options) (*Agent, error) {
 		nftDirty:   make(chan struct{}, 1),
 		podDirty:   make(chan struct{}, 1),
 		podChanged: make(chan struct{}, 1),
+
+		storeChanged: make(chan struct{}, 1),
+		reclaim:      make(chan struct{}, 1),
+		graceEnd:     make(chan struct{}, 1),
 	}
 	a.nat.r = nat.New(nat.Exec{})
 	if a.guard, err = vxguard.New(); err != nil {
@@ -239,6 +252,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); a.opt.Store.Watch(ctx, peers, listed, a.opt.Metrics) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); a.keepAlive(ctx, log, held) }()
+	if hw, ok := a.opt.Store.(HealthWatcher); ok {
+		wg.Add(1)
+		go func() { defer wg.Done(); a.watchStore(ctx, log, hw) }()
+	}
 	vxDev := VXLANDevName(cfg.Backend.VNI)
 	wg.Add(1)
 	go func() { defer wg.Done(); a.watchKernel(ctx, vxDev, ul.dev) }()
@@ -262,11 +279,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	// entries). Firewall changes only re-check the firewall.
 	full, fw, drift, leases := true, true, false, false
 	first := true
+	grace := newGrace()
 	for {
 		switch {
 		case full:
 			_, _ = peers.Take() // the snapshot below covers them
-			a.fullPass(ctx, log, cfg, held.Lease, peers.Snapshot(), ul, vxDev, fw, drift)
+			snap, newlyHeld := grace.full(time.Now(), peers.Snapshot())
+			logHeld(log, newlyHeld, grace.until)
+			a.fullPass(ctx, log, cfg, held.Lease, snap, ul, vxDev, fw, drift)
 			full, fw, drift = false, false, false
 			if a.bigPass && !first {
 				// A big pass (a resync with thousands of peers) leaves megabytes of
@@ -276,7 +296,13 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		case leases:
 			changed, relisted := peers.Take()
-			if relisted || a.incrementalPass(log, changed) != nil {
+			if relisted {
+				full = true
+				continue
+			}
+			changed, newlyHeld := grace.incremental(time.Now(), changed)
+			logHeld(log, newlyHeld, grace.until)
+			if a.incrementalPass(log, changed) != nil {
 				full = true
 				continue
 			}
@@ -319,6 +345,17 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.guardPass(log)
 		case <-a.podChanged:
 			a.schedulePodGuard()
+		case <-a.storeChanged:
+			switch a.storeState().State {
+			case storeUnreachable:
+				grace.outage()
+			case storeConnected:
+				if window := 2 * a.opt.LeaseTTL; grace.recovered(time.Now(), window) {
+					time.AfterFunc(window, func() { signal(a.graceEnd) })
+				}
+			}
+		case <-a.graceEnd:
+			full = true
 		case <-a.podDirty:
 			a.podGuardPass(ctx, log)
 		case <-a.filesDirty:
@@ -352,32 +389,50 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 }
 
+// keepAlive keeps the lease alive and re-claims it when lost. Each re-claim attempt is
+// bounded by the store; between attempts it waits at most a second, and not at all once
+// the store is seen back, so the lease is re-claimed while etcd's restored copy of it
+// still lives. Failures are counted and in status; the log repeats them at growing
+// intervals.
 func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held) {
-	backoff := newBackoff()
 	for ctx.Err() == nil {
 		err := a.opt.Store.KeepAlive(ctx, held)
 		if ctx.Err() != nil {
 			return
 		}
+		lost := time.Now()
 		a.opt.Metrics.LeaseHeld.Set(0)
+		a.opt.Metrics.Errors.WithLabelValues("lease").Inc()
+		a.setError("lease", fmt.Errorf("lease keepalive lost, re-claiming: %w", err))
 		log.Warn("lease keepalive lost; the dataplane stays as it is while re-claiming", "err", err)
-		for ctx.Err() == nil {
+		backoff := newBackoffMax(time.Second)
+		warn := newBackoffMax(5 * time.Minute)
+		warn.d = 10 * time.Second
+		nextWarn := lost.Add(warn.d)
+		for attempt := 1; ctx.Err() == nil; attempt++ {
 			h, err := a.opt.Store.Renew(ctx, held)
 			if err == nil {
 				held = h
 				a.opt.Metrics.LeaseHeld.Set(1)
 				a.clearError("lease")
-				log.Info("lease re-claimed", "subnet", held.Lease.Subnet)
-				backoff = newBackoff()
+				log.Info("lease re-claimed", "subnet", held.Lease.Subnet, "after", time.Since(lost).Round(time.Millisecond), "attempts", attempt)
 				break
 			}
 			a.setError("lease", err)
 			a.opt.Metrics.Errors.WithLabelValues("lease").Inc()
-			if errors.Is(err, lease.ErrConflict) {
+			switch {
+			case errors.Is(err, lease.ErrConflict):
 				log.Error("our subnet was taken by another node; keeping the dataplane, operator action needed", "err", err)
+			case time.Now().After(nextWarn):
+				log.Warn("lease not re-claimed yet; retrying", "for", time.Since(lost).Round(time.Second), "attempts", attempt, "err", err)
+				nextWarn = time.Now().Add(warn.next())
 			}
-			if !backoff.wait(ctx) {
-				return
+			select {
+			case <-a.reclaim:
+			default:
+				if !backoff.waitOr(ctx, a.reclaim) {
+					return
+				}
 			}
 		}
 	}
@@ -747,21 +802,33 @@ func (a *Agent) connected(dev string) ([]netip.Prefix, error) {
 	return out, nil
 }
 
-// backoff doubles from 100ms to 5s.
-type backoff struct{ d time.Duration }
+// backoff doubles from 100ms to max (5s unless set).
+type backoff struct{ d, max time.Duration }
 
-func newBackoff() *backoff { return &backoff{d: 100 * time.Millisecond} }
+func newBackoff() *backoff { return newBackoffMax(5 * time.Second) }
+
+func newBackoffMax(max time.Duration) *backoff { return &backoff{d: 100 * time.Millisecond, max: max} }
 
 func (b *backoff) peek() time.Duration { return b.d }
 
-func (b *backoff) wait(ctx context.Context) bool {
-	t := time.NewTimer(b.d)
+// next returns the current delay and doubles it.
+func (b *backoff) next() time.Duration {
+	d := b.d
+	b.d = min(b.d*2, b.max)
+	return d
+}
+
+func (b *backoff) wait(ctx context.Context) bool { return b.waitOr(ctx, nil) }
+
+// waitOr waits the next delay, or until wake signals; false when ctx ended.
+func (b *backoff) waitOr(ctx context.Context, wake <-chan struct{}) bool {
+	t := time.NewTimer(b.next())
 	defer t.Stop()
-	b.d = min(b.d*2, 5*time.Second)
 	select {
 	case <-ctx.Done():
 		return false
 	case <-t.C:
-		return true
+	case <-wake:
 	}
+	return true
 }

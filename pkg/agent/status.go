@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/vishvananda/netlink"
@@ -29,6 +30,7 @@ type Status struct {
 	PublicIP string            `json:"publicIP,omitempty"`
 	PodMTU   int               `json:"podMTU,omitempty"`
 	Errors   map[string]string `json:"errors,omitempty"`
+	Store    *StoreStatus      `json:"store,omitempty"` // reachability (stores that can tell: etcd)
 	Peers    []PeerStatus      `json:"peers"`
 }
 
@@ -85,6 +87,10 @@ func (a *Agent) ready() bool {
 func (a *Agent) Snapshot() (Status, error) {
 	a.mu.Lock()
 	st := a.status
+	if st.Store != nil {
+		s := *st.Store
+		st.Store = &s
+	}
 	st.Errors = map[string]string{}
 	for k, v := range a.status.Errors {
 		st.Errors[k] = v
@@ -166,6 +172,11 @@ func (a *Agent) Handler(pprof bool) http.Handler {
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		if !a.ready() {
 			http.Error(w, "not ready: no lease or first reconcile not done", http.StatusServiceUnavailable)
+			return
+		}
+		if s := a.storeState(); s.State == storeUnreachable {
+			// The dataplane is kept as it was, but peers' changes cannot reach this node.
+			http.Error(w, fmt.Sprintf("not ready: lease store unreachable since %s (dataplane kept as it was): %s", s.Since.UTC().Format(time.RFC3339), s.Error), http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ready")
