@@ -27,7 +27,6 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/docker"
 	"github.com/netagent/netagent/pkg/lease"
@@ -62,8 +61,11 @@ type Options struct {
 	// LeaseTTL is the store's lease TTL; after a store outage, peers whose leases vanish
 	// are kept for two of it (see grace). Default 30s.
 	LeaseTTL time.Duration
-	Log      *slog.Logger
-	Metrics  *Metrics
+	// RepairForwarding switches net.ipv4.ip_forward back on when it is found off; without
+	// it the agent only reports it.
+	RepairForwarding bool
+	Log              *slog.Logger
+	Metrics          *Metrics
 	// Docker, when set, is route mode: Docker's bridge (or a network) must use the lease.
 	Docker *DockerMode
 	// OnReady, when set, runs once, when the agent first becomes ready.
@@ -102,6 +104,8 @@ type Agent struct {
 	storeChanged  chan struct{} // the store became reachable or unreachable
 	reclaim       chan struct{} // the store is back: re-claim a lost lease now
 	graceEnd      chan struct{} // the post-outage window for vanished peers ended
+	fwdChanged    chan struct{} // the kernel announced a forwarding change
+	forwardErr    error         // why forwarding is off, at the last check (the loop's)
 	files         []file        // what writeFiles last wrote (the loop's)
 	bigPass       bool          // the last full pass changed many objects
 
@@ -143,6 +147,7 @@ func New(opt Options) (*Agent, error) {
 		storeChanged: make(chan struct{}, 1),
 		reclaim:      make(chan struct{}, 1),
 		graceEnd:     make(chan struct{}, 1),
+		fwdChanged:   make(chan struct{}, 1),
 	}
 	a.nat.r = nat.New(nat.Exec{})
 	if a.guard, err = vxguard.New(); err != nil {
@@ -182,9 +187,7 @@ func VXLANDevName(vni int) string {
 func (a *Agent) Run(ctx context.Context) error {
 	log := a.opt.Log.With("node", a.opt.Node)
 	start := time.Now()
-	if err := bridge.EnableForwarding(); err != nil {
-		return err
-	}
+	a.checkForwarding(log)
 	ul, err := a.underlay()
 	if err != nil {
 		return err
@@ -261,6 +264,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); a.watchKernel(ctx, vxDev, ul.dev) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); watchFirewall(ctx, log, a.fwDirty, a.nftDirty, a.podChanged) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); watchNetconf(ctx, log, a.fwdChanged) }()
 
 	// Wait for the first full list of peers before touching anything.
 	select {
@@ -356,6 +361,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		case <-a.graceEnd:
 			full = true
+		case <-a.fwdChanged:
+			a.checkForwarding(log)
 		case <-a.podDirty:
 			a.podGuardPass(ctx, log)
 		case <-a.filesDirty:
@@ -442,6 +449,7 @@ func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held
 // after the VXLAN entries they depend on; the firewall, the slow part, comes last.
 func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Network, self lease.Lease, peers []lease.Lease, ul underlay, vxDev string, firewall, drift bool) {
 	t0 := time.Now()
+	a.checkForwarding(log)
 	connected, err := a.connected(ul.dev)
 	if err != nil {
 		log.Warn("cannot read underlay prefixes", "err", err)

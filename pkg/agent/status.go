@@ -71,6 +71,12 @@ func (a *Agent) clearError(kind string) {
 	delete(a.status.Errors, kind)
 }
 
+func (a *Agent) forwardingError() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.status.Errors["forwarding"]
+}
+
 func (a *Agent) setReady() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -172,6 +178,10 @@ func (a *Agent) Handler(pprof bool) http.Handler {
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		if !a.ready() {
 			http.Error(w, "not ready: no lease or first reconcile not done", http.StatusServiceUnavailable)
+			return
+		}
+		if err := a.forwardingError(); err != "" {
+			http.Error(w, "not ready: "+err, http.StatusServiceUnavailable)
 			return
 		}
 		if s := a.storeState(); s.State == storeUnreachable {
