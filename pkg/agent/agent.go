@@ -105,6 +105,9 @@ type Agent struct {
 	reclaim       chan struct{} // the store is back: re-claim a lost lease now
 	graceEnd      chan struct{} // the post-outage window for vanished peers ended
 	fwdChanged    chan struct{} // the kernel announced a forwarding change
+	retryFull     chan struct{} // time to retry a failed full pass
+	ulDev         atomic.Value  // string: the underlay device's name (read by watchKernel)
+	ulWarned      netip.Addr    // the underlay address last warned about (the loop's)
 	forwardErr    error         // why forwarding is off, at the last check (the loop's)
 	files         []file        // what writeFiles last wrote (the loop's)
 	bigPass       bool          // the last full pass changed many objects
@@ -148,6 +151,7 @@ func New(opt Options) (*Agent, error) {
 		reclaim:      make(chan struct{}, 1),
 		graceEnd:     make(chan struct{}, 1),
 		fwdChanged:   make(chan struct{}, 1),
+		retryFull:    make(chan struct{}, 1),
 	}
 	a.nat.r = nat.New(nat.Exec{})
 	if a.guard, err = vxguard.New(); err != nil {
@@ -193,6 +197,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	log.Info("underlay", "dev", ul.dev, "ip", ul.ip, "mtu", ul.mtu)
+	a.ulDev.Store(ul.dev)
 
 	// 1. The network config (retried until valid: an agent with no valid config touches
 	// nothing).
@@ -261,7 +266,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	vxDev := VXLANDevName(cfg.Backend.VNI)
 	wg.Add(1)
-	go func() { defer wg.Done(); a.watchKernel(ctx, vxDev, ul.dev) }()
+	go func() { defer wg.Done(); a.watchKernel(ctx, vxDev) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); watchFirewall(ctx, log, a.fwDirty, a.nftDirty, a.podChanged) }()
 	wg.Add(1)
@@ -285,13 +290,19 @@ func (a *Agent) Run(ctx context.Context) error {
 	full, fw, drift, leases := true, true, false, false
 	first := true
 	grace := newGrace()
+	retry := newPassRetry(a.retryFull)
+	defer retry.ok()
 	for {
 		switch {
 		case full:
 			_, _ = peers.Take() // the snapshot below covers them
 			snap, newlyHeld := grace.full(time.Now(), peers.Snapshot())
 			logHeld(log, newlyHeld, grace.until)
-			a.fullPass(ctx, log, cfg, held.Lease, snap, ul, vxDev, fw, drift)
+			if err := a.fullPass(ctx, log, cfg, held.Lease, snap, &ul, vxDev, fw, drift); err != nil {
+				log.Warn("full pass failed; retrying", "in", retry.failed())
+			} else {
+				retry.ok()
+			}
 			full, fw, drift = false, false, false
 			if a.bigPass && !first {
 				// A big pass (a resync with thousands of peers) leaves megabytes of
@@ -360,6 +371,8 @@ func (a *Agent) Run(ctx context.Context) error {
 				}
 			}
 		case <-a.graceEnd:
+			full = true
+		case <-a.retryFull:
 			full = true
 		case <-a.fwdChanged:
 			a.checkForwarding(log)
@@ -447,9 +460,13 @@ func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held
 
 // fullPass makes the kernel match a plan built from the whole snapshot. Routes go right
 // after the VXLAN entries they depend on; the firewall, the slow part, comes last.
-func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Network, self lease.Lease, peers []lease.Lease, ul underlay, vxDev string, firewall, drift bool) {
+//
+// It re-reads the underlay first, so a changed MTU reaches the VXLAN device and the
+// files. An error means the pass did not complete: the caller retries it.
+func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Network, self lease.Lease, peers []lease.Lease, ul *underlay, vxDev string, firewall, drift bool) error {
 	t0 := time.Now()
 	a.checkForwarding(log)
+	a.refreshUnderlay(log, ul)
 	connected, err := a.connected(ul.dev)
 	if err != nil {
 		log.Warn("cannot read underlay prefixes", "err", err)
@@ -500,12 +517,12 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 		}
 	}
 	if len(errs) != 0 {
-		return
+		return errors.Join(errs...)
 	}
 	if err := a.writeFiles(cfg, self, p); err != nil {
 		log.Error("cannot write the CNI files", "err", err)
 		a.setError("files", err)
-		return
+		return err
 	}
 	a.clearError("files")
 	if !a.ready() {
@@ -513,12 +530,35 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 			if err := a.dockerStep(ctx, log, self, p); err != nil {
 				log.Warn("docker is not using the leased subnet yet; retrying", "err", err)
 				a.setError("docker", err)
-				time.AfterFunc(time.Second, func() { signal(a.trigger) })
-				return
+				return err
 			}
 			a.clearError("docker")
 		}
 		a.setReady()
+	}
+	return nil
+}
+
+// refreshUnderlay re-reads the underlay device, its MTU and address (they were read at
+// start; an MTU change must reach the VXLAN device and the pods). The address peers use
+// is the one in the lease: a changed one is reported, not applied.
+func (a *Agent) refreshUnderlay(log *slog.Logger, ul *underlay) {
+	cur, err := a.underlay()
+	if err != nil {
+		log.Warn("cannot re-read the underlay; keeping the last one", "dev", ul.dev, "err", err)
+		return
+	}
+	if cur.ip != ul.ip {
+		if cur.ip != a.ulWarned {
+			log.Warn("the underlay address changed; peers keep using the leased address until the agent restarts", "leased", ul.ip, "now", cur.ip)
+			a.ulWarned = cur.ip
+		}
+		cur.ip = ul.ip
+	}
+	if cur != *ul {
+		log.Info("underlay changed", "dev", cur.dev, "mtu", cur.mtu, "was", ul.dev, "wasMTU", ul.mtu)
+		*ul = cur
+		a.ulDev.Store(cur.dev)
 	}
 }
 
@@ -808,6 +848,38 @@ func (a *Agent) connected(dev string) ([]netip.Prefix, error) {
 		out = append(out, netip.PrefixFrom(ip, ones).Masked())
 	}
 	return out, nil
+}
+
+// passRetry schedules the retry of a failed full pass: 100ms, doubling to 10s; a pass
+// that succeeds resets it. Without it a failed pass waited for an unrelated event or the
+// next resync, which could hold back readiness for a minute.
+type passRetry struct {
+	b     *backoff
+	t     *time.Timer
+	retry chan struct{}
+}
+
+func newPassRetry(retry chan struct{}) *passRetry {
+	return &passRetry{b: newBackoffMax(10 * time.Second), retry: retry}
+}
+
+// failed schedules a retry and returns its delay.
+func (r *passRetry) failed() time.Duration {
+	if r.t != nil {
+		r.t.Stop()
+	}
+	d := r.b.next()
+	r.t = time.AfterFunc(d, func() { signal(r.retry) })
+	return d
+}
+
+// ok resets the delay and cancels a pending retry.
+func (r *passRetry) ok() {
+	if r.t != nil {
+		r.t.Stop()
+		r.t = nil
+	}
+	r.b = newBackoffMax(r.b.max)
 }
 
 // backoff doubles from 100ms to max (5s unless set).
