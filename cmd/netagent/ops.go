@@ -24,6 +24,7 @@ import (
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/nat"
+	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/subnetfile"
 	"github.com/netagent/netagent/pkg/vxguard"
@@ -257,7 +258,7 @@ func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {
 	} else {
 		fmt.Fprintf(stdout, "removed %d routes\n", st.Deleted)
 	}
-	links, err := h.LinkList()
+	links, err := nldump.Retry(h.LinkList)
 	if err != nil {
 		errs = append(errs, err)
 	}

@@ -31,6 +31,7 @@ import (
 	"github.com/netagent/netagent/pkg/docker"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/nat"
+	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/subnetfile"
@@ -807,7 +808,7 @@ func (a *Agent) underlay() (underlay, error) {
 	}
 	ip := a.opt.PublicIP
 	if !ip.IsValid() {
-		addrs, err := a.h.AddrList(link, netlink.FAMILY_V4)
+		addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return a.h.AddrList(link, netlink.FAMILY_V4) })
 		if err != nil || len(addrs) == 0 {
 			return underlay{}, fmt.Errorf("underlay %s has no IPv4 address (set --public-ip)", link.Attrs().Name)
 		}
@@ -817,7 +818,7 @@ func (a *Agent) underlay() (underlay, error) {
 }
 
 func (a *Agent) linkWith(ip netip.Addr) (netlink.Link, error) {
-	addrs, err := a.h.AddrList(nil, netlink.FAMILY_V4)
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return a.h.AddrList(nil, netlink.FAMILY_V4) })
 	if err != nil {
 		return nil, err
 	}
@@ -834,7 +835,7 @@ func (a *Agent) connected(dev string) ([]netip.Prefix, error) {
 	if err != nil {
 		return nil, err
 	}
-	addrs, err := a.h.AddrList(l, netlink.FAMILY_V4)
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return a.h.AddrList(l, netlink.FAMILY_V4) })
 	if err != nil {
 		return nil, err
 	}

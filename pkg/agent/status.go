@@ -16,6 +16,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/pkg/route"
 )
@@ -125,13 +126,13 @@ func (a *Agent) Snapshot() (Status, error) {
 	fdb := map[string]netip.Addr{}
 	if p.VXLAN != nil {
 		if l, err := h.LinkByName(p.VXLAN.Name); err == nil {
-			ns, _ := h.NeighList(l.Attrs().Index, unix.AF_INET)
+			ns, _ := nldump.Retry(func() ([]netlink.Neigh, error) { return h.NeighList(l.Attrs().Index, unix.AF_INET) })
 			for _, n := range ns {
 				if ip, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
 					neigh[ip.Unmap()] = strings.ToLower(n.HardwareAddr.String())
 				}
 			}
-			fs, _ := h.NeighList(l.Attrs().Index, unix.AF_BRIDGE)
+			fs, _ := nldump.Retry(func() ([]netlink.Neigh, error) { return h.NeighList(l.Attrs().Index, unix.AF_BRIDGE) })
 			for _, f := range fs {
 				if ip, ok := netip.AddrFromSlice(f.IP); ok {
 					fdb[strings.ToLower(f.HardwareAddr.String())] = ip.Unmap()
