@@ -374,7 +374,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-a.graceEnd:
 			full = true
 		case <-a.retryFull:
-			full = true
+			full, fw = true, true // the firewall may be what failed
 		case <-a.fwdChanged:
 			a.checkForwarding(log)
 		case <-a.podDirty:

@@ -120,8 +120,10 @@ func TestEtcdOutageRecovery(t *testing.T) {
 		}
 	}
 	routesBefore := l.NodeNS(l.Nodes[0]).MustRun(t, "ip", "route", "show", "proto", "180")
+	t0 := time.Now()
+	at := func() string { return time.Since(t0).Round(time.Second).String() }
 	for _, outage := range []time.Duration{45 * time.Second, 120 * time.Second} {
-		t.Logf("etcd down for %s", outage)
+		t.Logf("%s: etcd down for %s", at(), outage)
 		if err := l.StopEtcd(); err != nil {
 			t.Fatal(err)
 		}
@@ -145,10 +147,12 @@ func TestEtcdOutageRecovery(t *testing.T) {
 				t.Errorf("%s: status shows no lease error after %s without etcd: %+v", n.Name, outage, st.Errors)
 			}
 		}
+		t.Logf("%s: starting etcd", at())
 		if err := l.StartEtcd(); err != nil {
 			t.Fatal(err)
 		}
 		back := time.Now()
+		t.Logf("%s: etcd answers", at())
 		for _, n := range l.Nodes {
 			waitUntil(t, 10*time.Second, n.Name+" re-claims its lease", func() bool {
 				return metric(t, l, n, "netagent_lease_held") == 1 && metric(t, l, n, "netagent_store_connected") == 1
@@ -165,6 +169,7 @@ func TestEtcdOutageRecovery(t *testing.T) {
 		// its routes would be gone from every peer.
 		time.Sleep(l.Opt.LeaseTTL + 5*time.Second)
 	}
+	t.Logf("%s: stopping the pings", at())
 	for _, p := range pings {
 		lost, sent := p.finish()
 		t.Logf("%s: %d sent, %d lost", p.name, sent, len(lost))
