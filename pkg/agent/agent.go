@@ -441,8 +441,11 @@ func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held
 			}
 			a.setError("lease", err)
 			a.opt.Metrics.Errors.WithLabelValues("lease").Inc()
+			conflict := errors.Is(err, lease.ErrConflict)
 			switch {
-			case errors.Is(err, lease.ErrConflict):
+			case conflict && backoff.max < 30*time.Second:
+				// Not an outage: retrying fast will not help, and the log says it once.
+				backoff.max = 30 * time.Second
 				log.Error("our subnet was taken by another node; keeping the dataplane, operator action needed", "err", err)
 			case time.Now().After(nextWarn):
 				log.Warn("lease not re-claimed yet; retrying", "for", time.Since(lost).Round(time.Second), "attempts", attempt, "err", err)
