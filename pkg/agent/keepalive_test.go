@@ -33,7 +33,7 @@ func (s *renewStore) Acquire(context.Context, config.Network, lease.Lease, netip
 	return lease.Held{}, errors.New("unused")
 }
 func (s *renewStore) Watch(context.Context, *lease.Peers, chan<- struct{}, lease.WatchStats) {}
-func (s *renewStore) WatchConfig(context.Context, chan<- struct{})                       {}
+func (s *renewStore) WatchConfig(context.Context, chan<- struct{})                           {}
 
 func (s *renewStore) KeepAlive(ctx context.Context, h lease.Held) error {
 	s.mu.Lock()
