@@ -59,18 +59,19 @@ type Options struct {
 	CNIConf    CNIConf
 	Resync     time.Duration
 	Store      Store
+	Log        *slog.Logger
+	Metrics    *Metrics
+	// Docker, when set, is route mode: Docker's bridge (or a network) must use the lease.
+	Docker *DockerMode
+	// OnReady, when set, runs once, when the agent first becomes ready.
+	OnReady func()
+
 	// LeaseTTL is the store's lease TTL; after a store outage, peers whose leases vanish
 	// are kept for two of it (see grace). Default 30s.
 	LeaseTTL time.Duration
 	// RepairForwarding switches net.ipv4.ip_forward back on when it is found off; without
 	// it the agent only reports it.
 	RepairForwarding bool
-	Log              *slog.Logger
-	Metrics          *Metrics
-	// Docker, when set, is route mode: Docker's bridge (or a network) must use the lease.
-	Docker *DockerMode
-	// OnReady, when set, runs once, when the agent first becomes ready.
-	OnReady func()
 }
 
 // DockerMode says how a Docker host uses the leased subnet.
@@ -102,16 +103,17 @@ type Agent struct {
 	podGuardArmed atomic.Bool
 	podMissing    map[string]time.Time // anti-spoofing entries missing at the last check, since when
 	filesDirty    chan struct{}
-	storeChanged  chan struct{} // the store became reachable or unreachable
-	reclaim       chan struct{} // the store is back: re-claim a lost lease now
-	graceEnd      chan struct{} // the post-outage window for vanished peers ended
-	fwdChanged    chan struct{} // the kernel announced a forwarding change
-	retryFull     chan struct{} // time to retry a failed full pass
-	ulDev         atomic.Value  // string: the underlay device's name (read by watchKernel)
-	ulWarned      netip.Addr    // the underlay address last warned about (the loop's)
-	forwardErr    error         // why forwarding is off, at the last check (the loop's)
-	files         []file        // what writeFiles last wrote (the loop's)
-	bigPass       bool          // the last full pass changed many objects
+	files         []file // what writeFiles last wrote (the loop's)
+	bigPass       bool   // the last full pass changed many objects
+
+	storeChanged chan struct{} // the store became reachable or unreachable
+	reclaim      chan struct{} // the store is back: re-claim a lost lease now
+	graceEnd     chan struct{} // the post-outage window for vanished peers ended
+	fwdChanged   chan struct{} // the kernel announced a forwarding change
+	retryFull    chan struct{} // time to retry a failed full pass
+	ulDev        atomic.Value  // string: the underlay device's name (read by watchKernel)
+	ulWarned     netip.Addr    // the underlay address last warned about (the loop's)
+	forwardErr   error         // why forwarding is off, at the last check (the loop's)
 
 	mu      sync.Mutex
 	status  Status
