@@ -150,6 +150,9 @@ func printStatus(w io.Writer, st agent.Status) error {
 	}
 	fmt.Fprintf(w, "node %s  subnet %s  network %s  backend %s  public IP %s  pod MTU %d  ready %s\n",
 		st.Node, st.Subnet, st.Network, st.Backend, st.PublicIP, st.PodMTU, ready)
+	if s := st.Store; s != nil && s.State != "connected" {
+		fmt.Fprintf(w, "store %s since %s (%s ago): %s\n", s.State, s.Since.UTC().Format(time.RFC3339), time.Since(s.Since).Round(time.Second), s.Error)
+	}
 	for k, v := range st.Errors {
 		fmt.Fprintf(w, "error (%s): %s\n", k, v)
 	}

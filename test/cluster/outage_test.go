@@ -190,8 +190,12 @@ func TestEtcdOutageRecovery(t *testing.T) {
 				t.Errorf("%s: the log does not say %q", n.Name, want)
 			}
 		}
-		if c := strings.Count(string(b), "still unreachable"); c > 10 {
-			t.Errorf("%s: %d 'still unreachable' warnings: log spam", n.Name, c)
+		// Told, not flooded: per node, 2 outages of 45 s and 120 s.
+		if c := strings.Count(string(b), "level=WARN"); c > 40 {
+			t.Errorf("%s: %d warnings through the outages: log spam", n.Name, c)
+		}
+		if n == l.Nodes[0] {
+			t.Logf("agent log of %s:\n%s", n.Name, b)
 		}
 	}
 }
