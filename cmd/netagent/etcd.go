@@ -21,8 +21,6 @@ import (
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
 
 	"github.com/netagent/netagent/pkg/lease"
 )
@@ -78,13 +76,7 @@ func (e *etcdFlags) client() (*clientv3.Client, error) {
 		// (not below 5 s: etcd's default --grpc-keepalive-min-time rejects faster pings).
 		DialKeepAliveTime:    5 * time.Second,
 		DialKeepAliveTimeout: 3 * time.Second,
-		// gRPC's reconnect backoff grows to 120 s by default: after a long outage the
-		// agent would find etcd back only a minute or more later, when the restored
-		// leases had run out. Capped at 1 s, it reconnects within a second.
-		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
-			MinConnectTimeout: e.timeout,
-		})},
+		DialOptions:          lease.DialOptions(e.timeout),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("etcd client: %w", err)

@@ -14,6 +14,8 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/connectivity"
 
 	"github.com/netagent/netagent/pkg/config"
@@ -39,6 +41,17 @@ const (
 	claimTimeout = 10 * time.Second // a claim: grant, read, transaction
 	probeTimeout = 2 * time.Second  // a health probe
 )
+
+// DialOptions are the gRPC options of an agent's etcd client. gRPC's reconnect backoff
+// grows to 120 s by default: after a long outage the agent would find etcd back only a
+// minute or more later, when the leases etcd restored had run out. Capped at 1 s, it
+// reconnects within a second of etcd's return.
+func DialOptions(connectTimeout time.Duration) []grpc.DialOption {
+	return []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+		Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+		MinConnectTimeout: connectTimeout,
+	})}
+}
 
 // Etcd is the lease store on etcd.
 type Etcd struct {
