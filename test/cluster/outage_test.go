@@ -199,3 +199,43 @@ func TestEtcdOutageRecovery(t *testing.T) {
 		}
 	}
 }
+
+// TestPeerGraceAfterOutage: a node whose agent stops during an etcd outage cannot
+// re-claim its lease when etcd is back; etcd's restored copy runs out one TTL later.
+// Its peers keep its routes through the grace window (two TTLs after the store's return),
+// so a late re-claim would cost nothing, and remove them when the window ends: a node that
+// is really gone still goes.
+func TestPeerGraceAfterOutage(t *testing.T) {
+	l := newLab(t, "vxlan", 3, 0, 1) // 3 s TTL
+	n1, n3 := l.Nodes[0], l.Nodes[2]
+	sub3 := status(t, l, n3).Subnet
+	if err := l.StopEtcd(); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.StopAgent(n3, false); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "node1 sees the store unreachable", func() bool {
+		st := status(t, l, n1)
+		return st.Store != nil && st.Store.State == "unreachable"
+	})
+	time.Sleep(2 * time.Second)
+	if err := l.StartEtcd(); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	// node3's restored lease runs out about one TTL after etcd's return.
+	time.Sleep(l.Opt.LeaseTTL + time.Second)
+	if !hasRoute(t, l, n1, sub3) {
+		t.Errorf("node1 dropped node3's route %s after etcd's return, within the grace window", time.Since(back).Round(time.Millisecond))
+	}
+	waitUntil(t, 4*l.Opt.LeaseTTL, "node1 drops node3 after the grace window", func() bool { return !hasRoute(t, l, n1, sub3) })
+	t.Logf("node1 dropped node3's route %s after etcd's return (TTL %s)", time.Since(back).Round(time.Millisecond), l.Opt.LeaseTTL)
+	if d := time.Since(back); d < 2*l.Opt.LeaseTTL-time.Second {
+		t.Errorf("node3 removed %s after etcd's return, before the window's end", d)
+	}
+	b, _ := os.ReadFile(filepath.Join(n1.Dir, "agent.log"))
+	if !strings.Contains(string(b), "peer's lease vanished after a store outage") {
+		t.Errorf("node1's log does not say it held node3")
+	}
+}
