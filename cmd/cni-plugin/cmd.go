@@ -23,6 +23,7 @@ import (
 	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/hostport"
 	"github.com/netagent/netagent/pkg/ipam"
+	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/subnetfile"
 )
 
@@ -648,7 +649,7 @@ func gcEntries(ctx context.Context, h *netlink.Handle, bridgeName string, want m
 	if err != nil {
 		return err
 	}
-	links, err := h.LinkList()
+	links, err := nldump.Retry(h.LinkList)
 	if err != nil {
 		return fmt.Errorf("list links: %w", err)
 	}

@@ -76,8 +76,10 @@ func (e *etcdFlags) client() (*clientv3.Client, error) {
 		TLS:         tlsCfg,
 		Logger:      zap.NewNop(),
 		// Keep the connection checked so a dead member is noticed and another used.
+		// (not below 5 s: etcd's default --grpc-keepalive-min-time rejects faster pings).
 		DialKeepAliveTime:    5 * time.Second,
 		DialKeepAliveTimeout: 3 * time.Second,
+		DialOptions:          lease.DialOptions(e.timeout),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("etcd client: %w", err)

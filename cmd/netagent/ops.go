@@ -24,6 +24,7 @@ import (
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/nat"
+	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/subnetfile"
 	"github.com/netagent/netagent/pkg/vxguard"
@@ -156,6 +157,9 @@ func printStatus(w io.Writer, st agent.Status) error {
 	}
 	fmt.Fprintf(w, "node %s  subnet %s  network %s  backend %s  public IP %s  pod MTU %d  ready %s\n",
 		st.Node, st.Subnet, st.Network, st.Backend, st.PublicIP, st.PodMTU, ready)
+	if s := st.Store; s != nil && s.State != "connected" {
+		fmt.Fprintf(w, "store %s since %s (%s ago): %s\n", s.State, s.Since.UTC().Format(time.RFC3339), time.Since(s.Since).Round(time.Second), s.Error)
+	}
 	for k, v := range st.Errors {
 		fmt.Fprintf(w, "error (%s): %s\n", k, v)
 	}
@@ -264,7 +268,7 @@ func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {
 	} else {
 		fmt.Fprintf(stdout, "removed %d routes\n", st.Deleted)
 	}
-	links, err := h.LinkList()
+	links, err := nldump.Retry(h.LinkList)
 	if err != nil {
 		errs = append(errs, err)
 	}

@@ -41,6 +41,7 @@ type runFlags struct {
 	logLevel     string
 	embeddedEtcd string
 	pprof        bool
+	fwdRepair    bool
 	// The Kubernetes subnet manager (--subnet-manager=kube).
 	subnetManager string
 	kubeconfig    string
@@ -83,6 +84,7 @@ func sharedAgentFlags(name string) (*flag.FlagSet, *runFlags) {
 	fs.StringVar(&f.listen, "listen", "127.0.0.1:9476", "address of /healthz, /readyz, /metrics and /status (empty: off)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.embeddedEtcd, "embedded-etcd", "", "run a single-member etcd in this process with its data in `DIR` and use it (single machine)")
+	fs.BoolVar(&f.fwdRepair, "repair-ip-forward", true, "switch net.ipv4.ip_forward back on when found off (false: only report it)")
 	fs.BoolVar(&f.pprof, "pprof", false, "also serve Go profiles at /debug/pprof/ on --listen")
 	return fs, f
 }
@@ -233,10 +235,13 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 		CNIConf:    agent.CNIConf{Bridge: f.cniBridge, DataDir: f.cniDataDir},
 		Resync:     f.resync,
 		Store:      store,
+		LeaseTTL:   f.leaseTTL,
 		Log:        log,
 		Metrics:    metrics,
 		Docker:     d,
 		OnReady:    onReady,
+
+		RepairForwarding: f.fwdRepair,
 	})
 	if err != nil {
 		return err

@@ -30,6 +30,7 @@ import (
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/nat"
+	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/subnetfile"
@@ -63,6 +64,13 @@ type Options struct {
 	Docker *DockerMode
 	// OnReady, when set, runs once, when the agent first becomes ready.
 	OnReady func()
+
+	// LeaseTTL is the store's lease TTL; after a store outage, peers whose leases vanish
+	// are kept for two of it (see grace). Default 30s.
+	LeaseTTL time.Duration
+	// RepairForwarding switches net.ipv4.ip_forward back on when it is found off; without
+	// it the agent only reports it.
+	RepairForwarding bool
 }
 
 // Agent runs one node's control loop.
@@ -89,6 +97,15 @@ type Agent struct {
 	files         []file // what writeFiles last wrote (the loop's)
 	bigPass       bool   // the last full pass changed many objects
 
+	storeChanged chan struct{} // the store became reachable or unreachable
+	reclaim      chan struct{} // the store is back: re-claim a lost lease now
+	graceEnd     chan struct{} // the post-outage window for vanished peers ended
+	fwdChanged   chan struct{} // the kernel announced a forwarding change
+	retryFull    chan struct{} // time to retry a failed full pass
+	ulDev        atomic.Value  // string: the underlay device's name (read by watchKernel)
+	ulWarned     netip.Addr    // the underlay address last warned about (the loop's)
+	forwardErr   error         // why forwarding is off, at the last check (the loop's)
+
 	mu      sync.Mutex
 	status  Status
 	planner *plan.Planner // the loop's current plan (read by Snapshot under mu)
@@ -105,6 +122,9 @@ func New(opt Options) (*Agent, error) {
 	if opt.Resync == 0 {
 		opt.Resync = time.Minute
 	}
+	if opt.LeaseTTL == 0 {
+		opt.LeaseTTL = 30 * time.Second
+	}
 	h, err := netlink.NewHandle()
 	if err != nil {
 		return nil, fmt.Errorf("netlink: %w", err)
@@ -120,6 +140,12 @@ func New(opt Options) (*Agent, error) {
 		nftDirty:   make(chan struct{}, 1),
 		podDirty:   make(chan struct{}, 1),
 		podChanged: make(chan struct{}, 1),
+
+		storeChanged: make(chan struct{}, 1),
+		reclaim:      make(chan struct{}, 1),
+		graceEnd:     make(chan struct{}, 1),
+		fwdChanged:   make(chan struct{}, 1),
+		retryFull:    make(chan struct{}, 1),
 	}
 	a.nat.r = nat.New(nat.Exec{})
 	if a.guard, err = vxguard.New(); err != nil {
@@ -159,14 +185,13 @@ func VXLANDevName(vni int) string {
 func (a *Agent) Run(ctx context.Context) error {
 	log := a.opt.Log.With("node", a.opt.Node)
 	start := time.Now()
-	if err := a.enableForwarding(); err != nil {
-		return err
-	}
+	a.checkForwarding(log)
 	ul, err := a.underlay()
 	if err != nil {
 		return err
 	}
 	log.Info("underlay", "dev", ul.dev, "ip", ul.ip, "mtu", ul.mtu)
+	a.ulDev.Store(ul.dev)
 
 	// 1. The network config (retried until valid: an agent with no valid config touches
 	// nothing).
@@ -229,11 +254,17 @@ func (a *Agent) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); a.opt.Store.Watch(ctx, peers, listed, a.opt.Metrics) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); a.keepAlive(ctx, log, held) }()
+	if hw, ok := a.opt.Store.(HealthWatcher); ok {
+		wg.Add(1)
+		go func() { defer wg.Done(); a.watchStore(ctx, log, hw) }()
+	}
 	vxDev := VXLANDevName(cfg.Backend.VNI)
 	wg.Add(1)
-	go func() { defer wg.Done(); a.watchKernel(ctx, vxDev, ul.dev) }()
+	go func() { defer wg.Done(); a.watchKernel(ctx, vxDev) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); watchFirewall(ctx, log, a.fwDirty, a.nftDirty, a.podChanged) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); watchNetconf(ctx, log, a.fwdChanged) }()
 
 	// Wait for the first full list of peers before touching anything.
 	select {
@@ -252,11 +283,20 @@ func (a *Agent) Run(ctx context.Context) error {
 	// entries). Firewall changes only re-check the firewall.
 	full, fw, drift, leases := true, true, false, false
 	first := true
+	grace := newGrace()
+	retry := newPassRetry(a.retryFull)
+	defer retry.ok()
 	for {
 		switch {
 		case full:
 			_, _ = peers.Take() // the snapshot below covers them
-			a.fullPass(ctx, log, cfg, held.Lease, peers.Snapshot(), ul, vxDev, fw, drift)
+			snap, newlyHeld := grace.full(time.Now(), peers.Snapshot())
+			logHeld(log, newlyHeld, grace.until)
+			if err := a.fullPass(ctx, log, cfg, held.Lease, snap, &ul, vxDev, fw, drift); err != nil {
+				log.Warn("full pass failed; retrying", "in", retry.failed())
+			} else {
+				retry.ok()
+			}
 			full, fw, drift = false, false, false
 			if a.bigPass && !first {
 				// A big pass (a resync with thousands of peers) leaves megabytes of
@@ -266,7 +306,13 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		case leases:
 			changed, relisted := peers.Take()
-			if relisted || a.incrementalPass(log, changed) != nil {
+			if relisted {
+				full = true
+				continue
+			}
+			changed, newlyHeld := grace.incremental(time.Now(), changed)
+			logHeld(log, newlyHeld, grace.until)
+			if a.incrementalPass(log, changed) != nil {
 				full = true
 				continue
 			}
@@ -309,6 +355,21 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.guardPass(log)
 		case <-a.podChanged:
 			a.schedulePodGuard()
+		case <-a.storeChanged:
+			switch a.storeState().State {
+			case storeUnreachable:
+				grace.outage()
+			case storeConnected:
+				if window := 2 * a.opt.LeaseTTL; grace.recovered(time.Now(), window) {
+					time.AfterFunc(window, func() { signal(a.graceEnd) })
+				}
+			}
+		case <-a.graceEnd:
+			full = true
+		case <-a.retryFull:
+			full, fw = true, true // the firewall may be what failed
+		case <-a.fwdChanged:
+			a.checkForwarding(log)
 		case <-a.podDirty:
 			a.podGuardPass(ctx, log)
 		case <-a.filesDirty:
@@ -342,32 +403,53 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 }
 
+// keepAlive keeps the lease alive and re-claims it when lost. Each re-claim attempt is
+// bounded by the store; between attempts it waits at most a second, and not at all once
+// the store is seen back, so the lease is re-claimed while etcd's restored copy of it
+// still lives. Failures are counted and in status; the log repeats them at growing
+// intervals.
 func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held) {
-	backoff := newBackoff()
 	for ctx.Err() == nil {
 		err := a.opt.Store.KeepAlive(ctx, held)
 		if ctx.Err() != nil {
 			return
 		}
+		lost := time.Now()
 		a.opt.Metrics.LeaseHeld.Set(0)
+		a.opt.Metrics.Errors.WithLabelValues("lease").Inc()
+		a.setError("lease", fmt.Errorf("lease keepalive lost, re-claiming: %w", err))
 		log.Warn("lease keepalive lost; the dataplane stays as it is while re-claiming", "err", err)
-		for ctx.Err() == nil {
+		backoff := newBackoffMax(time.Second)
+		warn := newBackoffMax(5 * time.Minute)
+		warn.d = 10 * time.Second
+		nextWarn := lost.Add(warn.d)
+		for attempt := 1; ctx.Err() == nil; attempt++ {
 			h, err := a.opt.Store.Renew(ctx, held)
 			if err == nil {
 				held = h
 				a.opt.Metrics.LeaseHeld.Set(1)
 				a.clearError("lease")
-				log.Info("lease re-claimed", "subnet", held.Lease.Subnet)
-				backoff = newBackoff()
+				log.Info("lease re-claimed", "subnet", held.Lease.Subnet, "after", time.Since(lost).Round(time.Millisecond), "attempts", attempt)
 				break
 			}
 			a.setError("lease", err)
 			a.opt.Metrics.Errors.WithLabelValues("lease").Inc()
-			if errors.Is(err, lease.ErrConflict) {
+			conflict := errors.Is(err, lease.ErrConflict)
+			switch {
+			case conflict && backoff.max < 30*time.Second:
+				// Not an outage: retrying fast will not help, and the log says it once.
+				backoff.max = 30 * time.Second
 				log.Error("our subnet was taken by another node; keeping the dataplane, operator action needed", "err", err)
+			case time.Now().After(nextWarn):
+				log.Warn("lease not re-claimed yet; retrying", "for", time.Since(lost).Round(time.Second), "attempts", attempt, "err", err)
+				nextWarn = time.Now().Add(warn.next())
 			}
-			if !backoff.wait(ctx) {
-				return
+			select {
+			case <-a.reclaim:
+			default:
+				if !backoff.waitOr(ctx, a.reclaim) {
+					return
+				}
 			}
 		}
 	}
@@ -375,8 +457,13 @@ func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held
 
 // fullPass makes the kernel match a plan built from the whole snapshot. Routes go right
 // after the VXLAN entries they depend on; the firewall, the slow part, comes last.
-func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Network, self lease.Lease, peers []lease.Lease, ul underlay, vxDev string, firewall, drift bool) {
+//
+// It re-reads the underlay first, so a changed MTU reaches the VXLAN device and the
+// files. An error means the pass did not complete: the caller retries it.
+func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Network, self lease.Lease, peers []lease.Lease, ul *underlay, vxDev string, firewall, drift bool) error {
 	t0 := time.Now()
+	a.checkForwarding(log)
+	a.refreshUnderlay(log, ul)
 	connected, err := a.connected(ul.dev)
 	if err != nil {
 		log.Warn("cannot read underlay prefixes", "err", err)
@@ -427,19 +514,43 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 		}
 	}
 	if len(errs) != 0 {
-		return
+		return errors.Join(errs...)
 	}
 	if err := a.writeFiles(cfg, self, p); err != nil {
 		log.Error("cannot write the CNI files", "err", err)
 		a.setError("files", err)
-		return
+		return err
 	}
 	a.clearError("files")
 	if a.opt.Docker != nil && !a.dockerPass(ctx, log, self, p) {
-		return
+		return nil // dockerPass retries on its own backoff
 	}
 	if !a.ready() {
 		a.setReady()
+	}
+	return nil
+}
+
+// refreshUnderlay re-reads the underlay device, its MTU and address (they were read at
+// start; an MTU change must reach the VXLAN device and the pods). The address peers use
+// is the one in the lease: a changed one is reported, not applied.
+func (a *Agent) refreshUnderlay(log *slog.Logger, ul *underlay) {
+	cur, err := a.underlay()
+	if err != nil {
+		log.Warn("cannot re-read the underlay; keeping the last one", "dev", ul.dev, "err", err)
+		return
+	}
+	if cur.ip != ul.ip {
+		if cur.ip != a.ulWarned {
+			log.Warn("the underlay address changed; peers keep using the leased address until the agent restarts", "leased", ul.ip, "now", cur.ip)
+			a.ulWarned = cur.ip
+		}
+		cur.ip = ul.ip
+	}
+	if cur != *ul {
+		log.Info("underlay changed", "dev", cur.dev, "mtu", cur.mtu, "was", ul.dev, "wasMTU", ul.mtu)
+		*ul = cur
+		a.ulDev.Store(cur.dev)
 	}
 }
 
@@ -665,7 +776,7 @@ func (a *Agent) underlay() (underlay, error) {
 	}
 	ip := a.opt.PublicIP
 	if !ip.IsValid() {
-		addrs, err := a.h.AddrList(link, netlink.FAMILY_V4)
+		addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return a.h.AddrList(link, netlink.FAMILY_V4) })
 		if err != nil || len(addrs) == 0 {
 			return underlay{}, fmt.Errorf("underlay %s has no IPv4 address (set --public-ip)", link.Attrs().Name)
 		}
@@ -675,7 +786,7 @@ func (a *Agent) underlay() (underlay, error) {
 }
 
 func (a *Agent) linkWith(ip netip.Addr) (netlink.Link, error) {
-	addrs, err := a.h.AddrList(nil, netlink.FAMILY_V4)
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return a.h.AddrList(nil, netlink.FAMILY_V4) })
 	if err != nil {
 		return nil, err
 	}
@@ -692,7 +803,7 @@ func (a *Agent) connected(dev string) ([]netip.Prefix, error) {
 	if err != nil {
 		return nil, err
 	}
-	addrs, err := a.h.AddrList(l, netlink.FAMILY_V4)
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return a.h.AddrList(l, netlink.FAMILY_V4) })
 	if err != nil {
 		return nil, err
 	}
@@ -708,21 +819,65 @@ func (a *Agent) connected(dev string) ([]netip.Prefix, error) {
 	return out, nil
 }
 
-// backoff doubles from 100ms to 5s.
-type backoff struct{ d time.Duration }
+// passRetry schedules the retry of a failed full pass: 100ms, doubling to 10s; a pass
+// that succeeds resets it. Without it a failed pass waited for an unrelated event or the
+// next resync, which could hold back readiness for a minute.
+type passRetry struct {
+	b     *backoff
+	t     *time.Timer
+	retry chan struct{}
+}
 
-func newBackoff() *backoff { return &backoff{d: 100 * time.Millisecond} }
+func newPassRetry(retry chan struct{}) *passRetry {
+	return &passRetry{b: newBackoffMax(10 * time.Second), retry: retry}
+}
+
+// failed schedules a retry and returns its delay.
+func (r *passRetry) failed() time.Duration {
+	if r.t != nil {
+		r.t.Stop()
+	}
+	d := r.b.next()
+	r.t = time.AfterFunc(d, func() { signal(r.retry) })
+	return d
+}
+
+// ok resets the delay and cancels a pending retry.
+func (r *passRetry) ok() {
+	if r.t != nil {
+		r.t.Stop()
+		r.t = nil
+	}
+	r.b = newBackoffMax(r.b.max)
+}
+
+// backoff doubles from 100ms to max (5s unless set).
+type backoff struct{ d, max time.Duration }
+
+func newBackoff() *backoff { return newBackoffMax(5 * time.Second) }
+
+func newBackoffMax(max time.Duration) *backoff { return &backoff{d: 100 * time.Millisecond, max: max} }
 
 func (b *backoff) peek() time.Duration { return b.d }
 
-func (b *backoff) wait(ctx context.Context) bool {
-	t := time.NewTimer(b.d)
+// next returns the current delay and doubles it.
+func (b *backoff) next() time.Duration {
+	d := b.d
+	b.d = min(b.d*2, b.max)
+	return d
+}
+
+func (b *backoff) wait(ctx context.Context) bool { return b.waitOr(ctx, nil) }
+
+// waitOr waits the next delay, or until wake signals; false when ctx ended.
+func (b *backoff) waitOr(ctx context.Context, wake <-chan struct{}) bool {
+	t := time.NewTimer(b.next())
 	defer t.Stop()
-	b.d = min(b.d*2, 5*time.Second)
 	select {
 	case <-ctx.Done():
 		return false
 	case <-t.C:
-		return true
+	case <-wake:
 	}
+	return true
 }

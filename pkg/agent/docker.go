@@ -8,7 +8,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/docker"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/plan"
@@ -27,16 +26,6 @@ type DockerMode struct {
 	failing string        // the last failure logged
 }
 
-// enableForwarding turns on IPv4 forwarding, except on a Docker host: there dockerd turns
-// it on, and sets the FORWARD policy to DROP when it is the one doing so, which is what
-// keeps unpublished container ports closed to the underlay. Turning it on before dockerd
-// starts would leave that policy ACCEPT.
-func (a *Agent) enableForwarding() error {
-	if a.opt.Docker != nil {
-		return nil
-	}
-	return bridge.EnableForwarding()
-}
 
 // dockerHint is the lease hint of a Docker host that already runs containers: the subnet
 // its bridge has, so that it need not be renumbered (the store grants it when it is free,

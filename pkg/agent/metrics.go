@@ -10,6 +10,8 @@ type Metrics struct {
 	Registry         *prometheus.Registry
 	LeaseHeld        prometheus.Gauge
 	LeaseTTL         prometheus.Gauge
+	StoreConnected   prometheus.Gauge
+	IPForward        prometheus.Gauge
 	Peers            *prometheus.GaugeVec
 	ReconcileSeconds prometheus.Histogram
 	Changes          *prometheus.CounterVec
@@ -33,15 +35,19 @@ func NewMetrics() *Metrics {
 		WatchRestarts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "netagent_etcd_watch_restarts_total", Help: "Lease watch restarts, by reason."}, []string{"reason"}),
 		Errors:        prometheus.NewCounterVec(prometheus.CounterOpts{Name: "netagent_errors_total", Help: "Errors, by kind."}, []string{"kind"}),
 	}
+	m.StoreConnected = prometheus.NewGauge(prometheus.GaugeOpts{Name: "netagent_store_connected",
+		Help: "1 while the lease store (etcd) answers, 0 while it does not (not set for stores that cannot tell)."})
+	m.IPForward = prometheus.NewGauge(prometheus.GaugeOpts{Name: "netagent_ip_forward",
+		Help: "1 while net.ipv4.ip_forward is on in the agent's network namespace."})
 	// Known label values start at zero, so dashboards see the series before the first event.
-	for _, k := range []string{"config", "lease", "reconcile", "files"} {
+	for _, k := range []string{"config", "lease", "store", "reconcile", "files", "forwarding"} {
 		m.Errors.WithLabelValues(k)
 	}
-	for _, k := range []string{"route", "neigh", "fdb", "vxlan-device", "nat", "vxlan-allowlist", "antispoof"} {
+	for _, k := range []string{"route", "neigh", "fdb", "vxlan-device", "nat", "vxlan-allowlist", "antispoof", "ip-forward"} {
 		m.Repairs.WithLabelValues(k)
 		m.Changes.WithLabelValues(k)
 	}
-	r.MustRegister(m.LeaseHeld, m.LeaseTTL, m.Peers, m.ReconcileSeconds, m.Changes, m.Repairs, m.WatchRestarts, m.Errors,
+	r.MustRegister(m.LeaseHeld, m.LeaseTTL, m.StoreConnected, m.IPForward, m.Peers, m.ReconcileSeconds, m.Changes, m.Repairs, m.WatchRestarts, m.Errors,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

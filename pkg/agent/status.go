@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/vishvananda/netlink"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/pkg/route"
 )
@@ -31,6 +33,7 @@ type Status struct {
 	// Docker is route mode's bridge ("docker0") or "network NAME".
 	Docker string            `json:"docker,omitempty"`
 	Errors map[string]string `json:"errors,omitempty"`
+	Store  *StoreStatus      `json:"store,omitempty"` // reachability (stores that can tell: etcd)
 	Peers  []PeerStatus      `json:"peers"`
 }
 
@@ -91,6 +94,12 @@ func (a *Agent) clearError(kind string) {
 	delete(a.status.Errors, kind)
 }
 
+func (a *Agent) forwardingError() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.status.Errors["forwarding"]
+}
+
 func (a *Agent) setReady() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -107,6 +116,10 @@ func (a *Agent) ready() bool {
 func (a *Agent) Snapshot() (Status, error) {
 	a.mu.Lock()
 	st := a.status
+	if st.Store != nil {
+		s := *st.Store
+		st.Store = &s
+	}
 	st.Errors = map[string]string{}
 	for k, v := range a.status.Errors {
 		st.Errors[k] = v
@@ -135,13 +148,13 @@ func (a *Agent) Snapshot() (Status, error) {
 	fdb := map[string]netip.Addr{}
 	if p.VXLAN != nil {
 		if l, err := h.LinkByName(p.VXLAN.Name); err == nil {
-			ns, _ := h.NeighList(l.Attrs().Index, unix.AF_INET)
+			ns, _ := nldump.Retry(func() ([]netlink.Neigh, error) { return h.NeighList(l.Attrs().Index, unix.AF_INET) })
 			for _, n := range ns {
 				if ip, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
 					neigh[ip.Unmap()] = strings.ToLower(n.HardwareAddr.String())
 				}
 			}
-			fs, _ := h.NeighList(l.Attrs().Index, unix.AF_BRIDGE)
+			fs, _ := nldump.Retry(func() ([]netlink.Neigh, error) { return h.NeighList(l.Attrs().Index, unix.AF_BRIDGE) })
 			for _, f := range fs {
 				if ip, ok := netip.AddrFromSlice(f.IP); ok {
 					fdb[strings.ToLower(f.HardwareAddr.String())] = ip.Unmap()
@@ -188,6 +201,15 @@ func (a *Agent) Handler(pprof bool) http.Handler {
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		if !a.ready() {
 			http.Error(w, "not ready: no lease or first reconcile not done", http.StatusServiceUnavailable)
+			return
+		}
+		if err := a.forwardingError(); err != "" {
+			http.Error(w, "not ready: "+err, http.StatusServiceUnavailable)
+			return
+		}
+		if s := a.storeState(); s.State == storeUnreachable {
+			// The dataplane is kept as it was, but peers' changes cannot reach this node.
+			http.Error(w, fmt.Sprintf("not ready: lease store unreachable since %s (dataplane kept as it was): %s", s.Since.UTC().Format(time.RFC3339), s.Error), http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ready")

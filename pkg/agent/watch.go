@@ -21,9 +21,9 @@ import (
 // each, so a link event invalidates the mirrors). Echoes of our own writes and pod veths
 // coming and going cause no pass. When a subscription breaks (e.g. the socket overflowed)
 // the mirrors are invalidated, a full pass runs and it subscribes again.
-func (a *Agent) watchKernel(ctx context.Context, vxDev, underlay string) {
+func (a *Agent) watchKernel(ctx context.Context, vxDev string) {
 	for ctx.Err() == nil {
-		a.watchKernelOnce(ctx, vxDev, underlay)
+		a.watchKernelOnce(ctx, vxDev)
 		a.invalidate()
 		signal(a.trigger)
 		select {
@@ -33,7 +33,7 @@ func (a *Agent) watchKernel(ctx context.Context, vxDev, underlay string) {
 	}
 }
 
-func (a *Agent) watchKernelOnce(ctx context.Context, vxDev, underlay string) {
+func (a *Agent) watchKernelOnce(ctx context.Context, vxDev string) {
 	done := make(chan struct{})
 	defer close(done)
 	routes := make(chan netlink.RouteUpdate, 1024)
@@ -78,7 +78,8 @@ func (a *Agent) watchKernelOnce(ctx context.Context, vxDev, underlay string) {
 			if !ok {
 				return
 			}
-			if name := u.Attrs().Name; name == vxDev || name == underlay || u.Attrs().Index == a.vxlan.Device() {
+			// The underlay is read afresh (a changed MTU flows to the VXLAN device and pods).
+			if name := u.Attrs().Name; name == vxDev || name == a.ulDev.Load() || u.Attrs().Index == a.vxlan.Device() {
 				a.invalidate()
 				signal(a.trigger)
 			}

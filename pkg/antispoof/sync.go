@@ -16,6 +16,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/ipam"
+	"github.com/netagent/netagent/pkg/nldump"
 )
 
 // Stats says what a Sync found and changed.
@@ -198,10 +199,7 @@ func SyncDataDirFunc(ctx context.Context, dataDir string, addOK func(Entry) bool
 // veth exists, so an entry in what was read has its veth in what is listed here, unless it
 // really is gone.
 func withVeth(entries []Entry) []Entry {
-	links, err := netlink.LinkList()
-	for i := 0; errors.Is(err, netlink.ErrDumpInterrupted) && i < 5; i++ {
-		links, err = netlink.LinkList() // links changed during the dump (pods come and go)
-	}
+	links, err := nldump.Retry(netlink.LinkList) // pods come and go during the dump
 	if err != nil {
 		return entries // cannot tell: keep what the records say
 	}

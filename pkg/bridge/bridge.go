@@ -27,6 +27,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/netagent/netagent/pkg/netipx"
+	"github.com/netagent/netagent/pkg/nldump"
 	"golang.org/x/sys/unix"
 )
 
@@ -125,7 +126,7 @@ func lookup(h *netlink.Handle, name string) (*netlink.Bridge, error) {
 }
 
 func ensureAddr(h *netlink.Handle, l netlink.Link, want netip.Prefix) error {
-	addrs, err := h.AddrList(l, family(want.Addr()))
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(l, family(want.Addr())) })
 	if err != nil {
 		return fmt.Errorf("list addresses of %s: %w", l.Attrs().Name, err)
 	}
@@ -385,7 +386,7 @@ func Check(h *netlink.Handle, bridgeName string, gw netip.Prefix, p Pod) error {
 		return fmt.Errorf("pod interface %s does not carry %s", p.IfName, p.Addr)
 	}
 	if p.Gateway.IsValid() {
-		routes, err := ph.RouteList(pod, family(p.Gateway))
+		routes, err := nldump.Retry(func() ([]netlink.Route, error) { return ph.RouteList(pod, family(p.Gateway)) })
 		if err != nil {
 			return fmt.Errorf("list pod routes: %w", err)
 		}
@@ -403,7 +404,7 @@ func Check(h *netlink.Handle, bridgeName string, gw netip.Prefix, p Pod) error {
 }
 
 func hasAddr(h *netlink.Handle, l netlink.Link, want netip.Prefix) (bool, error) {
-	addrs, err := h.AddrList(l, family(want.Addr()))
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(l, family(want.Addr())) })
 	if err != nil {
 		return false, err
 	}
@@ -439,7 +440,7 @@ func Veths(h *netlink.Handle, name string) ([]string, error) {
 		}
 		return nil, err
 	}
-	links, err := h.LinkList()
+	links, err := nldump.Retry(h.LinkList)
 	if err != nil {
 		return nil, err
 	}

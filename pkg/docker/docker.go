@@ -27,6 +27,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/netagent/netagent/pkg/atomicfile"
+	"github.com/netagent/netagent/pkg/nldump"
 )
 
 // Gateway is the bridge address Docker should use for subnet: its first address, with the
@@ -75,7 +76,7 @@ func CheckBridge(h *netlink.Handle, dev string, subnet netip.Prefix) error {
 	if err != nil {
 		return fmt.Errorf("docker bridge %s not found (is dockerd running, started with --bip=%s?): %w", dev, want, err)
 	}
-	addrs, err := h.AddrList(l, netlink.FAMILY_V4)
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(l, netlink.FAMILY_V4) })
 	if err != nil {
 		return fmt.Errorf("addresses of %s: %w", dev, err)
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/netagent/netagent/pkg/nat"
+	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/subnetfile"
 )
 
@@ -229,7 +230,7 @@ func mtus(h *netlink.Handle, bridge, underlay string, info subnetfile.Info) []Fi
 			out = append(out, Finding{"MTU", Problem, fmt.Sprintf("pod MTU %d is larger than the underlay's (%s: %d): large packets are dropped", info.MTU, underlay, l.Attrs().MTU), "set mtu in the network config (netagent config set --mtu) or fix the underlay"})
 		}
 	}
-	links, err := h.LinkList()
+	links, err := nldump.Retry(h.LinkList)
 	if err != nil {
 		return out
 	}

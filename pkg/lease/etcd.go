@@ -14,6 +14,9 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/connectivity"
 
 	"github.com/netagent/netagent/pkg/config"
 )
@@ -29,6 +32,26 @@ import (
 //
 // Acquiring is a transaction that creates the subnet key only if it is absent (or already
 // ours), so agents racing for subnets always end up with distinct ones.
+
+// Every call to etcd is bounded: the client waits for a connection (gRPC's wait-for-ready)
+// rather than failing, so an unbounded call made while etcd is down blocks until etcd is
+// back, silently. Bounded, it fails and the caller reports and retries.
+const (
+	callTimeout  = 5 * time.Second  // one read or write
+	claimTimeout = 10 * time.Second // a claim: grant, read, transaction
+	probeTimeout = 2 * time.Second  // a health probe
+)
+
+// DialOptions are the gRPC options of an agent's etcd client. gRPC's reconnect backoff
+// grows to 120 s by default: after a long outage the agent would find etcd back only a
+// minute or more later, when the leases etcd restored had run out. Capped at 1 s, it
+// reconnects within a second of etcd's return.
+func DialOptions(connectTimeout time.Duration) []grpc.DialOption {
+	return []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+		Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+		MinConnectTimeout: connectTimeout,
+	})}
+}
 
 // Etcd is the lease store on etcd.
 type Etcd struct {
@@ -52,6 +75,8 @@ func (e *Etcd) SubnetsPrefix() string { return e.key("subnets") + "/" }
 
 // Config reads and validates the network config.
 func (e *Etcd) Config(ctx context.Context) (config.Network, int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
 	resp, err := e.cli.Get(ctx, e.key("config"))
 	if err != nil {
 		return config.Network{}, 0, fmt.Errorf("read config: %w", err)
@@ -189,6 +214,8 @@ func (e *Etcd) state(ctx context.Context) (map[netip.Prefix]Lease, map[string]ne
 	taken := map[netip.Prefix]Lease{}
 	owners := map[string]netip.Prefix{}
 	reserved := map[string]netip.Prefix{}
+	ctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
 	resp, err := e.cli.Get(ctx, e.prefix+"/", clientv3.WithPrefix())
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("list leases: %w", err)
@@ -218,6 +245,8 @@ func (e *Etcd) state(ctx context.Context) (map[netip.Prefix]Lease, map[string]ne
 // claim takes subnet s for self if it is free or already self's, in one transaction, with a
 // fresh etcd lease.
 func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix) (Held, error) {
+	ctx, cancel := context.WithTimeout(ctx, claimTimeout)
+	defer cancel()
 	self.Subnet = s
 	k := e.key("subnets", SubnetKey(s))
 	ownerKey := e.key("owners", self.Node)
@@ -295,6 +324,47 @@ func (e *Etcd) KeepAlive(ctx context.Context, h Held) error {
 			}
 		}
 	}
+}
+
+// WatchHealth reports whether etcd answers until ctx ends: report(nil) when a probe (a
+// linearizable read of the config key's revision, so a member without quorum counts as
+// down) succeeds, report(err) when it fails. It probes every 5 s while etcd answers and
+// every second while it does not, and at once whenever the client's connection changes
+// state, so a lost or restored connection is reported within about a second.
+func (e *Etcd) WatchHealth(ctx context.Context, report func(error)) {
+	conn := e.cli.ActiveConnection()
+	for ctx.Err() == nil {
+		err := e.probe(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		report(err)
+		period := 5 * time.Second
+		if err != nil {
+			period = time.Second
+		}
+		wctx, cancel := context.WithTimeout(ctx, period)
+		if conn != nil {
+			st := conn.GetState()
+			if st == connectivity.Idle {
+				conn.Connect() // an idle channel reconnects only when asked
+			}
+			conn.WaitForStateChange(wctx, st)
+		} else {
+			<-wctx.Done()
+		}
+		cancel()
+		sleep(ctx, 100*time.Millisecond) // a flapping connection costs at most ten probes a second
+	}
+}
+
+func (e *Etcd) probe(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
+	defer cancel()
+	if _, err := e.cli.Get(ctx, e.key("config"), clientv3.WithCountOnly()); err != nil {
+		return fmt.Errorf("etcd unreachable: %w", err)
+	}
+	return nil
 }
 
 // Release gives up h's subnet for good (netagent leave): the live lease, the remembered

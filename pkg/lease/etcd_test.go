@@ -11,6 +11,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
 
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/embedetcd"
@@ -184,5 +185,85 @@ func TestWatchSeesJoinAndLeave(t *testing.T) {
 	waitLen(1)
 	if got := peers.Snapshot()[0].Node; got != "n2" {
 		t.Errorf("remaining peer %s, want n2", got)
+	}
+}
+
+// TestEtcdOutageBoundedAndNoticed: while etcd is down every call returns an error within
+// its bound instead of waiting for the connection, the health watch reports it, and once
+// etcd is back (after long enough for gRPC's default reconnect backoff to have grown past
+// 10 s) the health watch reports it within a few seconds and a re-claim succeeds.
+func TestEtcdOutageBoundedAndNoticed(t *testing.T) {
+	dir := t.TempDir()
+	srv, err := embedetcd.Start(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.Endpoint}, DialTimeout: 5 * time.Second, DialOptions: DialOptions(5 * time.Second), Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	s := NewEtcd(cli, "/netagent", 30*time.Second, quiet())
+	ctx := context.Background()
+	cfg := testConfig(t, `{"network":"10.244.0.0/16"}`)
+	if err := s.SetConfig(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.Acquire(ctx, cfg, self("n1", "192.0.2.1"), netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	type report struct {
+		at  time.Time
+		err error
+	}
+	reports := make(chan report, 100)
+	hctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go s.WatchHealth(hctx, func(err error) { reports <- report{time.Now(), err} })
+	waitReport := func(up bool, within time.Duration) time.Time {
+		t.Helper()
+		deadline := time.After(within)
+		for {
+			select {
+			case r := <-reports:
+				if (r.err == nil) == up {
+					return r.at
+				}
+			case <-deadline:
+				t.Fatalf("health: no %v report within %s", map[bool]string{true: "up", false: "down"}[up], within)
+			}
+		}
+	}
+	waitReport(true, 5*time.Second)
+
+	srv.Close()
+	down := time.Now()
+	waitReport(false, 10*time.Second)
+	for name, call := range map[string]func() error{
+		"Config": func() error { _, _, err := s.Config(ctx); return err },
+		"Renew":  func() error { _, err := s.Renew(ctx, h); return err },
+	} {
+		t0 := time.Now()
+		if err := call(); err == nil {
+			t.Errorf("%s with etcd down: no error", name)
+		}
+		if d := time.Since(t0); d > claimTimeout+2*time.Second {
+			t.Errorf("%s with etcd down took %s, want at most its bound", name, d)
+		}
+	}
+	time.Sleep(time.Until(down.Add(17 * time.Second)))
+	if srv, err = embedetcd.Start(dir); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	back := time.Now()
+	up := waitReport(true, 10*time.Second)
+	t.Logf("etcd back after a %s outage; the health watch saw it after %s", back.Sub(down).Round(time.Second), up.Sub(back).Round(time.Millisecond))
+	if d := up.Sub(back); d > 3*time.Second {
+		t.Errorf("health watch saw etcd back after %s, want within 3s", d)
+	}
+	if _, err := s.Renew(ctx, h); err != nil {
+		t.Errorf("re-claim with etcd back: %v", err)
 	}
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/plan"
 )
 
@@ -212,11 +213,11 @@ func (r *Reconciler) entries(idx int) (map[netip.Addr]entry, map[fdbKey]entry, e
 		return n, f, nil
 	}
 	r.mu.Unlock()
-	ns, err := r.k.NeighList(idx, unix.AF_INET)
+	ns, err := nldump.Retry(func() ([]netlink.Neigh, error) { return r.k.NeighList(idx, unix.AF_INET) })
 	if err != nil {
 		return nil, nil, fmt.Errorf("list neighbours: %w", err)
 	}
-	fs, err := r.k.NeighList(idx, unix.AF_BRIDGE)
+	fs, err := nldump.Retry(func() ([]netlink.Neigh, error) { return r.k.NeighList(idx, unix.AF_BRIDGE) })
 	if err != nil {
 		return nil, nil, fmt.Errorf("list fdb: %w", err)
 	}
@@ -434,7 +435,7 @@ func (r *Reconciler) ensureDevice(dev *plan.VXLANDevice, underlay string, mac ne
 }
 
 func (r *Reconciler) ensureAddr(l netlink.Link, want netip.Prefix) error {
-	addrs, err := r.k.AddrList(l, unix.AF_INET)
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return r.k.AddrList(l, unix.AF_INET) })
 	if err != nil {
 		return fmt.Errorf("list addresses of %s: %w", l.Attrs().Name, err)
 	}

@@ -1,0 +1,102 @@
+package agent
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/netagent/netagent/pkg/lease"
+)
+
+func lz(node, subnet string) lease.Lease {
+	return lease.Lease{Node: node, Subnet: netip.MustParsePrefix(subnet), PublicIP: netip.MustParseAddr("192.0.2.11")}
+}
+
+func gone(node string) lease.Lease { return lease.Lease{Node: node} }
+
+// TestGrace applies store states and peer changes in order and checks what the planner
+// is given: peers that vanish during an outage or its window are kept, until the window
+// ends or a live lease takes their subnet.
+func TestGrace(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	a, b, c := lz("a", "10.244.1.0/24"), lz("b", "10.244.2.0/24"), lz("c", "10.244.3.0/24")
+	type step struct {
+		at       time.Duration
+		outage   bool // the store went away
+		back     bool // the store answers again (window 60s)
+		full     []lease.Lease
+		changed  []lease.Lease
+		want     []lease.Lease
+		wantHeld []string
+	}
+	tests := []struct {
+		name  string
+		steps []step
+	}{
+		{"no outage: a vanished peer goes", []step{
+			{full: []lease.Lease{a, b}, want: []lease.Lease{a, b}},
+			{changed: []lease.Lease{gone("b")}, want: []lease.Lease{gone("b")}},
+		}},
+		{"vanished after the outage: kept through the window, removed after", []step{
+			{full: []lease.Lease{a, b}, want: []lease.Lease{a, b}},
+			{at: time.Second, outage: true},
+			{at: 50 * time.Second, back: true},
+			{at: 80 * time.Second, changed: []lease.Lease{gone("b")}, want: []lease.Lease{b}, wantHeld: []string{"b"}},
+			{at: 90 * time.Second, full: []lease.Lease{a}, want: []lease.Lease{a, b}},
+			{at: 111 * time.Second, full: []lease.Lease{a}, want: []lease.Lease{a}},
+			{at: 112 * time.Second, changed: []lease.Lease{gone("a")}, want: []lease.Lease{gone("a")}},
+		}},
+		{"re-claimed in the window: nothing changes", []step{
+			{full: []lease.Lease{a, b}, want: []lease.Lease{a, b}},
+			{at: time.Second, outage: true},
+			{at: 2 * time.Second, back: true},
+			{at: 3 * time.Second, changed: []lease.Lease{gone("b")}, want: []lease.Lease{b}, wantHeld: []string{"b"}},
+			{at: 4 * time.Second, changed: []lease.Lease{b}, want: []lease.Lease{b}},
+			{at: 70 * time.Second, full: []lease.Lease{a, b}, want: []lease.Lease{a, b}},
+		}},
+		{"held peer gives way to a live lease on its subnet", []step{
+			{full: []lease.Lease{a, b}, want: []lease.Lease{a, b}},
+			{at: time.Second, outage: true},
+			{at: 2 * time.Second, changed: []lease.Lease{gone("b")}, want: []lease.Lease{b}, wantHeld: []string{"b"}},
+			{at: 3 * time.Second, changed: []lease.Lease{lz("c", "10.244.2.0/24")}, want: []lease.Lease{gone("b"), lz("c", "10.244.2.0/24")}},
+		}},
+		{"full pass in the window skips a held peer whose subnet or node is live", []step{
+			{full: []lease.Lease{a, b, c}, want: []lease.Lease{a, b, c}},
+			{at: time.Second, outage: true},
+			{at: 2 * time.Second, full: []lease.Lease{a, lz("d", "10.244.2.0/24"), lz("c", "10.244.9.0/24")},
+				want: []lease.Lease{a, lz("c", "10.244.9.0/24"), lz("d", "10.244.2.0/24")}},
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			g := newGrace()
+			for i, s := range tt.steps {
+				now := t0.Add(s.at)
+				if s.outage {
+					g.outage()
+				}
+				if s.back {
+					g.recovered(now, 60*time.Second)
+				}
+				var got []lease.Lease
+				var held []string
+				switch {
+				case s.full != nil:
+					got, held = g.full(now, append([]lease.Lease(nil), s.full...))
+				case s.changed != nil:
+					got, held = g.incremental(now, append([]lease.Lease(nil), s.changed...))
+				default:
+					continue
+				}
+				if diff := cmp.Diff(s.want, got, cmp.Comparer(func(x, y netip.Prefix) bool { return x == y }), cmp.Comparer(func(x, y netip.Addr) bool { return x == y })); diff != "" {
+					t.Errorf("step %d: peers (-want +got):\n%s", i, diff)
+				}
+				if diff := cmp.Diff(s.wantHeld, held); diff != "" {
+					t.Errorf("step %d: newly held (-want +got):\n%s", i, diff)
+				}
+			}
+		})
+	}
+}
