@@ -11,9 +11,16 @@ out=$1 agent=$2 cni=$3 cache=${4:-/var/cache/netagent/debs}
 pkgs=(iptables)
 mkdir -p "$cache"
 # The dependency closure, as Debian resolves it (libc6, libxtables12, libnftnl11, ...).
-mapfile -t closure < <(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
-	--no-breaks --no-replaces --no-enhances "${pkgs[@]}" | grep -v '^ ' | grep -v '<' | sort -u)
-((${#closure[@]})) || { echo "apt-cache found no packages (run apt-get update first)" >&2; exit 1; }
+closure() {
+	apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+		--no-replaces --no-enhances "${pkgs[@]}" 2>/dev/null | grep -v '^ ' | grep -v '<' | sort -u
+}
+mapfile -t closure < <(closure)
+if ((${#closure[@]} < 2)); then # no package lists yet
+	apt-get update -qq
+	mapfile -t closure < <(closure)
+fi
+((${#closure[@]} > 1)) || { echo "apt-cache cannot resolve ${pkgs[*]}" >&2; exit 1; }
 (cd "$cache" && apt-get -o APT::Sandbox::User=root download "${closure[@]}" >/dev/null)
 rm -rf "$out"
 mkdir -p "$out"

@@ -3,6 +3,7 @@
 # multi-node cluster in network namespaces (`netagent lab up`), which stays up for poking
 # at until `./bin/netagent lab down`. Arguments go to `netagent lab up`, e.g.
 #   bash scripts/lab.sh --backend hybrid --nodes 4 --pods-per-node 3   (as root)
+#   bash scripts/lab.sh --scenario kubernetes    (a real Kubernetes; the first run builds it)
 # Nothing in the root network namespace is touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,11 +12,18 @@ source scripts/deps.sh
 
 echo "building ./bin/netagent, ./bin/netagent-etcd and ./bin/netagent-cni"
 mkdir -p bin
-CGO_ENABLED=0 go build -trimpath -o bin/netagent-cni ./cmd/cni-plugin
+export CGO_ENABLED=0 # static: the Kubernetes scenario puts them into an image
+go build -trimpath -o bin/netagent-cni ./cmd/cni-plugin
 go build -trimpath -o bin/netagent ./cmd/netagent
 go build -trimpath -o bin/netagent-etcd ./cmd/netagent-etcd
+extra=()
+if [[ " $* " == *" kubernetes "* || " $* " == *"--scenario=kubernetes"* ]]; then
+	# The loopback plugin containerd calls for every pod, and Kubernetes itself (cached).
+	go build -trimpath -o bin/loopback github.com/containernetworking/plugins/plugins/main/loopback
+	extra=(--kube-bin "$(bash scripts/k8s-build.sh)")
+fi
 if [ -e /run/netagent-lab/lab.json ]; then
 	echo "a lab is already up: taking it down first"
 	./bin/netagent lab down
 fi
-exec ./bin/netagent lab up "$@"
+exec ./bin/netagent lab up "${extra[@]}" "$@"

@@ -26,5 +26,11 @@ for pkg in $(go list ./pkg/... ./cmd/...); do
 	done
 done
 
+echo "== Kubernetes binaries for test/k8s (built once from the Go module proxy, cached per release)"
+t0=$(date +%s)
+NETAGENT_K8S_BIN=$(bash scripts/k8s-build.sh)
+export NETAGENT_K8S_BIN
+echo "ready in $(($(date +%s) - t0)) s: $NETAGENT_K8S_BIN"
+
 echo "== tests"
 go test -race -count=1 -timeout 30m ./... 2>&1 | tee /tmp/netagent-test.log

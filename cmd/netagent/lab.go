@@ -15,12 +15,14 @@ import (
 	"github.com/netagent/netagent/pkg/lab"
 )
 
-const labUsage = `usage: netagent lab up|status|check|down [flags]
+const labUsage = `usage: netagent lab up|status|check|down|kubectl [flags]
 
-  up      build a cluster in network namespaces: switch, nodes running netagent, etcd, pods
-  status  each node's lease and peers
-  check   run the connectivity matrix again
-  down    remove everything the lab created (also after a crash)`
+  up       build a cluster in network namespaces: switch, nodes running netagent, etcd, pods
+           (--scenario kubernetes: a real Kubernetes cluster with netagent as its DaemonSet)
+  status   each node's lease and peers
+  check    run the connectivity matrix again
+  kubectl  run kubectl against a kubernetes lab: netagent lab kubectl -- get pods -A
+  down     remove everything the lab created (also after a crash)`
 
 func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 	if len(args) > 0 && isHelp(args[0]) {
@@ -39,7 +41,10 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 	pods := fs.Int("pods-per-node", 2, "up: pods per node")
 	cniBin := fs.String("cni-bin-dir", "", "directory with netagent-cni (default: beside this binary)")
 	picture := fs.String("picture", "", "up, status: also write the topology as an SVG picture to this file")
-	scenario := fs.String("scenario", "cni", "up: cni (agents + CNI pods) or docker (Docker hosts: a dockerd per node on its lease, netagent route-mode, containers)")
+	scenario := fs.String("scenario", "cni", "up: cni (agents + CNI pods), docker (Docker hosts: a dockerd per node on its lease, netagent route-mode, containers) or kubernetes (kube-apiserver, controller-manager, scheduler, and containerd, kubelet, kube-proxy per node; netagent's DaemonSet from --manifests)")
+	kubeBin := fs.String("kube-bin", "/var/cache/netagent/kubernetes/v1.34.4/bin", "up, kubernetes: the Kubernetes binaries (scripts/k8s-build.sh builds them)")
+	manifests := fs.String("manifests", "", "up, kubernetes: the kustomize directory to apply (default: manifests/kube beside this binary's bin/)")
+	imageScript := fs.String("image-script", "", "up, kubernetes: the image assembly script (default: scripts/image-rootfs.sh beside this binary's bin/)")
 	if err := parse(fs, args[1:]); err != nil {
 		return err
 	}
@@ -55,7 +60,19 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 		fmt.Fprintf(stdout, "[%7s] %s\n", time.Since(start).Round(time.Millisecond), fmt.Sprintf(format, a...))
 	}
 	opt := lab.Options{Prefix: *prefix, Dir: *dir, Netagent: self, CNIBinDir: *cniBin, Log: logf}
+	repo := filepath.Dir(filepath.Dir(self))
 	switch args[0] {
+	case "kubectl":
+		l, err := lab.Load(*dir, opt)
+		if err != nil {
+			return err
+		}
+		if l.K8s == nil {
+			return fmt.Errorf("the lab in %s is not a kubernetes lab (lab up --scenario kubernetes)", *dir)
+		}
+		cmd := l.Kubectl(ctx, fs.Args()...)
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, stdout, os.Stderr
+		return cmd.Run()
 	case "up":
 		if _, err := os.Stat(filepath.Join(*dir, "lab.json")); err == nil {
 			return fmt.Errorf("a lab is already up in %s (netagent lab down first)", *dir)
@@ -77,8 +94,25 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 				return errors.New("--scenario docker needs dockerd (apt-get install docker.io)")
 			}
 			opt.RouteMode = true
+		case "kubernetes":
+			ko := &lab.KubernetesOptions{
+				KubeBin: *kubeBin, Manifests: *manifests, ImageScript: *imageScript,
+				Etcd: filepath.Join(*cniBin, "netagent-etcd"), CNI: filepath.Join(*cniBin, "netagent-cni"), Loopback: filepath.Join(*cniBin, "loopback"),
+			}
+			if ko.Manifests == "" {
+				ko.Manifests = filepath.Join(repo, "manifests", "kube")
+			}
+			if ko.ImageScript == "" {
+				ko.ImageScript = filepath.Join(repo, "scripts", "image-rootfs.sh")
+			}
+			for _, f := range []string{filepath.Join(ko.KubeBin, "kubelet"), ko.Manifests, ko.ImageScript, ko.Etcd, ko.Loopback} {
+				if _, err := os.Stat(f); err != nil {
+					return fmt.Errorf("--scenario kubernetes: %w (scripts/lab.sh --scenario kubernetes builds and finds everything)", err)
+				}
+			}
+			opt.Kubernetes = ko
 		default:
-			return fmt.Errorf("--scenario %q: want cni or docker", *scenario)
+			return fmt.Errorf("--scenario %q: want cni, docker or kubernetes", *scenario)
 		}
 		l, err := lab.Up(ctx, opt)
 		if err != nil {
@@ -90,6 +124,19 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		if err := writePicture(l, *picture, logf); err != nil {
 			return err
+		}
+		if l.K8s != nil {
+			fmt.Fprintf(stdout, `
+Kubeconfig (admin): %[3]s   (the API server listens on %[4]s:6443 inside %[1]snode1)
+Poke at it by hand:
+  %[2]s lab kubectl -- get nodes -o wide
+  %[2]s lab kubectl -- -n netagent get pods -o wide      # the DaemonSet
+  %[2]s lab kubectl -- get pods -o wide                  # the web Deployment; exec into one: -- exec -it POD -- sh
+  ip netns exec %[1]snode1 ip route                   # routes (netagent's carry "proto 180")
+  %[2]s lab check | status | down
+Logs and state: %[5]s
+`, *prefix, self, l.K8s.Kubeconfig, l.Nodes[0].IP, *dir)
+			return nil
 		}
 		fmt.Fprintf(stdout, `
 Poke at it by hand:

@@ -33,6 +33,7 @@ import (
 	"time"
 
 	"github.com/netagent/netagent/pkg/etcdsock"
+	"github.com/netagent/netagent/pkg/lab/k8s"
 	"github.com/netagent/netagent/test/netns"
 )
 
@@ -70,7 +71,10 @@ type Options struct {
 	// Kube runs the agents with --subnet-manager=kube against this API server instead of
 	// etcd (see startKube).
 	Kube KubeAPI
-	Log  func(format string, args ...any)
+	// Kubernetes makes the lab a real Kubernetes cluster with netagent as its DaemonSet
+	// (see upKubernetes) instead of agents started by the lab.
+	Kubernetes *KubernetesOptions
+	Log        func(format string, args ...any)
 }
 
 // Node is one lab node.
@@ -116,6 +120,8 @@ type Lab struct {
 	// Kube: the agents use the Kubernetes subnet manager (Opt.Kube).
 	Kube    bool `json:"kube,omitempty"`
 	kubeSrv *http.Server
+	// K8s is the real Kubernetes cluster of a kubernetes lab.
+	K8s *k8s.Cluster `json:"kubernetes,omitempty"`
 }
 
 const (
@@ -230,6 +236,12 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 		return l, err
 	}
 	l.logf("underlay: switch, %d nodes, outside host (%s)", opt.Nodes, time.Since(t0).Round(time.Millisecond))
+	if opt.Kubernetes != nil {
+		if err := l.upKubernetes(ctx); err != nil {
+			return l, err
+		}
+		return l, l.Save()
+	}
 	t0 = time.Now()
 	if l.Kube {
 		if err := l.startKube(ctx); err != nil {
@@ -772,6 +784,11 @@ func (l *Lab) Down() error {
 		}
 		if n.Agent != 0 {
 			_ = signalWait(n.Agent, syscall.SIGKILL)
+		}
+	}
+	if l.K8s != nil {
+		if err := l.K8s.Down(); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	_ = l.StopEtcd()

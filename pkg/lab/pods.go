@@ -97,6 +97,15 @@ type Cell struct {
 // Matrix pings from every pod to every other pod and to the outside host, 8 at a time.
 func (l *Lab) Matrix(ctx context.Context) [][]Cell {
 	pods := l.Pods()
+	ping := func(p *Pod, ip string) error { return Ping(l.PodNS(p), ip) }
+	if l.K8s != nil {
+		// Pods made by the kubelets: listed through the API, pinged through kubectl exec.
+		pods, _ = l.kubePods(ctx)
+		ping = func(p *Pod, ip string) error {
+			_, err := l.K8s.Kubectl(ctx, "exec", p.Name, "--", "ping", "-c", "1", "-W", "2", "-q", ip)
+			return err
+		}
+	}
 	targets := make([]struct{ name, ip string }, 0, len(pods)+1)
 	for _, p := range pods {
 		targets = append(targets, struct{ name, ip string }{p.Name, p.IP.String()})
@@ -114,7 +123,7 @@ func (l *Lab) Matrix(ctx context.Context) [][]Cell {
 				defer wg.Done()
 				sem <- struct{}{}
 				defer func() { <-sem }()
-				m[i][j].OK = Ping(l.PodNS(p), t.ip) == nil
+				m[i][j].OK = ping(p, t.ip) == nil
 			}()
 		}
 	}

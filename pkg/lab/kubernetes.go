@@ -1,0 +1,164 @@
+package lab
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/netagent/netagent/pkg/lab/k8s"
+)
+
+// KubernetesOptions make a lab a real Kubernetes cluster (pkg/lab/k8s) with netagent
+// installed as its DaemonSet, the way the README tells a user to.
+type KubernetesOptions struct {
+	KubeBin     string // the binaries scripts/k8s-build.sh caches
+	Etcd        string // netagent-etcd, the API server's store
+	CNI         string // netagent-cni, put into the netagent image
+	Loopback    string // the loopback CNI plugin
+	ImageScript string // scripts/image-rootfs.sh
+	Manifests   string // a kustomize directory, e.g. manifests/kube
+}
+
+// upKubernetes builds the cluster on the lab's nodes, imports the netagent image, applies
+// the manifests, waits for the rollout and for every node to be Ready, then runs a
+// Deployment of PodsPerNode pods per node behind a NodePort Service.
+func (l *Lab) upKubernetes(ctx context.Context) error {
+	ko := l.Opt.Kubernetes
+	t0 := time.Now()
+	dir := filepath.Join(l.Dir, "kubernetes")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	img, err := k8s.BuildNetagentImage(ctx, ko.ImageScript, l.Opt.Netagent, ko.CNI, dir)
+	if err != nil {
+		return err
+	}
+	l.logf("netagent image assembled from Debian's iptables and the static binaries (%s)", time.Since(t0).Round(time.Millisecond))
+	var nodes []*k8s.Node
+	for _, n := range l.Nodes {
+		// kube-proxy and the kubelet look for a default route; the outside host is the
+		// underlay's gateway (nodes behind the router have theirs already).
+		if n.Net.String() == underlayA && l.Opt.Remote == 0 {
+			if _, err := l.NodeNS(n).Run("ip", "route", "replace", "default", "via", extIP); err != nil {
+				return err
+			}
+		}
+		nodes = append(nodes, &k8s.Node{Name: n.Name, NS: n.NS, IP: n.IP, Dir: filepath.Join(n.Dir, "k8s")})
+	}
+	c, err := k8s.Up(ctx, k8s.Options{
+		Dir: dir, KubeBin: ko.KubeBin, Etcd: ko.Etcd, Loopback: ko.Loopback, NetagentImage: img,
+		Prefix: l.Prefix, ClusterCIDR: l.Opt.Network, Log: l.Opt.Log,
+	}, nodes)
+	l.K8s = c
+	if err != nil {
+		return err
+	}
+	t0 = time.Now()
+	netConf := fmt.Sprintf(`{"network":%q,"backend":{"type":%q}}`, l.Opt.Network, l.Opt.Backend)
+	if _, err := c.Kubectl(ctx, "apply", "-k", ko.Manifests); err != nil {
+		return err
+	}
+	// The lab's backend: the ConfigMap the DaemonSet mounts as net-conf.json.
+	patch := fmt.Sprintf(`{"data":{"net-conf.json":%q}}`, netConf)
+	if _, err := c.Kubectl(ctx, "-n", "netagent", "patch", "configmap", "netagent-config", "--type", "merge", "-p", patch); err != nil {
+		return err
+	}
+	if _, err := c.Kubectl(ctx, "-n", "netagent", "rollout", "restart", "daemonset/netagent"); err != nil {
+		return err
+	}
+	if _, err := c.Kubectl(ctx, "-n", "netagent", "rollout", "status", "daemonset/netagent", "--timeout=180s"); err != nil {
+		return err
+	}
+	if _, err := c.Kubectl(ctx, "wait", "--for=condition=Ready", "node", "--all", "--timeout=120s"); err != nil {
+		return err
+	}
+	l.logf("kubectl apply -k %s: DaemonSet rolled out, every node Ready, backend %s (%s)", ko.Manifests, l.Opt.Backend, time.Since(t0).Round(time.Millisecond))
+	if l.Opt.PodsPerNode == 0 {
+		return nil
+	}
+	t0 = time.Now()
+	if err := l.kubeApply(ctx, fmt.Sprintf(webYAML, l.Opt.PodsPerNode*len(l.Nodes))); err != nil {
+		return err
+	}
+	if _, err := c.Kubectl(ctx, "rollout", "status", "deployment/web", "--timeout=180s"); err != nil {
+		return err
+	}
+	l.logf("Deployment web: %d pods made by the kubelets, Service web (NodePort 30080) (%s)", l.Opt.PodsPerNode*len(l.Nodes), time.Since(t0).Round(time.Millisecond))
+	return nil
+}
+
+// webYAML is the lab's workload: busybox pods answering HTTP on 8080 with their name.
+const webYAML = `apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: %d
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      topologySpreadConstraints:
+      - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}
+      containers:
+      - name: web
+        image: ` + k8s.BusyboxImageName + `
+        imagePullPolicy: Never
+        command: ["sh", "-c", "while true; do printf 'HTTP/1.0 200 OK\r\n\r\n%%s\n' \"$(hostname)\" | nc -l -p 8080 >/dev/null; done"]
+        ports: [{containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+`
+
+func (l *Lab) kubeApply(ctx context.Context, yaml string) error {
+	cmd := l.K8s.KubectlCmd(ctx, "apply", "-f", "-")
+	cmd.Stdin = strings.NewReader(yaml)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("kubectl apply: %w: %s", err, out)
+	}
+	return nil
+}
+
+// Kubectl runs kubectl against a Kubernetes lab with the caller's standard streams.
+func (l *Lab) Kubectl(ctx context.Context, args ...string) *exec.Cmd {
+	return l.K8s.KubectlCmd(ctx, args...)
+}
+
+// kubePods lists the Running pods the kubelets made for the lab's Deployment.
+func (l *Lab) kubePods(ctx context.Context) ([]*Pod, error) {
+	out, err := l.K8s.Kubectl(ctx, "get", "pods", "-l", "app=web", "-o", "json")
+	if err != nil {
+		return nil, err
+	}
+	var list struct {
+		Items []struct {
+			Metadata struct{ Name string }
+			Spec     struct{ NodeName string }
+			Status   struct{ Phase, PodIP string }
+		}
+	}
+	if err := json.Unmarshal([]byte(out), &list); err != nil {
+		return nil, fmt.Errorf("kubectl get pods: %w", err)
+	}
+	var pods []*Pod
+	for _, it := range list.Items {
+		ip, err := netip.ParseAddr(it.Status.PodIP)
+		if it.Status.Phase != "Running" || err != nil {
+			continue
+		}
+		pods = append(pods, &Pod{Name: it.Metadata.Name, IP: ip, Node: it.Spec.NodeName})
+	}
+	return pods, nil
+}
