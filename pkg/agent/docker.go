@@ -26,7 +26,6 @@ type DockerMode struct {
 	failing string        // the last failure logged
 }
 
-
 // dockerHint is the lease hint of a Docker host that already runs containers: the subnet
 // its bridge has, so that it need not be renumbered (the store grants it when it is free,
 // inside the network and of the network's subnet length).

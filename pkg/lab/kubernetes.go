@@ -110,7 +110,7 @@ spec:
       - name: web
         image: ` + k8s.BusyboxImageName + `
         imagePullPolicy: Never
-        command: ["sh", "-c", "while true; do printf 'HTTP/1.0 200 OK\r\n\r\n%%s\n' \"$(hostname)\" | nc -l -p 8080 >/dev/null; done"]
+        command: ["sh", "-c", "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
         ports: [{containerPort: 8080}]
 ---
 apiVersion: v1

@@ -151,7 +151,7 @@ spec:
       - name: web
         image: lab.local/busybox:1
         imagePullPolicy: Never
-        command: ["sh", "-c", "while true; do printf 'HTTP/1.0 200 OK\r\n\r\n%%s\n' \"$(hostname)\" | nc -l -p 8080 >/dev/null; done"]
+        command: ["sh", "-c", "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
         ports: [{containerPort: 8080, hostPort: 18080}]
 ---
 apiVersion: v1
@@ -242,7 +242,7 @@ func TestKubernetes(t *testing.T) {
 	t.Run("ClusterIP", func(t *testing.T) {
 		svc := l.kubectl("get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}")
 		for _, a := range pods {
-			out, err := l.c.Kubectl(context.Background(), "exec", a.Name, "--", "sh", "-c", "echo | nc -w 3 "+svc+" 80")
+			out, err := l.c.Kubectl(context.Background(), "exec", a.Name, "--", "sh", "-c", "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 "+svc+" 80")
 			if err != nil || !strings.Contains(out, "200 OK") {
 				t.Errorf("%s -> ClusterIP %s:80 = %q, %v", a.Name, svc, out, err)
 			}
@@ -251,10 +251,59 @@ func TestKubernetes(t *testing.T) {
 	t.Run("NodePort and hostPort from outside", func(t *testing.T) {
 		for _, n := range l.nodes {
 			for _, port := range []string{"30080", "18080"} {
-				out, err := l.ext.Run("sh", "-c", "echo | busybox nc -w 3 "+n.IP.String()+" "+port)
+				out, err := l.ext.Run("sh", "-c", "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 "+n.IP.String()+" "+port)
 				if err != nil || !strings.Contains(out, "200 OK") {
 					t.Errorf("outside -> %s:%s = %q, %v", n.IP, port, out, err)
 				}
+			}
+		}
+	})
+	// Issue 13 item 4: a DaemonSet image change rolls out node by node while pods on
+	// different nodes ping each other every 10 ms: nothing may be lost.
+	t.Run("upgrade under traffic", func(t *testing.T) {
+		ctx := context.Background()
+		const next = "ghcr.io/netagent/netagent:0.1.1"
+		for _, n := range l.nodes {
+			if _, err := l.c.Ctr(ctx, n, "images", "tag", k8s.NetagentImageName, next); err != nil {
+				t.Fatal(err)
+			}
+		}
+		type flow struct {
+			a, b podInfo
+			out  string
+			err  error
+		}
+		var flows []*flow
+		for i := range pods {
+			flows = append(flows, &flow{a: pods[i], b: pods[(i+1)%len(pods)]})
+		}
+		done := make(chan struct{})
+		for _, f := range flows {
+			go func() {
+				defer func() { done <- struct{}{} }()
+				f.out, f.err = l.c.Kubectl(ctx, "exec", f.a.Name, "--", "ping", "-q", "-i", "0.01", "-w", "45", f.b.IP)
+			}()
+		}
+		time.Sleep(2 * time.Second)
+		t0 := time.Now()
+		l.kubectl("-n", "netagent", "set", "image", "daemonset/netagent", "agent="+next, "install-cni="+next)
+		l.kubectl("-n", "netagent", "rollout", "status", "daemonset/netagent", "--timeout=180s")
+		t.Logf("rolled out %s on %d nodes in %s", next, len(l.nodes), time.Since(t0).Round(time.Millisecond))
+		if took := time.Since(t0); took > 40*time.Second {
+			t.Errorf("the rollout (%s) outlasted the pings: its end was not measured", took)
+		}
+		for range flows {
+			<-done
+		}
+		for _, f := range flows {
+			sent, got, ok := pingStats(f.out)
+			if !ok {
+				t.Errorf("%s -> %s: no ping summary: %v: %s", f.a.Node, f.b.Node, f.err, f.out)
+				continue
+			}
+			t.Logf("%s -> %s during the rollout: %d sent, %d received", f.a.Node, f.b.Node, sent, got)
+			if sent < 1000 || got != sent {
+				t.Errorf("%s (%s) -> %s (%s): %d of %d pings lost during the rollout", f.a.Name, f.a.Node, f.b.Name, f.b.Node, sent-got, sent)
 			}
 		}
 	})
@@ -292,6 +341,58 @@ func TestKubernetes(t *testing.T) {
 			}
 		}
 	})
+
+	// Issue 13 item 4: uninstall as manifests/cleanup says, and every node is clean.
+	t.Run("uninstall with manifests/cleanup", func(t *testing.T) {
+		// Pods keep their wiring (host ports included) until they go; drain them first.
+		l.kubectl("delete", "deployment", "web", "--wait=true")
+		l.eventually("web pods gone", time.Minute, func() (bool, string) {
+			out := l.kubectl("get", "pods", "-l", "app=web", "-o", "name")
+			return strings.TrimSpace(out) == "", out
+		})
+		l.kubectl("-n", "netagent", "delete", "daemonset", "netagent", "--wait=true")
+		l.kubectl("apply", "-k", filepath.Join(testbin.Root(), "manifests/cleanup"))
+		l.kubectl("-n", "netagent", "rollout", "status", "daemonset/netagent-cleanup", "--timeout=180s")
+		for _, n := range l.nodes {
+			ns, err := netns.Open(n.NS)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range []struct{ what, cmd, bad string }{
+				{"routes of protocol 180", "ip route show proto 180", "."},
+				{"a VXLAN device", "ip -d link show type vxlan", "netagent"},
+				{"NETAGENT chains", "iptables-save", "NETAGENT"},
+				{"netagent nftables tables", "nft list tables", "netagent"},
+			} {
+				out, err := ns.Run("sh", "-c", c.cmd)
+				if err != nil {
+					t.Errorf("%s: %s: %v", n.Name, c.cmd, err)
+				}
+				if strings.Contains(out, c.bad) {
+					t.Errorf("%s still has %s after cleanup:\n%s", n.Name, c.what, out)
+				}
+			}
+			for _, dir := range []string{"/etc/cni/net.d", "/opt/cni/bin"} {
+				entries, _ := os.ReadDir(k8s.HostPath(n, dir))
+				for _, e := range entries {
+					if strings.Contains(e.Name(), "netagent") {
+						t.Errorf("%s: %s/%s left after cleanup", n.Name, dir, e.Name())
+					}
+				}
+			}
+		}
+		l.kubectl("delete", "-k", filepath.Join(testbin.Root(), "manifests/cleanup"), "--wait=true")
+	})
+}
+
+// pingStats parses busybox ping's summary.
+func pingStats(out string) (sent, received int, ok bool) {
+	for _, line := range strings.Split(out, "\n") {
+		if n, _ := fmt.Sscanf(strings.TrimSpace(line), "%d packets transmitted, %d packets received", &sent, &received); n == 2 {
+			return sent, received, true
+		}
+	}
+	return 0, 0, false
 }
 
 func applyYAML(t *testing.T, l *lab, yaml string) {

@@ -73,7 +73,7 @@ type Cluster struct {
 const (
 	NetagentImageName = "ghcr.io/netagent/netagent:0.1.0" // as manifests/ name it
 	BusyboxImageName  = "lab.local/busybox:1"
-	PauseImageName    = "lab.local/pause:1"
+	PauseImageName    = "registry.k8s.io/pause:3.10" // busybox sleeping, under the name clusters have
 	serviceIP         = "10.96.0.1"
 )
 
@@ -492,6 +492,22 @@ func (c *Cluster) Kubectl(ctx context.Context, args ...string) (string, error) {
 func (c *Cluster) KubectlCmd(ctx context.Context, args ...string) *exec.Cmd {
 	full := append([]string{"--net=/run/netns/" + c.Nodes[0].NS, filepath.Join(c.KubeBin, "kubectl"), "--kubeconfig", c.Kubeconfig}, args...)
 	return exec.CommandContext(ctx, "nsenter", full...)
+}
+
+// Ctr runs containerd's ctr against a node's containerd, in the CRI's namespace.
+func (c *Cluster) Ctr(ctx context.Context, n *Node, args ...string) (string, error) {
+	full := append([]string{"--address", filepath.Join(n.Dir, "containerd.sock"), "--namespace", "k8s.io"}, args...)
+	out, err := exec.CommandContext(ctx, "ctr", full...).CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("ctr %s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
+	}
+	return string(out), nil
+}
+
+// HostPath is where a node's private mount namespace has path (one of the per-node folders
+// node.sh binds: /etc/cni/net.d, /opt/cni/bin, /run/netagent, /var/lib/cni, ...).
+func HostPath(n *Node, path string) string {
+	return filepath.Join(n.Dir, "root", strings.ReplaceAll(strings.Trim(path, "/"), "/", "-"))
 }
 
 // Down stops every process of the cluster (containers included: they are found through the
