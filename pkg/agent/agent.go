@@ -96,8 +96,9 @@ type Agent struct {
 	podGuardArmed atomic.Bool
 	podMissing    map[string]time.Time // anti-spoofing entries missing at the last check, since when
 	filesDirty    chan struct{}
-	files         []file // what writeFiles last wrote (the loop's)
-	bigPass       bool   // the last full pass changed many objects
+	files         []file            // what writeFiles last wrote (the loop's)
+	bigPass       bool              // the last full pass changed many objects
+	ignored       map[string]string // leases not used, as last reported (the loop's)
 
 	mu      sync.Mutex
 	status  Status
@@ -233,7 +234,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	peers := lease.NewPeers()
+	peers := lease.NewPeersWith(lease.Rules{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Self: a.opt.Node, SelfIP: held.Lease.PublicIP})
 	listed := make(chan struct{}, 1)
 	wg.Add(1)
 	go func() { defer wg.Done(); a.opt.Store.Watch(ctx, peers, listed, a.opt.Metrics) }()
@@ -265,6 +266,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	for {
 		switch {
 		case full:
+			a.reportIgnored(log, peers)
 			_, _ = peers.Take() // the snapshot below covers them
 			a.fullPass(ctx, log, cfg, held.Lease, peers.Snapshot(), ul, vxDev, fw, drift)
 			full, fw, drift = false, false, false
@@ -275,6 +277,7 @@ func (a *Agent) Run(ctx context.Context) error {
 				debug.FreeOSMemory()
 			}
 		case leases:
+			a.reportIgnored(log, peers)
 			changed, relisted := peers.Take()
 			if relisted || a.incrementalPass(log, changed) != nil {
 				full = true

@@ -30,6 +30,9 @@ type Status struct {
 	PodMTU   int               `json:"podMTU,omitempty"`
 	Errors   map[string]string `json:"errors,omitempty"`
 	Peers    []PeerStatus      `json:"peers"`
+	// IgnoredLeases are the store keys whose leases are not used, with why (invalid,
+	// outside the network, overlapping another lease, claiming this node's address).
+	IgnoredLeases map[string]string `json:"ignoredLeases,omitempty"`
 }
 
 // PeerStatus is one peer with what the kernel has for it.

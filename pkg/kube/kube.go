@@ -362,11 +362,12 @@ func (s *Store) update(peers *lease.Peers, obj any) {
 	l, err := LeaseOf(n)
 	switch {
 	case err == nil:
-		peers.Set(n.Name, l)
+		// The Node registered first wins a podCIDR two Nodes claim.
+		peers.Set(n.Name, l, n.CreationTimestamp.UnixNano())
 	case errors.Is(err, errNotPublished):
 		peers.Delete(n.Name)
 	default:
-		s.log.Warn("ignoring node with unusable netagent data", "node", n.Name, "err", err)
+		s.log.Debug("node with unusable netagent data", "node", n.Name, "err", err) // the agent logs it once
 		peers.Invalid(n.Name, err.Error())
 	}
 }
@@ -402,7 +403,7 @@ func slim(obj any) (any, error) {
 		return obj, nil // a DeletedFinalStateUnknown: passed on as is
 	}
 	out := &Node{
-		ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion},
+		ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion, CreationTimestamp: n.CreationTimestamp},
 		Spec:       NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
 	}
 	for k, v := range n.Annotations {

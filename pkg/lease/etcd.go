@@ -375,18 +375,15 @@ func (e *Etcd) consume(wch clientv3.WatchChan, peers *Peers, notify func()) stri
 			k := string(ev.Kv.Key)
 			switch ev.Type {
 			case mvccpb.PUT:
-				l, err := Decode(ev.Kv.Value)
-				if err != nil {
-					peers.bad[k] = err.Error()
-					peers.del(k)
-					e.log.Warn("ignoring undecodable lease", "key", k, "err", err)
-					continue
+				// Peers checks it further and keeps why it is not used; the agent logs
+				// and counts that once per key.
+				if l, err := DecodeKey(k, ev.Kv.Value); err != nil {
+					peers.invalid(k, err.Error())
+				} else {
+					peers.put(k, l, ev.Kv.CreateRevision)
 				}
-				delete(peers.bad, k)
-				peers.put(k, l)
 			case mvccpb.DELETE:
 				peers.del(k)
-				delete(peers.bad, k)
 			}
 		}
 		peers.mu.Unlock()
@@ -402,19 +399,18 @@ func (e *Etcd) list(ctx context.Context, peers *Peers) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	leases := make(map[string]Lease, len(resp.Kvs))
+	leases := make(map[string]entry, len(resp.Kvs))
 	bad := map[string]string{}
 	for _, kv := range resp.Kvs {
-		l, err := Decode(kv.Value)
+		l, err := DecodeKey(string(kv.Key), kv.Value)
 		if err != nil {
 			bad[string(kv.Key)] = err.Error()
 			continue
 		}
-		leases[string(kv.Key)] = l
+		leases[string(kv.Key)] = entry{l, kv.CreateRevision}
 	}
 	peers.mu.Lock()
-	peers.replace(leases)
-	peers.bad = bad
+	peers.replace(leases, bad)
 	peers.mu.Unlock()
 	return resp.Header.Revision, nil
 }

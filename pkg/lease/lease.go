@@ -41,8 +41,10 @@ func (l Lease) Validate() error {
 		return fmt.Errorf("lease: invalid node name %q", l.Node)
 	case !l.Subnet.IsValid() || !l.Subnet.Addr().Is4() || l.Subnet != l.Subnet.Masked():
 		return fmt.Errorf("lease %s: invalid subnet %s", l.Node, l.Subnet)
-	case !l.PublicIP.IsValid() || !l.PublicIP.Is4() || l.PublicIP.IsUnspecified() || l.PublicIP.IsMulticast():
-		return fmt.Errorf("lease %s: invalid public IP %s", l.Node, l.PublicIP)
+	case !l.PublicIP.IsValid() || !l.PublicIP.Is4() || !l.PublicIP.IsGlobalUnicast():
+		// Loopback, link-local, broadcast, multicast or unspecified: a peer there would make
+		// this node tunnel to itself or broadcast pod traffic on the underlay.
+		return fmt.Errorf("lease %s: invalid public IP %s (not a unicast address)", l.Node, l.PublicIP)
 	case l.VTEPMAC != "" && !ValidMAC(l.VTEPMAC):
 		return fmt.Errorf("lease %s: invalid VTEP MAC %q", l.Node, l.VTEPMAC)
 	}
