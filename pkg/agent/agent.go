@@ -198,7 +198,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 
 	// 2. The lease.
-	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.ip, Backend: cfg.Backend.Type}
+	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.ip, Backend: cfg.Backend.Type, UnderlayMAC: ul.mac}
 	if cfg.Backend.Type != config.HostGW {
 		self.VTEPMAC = plan.VTEPMAC(a.opt.Node).String()
 	}
@@ -517,10 +517,10 @@ func (a *Agent) incrementalPass(log *slog.Logger, changed []lease.Lease) error {
 		errs = append(errs, err)
 	}
 	// The VXLAN allow-list follows the peers: a new peer's packets are accepted from now.
-	allow := make(map[string]netip.Addr, len(changed))
+	allow := make(map[string]vxguard.Peer, len(changed))
 	for _, l := range changed {
 		v, _ := planner.Peer(l.Node)
-		allow[l.Node] = guardAddr(v)
+		allow[l.Node] = guardPeer(v)
 	}
 	gst, err := a.guard.Update(allow)
 	if errors.Is(err, vxguard.ErrNoMirror) {
@@ -579,23 +579,25 @@ func (a *Agent) firewallPass(ctx context.Context, log *slog.Logger) {
 // guardSpec is the VXLAN allow-list for a plan: every peer the plan routes to (a directly
 // routed peer sends no VXLAN, but allowing it costs nothing and survives a mode change).
 func guardSpec(cfg config.Network, p plan.Plan) vxguard.Spec {
-	s := vxguard.Spec{Network: cfg.Network, Peers: make(map[string]netip.Addr, len(p.Peers))}
+	s := vxguard.Spec{Network: cfg.Network, Peers: make(map[string]vxguard.Peer, len(p.Peers))}
 	if p.VXLAN != nil {
 		s.Port = p.VXLAN.Port
 	}
 	for _, v := range p.Peers {
-		if a := guardAddr(v); a.IsValid() {
-			s.Peers[v.Node] = a
+		if g := guardPeer(v); g.IP.IsValid() {
+			s.Peers[v.Node] = g
 		}
 	}
 	return s
 }
 
-func guardAddr(v plan.Peer) netip.Addr {
+// guardPeer is what the allow-list accepts from a peer: VXLAN from its public IP (and, on
+// the same L2, its underlay MAC) carrying its pods' or its own addresses.
+func guardPeer(v plan.Peer) vxguard.Peer {
 	if v.Mode == plan.Direct || v.Mode == plan.VXLAN {
-		return v.PublicIP
+		return vxguard.Peer{IP: v.PublicIP, Subnet: v.Subnet, MAC: v.UnderlayMAC}
 	}
-	return netip.Addr{}
+	return vxguard.Peer{}
 }
 
 // guardPass re-checks netagent's nftables table after someone changed it.
@@ -679,6 +681,7 @@ type underlay struct {
 	dev string
 	ip  netip.Addr
 	mtu int
+	mac string // published for peers on the same L2 (empty: not Ethernet)
 }
 
 // underlay finds the interface and address peers reach this node at.
@@ -713,7 +716,11 @@ func (a *Agent) underlay() (underlay, error) {
 		}
 		ip, _ = netip.AddrFromSlice(addrs[0].IP.To4())
 	}
-	return underlay{dev: link.Attrs().Name, ip: ip, mtu: link.Attrs().MTU}, nil
+	mac := ""
+	if m := link.Attrs().HardwareAddr; len(m) == 6 {
+		mac = m.String()
+	}
+	return underlay{dev: link.Attrs().Name, ip: ip, mtu: link.Attrs().MTU, mac: mac}, nil
 }
 
 func (a *Agent) linkWith(ip netip.Addr) (netlink.Link, error) {

@@ -39,6 +39,7 @@ const (
 	AnnPublicIP      = AnnotationPrefix + "public-ip"
 	AnnBackend       = AnnotationPrefix + "backend"
 	AnnVTEPMAC       = AnnotationPrefix + "vtep-mac"
+	AnnUnderlayMAC   = AnnotationPrefix + "underlay-mac"
 )
 
 // ErrNoPodCIDR means the Node has no podCIDR yet.
@@ -157,6 +158,8 @@ func LeaseOf(n *Node) (lease.Lease, error) {
 		PublicIP: ip,
 		Backend:  ann[AnnBackend],
 		VTEPMAC:  strings.ToLower(ann[AnnVTEPMAC]),
+		// Peers on the same L2 accept VXLAN from this node only from this MAC.
+		UnderlayMAC: strings.ToLower(ann[AnnUnderlayMAC]),
 	}
 	if err := l.Validate(); err != nil {
 		return lease.Lease{}, err
@@ -167,9 +170,10 @@ func LeaseOf(n *Node) (lease.Lease, error) {
 // annotations are what self publishes.
 func annotations(self lease.Lease) map[string]string {
 	return map[string]string{
-		AnnPublicIP: self.PublicIP.String(),
-		AnnBackend:  self.Backend,
-		AnnVTEPMAC:  self.VTEPMAC,
+		AnnPublicIP:    self.PublicIP.String(),
+		AnnBackend:     self.Backend,
+		AnnVTEPMAC:     self.VTEPMAC,
+		AnnUnderlayMAC: self.UnderlayMAC,
 	}
 }
 

@@ -23,6 +23,9 @@ type Lease struct {
 	Backend  string       `json:"backend"`
 	// VTEPMAC is the MAC of the node's VXLAN device (vxlan and hybrid backends).
 	VTEPMAC string `json:"vtepMAC,omitempty"`
+	// UnderlayMAC is the MAC of the node's underlay interface: peers on the same L2 accept
+	// its VXLAN only from this MAC.
+	UnderlayMAC string `json:"underlayMAC,omitempty"`
 }
 
 // MAC parses VTEPMAC (nil when unset or invalid).
@@ -47,6 +50,8 @@ func (l Lease) Validate() error {
 		return fmt.Errorf("lease %s: invalid public IP %s (not a unicast address)", l.Node, l.PublicIP)
 	case l.VTEPMAC != "" && !ValidMAC(l.VTEPMAC):
 		return fmt.Errorf("lease %s: invalid VTEP MAC %q", l.Node, l.VTEPMAC)
+	case l.UnderlayMAC != "" && !ValidMAC(l.UnderlayMAC):
+		return fmt.Errorf("lease %s: invalid underlay MAC %q", l.Node, l.UnderlayMAC)
 	}
 	return nil
 }
@@ -68,6 +73,7 @@ func Decode(b []byte) (Lease, error) {
 		return Lease{}, err
 	}
 	l.VTEPMAC = strings.ToLower(l.VTEPMAC) // canonical, so plans compare strings
+	l.UnderlayMAC = strings.ToLower(l.UnderlayMAC)
 	return l, nil
 }
 

@@ -1,24 +1,37 @@
 // Package vxguard is the VXLAN allow-list: a node accepts VXLAN packets only from the
-// underlay addresses of its known peers, and drops VXLAN packets that pods send (so a pod
-// cannot inject frames into the overlay, neither into its own node nor, masqueraded to its
-// node's address, into another node).
+// underlay addresses of its known peers, carrying only inner IPv4 packets whose source is
+// that peer's own (its pod subnet or its public address), and — for a peer on the same L2
+// that published its underlay MAC — only with that MAC as the outer source. It drops
+// VXLAN packets that pods send (so a pod cannot inject frames into the overlay, neither
+// into its own node nor, masqueraded to its node's address, into another node).
+//
+// The inner source check bounds what spoofing a peer's outer address achieves: the
+// attacker can only impersonate that one peer's pods, never another node's nor an
+// outside address. The MAC binding stops spoofing a same-L2 peer from behind a router
+// (frames arrive with the router's MAC) and from a host on the L2 that does not also
+// forge the peer's MAC. Without authentication nothing stops an attacker who forges both
+// (see SECURITY.md).
 //
 // It is one nftables table (family ip, "netagent") written over netlink with
 // github.com/google/nftables, so every change is one atomic transaction and costs no
-// process: a set of peer addresses that lease changes update element by element, and two
-// base chains with one rule each:
+// process: two concatenated interval sets that lease changes update element by element,
+// and two base chains:
 //
-//	input:   udp dport <port> ip saddr != @vxlan-peers counter drop
+//	input:   udp dport <port> @th,224,16 0x0800 ip saddr . ether saddr . @th,336,32 @vxlan-l2 accept
+//	         udp dport <port> @th,224,16 0x0800 ip saddr . @th,336,32 @vxlan-peers accept
+//	         udp dport <port> counter drop
 //	forward: ip saddr <cluster network> udp dport <port> counter drop
 //
-// The chains run just before iptables' filter chains (priority -10), so no iptables rule
-// (Docker's, kube-proxy's) can accept a packet first.
+// (@th,224,16 is the inner EtherType and @th,336,32 the inner IPv4 source, behind the UDP
+// and VXLAN headers.) The chains run just before iptables' filter chains (priority -10),
+// so no iptables rule (Docker's, kube-proxy's) can accept a packet first.
 package vxguard
 
 import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"sync"
@@ -31,7 +44,8 @@ import (
 // Names in the kernel.
 const (
 	Table      = "netagent"
-	SetName    = "vxlan-peers"
+	SetName    = "vxlan-peers" // routed peers: outer source . inner source range
+	SetL2      = "vxlan-l2"    // same-L2 peers: outer source . outer MAC . inner source range
 	ChainIn    = "vxlan-input"
 	ChainFwd   = "vxlan-forward"
 	priority   = -10
@@ -46,7 +60,51 @@ var ErrNoMirror = errors.New("vxguard: no mirror yet")
 type Spec struct {
 	Port    int          // VXLAN UDP port; 0: no VXLAN here, the table is removed
 	Network netip.Prefix // the cluster pod network: VXLAN from these sources is dropped
-	Peers   map[string]netip.Addr
+	Peers   map[string]Peer
+}
+
+// Peer is what VXLAN from one peer may look like.
+type Peer struct {
+	IP     netip.Addr   // the outer source address; invalid: not a peer
+	Subnet netip.Prefix // inner sources allowed besides IP itself
+	MAC    string       // the outer source MAC (a peer on the same L2); empty: not checked
+}
+
+// elem is one set element in comparable form.
+type elem struct {
+	l2       bool
+	key, end string
+}
+
+// elems are the set elements of a peer: its subnet and its own address as inner sources.
+func (p Peer) elems() []elem {
+	if !p.IP.Is4() {
+		return nil
+	}
+	var prefix []byte
+	ip := p.IP.As4()
+	prefix = append(prefix, ip[:]...)
+	l2 := false
+	if m, err := net.ParseMAC(p.MAC); err == nil && len(m) == 6 {
+		prefix = append(append(prefix, m...), 0, 0) // concatenated fields are padded to 4 bytes
+		l2 = true
+	}
+	mk := func(first, last netip.Addr) elem {
+		f, l := first.As4(), last.As4()
+		return elem{l2, string(append(slices.Clip(prefix), f[:]...)), string(append(slices.Clip(prefix), l[:]...))}
+	}
+	out := []elem{mk(p.IP, p.IP)}
+	if p.Subnet.IsValid() && p.Subnet.Addr().Is4() {
+		out = append(out, mk(p.Subnet.Masked().Addr(), lastAddr(p.Subnet)))
+	}
+	return out
+}
+
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Masked().Addr().As4()
+	v := binary.BigEndian.Uint32(b[:]) | ^(^uint32(0) << (32 - p.Bits()))
+	binary.BigEndian.PutUint32(b[:], v)
+	return netip.AddrFrom4(b)
 }
 
 // Stats say what a pass changed.
@@ -63,10 +121,10 @@ type Guard struct {
 	mu    sync.Mutex
 	conn  *nftables.Conn
 	spec  Spec
-	nodes map[string]netip.Addr // node -> its address in the set
-	refs  map[netip.Addr]int    // address -> how many nodes use it
-	valid bool                  // nodes/refs mirror the kernel's set
-	base  uint64                // drops counted by rules that were since rebuilt
+	nodes map[string]Peer // node -> what the sets hold for it
+	refs  map[elem]int    // element -> how many nodes use it
+	valid bool            // nodes/refs mirror the kernel's set
+	base  uint64          // drops counted by rules that were since rebuilt
 }
 
 // New opens a netlink connection in the current network namespace.
@@ -83,8 +141,24 @@ func (g *Guard) Close() error { return g.conn.CloseLasting() }
 
 func table() *nftables.Table { return &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv4} }
 
+var (
+	routedType = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeIPAddr)
+	l2Type     = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeEtherAddr, nftables.TypeIPAddr)
+)
+
 func peerSet(t *nftables.Table) *nftables.Set {
-	return &nftables.Set{Table: t, Name: SetName, KeyType: nftables.TypeIPAddr}
+	return &nftables.Set{Table: t, Name: SetName, KeyType: routedType, Concatenation: true, Interval: true}
+}
+
+func l2Set(t *nftables.Table) *nftables.Set {
+	return &nftables.Set{Table: t, Name: SetL2, KeyType: l2Type, Concatenation: true, Interval: true}
+}
+
+func setOf(t *nftables.Table, l2 bool) *nftables.Set {
+	if l2 {
+		return l2Set(t)
+	}
+	return peerSet(t)
 }
 
 func chains(t *nftables.Table) (in, fwd *nftables.Chain) {
@@ -95,8 +169,8 @@ func chains(t *nftables.Table) (in, fwd *nftables.Chain) {
 }
 
 // tag identifies the rules of a spec, so a Sync can tell its own rules from changed ones.
-func tag(chain string, s Spec) []byte {
-	return fmt.Appendf(nil, "%s%s port=%d network=%s", tagPrefix, chain, s.Port, s.Network)
+func tag(chain string, i int, s Spec) []byte {
+	return fmt.Appendf(nil, "%s%s/%d v2 port=%d network=%s", tagPrefix, chain, i, s.Port, s.Network)
 }
 
 func udpDport(port int) []expr.Any {
@@ -114,14 +188,35 @@ func ipSaddr() *expr.Payload {
 	return &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4}
 }
 
-func rules(t *nftables.Table, set *nftables.Set, s Spec) []*nftables.Rule {
+// Inner headers, from the start of the outer UDP header: UDP (8) and VXLAN (8) headers,
+// then the inner Ethernet header (its EtherType at 12) and IPv4 header (its source at 12).
+const (
+	innerEtherType = 8 + 8 + 12
+	innerIPSrc     = 8 + 8 + 14 + 12
+)
+
+func rules(t *nftables.Table, s Spec) []*nftables.Rule {
 	in, fwd := chains(t)
-	inExprs := append(udpDport(s.Port),
-		ipSaddr(),
-		&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID, Invert: true},
-		&expr.Counter{},
-		&expr.Verdict{Kind: expr.VerdictDrop},
-	)
+	innerIPv4 := []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: innerEtherType, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0x08, 0x00}},
+	}
+	// Concatenations load field after field into consecutive 32-bit registers (8 is the
+	// first, which the 128-bit register 1 aliases); a 6-byte MAC takes two.
+	l2 := slices.Concat(udpDport(s.Port), innerIPv4, []expr.Any{
+		&expr.Payload{DestRegister: 8, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+		&expr.Payload{DestRegister: 9, Base: expr.PayloadBaseLLHeader, Offset: 6, Len: 6},
+		&expr.Payload{DestRegister: 11, Base: expr.PayloadBaseTransportHeader, Offset: innerIPSrc, Len: 4},
+		&expr.Lookup{SourceRegister: 8, SetName: SetL2},
+		&expr.Verdict{Kind: expr.VerdictAccept},
+	})
+	routed := slices.Concat(udpDport(s.Port), innerIPv4, []expr.Any{
+		&expr.Payload{DestRegister: 8, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+		&expr.Payload{DestRegister: 9, Base: expr.PayloadBaseTransportHeader, Offset: innerIPSrc, Len: 4},
+		&expr.Lookup{SourceRegister: 8, SetName: SetName},
+		&expr.Verdict{Kind: expr.VerdictAccept},
+	})
+	drop := append(udpDport(s.Port), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
 	net4 := s.Network.Masked().Addr().As4()
 	mask := netipMask(s.Network.Bits())
 	fwdExprs := append([]expr.Any{
@@ -131,8 +226,10 @@ func rules(t *nftables.Table, set *nftables.Set, s Spec) []*nftables.Rule {
 	}, udpDport(s.Port)...)
 	fwdExprs = append(fwdExprs, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
 	return []*nftables.Rule{
-		{Table: t, Chain: in, Exprs: inExprs, UserData: tag(ChainIn, s)},
-		{Table: t, Chain: fwd, Exprs: fwdExprs, UserData: tag(ChainFwd, s)},
+		{Table: t, Chain: in, Exprs: l2, UserData: tag(ChainIn, 0, s)},
+		{Table: t, Chain: in, Exprs: routed, UserData: tag(ChainIn, 1, s)},
+		{Table: t, Chain: in, Exprs: drop, UserData: tag(ChainIn, 2, s)},
+		{Table: t, Chain: fwd, Exprs: fwdExprs, UserData: tag(ChainFwd, 0, s)},
 	}
 }
 
@@ -142,11 +239,10 @@ func netipMask(bits int) []byte {
 	return m
 }
 
-func elements(addrs []netip.Addr) []nftables.SetElement {
-	out := make([]nftables.SetElement, 0, len(addrs))
-	for _, a := range addrs {
-		b := a.As4()
-		out = append(out, nftables.SetElement{Key: b[:]})
+func elements(es []elem) []nftables.SetElement {
+	out := make([]nftables.SetElement, 0, len(es))
+	for _, e := range es {
+		out = append(out, nftables.SetElement{Key: []byte(e.key), KeyEnd: []byte(e.end)})
 	}
 	return out
 }
@@ -164,7 +260,7 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 	exists := err == nil && cur != nil
 	if spec.Port == 0 {
 		if !exists {
-			g.spec, g.nodes, g.refs, g.valid = spec, map[string]netip.Addr{}, map[netip.Addr]int{}, true
+			g.spec, g.nodes, g.refs, g.valid = spec, map[string]Peer{}, map[elem]int{}, true
 			return Stats{}, nil
 		}
 		g.base += g.countersLocked()
@@ -172,28 +268,30 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 		if err := g.conn.Flush(); err != nil {
 			return Stats{}, fmt.Errorf("vxguard: remove table: %w", err)
 		}
-		g.spec, g.nodes, g.refs, g.valid = spec, map[string]netip.Addr{}, map[netip.Addr]int{}, true
+		g.spec, g.nodes, g.refs, g.valid = spec, map[string]Peer{}, map[elem]int{}, true
 		return Stats{Rebuilt: true}, nil
 	}
-	// spec.Peers becomes the mirror of which node holds which address (no copy: with
+	// spec.Peers becomes the mirror of what each node put in the sets (no copy: with
 	// thousands of peers the maps are most of the guard's memory).
-	nodes, refs := spec.Peers, make(map[netip.Addr]int, len(spec.Peers))
+	nodes, refs := spec.Peers, make(map[elem]int, 2*len(spec.Peers))
 	if nodes == nil {
-		nodes = map[string]netip.Addr{}
+		nodes = map[string]Peer{}
 	}
-	for n, a := range nodes {
-		if !a.Is4() {
+	for n, p := range nodes {
+		es := p.elems()
+		if len(es) == 0 {
 			delete(nodes, n)
 			continue
 		}
-		refs[a]++
+		for _, e := range es {
+			refs[e]++
+		}
 	}
-	want := make([]netip.Addr, 0, len(refs))
-	for a := range refs {
-		want = append(want, a)
+	want := make([]elem, 0, len(refs))
+	for e := range refs {
+		want = append(want, e)
 	}
 	var st Stats
-	set := peerSet(t)
 	have, ok := g.structureOK(spec)
 	if exists && cur.Flags != 0 {
 		ok = false // e.g. "dormant": a table that is there but switched off
@@ -205,16 +303,18 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 			g.conn.DelTable(t)
 		}
 		g.conn.AddTable(t)
-		if err := g.conn.AddSet(set, nil); err != nil {
-			return Stats{}, fmt.Errorf("vxguard: set: %w", err)
+		for _, set := range []*nftables.Set{peerSet(t), l2Set(t)} {
+			if err := g.conn.AddSet(set, nil); err != nil {
+				return Stats{}, fmt.Errorf("vxguard: set: %w", err)
+			}
 		}
 		in, fwd := chains(t)
 		g.conn.AddChain(in)
 		g.conn.AddChain(fwd)
-		for _, r := range rules(t, set, spec) {
+		for _, r := range rules(t, spec) {
 			g.conn.AddRule(r)
 		}
-		if err := g.addElements(set, want); err != nil {
+		if err := g.addElements(want); err != nil {
 			return Stats{}, err
 		}
 		if err := g.conn.Flush(); err != nil {
@@ -222,19 +322,19 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 		}
 		st = Stats{Rebuilt: true, Added: len(want)}
 	} else {
-		var add, del []netip.Addr
-		for _, a := range want {
-			if !have[a] {
-				add = append(add, a)
+		var add, del []elem
+		for _, e := range want {
+			if !have[e] {
+				add = append(add, e)
 			}
 		}
-		for a := range have {
-			if refs[a] == 0 {
-				del = append(del, a)
+		for e := range have {
+			if refs[e] == 0 {
+				del = append(del, e)
 			}
 		}
 		if len(add)+len(del) > 0 {
-			if err := g.changeElements(set, add, del); err != nil {
+			if err := g.changeElements(add, del); err != nil {
 				return Stats{}, err
 			}
 		}
@@ -259,15 +359,29 @@ func (g *Guard) Resync() (Stats, error) {
 	return g.Sync(spec)
 }
 
-// structureOK reads the table and reports its set's elements and whether the set, the two
-// chains and their single rules are exactly ours for spec.
-func (g *Guard) structureOK(spec Spec) (map[netip.Addr]bool, bool) {
+// structureOK reads the table and reports its sets' elements and whether the sets, the two
+// chains and their rules are exactly ours for spec.
+func (g *Guard) structureOK(spec Spec) (map[elem]bool, bool) {
 	t := table()
-	set, err := g.conn.GetSetByName(t, SetName)
-	if err != nil || set == nil || set.KeyType.Name != nftables.TypeIPAddr.Name {
-		return nil, false
+	have := map[elem]bool{}
+	for _, want := range []*nftables.Set{peerSet(t), l2Set(t)} {
+		set, err := g.conn.GetSetByName(t, want.Name)
+		if err != nil || set == nil || set.KeyType.Name != want.KeyType.Name || !set.Interval || !set.Concatenation {
+			return nil, false
+		}
+		els, err := g.conn.GetSetElements(set)
+		if err != nil {
+			return nil, false
+		}
+		for _, e := range els {
+			have[elem{want.Name == SetL2, string(e.Key), string(e.KeyEnd)}] = true
+		}
 	}
 	in, fwd := chains(t)
+	byChain := map[string][][]byte{}
+	for _, r := range rules(t, spec) {
+		byChain[r.Chain.Name] = append(byChain[r.Chain.Name], r.UserData)
+	}
 	for _, c := range []*nftables.Chain{in, fwd} {
 		kc, err := g.conn.ListChain(t, c.Name)
 		if err != nil || kc.Type != c.Type || kc.Hooknum == nil || *kc.Hooknum != *c.Hooknum || kc.Priority == nil || *kc.Priority != *c.Priority ||
@@ -275,41 +389,48 @@ func (g *Guard) structureOK(spec Spec) (map[netip.Addr]bool, bool) {
 			return nil, false
 		}
 		rs, err := g.conn.GetRules(t, c)
-		if err != nil || len(rs) != 1 || string(rs[0].UserData) != string(tag(c.Name, spec)) {
+		if err != nil || len(rs) != len(byChain[c.Name]) {
 			return nil, false
 		}
-	}
-	els, err := g.conn.GetSetElements(set)
-	if err != nil {
-		return nil, false
-	}
-	have := make(map[netip.Addr]bool, len(els))
-	for _, e := range els {
-		if a, ok := netip.AddrFromSlice(e.Key); ok {
-			have[a.Unmap()] = true
+		for i, r := range rs {
+			if string(r.UserData) != string(byChain[c.Name][i]) {
+				return nil, false
+			}
 		}
 	}
 	return have, true
 }
 
-func (g *Guard) addElements(set *nftables.Set, addrs []netip.Addr) error {
-	for c := range slices.Chunk(addrs, maxBatched) {
-		if err := g.conn.SetAddElements(set, elements(c)); err != nil {
-			return fmt.Errorf("vxguard: add elements: %w", err)
+// addElements queues es (in both sets) for the next Flush.
+func (g *Guard) addElements(es []elem) error {
+	return g.eachSet(es, g.conn.SetAddElements, "add")
+}
+
+func (g *Guard) eachSet(es []elem, op func(*nftables.Set, []nftables.SetElement) error, what string) error {
+	t := table()
+	for _, l2 := range []bool{false, true} {
+		var part []elem
+		for _, e := range es {
+			if e.l2 == l2 {
+				part = append(part, e)
+			}
+		}
+		for c := range slices.Chunk(part, maxBatched) {
+			if err := op(setOf(t, l2), elements(c)); err != nil {
+				return fmt.Errorf("vxguard: %s elements: %w", what, err)
+			}
 		}
 	}
 	return nil
 }
 
 // changeElements adds and removes elements in one transaction.
-func (g *Guard) changeElements(set *nftables.Set, add, del []netip.Addr) error {
-	if err := g.addElements(set, add); err != nil {
+func (g *Guard) changeElements(add, del []elem) error {
+	if err := g.addElements(add); err != nil {
 		return err
 	}
-	for c := range slices.Chunk(del, maxBatched) {
-		if err := g.conn.SetDeleteElements(set, elements(c)); err != nil {
-			return fmt.Errorf("vxguard: delete elements: %w", err)
-		}
+	if err := g.eachSet(del, g.conn.SetDeleteElements, "delete"); err != nil {
+		return err
 	}
 	if err := g.conn.Flush(); err != nil {
 		return fmt.Errorf("vxguard: update peers: %w", err)
@@ -317,10 +438,10 @@ func (g *Guard) changeElements(set *nftables.Set, add, del []netip.Addr) error {
 	return nil
 }
 
-// Update applies peer changes (node -> its address now; the zero Addr: gone or not a
-// peer any more) without reading the kernel: only addresses whose last user left or whose
-// first user arrived are written. It needs a Sync first (ErrNoMirror).
-func (g *Guard) Update(changes map[string]netip.Addr) (Stats, error) {
+// Update applies peer changes (node -> what it may send now; the zero Peer: gone or not
+// a peer any more) without reading the kernel: only elements whose last user left or
+// whose first user arrived are written. It needs a Sync first (ErrNoMirror).
+func (g *Guard) Update(changes map[string]Peer) (Stats, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if !g.valid {
@@ -329,45 +450,49 @@ func (g *Guard) Update(changes map[string]netip.Addr) (Stats, error) {
 	if g.spec.Port == 0 {
 		return Stats{}, nil
 	}
-	// Whether each touched address was in the set before this batch: a batch can move an
-	// address from one node to another, which must not write anything.
-	before := map[netip.Addr]bool{}
-	touch := func(a netip.Addr) {
-		if _, ok := before[a]; !ok {
-			before[a] = g.refs[a] > 0
+	// Whether each touched element was in a set before this batch: a batch can move an
+	// element from one node to another, which must not write anything.
+	before := map[elem]bool{}
+	touch := func(e elem) {
+		if _, ok := before[e]; !ok {
+			before[e] = g.refs[e] > 0
 		}
 	}
-	for n, a := range changes {
+	for n, p := range changes {
 		old, had := g.nodes[n]
-		if had && old == a {
+		if had && old == p {
 			continue
 		}
 		if had {
-			touch(old)
-			if g.refs[old]--; g.refs[old] == 0 {
-				delete(g.refs, old)
+			for _, e := range old.elems() {
+				touch(e)
+				if g.refs[e]--; g.refs[e] <= 0 {
+					delete(g.refs, e)
+				}
 			}
 			delete(g.nodes, n)
 		}
-		if a.Is4() {
-			touch(a)
-			g.nodes[n] = a
-			g.refs[a]++
+		if es := p.elems(); len(es) > 0 {
+			for _, e := range es {
+				touch(e)
+				g.refs[e]++
+			}
+			g.nodes[n] = p
 		}
 	}
-	var add, del []netip.Addr
-	for a, was := range before {
-		switch now := g.refs[a] > 0; {
+	var add, del []elem
+	for e, was := range before {
+		switch now := g.refs[e] > 0; {
 		case now && !was:
-			add = append(add, a)
+			add = append(add, e)
 		case was && !now:
-			del = append(del, a)
+			del = append(del, e)
 		}
 	}
 	if len(add)+len(del) == 0 {
 		return Stats{}, nil
 	}
-	if err := g.changeElements(peerSet(table()), add, del); err != nil {
+	if err := g.changeElements(add, del); err != nil {
 		g.valid = false
 		return Stats{}, err
 	}

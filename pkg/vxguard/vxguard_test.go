@@ -3,6 +3,7 @@ package vxguard
 import (
 	"fmt"
 	"net/netip"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -33,17 +34,35 @@ func elementsIn(t *testing.T, ns *netns.NS) []string {
 	body := out[i+len("elements = {"):]
 	body = body[:strings.Index(body, "}")]
 	var els []string
-	for _, f := range strings.FieldsFunc(body, func(r rune) bool { return r == ',' || r == ' ' || r == '\n' || r == '\t' }) {
-		els = append(els, f)
+	for _, f := range strings.Split(body, ",") {
+		if f = strings.Join(strings.Fields(f), " "); f != "" {
+			els = append(els, f)
+		}
 	}
 	slices.Sort(els)
 	return els
 }
 
-func peers(kv ...string) map[string]netip.Addr {
-	m := map[string]netip.Addr{}
+var elementsRe = regexp.MustCompile(`elements = \{[^}]*\}`)
+
+// tableState is the table as nft prints it, with each set's elements sorted (the kernel
+// lists interval sets in insertion order).
+func tableState(t *testing.T, ns *netns.NS) string {
+	out := ns.MustRun(t, "nft", "list", "table", "ip", Table)
+	return elementsRe.ReplaceAllStringFunc(out, func(m string) string {
+		var els []string
+		for _, f := range strings.Split(strings.TrimSuffix(strings.TrimPrefix(m, "elements = {"), "}"), ",") {
+			els = append(els, strings.Join(strings.Fields(f), " "))
+		}
+		slices.Sort(els)
+		return strings.Join(els, ", ")
+	})
+}
+
+func peers(kv ...string) map[string]Peer {
+	m := map[string]Peer{}
 	for i := 0; i < len(kv); i += 2 {
-		m[kv[i]] = netip.MustParseAddr(kv[i+1])
+		m[kv[i]] = Peer{IP: netip.MustParseAddr(kv[i+1])}
 	}
 	return m
 }
@@ -62,7 +81,9 @@ func TestSyncAndUpdate(t *testing.T) {
 	}
 	rules := ns.MustRun(t, "nft", "list", "table", "ip", Table)
 	for _, want := range []string{
-		"udp dport 8472 ip saddr != @vxlan-peers counter packets 0 bytes 0 drop",
+		"udp dport 8472 @th,224,16 0x800 ip saddr . @ll,48,48 . @th,336,32 @vxlan-l2 accept",
+		"udp dport 8472 @th,224,16 0x800 ip saddr . @th,336,32 @vxlan-peers accept",
+		"udp dport 8472 counter packets 0 bytes 0 drop",
 		"ip saddr 10.244.0.0/16 udp dport 8472 counter packets 0 bytes 0 drop",
 		"type filter hook input priority filter - 10; policy accept;",
 		"type filter hook forward priority filter - 10; policy accept;",
@@ -71,7 +92,7 @@ func TestSyncAndUpdate(t *testing.T) {
 			t.Errorf("table lacks %q:\n%s", want, rules)
 		}
 	}
-	if got := elementsIn(t, ns); !slices.Equal(got, []string{"192.0.2.11", "192.0.2.12"}) {
+	if got := elementsIn(t, ns); !slices.Equal(got, []string{"192.0.2.11 . 192.0.2.11", "192.0.2.12 . 192.0.2.12"}) {
 		t.Fatalf("elements %v", got)
 	}
 	if st, err := g.Sync(spec); err != nil || st.Changed() {
@@ -80,16 +101,16 @@ func TestSyncAndUpdate(t *testing.T) {
 
 	for _, c := range []struct {
 		name    string
-		changes map[string]netip.Addr
+		changes map[string]Peer
 		want    []string
 		stats   Stats
 	}{
-		{"join", peers("c", "192.0.2.13"), []string{"192.0.2.11", "192.0.2.12", "192.0.2.13"}, Stats{Added: 1}},
-		{"leave", map[string]netip.Addr{"a": {}}, []string{"192.0.2.12", "192.0.2.13"}, Stats{Delete: 1}},
-		{"move", peers("b", "198.51.100.12"), []string{"192.0.2.13", "198.51.100.12"}, Stats{Added: 1, Delete: 1}},
-		{"two nodes share an address", peers("d", "192.0.2.13"), []string{"192.0.2.13", "198.51.100.12"}, Stats{}},
-		{"one of them leaves", map[string]netip.Addr{"c": {}}, []string{"192.0.2.13", "198.51.100.12"}, Stats{}},
-		{"an address passes between nodes in one batch", peers("d", "192.0.2.14", "e", "192.0.2.13"), []string{"192.0.2.13", "192.0.2.14", "198.51.100.12"}, Stats{Added: 1}},
+		{"join", peers("c", "192.0.2.13"), []string{"192.0.2.11 . 192.0.2.11", "192.0.2.12 . 192.0.2.12", "192.0.2.13 . 192.0.2.13"}, Stats{Added: 1}},
+		{"leave", map[string]Peer{"a": {}}, []string{"192.0.2.12 . 192.0.2.12", "192.0.2.13 . 192.0.2.13"}, Stats{Delete: 1}},
+		{"move", peers("b", "198.51.100.12"), []string{"192.0.2.13 . 192.0.2.13", "198.51.100.12 . 198.51.100.12"}, Stats{Added: 1, Delete: 1}},
+		{"two nodes share an address", peers("d", "192.0.2.13"), []string{"192.0.2.13 . 192.0.2.13", "198.51.100.12 . 198.51.100.12"}, Stats{}},
+		{"one of them leaves", map[string]Peer{"c": {}}, []string{"192.0.2.13 . 192.0.2.13", "198.51.100.12 . 198.51.100.12"}, Stats{}},
+		{"an address passes between nodes in one batch", peers("d", "192.0.2.14", "e", "192.0.2.13"), []string{"192.0.2.13 . 192.0.2.13", "192.0.2.14 . 192.0.2.14", "198.51.100.12 . 198.51.100.12"}, Stats{Added: 1}},
 	} {
 		st, err := g.Update(c.changes)
 		if err != nil || st != c.stats {
@@ -109,7 +130,7 @@ func TestSyncRepairsDrift(t *testing.T) {
 		if _, err := g.Sync(Spec{Port: 8472, Network: network, Peers: peers("a", "192.0.2.11", "b", "192.0.2.12")}); err != nil {
 			t.Fatal(err)
 		}
-		return ns.MustRun(t, "nft", "list", "table", "ip", Table)
+		return tableState(t, ns)
 	}()
 	for _, c := range []struct {
 		name    string
@@ -119,8 +140,8 @@ func TestSyncRepairsDrift(t *testing.T) {
 		{"table deleted", []string{"nft delete table ip netagent"}, true},
 		{"chain flushed", []string{"nft flush chain ip netagent vxlan-input"}, true},
 		{"rule added", []string{"nft add rule ip netagent vxlan-forward accept"}, true},
-		{"element deleted", []string{"nft delete element ip netagent vxlan-peers { 192.0.2.11 }"}, false},
-		{"element added", []string{"nft add element ip netagent vxlan-peers { 203.0.113.66 }"}, false},
+		{"element deleted", []string{"nft delete element ip netagent vxlan-peers { 192.0.2.11 . 192.0.2.11 }"}, false},
+		{"element added", []string{"nft add element ip netagent vxlan-peers { 203.0.113.66 . 203.0.113.66 }"}, false},
 		{"whole ruleset flushed", []string{"nft flush ruleset"}, true},
 		{"table made dormant", []string{"nft add table ip netagent { flags dormant; }"}, true},
 	} {
@@ -133,7 +154,7 @@ func TestSyncRepairsDrift(t *testing.T) {
 		if err != nil || !st.Changed() || st.Rebuilt != c.rebuilt {
 			t.Errorf("%s: Sync %+v %v", c.name, st, err)
 		}
-		if got := ns.MustRun(t, "nft", "list", "table", "ip", Table); got != want {
+		if got := tableState(t, ns); got != want {
 			t.Errorf("%s: not repaired:\n%s\nwant:\n%s", c.name, got, want)
 		}
 	}
@@ -161,13 +182,13 @@ func TestSyncRepairsDrift(t *testing.T) {
 // existing one.
 func TestManyPeers(t *testing.T) {
 	g, ns := newGuard(t)
-	many := map[string]netip.Addr{}
+	many := map[string]Peer{}
 	for i := range 5000 {
-		many[fmt.Sprintf("n%d", i)] = netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
+		many[fmt.Sprintf("n%d", i)] = Peer{IP: netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})}
 	}
 	for _, c := range []struct {
 		name  string
-		peers map[string]netip.Addr
+		peers map[string]Peer
 	}{{"into an existing table", many}, {"all gone", nil}, {"rebuilt", many}} {
 		if c.name == "rebuilt" {
 			ns.MustRun(t, "nft", "flush", "ruleset")

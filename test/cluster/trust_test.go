@@ -102,7 +102,7 @@ func TestForgedLeasesAreIgnored(t *testing.T) {
 		if out := l.NodeNS(n).MustRun(t, "ip", "route", "show", "proto", "180"); strings.Contains(out, half.String()) || strings.Contains(out, free[1]) || strings.Contains(out, free[2]) {
 			t.Errorf("%s routes a forged lease:\n%s", n.Name, out)
 		}
-		set := l.NodeNS(n).MustRun(t, "nft", "list", "set", "ip", "netagent", "vxlan-peers")
+		set := l.NodeNS(n).MustRun(t, "nft", "list", "table", "ip", "netagent")
 		for _, bad := range []string{"127.0.0.1", "255.255.255.255", "192.0.2.99", "192.0.2.98"} {
 			if strings.Contains(set, bad) {
 				t.Errorf("%s: VXLAN allow-list holds %s:\n%s", n.Name, bad, set)
