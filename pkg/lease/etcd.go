@@ -1,6 +1,7 @@
 package lease
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"path"
+	"slices"
 	"strings"
 	"time"
 
@@ -76,10 +78,121 @@ func (e *Etcd) SetConfig(ctx context.Context, n config.Network) error {
 	return err
 }
 
-// Reserve pins subnet to node.
-func (e *Etcd) Reserve(ctx context.Context, node string, subnet netip.Prefix) error {
-	_, err := e.cli.Put(ctx, e.key("reservations", node), subnet.String())
-	return err
+// ErrRenumber means a reservation would move a node that holds (or last held) another
+// subnet: Reserve refuses it unless forced.
+var ErrRenumber = errors.New("reservation would renumber the node")
+
+// Reserve pins subnet to node. It refuses an invalid node name, a subnet that is not one of
+// the network's, and one that overlaps another node's live lease, remembered subnet or
+// reservation (ErrConflict). A subnet other than the one node holds or last held would move
+// the node there at its next restart while its pods keep their old addresses, cut off
+// until they are recreated: refused (ErrRenumber) unless force. The checks and the write
+// are one transaction on what was read, so a racing agent or reservation cannot slip in
+// between.
+func (e *Etcd) Reserve(ctx context.Context, node string, subnet netip.Prefix, force bool) error {
+	if err := ValidNodeName(node); err != nil {
+		return err
+	}
+	for range 5 {
+		resp, err := e.cli.Get(ctx, e.prefix+"/", clientv3.WithPrefix())
+		if err != nil {
+			return fmt.Errorf("read the store: %w", err)
+		}
+		if err := e.reservable(resp.Kvs, node, subnet, force); err != nil {
+			return err
+		}
+		// Nothing under the prefix may have changed since the read (a deletion only frees
+		// things, so it cannot invalidate the checks).
+		txn, err := e.cli.Txn(ctx).If(
+			clientv3.Compare(clientv3.ModRevision(e.prefix+"/"), "<", resp.Header.Revision+1).WithPrefix(),
+		).Then(clientv3.OpPut(e.key("reservations", node), subnet.String())).Commit()
+		if err != nil {
+			return fmt.Errorf("reserve: %w", err)
+		}
+		if txn.Succeeded {
+			return nil
+		}
+	}
+	return fmt.Errorf("reserve %s: the store kept changing; try again", subnet)
+}
+
+// reservable checks a reservation of subnet for node against the store's keys.
+func (e *Etcd) reservable(kvs []*mvccpb.KeyValue, node string, subnet netip.Prefix, force bool) error {
+	var cfg config.Network
+	var own, last netip.Prefix // node's live lease, its remembered subnet
+	for _, kv := range kvs {
+		k := string(kv.Key)
+		if k == e.key("config") {
+			c, err := config.Parse(kv.Value)
+			if err != nil {
+				return fmt.Errorf("network config at %s: %w", k, err)
+			}
+			cfg = c
+		}
+	}
+	if !cfg.Network.IsValid() {
+		return fmt.Errorf("no network config at %s", e.key("config"))
+	}
+	if !cfg.Contains(subnet) {
+		return fmt.Errorf("subnet %s is not a /%d subnet of the network %s (%s-%s)", subnet, cfg.SubnetLen, cfg.Network, cfg.SubnetMin, cfg.SubnetMax)
+	}
+	// Live leases first: they name the most pressing conflict.
+	slices.SortStableFunc(kvs, func(a, b *mvccpb.KeyValue) int {
+		return cmp.Compare(btoi(path.Dir(string(b.Key)) == e.key("subnets")), btoi(path.Dir(string(a.Key)) == e.key("subnets")))
+	})
+	for _, kv := range kvs {
+		k := string(kv.Key)
+		dir, name := path.Dir(k), path.Base(k)
+		switch dir {
+		case e.key("subnets"):
+			s, err := ParseSubnetKey(name)
+			if err != nil || !s.Overlaps(subnet) {
+				if l, derr := Decode(kv.Value); derr == nil && l.Node == node {
+					own = l.Subnet
+				}
+				continue
+			}
+			l, err := DecodeKey(k, kv.Value)
+			switch {
+			case err != nil:
+				return fmt.Errorf("%w: %s overlaps the live lease at %s, which is unusable (%v)", ErrConflict, subnet, k, err)
+			case l.Node != node:
+				return fmt.Errorf("%w: %s overlaps %s, the live lease of node %s", ErrConflict, subnet, l.Subnet, l.Node)
+			}
+			own = l.Subnet
+		case e.key("owners"), e.key("reservations"):
+			s, err := netip.ParsePrefix(string(kv.Value))
+			if err != nil {
+				continue
+			}
+			if name == node {
+				if dir == e.key("owners") {
+					last = s
+				}
+				continue
+			}
+			if s.Overlaps(subnet) {
+				if dir == e.key("owners") {
+					return fmt.Errorf("%w: %s overlaps %s, the subnet last held by node %s (if it is gone for good, run `netagent leave --node-name %s` first)", ErrConflict, subnet, s, name, name)
+				}
+				return fmt.Errorf("%w: %s overlaps %s, reserved for node %s", ErrConflict, subnet, s, name)
+			}
+		}
+	}
+	for _, cur := range []netip.Prefix{own, last} {
+		if cur.IsValid() && cur != subnet && !force {
+			return fmt.Errorf("%w: node %s holds %s; reserving %s moves it there at its next restart while its pods keep addresses in %s and are cut off until recreated (drain the node first, then use --force)",
+				ErrRenumber, node, cur, subnet, cur)
+		}
+	}
+	return nil
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // Held is a lease this agent holds.

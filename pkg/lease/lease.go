@@ -39,9 +39,10 @@ func (l Lease) MAC() net.HardwareAddr {
 
 // Validate checks a lease for use as a peer.
 func (l Lease) Validate() error {
+	if err := ValidNodeName(l.Node); err != nil {
+		return fmt.Errorf("lease: %w", err)
+	}
 	switch {
-	case l.Node == "" || len(l.Node) > 253 || strings.ContainsAny(l.Node, "/ \t\n"):
-		return fmt.Errorf("lease: invalid node name %q", l.Node)
 	case !l.Subnet.IsValid() || !l.Subnet.Addr().Is4() || l.Subnet != l.Subnet.Masked():
 		return fmt.Errorf("lease %s: invalid subnet %s", l.Node, l.Subnet)
 	case !l.PublicIP.IsValid() || !l.PublicIP.Is4() || !l.PublicIP.IsGlobalUnicast():
@@ -52,6 +53,14 @@ func (l Lease) Validate() error {
 		return fmt.Errorf("lease %s: invalid VTEP MAC %q", l.Node, l.VTEPMAC)
 	case l.UnderlayMAC != "" && !ValidMAC(l.UnderlayMAC):
 		return fmt.Errorf("lease %s: invalid underlay MAC %q", l.Node, l.UnderlayMAC)
+	}
+	return nil
+}
+
+// ValidNodeName checks a node name (it is a key suffix in the store).
+func ValidNodeName(n string) error {
+	if n == "" || len(n) > 253 || strings.ContainsAny(n, "/ \t\n") || n == "." || n == ".." {
+		return fmt.Errorf("invalid node name %q", n)
 	}
 	return nil
 }
