@@ -198,7 +198,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 
 	// 2. The lease.
-	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.ip, Backend: cfg.Backend.Type, UnderlayMAC: ul.mac}
+	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.ip, Backend: cfg.Backend.Type, UnderlayMAC: ul.mac, Instance: newInstance()}
 	if cfg.Backend.Type != config.HostGW {
 		self.VTEPMAC = plan.VTEPMAC(a.opt.Node).String()
 	}
@@ -267,6 +267,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		switch {
 		case full:
 			a.reportIgnored(log, peers)
+			if err := a.checkIdentity(log, peers, held.Lease); err != nil {
+				return err
+			}
 			_, _ = peers.Take() // the snapshot below covers them
 			a.fullPass(ctx, log, cfg, held.Lease, peers.Snapshot(), ul, vxDev, fw, drift)
 			full, fw, drift = false, false, false
@@ -278,6 +281,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		case leases:
 			a.reportIgnored(log, peers)
+			if err := a.checkIdentity(log, peers, held.Lease); err != nil {
+				return err
+			}
 			changed, relisted := peers.Take()
 			if relisted || a.incrementalPass(log, changed) != nil {
 				full = true

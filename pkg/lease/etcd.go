@@ -206,8 +206,46 @@ type Held struct {
 // remembers for it, hint (the subnet this node used last, from local state), then a free
 // subnet chosen at random.
 func (e *Etcd) Acquire(ctx context.Context, cfg config.Network, self Lease, hint netip.Prefix) (Held, error) {
+	for range 5 {
+		h, err := e.acquire(ctx, cfg, self, hint)
+		if !errors.Is(err, errOwnerMoved) {
+			return h, err
+		}
+		// Another agent claimed for this node name meanwhile: look again (it is refused
+		// as an identity conflict unless it is this host's own earlier run).
+	}
+	return Held{}, fmt.Errorf("%w: the owner record of %s keeps changing (another agent with this node name?)", ErrConflict, self.Node)
+}
+
+// errOwnerMoved means the node's owner record changed between reading the store and
+// claiming: someone else claimed a subnet for this node name.
+var errOwnerMoved = errors.New("owner record changed")
+
+// identity refuses self when a live lease names self's node with another public IP: two
+// hosts run with the same node name. A live lease with the same public IP is this host's
+// own from a previous run (a restart, or kill -9 before its TTL ran out): adopted.
+func identity(self Lease, taken map[netip.Prefix]Lease, ttl time.Duration) error {
+	for s, l := range taken {
+		if l.Node == self.Node && l.PublicIP != self.PublicIP {
+			return fmt.Errorf("%w: node name %q holds %s, live, for public IP %s, and this agent's public IP is %s: give each host its own --node-name (cloned machines and network namespaces share the hostname); if that agent is gone, its lease expires within %s",
+				ErrIdentity, self.Node, s, l.PublicIP, self.PublicIP, ttl)
+		}
+	}
+	return nil
+}
+
+func (e *Etcd) acquire(ctx context.Context, cfg config.Network, self Lease, hint netip.Prefix) (Held, error) {
+	// The owner record's revision is read before the rest: a claim for this name that
+	// lands in between is then either in the listing or fails our claim's comparison.
+	ownerRev, err := e.ownerRev(ctx, self.Node)
+	if err != nil {
+		return Held{}, err
+	}
 	taken, owners, reserved, err := e.state(ctx)
 	if err != nil {
+		return Held{}, err
+	}
+	if err := identity(self, taken, e.ttl); err != nil {
 		return Held{}, err
 	}
 	var candidates []netip.Prefix
@@ -230,7 +268,7 @@ func (e *Etcd) Acquire(ctx context.Context, cfg config.Network, self Lease, hint
 		}
 	}
 	for _, s := range candidates {
-		h, err := e.claim(ctx, self, s)
+		h, err := e.claim(ctx, self, s, ownerRev)
 		if err == nil {
 			return h, nil
 		}
@@ -280,7 +318,7 @@ func (e *Etcd) Acquire(ctx context.Context, cfg config.Network, self Lease, hint
 		if len(free) == 0 {
 			return Held{}, fmt.Errorf("no free subnet in %s (%d in use or reserved)", cfg.Network, len(blocked))
 		}
-		h, err := e.claim(ctx, self, free[0])
+		h, err := e.claim(ctx, self, free[0], ownerRev)
 		if err == nil {
 			return h, nil
 		}
@@ -328,9 +366,23 @@ func (e *Etcd) state(ctx context.Context) (map[netip.Prefix]Lease, map[string]ne
 	return taken, owners, reserved, nil
 }
 
+// ownerRev is the mod revision of node's owner record (0: none).
+func (e *Etcd) ownerRev(ctx context.Context, node string) (int64, error) {
+	resp, err := e.cli.Get(ctx, e.key("owners", node))
+	if err != nil {
+		return 0, fmt.Errorf("read owner of %s: %w", node, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return 0, nil
+	}
+	return resp.Kvs[0].ModRevision, nil
+}
+
 // claim takes subnet s for self if it is free or already self's, in one transaction, with a
-// fresh etcd lease.
-func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix) (Held, error) {
+// fresh etcd lease. ownerRev >= 0 also requires self's owner record to be unchanged since
+// it was read at that revision (errOwnerMoved), so two agents starting with the same node
+// name cannot both claim.
+func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix, ownerRev int64) (Held, error) {
 	self.Subnet = s
 	k := e.key("subnets", SubnetKey(s))
 	ownerKey := e.key("owners", self.Node)
@@ -363,16 +415,23 @@ func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix) (Held, err
 		}
 		cmp = clientv3.Compare(clientv3.ModRevision(k), "=", cur.Kvs[0].ModRevision)
 	}
-	txn, err := e.cli.Txn(ctx).If(cmp).Then(
+	cmps := []clientv3.Cmp{cmp}
+	if ownerRev >= 0 {
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(ownerKey), "=", ownerRev))
+	}
+	txn, err := e.cli.Txn(ctx).If(cmps...).Then(
 		clientv3.OpPut(k, string(self.Encode()), clientv3.WithLease(grant.ID)),
 		clientv3.OpPut(ownerKey, s.String()),
-	).Commit()
+	).Else(clientv3.OpGet(ownerKey)).Commit()
 	if err != nil {
 		revoke()
 		return Held{}, fmt.Errorf("claim %s: %w", s, err)
 	}
 	if !txn.Succeeded {
 		revoke()
+		if ownerRev >= 0 && ownerRevIn(txn) != ownerRev {
+			return Held{}, errOwnerMoved
+		}
 		return Held{}, fmt.Errorf("%w: %s was taken concurrently", ErrConflict, s)
 	}
 	if len(cur.Kvs) > 0 && cur.Kvs[0].Lease != 0 && clientv3.LeaseID(cur.Kvs[0].Lease) != grant.ID {
@@ -384,9 +443,41 @@ func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix) (Held, err
 	return Held{Lease: self, ID: grant.ID}, nil
 }
 
+// ownerRevIn is the owner record's mod revision in a failed claim's Else read.
+func ownerRevIn(txn *clientv3.TxnResponse) int64 {
+	if len(txn.Responses) == 0 {
+		return 0
+	}
+	r := txn.Responses[0].GetResponseRange()
+	if r == nil || len(r.Kvs) == 0 {
+		return 0
+	}
+	return r.Kvs[0].ModRevision
+}
+
 // Renew re-claims h's subnet (after its etcd lease was lost): same subnet, new etcd lease.
 func (e *Etcd) Renew(ctx context.Context, h Held) (Held, error) {
-	return e.claim(ctx, h.Lease, h.Lease.Subnet)
+	if err := e.stillOurs(ctx, h); err != nil {
+		return Held{}, err
+	}
+	return e.claim(ctx, h.Lease, h.Lease.Subnet, -1)
+}
+
+// stillOurs refuses to re-claim a lease that another agent run under our node name has
+// rewritten (ErrIdentity): taking it back would start a fight that flips the lease between
+// two hosts.
+func (e *Etcd) stillOurs(ctx context.Context, h Held) error {
+	k := e.key("subnets", SubnetKey(h.Lease.Subnet))
+	cur, err := e.cli.Get(ctx, k)
+	if err != nil || len(cur.Kvs) == 0 {
+		return nil // unreadable: claim reports it; absent: free to re-claim
+	}
+	l, err := Decode(cur.Kvs[0].Value)
+	if err != nil || l.Node != h.Lease.Node || l.Instance == h.Lease.Instance {
+		return nil // another node's (claim refuses it) or our own
+	}
+	return fmt.Errorf("%w: the lease of %s for %s was rewritten by another agent (instance %q, public IP %s); not taking it back",
+		ErrIdentity, h.Lease.Node, h.Lease.Subnet, l.Instance, l.PublicIP)
 }
 
 // KeepAlive keeps h alive until ctx ends or the lease is lost; it returns why it stopped.

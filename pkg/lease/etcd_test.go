@@ -267,3 +267,49 @@ func TestReserveRefuses(t *testing.T) {
 		t.Errorf("racing reservations: %v and %v; want exactly one to succeed", e1, e2)
 	}
 }
+
+// Two hosts with one node name: the second is refused with an error naming the first,
+// also when both start at once; a restart of the same host (same public IP) adopts.
+func TestAcquireRefusesADuplicateNodeName(t *testing.T) {
+	cli := startEtcd(t)
+	ctx := context.Background()
+	cfg := testConfig(t, `{"network":"10.244.0.0/16"}`)
+	s := NewEtcd(cli, "/netagent", 30*time.Second, quiet())
+	for round := range 5 { // at once: exactly one wins
+		node := fmt.Sprint("twin", round)
+		errs := make(chan error, 2)
+		for _, ip := range []string{"192.0.2.1", "192.0.2.2"} {
+			go func() {
+				_, err := NewEtcd(cli, "/netagent", 30*time.Second, quiet()).Acquire(ctx, cfg, self(node, ip), netip.Prefix{})
+				errs <- err
+			}()
+		}
+		e1, e2 := <-errs, <-errs
+		if (e1 == nil) == (e2 == nil) {
+			t.Fatalf("round %d: %v and %v; want exactly one to succeed", round, e1, e2)
+		}
+		if err := errors.Join(e1, e2); !errors.Is(err, ErrIdentity) || !strings.Contains(err.Error(), "--node-name") {
+			t.Errorf("round %d: refused with %v, want ErrIdentity naming the fix", round, err)
+		}
+	}
+	h, err := s.Acquire(ctx, cfg, self("n1", "192.0.2.1"), netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Acquire(ctx, cfg, self("n1", "192.0.2.2"), netip.Prefix{}); !errors.Is(err, ErrIdentity) || !strings.Contains(err.Error(), "192.0.2.1") {
+		t.Errorf("second host: %v, want ErrIdentity naming 192.0.2.1", err)
+	}
+	restarted := self("n1", "192.0.2.1")
+	restarted.Instance = "second-run"
+	h2, err := s.Acquire(ctx, cfg, restarted, netip.Prefix{})
+	if err != nil || h2.Lease.Subnet != h.Lease.Subnet {
+		t.Fatalf("restart of the same host: %v, %v; want %s adopted", h2.Lease.Subnet, err, h.Lease.Subnet)
+	}
+	// The first run, still alive somewhere, does not take the lease back.
+	if _, err := s.Renew(ctx, h); !errors.Is(err, ErrIdentity) {
+		t.Errorf("Renew of a lease another run rewrote: %v, want ErrIdentity", err)
+	}
+	if _, err := s.Renew(ctx, h2); err != nil {
+		t.Errorf("Renew of our own lease: %v", err)
+	}
+}

@@ -15,6 +15,10 @@ import (
 // ErrConflict means the subnet or node is held by someone else.
 var ErrConflict = errors.New("lease conflict")
 
+// ErrIdentity means another live agent runs under this node's name (two hosts with the
+// same name): the agent refuses to start, or stops, rather than fight over the lease.
+var ErrIdentity = errors.New("node name in use by another agent")
+
 // Lease is one node's claim on a subnet and how peers reach it.
 type Lease struct {
 	Node     string       `json:"node"`
@@ -26,6 +30,9 @@ type Lease struct {
 	// UnderlayMAC is the MAC of the node's underlay interface: peers on the same L2 accept
 	// its VXLAN only from this MAC.
 	UnderlayMAC string `json:"underlayMAC,omitempty"`
+	// Instance is random per agent run: a lease rewritten with another instance was written
+	// by another agent using this node's name.
+	Instance string `json:"instance,omitempty"`
 }
 
 // MAC parses VTEPMAC (nil when unset or invalid).

@@ -166,3 +166,84 @@ func TestForgedLeasesAreIgnored(t *testing.T) {
 		t.Errorf("connectivity with forged leases present: %v", f)
 	}
 }
+
+// Two hosts started with the same node name: the second is refused with an error naming
+// the first, while the first keeps its lease (its public IP never flips) and its traffic;
+// when the lease is rewritten by another agent behind the first's back, the first stops
+// loudly instead of fighting over it.
+func TestDuplicateNodeNameIsRefused(t *testing.T) {
+	l := newLab(t, "vxlan", 3, 0, 1)
+	n1, n2, n3 := l.Nodes[0], l.Nodes[1], l.Nodes[2]
+	key := "/netagent/subnets/" + lease.SubnetKey(netip.MustParsePrefix(status(t, l, n1).Subnet))
+	cli := etcdClient(t, l)
+	if err := l.StopAgent(n3, false); err != nil {
+		t.Fatal(err)
+	}
+	// node3's host starts an agent calling itself node1.
+	args := l.AgentArgs(n3)
+	for i := range args {
+		if args[i] == "--node-name" {
+			args[i+1] = n1.Name
+		}
+	}
+	impostorLog := filepath.Join(n3.Dir, "impostor.log")
+	logf, err := os.Create(impostorLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	done := pingFor(t, l, n2.Pods[0], n1.Pods[0].IP.String(), 4*time.Second)
+	impostor := l.NodeNS(n3).Command(context.Background(), l.Opt.Netagent, args...)
+	impostor.Stdout, impostor.Stderr = logf, logf
+	if err := impostor.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = impostor.Process.Kill(); _ = impostor.Wait() }()
+	// For 3 s: node1's lease keeps node1's address, the impostor says why it is refused
+	// and is never ready.
+	for end := time.Now().Add(3 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+		resp, err := cli.Get(context.Background(), key)
+		if err != nil || len(resp.Kvs) == 0 {
+			t.Fatalf("node1's lease: %v %v", resp, err)
+		}
+		if cur, err := lease.Decode(resp.Kvs[0].Value); err != nil || cur.PublicIP != n1.IP {
+			t.Fatalf("node1's lease now says %+v (%v), want public IP %s", cur, err, n1.IP)
+		}
+		if code, _, err := l.Get(n3, "/readyz"); err == nil && code == 200 {
+			t.Fatal("the impostor became ready")
+		}
+	}
+	b, _ := os.ReadFile(impostorLog)
+	if !strings.Contains(string(b), "node name in use by another agent") || !strings.Contains(string(b), n1.IP.String()) {
+		t.Errorf("the impostor's log does not say why it is refused:\n%s", lastLines(string(b), 5))
+	}
+	if sent, got := done(); sent != got {
+		t.Errorf("pod on node2 -> pod on node1: %s of %s answered while the impostor ran", got, sent)
+	}
+	if st := status(t, l, n1); !st.Ready || len(st.Errors) != 0 {
+		t.Errorf("node1: ready %v, errors %v", st.Ready, st.Errors)
+	}
+
+	// Another agent (one without this check) rewrites node1's lease: node1 stops, saying why.
+	resp, err := cli.Get(context.Background(), key)
+	if err != nil || len(resp.Kvs) == 0 {
+		t.Fatal(err)
+	}
+	cur, err := lease.Decode(resp.Kvs[0].Value)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur.PublicIP, cur.Instance = n3.IP, "intruder"
+	if _, err := cli.Put(context.Background(), key, string(cur.Encode())); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 5*time.Second, "node1's agent stops", func() bool {
+		_, _, err := l.Get(n1, "/healthz")
+		return err != nil
+	})
+	n1.Agent = 0 // exited by itself
+	b, _ = os.ReadFile(filepath.Join(n1.Dir, "agent.log"))
+	if !strings.Contains(string(b), "node identity conflict") || !strings.Contains(string(b), n3.IP.String()) {
+		t.Errorf("node1's log does not say why it stopped:\n%s", lastLines(string(b), 5))
+	}
+}
