@@ -43,7 +43,7 @@ func newInstance() string {
 // the node's public IP between the two hosts on every peer. The dataplane stays as it is.
 func (a *Agent) checkIdentity(log *slog.Logger, peers *lease.Peers, self lease.Lease) error {
 	cur, ok := peers.Node(self.Node)
-	if !ok || cur.Instance == self.Instance {
+	if !ok || cur.Instance == self.Instance && cur.PublicIP == self.PublicIP {
 		return nil // our own, or gone for now (expired, being re-claimed)
 	}
 	err := fmt.Errorf("%w: the lease of node %s was rewritten by another agent (public IP %s, subnet %s, instance %q; ours: %s, %s, %q); stopping rather than fighting over it: give each host its own --node-name",

@@ -203,6 +203,9 @@ func (s *Store) Acquire(ctx context.Context, cfg config.Network, self lease.Leas
 	}
 	self.Node = s.self
 	self.Subnet = subnet
+	// The Node object is the node's identity here and no instance is published: two agents
+	// for one Node see each other's annotations change (KeepAlive, Renew).
+	self.Instance = ""
 	if !publishedAs(n, self) { // a restart with nothing changed writes nothing
 		if err := s.publish(ctx, self); err != nil {
 			return lease.Held{}, err
@@ -248,6 +251,12 @@ func (s *Store) Renew(ctx context.Context, h lease.Held) (lease.Held, error) {
 		// pods are on the old one. Not a conflict with another node; a restart of the
 		// agent (and of the node's pods) moves the node to the new subnet.
 		return lease.Held{}, fmt.Errorf("node %s: its podCIDR is now %v (%v), not %s as when this agent started: restart the agent and recreate the node's pods to move to it", s.self, subnet, err, h.Lease.Subnet)
+	}
+	if ip, err := netip.ParseAddr(n.Annotations[AnnPublicIP]); err == nil && ip != h.Lease.PublicIP {
+		// Another agent published itself on our Node (two hosts with one node name):
+		// publishing back would flip the node's address on every peer.
+		return lease.Held{}, fmt.Errorf("%w: node %s is annotated with public IP %s by another agent, this agent's is %s: give each host its own --node-name",
+			lease.ErrIdentity, s.self, ip, h.Lease.PublicIP)
 	}
 	if err := s.publish(ctx, h.Lease); err != nil {
 		return lease.Held{}, err
