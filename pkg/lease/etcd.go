@@ -348,10 +348,10 @@ func (e *Etcd) state(ctx context.Context) (map[netip.Prefix]Lease, map[string]ne
 		k := string(kv.Key)
 		switch {
 		case strings.HasPrefix(k, e.key("subnets")+"/"):
-			if l, err := Decode(kv.Value); err == nil {
+			if l, err := DecodeKey(k, kv.Value); err == nil {
 				taken[l.Subnet] = l
 			} else if s, perr := ParseSubnetKey(path.Base(k)); perr == nil {
-				taken[s] = Lease{Subnet: s} // undecodable, but the subnet is still in use
+				taken[s] = Lease{Subnet: s} // unusable (or forged), but the key is still in use
 			}
 		case strings.HasPrefix(k, e.key("owners")+"/"):
 			if s, err := netip.ParsePrefix(string(kv.Value)); err == nil {
