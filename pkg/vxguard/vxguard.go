@@ -28,6 +28,7 @@
 package vxguard
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -291,6 +292,11 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 	for e := range refs {
 		want = append(want, e)
 	}
+	// In a stable order: the kernel lists interval sets in insertion order, and a rebuilt
+	// table should read the same as before (drift checks compare listings).
+	slices.SortFunc(want, func(a, b elem) int {
+		return cmp.Or(cmp.Compare(a.key, b.key), cmp.Compare(a.end, b.end))
+	})
 	var st Stats
 	have, ok := g.structureOK(spec)
 	if exists && cur.Flags != 0 {
