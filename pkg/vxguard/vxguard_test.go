@@ -79,19 +79,14 @@ func TestSyncAndUpdate(t *testing.T) {
 	if err != nil || !st.Rebuilt || st.Added != 2 {
 		t.Fatalf("first Sync: %+v %v", st, err)
 	}
-	rules := ns.MustRun(t, "nft", "list", "table", "ip", Table)
-	for _, want := range []string{
+	tableHas(t, ns.MustRun(t, "nft", "list", "table", "ip", Table),
 		"udp dport 8472 @th,224,16 0x800 ip saddr . @ll,48,48 . @th,336,32 @vxlan-l2 accept",
 		"udp dport 8472 @th,224,16 0x800 ip saddr . @th,336,32 @vxlan-peers accept",
 		"udp dport 8472 counter packets 0 bytes 0 drop",
 		"ip saddr 10.244.0.0/16 udp dport 8472 counter packets 0 bytes 0 drop",
 		"type filter hook input priority filter - 10; policy accept;",
 		"type filter hook forward priority filter - 10; policy accept;",
-	} {
-		if !strings.Contains(rules, want) {
-			t.Errorf("table lacks %q:\n%s", want, rules)
-		}
-	}
+	)
 	if got := elementsIn(t, ns); !slices.Equal(got, []string{"192.0.2.11 . 192.0.2.11", "192.0.2.12 . 192.0.2.12"}) {
 		t.Fatalf("elements %v", got)
 	}
@@ -198,6 +193,41 @@ func TestManyPeers(t *testing.T) {
 		}
 		if got := len(elementsIn(t, ns)); got != len(c.peers) {
 			t.Fatalf("%s: %d elements, want %d", c.name, got, len(c.peers))
+		}
+	}
+}
+
+// A peer's elements: its address and pod subnet as inner sources, in the L2 set with its
+// MAC when it has one.
+func TestPeerElements(t *testing.T) {
+	g, ns := newGuard(t)
+	spec := Spec{Port: 8472, Network: network, Peers: map[string]Peer{
+		"near": {IP: netip.MustParseAddr("192.0.2.12"), Subnet: netip.MustParsePrefix("10.244.2.0/24"), MAC: "02:00:00:00:00:12"},
+		"far":  {IP: netip.MustParseAddr("198.51.100.13"), Subnet: netip.MustParsePrefix("10.244.3.0/24")},
+	}}
+	if _, err := g.Sync(spec); err != nil {
+		t.Fatal(err)
+	}
+	tableHas(t, tableState(t, ns),
+		"192.0.2.12 . 02:00:00:00:00:12 . 10.244.2.0/24",
+		"192.0.2.12 . 02:00:00:00:00:12 . 192.0.2.12",
+		"198.51.100.13 . 10.244.3.0/24",
+		"198.51.100.13 . 198.51.100.13",
+	)
+	// The far peer moves next to us: out of one set, into the other.
+	if st, err := g.Update(map[string]Peer{"far": {IP: netip.MustParseAddr("198.51.100.13"), Subnet: netip.MustParsePrefix("10.244.3.0/24"), MAC: "02:00:00:00:00:13"}}); err != nil || st != (Stats{Added: 2, Delete: 2}) {
+		t.Fatalf("Update: %+v %v", st, err)
+	}
+	if got := tableState(t, ns); !strings.Contains(got, "198.51.100.13 . 02:00:00:00:00:13 . 10.244.3.0/24") || strings.Contains(got, "198.51.100.13 . 10.244.3.0") {
+		t.Errorf("after the move:\n%s", got)
+	}
+}
+
+func tableHas(t *testing.T, table string, wants ...string) {
+	t.Helper()
+	for _, want := range wants {
+		if !strings.Contains(table, want) {
+			t.Errorf("table lacks %q:\n%s", want, table)
 		}
 	}
 }
