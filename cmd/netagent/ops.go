@@ -9,10 +9,12 @@ import (
 	"io"
 	iofs "io/fs"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -173,7 +175,16 @@ func printStatus(w io.Writer, st agent.Status) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, p.Subnet, p.PublicIP, p.Mode, r, yn(p.FDB), yn(p.Neigh), p.Reason)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(st.IgnoredLeases) > 0 {
+		fmt.Fprintln(w, "\nIGNORED LEASES")
+		for _, k := range slices.Sorted(maps.Keys(st.IgnoredLeases)) {
+			fmt.Fprintf(w, "%s: %s\n", k, st.IgnoredLeases[k])
+		}
+	}
+	return nil
 }
 
 func cmdLeave(ctx context.Context, args []string, stdout io.Writer) error {

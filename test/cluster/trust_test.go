@@ -148,6 +148,9 @@ func TestForgedLeasesAreIgnored(t *testing.T) {
 				t.Logf("%s ignores %s: %s", n.Name, k, why)
 			}
 		}
+		if out := l.NodeNS(n).MustRun(t, l.Opt.Netagent, "status"); !strings.Contains(out, "IGNORED LEASES") || !strings.Contains(out, "/netagent/subnets/10.99.0.0-24: ") {
+			t.Errorf("%s: `netagent status` does not list the ignored leases:\n%s", n.Name, out)
+		}
 		if v := metricValue(t, l, n, "netagent_ignored_leases"); int(v) != want {
 			t.Errorf("%s: netagent_ignored_leases = %v, want %d", n.Name, v, want)
 		}
