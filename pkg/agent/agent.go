@@ -585,7 +585,7 @@ func (a *Agent) firewallPass(ctx context.Context, log *slog.Logger) {
 // guardSpec is the VXLAN allow-list for a plan: every peer the plan routes to (a directly
 // routed peer sends no VXLAN, but allowing it costs nothing and survives a mode change).
 func guardSpec(cfg config.Network, p plan.Plan) vxguard.Spec {
-	s := vxguard.Spec{Network: cfg.Network, Peers: make(map[string]vxguard.Peer, len(p.Peers))}
+	s := vxguard.Spec{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Peers: make(map[string]vxguard.Peer, len(p.Peers))}
 	if p.VXLAN != nil {
 		s.Port = p.VXLAN.Port
 	}

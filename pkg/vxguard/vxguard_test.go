@@ -26,7 +26,7 @@ func newGuard(t *testing.T) (*Guard, *netns.NS) {
 // elementsIn lists the set's elements as nft prints them.
 func elementsIn(t *testing.T, ns *netns.NS) []string {
 	t.Helper()
-	out := ns.MustRun(t, "nft", "list", "set", "ip", Table, SetName)
+	out := ns.MustRun(t, "nft", "list", "set", "ip", Table, SetName+selfSuffix)
 	i := strings.Index(out, "elements = {")
 	if i < 0 {
 		return nil
@@ -74,14 +74,16 @@ func TestSyncAndUpdate(t *testing.T) {
 	if _, err := g.Update(peers("a", "192.0.2.11")); err != ErrNoMirror {
 		t.Fatalf("Update before Sync: %v, want ErrNoMirror", err)
 	}
-	spec := Spec{Port: 8472, Network: network, Peers: peers("a", "192.0.2.11", "b", "192.0.2.12")}
+	spec := Spec{Port: 8472, Network: network, SubnetLen: 24, Peers: peers("a", "192.0.2.11", "b", "192.0.2.12")}
 	st, err := g.Sync(spec)
 	if err != nil || !st.Rebuilt || st.Added != 2 {
 		t.Fatalf("first Sync: %+v %v", st, err)
 	}
 	tableHas(t, ns.MustRun(t, "nft", "list", "table", "ip", Table),
-		"udp dport 8472 @th,224,16 0x800 ip saddr . @ll,48,48 . @th,336,32 @vxlan-l2 accept",
-		"udp dport 8472 @th,224,16 0x800 ip saddr . @th,336,32 @vxlan-peers accept",
+		"udp dport 8472 @th,224,16 0x800 ip saddr . @ll,48,48 . @th,336,32 & 0xffffff00 @vxlan-l2 accept",
+		"udp dport 8472 @th,224,16 0x800 ip saddr . @ll,48,48 . @th,336,32 @vxlan-l2-self accept",
+		"udp dport 8472 @th,224,16 0x800 ip saddr . @th,336,32 & 0xffffff00 @vxlan-peers accept",
+		"udp dport 8472 @th,224,16 0x800 ip saddr . @th,336,32 @vxlan-peers-self accept",
 		"udp dport 8472 counter packets 0 bytes 0 drop",
 		"ip saddr 10.244.0.0/16 udp dport 8472 counter packets 0 bytes 0 drop",
 		"type filter hook input priority filter - 10; policy accept;",
@@ -120,9 +122,9 @@ func TestSyncAndUpdate(t *testing.T) {
 // Whatever happens to the table, a Sync puts back exactly the desired one.
 func TestSyncRepairsDrift(t *testing.T) {
 	g, ns := newGuard(t)
-	spec := Spec{Port: 8472, Network: network}
+	spec := Spec{Port: 8472, Network: network, SubnetLen: 24}
 	want := func() string {
-		if _, err := g.Sync(Spec{Port: 8472, Network: network, Peers: peers("a", "192.0.2.11", "b", "192.0.2.12")}); err != nil {
+		if _, err := g.Sync(Spec{Port: 8472, Network: network, SubnetLen: 24, Peers: peers("a", "192.0.2.11", "b", "192.0.2.12")}); err != nil {
 			t.Fatal(err)
 		}
 		return tableState(t, ns)
@@ -135,8 +137,8 @@ func TestSyncRepairsDrift(t *testing.T) {
 		{"table deleted", []string{"nft delete table ip netagent"}, true},
 		{"chain flushed", []string{"nft flush chain ip netagent vxlan-input"}, true},
 		{"rule added", []string{"nft add rule ip netagent vxlan-forward accept"}, true},
-		{"element deleted", []string{"nft delete element ip netagent vxlan-peers { 192.0.2.11 . 192.0.2.11 }"}, false},
-		{"element added", []string{"nft add element ip netagent vxlan-peers { 203.0.113.66 . 203.0.113.66 }"}, false},
+		{"element deleted", []string{"nft delete element ip netagent vxlan-peers-self { 192.0.2.11 . 192.0.2.11 }"}, false},
+		{"element added", []string{"nft add element ip netagent vxlan-peers-self { 203.0.113.66 . 203.0.113.66 }"}, false},
 		{"whole ruleset flushed", []string{"nft flush ruleset"}, true},
 		{"table made dormant", []string{"nft add table ip netagent { flags dormant; }"}, true},
 	} {
@@ -179,7 +181,7 @@ func TestManyPeers(t *testing.T) {
 	g, ns := newGuard(t)
 	many := map[string]Peer{}
 	for i := range 5000 {
-		many[fmt.Sprintf("n%d", i)] = Peer{IP: netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})}
+		many[fmt.Sprintf("n%d", i)] = Peer{IP: netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(100 + i>>8), byte(i), 0}), 24)}
 	}
 	for _, c := range []struct {
 		name  string
@@ -188,7 +190,7 @@ func TestManyPeers(t *testing.T) {
 		if c.name == "rebuilt" {
 			ns.MustRun(t, "nft", "flush", "ruleset")
 		}
-		if _, err := g.Sync(Spec{Port: 8472, Network: network, Peers: c.peers}); err != nil {
+		if _, err := g.Sync(Spec{Port: 8472, Network: network, SubnetLen: 24, Peers: c.peers}); err != nil {
 			t.Fatalf("%s: %v", c.name, err)
 		}
 		if got := len(elementsIn(t, ns)); got != len(c.peers) {
@@ -201,7 +203,7 @@ func TestManyPeers(t *testing.T) {
 // MAC when it has one.
 func TestPeerElements(t *testing.T) {
 	g, ns := newGuard(t)
-	spec := Spec{Port: 8472, Network: network, Peers: map[string]Peer{
+	spec := Spec{Port: 8472, Network: network, SubnetLen: 24, Peers: map[string]Peer{
 		"near": {IP: netip.MustParseAddr("192.0.2.12"), Subnet: netip.MustParsePrefix("10.244.2.0/24"), MAC: "02:00:00:00:00:12"},
 		"far":  {IP: netip.MustParseAddr("198.51.100.13"), Subnet: netip.MustParsePrefix("10.244.3.0/24")},
 	}}
@@ -209,16 +211,16 @@ func TestPeerElements(t *testing.T) {
 		t.Fatal(err)
 	}
 	tableHas(t, tableState(t, ns),
-		"192.0.2.12 . 02:00:00:00:00:12 . 10.244.2.0/24",
+		"192.0.2.12 . 02:00:00:00:00:12 . 10.244.2.0",
 		"192.0.2.12 . 02:00:00:00:00:12 . 192.0.2.12",
-		"198.51.100.13 . 10.244.3.0/24",
+		"198.51.100.13 . 10.244.3.0",
 		"198.51.100.13 . 198.51.100.13",
 	)
 	// The far peer moves next to us: out of one set, into the other.
 	if st, err := g.Update(map[string]Peer{"far": {IP: netip.MustParseAddr("198.51.100.13"), Subnet: netip.MustParsePrefix("10.244.3.0/24"), MAC: "02:00:00:00:00:13"}}); err != nil || st != (Stats{Added: 2, Delete: 2}) {
 		t.Fatalf("Update: %+v %v", st, err)
 	}
-	if got := tableState(t, ns); !strings.Contains(got, "198.51.100.13 . 02:00:00:00:00:13 . 10.244.3.0/24") || strings.Contains(got, "198.51.100.13 . 10.244.3.0") {
+	if got := tableState(t, ns); !strings.Contains(got, "198.51.100.13 . 02:00:00:00:00:13 . 10.244.3.0") || strings.Contains(got, "198.51.100.13 . 10.244.3.0") {
 		t.Errorf("after the move:\n%s", got)
 	}
 }
