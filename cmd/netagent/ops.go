@@ -9,10 +9,12 @@ import (
 	"io"
 	iofs "io/fs"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -184,7 +186,16 @@ func printStatus(w io.Writer, st agent.Status) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, p.Subnet, p.PublicIP, p.Mode, r, yn(p.FDB), yn(p.Neigh), p.Reason)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(st.IgnoredLeases) > 0 {
+		fmt.Fprintln(w, "\nIGNORED LEASES")
+		for _, k := range slices.Sorted(maps.Keys(st.IgnoredLeases)) {
+			fmt.Fprintf(w, "%s: %s\n", k, st.IgnoredLeases[k])
+		}
+	}
+	return nil
 }
 
 func cmdLeave(ctx context.Context, args []string, stdout io.Writer) error {
@@ -212,6 +223,8 @@ func cmdReserve(ctx context.Context, args []string, stdout io.Writer) error {
 	ef.register(fs)
 	node := fs.String("node-name", "", "node to pin the subnet to")
 	subnet := fs.String("subnet", "", "the subnet, e.g. 10.244.9.0/24")
+	force := fs.Bool("force", false, "reserve a subnet other than the one the node holds or last held: the node moves to it at its next "+
+		"restart, and its existing pods keep addresses in the old subnet, unreachable until they are recreated (drain the node first)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -220,17 +233,14 @@ func cmdReserve(ctx context.Context, args []string, stdout io.Writer) error {
 		return fmt.Errorf("--node-name and --subnet (a CIDR prefix) are required")
 	}
 	return ef.with(ctx, func(ctx context.Context, st *lease.Etcd) error {
-		cfg, _, err := st.Config(ctx)
-		if err != nil {
-			return err
+		if err := st.Reserve(ctx, *node, p, *force); err != nil {
+			return fmt.Errorf("--subnet %s for --node-name %s: %w", p, *node, err)
 		}
-		if !cfg.Contains(p) {
-			return fmt.Errorf("--subnet %s is not a /%d subnet inside %s-%s", p, cfg.SubnetLen, cfg.SubnetMin, cfg.SubnetMax)
+		msg := fmt.Sprintf("reserved %s for %s\n", p, *node)
+		if *force {
+			msg += "forced: if the node held another subnet it moves at its next restart; recreate its pods after that\n"
 		}
-		if err := st.Reserve(ctx, *node, p); err != nil {
-			return err
-		}
-		_, err = fmt.Fprintf(stdout, "reserved %s for %s\n", p, *node)
+		_, err = io.WriteString(stdout, msg)
 		return err
 	})
 }

@@ -94,8 +94,9 @@ type Agent struct {
 	podGuardArmed atomic.Bool
 	podMissing    map[string]time.Time // anti-spoofing entries missing at the last check, since when
 	filesDirty    chan struct{}
-	files         []file // what writeFiles last wrote (the loop's)
-	bigPass       bool   // the last full pass changed many objects
+	files         []file            // what writeFiles last wrote (the loop's)
+	bigPass       bool              // the last full pass changed many objects
+	ignored       map[string]string // leases not used, as last reported (the loop's)
 
 	storeChanged chan struct{} // the store became reachable or unreachable
 	reclaim      chan struct{} // the store is back: re-claim a lost lease now
@@ -212,7 +213,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 
 	// 2. The lease.
-	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.ip, Backend: cfg.Backend.Type}
+	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.ip, Backend: cfg.Backend.Type, UnderlayMAC: ul.mac, Instance: newInstance()}
 	if cfg.Backend.Type != config.HostGW {
 		self.VTEPMAC = plan.VTEPMAC(a.opt.Node).String()
 	}
@@ -248,7 +249,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	peers := lease.NewPeers()
+	peers := lease.NewPeersWith(lease.Rules{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Self: a.opt.Node, SelfIP: held.Lease.PublicIP})
 	listed := make(chan struct{}, 1)
 	wg.Add(1)
 	go func() { defer wg.Done(); a.opt.Store.Watch(ctx, peers, listed, a.opt.Metrics) }()
@@ -289,6 +290,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	for {
 		switch {
 		case full:
+			a.reportIgnored(log, peers)
+			if err := a.checkIdentity(log, peers, held.Lease); err != nil {
+				return err
+			}
 			_, _ = peers.Take() // the snapshot below covers them
 			snap, newlyHeld := grace.full(time.Now(), peers.Snapshot())
 			logHeld(log, newlyHeld, grace.until)
@@ -305,6 +310,10 @@ func (a *Agent) Run(ctx context.Context) error {
 				debug.FreeOSMemory()
 			}
 		case leases:
+			a.reportIgnored(log, peers)
+			if err := a.checkIdentity(log, peers, held.Lease); err != nil {
+				return err
+			}
 			changed, relisted := peers.Take()
 			if relisted {
 				full = true
@@ -588,10 +597,10 @@ func (a *Agent) incrementalPass(log *slog.Logger, changed []lease.Lease) error {
 		errs = append(errs, err)
 	}
 	// The VXLAN allow-list follows the peers: a new peer's packets are accepted from now.
-	allow := make(map[string]netip.Addr, len(changed))
+	allow := make(map[string]vxguard.Peer, len(changed))
 	for _, l := range changed {
 		v, _ := planner.Peer(l.Node)
-		allow[l.Node] = guardAddr(v)
+		allow[l.Node] = guardPeer(v)
 	}
 	gst, err := a.guard.Update(allow)
 	if errors.Is(err, vxguard.ErrNoMirror) {
@@ -650,23 +659,25 @@ func (a *Agent) firewallPass(ctx context.Context, log *slog.Logger) {
 // guardSpec is the VXLAN allow-list for a plan: every peer the plan routes to (a directly
 // routed peer sends no VXLAN, but allowing it costs nothing and survives a mode change).
 func guardSpec(cfg config.Network, p plan.Plan) vxguard.Spec {
-	s := vxguard.Spec{Network: cfg.Network, Peers: make(map[string]netip.Addr, len(p.Peers))}
+	s := vxguard.Spec{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Peers: make(map[string]vxguard.Peer, len(p.Peers))}
 	if p.VXLAN != nil {
 		s.Port = p.VXLAN.Port
 	}
 	for _, v := range p.Peers {
-		if a := guardAddr(v); a.IsValid() {
-			s.Peers[v.Node] = a
+		if g := guardPeer(v); g.IP.IsValid() {
+			s.Peers[v.Node] = g
 		}
 	}
 	return s
 }
 
-func guardAddr(v plan.Peer) netip.Addr {
+// guardPeer is what the allow-list accepts from a peer: VXLAN from its public IP (and, on
+// the same L2, its underlay MAC) carrying its pods' or its own addresses.
+func guardPeer(v plan.Peer) vxguard.Peer {
 	if v.Mode == plan.Direct || v.Mode == plan.VXLAN {
-		return v.PublicIP
+		return vxguard.Peer{IP: v.PublicIP, Subnet: v.Subnet, MAC: v.UnderlayMAC}
 	}
-	return netip.Addr{}
+	return vxguard.Peer{}
 }
 
 // guardPass re-checks netagent's nftables table after someone changed it.
@@ -748,6 +759,7 @@ type underlay struct {
 	dev string
 	ip  netip.Addr
 	mtu int
+	mac string // published for peers on the same L2 (empty: not Ethernet)
 }
 
 // underlay finds the interface and address peers reach this node at.
@@ -782,7 +794,11 @@ func (a *Agent) underlay() (underlay, error) {
 		}
 		ip, _ = netip.AddrFromSlice(addrs[0].IP.To4())
 	}
-	return underlay{dev: link.Attrs().Name, ip: ip, mtu: link.Attrs().MTU}, nil
+	mac := ""
+	if m := link.Attrs().HardwareAddr; len(m) == 6 {
+		mac = m.String()
+	}
+	return underlay{dev: link.Attrs().Name, ip: ip, mtu: link.Attrs().MTU, mac: mac}, nil
 }
 
 func (a *Agent) linkWith(ip netip.Addr) (netlink.Link, error) {

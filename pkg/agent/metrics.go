@@ -18,6 +18,8 @@ type Metrics struct {
 	Repairs          *prometheus.CounterVec
 	WatchRestarts    *prometheus.CounterVec
 	Errors           *prometheus.CounterVec
+	IgnoredLeases    prometheus.Gauge
+	IgnoredTotal     prometheus.Counter
 }
 
 // NewMetrics registers the metrics.
@@ -34,6 +36,8 @@ func NewMetrics() *Metrics {
 		Repairs:       prometheus.NewCounterVec(prometheus.CounterOpts{Name: "netagent_drift_repairs_total", Help: "Kernel objects put back although the plan had not changed (drift), by kind."}, []string{"kind"}),
 		WatchRestarts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "netagent_etcd_watch_restarts_total", Help: "Lease watch restarts, by reason."}, []string{"reason"}),
 		Errors:        prometheus.NewCounterVec(prometheus.CounterOpts{Name: "netagent_errors_total", Help: "Errors, by kind."}, []string{"kind"}),
+		IgnoredLeases: prometheus.NewGauge(prometheus.GaugeOpts{Name: "netagent_ignored_leases", Help: "Leases in the store that are not used (invalid, outside the network, overlapping, claiming this node's address)."}),
+		IgnoredTotal:  prometheus.NewCounter(prometheus.CounterOpts{Name: "netagent_ignored_leases_total", Help: "Leases found unusable (counted once per key and reason)."}),
 	}
 	m.StoreConnected = prometheus.NewGauge(prometheus.GaugeOpts{Name: "netagent_store_connected",
 		Help: "1 while the lease store (etcd) answers, 0 while it does not (not set for stores that cannot tell)."})
@@ -47,7 +51,7 @@ func NewMetrics() *Metrics {
 		m.Repairs.WithLabelValues(k)
 		m.Changes.WithLabelValues(k)
 	}
-	r.MustRegister(m.LeaseHeld, m.LeaseTTL, m.StoreConnected, m.IPForward, m.Peers, m.ReconcileSeconds, m.Changes, m.Repairs, m.WatchRestarts, m.Errors,
+	r.MustRegister(m.LeaseHeld, m.LeaseTTL, m.StoreConnected, m.IPForward, m.Peers, m.ReconcileSeconds, m.Changes, m.Repairs, m.WatchRestarts, m.Errors, m.IgnoredLeases, m.IgnoredTotal,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

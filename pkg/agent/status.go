@@ -35,6 +35,9 @@ type Status struct {
 	Errors map[string]string `json:"errors,omitempty"`
 	Store  *StoreStatus      `json:"store,omitempty"` // reachability (stores that can tell: etcd)
 	Peers  []PeerStatus      `json:"peers"`
+	// IgnoredLeases are the store keys whose leases are not used, with why (invalid,
+	// outside the network, overlapping another lease, claiming this node's address).
+	IgnoredLeases map[string]string `json:"ignoredLeases,omitempty"`
 }
 
 // PeerStatus is one peer with what the kernel has for it.

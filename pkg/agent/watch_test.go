@@ -72,7 +72,7 @@ func TestWatchFirewallClassifies(t *testing.T) {
 					return err
 				}
 				defer g.Close()
-				_, err = g.Sync(vxguard.Spec{Port: 8472, Network: netip.MustParsePrefix("10.244.0.0/16"), Peers: map[string]netip.Addr{"a": netip.MustParseAddr("192.0.2.1")}})
+				_, err = g.Sync(vxguard.Spec{Port: 8472, Network: netip.MustParsePrefix("10.244.0.0/16"), Peers: map[string]vxguard.Peer{"a": {IP: netip.MustParseAddr("192.0.2.1")}}})
 				return err
 			}); err != nil {
 				t.Fatal(err)

@@ -39,6 +39,7 @@ const (
 	AnnPublicIP      = AnnotationPrefix + "public-ip"
 	AnnBackend       = AnnotationPrefix + "backend"
 	AnnVTEPMAC       = AnnotationPrefix + "vtep-mac"
+	AnnUnderlayMAC   = AnnotationPrefix + "underlay-mac"
 )
 
 // ErrNoPodCIDR means the Node has no podCIDR yet.
@@ -157,6 +158,8 @@ func LeaseOf(n *Node) (lease.Lease, error) {
 		PublicIP: ip,
 		Backend:  ann[AnnBackend],
 		VTEPMAC:  strings.ToLower(ann[AnnVTEPMAC]),
+		// Peers on the same L2 accept VXLAN from this node only from this MAC.
+		UnderlayMAC: strings.ToLower(ann[AnnUnderlayMAC]),
 	}
 	if err := l.Validate(); err != nil {
 		return lease.Lease{}, err
@@ -167,9 +170,10 @@ func LeaseOf(n *Node) (lease.Lease, error) {
 // annotations are what self publishes.
 func annotations(self lease.Lease) map[string]string {
 	return map[string]string{
-		AnnPublicIP: self.PublicIP.String(),
-		AnnBackend:  self.Backend,
-		AnnVTEPMAC:  self.VTEPMAC,
+		AnnPublicIP:    self.PublicIP.String(),
+		AnnBackend:     self.Backend,
+		AnnVTEPMAC:     self.VTEPMAC,
+		AnnUnderlayMAC: self.UnderlayMAC,
 	}
 }
 
@@ -199,6 +203,9 @@ func (s *Store) Acquire(ctx context.Context, cfg config.Network, self lease.Leas
 	}
 	self.Node = s.self
 	self.Subnet = subnet
+	// The Node object is the node's identity here and no instance is published: two agents
+	// for one Node see each other's annotations change (KeepAlive, Renew).
+	self.Instance = ""
 	if !publishedAs(n, self) { // a restart with nothing changed writes nothing
 		if err := s.publish(ctx, self); err != nil {
 			return lease.Held{}, err
@@ -244,6 +251,12 @@ func (s *Store) Renew(ctx context.Context, h lease.Held) (lease.Held, error) {
 		// pods are on the old one. Not a conflict with another node; a restart of the
 		// agent (and of the node's pods) moves the node to the new subnet.
 		return lease.Held{}, fmt.Errorf("node %s: its podCIDR is now %v (%v), not %s as when this agent started: restart the agent and recreate the node's pods to move to it", s.self, subnet, err, h.Lease.Subnet)
+	}
+	if ip, err := netip.ParseAddr(n.Annotations[AnnPublicIP]); err == nil && ip != h.Lease.PublicIP {
+		// Another agent published itself on our Node (two hosts with one node name):
+		// publishing back would flip the node's address on every peer.
+		return lease.Held{}, fmt.Errorf("%w: node %s is annotated with public IP %s by another agent, this agent's is %s: give each host its own --node-name",
+			lease.ErrIdentity, s.self, ip, h.Lease.PublicIP)
 	}
 	if err := s.publish(ctx, h.Lease); err != nil {
 		return lease.Held{}, err
@@ -362,11 +375,12 @@ func (s *Store) update(peers *lease.Peers, obj any) {
 	l, err := LeaseOf(n)
 	switch {
 	case err == nil:
-		peers.Set(n.Name, l)
+		// The Node registered first wins a podCIDR two Nodes claim.
+		peers.Set(n.Name, l, n.CreationTimestamp.UnixNano())
 	case errors.Is(err, errNotPublished):
 		peers.Delete(n.Name)
 	default:
-		s.log.Warn("ignoring node with unusable netagent data", "node", n.Name, "err", err)
+		s.log.Debug("node with unusable netagent data", "node", n.Name, "err", err) // the agent logs it once
 		peers.Invalid(n.Name, err.Error())
 	}
 }
@@ -402,7 +416,7 @@ func slim(obj any) (any, error) {
 		return obj, nil // a DeletedFinalStateUnknown: passed on as is
 	}
 	out := &Node{
-		ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion},
+		ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion, CreationTimestamp: n.CreationTimestamp},
 		Spec:       NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
 	}
 	for k, v := range n.Annotations {

@@ -3,6 +3,7 @@ package kube
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -355,6 +356,28 @@ func TestWatchHostGW(t *testing.T) {
 	if why := c.peers.Invalids()["n3"]; !strings.Contains(why, AnnPublicIP) {
 		t.Fatalf("invalid n3 recorded as %q", why)
 	}
+	// A broadcast address, and a second Node given n2's podCIDR (registered later): ignored
+	// and recorded, n2 keeps its route.
+	c.create(node("n5", []string{"10.244.5.0/24"}, published("255.255.255.255", "host-gw", "")))
+	late := node("n6", []string{"10.244.2.0/24"}, published("192.0.2.16", "host-gw", ""))
+	late.CreationTimestamp = metav1.NewTime(time.Now().Add(time.Hour))
+	c.create(late)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		bad := c.peers.Invalids()
+		if strings.Contains(bad["n5"], "not a unicast") && strings.Contains(bad["n6"], "held by n2") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ignored nodes recorded as %q", bad)
+		}
+	}
+	c.plan("route 10.244.2.0/24 via 192.0.2.22 dev eth0",
+		n4Unreachable)
+	for _, n := range []string{"n5", "n6"} {
+		if err := c.cs.CoreV1().Nodes().Delete(context.Background(), n, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	// A deleted Node's routes go away.
 	if err := c.cs.CoreV1().Nodes().Delete(context.Background(), "n2", metav1.DeleteOptions{}); err != nil {
@@ -432,6 +455,14 @@ func TestKeepAliveRepublishes(t *testing.T) {
 	n, _ := c.cs.CoreV1().Nodes().Get(t.Context(), "n1", metav1.GetOptions{})
 	if n.Annotations[AnnPublicIP] != "192.0.2.11" {
 		t.Fatalf("not republished: %v", n.Annotations)
+	}
+	// Another host's agent publishes itself on our Node: not overwritten back (no flapping).
+	patch = fmt.Appendf(nil, `{"metadata":{"annotations":{%q:"192.0.2.99"}}}`, AnnPublicIP)
+	if _, err := c.cs.CoreV1().Nodes().Patch(t.Context(), "n1", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.s.Renew(t.Context(), h); !errors.Is(err, lease.ErrIdentity) || !strings.Contains(err.Error(), "192.0.2.99") {
+		t.Fatalf("Renew over another agent's annotations: %v, want ErrIdentity naming 192.0.2.99", err)
 	}
 }
 

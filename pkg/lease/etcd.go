@@ -1,6 +1,7 @@
 package lease
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"path"
+	"slices"
 	"strings"
 	"time"
 
@@ -101,10 +103,121 @@ func (e *Etcd) SetConfig(ctx context.Context, n config.Network) error {
 	return err
 }
 
-// Reserve pins subnet to node.
-func (e *Etcd) Reserve(ctx context.Context, node string, subnet netip.Prefix) error {
-	_, err := e.cli.Put(ctx, e.key("reservations", node), subnet.String())
-	return err
+// ErrRenumber means a reservation would move a node that holds (or last held) another
+// subnet: Reserve refuses it unless forced.
+var ErrRenumber = errors.New("reservation would renumber the node")
+
+// Reserve pins subnet to node. It refuses an invalid node name, a subnet that is not one of
+// the network's, and one that overlaps another node's live lease, remembered subnet or
+// reservation (ErrConflict). A subnet other than the one node holds or last held would move
+// the node there at its next restart while its pods keep their old addresses, cut off
+// until they are recreated: refused (ErrRenumber) unless force. The checks and the write
+// are one transaction on what was read, so a racing agent or reservation cannot slip in
+// between.
+func (e *Etcd) Reserve(ctx context.Context, node string, subnet netip.Prefix, force bool) error {
+	if err := ValidNodeName(node); err != nil {
+		return err
+	}
+	for range 5 {
+		resp, err := e.cli.Get(ctx, e.prefix+"/", clientv3.WithPrefix())
+		if err != nil {
+			return fmt.Errorf("read the store: %w", err)
+		}
+		if err := e.reservable(resp.Kvs, node, subnet, force); err != nil {
+			return err
+		}
+		// Nothing under the prefix may have changed since the read (a deletion only frees
+		// things, so it cannot invalidate the checks).
+		txn, err := e.cli.Txn(ctx).If(
+			clientv3.Compare(clientv3.ModRevision(e.prefix+"/"), "<", resp.Header.Revision+1).WithPrefix(),
+		).Then(clientv3.OpPut(e.key("reservations", node), subnet.String())).Commit()
+		if err != nil {
+			return fmt.Errorf("reserve: %w", err)
+		}
+		if txn.Succeeded {
+			return nil
+		}
+	}
+	return fmt.Errorf("reserve %s: the store kept changing; try again", subnet)
+}
+
+// reservable checks a reservation of subnet for node against the store's keys.
+func (e *Etcd) reservable(kvs []*mvccpb.KeyValue, node string, subnet netip.Prefix, force bool) error {
+	var cfg config.Network
+	var own, last netip.Prefix // node's live lease, its remembered subnet
+	for _, kv := range kvs {
+		k := string(kv.Key)
+		if k == e.key("config") {
+			c, err := config.Parse(kv.Value)
+			if err != nil {
+				return fmt.Errorf("network config at %s: %w", k, err)
+			}
+			cfg = c
+		}
+	}
+	if !cfg.Network.IsValid() {
+		return fmt.Errorf("no network config at %s", e.key("config"))
+	}
+	if !cfg.Contains(subnet) {
+		return fmt.Errorf("subnet %s is not a /%d subnet of the network %s (%s-%s)", subnet, cfg.SubnetLen, cfg.Network, cfg.SubnetMin, cfg.SubnetMax)
+	}
+	// Live leases first: they name the most pressing conflict.
+	slices.SortStableFunc(kvs, func(a, b *mvccpb.KeyValue) int {
+		return cmp.Compare(btoi(path.Dir(string(b.Key)) == e.key("subnets")), btoi(path.Dir(string(a.Key)) == e.key("subnets")))
+	})
+	for _, kv := range kvs {
+		k := string(kv.Key)
+		dir, name := path.Dir(k), path.Base(k)
+		switch dir {
+		case e.key("subnets"):
+			s, err := ParseSubnetKey(name)
+			if err != nil || !s.Overlaps(subnet) {
+				if l, derr := Decode(kv.Value); derr == nil && l.Node == node {
+					own = l.Subnet
+				}
+				continue
+			}
+			l, err := DecodeKey(k, kv.Value)
+			switch {
+			case err != nil:
+				return fmt.Errorf("%w: %s overlaps the live lease at %s, which is unusable (%v)", ErrConflict, subnet, k, err)
+			case l.Node != node:
+				return fmt.Errorf("%w: %s overlaps %s, the live lease of node %s", ErrConflict, subnet, l.Subnet, l.Node)
+			}
+			own = l.Subnet
+		case e.key("owners"), e.key("reservations"):
+			s, err := netip.ParsePrefix(string(kv.Value))
+			if err != nil {
+				continue
+			}
+			if name == node {
+				if dir == e.key("owners") {
+					last = s
+				}
+				continue
+			}
+			if s.Overlaps(subnet) {
+				if dir == e.key("owners") {
+					return fmt.Errorf("%w: %s overlaps %s, the subnet last held by node %s (if it is gone for good, run `netagent leave --node-name %s` first)", ErrConflict, subnet, s, name, name)
+				}
+				return fmt.Errorf("%w: %s overlaps %s, reserved for node %s", ErrConflict, subnet, s, name)
+			}
+		}
+	}
+	for _, cur := range []netip.Prefix{own, last} {
+		if cur.IsValid() && cur != subnet && !force {
+			return fmt.Errorf("%w: node %s holds %s; reserving %s moves it there at its next restart while its pods keep addresses in %s and are cut off until recreated (drain the node first, then use --force)",
+				ErrRenumber, node, cur, subnet, cur)
+		}
+	}
+	return nil
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // Held is a lease this agent holds.
@@ -118,8 +231,46 @@ type Held struct {
 // remembers for it, hint (the subnet this node used last, from local state), then a free
 // subnet chosen at random.
 func (e *Etcd) Acquire(ctx context.Context, cfg config.Network, self Lease, hint netip.Prefix) (Held, error) {
+	for range 5 {
+		h, err := e.acquire(ctx, cfg, self, hint)
+		if !errors.Is(err, errOwnerMoved) {
+			return h, err
+		}
+		// Another agent claimed for this node name meanwhile: look again (it is refused
+		// as an identity conflict unless it is this host's own earlier run).
+	}
+	return Held{}, fmt.Errorf("%w: the owner record of %s keeps changing (another agent with this node name?)", ErrConflict, self.Node)
+}
+
+// errOwnerMoved means the node's owner record changed between reading the store and
+// claiming: someone else claimed a subnet for this node name.
+var errOwnerMoved = errors.New("owner record changed")
+
+// identity refuses self when a live lease names self's node with another public IP: two
+// hosts run with the same node name. A live lease with the same public IP is this host's
+// own from a previous run (a restart, or kill -9 before its TTL ran out): adopted.
+func identity(self Lease, taken map[netip.Prefix]Lease, ttl time.Duration) error {
+	for s, l := range taken {
+		if l.Node == self.Node && l.PublicIP != self.PublicIP {
+			return fmt.Errorf("%w: node name %q holds %s, live, for public IP %s, and this agent's public IP is %s: give each host its own --node-name (cloned machines and network namespaces share the hostname); if that agent is gone, its lease expires within %s",
+				ErrIdentity, self.Node, s, l.PublicIP, self.PublicIP, ttl)
+		}
+	}
+	return nil
+}
+
+func (e *Etcd) acquire(ctx context.Context, cfg config.Network, self Lease, hint netip.Prefix) (Held, error) {
+	// The owner record's revision is read before the rest: a claim for this name that
+	// lands in between is then either in the listing or fails our claim's comparison.
+	ownerRev, err := e.ownerRev(ctx, self.Node)
+	if err != nil {
+		return Held{}, err
+	}
 	taken, owners, reserved, err := e.state(ctx)
 	if err != nil {
+		return Held{}, err
+	}
+	if err := identity(self, taken, e.ttl); err != nil {
 		return Held{}, err
 	}
 	var candidates []netip.Prefix
@@ -142,7 +293,7 @@ func (e *Etcd) Acquire(ctx context.Context, cfg config.Network, self Lease, hint
 		}
 	}
 	for _, s := range candidates {
-		h, err := e.claim(ctx, self, s)
+		h, err := e.claim(ctx, self, s, ownerRev)
 		if err == nil {
 			return h, nil
 		}
@@ -192,7 +343,7 @@ func (e *Etcd) Acquire(ctx context.Context, cfg config.Network, self Lease, hint
 		if len(free) == 0 {
 			return Held{}, fmt.Errorf("no free subnet in %s (%d in use or reserved)", cfg.Network, len(blocked))
 		}
-		h, err := e.claim(ctx, self, free[0])
+		h, err := e.claim(ctx, self, free[0], ownerRev)
 		if err == nil {
 			return h, nil
 		}
@@ -224,10 +375,10 @@ func (e *Etcd) state(ctx context.Context) (map[netip.Prefix]Lease, map[string]ne
 		k := string(kv.Key)
 		switch {
 		case strings.HasPrefix(k, e.key("subnets")+"/"):
-			if l, err := Decode(kv.Value); err == nil {
+			if l, err := DecodeKey(k, kv.Value); err == nil {
 				taken[l.Subnet] = l
 			} else if s, perr := ParseSubnetKey(path.Base(k)); perr == nil {
-				taken[s] = Lease{Subnet: s} // undecodable, but the subnet is still in use
+				taken[s] = Lease{Subnet: s} // unusable (or forged), but the key is still in use
 			}
 		case strings.HasPrefix(k, e.key("owners")+"/"):
 			if s, err := netip.ParsePrefix(string(kv.Value)); err == nil {
@@ -242,9 +393,23 @@ func (e *Etcd) state(ctx context.Context) (map[netip.Prefix]Lease, map[string]ne
 	return taken, owners, reserved, nil
 }
 
+// ownerRev is the mod revision of node's owner record (0: none).
+func (e *Etcd) ownerRev(ctx context.Context, node string) (int64, error) {
+	resp, err := e.cli.Get(ctx, e.key("owners", node))
+	if err != nil {
+		return 0, fmt.Errorf("read owner of %s: %w", node, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return 0, nil
+	}
+	return resp.Kvs[0].ModRevision, nil
+}
+
 // claim takes subnet s for self if it is free or already self's, in one transaction, with a
-// fresh etcd lease.
-func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix) (Held, error) {
+// fresh etcd lease. ownerRev >= 0 also requires self's owner record to be unchanged since
+// it was read at that revision (errOwnerMoved), so two agents starting with the same node
+// name cannot both claim.
+func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix, ownerRev int64) (Held, error) {
 	ctx, cancel := context.WithTimeout(ctx, claimTimeout)
 	defer cancel()
 	self.Subnet = s
@@ -279,16 +444,23 @@ func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix) (Held, err
 		}
 		cmp = clientv3.Compare(clientv3.ModRevision(k), "=", cur.Kvs[0].ModRevision)
 	}
-	txn, err := e.cli.Txn(ctx).If(cmp).Then(
+	cmps := []clientv3.Cmp{cmp}
+	if ownerRev >= 0 {
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(ownerKey), "=", ownerRev))
+	}
+	txn, err := e.cli.Txn(ctx).If(cmps...).Then(
 		clientv3.OpPut(k, string(self.Encode()), clientv3.WithLease(grant.ID)),
 		clientv3.OpPut(ownerKey, s.String()),
-	).Commit()
+	).Else(clientv3.OpGet(ownerKey)).Commit()
 	if err != nil {
 		revoke()
 		return Held{}, fmt.Errorf("claim %s: %w", s, err)
 	}
 	if !txn.Succeeded {
 		revoke()
+		if ownerRev >= 0 && ownerRevIn(txn) != ownerRev {
+			return Held{}, errOwnerMoved
+		}
 		return Held{}, fmt.Errorf("%w: %s was taken concurrently", ErrConflict, s)
 	}
 	if len(cur.Kvs) > 0 && cur.Kvs[0].Lease != 0 && clientv3.LeaseID(cur.Kvs[0].Lease) != grant.ID {
@@ -300,9 +472,41 @@ func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix) (Held, err
 	return Held{Lease: self, ID: grant.ID}, nil
 }
 
+// ownerRevIn is the owner record's mod revision in a failed claim's Else read.
+func ownerRevIn(txn *clientv3.TxnResponse) int64 {
+	if len(txn.Responses) == 0 {
+		return 0
+	}
+	r := txn.Responses[0].GetResponseRange()
+	if r == nil || len(r.Kvs) == 0 {
+		return 0
+	}
+	return r.Kvs[0].ModRevision
+}
+
 // Renew re-claims h's subnet (after its etcd lease was lost): same subnet, new etcd lease.
 func (e *Etcd) Renew(ctx context.Context, h Held) (Held, error) {
-	return e.claim(ctx, h.Lease, h.Lease.Subnet)
+	if err := e.stillOurs(ctx, h); err != nil {
+		return Held{}, err
+	}
+	return e.claim(ctx, h.Lease, h.Lease.Subnet, -1)
+}
+
+// stillOurs refuses to re-claim a lease that another agent run under our node name has
+// rewritten (ErrIdentity): taking it back would start a fight that flips the lease between
+// two hosts.
+func (e *Etcd) stillOurs(ctx context.Context, h Held) error {
+	k := e.key("subnets", SubnetKey(h.Lease.Subnet))
+	cur, err := e.cli.Get(ctx, k)
+	if err != nil || len(cur.Kvs) == 0 {
+		return nil // unreadable: claim reports it; absent: free to re-claim
+	}
+	l, err := Decode(cur.Kvs[0].Value)
+	if err != nil || l.Node != h.Lease.Node || l.Instance == h.Lease.Instance {
+		return nil // another node's (claim refuses it) or our own
+	}
+	return fmt.Errorf("%w: the lease of %s for %s was rewritten by another agent (instance %q, public IP %s); not taking it back",
+		ErrIdentity, h.Lease.Node, h.Lease.Subnet, l.Instance, l.PublicIP)
 }
 
 // KeepAlive keeps h alive until ctx ends or the lease is lost; it returns why it stopped.
@@ -445,18 +649,15 @@ func (e *Etcd) consume(wch clientv3.WatchChan, peers *Peers, notify func()) stri
 			k := string(ev.Kv.Key)
 			switch ev.Type {
 			case mvccpb.PUT:
-				l, err := Decode(ev.Kv.Value)
-				if err != nil {
-					peers.bad[k] = err.Error()
-					peers.del(k)
-					e.log.Warn("ignoring undecodable lease", "key", k, "err", err)
-					continue
+				// Peers checks it further and keeps why it is not used; the agent logs
+				// and counts that once per key.
+				if l, err := DecodeKey(k, ev.Kv.Value); err != nil {
+					peers.invalid(k, err.Error())
+				} else {
+					peers.put(k, l, ev.Kv.CreateRevision)
 				}
-				delete(peers.bad, k)
-				peers.put(k, l)
 			case mvccpb.DELETE:
 				peers.del(k)
-				delete(peers.bad, k)
 			}
 		}
 		peers.mu.Unlock()
@@ -472,19 +673,18 @@ func (e *Etcd) list(ctx context.Context, peers *Peers) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	leases := make(map[string]Lease, len(resp.Kvs))
+	leases := make(map[string]entry, len(resp.Kvs))
 	bad := map[string]string{}
 	for _, kv := range resp.Kvs {
-		l, err := Decode(kv.Value)
+		l, err := DecodeKey(string(kv.Key), kv.Value)
 		if err != nil {
 			bad[string(kv.Key)] = err.Error()
 			continue
 		}
-		leases[string(kv.Key)] = l
+		leases[string(kv.Key)] = entry{l, kv.CreateRevision}
 	}
 	peers.mu.Lock()
-	peers.replace(leases)
-	peers.bad = bad
+	peers.replace(leases, bad)
 	peers.mu.Unlock()
 	return resp.Header.Revision, nil
 }

@@ -2,10 +2,12 @@ package lease
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -96,7 +98,10 @@ func TestReservation(t *testing.T) {
 	s := NewEtcd(cli, "/netagent", 10*time.Second, quiet())
 	cfg := testConfig(t, `{"network":"10.244.0.0/16"}`)
 	want := netip.MustParsePrefix("10.244.77.0/24")
-	if err := s.Reserve(ctx, "n1", want); err != nil {
+	if err := s.SetConfig(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reserve(ctx, "n1", want, false); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 20 { // nobody else gets it
@@ -185,6 +190,128 @@ func TestWatchSeesJoinAndLeave(t *testing.T) {
 	waitLen(1)
 	if got := peers.Snapshot()[0].Node; got != "n2" {
 		t.Errorf("remaining peer %s, want n2", got)
+	}
+}
+
+// Reserve refuses conflicts and a silent renumbering of a node, atomically.
+func TestReserveRefuses(t *testing.T) {
+	cli := startEtcd(t)
+	ctx := context.Background()
+	s := NewEtcd(cli, "/netagent", 10*time.Second, quiet())
+	cfg := testConfig(t, `{"network":"10.244.0.0/16"}`)
+	if err := s.SetConfig(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	live, err := s.Acquire(ctx, cfg, self("live", "192.0.2.1"), netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone, err := s.Acquire(ctx, cfg, self("gone", "192.0.2.2"), netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Revoke(ctx, gone.ID); err != nil { // down: only its owner record is left
+		t.Fatal(err)
+	}
+	if err := s.Reserve(ctx, "pinned", netip.MustParsePrefix("10.244.200.0/24"), false); err != nil {
+		t.Fatal(err)
+	}
+	free := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, 201, 0}), 24)
+	tests := []struct {
+		name, node string
+		subnet     netip.Prefix
+		force      bool
+		want       error
+		wantText   string
+	}{
+		{"another node's live subnet", "new", live.Lease.Subnet, false, ErrConflict, "live lease of node live"},
+		{"another node's live subnet, forced", "new", live.Lease.Subnet, true, ErrConflict, "live lease of node live"},
+		{"a down node's remembered subnet", "new", gone.Lease.Subnet, false, ErrConflict, "last held by"},
+		{"another node's reservation", "new", netip.MustParsePrefix("10.244.200.0/24"), false, ErrConflict, "reserved for node pinned"},
+		{"outside the network", "new", netip.MustParsePrefix("10.99.1.0/24"), false, nil, "not a /24 subnet"},
+		{"wrong length", "new", netip.MustParsePrefix("10.244.201.0/25"), false, nil, "not a /24 subnet"},
+		{"invalid node name", "a/b", free, false, nil, "invalid node name"},
+		{"moves a live node", "live", free, false, ErrRenumber, "pods keep addresses"},
+		{"moves a down node", "gone", free, false, ErrRenumber, "pods keep addresses"},
+		{"pins a live node where it is", "live", live.Lease.Subnet, false, nil, ""},
+		{"a new node", "new", free, false, nil, ""},
+		{"the same subnet for a second node", "new2", free, false, ErrConflict, "reserved for node new"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := s.Reserve(ctx, tt.node, tt.subnet, tt.force)
+			if (tt.wantText == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tt.wantText)) || (tt.want != nil && !errors.Is(err, tt.want)) {
+				t.Fatalf("Reserve(%s, %s, force=%v) = %v, want %v %q", tt.node, tt.subnet, tt.force, err, tt.want, tt.wantText)
+			}
+		})
+	}
+	// Forced: the live node gets the new subnet at its next start (its pods keep the old
+	// addresses: what --force documents).
+	moved := netip.MustParsePrefix("10.244.202.0/24")
+	if err := s.Reserve(ctx, "live", moved, true); err != nil {
+		t.Fatalf("forced: %v", err)
+	}
+	if _, err := cli.Revoke(ctx, live.ID); err != nil {
+		t.Fatal(err)
+	}
+	if h, err := s.Acquire(ctx, cfg, self("live", "192.0.2.1"), netip.Prefix{}); err != nil || h.Lease.Subnet != moved {
+		t.Fatalf("after the forced reservation the node got %v, %v; want %s", h.Lease.Subnet, err, moved)
+	}
+	// Racing reservations of one subnet for two nodes: exactly one wins.
+	race := netip.MustParsePrefix("10.244.203.0/24")
+	errs := make(chan error, 2)
+	for _, n := range []string{"r1", "r2"} {
+		go func() { errs <- NewEtcd(cli, "/netagent", 10*time.Second, quiet()).Reserve(ctx, n, race, false) }()
+	}
+	e1, e2 := <-errs, <-errs
+	if (e1 == nil) == (e2 == nil) {
+		t.Errorf("racing reservations: %v and %v; want exactly one to succeed", e1, e2)
+	}
+}
+
+// Two hosts with one node name: the second is refused with an error naming the first,
+// also when both start at once; a restart of the same host (same public IP) adopts.
+func TestAcquireRefusesADuplicateNodeName(t *testing.T) {
+	cli := startEtcd(t)
+	ctx := context.Background()
+	cfg := testConfig(t, `{"network":"10.244.0.0/16"}`)
+	s := NewEtcd(cli, "/netagent", 30*time.Second, quiet())
+	for round := range 5 { // at once: exactly one wins
+		node := fmt.Sprint("twin", round)
+		errs := make(chan error, 2)
+		for _, ip := range []string{"192.0.2.1", "192.0.2.2"} {
+			go func() {
+				_, err := NewEtcd(cli, "/netagent", 30*time.Second, quiet()).Acquire(ctx, cfg, self(node, ip), netip.Prefix{})
+				errs <- err
+			}()
+		}
+		e1, e2 := <-errs, <-errs
+		if (e1 == nil) == (e2 == nil) {
+			t.Fatalf("round %d: %v and %v; want exactly one to succeed", round, e1, e2)
+		}
+		if err := errors.Join(e1, e2); !errors.Is(err, ErrIdentity) || !strings.Contains(err.Error(), "--node-name") {
+			t.Errorf("round %d: refused with %v, want ErrIdentity naming the fix", round, err)
+		}
+	}
+	h, err := s.Acquire(ctx, cfg, self("n1", "192.0.2.1"), netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Acquire(ctx, cfg, self("n1", "192.0.2.2"), netip.Prefix{}); !errors.Is(err, ErrIdentity) || !strings.Contains(err.Error(), "192.0.2.1") {
+		t.Errorf("second host: %v, want ErrIdentity naming 192.0.2.1", err)
+	}
+	restarted := self("n1", "192.0.2.1")
+	restarted.Instance = "second-run"
+	h2, err := s.Acquire(ctx, cfg, restarted, netip.Prefix{})
+	if err != nil || h2.Lease.Subnet != h.Lease.Subnet {
+		t.Fatalf("restart of the same host: %v, %v; want %s adopted", h2.Lease.Subnet, err, h.Lease.Subnet)
+	}
+	// The first run, still alive somewhere, does not take the lease back.
+	if _, err := s.Renew(ctx, h); !errors.Is(err, ErrIdentity) {
+		t.Errorf("Renew of a lease another run rewrote: %v, want ErrIdentity", err)
+	}
+	if _, err := s.Renew(ctx, h2); err != nil {
+		t.Errorf("Renew of our own lease: %v", err)
 	}
 }
 

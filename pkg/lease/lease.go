@@ -15,6 +15,10 @@ import (
 // ErrConflict means the subnet or node is held by someone else.
 var ErrConflict = errors.New("lease conflict")
 
+// ErrIdentity means another live agent runs under this node's name (two hosts with the
+// same name): the agent refuses to start, or stops, rather than fight over the lease.
+var ErrIdentity = errors.New("node name in use by another agent")
+
 // Lease is one node's claim on a subnet and how peers reach it.
 type Lease struct {
 	Node     string       `json:"node"`
@@ -23,6 +27,12 @@ type Lease struct {
 	Backend  string       `json:"backend"`
 	// VTEPMAC is the MAC of the node's VXLAN device (vxlan and hybrid backends).
 	VTEPMAC string `json:"vtepMAC,omitempty"`
+	// UnderlayMAC is the MAC of the node's underlay interface: peers on the same L2 accept
+	// its VXLAN only from this MAC.
+	UnderlayMAC string `json:"underlayMAC,omitempty"`
+	// Instance is random per agent run: a lease rewritten with another instance was written
+	// by another agent using this node's name.
+	Instance string `json:"instance,omitempty"`
 }
 
 // MAC parses VTEPMAC (nil when unset or invalid).
@@ -36,15 +46,28 @@ func (l Lease) MAC() net.HardwareAddr {
 
 // Validate checks a lease for use as a peer.
 func (l Lease) Validate() error {
+	if err := ValidNodeName(l.Node); err != nil {
+		return fmt.Errorf("lease: %w", err)
+	}
 	switch {
-	case l.Node == "" || len(l.Node) > 253 || strings.ContainsAny(l.Node, "/ \t\n"):
-		return fmt.Errorf("lease: invalid node name %q", l.Node)
 	case !l.Subnet.IsValid() || !l.Subnet.Addr().Is4() || l.Subnet != l.Subnet.Masked():
 		return fmt.Errorf("lease %s: invalid subnet %s", l.Node, l.Subnet)
-	case !l.PublicIP.IsValid() || !l.PublicIP.Is4() || l.PublicIP.IsUnspecified() || l.PublicIP.IsMulticast():
-		return fmt.Errorf("lease %s: invalid public IP %s", l.Node, l.PublicIP)
+	case !l.PublicIP.IsValid() || !l.PublicIP.Is4() || !l.PublicIP.IsGlobalUnicast():
+		// Loopback, link-local, broadcast, multicast or unspecified: a peer there would make
+		// this node tunnel to itself or broadcast pod traffic on the underlay.
+		return fmt.Errorf("lease %s: invalid public IP %s (not a unicast address)", l.Node, l.PublicIP)
 	case l.VTEPMAC != "" && !ValidMAC(l.VTEPMAC):
 		return fmt.Errorf("lease %s: invalid VTEP MAC %q", l.Node, l.VTEPMAC)
+	case l.UnderlayMAC != "" && !ValidMAC(l.UnderlayMAC):
+		return fmt.Errorf("lease %s: invalid underlay MAC %q", l.Node, l.UnderlayMAC)
+	}
+	return nil
+}
+
+// ValidNodeName checks a node name (it is a key suffix in the store).
+func ValidNodeName(n string) error {
+	if n == "" || len(n) > 253 || strings.ContainsAny(n, "/ \t\n") || n == "." || n == ".." {
+		return fmt.Errorf("invalid node name %q", n)
 	}
 	return nil
 }
@@ -66,6 +89,7 @@ func Decode(b []byte) (Lease, error) {
 		return Lease{}, err
 	}
 	l.VTEPMAC = strings.ToLower(l.VTEPMAC) // canonical, so plans compare strings
+	l.UnderlayMAC = strings.ToLower(l.UnderlayMAC)
 	return l, nil
 }
 

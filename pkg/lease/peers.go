@@ -1,42 +1,236 @@
 package lease
 
 import (
+	"fmt"
 	"maps"
-	"slices"
+	"net/netip"
 	"sort"
 	"sync"
 )
 
 // Peers is a watched view of all live leases, one per node, that also remembers which
 // nodes changed since the last Take, so the agent can do work for the changed leases only.
+//
+// It is where leases are trusted or not: every lease entering it is checked against Rules,
+// and leases whose subnets overlap are settled here, deterministically and whatever the
+// order of events: a lease of the configured subnet length wins over one of another
+// length; among leases of the same subnet (or two odd-length ones that overlap) the one
+// created first wins (etcd's create revision), then the lower key. With keys that must
+// match their value (DecodeKey), a single forged key can therefore neither take a live
+// node's subnet nor cut into it with a longer or shorter prefix. Every lease not used is
+// kept in Invalids with the reason.
+//
+// Scale: leases of the configured length are indexed by subnet, so a change costs O(1)
+// map work; odd-length leases (normally none) are compared against each other and, when
+// shorter than the configured length, against the regular ones.
 type Peers struct {
 	mu       sync.Mutex
-	byKey    map[string]Lease    // store key -> lease
-	nodeKeys map[string][]string // node -> its keys (normally one)
-	dirty    map[string]bool     // nodes changed since Take
-	full     bool                // the whole view was replaced since Take
-	bad      map[string]string   // undecodable keys -> why
+	rules    Rules
+	cand     map[string]entry          // every lease that passed the rules, by store key
+	bySubnet map[netip.Prefix][]string // keys per subnet (normally one)
+	odd      map[string]bool           // keys whose subnet length is not rules.SubnetLen
+	byKey    map[string]Lease          // the leases in use, by key
+	nodeKeys map[string][]string       // node -> its keys in use (normally one)
+	dirty    map[string]bool           // nodes changed since Take
+	full     bool                      // the whole view was replaced since Take
+	bad      map[string]string         // keys not in use -> why
 }
 
-// NewPeers returns an empty view.
-func NewPeers() *Peers {
-	return &Peers{byKey: map[string]Lease{}, nodeKeys: map[string][]string{}, dirty: map[string]bool{}, bad: map[string]string{}}
+type entry struct {
+	l   Lease
+	rev int64 // creation order: etcd's create revision, a Node's creation time
 }
 
-// put records l under key k (caller holds mu).
-func (p *Peers) put(k string, l Lease) {
-	if old, ok := p.byKey[k]; ok && old.Node != l.Node {
-		p.unlink(old.Node, k)
+// NewPeers returns an empty view that checks only that leases are well-formed and do not
+// overlap.
+func NewPeers() *Peers { return NewPeersWith(Rules{}) }
+
+// NewPeersWith returns an empty view that uses only leases passing r.
+func NewPeersWith(r Rules) *Peers {
+	p := &Peers{rules: r}
+	p.reset()
+	return p
+}
+
+func (p *Peers) reset() {
+	p.cand, p.bySubnet, p.odd = map[string]entry{}, map[netip.Prefix][]string{}, map[string]bool{}
+	p.byKey, p.nodeKeys = map[string]Lease{}, map[string][]string{}
+	p.dirty, p.bad = map[string]bool{}, map[string]string{}
+}
+
+// put records l, created at rev, under key k (caller holds mu).
+func (p *Peers) put(k string, l Lease, rev int64) {
+	if e, ok := p.cand[k]; ok && e.l == l && e.rev == rev {
+		return // rewritten as it was (a renewal)
 	}
-	p.byKey[k] = l
-	if !slices.Contains(p.nodeKeys[l.Node], k) {
-		p.nodeKeys[l.Node] = append(p.nodeKeys[l.Node], k)
+	affected := p.drop(k)
+	if err := p.rules.Check(l); err != nil {
+		p.bad[k] = err.Error()
+		p.settle(affected)
+		return
 	}
-	p.dirty[l.Node] = true
+	delete(p.bad, k)
+	p.cand[k] = entry{l, rev}
+	p.bySubnet[l.Subnet] = append(p.bySubnet[l.Subnet], k)
+	if p.isOdd(l.Subnet) {
+		p.odd[k] = true
+	}
+	p.settle(append(affected, p.around(l.Subnet)...))
+}
+
+// invalid records that key k holds no usable lease (caller holds mu).
+func (p *Peers) invalid(k, why string) {
+	p.settle(p.drop(k))
+	p.bad[k] = why
 }
 
 // del forgets key k (caller holds mu).
 func (p *Peers) del(k string) {
+	delete(p.bad, k)
+	p.settle(p.drop(k))
+}
+
+func (p *Peers) isOdd(s netip.Prefix) bool {
+	return p.rules.SubnetLen != 0 && s.Bits() != p.rules.SubnetLen
+}
+
+// drop removes k's candidate and returns the keys whose standing may change with it.
+func (p *Peers) drop(k string) []string {
+	e, ok := p.cand[k]
+	if !ok {
+		return nil
+	}
+	delete(p.cand, k)
+	delete(p.odd, k)
+	keys := p.bySubnet[e.l.Subnet]
+	for i, x := range keys {
+		if x == k {
+			keys = append(keys[:i:i], keys[i+1:]...)
+			break
+		}
+	}
+	if len(keys) == 0 {
+		delete(p.bySubnet, e.l.Subnet)
+	} else {
+		p.bySubnet[e.l.Subnet] = keys
+	}
+	p.unuse(k)
+	return p.around(e.l.Subnet)
+}
+
+// around is every candidate whose standing depends on subnet s: the keys of s itself and
+// the odd-length ones overlapping it.
+func (p *Peers) around(s netip.Prefix) []string {
+	out := append([]string(nil), p.bySubnet[s]...)
+	for k := range p.odd {
+		if c := p.cand[k].l.Subnet; c != s && c.Overlaps(s) {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// before orders candidates: created first, then the lower key.
+func before(a, b entry, ka, kb string) bool {
+	if a.rev != b.rev {
+		return a.rev < b.rev
+	}
+	return ka < kb
+}
+
+// loses says why candidate k may not be used (empty: it may).
+func (p *Peers) loses(k string) string {
+	e := p.cand[k]
+	s := e.l.Subnet
+	for _, o := range p.bySubnet[s] {
+		if oe := p.cand[o]; o != k && before(oe, e, o, k) {
+			return fmt.Sprintf("subnet %s is held by %s (key %s), which was there first", s, oe.l.Node, o)
+		}
+	}
+	if !p.odd[k] {
+		return ""
+	}
+	if o, ok := p.regularOverlapping(s); ok {
+		oe := p.cand[o]
+		return fmt.Sprintf("subnet %s overlaps %s of %s (key %s), which has the configured length /%d", s, oe.l.Subnet, oe.l.Node, o, p.rules.SubnetLen)
+	}
+	for o := range p.odd {
+		if oe := p.cand[o]; o != k && oe.l.Subnet.Overlaps(s) && before(oe, e, o, k) {
+			return fmt.Sprintf("subnet %s overlaps %s of %s (key %s), which was there first", s, oe.l.Subnet, oe.l.Node, o)
+		}
+	}
+	return ""
+}
+
+// regularOverlapping finds a candidate of the configured length overlapping odd subnet s.
+func (p *Peers) regularOverlapping(s netip.Prefix) (string, bool) {
+	n := p.rules.SubnetLen
+	if s.Bits() > n { // inside at most one regular subnet
+		if keys := p.bySubnet[netip.PrefixFrom(s.Addr(), n).Masked()]; len(keys) > 0 {
+			return keys[0], true
+		}
+		return "", false
+	}
+	// s holds 2^(n-bits) regular subnets: look each up, or scan the candidates when fewer.
+	if span := n - s.Bits(); span < 20 && 1<<span <= len(p.cand) {
+		a := s.Addr()
+		step := uint32(1) << (32 - n)
+		for range 1 << span {
+			if keys := p.bySubnet[netip.PrefixFrom(a, n)]; len(keys) > 0 {
+				return keys[0], true
+			}
+			b := a.As4()
+			v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3]) + step
+			a = netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+		}
+		return "", false
+	}
+	best := ""
+	for k, e := range p.cand {
+		if !p.odd[k] && e.l.Subnet.Overlaps(s) && (best == "" || k < best) {
+			best = k
+		}
+	}
+	return best, best != ""
+}
+
+// settle re-decides whether each of keys is used.
+func (p *Peers) settle(keys []string) {
+	for _, k := range keys {
+		e, ok := p.cand[k]
+		if !ok {
+			continue
+		}
+		if why := p.loses(k); why != "" {
+			p.unuse(k)
+			p.bad[k] = why
+			continue
+		}
+		delete(p.bad, k)
+		if old, ok := p.byKey[k]; ok && old == e.l {
+			continue
+		}
+		p.use(k, e.l)
+	}
+}
+
+func (p *Peers) use(k string, l Lease) {
+	if old, ok := p.byKey[k]; ok && old.Node != l.Node {
+		p.unlink(old.Node, k)
+	}
+	p.byKey[k] = l
+	keys := p.nodeKeys[l.Node]
+	found := false
+	for _, x := range keys {
+		found = found || x == k
+	}
+	if !found {
+		p.nodeKeys[l.Node] = append(keys, k)
+	}
+	p.dirty[l.Node] = true
+}
+
+func (p *Peers) unuse(k string) {
 	old, ok := p.byKey[k]
 	if !ok {
 		return
@@ -46,7 +240,13 @@ func (p *Peers) del(k string) {
 }
 
 func (p *Peers) unlink(node, k string) {
-	keys := slices.DeleteFunc(p.nodeKeys[node], func(x string) bool { return x == k })
+	keys := p.nodeKeys[node]
+	for i, x := range keys {
+		if x == k {
+			keys = append(keys[:i:i], keys[i+1:]...)
+			break
+		}
+	}
 	if len(keys) == 0 {
 		delete(p.nodeKeys, node)
 	} else {
@@ -55,22 +255,25 @@ func (p *Peers) unlink(node, k string) {
 	p.dirty[node] = true
 }
 
-// replace swaps in a fresh list (caller holds mu).
-func (p *Peers) replace(byKey map[string]Lease) {
-	p.byKey = map[string]Lease{}
-	p.nodeKeys = make(map[string][]string, len(byKey))
-	for k, l := range byKey {
-		p.put(k, l)
+// replace swaps in a fresh list, with the keys that held nothing usable (caller holds mu).
+func (p *Peers) replace(leases map[string]entry, bad map[string]string) {
+	p.reset()
+	for k, e := range leases {
+		p.put(k, e.l, e.rev)
+	}
+	for k, why := range bad {
+		p.bad[k] = why
 	}
 	p.dirty = map[string]bool{}
 	p.full = true
 }
 
-// current is node's lease: from its lowest key if it somehow holds several.
+// current is node's lease: from its first created key if it somehow holds several (a
+// forged key naming a live node cannot displace the node's own).
 func (p *Peers) current(node string) (Lease, bool) {
 	best := ""
 	for _, k := range p.nodeKeys[node] {
-		if best == "" || k < best {
+		if best == "" || before(p.cand[k], p.cand[best], k, best) {
 			best = k
 		}
 	}
@@ -91,6 +294,13 @@ func (p *Peers) Snapshot() []Lease {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Node < out[j].Node })
 	return out
+}
+
+// Node returns node's lease as the view has it.
+func (p *Peers) Node(node string) (Lease, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.current(node)
 }
 
 // Take returns what changed since the last Take: each changed node's current lease, or
@@ -122,12 +332,11 @@ func (p *Peers) Len() int {
 // The methods below let stores outside this package (the Kubernetes subnet manager) feed
 // the view; each takes the lock itself.
 
-// Set records l as the lease under store key k.
-func (p *Peers) Set(k string, l Lease) {
+// Set records l, created at rev (smaller: older), as the lease under store key k.
+func (p *Peers) Set(k string, l Lease, rev int64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	delete(p.bad, k)
-	p.put(k, l)
+	p.put(k, l, rev)
 }
 
 // Invalid records that the object under key k holds no usable lease (why), dropping any
@@ -135,19 +344,17 @@ func (p *Peers) Set(k string, l Lease) {
 func (p *Peers) Invalid(k, why string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.bad[k] = why
-	p.del(k)
+	p.invalid(k, why)
 }
 
 // Delete forgets key k.
 func (p *Peers) Delete(k string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	delete(p.bad, k)
 	p.del(k)
 }
 
-// Invalids returns the keys whose objects hold no usable lease, with why.
+// Invalids returns the keys whose objects hold no lease in use, with why.
 func (p *Peers) Invalids() map[string]string {
 	p.mu.Lock()
 	defer p.mu.Unlock()

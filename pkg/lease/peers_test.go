@@ -1,8 +1,11 @@
 package lease
 
 import (
+	"maps"
 	"net/netip"
+	"path"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -12,14 +15,14 @@ func TestPeersTracksChangesPerNode(t *testing.T) {
 		return Lease{Node: node, Subnet: netip.MustParsePrefix(subnet), PublicIP: netip.MustParseAddr("192.0.2.1")}
 	}
 	p.mu.Lock()
-	p.replace(map[string]Lease{"k1": l("a", "10.0.1.0/24"), "k2": l("b", "10.0.2.0/24")})
+	p.replace(map[string]entry{"k1": {l("a", "10.0.1.0/24"), 1}, "k2": {l("b", "10.0.2.0/24"), 2}}, nil)
 	p.mu.Unlock()
 	if ch, full := p.Take(); !full || len(ch) != 0 {
 		t.Fatalf("after replace: Take() = %v, %v; want full and no per-node changes", ch, full)
 	}
 	// a moves to a new subnet: put at the new key, then delete the old one.
 	p.mu.Lock()
-	p.put("k3", l("a", "10.0.3.0/24"))
+	p.put("k3", l("a", "10.0.3.0/24"), 3)
 	p.del("k1")
 	p.mu.Unlock()
 	ch, full := p.Take()
@@ -41,4 +44,131 @@ func TestPeersTracksChangesPerNode(t *testing.T) {
 	if !slices.Equal(nodes, []string{"a"}) || p.Len() != 1 {
 		t.Errorf("Snapshot nodes = %v, Len %d; want [a], 1", nodes, p.Len())
 	}
+}
+
+func TestRulesCheck(t *testing.T) {
+	r := Rules{Network: netip.MustParsePrefix("10.244.0.0/16"), SubnetLen: 24, Self: "me", SelfIP: netip.MustParseAddr("192.0.2.1")}
+	tests := []struct {
+		name, node, subnet, ip, want string
+	}{
+		{"good", "n2", "10.244.2.0/24", "192.0.2.2", ""},
+		{"good, other length", "n2", "10.244.2.0/25", "192.0.2.2", ""},
+		{"broadcast", "n2", "10.244.2.0/24", "255.255.255.255", "not a unicast"},
+		{"loopback", "n2", "10.244.2.0/24", "127.0.0.1", "not a unicast"},
+		{"link-local", "n2", "10.244.2.0/24", "169.254.1.1", "not a unicast"},
+		{"multicast", "n2", "10.244.2.0/24", "224.0.0.1", "not a unicast"},
+		{"unspecified", "n2", "10.244.2.0/24", "0.0.0.0", "not a unicast"},
+		{"ours", "n2", "10.244.2.0/24", "192.0.2.1", "this node's own"},
+		{"our own lease", "me", "10.244.1.0/24", "192.0.2.1", ""},
+		{"outside the network", "n2", "10.99.2.0/24", "192.0.2.2", "outside the network"},
+		{"covers the network", "n2", "10.0.0.0/8", "192.0.2.2", "outside the network"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l := Lease{Node: tt.node, Subnet: netip.MustParsePrefix(tt.subnet), PublicIP: netip.MustParseAddr(tt.ip)}
+			err := r.Check(l)
+			if (tt.want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tt.want)) {
+				t.Errorf("Check(%+v) = %v, want %q", l, err, tt.want)
+			}
+		})
+	}
+}
+
+func TestDecodeKey(t *testing.T) {
+	v := `{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","backend":"vxlan","vtepMAC":"0a:00:00:00:00:01"}`
+	tests := []struct{ key, want string }{
+		{"/netagent/subnets/10.244.1.0-24", ""},
+		{"/netagent/subnets/10.244.9.0-24", "its key 10.244.9.0/24"},
+		{"/netagent/subnets/10.244.1.0-25", "its key 10.244.1.0/25"},
+		{"/netagent/subnets/10.244.1.7-24", "its key"},
+		{"/netagent/subnets/garbage", "no '-'"},
+	}
+	for _, tt := range tests {
+		_, err := DecodeKey(tt.key, []byte(v))
+		if (tt.want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tt.want)) {
+			t.Errorf("DecodeKey(%s) = %v, want %q", tt.key, err, tt.want)
+		}
+	}
+}
+
+func FuzzDecodeKey(f *testing.F) {
+	f.Add("/netagent/subnets/10.244.1.0-24", []byte(`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1"}`))
+	f.Fuzz(func(t *testing.T, key string, b []byte) {
+		l, err := DecodeKey(key, b)
+		if err != nil {
+			return
+		}
+		if s, _ := ParseSubnetKey(path.Base(key)); s != l.Subnet || l.Validate() != nil {
+			t.Fatalf("DecodeKey(%q, %s) = %+v, a lease its key does not name or that is invalid", key, b, l)
+		}
+	})
+}
+
+// Overlapping leases are settled the same way whatever the order they arrive in, and a
+// forged key cannot displace a live node's lease.
+func TestPeersSettleOverlaps(t *testing.T) {
+	r := Rules{Network: netip.MustParsePrefix("10.244.0.0/16"), SubnetLen: 24, Self: "me", SelfIP: netip.MustParseAddr("192.0.2.1")}
+	type put struct {
+		key, node, subnet string
+		rev               int64
+	}
+	victim := put{"k/10.244.2.0-24", "victim", "10.244.2.0/24", 10}
+	tests := []struct {
+		name    string
+		puts    []put
+		want    map[string]string // node -> subnet in use
+		ignored []string          // keys not used
+	}{
+		{"longer prefix inside a live subnet", []put{victim, {"k/10.244.2.0-25", "evil", "10.244.2.0/25", 20}},
+			map[string]string{"victim": "10.244.2.0/24"}, []string{"k/10.244.2.0-25"}},
+		{"longer prefix written first", []put{{"k/10.244.2.0-25", "evil", "10.244.2.0/25", 5}, victim},
+			map[string]string{"victim": "10.244.2.0/24"}, []string{"k/10.244.2.0-25"}},
+		{"shorter prefix over live subnets", []put{victim, {"k/10.244.0.0-20", "evil", "10.244.0.0/20", 1}},
+			map[string]string{"victim": "10.244.2.0/24"}, []string{"k/10.244.0.0-20"}},
+		{"a second key naming the live node", []put{victim, {"k/10.244.7.0-24", "victim", "10.244.7.0/24", 30}},
+			map[string]string{"victim": "10.244.2.0/24"}, nil},
+		{"odd lengths: first created wins", []put{{"k/10.244.8.0-23", "b", "10.244.8.0/23", 7}, {"k/10.244.8.0-25", "a", "10.244.8.0/25", 3}},
+			map[string]string{"a": "10.244.8.0/25"}, []string{"k/10.244.8.0-23"}},
+		{"same subnet, two keys (kube): first created wins", []put{{"node-b", "b", "10.244.3.0/24", 2}, {"node-a", "a", "10.244.3.0/24", 9}},
+			map[string]string{"b": "10.244.3.0/24"}, []string{"node-a"}},
+		{"odd subnet with no overlap is used", []put{victim, {"k/10.244.9.0-25", "odd", "10.244.9.0/25", 40}},
+			map[string]string{"victim": "10.244.2.0/24", "odd": "10.244.9.0/25"}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for _, order := range [][]put{tt.puts, reversed(tt.puts)} {
+				p := NewPeersWith(r)
+				for _, x := range order {
+					p.Set(x.key, Lease{Node: x.node, Subnet: netip.MustParsePrefix(x.subnet), PublicIP: netip.MustParseAddr("192.0.2.9")}, x.rev)
+				}
+				got := map[string]string{}
+				for _, l := range p.Snapshot() {
+					got[l.Node] = l.Subnet.String()
+				}
+				if !maps.Equal(got, tt.want) {
+					t.Errorf("in use = %v, want %v", got, tt.want)
+				}
+				bad := slices.Sorted(maps.Keys(p.Invalids()))
+				if !slices.Equal(bad, tt.ignored) && !(len(bad) == 0 && len(tt.ignored) == 0) {
+					t.Errorf("ignored = %v, want %v", p.Invalids(), tt.ignored)
+				}
+			}
+		})
+	}
+	// The winner leaves: the loser is used from then on.
+	p := NewPeersWith(r)
+	p.Set(victim.key, Lease{Node: "victim", Subnet: netip.MustParsePrefix(victim.subnet), PublicIP: netip.MustParseAddr("192.0.2.9")}, victim.rev)
+	p.Set("k/10.244.2.0-25", Lease{Node: "late", Subnet: netip.MustParsePrefix("10.244.2.0/25"), PublicIP: netip.MustParseAddr("192.0.2.8")}, 20)
+	p.Take()
+	p.Delete(victim.key)
+	ch, _ := p.Take()
+	if got := p.Snapshot(); len(got) != 1 || got[0].Node != "late" || len(ch) != 2 || len(p.Invalids()) != 0 {
+		t.Errorf("after the winner left: in use %v, changed %v, ignored %v; want only late", got, ch, p.Invalids())
+	}
+}
+
+func reversed[T any](s []T) []T {
+	out := slices.Clone(s)
+	slices.Reverse(out)
+	return out
 }

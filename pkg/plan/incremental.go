@@ -231,7 +231,7 @@ func (p *Planner) Peer(node string) (Peer, bool) {
 		return Peer{}, false
 	}
 	l := p.peers[node]
-	return Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP, Mode: v.mode, Reason: v.reason}, true
+	return Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP, Mode: v.mode, Reason: v.reason, UnderlayMAC: underlayMAC(p.in.Underlay, l)}, true
 }
 
 func (p *Planner) ownerOf(s netip.Prefix) string {

@@ -73,6 +73,9 @@ type Peer struct {
 	PublicIP netip.Addr
 	Mode     Mode
 	Reason   string // why Unreachable
+	// UnderlayMAC is the outer source MAC of the peer's VXLAN packets: set for a peer on
+	// the same L2 that published it, for the VXLAN allow-list to check.
+	UnderlayMAC string
 }
 
 // VXLANDevice is the desired VXLAN device (nil when no peer or mode needs one).
@@ -162,7 +165,7 @@ func Build(in Input) Plan {
 		if l.Node == in.Self.Node {
 			continue
 		}
-		peer := Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP}
+		peer := Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP, UnderlayMAC: underlayMAC(in.Underlay, l)}
 		peer.Mode, peer.Reason = decide(in, l, owner)
 		p.Peers = append(p.Peers, peer)
 		switch peer.Mode {
@@ -243,6 +246,20 @@ func decide(in Input, l lease.Lease, owner map[netip.Prefix]string) (Mode, strin
 		return Unreachable, "the peer published no VTEP MAC (is it running a vxlan or hybrid backend?)"
 	}
 	return VXLAN, ""
+}
+
+// underlayMAC is l's underlay MAC when l is on-link (behind a router, frames carry the
+// router's MAC instead).
+func underlayMAC(u Underlay, l lease.Lease) string {
+	if !lease.ValidMAC(l.UnderlayMAC) {
+		return ""
+	}
+	for _, c := range u.Connected {
+		if c.Contains(l.PublicIP) {
+			return strings.ToLower(l.UnderlayMAC)
+		}
+	}
+	return ""
 }
 
 // Count returns how many peers are in each mode.

@@ -188,3 +188,25 @@ func BenchmarkBuild5000(b *testing.B) {
 		}
 	}
 }
+
+// A peer's underlay MAC is kept for the VXLAN allow-list only when the peer is on-link
+// (behind a router its frames carry the router's MAC), the same in Build and the Planner.
+func TestUnderlayMAC(t *testing.T) {
+	withMAC := func(l lease.Lease, mac string) lease.Lease { l.UnderlayMAC = mac; return l }
+	peers := []lease.Lease{
+		withMAC(mk("near", "10.244.2.0/24", "192.0.2.12"), "02:00:00:00:00:12"),
+		withMAC(mk("far", "10.244.3.0/24", "198.51.100.13"), "02:00:00:00:00:13"),
+		mk("old", "10.244.4.0/24", "192.0.2.14"), // an agent that publishes none
+	}
+	want := map[string]string{"near": "02:00:00:00:00:12", "far": "", "old": ""}
+	in := Input{Config: cfg(t, "vxlan"), Self: mk("self", "10.244.1.0/24", "192.0.2.11"), Peers: peers, Underlay: underlay, VXLANDev: "netagent.1"}
+	planner, p := NewPlanner(in)
+	for _, v := range p.Peers {
+		if v.UnderlayMAC != want[v.Node] {
+			t.Errorf("Build: %s UnderlayMAC = %q, want %q", v.Node, v.UnderlayMAC, want[v.Node])
+		}
+		if pv, _ := planner.Peer(v.Node); pv != v {
+			t.Errorf("Planner.Peer(%s) = %+v, want %+v", v.Node, pv, v)
+		}
+	}
+}

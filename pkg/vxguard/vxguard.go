@@ -1,26 +1,46 @@
 // Package vxguard is the VXLAN allow-list: a node accepts VXLAN packets only from the
-// underlay addresses of its known peers, and drops VXLAN packets that pods send (so a pod
-// cannot inject frames into the overlay, neither into its own node nor, masqueraded to its
-// node's address, into another node).
+// underlay addresses of its known peers, carrying only inner IPv4 packets whose source is
+// that peer's own (its pod subnet or its public address), and — for a peer on the same L2
+// that published its underlay MAC — only with that MAC as the outer source. It drops
+// VXLAN packets that pods send (so a pod cannot inject frames into the overlay, neither
+// into its own node nor, masqueraded to its node's address, into another node).
+//
+// The inner source check bounds what spoofing a peer's outer address achieves: the
+// attacker can only impersonate that one peer's pods, never another node's nor an
+// outside address. The MAC binding stops spoofing a same-L2 peer from behind a router
+// (frames arrive with the router's MAC) and from a host on the L2 that does not also
+// forge the peer's MAC. Without authentication nothing stops an attacker who forges both
+// (see SECURITY.md).
 //
 // It is one nftables table (family ip, "netagent") written over netlink with
 // github.com/google/nftables, so every change is one atomic transaction and costs no
-// process: a set of peer addresses that lease changes update element by element, and two
-// base chains with one rule each:
+// process: four concatenated hash sets that lease changes update element by element, and
+// two base chains (S: the inner IPv4 source @th,336,32 behind the UDP and VXLAN headers;
+// S/len: S masked to the configured subnet length; every accept also needs the inner
+// EtherType @th,224,16 to be IPv4):
 //
-//	input:   udp dport <port> ip saddr != @vxlan-peers counter drop
+//	input:   udp dport <port> ip saddr . ether saddr . S/len @vxlan-l2 accept
+//	         udp dport <port> ip saddr . ether saddr . S     @vxlan-l2-self accept
+//	         udp dport <port> ip saddr . S/len @vxlan-peers accept
+//	         udp dport <port> ip saddr . S     @vxlan-peers-self accept
+//	         udp dport <port> counter drop
 //	forward: ip saddr <cluster network> udp dport <port> counter drop
 //
+// Exact-match sets with the inner source masked, not interval sets: interval
+// (pipapo) sets took 13 s to load 5,000 peers where hash sets take a fraction of a second.
 // The chains run just before iptables' filter chains (priority -10), so no iptables rule
 // (Docker's, kube-proxy's) can accept a packet first.
 package vxguard
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/google/nftables"
@@ -31,7 +51,9 @@ import (
 // Names in the kernel.
 const (
 	Table      = "netagent"
-	SetName    = "vxlan-peers"
+	SetName    = "vxlan-peers" // routed peers: outer source . inner source subnet
+	SetL2      = "vxlan-l2"    // same-L2 peers: outer source . outer MAC . inner source subnet
+	selfSuffix = "-self"       // the same with the peer's own address as inner source
 	ChainIn    = "vxlan-input"
 	ChainFwd   = "vxlan-forward"
 	priority   = -10
@@ -44,9 +66,62 @@ var ErrNoMirror = errors.New("vxguard: no mirror yet")
 
 // Spec is the desired guard.
 type Spec struct {
-	Port    int          // VXLAN UDP port; 0: no VXLAN here, the table is removed
-	Network netip.Prefix // the cluster pod network: VXLAN from these sources is dropped
-	Peers   map[string]netip.Addr
+	Port      int          // VXLAN UDP port; 0: no VXLAN here, the table is removed
+	Network   netip.Prefix // the cluster pod network: VXLAN from these sources is dropped
+	SubnetLen int          // the configured subnet length: inner sources are matched by their subnet
+	Peers     map[string]Peer
+}
+
+// Peer is what VXLAN from one peer may look like.
+type Peer struct {
+	IP     netip.Addr   // the outer source address; invalid: not a peer
+	Subnet netip.Prefix // inner sources allowed besides IP itself
+	MAC    string       // the outer source MAC (a peer on the same L2); empty: not checked
+}
+
+// elem is one set element in comparable form.
+type elem struct {
+	set, key string
+}
+
+// maxBlocks bounds the subnet-length blocks one peer's subnet is split into (a subnet
+// shorter than the configured length is an anomaly the peer view already rejects when it
+// overlaps anything).
+const maxBlocks = 256
+
+// elems are the set elements of a peer: each configured-length block of its subnet, and
+// its own address, as inner sources.
+func (p Peer) elems(subnetLen int) []elem {
+	if !p.IP.Is4() {
+		return nil
+	}
+	ip := p.IP.As4()
+	prefix := ip[:]
+	set := SetName
+	if m, err := net.ParseMAC(p.MAC); err == nil && len(m) == 6 {
+		prefix = append(append(slices.Clip(prefix), m...), 0, 0) // concatenated fields are padded to 4 bytes
+		set = SetL2
+	}
+	key := func(a netip.Addr) string {
+		b := a.As4()
+		return string(append(slices.Clip(prefix), b[:]...))
+	}
+	out := []elem{{set + selfSuffix, key(p.IP)}}
+	if !p.Subnet.IsValid() || !p.Subnet.Addr().Is4() || subnetLen <= 0 || subnetLen > 32 {
+		return out
+	}
+	s := p.Subnet.Masked()
+	if s.Bits() >= subnetLen { // inside one block: the block is allowed
+		return append(out, elem{set, key(netip.PrefixFrom(s.Addr(), subnetLen).Masked().Addr())})
+	}
+	a := s.Addr()
+	for range min(1<<(subnetLen-s.Bits()), maxBlocks) {
+		out = append(out, elem{set, key(a)})
+		b := a.As4()
+		binary.BigEndian.PutUint32(b[:], binary.BigEndian.Uint32(b[:])+1<<(32-subnetLen))
+		a = netip.AddrFrom4(b)
+	}
+	return out
 }
 
 // Stats say what a pass changed.
@@ -63,10 +138,10 @@ type Guard struct {
 	mu    sync.Mutex
 	conn  *nftables.Conn
 	spec  Spec
-	nodes map[string]netip.Addr // node -> its address in the set
-	refs  map[netip.Addr]int    // address -> how many nodes use it
-	valid bool                  // nodes/refs mirror the kernel's set
-	base  uint64                // drops counted by rules that were since rebuilt
+	nodes map[string]Peer // node -> what the sets hold for it (at spec.SubnetLen)
+	refs  map[elem]int    // element -> how many nodes use it
+	valid bool            // nodes/refs mirror the kernel's set
+	base  uint64          // drops counted by rules that were since rebuilt
 }
 
 // New opens a netlink connection in the current network namespace.
@@ -83,8 +158,18 @@ func (g *Guard) Close() error { return g.conn.CloseLasting() }
 
 func table() *nftables.Table { return &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv4} }
 
-func peerSet(t *nftables.Table) *nftables.Set {
-	return &nftables.Set{Table: t, Name: SetName, KeyType: nftables.TypeIPAddr}
+var (
+	routedType = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeIPAddr)
+	l2Type     = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeEtherAddr, nftables.TypeIPAddr)
+	setNames   = []string{SetL2, SetL2 + selfSuffix, SetName, SetName + selfSuffix}
+)
+
+func setOf(t *nftables.Table, name string) *nftables.Set {
+	typ := routedType
+	if strings.HasPrefix(name, SetL2) {
+		typ = l2Type
+	}
+	return &nftables.Set{Table: t, Name: name, KeyType: typ, Concatenation: true}
 }
 
 func chains(t *nftables.Table) (in, fwd *nftables.Chain) {
@@ -95,8 +180,8 @@ func chains(t *nftables.Table) (in, fwd *nftables.Chain) {
 }
 
 // tag identifies the rules of a spec, so a Sync can tell its own rules from changed ones.
-func tag(chain string, s Spec) []byte {
-	return fmt.Appendf(nil, "%s%s port=%d network=%s", tagPrefix, chain, s.Port, s.Network)
+func tag(chain string, i int, s Spec) []byte {
+	return fmt.Appendf(nil, "%s%s/%d v2 port=%d network=%s subnetLen=%d", tagPrefix, chain, i, s.Port, s.Network, s.SubnetLen)
 }
 
 func udpDport(port int) []expr.Any {
@@ -114,14 +199,42 @@ func ipSaddr() *expr.Payload {
 	return &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4}
 }
 
-func rules(t *nftables.Table, set *nftables.Set, s Spec) []*nftables.Rule {
+// Inner headers, from the start of the outer UDP header: UDP (8) and VXLAN (8) headers,
+// then the inner Ethernet header (its EtherType at 12) and IPv4 header (its source at 12).
+const (
+	innerEtherType = 8 + 8 + 12
+	innerIPSrc     = 8 + 8 + 14 + 12
+)
+
+func rules(t *nftables.Table, s Spec) []*nftables.Rule {
 	in, fwd := chains(t)
-	inExprs := append(udpDport(s.Port),
-		ipSaddr(),
-		&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID, Invert: true},
-		&expr.Counter{},
-		&expr.Verdict{Kind: expr.VerdictDrop},
-	)
+	innerIPv4 := []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: innerEtherType, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0x08, 0x00}},
+	}
+	// Concatenations load field after field into consecutive 32-bit registers (8 is the
+	// first, which the 128-bit register 1 aliases); a 6-byte MAC takes two.
+	inner := func(reg uint32, masked bool) []expr.Any {
+		e := []expr.Any{&expr.Payload{DestRegister: reg, Base: expr.PayloadBaseTransportHeader, Offset: innerIPSrc, Len: 4}}
+		if masked {
+			e = append(e, &expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 4, Mask: netipMask(s.SubnetLen), Xor: []byte{0, 0, 0, 0}})
+		}
+		return e
+	}
+	accept := func(set string, l2, masked bool) []expr.Any {
+		e := slices.Concat(udpDport(s.Port), innerIPv4,
+			[]expr.Any{&expr.Payload{DestRegister: 8, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4}})
+		reg := uint32(9)
+		if l2 {
+			e = append(e, &expr.Payload{DestRegister: 9, Base: expr.PayloadBaseLLHeader, Offset: 6, Len: 6})
+			reg = 11
+		}
+		return slices.Concat(e, inner(reg, masked), []expr.Any{
+			&expr.Lookup{SourceRegister: 8, SetName: set},
+			&expr.Verdict{Kind: expr.VerdictAccept},
+		})
+	}
+	drop := append(udpDport(s.Port), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
 	net4 := s.Network.Masked().Addr().As4()
 	mask := netipMask(s.Network.Bits())
 	fwdExprs := append([]expr.Any{
@@ -130,10 +243,15 @@ func rules(t *nftables.Table, set *nftables.Set, s Spec) []*nftables.Rule {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: net4[:]},
 	}, udpDport(s.Port)...)
 	fwdExprs = append(fwdExprs, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
-	return []*nftables.Rule{
-		{Table: t, Chain: in, Exprs: inExprs, UserData: tag(ChainIn, s)},
-		{Table: t, Chain: fwd, Exprs: fwdExprs, UserData: tag(ChainFwd, s)},
+	var out []*nftables.Rule
+	for i, name := range setNames {
+		ex := accept(name, strings.HasPrefix(name, SetL2), !strings.HasSuffix(name, selfSuffix))
+		out = append(out, &nftables.Rule{Table: t, Chain: in, Exprs: ex, UserData: tag(ChainIn, i, s)})
 	}
+	return append(out,
+		&nftables.Rule{Table: t, Chain: in, Exprs: drop, UserData: tag(ChainIn, len(setNames), s)},
+		&nftables.Rule{Table: t, Chain: fwd, Exprs: fwdExprs, UserData: tag(ChainFwd, 0, s)},
+	)
 }
 
 func netipMask(bits int) []byte {
@@ -142,11 +260,10 @@ func netipMask(bits int) []byte {
 	return m
 }
 
-func elements(addrs []netip.Addr) []nftables.SetElement {
-	out := make([]nftables.SetElement, 0, len(addrs))
-	for _, a := range addrs {
-		b := a.As4()
-		out = append(out, nftables.SetElement{Key: b[:]})
+func elements(es []elem) []nftables.SetElement {
+	out := make([]nftables.SetElement, 0, len(es))
+	for _, e := range es {
+		out = append(out, nftables.SetElement{Key: []byte(e.key)})
 	}
 	return out
 }
@@ -164,7 +281,7 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 	exists := err == nil && cur != nil
 	if spec.Port == 0 {
 		if !exists {
-			g.spec, g.nodes, g.refs, g.valid = spec, map[string]netip.Addr{}, map[netip.Addr]int{}, true
+			g.spec, g.nodes, g.refs, g.valid = spec, map[string]Peer{}, map[elem]int{}, true
 			return Stats{}, nil
 		}
 		g.base += g.countersLocked()
@@ -172,28 +289,35 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 		if err := g.conn.Flush(); err != nil {
 			return Stats{}, fmt.Errorf("vxguard: remove table: %w", err)
 		}
-		g.spec, g.nodes, g.refs, g.valid = spec, map[string]netip.Addr{}, map[netip.Addr]int{}, true
+		g.spec, g.nodes, g.refs, g.valid = spec, map[string]Peer{}, map[elem]int{}, true
 		return Stats{Rebuilt: true}, nil
 	}
-	// spec.Peers becomes the mirror of which node holds which address (no copy: with
+	// spec.Peers becomes the mirror of what each node put in the sets (no copy: with
 	// thousands of peers the maps are most of the guard's memory).
-	nodes, refs := spec.Peers, make(map[netip.Addr]int, len(spec.Peers))
+	nodes, refs := spec.Peers, make(map[elem]int, 2*len(spec.Peers))
 	if nodes == nil {
-		nodes = map[string]netip.Addr{}
+		nodes = map[string]Peer{}
 	}
-	for n, a := range nodes {
-		if !a.Is4() {
+	for n, p := range nodes {
+		es := p.elems(spec.SubnetLen)
+		if len(es) == 0 {
 			delete(nodes, n)
 			continue
 		}
-		refs[a]++
+		for _, e := range es {
+			refs[e]++
+		}
 	}
-	want := make([]netip.Addr, 0, len(refs))
-	for a := range refs {
-		want = append(want, a)
+	want := make([]elem, 0, len(refs))
+	for e := range refs {
+		want = append(want, e)
 	}
+	// In a stable order: the kernel lists interval sets in insertion order, and a rebuilt
+	// table should read the same as before (drift checks compare listings).
+	slices.SortFunc(want, func(a, b elem) int {
+		return cmp.Or(cmp.Compare(a.set, b.set), cmp.Compare(a.key, b.key))
+	})
 	var st Stats
-	set := peerSet(t)
 	have, ok := g.structureOK(spec)
 	if exists && cur.Flags != 0 {
 		ok = false // e.g. "dormant": a table that is there but switched off
@@ -205,16 +329,18 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 			g.conn.DelTable(t)
 		}
 		g.conn.AddTable(t)
-		if err := g.conn.AddSet(set, nil); err != nil {
-			return Stats{}, fmt.Errorf("vxguard: set: %w", err)
+		for _, name := range setNames {
+			if err := g.conn.AddSet(setOf(t, name), nil); err != nil {
+				return Stats{}, fmt.Errorf("vxguard: set: %w", err)
+			}
 		}
 		in, fwd := chains(t)
 		g.conn.AddChain(in)
 		g.conn.AddChain(fwd)
-		for _, r := range rules(t, set, spec) {
+		for _, r := range rules(t, spec) {
 			g.conn.AddRule(r)
 		}
-		if err := g.addElements(set, want); err != nil {
+		if err := g.addElements(want); err != nil {
 			return Stats{}, err
 		}
 		if err := g.conn.Flush(); err != nil {
@@ -222,19 +348,19 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 		}
 		st = Stats{Rebuilt: true, Added: len(want)}
 	} else {
-		var add, del []netip.Addr
-		for _, a := range want {
-			if !have[a] {
-				add = append(add, a)
+		var add, del []elem
+		for _, e := range want {
+			if !have[e] {
+				add = append(add, e)
 			}
 		}
-		for a := range have {
-			if refs[a] == 0 {
-				del = append(del, a)
+		for e := range have {
+			if refs[e] == 0 {
+				del = append(del, e)
 			}
 		}
 		if len(add)+len(del) > 0 {
-			if err := g.changeElements(set, add, del); err != nil {
+			if err := g.changeElements(add, del); err != nil {
 				return Stats{}, err
 			}
 		}
@@ -259,15 +385,30 @@ func (g *Guard) Resync() (Stats, error) {
 	return g.Sync(spec)
 }
 
-// structureOK reads the table and reports its set's elements and whether the set, the two
-// chains and their single rules are exactly ours for spec.
-func (g *Guard) structureOK(spec Spec) (map[netip.Addr]bool, bool) {
+// structureOK reads the table and reports its sets' elements and whether the sets, the two
+// chains and their rules are exactly ours for spec.
+func (g *Guard) structureOK(spec Spec) (map[elem]bool, bool) {
 	t := table()
-	set, err := g.conn.GetSetByName(t, SetName)
-	if err != nil || set == nil || set.KeyType.Name != nftables.TypeIPAddr.Name {
-		return nil, false
+	have := map[elem]bool{}
+	for _, name := range setNames {
+		want := setOf(t, name)
+		set, err := g.conn.GetSetByName(t, name)
+		if err != nil || set == nil || set.KeyType.Name != want.KeyType.Name || set.Interval || !set.Concatenation {
+			return nil, false
+		}
+		els, err := g.conn.GetSetElements(set)
+		if err != nil {
+			return nil, false
+		}
+		for _, e := range els {
+			have[elem{name, string(e.Key)}] = true
+		}
 	}
 	in, fwd := chains(t)
+	byChain := map[string][][]byte{}
+	for _, r := range rules(t, spec) {
+		byChain[r.Chain.Name] = append(byChain[r.Chain.Name], r.UserData)
+	}
 	for _, c := range []*nftables.Chain{in, fwd} {
 		kc, err := g.conn.ListChain(t, c.Name)
 		if err != nil || kc.Type != c.Type || kc.Hooknum == nil || *kc.Hooknum != *c.Hooknum || kc.Priority == nil || *kc.Priority != *c.Priority ||
@@ -275,41 +416,48 @@ func (g *Guard) structureOK(spec Spec) (map[netip.Addr]bool, bool) {
 			return nil, false
 		}
 		rs, err := g.conn.GetRules(t, c)
-		if err != nil || len(rs) != 1 || string(rs[0].UserData) != string(tag(c.Name, spec)) {
+		if err != nil || len(rs) != len(byChain[c.Name]) {
 			return nil, false
 		}
-	}
-	els, err := g.conn.GetSetElements(set)
-	if err != nil {
-		return nil, false
-	}
-	have := make(map[netip.Addr]bool, len(els))
-	for _, e := range els {
-		if a, ok := netip.AddrFromSlice(e.Key); ok {
-			have[a.Unmap()] = true
+		for i, r := range rs {
+			if string(r.UserData) != string(byChain[c.Name][i]) {
+				return nil, false
+			}
 		}
 	}
 	return have, true
 }
 
-func (g *Guard) addElements(set *nftables.Set, addrs []netip.Addr) error {
-	for c := range slices.Chunk(addrs, maxBatched) {
-		if err := g.conn.SetAddElements(set, elements(c)); err != nil {
-			return fmt.Errorf("vxguard: add elements: %w", err)
+// addElements queues es (in both sets) for the next Flush.
+func (g *Guard) addElements(es []elem) error {
+	return g.eachSet(es, g.conn.SetAddElements, "add")
+}
+
+func (g *Guard) eachSet(es []elem, op func(*nftables.Set, []nftables.SetElement) error, what string) error {
+	t := table()
+	for _, name := range setNames {
+		var part []elem
+		for _, e := range es {
+			if e.set == name {
+				part = append(part, e)
+			}
+		}
+		for c := range slices.Chunk(part, maxBatched) {
+			if err := op(setOf(t, name), elements(c)); err != nil {
+				return fmt.Errorf("vxguard: %s elements: %w", what, err)
+			}
 		}
 	}
 	return nil
 }
 
 // changeElements adds and removes elements in one transaction.
-func (g *Guard) changeElements(set *nftables.Set, add, del []netip.Addr) error {
-	if err := g.addElements(set, add); err != nil {
+func (g *Guard) changeElements(add, del []elem) error {
+	if err := g.addElements(add); err != nil {
 		return err
 	}
-	for c := range slices.Chunk(del, maxBatched) {
-		if err := g.conn.SetDeleteElements(set, elements(c)); err != nil {
-			return fmt.Errorf("vxguard: delete elements: %w", err)
-		}
+	if err := g.eachSet(del, g.conn.SetDeleteElements, "delete"); err != nil {
+		return err
 	}
 	if err := g.conn.Flush(); err != nil {
 		return fmt.Errorf("vxguard: update peers: %w", err)
@@ -317,10 +465,10 @@ func (g *Guard) changeElements(set *nftables.Set, add, del []netip.Addr) error {
 	return nil
 }
 
-// Update applies peer changes (node -> its address now; the zero Addr: gone or not a
-// peer any more) without reading the kernel: only addresses whose last user left or whose
-// first user arrived are written. It needs a Sync first (ErrNoMirror).
-func (g *Guard) Update(changes map[string]netip.Addr) (Stats, error) {
+// Update applies peer changes (node -> what it may send now; the zero Peer: gone or not
+// a peer any more) without reading the kernel: only elements whose last user left or
+// whose first user arrived are written. It needs a Sync first (ErrNoMirror).
+func (g *Guard) Update(changes map[string]Peer) (Stats, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if !g.valid {
@@ -329,45 +477,49 @@ func (g *Guard) Update(changes map[string]netip.Addr) (Stats, error) {
 	if g.spec.Port == 0 {
 		return Stats{}, nil
 	}
-	// Whether each touched address was in the set before this batch: a batch can move an
-	// address from one node to another, which must not write anything.
-	before := map[netip.Addr]bool{}
-	touch := func(a netip.Addr) {
-		if _, ok := before[a]; !ok {
-			before[a] = g.refs[a] > 0
+	// Whether each touched element was in a set before this batch: a batch can move an
+	// element from one node to another, which must not write anything.
+	before := map[elem]bool{}
+	touch := func(e elem) {
+		if _, ok := before[e]; !ok {
+			before[e] = g.refs[e] > 0
 		}
 	}
-	for n, a := range changes {
+	for n, p := range changes {
 		old, had := g.nodes[n]
-		if had && old == a {
+		if had && old == p {
 			continue
 		}
 		if had {
-			touch(old)
-			if g.refs[old]--; g.refs[old] == 0 {
-				delete(g.refs, old)
+			for _, e := range old.elems(g.spec.SubnetLen) {
+				touch(e)
+				if g.refs[e]--; g.refs[e] <= 0 {
+					delete(g.refs, e)
+				}
 			}
 			delete(g.nodes, n)
 		}
-		if a.Is4() {
-			touch(a)
-			g.nodes[n] = a
-			g.refs[a]++
+		if es := p.elems(g.spec.SubnetLen); len(es) > 0 {
+			for _, e := range es {
+				touch(e)
+				g.refs[e]++
+			}
+			g.nodes[n] = p
 		}
 	}
-	var add, del []netip.Addr
-	for a, was := range before {
-		switch now := g.refs[a] > 0; {
+	var add, del []elem
+	for e, was := range before {
+		switch now := g.refs[e] > 0; {
 		case now && !was:
-			add = append(add, a)
+			add = append(add, e)
 		case was && !now:
-			del = append(del, a)
+			del = append(del, e)
 		}
 	}
 	if len(add)+len(del) == 0 {
 		return Stats{}, nil
 	}
-	if err := g.changeElements(peerSet(table()), add, del); err != nil {
+	if err := g.changeElements(add, del); err != nil {
 		g.valid = false
 		return Stats{}, err
 	}

@@ -3,6 +3,7 @@ package vxguard
 import (
 	"fmt"
 	"net/netip"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -25,7 +26,7 @@ func newGuard(t *testing.T) (*Guard, *netns.NS) {
 // elementsIn lists the set's elements as nft prints them.
 func elementsIn(t *testing.T, ns *netns.NS) []string {
 	t.Helper()
-	out := ns.MustRun(t, "nft", "list", "set", "ip", Table, SetName)
+	out := ns.MustRun(t, "nft", "list", "set", "ip", Table, SetName+selfSuffix)
 	i := strings.Index(out, "elements = {")
 	if i < 0 {
 		return nil
@@ -33,17 +34,35 @@ func elementsIn(t *testing.T, ns *netns.NS) []string {
 	body := out[i+len("elements = {"):]
 	body = body[:strings.Index(body, "}")]
 	var els []string
-	for _, f := range strings.FieldsFunc(body, func(r rune) bool { return r == ',' || r == ' ' || r == '\n' || r == '\t' }) {
-		els = append(els, f)
+	for _, f := range strings.Split(body, ",") {
+		if f = strings.Join(strings.Fields(f), " "); f != "" {
+			els = append(els, f)
+		}
 	}
 	slices.Sort(els)
 	return els
 }
 
-func peers(kv ...string) map[string]netip.Addr {
-	m := map[string]netip.Addr{}
+var elementsRe = regexp.MustCompile(`elements = \{[^}]*\}`)
+
+// tableState is the table as nft prints it, with each set's elements sorted (the kernel
+// lists interval sets in insertion order).
+func tableState(t *testing.T, ns *netns.NS) string {
+	out := ns.MustRun(t, "nft", "list", "table", "ip", Table)
+	return elementsRe.ReplaceAllStringFunc(out, func(m string) string {
+		var els []string
+		for _, f := range strings.Split(strings.TrimSuffix(strings.TrimPrefix(m, "elements = {"), "}"), ",") {
+			els = append(els, strings.Join(strings.Fields(f), " "))
+		}
+		slices.Sort(els)
+		return strings.Join(els, ", ")
+	})
+}
+
+func peers(kv ...string) map[string]Peer {
+	m := map[string]Peer{}
 	for i := 0; i < len(kv); i += 2 {
-		m[kv[i]] = netip.MustParseAddr(kv[i+1])
+		m[kv[i]] = Peer{IP: netip.MustParseAddr(kv[i+1])}
 	}
 	return m
 }
@@ -55,23 +74,22 @@ func TestSyncAndUpdate(t *testing.T) {
 	if _, err := g.Update(peers("a", "192.0.2.11")); err != ErrNoMirror {
 		t.Fatalf("Update before Sync: %v, want ErrNoMirror", err)
 	}
-	spec := Spec{Port: 8472, Network: network, Peers: peers("a", "192.0.2.11", "b", "192.0.2.12")}
+	spec := Spec{Port: 8472, Network: network, SubnetLen: 24, Peers: peers("a", "192.0.2.11", "b", "192.0.2.12")}
 	st, err := g.Sync(spec)
 	if err != nil || !st.Rebuilt || st.Added != 2 {
 		t.Fatalf("first Sync: %+v %v", st, err)
 	}
-	rules := ns.MustRun(t, "nft", "list", "table", "ip", Table)
-	for _, want := range []string{
-		"udp dport 8472 ip saddr != @vxlan-peers counter packets 0 bytes 0 drop",
+	tableHas(t, ns.MustRun(t, "nft", "list", "table", "ip", Table),
+		"udp dport 8472 @th,224,16 0x800 ip saddr . @ll,48,48 . @th,336,32 & 0xffffff00 @vxlan-l2 accept",
+		"udp dport 8472 @th,224,16 0x800 ip saddr . @ll,48,48 . @th,336,32 @vxlan-l2-self accept",
+		"udp dport 8472 @th,224,16 0x800 ip saddr . @th,336,32 & 0xffffff00 @vxlan-peers accept",
+		"udp dport 8472 @th,224,16 0x800 ip saddr . @th,336,32 @vxlan-peers-self accept",
+		"udp dport 8472 counter packets 0 bytes 0 drop",
 		"ip saddr 10.244.0.0/16 udp dport 8472 counter packets 0 bytes 0 drop",
 		"type filter hook input priority filter - 10; policy accept;",
 		"type filter hook forward priority filter - 10; policy accept;",
-	} {
-		if !strings.Contains(rules, want) {
-			t.Errorf("table lacks %q:\n%s", want, rules)
-		}
-	}
-	if got := elementsIn(t, ns); !slices.Equal(got, []string{"192.0.2.11", "192.0.2.12"}) {
+	)
+	if got := elementsIn(t, ns); !slices.Equal(got, []string{"192.0.2.11 . 192.0.2.11", "192.0.2.12 . 192.0.2.12"}) {
 		t.Fatalf("elements %v", got)
 	}
 	if st, err := g.Sync(spec); err != nil || st.Changed() {
@@ -80,16 +98,16 @@ func TestSyncAndUpdate(t *testing.T) {
 
 	for _, c := range []struct {
 		name    string
-		changes map[string]netip.Addr
+		changes map[string]Peer
 		want    []string
 		stats   Stats
 	}{
-		{"join", peers("c", "192.0.2.13"), []string{"192.0.2.11", "192.0.2.12", "192.0.2.13"}, Stats{Added: 1}},
-		{"leave", map[string]netip.Addr{"a": {}}, []string{"192.0.2.12", "192.0.2.13"}, Stats{Delete: 1}},
-		{"move", peers("b", "198.51.100.12"), []string{"192.0.2.13", "198.51.100.12"}, Stats{Added: 1, Delete: 1}},
-		{"two nodes share an address", peers("d", "192.0.2.13"), []string{"192.0.2.13", "198.51.100.12"}, Stats{}},
-		{"one of them leaves", map[string]netip.Addr{"c": {}}, []string{"192.0.2.13", "198.51.100.12"}, Stats{}},
-		{"an address passes between nodes in one batch", peers("d", "192.0.2.14", "e", "192.0.2.13"), []string{"192.0.2.13", "192.0.2.14", "198.51.100.12"}, Stats{Added: 1}},
+		{"join", peers("c", "192.0.2.13"), []string{"192.0.2.11 . 192.0.2.11", "192.0.2.12 . 192.0.2.12", "192.0.2.13 . 192.0.2.13"}, Stats{Added: 1}},
+		{"leave", map[string]Peer{"a": {}}, []string{"192.0.2.12 . 192.0.2.12", "192.0.2.13 . 192.0.2.13"}, Stats{Delete: 1}},
+		{"move", peers("b", "198.51.100.12"), []string{"192.0.2.13 . 192.0.2.13", "198.51.100.12 . 198.51.100.12"}, Stats{Added: 1, Delete: 1}},
+		{"two nodes share an address", peers("d", "192.0.2.13"), []string{"192.0.2.13 . 192.0.2.13", "198.51.100.12 . 198.51.100.12"}, Stats{}},
+		{"one of them leaves", map[string]Peer{"c": {}}, []string{"192.0.2.13 . 192.0.2.13", "198.51.100.12 . 198.51.100.12"}, Stats{}},
+		{"an address passes between nodes in one batch", peers("d", "192.0.2.14", "e", "192.0.2.13"), []string{"192.0.2.13 . 192.0.2.13", "192.0.2.14 . 192.0.2.14", "198.51.100.12 . 198.51.100.12"}, Stats{Added: 1}},
 	} {
 		st, err := g.Update(c.changes)
 		if err != nil || st != c.stats {
@@ -104,12 +122,12 @@ func TestSyncAndUpdate(t *testing.T) {
 // Whatever happens to the table, a Sync puts back exactly the desired one.
 func TestSyncRepairsDrift(t *testing.T) {
 	g, ns := newGuard(t)
-	spec := Spec{Port: 8472, Network: network}
+	spec := Spec{Port: 8472, Network: network, SubnetLen: 24}
 	want := func() string {
-		if _, err := g.Sync(Spec{Port: 8472, Network: network, Peers: peers("a", "192.0.2.11", "b", "192.0.2.12")}); err != nil {
+		if _, err := g.Sync(Spec{Port: 8472, Network: network, SubnetLen: 24, Peers: peers("a", "192.0.2.11", "b", "192.0.2.12")}); err != nil {
 			t.Fatal(err)
 		}
-		return ns.MustRun(t, "nft", "list", "table", "ip", Table)
+		return tableState(t, ns)
 	}()
 	for _, c := range []struct {
 		name    string
@@ -119,8 +137,8 @@ func TestSyncRepairsDrift(t *testing.T) {
 		{"table deleted", []string{"nft delete table ip netagent"}, true},
 		{"chain flushed", []string{"nft flush chain ip netagent vxlan-input"}, true},
 		{"rule added", []string{"nft add rule ip netagent vxlan-forward accept"}, true},
-		{"element deleted", []string{"nft delete element ip netagent vxlan-peers { 192.0.2.11 }"}, false},
-		{"element added", []string{"nft add element ip netagent vxlan-peers { 203.0.113.66 }"}, false},
+		{"element deleted", []string{"nft delete element ip netagent vxlan-peers-self { 192.0.2.11 . 192.0.2.11 }"}, false},
+		{"element added", []string{"nft add element ip netagent vxlan-peers-self { 203.0.113.66 . 203.0.113.66 }"}, false},
 		{"whole ruleset flushed", []string{"nft flush ruleset"}, true},
 		{"table made dormant", []string{"nft add table ip netagent { flags dormant; }"}, true},
 	} {
@@ -133,7 +151,7 @@ func TestSyncRepairsDrift(t *testing.T) {
 		if err != nil || !st.Changed() || st.Rebuilt != c.rebuilt {
 			t.Errorf("%s: Sync %+v %v", c.name, st, err)
 		}
-		if got := ns.MustRun(t, "nft", "list", "table", "ip", Table); got != want {
+		if got := tableState(t, ns); got != want {
 			t.Errorf("%s: not repaired:\n%s\nwant:\n%s", c.name, got, want)
 		}
 	}
@@ -161,22 +179,57 @@ func TestSyncRepairsDrift(t *testing.T) {
 // existing one.
 func TestManyPeers(t *testing.T) {
 	g, ns := newGuard(t)
-	many := map[string]netip.Addr{}
+	many := map[string]Peer{}
 	for i := range 5000 {
-		many[fmt.Sprintf("n%d", i)] = netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
+		many[fmt.Sprintf("n%d", i)] = Peer{IP: netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(100 + i>>8), byte(i), 0}), 24)}
 	}
 	for _, c := range []struct {
 		name  string
-		peers map[string]netip.Addr
+		peers map[string]Peer
 	}{{"into an existing table", many}, {"all gone", nil}, {"rebuilt", many}} {
 		if c.name == "rebuilt" {
 			ns.MustRun(t, "nft", "flush", "ruleset")
 		}
-		if _, err := g.Sync(Spec{Port: 8472, Network: network, Peers: c.peers}); err != nil {
+		if _, err := g.Sync(Spec{Port: 8472, Network: network, SubnetLen: 24, Peers: c.peers}); err != nil {
 			t.Fatalf("%s: %v", c.name, err)
 		}
 		if got := len(elementsIn(t, ns)); got != len(c.peers) {
 			t.Fatalf("%s: %d elements, want %d", c.name, got, len(c.peers))
+		}
+	}
+}
+
+// A peer's elements: its address and pod subnet as inner sources, in the L2 set with its
+// MAC when it has one.
+func TestPeerElements(t *testing.T) {
+	g, ns := newGuard(t)
+	spec := Spec{Port: 8472, Network: network, SubnetLen: 24, Peers: map[string]Peer{
+		"near": {IP: netip.MustParseAddr("192.0.2.12"), Subnet: netip.MustParsePrefix("10.244.2.0/24"), MAC: "02:00:00:00:00:12"},
+		"far":  {IP: netip.MustParseAddr("198.51.100.13"), Subnet: netip.MustParsePrefix("10.244.3.0/24")},
+	}}
+	if _, err := g.Sync(spec); err != nil {
+		t.Fatal(err)
+	}
+	tableHas(t, tableState(t, ns),
+		"192.0.2.12 . 02:00:00:00:00:12 . 10.244.2.0",
+		"192.0.2.12 . 02:00:00:00:00:12 . 192.0.2.12",
+		"198.51.100.13 . 10.244.3.0",
+		"198.51.100.13 . 198.51.100.13",
+	)
+	// The far peer moves next to us: out of one set, into the other.
+	if st, err := g.Update(map[string]Peer{"far": {IP: netip.MustParseAddr("198.51.100.13"), Subnet: netip.MustParsePrefix("10.244.3.0/24"), MAC: "02:00:00:00:00:13"}}); err != nil || st != (Stats{Added: 2, Delete: 2}) {
+		t.Fatalf("Update: %+v %v", st, err)
+	}
+	if got := tableState(t, ns); !strings.Contains(got, "198.51.100.13 . 02:00:00:00:00:13 . 10.244.3.0") || strings.Contains(got, "198.51.100.13 . 10.244.3.0") {
+		t.Errorf("after the move:\n%s", got)
+	}
+}
+
+func tableHas(t *testing.T, table string, wants ...string) {
+	t.Helper()
+	for _, want := range wants {
+		if !strings.Contains(table, want) {
+			t.Errorf("table lacks %q:\n%s", want, table)
 		}
 	}
 }

@@ -143,7 +143,9 @@ func TestVXLANAllowList(t *testing.T) {
 	}
 
 	// 3. The rogue becomes a legitimate peer: its lease appears and node1 accepts its VXLAN
-	// at once (its datagrams now arrive).
+	// at once (its datagrams, from its own subnet, now arrive).
+	rogue.MustRun(t, "ip", "link", "del", "vxrogue")
+	vxlanDev(t, rogue, "192.0.2.99", "10.244.250.7/32", victim.IP.String(), vtep1, n1.IP.String())
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{l.EtcdEndpoint()}, DialTimeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
@@ -185,7 +187,7 @@ func TestVXLANAllowList(t *testing.T) {
 	l.NodeNS(n1).MustRun(t, "nft", "flush", "ruleset")
 	d = waitUntil(t, 5*time.Second, "node1's nftables tables restored", func() bool {
 		out, err := l.NodeNS(n1).Run("nft", "list", "set", "bridge", "netagent", "pods")
-		vx, err2 := l.NodeNS(n1).Run("nft", "list", "set", "ip", "netagent", "vxlan-peers")
+		vx, err2 := l.NodeNS(n1).Run("nft", "list", "set", "ip", "netagent", "vxlan-l2") // node2 is on the same L2
 		return err == nil && err2 == nil && strings.Contains(out, victim.IP.String()) && strings.Contains(vx, n2.IP.String())
 	})
 	t.Logf("allow-list and anti-spoofing set restored %s after nft flush ruleset", d.Round(time.Millisecond))
@@ -239,6 +241,93 @@ func TestCleanup(t *testing.T) {
 	for _, p := range []string{conflist, n.Dir + "/subnet.env"} {
 		if _, err := os.Stat(p); err == nil {
 			t.Errorf("%s left after cleanup", p)
+		}
+	}
+}
+
+// rogueHost attaches a namespace to sw's br0 with addr on eth0 (and gw as its default
+// route, if set).
+func rogueHost(t *testing.T, sw *netns.NS, name, addr, gw string) *netns.NS {
+	t.Helper()
+	ns := netns.New(t, name)
+	port := fmt.Sprintf("rg%d", time.Now().UnixNano()%100000)
+	if err := netns.Veth(sw, port, ns, "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	sw.MustRun(t, "ip", "link", "set", port, "master", "br0", "up")
+	ns.MustRun(t, "ip", "addr", "add", addr, "dev", "eth0")
+	ns.MustRun(t, "ip", "link", "set", "eth0", "up")
+	if gw != "" {
+		ns.MustRun(t, "ip", "route", "add", "default", "via", gw)
+	}
+	return ns
+}
+
+// Spoofing a peer's underlay address: a rogue host sends VXLAN with a peer's outer source
+// address, the right VNI and the victim's VTEP MAC. Dropped: from a host on the same L2
+// without the peer's MAC; from behind a router (the frame carries the router's MAC, not
+// the same-L2 peer's); carrying an inner source that is not the spoofed peer's own (its
+// pod subnet or its address). What remains (SECURITY.md): an attacker on the same L2
+// forging both the peer's MAC and address, or spoofing a routed peer from behind a router,
+// reaches pods only as that peer's pods.
+func TestVXLANSpoofedPeer(t *testing.T) {
+	l := newLab(t, "vxlan", 3, 1, 1)
+	n1, n2, n3 := l.Nodes[0], l.Nodes[1], l.Nodes[2] // n3 is behind the router
+	victim := n1.Pods[0]
+	got := udpSink(t, l.PodNS(victim), 9999)
+	vtep1 := plan.VTEPMAC(n1.Name).String()
+	sub2 := netip.MustParsePrefix(status(t, l, n2).Subnet)
+	sub3 := netip.MustParsePrefix(status(t, l, n3).Subnet)
+	inner := func(s netip.Prefix) string { return s.Addr().Next().Next().Next().Next().String() } // no pod there
+	mac2 := strings.Fields(l.NodeNS(n2).MustRun(t, "ip", "-br", "link", "show", "eth0"))[2]
+
+	try := func(name string, ns *netns.NS, outer, innerSrc string, want bool) {
+		t.Helper()
+		_, _ = ns.Run("ip", "link", "del", "vxrogue")
+		vxlanDev(t, ns, outer, innerSrc+"/32", victim.IP.String(), vtep1, n1.IP.String())
+		before, dropped := got.Load(), metricValue(t, l, n1, "netagent_vxlan_dropped_packets_total")
+		sendUDP(t, ns, victim.IP.String()+":9999", 20)
+		time.Sleep(200 * time.Millisecond)
+		n := got.Load() - before
+		d := metricValue(t, l, n1, "netagent_vxlan_dropped_packets_total") - dropped
+		t.Logf("%s: %d of 20 delivered, %v dropped by the allow-list", name, n, d)
+		switch {
+		case want && n == 0:
+			t.Errorf("%s: nothing delivered, want it to pass (the documented limit)", name)
+		case !want && n != 0:
+			t.Errorf("%s: %d of 20 injected datagrams delivered to the pod", name, n)
+		case !want && d < 20:
+			t.Errorf("%s: dropped-packets metric grew by %v, want >= 20", name, d)
+		}
+	}
+
+	// 1. Same L2, node2's address, its own MAC.
+	l2 := rogueHost(t, l.Switch(), "rogue-l2", "192.0.2.99/24", "")
+	l2.MustRun(t, "ip", "addr", "add", n2.IP.String()+"/32", "dev", "eth0")
+	try("same L2, node2's address", l2, n2.IP.String(), inner(sub2), false)
+
+	// 2. Behind the router, node2's address (a same-L2 peer of node1): the router's MAC.
+	rt := rogueHost(t, l.SwitchB(), "rogue-rt", "198.51.100.99/24", "198.51.100.1")
+	rt.MustRun(t, "ip", "addr", "add", n2.IP.String()+"/32", "dev", "eth0")
+	try("behind the router, node2's address", rt, n2.IP.String(), inner(sub2), false)
+
+	// 3. Behind the router, node3's address (a routed peer: no MAC to check), with an inner
+	// source of node2's subnet, or outside the cluster: not node3's own.
+	rt.MustRun(t, "ip", "addr", "add", n3.IP.String()+"/32", "dev", "eth0")
+	try("behind the router, node3's address, node2's pod as inner source", rt, n3.IP.String(), inner(sub2), false)
+	try("behind the router, node3's address, an outside inner source", rt, n3.IP.String(), "203.0.113.7", false)
+
+	// What a source-address allow-list cannot stop: node3's own pod addresses from behind the
+	// router; node2's from the same L2 with node2's MAC forged too.
+	try("behind the router, node3's address and pod subnet (not stoppable)", rt, n3.IP.String(), inner(sub3), true)
+	l2.MustRun(t, "ip", "link", "set", "eth0", "address", mac2)
+	try("same L2, node2's address and MAC (not stoppable)", l2, n2.IP.String(), inner(sub2), true)
+
+	// Legitimate traffic is unaffected (node2 on the L2, node3 behind the router).
+	l2.MustRun(t, "ip", "link", "set", "eth0", "down") // give node2's MAC back to node2
+	for _, n := range []*lab.Node{n2, n3} {
+		if err := lab.Ping(l.PodNS(n.Pods[0]), victim.IP.String()); err != nil {
+			t.Errorf("pod on %s -> pod on node1: %v", n.Name, err)
 		}
 	}
 }
