@@ -118,6 +118,8 @@ func (e *Etcd) Reserve(ctx context.Context, node string, subnet netip.Prefix, fo
 	if err := ValidNodeName(node); err != nil {
 		return err
 	}
+	ctx, cancel := context.WithTimeout(ctx, claimTimeout)
+	defer cancel()
 	for range 5 {
 		resp, err := e.cli.Get(ctx, e.prefix+"/", clientv3.WithPrefix())
 		if err != nil {
@@ -395,6 +397,8 @@ func (e *Etcd) state(ctx context.Context) (map[netip.Prefix]Lease, map[string]ne
 
 // ownerRev is the mod revision of node's owner record (0: none).
 func (e *Etcd) ownerRev(ctx context.Context, node string) (int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
 	resp, err := e.cli.Get(ctx, e.key("owners", node))
 	if err != nil {
 		return 0, fmt.Errorf("read owner of %s: %w", node, err)
@@ -486,6 +490,8 @@ func ownerRevIn(txn *clientv3.TxnResponse) int64 {
 
 // Renew re-claims h's subnet (after its etcd lease was lost): same subnet, new etcd lease.
 func (e *Etcd) Renew(ctx context.Context, h Held) (Held, error) {
+	ctx, cancel := context.WithTimeout(ctx, claimTimeout) // the check and the claim together
+	defer cancel()
 	if err := e.stillOurs(ctx, h); err != nil {
 		return Held{}, err
 	}
@@ -497,6 +503,8 @@ func (e *Etcd) Renew(ctx context.Context, h Held) (Held, error) {
 // two hosts.
 func (e *Etcd) stillOurs(ctx context.Context, h Held) error {
 	k := e.key("subnets", SubnetKey(h.Lease.Subnet))
+	ctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
 	cur, err := e.cli.Get(ctx, k)
 	if err != nil || len(cur.Kvs) == 0 {
 		return nil // unreadable: claim reports it; absent: free to re-claim
@@ -574,6 +582,8 @@ func (e *Etcd) probe(ctx context.Context) error {
 // Release gives up h's subnet for good (netagent leave): the live lease, the remembered
 // owner record and the etcd lease.
 func (e *Etcd) Release(ctx context.Context, node string, subnet netip.Prefix) error {
+	ctx, cancel := context.WithTimeout(ctx, claimTimeout)
+	defer cancel()
 	k := e.key("subnets", SubnetKey(subnet))
 	cur, err := e.cli.Get(ctx, k)
 	if err != nil {
