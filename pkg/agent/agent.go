@@ -204,6 +204,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			cfg = c
 			break
 		}
+		if ctx.Err() != nil {
+			return ctx.Err() // stopped while asking: not a config problem
+		}
 		a.setError("config", err)
 		a.opt.Metrics.Errors.WithLabelValues("config").Inc()
 		log.Warn("no usable network config yet", "err", err, "retry", backoff.peek())

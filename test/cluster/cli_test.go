@@ -65,7 +65,7 @@ func TestStopWhileWaitingForConfig(t *testing.T) {
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case err := <-done:
-		if err != nil || strings.Contains(stderr.String(), "netagent: context canceled") {
+		if err != nil || strings.Contains(stderr.String(), "context canceled") {
 			t.Errorf("SIGTERM while waiting for the config: %v\n%s", err, stderr.String())
 		}
 	case <-time.After(10 * time.Second):
