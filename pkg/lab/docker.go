@@ -11,6 +11,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/netagent/netagent/pkg/lab/k8s"
 )
 
 // Docker hosts in the lab: a real dockerd per node namespace, started with nsenter (ip
@@ -42,7 +44,7 @@ func (l *Lab) StartDocker(ctx context.Context, n *Node) error {
 		"--pidfile", filepath.Join(n.Dir, "docker.pid"),
 		"--log-level", "warn",
 		"--shutdown-timeout", "2")
-	pid, err := startDetached(cmd, filepath.Join(n.Dir, "dockerd.log"))
+	pid, err := k8s.StartDetached(cmd, filepath.Join(n.Dir, "dockerd.log"))
 	if err != nil {
 		return err
 	}

@@ -83,7 +83,7 @@ func (l *Lab) upKubernetes(ctx context.Context) error {
 		return nil
 	}
 	t0 = time.Now()
-	if err := l.kubeApply(ctx, fmt.Sprintf(webYAML, l.Opt.PodsPerNode*len(l.Nodes))); err != nil {
+	if err := l.kubeApply(ctx, k8s.WebManifest(l.Opt.PodsPerNode*len(l.Nodes), 0)); err != nil {
 		return err
 	}
 	if _, err := c.Kubectl(ctx, "rollout", "status", "deployment/web", "--timeout=180s"); err != nil {
@@ -92,35 +92,6 @@ func (l *Lab) upKubernetes(ctx context.Context) error {
 	l.logf("Deployment web: %d pods made by the kubelets, Service web (NodePort 30080) (%s)", l.Opt.PodsPerNode*len(l.Nodes), time.Since(t0).Round(time.Millisecond))
 	return nil
 }
-
-// webYAML is the lab's workload: busybox pods answering HTTP on 8080 with their name.
-const webYAML = `apiVersion: apps/v1
-kind: Deployment
-metadata: {name: web}
-spec:
-  replicas: %d
-  selector: {matchLabels: {app: web}}
-  template:
-    metadata: {labels: {app: web}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      topologySpreadConstraints:
-      - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}
-      containers:
-      - name: web
-        image: ` + k8s.BusyboxImageName + `
-        imagePullPolicy: Never
-        command: ["sh", "-c", "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
-        ports: [{containerPort: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: web}
-spec:
-  type: NodePort
-  selector: {app: web}
-  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
-`
 
 func (l *Lab) kubeApply(ctx context.Context, yaml string) error {
 	cmd := l.K8s.KubectlCmd(ctx, "apply", "-f", "-")

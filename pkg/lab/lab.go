@@ -453,14 +453,14 @@ func (l *Lab) StartEtcd() error {
 			"--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
 			"--initial-cluster", "tls=http://127.0.0.1:2380",
 			"--cert-file", t.ServerCert, "--key-file", t.ServerKey, "--trusted-ca-file", t.CA, "--client-cert-auth")
-		pid, err := startDetached(cmd, filepath.Join(l.Dir, "etcd.log"))
+		pid, err := k8s.StartDetached(cmd, filepath.Join(l.Dir, "etcd.log"))
 		if err != nil {
 			return err
 		}
 		l.EtcdPid = pid
 	} else if l.EtcdMembers <= 1 && l.EtcdBinary == "" {
 		cmd := l.Switch().Command(context.Background(), l.Opt.Netagent, "etcd", "--data-dir", dir)
-		pid, err := startDetached(cmd, filepath.Join(l.Dir, "etcd.log"))
+		pid, err := k8s.StartDetached(cmd, filepath.Join(l.Dir, "etcd.log"))
 		if err != nil {
 			return err
 		}
@@ -531,7 +531,7 @@ func (l *Lab) StartEtcdMember(i int) error {
 			"--initial-cluster", strings.Join(cluster, ","), "--initial-cluster-token", "netagent", "--initial-cluster-state", "new")
 	}
 	cmd.Dir = dir // members find each other's peer sockets relative to it
-	pid, err := startDetached(cmd, filepath.Join(l.Dir, "etcd-"+name+".log"))
+	pid, err := k8s.StartDetached(cmd, filepath.Join(l.Dir, "etcd-"+name+".log"))
 	if err != nil {
 		return err
 	}
@@ -631,7 +631,7 @@ func (l *Lab) resyncFlag() []string {
 // StartAgent starts the node's agent.
 func (l *Lab) StartAgent(n *Node) error {
 	cmd := l.NodeNS(n).Command(context.Background(), l.Opt.Netagent, l.AgentArgs(n)...)
-	pid, err := startDetached(cmd, filepath.Join(n.Dir, "agent.log"))
+	pid, err := k8s.StartDetached(cmd, filepath.Join(n.Dir, "agent.log"))
 	if err != nil {
 		return fmt.Errorf("start agent on %s: %w", n.Name, err)
 	}
@@ -804,24 +804,6 @@ func (l *Lab) Down() error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// startDetached starts cmd in its own session with output to logPath, so it outlives the
-// starting process (the lab keeps running after `netagent lab up` returns).
-func startDetached(cmd *exec.Cmd, logPath string) (int, error) {
-	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		return 0, err
-	}
-	defer f.Close()
-	cmd.Stdout, cmd.Stderr = f, f
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		return 0, err
-	}
-	pid := cmd.Process.Pid
-	go func() { _ = cmd.Wait() }() // reap it if it exits while we run
-	return pid, nil
 }
 
 func killWait(pid int) error { return signalWait(pid, syscall.SIGKILL) }

@@ -135,34 +135,6 @@ func (l *lab) eventually(what string, timeout time.Duration, ok func() (bool, st
 	l.t.Fatalf("%s: not within %s; last: %s", what, timeout, last)
 }
 
-const webYAML = `apiVersion: apps/v1
-kind: Deployment
-metadata: {name: web}
-spec:
-  replicas: %d
-  selector: {matchLabels: {app: web}}
-  template:
-    metadata: {labels: {app: web}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      topologySpreadConstraints:
-      - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}
-      containers:
-      - name: web
-        image: lab.local/busybox:1
-        imagePullPolicy: Never
-        command: ["sh", "-c", "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
-        ports: [{containerPort: 8080, hostPort: 18080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: web}
-spec:
-  type: NodePort
-  selector: {app: web}
-  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
-`
-
 type podInfo struct {
 	Name, IP, Node string
 }
@@ -219,7 +191,7 @@ func TestKubernetes(t *testing.T) {
 		}
 	}
 
-	applyYAML(t, l, fmt.Sprintf(webYAML, len(l.nodes)))
+	applyYAML(t, l, k8s.WebManifest(len(l.nodes), 18080))
 	var pods []podInfo
 	l.eventually("web pods ready on every node", 2*time.Minute, func() (bool, string) {
 		pods = l.webPods()

@@ -426,7 +426,7 @@ conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeou
 		return err
 	}
 	// nsenter --net, not `ip netns exec`, which remounts /sys and hides the cgroup mounts.
-	pid, err := startDetached(exec.Command("nsenter", "--net=/run/netns/"+n.NS, "unshare", "-m", "--propagation", "private",
+	pid, err := StartDetached(exec.Command("nsenter", "--net=/run/netns/"+n.NS, "unshare", "-m", "--propagation", "private",
 		"bash", scriptPath), filepath.Join(n.Dir, "node.log"))
 	if err != nil {
 		return err
@@ -474,6 +474,43 @@ func (c *Cluster) waitNodes(ctx context.Context, timeout time.Duration) error {
 		return fmt.Errorf("nodes %v did not register (see %s)", missing, strings.Join(logs, ", "))
 	}
 	return nil
+}
+
+// WebManifest is a test workload: a Deployment of busybox pods spread over the nodes, each
+// serving its name over HTTP on 8080 (with hostPort, also on the node's address), behind a
+// NodePort Service (30080).
+func WebManifest(replicas, hostPort int) string {
+	port := "{containerPort: 8080}"
+	if hostPort > 0 {
+		port = fmt.Sprintf("{containerPort: 8080, hostPort: %d}", hostPort)
+	}
+	return fmt.Sprintf(`apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: %d
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      topologySpreadConstraints:
+      - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}
+      containers:
+      - name: web
+        image: %s
+        imagePullPolicy: Never
+        command: ["sh", "-c", "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
+        ports: [%s]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+`, replicas, BusyboxImageName, port)
 }
 
 // Kubectl runs the cluster's kubectl as the admin from the first node's namespace (the API
@@ -607,10 +644,12 @@ func removeCgroups(name string) error {
 // startIn starts a long-running process in a network namespace, detached from the caller
 // (the lab command exits while the cluster keeps running).
 func startIn(ns, logPath, bin string, args ...string) (int, error) {
-	return startDetached(exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, bin}, args...)...), logPath)
+	return StartDetached(exec.Command("nsenter", append([]string{"--net=/run/netns/" + ns, bin}, args...)...), logPath)
 }
 
-func startDetached(cmd *exec.Cmd, logPath string) (int, error) {
+// StartDetached starts cmd in its own session with output appended to logPath, so it
+// outlives the starting process (a lab keeps running after `netagent lab up` returns).
+func StartDetached(cmd *exec.Cmd, logPath string) (int, error) {
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return 0, err
