@@ -17,6 +17,7 @@ import (
 	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/ipam"
 	"github.com/netagent/netagent/test/netns"
+	vns "github.com/vishvananda/netns"
 )
 
 func TestMain(m *testing.M) {
@@ -348,9 +349,12 @@ func TestCounters(t *testing.T) {
 		t.Fatal(err)
 	}
 	veth := bridge.HostVethName("counters", "eth0")
-	if _, err := bridge.Add(h, br, bridge.Pod{NetnsFd: int(podFd.Fd()), IfName: "eth0", HostVeth: veth, Addr: addr, Gateway: gw.Addr(), MTU: 1500}); err != nil {
+	wired, err := bridge.Add(h, br, bridge.Pod{NetnsFd: int(podFd.Fd()), IfName: "eth0", HostVeth: veth, Addr: addr, Gateway: gw.Addr(), MTU: 1500})
+	if err != nil {
 		t.Fatal(err)
 	}
+	// The plugin sets the host end up last (a live attachment is told from a half-done one by it).
+	in(t, node, func() error { return bridge.Up(h, vns.NsHandle(podFd.Fd()), wired, veth, "eth0") })
 	in(t, node, func() error { return antispoof.Install(ctx, []antispoof.Entry{antispoof.EntryFor(veth, addr.Addr())}) })
 	counts := func() antispoof.Counts {
 		var c antispoof.Counts
