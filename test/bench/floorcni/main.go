@@ -1,6 +1,7 @@
 // Command netagent-bench-floor is the CNI benchmark's floor plugin: a Go CNI plugin that
 // does the kernel work of an attachment (barework) and prints a result, and nothing else —
-// no IPAM (the pod's address comes from CNI_ARGS IDX), no checks, no host-side state. The
+// no IPAM (the pod's address comes from CNI_ARGS: IDX, or the number a K8S_POD_NAME ends
+// in, which is how the CRI benchmark names its sandboxes), no checks, no host-side state. The
 // benchmark times whole pods with it next to netagent-cni and the reference chain: what it
 // scores is the best any plugin that is a Go program exec'd once per pod can score here.
 // It is a measuring stick, never an installed plugin.
@@ -39,7 +40,14 @@ func load(args *skel.CmdArgs) (conf, int, error) {
 			return c, idx, err
 		}
 	}
-	return c, 0, fmt.Errorf("CNI_ARGS has no IDX")
+	for _, kv := range strings.Split(args.Args, ";") {
+		if v, ok := strings.CutPrefix(kv, "K8S_POD_NAME="); ok {
+			digits := strings.TrimLeft(v, "abcdefghijklmnopqrstuvwxyz-")
+			idx, err := strconv.Atoi(digits)
+			return c, idx, err
+		}
+	}
+	return c, 0, fmt.Errorf("CNI_ARGS has neither IDX nor K8S_POD_NAME")
 }
 
 func hostVeth(idx int) string { return fmt.Sprintf("fv%d", idx) }
