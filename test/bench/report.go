@@ -228,10 +228,15 @@ func notes(m meta, r *results) []string {
 				c.op, ms(floor), ms(budget), c.target))
 		}
 	}
-	if fl, ok := r.add["floor"]; ok {
-		ratio := float64(percentile(fl, 0.5)) / float64(percentile(r.add["ref"], 0.5))
-		if ratio > targetAddP50 {
-			out = append(out, fmt.Sprintf("ADD p50 target is out of reach for any plugin that is a Go program exec'd per pod here: the floor plugin (the bare kernel work, nothing else) scores %.3f × ref", ratio))
+	if _, ok := r.add["floor"]; ok {
+		for _, c := range []struct {
+			op     string
+			m      map[string][]time.Duration
+			target float64
+		}{{"ADD", r.add, targetAddP50}, {"DEL", r.del, targetDelP50}} {
+			if ratio := float64(percentile(c.m["floor"], 0.5)) / float64(percentile(c.m["ref"], 0.5)); ratio > c.target {
+				out = append(out, fmt.Sprintf("%s p50 target is out of reach for any plugin that is a Go program exec'd per pod here: the floor plugin (the bare kernel work, nothing else) scores %.3f × ref", c.op, ratio))
+			}
 		}
 		for _, c := range r.opt.conc {
 			if t := r.tput["floor"][c].podsPerSec() / r.tput["ref"][c].podsPerSec(); t > 0 && t < targetTput {
