@@ -21,6 +21,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/agent"
 	"github.com/netagent/netagent/pkg/kube"
+	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/subnetfile"
 )
 
@@ -204,7 +205,7 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 		log.Info("embedded etcd", "endpoint", endpoint)
 	}
 	metrics := agent.NewMetrics()
-	var store agent.Store
+	var store lease.Store
 	switch f.subnetManager {
 	case "kube":
 		nodes, err := kubeNodes(f.kubeconfig, f.node)

@@ -429,3 +429,5 @@ func slim(obj any) (any, error) {
 	}
 	return out, nil
 }
+
+var _ lease.Store = (*Store)(nil)
