@@ -44,18 +44,18 @@ const (
 
 // node is one node namespace with a pod namespace behind it and its WireGuard device.
 type node struct {
-	t        testing.TB
-	idx      int
-	ns, pod  *netns.NS
-	dev      string // the WireGuard interface; unique per test process (sockets share one dir)
-	underlay netip.Addr
-	subnet   netip.Prefix
+	t         testing.TB
+	idx       int
+	ns, pod   *netns.NS
+	dev       string // the WireGuard interface; unique per test process (sockets share one dir)
+	underlay  netip.Addr
+	subnet    netip.Prefix
 	gw, podIP netip.Addr
-	keyDir   string
-	daemon   *device.Daemon
-	h        *netlink.Handle
-	wg       *wgctrl.Client
-	rec      *wireguard.Reconciler
+	keyDir    string
+	daemon    *device.Daemon
+	h         *netlink.Handle
+	wg        *wgctrl.Client
+	rec       *wireguard.Reconciler
 }
 
 var devSeq int

@@ -116,11 +116,12 @@ func (p *pinger) finish() (gap time.Duration, lost int) {
 // capture records every frame on one link of a namespace (an AF_PACKET socket: no tcpdump
 // on this machine, and none needed).
 type capture struct {
-	fd     int
-	mu     sync.Mutex
-	frames [][]byte
-	done   chan struct{}
-	quit   chan struct{}
+	fd        int
+	mu        sync.Mutex
+	frames    [][]byte
+	truncated int
+	done      chan struct{}
+	quit      chan struct{}
 }
 
 func startCapture(t testing.TB, n *netns.NS, link string) *capture {
@@ -157,16 +158,22 @@ func startCapture(t testing.TB, n *netns.NS, link string) *capture {
 	_, _ = unix.GetsockoptTpacketStats(c.fd, unix.SOL_PACKET, unix.PACKET_STATISTICS)
 	go func() {
 		defer close(c.done)
-		buf := make([]byte, 65536)
+		buf := make([]byte, 1<<17) // a GSO frame can exceed 64 KiB with its headers
 		for {
 			select {
 			case <-c.quit:
 				return
 			default:
 			}
-			k, _, err := unix.Recvfrom(c.fd, buf, 0)
+			k, _, err := unix.Recvfrom(c.fd, buf, unix.MSG_TRUNC)
 			if err != nil {
 				continue // the timeout, so quit is seen
+			}
+			if k > len(buf) {
+				c.mu.Lock()
+				c.truncated++
+				c.mu.Unlock()
+				k = len(buf)
 			}
 			c.mu.Lock()
 			c.frames = append(c.frames, append([]byte(nil), buf[:k]...))
@@ -186,6 +193,9 @@ func (c *capture) stop(t testing.TB) [][]byte {
 	unix.Close(c.fd)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if c.truncated != 0 {
+		t.Fatalf("capture truncated %d frames", c.truncated)
 	}
 	if st.Drops != 0 {
 		t.Fatalf("capture dropped %d of %d frames", st.Drops, st.Packets)
