@@ -202,7 +202,7 @@ func TestDiff(t *testing.T) {
 			}
 			cur := inSync()
 			tt.cur(cur)
-			wc, ch := diff(c, cur)
+			wc, settle, ch := diff(c, cur)
 			if ch.String() != tt.want {
 				t.Errorf("diff changes = %q, want %q", ch, tt.want)
 			}
@@ -215,7 +215,18 @@ func TestDiff(t *testing.T) {
 			// Applying the request to the device must give the desired state, and an
 			// unchanged peer must not appear in it (its session would be disturbed).
 			got := apply(t, cur, *wc)
-			if wc2, ch2 := diff(c, got); wc2 != nil {
+			if (settle != nil) != (len(ch.Added) > 0) {
+				t.Errorf("diff settle request = %+v, want one exactly when peers are added", settle)
+			}
+			if settle != nil {
+				for _, pc := range wc.Peers {
+					if !pc.UpdateOnly && !pc.Remove && (pc.PersistentKeepaliveInterval == nil || *pc.PersistentKeepaliveInterval == 0) {
+						t.Errorf("new peer %s added without the keepalive that starts its handshake", pc.PublicKey)
+					}
+				}
+				got = apply(t, got, *settle)
+			}
+			if wc2, _, ch2 := diff(c, got); wc2 != nil {
 				t.Errorf("after applying, diff still asks for %q", ch2)
 			}
 			for _, pc := range wc.Peers {
