@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -202,6 +203,22 @@ func TestDrift(t *testing.T) {
 		}, func(ch wireguard.Changes) bool {
 			return ch.Created && ch.PrivateKey && ch.ListenPort && strings.Join(ch.Added, ",") == "node2"
 		}},
+		{"socket deleted", func(t *testing.T) {
+			if err := os.Remove(device.SocketPath(a.dev)); err != nil {
+				t.Fatal(err)
+			}
+			// Nobody could configure the device any more: the daemon goes, and its device.
+			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				if _, err := a.h.LinkByName(a.dev); err != nil {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("device still there after its socket was deleted")
+				}
+			}
+		}, func(ch wireguard.Changes) bool {
+			return ch.Created && ch.PrivateKey && strings.Join(ch.Added, ",") == "node2"
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -352,6 +369,13 @@ func TestDaemon(t *testing.T) {
 		out, err := run(n1)
 		if err == nil || !strings.Contains(out, "interface "+dev+" already exists in this network namespace") {
 			t.Fatalf("daemon beside an existing %s = %v: %s", dev, err, out)
+		}
+		// The agent's starter passes the daemon's reason on.
+		d := &device.Daemon{Binary: bin, Name: dev, MTU: mtu, NetNS: n1.Path, LogPath: filepath.Join(t.TempDir(), "log")}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if started, err := d.Ensure(ctx); started || err == nil || !strings.Contains(err.Error(), "exited before its socket was up") || !strings.Contains(err.Error(), "already exists") {
+			t.Fatalf("Daemon.Ensure beside an existing %s = %v, %v; want the daemon's reason", dev, started, err)
 		}
 		n1.MustRun(t, "ip", "link", "del", dev)
 	})
