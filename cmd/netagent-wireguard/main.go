@@ -41,13 +41,13 @@ func main() {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})).With("dev", *name)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *name, *mtu, log); err != nil {
+	if err := run(ctx, *name, *mtu, *verbose, log); err != nil {
 		log.Error("netagent-wireguard", "err", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, name string, mtu int, log *slog.Logger) error {
+func run(ctx context.Context, name string, mtu int, verbose bool, log *slog.Logger) error {
 	if err := device.ValidName(name); err != nil {
 		return err
 	}
@@ -68,10 +68,14 @@ func run(ctx context.Context, name string, mtu int, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("create TUN device %s: %w", name, err)
 	}
-	dev := wgdevice.NewDevice(tdev, conn.NewDefaultBind(), &wgdevice.Logger{
-		Verbosef: func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) },
+	logger := &wgdevice.Logger{
+		Verbosef: wgdevice.DiscardLogf, // unless -v: it is called per handshake and keepalive
 		Errorf:   func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) },
-	})
+	}
+	if verbose {
+		logger.Verbosef = func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) }
+	}
+	dev := wgdevice.NewDevice(tdev, conn.NewDefaultBind(), logger)
 	defer dev.Close() // closes the TUN, which removes the interface
 	// The socket appears only now, with the device running: a live socket means a device
 	// that can be configured (device.Daemon waits for exactly that).
