@@ -39,7 +39,7 @@ func startPing(t testing.TB, from *netns.NS, dst netip.Addr) *pinger {
 		t.Fatal(err)
 	}
 	p := &pinger{t: t, done: make(chan struct{}), seqs: map[int]bool{}}
-	line := regexp.MustCompile(`^\[(\d+\.\d+)\] .* icmp_seq=(\d+) `)
+	line := regexp.MustCompile(`^\[(\d+\.\d+)\] \d+ bytes from .* icmp_seq=(\d+) `) // replies only, not "From ... Unreachable"
 	go func() {
 		defer close(p.done)
 		s := bufio.NewScanner(out)

@@ -104,3 +104,32 @@ func BenchmarkSetPeers(b *testing.B) {
 	b.ReportMetric(float64(add.Milliseconds())/float64(b.N), "ms/add-1000")
 	b.ReportMetric(float64(steady.Milliseconds())/float64(b.N), "ms/steady-1000")
 }
+
+// BenchmarkJoin: two running devices without peers learn of each other (one Set each, as
+// from the lease watch); measured is the time from the first Set to the first reply of a
+// 10 ms ping that was already running between their pods, handshake included.
+//
+//	go test -run '^$' -bench Join -benchtime 5x ./test/wireguard
+func BenchmarkJoin(b *testing.B) {
+	var total time.Duration
+	for range b.N {
+		b.StopTimer()
+		a, z := newNodes(b)
+		a.reconcile()
+		z.reconcile()
+		p := startPing(b, a.pod, z.podIP)
+		time.Sleep(50 * time.Millisecond)
+		b.StartTimer()
+		t0 := time.Now()
+		a.reconcile(z)
+		z.reconcile(a)
+		p.waitReplies(1, 10*time.Second)
+		b.StopTimer()
+		p.mu.Lock()
+		first := time.Unix(0, int64(p.rx[0]*1e9))
+		p.mu.Unlock()
+		total += first.Sub(t0)
+		p.finish()
+	}
+	b.ReportMetric(float64(total.Microseconds())/1000/float64(b.N), "ms/join")
+}
