@@ -83,6 +83,10 @@ func write(dir string) (wgtypes.Key, error) {
 }
 
 func loadPrivate(path string) (wgtypes.Key, error) {
+	// Whoever can write the directory can swap the file for their own key.
+	if di, err := os.Stat(filepath.Dir(path)); err == nil && di.Mode().Perm()&0o022 != 0 {
+		return wgtypes.Key{}, fmt.Errorf("private key: directory %s: %w: mode %#o lets group or others replace the key", filepath.Dir(path), ErrInsecure, di.Mode().Perm())
+	}
 	fi, err := os.Lstat(path)
 	if err != nil {
 		return wgtypes.Key{}, fmt.Errorf("private key: %w", err)

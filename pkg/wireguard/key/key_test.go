@@ -69,6 +69,14 @@ func TestLoadRefuses(t *testing.T) {
 				t.Fatal(err)
 			}
 		}, want: "not a regular file"},
+		{name: "writable directory", content: good.String(), mode: 0o600, setup: func(t *testing.T, path string) {
+			if err := os.WriteFile(path, []byte(good.String()), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chmod(filepath.Dir(path), 0o777); err != nil {
+				t.Fatal(err)
+			}
+		}, want: "lets group or others replace the key"},
 		{name: "foreign owner", content: good.String(), mode: 0o600, setup: func(t *testing.T, path string) {
 			if os.Geteuid() != 0 {
 				t.Skip("chown needs root")
