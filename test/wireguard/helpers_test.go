@@ -52,6 +52,7 @@ type node struct {
 	subnet    netip.Prefix
 	gw, podIP netip.Addr
 	keyDir    string
+	psk       *wgtypes.Key // the cluster's pre-shared key, if any
 	daemon    *device.Daemon
 	h         *netlink.Handle
 	wg        *wgctrl.Client
@@ -174,7 +175,7 @@ func desired(n *node, peers ...*node) (wireguard.Config, error) {
 	if err != nil {
 		return wireguard.Config{}, err
 	}
-	return wireguard.Config{Name: n.dev, PrivateKey: priv, ListenPort: port, MTU: mtu, Peers: ps}, nil
+	return wireguard.Config{Name: n.dev, PrivateKey: priv, ListenPort: port, MTU: mtu, PresharedKey: n.psk, Peers: ps}, nil
 }
 
 // reconcile runs one pass for n and puts the routes to the peers' subnets on the device.

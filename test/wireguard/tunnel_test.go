@@ -56,6 +56,38 @@ func TestTunnel(t *testing.T) {
 	}
 }
 
+// TestPresharedKey: a pre-shared key read from a file is applied to every peer; a node
+// without it cannot complete a handshake with one that has it, and can once it has it too.
+func TestPresharedKey(t *testing.T) {
+	a, b := newNodes(t)
+	psk, err := wgtypes.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(t.TempDir(), "psk")
+	if err := os.WriteFile(file, []byte(psk.String()+"\n"), 0o400); err != nil {
+		t.Fatal(err)
+	}
+	loaded, err := key.LoadPSK(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.psk = &loaded
+	a.reconcile(b)
+	b.reconcile(a)
+	if got := a.device().Peers[0].PresharedKey; got != psk {
+		t.Fatal("node1's peer does not carry the pre-shared key")
+	}
+	if _, err := a.pod.Run("ping", "-c", "2", "-W", "1", b.podIP.String()); err == nil {
+		t.Fatal("ping works with the pre-shared key on one side only")
+	}
+	b.psk = &loaded
+	if ch := b.reconcile(a); strings.Join(ch.Updated, ",") != "node1" {
+		t.Errorf("Set with the pre-shared key = %q, want node1 updated", ch)
+	}
+	a.waitPing(b.podIP)
+}
+
 // TestUnderlaySeesOnlyCiphertext transfers a known random payload pod to pod and captures
 // the underlay: no 32-byte run of it, and nothing but ARP and UDP between the WireGuard
 // ports. The same detector must find the payload when it crosses in clear (the control).
