@@ -3,12 +3,14 @@ package wireguard_test
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/netagent/netagent/pkg/wireguard"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
@@ -132,4 +134,75 @@ func BenchmarkJoin(b *testing.B) {
 		p.finish()
 	}
 	b.ReportMetric(float64(total.Microseconds())/1000/float64(b.N), "ms/join")
+}
+
+// TestRandomTransitions applies random desired states in sequence to one running device:
+// peers come and go, rotate keys, change endpoints, and trade pod subnets with each other
+// within one Set (WireGuard hands a prefix to the last peer configured with it, so order
+// inside the request matters). After every Set the device reads back exactly as desired,
+// and the next Set changes nothing.
+func TestRandomTransitions(t *testing.T) {
+	a, z := newNodes(t)
+	a.reconcile()
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 16))
+	seed := rng.Uint64()
+	t.Logf("seed %d", seed)
+	rng = rand.New(rand.NewPCG(seed, 16))
+	keys := make([]string, 12)
+	for i := range keys {
+		k, _ := wgtypes.GeneratePrivateKey()
+		keys[i] = k.PublicKey().String()
+	}
+	ctx := context.Background()
+	for step := range 40 {
+		// A random subset of key slots, each given one of a few subnets at random, distinct
+		// per step (a permutation), so subnets move between peers from one step to the next.
+		subnets := rng.Perm(len(keys))
+		var specs []wireguard.PeerSpec
+		for i := range keys {
+			if rng.IntN(3) == 0 {
+				continue
+			}
+			if rng.IntN(10) == 0 { // rotated
+				k, _ := wgtypes.GeneratePrivateKey()
+				keys[i] = k.PublicKey().String()
+			}
+			ips := []string{fmt.Sprintf("10.%d.%d.0/24", 100+subnets[i]%2, subnets[i])}
+			if rng.IntN(4) == 0 {
+				ips = append(ips, fmt.Sprintf("10.102.%d.0/25", subnets[i]))
+			}
+			specs = append(specs, wireguard.PeerSpec{
+				Node: fmt.Sprintf("peer%d", i), PublicKey: keys[i], AllowedIPs: ips,
+				Endpoint: netip.AddrPortFrom(z.underlay, uint16(20000+rng.IntN(3))).String(),
+			})
+		}
+		c := manyConfig(t, a, specs)
+		if _, err := a.rec.Set(ctx, c); err != nil {
+			t.Fatalf("step %d: Set: %v", step, err)
+		}
+		got := map[string]string{}
+		for _, p := range a.device().Peers {
+			var ips []string
+			for _, n := range p.AllowedIPs {
+				ips = append(ips, n.String())
+			}
+			slices.Sort(ips)
+			got[p.PublicKey.String()] = fmt.Sprintf("%s %v keepalive=%v", p.Endpoint, ips, p.PersistentKeepaliveInterval)
+		}
+		want := map[string]string{}
+		for _, p := range c.Peers {
+			var ips []string
+			for _, n := range p.AllowedIPs {
+				ips = append(ips, n.String())
+			}
+			slices.Sort(ips)
+			want[p.PublicKey.String()] = fmt.Sprintf("%s %v keepalive=0s", p.Endpoint, ips)
+		}
+		if d := cmp.Diff(want, got); d != "" {
+			t.Fatalf("step %d: device differs from the desired state (-want +got):\n%s", step, d)
+		}
+		if ch, err := a.rec.Set(ctx, c); err != nil || !ch.Empty() {
+			t.Fatalf("step %d: second Set = %q, %v; want no change", step, ch, err)
+		}
+	}
 }
