@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"net/netip"
 	"os"
 	"testing"
 	"time"
@@ -106,6 +107,6 @@ func bareTunnel(b *testing.B, a, z *node) string {
 		n.ns.MustRun(b, "ip", "link", "set", devs[i], "mtu", fmt.Sprint(mtu), "up")
 		n.ns.MustRun(b, "ip", "addr", "add", fmt.Sprintf("10.99.0.%d/24", i+1), "dev", devs[i])
 	}
-	a.ns.MustRun(b, "ping", "-c", "1", "-W", "3", "10.99.0.2")
+	pingUntil(b, a.ns, netip.MustParseAddr("10.99.0.2"))
 	return "10.99.0.2"
 }

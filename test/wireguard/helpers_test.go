@@ -225,14 +225,19 @@ func (n *node) device() *wgtypes.Device {
 // waitPing pings dst from the pod until a reply comes (the first packet starts a handshake).
 func (n *node) waitPing(dst netip.Addr) {
 	n.t.Helper()
+	pingUntil(n.t, n.pod, dst)
+}
+
+func pingUntil(t testing.TB, from *netns.NS, dst netip.Addr) {
+	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		_, err := n.pod.Run("ping", "-c", "1", "-W", "1", dst.String())
+		_, err := from.Run("ping", "-c", "1", "-W", "1", dst.String())
 		if err == nil {
 			return
 		}
 		if time.Now().After(deadline) {
-			n.t.Fatalf("ping %s from %s: %v", dst, n.pod.Name, err)
+			t.Fatalf("ping %s from %s: %v", dst, from.Name, err)
 		}
 	}
 }
