@@ -54,6 +54,15 @@ func TestTunnel(t *testing.T) {
 	if st[0].PublicKey != b.publicKey() || st[0].LastHandshake.IsZero() || time.Since(st[0].LastHandshake) > time.Minute || st[0].RxBytes == 0 || st[0].TxBytes == 0 || st[0].Endpoint != netip.AddrPortFrom(b.underlay, port) {
 		t.Errorf("Stats = %+v, want node2's key, a recent handshake, bytes both ways, its endpoint", st[0])
 	}
+
+	// node2's lease goes: node1 drops the peer, and node2 is cut off at once although it
+	// still has node1 as its peer and a live session.
+	if ch := a.reconcile(); len(ch.Removed) != 1 {
+		t.Errorf("Set without node2 = %q, want it removed", ch)
+	}
+	if out, err := b.pod.Run("ping", "-c", "3", "-i", "0.2", "-W", "1", a.podIP.String()); err == nil {
+		t.Errorf("node2's pod still reaches node1's pod after node2 was removed:\n%s", out)
+	}
 }
 
 // TestPresharedKey: a pre-shared key read from a file is applied to every peer; a node
