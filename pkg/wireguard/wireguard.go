@@ -305,3 +305,14 @@ func samePrefixes(have []net.IPNet, want []netip.Prefix) bool {
 	slices.SortFunc(got, comparePrefix)
 	return slices.Equal(slices.Compact(got), want)
 }
+
+// Overhead is what WireGuard adds to each packet on an IPv4 or IPv6 underlay: the outer IP
+// header (20 or 40) and UDP header (8), and WireGuard's data message header and tag (type
+// and reserved 4, receiver index 4, counter 8, Poly1305 tag 16). The device's MTU, and the
+// pods', is the underlay's MTU minus this.
+func Overhead(ipv6Underlay bool) int {
+	if ipv6Underlay {
+		return 40 + 8 + 32
+	}
+	return 20 + 8 + 32
+}

@@ -329,3 +329,12 @@ func FuzzPeers(f *testing.F) {
 		}
 	})
 }
+
+func TestOverhead(t *testing.T) {
+	if got := 1500 - Overhead(false); got != 1440 {
+		t.Errorf("MTU on a 1500 IPv4 underlay = %d, want 1440", got)
+	}
+	if got := 1500 - Overhead(true); got != 1420 {
+		t.Errorf("MTU on a 1500 IPv6 underlay = %d, want 1420 (wg-quick's default)", got)
+	}
+}

@@ -37,7 +37,7 @@ func TestMain(m *testing.M) {
 
 const (
 	port    = 51820
-	mtu     = 1440 // the veth underlay's 1500 - 60
+	mtu     = 1500 - 60 // the veth underlay's MTU minus wireguard.Overhead(false)
 	network = "10.244.0.0/16"
 	rtProto = 180 // netagent's route protocol
 )

@@ -205,7 +205,8 @@ func (c *capture) stop(t testing.TB) [][]byte {
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
-// frameKind classifies an Ethernet frame: "arp", "udp A:p > B:q", or what else it is.
+// frameKind classifies an Ethernet frame: "arp", "udp A:p > B:q", an IPv4 fragment, or
+// what else it is.
 func frameKind(f []byte) string {
 	if len(f) < 14 {
 		return "runt"
@@ -220,6 +221,10 @@ func frameKind(f []byte) string {
 		}
 		ihl := int(ip[0]&0x0f) * 4
 		src, dst := netip.AddrFrom4([4]byte(ip[12:16])), netip.AddrFrom4([4]byte(ip[16:20]))
+		// A fragment means the encapsulated packet did not fit the underlay's MTU.
+		if frag := binary.BigEndian.Uint16(ip[6:8]); frag&0x3fff != 0 {
+			return fmt.Sprintf("ipv4 fragment %s > %s", src, dst)
+		}
 		if ip[9] != unix.IPPROTO_UDP || len(ip) < ihl+8 {
 			return fmt.Sprintf("ipv4 proto %d %s > %s", ip[9], src, dst)
 		}

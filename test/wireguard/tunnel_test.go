@@ -40,6 +40,18 @@ func TestTunnel(t *testing.T) {
 	}
 	a.waitPing(b.podIP)
 	b.waitPing(a.podIP)
+	// A packet of the device's full MTU crosses, and its encapsulation is not fragmented on
+	// the underlay: the 60 bytes WireGuard adds fit in the underlay's 1500.
+	c := startCapture(t, a.ns, "eth0")
+	out, err := a.pod.Run("ping", "-c", "2", "-W", "2", "-M", "do", "-s", fmt.Sprint(mtu-28), b.podIP.String())
+	if err != nil {
+		t.Errorf("full-size ping through the tunnel: %v\n%s", err, out)
+	}
+	for _, f := range c.stop(t) {
+		if k := frameKind(f); strings.HasPrefix(k, "ipv4 fragment") {
+			t.Fatalf("full-size packets are fragmented on the underlay (%s): the device MTU %d is too large", k, mtu)
+		}
+	}
 	if d := a.device(); d.PublicKey.String() != a.publicKey() || d.ListenPort != port {
 		t.Errorf("device %s: public key %s port %d, want the stored key's and %d", a.dev, d.PublicKey, d.ListenPort, port)
 	}
