@@ -51,8 +51,8 @@ func BenchmarkThroughput(b *testing.B) {
 			}
 			for range b.N {
 				for _, p := range pairs {
-					under := l.NodeNS(p.z).ServeIperf3(b, p.z.IP.String(), 5201)
-					pods := l.PodNS(p.z.Pods[0]).ServeIperf3(b, p.z.Pods[0].IP.String(), 5202)
+					under := netns.ServeIperf3(b, l.NodeNS(p.z), p.z.IP.String(), 5201)
+					pods := netns.ServeIperf3(b, l.PodNS(p.z.Pods[0]), p.z.Pods[0].IP.String(), 5202)
 					// Interleave underlay and pod rounds; the ratio uses the sums, and the
 					// spread of the per-round ratios shows this machine's noise.
 					var u, q float64

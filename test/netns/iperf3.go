@@ -22,9 +22,9 @@ type Iperf3 struct {
 	dst string
 }
 
-// ServeIperf3 starts an iperf3 server on addr:port inside the namespace; it stops when the
+// ServeIperf3 starts an iperf3 server on addr:port inside namespace n; it stops when the
 // test ends or with Stop.
-func (n *NS) ServeIperf3(t testing.TB, addr string, port int) *Iperf3 {
+func ServeIperf3(t testing.TB, n *NS, addr string, port int) *Iperf3 {
 	t.Helper()
 	if _, err := exec.LookPath("iperf3"); err != nil {
 		t.Fatal("iperf3 is not installed (scripts/deps.sh installs it, or apt-get install iperf3)")

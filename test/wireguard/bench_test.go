@@ -46,7 +46,7 @@ func BenchmarkThroughput(b *testing.B) {
 		for range rounds {
 			got := make([]float64, len(paths))
 			for i, p := range paths {
-				srv := p.to.ServeIperf3(b, p.addr, 5201+i)
+				srv := netns.ServeIperf3(b, p.to, p.addr, 5201+i)
 				got[i] = srv.From(b, p.from, d)
 				srv.Stop()
 				sum[i] += got[i]
