@@ -141,8 +141,10 @@ func parse(stdin []byte, forDel bool) (*netConf, error) {
 	}
 	c.hairpin = c.HairpinMode == nil || *c.HairpinMode
 	c.defGW = c.IsDefaultGateway == nil || *c.IsDefaultGateway
-	if c.delegateIPAM && (c.Subnet != "" || c.IPv6Subnet != "") {
-		return nil, configError("ipam", "set either subnet/ipv6Subnet or an ipam section, not both")
+	for _, f := range []struct{ name, v string }{{"subnet", c.Subnet}, {"ipv6Subnet", c.IPv6Subnet}} {
+		if c.delegateIPAM && f.v != "" {
+			return nil, configError("ipam", "set either %s or an ipam section, not both", f.name)
+		}
 	}
 	for i, m := range c.RuntimeConfig.PortMappings {
 		if err := m.Validate(); err != nil {
