@@ -808,12 +808,19 @@ func cmdStatus(args *skel.CmdArgs) error {
 	if err != nil {
 		return notReady(err.Error())
 	}
-	return store.View(func(tx *ipam.Tx) error {
+	var exhausted string
+	if err := store.View(func(tx *ipam.Tx) error {
 		for _, r := range rngs {
-			if used := tx.Used(r); used >= r.Size() {
-				return notReady(fmt.Sprintf("address pool %s-%s is exhausted (%d of %d in use)", r.Start, r.End, used, r.Size()))
+			if used := tx.Used(r); used >= r.Size() && exhausted == "" {
+				exhausted = fmt.Sprintf("address pool %s-%s is exhausted (%d of %d in use)", r.Start, r.End, used, r.Size())
 			}
 		}
 		return nil
-	})
+	}); err != nil {
+		return notReady(err.Error())
+	}
+	if exhausted != "" {
+		return notReady(exhausted)
+	}
+	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -19,6 +20,7 @@ import (
 	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/ipam"
 	"github.com/netagent/netagent/test/netns"
+	"github.com/netagent/netagent/test/testbin"
 )
 
 // podIPs returns a result's IPv4 and IPv6 address ("" for a family it lacks), failing on
@@ -511,5 +513,47 @@ func TestAntiSpoofingIPv6(t *testing.T) {
 	}
 	if e := n.entries(); len(e) != 0 {
 		t.Errorf("entries after DEL: %v", e)
+	}
+}
+
+// TestDelegatedIPAMDualStack: a delegated IPAM plugin's IPv4 and IPv6 addresses (host-local
+// with a range per family) are both wired, checked and released.
+func TestDelegatedIPAMDualStack(t *testing.T) {
+	n := newNode(t)
+	testbin.Build(t, "github.com/containernetworking/plugins/plugins/ipam/host-local", "host-local")
+	hlDir := filepath.Join(n.dataDir, "host-local")
+	l := n.list("1.0.0", conf{"ipam": map[string]any{"type": "host-local", "dataDir": hlDir, "ranges": []any{
+		[]any{map[string]any{"subnet": "10.244.26.0/24"}},
+		[]any{map[string]any{"subnet": "fd00:244:26::/64"}},
+	}}})
+	a, b := n.newPod("deleg-a"), n.newPod("deleg-b")
+	_, a6 := podIPs(t, n.mustAdd(l, a))
+	b4, b6 := podIPs(t, n.mustAdd(l, b))
+	if !strings.HasPrefix(a6, "fd00:244:26::") || !strings.HasPrefix(b4, "10.244.26.") {
+		t.Fatalf("pods got %s, %s; want host-local's", a6, b4)
+	}
+	for _, ip := range []string{b6, "fd00:244:26::1"} {
+		if err := ping6(a.ns, ip); err != nil {
+			t.Errorf("ping -6 %s: %v", ip, err)
+		}
+	}
+	if err := n.check(l, a); err != nil {
+		t.Errorf("CHECK: %v", err)
+	}
+	if recs := n.records(); len(recs) != 2 || !recs[0].IP6.IsValid() {
+		t.Errorf("records %+v, want both pods with both addresses", recs)
+	}
+	for _, p := range []*pod{a, b} {
+		if err := n.del(l, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, ip := range []string{a6, b4, b6} {
+		if _, err := os.Stat(filepath.Join(hlDir, "netagent", ip)); !os.IsNotExist(err) {
+			t.Errorf("host-local still holds %s after DEL (err %v)", ip, err)
+		}
+	}
+	if v, r, e := n.veths(), n.records(), n.entries(); len(v)+len(r)+len(e) != 0 {
+		t.Errorf("after DEL: veths %v, records %v, entries %v", v, r, e)
 	}
 }
