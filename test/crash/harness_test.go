@@ -121,7 +121,7 @@ const (
 	gateway    = "10.244.1.1"
 	podSubnet6 = "fd00:244:1::/64" // dual-stack nodes only
 	gateway6   = "fd00:244:1::1"
-	netName   = "netagent"
+	netName    = "netagent"
 )
 
 // node is a node namespace whose runtime is libcni with the kill trigger.
