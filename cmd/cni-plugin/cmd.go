@@ -106,10 +106,6 @@ func gateway6(addrs []ifAddr) netip.Prefix {
 	return netip.PrefixFrom(addrs[1].gw, addrs[1].addr.Bits())
 }
 
-// entries are the anti-spoofing entries of an attachment with addresses ips.
-func entries(hostVeth string, ips []netip.Addr) []antispoof.Entry {
-	return antispoof.EntriesFor(hostVeth, ips...)
-}
 
 func readSubnetFile(path string, wait time.Duration) (subnetfile.Info, error) {
 	deadline := time.Now().Add(wait)
@@ -274,7 +270,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	for i, a := range addrs {
 		ips[i] = a.addr.Addr()
 	}
-	spoof := entries(x.HostVeth, ips)
+	spoof := antispoof.EntriesFor(x.HostVeth, ips...)
 	rollback.push(func() error { return release(ctx, store, key, spoof) })
 
 	// 2. The bridge and the veth.
@@ -479,7 +475,7 @@ func cmdDel(args *skel.CmdArgs) error {
 	go func() {
 		time.Sleep(time.Millisecond)
 		if found {
-			spoofDone <- antispoof.Delete(ctx, entries(x.HostVeth, rec.Addrs())...)
+			spoofDone <- antispoof.Delete(ctx, antispoof.EntriesFor(x.HostVeth, rec.Addrs()...)...)
 		} else {
 			// No record, so no address to name the entry by (a repeated DEL, or one after
 			// a failed ADD): whatever entry the host veth has.
@@ -573,7 +569,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if err := bridge.Check(h, c.Bridge, netip.PrefixFrom(addrs[0].gw, addrs[0].addr.Bits()), gateway6(addrs), p); err != nil {
 		return fmt.Errorf("check %s: %w", key, err)
 	}
-	for _, e := range entries(x.HostVeth, rec.Addrs()) {
+	for _, e := range antispoof.EntriesFor(x.HostVeth, rec.Addrs()...) {
 		if ok, err := antispoof.Has(context.Background(), e); err != nil {
 			return fmt.Errorf("check %s: %w", key, err)
 		} else if !ok {
@@ -631,7 +627,7 @@ func cmdGC(args *skel.CmdArgs) error {
 				stale = append(stale, r)
 				continue
 			}
-			want[recordVeth(r)] = entries(recordVeth(r), r.Addrs())
+			want[recordVeth(r)] = antispoof.EntriesFor(recordVeth(r), r.Addrs()...)
 		}
 		return nil
 	}); err != nil {
@@ -658,7 +654,7 @@ func cmdGC(args *skel.CmdArgs) error {
 				continue
 			}
 		}
-		released[r.Key] = entries(veth, r.Addrs())
+		released[r.Key] = antispoof.EntriesFor(veth, r.Addrs()...)
 	}
 	// Veths on our bridge that no valid attachment owns (an ADD killed before it recorded
 	// anything cannot leave one: the address is recorded first, but be thorough).
