@@ -106,7 +106,6 @@ func gateway6(addrs []ifAddr) netip.Prefix {
 	return netip.PrefixFrom(addrs[1].gw, addrs[1].addr.Bits())
 }
 
-
 func readSubnetFile(path string, wait time.Duration) (subnetfile.Info, error) {
 	deadline := time.Now().Add(wait)
 	for {
