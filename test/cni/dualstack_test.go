@@ -6,9 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 
@@ -347,22 +345,6 @@ func TestDualStackBadConfig(t *testing.T) {
 	}
 }
 
-var probe6Count = regexp.MustCompile(`ip6 saddr ([0-9a-f:]+) counter packets (\d+)`)
-
-// seen6 counts the IPv6 packets from src that reached ns's own stack (as seen does for IPv4).
-func seen6(t *testing.T, ns *netns.NS, src string) int {
-	t.Helper()
-	ns.MustRun(t, "nft", "add table ip6 probe; add chain ip6 probe in { type filter hook input priority -300; }")
-	counts := map[string]int{}
-	for _, m := range probe6Count.FindAllStringSubmatch(ns.MustRun(t, "nft", "list", "chain", "ip6", "probe", "in"), -1) {
-		counts[m[1]], _ = strconv.Atoi(m[2])
-	}
-	if _, ok := counts[src]; !ok {
-		ns.MustRun(t, "nft", "add", "rule", "ip6", "probe", "in", "ip6", "saddr", src, "counter")
-	}
-	return counts[src]
-}
-
 // sendNA sends from ns one unsolicited neighbour advertisement (override set) from src, for
 // target, with mac as its target link-layer address, to all nodes on eth0. Python's raw
 // ICMPv6 socket: the kernel fills in the checksum.
@@ -411,8 +393,6 @@ func TestAntiSpoofingIPv6(t *testing.T) {
 	const gw6, nobody6 = "fd00:244:22::1", "fd00:244:22::99"
 	macA := bridge.PodMAC(netip.MustParseAddr(a4)).String()
 	macB := bridge.PodMAC(netip.MustParseAddr(b4)).String()
-	dataDir := filepath.Join(n.dataDir, "ipam")
-
 	everyoneTalks := func(t *testing.T) {
 		t.Helper()
 		for _, p := range []struct {
@@ -456,10 +436,7 @@ func TestAntiSpoofingIPv6(t *testing.T) {
 			return poisoned
 		}
 	}
-	attacks := []struct {
-		name string
-		run  func(t *testing.T) bool
-	}{
+	attacks := []attack{
 		{"IPv6 from pod B's address to pod C", spoofPing(b6, c6, c.ns)},
 		{"IPv6 from pod B's address to the gateway", spoofPing(b6, gw6, n.ns)},
 		{"IPv6 from an unallocated address to pod C", spoofPing(nobody6, c6, c.ns)},
@@ -467,42 +444,10 @@ func TestAntiSpoofingIPv6(t *testing.T) {
 		{"NA for pod B's address to pod C", forgedNA(a6, b6, macA, b6, macB, c.ns, "eth0")},
 		{"NA for pod A's own address with pod B's MAC", forgedNA(a6, a6, macB, a6, macA, c.ns, "eth0")},
 	}
-	t.Run("unprotected", func(t *testing.T) {
-		n.ns.MustRun(t, "nft", "flush", "ruleset")
-		everyoneTalks(t)
-		for _, at := range attacks {
-			t.Run(at.name, func(t *testing.T) {
-				if !at.run(t) {
-					t.Error("the attack did not get through even without protection: this test cannot see it")
-				}
-			})
-		}
-		heal(t)
-	})
-	t.Run("repaired by the agent's sync", func(t *testing.T) {
-		st := syncDataDir(t, n, dataDir)
-		if !st.Repaired || st.Added != 9 || st.Entries != 9 {
-			t.Errorf("SyncDataDir after flush ruleset = %+v, want repaired with 9 added (3 per pod)", st)
-		}
-		everyoneTalks(t)
-	})
-	t.Run("protected", func(t *testing.T) {
-		for _, at := range attacks {
-			t.Run(at.name, func(t *testing.T) {
-				before := dropped(t, n)
-				if at.run(t) {
-					t.Error("the attack got through")
-				}
-				if after := dropped(t, n); after <= before {
-					t.Errorf("spoofed drops went from %d to %d, want more", before, after)
-				}
-			})
-		}
-		if cs := counters(t, n); cs.SpoofedIPv6.Packets == 0 || cs.SpoofedNDP.Packets == 0 {
-			t.Errorf("counters %+v: want spoofed IPv6 and NDP drops", cs)
-		}
-	})
-	everyoneTalks(t)
+	attackPhases(t, n, attacks, everyoneTalks, heal, 9) // 3 entries a pod: IPv4, IPv6, link-local
+	if cs := counters(t, n); cs.SpoofedIPv6.Packets == 0 || cs.SpoofedNDP.Packets == 0 {
+		t.Errorf("counters %+v: want spoofed IPv6 and NDP drops", cs)
+	}
 	if t.Failed() {
 		t.Log(n.ns.MustRun(t, "nft", "list", "table", "bridge", antispoof.Table))
 	}
