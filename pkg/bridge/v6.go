@@ -73,20 +73,20 @@ func setupV6(h, ph *netlink.Handle, host *netlink.Veth, pod netlink.Link, p Pod)
 	if err := h.LinkSetIP6AddrGenMode(host, addrGenModeNone); err != nil {
 		return fmt.Errorf("turn off IPv6 address generation on %s: %w", p.HostVeth, err)
 	}
-	err := ph.LinkSetIP6AddrGenMode(pod, addrGenModeNone)
-	if err != nil {
-		// The kernel refuses the setting while IPv6 is disabled on the device.
-		if eerr := enableIPv6(p.NetnsFd, p.IfName); eerr != nil {
-			return fmt.Errorf("turn off IPv6 address generation on %s in pod: %w (enabling IPv6 there: %v)", p.IfName, err, eerr)
-		}
-		err = ph.LinkSetIP6AddrGenMode(pod, addrGenModeNone)
-	}
-	if err != nil {
+	if err := ph.LinkSetIP6AddrGenMode(pod, addrGenModeNone); err != nil {
 		return fmt.Errorf("turn off IPv6 address generation on %s in pod: %w", p.IfName, err)
 	}
-	ll := LinkLocal(PodMAC(p.Addr.Addr()))
-	if err := ph.AddrAdd(pod, &netlink.Addr{IPNet: netipx.IPNet(ll), Flags: unix.IFA_F_NODAD}); err != nil && !errors.Is(err, syscall.EEXIST) {
-		return fmt.Errorf("add %s to %s: %w", ll, p.IfName, err)
+	ll := &netlink.Addr{IPNet: netipx.IPNet(LinkLocal(PodMAC(p.Addr.Addr()))), Flags: unix.IFA_F_NODAD}
+	err := ph.AddrAdd(pod, ll)
+	if errors.Is(err, syscall.EACCES) {
+		// The kernel refuses IPv6 addresses while IPv6 is disabled on the device.
+		if eerr := enableIPv6(p.NetnsFd, p.IfName); eerr != nil {
+			return fmt.Errorf("add %s to %s: %w (enabling IPv6 there: %v)", ll.IPNet, p.IfName, err, eerr)
+		}
+		err = ph.AddrAdd(pod, ll)
+	}
+	if err != nil && !errors.Is(err, syscall.EEXIST) {
+		return fmt.Errorf("add %s to %s: %w", ll.IPNet, p.IfName, err)
 	}
 	return nil
 }

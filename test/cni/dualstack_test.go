@@ -502,3 +502,34 @@ func TestDelegatedIPAMDualStack(t *testing.T) {
 		t.Errorf("after DEL: veths %v, records %v, entries %v", v, r, e)
 	}
 }
+
+// TestDualStackPodWithIPv6Disabled: a pod namespace where the runtime left IPv6 disabled
+// for new interfaces (net.ipv6.conf.default.disable_ipv6=1) still gets a working IPv6
+// address on its interface.
+func TestDualStackPodWithIPv6Disabled(t *testing.T) {
+	n := newNode(t)
+	l := n.list("1.0.0", conf{"subnet": "10.244.27.0/24", "ipv6Subnet": "fd00:244:27::/64"})
+	a, b := n.newPod("nov6-a"), n.newPod("nov6-b")
+	for _, p := range []*pod{a, b} {
+		p.ns.MustRun(t, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1", "net.ipv6.conf.all.disable_ipv6=1")
+	}
+	_, a6 := podIPs(t, n.mustAdd(l, a))
+	_, b6 := podIPs(t, n.mustAdd(l, b))
+	if err := ping6(a.ns, b6); err != nil {
+		t.Errorf("ping -6 %s: %v", b6, err)
+	}
+	if err := ping6(b.ns, a6); err != nil {
+		t.Errorf("ping -6 %s: %v", a6, err)
+	}
+	if err := ping6(b.ns, "fd00:244:27::1"); err != nil {
+		t.Errorf("ping -6 the gateway: %v", err)
+	}
+	if err := n.check(l, a); err != nil {
+		t.Errorf("CHECK: %v", err)
+	}
+	for _, p := range []*pod{a, b} {
+		if err := n.del(l, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
