@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -345,21 +346,31 @@ func TestDualStackBadConfig(t *testing.T) {
 	}
 }
 
-// sendND sends from ns, three times, a forged neighbour discovery message from src with
-// mac in its one link-layer address option: an unsolicited advertisement (override set)
-// for target to all nodes, or (solicit) a solicitation for target to target. Python's raw
-// ICMPv6 socket: the kernel fills in the checksum.
-func sendND(t *testing.T, ns *netns.NS, solicit bool, src, target, mac string) {
+// ndKind is the neighbour discovery message sendND forges.
+type ndKind int
+
+const (
+	ndAdvert    ndKind = iota // unsolicited advertisement (override set) to all nodes
+	ndSolicit                 // solicitation for target, sent to target
+	ndAdvertHBH               // ndAdvert behind a hop-by-hop options header
+)
+
+// sendND sends from ns, three times, a forged neighbour discovery message of kind from src
+// for target with mac in its one link-layer address option. Python's raw ICMPv6 socket: the
+// kernel fills in the checksum.
+func sendND(t *testing.T, ns *netns.NS, kind ndKind, src, target, mac string) {
 	t.Helper()
 	const script = `
 import socket, struct, sys
-src, target, mac, solicit = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+src, target, mac, kind = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 idx = socket.if_nametoindex("eth0")
 s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
 s.bind((src, 0, 0, idx))
-if solicit:
+if kind == 2:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))  # PadN
+if kind == 1:
     m = struct.pack("!BBHI", 135, 0, 0, 0) + socket.inet_pton(socket.AF_INET6, target) + bytes([1, 1])
     dst = target
 else:
@@ -369,7 +380,7 @@ m += bytes.fromhex(mac.replace(":", ""))
 for _ in range(3):
     s.sendto(m, (dst, 0, 0, idx))
 `
-	ns.MustRun(t, "python3", "-c", script, src, target, mac, map[bool]string{false: "0", true: "1"}[solicit])
+	ns.MustRun(t, "python3", "-c", script, src, target, mac, strconv.Itoa(int(kind)))
 }
 
 // neighMAC is the MAC ns has for ip on dev ("" when none).
@@ -428,7 +439,7 @@ func TestAntiSpoofingIPv6(t *testing.T) {
 	}
 	// poisoned: after a forged NA, does victim send traffic for ip to mac?
 	// forged sends a forged NA (or NS) and reports whether victim now has mac for ip.
-	forged := func(solicit bool, src, target, mac, ip, wantMAC string, victim *netns.NS, dev string) func(t *testing.T) bool {
+	forged := func(kind ndKind, src, target, mac, ip, wantMAC string, victim *netns.NS, dev string) func(t *testing.T) bool {
 		return func(t *testing.T) bool {
 			heal(t)
 			if err := ping6(victim, ip); err != nil { // an entry to override
@@ -437,7 +448,7 @@ func TestAntiSpoofingIPv6(t *testing.T) {
 			if got := neighMAC(t, victim, ip, dev); got != wantMAC {
 				t.Fatalf("before the attack %s is at %q, want %s", ip, got, wantMAC)
 			}
-			sendND(t, a.ns, solicit, src, target, mac)
+			sendND(t, a.ns, kind, src, target, mac)
 			poisoned := neighMAC(t, victim, ip, dev) == mac
 			heal(t)
 			return poisoned
@@ -447,10 +458,11 @@ func TestAntiSpoofingIPv6(t *testing.T) {
 		{"IPv6 from pod B's address to pod C", spoofPing(b6, c6, c.ns)},
 		{"IPv6 from pod B's address to the gateway", spoofPing(b6, gw6, n.ns)},
 		{"IPv6 from an unallocated address to pod C", spoofPing(nobody6, c6, c.ns)},
-		{"NA for pod B's address to the node", forged(false, a6, b6, macA, b6, macB, n.ns, "cni0")},
-		{"NA for pod B's address to pod C", forged(false, a6, b6, macA, b6, macB, c.ns, "eth0")},
-		{"NA for pod A's own address with pod B's MAC", forged(false, a6, a6, macB, a6, macA, c.ns, "eth0")},
-		{"NS from pod A's own address with pod B's MAC", forged(true, a6, c6, macB, a6, macA, c.ns, "eth0")},
+		{"NA for pod B's address to the node", forged(ndAdvert, a6, b6, macA, b6, macB, n.ns, "cni0")},
+		{"NA for pod B's address to pod C", forged(ndAdvert, a6, b6, macA, b6, macB, c.ns, "eth0")},
+		{"NA for pod B's address behind a hop-by-hop header", forged(ndAdvertHBH, a6, b6, macA, b6, macB, c.ns, "eth0")},
+		{"NA for pod A's own address with pod B's MAC", forged(ndAdvert, a6, a6, macB, a6, macA, c.ns, "eth0")},
+		{"NS from pod A's own address with pod B's MAC", forged(ndSolicit, a6, c6, macB, a6, macA, c.ns, "eth0")},
 	}
 	attackPhases(t, n, attacks, everyoneTalks, heal, 9) // 3 entries a pod: IPv4, IPv6, link-local
 	if cs := counters(t, n); cs.SpoofedIPv6.Packets == 0 || cs.SpoofedNDP.Packets == 0 {
