@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/invoke"
@@ -28,11 +29,15 @@ import (
 )
 
 // extra is what the plugin keeps per attachment in the IPAM record, for DEL, CHECK and GC.
+// Gateway and Prefix are the first family's (IPv4, or IPv6 for IPv6 only); Gateway6 and
+// Prefix6 the IPv6 ones of a dual-stack attachment.
 type extra struct {
 	HostVeth string `json:"hostVeth"`
 	Bridge   string `json:"bridge"`
 	Gateway  string `json:"gateway,omitempty"`
 	Prefix   int    `json:"prefix"`
+	Gateway6 string `json:"gateway6,omitempty"`
+	Prefix6  int    `json:"prefix6,omitempty"`
 	MTU      int    `json:"mtu"`
 	Ports    int    `json:"ports,omitempty"`
 }
@@ -40,24 +45,65 @@ type extra struct {
 // ErrAgentNotReady means the subnet file did not appear in time.
 var errAgentNotReady = errors.New("netagent is not ready")
 
-// pool resolves the address range: from the config, else from the agent's subnet file
-// (waiting up to wait for it to appear). It also returns the agent's MTU (0 if unknown).
-func (c *netConf) pool(wait time.Duration) (ipam.Range, int, error) {
+// pools resolves the address ranges, IPv4 first: IPv4 from the config, else from the
+// agent's subnet file (waiting up to wait for it to appear), and IPv6 from the config. It
+// also returns the agent's MTU (0 if unknown).
+func (c *netConf) pools(wait time.Duration) ([]ipam.Range, int, error) {
 	subnet := c.subnet
 	agentMTU := 0
-	if !subnet.IsValid() {
+	if c.v4FromFile {
 		info, err := readSubnetFile(c.SubnetFile, wait)
 		if err != nil {
-			return ipam.Range{}, 0, err
+			return nil, 0, err
 		}
 		subnet, agentMTU = info.Subnet, info.MTU
 		c.network = info.Network
 	}
-	r, err := ipam.NewRange(subnet, c.start, c.end, c.gw)
-	if err != nil {
-		return ipam.Range{}, 0, types.NewError(types.ErrInvalidNetworkConfig, "invalid address range", err.Error())
+	var out []ipam.Range
+	if subnet.IsValid() {
+		r, err := ipam.NewRange(subnet, c.start, c.end, c.gw)
+		if err != nil {
+			return nil, 0, types.NewError(types.ErrInvalidNetworkConfig, "invalid address range", err.Error())
+		}
+		out = append(out, r)
 	}
-	return r, agentMTU, nil
+	if c.subnet6.IsValid() {
+		r, err := ipam.NewRange(c.subnet6, netip.Addr{}, netip.Addr{}, c.gw6)
+		if err != nil {
+			return nil, 0, types.NewError(types.ErrInvalidNetworkConfig, "invalid IPv6 address range", err.Error())
+		}
+		out = append(out, r)
+	}
+	return out, agentMTU, nil
+}
+
+// ifAddr is one address of a pod interface and its gateway, for one family.
+type ifAddr struct {
+	addr netip.Prefix
+	gw   netip.Addr
+}
+
+// pod is the wiring of an attachment with addrs (one or two, IPv4 first).
+func pod(podNS netns.NsHandle, ifName, hostVeth string, addrs []ifAddr, defGW bool, mtu int, hairpin bool) bridge.Pod {
+	p := bridge.Pod{NetnsFd: int(podNS), IfName: ifName, HostVeth: hostVeth, Addr: addrs[0].addr, MTU: mtu, Hairpin: hairpin}
+	if defGW {
+		p.Gateway = addrs[0].gw
+	}
+	if len(addrs) > 1 {
+		p.Addr6 = addrs[1].addr
+		if defGW {
+			p.Gateway6 = addrs[1].gw
+		}
+	}
+	return p
+}
+
+// gateway6 is the bridge's IPv6 gateway address of a dual-stack attachment (else invalid).
+func gateway6(addrs []ifAddr) netip.Prefix {
+	if len(addrs) < 2 {
+		return netip.Prefix{}
+	}
+	return netip.PrefixFrom(addrs[1].gw, addrs[1].addr.Bits())
 }
 
 func readSubnetFile(path string, wait time.Duration) (subnetfile.Info, error) {
@@ -153,10 +199,9 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		}
 	}()
 
-	// 1. An address: our own store, or the delegated IPAM plugin (recorded in our store
+	// 1. The addresses: our own store, or the delegated IPAM plugin (recorded in our store
 	// too, so DEL, CHECK and GC know the attachment).
-	var addr netip.Prefix
-	var gw netip.Addr
+	var addrs []ifAddr
 	mtu := c.MTU
 	var dns types.DNS = c.DNS
 	if c.delegateIPAM {
@@ -171,7 +216,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		if cerr != nil {
 			return types.NewError(types.ErrDecodingFailure, "convert IPAM result", cerr.Error())
 		}
-		addr, gw, err = fromIPAMResult(ipamRes)
+		addrs, err = fromIPAMResult(ipamRes)
 		if err != nil {
 			return err
 		}
@@ -179,24 +224,28 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 			dns = ipamRes.DNS
 		}
 		mtu = c.mtu(0)
-		x.Gateway, x.Prefix, x.MTU = gw.String(), addr.Bits(), mtu
+		x.setAddrs(addrs, mtu)
 		xb, _ := json.Marshal(x)
-		err = store.Update(func(tx *ipam.Tx) error {
-			return tx.Put(ipam.Record{Key: key, IP: addr.Addr(), Netns: args.Netns, Extra: xb})
-		})
+		rec := ipam.Record{Key: key, IP: addrs[0].addr.Addr(), Netns: args.Netns, Extra: xb}
+		if len(addrs) > 1 {
+			rec.IP6 = addrs[1].addr.Addr()
+		}
+		err = store.Update(func(tx *ipam.Tx) error { return tx.Put(rec) })
 	} else {
-		rng, agentMTU, perr := c.pool(c.wait)
+		rngs, agentMTU, perr := c.pools(c.wait)
 		if perr != nil {
 			return perr
 		}
 		mtu = c.mtu(agentMTU)
-		gw = rng.Gateway
-		x.Gateway, x.Prefix, x.MTU = gw.String(), rng.Subnet.Bits(), mtu
+		for _, r := range rngs {
+			addrs = append(addrs, ifAddr{addr: netip.PrefixFrom(r.Subnet.Addr(), r.Subnet.Bits()), gw: r.Gateway})
+		}
+		x.setAddrs(addrs, mtu)
 		xb, _ := json.Marshal(x)
 		var rec ipam.Record
 		err = store.Update(func(tx *ipam.Tx) error {
 			var aerr error
-			rec, aerr = tx.Allocate(rng, key, ipam.Record{Netns: args.Netns, Extra: xb})
+			rec, aerr = tx.AllocateEach(rngs, key, ipam.Record{Netns: args.Netns, Extra: xb})
 			if aerr == nil && string(rec.Extra) != string(xb) {
 				tx.SetExtra(key, xb) // a repeated ADD: keep the newest facts
 			}
@@ -205,39 +254,51 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		if errors.Is(err, ipam.ErrExhausted) {
 			return types.NewError(types.ErrTryAgainLater, "address pool exhausted", err.Error())
 		}
-		addr = netip.PrefixFrom(rec.IP, rng.Subnet.Bits())
+		for i := range addrs {
+			ip := rec.V4()
+			if addrs[i].gw.Is6() {
+				ip = rec.V6()
+			}
+			addrs[i].addr = netip.PrefixFrom(ip, addrs[i].addr.Bits())
+		}
 	}
 	if err != nil {
 		return cniError(types.ErrIOFailure, "record address", err)
 	}
-	entry := antispoof.EntryFor(x.HostVeth, addr.Addr())
-	rollback.push(func() error { return release(ctx, store, key, entry) })
+	ips := make([]netip.Addr, len(addrs))
+	for i, a := range addrs {
+		ips[i] = a.addr.Addr()
+	}
+	spoof := antispoof.EntriesFor(x.HostVeth, ips...)
+	rollback.push(func() error { return release(ctx, store, key, spoof) })
 
 	// 2. The bridge and the veth.
 	if err := bridge.EnableForwarding(); err != nil {
 		return err
 	}
-	gwPrefix := netip.PrefixFrom(gw, addr.Bits())
-	br, err := bridge.Ensure(h, c.Bridge, gwPrefix, mtu)
+	if ips[len(ips)-1].Is6() {
+		if err := bridge.EnableForwarding6(); err != nil {
+			return err
+		}
+	}
+	br, err := bridge.Ensure(h, c.Bridge, netip.PrefixFrom(addrs[0].gw, addrs[0].addr.Bits()), mtu)
 	if err != nil {
 		return err
 	}
-	routeGW := netip.Addr{}
-	if c.defGW {
-		routeGW = gw
+	if gw6 := gateway6(addrs); gw6.IsValid() {
+		if err := bridge.EnsureGateway(h, br, gw6); err != nil {
+			return err
+		}
 	}
-	wired, err := bridge.Add(h, br, bridge.Pod{
-		NetnsFd: int(podNS), IfName: args.IfName, HostVeth: x.HostVeth,
-		Addr: addr, Gateway: routeGW, MTU: mtu, Hairpin: c.hairpin,
-	})
+	wired, err := bridge.Add(h, br, pod(podNS, args.IfName, x.HostVeth, addrs, c.defGW, mtu, c.hairpin))
 	if err != nil {
 		return err
 	}
 	rollback.push(func() error { return bridge.Del(h, x.HostVeth) })
 
-	// 3. Anti-spoofing: the pod may send only from its own address and MAC. Undone by the
-	// release above (the entry goes with the address, under the store's lock).
-	if err := antispoof.Add(ctx, entry); errors.Is(err, antispoof.ErrNotInstalled) {
+	// 3. Anti-spoofing: the pod may send only from its own addresses and MAC. Undone by the
+	// release above (the entries go with the addresses, under the store's lock).
+	if err := antispoof.Add(ctx, spoof...); errors.Is(err, antispoof.ErrNotInstalled) {
 		// The first pod on this node, or the table was removed (`nft flush ruleset`):
 		// install the rule set with the entries of every pod recorded here, or a fresh
 		// rule set would cut the others off until the agent's next sync.
@@ -250,16 +311,18 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return err
 	}
 
-	// 4. Host ports, only for pods that publish some.
+	// 4. Host ports, only for pods that publish some, in each family the pod has.
 	if len(c.RuntimeConfig.PortMappings) > 0 {
-		t, err := hostport.New(hostport.DefaultLock)
-		if err != nil {
-			return err
-		}
 		tag := hostport.Tag(args.ContainerID, args.IfName)
-		rollback.push(func() error { return t.Del(ctx, tag) })
-		if err := t.Add(ctx, tag, addr.Addr(), addr.Masked(), c.RuntimeConfig.PortMappings); err != nil {
-			return fmt.Errorf("host ports: %w", err)
+		for _, a := range addrs {
+			t, err := hostport.NewFamily(hostport.DefaultLock, a.addr.Addr().Is6())
+			if err != nil {
+				return err
+			}
+			rollback.push(func() error { return t.Del(ctx, tag) })
+			if err := t.Add(ctx, tag, a.addr.Addr(), a.addr.Masked(), c.RuntimeConfig.PortMappings); err != nil {
+				return fmt.Errorf("host ports: %w", err)
+			}
 		}
 	}
 
@@ -273,8 +336,16 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		bridge:     c.Bridge, bridgeMAC: br.Attrs().HardwareAddr.String(),
 		hostVeth: x.HostVeth, hostMAC: wired.HostMAC.String(),
 		ifName: args.IfName, podMAC: wired.PodMAC.String(), netns: args.Netns,
-		addr: addr, gw: gw, defaultRoute: c.defGW, dns: dns,
+		addrs: addrs, defaultRoute: c.defGW, dns: dns,
 	}.print()
+}
+
+// setAddrs records the addresses' prefix lengths and gateways and the MTU.
+func (x *extra) setAddrs(addrs []ifAddr, mtu int) {
+	x.Gateway, x.Prefix, x.MTU = addrs[0].gw.String(), addrs[0].addr.Bits(), mtu
+	if len(addrs) > 1 {
+		x.Gateway6, x.Prefix6 = addrs[1].gw.String(), addrs[1].addr.Bits()
+	}
 }
 
 // refuseLive fails an ADD of an attachment that is already live: the spec requires an
@@ -300,33 +371,55 @@ func refuseLive(h *netlink.Handle, podNS netns.NsHandle, store *ipam.Store, key 
 	return nil
 }
 
-// fromIPAMResult is the first IPv4 address of a result and its gateway (the subnet's
-// first address when the result names none).
-func fromIPAMResult(res *current.Result) (netip.Prefix, netip.Addr, error) {
+// fromIPAMResult is the first IPv4 and the first IPv6 address of a result, IPv4 first, with
+// their gateways (the subnet's first address when the result names none).
+func fromIPAMResult(res *current.Result) ([]ifAddr, error) {
+	var v4, v6 *ifAddr
 	for _, ipc := range res.IPs {
 		a, ok := netip.AddrFromSlice(ipc.Address.IP)
-		if !ok || !a.Unmap().Is4() {
+		if !ok {
 			continue
 		}
 		a = a.Unmap()
-		ones, _ := ipc.Address.Mask.Size()
+		ones, bits := ipc.Address.Mask.Size()
+		if bits != a.BitLen() && !(bits == 128 && a.Is4() && ones >= 96) {
+			continue
+		}
+		if bits == 128 && a.Is4() {
+			ones -= 96
+		}
 		p := netip.PrefixFrom(a, ones)
 		gw, ok := netip.AddrFromSlice(ipc.Gateway)
-		if !ok {
+		if !ok || gw.Unmap().Is4() != a.Is4() {
 			gw = p.Masked().Addr().Next()
 		}
-		return p, gw.Unmap(), nil
+		dst := &v4
+		if a.Is6() {
+			dst = &v6
+		}
+		if *dst == nil {
+			*dst = &ifAddr{addr: p, gw: gw.Unmap()}
+		}
 	}
-	return netip.Prefix{}, netip.Addr{}, errors.New("IPAM plugin returned no IPv4 address")
+	var out []ifAddr
+	for _, a := range []*ifAddr{v4, v6} {
+		if a != nil {
+			out = append(out, *a)
+		}
+	}
+	if len(out) == 0 {
+		return nil, errors.New("the result has no IP address")
+	}
+	return out, nil
 }
 
 // release undoes the address and the anti-spoofing entry of a failed ADD, together under
 // the store's lock: the agent's antispoof.SyncDataDir holds that lock while it makes the
 // set equal to the records, so it cannot see the record without the entry and put the
 // entry back. A failure to remove the entry keeps the record, for the runtime's DEL.
-func release(ctx context.Context, store *ipam.Store, key ipam.Key, entry antispoof.Entry) error {
+func release(ctx context.Context, store *ipam.Store, key ipam.Key, spoof []antispoof.Entry) error {
 	return store.Update(func(tx *ipam.Tx) error {
-		if err := antispoof.Delete(ctx, entry); err != nil {
+		if err := antispoof.Delete(ctx, spoof...); err != nil {
 			return err
 		}
 		tx.Release(key)
@@ -381,7 +474,7 @@ func cmdDel(args *skel.CmdArgs) error {
 	go func() {
 		time.Sleep(time.Millisecond)
 		if found {
-			spoofDone <- antispoof.Delete(ctx, antispoof.EntryFor(x.HostVeth, rec.IP))
+			spoofDone <- antispoof.Delete(ctx, antispoof.EntriesFor(x.HostVeth, rec.Addrs()...)...)
 		} else {
 			// No record, so no address to name the entry by (a repeated DEL, or one after
 			// a failed ADD): whatever entry the host veth has.
@@ -396,12 +489,14 @@ func cmdDel(args *skel.CmdArgs) error {
 		return err
 	}
 	if found && x.Ports > 0 {
-		t, err := hostport.New(hostport.DefaultLock)
-		if err != nil {
-			return err
-		}
-		if err := t.Del(ctx, hostport.Tag(args.ContainerID, args.IfName)); err != nil {
-			return fmt.Errorf("remove host ports: %w", err)
+		for _, ip := range rec.Addrs() {
+			t, err := hostport.NewFamily(hostport.DefaultLock, ip.Is6())
+			if err != nil {
+				return err
+			}
+			if err := t.Del(ctx, hostport.Tag(args.ContainerID, args.IfName)); err != nil {
+				return fmt.Errorf("remove host ports: %w", err)
+			}
 		}
 	}
 	if c.delegateIPAM {
@@ -433,9 +528,9 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if err != nil {
 		return types.NewError(types.ErrDecodingFailure, "decode prevResult", err.Error())
 	}
-	addr, gw, err := fromIPAMResult(prev)
+	addrs, err := fromIPAMResult(prev)
 	if err != nil {
-		return err
+		return types.NewError(types.ErrInvalidNetworkConfig, "prevResult has no address", err.Error())
 	}
 	if c.delegateIPAM {
 		if err := invoke.DelegateCheck(context.Background(), c.IPAM.Type, args.StdinData, nil); err != nil {
@@ -455,8 +550,8 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if !found {
 		return fmt.Errorf("no address is recorded for %s", key)
 	}
-	if rec.IP != addr.Addr() {
-		return fmt.Errorf("recorded address %s differs from the previous result's %s", rec.IP, addr.Addr())
+	if got, want := rec.Addrs(), addrsOf(addrs); !slices.Equal(got, want) {
+		return fmt.Errorf("recorded addresses %v differ from the previous result's %v", got, want)
 	}
 	x := recordExtra(rec)
 	podNS, err := netns.GetFromPath(args.Netns)
@@ -469,40 +564,41 @@ func cmdCheck(args *skel.CmdArgs) error {
 		return fmt.Errorf("netlink: %w", err)
 	}
 	defer h.Close()
-	routeGW := netip.Addr{}
-	if c.defGW {
-		routeGW = gw
-	}
-	if err := bridge.Check(h, c.Bridge, netip.PrefixFrom(gw, addr.Bits()), bridge.Pod{
-		NetnsFd: int(podNS), IfName: args.IfName, HostVeth: x.HostVeth,
-		Addr: addr, Gateway: routeGW, MTU: x.MTU,
-	}); err != nil {
+	p := pod(podNS, args.IfName, x.HostVeth, addrs, c.defGW, x.MTU, false)
+	if err := bridge.Check(h, c.Bridge, netip.PrefixFrom(addrs[0].gw, addrs[0].addr.Bits()), gateway6(addrs), p); err != nil {
 		return fmt.Errorf("check %s: %w", key, err)
 	}
-	entry := antispoof.EntryFor(x.HostVeth, rec.IP)
-	if ok, err := antispoof.Has(context.Background(), entry); err != nil {
-		return fmt.Errorf("check %s: %w", key, err)
-	} else if !ok {
-		return fmt.Errorf("check %s: anti-spoofing entry (%s) is missing from set %s of bridge table %s", key, entry, antispoof.Set, antispoof.Table)
+	for _, e := range antispoof.EntriesFor(x.HostVeth, rec.Addrs()...) {
+		if ok, err := antispoof.Has(context.Background(), e); err != nil {
+			return fmt.Errorf("check %s: %w", key, err)
+		} else if !ok {
+			return fmt.Errorf("check %s: anti-spoofing entry (%s) is missing from bridge table %s", key, e, antispoof.Table)
+		}
 	}
 	if x.Ports > 0 {
-		t, err := hostport.New(hostport.DefaultLock)
-		if err != nil {
-			return err
-		}
-		tags, err := t.Tags()
-		if err != nil {
-			return err
-		}
-		want := hostport.Tag(args.ContainerID, args.IfName)
-		for _, tag := range tags {
-			if tag == want {
-				return nil
+		for _, ip := range rec.Addrs() {
+			t, err := hostport.NewFamily(hostport.DefaultLock, ip.Is6())
+			if err != nil {
+				return err
+			}
+			tags, err := t.Tags()
+			if err != nil {
+				return err
+			}
+			if !slices.Contains(tags, hostport.Tag(args.ContainerID, args.IfName)) {
+				return fmt.Errorf("check %s: %s host port rules are missing from %s", key, t.Family(), hostport.Chain)
 			}
 		}
-		return fmt.Errorf("check %s: host port rules are missing from %s", key, hostport.Chain)
 	}
 	return nil
+}
+
+func addrsOf(addrs []ifAddr) []netip.Addr {
+	out := make([]netip.Addr, len(addrs))
+	for i, a := range addrs {
+		out[i] = a.addr.Addr()
+	}
+	return out
 }
 
 func cmdGC(args *skel.CmdArgs) error {
@@ -523,15 +619,14 @@ func cmdGC(args *skel.CmdArgs) error {
 		return err
 	}
 	var stale []ipam.Record
-	want := map[string]antispoof.Entry{} // the anti-spoofing entry of each valid attachment, by host veth
+	want := map[string][]antispoof.Entry{} // the anti-spoofing entries of each valid attachment, by host veth
 	if err := store.View(func(tx *ipam.Tx) error {
 		for _, r := range tx.Records() {
 			if !valid[r.Key] {
 				stale = append(stale, r)
 				continue
 			}
-			e := antispoof.EntryFor(recordVeth(r), r.IP)
-			want[e.HostVeth] = e
+			want[recordVeth(r)] = antispoof.EntriesFor(recordVeth(r), r.Addrs()...)
 		}
 		return nil
 	}); err != nil {
@@ -543,7 +638,7 @@ func cmdGC(args *skel.CmdArgs) error {
 	}
 	defer h.Close()
 	var errs []error
-	released := map[ipam.Key]antispoof.Entry{}
+	released := map[ipam.Key][]antispoof.Entry{}
 	for _, r := range stale {
 		veth := recordVeth(r)
 		if err := bridge.Del(h, veth); err != nil {
@@ -558,7 +653,7 @@ func cmdGC(args *skel.CmdArgs) error {
 				continue
 			}
 		}
-		released[r.Key] = antispoof.EntryFor(veth, r.IP)
+		released[r.Key] = antispoof.EntriesFor(veth, r.Addrs()...)
 	}
 	// Veths on our bridge that no valid attachment owns (an ADD killed before it recorded
 	// anything cannot leave one: the address is recorded first, but be thorough).
@@ -573,24 +668,26 @@ func cmdGC(args *skel.CmdArgs) error {
 			}
 		}
 	}
-	if t, err := hostport.New(hostport.DefaultLock); err == nil {
-		if _, err := t.Retain(ctx, func(tag string) bool {
-			id, ifn, ok := hostport.ParseTag(tag)
-			return ok && valid[ipam.Key{ContainerID: id, IfName: ifn}]
-		}); err != nil {
+	for _, v6 := range []bool{false, true} {
+		if t, err := hostport.NewFamily(hostport.DefaultLock, v6); err == nil {
+			if _, err := t.Retain(ctx, func(tag string) bool {
+				id, ifn, ok := hostport.ParseTag(tag)
+				return ok && valid[ipam.Key{ContainerID: id, IfName: ifn}]
+			}); err != nil {
+				errs = append(errs, err)
+			}
+		} else if len(stale) > 0 && (!v6 || c.subnet6.IsValid()) {
 			errs = append(errs, err)
 		}
-	} else if len(stale) > 0 {
-		errs = append(errs, err)
 	}
 	if len(released) > 0 {
 		// Entries and addresses go together under the store's lock (see release).
 		if err := store.Update(func(tx *ipam.Tx) error {
-			var entries []antispoof.Entry
-			for _, e := range released {
-				entries = append(entries, e)
+			var all []antispoof.Entry
+			for _, es := range released {
+				all = append(all, es...)
 			}
-			if err := antispoof.Delete(ctx, entries...); err != nil {
+			if err := antispoof.Delete(ctx, all...); err != nil {
 				return err
 			}
 			for k := range released {
@@ -638,10 +735,10 @@ func recordVeth(r ipam.Record) string {
 }
 
 // gcEntries removes anti-spoofing entries that no valid attachment of this network owns:
-// an entry of a valid attachment's veth that is not its entry (an old address), and an
-// entry of any other veth that is gone or sits on this network's bridge. Entries of veths
-// on other bridges belong to other networks, whose GC is not ours.
-func gcEntries(ctx context.Context, h *netlink.Handle, bridgeName string, want map[string]antispoof.Entry) error {
+// an entry of a valid attachment's veth that is not one of its entries (an old address),
+// and an entry of any other veth that is gone or sits on this network's bridge. Entries of
+// veths on other bridges belong to other networks, whose GC is not ours.
+func gcEntries(ctx context.Context, h *netlink.Handle, bridgeName string, want map[string][]antispoof.Entry) error {
 	entries, err := antispoof.List(ctx)
 	if errors.Is(err, antispoof.ErrNotInstalled) {
 		return nil
@@ -664,7 +761,7 @@ func gcEntries(ctx context.Context, h *netlink.Handle, bridgeName string, want m
 	var drop []antispoof.Entry
 	for _, e := range entries {
 		if w, ok := want[e.HostVeth]; ok {
-			if w.String() != e.String() {
+			if !slices.ContainsFunc(w, func(w antispoof.Entry) bool { return w.String() == e.String() }) {
 				drop = append(drop, e)
 			}
 			continue
@@ -698,7 +795,7 @@ func cmdStatus(args *skel.CmdArgs) error {
 	if c.delegateIPAM {
 		return nil
 	}
-	rng, _, err := c.pool(0)
+	rngs, _, err := c.pools(0)
 	if err != nil {
 		return notReady(err.Error())
 	}
@@ -706,12 +803,19 @@ func cmdStatus(args *skel.CmdArgs) error {
 	if err != nil {
 		return notReady(err.Error())
 	}
-	var used int
-	if err := store.View(func(tx *ipam.Tx) error { used = tx.Used(rng); return nil }); err != nil {
+	var exhausted string
+	if err := store.View(func(tx *ipam.Tx) error {
+		for _, r := range rngs {
+			if used := tx.Used(r); used >= r.Size() && exhausted == "" {
+				exhausted = fmt.Sprintf("address pool %s-%s is exhausted (%d of %d in use)", r.Start, r.End, used, r.Size())
+			}
+		}
+		return nil
+	}); err != nil {
 		return notReady(err.Error())
 	}
-	if used >= rng.Size() {
-		return notReady(fmt.Sprintf("address pool %s-%s is exhausted (%d of %d in use)", rng.Start, rng.End, used, rng.Size()))
+	if exhausted != "" {
+		return notReady(exhausted)
 	}
 	return nil
 }

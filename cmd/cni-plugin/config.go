@@ -42,6 +42,8 @@ type netConf struct {
 	RangeStart       string `json:"rangeStart"`
 	RangeEnd         string `json:"rangeEnd"`
 	Gateway          string `json:"gateway"`
+	IPv6Subnet       string `json:"ipv6Subnet"`
+	IPv6Gateway      string `json:"ipv6Gateway"`
 	SubnetFile       string `json:"subnetFile"`
 	SubnetFileWait   string `json:"subnetFileWait"`
 	DataDir          string `json:"dataDir"`
@@ -55,7 +57,10 @@ type netConf struct {
 
 	// Parsed and defaulted values.
 	subnet, network  netip.Prefix
+	subnet6          netip.Prefix
 	start, end, gw   netip.Addr
+	gw6              netip.Addr
+	v4FromFile       bool // the IPv4 subnet comes from the agent's subnet file
 	wait             time.Duration
 	hairpin, defGW   bool
 	subnetFromAgent  bool
@@ -117,6 +122,9 @@ func parse(stdin []byte, forDel bool) (*netConf, error) {
 	if c.MTU != 0 && (c.MTU < 576 || c.MTU > 65535) {
 		return nil, configError("mtu", "%d is out of range 576-65535", c.MTU)
 	}
+	// IPv4 comes from the agent's subnet file unless the config fixes the subnets: an
+	// explicit subnet, or an ipv6Subnet without a subnetFile (IPv6 only).
+	c.v4FromFile = c.Subnet == "" && (c.IPv6Subnet == "" || c.SubnetFile != "")
 	if c.SubnetFile == "" {
 		c.SubnetFile = subnetfile.DefaultPath
 	}
@@ -133,8 +141,10 @@ func parse(stdin []byte, forDel bool) (*netConf, error) {
 	}
 	c.hairpin = c.HairpinMode == nil || *c.HairpinMode
 	c.defGW = c.IsDefaultGateway == nil || *c.IsDefaultGateway
-	if c.delegateIPAM && c.Subnet != "" {
-		return nil, configError("ipam", "set either subnet or an ipam section, not both")
+	for _, f := range []struct{ name, v string }{{"subnet", c.Subnet}, {"ipv6Subnet", c.IPv6Subnet}} {
+		if c.delegateIPAM && f.v != "" {
+			return nil, configError("ipam", "set either %s or an ipam section, not both", f.name)
+		}
 	}
 	for i, m := range c.RuntimeConfig.PortMappings {
 		if err := m.Validate(); err != nil {
@@ -145,7 +155,11 @@ func parse(stdin []byte, forDel bool) (*netConf, error) {
 		name string
 		s    string
 		dst  *netip.Addr
-	}{{"rangeStart", c.RangeStart, &c.start}, {"rangeEnd", c.RangeEnd, &c.end}, {"gateway", c.Gateway, &c.gw}} {
+		v6   bool
+	}{
+		{"rangeStart", c.RangeStart, &c.start, false}, {"rangeEnd", c.RangeEnd, &c.end, false},
+		{"gateway", c.Gateway, &c.gw, false}, {"ipv6Gateway", c.IPv6Gateway, &c.gw6, true},
+	} {
 		if f.s == "" {
 			continue
 		}
@@ -153,25 +167,61 @@ func parse(stdin []byte, forDel bool) (*netConf, error) {
 		if err != nil {
 			return nil, configError(f.name, "%q is not an IP address", f.s)
 		}
+		if f.v6 && (!a.Is6() || a.Is4In6()) {
+			return nil, configError(f.name, "%s is not an IPv6 address", a)
+		}
+		if !f.v6 && !a.Is4() {
+			return nil, configError(f.name, "%s is not an IPv4 address (IPv6 goes in ipv6Gateway)", a)
+		}
 		*f.dst = a
 	}
 	if c.Subnet != "" {
-		p, err := netip.ParsePrefix(c.Subnet)
+		p, err := parseSubnet("subnet", c.Subnet)
 		if err != nil {
-			return nil, configError("subnet", "%q is not a CIDR prefix", c.Subnet)
-		}
-		if p != p.Masked() {
-			return nil, configError("subnet", "%s has host bits set (did you mean %s?)", p, p.Masked())
+			return nil, err
 		}
 		if !p.Addr().Is4() {
-			return nil, configError("subnet", "%s: only IPv4 subnets are supported", p)
+			return nil, configError("subnet", "%s: only IPv4 subnets go here (IPv6 goes in ipv6Subnet)", p)
 		}
 		if p.Bits() > 30 {
 			return nil, configError("subnet", "%s is too small (at most /30)", p)
 		}
 		c.subnet = p
 	}
+	if c.IPv6Subnet != "" {
+		p, err := parseSubnet("ipv6Subnet", c.IPv6Subnet)
+		if err != nil {
+			return nil, err
+		}
+		switch a := p.Addr(); {
+		case !a.Is6() || a.Is4In6():
+			return nil, configError("ipv6Subnet", "%s is not an IPv6 prefix (IPv4 goes in subnet)", p)
+		case a.IsLinkLocalUnicast() || a.IsMulticast() || a.IsLoopback() || a.IsUnspecified():
+			return nil, configError("ipv6Subnet", "%s is not a unicast prefix pods can use (link-local, multicast or loopback)", p)
+		case p.Bits() < minV6Bits || p.Bits() > maxV6Bits:
+			return nil, configError("ipv6Subnet", "prefix length /%d is out of range /%d-/%d", p.Bits(), minV6Bits, maxV6Bits)
+		}
+		c.subnet6 = p
+	} else if c.gw6.IsValid() {
+		return nil, configError("ipv6Gateway", "set without ipv6Subnet")
+	}
 	return c, nil
+}
+
+// The IPv6 node subnet's prefix length: a node subnet wider than /48 makes no sense, and
+// /126 is the smallest with an address left after the gateway.
+const minV6Bits, maxV6Bits = 48, 126
+
+// parseSubnet parses a subnet field: a CIDR prefix with no host bits.
+func parseSubnet(field, s string) (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return netip.Prefix{}, configError(field, "%q is not a CIDR prefix", s)
+	}
+	if p != p.Masked() {
+		return netip.Prefix{}, configError(field, "%s has host bits set (did you mean %s?)", p, p.Masked())
+	}
+	return p, nil
 }
 
 // mtu is the pod interface MTU: the config's, else the agent's, else 1500.

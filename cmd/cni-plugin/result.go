@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"net"
-	"net/netip"
 	"os"
 	"strings"
 
@@ -18,8 +17,7 @@ type addResult struct {
 	bridge, bridgeMAC     string
 	hostVeth, hostMAC     string
 	ifName, podMAC, netns string
-	addr                  netip.Prefix
-	gw                    netip.Addr
+	addrs                 []ifAddr // IPv4 first
 	defaultRoute          bool
 	dns                   types.DNS
 }
@@ -44,15 +42,18 @@ func (r addResult) library() *current.Result {
 			{Name: r.hostVeth, Mac: r.hostMAC},
 			{Name: r.ifName, Mac: r.podMAC, Sandbox: r.netns},
 		},
-		IPs: []*current.IPConfig{{
-			Interface: current.Int(2),
-			Address:   net.IPNet{IP: r.addr.Addr().AsSlice(), Mask: net.CIDRMask(r.addr.Bits(), 32)},
-			Gateway:   r.gw.AsSlice(),
-		}},
 		DNS: r.dns,
 	}
-	if r.defaultRoute {
-		res.Routes = []*types.Route{{Dst: net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, GW: r.gw.AsSlice()}}
+	for _, a := range r.addrs {
+		bits := a.addr.Addr().BitLen()
+		res.IPs = append(res.IPs, &current.IPConfig{
+			Interface: current.Int(2),
+			Address:   net.IPNet{IP: a.addr.Addr().AsSlice(), Mask: net.CIDRMask(a.addr.Bits(), bits)},
+			Gateway:   a.gw.AsSlice(),
+		})
+		if r.defaultRoute {
+			res.Routes = append(res.Routes, &types.Route{Dst: net.IPNet{IP: make(net.IP, bits/8), Mask: net.CIDRMask(0, bits)}, GW: a.gw.AsSlice()})
+		}
 	}
 	return res
 }
@@ -61,9 +62,27 @@ func (r addResult) json() []byte {
 	var b bytes.Buffer
 	fmt.Fprintf(&b, `{"cniVersion":%s,"interfaces":[{"name":%s,"mac":%s},{"name":%s,"mac":%s},{"name":%s,"mac":%s,"sandbox":%s}],`,
 		q(r.cniVersion), q(r.bridge), q(r.bridgeMAC), q(r.hostVeth), q(r.hostMAC), q(r.ifName), q(r.podMAC), q(r.netns))
-	fmt.Fprintf(&b, `"ips":[{"interface":2,"address":%s,"gateway":%s}]`, q(r.addr.String()), q(r.gw.String()))
+	b.WriteString(`"ips":[`)
+	for i, a := range r.addrs {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		fmt.Fprintf(&b, `{"interface":2,"address":%s,"gateway":%s}`, q(a.addr.String()), q(a.gw.String()))
+	}
+	b.WriteByte(']')
 	if r.defaultRoute {
-		fmt.Fprintf(&b, `,"routes":[{"dst":"0.0.0.0/0","gw":%s}]`, q(r.gw.String()))
+		b.WriteString(`,"routes":[`)
+		for i, a := range r.addrs {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			dst := "0.0.0.0/0"
+			if a.gw.Is6() {
+				dst = "::/0"
+			}
+			fmt.Fprintf(&b, `{"dst":%q,"gw":%s}`, dst, q(a.gw.String()))
+		}
+		b.WriteByte(']')
 	}
 	b.WriteString("}\n")
 	return b.Bytes()

@@ -1,4 +1,4 @@
-// Package antispoof lets a pod send only with its own IPv4 address and MAC: frames that
+// Package antispoof lets a pod send only with its own IP addresses and MAC: frames that
 // enter the node bridge from a pod's host veth with any other source are dropped and
 // counted.
 //
@@ -10,9 +10,10 @@
 //   - IPv4 whose (in-port . source IP . source MAC) is in the set @pods,
 //   - ARP for Ethernet/IPv4 whose (in-port . sender IP . source MAC) and
 //     (in-port . sender IP . sender MAC) are both in @pods;
+//   - IPv6 and neighbour discovery checked the same way against @pods6 (see ipv6.go);
 //
-// every other frame from a pod is dropped and counted in one of three named counters:
-// spoofed IPv4, spoofed ARP, and neither IPv4 nor ARP. Frames from other ports (the
+// every other frame from a pod is dropped and counted in one of five named counters:
+// spoofed IPv4, spoofed ARP, spoofed IPv6, spoofed NDP, and none of these. Frames from other ports (the
 // uplink, veths that are not ours) are not touched.
 //
 // A pod is then one set element: ADD adds it, DEL removes it, each one netlink
@@ -38,10 +39,10 @@
 // What is covered: IPv4 and ARP from pods attached by netagent-cni (host veths named
 // na<hash>), on every bridge of the node's network namespace. What is not:
 //
-//   - IPv6 and every other ethertype from pods is dropped. netagent is IPv4 only, and an
-//     unfiltered IPv6 would let a pod spoof link-local traffic and send router
-//     advertisements to its neighbours. What breaks: IPv6 (link-local included) between
-//     pods on one node, and pods speaking raw Ethernet protocols or VLAN-tagged frames.
+//   - Every other ethertype from pods is dropped, and so is IPv6 from pods without an
+//     IPv6 address (IPv4-only networks): unfiltered IPv6 would let a pod spoof link-local
+//     traffic and send router advertisements to its neighbours. What breaks: pods
+//     speaking raw Ethernet protocols or VLAN-tagged frames.
 //   - A pod cannot add addresses of its own (a VIP that keepalived moves, a secondary IP):
 //     only the address IPAM gave it is let through.
 //   - ARP probes with sender IP 0.0.0.0 (duplicate address detection) are dropped; Linux
@@ -75,7 +76,7 @@ const (
 
 	CounterIPv4  = "spoofed-ipv4" // IPv4 with a source IP or MAC that is not the pod's
 	CounterARP   = "spoofed-arp"  // ARP with a sender IP or MAC that is not the pod's, or not Ethernet/IPv4
-	CounterOther = "not-ipv4"     // neither IPv4 nor ARP (IPv6, VLAN-tagged, other ethertypes)
+	CounterOther = "not-ipv4"     // neither IPv4, ARP nor IPv6 (VLAN-tagged, other ethertypes); the name predates IPv6
 )
 
 // ErrNotInstalled means the table or set is not in the kernel (no pod was added yet, the
@@ -106,11 +107,14 @@ func (e Entry) key() ([]byte, error) {
 	if e.HostVeth == "" || len(e.HostVeth) >= ifnameLen {
 		return nil, fmt.Errorf("entry %s: bad interface name %q", e, e.HostVeth)
 	}
-	if !e.IP.Is4() {
-		return nil, fmt.Errorf("entry %s: not an IPv4 address", e)
-	}
 	if len(e.MAC) != 6 {
 		return nil, fmt.Errorf("entry %s: not an Ethernet MAC", e)
+	}
+	if e.IP.Is6() {
+		return e.key6()
+	}
+	if !e.IP.Is4() {
+		return nil, fmt.Errorf("entry %s: not an IP address", e)
 	}
 	k := make([]byte, keyLen)
 	copy(k, e.HostVeth)
@@ -121,6 +125,9 @@ func (e Entry) key() ([]byte, error) {
 }
 
 func entryFromKey(k []byte) (Entry, bool) {
+	if len(k) == keyLen6 {
+		return entryFromKey6(k), true
+	}
 	if len(k) != keyLen {
 		return Entry{}, false
 	}
@@ -152,8 +159,9 @@ func isAbsent(err error) bool {
 	return errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.EPROTONOSUPPORT) || errors.Is(err, syscall.EAFNOSUPPORT)
 }
 
-// Add adds e to the set: one transaction of one message. Adding an entry that is
-// there is not an error. When the table or set is missing (the first pod on a node, or
+// Add adds entries to the sets (a pod's: see EntriesFor): one transaction of one message
+// per set. Adding an entry that is there is not an error. When the table or set is
+// missing (the first pod on a node, or
 // after `nft flush ruleset`) it returns ErrNotInstalled and changes nothing: the caller
 // then installs the rule set with Install, together with the entries of the other pods it
 // knows of, or a fresh rule set would cut them off.
@@ -161,9 +169,9 @@ func isAbsent(err error) bool {
 // Add neither checks nor rewrites the chain: the kernel holds any transaction that changes
 // a base chain or its rules for what looks like an RCU grace period, longer than the rest
 // of an ADD. A chain flushed or edited by hand is repaired by Sync, which the agent runs.
-func Add(ctx context.Context, e Entry) error {
-	k, err := e.key()
-	if err != nil {
+func Add(ctx context.Context, entries ...Entry) error {
+	ks, err := keys(entries)
+	if err != nil || len(ks) == 0 {
 		return err
 	}
 	c, err := dial(ctx)
@@ -171,12 +179,12 @@ func Add(ctx context.Context, e Entry) error {
 		return err
 	}
 	defer c.close()
-	err = c.transact([]msg{elementMsg(unix.NFT_MSG_NEWSETELEM, [][]byte{k})})
+	err = c.transact(elementMsgs(unix.NFT_MSG_NEWSETELEM, ks))
 	if errors.Is(err, syscall.ENOENT) {
 		return ErrNotInstalled
 	}
 	if err != nil {
-		return fmt.Errorf("add anti-spoofing entry %s: %w", e, err)
+		return fmt.Errorf("add anti-spoofing entries %v: %w", entries, err)
 	}
 	return nil
 }
@@ -207,12 +215,12 @@ func Delete(ctx context.Context, entries ...Entry) error {
 		return err
 	}
 	defer c.close()
-	err = c.transact([]msg{elementMsg(unix.NFT_MSG_DELSETELEM, ks)})
+	err = c.transact(elementMsgs(unix.NFT_MSG_DELSETELEM, ks))
 	if isAbsent(err) && len(ks) > 1 {
 		// One missing element fails the whole transaction: remove them one by one.
 		var errs []error
 		for i, k := range ks {
-			if err := c.transact([]msg{elementMsg(unix.NFT_MSG_DELSETELEM, [][]byte{k})}); err != nil && !isAbsent(err) {
+			if err := c.transact(elementMsgs(unix.NFT_MSG_DELSETELEM, [][]byte{k})); err != nil && !isAbsent(err) {
 				errs = append(errs, fmt.Errorf("delete anti-spoofing entry %s: %w", entries[i], err))
 			}
 		}
@@ -260,6 +268,13 @@ func list(c *conn) ([]Entry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read set %s: %w", Set, err)
 	}
+	// A rule set from before IPv6 has no @pods6 (and is not intact: Install and Sync
+	// rewrite it): it holds no IPv6 entries.
+	b6, err := c.dump(unix.NFT_MSG_GETSETELEM, true, []attr{str(unix.NFTA_SET_ELEM_LIST_TABLE, Table), str(unix.NFTA_SET_ELEM_LIST_SET, Set6)})
+	if err != nil && !errors.Is(err, syscall.ENOENT) {
+		return nil, fmt.Errorf("read set %s: %w", Set6, err)
+	}
+	bodies = append(bodies, b6...)
 	var out []Entry
 	for _, b := range bodies {
 		els, _ := get(parseAttrs(b), unix.NFTA_SET_ELEM_LIST_ELEMENTS)
@@ -298,7 +313,9 @@ type Count struct{ Packets, Bytes uint64 }
 type Counts struct {
 	SpoofedIPv4 Count // IPv4 whose source IP or MAC is not the pod's
 	SpoofedARP  Count // ARP whose sender IP or MAC is not the pod's, or not Ethernet/IPv4
-	NotIPv4     Count // neither IPv4 nor ARP (IPv6, VLAN-tagged, ...): not spoofing as such
+	SpoofedIPv6 Count // IPv6 whose source IP or MAC is not the pod's (all IPv6 of a pod without IPv6)
+	SpoofedNDP  Count // neighbour discovery with a foreign target or link-layer address, RA, redirect
+	NotIPv4     Count // neither IPv4, ARP nor IPv6 (VLAN-tagged, ...): not spoofing as such
 }
 
 // Counters reads the drop counters; ErrNotInstalled when the table is absent.
@@ -336,6 +353,10 @@ func Counters(ctx context.Context) (Counts, error) {
 			out.SpoofedARP, found = v, found+1
 		case CounterOther + "\x00":
 			out.NotIPv4, found = v, found+1
+		case CounterIPv6 + "\x00":
+			out.SpoofedIPv6, found = v, found+1
+		case CounterNDP + "\x00":
+			out.SpoofedNDP, found = v, found+1
 		}
 	}
 	if found == 0 {
@@ -344,13 +365,17 @@ func Counters(ctx context.Context) (Counts, error) {
 	return out, nil
 }
 
-// Dropped is the number of spoofed frames (IPv4 and ARP) dropped so far, and their bytes.
+// Dropped is the number of spoofed frames (IPv4, ARP, IPv6 and NDP) dropped so far, and
+// their bytes.
 func Dropped(ctx context.Context) (packets, bytes uint64, err error) {
 	c, err := Counters(ctx)
 	if err != nil {
 		return 0, 0, err
 	}
-	return c.SpoofedIPv4.Packets + c.SpoofedARP.Packets, c.SpoofedIPv4.Bytes + c.SpoofedARP.Bytes, nil
+	for _, x := range []Count{c.SpoofedIPv4, c.SpoofedARP, c.SpoofedIPv6, c.SpoofedNDP} {
+		packets, bytes = packets+x.Packets, bytes+x.Bytes
+	}
+	return packets, bytes, nil
 }
 
 // Remove deletes the table with everything in it (for `netagent cleanup`); absent is fine.

@@ -107,7 +107,7 @@ func TestAddDelete(t *testing.T) {
 	if got := ns.MustRun(t, "nft", "list", "set", "bridge", antispoof.Table, antispoof.Set); !strings.Contains(got, "type ifname . ipv4_addr . ether_addr\n") {
 		t.Errorf("nft list set:\n%s", got)
 	}
-	if got := ns.MustRun(t, "nft", "list", "counters", "table", "bridge", antispoof.Table); strings.Count(got, "packets 0 bytes 0") != 3 {
+	if got := ns.MustRun(t, "nft", "list", "counters", "table", "bridge", antispoof.Table); strings.Count(got, "packets 0 bytes 0") != 5 {
 		t.Errorf("nft list counters:\n%s", got)
 	}
 
@@ -154,7 +154,18 @@ const wantChain = `table bridge netagent {
 		arp htype 1 arp ptype ip arp hlen 6 arp plen 4 iifname . arp saddr ip . ether saddr @pods iifname . arp saddr ip . arp saddr ether @pods accept comment "netagent antispoof v1: ARP from the pod's own address and MAC"
 		ether type ip counter name "spoofed-ipv4" drop comment "netagent antispoof v1: spoofed IPv4"
 		ether type arp counter name "spoofed-arp" drop comment "netagent antispoof v1: spoofed ARP"
-		counter name "not-ipv4" drop comment "netagent antispoof v1: neither IPv4 nor ARP"
+		ip6 nexthdr ipv6-icmp @nh,320,8 0x88 ip6 length 24 iifname . ip6 saddr . ether saddr @pods6 iifname . @nh,384,128 . ether saddr @pods6 accept comment "netagent antispoof v1: NA for the pod's own address"
+		ip6 nexthdr ipv6-icmp @nh,320,8 0x88 ip6 length 32 iifname . ip6 saddr . ether saddr @pods6 iifname . @nh,384,128 . ether saddr @pods6 @nh,512,16 0x201 iifname . @nh,384,128 . @nh,528,48 @pods6 accept comment "netagent antispoof v1: NA for the pod's own address and MAC"
+		ip6 nexthdr ipv6-icmp @nh,320,8 0x87 ip6 length 24 iifname . ip6 saddr . ether saddr @pods6 accept comment "netagent antispoof v1: NS from the pod's own address"
+		ip6 nexthdr ipv6-icmp @nh,320,8 0x87 ip6 length 32 iifname . ip6 saddr . ether saddr @pods6 @nh,512,16 0x101 iifname . ip6 saddr . @nh,528,48 @pods6 accept comment "netagent antispoof v1: NS from the pod's own address and MAC"
+		ip6 nexthdr ipv6-icmp @nh,320,8 0x85 ip6 length 8 iifname . ip6 saddr . ether saddr @pods6 accept comment "netagent antispoof v1: RS from the pod's own address"
+		ip6 nexthdr ipv6-icmp @nh,320,8 0x85 ip6 length 16 iifname . ip6 saddr . ether saddr @pods6 @nh,384,16 0x101 iifname . ip6 saddr . @nh,400,48 @pods6 accept comment "netagent antispoof v1: RS from the pod's own address and MAC"
+		@nh,64,16 & 0xffc0 == 0xfe80 iifname . ip6 saddr . ether saddr != @pods6 counter name "not-ipv4" drop comment "netagent antispoof v1: IPv6 from a link-local source not the pod's"
+		ip6 saddr :: counter name "not-ipv4" drop comment "netagent antispoof v1: IPv6 from the unspecified source"
+		icmpv6 type 133-137 counter name "spoofed-ndp" drop comment "netagent antispoof v1: spoofed NDP"
+		iifname . ip6 saddr . ether saddr @pods6 accept comment "netagent antispoof v1: IPv6 from the pod's own address and MAC"
+		ether type ip6 counter name "spoofed-ipv6" drop comment "netagent antispoof v1: spoofed IPv6"
+		counter name "not-ipv4" drop comment "netagent antispoof v1: neither IPv4, ARP nor IPv6"
 	}
 }
 `
@@ -165,7 +176,9 @@ func TestBadEntries(t *testing.T) {
 	for _, e := range []antispoof.Entry{
 		{HostVeth: "", IP: netip.MustParseAddr("10.0.0.1"), MAC: bridge.PodMAC(netip.MustParseAddr("10.0.0.1"))},
 		{HostVeth: "name-is-16-long!", IP: netip.MustParseAddr("10.0.0.1"), MAC: bridge.PodMAC(netip.MustParseAddr("10.0.0.1"))},
-		{HostVeth: "na1", IP: netip.MustParseAddr("fd00::1"), MAC: bridge.PodMAC(netip.MustParseAddr("10.0.0.1"))},
+		{HostVeth: "na1", IP: netip.MustParseAddr("::ffff:10.0.0.1"), MAC: bridge.PodMAC(netip.MustParseAddr("10.0.0.1"))},
+		{HostVeth: "na1", IP: netip.MustParseAddr("fe80::1%eth0"), MAC: bridge.PodMAC(netip.MustParseAddr("10.0.0.1"))},
+		{HostVeth: "na1"},
 		{HostVeth: "na1", IP: netip.MustParseAddr("10.0.0.1"), MAC: net.HardwareAddr{1, 2, 3}},
 	} {
 		in(t, ns, func() error {
@@ -398,5 +411,46 @@ func TestCounters(t *testing.T) {
 	})
 	if c := counts(); c.SpoofedIPv4 != spoofed.SpoofedIPv4 || c.SpoofedARP != spoofed.SpoofedARP {
 		t.Errorf("counters after a repair %+v, before %+v", c, spoofed)
+	}
+}
+
+// TestIPv6Entries: a dual-stack pod's entries (IPv4, IPv6 and link-local, one MAC) go into
+// their sets in one Add, read back through List and nft, and go in one Delete.
+func TestIPv6Entries(t *testing.T) {
+	netns.RequireRoot(t)
+	ns := netns.New(t, "as")
+	dual := antispoof.EntriesFor("na00000000001", netip.MustParseAddr("10.9.0.2"), netip.MustParseAddr("fd00:9::2"))
+	v6 := antispoof.EntriesFor("na00000000002", netip.MustParseAddr("2001:db8:9::3"))
+	mac := bridge.PodMAC(netip.MustParseAddr("10.9.0.2"))
+	if len(dual) != 3 || dual[2].IP != bridge.LinkLocal(mac).Addr() || dual[1].MAC.String() != mac.String() {
+		t.Fatalf("EntriesFor(dual) = %v, want IPv4, IPv6 and link-local, all with MAC %s", dual, mac)
+	}
+	if len(v6) != 2 {
+		t.Fatalf("EntriesFor(IPv6 only) = %v, want the address and link-local", v6)
+	}
+	in(t, ns, func() error {
+		if err := antispoof.Install(ctx, v6); err != nil {
+			return err
+		}
+		return antispoof.Add(ctx, dual...)
+	})
+	if got, want := list(t, ns), strs(append(dual, v6...)...); !slices.Equal(got, want) {
+		t.Fatalf("List = %v, want %v", got, want)
+	}
+	got := ns.MustRun(t, "nft", "list", "set", "bridge", antispoof.Table, antispoof.Set6)
+	if !strings.Contains(got, "type ifname . ipv6_addr . ether_addr\n") || !strings.Contains(got, `"na00000000001" . fd00:9::2 . `+mac.String()) {
+		t.Errorf("nft list set %s:\n%s", antispoof.Set6, got)
+	}
+	in(t, ns, func() error {
+		if ok, err := antispoof.Has(ctx, dual[1]); err != nil || !ok {
+			return fmt.Errorf("Has(%s) = %v, %v", dual[1], ok, err)
+		}
+		if err := antispoof.Delete(ctx, dual...); err != nil {
+			return err
+		}
+		return antispoof.DeleteVeth(ctx, v6[0].HostVeth)
+	})
+	if got := list(t, ns); len(got) != 0 {
+		t.Errorf("after Delete: %v, want none", got)
 	}
 }

@@ -24,7 +24,19 @@ func TestMessagesMatchLibrary(t *testing.T) {
 		ks = append(ks, k)
 		els = append(els, nftables.SetElement{Key: k})
 	}
+	var ks6 [][]byte
+	var els6 []nftables.SetElement
+	for _, e := range EntriesFor("na0123456789a", netip.MustParseAddr("fd00:244:1::5")) {
+		k, err := e.key()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ks6 = append(ks6, k)
+		els6 = append(els6, nftables.SetElement{Key: k})
+	}
 	table := &nftables.Table{Name: Table, Family: nftables.TableFamilyBridge}
+	set6 := &nftables.Set{ID: setID6, Table: table, Name: Set6, Concatenation: true,
+		KeyType: nftables.MustConcatSetType(nftables.TypeIFName, nftables.TypeIP6Addr, nftables.TypeEtherAddr)}
 	set := &nftables.Set{ID: setID, Table: table, Name: Set, Concatenation: true,
 		KeyType: nftables.MustConcatSetType(nftables.TypeIFName, nftables.TypeIPAddr, nftables.TypeEtherAddr)}
 	policy := nftables.ChainPolicyAccept
@@ -38,6 +50,8 @@ func TestMessagesMatchLibrary(t *testing.T) {
 		{"add one element", elementMsg(unix.NFT_MSG_NEWSETELEM, ks[:1]), func(c *nftables.Conn) error { return c.SetAddElements(set, els[:1]) }},
 		{"add elements", elementMsg(unix.NFT_MSG_NEWSETELEM, ks), func(c *nftables.Conn) error { return c.SetAddElements(set, els) }},
 		{"delete elements", elementMsg(unix.NFT_MSG_DELSETELEM, ks), func(c *nftables.Conn) error { return c.SetDeleteElements(set, els) }},
+		{"add IPv6 elements", elementMsgs(unix.NFT_MSG_NEWSETELEM, ks6)[0], func(c *nftables.Conn) error { return c.SetAddElements(set6, els6) }},
+		{"delete IPv6 elements", elementMsgs(unix.NFT_MSG_DELSETELEM, ks6)[0], func(c *nftables.Conn) error { return c.SetDeleteElements(set6, els6) }},
 		{"table", tableMsg(), func(c *nftables.Conn) error { c.AddTable(table); return nil }},
 		{"chain", ensureMsgs()[1], func(c *nftables.Conn) error { c.AddChain(chain); return nil }},
 		{"flush chain", ensureMsgs()[6], func(c *nftables.Conn) error { c.FlushChain(chain); return nil }},

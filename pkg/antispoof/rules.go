@@ -71,18 +71,22 @@ func chainAttrs() []attr {
 	}
 }
 
-func setMsg() msg {
+func setMsg() msg { return setMsgOf(Set, setID, 7, 4) }
+
+// setMsgOf creates the set name (transaction ID id) of keys ifname . address . ether_addr,
+// where the address has nft type number addrType and addrLen bytes.
+func setMsgOf(name string, id, addrType, addrLen uint32) msg {
 	field := func(n uint32) attr { return nest(unix.NFTA_LIST_ELEM, u32(nftaSetFieldLen, n)) }
 	return msg{unix.NFT_MSG_NEWSET, unix.NLM_F_CREATE, []attr{
 		str(unix.NFTA_SET_TABLE, Table),
-		str(unix.NFTA_SET_NAME, Set),
+		str(unix.NFTA_SET_NAME, name),
 		u32(unix.NFTA_SET_FLAGS, nftSetConcat),
-		// nft's type numbers (ifname 41, ipv4_addr 7, ether_addr 9), 6 bits each, so that
-		// `nft list` can print the type.
-		u32(unix.NFTA_SET_KEY_TYPE, 41<<12|7<<6|9),
-		u32(unix.NFTA_SET_KEY_LEN, keyLen),
-		u32(unix.NFTA_SET_ID, setID),
-		nest(unix.NFTA_SET_DESC, nest(nftaSetDescConcat, field(ifnameLen), field(4), field(6))),
+		// nft's type numbers (ifname 41, ipv4_addr 7 or ipv6_addr 8, ether_addr 9), 6 bits
+		// each, so that `nft list` can print the type.
+		u32(unix.NFTA_SET_KEY_TYPE, 41<<12|addrType<<6|9),
+		u32(unix.NFTA_SET_KEY_LEN, ifnameLen+addrLen+8),
+		u32(unix.NFTA_SET_ID, id),
+		nest(unix.NFTA_SET_DESC, nest(nftaSetDescConcat, field(ifnameLen), field(addrLen), field(6))),
 	}}
 }
 
@@ -97,14 +101,17 @@ func counterMsg(name string) msg {
 
 // elementMsg adds (unix.NFT_MSG_NEWSETELEM) or deletes (unix.NFT_MSG_DELSETELEM) the
 // elements keys of the set.
-func elementMsg(typ uint16, keys [][]byte) msg {
+func elementMsg(typ uint16, keys [][]byte) msg { return setElementMsg(Set, setID, typ, keys) }
+
+// setElementMsg is elementMsg for the set named set with transaction ID id.
+func setElementMsg(set string, id uint32, typ uint16, keys [][]byte) msg {
 	els := make([]attr, len(keys))
 	for i, k := range keys {
 		els[i] = nest(uint16(i+1), nest(unix.NFTA_SET_ELEM_KEY, raw(unix.NFTA_DATA_VALUE, k)))
 	}
 	return msg{typ, unix.NLM_F_CREATE, []attr{
-		str(unix.NFTA_SET_ELEM_LIST_SET, Set),
-		u32(unix.NFTA_SET_ELEM_LIST_SET_ID, setID),
+		str(unix.NFTA_SET_ELEM_LIST_SET, set),
+		u32(unix.NFTA_SET_ELEM_LIST_SET_ID, id),
 		str(unix.NFTA_SET_ELEM_LIST_TABLE, Table),
 		nest(unix.NFTA_SET_ELEM_LIST_ELEMENTS, els...),
 	}}
@@ -181,7 +188,7 @@ func concat(parts ...[]expression) []expression {
 // when it installs the rule set, not at every start.)
 func rules() []rule {
 	iifname, inPods, accept, drop := iifname(), inPods(), verdict(nfAccept), verdict(nfDrop)
-	return []rule{
+	return append([]rule{
 		{"not from a pod", []expression{
 			iifname, cmp(unix.NFT_CMP_NEQ, regName, []byte(bridge.HostVethPrefix)), accept,
 		}},
@@ -205,8 +212,8 @@ func rules() []rule {
 		})},
 		{"spoofed IPv4", concat(etherType(unix.ETH_P_IP), []expression{count(CounterIPv4), drop})},
 		{"spoofed ARP", concat(etherType(unix.ETH_P_ARP), []expression{count(CounterARP), drop})},
-		{"neither IPv4 nor ARP", []expression{count(CounterOther), drop}},
-	}
+	}, append(rules6(),
+		rule{"neither IPv4, ARP nor IPv6", []expression{count(CounterOther), drop}})...)
 }
 
 const commentPrefix = "netagent antispoof v1: "
@@ -237,6 +244,7 @@ func ensureMsgs() []msg {
 		counterMsg(CounterIPv4), counterMsg(CounterARP), counterMsg(CounterOther),
 		{unix.NFT_MSG_DELRULE, 0, []attr{str(unix.NFTA_RULE_TABLE, Table), str(unix.NFTA_RULE_CHAIN, Chain)}},
 	}
+	ms = append(ms, ensure6Msgs()...)
 	for _, r := range rules() {
 		ms = append(ms, msg{unix.NFT_MSG_NEWRULE, unix.NLM_F_CREATE | unix.NLM_F_APPEND, []attr{
 			str(unix.NFTA_RULE_TABLE, Table),

@@ -93,12 +93,8 @@ func sync(ctx context.Context, desired func() []Entry, removeStale bool, addOK f
 			add = append(add, []byte(k))
 		}
 	}
-	if len(del) > 0 {
-		msgs = append(msgs, elementMsg(unix.NFT_MSG_DELSETELEM, del))
-	}
-	if len(add) > 0 {
-		msgs = append(msgs, elementMsg(unix.NFT_MSG_NEWSETELEM, add))
-	}
+	msgs = append(msgs, elementMsgs(unix.NFT_MSG_DELSETELEM, del)...)
+	msgs = append(msgs, elementMsgs(unix.NFT_MSG_NEWSETELEM, add)...)
 	if err := c.transact(msgs); err != nil {
 		return Stats{}, nil, fmt.Errorf("sync anti-spoofing set (%d to add, %d to remove, repair %v): %w", len(add), len(del), st.Repaired, err)
 	}
@@ -107,14 +103,12 @@ func sync(ctx context.Context, desired func() []Entry, removeStale bool, addOK f
 	return st, withheld, errors.Join(errs...)
 }
 
-// FromRecords is the desired set of an IPAM store's records: each IPv4 record's host veth
-// (bridge.HostVethName of its attachment), address and the MAC the plugin derives from it.
+// FromRecords is the desired set of an IPAM store's records: each record's EntriesFor its
+// host veth (bridge.HostVethName of its attachment) and addresses.
 func FromRecords(recs []ipam.Record) []Entry {
 	out := make([]Entry, 0, len(recs))
 	for _, r := range recs {
-		if r.IP.Is4() {
-			out = append(out, EntryFor(bridge.HostVethName(r.ContainerID, r.IfName), r.IP))
-		}
+		out = append(out, EntriesFor(bridge.HostVethName(r.ContainerID, r.IfName), r.Addrs()...)...)
 	}
 	return out
 }

@@ -8,6 +8,12 @@
 // opened in the pod namespace, so no OS thread ever switches namespace. The host end's
 // name is a hash of the attachment, so DEL can remove it by name without entering the pod
 // namespace, which may already be gone.
+//
+// IPv6 (see v6.go): a dual-stack pod has a second address and default route; every IPv6
+// address this package adds (the bridge's gateway, the pod's address and its link-local
+// one) skips duplicate address detection, which would keep it unusable for a second or more
+// after ADD returns: the addresses come from our own store, so they cannot be duplicates
+// on the pod's link. The host veth gets no IPv6 address at all.
 package bridge
 
 import (
@@ -17,7 +23,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"strings"
 	"syscall"
 	"unsafe"
@@ -113,6 +118,12 @@ func Ensure(h *netlink.Handle, name string, gw netip.Prefix, mtu int) (*netlink.
 	return br, nil
 }
 
+// EnsureGateway makes sure bridge br also carries gw (the second family's gateway of a
+// dual-stack network).
+func EnsureGateway(h *netlink.Handle, br *netlink.Bridge, gw netip.Prefix) error {
+	return ensureAddr(h, br, gw)
+}
+
 func lookup(h *netlink.Handle, name string) (*netlink.Bridge, error) {
 	l, err := h.LinkByName(name)
 	if err != nil {
@@ -135,7 +146,7 @@ func ensureAddr(h *netlink.Handle, l netlink.Link, want netip.Prefix) error {
 			return nil
 		}
 	}
-	addr := &netlink.Addr{IPNet: netipx.IPNet(want)}
+	addr := &netlink.Addr{IPNet: netipx.IPNet(want), Flags: addrFlags(want.Addr())}
 	if err := h.AddrAdd(l, addr); err != nil && !errors.Is(err, syscall.EEXIST) {
 		return fmt.Errorf("add %s to %s: %w", want, l.Attrs().Name, err)
 	}
@@ -147,8 +158,10 @@ type Pod struct {
 	NetnsFd  int          // an open fd of the pod's network namespace
 	IfName   string       // interface name inside the pod
 	HostVeth string       // host end name (HostVethName)
-	Addr     netip.Prefix // pod address with the subnet's prefix length
+	Addr     netip.Prefix // pod address with the subnet's prefix length (IPv4, or IPv6 for IPv6 only)
 	Gateway  netip.Addr   // default route via; invalid means no default route
+	Addr6    netip.Prefix // the IPv6 address of a dual-stack pod (Addr being IPv4)
+	Gateway6 netip.Addr   // its IPv6 default route via; invalid means none
 	MTU      int
 	Hairpin  bool
 }
@@ -304,20 +317,27 @@ func configure(h *netlink.Handle, veth *netlink.Veth, p Pod) (Wired, error) {
 	if err != nil {
 		return Wired{}, fmt.Errorf("find %s in pod namespace: %w", p.IfName, err)
 	}
-	if err := ph.AddrAdd(pod, &netlink.Addr{IPNet: netipx.IPNet(p.Addr)}); err != nil {
-		return Wired{}, fmt.Errorf("add %s to %s: %w", p.Addr, p.IfName, err)
+	if p.hasV6() {
+		if err := setupV6(h, ph, veth, pod, p); err != nil {
+			return Wired{}, err
+		}
+	}
+	for _, a := range p.addrs() {
+		if err := ph.AddrAdd(pod, &netlink.Addr{IPNet: netipx.IPNet(a), Flags: addrFlags(a.Addr())}); err != nil {
+			return Wired{}, fmt.Errorf("add %s to %s: %w", a, p.IfName, err)
+		}
 	}
 	if err := ph.LinkSetUp(pod); err != nil {
 		return Wired{}, fmt.Errorf("set %s up: %w", p.IfName, err)
 	}
-	if p.Gateway.IsValid() {
+	for _, gw := range p.gateways() {
 		r := &netlink.Route{
 			LinkIndex: pod.Attrs().Index,
-			Dst:       defaultDst(p.Gateway),
-			Gw:        p.Gateway.AsSlice(),
+			Dst:       defaultDst(gw),
+			Gw:        gw.AsSlice(),
 		}
 		if err := ph.RouteAdd(r); err != nil {
-			return Wired{}, fmt.Errorf("add default route via %s in pod: %w", p.Gateway, err)
+			return Wired{}, fmt.Errorf("add default route via %s in pod: %w", gw, err)
 		}
 	}
 	return Wired{HostMAC: HostMAC(p.Addr.Addr()), PodMAC: pod.Attrs().HardwareAddr, HostIndex: veth.Attrs().Index, PodIndex: pod.Attrs().Index}, nil
@@ -341,14 +361,21 @@ func Del(h *netlink.Handle, hostVeth string) error {
 
 // Check verifies the wiring of p: the bridge carries the gateway, the host end is an up veth
 // on the bridge whose peer is the pod interface, and the pod interface is up with the
-// address, MTU and default route. The first mismatch is returned, described for an operator.
-func Check(h *netlink.Handle, bridgeName string, gw netip.Prefix, p Pod) error {
+// addresses, MTU and default routes. The first mismatch is returned, described for an operator.
+//
+// gw6 is the bridge's IPv6 gateway address of a dual-stack network (else invalid).
+func Check(h *netlink.Handle, bridgeName string, gw, gw6 netip.Prefix, p Pod) error {
 	br, err := lookup(h, bridgeName)
 	if err != nil {
 		return fmt.Errorf("bridge: %w", err)
 	}
-	if ok, err := hasAddr(h, br, gw); err != nil || !ok {
-		return fmt.Errorf("bridge %s does not carry gateway address %s", bridgeName, gw)
+	for _, g := range []netip.Prefix{gw, gw6} {
+		if !g.IsValid() {
+			continue
+		}
+		if ok, err := hasAddr(h, br, g); err != nil || !ok {
+			return fmt.Errorf("bridge %s does not carry gateway address %s", bridgeName, g)
+		}
 	}
 	host, err := h.LinkByName(p.HostVeth)
 	if err != nil {
@@ -382,22 +409,30 @@ func Check(h *netlink.Handle, bridgeName string, gw netip.Prefix, p Pod) error {
 	if p.MTU > 0 && pod.Attrs().MTU != p.MTU {
 		return fmt.Errorf("pod interface %s has MTU %d, want %d", p.IfName, pod.Attrs().MTU, p.MTU)
 	}
-	if ok, err := hasAddr(ph, pod, p.Addr); err != nil || !ok {
-		return fmt.Errorf("pod interface %s does not carry %s", p.IfName, p.Addr)
+	for _, a := range p.addrs() {
+		if ok, err := hasAddr(ph, pod, a); err != nil || !ok {
+			return fmt.Errorf("pod interface %s does not carry %s", p.IfName, a)
+		}
 	}
-	if p.Gateway.IsValid() {
-		routes, err := nldump.Retry(func() ([]netlink.Route, error) { return ph.RouteList(pod, family(p.Gateway)) })
+	if p.hasV6() {
+		ll := LinkLocal(pod.Attrs().HardwareAddr)
+		if ok, err := hasAddr(ph, pod, ll); err != nil || !ok {
+			return fmt.Errorf("pod interface %s does not carry its link-local address %s", p.IfName, ll)
+		}
+	}
+	for _, gw := range p.gateways() {
+		routes, err := nldump.Retry(func() ([]netlink.Route, error) { return ph.RouteList(pod, family(gw)) })
 		if err != nil {
 			return fmt.Errorf("list pod routes: %w", err)
 		}
 		found := false
 		for _, r := range routes {
-			if (r.Dst == nil || isDefault(r.Dst)) && net.IP(p.Gateway.AsSlice()).Equal(r.Gw) {
+			if (r.Dst == nil || isDefault(r.Dst)) && net.IP(gw.AsSlice()).Equal(r.Gw) {
 				found = true
 			}
 		}
 		if !found {
-			return fmt.Errorf("pod has no default route via %s on %s", p.Gateway, p.IfName)
+			return fmt.Errorf("pod has no default route via %s on %s", gw, p.IfName)
 		}
 	}
 	return nil
@@ -472,15 +507,7 @@ func Status(h *netlink.Handle, name string) error {
 // EnableForwarding turns on IPv4 forwarding in the current network namespace, which a
 // bridge gateway needs; it reads first so the common case is one small read.
 func EnableForwarding() error {
-	const p = "/proc/sys/net/ipv4/ip_forward"
-	b, err := os.ReadFile(p)
-	if err == nil && strings.TrimSpace(string(b)) == "1" {
-		return nil
-	}
-	if err := os.WriteFile(p, []byte("1"), 0o644); err != nil {
-		return fmt.Errorf("enable ip_forward: %w", err)
-	}
-	return nil
+	return ensureSysctl("/proc/sys/net/ipv4/ip_forward", "1")
 }
 
 func family(a netip.Addr) int {

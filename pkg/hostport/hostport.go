@@ -14,6 +14,10 @@
 // is un-NATed, without relying on br_netfilter), one DNATs to the pod. Adding a pod's
 // mappings is one iptables-restore --noflush run; removing them is one listing and one
 // restore. Pods without mappings cost no iptables work at all.
+//
+// IPv6 is the same design in ip6tables' nat table (a Table made by NewFamily with v6 set),
+// where a dual-stack pod's mappings go too: a mapping without a hostIP is published in
+// both families, one with a hostIP only in that address's family.
 package hostport
 
 import (
@@ -64,11 +68,21 @@ func (m Mapping) Validate() error {
 		if err != nil {
 			return fmt.Errorf("hostIP %q: %w", m.HostIP, err)
 		}
-		if !a.Is4() {
-			return fmt.Errorf("hostIP %s: only IPv4 host ports are supported", a)
+		if a.Is4In6() || a.Zone() != "" {
+			return fmt.Errorf("hostIP %s: want a plain IPv4 or IPv6 address", a)
 		}
 	}
 	return nil
+}
+
+// in reports whether the mapping is published in the family of podIP: every family
+// without a hostIP, else the hostIP's.
+func (m Mapping) in(podIP netip.Addr) bool {
+	if m.HostIP == "" {
+		return true
+	}
+	a, err := netip.ParseAddr(m.HostIP)
+	return err == nil && a.Is4() == podIP.Is4()
 }
 
 func (m Mapping) proto() string {
@@ -83,14 +97,18 @@ func Tag(containerID, ifName string) string {
 	return commentPrefix + containerID + ":" + ifName
 }
 
-// Rules renders the nat-table rules for one attachment's mappings (exported for tests).
+// Rules renders the nat-table rules for one attachment's mappings in podIP's family
+// (exported for tests).
 func Rules(tag string, podIP netip.Addr, subnet netip.Prefix, ms []Mapping) []string {
 	var out []string
 	for _, m := range ms {
+		if !m.in(podIP) {
+			continue
+		}
 		match := fmt.Sprintf("-p %s -m %s --dport %d", m.proto(), m.proto(), m.HostPort)
 		if m.HostIP != "" {
 			if a, err := netip.ParseAddr(m.HostIP); err == nil && !a.IsUnspecified() {
-				match = fmt.Sprintf("-d %s/32 %s", a, match)
+				match = fmt.Sprintf("-d %s %s", netip.PrefixFrom(a, a.BitLen()), match)
 			}
 		}
 		c := fmt.Sprintf("-m comment --comment %s", tag)
@@ -105,22 +123,38 @@ func Rules(tag string, podIP netip.Addr, subnet netip.Prefix, ms []Mapping) []st
 // DefaultLock serialises host-port changes between plugin processes on a node.
 const DefaultLock = "/run/netagent/hostport.lock"
 
-// Table programs host ports in the current network namespace.
+// Table programs host ports of one family in the current network namespace.
 type Table struct {
 	lock string
+	cmd  string // "iptables" or "ip6tables": the -save and -restore commands' stem
 }
 
 // New checks that iptables-save and iptables-restore are there (every change is one save
 // and one restore; go-iptables, which runs one iptables command per rule, cannot make a
 // change atomic). lock is the file that serialises changes between plugin processes, so
 // that removing the last mapping's chains cannot race with adding a new one.
-func New(lock string) (*Table, error) {
-	for _, bin := range []string{"iptables-save", "iptables-restore"} {
+func New(lock string) (*Table, error) { return NewFamily(lock, false) }
+
+// NewFamily is New for IPv4 or (v6) IPv6, with ip6tables-save and ip6tables-restore.
+func NewFamily(lock string, v6 bool) (*Table, error) {
+	t := &Table{lock: lock, cmd: "iptables"}
+	if v6 {
+		t.cmd = "ip6tables"
+	}
+	for _, bin := range []string{t.cmd + "-save", t.cmd + "-restore"} {
 		if _, err := exec.LookPath(bin); err != nil {
-			return nil, fmt.Errorf("iptables: %w", err)
+			return nil, fmt.Errorf("%s: %w", t.cmd, err)
 		}
 	}
-	return &Table{lock: lock}, nil
+	return t, nil
+}
+
+// Family is "IPv4" or "IPv6".
+func (t *Table) Family() string {
+	if t.cmd == "ip6tables" {
+		return "IPv6"
+	}
+	return "IPv4"
 }
 
 func (t *Table) locked(fn func() error) error {
@@ -159,11 +193,11 @@ func (t *Table) Add(ctx context.Context, tag string, podIP netip.Addr, subnet ne
 // nat table as it was before or after the change, never half set up or half torn down.
 
 func (t *Table) add(ctx context.Context, rules []string) error {
-	st, err := readState(ctx)
+	st, err := t.readState(ctx)
 	if err != nil {
 		return err
 	}
-	return restore(ctx, append(st.setup(), rules...))
+	return t.restore(ctx, append(st.setup(), rules...))
 }
 
 // jumps are the node-level rules that lead to the host-port chains (and the masquerade
@@ -185,12 +219,12 @@ type natState struct {
 }
 
 // readState reads the nat table once.
-func readState(ctx context.Context) (natState, error) {
+func (t *Table) readState(ctx context.Context) (natState, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, "iptables-save", "-t", "nat").Output()
+	out, err := exec.CommandContext(ctx, t.cmd+"-save", "-t", "nat").Output()
 	if err != nil {
-		return natState{}, fmt.Errorf("iptables-save -t nat: %w", err)
+		return natState{}, fmt.Errorf("%s-save -t nat: %w", t.cmd, err)
 	}
 	return parseState(string(out)), nil
 }
@@ -263,7 +297,7 @@ func (t *Table) Retain(ctx context.Context, keep func(tag string) bool) ([]strin
 
 // Tags lists the tags that have rules.
 func (t *Table) Tags() ([]string, error) {
-	st, err := readState(context.Background())
+	st, err := t.readState(context.Background())
 	if err != nil {
 		return nil, err
 	}
@@ -299,7 +333,7 @@ func (t *Table) delLocked(ctx context.Context, del func(tag string) bool) ([]str
 }
 
 func (t *Table) delOnce(ctx context.Context, del func(tag string) bool) ([]string, error) {
-	st, err := readState(ctx)
+	st, err := t.readState(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -325,7 +359,7 @@ func (t *Table) delOnce(ctx context.Context, del func(tag string) bool) ([]strin
 	if len(lines) == 0 {
 		return tags, nil
 	}
-	if err := restore(ctx, lines); err != nil {
+	if err := t.restore(ctx, lines); err != nil {
 		return nil, fmt.Errorf("remove host ports: %w", err)
 	}
 	return tags, nil
@@ -361,7 +395,7 @@ func tagOf(rule string) string {
 }
 
 // restore applies rule lines to the nat table in one iptables-restore transaction.
-func restore(ctx context.Context, rules []string) error {
+func (t *Table) restore(ctx context.Context, rules []string) error {
 	var in bytes.Buffer
 	in.WriteString("*nat\n")
 	for _, r := range rules {
@@ -371,14 +405,14 @@ func restore(ctx context.Context, rules []string) error {
 	in.WriteString("COMMIT\n")
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "iptables-restore", "--noflush", "-w", "10")
+	cmd := exec.CommandContext(ctx, t.cmd+"-restore", "--noflush", "-w", "10")
 	cmd.Stdin = &in
 	// Dies with us: a restore that outlives a killed plugin could commit later, under the
 	// next plugin's lock.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("iptables-restore: %w: %s", err, bytes.TrimSpace(out))
+		return fmt.Errorf("%s-restore: %w: %s", t.cmd, err, bytes.TrimSpace(out))
 	}
 	return nil
 }

@@ -56,7 +56,10 @@ func TestMappingValidate(t *testing.T) {
 		{Mapping{HostPort: 0, ContainerPort: 80}, "hostPort 0"},
 		{Mapping{HostPort: 80, ContainerPort: 65536}, "containerPort 65536"},
 		{Mapping{HostPort: 80, ContainerPort: 80, Protocol: "icmp"}, "protocol"},
-		{Mapping{HostPort: 80, ContainerPort: 80, HostIP: "fd00::1"}, "only IPv4"},
+		{Mapping{HostPort: 80, ContainerPort: 80, HostIP: "2001:db8::1"}, ""},
+		{Mapping{HostPort: 80, ContainerPort: 80, HostIP: "::"}, ""},
+		{Mapping{HostPort: 80, ContainerPort: 80, HostIP: "::ffff:192.0.2.1"}, "plain IPv4 or IPv6"},
+		{Mapping{HostPort: 80, ContainerPort: 80, HostIP: "fe80::1%eth0"}, "plain IPv4 or IPv6"},
 		{Mapping{HostPort: 80, ContainerPort: 80, HostIP: "nope"}, "hostIP"},
 	}
 	for _, tt := range tests {
@@ -94,5 +97,33 @@ func TestTeardownRemovesDuplicateJumps(t *testing.T) {
 	st = parseState(strings.Join([]string{":" + Chain + " - [0:0]", jumps[0].line}, "\n"))
 	if got := st.setup(); len(got) != 4 || got[0] != ":"+PostChain+" - [0:0]" {
 		t.Fatalf("setup of a half-made state: %q", got)
+	}
+}
+
+// TestRulesPerFamily: a mapping without hostIP goes into both families, one with a hostIP
+// only into its own; IPv6 rules carry /128 and bracketed DNAT targets.
+func TestRulesPerFamily(t *testing.T) {
+	ms := []Mapping{
+		{HostPort: 8080, ContainerPort: 80},
+		{HostPort: 53, ContainerPort: 53, Protocol: "udp", HostIP: "192.0.2.10"},
+		{HostPort: 443, ContainerPort: 8443, HostIP: "2001:db8::10"},
+		{HostPort: 22, ContainerPort: 22, HostIP: "::"},
+	}
+	tag := Tag("abc", "eth0")
+	got := Rules(tag, netip.MustParseAddr("fd00:244:1::5"), netip.MustParsePrefix("fd00:244:1::/64"), ms)
+	want := []string{
+		"-A NETAGENT-HOSTPORTS -p tcp -m tcp --dport 8080 -s fd00:244:1::/64 -m comment --comment netagent-hp:abc:eth0 -j MARK --set-xmark 0x2000/0x2000",
+		"-A NETAGENT-HOSTPORTS -p tcp -m tcp --dport 8080 -m comment --comment netagent-hp:abc:eth0 -j DNAT --to-destination [fd00:244:1::5]:80",
+		"-A NETAGENT-HOSTPORTS -d 2001:db8::10/128 -p tcp -m tcp --dport 443 -s fd00:244:1::/64 -m comment --comment netagent-hp:abc:eth0 -j MARK --set-xmark 0x2000/0x2000",
+		"-A NETAGENT-HOSTPORTS -d 2001:db8::10/128 -p tcp -m tcp --dport 443 -m comment --comment netagent-hp:abc:eth0 -j DNAT --to-destination [fd00:244:1::5]:8443",
+		"-A NETAGENT-HOSTPORTS -p tcp -m tcp --dport 22 -s fd00:244:1::/64 -m comment --comment netagent-hp:abc:eth0 -j MARK --set-xmark 0x2000/0x2000",
+		"-A NETAGENT-HOSTPORTS -p tcp -m tcp --dport 22 -m comment --comment netagent-hp:abc:eth0 -j DNAT --to-destination [fd00:244:1::5]:22",
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("Rules(IPv6) =\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	got4 := Rules(tag, netip.MustParseAddr("10.244.1.5"), netip.MustParsePrefix("10.244.1.0/24"), ms)
+	if len(got4) != 4 || !strings.Contains(got4[2], "-d 192.0.2.10/32") {
+		t.Errorf("Rules(IPv4) = %q, want the 8080 and 53 mappings only", got4)
 	}
 }

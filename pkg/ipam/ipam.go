@@ -18,6 +18,12 @@
 // Allocation is round-robin from the address after the last one handed out, so a freed
 // address is not reused at once (a late packet for a deleted pod does not reach its
 // successor). The network, broadcast and gateway addresses are never handed out.
+//
+// Dual stack: an attachment has one address per family its network enables, all taken in
+// one Update (so one write of one slot: a crash leaves all of them or none) and released
+// together. Its record holds the IPv4 address (or the IPv6 one, for IPv6 only) in IP and
+// the IPv6 address of a dual-stack attachment in IP6; each family keeps its own
+// round-robin position.
 package ipam
 
 import (
@@ -63,7 +69,8 @@ func (k Key) String() string { return k.ContainerID + "/" + k.IfName }
 // and GC. Extra is opaque to this package.
 type Record struct {
 	Key
-	IP    netip.Addr      `json:"ip"`
+	IP    netip.Addr      `json:"ip"`           // the IPv4 address, else the IPv6 one
+	IP6   netip.Addr      `json:"ip6,omitzero"` // the IPv6 address when IP is the IPv4 one
 	Netns string          `json:"netns,omitempty"`
 	Extra json.RawMessage `json:"extra,omitempty"`
 }
@@ -153,6 +160,7 @@ type state struct {
 	gen         uint64     // slot generation it was read from
 	Version     int        `json:"version"`
 	Last        netip.Addr `json:"last,omitzero"`
+	Last6       netip.Addr `json:"last6,omitzero"` // IPv6's round-robin position
 	Allocations []Record   `json:"allocations"`
 
 	byIP  map[netip.Addr]int
@@ -198,25 +206,102 @@ func (s *Store) View(fn func(*Tx) error) error {
 // Allocate returns the record for key, allocating an address in r when key has none yet
 // (so a repeated ADD gets the same address). rec supplies Netns and Extra for a new record.
 func (tx *Tx) Allocate(r Range, key Key, rec Record) (Record, error) {
-	if i, ok := tx.st.byKey[key]; ok {
-		return tx.st.Allocations[i], nil
+	return tx.AllocateEach([]Range{r}, key, rec)
+}
+
+// AllocateEach is Allocate with one range per family (an IPv4 and an IPv6 one for dual
+// stack; at most one of each): key gets an address from each. A repeated ADD keeps the
+// addresses it has and gets one in a family it lacks (a network that became dual stack).
+func (tx *Tx) AllocateEach(rs []Range, key Key, rec Record) (Record, error) {
+	var v4, v6 *Range
+	for i := range rs {
+		p := &v4
+		if !rs[i].Subnet.Addr().Is4() {
+			p = &v6
+		}
+		if *p != nil {
+			return Record{}, fmt.Errorf("two ranges of one family: %s and %s", (*p).Subnet, rs[i].Subnet)
+		}
+		*p = &rs[i]
 	}
-	ip, err := tx.next(r)
-	if err != nil {
-		return Record{}, err
+	if v4 == nil && v6 == nil {
+		return Record{}, errors.New("no address range")
 	}
-	rec.Key = key
-	rec.IP = ip
+	i, exists := tx.st.byKey[key]
+	if exists {
+		rec = tx.st.Allocations[i]
+	}
+	has4, has6 := rec.IP.Is4(), rec.IP.Is6() || rec.IP6.IsValid()
+	if !exists {
+		rec.Key, rec.IP, rec.IP6 = key, netip.Addr{}, netip.Addr{}
+		has4, has6 = false, false
+	}
+	var new4, new6 netip.Addr
+	var err error
+	if v4 != nil && !has4 {
+		if new4, err = tx.next(*v4, tx.st.Last); err != nil {
+			return Record{}, err
+		}
+	}
+	if v6 != nil && !has6 {
+		if new6, err = tx.next(*v6, tx.st.Last6); err != nil {
+			return Record{}, err
+		}
+	}
+	if !new4.IsValid() && !new6.IsValid() {
+		return rec, nil
+	}
+	if exists {
+		// Re-add the record with its new address (in IP when it had none of IPv4).
+		tx.st.Allocations = slices.Delete(tx.st.Allocations, i, i+1)
+		tx.st.index()
+	}
+	if new4.IsValid() {
+		rec.IP6 = rec.V6()
+		rec.IP = new4
+		tx.st.Last = new4
+	}
+	if new6.IsValid() {
+		if rec.IP.IsValid() {
+			rec.IP6 = new6
+		} else {
+			rec.IP = new6
+		}
+		tx.st.Last6 = new6
+	}
 	tx.st.add(rec)
-	tx.st.Last = ip
 	tx.changed = true
 	return rec, nil
 }
 
-func (tx *Tx) next(r Range) (netip.Addr, error) {
+// V4 is the record's IPv4 address (invalid when it has none).
+func (r Record) V4() netip.Addr {
+	if r.IP.Is4() {
+		return r.IP
+	}
+	return netip.Addr{}
+}
+
+// V6 is the record's IPv6 address (invalid when it has none).
+func (r Record) V6() netip.Addr {
+	if r.IP.Is6() {
+		return r.IP
+	}
+	return r.IP6
+}
+
+// Addrs are the record's addresses, IPv4 first.
+func (r Record) Addrs() []netip.Addr {
+	if r.IP6.IsValid() {
+		return []netip.Addr{r.IP, r.IP6}
+	}
+	return []netip.Addr{r.IP}
+}
+
+func (tx *Tx) next(r Range, last netip.Addr) (netip.Addr, error) {
 	start := r.Start
-	if tx.st.Last.IsValid() && r.contains(tx.st.Last) {
-		start = tx.st.Last.Next()
+	if last.IsValid() && r.contains(last) {
+		start = last.Next()
 		if !r.contains(start) {
 			start = r.Start
 		}
@@ -233,7 +318,7 @@ func (tx *Tx) next(r Range) (netip.Addr, error) {
 			a = r.Start
 		}
 		if a == start {
-			return netip.Addr{}, fmt.Errorf("%w %s-%s (%d in use)", ErrExhausted, r.Start, r.End, len(tx.st.Allocations))
+			return netip.Addr{}, fmt.Errorf("%w %s-%s (%d in use)", ErrExhausted, r.Start, r.End, tx.Used(r))
 		}
 	}
 }
@@ -282,8 +367,10 @@ func (tx *Tx) Records() []Record {
 func (tx *Tx) Used(r Range) int {
 	n := 0
 	for _, a := range tx.st.Allocations {
-		if r.contains(a.IP) && a.IP != r.Gateway {
-			n++
+		for _, ip := range a.Addrs() {
+			if r.contains(ip) && ip != r.Gateway {
+				n++
+			}
 		}
 	}
 	return n
@@ -291,7 +378,9 @@ func (tx *Tx) Used(r Range) int {
 
 func (st *state) add(rec Record) {
 	st.Allocations = append(st.Allocations, rec)
-	st.byIP[rec.IP] = len(st.Allocations) - 1
+	for _, ip := range rec.Addrs() {
+		st.byIP[ip] = len(st.Allocations) - 1
+	}
 	st.byKey[rec.Key] = len(st.Allocations) - 1
 }
 
@@ -299,7 +388,9 @@ func (st *state) index() {
 	st.byIP = make(map[netip.Addr]int, len(st.Allocations))
 	st.byKey = make(map[Key]int, len(st.Allocations))
 	for i, a := range st.Allocations {
-		st.byIP[a.IP] = i
+		for _, ip := range a.Addrs() {
+			st.byIP[ip] = i
+		}
 		st.byKey[a.Key] = i
 	}
 }
@@ -392,22 +483,32 @@ func (s *Store) load() (*state, error) {
 // times cheaper than JSON through reflection (this runs on every ADD and DEL):
 //
 //	last 10.244.1.7
+//	last fd00:0:0:1::7
 //	a 10.244.1.5 "containerid" "eth0" "/var/run/netns/x" "{\"hostVeth\":...}"
+//	a 10.244.1.6,fd00:0:0:1::7 "containerid2" "eth0" "/var/run/netns/y" "{...}"
 //
-// Strings are Go-quoted, so any byte is safe in them.
+// Strings are Go-quoted, so any byte is safe in them. A dual-stack attachment's addresses
+// are joined by a comma, IPv4 first; "last" appears once per family. A store written
+// before dual stack (one address a line, one "last") reads as it always did.
 
 // Encode renders the body.
 func (st *state) Encode() []byte {
 	var b bytes.Buffer
 	b.Grow(64 + 160*len(st.Allocations))
-	if st.Last.IsValid() {
-		b.WriteString("last ")
-		b.WriteString(st.Last.String())
-		b.WriteByte('\n')
+	for _, l := range []netip.Addr{st.Last, st.Last6} {
+		if l.IsValid() {
+			b.WriteString("last ")
+			b.WriteString(l.String())
+			b.WriteByte('\n')
+		}
 	}
 	for _, a := range st.Allocations {
 		b.WriteString("a ")
 		b.WriteString(a.IP.String())
+		if a.IP6.IsValid() {
+			b.WriteByte(',')
+			b.WriteString(a.IP6.String())
+		}
 		for _, f := range []string{a.ContainerID, a.IfName, a.Netns, string(a.Extra)} {
 			b.WriteByte(' ')
 			b.WriteString(strconv.Quote(f))
@@ -442,14 +543,20 @@ func Decode(b []byte) (*state, error) {
 			if err != nil {
 				return nil, fmt.Errorf("%w: line %d: %v", ErrCorrupt, lineNo, err)
 			}
-			st.Last = a
+			if a.Is4() {
+				st.Last = a
+			} else {
+				st.Last6 = a
+			}
 		case "a":
 			rec, err := decodeRecord(string(rest))
 			if err != nil {
 				return nil, fmt.Errorf("%w: line %d: %v", ErrCorrupt, lineNo, err)
 			}
-			if _, dup := st.byIP[rec.IP]; dup {
-				return nil, fmt.Errorf("%w: address %s allocated twice", ErrCorrupt, rec.IP)
+			for _, ip := range rec.Addrs() {
+				if _, dup := st.byIP[ip]; dup {
+					return nil, fmt.Errorf("%w: address %s allocated twice", ErrCorrupt, ip)
+				}
 			}
 			if _, dup := st.byKey[rec.Key]; dup {
 				return nil, fmt.Errorf("%w: attachment %s allocated twice", ErrCorrupt, rec.Key)
@@ -467,9 +574,19 @@ func decodeRecord(s string) (Record, error) {
 	if !ok {
 		return Record{}, errors.New("want an address and 4 quoted fields")
 	}
+	ipStr, ip6Str, dual := strings.Cut(ipStr, ",")
 	ip, err := netip.ParseAddr(ipStr)
 	if err != nil {
 		return Record{}, err
+	}
+	var ip6 netip.Addr
+	if dual {
+		if ip6, err = netip.ParseAddr(ip6Str); err != nil {
+			return Record{}, err
+		}
+		if !ip.Is4() || !ip6.Is6() || ip6.Is4In6() {
+			return Record{}, fmt.Errorf("addresses %s,%s are not IPv4,IPv6", ip, ip6)
+		}
 	}
 	var f [4]string
 	for i := range f {
@@ -488,7 +605,7 @@ func decodeRecord(s string) (Record, error) {
 	if f[0] == "" || f[1] == "" {
 		return Record{}, fmt.Errorf("allocation %s has an empty container ID or interface", ip)
 	}
-	rec := Record{Key: Key{ContainerID: f[0], IfName: f[1]}, IP: ip, Netns: f[2]}
+	rec := Record{Key: Key{ContainerID: f[0], IfName: f[1]}, IP: ip, IP6: ip6, Netns: f[2]}
 	if f[3] != "" {
 		rec.Extra = json.RawMessage(f[3])
 	}
@@ -549,8 +666,13 @@ func addrDiff(a, b netip.Addr) int {
 
 // Put records an address allocated elsewhere (a delegated IPAM plugin) for key.
 func (tx *Tx) Put(rec Record) error {
-	if i, ok := tx.st.byIP[rec.IP]; ok && tx.st.Allocations[i].Key != rec.Key {
-		return fmt.Errorf("address %s is already recorded for %s", rec.IP, tx.st.Allocations[i].Key)
+	if rec.IP6.IsValid() && (!rec.IP.Is4() || !rec.IP6.Is6()) {
+		return fmt.Errorf("addresses %s,%s are not IPv4,IPv6", rec.IP, rec.IP6)
+	}
+	for _, ip := range rec.Addrs() {
+		if i, ok := tx.st.byIP[ip]; ok && tx.st.Allocations[i].Key != rec.Key {
+			return fmt.Errorf("address %s is already recorded for %s", ip, tx.st.Allocations[i].Key)
+		}
 	}
 	if i, ok := tx.st.byKey[rec.Key]; ok {
 		tx.st.Allocations[i] = rec

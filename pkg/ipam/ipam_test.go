@@ -189,6 +189,10 @@ func TestDecodeRejectsCorruption(t *testing.T) {
 		{"dup ip", `a 10.0.0.2 "a" "eth0" "" ""` + "\n" + `a 10.0.0.2 "b" "eth0" "" ""` + "\n", "allocated twice"},
 		{"dup key", `a 10.0.0.2 "a" "eth0" "" ""` + "\n" + `a 10.0.0.3 "a" "eth0" "" ""` + "\n", "allocated twice"},
 		{"empty id", `a 10.0.0.2 "" "eth0" "" ""` + "\n", "empty container ID"},
+		{"dual not v4,v6", `a 10.0.0.2,10.0.0.3 "a" "eth0" "" ""` + "\n", "not IPv4,IPv6"},
+		{"dual v6 first", `a fd00::2,10.0.0.3 "a" "eth0" "" ""` + "\n", "not IPv4,IPv6"},
+		{"dual bad v6", `a 10.0.0.2,fd00::zz "a" "eth0" "" ""` + "\n", "line 1"},
+		{"dual dup v6", `a 10.0.0.2,fd00::2 "a" "eth0" "" ""` + "\n" + `a fd00::2 "b" "eth0" "" ""` + "\n", "fd00::2 allocated twice"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -201,15 +205,17 @@ func TestDecodeRejectsCorruption(t *testing.T) {
 }
 
 func TestEncodeDecodeRoundTrip(t *testing.T) {
-	st := &state{Version: stateVersion, Last: netip.MustParseAddr("10.0.0.9")}
+	st := &state{Version: stateVersion, Last: netip.MustParseAddr("10.0.0.9"), Last6: netip.MustParseAddr("fd00::9")}
 	st.index()
 	st.add(Record{Key: Key{"id with space\tand tab", "eth0"}, IP: netip.MustParseAddr("10.0.0.2"), Netns: "/run/netns/x y", Extra: []byte(`{"hostVeth":"na1","ports":2}`)})
 	st.add(Record{Key: Key{"b", "net1"}, IP: netip.MustParseAddr("10.0.0.3")})
+	st.add(Record{Key: Key{"dual", "eth0"}, IP: netip.MustParseAddr("10.0.0.4"), IP6: netip.MustParseAddr("fd00::4")})
+	st.add(Record{Key: Key{"v6", "eth0"}, IP: netip.MustParseAddr("fd00::5")})
 	got, err := Decode(st.Encode())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Last != st.Last || len(got.Allocations) != 2 || got.Allocations[0].ContainerID != "id with space\tand tab" ||
+	if got.Last != st.Last || got.Last6 != st.Last6 || len(got.Allocations) != 4 || got.Allocations[2].IP6 != st.Allocations[2].IP6 || got.Allocations[3].IP != st.Allocations[3].IP || got.Allocations[0].ContainerID != "id with space\tand tab" ||
 		string(got.Allocations[0].Extra) != `{"hostVeth":"na1","ports":2}` || got.Allocations[0].Netns != "/run/netns/x y" {
 		t.Errorf("round trip = %+v", got)
 	}
@@ -271,6 +277,7 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte("last 10.0.0.3\n" + `a 10.0.0.2 "a" "eth0" "/run/netns/p" "{\"x\":1}"` + "\n"))
 	f.Add([]byte(""))
 	f.Add([]byte(`a 10.0.0.5 "b" "net1" "" ""`))
+	f.Add([]byte("last 10.0.0.3\nlast fd00::4\n" + `a 10.0.0.2,fd00::3 "a" "eth0" "" ""` + "\n" + `a fd00::5 "b" "eth0" "" ""` + "\n"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		st, err := Decode(b)
 		if err != nil {
@@ -281,15 +288,23 @@ func FuzzDecode(f *testing.F) {
 		}
 		// A decoded state is internally consistent: indexes match and allocation works.
 		for i, a := range st.Allocations {
-			if st.byIP[a.IP] != i || st.byKey[a.Key] != i {
-				t.Fatalf("index mismatch for %v", a)
+			for _, ip := range a.Addrs() {
+				if st.byIP[ip] != i || st.byKey[a.Key] != i {
+					t.Fatalf("index mismatch for %v", a)
+				}
 			}
 		}
 		r, _ := NewRange(netip.MustParsePrefix("10.0.0.0/28"), netip.Addr{}, netip.Addr{}, netip.Addr{})
+		r6, _ := NewRange(netip.MustParsePrefix("fd00::/124"), netip.Addr{}, netip.Addr{}, netip.Addr{})
 		tx := &Tx{st: st}
-		if rec, err := tx.Allocate(r, Key{"fuzz-new", "eth9"}, Record{}); err == nil {
-			if n := tx.st.byIP[rec.IP]; tx.st.Allocations[n].Key != (Key{"fuzz-new", "eth9"}) {
-				t.Fatalf("allocated %s which belongs to someone else", rec.IP)
+		if rec, err := tx.AllocateEach([]Range{r, r6}, Key{"fuzz-new", "eth9"}, Record{}); err == nil {
+			for _, ip := range rec.Addrs() {
+				if n := tx.st.byIP[ip]; tx.st.Allocations[n].Key != (Key{"fuzz-new", "eth9"}) {
+					t.Fatalf("allocated %s which belongs to someone else", ip)
+				}
+			}
+			if _, err := Decode(st.Encode()); err != nil {
+				t.Fatalf("state after allocation does not decode: %v", err)
 			}
 		}
 	})

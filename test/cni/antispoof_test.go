@@ -52,11 +52,6 @@ func TestAntiSpoofing(t *testing.T) {
 		}
 	}
 
-	// The attacks. Each returns whether it got through to its victim.
-	type attack struct {
-		name string
-		run  func(t *testing.T) bool
-	}
 	spoofPing := func(src, dst string, victim *netns.NS) func(t *testing.T) bool {
 		return func(t *testing.T) bool {
 			before := seen(t, victim, src)
@@ -95,43 +90,13 @@ func TestAntiSpoofing(t *testing.T) {
 			return seen(t, n.ns, ipA) > before
 		}},
 	}
-	t.Run("unprotected", func(t *testing.T) {
-		// An admin's `nft flush ruleset`: protection is gone, connectivity stays.
-		n.ns.MustRun(t, "nft", "flush", "ruleset")
-		everyoneTalks(t)
-		for _, at := range attacks {
-			t.Run(at.name, func(t *testing.T) {
-				if !at.run(t) {
-					t.Error("the attack did not get through even without protection: this test cannot see it")
-				}
-			})
-		}
+	attackPhases(t, n, attacks, everyoneTalks, func(t *testing.T) {
 		// The attacks worked: pod A answered ARP for B's address meanwhile, so neighbours
 		// may still send B's traffic to A. Heal them.
 		for _, ns := range []*netns.NS{n.ns, a.ns, b.ns, c.ns} {
 			ns.MustRun(t, "ip", "neigh", "flush", "all")
 		}
-	})
-	t.Run("repaired by the agent's sync", func(t *testing.T) {
-		st := syncDataDir(t, n, dataDir)
-		if !st.Repaired || st.Added != 3 || st.Entries != 3 {
-			t.Errorf("SyncDataDir after flush ruleset = %+v, want repaired with 3 added", st)
-		}
-		everyoneTalks(t)
-	})
-	t.Run("protected", func(t *testing.T) {
-		for _, at := range attacks {
-			t.Run(at.name, func(t *testing.T) {
-				before := dropped(t, n)
-				if at.run(t) {
-					t.Error("the attack got through")
-				}
-				if after := dropped(t, n); after <= before {
-					t.Errorf("spoofed drops went from %d to %d, want more", before, after)
-				}
-			})
-		}
-	})
+	}, 3)
 	everyoneTalks(t)
 
 	t.Run("an ADD after a flush ruleset installs it for every pod", func(t *testing.T) {
@@ -225,25 +190,77 @@ func TestAntiSpoofing(t *testing.T) {
 	}
 }
 
+// attack is one spoofing attempt; run reports whether it got through to its victim.
+type attack struct {
+	name string
+	run  func(t *testing.T) bool
+}
+
+// attackPhases runs the attacks on node n three times: with the rule set flushed (an
+// admin's `nft flush ruleset`: each attack must get through, or the test cannot see it,
+// while everyoneTalks keeps working; heal undoes what they did), after the agent's sync
+// repaired it (with entries entries), and protected (each must fail, counted as a drop).
+func attackPhases(t *testing.T, n *node, attacks []attack, everyoneTalks, heal func(t *testing.T), entries int) {
+	t.Helper()
+	t.Run("unprotected", func(t *testing.T) {
+		n.ns.MustRun(t, "nft", "flush", "ruleset")
+		everyoneTalks(t)
+		for _, at := range attacks {
+			t.Run(at.name, func(t *testing.T) {
+				if !at.run(t) {
+					t.Error("the attack did not get through even without protection: this test cannot see it")
+				}
+			})
+		}
+		heal(t)
+	})
+	t.Run("repaired by the agent's sync", func(t *testing.T) {
+		st := syncDataDir(t, n, filepath.Join(n.dataDir, "ipam"))
+		if !st.Repaired || st.Added != entries || st.Entries != entries {
+			t.Errorf("SyncDataDir after flush ruleset = %+v, want repaired with %d added", st, entries)
+		}
+		everyoneTalks(t)
+	})
+	t.Run("protected", func(t *testing.T) {
+		for _, at := range attacks {
+			t.Run(at.name, func(t *testing.T) {
+				before := dropped(t, n)
+				if at.run(t) {
+					t.Error("the attack got through")
+				}
+				if after := dropped(t, n); after <= before {
+					t.Errorf("spoofed drops went from %d to %d, want more", before, after)
+				}
+			})
+		}
+	})
+	everyoneTalks(t)
+}
+
 // ping2 pings once with extra arguments.
 func ping2(ns *netns.NS, args ...string) error {
 	_, err := ns.Run("ping", append([]string{"-c", "1", "-W", "1", "-q"}, args...)...)
 	return err
 }
 
-var probeCount = regexp.MustCompile(`ip saddr ([0-9.]+) counter packets (\d+)`)
+var probeCount = regexp.MustCompile(`ip6? saddr ([0-9a-f.:]+) counter packets (\d+)`)
 
 // seen counts the IPv4 packets from src that reached ns's own stack, with a counter rule in
 // a table of its own ("ip probe"), added on first use (and again after a flush ruleset).
-func seen(t *testing.T, ns *netns.NS, src string) int {
+func seen(t *testing.T, ns *netns.NS, src string) int { t.Helper(); return seenIn(t, ns, "ip", src) }
+
+// seen6 is seen for IPv6 (table "ip6 probe").
+func seen6(t *testing.T, ns *netns.NS, src string) int { t.Helper(); return seenIn(t, ns, "ip6", src) }
+
+func seenIn(t *testing.T, ns *netns.NS, family, src string) int {
 	t.Helper()
-	ns.MustRun(t, "nft", "add table ip probe; add chain ip probe in { type filter hook input priority -300; }")
+	ns.MustRun(t, "nft", "add table "+family+" probe; add chain "+family+" probe in { type filter hook input priority -300; }")
 	counts := map[string]int{}
-	for _, m := range probeCount.FindAllStringSubmatch(ns.MustRun(t, "nft", "list", "chain", "ip", "probe", "in"), -1) {
+	for _, m := range probeCount.FindAllStringSubmatch(ns.MustRun(t, "nft", "list", "chain", family, "probe", "in"), -1) {
 		counts[m[1]], _ = strconv.Atoi(m[2])
 	}
 	if _, ok := counts[src]; !ok {
-		ns.MustRun(t, "nft", "add", "rule", "ip", "probe", "in", "ip", "saddr", src, "counter")
+		ns.MustRun(t, "nft", "add", "rule", family, "probe", "in", family, "saddr", src, "counter")
 	}
 	return counts[src]
 }

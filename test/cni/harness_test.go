@@ -17,7 +17,6 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
 
-	"github.com/netagent/netagent/pkg/ipam"
 	"github.com/netagent/netagent/test/netns"
 	"github.com/netagent/netagent/test/testbin"
 )
@@ -180,16 +179,8 @@ func (n *node) veths() []string {
 // allocations reads the plugin's address store and returns the allocated IPs.
 func (n *node) allocations() []string {
 	n.t.Helper()
-	s, err := ipam.Open(filepath.Join(n.dataDir, "ipam", "netagent"))
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	recs, err := s.Records()
-	if err != nil {
-		n.t.Fatal(err)
-	}
 	var out []string
-	for _, r := range recs {
+	for _, r := range n.records() {
 		out = append(out, r.IP.String())
 	}
 	return out

@@ -117,9 +117,11 @@ func (e *killExec) Decode(b []byte) (version.PluginInfo, error) {
 }
 
 const (
-	podSubnet = "10.244.1.0/24"
-	gateway   = "10.244.1.1"
-	netName   = "netagent"
+	podSubnet  = "10.244.1.0/24"
+	gateway    = "10.244.1.1"
+	podSubnet6 = "fd00:244:1::/64" // dual-stack nodes only
+	gateway6   = "fd00:244:1::1"
+	netName    = "netagent"
 )
 
 // node is a node namespace whose runtime is libcni with the kill trigger.
@@ -132,13 +134,17 @@ type node struct {
 	cni     *libcni.CNIConfig
 	list    *libcni.NetworkConfigList
 	pods    map[*netns.NS]bool // pod namespaces not yet removed
+	dual    bool               // the network is dual stack (podSubnet and podSubnet6)
 }
 
-func newNode(t *testing.T) *node {
+func newNode(t *testing.T) *node { return newNodeFamily(t, false) }
+
+// newNodeFamily is newNode for an IPv4-only or (dual) a dual-stack network.
+func newNodeFamily(t *testing.T, dual bool) *node {
 	t.Helper()
 	netns.RequireRoot(t)
 	plugin := testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
-	n := &node{t: t, ns: netns.New(t, "node"), binDir: filepath.Dir(plugin), dataDir: t.TempDir(), exec: &killExec{}, pods: map[*netns.NS]bool{}}
+	n := &node{t: t, ns: netns.New(t, "node"), binDir: filepath.Dir(plugin), dataDir: t.TempDir(), exec: &killExec{}, pods: map[*netns.NS]bool{}, dual: dual}
 	t.Cleanup(func() { // before the node namespace goes
 		for ns := range n.pods {
 			if err := ns.Close(); err != nil {
@@ -147,10 +153,14 @@ func newNode(t *testing.T) *node {
 		}
 	})
 	n.cni = libcni.NewCNIConfigWithCacheDir([]string{n.binDir}, filepath.Join(n.dataDir, "cache"), n.exec)
-	b, _ := json.Marshal(map[string]any{"cniVersion": "1.1.0", "name": netName, "plugins": []any{map[string]any{
+	conf := map[string]any{
 		"type": "netagent-cni", "bridge": "cni0", "subnet": podSubnet,
 		"dataDir": filepath.Join(n.dataDir, "ipam"), "capabilities": map[string]bool{"portMappings": true},
-	}}})
+	}
+	if dual {
+		conf["ipv6Subnet"] = podSubnet6
+	}
+	b, _ := json.Marshal(map[string]any{"cniVersion": "1.1.0", "name": netName, "plugins": []any{conf}})
 	l, err := libcni.ConfListFromBytes(b)
 	if err != nil {
 		t.Fatal(err)
@@ -165,6 +175,15 @@ type pod struct {
 	ns   *netns.NS
 	port int        // host port published (tcp -> 80), 0: none
 	ip   netip.Addr // from a successful ADD
+	ip6  netip.Addr // from a successful ADD on a dual-stack node
+}
+
+// addrs are the pod's addresses, IPv4 first.
+func (p *pod) addrs() []netip.Addr {
+	if p.ip6.IsValid() {
+		return []netip.Addr{p.ip, p.ip6}
+	}
+	return []netip.Addr{p.ip}
 }
 
 func (n *node) newPod(id string, port int) *pod {
@@ -216,10 +235,13 @@ func (n *node) add(p *pod) (run, error) {
 	if err != nil {
 		return r, err
 	}
-	if len(cr.IPs) != 1 {
-		return r, fmt.Errorf("ADD %s: %d IPs in the result", p.id, len(cr.IPs))
+	if want := 1 + btoi(n.dual); len(cr.IPs) != want {
+		return r, fmt.Errorf("ADD %s: %d IPs in the result, want %d", p.id, len(cr.IPs), want)
 	}
 	p.ip, _ = netip.AddrFromSlice(cr.IPs[0].Address.IP.To4())
+	if n.dual {
+		p.ip6, _ = netip.AddrFromSlice(cr.IPs[1].Address.IP)
+	}
 	return r, nil
 }
 
@@ -266,8 +288,15 @@ func (n *node) gc(valid []*pod) error {
 	})
 }
 
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
 // records reads the plugin's address store; an error means it is unreadable.
-func (n *node) records() (map[ipam.Key]netip.Addr, []string, error) {
+func (n *node) records() (map[ipam.Key]ipam.Record, []string, error) {
 	s, err := ipam.Open(filepath.Join(n.dataDir, "ipam", netName))
 	if err != nil {
 		return nil, nil, err
@@ -276,15 +305,17 @@ func (n *node) records() (map[ipam.Key]netip.Addr, []string, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	out := map[ipam.Key]netip.Addr{}
+	out := map[ipam.Key]ipam.Record{}
 	byIP := map[netip.Addr]ipam.Key{}
 	var dups []string
 	for _, r := range recs {
-		if k, ok := byIP[r.IP]; ok {
-			dups = append(dups, fmt.Sprintf("%s recorded for both %s and %s", r.IP, k, r.Key))
+		for _, ip := range r.Addrs() {
+			if k, ok := byIP[ip]; ok {
+				dups = append(dups, fmt.Sprintf("%s recorded for both %s and %s", ip, k, r.Key))
+			}
+			byIP[ip] = r.Key
 		}
-		byIP[r.IP] = r.Key
-		out[r.Key] = r.IP
+		out[r.Key] = r
 	}
 	return out, dups, nil
 }
@@ -320,9 +351,12 @@ type hostPorts struct {
 	dups   []string       // rule lines that appear more than once
 }
 
-func (n *node) hostPorts() hostPorts {
+func (n *node) hostPorts() hostPorts { return n.hostPortsIn("iptables-save") }
+
+// hostPortsIn is hostPorts from save, iptables-save or ip6tables-save.
+func (n *node) hostPortsIn(save string) hostPorts {
 	n.t.Helper()
-	out := n.ns.MustRun(n.t, "iptables-save", "-t", "nat")
+	out := n.ns.MustRun(n.t, save, "-t", "nat")
 	hp := hostPorts{tags: map[string]int{}}
 	seen := map[string]int{}
 	for _, l := range strings.Split(out, "\n") {
@@ -367,7 +401,8 @@ func (n *node) antispoofEntries() (map[string]bool, error) {
 	return out, err
 }
 
-// links lists a pod namespace's interfaces other than lo, with their IPv4 addresses.
+// links lists a pod namespace's interfaces other than lo, with their IPv4 and global IPv6
+// addresses.
 func links(ns *netns.NS) (names []string, addrs []netip.Addr, err error) {
 	h, err := ns.Handle()
 	if err != nil {
@@ -383,23 +418,30 @@ func links(ns *netns.NS) (names []string, addrs []netip.Addr, err error) {
 			continue
 		}
 		names = append(names, l.Attrs().Name)
-		as, err := h.AddrList(l, netlink.FAMILY_V4)
+		as, err := h.AddrList(l, netlink.FAMILY_ALL)
 		if err != nil {
 			return nil, nil, err
 		}
 		for _, a := range as {
-			if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok {
-				addrs = append(addrs, ip)
+			if ip, ok := netip.AddrFromSlice(a.IP); ok && !ip.IsLinkLocalUnicast() {
+				addrs = append(addrs, ip.Unmap())
 			}
 		}
 	}
 	return names, addrs, nil
 }
 
-// hasDefaultRoute reports whether the pod has its default route via the gateway.
-func hasDefaultRoute(ns *netns.NS) bool {
+// hasDefaultRoutes reports whether the pod has its default routes via the gateways.
+func (n *node) hasDefaultRoutes(ns *netns.NS) bool {
 	out, err := ns.Run("ip", "-4", "route", "show", "default")
-	return err == nil && strings.Contains(out, "via "+gateway)
+	if err != nil || !strings.Contains(out, "via "+gateway) {
+		return false
+	}
+	if n.dual {
+		out, err = ns.Run("ip", "-6", "route", "show", "default")
+		return err == nil && strings.Contains(out, "via "+gateway6)
+	}
+	return true
 }
 
 // waitNoProcesses waits until no process is left in the node namespace: a killed plugin's
@@ -433,7 +475,11 @@ func fetch(ns *netns.NS, addr string) (string, error) {
 	var conn net.Conn
 	if err := ns.Do(func() error {
 		var err error
-		conn, err = net.DialTimeout("tcp4", addr, time.Second)
+		network := "tcp4"
+		if strings.HasPrefix(addr, "[") {
+			network = "tcp6"
+		}
+		conn, err = net.DialTimeout(network, addr, time.Second)
 		return err
 	}); err != nil {
 		return "", err

@@ -36,7 +36,26 @@ type tally struct {
 //
 // CRASH_SEED=<n> repeats a run's random draws (the seed is logged).
 func TestPluginKilledDuringADDAndDEL(t *testing.T) {
-	n := newNode(t)
+	batches, perBatch := 12, 13 // 156 ADD kills and 156 DEL kills
+	if testing.Short() {
+		batches, perBatch = 4, 5
+	}
+	killAndRecover(t, newNode(t), batches, perBatch)
+}
+
+// TestPluginKilledDuringDualStackADDAndDEL is TestPluginKilledDuringADDAndDEL on a
+// dual-stack network (fewer trials: the plugin's steps are the same, with an IPv6 address,
+// route, anti-spoofing entries and host-port rules more): nothing of either family leaks,
+// no address of either family is handed out twice, and survivors keep both.
+func TestPluginKilledDuringDualStackADDAndDEL(t *testing.T) {
+	batches, perBatch := 4, 8
+	if testing.Short() {
+		batches, perBatch = 2, 4
+	}
+	killAndRecover(t, newNodeFamily(t, true), batches, perBatch)
+}
+
+func killAndRecover(t *testing.T, n *node, batches, perBatch int) {
 	begin := time.Now()
 	seed := uint64(time.Now().UnixNano())
 	if s := os.Getenv("CRASH_SEED"); s != "" {
@@ -47,10 +66,6 @@ func TestPluginKilledDuringADDAndDEL(t *testing.T) {
 	}
 	t.Logf("seed %d (CRASH_SEED=%d repeats these draws)", seed, seed)
 	rng := rand.New(rand.NewPCG(seed, 0x6e6574))
-	batches, perBatch := 12, 13 // 156 ADD kills and 156 DEL kills
-	if testing.Short() {
-		batches, perBatch = 4, 5
-	}
 
 	seq, port := 0, 20000
 	id := func(kind string) string { seq++; return fmt.Sprintf("%s-%04d", kind, seq) }
@@ -118,6 +133,9 @@ func TestPluginKilledDuringADDAndDEL(t *testing.T) {
 			n.mustAdd(q)
 			if q.port != 0 {
 				q.ns.Serve(t, 80, func(string) string { return q.id })
+				if n.dual {
+					q.ns.Serve6(t, 80, func(string) string { return q.id })
+				}
 			}
 			st.interleaved++
 			recs, dups, err := n.records()
@@ -125,17 +143,19 @@ func TestPluginKilledDuringADDAndDEL(t *testing.T) {
 				t.Fatalf("address store unreadable: %v", err)
 			}
 			report(fmt.Sprintf("batch %d", b), dups)
-			if q.ip == netip.MustParseAddr(gateway) {
-				t.Errorf("new container %s got the gateway address", q.id)
+			if q.ip == netip.MustParseAddr(gateway) || q.ip6 == netip.MustParseAddr(gateway6) {
+				t.Errorf("new container %s got a gateway address", q.id)
 			}
-			for k, ip := range recs {
-				if k != q.key() && ip == q.ip {
-					t.Errorf("new container %s got %s, which the store also holds for %s", q.id, q.ip, k)
+			for _, ip := range q.addrs() {
+				for k, rec := range recs {
+					if k != q.key() && slices.Contains(rec.Addrs(), ip) {
+						t.Errorf("new container %s got %s, which the store also holds for %s", q.id, ip, k)
+					}
 				}
-			}
-			for _, o := range slices.Concat(survivors, fresh, pending) {
-				if _, addrs, err := links(o.ns); err == nil && slices.Contains(addrs, q.ip) {
-					t.Errorf("new container %s got %s, which pod %s still carries", q.id, q.ip, o.id)
+				for _, o := range slices.Concat(survivors, fresh, pending) {
+					if _, addrs, err := links(o.ns); err == nil && slices.Contains(addrs, ip) {
+						t.Errorf("new container %s got %s, which pod %s still carries", q.id, ip, o.id)
+					}
 				}
 			}
 			fresh = append(fresh, q)
@@ -176,7 +196,7 @@ func TestPluginKilledDuringADDAndDEL(t *testing.T) {
 		}
 		where := fmt.Sprintf("batch %d (%s recovery)", b, mode)
 		report(where, n.leaks(live))
-		report(where, reach(survivors[0], live))
+		report(where, n.reach(survivors[0], live))
 		report(where, n.hostPortsWork(survivors[0], live))
 		for _, q := range fresh {
 			failed, err := n.delRetry(q)
@@ -312,8 +332,8 @@ func (n *node) addPhase(p *pod) string {
 	_, rec := recs[p.key()]
 	veth := slices.Contains(n.hostVeths(), p.veth())
 	names, addrs, _ := links(p.ns)
-	configured := len(addrs) > 0 && hasDefaultRoute(p.ns)
-	ports := n.hostPorts().tags[p.tag()] > 0
+	configured := len(addrs) == 1+btoi(n.dual) && n.hasDefaultRoutes(p.ns)
+	ports := n.hostPorts().tags[p.tag()] > 0 && (!n.dual || n.hostPortsIn("ip6tables-save").tags[p.tag()] > 0)
 	switch {
 	case !rec && !veth && len(names) == 0:
 		return "before the address was recorded"
@@ -321,7 +341,7 @@ func (n *node) addPhase(p *pod) string {
 		return "address recorded, before the veth"
 	case rec && veth && !configured:
 		return "while configuring the pod end"
-	case rec && veth && !n.hasEntry(antispoof.EntryFor(p.veth(), recs[p.key()])):
+	case rec && veth && !n.hasEntries(antispoof.EntriesFor(p.veth(), recs[p.key()].Addrs()...)):
 		return "pod configured, before its anti-spoofing entry"
 	case rec && veth && p.port != 0 && !ports:
 		if hp := n.hostPorts(); len(hp.chains) < 2 || hp.jumps < 3 || hp.other < 1 {
@@ -334,9 +354,14 @@ func (n *node) addPhase(p *pod) string {
 	return fmt.Sprintf("unexpected state: record %v, veth %v, pod links %v, host port rules %v", rec, veth, names, ports)
 }
 
-func (n *node) hasEntry(e antispoof.Entry) bool {
+func (n *node) hasEntries(es []antispoof.Entry) bool {
 	entries, err := n.antispoofEntries()
-	return err == nil && entries[e.String()]
+	for _, e := range es {
+		if !entries[e.String()] {
+			return false
+		}
+	}
+	return err == nil
 }
 
 // delPhase says, from what a killed DEL left, where the kill landed.
@@ -401,11 +426,11 @@ func (n *node) leaks(live []*pod) []string {
 			tags[p.tag()] = true
 		}
 	}
-	for k, ip := range recs {
+	for k, rec := range recs {
 		if p, ok := want[k]; !ok {
-			out = append(out, fmt.Sprintf("address %s of dead attachment %s left in the store", ip, k))
-		} else if ip != p.ip {
-			out = append(out, fmt.Sprintf("store holds %s for %s, its ADD returned %s", ip, k, p.ip))
+			out = append(out, fmt.Sprintf("addresses %v of dead attachment %s left in the store", rec.Addrs(), k))
+		} else if !slices.Equal(rec.Addrs(), p.addrs()) {
+			out = append(out, fmt.Sprintf("store holds %v for %s, its ADD returned %v", rec.Addrs(), k, p.addrs()))
 		}
 	}
 	for k := range want {
@@ -430,7 +455,9 @@ func (n *node) leaks(live []*pod) []string {
 	}
 	wantEntries := map[string]bool{}
 	for _, p := range live {
-		wantEntries[antispoof.EntryFor(p.veth(), p.ip).String()] = true
+		for _, e := range antispoof.EntriesFor(p.veth(), p.addrs()...) {
+			wantEntries[e.String()] = true
+		}
 	}
 	for e := range entries {
 		if !wantEntries[e] {
@@ -442,28 +469,42 @@ func (n *node) leaks(live []*pod) []string {
 			out = append(out, fmt.Sprintf("live attachment lost its anti-spoofing entry %q", e))
 		}
 	}
-	hp := n.hostPorts()
+	saves := []string{"iptables-save"}
+	if n.dual {
+		saves = append(saves, "ip6tables-save")
+	}
+	for _, save := range saves {
+		out = append(out, n.hostPortLeaks(save, tags)...)
+	}
+	return out
+}
+
+// hostPortLeaks compares the host-port rules in save's nat table with tags, the live
+// attachments that publish a port.
+func (n *node) hostPortLeaks(save string, tags map[string]bool) []string {
+	var out []string
+	hp := n.hostPortsIn(save)
 	for _, d := range hp.dups {
-		out = append(out, "duplicate iptables rule: "+d)
+		out = append(out, save+": duplicate rule: "+d)
 	}
 	for tag, c := range hp.tags {
 		switch {
 		case !tags[tag]:
-			out = append(out, fmt.Sprintf("%d host-port rules of dead attachment %s left in %v", c, tag, hp.chains))
+			out = append(out, fmt.Sprintf("%s: %d host-port rules of dead attachment %s left in %v", save, c, tag, hp.chains))
 		case c != 2:
-			out = append(out, fmt.Sprintf("%d host-port rules for %s, want 2", c, tag))
+			out = append(out, fmt.Sprintf("%s: %d host-port rules for %s, want 2", save, c, tag))
 		}
 	}
 	for tag := range tags {
 		if hp.tags[tag] == 0 {
-			out = append(out, fmt.Sprintf("live attachment %s lost its host-port rules", tag))
+			out = append(out, fmt.Sprintf("%s: live attachment %s lost its host-port rules", save, tag))
 		}
 	}
 	if len(tags) == 0 && (len(hp.chains) > 0 || hp.jumps > 0 || hp.other > 0) {
-		out = append(out, fmt.Sprintf("no pod publishes a port, yet host-port chains %v, %d jumps to them and %d untagged rules in them are left", hp.chains, hp.jumps, hp.other))
+		out = append(out, fmt.Sprintf("%s: no pod publishes a port, yet host-port chains %v, %d jumps to them and %d untagged rules in them are left", save, hp.chains, hp.jumps, hp.other))
 	}
 	if len(tags) > 0 && (len(hp.chains) != 2 || hp.jumps != 3 || hp.other != 1) {
-		out = append(out, fmt.Sprintf("host-port chains %v with %d jumps and %d untagged rules, want both chains, 3 jumps and 1 masquerade", hp.chains, hp.jumps, hp.other))
+		out = append(out, fmt.Sprintf("%s: host-port chains %v with %d jumps and %d untagged rules, want both chains, 3 jumps and 1 masquerade", save, hp.chains, hp.jumps, hp.other))
 	}
 	return out
 }
@@ -477,26 +518,36 @@ func (n *node) hostPortsWork(from *pod, live []*pod) []string {
 		if p.port == 0 {
 			continue
 		}
-		addr := fmt.Sprintf("%s:%d", gateway, p.port)
-		for _, c := range []struct {
-			who string
-			ns  *netns.NS
-		}{{"the node", n.ns}, {"pod " + from.id, from.ns}} {
-			if got, err := fetch(c.ns, addr); err != nil || got != p.id {
-				out = append(out, fmt.Sprintf("host port %s of live pod %s does not work from %s: got %q, %v", addr, p.id, c.who, got, err))
+		addrs := []string{fmt.Sprintf("%s:%d", gateway, p.port)}
+		if n.dual {
+			addrs = append(addrs, fmt.Sprintf("[%s]:%d", gateway6, p.port))
+		}
+		for _, addr := range addrs {
+			for _, c := range []struct {
+				who string
+				ns  *netns.NS
+			}{{"the node", n.ns}, {"pod " + from.id, from.ns}} {
+				if got, err := fetch(c.ns, addr); err != nil || got != p.id {
+					out = append(out, fmt.Sprintf("host port %s of live pod %s does not work from %s: got %q, %v", addr, p.id, c.who, got, err))
+				}
 			}
 		}
 	}
 	return out
 }
 
-// reach pings every live pod and the gateway from one pod.
-func reach(from *pod, live []*pod) []string {
+// reach pings every live pod and the gateway from one pod, over each family.
+func (n *node) reach(from *pod, live []*pod) []string {
 	var out []string
 	targets := []string{gateway}
+	if n.dual {
+		targets = append(targets, gateway6)
+	}
 	for _, p := range live {
 		if p != from {
-			targets = append(targets, p.ip.String())
+			for _, ip := range p.addrs() {
+				targets = append(targets, ip.String())
+			}
 		}
 	}
 	for _, ip := range targets {

@@ -1,0 +1,133 @@
+package bridge
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"strings"
+	"syscall"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/netagent/netagent/pkg/netipx"
+)
+
+// LinkLocal is the link-local address a pod interface with MAC mac gets (the modified
+// EUI-64 form, as the kernel's default would make it): the plugin assigns it itself, without
+// duplicate address detection, so anti-spoofing knows it and it is usable at once.
+func LinkLocal(mac net.HardwareAddr) netip.Prefix {
+	var b [16]byte
+	b[0], b[1] = 0xfe, 0x80
+	if len(mac) == 6 {
+		b[8], b[9], b[10] = mac[0]^0x02, mac[1], mac[2]
+		b[11], b[12] = 0xff, 0xfe
+		b[13], b[14], b[15] = mac[3], mac[4], mac[5]
+	}
+	return netip.PrefixFrom(netip.AddrFrom16(b), 64)
+}
+
+// addrFlags are the flags of an address this package adds: IPv6 ones skip duplicate
+// address detection (see the package comment).
+func addrFlags(a netip.Addr) int {
+	if a.Is6() {
+		return unix.IFA_F_NODAD
+	}
+	return 0
+}
+
+func (p Pod) hasV6() bool { return p.Addr.Addr().Is6() || p.Addr6.IsValid() }
+
+// addrs are the pod's addresses, the primary one first.
+func (p Pod) addrs() []netip.Prefix {
+	if p.Addr6.IsValid() {
+		return []netip.Prefix{p.Addr, p.Addr6}
+	}
+	return []netip.Prefix{p.Addr}
+}
+
+// gateways are the pod's default routes' gateways.
+func (p Pod) gateways() []netip.Addr {
+	var out []netip.Addr
+	for _, g := range []netip.Addr{p.Gateway, p.Gateway6} {
+		if g.IsValid() {
+			out = append(out, g)
+		}
+	}
+	return out
+}
+
+// addrGenModeNone is IN6_ADDR_GEN_MODE_NONE (linux/if_link.h): no automatic link-local.
+const addrGenModeNone = 1
+
+// setupV6 prepares both ends of a pod with IPv6, before either is up: neither generates a
+// link-local address of its own (the host end needs none; the pod end gets LinkLocal of its
+// MAC, added here without DAD, so the address anti-spoofing lets through is the one it
+// has). IPv6 turned off in the pod namespace (disable_ipv6, as some runtimes leave it) is
+// turned on for the pod interface.
+func setupV6(h, ph *netlink.Handle, host *netlink.Veth, pod netlink.Link, p Pod) error {
+	if err := h.LinkSetIP6AddrGenMode(host, addrGenModeNone); err != nil {
+		return fmt.Errorf("turn off IPv6 address generation on %s: %w", p.HostVeth, err)
+	}
+	if err := ph.LinkSetIP6AddrGenMode(pod, addrGenModeNone); err != nil {
+		return fmt.Errorf("turn off IPv6 address generation on %s in pod: %w", p.IfName, err)
+	}
+	ll := &netlink.Addr{IPNet: netipx.IPNet(LinkLocal(PodMAC(p.Addr.Addr()))), Flags: unix.IFA_F_NODAD}
+	err := ph.AddrAdd(pod, ll)
+	if errors.Is(err, syscall.EACCES) {
+		// The kernel refuses IPv6 addresses while IPv6 is disabled on the device.
+		if eerr := enableIPv6(p.NetnsFd, p.IfName); eerr != nil {
+			return fmt.Errorf("add %s to %s: %w (enabling IPv6 there: %v)", ll.IPNet, p.IfName, err, eerr)
+		}
+		err = ph.AddrAdd(pod, ll)
+	}
+	if err != nil && !errors.Is(err, syscall.EEXIST) {
+		return fmt.Errorf("add %s to %s: %w", ll.IPNet, p.IfName, err)
+	}
+	return nil
+}
+
+// enableIPv6 clears disable_ipv6 of ifName in the namespace netnsFd. The sysctl is only
+// reachable from inside the namespace: it runs on a locked OS thread of its own, which is
+// discarded afterwards (never unlocked), so no other goroutine runs in the pod namespace.
+func enableIPv6(netnsFd int, ifName string) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := netns.Set(netns.NsHandle(netnsFd)); err != nil {
+			errc <- fmt.Errorf("enter pod namespace: %w", err)
+			return
+		}
+		errc <- writeSysctl("/proc/sys/net/ipv6/conf/"+ifName+"/disable_ipv6", "0")
+	}()
+	return <-errc
+}
+
+// EnableForwarding6 turns on IPv6 forwarding in the current network namespace, which a
+// bridge gateway for IPv6 pods needs (as EnableForwarding for IPv4). Note that with
+// forwarding on, the kernel ignores router advertisements on interfaces whose accept_ra is 1
+// (not 2): a node that learns its own IPv6 default route from RAs needs accept_ra=2.
+func EnableForwarding6() error {
+	return ensureSysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+}
+
+// ensureSysctl writes v to the sysctl file p unless it holds v already (the common case is
+// one small read).
+func ensureSysctl(p, v string) error {
+	b, err := os.ReadFile(p)
+	if err == nil && strings.TrimSpace(string(b)) == v {
+		return nil
+	}
+	return writeSysctl(p, v)
+}
+
+func writeSysctl(p, v string) error {
+	if err := os.WriteFile(p, []byte(v), 0o644); err != nil {
+		return fmt.Errorf("set %s: %w", strings.TrimPrefix(p, "/proc/sys/"), err)
+	}
+	return nil
+}
