@@ -174,14 +174,6 @@ func signal(ch chan struct{}) {
 	}
 }
 
-// VXLANDevName is the VXLAN device's name for a VNI.
-func VXLANDevName(vni int) string {
-	if n := fmt.Sprintf("netagent.%d", vni); len(n) <= 15 {
-		return n
-	}
-	return fmt.Sprintf("na.%d", vni)
-}
-
 // Run runs until ctx ends.
 func (a *Agent) Run(ctx context.Context) error {
 	log := a.opt.Log.With("node", a.opt.Node)
@@ -262,7 +254,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() { defer wg.Done(); a.watchStore(ctx, log, hw) }()
 	}
-	vxDev := VXLANDevName(cfg.Backend.VNI)
+	vxDev := plan.VXLANDevName(cfg.Backend.VNI)
 	wg.Add(1)
 	go func() { defer wg.Done(); a.watchKernel(ctx, vxDev) }()
 	wg.Add(1)
@@ -486,13 +478,13 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 		Peers:    peers,
 		Underlay: plan.Underlay{Dev: ul.dev, MTU: ul.mtu, Connected: connected},
 		VXLANDev: vxDev,
+		Docker:   a.opt.Docker != nil,
 	})
-	p.NAT.Final = a.opt.Docker != nil
 	a.mu.Lock()
 	a.planner = planner
 	a.mu.Unlock()
 	var errs []error
-	vst, err := a.vxlan.Sync(p.VXLAN, vxDev, ul.dev, plan.VTEPMAC(a.opt.Node), p.Neighs, p.FDB)
+	vst, err := a.vxlan.Sync(p.VXLAN, p.StaleVXLAN, p.Neighs, p.FDB)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -500,7 +492,7 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 	if err != nil {
 		errs = append(errs, err)
 	}
-	gst, err := a.guard.Sync(guardSpec(cfg, p))
+	gst, err := a.guard.Sync(guardSpec(p.Allow))
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -579,20 +571,21 @@ func (a *Agent) incrementalPass(log *slog.Logger, changed []lease.Lease) error {
 		a.mu.Unlock()
 		return errors.New("no plan yet")
 	}
-	ch := planner.Update(changed)
+	next := planner.Update(changed)
 	a.mu.Unlock()
-	if ch.Empty() {
+	d := next.Delta
+	if d.Empty() {
 		return nil
 	}
 	var errs []error
-	vst, err := a.vxlan.Apply(ch.Neighs, ch.FDB, planner.Neigh, planner.HasFDB)
+	vst, err := a.vxlan.Apply(d.Neighs, d.FDB)
 	if errors.Is(err, vxlan.ErrNoMirror) {
 		return err
 	}
 	if err != nil {
 		errs = append(errs, err)
 	}
-	rst, err := a.route.Apply(ch.Routes, planner.Route)
+	rst, err := a.route.Apply(d.Routes)
 	if errors.Is(err, route.ErrNoMirror) {
 		return err
 	}
@@ -600,10 +593,9 @@ func (a *Agent) incrementalPass(log *slog.Logger, changed []lease.Lease) error {
 		errs = append(errs, err)
 	}
 	// The VXLAN allow-list follows the peers: a new peer's packets are accepted from now.
-	allow := make(map[string]vxguard.Peer, len(changed))
-	for _, l := range changed {
-		v, _ := planner.Peer(l.Node)
-		allow[l.Node] = guardPeer(v)
+	allow := make(map[string]vxguard.Peer, len(d.Allow))
+	for _, c := range d.Allow {
+		allow[c.Node] = vxguard.Peer(c.Allowed)
 	}
 	gst, err := a.guard.Update(allow)
 	if errors.Is(err, vxguard.ErrNoMirror) {
@@ -614,8 +606,8 @@ func (a *Agent) incrementalPass(log *slog.Logger, changed []lease.Lease) error {
 	}
 	a.countGuard(gst, false)
 	a.finish(log, "incremental", t0, vst, rst, nat.Stats{}, false, errors.Join(errs...))
-	for _, l := range changed {
-		if v, ok := planner.Peer(l.Node); ok && v.Mode == plan.Unreachable {
+	for _, v := range d.Peers {
+		if v.Mode == plan.Unreachable {
 			log.Warn("peer unreachable", "peer", v.Node, "subnet", v.Subnet, "reason", v.Reason)
 		}
 	}
@@ -659,28 +651,13 @@ func (a *Agent) firewallPass(ctx context.Context, log *slog.Logger) {
 	a.finish(log, "firewall", t0, vxlan.Stats{}, route.Stats{}, nst, true, err)
 }
 
-// guardSpec is the VXLAN allow-list for a plan: every peer the plan routes to (a directly
-// routed peer sends no VXLAN, but allowing it costs nothing and survives a mode change).
-func guardSpec(cfg config.Network, p plan.Plan) vxguard.Spec {
-	s := vxguard.Spec{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Peers: make(map[string]vxguard.Peer, len(p.Peers))}
-	if p.VXLAN != nil {
-		s.Port = p.VXLAN.Port
-	}
-	for _, v := range p.Peers {
-		if g := guardPeer(v); g.IP.IsValid() {
-			s.Peers[v.Node] = g
-		}
+// guardSpec is the plan's allow-list in the guard's terms.
+func guardSpec(a plan.AllowList) vxguard.Spec {
+	s := vxguard.Spec{Port: a.Port, Network: a.Network, SubnetLen: a.SubnetLen, Peers: make(map[string]vxguard.Peer, len(a.Peers))}
+	for n, p := range a.Peers {
+		s.Peers[n] = vxguard.Peer(p)
 	}
 	return s
-}
-
-// guardPeer is what the allow-list accepts from a peer: VXLAN from its public IP (and, on
-// the same L2, its underlay MAC) carrying its pods' or its own addresses.
-func guardPeer(v plan.Peer) vxguard.Peer {
-	if v.Mode == plan.Direct || v.Mode == plan.VXLAN {
-		return vxguard.Peer{IP: v.PublicIP, Subnet: v.Subnet, MAC: v.UnderlayMAC}
-	}
-	return vxguard.Peer{}
 }
 
 // guardPass re-checks netagent's nftables table after someone changed it.

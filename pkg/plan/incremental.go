@@ -1,18 +1,24 @@
 package plan
 
 import (
+	"maps"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 
+	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
 )
 
 // Planner keeps a plan up to date one lease at a time, so a lease event costs work for
 // that lease (and the few that claim the same subnet), not for every peer. It makes the
-// same decisions as Build — the tests apply random sequences of changes and compare with
-// Build of the final set — and the agent still runs Build for its full passes (start,
-// resync, config or underlay change); the Planner covers the lease events in between.
+// same decisions as Build — the tests apply random sequences of changes and check that
+// each Delta turns Build of the set before into Build of the set after — and the agent
+// still starts a new Planner for its full passes (start, resync, config or underlay
+// change); Update covers the lease events in between.
 type Planner struct {
+	gen     uint64
+	base    Plan  // Build(in) without peers: the device, NAT, MTU and allow-list header
 	in      Input // without Peers
 	peers   map[string]lease.Lease
 	claim   map[netip.Prefix][]string // subnet -> nodes claiming it (almost always one)
@@ -21,6 +27,7 @@ type Planner struct {
 	routes  map[netip.Prefix]Route
 	neighs  map[netip.Addr]Neigh
 	fdb     map[FDB]bool
+	allow   map[string]Allowed
 	contrib map[string]contribution // what each node put into the three maps
 	odd     map[string]bool         // nodes whose subnet length differs from the config's
 	modes   map[Mode]int            // peers per mode
@@ -48,15 +55,66 @@ type contribution struct {
 type Changes struct {
 	Routes []netip.Prefix
 	Neighs []netip.Addr
-	FDB    []FDB // removed or added entries (an FDB entry is its own key)
+	FDB    []FDB    // removed or added entries (an FDB entry is its own key)
+	Nodes  []string // peers whose verdict may have changed
+}
+
+// Delta is how one plan differs from the one before it: each entry that changed, with its
+// new value or Del. A key appears at most once.
+type Delta struct {
+	From   uint64 // the Gen of the plan this one follows
+	Routes []RouteChange
+	Neighs []NeighChange
+	FDB    []FDBChange
+	// Allow has the allow-list entry of every peer whose entry may have changed; ok false:
+	// the peer is not allowed any more.
+	Allow []AllowChange
+	// Peers are the verdicts of the peers the change touched that still have a lease.
+	Peers []Peer
+}
+
+// RouteChange is the new desired route to Dst, or Del.
+type RouteChange struct {
+	Dst   netip.Prefix
+	Route Route
+	Del   bool
+}
+
+// NeighChange is the new desired neighbour entry for IP, or Del.
+type NeighChange struct {
+	IP    netip.Addr
+	Neigh Neigh
+	Del   bool
+}
+
+// FDBChange is an FDB entry now desired, or (Del) no longer.
+type FDBChange struct {
+	FDB FDB
+	Del bool
+}
+
+// AllowChange is a peer's new allow-list entry, or (Del) none.
+type AllowChange struct {
+	Node    string
+	Allowed Allowed
+	Del     bool
 }
 
 // Empty reports whether nothing changed.
-func (c Changes) Empty() bool { return len(c.Routes)+len(c.Neighs)+len(c.FDB) == 0 }
+func (d *Delta) Empty() bool { return len(d.Routes)+len(d.Neighs)+len(d.FDB)+len(d.Allow) == 0 }
 
-// NewPlanner starts from a full input (its Peers included); it also returns Build(in).
+// gens numbers plans across Planners, so a Delta can never be taken for one that follows
+// another Planner's plan.
+var gens atomic.Uint64
+
+// NewPlanner starts from a full input (its Peers included); it also returns Build(in),
+// numbered.
 func NewPlanner(in Input) (*Planner, Plan) {
+	if in.VXLANDev == "" {
+		in.VXLANDev = VXLANDevName(in.Config.Backend.VNI)
+	}
 	p := &Planner{
+		gen:     gens.Add(1),
 		in:      in,
 		peers:   make(map[string]lease.Lease, len(in.Peers)),
 		claim:   make(map[netip.Prefix][]string, len(in.Peers)),
@@ -64,12 +122,15 @@ func NewPlanner(in Input) (*Planner, Plan) {
 		routes:  make(map[netip.Prefix]Route, len(in.Peers)),
 		neighs:  make(map[netip.Addr]Neigh, len(in.Peers)),
 		fdb:     make(map[FDB]bool, len(in.Peers)),
+		allow:   make(map[string]Allowed, len(in.Peers)),
 		contrib: make(map[string]contribution, len(in.Peers)),
 		odd:     map[string]bool{},
 		modes:   map[Mode]int{},
 	}
 	p.in.Peers = nil
 	full := Build(in)
+	full.Gen = p.gen
+	p.base = Build(p.in)
 	p.podMTU = full.PodMTU
 	if full.VXLAN != nil {
 		p.tunnelMTU = full.VXLAN.MTU
@@ -133,8 +194,58 @@ func (p *Planner) owners(subnets map[netip.Prefix]bool) map[netip.Prefix]string 
 }
 
 // Update applies changed leases (a lease whose Subnet is invalid and PublicIP unset, as
-// from Deleted, removes the node) and returns the desired entries that changed.
-func (p *Planner) Update(changed []lease.Lease) Changes {
+// from Deleted, removes the node) and returns the next plan: the header of a full plan
+// (device, NAT, MTU) and the Delta from the previous one.
+func (p *Planner) Update(changed []lease.Lease) Plan {
+	ch := p.update(changed)
+	d := &Delta{From: p.gen}
+	p.gen = gens.Add(1)
+	each(ch.Routes, func(dst netip.Prefix) {
+		r, ok := p.routes[dst]
+		d.Routes = append(d.Routes, RouteChange{Dst: dst, Route: r, Del: !ok})
+	})
+	each(ch.Neighs, func(ip netip.Addr) {
+		n, ok := p.neighs[ip]
+		d.Neighs = append(d.Neighs, NeighChange{IP: ip, Neigh: n, Del: !ok})
+	})
+	each(ch.FDB, func(f FDB) { d.FDB = append(d.FDB, FDBChange{FDB: f, Del: !p.fdb[f]}) })
+	each(ch.Nodes, func(n string) {
+		a, ok := p.allow[n]
+		d.Allow = append(d.Allow, AllowChange{Node: n, Allowed: a, Del: !ok})
+		if v, ok := p.Peer(n); ok {
+			d.Peers = append(d.Peers, v)
+		}
+	})
+	out := p.header()
+	out.Delta = d
+	return out
+}
+
+// each calls f once for every distinct key, in order.
+func each[K comparable](keys []K, f func(K)) {
+	seen := make(map[K]bool, len(keys))
+	for _, k := range keys {
+		if !seen[k] {
+			seen[k] = true
+			f(k)
+		}
+	}
+}
+
+// header is the current plan without its per-peer lists.
+func (p *Planner) header() Plan {
+	out := p.base
+	out.Gen = p.gen
+	out.Allow.Peers = nil
+	if out.VXLAN != nil {
+		v := *out.VXLAN
+		out.VXLAN = &v
+	}
+	return out
+}
+
+// update applies changed leases and returns the keys of the entries it touched.
+func (p *Planner) update(changed []lease.Lease) Changes {
 	var ch Changes
 	// Every node that claims a subnet touched by the change may win or lose it.
 	subnets := map[netip.Prefix]bool{}
@@ -188,6 +299,7 @@ func (p *Planner) Update(changed []lease.Lease) Changes {
 		if n == p.in.Self.Node {
 			continue
 		}
+		ch.Nodes = append(ch.Nodes, n)
 		if old, ok := p.verdict[n]; ok {
 			p.modes[old.mode]--
 		}
@@ -249,6 +361,7 @@ func (p *Planner) ownerOf(s netip.Prefix) string {
 
 // remove takes node n's contributions out of the desired state.
 func (p *Planner) remove(n string, ch *Changes) {
+	delete(p.allow, n)
 	c, ok := p.contrib[n]
 	if !ok {
 		return
@@ -265,6 +378,10 @@ func (p *Planner) remove(n string, ch *Changes) {
 }
 
 func (p *Planner) add(l lease.Lease, v Peer, ch *Changes) {
+	v.UnderlayMAC = underlayMAC(p.in.Underlay, l)
+	if a, ok := allowed(v); ok {
+		p.allow[v.Node] = a
+	}
 	var r Route
 	var neigh Neigh
 	c := contribution{dst: l.Subnet}
@@ -274,7 +391,7 @@ func (p *Planner) add(l lease.Lease, v Peer, ch *Changes) {
 	case VXLAN:
 		// The neighbour's address is the route's destination address (remove relies on it).
 		r = Route{Dst: l.Subnet, Gw: l.Subnet.Addr(), Dev: p.in.VXLANDev, OnLink: true}
-		if p.in.Config.Backend.Type == "hybrid" && p.podMTU > p.tunnelMTU {
+		if p.in.Config.Backend.Type == config.Hybrid && p.podMTU > p.tunnelMTU {
 			r.MTU = p.tunnelMTU
 		}
 		mac := strings.ToLower(l.VTEPMAC)
@@ -295,18 +412,10 @@ func (p *Planner) add(l lease.Lease, v Peer, ch *Changes) {
 	}
 }
 
-// Route returns the desired route for dst.
-func (p *Planner) Route(dst netip.Prefix) (Route, bool) { r, ok := p.routes[dst]; return r, ok }
-
-// Neigh returns the desired neighbour entry for ip.
-func (p *Planner) Neigh(ip netip.Addr) (Neigh, bool) { n, ok := p.neighs[ip]; return n, ok }
-
-// HasFDB reports whether f is desired.
-func (p *Planner) HasFDB(f FDB) bool { return p.fdb[f] }
-
-// Plan renders the current desired state as a Plan (for status and full passes).
+// Plan renders the current desired state as a full Plan (for status and full passes).
 func (p *Planner) Plan() Plan {
-	out := Build(Input{Config: p.in.Config, Self: p.in.Self, Underlay: p.in.Underlay, VXLANDev: p.in.VXLANDev})
+	out := p.header()
+	out.Allow.Peers = maps.Clone(p.allow)
 	for n := range p.verdict {
 		v, _ := p.Peer(n)
 		out.Peers = append(out.Peers, v)

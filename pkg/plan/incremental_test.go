@@ -2,6 +2,7 @@ package plan
 
 import (
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -49,7 +50,8 @@ func TestPlannerMatchesBuild(t *testing.T) {
 				peers = append(peers, l)
 			}
 			in.Peers = peers
-			p, _ := NewPlanner(in)
+			p, first := NewPlanner(in)
+			prev := first
 			for step := range 400 {
 				var batch []lease.Lease
 				for range 1 + rng.IntN(3) {
@@ -62,7 +64,7 @@ func TestPlannerMatchesBuild(t *testing.T) {
 					current[l.Node] = l
 					batch = append(batch, l)
 				}
-				p.Update(batch)
+				next := p.Update(batch)
 				var all []lease.Lease
 				for _, l := range current {
 					all = append(all, l)
@@ -70,15 +72,23 @@ func TestPlannerMatchesBuild(t *testing.T) {
 				in.Peers = all
 				want := render(Build(in))
 				built := Build(in)
+				if next.Delta == nil || next.Delta.From != prev.Gen || next.Gen == prev.Gen {
+					t.Fatalf("step %d: plan %d with delta %+v does not follow plan %d", step, next.Gen, next.Delta, prev.Gen)
+				}
+				// The delta turns the previous plan into Build of the new set.
+				if diff := cmp.Diff(want, render(applyDelta(prev, next))); diff != "" {
+					t.Fatalf("step %d, batch %v: previous plan + delta differs from Build (-build +delta):\n%s", step, batch, diff)
+				}
 				if diff := cmp.Diff(built.Count(), p.Count(), cmpopts.EquateEmpty()); diff != "" {
 					t.Fatalf("step %d: mode counts differ: %s", step, diff)
 				}
-				if diff := cmp.Diff(want, render(p.Plan())); diff != "" {
+				full := p.Plan()
+				if diff := cmp.Diff(want, render(full)); diff != "" {
 					t.Fatalf("step %d, batch %v: incremental plan differs from Build (-build +incremental):\n%s", step, batch, diff)
 				}
 				// The whole verdicts too (the planner rebuilds them from the leases it holds).
 				byNode := func(a, b Peer) int { return strings.Compare(a.Node, b.Node) }
-				got := p.Plan().Peers
+				got := full.Peers
 				slices.SortFunc(built.Peers, byNode)
 				slices.SortFunc(got, byNode)
 				if !slices.Equal(built.Peers, got) {
@@ -89,9 +99,78 @@ func TestPlannerMatchesBuild(t *testing.T) {
 						t.Fatalf("step %d: Peer(%s) = %v, %v; want %v", step, v.Node, pv, ok, v)
 					}
 				}
+				for _, v := range next.Delta.Peers {
+					if i, ok := slices.BinarySearchFunc(built.Peers, v, byNode); !ok || built.Peers[i] != v {
+						t.Fatalf("step %d: delta verdict %v is not Build's", step, v)
+					}
+				}
+				prev = full
 			}
 		})
 	}
+}
+
+// applyDelta is what a dataplane does with an incremental plan: prev's entries, with the
+// delta's changed ones replaced or removed, under next's header.
+func applyDelta(prev, next Plan) Plan {
+	routes := map[netip.Prefix]Route{}
+	for _, r := range prev.Routes {
+		routes[r.Dst] = r
+	}
+	neighs := map[netip.Addr]Neigh{}
+	for _, n := range prev.Neighs {
+		neighs[n.IP] = n
+	}
+	fdb := map[FDB]bool{}
+	for _, f := range prev.FDB {
+		fdb[f] = true
+	}
+	peers := map[string]Peer{}
+	for _, v := range prev.Peers {
+		peers[v.Node] = v
+	}
+	allow := maps.Clone(prev.Allow.Peers)
+	d := next.Delta
+	for _, c := range d.Routes {
+		if c.Del {
+			delete(routes, c.Dst)
+		} else {
+			routes[c.Dst] = c.Route
+		}
+	}
+	for _, c := range d.Neighs {
+		if c.Del {
+			delete(neighs, c.IP)
+		} else {
+			neighs[c.IP] = c.Neigh
+		}
+	}
+	for _, c := range d.FDB {
+		if c.Del {
+			delete(fdb, c.FDB)
+		} else {
+			fdb[c.FDB] = true
+		}
+	}
+	for _, c := range d.Allow {
+		delete(peers, c.Node) // gone unless its verdict is below
+		if c.Del {
+			delete(allow, c.Node)
+		} else {
+			allow[c.Node] = c.Allowed
+		}
+	}
+	for _, v := range d.Peers {
+		peers[v.Node] = v
+	}
+	out := next
+	out.Delta = nil
+	out.Routes = slices.Collect(maps.Values(routes))
+	out.Neighs = slices.Collect(maps.Values(neighs))
+	out.FDB = slices.Collect(maps.Keys(fdb))
+	out.Peers = slices.Collect(maps.Values(peers))
+	out.Allow.Peers = allow
+	return out
 }
 
 func BenchmarkPlannerUpdate5000(b *testing.B) {
@@ -105,7 +184,7 @@ func BenchmarkPlannerUpdate5000(b *testing.B) {
 	i := 0
 	for b.Loop() {
 		l := mk(fmt.Sprint("new", i%1000), fmt.Sprintf("10.251.%d.0/24", i%250), "198.51.200.1")
-		if ch := p.Update([]lease.Lease{l}); ch.Empty() {
+		if next := p.Update([]lease.Lease{l}); next.Delta.Empty() {
 			b.Fatal("no change")
 		}
 		i++

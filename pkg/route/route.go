@@ -299,9 +299,9 @@ func toNetlink(w plan.Route, idx int) *netlink.Route {
 // ErrNoMirror means Apply needs a valid mirror; the caller runs a full Sync instead.
 var ErrNoMirror = errors.New("route mirror not valid: full sync needed")
 
-// Apply fixes only the routes to dsts, given the desired route for each (none: delete).
-// It is the per-event path: it needs a valid mirror and touches nothing else.
-func (r *Reconciler) Apply(dsts []netip.Prefix, want func(netip.Prefix) (plan.Route, bool)) (Stats, error) {
+// Apply fixes only the routes a plan delta names (the per-event path): each is set to its
+// new value or deleted. It needs a valid mirror and touches nothing else.
+func (r *Reconciler) Apply(changes []plan.RouteChange) (Stats, error) {
 	var st Stats
 	type op struct {
 		dst  netip.Prefix
@@ -316,11 +316,11 @@ func (r *Reconciler) Apply(dsts []netip.Prefix, want func(netip.Prefix) (plan.Ro
 		r.mu.Unlock()
 		return st, ErrNoMirror
 	}
-	for _, dst := range dsts {
-		w, ok := want(dst)
+	for _, ch := range changes {
+		dst, w := ch.Dst, ch.Route
 		c, have := r.mirror[dst]
 		switch {
-		case ok:
+		case !ch.Del:
 			idx, known := links[w.Dev]
 			if !known {
 				r.mu.Unlock()

@@ -328,14 +328,21 @@ func (s Stats) DeviceChanges() int {
 	return s.DeviceFixed
 }
 
-// Sync ensures the device dev (nil: remove a device of that name if present) on underlay
-// device underlay, with mac, and exactly the given neighbour and FDB entries.
-func (r *Reconciler) Sync(dev *plan.VXLANDevice, name, underlay string, mac net.HardwareAddr, neighs []plan.Neigh, fdb []plan.FDB) (Stats, error) {
+// Sync ensures the device dev (nil: remove a VXLAN device named stale if present) with
+// exactly the given neighbour and FDB entries.
+func (r *Reconciler) Sync(dev *plan.VXLANDevice, stale string, neighs []plan.Neigh, fdb []plan.FDB) (Stats, error) {
 	var st Stats
 	if dev == nil {
-		return st, r.remove(name)
+		if stale == "" {
+			return st, nil
+		}
+		return st, r.remove(stale)
 	}
-	link, created, err := r.ensureDevice(dev, underlay, mac, &st)
+	mac, err := net.ParseMAC(dev.MAC)
+	if err != nil {
+		return st, fmt.Errorf("vxlan device %s: mac %q: %w", dev.Name, dev.MAC, err)
+	}
+	link, created, err := r.ensureDevice(dev, dev.Underlay, mac, &st)
 	if err != nil {
 		return st, err
 	}
@@ -525,10 +532,9 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 // ErrNoMirror means Apply needs a valid mirror; the caller runs a full Sync instead.
 var ErrNoMirror = errors.New("vxlan mirror not valid: full sync needed")
 
-// Apply fixes only the given neighbour and FDB entries (the per-event path): wantNeigh
-// gives the desired entry for an address (none: delete), wantFDB whether an FDB entry is
-// desired. It needs a valid mirror of the current device.
-func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(netip.Addr) (plan.Neigh, bool), wantFDB func(plan.FDB) bool) (Stats, error) {
+// Apply fixes only the neighbour and FDB entries a plan delta names (the per-event path):
+// each is set to its new value or deleted. It needs a valid mirror of the current device.
+func (r *Reconciler) Apply(neighs []plan.NeighChange, fdbs []plan.FDBChange) (Stats, error) {
 	var st Stats
 	r.mu.Lock()
 	idx := r.idx
@@ -546,11 +552,11 @@ func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(net
 		fkey fdbKey
 	}
 	var ops []nop
-	for _, ip := range ips {
-		w, ok := wantNeigh(ip)
+	for _, ch := range neighs {
+		ip, w := ch.IP, ch.Neigh
 		c, have := r.neigh[ip]
 		switch {
-		case ok:
+		case !ch.Del:
 			m := planMAC(w.MAC)
 			if have && c.permanentWith(m) {
 				continue
@@ -562,10 +568,11 @@ func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(net
 			ops = append(ops, nop{ip: ip, del: delNeigh(idx, ip), prev: &c})
 		}
 	}
-	for _, f := range fdbs {
+	for _, ch := range fdbs {
+		f := ch.FDB
 		k := fdbKey{planMAC(f.MAC), f.Dst}
 		c, have := r.fdb[k]
-		if wantFDB(f) {
+		if !ch.Del {
 			if have && c.permanent() {
 				continue
 			}
