@@ -3,6 +3,7 @@ package plan
 import (
 	"maps"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync/atomic"
 
@@ -429,5 +430,82 @@ func (p *Planner) Plan() Plan {
 	for f := range p.fdb {
 		out.FDB = append(out.FDB, f)
 	}
+	return out
+}
+
+// Clone returns a deep copy of p without its Delta.
+func Clone(p Plan) Plan {
+	p.Routes, p.Neighs, p.FDB, p.Peers = slices.Clone(p.Routes), slices.Clone(p.Neighs), slices.Clone(p.FDB), slices.Clone(p.Peers)
+	p.Allow.Peers = maps.Clone(p.Allow.Peers)
+	if p.VXLAN != nil {
+		v := *p.VXLAN
+		p.VXLAN = &v
+	}
+	p.Delta = nil
+	return p
+}
+
+// Follow returns the full plan that next, a plan with a Delta, stands for: the entries of
+// prev (the full plan the delta follows) with the delta applied, under next's header.
+func Follow(prev, next Plan) Plan {
+	d := next.Delta
+	routes := map[netip.Prefix]Route{}
+	for _, r := range prev.Routes {
+		routes[r.Dst] = r
+	}
+	for _, c := range d.Routes {
+		if c.Del {
+			delete(routes, c.Dst)
+		} else {
+			routes[c.Dst] = c.Route
+		}
+	}
+	neighs := map[netip.Addr]Neigh{}
+	for _, n := range prev.Neighs {
+		neighs[n.IP] = n
+	}
+	for _, c := range d.Neighs {
+		if c.Del {
+			delete(neighs, c.IP)
+		} else {
+			neighs[c.IP] = c.Neigh
+		}
+	}
+	fdb := map[FDB]bool{}
+	for _, e := range prev.FDB {
+		fdb[e] = true
+	}
+	for _, c := range d.FDB {
+		if c.Del {
+			delete(fdb, c.FDB)
+		} else {
+			fdb[c.FDB] = true
+		}
+	}
+	peers := map[string]Peer{}
+	for _, v := range prev.Peers {
+		peers[v.Node] = v
+	}
+	allow := maps.Clone(prev.Allow.Peers)
+	if allow == nil {
+		allow = map[string]Allowed{}
+	}
+	for _, c := range d.Allow {
+		delete(peers, c.Node) // gone unless its verdict is in d.Peers
+		if c.Del {
+			delete(allow, c.Node)
+		} else {
+			allow[c.Node] = c.Allowed
+		}
+	}
+	for _, v := range d.Peers {
+		peers[v.Node] = v
+	}
+	out := Clone(next)
+	out.Routes = slices.Collect(maps.Values(routes))
+	out.Neighs = slices.Collect(maps.Values(neighs))
+	out.FDB = slices.Collect(maps.Keys(fdb))
+	out.Peers = slices.Collect(maps.Values(peers))
+	out.Allow.Peers = allow
 	return out
 }

@@ -2,7 +2,6 @@ package plan
 
 import (
 	"fmt"
-	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -76,7 +75,7 @@ func TestPlannerMatchesBuild(t *testing.T) {
 					t.Fatalf("step %d: plan %d with delta %+v does not follow plan %d", step, next.Gen, next.Delta, prev.Gen)
 				}
 				// The delta turns the previous plan into Build of the new set.
-				if diff := cmp.Diff(want, render(applyDelta(prev, next))); diff != "" {
+				if diff := cmp.Diff(want, render(Follow(prev, next))); diff != "" {
 					t.Fatalf("step %d, batch %v: previous plan + delta differs from Build (-build +delta):\n%s", step, batch, diff)
 				}
 				if diff := cmp.Diff(built.Count(), p.Count(), cmpopts.EquateEmpty()); diff != "" {
@@ -108,69 +107,6 @@ func TestPlannerMatchesBuild(t *testing.T) {
 			}
 		})
 	}
-}
-
-// applyDelta is what a dataplane does with an incremental plan: prev's entries, with the
-// delta's changed ones replaced or removed, under next's header.
-func applyDelta(prev, next Plan) Plan {
-	routes := map[netip.Prefix]Route{}
-	for _, r := range prev.Routes {
-		routes[r.Dst] = r
-	}
-	neighs := map[netip.Addr]Neigh{}
-	for _, n := range prev.Neighs {
-		neighs[n.IP] = n
-	}
-	fdb := map[FDB]bool{}
-	for _, f := range prev.FDB {
-		fdb[f] = true
-	}
-	peers := map[string]Peer{}
-	for _, v := range prev.Peers {
-		peers[v.Node] = v
-	}
-	allow := maps.Clone(prev.Allow.Peers)
-	d := next.Delta
-	for _, c := range d.Routes {
-		if c.Del {
-			delete(routes, c.Dst)
-		} else {
-			routes[c.Dst] = c.Route
-		}
-	}
-	for _, c := range d.Neighs {
-		if c.Del {
-			delete(neighs, c.IP)
-		} else {
-			neighs[c.IP] = c.Neigh
-		}
-	}
-	for _, c := range d.FDB {
-		if c.Del {
-			delete(fdb, c.FDB)
-		} else {
-			fdb[c.FDB] = true
-		}
-	}
-	for _, c := range d.Allow {
-		delete(peers, c.Node) // gone unless its verdict is below
-		if c.Del {
-			delete(allow, c.Node)
-		} else {
-			allow[c.Node] = c.Allowed
-		}
-	}
-	for _, v := range d.Peers {
-		peers[v.Node] = v
-	}
-	out := next
-	out.Delta = nil
-	out.Routes = slices.Collect(maps.Values(routes))
-	out.Neighs = slices.Collect(maps.Values(neighs))
-	out.FDB = slices.Collect(maps.Keys(fdb))
-	out.Peers = slices.Collect(maps.Values(peers))
-	out.Allow.Peers = allow
-	return out
 }
 
 func BenchmarkPlannerUpdate5000(b *testing.B) {
