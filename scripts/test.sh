@@ -19,6 +19,20 @@ if go list -deps ./cmd/netagent | grep -E '^go\.etcd\.io/etcd/server/'; then
 	echo "cmd/netagent depends on the etcd server (it belongs in cmd/netagent-etcd)"; exit 1
 fi
 
+echo "== the lease types, the planner, the reconcilers and the loop are store-neutral (no etcd, no client-go)"
+for pkg in ./pkg/lease ./pkg/plan ./pkg/route ./pkg/vxlan ./pkg/nat ./pkg/vxguard ./pkg/agent; do
+	if go list -deps "$pkg" | grep -E '^(go\.etcd\.io/|k8s\.io/client-go(/|$))'; then
+		echo "$pkg depends on the packages above; only the stores (pkg/lease/etcdstore, pkg/kube) may"; exit 1
+	fi
+done
+
+echo "== the shipped binaries carry no test code"
+for cmd in ./cmd/netagent ./cmd/cni-plugin ./cmd/netagent-etcd; do
+	if go list -deps "$cmd" | grep -E '^(testing|testing/.*|github\.com/netagent/netagent/test/.*)$'; then
+		echo "$cmd depends on the test packages above; it must not"; exit 1
+	fi
+done
+
 echo "== fuzz targets (bounded)"
 for pkg in $(go list ./pkg/... ./cmd/...); do
 	for target in $(go test -list '^Fuzz' "$pkg" | grep '^Fuzz' || true); do

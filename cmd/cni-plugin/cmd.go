@@ -372,9 +372,9 @@ func cmdDel(args *skel.CmdArgs) error {
 	}
 	defer h.Close()
 	// The host veth and the pod's anti-spoofing entry go at the same time: removing either
-	// makes the kernel wait (~20 and ~11 ms here). Started 1 ms after the veth's removal,
+	// makes the kernel wait (an RCU grace period). Started just after the veth's removal,
 	// the entry's wait overlaps the veth's and DEL takes as long as the veth alone; started
-	// first or together, the veth's removal waits behind it (measured: +5 to +10 ms).
+	// first or together, the veth's removal waits behind it (BENCHMARKS.md, CNI plugin).
 	// The agent's sync may put the entry back before the address is released below; an
 	// entry whose veth is gone matches no frame, and its next sync removes it.
 	spoofDone := make(chan error, 1)

@@ -3,8 +3,9 @@
 // (ADD), and undoes that (DEL), verifies it (CHECK), reports readiness (STATUS) and drops
 // what the runtime no longer knows about (GC).
 //
-// This file is the one place where errors become CNI error objects; it also makes sure every
-// error object carries the cniVersion the runtime spoke, which skel alone does not.
+// An error gets its CNI code where it is found (cmd.go, config.go; cniError keeps a code
+// given further down). This file prints the error objects, each with the cniVersion the
+// runtime spoke, which skel alone does not.
 package main
 
 import (

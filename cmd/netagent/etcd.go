@@ -22,7 +22,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
-	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/lease/etcdstore"
 )
 
 // etcdFlags are the flags every etcd-using command shares.
@@ -79,7 +79,7 @@ func (e *etcdFlags) client() (*clientv3.Client, error) {
 		// (not below 5 s: etcd's default --grpc-keepalive-min-time rejects faster pings).
 		DialKeepAliveTime:    5 * time.Second,
 		DialKeepAliveTimeout: 3 * time.Second,
-		DialOptions:          lease.DialOptions(e.timeout),
+		DialOptions:          etcdstore.DialOptions(e.timeout),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("etcd client: %w", err)
@@ -87,18 +87,18 @@ func (e *etcdFlags) client() (*clientv3.Client, error) {
 	return cli, nil
 }
 
-func (e *etcdFlags) store(cli *clientv3.Client, ttl time.Duration, log *slog.Logger) *lease.Etcd {
+func (e *etcdFlags) store(cli *clientv3.Client, ttl time.Duration, log *slog.Logger) *etcdstore.Store {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return lease.NewEtcd(cli, e.prefix, ttl, log)
+	return etcdstore.New(cli, e.prefix, ttl, log)
 }
 
 // oneShot is the deadline of the one-shot commands' etcd requests.
 const oneShot = 10 * time.Second
 
 // with runs fn against the store with the one-shot deadline.
-func (e *etcdFlags) with(ctx context.Context, fn func(context.Context, *lease.Etcd) error) error {
+func (e *etcdFlags) with(ctx context.Context, fn func(context.Context, *etcdstore.Store) error) error {
 	cli, err := e.client()
 	if err != nil {
 		return err

@@ -24,7 +24,7 @@ import (
 	"github.com/netagent/netagent/pkg/agent"
 	"github.com/netagent/netagent/pkg/antispoof"
 	"github.com/netagent/netagent/pkg/config"
-	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/lease/etcdstore"
 	"github.com/netagent/netagent/pkg/nat"
 	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/route"
@@ -207,7 +207,7 @@ func cmdLeave(ctx context.Context, args []string, stdout io.Writer) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	return ef.with(ctx, func(ctx context.Context, st *lease.Etcd) error {
+	return ef.with(ctx, func(ctx context.Context, st *etcdstore.Store) error {
 		s, err := st.Leave(ctx, *node)
 		if err != nil {
 			return err
@@ -232,7 +232,7 @@ func cmdReserve(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil || *node == "" {
 		return fmt.Errorf("--node-name and --subnet (a CIDR prefix) are required")
 	}
-	return ef.with(ctx, func(ctx context.Context, st *lease.Etcd) error {
+	return ef.with(ctx, func(ctx context.Context, st *etcdstore.Store) error {
 		if err := st.Reserve(ctx, *node, p, *force); err != nil {
 			return fmt.Errorf("--subnet %s for --node-name %s: %w", p, *node, err)
 		}

@@ -21,6 +21,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/agent"
 	"github.com/netagent/netagent/pkg/kube"
+	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/subnetfile"
 )
 
@@ -171,10 +172,10 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 	}
 	var onReady func()
 	if os.Getenv("GOGC") == "" {
-		// Until ready, collect rarely: start-up allocates a few MB that it mostly keeps
+		// Until ready, collect rarely: start-up allocates memory that it mostly keeps
 		// (descriptors, the lease snapshot, the plan), and collecting while it grows costs
-		// more in page faults than it frees (measured: half the start-up CPU, ready 10-15 ms
-		// sooner). A soft limit bounds it for huge clusters.
+		// more in page faults than it frees (BENCHMARKS.md, lifecycle). A soft limit bounds
+		// it for huge clusters.
 		debug.SetGCPercent(400)
 		limit := os.Getenv("GOMEMLIMIT") == ""
 		if limit {
@@ -183,7 +184,7 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 		onReady = func() {
 			// From then on the agent is idle nearly all the time, so collecting at 1.5x
 			// the live heap instead of 2x costs no noticeable CPU and keeps its footprint
-			// down (with 5,000 peers: ~38 MB instead of 41-56 MB). GOGC overrides it.
+			// down (BENCHMARKS.md, scale). GOGC overrides it.
 			debug.SetGCPercent(50)
 			if limit {
 				debug.SetMemoryLimit(math.MaxInt64)
@@ -204,7 +205,7 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 		log.Info("embedded etcd", "endpoint", endpoint)
 	}
 	metrics := agent.NewMetrics()
-	var store agent.Store
+	var store lease.Store
 	switch f.subnetManager {
 	case "kube":
 		nodes, err := kubeNodes(f.kubeconfig, f.node)

@@ -38,16 +38,6 @@ import (
 	"github.com/netagent/netagent/pkg/vxlan"
 )
 
-// Store is what the agent needs from a lease store.
-type Store interface {
-	Config(ctx context.Context) (config.Network, int64, error)
-	Acquire(ctx context.Context, cfg config.Network, self lease.Lease, hint netip.Prefix) (lease.Held, error)
-	Renew(ctx context.Context, h lease.Held) (lease.Held, error)
-	KeepAlive(ctx context.Context, h lease.Held) error
-	Watch(ctx context.Context, peers *lease.Peers, changed chan<- struct{}, stats lease.WatchStats)
-	WatchConfig(ctx context.Context, changed chan<- struct{})
-}
-
 // Options configure an agent.
 type Options struct {
 	Node       string
@@ -57,7 +47,7 @@ type Options struct {
 	CNIConfDir string // "" disables writing the conflist
 	CNIConf    CNIConf
 	Resync     time.Duration
-	Store      Store
+	Store      lease.Store
 	Log        *slog.Logger
 	Metrics    *Metrics
 	// Docker, when set, is route mode: Docker's bridge (or a network) must use the lease.
@@ -250,7 +240,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); a.opt.Store.Watch(ctx, peers, listed, a.opt.Metrics) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); a.keepAlive(ctx, log, held) }()
-	if hw, ok := a.opt.Store.(HealthWatcher); ok {
+	if hw, ok := a.opt.Store.(lease.HealthWatcher); ok {
 		wg.Add(1)
 		go func() { defer wg.Done(); a.watchStore(ctx, log, hw) }()
 	}

@@ -11,13 +11,6 @@ import (
 	"github.com/netagent/netagent/pkg/lease"
 )
 
-// HealthWatcher is implemented by stores that can tell whether they reach their backend
-// (etcd): WatchHealth calls report(nil) while it answers and report(err) while it does
-// not, until ctx ends.
-type HealthWatcher interface {
-	WatchHealth(ctx context.Context, report func(error))
-}
-
 // StoreStatus is the lease store's reachability as `netagent status` shows it.
 type StoreStatus struct {
 	State string    `json:"state"` // "connected" or "unreachable"
@@ -34,7 +27,7 @@ const (
 // the log say whether it answers; a lost store opens the peers' grace (see grace) and a
 // returning one wakes the lease re-claim at once. Warnings repeat at growing intervals
 // (10 s doubling to 5 min) so a long outage is visible without flooding the log.
-func (a *Agent) watchStore(ctx context.Context, log *slog.Logger, hw HealthWatcher) {
+func (a *Agent) watchStore(ctx context.Context, log *slog.Logger, hw lease.HealthWatcher) {
 	var down time.Time // zero while the store answers
 	var nextWarn time.Time
 	every := 10 * time.Second
@@ -79,7 +72,7 @@ func (a *Agent) setStore(s StoreStatus) {
 }
 
 // storeState is the store's last known state (State is "" before the first probe, and
-// always for stores without a HealthWatcher).
+// always for stores without a lease.HealthWatcher).
 func (a *Agent) storeState() StoreStatus {
 	a.mu.Lock()
 	defer a.mu.Unlock()

@@ -16,14 +16,13 @@
 // uplink, veths that are not ours) are not touched.
 //
 // A pod is then one set element: ADD adds it, DEL removes it, each one netlink
-// transaction of one message (~0.1 ms from a fresh process). This is why a set and not
-// per-pod chains or rules: a pod costs one hash-set element whatever the number of pods; a
-// packet costs one hash lookup (two for ARP) whatever the number of pods; nothing is
-// executed per pod (no nft or iptables process: netlink from the plugin itself, see nl.go);
-// and a change to a base chain or its rules is far dearer: the kernel holds such a
-// transaction ~13 ms on the test machine (an RCU grace period, judging by its length), as it
-// does one that removes an element (~11 ms; see cmd/cni-plugin's DEL for how that is hidden)
-// but not one that adds an element (~0.1 ms).
+// transaction of one message. This is why a set and not per-pod chains or rules: a pod
+// costs one hash-set element whatever the number of pods; a packet costs one hash lookup
+// (two for ARP) whatever the number of pods; nothing is executed per pod (no nft or
+// iptables process: netlink from the plugin itself, see nl.go); and a change to a base
+// chain or its rules is far dearer: the kernel holds such a transaction for what looks
+// like an RCU grace period, as it does one that removes an element (see cmd/cni-plugin's
+// DEL for how that is hidden) but not one that adds an element.
 //
 // Who writes what: the plugin adds and removes elements; when its ADD finds no table or
 // set (the first pod on a node, or after `nft flush ruleset`), it installs the whole rule
@@ -153,15 +152,15 @@ func isAbsent(err error) bool {
 	return errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.EPROTONOSUPPORT) || errors.Is(err, syscall.EAFNOSUPPORT)
 }
 
-// Add adds e to the set: one transaction of one message, ~0.1 ms. Adding an entry that is
+// Add adds e to the set: one transaction of one message. Adding an entry that is
 // there is not an error. When the table or set is missing (the first pod on a node, or
 // after `nft flush ruleset`) it returns ErrNotInstalled and changes nothing: the caller
 // then installs the rule set with Install, together with the entries of the other pods it
 // knows of, or a fresh rule set would cut them off.
 //
 // Add neither checks nor rewrites the chain: the kernel holds any transaction that changes
-// a base chain or its rules ~13 ms, more than the rest of an ADD. A chain
-// flushed or edited by hand is repaired by Sync, which the agent runs.
+// a base chain or its rules for what looks like an RCU grace period, longer than the rest
+// of an ADD. A chain flushed or edited by hand is repaired by Sync, which the agent runs.
 func Add(ctx context.Context, e Entry) error {
 	k, err := e.key()
 	if err != nil {

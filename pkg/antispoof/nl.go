@@ -14,10 +14,10 @@ import (
 // The kernel boundary: nftables messages over one plain, blocking netlink socket.
 //
 // Why not github.com/google/nftables, which the agent's VXLAN allow-list uses: this package
-// runs inside the CNI plugin, a process started for every ADD and DEL, where the library
-// costs ~0.14 ms of package initialisation at every start and ~0.27 ms more than this per
-// one-element transaction (its socket set-up and its receive path through the Go poller):
-// ~0.4 ms per ADD, against ~0.1 ms here. The library stays the reference: a test compares
+// runs inside the CNI plugin, a process started for every ADD and DEL, where the library's
+// package initialisation at every start, its socket set-up and its receive path through the
+// Go poller cost several times this one-element transaction (BENCHMARKS.md, CNI plugin,
+// after pod anti-spoofing). The library stays the reference: a test compares
 // the messages built here with the ones it builds, and another compares `nft list` of what
 // this package installs with the expected rule set.
 

@@ -10,10 +10,10 @@
 // CRC-32 of the body, overwritten in place. A reader takes the valid slot with the higher
 // generation, so a process killed in the middle of a write (kill -9 included) leaves the
 // previous state in the other slot, never a torn one; the flock dies with the process. On
-// ext4 this is ~30x cheaper than the classic write-temp-and-rename, which allocates a new
-// inode (and frees the old one's blocks) on every ADD and DEL. The slots are not fsynced:
-// they describe pods that do not survive a reboot anyway, and the runtime's GC reconciles
-// after one.
+// ext4 this is much cheaper than the classic write-temp-and-rename, which allocates a new
+// inode (and frees the old one's blocks) on every ADD and DEL (BENCHMARKS.md, CNI
+// plugin). The slots are not fsynced: they describe pods that do not survive a reboot
+// anyway, and the runtime's GC reconciles after one.
 //
 // Allocation is round-robin from the address after the last one handed out, so a freed
 // address is not reused at once (a late packet for a deleted pod does not reach its

@@ -1,7 +1,7 @@
 // Package kube is the Kubernetes subnet manager (`netagent run --subnet-manager=kube`):
 // a node's subnet is the podCIDR the controller-manager assigned to its Node object, the
 // agent publishes how peers reach it as annotations on that Node, and peers come from a
-// Node informer. It satisfies the same Store interface as the etcd store, so the agent's
+// Node informer. It implements lease.Store, as pkg/lease/etcdstore does, so the agent's
 // loop, planner and reconcilers do not know which one they run on.
 //
 // There is no TTL here: a node's subnet lives as long as its Node object. Deleting the
@@ -429,3 +429,5 @@ func slim(obj any) (any, error) {
 	}
 	return out, nil
 }
+
+var _ lease.Store = (*Store)(nil)

@@ -34,7 +34,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/etcdsock"
 	"github.com/netagent/netagent/pkg/lab/k8s"
-	"github.com/netagent/netagent/test/netns"
+	"github.com/netagent/netagent/pkg/lab/netns"
 )
 
 // Options describe a lab.

@@ -15,7 +15,7 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
 
-	"github.com/netagent/netagent/test/netns"
+	"github.com/netagent/netagent/pkg/lab/netns"
 )
 
 // cni returns libcni and the node's conflist as the agent wrote it.

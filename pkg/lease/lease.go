@@ -1,16 +1,52 @@
-// Package lease defines a node's subnet lease, how it is encoded in the store, and the
-// Store interface the agent works against (etcd today, the Kubernetes API later).
+// Package lease defines a node's subnet lease, how it is encoded in a store, the checks a
+// peer's lease must pass (Rules, Peers), and the Store interface the agent works against.
+// It is store-neutral: the stores are their own packages (etcdstore on etcd, kube on the
+// Kubernetes API), so the planner and the reconcilers, which use only the types here,
+// link neither etcd nor client-go (scripts/test.sh checks it).
 package lease
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"strings"
+
+	"github.com/netagent/netagent/pkg/config"
 )
+
+// Store is what the agent needs from a lease store.
+type Store interface {
+	Config(ctx context.Context) (config.Network, int64, error)
+	Acquire(ctx context.Context, cfg config.Network, self Lease, hint netip.Prefix) (Held, error)
+	Renew(ctx context.Context, h Held) (Held, error)
+	KeepAlive(ctx context.Context, h Held) error
+	Watch(ctx context.Context, peers *Peers, changed chan<- struct{}, stats WatchStats)
+	WatchConfig(ctx context.Context, changed chan<- struct{})
+}
+
+// HealthWatcher is implemented by stores that can tell whether they reach their backend
+// (etcd): WatchHealth calls report(nil) while it answers and report(err) while it does
+// not, until ctx ends.
+type HealthWatcher interface {
+	WatchHealth(ctx context.Context, report func(error))
+}
+
+// WatchStats is reported to metrics.
+type WatchStats interface {
+	WatchRestart(reason string)
+}
+
+// Held is a lease this agent holds.
+type Held struct {
+	Lease Lease
+	// Token is the store's handle on the claim (etcd: the etcd lease ID), opaque to
+	// everyone but the store that issued it.
+	Token int64
+}
 
 // ErrConflict means the subnet or node is held by someone else.
 var ErrConflict = errors.New("lease conflict")

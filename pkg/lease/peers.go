@@ -26,7 +26,7 @@ import (
 type Peers struct {
 	mu       sync.Mutex
 	rules    Rules
-	cand     map[string]entry          // every lease that passed the rules, by store key
+	cand     map[string]Entry          // every lease that passed the rules, by store key
 	bySubnet map[netip.Prefix][]string // keys per subnet (normally one)
 	odd      map[string]bool           // keys whose subnet length is not rules.SubnetLen
 	byKey    map[string]Lease          // the leases in use, by key
@@ -36,9 +36,10 @@ type Peers struct {
 	bad      map[string]string         // keys not in use -> why
 }
 
-type entry struct {
-	l   Lease
-	rev int64 // creation order: etcd's create revision, a Node's creation time
+// Entry is a lease as a store lists it.
+type Entry struct {
+	Lease Lease
+	Rev   int64 // creation order: etcd's create revision, a Node's creation time
 }
 
 // NewPeers returns an empty view that checks only that leases are well-formed and do not
@@ -53,14 +54,14 @@ func NewPeersWith(r Rules) *Peers {
 }
 
 func (p *Peers) reset() {
-	p.cand, p.bySubnet, p.odd = map[string]entry{}, map[netip.Prefix][]string{}, map[string]bool{}
+	p.cand, p.bySubnet, p.odd = map[string]Entry{}, map[netip.Prefix][]string{}, map[string]bool{}
 	p.byKey, p.nodeKeys = map[string]Lease{}, map[string][]string{}
 	p.dirty, p.bad = map[string]bool{}, map[string]string{}
 }
 
 // put records l, created at rev, under key k (caller holds mu).
 func (p *Peers) put(k string, l Lease, rev int64) {
-	if e, ok := p.cand[k]; ok && e.l == l && e.rev == rev {
+	if e, ok := p.cand[k]; ok && e.Lease == l && e.Rev == rev {
 		return // rewritten as it was (a renewal)
 	}
 	affected := p.drop(k)
@@ -70,7 +71,7 @@ func (p *Peers) put(k string, l Lease, rev int64) {
 		return
 	}
 	delete(p.bad, k)
-	p.cand[k] = entry{l, rev}
+	p.cand[k] = Entry{l, rev}
 	p.bySubnet[l.Subnet] = append(p.bySubnet[l.Subnet], k)
 	if p.isOdd(l.Subnet) {
 		p.odd[k] = true
@@ -102,7 +103,7 @@ func (p *Peers) drop(k string) []string {
 	}
 	delete(p.cand, k)
 	delete(p.odd, k)
-	keys := p.bySubnet[e.l.Subnet]
+	keys := p.bySubnet[e.Lease.Subnet]
 	for i, x := range keys {
 		if x == k {
 			keys = append(keys[:i:i], keys[i+1:]...)
@@ -110,12 +111,12 @@ func (p *Peers) drop(k string) []string {
 		}
 	}
 	if len(keys) == 0 {
-		delete(p.bySubnet, e.l.Subnet)
+		delete(p.bySubnet, e.Lease.Subnet)
 	} else {
-		p.bySubnet[e.l.Subnet] = keys
+		p.bySubnet[e.Lease.Subnet] = keys
 	}
 	p.unuse(k)
-	return p.around(e.l.Subnet)
+	return p.around(e.Lease.Subnet)
 }
 
 // around is every candidate whose standing depends on subnet s: the keys of s itself and
@@ -123,7 +124,7 @@ func (p *Peers) drop(k string) []string {
 func (p *Peers) around(s netip.Prefix) []string {
 	out := append([]string(nil), p.bySubnet[s]...)
 	for k := range p.odd {
-		if c := p.cand[k].l.Subnet; c != s && c.Overlaps(s) {
+		if c := p.cand[k].Lease.Subnet; c != s && c.Overlaps(s) {
 			out = append(out, k)
 		}
 	}
@@ -131,9 +132,9 @@ func (p *Peers) around(s netip.Prefix) []string {
 }
 
 // before orders candidates: created first, then the lower key.
-func before(a, b entry, ka, kb string) bool {
-	if a.rev != b.rev {
-		return a.rev < b.rev
+func before(a, b Entry, ka, kb string) bool {
+	if a.Rev != b.Rev {
+		return a.Rev < b.Rev
 	}
 	return ka < kb
 }
@@ -141,10 +142,10 @@ func before(a, b entry, ka, kb string) bool {
 // loses says why candidate k may not be used (empty: it may).
 func (p *Peers) loses(k string) string {
 	e := p.cand[k]
-	s := e.l.Subnet
+	s := e.Lease.Subnet
 	for _, o := range p.bySubnet[s] {
 		if oe := p.cand[o]; o != k && before(oe, e, o, k) {
-			return fmt.Sprintf("subnet %s is held by %s (key %s), which was there first", s, oe.l.Node, o)
+			return fmt.Sprintf("subnet %s is held by %s (key %s), which was there first", s, oe.Lease.Node, o)
 		}
 	}
 	if !p.odd[k] {
@@ -152,11 +153,11 @@ func (p *Peers) loses(k string) string {
 	}
 	if o, ok := p.regularOverlapping(s); ok {
 		oe := p.cand[o]
-		return fmt.Sprintf("subnet %s overlaps %s of %s (key %s), which has the configured length /%d", s, oe.l.Subnet, oe.l.Node, o, p.rules.SubnetLen)
+		return fmt.Sprintf("subnet %s overlaps %s of %s (key %s), which has the configured length /%d", s, oe.Lease.Subnet, oe.Lease.Node, o, p.rules.SubnetLen)
 	}
 	for o := range p.odd {
-		if oe := p.cand[o]; o != k && oe.l.Subnet.Overlaps(s) && before(oe, e, o, k) {
-			return fmt.Sprintf("subnet %s overlaps %s of %s (key %s), which was there first", s, oe.l.Subnet, oe.l.Node, o)
+		if oe := p.cand[o]; o != k && oe.Lease.Subnet.Overlaps(s) && before(oe, e, o, k) {
+			return fmt.Sprintf("subnet %s overlaps %s of %s (key %s), which was there first", s, oe.Lease.Subnet, oe.Lease.Node, o)
 		}
 	}
 	return ""
@@ -187,7 +188,7 @@ func (p *Peers) regularOverlapping(s netip.Prefix) (string, bool) {
 	}
 	best := ""
 	for k, e := range p.cand {
-		if !p.odd[k] && e.l.Subnet.Overlaps(s) && (best == "" || k < best) {
+		if !p.odd[k] && e.Lease.Subnet.Overlaps(s) && (best == "" || k < best) {
 			best = k
 		}
 	}
@@ -207,10 +208,10 @@ func (p *Peers) settle(keys []string) {
 			continue
 		}
 		delete(p.bad, k)
-		if old, ok := p.byKey[k]; ok && old == e.l {
+		if old, ok := p.byKey[k]; ok && old == e.Lease {
 			continue
 		}
-		p.use(k, e.l)
+		p.use(k, e.Lease)
 	}
 }
 
@@ -256,10 +257,10 @@ func (p *Peers) unlink(node, k string) {
 }
 
 // replace swaps in a fresh list, with the keys that held nothing usable (caller holds mu).
-func (p *Peers) replace(leases map[string]entry, bad map[string]string) {
+func (p *Peers) replace(leases map[string]Entry, bad map[string]string) {
 	p.reset()
 	for k, e := range leases {
-		p.put(k, e.l, e.rev)
+		p.put(k, e.Lease, e.Rev)
 	}
 	for k, why := range bad {
 		p.bad[k] = why
@@ -329,8 +330,35 @@ func (p *Peers) Len() int {
 	return len(p.nodeKeys)
 }
 
-// The methods below let stores outside this package (the Kubernetes subnet manager) feed
-// the view; each takes the lock itself.
+// The methods below let the stores feed the view; each takes the lock itself.
+
+// Replace swaps in a fresh list (a store's re-list): leases by store key, and the keys
+// that held nothing usable, with why. Take then reports full.
+func (p *Peers) Replace(leases map[string]Entry, bad map[string]string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.replace(leases, bad)
+}
+
+// Update applies a store's changes under one lock, so that a reader sees all of them or
+// none (the events of one etcd watch response, which may delete one key and create another).
+func (p *Peers) Update(fn func(Batch)) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	fn(Batch{p})
+}
+
+// Batch changes the view inside Update, as Peers' Set, Invalid and Delete do outside it.
+type Batch struct{ p *Peers }
+
+// Set is Peers.Set inside Update.
+func (b Batch) Set(k string, l Lease, rev int64) { b.p.put(k, l, rev) }
+
+// Invalid is Peers.Invalid inside Update.
+func (b Batch) Invalid(k, why string) { b.p.invalid(k, why) }
+
+// Delete is Peers.Delete inside Update.
+func (b Batch) Delete(k string) { b.p.del(k) }
 
 // Set records l, created at rev (smaller: older), as the lease under store key k.
 func (p *Peers) Set(k string, l Lease, rev int64) {

@@ -15,7 +15,7 @@ func TestPeersTracksChangesPerNode(t *testing.T) {
 		return Lease{Node: node, Subnet: netip.MustParsePrefix(subnet), PublicIP: netip.MustParseAddr("192.0.2.1")}
 	}
 	p.mu.Lock()
-	p.replace(map[string]entry{"k1": {l("a", "10.0.1.0/24"), 1}, "k2": {l("b", "10.0.2.0/24"), 2}}, nil)
+	p.replace(map[string]Entry{"k1": {l("a", "10.0.1.0/24"), 1}, "k2": {l("b", "10.0.2.0/24"), 2}}, nil)
 	p.mu.Unlock()
 	if ch, full := p.Take(); !full || len(ch) != 0 {
 		t.Fatalf("after replace: Take() = %v, %v; want full and no per-node changes", ch, full)

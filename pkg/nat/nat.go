@@ -76,8 +76,8 @@ func desired(n plan.NAT) []table {
 			fmt.Sprintf("-s %s ! -d 224.0.0.0/4 -m comment --comment \"netagent:pod-egress\" -j MASQUERADE --random-fully", n.Subnet),
 		}},
 		// No comments in fwd: the filter rules see every forwarded packet, and iptables-nft
-		// evaluates "-m comment" per packet through the xtables compatibility layer (about
-		// 1 % of a pod flow's CPU in a profile); the chain's name says whose they are.
+		// evaluates "-m comment" per packet through the xtables compatibility layer
+		// (BENCHMARKS.md, throughput); the chain's name says whose they are.
 		fwd,
 	}
 }

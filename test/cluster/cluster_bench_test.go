@@ -84,9 +84,9 @@ func BenchmarkClusterLifecycle(b *testing.B) {
 	etcdFloor := median(floor)
 
 	// Process floor: the same binary started in the nodes' namespaces doing nothing (its
-	// usage text), 3 at once as in the cold start and 1 as in a restart. On this VM a page
-	// fault costs tens of microseconds, so merely starting a 38 MB Go binary takes tens of
-	// milliseconds, and how long varies from day to day; every agent pays it first.
+	// usage text), 3 at once as in the cold start and 1 as in a restart. Page faults make
+	// merely starting the binary a large part of a cold start on some machines, and how
+	// long varies from day to day (BENCHMARKS.md, lifecycle); every agent pays it first.
 	startFloor := func(nodes []*lab.Node) time.Duration {
 		var ds []time.Duration
 		for range 7 {

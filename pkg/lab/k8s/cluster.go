@@ -9,8 +9,8 @@
 // proxy, Debian's containerd and runc, the project's own etcd. Nothing is pulled: the
 // images (netagent, a busybox workload, a busybox "pause") are OCI archives written here.
 //
-// Scale: every node costs a containerd, a kubelet and a kube-proxy (about 150 MB of memory
-// together); a lab of three or four nodes fits a 2-core machine.
+// Scale: every node costs a containerd, a kubelet and a kube-proxy; a lab of three or four
+// nodes fits a 2-core machine.
 package k8s
 
 import (

@@ -4,13 +4,12 @@ import (
 	"fmt"
 	"net"
 	"sync"
-	"testing"
 	"time"
 )
 
 // Serve listens on TCP port inside the namespace until the test ends and answers each
 // connection with reply(client address), then closes it.
-func (n *NS) Serve(t testing.TB, port int, reply func(client string) string) {
+func (n *NS) Serve(t TB, port int, reply func(client string) string) {
 	t.Helper()
 	var ln net.Listener
 	if err := n.Do(func() error {

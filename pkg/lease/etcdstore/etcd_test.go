@@ -1,4 +1,4 @@
-package lease
+package etcdstore
 
 import (
 	"context"
@@ -17,6 +17,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/embedetcd"
+	"github.com/netagent/netagent/pkg/lease"
 )
 
 func startEtcd(t *testing.T) *clientv3.Client {
@@ -45,14 +46,14 @@ func testConfig(t *testing.T, js string) config.Network {
 	return n
 }
 
-func self(node, ip string) Lease {
-	return Lease{Node: node, PublicIP: netip.MustParseAddr(ip), Backend: "vxlan", VTEPMAC: "0e:00:00:00:00:01"}
+func self(node, ip string) lease.Lease {
+	return lease.Lease{Node: node, PublicIP: netip.MustParseAddr(ip), Backend: "vxlan", VTEPMAC: "0e:00:00:00:00:01"}
 }
 
 func TestAcquireKeepsSubnetAcrossRestartAndExpiry(t *testing.T) {
 	cli := startEtcd(t)
 	ctx := context.Background()
-	s := NewEtcd(cli, "/netagent", 2*time.Second, quiet())
+	s := New(cli, "/netagent", 2*time.Second, quiet())
 	cfg := testConfig(t, `{"network":"10.244.0.0/16"}`)
 	h1, err := s.Acquire(ctx, cfg, self("n1", "192.0.2.1"), netip.Prefix{})
 	if err != nil {
@@ -68,7 +69,7 @@ func TestAcquireKeepsSubnetAcrossRestartAndExpiry(t *testing.T) {
 	}
 	// Let the lease expire (no keepalive): the owner record still brings n1 back to it,
 	// and another node does not take it meanwhile.
-	if _, err := cli.Revoke(ctx, h2.ID); err != nil {
+	if _, err := cli.Revoke(ctx, clientv3.LeaseID(h2.Token)); err != nil {
 		t.Fatal(err)
 	}
 	other, err := s.Acquire(ctx, cfg, self("n2", "192.0.2.2"), netip.Prefix{})
@@ -95,7 +96,7 @@ func TestAcquireKeepsSubnetAcrossRestartAndExpiry(t *testing.T) {
 func TestReservation(t *testing.T) {
 	cli := startEtcd(t)
 	ctx := context.Background()
-	s := NewEtcd(cli, "/netagent", 10*time.Second, quiet())
+	s := New(cli, "/netagent", 10*time.Second, quiet())
 	cfg := testConfig(t, `{"network":"10.244.0.0/16"}`)
 	want := netip.MustParsePrefix("10.244.77.0/24")
 	if err := s.SetConfig(ctx, cfg); err != nil {
@@ -127,7 +128,7 @@ func TestRacingAgentsGetDistinctSubnets(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s := NewEtcd(cli, "/netagent", 30*time.Second, quiet())
+			s := New(cli, "/netagent", 30*time.Second, quiet())
 			node := fmt.Sprint("node", i)
 			h, err := s.Acquire(ctx, cfg, self(node, "192.0.2.9"), netip.Prefix{})
 			mu.Lock()
@@ -159,9 +160,9 @@ func TestWatchSeesJoinAndLeave(t *testing.T) {
 	cli := startEtcd(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	s := NewEtcd(cli, "/netagent", 30*time.Second, quiet())
+	s := New(cli, "/netagent", 30*time.Second, quiet())
 	cfg := testConfig(t, `{"network":"10.244.0.0/16"}`)
-	peers := NewPeers()
+	peers := lease.NewPeers()
 	changed := make(chan struct{}, 1)
 	go s.Watch(ctx, peers, changed, &countRestarts{})
 	waitLen := func(n int) {
@@ -197,7 +198,7 @@ func TestWatchSeesJoinAndLeave(t *testing.T) {
 func TestReserveRefuses(t *testing.T) {
 	cli := startEtcd(t)
 	ctx := context.Background()
-	s := NewEtcd(cli, "/netagent", 10*time.Second, quiet())
+	s := New(cli, "/netagent", 10*time.Second, quiet())
 	cfg := testConfig(t, `{"network":"10.244.0.0/16"}`)
 	if err := s.SetConfig(ctx, cfg); err != nil {
 		t.Fatal(err)
@@ -210,7 +211,7 @@ func TestReserveRefuses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cli.Revoke(ctx, gone.ID); err != nil { // down: only its owner record is left
+	if _, err := cli.Revoke(ctx, clientv3.LeaseID(gone.Token)); err != nil { // down: only its owner record is left
 		t.Fatal(err)
 	}
 	if err := s.Reserve(ctx, "pinned", netip.MustParsePrefix("10.244.200.0/24"), false); err != nil {
@@ -224,10 +225,10 @@ func TestReserveRefuses(t *testing.T) {
 		want       error
 		wantText   string
 	}{
-		{"another node's live subnet", "new", live.Lease.Subnet, false, ErrConflict, "live lease of node live"},
-		{"another node's live subnet, forced", "new", live.Lease.Subnet, true, ErrConflict, "live lease of node live"},
-		{"a down node's remembered subnet", "new", gone.Lease.Subnet, false, ErrConflict, "last held by"},
-		{"another node's reservation", "new", netip.MustParsePrefix("10.244.200.0/24"), false, ErrConflict, "reserved for node pinned"},
+		{"another node's live subnet", "new", live.Lease.Subnet, false, lease.ErrConflict, "live lease of node live"},
+		{"another node's live subnet, forced", "new", live.Lease.Subnet, true, lease.ErrConflict, "live lease of node live"},
+		{"a down node's remembered subnet", "new", gone.Lease.Subnet, false, lease.ErrConflict, "last held by"},
+		{"another node's reservation", "new", netip.MustParsePrefix("10.244.200.0/24"), false, lease.ErrConflict, "reserved for node pinned"},
 		{"outside the network", "new", netip.MustParsePrefix("10.99.1.0/24"), false, nil, "not a /24 subnet"},
 		{"wrong length", "new", netip.MustParsePrefix("10.244.201.0/25"), false, nil, "not a /24 subnet"},
 		{"invalid node name", "a/b", free, false, nil, "invalid node name"},
@@ -235,7 +236,7 @@ func TestReserveRefuses(t *testing.T) {
 		{"moves a down node", "gone", free, false, ErrRenumber, "pods keep addresses"},
 		{"pins a live node where it is", "live", live.Lease.Subnet, false, nil, ""},
 		{"a new node", "new", free, false, nil, ""},
-		{"the same subnet for a second node", "new2", free, false, ErrConflict, "reserved for node new"},
+		{"the same subnet for a second node", "new2", free, false, lease.ErrConflict, "reserved for node new"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -251,7 +252,7 @@ func TestReserveRefuses(t *testing.T) {
 	if err := s.Reserve(ctx, "live", moved, true); err != nil {
 		t.Fatalf("forced: %v", err)
 	}
-	if _, err := cli.Revoke(ctx, live.ID); err != nil {
+	if _, err := cli.Revoke(ctx, clientv3.LeaseID(live.Token)); err != nil {
 		t.Fatal(err)
 	}
 	if h, err := s.Acquire(ctx, cfg, self("live", "192.0.2.1"), netip.Prefix{}); err != nil || h.Lease.Subnet != moved {
@@ -261,7 +262,7 @@ func TestReserveRefuses(t *testing.T) {
 	race := netip.MustParsePrefix("10.244.203.0/24")
 	errs := make(chan error, 2)
 	for _, n := range []string{"r1", "r2"} {
-		go func() { errs <- NewEtcd(cli, "/netagent", 10*time.Second, quiet()).Reserve(ctx, n, race, false) }()
+		go func() { errs <- New(cli, "/netagent", 10*time.Second, quiet()).Reserve(ctx, n, race, false) }()
 	}
 	e1, e2 := <-errs, <-errs
 	if (e1 == nil) == (e2 == nil) {
@@ -275,13 +276,13 @@ func TestAcquireRefusesADuplicateNodeName(t *testing.T) {
 	cli := startEtcd(t)
 	ctx := context.Background()
 	cfg := testConfig(t, `{"network":"10.244.0.0/16"}`)
-	s := NewEtcd(cli, "/netagent", 30*time.Second, quiet())
+	s := New(cli, "/netagent", 30*time.Second, quiet())
 	for round := range 5 { // at once: exactly one wins
 		node := fmt.Sprint("twin", round)
 		errs := make(chan error, 2)
 		for _, ip := range []string{"192.0.2.1", "192.0.2.2"} {
 			go func() {
-				_, err := NewEtcd(cli, "/netagent", 30*time.Second, quiet()).Acquire(ctx, cfg, self(node, ip), netip.Prefix{})
+				_, err := New(cli, "/netagent", 30*time.Second, quiet()).Acquire(ctx, cfg, self(node, ip), netip.Prefix{})
 				errs <- err
 			}()
 		}
@@ -289,16 +290,16 @@ func TestAcquireRefusesADuplicateNodeName(t *testing.T) {
 		if (e1 == nil) == (e2 == nil) {
 			t.Fatalf("round %d: %v and %v; want exactly one to succeed", round, e1, e2)
 		}
-		if err := errors.Join(e1, e2); !errors.Is(err, ErrIdentity) || !strings.Contains(err.Error(), "--node-name") {
-			t.Errorf("round %d: refused with %v, want ErrIdentity naming the fix", round, err)
+		if err := errors.Join(e1, e2); !errors.Is(err, lease.ErrIdentity) || !strings.Contains(err.Error(), "--node-name") {
+			t.Errorf("round %d: refused with %v, want lease.ErrIdentity naming the fix", round, err)
 		}
 	}
 	h, err := s.Acquire(ctx, cfg, self("n1", "192.0.2.1"), netip.Prefix{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Acquire(ctx, cfg, self("n1", "192.0.2.2"), netip.Prefix{}); !errors.Is(err, ErrIdentity) || !strings.Contains(err.Error(), "192.0.2.1") {
-		t.Errorf("second host: %v, want ErrIdentity naming 192.0.2.1", err)
+	if _, err := s.Acquire(ctx, cfg, self("n1", "192.0.2.2"), netip.Prefix{}); !errors.Is(err, lease.ErrIdentity) || !strings.Contains(err.Error(), "192.0.2.1") {
+		t.Errorf("second host: %v, want lease.ErrIdentity naming 192.0.2.1", err)
 	}
 	restarted := self("n1", "192.0.2.1")
 	restarted.Instance = "second-run"
@@ -307,7 +308,7 @@ func TestAcquireRefusesADuplicateNodeName(t *testing.T) {
 		t.Fatalf("restart of the same host: %v, %v; want %s adopted", h2.Lease.Subnet, err, h.Lease.Subnet)
 	}
 	// The first run, still alive somewhere, does not take the lease back.
-	if _, err := s.Renew(ctx, h); !errors.Is(err, ErrIdentity) {
+	if _, err := s.Renew(ctx, h); !errors.Is(err, lease.ErrIdentity) {
 		t.Errorf("Renew of a lease another run rewrote: %v, want ErrIdentity", err)
 	}
 	if _, err := s.Renew(ctx, h2); err != nil {
@@ -330,7 +331,7 @@ func TestEtcdOutageBoundedAndNoticed(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cli.Close() })
-	s := NewEtcd(cli, "/netagent", 30*time.Second, quiet())
+	s := New(cli, "/netagent", 30*time.Second, quiet())
 	ctx := context.Background()
 	cfg := testConfig(t, `{"network":"10.244.0.0/16"}`)
 	if err := s.SetConfig(ctx, cfg); err != nil {

@@ -1,4 +1,12 @@
-package lease
+// Package etcdstore is the lease store on etcd (`netagent run`'s default subnet manager):
+// it implements lease.Store and lease.HealthWatcher, and serves the operator's commands
+// (config set, reserve, leave).
+// A node's lease is a key bound to an etcd lease with a TTL, kept alive by the agent;
+// peers come from one prefix watch, re-listed on compaction or a broken stream.
+//
+// Scale: every agent holds one watch on the subnets prefix and one keepalive stream; a
+// change costs each agent one event, and a re-list one range read of all leases.
+package etcdstore
 
 import (
 	"cmp"
@@ -21,12 +29,13 @@ import (
 	"google.golang.org/grpc/connectivity"
 
 	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/lease"
 )
 
 // Keys under the prefix:
 //
 //	config                  the network config (config.Network JSON)
-//	subnets/<10.244.1.0-24> a live lease (Lease JSON), bound to an etcd lease with a TTL
+//	subnets/<10.244.1.0-24> a live lease (lease.Lease JSON), bound to an etcd lease with a TTL
 //	owners/<node>           the subnet a node last held, without TTL: it lets a node come
 //	                        back to its subnet after an outage longer than the TTL, and
 //	                        keeps others from taking it meanwhile
@@ -55,28 +64,28 @@ func DialOptions(connectTimeout time.Duration) []grpc.DialOption {
 	})}
 }
 
-// Etcd is the lease store on etcd.
-type Etcd struct {
+// Store is the lease store on etcd.
+type Store struct {
 	cli    *clientv3.Client
 	prefix string
 	ttl    time.Duration
 	log    *slog.Logger
 }
 
-// NewEtcd returns a store under prefix (e.g. "/netagent") whose leases live ttl.
-func NewEtcd(cli *clientv3.Client, prefix string, ttl time.Duration, log *slog.Logger) *Etcd {
-	return &Etcd{cli: cli, prefix: strings.TrimSuffix(prefix, "/"), ttl: ttl, log: log}
+// New returns a store under prefix (e.g. "/netagent") whose leases live ttl.
+func New(cli *clientv3.Client, prefix string, ttl time.Duration, log *slog.Logger) *Store {
+	return &Store{cli: cli, prefix: strings.TrimSuffix(prefix, "/"), ttl: ttl, log: log}
 }
 
-func (e *Etcd) key(parts ...string) string {
+func (e *Store) key(parts ...string) string {
 	return path.Join(append([]string{e.prefix}, parts...)...)
 }
 
 // SubnetsPrefix is the key prefix of live leases.
-func (e *Etcd) SubnetsPrefix() string { return e.key("subnets") + "/" }
+func (e *Store) SubnetsPrefix() string { return e.key("subnets") + "/" }
 
 // Config reads and validates the network config.
-func (e *Etcd) Config(ctx context.Context) (config.Network, int64, error) {
+func (e *Store) Config(ctx context.Context) (config.Network, int64, error) {
 	ctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	resp, err := e.cli.Get(ctx, e.key("config"))
@@ -94,7 +103,7 @@ func (e *Etcd) Config(ctx context.Context) (config.Network, int64, error) {
 }
 
 // SetConfig validates and writes the network config.
-func (e *Etcd) SetConfig(ctx context.Context, n config.Network) error {
+func (e *Store) SetConfig(ctx context.Context, n config.Network) error {
 	n.Default()
 	if err := n.Validate(); err != nil {
 		return err
@@ -109,13 +118,13 @@ var ErrRenumber = errors.New("reservation would renumber the node")
 
 // Reserve pins subnet to node. It refuses an invalid node name, a subnet that is not one of
 // the network's, and one that overlaps another node's live lease, remembered subnet or
-// reservation (ErrConflict). A subnet other than the one node holds or last held would move
+// reservation (lease.ErrConflict). A subnet other than the one node holds or last held would move
 // the node there at its next restart while its pods keep their old addresses, cut off
 // until they are recreated: refused (ErrRenumber) unless force. The checks and the write
 // are one transaction on what was read, so a racing agent or reservation cannot slip in
 // between.
-func (e *Etcd) Reserve(ctx context.Context, node string, subnet netip.Prefix, force bool) error {
-	if err := ValidNodeName(node); err != nil {
+func (e *Store) Reserve(ctx context.Context, node string, subnet netip.Prefix, force bool) error {
+	if err := lease.ValidNodeName(node); err != nil {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(ctx, claimTimeout)
@@ -144,7 +153,7 @@ func (e *Etcd) Reserve(ctx context.Context, node string, subnet netip.Prefix, fo
 }
 
 // reservable checks a reservation of subnet for node against the store's keys.
-func (e *Etcd) reservable(kvs []*mvccpb.KeyValue, node string, subnet netip.Prefix, force bool) error {
+func (e *Store) reservable(kvs []*mvccpb.KeyValue, node string, subnet netip.Prefix, force bool) error {
 	var cfg config.Network
 	var own, last netip.Prefix // node's live lease, its remembered subnet
 	for _, kv := range kvs {
@@ -172,19 +181,19 @@ func (e *Etcd) reservable(kvs []*mvccpb.KeyValue, node string, subnet netip.Pref
 		dir, name := path.Dir(k), path.Base(k)
 		switch dir {
 		case e.key("subnets"):
-			s, err := ParseSubnetKey(name)
+			s, err := lease.ParseSubnetKey(name)
 			if err != nil || !s.Overlaps(subnet) {
-				if l, derr := Decode(kv.Value); derr == nil && l.Node == node {
+				if l, derr := lease.Decode(kv.Value); derr == nil && l.Node == node {
 					own = l.Subnet
 				}
 				continue
 			}
-			l, err := DecodeKey(k, kv.Value)
+			l, err := lease.DecodeKey(k, kv.Value)
 			switch {
 			case err != nil:
-				return fmt.Errorf("%w: %s overlaps the live lease at %s, which is unusable (%v)", ErrConflict, subnet, k, err)
+				return fmt.Errorf("%w: %s overlaps the live lease at %s, which is unusable (%v)", lease.ErrConflict, subnet, k, err)
 			case l.Node != node:
-				return fmt.Errorf("%w: %s overlaps %s, the live lease of node %s", ErrConflict, subnet, l.Subnet, l.Node)
+				return fmt.Errorf("%w: %s overlaps %s, the live lease of node %s", lease.ErrConflict, subnet, l.Subnet, l.Node)
 			}
 			own = l.Subnet
 		case e.key("owners"), e.key("reservations"):
@@ -200,9 +209,9 @@ func (e *Etcd) reservable(kvs []*mvccpb.KeyValue, node string, subnet netip.Pref
 			}
 			if s.Overlaps(subnet) {
 				if dir == e.key("owners") {
-					return fmt.Errorf("%w: %s overlaps %s, the subnet last held by node %s (if it is gone for good, run `netagent leave --node-name %s` first)", ErrConflict, subnet, s, name, name)
+					return fmt.Errorf("%w: %s overlaps %s, the subnet last held by node %s (if it is gone for good, run `netagent leave --node-name %s` first)", lease.ErrConflict, subnet, s, name, name)
 				}
-				return fmt.Errorf("%w: %s overlaps %s, reserved for node %s", ErrConflict, subnet, s, name)
+				return fmt.Errorf("%w: %s overlaps %s, reserved for node %s", lease.ErrConflict, subnet, s, name)
 			}
 		}
 	}
@@ -222,17 +231,11 @@ func btoi(b bool) int {
 	return 0
 }
 
-// Held is a lease this agent holds.
-type Held struct {
-	Lease Lease
-	ID    clientv3.LeaseID
-}
-
 // Acquire claims a subnet for self (Node, PublicIP, Backend, VTEPMAC set; Subnet ignored
 // unless hint). The order of preference: the node's reservation, the subnet the store
 // remembers for it, hint (the subnet this node used last, from local state), then a free
 // subnet chosen at random.
-func (e *Etcd) Acquire(ctx context.Context, cfg config.Network, self Lease, hint netip.Prefix) (Held, error) {
+func (e *Store) Acquire(ctx context.Context, cfg config.Network, self lease.Lease, hint netip.Prefix) (lease.Held, error) {
 	for range 5 {
 		h, err := e.acquire(ctx, cfg, self, hint)
 		if !errors.Is(err, errOwnerMoved) {
@@ -241,7 +244,7 @@ func (e *Etcd) Acquire(ctx context.Context, cfg config.Network, self Lease, hint
 		// Another agent claimed for this node name meanwhile: look again (it is refused
 		// as an identity conflict unless it is this host's own earlier run).
 	}
-	return Held{}, fmt.Errorf("%w: the owner record of %s keeps changing (another agent with this node name?)", ErrConflict, self.Node)
+	return lease.Held{}, fmt.Errorf("%w: the owner record of %s keeps changing (another agent with this node name?)", lease.ErrConflict, self.Node)
 }
 
 // errOwnerMoved means the node's owner record changed between reading the store and
@@ -251,34 +254,34 @@ var errOwnerMoved = errors.New("owner record changed")
 // identity refuses self when a live lease names self's node with another public IP: two
 // hosts run with the same node name. A live lease with the same public IP is this host's
 // own from a previous run (a restart, or kill -9 before its TTL ran out): adopted.
-func identity(self Lease, taken map[netip.Prefix]Lease, ttl time.Duration) error {
+func identity(self lease.Lease, taken map[netip.Prefix]lease.Lease, ttl time.Duration) error {
 	for s, l := range taken {
 		if l.Node == self.Node && l.PublicIP != self.PublicIP {
 			return fmt.Errorf("%w: node name %q holds %s, live, for public IP %s, and this agent's public IP is %s: give each host its own --node-name (cloned machines and network namespaces share the hostname); if that agent is gone, its lease expires within %s",
-				ErrIdentity, self.Node, s, l.PublicIP, self.PublicIP, ttl)
+				lease.ErrIdentity, self.Node, s, l.PublicIP, self.PublicIP, ttl)
 		}
 	}
 	return nil
 }
 
-func (e *Etcd) acquire(ctx context.Context, cfg config.Network, self Lease, hint netip.Prefix) (Held, error) {
+func (e *Store) acquire(ctx context.Context, cfg config.Network, self lease.Lease, hint netip.Prefix) (lease.Held, error) {
 	// The owner record's revision is read before the rest: a claim for this name that
 	// lands in between is then either in the listing or fails our claim's comparison.
 	ownerRev, err := e.ownerRev(ctx, self.Node)
 	if err != nil {
-		return Held{}, err
+		return lease.Held{}, err
 	}
 	taken, owners, reserved, err := e.state(ctx)
 	if err != nil {
-		return Held{}, err
+		return lease.Held{}, err
 	}
 	if err := identity(self, taken, e.ttl); err != nil {
-		return Held{}, err
+		return lease.Held{}, err
 	}
 	var candidates []netip.Prefix
 	if r, ok := reserved[self.Node]; ok {
 		if !cfg.Contains(r) && !cfg.Network.Contains(r.Addr()) {
-			return Held{}, fmt.Errorf("reservation %s of %s is outside network %s", r, self.Node, cfg.Network)
+			return lease.Held{}, fmt.Errorf("reservation %s of %s is outside network %s", r, self.Node, cfg.Network)
 		}
 		candidates = append(candidates, r)
 	} else {
@@ -299,12 +302,12 @@ func (e *Etcd) acquire(ctx context.Context, cfg config.Network, self Lease, hint
 		if err == nil {
 			return h, nil
 		}
-		if !errors.Is(err, ErrConflict) {
-			return Held{}, err
+		if !errors.Is(err, lease.ErrConflict) {
+			return lease.Held{}, err
 		}
 		e.log.Warn("preferred subnet is taken", "subnet", s, "err", err)
 		if _, isReserved := reserved[self.Node]; isReserved {
-			return Held{}, fmt.Errorf("reserved subnet %s: %w", s, err)
+			return lease.Held{}, fmt.Errorf("reserved subnet %s: %w", s, err)
 		}
 	}
 	// A fresh subnet: skip live leases, other nodes' remembered subnets and reservations.
@@ -343,18 +346,18 @@ func (e *Etcd) acquire(ctx context.Context, cfg config.Network, self Lease, hint
 			}
 		}
 		if len(free) == 0 {
-			return Held{}, fmt.Errorf("no free subnet in %s (%d in use or reserved)", cfg.Network, len(blocked))
+			return lease.Held{}, fmt.Errorf("no free subnet in %s (%d in use or reserved)", cfg.Network, len(blocked))
 		}
 		h, err := e.claim(ctx, self, free[0], ownerRev)
 		if err == nil {
 			return h, nil
 		}
-		if !errors.Is(err, ErrConflict) {
-			return Held{}, err
+		if !errors.Is(err, lease.ErrConflict) {
+			return lease.Held{}, err
 		}
 		blocked[free[0]] = true // lost a race: try another
 	}
-	return Held{}, fmt.Errorf("could not claim a subnet after 16 races")
+	return lease.Held{}, fmt.Errorf("could not claim a subnet after 16 races")
 }
 
 func ownerOf(owners map[string]netip.Prefix, node string) (netip.Prefix, bool) {
@@ -363,8 +366,8 @@ func ownerOf(owners map[string]netip.Prefix, node string) (netip.Prefix, bool) {
 }
 
 // state lists live leases, remembered owners and reservations.
-func (e *Etcd) state(ctx context.Context) (map[netip.Prefix]Lease, map[string]netip.Prefix, map[string]netip.Prefix, error) {
-	taken := map[netip.Prefix]Lease{}
+func (e *Store) state(ctx context.Context) (map[netip.Prefix]lease.Lease, map[string]netip.Prefix, map[string]netip.Prefix, error) {
+	taken := map[netip.Prefix]lease.Lease{}
 	owners := map[string]netip.Prefix{}
 	reserved := map[string]netip.Prefix{}
 	ctx, cancel := context.WithTimeout(ctx, callTimeout)
@@ -377,10 +380,10 @@ func (e *Etcd) state(ctx context.Context) (map[netip.Prefix]Lease, map[string]ne
 		k := string(kv.Key)
 		switch {
 		case strings.HasPrefix(k, e.key("subnets")+"/"):
-			if l, err := DecodeKey(k, kv.Value); err == nil {
+			if l, err := lease.DecodeKey(k, kv.Value); err == nil {
 				taken[l.Subnet] = l
-			} else if s, perr := ParseSubnetKey(path.Base(k)); perr == nil {
-				taken[s] = Lease{Subnet: s} // unusable (or forged), but the key is still in use
+			} else if s, perr := lease.ParseSubnetKey(path.Base(k)); perr == nil {
+				taken[s] = lease.Lease{Subnet: s} // unusable (or forged), but the key is still in use
 			}
 		case strings.HasPrefix(k, e.key("owners")+"/"):
 			if s, err := netip.ParsePrefix(string(kv.Value)); err == nil {
@@ -396,7 +399,7 @@ func (e *Etcd) state(ctx context.Context) (map[netip.Prefix]Lease, map[string]ne
 }
 
 // ownerRev is the mod revision of node's owner record (0: none).
-func (e *Etcd) ownerRev(ctx context.Context, node string) (int64, error) {
+func (e *Store) ownerRev(ctx context.Context, node string) (int64, error) {
 	ctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	resp, err := e.cli.Get(ctx, e.key("owners", node))
@@ -413,15 +416,15 @@ func (e *Etcd) ownerRev(ctx context.Context, node string) (int64, error) {
 // fresh etcd lease. ownerRev >= 0 also requires self's owner record to be unchanged since
 // it was read at that revision (errOwnerMoved), so two agents starting with the same node
 // name cannot both claim.
-func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix, ownerRev int64) (Held, error) {
+func (e *Store) claim(ctx context.Context, self lease.Lease, s netip.Prefix, ownerRev int64) (lease.Held, error) {
 	ctx, cancel := context.WithTimeout(ctx, claimTimeout)
 	defer cancel()
 	self.Subnet = s
-	k := e.key("subnets", SubnetKey(s))
+	k := e.key("subnets", lease.SubnetKey(s))
 	ownerKey := e.key("owners", self.Node)
 	grant, err := e.cli.Grant(ctx, int64(e.ttl/time.Second))
 	if err != nil {
-		return Held{}, fmt.Errorf("grant etcd lease: %w", err)
+		return lease.Held{}, fmt.Errorf("grant etcd lease: %w", err)
 	}
 	revoke := func() {
 		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -431,20 +434,20 @@ func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix, ownerRev i
 	cur, err := e.cli.Get(ctx, k)
 	if err != nil {
 		revoke()
-		return Held{}, fmt.Errorf("read %s: %w", k, err)
+		return lease.Held{}, fmt.Errorf("read %s: %w", k, err)
 	}
 	var cmp clientv3.Cmp
 	if len(cur.Kvs) == 0 {
 		cmp = clientv3.Compare(clientv3.CreateRevision(k), "=", 0)
 	} else {
-		old, derr := Decode(cur.Kvs[0].Value)
+		old, derr := lease.Decode(cur.Kvs[0].Value)
 		if derr != nil || old.Node != self.Node {
 			revoke()
 			holder := "an undecodable lease"
 			if derr == nil {
 				holder = old.Node
 			}
-			return Held{}, fmt.Errorf("%w: %s is held by %s", ErrConflict, s, holder)
+			return lease.Held{}, fmt.Errorf("%w: %s is held by %s", lease.ErrConflict, s, holder)
 		}
 		cmp = clientv3.Compare(clientv3.ModRevision(k), "=", cur.Kvs[0].ModRevision)
 	}
@@ -458,14 +461,14 @@ func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix, ownerRev i
 	).Else(clientv3.OpGet(ownerKey)).Commit()
 	if err != nil {
 		revoke()
-		return Held{}, fmt.Errorf("claim %s: %w", s, err)
+		return lease.Held{}, fmt.Errorf("claim %s: %w", s, err)
 	}
 	if !txn.Succeeded {
 		revoke()
 		if ownerRev >= 0 && ownerRevIn(txn) != ownerRev {
-			return Held{}, errOwnerMoved
+			return lease.Held{}, errOwnerMoved
 		}
-		return Held{}, fmt.Errorf("%w: %s was taken concurrently", ErrConflict, s)
+		return lease.Held{}, fmt.Errorf("%w: %s was taken concurrently", lease.ErrConflict, s)
 	}
 	if len(cur.Kvs) > 0 && cur.Kvs[0].Lease != 0 && clientv3.LeaseID(cur.Kvs[0].Lease) != grant.ID {
 		// Our previous etcd lease (from before a restart) is no longer needed.
@@ -473,7 +476,7 @@ func (e *Etcd) claim(ctx context.Context, self Lease, s netip.Prefix, ownerRev i
 		_, _ = e.cli.Revoke(rctx, clientv3.LeaseID(cur.Kvs[0].Lease))
 		cancel()
 	}
-	return Held{Lease: self, ID: grant.ID}, nil
+	return lease.Held{Lease: self, Token: int64(grant.ID)}, nil
 }
 
 // ownerRevIn is the owner record's mod revision in a failed claim's Else read.
@@ -489,37 +492,37 @@ func ownerRevIn(txn *clientv3.TxnResponse) int64 {
 }
 
 // Renew re-claims h's subnet (after its etcd lease was lost): same subnet, new etcd lease.
-func (e *Etcd) Renew(ctx context.Context, h Held) (Held, error) {
+func (e *Store) Renew(ctx context.Context, h lease.Held) (lease.Held, error) {
 	ctx, cancel := context.WithTimeout(ctx, claimTimeout) // the check and the claim together
 	defer cancel()
 	if err := e.stillOurs(ctx, h); err != nil {
-		return Held{}, err
+		return lease.Held{}, err
 	}
 	return e.claim(ctx, h.Lease, h.Lease.Subnet, -1)
 }
 
 // stillOurs refuses to re-claim a lease that another agent run under our node name has
-// rewritten (ErrIdentity): taking it back would start a fight that flips the lease between
+// rewritten (lease.ErrIdentity): taking it back would start a fight that flips the lease between
 // two hosts.
-func (e *Etcd) stillOurs(ctx context.Context, h Held) error {
-	k := e.key("subnets", SubnetKey(h.Lease.Subnet))
+func (e *Store) stillOurs(ctx context.Context, h lease.Held) error {
+	k := e.key("subnets", lease.SubnetKey(h.Lease.Subnet))
 	ctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	cur, err := e.cli.Get(ctx, k)
 	if err != nil || len(cur.Kvs) == 0 {
 		return nil // unreadable: claim reports it; absent: free to re-claim
 	}
-	l, err := Decode(cur.Kvs[0].Value)
+	l, err := lease.Decode(cur.Kvs[0].Value)
 	if err != nil || l.Node != h.Lease.Node || l.Instance == h.Lease.Instance {
 		return nil // another node's (claim refuses it) or our own
 	}
 	return fmt.Errorf("%w: the lease of %s for %s was rewritten by another agent (instance %q, public IP %s); not taking it back",
-		ErrIdentity, h.Lease.Node, h.Lease.Subnet, l.Instance, l.PublicIP)
+		lease.ErrIdentity, h.Lease.Node, h.Lease.Subnet, l.Instance, l.PublicIP)
 }
 
 // KeepAlive keeps h alive until ctx ends or the lease is lost; it returns why it stopped.
-func (e *Etcd) KeepAlive(ctx context.Context, h Held) error {
-	ch, err := e.cli.KeepAlive(ctx, h.ID)
+func (e *Store) KeepAlive(ctx context.Context, h lease.Held) error {
+	ch, err := e.cli.KeepAlive(ctx, clientv3.LeaseID(h.Token))
 	if err != nil {
 		return fmt.Errorf("keepalive: %w", err)
 	}
@@ -543,7 +546,7 @@ func (e *Etcd) KeepAlive(ctx context.Context, h Held) error {
 // down) succeeds, report(err) when it fails. It probes every 5 s while etcd answers and
 // every second while it does not, and at once whenever the client's connection changes
 // state, so a lost or restored connection is reported within about a second.
-func (e *Etcd) WatchHealth(ctx context.Context, report func(error)) {
+func (e *Store) WatchHealth(ctx context.Context, report func(error)) {
 	conn := e.cli.ActiveConnection()
 	for ctx.Err() == nil {
 		err := e.probe(ctx)
@@ -570,7 +573,7 @@ func (e *Etcd) WatchHealth(ctx context.Context, report func(error)) {
 	}
 }
 
-func (e *Etcd) probe(ctx context.Context) error {
+func (e *Store) probe(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
 	defer cancel()
 	if _, err := e.cli.Get(ctx, e.key("config"), clientv3.WithCountOnly()); err != nil {
@@ -581,17 +584,17 @@ func (e *Etcd) probe(ctx context.Context) error {
 
 // Release gives up h's subnet for good (netagent leave): the live lease, the remembered
 // owner record and the etcd lease.
-func (e *Etcd) Release(ctx context.Context, node string, subnet netip.Prefix) error {
+func (e *Store) Release(ctx context.Context, node string, subnet netip.Prefix) error {
 	ctx, cancel := context.WithTimeout(ctx, claimTimeout)
 	defer cancel()
-	k := e.key("subnets", SubnetKey(subnet))
+	k := e.key("subnets", lease.SubnetKey(subnet))
 	cur, err := e.cli.Get(ctx, k)
 	if err != nil {
 		return err
 	}
 	ops := []clientv3.Op{clientv3.OpDelete(e.key("owners", node))}
 	if len(cur.Kvs) > 0 {
-		if l, err := Decode(cur.Kvs[0].Value); err == nil && l.Node == node {
+		if l, err := lease.Decode(cur.Kvs[0].Value); err == nil && l.Node == node {
 			ops = append(ops, clientv3.OpDelete(k))
 			if cur.Kvs[0].Lease != 0 {
 				defer func() { _, _ = e.cli.Revoke(ctx, clientv3.LeaseID(cur.Kvs[0].Lease)) }()
@@ -602,16 +605,11 @@ func (e *Etcd) Release(ctx context.Context, node string, subnet netip.Prefix) er
 	return err
 }
 
-// WatchStats is reported to metrics.
-type WatchStats interface {
-	WatchRestart(reason string)
-}
-
 // Watch keeps peers current until ctx ends: a list, then a watch from the list's revision;
 // on compaction, a broken stream or an error it lists again (keeping the old view until the
 // new one is complete, so peers are never dropped because the watch broke). changed gets a
 // non-blocking signal after every change.
-func (e *Etcd) Watch(ctx context.Context, peers *Peers, changed chan<- struct{}, stats WatchStats) {
+func (e *Store) Watch(ctx context.Context, peers *lease.Peers, changed chan<- struct{}, stats lease.WatchStats) {
 	notify := func() {
 		select {
 		case changed <- struct{}{}:
@@ -643,7 +641,7 @@ func (e *Etcd) Watch(ctx context.Context, peers *Peers, changed chan<- struct{},
 	}
 }
 
-func (e *Etcd) consume(wch clientv3.WatchChan, peers *Peers, notify func()) string {
+func (e *Store) consume(wch clientv3.WatchChan, peers *lease.Peers, notify func()) string {
 	for resp := range wch {
 		if err := resp.Err(); err != nil {
 			if errors.Is(err, rpctypes.ErrCompacted) {
@@ -654,48 +652,46 @@ func (e *Etcd) consume(wch clientv3.WatchChan, peers *Peers, notify func()) stri
 		if resp.Canceled {
 			return "canceled"
 		}
-		peers.mu.Lock()
-		for _, ev := range resp.Events {
-			k := string(ev.Kv.Key)
-			switch ev.Type {
-			case mvccpb.PUT:
-				// Peers checks it further and keeps why it is not used; the agent logs
-				// and counts that once per key.
-				if l, err := DecodeKey(k, ev.Kv.Value); err != nil {
-					peers.invalid(k, err.Error())
-				} else {
-					peers.put(k, l, ev.Kv.CreateRevision)
+		peers.Update(func(b lease.Batch) {
+			for _, ev := range resp.Events {
+				k := string(ev.Kv.Key)
+				switch ev.Type {
+				case mvccpb.PUT:
+					// Peers checks it further and keeps why it is not used; the agent logs
+					// and counts that once per key.
+					if l, err := lease.DecodeKey(k, ev.Kv.Value); err != nil {
+						b.Invalid(k, err.Error())
+					} else {
+						b.Set(k, l, ev.Kv.CreateRevision)
+					}
+				case mvccpb.DELETE:
+					b.Delete(k)
 				}
-			case mvccpb.DELETE:
-				peers.del(k)
 			}
-		}
-		peers.mu.Unlock()
+		})
 		notify()
 	}
 	return "stream closed"
 }
 
-func (e *Etcd) list(ctx context.Context, peers *Peers) (int64, error) {
+func (e *Store) list(ctx context.Context, peers *lease.Peers) (int64, error) {
 	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	resp, err := e.cli.Get(lctx, e.SubnetsPrefix(), clientv3.WithPrefix())
 	if err != nil {
 		return 0, err
 	}
-	leases := make(map[string]entry, len(resp.Kvs))
+	leases := make(map[string]lease.Entry, len(resp.Kvs))
 	bad := map[string]string{}
 	for _, kv := range resp.Kvs {
-		l, err := DecodeKey(string(kv.Key), kv.Value)
+		l, err := lease.DecodeKey(string(kv.Key), kv.Value)
 		if err != nil {
 			bad[string(kv.Key)] = err.Error()
 			continue
 		}
-		leases[string(kv.Key)] = entry{l, kv.CreateRevision}
+		leases[string(kv.Key)] = lease.Entry{Lease: l, Rev: kv.CreateRevision}
 	}
-	peers.mu.Lock()
-	peers.replace(leases, bad)
-	peers.mu.Unlock()
+	peers.Replace(leases, bad)
 	return resp.Header.Revision, nil
 }
 
@@ -709,7 +705,7 @@ func sleep(ctx context.Context, d time.Duration) {
 }
 
 // Leave releases whatever node holds or is remembered for (netagent leave).
-func (e *Etcd) Leave(ctx context.Context, node string) (netip.Prefix, error) {
+func (e *Store) Leave(ctx context.Context, node string) (netip.Prefix, error) {
 	taken, owners, _, err := e.state(ctx)
 	if err != nil {
 		return netip.Prefix{}, err
@@ -729,7 +725,7 @@ func (e *Etcd) Leave(ctx context.Context, node string) (netip.Prefix, error) {
 }
 
 // WatchConfig signals changed whenever the network config key changes, until ctx ends.
-func (e *Etcd) WatchConfig(ctx context.Context, changed chan<- struct{}) {
+func (e *Store) WatchConfig(ctx context.Context, changed chan<- struct{}) {
 	for ctx.Err() == nil {
 		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 		for resp := range e.cli.Watch(wctx, e.key("config")) {
@@ -747,3 +743,8 @@ func (e *Etcd) WatchConfig(ctx context.Context, changed chan<- struct{}) {
 		sleep(ctx, time.Second)
 	}
 }
+
+var (
+	_ lease.Store         = (*Store)(nil)
+	_ lease.HealthWatcher = (*Store)(nil)
+)
