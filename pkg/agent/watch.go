@@ -10,82 +10,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
-
-// watchKernel feeds netlink notifications into the reconcilers' mirrors and triggers a pass
-// when one differs from the mirror: someone else changed or removed a route with our
-// protocol number, a neighbour or FDB entry on the VXLAN device, or the VXLAN or underlay
-// device itself (the kernel drops routes of a device that goes down without notifying
-// each, so a link event invalidates the mirrors). Echoes of our own writes and pod veths
-// coming and going cause no pass. When a subscription breaks (e.g. the socket overflowed)
-// the mirrors are invalidated, a full pass runs and it subscribes again.
-func (a *Agent) watchKernel(ctx context.Context, vxDev string) {
-	for ctx.Err() == nil {
-		a.watchKernelOnce(ctx, vxDev)
-		a.invalidate()
-		signal(a.trigger)
-		select {
-		case <-ctx.Done():
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-}
-
-func (a *Agent) watchKernelOnce(ctx context.Context, vxDev string) {
-	done := make(chan struct{})
-	defer close(done)
-	routes := make(chan netlink.RouteUpdate, 1024)
-	neighs := make(chan netlink.NeighUpdate, 1024)
-	links := make(chan netlink.LinkUpdate, 256)
-	onErr := func(error) { a.invalidate(); signal(a.trigger) }
-	// Large receive buffers (forced past rmem_max, we have CAP_NET_ADMIN): a cold start
-	// with thousands of peers echoes tens of thousands of notifications at once; an
-	// overflow is handled (a full resync), but costs a pass.
-	const rcvbuf = 8 << 20
-	if err := netlink.RouteSubscribeWithOptions(routes, done, netlink.RouteSubscribeOptions{ErrorCallback: onErr, ReceiveBufferSize: rcvbuf, ReceiveBufferForceSize: true}); err != nil {
-		a.opt.Log.Warn("route subscription failed", "err", err)
-		return
-	}
-	if err := netlink.NeighSubscribeWithOptions(neighs, done, netlink.NeighSubscribeOptions{ErrorCallback: onErr, ReceiveBufferSize: rcvbuf, ReceiveBufferForceSize: true}); err != nil {
-		a.opt.Log.Warn("neighbour subscription failed", "err", err)
-		return
-	}
-	if err := netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{ErrorCallback: onErr}); err != nil {
-		a.opt.Log.Warn("link subscription failed", "err", err)
-		return
-	}
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case u, ok := <-routes:
-			if !ok {
-				return
-			}
-			if a.route.Observe(u) {
-				signal(a.trigger)
-			}
-		case u, ok := <-neighs:
-			if !ok {
-				return
-			}
-			if a.vxlan.Observe(u) {
-				signal(a.trigger)
-			}
-		case u, ok := <-links:
-			if !ok {
-				return
-			}
-			// The underlay is read afresh (a changed MTU flows to the VXLAN device and pods).
-			if name := u.Attrs().Name; name == vxDev || name == a.ulDev.Load() || u.Attrs().Index == a.vxlan.Device() {
-				a.invalidate()
-				signal(a.trigger)
-			}
-		}
-	}
-}
 
 // nfnlgrpNftables is the netfilter netlink multicast group for nftables ruleset changes
 // (NFNLGRP_NFTABLES). iptables-nft changes arrive there too, so the agent hears of a

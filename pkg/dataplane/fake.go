@@ -25,7 +25,8 @@ type Fake struct {
 	prepared []plan.NAT
 	changed  chan struct{}
 	kernel   chan struct{} // Watch's output: see Drift
-	invalid  Part
+	invalid  Part          // invalidated since the last full Set
+	found    Part          // what the last full Set found invalidated
 }
 
 // NewFake returns a fake whose underlay is u.
@@ -90,22 +91,23 @@ func (f *Fake) Set(_ context.Context, p plan.Plan) (Stats, error) {
 	}
 	c := plan.Clone(p)
 	f.state = &c
-	f.invalid = 0
+	f.found, f.invalid = f.invalid, 0
 	return Stats{}, nil
 }
 
-// Invalidate records what was invalidated (cleared by the next full Set).
+// Invalidate records what was invalidated, for the next full Set.
 func (f *Fake) Invalidate(parts Part) {
 	f.mu.Lock()
 	f.invalid |= parts
 	f.mu.Unlock()
 }
 
-// Invalid returns what was invalidated since the last full Set.
-func (f *Fake) Invalid() Part {
+// Invalidated returns what was invalidated before the last successful full Set (what a
+// real dataplane would have re-read from the kernel).
+func (f *Fake) Invalidated() Part {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.invalid
+	return f.found
 }
 
 // Watch signals changed whenever Drift is called, until ctx ends.
