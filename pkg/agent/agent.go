@@ -146,7 +146,7 @@ func New(opt Options) (*Agent, error) {
 	}
 	a.pod = newPodGuard()
 	if a.dp == nil {
-		dp, err := dataplane.New(opt.Log)
+		dp, err := dataplane.New(opt.Log, nil)
 		if err != nil {
 			return nil, err
 		}

@@ -88,8 +88,12 @@ type Linux struct {
 	vxDev, ulDev atomic.Value // string: the devices whose link events matter (read by Watch)
 }
 
-// New opens the kernel of the current network namespace.
-func New(log *slog.Logger) (*Linux, error) {
+// New opens the kernel of the current network namespace; iptables runs the NAT chains'
+// iptables-save and -restore (nil: the binaries, in the agent's namespace).
+func New(log *slog.Logger, iptables nat.Runner) (*Linux, error) {
+	if iptables == nil {
+		iptables = nat.Exec{}
+	}
 	h, err := netlink.NewHandle()
 	if err != nil {
 		return nil, fmt.Errorf("netlink: %w", err)
@@ -99,7 +103,7 @@ func New(log *slog.Logger) (*Linux, error) {
 		h.Close()
 		return nil, err
 	}
-	d := &Linux{h: h, log: log, route: route.New(h, log), vxlan: vxlan.New(h, log), guard: g, nat: nat.New(nat.Exec{})}
+	d := &Linux{h: h, log: log, route: route.New(h, log), vxlan: vxlan.New(h, log), guard: g, nat: nat.New(iptables)}
 	d.vxDev.Store("")
 	d.ulDev.Store("")
 	d.natDirty.Store(true)
