@@ -8,9 +8,12 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netagent/netagent/pkg/nlattr"
 )
 
 // nfnlgrpNftables is the netfilter netlink multicast group for nftables ruleset changes
@@ -108,26 +111,23 @@ var selfComm = func() string {
 // allow-list), its bridge table (pod anti-spoofing) and anything else.
 func (e *nftEvents) feed(b []byte) (ip, bridge, others bool) {
 	const newGen = 15 // NFT_MSG_NEWGEN
-	for len(b) >= unix.NLMSG_HDRLEN {
-		l := int(binary.NativeEndian.Uint32(b[0:4]))
-		typ := binary.NativeEndian.Uint16(b[4:6])
-		if l < unix.NLMSG_HDRLEN || l > len(b) {
-			return true, true, true
-		}
-		msg := b[unix.NLMSG_HDRLEN:l]
-		b = b[min(nlmAlign(l), len(b)):]
-		if typ&0xff != newGen {
-			switch {
-			case attr(msg, 1) == nil || string(bytes.TrimRight(attr(msg, 1), "\x00")) != "netagent":
+	msgs, err := syscall.ParseNetlinkMessage(b)
+	if err != nil {
+		return true, true, true
+	}
+	for _, m := range msgs {
+		if m.Header.Type&0xff != newGen {
+			switch name := attr(m.Data, 1); {
+			case name == nil || string(bytes.TrimRight(name, "\x00")) != "netagent":
 				e.pendOthers = true
-			case msg[0] == unix.NFPROTO_BRIDGE: // nfgenmsg.nfgen_family
+			case len(m.Data) > 0 && m.Data[0] == unix.NFPROTO_BRIDGE: // nfgenmsg.nfgen_family
 				e.pendBridge = true
 			default:
 				e.pendIP = true
 			}
 			continue
 		}
-		if !ownTransaction(msg) {
+		if !ownTransaction(m.Data) {
 			ip, bridge, others = ip || e.pendIP, bridge || e.pendBridge, others || e.pendOthers
 		}
 		e.pendIP, e.pendBridge, e.pendOthers = false, false, false
@@ -142,19 +142,6 @@ func attr(msg []byte, typ uint16) []byte {
 	if len(msg) < 4 {
 		return nil
 	}
-	for a := msg[4:]; len(a) >= 4; {
-		l := int(binary.NativeEndian.Uint16(a[0:2]))
-		t := binary.NativeEndian.Uint16(a[2:4]) & 0x3fff
-		if l < 4 || l > len(a) {
-			return nil
-		}
-		if t == typ {
-			return a[4:l]
-		}
-		a = a[min(nlaAlign(l), len(a)):]
-	}
-	return nil
+	a, _ := nlattr.Get(nlattr.Parse(msg[4:]), typ)
+	return a
 }
-
-func nlmAlign(l int) int { return (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
-func nlaAlign(l int) int { return (l + unix.NLA_ALIGNTO - 1) &^ (unix.NLA_ALIGNTO - 1) }
