@@ -24,6 +24,11 @@ const labUsage = `usage: netagent lab up|status|check|down|kubectl [flags]
   kubectl  run kubectl against a kubernetes lab: netagent lab kubectl -- get pods -A
   down     remove everything the lab created (also after a crash)`
 
+// The lab is a subcommand rather than a binary of its own: it runs this very executable
+// as every node's agent, so a lab always exercises the agent that ships, and anyone with
+// the release binary can try it. What it adds is small and links no test code (the lab's
+// namespace helpers are pkg/lab/netns; scripts/test.sh checks that no testing package is
+// linked).
 func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 	if len(args) > 0 && isHelp(args[0]) {
 		_, err := fmt.Fprintln(stdout, labUsage+"\n\nRun `netagent lab up -h` for the flags.")

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -25,6 +26,7 @@ type options struct {
 	n, pods, rounds, warmup int
 	conc                    []int
 	bare, refIPMasq, pod    bool
+	floor                   bool
 	markdown, refVersion    string
 	timeout                 time.Duration
 }
@@ -40,6 +42,7 @@ func parseOptions(args []string) (options, error) {
 	conc := fs.String("conc", "8,32", "comma-separated worker counts of the parallel phases")
 	fs.IntVar(&o.rounds, "rounds", 2, "parallel batches per chain and concurrency (run in ABBA order)")
 	fs.IntVar(&o.warmup, "warmup", 5, "untimed ADD+DEL of this many pods per chain first")
+	fs.BoolVar(&o.floor, "floor", true, "also time the floor plugin (test/bench/floorcni: a Go plugin doing only the bare kernel work, exec'd like any plugin; whole pods with it too when -pod)")
 	fs.BoolVar(&o.bare, "bare", true, "also time the bare kernel work (netlink from this process, no CNI)")
 	fs.BoolVar(&o.refIPMasq, "ref-ipmasq", true, `"ipMasq" of the reference bridge plugin (flannel with flanneld --ip-masq passes false)`)
 	fs.StringVar(&o.refVersion, "ref-version", "v1.10.0", "containernetworking/plugins version the reference chain and loopback are built from")
@@ -242,6 +245,17 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	ref.records = func() (int, error) { return hostLocalRecords(filepath.Join(tmp, "ref", ref.list.Name)) }
 	ref.iptables = true
 	runners := []runner{ours, ref}
+	if b.opt.floor {
+		floor, err := b.newCNIRunner("floor", binDir, floorConf())
+		if err != nil {
+			return nil, err
+		}
+		if err := setupBridge(floor.ns, floorBridge, netip.MustParsePrefix(floorSubnet)); err != nil {
+			return nil, fmt.Errorf("floor: %w", err)
+		}
+		floor.idxArg = true
+		runners = append(runners, floor)
+	}
 	if b.opt.pod {
 		// The loopback network alone: what every pod costs the runtime whatever its
 		// network plugin, so the bound it puts on any ratio is visible.
@@ -269,6 +283,9 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	}
 	for _, r := range runners {
 		res.tput[r.name()] = map[int]batchSum{}
+		if r.name() == "floor" {
+			res.conf["floor"] = string(floorConf())
+		}
 	}
 	pools, err := b.podPools(ctx, runners)
 	if err != nil {

@@ -105,16 +105,18 @@ func collectMeta(loadStart string, foreignNS int) meta {
 	return m
 }
 
-// row is one line of the result table; vals follow the column order ours, ref, bare.
+// row is one line of the result table; vals follow the column order ours, ref, floor,
+// bare; floorRatio is floor/ref, the best ratio a Go plugin exec'd per pod reaches here.
 type row struct {
-	measure string
-	vals    [3]string
-	ratio   string
-	target  string
-	verdict string
+	measure    string
+	vals       [4]string
+	ratio      string
+	floorRatio string
+	target     string
+	verdict    string
 }
 
-var columns = [3]string{"ours", "ref", "bare"}
+var columns = [4]string{"ours", "ref", "floor", "bare"}
 
 func (r *results) rows() []row {
 	var rows []row
@@ -124,7 +126,7 @@ func (r *results) rows() []row {
 			q    float64
 		}{{"p50", 0.50}, {"p90", 0.90}, {"p99", 0.99}} {
 			rw := row{measure: fmt.Sprintf("%s %s (seq, n=%d)", op, q.name, r.opt.n)}
-			var v [3]float64
+			var v [4]float64
 			for i, c := range columns {
 				if ds, ok := m[c]; ok {
 					v[i] = percentile(ds, q.q).Seconds() * 1000
@@ -135,6 +137,7 @@ func (r *results) rows() []row {
 			}
 			ratio := v[0] / v[1]
 			rw.ratio = fmtRatio(ratio)
+			rw.floorRatio = fmtRatio(v[2] / v[1])
 			if q.name == "p50" {
 				rw.target = fmt.Sprintf("≤ %.2f", target)
 				rw.verdict = verdict(ratio <= target, ratio)
@@ -146,7 +149,7 @@ func (r *results) rows() []row {
 	lat("DEL", r.del, targetDelP50)
 	for _, c := range r.opt.conc {
 		rw := row{measure: fmt.Sprintf("ADD pods/s (c=%d, %d×%d pods)", c, r.opt.rounds, r.opt.pods)}
-		var v [3]float64
+		var v [4]float64
 		for i, col := range columns {
 			if m, ok := r.tput[col]; ok {
 				v[i] = m[c].podsPerSec()
@@ -157,6 +160,7 @@ func (r *results) rows() []row {
 		}
 		ratio := v[0] / v[1]
 		rw.ratio = fmtRatio(ratio)
+		rw.floorRatio = fmtRatio(v[2] / v[1])
 		rw.target = fmt.Sprintf("≥ %.0f", targetTput)
 		rw.verdict = verdict(ratio >= targetTput, ratio)
 		rows = append(rows, rw)
@@ -165,7 +169,7 @@ func (r *results) rows() []row {
 }
 
 func fmtRatio(x float64) string {
-	if math.IsNaN(x) || math.IsInf(x, 0) {
+	if math.IsNaN(x) || math.IsInf(x, 0) || x == 0 {
 		return "n/a"
 	}
 	return fmt.Sprintf("%.3f", x)
@@ -224,6 +228,22 @@ func notes(m meta, r *results) []string {
 				c.op, ms(floor), ms(budget), c.target))
 		}
 	}
+	if _, ok := r.add["floor"]; ok {
+		for _, c := range []struct {
+			op     string
+			m      map[string][]time.Duration
+			target float64
+		}{{"ADD", r.add, targetAddP50}, {"DEL", r.del, targetDelP50}} {
+			if ratio := float64(percentile(c.m["floor"], 0.5)) / float64(percentile(c.m["ref"], 0.5)); ratio > c.target {
+				out = append(out, fmt.Sprintf("%s p50 target is out of reach for any plugin that is a Go program exec'd per pod here: the floor plugin (the bare kernel work, nothing else) scores %.3f × ref", c.op, ratio))
+			}
+		}
+		for _, c := range r.opt.conc {
+			if t := r.tput["floor"][c].podsPerSec() / r.tput["ref"][c].podsPerSec(); t > 0 && t < targetTput {
+				out = append(out, fmt.Sprintf("parallel ADD target at c=%d is out of reach for any plugin that is a Go program exec'd per pod here: the floor plugin scores %.2f× ref", c, t))
+			}
+		}
+	}
 	if lo, ok := r.add["lo"]; ok {
 		ref, lop50 := percentile(r.add["ref"], 0.5), percentile(lo, 0.5)
 		out = append(out, fmt.Sprintf("whole pods include the loopback network; its ADD alone takes %.2f ms p50, and a pod's ADD takes at least as long: ours/ref ≥ %.3f even for a plugin that cost nothing",
@@ -255,9 +275,9 @@ func printTable(w io.Writer, m meta, rows []row, r *results) {
 	fmt.Fprintf(w, "%s  kernel %s  nproc %d  %s  commit %s\n", m.date, m.kernel, m.nproc, m.goVersion, m.commit)
 	fmt.Fprintf(w, "load average %s at start, %s at end\n\n", m.loadStart, m.loadEnd)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "measure\tours\tref\tbare\tours/ref\ttarget\t\t")
+	fmt.Fprintln(tw, "measure\tours\tref\tfloor\tbare\tours/ref\tfloor/ref\ttarget\t\t")
 	for _, rw := range rows {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", rw.measure, rw.vals[0], rw.vals[1], rw.vals[2], rw.ratio, rw.target, rw.verdict)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", rw.measure, rw.vals[0], rw.vals[1], rw.vals[2], rw.vals[3], rw.ratio, rw.floorRatio, rw.target, rw.verdict)
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
@@ -281,12 +301,12 @@ func writeMarkdown(w io.Writer, m meta, rows []row, r *results) {
 	fmt.Fprintf(w, "- machine: kernel %s, nproc %d, %s; load average %s at start, %s at end; %s; reference plugins: containernetworking/plugins %s\n",
 		m.kernel, m.nproc, m.cpu, m.loadStart, m.loadEnd, m.goVersion, m.plugins)
 	fmt.Fprintf(w, "- method: each chain on its own node network namespace, pod namespaces created before timing; "+
-		"sequential phases alternate ours/ref/bare pod by pod; parallel phases run %d batches per chain and "+
+		"sequential phases alternate ours/ref/floor/bare pod by pod; parallel phases run %d batches per chain and "+
 		"concurrency in ABBA order, pods/s = pods / wall time; %d warm-up pods per chain first\n\n", r.opt.rounds, r.opt.warmup)
-	fmt.Fprintln(w, "| measure | netagent-cni | reference | bare netlink | ours/ref | target | |")
-	fmt.Fprintln(w, "|---|--:|--:|--:|--:|:-:|:-:|")
+	fmt.Fprintln(w, "| measure | netagent-cni | reference | floor plugin | bare netlink | ours/ref | floor/ref | target | |")
+	fmt.Fprintln(w, "|---|--:|--:|--:|--:|--:|--:|:-:|:-:|")
 	for _, rw := range rows {
-		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s |\n", rw.measure, rw.vals[0], rw.vals[1], rw.vals[2], rw.ratio, rw.target, rw.verdict)
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", rw.measure, rw.vals[0], rw.vals[1], rw.vals[2], rw.vals[3], rw.ratio, rw.floorRatio, rw.target, rw.verdict)
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Leaks:", strings.Join(leakSummary(r), "; "))
@@ -299,6 +319,9 @@ func writeMarkdown(w io.Writer, m meta, rows []row, r *results) {
 	fmt.Fprintln(w, "```json")
 	fmt.Fprintln(w, r.conf["ours"])
 	fmt.Fprintln(w, r.conf["ref"])
+	if c, ok := r.conf["floor"]; ok {
+		fmt.Fprintln(w, c)
+	}
 	fmt.Fprintln(w, "```")
 	fmt.Fprintln(w, "</details>")
 }

@@ -3,17 +3,16 @@ package main
 import (
 	"context"
 	"crypto/rand"
-	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -23,9 +22,9 @@ import (
 	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/version"
 	"github.com/vishvananda/netlink"
-	vns "github.com/vishvananda/netns"
 
 	"github.com/netagent/netagent/pkg/ipam"
+	"github.com/netagent/netagent/test/bench/barework"
 	"github.com/netagent/netagent/test/netns"
 	"github.com/netagent/netagent/test/testbin"
 )
@@ -35,10 +34,19 @@ const podIf = "eth0"
 // Each chain has its own bridge and subnet (on its own node namespace, so they could share
 // them, but distinct ones make a stray packet or a leak easy to attribute).
 const (
-	oursBridge, oursSubnet = "cni0", "10.244.0.0/22"
-	refBridge, refSubnet   = "cni1", "10.245.0.0/22"
-	bareBridge, bareSubnet = "cni2", "10.246.0.0/22"
+	oursBridge, oursSubnet   = "cni0", "10.244.0.0/22"
+	refBridge, refSubnet     = "cni1", "10.245.0.0/22"
+	bareBridge, bareSubnet   = "cni2", "10.246.0.0/22"
+	floorBridge, floorSubnet = "cni3", "10.247.0.0/22"
 )
+
+// floorConf is the floor plugin's network (test/bench/floorcni): the bridge is made by
+// the bench, the address comes from CNI_ARGS.
+func floorConf() []byte {
+	return fmt.Appendf(nil, `{"cniVersion":"1.0.0","name":"floor","plugins":[`+
+		`{"type":"netagent-bench-floor","bridge":%q,"subnet":%q,"capabilities":{"portMappings":true}}]}`,
+		floorBridge, floorSubnet)
+}
 
 func oursConf(tmp string) []byte {
 	return fmt.Appendf(nil, `{"cniVersion":"1.0.0","name":"netagent","plugins":[`+
@@ -82,6 +90,9 @@ func buildBinaries(tmp, refVersion string) (string, error) {
 	get.Dir = testbin.Root()
 	if out, err := get.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("reference plugins %s: %w\n%s", refVersion, err, out)
+	}
+	if _, err := testbin.BuildErr("./test/bench/floorcni", "netagent-bench-floor"); err != nil {
+		return "", fmt.Errorf("build the floor plugin: %w", err)
 	}
 	for _, p := range []struct{ pkg, name string }{
 		{"github.com/containernetworking/plugins/plugins/main/bridge", "bridge"},
@@ -159,6 +170,7 @@ type cniRunner struct {
 	cacheDir string
 	records  func() (int, error) // IPAM allocations still recorded
 	iptables bool                // look for CNI-* chains in the node's nat table
+	idxArg   bool                // pass the pod's index as CNI_ARGS IDX (the floor plugin's address)
 }
 
 func (b *bench) newCNIRunner(label, binDir string, conf []byte) (*cniRunner, error) {
@@ -197,6 +209,9 @@ func (r *cniRunner) node() *netns.NS { return r.ns }
 
 func (r *cniRunner) rt(p pod) *libcni.RuntimeConf {
 	rt := &libcni.RuntimeConf{ContainerID: p.id, NetNS: p.ns.Path, IfName: podIf}
+	if r.idxArg {
+		rt.Args = [][2]string{{"IDX", strconv.Itoa(p.idx)}}
+	}
 	if r.lo != nil {
 		rt.CapabilityArgs = map[string]any{"portMappings": []any{}}
 	}
@@ -351,8 +366,8 @@ func hostLocalRecords(dir string) (int, error) {
 	return n, nil
 }
 
-// bareRunner does the kernel work of a pod attachment directly through netlink from this
-// process: no exec, no JSON, no IPAM, no lock. It is the floor under any plugin.
+// bareRunner does the kernel work of a pod attachment (barework) directly through netlink
+// from this process: no exec, no JSON, no IPAM, no lock. It is the floor under any plugin.
 type bareRunner struct {
 	ns     *netns.NS
 	bridge string
@@ -365,101 +380,44 @@ func (b *bench) newBareRunner() (*bareRunner, error) {
 		return nil, err
 	}
 	r := &bareRunner{ns: node, bridge: bareBridge, subnet: netip.MustParsePrefix(bareSubnet)}
-	h, err := node.Handle()
-	if err != nil {
-		return nil, err
-	}
-	defer h.Close()
-	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: r.bridge, Flags: net.FlagUp}}
-	if err := h.LinkAdd(br); err != nil {
-		return nil, fmt.Errorf("bare: create bridge: %w", err)
-	}
-	gw := netip.PrefixFrom(r.gateway(), r.subnet.Bits())
-	if err := h.AddrAdd(br, &netlink.Addr{IPNet: ipNet(gw)}); err != nil {
-		return nil, fmt.Errorf("bare: bridge address: %w", err)
+	if err := setupBridge(node, r.bridge, r.subnet); err != nil {
+		return nil, fmt.Errorf("bare: %w", err)
 	}
 	return r, nil
+}
+
+// setupBridge creates a pod bridge in node for the chains whose plugin does not.
+func setupBridge(node *netns.NS, bridge string, subnet netip.Prefix) error {
+	h, err := node.Handle()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	return barework.Setup(h, bridge, subnet)
 }
 
 func (r *bareRunner) name() string    { return "bare" }
 func (r *bareRunner) node() *netns.NS { return r.ns }
 
-func (r *bareRunner) gateway() netip.Addr { return r.subnet.Addr().Next() }
-
-// addr is pod idx's address: the ones after the gateway, in order (idx < maxLive fits a /22).
-func (r *bareRunner) addr(idx int) netip.Prefix {
-	b := r.subnet.Addr().As4()
-	v := binary.BigEndian.Uint32(b[:]) + 2 + uint32(idx)
-	binary.BigEndian.PutUint32(b[:], v)
-	return netip.PrefixFrom(netip.AddrFrom4(b), r.subnet.Bits())
-}
-
 func (r *bareRunner) hostVeth(p pod) string { return fmt.Sprintf("bv%d", p.idx) }
 
 // add runs on a thread inside the node namespace, so a plain netlink handle is in it.
 func (r *bareRunner) add(_ context.Context, p pod) error {
-	podNS, err := vns.GetFromPath(p.ns.Path)
+	addr, err := barework.Addr(r.subnet, p.idx)
 	if err != nil {
 		return err
 	}
-	defer podNS.Close()
-	h, err := netlink.NewHandle()
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	br, err := h.LinkByName(r.bridge)
-	if err != nil {
-		return fmt.Errorf("bare: bridge: %w", err)
-	}
-	veth := &netlink.Veth{
-		LinkAttrs:     netlink.LinkAttrs{Name: r.hostVeth(p), MTU: 1500, Flags: net.FlagUp, MasterIndex: br.Attrs().Index},
-		PeerName:      podIf,
-		PeerNamespace: netlink.NsFd(podNS),
-	}
-	if err := h.LinkAdd(veth); err != nil {
-		return fmt.Errorf("bare: create veth %s: %w", r.hostVeth(p), err)
-	}
-	ph, err := netlink.NewHandleAt(podNS)
-	if err != nil {
-		return err
-	}
-	defer ph.Close()
-	l, err := ph.LinkByName(podIf)
-	if err != nil {
-		return fmt.Errorf("bare: pod link: %w", err)
-	}
-	if err := ph.AddrAdd(l, &netlink.Addr{IPNet: ipNet(r.addr(p.idx))}); err != nil {
-		return fmt.Errorf("bare: pod address: %w", err)
-	}
-	if err := ph.LinkSetUp(l); err != nil {
-		return fmt.Errorf("bare: pod link up: %w", err)
-	}
-	def := &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
-	if err := ph.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: def, Gw: r.gateway().AsSlice()}); err != nil {
-		return fmt.Errorf("bare: pod default route: %w", err)
+	if _, err := barework.Attach(p.ns.Path, r.bridge, r.hostVeth(p), podIf, addr, barework.Gateway(r.subnet)); err != nil {
+		return fmt.Errorf("bare: %w", err)
 	}
 	return nil
 }
 
 func (r *bareRunner) del(_ context.Context, p pod) error {
-	h, err := netlink.NewHandle()
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	l, err := h.LinkByName(r.hostVeth(p))
-	if err != nil {
-		return fmt.Errorf("bare: find %s: %w", r.hostVeth(p), err)
-	}
-	if err := h.LinkDel(l); err != nil {
-		return fmt.Errorf("bare: delete %s: %w", r.hostVeth(p), err)
+	if err := barework.Detach(r.hostVeth(p)); err != nil {
+		return fmt.Errorf("bare: %w", err)
 	}
 	return nil
 }
 
 func (r *bareRunner) leaks() ([]string, error) { return nodeVeths(r.ns) }
-
-func ipNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
-}

@@ -1,6 +1,7 @@
 // Package etcdstore is the lease store on etcd (`netagent run`'s default subnet manager):
 // it implements lease.Store and lease.HealthWatcher, and serves the operator's commands
 // (config set, reserve, leave).
+//
 // A node's lease is a key bound to an etcd lease with a TTL, kept alive by the agent;
 // peers come from one prefix watch, re-listed on compaction or a broken stream.
 //
