@@ -28,7 +28,6 @@ type Planner struct {
 	routes  map[netip.Prefix]Route
 	neighs  map[netip.Addr]Neigh
 	fdb     map[FDB]bool
-	allow   map[string]Allowed
 	contrib map[string]contribution // what each node put into the three maps
 	odd     map[string]bool         // nodes whose subnet length differs from the config's
 	modes   map[Mode]int            // peers per mode
@@ -123,7 +122,6 @@ func NewPlanner(in Input) (*Planner, Plan) {
 		routes:  make(map[netip.Prefix]Route, len(in.Peers)),
 		neighs:  make(map[netip.Addr]Neigh, len(in.Peers)),
 		fdb:     make(map[FDB]bool, len(in.Peers)),
-		allow:   make(map[string]Allowed, len(in.Peers)),
 		contrib: make(map[string]contribution, len(in.Peers)),
 		odd:     map[string]bool{},
 		modes:   map[Mode]int{},
@@ -211,11 +209,14 @@ func (p *Planner) Update(changed []lease.Lease) Plan {
 	})
 	each(ch.FDB, func(f FDB) { d.FDB = append(d.FDB, FDBChange{FDB: f, Del: !p.fdb[f]}) })
 	each(ch.Nodes, func(n string) {
-		a, ok := p.allow[n]
-		d.Allow = append(d.Allow, AllowChange{Node: n, Allowed: a, Del: !ok})
-		if v, ok := p.Peer(n); ok {
+		// The allow-list entry follows from the verdict (not kept twice: with thousands of
+		// peers the planner is the agent's biggest structure).
+		v, ok := p.Peer(n)
+		if ok {
 			d.Peers = append(d.Peers, v)
 		}
+		a, allow := allowed(v)
+		d.Allow = append(d.Allow, AllowChange{Node: n, Allowed: a, Del: !ok || !allow})
 	})
 	out := p.header()
 	out.Delta = d
@@ -362,7 +363,6 @@ func (p *Planner) ownerOf(s netip.Prefix) string {
 
 // remove takes node n's contributions out of the desired state.
 func (p *Planner) remove(n string, ch *Changes) {
-	delete(p.allow, n)
 	c, ok := p.contrib[n]
 	if !ok {
 		return
@@ -379,10 +379,6 @@ func (p *Planner) remove(n string, ch *Changes) {
 }
 
 func (p *Planner) add(l lease.Lease, v Peer, ch *Changes) {
-	v.UnderlayMAC = underlayMAC(p.in.Underlay, l)
-	if a, ok := allowed(v); ok {
-		p.allow[v.Node] = a
-	}
 	var r Route
 	var neigh Neigh
 	c := contribution{dst: l.Subnet}
@@ -416,10 +412,13 @@ func (p *Planner) add(l lease.Lease, v Peer, ch *Changes) {
 // Plan renders the current desired state as a full Plan (for status and full passes).
 func (p *Planner) Plan() Plan {
 	out := p.header()
-	out.Allow.Peers = maps.Clone(p.allow)
+	out.Allow.Peers = make(map[string]Allowed, len(p.verdict))
 	for n := range p.verdict {
 		v, _ := p.Peer(n)
 		out.Peers = append(out.Peers, v)
+		if a, ok := allowed(v); ok {
+			out.Allow.Peers[n] = a
+		}
 	}
 	for _, r := range p.routes {
 		out.Routes = append(out.Routes, r)
