@@ -179,9 +179,7 @@ func (a *Agent) handle(ctx context.Context, log *slog.Logger, s *state, r reason
 	if r&rAllow != 0 {
 		a.dp.Invalidate(dataplane.Allow)
 	}
-	if r&rLeases != 0 && s.peers != nil {
-		a.reportIgnored(log, s.peers)
-	}
+	a.reportIgnored(log, s.peers)
 	return full
 }
 
