@@ -1,11 +1,17 @@
-// Package agent is the node agent's main loop: it leases the node's subnet, watches the
-// other nodes' leases, and keeps the kernel equal to the plan built from them.
+// Package agent is the node agent: it leases the node's subnet, watches the other nodes'
+// leases, and keeps the kernel equal to the plan built from them.
 //
-// Data flows one way: store -> plan.Build -> reconcilers -> kernel. Every input (a lease
-// change, a netlink event on an object we own, a firewall change, the resync ticker, a
-// config change) only signals "something changed" on a channel of capacity one; a single
-// loop then rebuilds the plan from the full snapshot and lets each reconciler diff it
-// against the kernel. A missed event costs one extra pass, never a stale route.
+// Data flows one way: inputs -> snapshot -> plan -> dataplane.Set -> kernel. Every input
+// (a lease change, a kernel notification on an object we own, a firewall change, the
+// resync ticker, a config change, a timer) only posts a reason to the loop's inbox and
+// wakes it; the loop then builds the plan from the full snapshot (config, own lease,
+// peers, the underlay as it is now) and hands it to the dataplane in one Set, or, for
+// lease events, the planner's delta. A missed event costs one extra pass, never a stale
+// route. A failed pass is retried with a capped backoff. The pod anti-spoofing guard and
+// the Docker step are small loops of their own.
+//
+// The dataplane is an interface (Dataplane): dataplane.Linux in the agent, an in-memory
+// dataplane.Fake in tests of the loop, which need no root.
 //
 // Safety: nothing is reconciled before the node holds its lease and the first full list
 // of peers has arrived, so a restart with etcd down touches nothing; when etcd goes away
@@ -18,9 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
-	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -28,14 +32,10 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/dataplane"
 	"github.com/netagent/netagent/pkg/lease"
-	"github.com/netagent/netagent/pkg/nat"
-	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/plan"
-	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/subnetfile"
-	"github.com/netagent/netagent/pkg/vxguard"
-	"github.com/netagent/netagent/pkg/vxlan"
 )
 
 // Options configure an agent.
@@ -54,6 +54,9 @@ type Options struct {
 	Docker *DockerMode
 	// OnReady, when set, runs once, when the agent first becomes ready.
 	OnReady func()
+	// Dataplane is the kernel below the agent; nil: the current network namespace's
+	// (dataplane.New).
+	Dataplane Dataplane
 
 	// LeaseTTL is the store's lease TTL; after a store outage, peers whose leases vanish
 	// are kept for two of it (see grace). Default 30s.
@@ -63,39 +66,54 @@ type Options struct {
 	RepairForwarding bool
 }
 
+// Dataplane is the kernel as the agent sees it: the underlay it reads, and the objects it
+// sets from a plan (dataplane.Linux; dataplane.Fake in tests).
+type Dataplane interface {
+	// Underlay reads the interface peers reach this node at.
+	Underlay(iface string, ip netip.Addr) (dataplane.Underlay, error)
+	// Prepare may start on the parts of a plan that need no peers (the NAT chains) while
+	// the peers are listed.
+	Prepare(ctx context.Context, n plan.NAT)
+	// Set makes the kernel hold the plan; a plan with a Delta may fail with
+	// dataplane.ErrStale, and a full plan is set instead.
+	Set(ctx context.Context, p plan.Plan) (dataplane.Stats, error)
+	// Invalidate makes the next Set re-read parts of the kernel (someone else changed them).
+	Invalidate(parts dataplane.Part)
+	// Watch signals changed when the kernel drifts from the plan, until ctx ends.
+	Watch(ctx context.Context, changed chan<- struct{})
+	// Dropped is how many VXLAN packets the allow-list dropped.
+	Dropped() uint64
+}
+
 // Agent runs one node's control loop.
 type Agent struct {
-	opt   Options
-	h     *netlink.Handle
-	route *route.Reconciler
-	vxlan *vxlan.Reconciler
-	nat   struct {
-		r     *nat.Reconciler
-		plan  plan.NAT       // the loop's last NAT plan
-		early chan natResult // the start-up sync, running while the peers are listed
+	opt Options
+	dp  Dataplane
+	h   *netlink.Handle // route mode only: Docker's bridge and networks
+
+	in  inbox
+	wg  sync.WaitGroup // the inputs' goroutines
+	pod podGuard
+	// Inputs that watch the kernel and files (variables, so tests of the loop can leave
+	// the host's own alone).
+	watchFirewall func(ctx context.Context, log *slog.Logger, fw, nft, pod chan struct{})
+	watchNetconf  func(ctx context.Context, log *slog.Logger, changed chan struct{})
+	watchFiles    func(ctx context.Context, log *slog.Logger, paths []string, ch chan struct{})
+
+	reclaim    chan struct{} // the store is back: re-claim a lost lease now
+	dockerKick chan struct{} // a full pass asks the Docker step to run
+	dockerJob  struct {
+		sync.Mutex
+		self lease.Lease
+		p    plan.Plan // header only: MTU, NAT
 	}
+	dockerOK atomic.Bool // the Docker step succeeded once
 
-	guard         *vxguard.Guard
-	trigger       chan struct{}
-	fwDirty       chan struct{} // iptables changed (someone's, or ours)
-	nftDirty      chan struct{} // netagent's own nftables tables changed
-	podChanged    chan struct{} // the pod anti-spoofing table changed
-	podDirty      chan struct{} // time to check the pod anti-spoofing set
-	podGuardArmed atomic.Bool
-	podMissing    map[string]time.Time // anti-spoofing entries missing at the last check, since when
-	filesDirty    chan struct{}
-	files         []file            // what writeFiles last wrote (the loop's)
-	bigPass       bool              // the last full pass changed many objects
-	ignored       map[string]string // leases not used, as last reported (the loop's)
-
-	storeChanged chan struct{} // the store became reachable or unreachable
-	reclaim      chan struct{} // the store is back: re-claim a lost lease now
-	graceEnd     chan struct{} // the post-outage window for vanished peers ended
-	fwdChanged   chan struct{} // the kernel announced a forwarding change
-	retryFull    chan struct{} // time to retry a failed full pass
-	ulDev        atomic.Value  // string: the underlay device's name (read by watchKernel)
-	ulWarned     netip.Addr    // the underlay address last warned about (the loop's)
-	forwardErr   error         // why forwarding is off, at the last check (the loop's)
+	files      []file            // what writeFiles last wrote (the loop's)
+	bigPass    bool              // the last full pass changed many objects
+	ignored    map[string]string // leases not used, as last reported (the loop's)
+	ulWarned   netip.Addr        // the underlay address last warned about (the loop's)
+	forwardErr error             // why forwarding is off, at the last check (the loop's)
 
 	mu      sync.Mutex
 	status  Status
@@ -116,45 +134,34 @@ func New(opt Options) (*Agent, error) {
 	if opt.LeaseTTL == 0 {
 		opt.LeaseTTL = 30 * time.Second
 	}
-	h, err := netlink.NewHandle()
-	if err != nil {
-		return nil, fmt.Errorf("netlink: %w", err)
-	}
 	a := &Agent{
-		opt:        opt,
-		h:          h,
-		route:      route.New(h, opt.Log),
-		vxlan:      vxlan.New(h, opt.Log),
-		trigger:    make(chan struct{}, 1),
-		fwDirty:    make(chan struct{}, 1),
-		filesDirty: make(chan struct{}, 1),
-		nftDirty:   make(chan struct{}, 1),
-		podDirty:   make(chan struct{}, 1),
-		podChanged: make(chan struct{}, 1),
-
-		storeChanged: make(chan struct{}, 1),
-		reclaim:      make(chan struct{}, 1),
-		graceEnd:     make(chan struct{}, 1),
-		fwdChanged:   make(chan struct{}, 1),
-		retryFull:    make(chan struct{}, 1),
+		opt:           opt,
+		dp:            opt.Dataplane,
+		in:            newInbox(),
+		reclaim:       make(chan struct{}, 1),
+		dockerKick:    make(chan struct{}, 1),
+		watchFirewall: watchFirewall,
+		watchNetconf:  watchNetconf,
+		watchFiles:    watchFiles,
 	}
-	a.nat.r = nat.New(nat.Exec{})
-	if a.guard, err = vxguard.New(); err != nil {
-		h.Close()
-		return nil, err
+	a.pod = newPodGuard()
+	if a.dp == nil {
+		dp, err := dataplane.New(opt.Log, nil)
+		if err != nil {
+			return nil, err
+		}
+		a.dp = dp
 	}
-	opt.Metrics.guardDrops(a.guard.Dropped)
+	if opt.Docker != nil {
+		h, err := netlink.NewHandle()
+		if err != nil {
+			return nil, fmt.Errorf("netlink: %w", err)
+		}
+		a.h = h
+	}
+	opt.Metrics.guardDrops(a.dp.Dropped)
 	opt.Metrics.podSpoofDrops(podSpoofDrops)
-	// Passes diff against mirrors that kernel notifications keep current (see watchKernel).
-	a.route.Mirror()
-	a.vxlan.Mirror()
 	return a, nil
-}
-
-// invalidate makes the next pass re-read every kernel table.
-func (a *Agent) invalidate() {
-	a.route.Invalidate()
-	a.vxlan.Invalidate()
 }
 
 func signal(ch chan struct{}) {
@@ -164,49 +171,110 @@ func signal(ch chan struct{}) {
 	}
 }
 
-// VXLANDevName is the VXLAN device's name for a VNI.
-func VXLANDevName(vni int) string {
-	if n := fmt.Sprintf("netagent.%d", vni); len(n) <= 15 {
-		return n
-	}
-	return fmt.Sprintf("na.%d", vni)
-}
-
 // Run runs until ctx ends.
 func (a *Agent) Run(ctx context.Context) error {
 	log := a.opt.Log.With("node", a.opt.Node)
 	start := time.Now()
 	a.checkForwarding(log)
-	ul, err := a.underlay()
+	ul, err := a.dp.Underlay(a.opt.Iface, a.opt.PublicIP)
 	if err != nil {
 		return err
 	}
-	log.Info("underlay", "dev", ul.dev, "ip", ul.ip, "mtu", ul.mtu)
-	a.ulDev.Store(ul.dev)
+	log.Info("underlay", "dev", ul.Dev, "ip", ul.IP, "mtu", ul.MTU)
+	cfg, err := a.config(ctx, log)
+	if err != nil {
+		return err
+	}
+	held, err := a.acquire(ctx, log, cfg, ul)
+	if err != nil {
+		return err
+	}
+	log.Info("lease acquired", "subnet", held.Lease.Subnet, "in", time.Since(start).Round(time.Millisecond))
+	a.setLease(held.Lease, cfg)
+	a.opt.Metrics.LeaseHeld.Set(1)
+	// The NAT and FORWARD chains depend on the config and our subnet only: the dataplane
+	// may write them while the peers are listed (peers' routes must not wait for them).
+	a.dp.Prepare(ctx, plan.Build(a.input(cfg, held.Lease, ul, nil)).NAT)
 
-	// 1. The network config (retried until valid: an agent with no valid config touches
-	// nothing).
-	var cfg config.Network
+	defer a.wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	s := &state{cfg: cfg, self: held.Lease, ul: ul, grace: newGrace(), start: start,
+		peers: lease.NewPeersWith(lease.Rules{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Self: a.opt.Node, SelfIP: held.Lease.PublicIP})}
+	listed := a.startInputs(ctx, log, s, held)
+	// Wait for the first full list of peers before touching anything.
+	select {
+	case <-listed:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	a.spawn(func() { a.in.relay(ctx, listed, rLeases) })
+	a.spawn(func() { a.in.every(ctx, a.opt.Resync, rResync) })
+	cfgChanged := make(chan struct{}, 1)
+	a.spawn(func() { a.opt.Store.WatchConfig(ctx, cfgChanged) })
+	a.spawn(func() { a.in.relay(ctx, cfgChanged, rConfig) })
+	if a.podGuardEnabled() {
+		a.spawn(func() { a.runPodGuard(ctx, log) })
+	}
+	if a.opt.Docker != nil {
+		a.spawn(func() { a.runDocker(ctx, log) })
+	}
+	return a.loop(ctx, log, s)
+}
+
+// spawn runs f as one of the agent's goroutines (Run waits for them).
+func (a *Agent) spawn(f func()) {
+	a.wg.Add(1)
+	go func() { defer a.wg.Done(); f() }()
+}
+
+// startInputs starts the goroutines that feed the loop: the peers' watch (which signals
+// the returned channel), the lease keepalive, the store's health, the kernel and the
+// firewall.
+func (a *Agent) startInputs(ctx context.Context, log *slog.Logger, s *state, held lease.Held) chan struct{} {
+	listed := make(chan struct{}, 1)
+	a.spawn(func() { a.opt.Store.Watch(ctx, s.peers, listed, a.opt.Metrics) })
+	a.spawn(func() { a.keepAlive(ctx, log, held) })
+	if hw, ok := a.opt.Store.(lease.HealthWatcher); ok {
+		a.spawn(func() { a.watchStore(ctx, log, hw) })
+	}
+	kernel := make(chan struct{}, 1)
+	a.spawn(func() { a.dp.Watch(ctx, kernel) })
+	a.spawn(func() { a.in.relay(ctx, kernel, rKernel) })
+	fw, nft := make(chan struct{}, 1), make(chan struct{}, 1)
+	a.spawn(func() { a.watchFirewall(ctx, log, fw, nft, a.pod.changed) })
+	a.spawn(func() { a.in.relay(ctx, fw, rFirewall) })
+	a.spawn(func() { a.in.relay(ctx, nft, rAllow) })
+	fwd := make(chan struct{}, 1)
+	a.spawn(func() { a.watchNetconf(ctx, log, fwd) })
+	a.spawn(func() { a.in.relay(ctx, fwd, rForward) })
+	return listed
+}
+
+// config returns the network config, retried until valid (an agent with no valid config
+// touches nothing).
+func (a *Agent) config(ctx context.Context, log *slog.Logger) (config.Network, error) {
 	backoff := newBackoff()
 	for {
 		c, _, err := a.opt.Store.Config(ctx)
 		if err == nil {
-			cfg = c
-			break
+			return c, nil
 		}
 		if ctx.Err() != nil {
-			return ctx.Err() // stopped while asking: not a config problem
+			return c, ctx.Err() // stopped while asking: not a config problem
 		}
 		a.setError("config", err)
 		a.opt.Metrics.Errors.WithLabelValues("config").Inc()
 		log.Warn("no usable network config yet", "err", err, "retry", backoff.peek())
 		if !backoff.wait(ctx) {
-			return ctx.Err()
+			return c, ctx.Err()
 		}
 	}
+}
 
-	// 2. The lease.
-	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.ip, Backend: cfg.Backend.Type, UnderlayMAC: ul.mac, Instance: newInstance()}
+// acquire claims the node's lease, retried until it succeeds.
+func (a *Agent) acquire(ctx context.Context, log *slog.Logger, cfg config.Network, ul dataplane.Underlay) (lease.Held, error) {
+	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.IP, Backend: cfg.Backend.Type, UnderlayMAC: ul.MAC, Instance: newInstance()}
 	if cfg.Backend.Type != config.HostGW {
 		self.VTEPMAC = plan.VTEPMAC(a.opt.Node).String()
 	}
@@ -214,194 +282,29 @@ func (a *Agent) Run(ctx context.Context) error {
 	if info, err := subnetfile.Read(a.opt.SubnetFile); err == nil {
 		hint = info.Subnet
 	}
-	var held lease.Held
-	backoff = newBackoff()
+	backoff := newBackoff()
 	for {
-		held, err = a.opt.Store.Acquire(ctx, cfg, self, hint)
+		held, err := a.opt.Store.Acquire(ctx, cfg, self, hint)
 		if err == nil {
-			break
+			return held, nil
 		}
 		a.setError("lease", err)
 		a.opt.Metrics.Errors.WithLabelValues("lease").Inc()
 		log.Warn("cannot acquire a subnet lease yet", "err", err, "retry", backoff.peek())
 		if !backoff.wait(ctx) {
-			return ctx.Err()
+			return held, ctx.Err()
 		}
 	}
-	log.Info("lease acquired", "subnet", held.Lease.Subnet, "in", time.Since(start).Round(time.Millisecond))
-	a.setLease(held.Lease, cfg)
-	a.opt.Metrics.LeaseHeld.Set(1)
-	// The NAT and FORWARD chains depend on the config and our subnet only: write them
-	// while the peers are listed and routed (the iptables execs take tens of milliseconds
-	// on a loaded node, and peers' routes must not wait for them). The first full pass
-	// takes the result.
-	a.startEarlyNAT(ctx, plan.NAT{Network: cfg.Network, Subnet: held.Lease.Subnet, Final: a.opt.Docker != nil})
+}
 
-	// 3. Inputs.
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	peers := lease.NewPeersWith(lease.Rules{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Self: a.opt.Node, SelfIP: held.Lease.PublicIP})
-	listed := make(chan struct{}, 1)
-	wg.Add(1)
-	go func() { defer wg.Done(); a.opt.Store.Watch(ctx, peers, listed, a.opt.Metrics) }()
-	wg.Add(1)
-	go func() { defer wg.Done(); a.keepAlive(ctx, log, held) }()
-	if hw, ok := a.opt.Store.(lease.HealthWatcher); ok {
-		wg.Add(1)
-		go func() { defer wg.Done(); a.watchStore(ctx, log, hw) }()
-	}
-	vxDev := VXLANDevName(cfg.Backend.VNI)
-	wg.Add(1)
-	go func() { defer wg.Done(); a.watchKernel(ctx, vxDev) }()
-	wg.Add(1)
-	go func() { defer wg.Done(); watchFirewall(ctx, log, a.fwDirty, a.nftDirty, a.podChanged) }()
-	wg.Add(1)
-	go func() { defer wg.Done(); watchNetconf(ctx, log, a.fwdChanged) }()
-
-	// Wait for the first full list of peers before touching anything.
-	select {
-	case <-listed:
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-
-	ticker := time.NewTicker(a.opt.Resync)
-	defer ticker.Stop()
-	cfgChanged := make(chan struct{}, 1)
-	wg.Add(1)
-	go func() { defer wg.Done(); a.opt.Store.WatchConfig(ctx, cfgChanged) }()
-	// Full passes rebuild the plan from the whole snapshot and diff it against the kernel
-	// mirrors; lease events in between take the incremental path (only the changed leases'
-	// entries). Firewall changes only re-check the firewall.
-	full, fw, drift, leases := true, true, false, false
-	first := true
-	grace := newGrace()
-	retry := newPassRetry(a.retryFull)
-	defer retry.ok()
-	for {
-		switch {
-		case full:
-			a.reportIgnored(log, peers)
-			if err := a.checkIdentity(log, peers, held.Lease); err != nil {
-				return err
-			}
-			_, _ = peers.Take() // the snapshot below covers them
-			snap, newlyHeld := grace.full(time.Now(), peers.Snapshot())
-			logHeld(log, newlyHeld, grace.until)
-			if err := a.fullPass(ctx, log, cfg, held.Lease, snap, &ul, vxDev, fw, drift); err != nil {
-				log.Warn("full pass failed; retrying", "in", retry.failed())
-			} else {
-				retry.ok()
-			}
-			full, fw, drift = false, false, false
-			if a.bigPass && !first {
-				// A big pass (a resync with thousands of peers) leaves megabytes of
-				// garbage; hand it back now (its plan is dead once fullPass returned) rather
-				// than whenever the scavenger gets to it. Start-up's is handed back at ready.
-				debug.FreeOSMemory()
-			}
-		case leases:
-			a.reportIgnored(log, peers)
-			if err := a.checkIdentity(log, peers, held.Lease); err != nil {
-				return err
-			}
-			changed, relisted := peers.Take()
-			if relisted {
-				full = true
-				continue
-			}
-			changed, newlyHeld := grace.incremental(time.Now(), changed)
-			logHeld(log, newlyHeld, grace.until)
-			if a.incrementalPass(log, changed) != nil {
-				full = true
-				continue
-			}
-		case fw:
-			a.firewallPass(ctx, log)
-			fw = false
-		}
-		leases = false
-		if first && a.ready() {
-			first = false
-			// The files and their directories exist now: watch them.
-			files := make([]string, 0, len(a.files))
-			for _, f := range a.files {
-				files = append(files, f.path)
-			}
-			wg.Add(1)
-			go func() { defer wg.Done(); watchFiles(ctx, log, files, a.filesDirty) }()
-			log.Info("ready", "in", time.Since(start).Round(time.Millisecond), "peers", a.peerCount())
-			if a.opt.OnReady != nil {
-				a.opt.OnReady()
-			}
-			// What start-up left (a cold pass with thousands of peers leaves megabytes)
-			// goes back now; readiness is already reported, so this delays nothing.
-			debug.FreeOSMemory()
-		}
-		if full || fw {
-			continue
-		}
-		select {
-		case <-ctx.Done():
-			log.Info("stopping; the dataplane stays in place")
-			return nil
-		case <-listed:
-			leases = true
-		case <-a.trigger:
-			full, drift = true, true
-		case <-a.fwDirty:
-			fw = true
-		case <-a.nftDirty:
-			a.guardPass(log)
-		case <-a.podChanged:
-			a.schedulePodGuard()
-		case <-a.storeChanged:
-			switch a.storeState().State {
-			case storeUnreachable:
-				grace.outage()
-			case storeConnected:
-				if window := 2 * a.opt.LeaseTTL; grace.recovered(time.Now(), window) {
-					time.AfterFunc(window, func() { signal(a.graceEnd) })
-				}
-			}
-		case <-a.graceEnd:
-			full = true
-		case <-a.retryFull:
-			full, fw = true, true // the firewall may be what failed
-		case <-a.fwdChanged:
-			a.checkForwarding(log)
-		case <-a.podDirty:
-			a.podGuardPass(ctx, log)
-		case <-a.filesDirty:
-			if err := a.ensureFiles(); err != nil {
-				log.Error("cannot repair the CNI files", "err", err)
-				a.setError("files", err)
-			}
-		case <-ticker.C:
-			full, fw, drift = true, true, true
-			a.invalidate()
-		case <-cfgChanged:
-			c, _, err := a.opt.Store.Config(ctx)
-			switch {
-			case err == nil && (c.Network != cfg.Network || c.SubnetLen != cfg.SubnetLen || c.Backend.Type != cfg.Backend.Type):
-				// The lease (subnet, VTEP MAC) was made for the old values: applying them
-				// live would mean renumbering pods. A restart of each agent applies them.
-				log.Error("network, subnet length or backend changed in the network config; restart the agents to apply it, keeping the current dataplane",
-					"network", c.Network, "subnetLen", c.SubnetLen, "backend", c.Backend.Type)
-				a.setError("config", fmt.Errorf("network, subnetLen or backend changed in the network config; restart the agent to apply"))
-			case err == nil:
-				cfg = c
-				a.clearError("config")
-				full = true
-			case errors.Is(err, context.Canceled):
-			default:
-				a.setError("config", err)
-				a.opt.Metrics.Errors.WithLabelValues("config").Inc()
-				log.Error("network config is invalid; keeping the dataplane as it is", "err", err)
-			}
-		}
+// input is the plan's input: the snapshot of config, own lease, underlay and peers.
+func (a *Agent) input(cfg config.Network, self lease.Lease, ul dataplane.Underlay, peers []lease.Lease) plan.Input {
+	return plan.Input{
+		Config:   cfg,
+		Self:     self,
+		Peers:    peers,
+		Underlay: plan.Underlay{Dev: ul.Dev, MTU: ul.MTU, Connected: ul.Connected},
+		Docker:   a.opt.Docker != nil,
 	}
 }
 
@@ -455,377 +358,6 @@ func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held
 			}
 		}
 	}
-}
-
-// fullPass makes the kernel match a plan built from the whole snapshot. Routes go right
-// after the VXLAN entries they depend on; the firewall, the slow part, comes last.
-//
-// It re-reads the underlay first, so a changed MTU reaches the VXLAN device and the
-// files. An error means the pass did not complete: the caller retries it.
-func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Network, self lease.Lease, peers []lease.Lease, ul *underlay, vxDev string, firewall, drift bool) error {
-	t0 := time.Now()
-	a.checkForwarding(log)
-	a.refreshUnderlay(log, ul)
-	connected, err := a.connected(ul.dev)
-	if err != nil {
-		log.Warn("cannot read underlay prefixes", "err", err)
-	}
-	planner, p := plan.NewPlanner(plan.Input{
-		Config:   cfg,
-		Self:     self,
-		Peers:    peers,
-		Underlay: plan.Underlay{Dev: ul.dev, MTU: ul.mtu, Connected: connected},
-		VXLANDev: vxDev,
-	})
-	p.NAT.Final = a.opt.Docker != nil
-	a.mu.Lock()
-	a.planner = planner
-	a.mu.Unlock()
-	var errs []error
-	vst, err := a.vxlan.Sync(p.VXLAN, vxDev, ul.dev, plan.VTEPMAC(a.opt.Node), p.Neighs, p.FDB)
-	if err != nil {
-		errs = append(errs, err)
-	}
-	rst, err := a.route.Sync(p.Routes)
-	if err != nil {
-		errs = append(errs, err)
-	}
-	gst, err := a.guard.Sync(guardSpec(cfg, p))
-	if err != nil {
-		errs = append(errs, err)
-	}
-	a.countGuard(gst, drift)
-	var nst nat.Stats
-	if firewall {
-		a.nat.plan = p.NAT
-		nst, err = a.natSync(ctx, p.NAT)
-		if err != nil {
-			errs = append(errs, err)
-		}
-		a.podGuardPass(ctx, log)
-	} else {
-		a.nat.plan = p.NAT
-	}
-	a.finish(log, "full", t0, vst, rst, nst, drift, errors.Join(errs...))
-	// Big passes (a cold start, or a resync, with thousands of peers) leave megabytes of
-	// dump buffers and plan behind.
-	a.bigPass = len(peers) > 1000 || rst.Added+rst.Replaced+rst.Deleted > 500
-	for _, peer := range p.Peers {
-		if peer.Mode == plan.Unreachable {
-			log.Warn("peer unreachable", "peer", peer.Node, "subnet", peer.Subnet, "reason", peer.Reason)
-		}
-	}
-	if len(errs) != 0 {
-		return errors.Join(errs...)
-	}
-	if err := a.writeFiles(cfg, self, p); err != nil {
-		log.Error("cannot write the CNI files", "err", err)
-		a.setError("files", err)
-		return err
-	}
-	a.clearError("files")
-	if a.opt.Docker != nil && !a.dockerPass(ctx, log, self, p) {
-		return nil // dockerPass retries on its own backoff
-	}
-	if !a.ready() {
-		a.setReady()
-	}
-	return nil
-}
-
-// refreshUnderlay re-reads the underlay device, its MTU and address (they were read at
-// start; an MTU change must reach the VXLAN device and the pods). The address peers use
-// is the one in the lease: a changed one is reported, not applied.
-func (a *Agent) refreshUnderlay(log *slog.Logger, ul *underlay) {
-	cur, err := a.underlay()
-	if err != nil {
-		log.Warn("cannot re-read the underlay; keeping the last one", "dev", ul.dev, "err", err)
-		return
-	}
-	if cur.ip != ul.ip {
-		if cur.ip != a.ulWarned {
-			log.Warn("the underlay address changed; peers keep using the leased address until the agent restarts", "leased", ul.ip, "now", cur.ip)
-			a.ulWarned = cur.ip
-		}
-		cur.ip = ul.ip
-	}
-	if cur != *ul {
-		log.Info("underlay changed", "dev", cur.dev, "mtu", cur.mtu, "was", ul.dev, "wasMTU", ul.mtu)
-		*ul = cur
-		a.ulDev.Store(cur.dev)
-	}
-}
-
-// incrementalPass applies changed leases through the planner and fixes only their
-// entries. An error means "run a full pass instead".
-func (a *Agent) incrementalPass(log *slog.Logger, changed []lease.Lease) error {
-	if len(changed) == 0 {
-		return nil
-	}
-	t0 := time.Now()
-	a.mu.Lock()
-	planner := a.planner
-	if planner == nil {
-		a.mu.Unlock()
-		return errors.New("no plan yet")
-	}
-	ch := planner.Update(changed)
-	a.mu.Unlock()
-	if ch.Empty() {
-		return nil
-	}
-	var errs []error
-	vst, err := a.vxlan.Apply(ch.Neighs, ch.FDB, planner.Neigh, planner.HasFDB)
-	if errors.Is(err, vxlan.ErrNoMirror) {
-		return err
-	}
-	if err != nil {
-		errs = append(errs, err)
-	}
-	rst, err := a.route.Apply(ch.Routes, planner.Route)
-	if errors.Is(err, route.ErrNoMirror) {
-		return err
-	}
-	if err != nil {
-		errs = append(errs, err)
-	}
-	// The VXLAN allow-list follows the peers: a new peer's packets are accepted from now.
-	allow := make(map[string]vxguard.Peer, len(changed))
-	for _, l := range changed {
-		v, _ := planner.Peer(l.Node)
-		allow[l.Node] = guardPeer(v)
-	}
-	gst, err := a.guard.Update(allow)
-	if errors.Is(err, vxguard.ErrNoMirror) {
-		return err
-	}
-	if err != nil {
-		errs = append(errs, err)
-	}
-	a.countGuard(gst, false)
-	a.finish(log, "incremental", t0, vst, rst, nat.Stats{}, false, errors.Join(errs...))
-	for _, l := range changed {
-		if v, ok := planner.Peer(l.Node); ok && v.Mode == plan.Unreachable {
-			log.Warn("peer unreachable", "peer", v.Node, "subnet", v.Subnet, "reason", v.Reason)
-		}
-	}
-	if len(errs) > 0 {
-		return errors.Join(errs...)
-	}
-	return nil
-}
-
-type natResult struct {
-	plan plan.NAT
-	st   nat.Stats
-	err  error
-}
-
-func (a *Agent) startEarlyNAT(ctx context.Context, n plan.NAT) {
-	ch := make(chan natResult, 1)
-	a.nat.early = ch
-	go func() {
-		st, err := a.nat.r.Sync(ctx, n)
-		ch <- natResult{n, st, err}
-	}()
-}
-
-// natSync syncs the NAT chains to n, or takes the start-up sync's result when it was for
-// n and succeeded.
-func (a *Agent) natSync(ctx context.Context, n plan.NAT) (nat.Stats, error) {
-	if ch := a.nat.early; ch != nil {
-		a.nat.early = nil
-		if r := <-ch; r.err == nil && r.plan == n {
-			return r.st, nil
-		}
-	}
-	return a.nat.r.Sync(ctx, n)
-}
-
-// firewallPass re-checks the NAT and FORWARD chains (after a ruleset change).
-func (a *Agent) firewallPass(ctx context.Context, log *slog.Logger) {
-	t0 := time.Now()
-	nst, err := a.natSync(ctx, a.nat.plan)
-	a.finish(log, "firewall", t0, vxlan.Stats{}, route.Stats{}, nst, true, err)
-}
-
-// guardSpec is the VXLAN allow-list for a plan: every peer the plan routes to (a directly
-// routed peer sends no VXLAN, but allowing it costs nothing and survives a mode change).
-func guardSpec(cfg config.Network, p plan.Plan) vxguard.Spec {
-	s := vxguard.Spec{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Peers: make(map[string]vxguard.Peer, len(p.Peers))}
-	if p.VXLAN != nil {
-		s.Port = p.VXLAN.Port
-	}
-	for _, v := range p.Peers {
-		if g := guardPeer(v); g.IP.IsValid() {
-			s.Peers[v.Node] = g
-		}
-	}
-	return s
-}
-
-// guardPeer is what the allow-list accepts from a peer: VXLAN from its public IP (and, on
-// the same L2, its underlay MAC) carrying its pods' or its own addresses.
-func guardPeer(v plan.Peer) vxguard.Peer {
-	if v.Mode == plan.Direct || v.Mode == plan.VXLAN {
-		return vxguard.Peer{IP: v.PublicIP, Subnet: v.Subnet, MAC: v.UnderlayMAC}
-	}
-	return vxguard.Peer{}
-}
-
-// guardPass re-checks netagent's nftables table after someone changed it.
-func (a *Agent) guardPass(log *slog.Logger) {
-	t0 := time.Now()
-	st, err := a.guard.Resync()
-	if errors.Is(err, vxguard.ErrNoMirror) {
-		signal(a.trigger) // no full pass yet, or the last one failed: a full pass syncs it
-		return
-	}
-	a.countGuard(st, true)
-	if err != nil {
-		a.opt.Metrics.Errors.WithLabelValues("reconcile").Inc()
-		log.Error("VXLAN allow-list repair failed", "err", err)
-		return
-	}
-	if st.Changed() {
-		log.Info("VXLAN allow-list repaired", "rebuilt", st.Rebuilt, "added", st.Added, "deleted", st.Delete, "took", time.Since(t0).Round(time.Microsecond))
-	}
-}
-
-func (a *Agent) countGuard(st vxguard.Stats, drift bool) {
-	if !a.ready() || !st.Changed() {
-		return
-	}
-	c := a.opt.Metrics.Changes
-	if drift {
-		c = a.opt.Metrics.Repairs
-	}
-	n := st.Added + st.Delete
-	if st.Rebuilt {
-		n++
-	}
-	c.WithLabelValues("vxlan-allowlist").Add(float64(n))
-}
-
-// finish records a pass's outcome in metrics, status and the log.
-func (a *Agent) finish(log *slog.Logger, kind string, t0 time.Time, vst vxlan.Stats, rst route.Stats, nst nat.Stats, drift bool, err error) {
-	m := a.opt.Metrics
-	m.ReconcileSeconds.Observe(time.Since(t0).Seconds())
-	a.countRepairs(vst, rst, nst, drift)
-	a.mu.Lock()
-	counts := a.planner.Count()
-	a.mu.Unlock()
-	for _, mode := range []plan.Mode{plan.Direct, plan.VXLAN, plan.Unreachable} {
-		m.Peers.WithLabelValues(string(mode)).Set(float64(counts[mode]))
-	}
-	if err != nil {
-		m.Errors.WithLabelValues("reconcile").Inc()
-		log.Error("reconcile incomplete", "pass", kind, "err", err)
-		a.setError("reconcile", err)
-	} else {
-		a.clearError("reconcile")
-	}
-	if vst.Changed() || rst.Changed() || nst.Changed() {
-		log.Info("dataplane updated", "pass", kind, "routes", fmt.Sprintf("+%d ~%d -%d", rst.Added, rst.Replaced, rst.Deleted),
-			"neigh", fmt.Sprintf("+%d -%d", vst.NeighSet, vst.NeighDel), "fdb", fmt.Sprintf("+%d -%d", vst.FDBSet, vst.FDBDel),
-			"nat", nst.Changed(), "took", time.Since(t0).Round(time.Microsecond))
-	}
-}
-
-// countRepairs counts kernel changes; when the plan had not changed they repaired drift.
-func (a *Agent) countRepairs(v vxlan.Stats, r route.Stats, n nat.Stats, drift bool) {
-	if !a.ready() {
-		return // the first pass builds, it does not repair
-	}
-	c := a.opt.Metrics.Changes
-	if drift {
-		c = a.opt.Metrics.Repairs
-	}
-	c.WithLabelValues("route").Add(float64(r.Added + r.Replaced + r.Deleted))
-	c.WithLabelValues("neigh").Add(float64(v.NeighSet + v.NeighDel))
-	c.WithLabelValues("fdb").Add(float64(v.FDBSet + v.FDBDel))
-	c.WithLabelValues("vxlan-device").Add(float64(v.DeviceChanges()))
-	c.WithLabelValues("nat").Add(float64(n.ChainsRewritten + n.JumpsFixed))
-}
-
-type underlay struct {
-	dev string
-	ip  netip.Addr
-	mtu int
-	mac string // published for peers on the same L2 (empty: not Ethernet)
-}
-
-// underlay finds the interface and address peers reach this node at.
-func (a *Agent) underlay() (underlay, error) {
-	var link netlink.Link
-	var err error
-	switch {
-	case a.opt.Iface != "":
-		link, err = a.h.LinkByName(a.opt.Iface)
-		if err != nil {
-			return underlay{}, fmt.Errorf("--iface %s: %w", a.opt.Iface, err)
-		}
-	case a.opt.PublicIP.IsValid():
-		link, err = a.linkWith(a.opt.PublicIP)
-		if err != nil {
-			return underlay{}, err
-		}
-	default:
-		routes, err := a.h.RouteGet(net.IPv4(192, 0, 2, 0))
-		if err != nil || len(routes) == 0 {
-			return underlay{}, fmt.Errorf("no --iface given and no default route to pick one from")
-		}
-		if link, err = a.h.LinkByIndex(routes[0].LinkIndex); err != nil {
-			return underlay{}, err
-		}
-	}
-	ip := a.opt.PublicIP
-	if !ip.IsValid() {
-		addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return a.h.AddrList(link, netlink.FAMILY_V4) })
-		if err != nil || len(addrs) == 0 {
-			return underlay{}, fmt.Errorf("underlay %s has no IPv4 address (set --public-ip)", link.Attrs().Name)
-		}
-		ip, _ = netip.AddrFromSlice(addrs[0].IP.To4())
-	}
-	mac := ""
-	if m := link.Attrs().HardwareAddr; len(m) == 6 {
-		mac = m.String()
-	}
-	return underlay{dev: link.Attrs().Name, ip: ip, mtu: link.Attrs().MTU, mac: mac}, nil
-}
-
-func (a *Agent) linkWith(ip netip.Addr) (netlink.Link, error) {
-	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return a.h.AddrList(nil, netlink.FAMILY_V4) })
-	if err != nil {
-		return nil, err
-	}
-	for _, ad := range addrs {
-		if x, ok := netip.AddrFromSlice(ad.IP.To4()); ok && x == ip {
-			return a.h.LinkByIndex(ad.LinkIndex)
-		}
-	}
-	return nil, fmt.Errorf("--public-ip %s is not on any interface", ip)
-}
-
-func (a *Agent) connected(dev string) ([]netip.Prefix, error) {
-	l, err := a.h.LinkByName(dev)
-	if err != nil {
-		return nil, err
-	}
-	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return a.h.AddrList(l, netlink.FAMILY_V4) })
-	if err != nil {
-		return nil, err
-	}
-	var out []netip.Prefix
-	for _, ad := range addrs {
-		ip, ok := netip.AddrFromSlice(ad.IP.To4())
-		if !ok {
-			continue
-		}
-		ones, _ := ad.Mask.Size()
-		out = append(out, netip.PrefixFrom(ip, ones).Masked())
-	}
-	return out, nil
 }
 
 // passRetry schedules the retry of a failed full pass: 100ms, doubling to 10s; a pass

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/netagent/netagent/pkg/antispoof"
@@ -13,37 +14,63 @@ import (
 // The pod anti-spoofing set (pkg/antispoof) is written by the CNI plugin as pods come and
 // go; the agent keeps it equal to the plugin's address stores, which repairs a lost
 // element, an agent-less window or an `nft flush ruleset`. It checks on full passes with
-// the firewall (start, resync) and shortly after any change to netagent's nftables tables:
-// shortly after, because every pod ADD and DEL changes the set too, and one check covers
-// a burst of them.
+// the firewall (start, resync) and, in a small loop of its own, shortly after any change
+// to netagent's bridge-family nftables table: shortly after, because every pod ADD and
+// DEL changes the set too, and one check covers a burst of them.
 
 const podGuardDelay = 300 * time.Millisecond
+
+// podGuard is the state of the pod anti-spoofing checks.
+type podGuard struct {
+	changed chan struct{} // the pod anti-spoofing table changed (watchFirewall)
+	again   chan struct{} // a check wants another one shortly
+	sync    func(ctx context.Context, dataDir string, addOK func(antispoof.Entry) bool) (antispoof.Stats, []antispoof.Entry, error)
+
+	mu      sync.Mutex           // checks run from the loop and from runPodGuard
+	missing map[string]time.Time // entries missing at the last check, since when
+}
+
+func newPodGuard() podGuard {
+	return podGuard{changed: make(chan struct{}, 1), again: make(chan struct{}, 1), sync: antispoof.SyncDataDirFunc}
+}
 
 func (a *Agent) podDataDir() string { return or(a.opt.CNIConf.DataDir, ipam.DefaultDataDir) }
 
 // podGuardEnabled: only where netagent-cni wires the pods (not on Docker hosts).
 func (a *Agent) podGuardEnabled() bool { return a.opt.Docker == nil }
 
-// schedulePodGuard asks for one podGuardPass podGuardDelay from now.
-func (a *Agent) schedulePodGuard() {
-	if !a.podGuardEnabled() || a.podGuardArmed.Swap(true) {
-		return
+// runPodGuard checks the set podGuardDelay after the table changed or a check asked for
+// another, until ctx ends. A change while a check is pending does not postpone it.
+func (a *Agent) runPodGuard(ctx context.Context, log *slog.Logger) {
+	var due <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.pod.changed:
+		case <-a.pod.again:
+		case <-due:
+			due = nil
+			a.podGuardPass(ctx, log)
+			continue
+		}
+		if due == nil {
+			due = time.After(podGuardDelay)
+		}
 	}
-	time.AfterFunc(podGuardDelay, func() { signal(a.podDirty) })
 }
 
 func (a *Agent) podGuardPass(ctx context.Context, log *slog.Logger) {
-	a.podGuardArmed.Store(false)
-	if !a.podGuardEnabled() {
-		return
-	}
+	g := &a.pod
+	g.mu.Lock()
+	defer g.mu.Unlock()
 	t0 := time.Now()
 	// An entry is added only once it was missing at an earlier check too: the plugin adds
 	// entries itself, so one missing now is most likely a pod in the middle of its ADD or
 	// DEL, and putting it back would race the plugin (and leave a deleted pod's entry).
-	seen := a.podMissing
+	seen := g.missing
 	now := map[string]time.Time{}
-	st, withheld, err := antispoof.SyncDataDirFunc(ctx, a.podDataDir(), func(e antispoof.Entry) bool {
+	st, withheld, err := g.sync(ctx, a.podDataDir(), func(e antispoof.Entry) bool {
 		first, ok := seen[e.String()]
 		return ok && t0.Sub(first) >= podGuardDelay/2
 	})
@@ -51,7 +78,7 @@ func (a *Agent) podGuardPass(ctx context.Context, log *slog.Logger) {
 		// Most likely a DEL removed an entry this sync was removing too (the kernel refuses
 		// the whole transaction): look again shortly, keeping what was seen missing.
 		if !errors.Is(err, antispoof.ErrNoDataDir) {
-			a.schedulePodGuard()
+			signal(g.again)
 		}
 		a.opt.Metrics.Errors.WithLabelValues("reconcile").Inc()
 		a.setError("antispoof", err)
@@ -67,9 +94,9 @@ func (a *Agent) podGuardPass(ctx context.Context, log *slog.Logger) {
 			now[k] = t0
 		}
 	}
-	a.podMissing = now
+	g.missing = now
 	if len(withheld) > 0 {
-		a.schedulePodGuard() // look again: added then if still missing
+		signal(g.again) // look again: added then if still missing
 	}
 	if !st.Repaired && st.Added+st.Removed == 0 {
 		return

@@ -41,9 +41,43 @@ func (a *Agent) dockerHint(log *slog.Logger) netip.Prefix {
 	return d.adopt
 }
 
-// dockerPass makes Docker use the lease, on every full pass (a network removed by hand is
-// recreated, a bridge renumbered by hand is reported), and reports whether it does.
-// Failures are retried with a backoff (1 s doubling to 30 s) and logged when they change.
+// kickDocker asks runDocker to make Docker use the lease of a full pass's plan.
+func (a *Agent) kickDocker(self lease.Lease, p plan.Plan) {
+	j := &a.dockerJob
+	j.Lock()
+	j.self, j.p = self, plan.Plan{PodMTU: p.PodMTU, NAT: p.NAT}
+	j.Unlock()
+	signal(a.dockerKick)
+}
+
+// runDocker is the Docker step's loop: after every successful full pass (a network
+// removed by hand is recreated, a bridge renumbered by hand is reported), and again after
+// the retry delay while it fails, until ctx ends. Its first success makes the agent ready.
+func (a *Agent) runDocker(ctx context.Context, log *slog.Logger) {
+	var retry <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.dockerKick:
+		case <-retry:
+		}
+		retry = nil
+		j := &a.dockerJob
+		j.Lock()
+		self, p := j.self, j.p
+		j.Unlock()
+		if a.dockerPass(ctx, log, self, p) {
+			a.dockerOK.Store(true)
+			a.in.post(rDocker)
+		} else {
+			retry = time.After(a.opt.Docker.retry)
+		}
+	}
+}
+
+// dockerPass makes Docker use the lease and reports whether it does. Failures set the
+// retry delay (1 s doubling to 30 s) and are logged when they change.
 func (a *Agent) dockerPass(ctx context.Context, log *slog.Logger, self lease.Lease, p plan.Plan) bool {
 	d := a.opt.Docker
 	err := a.dockerStep(ctx, log, self, p)
@@ -64,7 +98,6 @@ func (a *Agent) dockerPass(ctx context.Context, log *slog.Logger, self lease.Lea
 	} else {
 		log.Debug("docker is not on the leased subnet", "subnet", self.Subnet, "err", err, "retry", d.retry)
 	}
-	time.AfterFunc(d.retry, func() { signal(a.trigger) })
 	return false
 }
 

@@ -63,7 +63,7 @@ func TestDockerPass(t *testing.T) {
 	self := lease.Lease{Node: "n1", Subnet: netip.MustParsePrefix("10.244.7.0/24")}
 	p := plan.Plan{PodMTU: 1450, NAT: plan.NAT{Network: netip.MustParsePrefix("10.244.0.0/16")}}
 	newAgent := func(sock string) *Agent {
-		return &Agent{h: h, trigger: make(chan struct{}, 1),
+		return &Agent{h: h,
 			opt: Options{Docker: &DockerMode{Network: "podnet", Socket: sock}, Metrics: NewMetrics()}}
 	}
 

@@ -43,7 +43,7 @@ func (a *Agent) watchStore(ctx context.Context, log *slog.Logger, hw lease.Healt
 			}
 			down = time.Time{}
 			a.setStore(StoreStatus{State: storeConnected, Since: now})
-			signal(a.storeChanged)
+			a.in.post(rStore)
 			signal(a.reclaim)
 			return
 		}
@@ -53,7 +53,7 @@ func (a *Agent) watchStore(ctx context.Context, log *slog.Logger, hw lease.Healt
 			down, nextWarn, every = now, now.Add(10*time.Second), 10*time.Second
 			log.Warn("store unreachable; the dataplane stays as it is", "err", err)
 			a.setStore(StoreStatus{State: storeUnreachable, Since: now, Error: err.Error()})
-			signal(a.storeChanged)
+			a.in.post(rStore)
 			return
 		}
 		a.setStore(StoreStatus{State: storeUnreachable, Since: down, Error: err.Error()})

@@ -8,84 +8,13 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/netagent/netagent/pkg/nlattr"
 )
-
-// watchKernel feeds netlink notifications into the reconcilers' mirrors and triggers a pass
-// when one differs from the mirror: someone else changed or removed a route with our
-// protocol number, a neighbour or FDB entry on the VXLAN device, or the VXLAN or underlay
-// device itself (the kernel drops routes of a device that goes down without notifying
-// each, so a link event invalidates the mirrors). Echoes of our own writes and pod veths
-// coming and going cause no pass. When a subscription breaks (e.g. the socket overflowed)
-// the mirrors are invalidated, a full pass runs and it subscribes again.
-func (a *Agent) watchKernel(ctx context.Context, vxDev string) {
-	for ctx.Err() == nil {
-		a.watchKernelOnce(ctx, vxDev)
-		a.invalidate()
-		signal(a.trigger)
-		select {
-		case <-ctx.Done():
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-}
-
-func (a *Agent) watchKernelOnce(ctx context.Context, vxDev string) {
-	done := make(chan struct{})
-	defer close(done)
-	routes := make(chan netlink.RouteUpdate, 1024)
-	neighs := make(chan netlink.NeighUpdate, 1024)
-	links := make(chan netlink.LinkUpdate, 256)
-	onErr := func(error) { a.invalidate(); signal(a.trigger) }
-	// Large receive buffers (forced past rmem_max, we have CAP_NET_ADMIN): a cold start
-	// with thousands of peers echoes tens of thousands of notifications at once; an
-	// overflow is handled (a full resync), but costs a pass.
-	const rcvbuf = 8 << 20
-	if err := netlink.RouteSubscribeWithOptions(routes, done, netlink.RouteSubscribeOptions{ErrorCallback: onErr, ReceiveBufferSize: rcvbuf, ReceiveBufferForceSize: true}); err != nil {
-		a.opt.Log.Warn("route subscription failed", "err", err)
-		return
-	}
-	if err := netlink.NeighSubscribeWithOptions(neighs, done, netlink.NeighSubscribeOptions{ErrorCallback: onErr, ReceiveBufferSize: rcvbuf, ReceiveBufferForceSize: true}); err != nil {
-		a.opt.Log.Warn("neighbour subscription failed", "err", err)
-		return
-	}
-	if err := netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{ErrorCallback: onErr}); err != nil {
-		a.opt.Log.Warn("link subscription failed", "err", err)
-		return
-	}
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case u, ok := <-routes:
-			if !ok {
-				return
-			}
-			if a.route.Observe(u) {
-				signal(a.trigger)
-			}
-		case u, ok := <-neighs:
-			if !ok {
-				return
-			}
-			if a.vxlan.Observe(u) {
-				signal(a.trigger)
-			}
-		case u, ok := <-links:
-			if !ok {
-				return
-			}
-			// The underlay is read afresh (a changed MTU flows to the VXLAN device and pods).
-			if name := u.Attrs().Name; name == vxDev || name == a.ulDev.Load() || u.Attrs().Index == a.vxlan.Device() {
-				a.invalidate()
-				signal(a.trigger)
-			}
-		}
-	}
-}
 
 // nfnlgrpNftables is the netfilter netlink multicast group for nftables ruleset changes
 // (NFNLGRP_NFTABLES). iptables-nft changes arrive there too, so the agent hears of a
@@ -182,26 +111,23 @@ var selfComm = func() string {
 // allow-list), its bridge table (pod anti-spoofing) and anything else.
 func (e *nftEvents) feed(b []byte) (ip, bridge, others bool) {
 	const newGen = 15 // NFT_MSG_NEWGEN
-	for len(b) >= unix.NLMSG_HDRLEN {
-		l := int(binary.NativeEndian.Uint32(b[0:4]))
-		typ := binary.NativeEndian.Uint16(b[4:6])
-		if l < unix.NLMSG_HDRLEN || l > len(b) {
-			return true, true, true
-		}
-		msg := b[unix.NLMSG_HDRLEN:l]
-		b = b[min(nlmAlign(l), len(b)):]
-		if typ&0xff != newGen {
-			switch {
-			case attr(msg, 1) == nil || string(bytes.TrimRight(attr(msg, 1), "\x00")) != "netagent":
+	msgs, err := syscall.ParseNetlinkMessage(b)
+	if err != nil {
+		return true, true, true
+	}
+	for _, m := range msgs {
+		if m.Header.Type&0xff != newGen {
+			switch name := attr(m.Data, 1); {
+			case name == nil || string(bytes.TrimRight(name, "\x00")) != "netagent":
 				e.pendOthers = true
-			case msg[0] == unix.NFPROTO_BRIDGE: // nfgenmsg.nfgen_family
+			case len(m.Data) > 0 && m.Data[0] == unix.NFPROTO_BRIDGE: // nfgenmsg.nfgen_family
 				e.pendBridge = true
 			default:
 				e.pendIP = true
 			}
 			continue
 		}
-		if !ownTransaction(msg) {
+		if !ownTransaction(m.Data) {
 			ip, bridge, others = ip || e.pendIP, bridge || e.pendBridge, others || e.pendOthers
 		}
 		e.pendIP, e.pendBridge, e.pendOthers = false, false, false
@@ -216,19 +142,6 @@ func attr(msg []byte, typ uint16) []byte {
 	if len(msg) < 4 {
 		return nil
 	}
-	for a := msg[4:]; len(a) >= 4; {
-		l := int(binary.NativeEndian.Uint16(a[0:2]))
-		t := binary.NativeEndian.Uint16(a[2:4]) & 0x3fff
-		if l < 4 || l > len(a) {
-			return nil
-		}
-		if t == typ {
-			return a[4:l]
-		}
-		a = a[min(nlaAlign(l), len(a)):]
-	}
-	return nil
+	a, _ := nlattr.Get(nlattr.Parse(msg[4:]), typ)
+	return a
 }
-
-func nlmAlign(l int) int { return (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
-func nlaAlign(l int) int { return (l + unix.NLA_ALIGNTO - 1) &^ (unix.NLA_ALIGNTO - 1) }

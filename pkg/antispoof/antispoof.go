@@ -66,6 +66,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/bridge"
+	"github.com/netagent/netagent/pkg/nlattr"
 )
 
 // Names in the kernel, for operators and tests (`nft list table bridge netagent`).
@@ -277,10 +278,10 @@ func list(c *conn) ([]Entry, error) {
 	bodies = append(bodies, b6...)
 	var out []Entry
 	for _, b := range bodies {
-		els, _ := get(parseAttrs(b), unix.NFTA_SET_ELEM_LIST_ELEMENTS)
-		for _, el := range parseAttrs(els) {
-			k, _ := get(parseAttrs(el.data), unix.NFTA_SET_ELEM_KEY)
-			v, _ := get(parseAttrs(k), unix.NFTA_DATA_VALUE)
+		els, _ := nlattr.Get(nlattr.Parse(b), unix.NFTA_SET_ELEM_LIST_ELEMENTS)
+		for _, el := range nlattr.Parse(els) {
+			k, _ := nlattr.Get(nlattr.Parse(el.Data), unix.NFTA_SET_ELEM_KEY)
+			v, _ := nlattr.Get(nlattr.Parse(k), unix.NFTA_DATA_VALUE)
 			if e, ok := entryFromKey(v); ok {
 				out = append(out, e)
 			}
@@ -332,18 +333,18 @@ func Counters(ctx context.Context) (Counts, error) {
 	var out Counts
 	found := 0
 	for _, b := range bodies {
-		as := parseAttrs(b)
-		if t, _ := get(as, unix.NFTA_OBJ_TABLE); string(t) != Table+"\x00" {
+		as := nlattr.Parse(b)
+		if t, _ := nlattr.Get(as, unix.NFTA_OBJ_TABLE); string(t) != Table+"\x00" {
 			continue
 		}
-		name, _ := get(as, unix.NFTA_OBJ_NAME)
-		data, _ := get(as, unix.NFTA_OBJ_DATA)
-		d := parseAttrs(data)
+		name, _ := nlattr.Get(as, unix.NFTA_OBJ_NAME)
+		data, _ := nlattr.Get(as, unix.NFTA_OBJ_DATA)
+		d := nlattr.Parse(data)
 		var v Count
-		if p, ok := get(d, unix.NFTA_COUNTER_PACKETS); ok && len(p) == 8 {
+		if p, ok := nlattr.Get(d, unix.NFTA_COUNTER_PACKETS); ok && len(p) == 8 {
 			v.Packets = binary.BigEndian.Uint64(p)
 		}
-		if b, ok := get(d, unix.NFTA_COUNTER_BYTES); ok && len(b) == 8 {
+		if b, ok := nlattr.Get(d, unix.NFTA_COUNTER_BYTES); ok && len(b) == 8 {
 			v.Bytes = binary.BigEndian.Uint64(b)
 		}
 		switch string(name) {

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netagent/netagent/pkg/nlattr"
 )
 
 // The kernel boundary: nftables messages over one plain, blocking netlink socket.
@@ -21,86 +23,15 @@ import (
 // the messages built here with the ones it builds, and another compares `nft list` of what
 // this package installs with the expected rule set.
 
-// attr is one netlink attribute to write: a value, or (kids != nil) a nested list.
-type attr struct {
-	typ  uint16
-	data []byte
-	kids []attr
-}
+// attr is one netlink attribute (pkg/nlattr is the codec).
+type attr = nlattr.Attr
 
-func str(typ uint16, s string) attr { return attr{typ: typ, data: []byte(s + "\x00")} }
+func str(typ uint16, s string) attr { return nlattr.String(typ, s) }
 func u32(typ uint16, v uint32) attr {
-	return attr{typ: typ, data: binary.BigEndian.AppendUint32(nil, v)}
+	return nlattr.Bytes(typ, binary.BigEndian.AppendUint32(nil, v))
 }
-func raw(typ uint16, b []byte) attr      { return attr{typ: typ, data: b} }
-func nest(typ uint16, kids ...attr) attr { return attr{typ: typ, kids: kids} }
-
-func appendAttrs(b []byte, as []attr) []byte {
-	for _, a := range as {
-		typ, data := a.typ, a.data
-		if a.kids != nil {
-			typ |= unix.NLA_F_NESTED
-			data = appendAttrs(nil, a.kids)
-		}
-		n := unix.SizeofNlAttr + len(data)
-		b = binary.NativeEndian.AppendUint16(b, uint16(n))
-		b = binary.NativeEndian.AppendUint16(b, typ)
-		b = append(b, data...)
-		for ; n%unix.NLA_ALIGNTO != 0; n++ {
-			b = append(b, 0)
-		}
-	}
-	return b
-}
-
-// parsed is one attribute read from the kernel.
-type parsed struct {
-	typ  uint16 // without the nested and byte-order flags
-	data []byte
-}
-
-func parseAttrs(b []byte) []parsed {
-	var out []parsed
-	for len(b) >= unix.SizeofNlAttr {
-		n := int(binary.NativeEndian.Uint16(b))
-		if n < unix.SizeofNlAttr || n > len(b) {
-			break
-		}
-		out = append(out, parsed{typ: binary.NativeEndian.Uint16(b[2:]) &^ (unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER), data: b[unix.SizeofNlAttr:n]})
-		b = b[min((n+unix.NLA_ALIGNTO-1)&^(unix.NLA_ALIGNTO-1), len(b)):]
-	}
-	return out
-}
-
-func get(as []parsed, typ uint16) ([]byte, bool) {
-	for _, a := range as {
-		if a.typ == typ {
-			return a.data, true
-		}
-	}
-	return nil, false
-}
-
-// contains reports whether the attributes the kernel reports (b) include every attribute
-// of want with the same value, recursively: what we wrote is there, whatever else the
-// kernel adds (newer kernels report more).
-func contains(b []byte, want []attr) bool {
-	got := parseAttrs(b)
-	for _, w := range want {
-		d, ok := get(got, w.typ)
-		if !ok {
-			return false
-		}
-		if w.kids != nil {
-			if !contains(d, w.kids) {
-				return false
-			}
-		} else if !bytes.Equal(d, w.data) {
-			return false
-		}
-	}
-	return true
-}
+func raw(typ uint16, b []byte) attr      { return nlattr.Bytes(typ, b) }
+func nest(typ uint16, kids ...attr) attr { return nlattr.Nest(typ, kids...) }
 
 // msg is one nftables message: type (unix.NFT_MSG_*), flags beyond NLM_F_REQUEST, and the
 // attributes after the nfgenmsg header (family bridge).
@@ -111,7 +42,7 @@ type msg struct {
 }
 
 func (m msg) body() []byte {
-	return appendAttrs([]byte{unix.NFPROTO_BRIDGE, unix.NFNETLINK_V0, 0, 0}, m.attrs)
+	return nlattr.Append([]byte{unix.NFPROTO_BRIDGE, unix.NFNETLINK_V0, 0, 0}, m.attrs)
 }
 
 func appendNlmsg(b []byte, typ, flags uint16, seq uint32, body []byte) []byte {

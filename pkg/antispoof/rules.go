@@ -4,6 +4,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/bridge"
+	"github.com/netagent/netagent/pkg/nlattr"
 )
 
 // The rule set, as the nftables messages that install it. `nft list table bridge netagent`
@@ -261,11 +262,11 @@ func ensureMsgs() []msg {
 // attribute we write. Any error reading them counts as "no": rewriting is always safe.
 func intact(c *conn) bool {
 	t, err := c.dump(unix.NFT_MSG_GETTABLE, false, []attr{str(unix.NFTA_TABLE_NAME, Table)})
-	if err != nil || len(t) != 1 || !contains(t[0], tableMsg().attrs) {
+	if err != nil || len(t) != 1 || !nlattr.Contains(t[0], tableMsg().attrs) {
 		return false
 	}
 	ch, err := c.dump(unix.NFT_MSG_GETCHAIN, false, []attr{str(unix.NFTA_CHAIN_TABLE, Table), str(unix.NFTA_CHAIN_NAME, Chain)})
-	if err != nil || len(ch) != 1 || !contains(ch[0], chainAttrs()) {
+	if err != nil || len(ch) != 1 || !nlattr.Contains(ch[0], chainAttrs()) {
 		return false
 	}
 	want := rules()
@@ -274,16 +275,16 @@ func intact(c *conn) bool {
 		return false
 	}
 	for i, r := range want {
-		if !contains(got[i], []attr{raw(unix.NFTA_RULE_USERDATA, r.userData())}) {
+		if !nlattr.Contains(got[i], []attr{raw(unix.NFTA_RULE_USERDATA, r.userData())}) {
 			return false
 		}
-		exprs, _ := get(parseAttrs(got[i]), unix.NFTA_RULE_EXPRESSIONS)
-		list := parseAttrs(exprs)
+		exprs, _ := nlattr.Get(nlattr.Parse(got[i]), unix.NFTA_RULE_EXPRESSIONS)
+		list := nlattr.Parse(exprs)
 		if len(list) != len(r.exprs) {
 			return false
 		}
 		for j, e := range r.exprs {
-			if !contains(list[j].data, e.attr().kids) {
+			if !nlattr.Contains(list[j].Data, e.attr().Nested) {
 				return false
 			}
 		}

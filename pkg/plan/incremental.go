@@ -1,18 +1,25 @@
 package plan
 
 import (
+	"maps"
 	"net/netip"
+	"slices"
 	"strings"
+	"sync/atomic"
 
+	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
 )
 
 // Planner keeps a plan up to date one lease at a time, so a lease event costs work for
 // that lease (and the few that claim the same subnet), not for every peer. It makes the
-// same decisions as Build — the tests apply random sequences of changes and compare with
-// Build of the final set — and the agent still runs Build for its full passes (start,
-// resync, config or underlay change); the Planner covers the lease events in between.
+// same decisions as Build — the tests apply random sequences of changes and check that
+// each Delta turns Build of the set before into Build of the set after — and the agent
+// still starts a new Planner for its full passes (start, resync, config or underlay
+// change); Update covers the lease events in between.
 type Planner struct {
+	gen     uint64
+	base    Plan  // Build(in) without peers: the device, NAT, MTU and allow-list header
 	in      Input // without Peers
 	peers   map[string]lease.Lease
 	claim   map[netip.Prefix][]string // subnet -> nodes claiming it (almost always one)
@@ -48,15 +55,66 @@ type contribution struct {
 type Changes struct {
 	Routes []netip.Prefix
 	Neighs []netip.Addr
-	FDB    []FDB // removed or added entries (an FDB entry is its own key)
+	FDB    []FDB    // removed or added entries (an FDB entry is its own key)
+	Nodes  []string // peers whose verdict may have changed
+}
+
+// Delta is how one plan differs from the one before it: each entry that changed, with its
+// new value or Del. A key appears at most once.
+type Delta struct {
+	From   uint64 // the Gen of the plan this one follows
+	Routes []RouteChange
+	Neighs []NeighChange
+	FDB    []FDBChange
+	// Allow has the allow-list entry of every peer whose entry may have changed; ok false:
+	// the peer is not allowed any more.
+	Allow []AllowChange
+	// Peers are the verdicts of the peers the change touched that still have a lease.
+	Peers []Peer
+}
+
+// RouteChange is the new desired route to Dst, or Del.
+type RouteChange struct {
+	Dst   netip.Prefix
+	Route Route
+	Del   bool
+}
+
+// NeighChange is the new desired neighbour entry for IP, or Del.
+type NeighChange struct {
+	IP    netip.Addr
+	Neigh Neigh
+	Del   bool
+}
+
+// FDBChange is an FDB entry now desired, or (Del) no longer.
+type FDBChange struct {
+	FDB FDB
+	Del bool
+}
+
+// AllowChange is a peer's new allow-list entry, or (Del) none.
+type AllowChange struct {
+	Node    string
+	Allowed Allowed
+	Del     bool
 }
 
 // Empty reports whether nothing changed.
-func (c Changes) Empty() bool { return len(c.Routes)+len(c.Neighs)+len(c.FDB) == 0 }
+func (d *Delta) Empty() bool { return len(d.Routes)+len(d.Neighs)+len(d.FDB)+len(d.Allow) == 0 }
 
-// NewPlanner starts from a full input (its Peers included); it also returns Build(in).
+// gens numbers plans across Planners, so a Delta can never be taken for one that follows
+// another Planner's plan.
+var gens atomic.Uint64
+
+// NewPlanner starts from a full input (its Peers included); it also returns Build(in),
+// numbered.
 func NewPlanner(in Input) (*Planner, Plan) {
+	if in.VXLANDev == "" {
+		in.VXLANDev = VXLANDevName(in.Config.Backend.VNI)
+	}
 	p := &Planner{
+		gen:     gens.Add(1),
 		in:      in,
 		peers:   make(map[string]lease.Lease, len(in.Peers)),
 		claim:   make(map[netip.Prefix][]string, len(in.Peers)),
@@ -70,6 +128,8 @@ func NewPlanner(in Input) (*Planner, Plan) {
 	}
 	p.in.Peers = nil
 	full := Build(in)
+	full.Gen = p.gen
+	p.base = Build(p.in)
 	p.podMTU = full.PodMTU
 	if full.VXLAN != nil {
 		p.tunnelMTU = full.VXLAN.MTU
@@ -133,8 +193,61 @@ func (p *Planner) owners(subnets map[netip.Prefix]bool) map[netip.Prefix]string 
 }
 
 // Update applies changed leases (a lease whose Subnet is invalid and PublicIP unset, as
-// from Deleted, removes the node) and returns the desired entries that changed.
-func (p *Planner) Update(changed []lease.Lease) Changes {
+// from Deleted, removes the node) and returns the next plan: the header of a full plan
+// (device, NAT, MTU) and the Delta from the previous one.
+func (p *Planner) Update(changed []lease.Lease) Plan {
+	ch := p.update(changed)
+	d := &Delta{From: p.gen}
+	p.gen = gens.Add(1)
+	each(ch.Routes, func(dst netip.Prefix) {
+		r, ok := p.routes[dst]
+		d.Routes = append(d.Routes, RouteChange{Dst: dst, Route: r, Del: !ok})
+	})
+	each(ch.Neighs, func(ip netip.Addr) {
+		n, ok := p.neighs[ip]
+		d.Neighs = append(d.Neighs, NeighChange{IP: ip, Neigh: n, Del: !ok})
+	})
+	each(ch.FDB, func(f FDB) { d.FDB = append(d.FDB, FDBChange{FDB: f, Del: !p.fdb[f]}) })
+	each(ch.Nodes, func(n string) {
+		// The allow-list entry follows from the verdict (not kept twice: with thousands of
+		// peers the planner is the agent's biggest structure).
+		v, ok := p.Peer(n)
+		if ok {
+			d.Peers = append(d.Peers, v)
+		}
+		a, allow := allowed(v)
+		d.Allow = append(d.Allow, AllowChange{Node: n, Allowed: a, Del: !ok || !allow})
+	})
+	out := p.header()
+	out.Delta = d
+	return out
+}
+
+// each calls f once for every distinct key, in order.
+func each[K comparable](keys []K, f func(K)) {
+	seen := make(map[K]bool, len(keys))
+	for _, k := range keys {
+		if !seen[k] {
+			seen[k] = true
+			f(k)
+		}
+	}
+}
+
+// header is the current plan without its per-peer lists.
+func (p *Planner) header() Plan {
+	out := p.base
+	out.Gen = p.gen
+	out.Allow.Peers = nil
+	if out.VXLAN != nil {
+		v := *out.VXLAN
+		out.VXLAN = &v
+	}
+	return out
+}
+
+// update applies changed leases and returns the keys of the entries it touched.
+func (p *Planner) update(changed []lease.Lease) Changes {
 	var ch Changes
 	// Every node that claims a subnet touched by the change may win or lose it.
 	subnets := map[netip.Prefix]bool{}
@@ -188,6 +301,7 @@ func (p *Planner) Update(changed []lease.Lease) Changes {
 		if n == p.in.Self.Node {
 			continue
 		}
+		ch.Nodes = append(ch.Nodes, n)
 		if old, ok := p.verdict[n]; ok {
 			p.modes[old.mode]--
 		}
@@ -274,7 +388,7 @@ func (p *Planner) add(l lease.Lease, v Peer, ch *Changes) {
 	case VXLAN:
 		// The neighbour's address is the route's destination address (remove relies on it).
 		r = Route{Dst: l.Subnet, Gw: l.Subnet.Addr(), Dev: p.in.VXLANDev, OnLink: true}
-		if p.in.Config.Backend.Type == "hybrid" && p.podMTU > p.tunnelMTU {
+		if p.in.Config.Backend.Type == config.Hybrid && p.podMTU > p.tunnelMTU {
 			r.MTU = p.tunnelMTU
 		}
 		mac := strings.ToLower(l.VTEPMAC)
@@ -295,21 +409,16 @@ func (p *Planner) add(l lease.Lease, v Peer, ch *Changes) {
 	}
 }
 
-// Route returns the desired route for dst.
-func (p *Planner) Route(dst netip.Prefix) (Route, bool) { r, ok := p.routes[dst]; return r, ok }
-
-// Neigh returns the desired neighbour entry for ip.
-func (p *Planner) Neigh(ip netip.Addr) (Neigh, bool) { n, ok := p.neighs[ip]; return n, ok }
-
-// HasFDB reports whether f is desired.
-func (p *Planner) HasFDB(f FDB) bool { return p.fdb[f] }
-
-// Plan renders the current desired state as a Plan (for status and full passes).
+// Plan renders the current desired state as a full Plan (for status and full passes).
 func (p *Planner) Plan() Plan {
-	out := Build(Input{Config: p.in.Config, Self: p.in.Self, Underlay: p.in.Underlay, VXLANDev: p.in.VXLANDev})
+	out := p.header()
+	out.Allow.Peers = make(map[string]Allowed, len(p.verdict))
 	for n := range p.verdict {
 		v, _ := p.Peer(n)
 		out.Peers = append(out.Peers, v)
+		if a, ok := allowed(v); ok {
+			out.Allow.Peers[n] = a
+		}
 	}
 	for _, r := range p.routes {
 		out.Routes = append(out.Routes, r)
@@ -320,5 +429,82 @@ func (p *Planner) Plan() Plan {
 	for f := range p.fdb {
 		out.FDB = append(out.FDB, f)
 	}
+	return out
+}
+
+// Clone returns a deep copy of p without its Delta.
+func Clone(p Plan) Plan {
+	p.Routes, p.Neighs, p.FDB, p.Peers = slices.Clone(p.Routes), slices.Clone(p.Neighs), slices.Clone(p.FDB), slices.Clone(p.Peers)
+	p.Allow.Peers = maps.Clone(p.Allow.Peers)
+	if p.VXLAN != nil {
+		v := *p.VXLAN
+		p.VXLAN = &v
+	}
+	p.Delta = nil
+	return p
+}
+
+// Follow returns the full plan that next, a plan with a Delta, stands for: the entries of
+// prev (the full plan the delta follows) with the delta applied, under next's header.
+func Follow(prev, next Plan) Plan {
+	d := next.Delta
+	routes := map[netip.Prefix]Route{}
+	for _, r := range prev.Routes {
+		routes[r.Dst] = r
+	}
+	for _, c := range d.Routes {
+		if c.Del {
+			delete(routes, c.Dst)
+		} else {
+			routes[c.Dst] = c.Route
+		}
+	}
+	neighs := map[netip.Addr]Neigh{}
+	for _, n := range prev.Neighs {
+		neighs[n.IP] = n
+	}
+	for _, c := range d.Neighs {
+		if c.Del {
+			delete(neighs, c.IP)
+		} else {
+			neighs[c.IP] = c.Neigh
+		}
+	}
+	fdb := map[FDB]bool{}
+	for _, e := range prev.FDB {
+		fdb[e] = true
+	}
+	for _, c := range d.FDB {
+		if c.Del {
+			delete(fdb, c.FDB)
+		} else {
+			fdb[c.FDB] = true
+		}
+	}
+	peers := map[string]Peer{}
+	for _, v := range prev.Peers {
+		peers[v.Node] = v
+	}
+	allow := maps.Clone(prev.Allow.Peers)
+	if allow == nil {
+		allow = map[string]Allowed{}
+	}
+	for _, c := range d.Allow {
+		delete(peers, c.Node) // gone unless its verdict is in d.Peers
+		if c.Del {
+			delete(allow, c.Node)
+		} else {
+			allow[c.Node] = c.Allowed
+		}
+	}
+	for _, v := range d.Peers {
+		peers[v.Node] = v
+	}
+	out := Clone(next)
+	out.Routes = slices.Collect(maps.Values(routes))
+	out.Neighs = slices.Collect(maps.Values(neighs))
+	out.FDB = slices.Collect(maps.Keys(fdb))
+	out.Peers = slices.Collect(maps.Values(peers))
+	out.Allow.Peers = allow
 	return out
 }

@@ -49,7 +49,8 @@ func TestPlannerMatchesBuild(t *testing.T) {
 				peers = append(peers, l)
 			}
 			in.Peers = peers
-			p, _ := NewPlanner(in)
+			p, first := NewPlanner(in)
+			prev := first
 			for step := range 400 {
 				var batch []lease.Lease
 				for range 1 + rng.IntN(3) {
@@ -62,7 +63,7 @@ func TestPlannerMatchesBuild(t *testing.T) {
 					current[l.Node] = l
 					batch = append(batch, l)
 				}
-				p.Update(batch)
+				next := p.Update(batch)
 				var all []lease.Lease
 				for _, l := range current {
 					all = append(all, l)
@@ -70,15 +71,23 @@ func TestPlannerMatchesBuild(t *testing.T) {
 				in.Peers = all
 				want := render(Build(in))
 				built := Build(in)
+				if next.Delta == nil || next.Delta.From != prev.Gen || next.Gen == prev.Gen {
+					t.Fatalf("step %d: plan %d with delta %+v does not follow plan %d", step, next.Gen, next.Delta, prev.Gen)
+				}
+				// The delta turns the previous plan into Build of the new set.
+				if diff := cmp.Diff(want, render(Follow(prev, next))); diff != "" {
+					t.Fatalf("step %d, batch %v: previous plan + delta differs from Build (-build +delta):\n%s", step, batch, diff)
+				}
 				if diff := cmp.Diff(built.Count(), p.Count(), cmpopts.EquateEmpty()); diff != "" {
 					t.Fatalf("step %d: mode counts differ: %s", step, diff)
 				}
-				if diff := cmp.Diff(want, render(p.Plan())); diff != "" {
+				full := p.Plan()
+				if diff := cmp.Diff(want, render(full)); diff != "" {
 					t.Fatalf("step %d, batch %v: incremental plan differs from Build (-build +incremental):\n%s", step, batch, diff)
 				}
 				// The whole verdicts too (the planner rebuilds them from the leases it holds).
 				byNode := func(a, b Peer) int { return strings.Compare(a.Node, b.Node) }
-				got := p.Plan().Peers
+				got := full.Peers
 				slices.SortFunc(built.Peers, byNode)
 				slices.SortFunc(got, byNode)
 				if !slices.Equal(built.Peers, got) {
@@ -89,6 +98,12 @@ func TestPlannerMatchesBuild(t *testing.T) {
 						t.Fatalf("step %d: Peer(%s) = %v, %v; want %v", step, v.Node, pv, ok, v)
 					}
 				}
+				for _, v := range next.Delta.Peers {
+					if i, ok := slices.BinarySearchFunc(built.Peers, v, byNode); !ok || built.Peers[i] != v {
+						t.Fatalf("step %d: delta verdict %v is not Build's", step, v)
+					}
+				}
+				prev = full
 			}
 		})
 	}
@@ -105,7 +120,7 @@ func BenchmarkPlannerUpdate5000(b *testing.B) {
 	i := 0
 	for b.Loop() {
 		l := mk(fmt.Sprint("new", i%1000), fmt.Sprintf("10.251.%d.0/24", i%250), "198.51.200.1")
-		if ch := p.Update([]lease.Lease{l}); ch.Empty() {
+		if next := p.Update([]lease.Lease{l}); next.Delta.Empty() {
 			b.Fatal("no change")
 		}
 		i++

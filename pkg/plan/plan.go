@@ -1,6 +1,9 @@
-// Package plan turns (config, own lease, peer leases, underlay facts) into the desired
-// dataplane: routes, VXLAN FDB and neighbour entries, the pod MTU and the NAT rules. It is
-// pure — it touches nothing — so every decision is covered by table tests without root.
+// Package plan turns a snapshot of the node's inputs (config, own lease, peer leases,
+// underlay facts) into the desired dataplane: routes, the VXLAN device, its FDB and
+// neighbour entries, the VXLAN allow-list, the pod MTU and the NAT rules. Everything the
+// kernel should hold is decided here and nothing after it: the dataplane only makes the
+// kernel match. It is pure — it touches nothing — so every decision is covered by table
+// tests without root.
 //
 // Scale: Build is O(peers): two passes over the leases with map lookups, no sorting and no
 // re-parsing. The reconcilers diff the plan against mirrors of the kernel, so one changed
@@ -41,8 +44,10 @@ type Input struct {
 	Self     lease.Lease
 	Peers    []lease.Lease
 	Underlay Underlay
-	// VXLANDev is the name of the VXLAN device.
+	// VXLANDev is the name of the VXLAN device; empty: VXLANDevName(the VNI).
 	VXLANDev string
+	// Docker is route mode (a bare Docker host): see NAT.Final.
+	Docker bool
 }
 
 // Route is a desired route in the main table.
@@ -80,24 +85,63 @@ type Peer struct {
 
 // VXLANDevice is the desired VXLAN device (nil when no peer or mode needs one).
 type VXLANDevice struct {
-	Name  string
-	VNI   int
-	Port  int
-	Local netip.Addr
-	Addr  netip.Prefix // the node's VTEP address: its subnet's network address, /32
-	MTU   int
+	Name     string
+	VNI      int
+	Port     int
+	Underlay string // the device VXLAN packets leave by
+	Local    netip.Addr
+	Addr     netip.Prefix // the node's VTEP address: its subnet's network address, /32
+	MAC      string       // VTEPMAC(node): peers' neighbour entries name it
+	MTU      int
+}
+
+// AllowList is the VXLAN allow-list: which peers may send VXLAN to this node, and what.
+type AllowList struct {
+	Port      int          // the VXLAN port; 0: no VXLAN here, nothing is accepted
+	Network   netip.Prefix // the cluster pod network: VXLAN sent by pods is dropped
+	SubnetLen int          // inner sources are matched by their subnet of this length
+	Peers     map[string]Allowed
+}
+
+// Allowed is what VXLAN from one peer may look like: from its public IP (and, on the same
+// L2, its underlay MAC), carrying its pods' or its own addresses.
+type Allowed struct {
+	IP     netip.Addr
+	Subnet netip.Prefix
+	MAC    string // empty: not checked
+}
+
+// allowed is the allow-list entry of a peer: every peer the plan routes to (a directly
+// routed peer sends no VXLAN, but allowing it costs nothing and survives a mode change).
+func allowed(v Peer) (Allowed, bool) {
+	if v.Mode != Direct && v.Mode != VXLAN {
+		return Allowed{}, false
+	}
+	return Allowed{IP: v.PublicIP, Subnet: v.Subnet, MAC: v.UnderlayMAC}, true
 }
 
 // Plan is the desired dataplane. Its lists follow the order of Input.Peers (consumers
 // treat them as sets; sorting thousands of entries on every pass is not worth it).
 type Plan struct {
+	// Gen numbers a Planner's plans (0: from Build), so the dataplane can tell whether a
+	// Delta follows the plan it last applied.
+	Gen    uint64
 	Routes []Route
 	Neighs []Neigh
 	FDB    []FDB
 	Peers  []Peer
 	VXLAN  *VXLANDevice
-	PodMTU int
-	NAT    NAT
+	// StaleVXLAN, when VXLAN is nil, names a VXLAN device to remove if present (one an
+	// earlier backend left).
+	StaleVXLAN string
+	PodMTU     int
+	NAT        NAT
+	Allow      AllowList
+	// Delta is set on a plan from Planner.Update: it is all that changed since plan
+	// Delta.From, and the plan then carries no per-peer lists (Routes, Neighs, FDB, Peers,
+	// Allow.Peers are empty): rendering thousands of entries for every lease event would
+	// cost more than the event.
+	Delta *Delta
 }
 
 // NAT is what the NAT reconciler needs.
@@ -115,7 +159,13 @@ type NAT struct {
 // Build computes the plan. It never fails: bad peers are marked Unreachable with a reason.
 func Build(in Input) Plan {
 	c := in.Config
-	p := Plan{NAT: NAT{Network: c.Network, Subnet: in.Self.Subnet}}
+	if in.VXLANDev == "" {
+		in.VXLANDev = VXLANDevName(c.Backend.VNI)
+	}
+	p := Plan{
+		NAT:   NAT{Network: c.Network, Subnet: in.Self.Subnet, Final: in.Docker},
+		Allow: AllowList{Network: c.Network, SubnetLen: c.SubnetLen, Peers: make(map[string]Allowed, len(in.Peers))},
+	}
 	mtu := in.Underlay.MTU
 	if mtu == 0 {
 		mtu = 1500
@@ -124,13 +174,18 @@ func Build(in Input) Plan {
 	backend := c.Backend.Type
 	if backend == config.VXLAN || backend == config.Hybrid {
 		p.VXLAN = &VXLANDevice{
-			Name:  in.VXLANDev,
-			VNI:   c.Backend.VNI,
-			Port:  c.Backend.Port,
-			Local: in.Self.PublicIP,
-			Addr:  netip.PrefixFrom(in.Self.Subnet.Addr(), 32),
-			MTU:   tunnelMTU,
+			Name:     in.VXLANDev,
+			VNI:      c.Backend.VNI,
+			Port:     c.Backend.Port,
+			Underlay: in.Underlay.Dev,
+			Local:    in.Self.PublicIP,
+			Addr:     netip.PrefixFrom(in.Self.Subnet.Addr(), 32),
+			MAC:      VTEPMAC(in.Self.Node).String(),
+			MTU:      tunnelMTU,
 		}
+		p.Allow.Port = c.Backend.Port
+	} else {
+		p.StaleVXLAN = in.VXLANDev
 	}
 	switch {
 	case c.MTU != 0:
@@ -168,6 +223,9 @@ func Build(in Input) Plan {
 		peer := Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP, UnderlayMAC: underlayMAC(in.Underlay, l)}
 		peer.Mode, peer.Reason = decide(in, l, owner)
 		p.Peers = append(p.Peers, peer)
+		if a, ok := allowed(peer); ok {
+			p.Allow.Peers[peer.Node] = a
+		}
 		switch peer.Mode {
 		case Direct:
 			p.Routes = append(p.Routes, Route{Dst: l.Subnet, Gw: l.PublicIP, Dev: in.Underlay.Dev})
@@ -269,6 +327,14 @@ func (p Plan) Count() map[Mode]int {
 		m[peer.Mode]++
 	}
 	return m
+}
+
+// VXLANDevName is the VXLAN device's name for a VNI.
+func VXLANDevName(vni int) string {
+	if n := fmt.Sprintf("netagent.%d", vni); len(n) <= 15 {
+		return n
+	}
+	return fmt.Sprintf("na.%d", vni)
 }
 
 // VTEPMAC derives the VXLAN device MAC from the node name: stable across restarts and

@@ -2,6 +2,7 @@ package plan
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -58,10 +59,26 @@ func render(p Plan) string {
 		}
 		b.WriteString("\n")
 	}
+	nodes := slices.Sorted(maps.Keys(p.Allow.Peers))
+	for _, n := range nodes {
+		a := p.Allow.Peers[n]
+		fmt.Fprintf(&b, "allow %s from %s inner %s", n, a.IP, a.Subnet)
+		if a.MAC != "" {
+			fmt.Fprintf(&b, " mac %s", a.MAC)
+		}
+		b.WriteString("\n")
+	}
+	if p.Allow.Port != 0 {
+		fmt.Fprintf(&b, "allow-list port %d network %s /%d\n", p.Allow.Port, p.Allow.Network, p.Allow.SubnetLen)
+	}
 	if p.VXLAN != nil {
-		fmt.Fprintf(&b, "vxlan %s vni %d port %d local %s addr %s mtu %d\n", p.VXLAN.Name, p.VXLAN.VNI, p.VXLAN.Port, p.VXLAN.Local, p.VXLAN.Addr, p.VXLAN.MTU)
+		fmt.Fprintf(&b, "vxlan %s vni %d port %d dev %s local %s addr %s mac %s mtu %d\n", p.VXLAN.Name, p.VXLAN.VNI, p.VXLAN.Port, p.VXLAN.Underlay, p.VXLAN.Local, p.VXLAN.Addr, p.VXLAN.MAC, p.VXLAN.MTU)
 	}
 	fmt.Fprintf(&b, "pod mtu %d\n", p.PodMTU)
+	fmt.Fprintf(&b, "nat %s %s final %t\n", p.NAT.Network, p.NAT.Subnet, p.NAT.Final)
+	if p.StaleVXLAN != "" {
+		fmt.Fprintf(&b, "remove vxlan %s\n", p.StaleVXLAN)
+	}
 	return b.String()
 }
 
@@ -79,7 +96,7 @@ func TestBuild(t *testing.T) {
 	self := mk("a", "10.244.1.0/24", "192.0.2.1")
 	near := mk("b", "10.244.2.0/24", "192.0.2.2")
 	far := mk("c", "10.244.3.0/24", "198.51.100.3")
-	macB, macC := VTEPMAC("b").String(), VTEPMAC("c").String()
+	macA, macB, macC := VTEPMAC("a").String(), VTEPMAC("b").String(), VTEPMAC("c").String()
 	tests := []struct {
 		name    string
 		backend string
@@ -89,7 +106,10 @@ func TestBuild(t *testing.T) {
 		{"host-gw", config.HostGW, []lease.Lease{near, far}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
 peer b direct
 peer c unreachable (host-gw: 198.51.100.3 is not on-link from eth0 (use the hybrid or vxlan backend to reach it))
+allow b from 192.0.2.2 inner 10.244.2.0/24
 pod mtu 1500
+nat 10.244.0.0/16 10.244.1.0/24 final false
+remove vxlan na.1
 `},
 		{"vxlan", config.VXLAN, []lease.Lease{far, near}, fmt.Sprintf(`route 10.244.2.0/24 via 10.244.2.0 dev na.1 onlink
 route 10.244.3.0/24 via 10.244.3.0 dev na.1 onlink
@@ -99,43 +119,66 @@ fdb %[2]s dst 198.51.100.3
 fdb %[1]s dst 192.0.2.2
 peer b vxlan
 peer c vxlan
-vxlan na.1 vni 1 port 8472 local 192.0.2.1 addr 10.244.1.0/32 mtu 1450
+allow b from 192.0.2.2 inner 10.244.2.0/24
+allow c from 198.51.100.3 inner 10.244.3.0/24
+allow-list port 8472 network 10.244.0.0/16 /24
+vxlan na.1 vni 1 port 8472 dev eth0 local 192.0.2.1 addr 10.244.1.0/32 mac %[3]s mtu 1450
 pod mtu 1450
-`, macB, macC)},
+nat 10.244.0.0/16 10.244.1.0/24 final false
+`, macB, macC, macA)},
 		{"hybrid", config.Hybrid, []lease.Lease{near, far}, fmt.Sprintf(`route 10.244.2.0/24 via 192.0.2.2 dev eth0
 route 10.244.3.0/24 via 10.244.3.0 dev na.1 onlink mtu 1450
 neigh 10.244.3.0 %[1]s
 fdb %[1]s dst 198.51.100.3
 peer b direct
 peer c vxlan
-vxlan na.1 vni 1 port 8472 local 192.0.2.1 addr 10.244.1.0/32 mtu 1450
+allow b from 192.0.2.2 inner 10.244.2.0/24
+allow c from 198.51.100.3 inner 10.244.3.0/24
+allow-list port 8472 network 10.244.0.0/16 /24
+vxlan na.1 vni 1 port 8472 dev eth0 local 192.0.2.1 addr 10.244.1.0/32 mac %[2]s mtu 1450
 pod mtu 1500
-`, macC)},
-		{"self is skipped", config.HostGW, []lease.Lease{self}, "pod mtu 1500\n"},
+nat 10.244.0.0/16 10.244.1.0/24 final false
+`, macC, macA)},
+		{"self is skipped", config.HostGW, []lease.Lease{self}, "pod mtu 1500\nnat 10.244.0.0/16 10.244.1.0/24 final false\nremove vxlan na.1\n"},
 		{"duplicate subnet", config.HostGW, []lease.Lease{near, mk("d", "10.244.2.0/24", "192.0.2.4")}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
 peer b direct
 peer d unreachable (subnet 10.244.2.0/24 is also held by b)
+allow b from 192.0.2.2 inner 10.244.2.0/24
 pod mtu 1500
+nat 10.244.0.0/16 10.244.1.0/24 final false
+remove vxlan na.1
 `},
 		{"own subnet claimed", config.HostGW, []lease.Lease{mk("e", "10.244.1.0/24", "192.0.2.5")}, `peer e unreachable (subnet 10.244.1.0/24 is also held by a)
 pod mtu 1500
+nat 10.244.0.0/16 10.244.1.0/24 final false
+remove vxlan na.1
 `},
 		{"odd length overlaps", config.HostGW, []lease.Lease{mk("f", "10.244.2.0/23", "192.0.2.6"), near}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
 peer b direct
 peer f unreachable (subnet 10.244.2.0/23 overlaps 10.244.2.0/24 of b)
+allow b from 192.0.2.2 inner 10.244.2.0/24
 pod mtu 1500
+nat 10.244.0.0/16 10.244.1.0/24 final false
+remove vxlan na.1
 `},
 		{"contested subnet goes to the smaller name whatever the order", config.HostGW, []lease.Lease{mk("z", "10.244.2.0/24", "192.0.2.9"), near}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
 peer b direct
 peer z unreachable (subnet 10.244.2.0/24 is also held by b)
+allow b from 192.0.2.2 inner 10.244.2.0/24
 pod mtu 1500
+nat 10.244.0.0/16 10.244.1.0/24 final false
+remove vxlan na.1
 `},
 		{"outside network", config.HostGW, []lease.Lease{mk("g", "10.9.0.0/24", "192.0.2.7")}, `peer g unreachable (subnet 10.9.0.0/24 is outside the cluster network 10.244.0.0/16)
 pod mtu 1500
+nat 10.244.0.0/16 10.244.1.0/24 final false
+remove vxlan na.1
 `},
 		{"vxlan peer without MAC", config.VXLAN, []lease.Lease{{Node: "h", Subnet: netip.MustParsePrefix("10.244.8.0/24"), PublicIP: netip.MustParseAddr("192.0.2.8")}}, `peer h unreachable (the peer published no VTEP MAC (is it running a vxlan or hybrid backend?))
-vxlan na.1 vni 1 port 8472 local 192.0.2.1 addr 10.244.1.0/32 mtu 1450
+allow-list port 8472 network 10.244.0.0/16 /24
+vxlan na.1 vni 1 port 8472 dev eth0 local 192.0.2.1 addr 10.244.1.0/32 mac ` + VTEPMAC("a").String() + ` mtu 1450
 pod mtu 1450
+nat 10.244.0.0/16 10.244.1.0/24 final false
 `},
 	}
 	for _, tt := range tests {
@@ -208,5 +251,31 @@ func TestUnderlayMAC(t *testing.T) {
 		if pv, _ := planner.Peer(v.Node); pv != v {
 			t.Errorf("Planner.Peer(%s) = %+v, want %+v", v.Node, pv, v)
 		}
+	}
+}
+
+// The plan names the VXLAN device itself when the input does not, and route mode (a
+// Docker host) makes the NAT exemption final.
+func TestHeader(t *testing.T) {
+	self := mk("a", "10.244.1.0/24", "192.0.2.1")
+	for _, tt := range []struct {
+		name      string
+		in        Input
+		wantDev   string
+		wantFinal bool
+	}{
+		{"default name", Input{Config: cfg(t, config.VXLAN), Self: self, Underlay: underlay}, "netagent.1", false},
+		{"long VNI", Input{Config: func() config.Network { c := cfg(t, config.VXLAN); c.Backend.VNI = 16000000; return c }(), Self: self, Underlay: underlay}, "na.16000000", false},
+		{"route mode", Input{Config: cfg(t, config.Hybrid), Self: self, Underlay: underlay, Docker: true}, "netagent.1", true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			p := Build(tt.in)
+			if p.VXLAN == nil || p.VXLAN.Name != tt.wantDev || p.VXLAN.Underlay != "eth0" || p.VXLAN.MAC != VTEPMAC("a").String() {
+				t.Errorf("Build().VXLAN = %+v, want device %s on eth0 with MAC %s", p.VXLAN, tt.wantDev, VTEPMAC("a"))
+			}
+			if p.NAT.Final != tt.wantFinal {
+				t.Errorf("Build().NAT.Final = %t, want %t", p.NAT.Final, tt.wantFinal)
+			}
+		})
 	}
 }

@@ -19,14 +19,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net"
 	"net/netip"
-	"sync"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/netagent/netagent/pkg/mirror"
 	"github.com/netagent/netagent/pkg/netipx"
 	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/plan"
@@ -46,12 +45,9 @@ type Kernel interface {
 
 // Reconciler owns netagent's routes in one network namespace.
 type Reconciler struct {
-	k   Kernel
-	log *slog.Logger
-
-	mu        sync.Mutex
-	mirror    map[netip.Prefix]kroute // nil: not mirroring, or invalidated
-	mirroring bool                    // Mirror was called
+	k      Kernel
+	log    *slog.Logger
+	mirror mirror.Mirror[netip.Prefix, kroute]
 }
 
 // kroute is what the mirror keeps of one of our routes: the fields that decide whether a
@@ -84,19 +80,10 @@ func New(k Kernel, log *slog.Logger) *Reconciler {
 
 // Mirror makes Sync work against a mirror of our routes kept current by Observe, instead of
 // dumping the table on every pass.
-func (r *Reconciler) Mirror() {
-	r.mu.Lock()
-	r.mirroring = true
-	r.mirror = nil
-	r.mu.Unlock()
-}
+func (r *Reconciler) Mirror() { r.mirror.Enable() }
 
 // Invalidate makes the next Sync dump the table again.
-func (r *Reconciler) Invalidate() {
-	r.mu.Lock()
-	r.mirror = nil
-	r.mu.Unlock()
-}
+func (r *Reconciler) Invalidate() { r.mirror.Invalidate() }
 
 // Observe applies a route notification to the mirror and reports whether it changed it
 // (a notification that merely echoes our own write does not).
@@ -108,41 +95,38 @@ func (r *Reconciler) Observe(u netlink.RouteUpdate) bool {
 	if !ok {
 		return false
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.mirror == nil {
-		return r.mirroring && u.Protocol == Protocol
-	}
-	cur, have := r.mirror[p]
-	switch {
-	case u.Type == unix.RTM_DELROUTE:
-		if have && cur == compact(u.Route) {
-			delete(r.mirror, p)
+	changed, valid := r.mirror.Observe(func(m map[netip.Prefix]kroute) bool {
+		cur, have := m[p]
+		switch {
+		case u.Type == unix.RTM_DELROUTE:
+			if have && cur == compact(u.Route) {
+				delete(m, p)
+				return true
+			}
+		case u.Protocol == Protocol:
+			if k := compact(u.Route); !have || cur != k {
+				m[p] = k
+				return true
+			}
+		case have:
+			// Our destination now has someone else's route: ours was replaced.
+			delete(m, p)
 			return true
 		}
-	case u.Protocol == Protocol:
-		if k := compact(u.Route); !have || cur != k {
-			r.mirror[p] = k
-			return true
-		}
-	case have:
-		// Our destination now has someone else's route: ours was replaced.
-		delete(r.mirror, p)
-		return true
+		return false
+	})
+	if !valid {
+		return r.mirror.Enabled() && u.Protocol == Protocol
 	}
-	return false
+	return changed
 }
 
-// current returns our routes: the mirror when valid, else a fresh dump (which becomes
-// the mirror when mirroring).
+// current returns a copy of our routes: the mirror when valid, else a fresh dump (which
+// becomes the mirror when mirroring).
 func (r *Reconciler) current() (map[netip.Prefix]kroute, error) {
-	r.mu.Lock()
-	if r.mirror != nil {
-		m := r.mirror
-		r.mu.Unlock()
+	if m, ok := r.mirror.Snapshot(); ok {
 		return m, nil
 	}
-	r.mu.Unlock()
 	cur, err := r.Current()
 	if err != nil {
 		return nil, err
@@ -153,47 +137,14 @@ func (r *Reconciler) current() (map[netip.Prefix]kroute, error) {
 	for k, v := range cur {
 		m[k] = compact(v)
 	}
-	r.mu.Lock()
-	if r.mirroring {
-		r.mirror = m
-	}
-	r.mu.Unlock()
+	r.mirror.Load(m)
 	return m, nil
 }
 
-// write performs a kernel change, recording its outcome in the mirror first so that the
-// kernel's echo of our own change finds the mirror already right (and triggers nothing);
-// if the change fails the mirror gets prev back. A route already gone counts as deleted.
+// write performs a kernel change through the mirror (a route already gone counts as
+// deleted).
 func (r *Reconciler) write(dst netip.Prefix, next, prev *kroute, do func() error) error {
-	r.record(dst, next)
-	err := do()
-	if err != nil && next == nil && errors.Is(err, unix.ESRCH) {
-		err = nil
-	}
-	if err != nil {
-		r.record(dst, prev)
-	}
-	return err
-}
-
-func ptr(r kroute, ok bool) *kroute {
-	if !ok {
-		return nil
-	}
-	return &r
-}
-
-func (r *Reconciler) record(p netip.Prefix, rt *kroute) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.mirror == nil {
-		return
-	}
-	if rt == nil {
-		delete(r.mirror, p)
-	} else {
-		r.mirror[p] = *rt
-	}
+	return r.mirror.Write(dst, next, prev, unix.ESRCH, do)
 }
 
 // Stats counts what a Sync changed.
@@ -227,10 +178,6 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 	if err != nil {
 		return st, err
 	}
-	// Work on a copy: the mirror may change under us (Observe runs concurrently).
-	r.mu.Lock()
-	cur = maps.Clone(cur)
-	r.mu.Unlock()
 	links := map[string]int{}
 	var errs []error
 	keep := make(map[netip.Prefix]bool, len(want))
@@ -256,7 +203,7 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 		if had && c == next {
 			continue
 		}
-		if err := r.write(w.Dst, &next, ptr(c, had), func() error { return r.k.RouteReplace(nr) }); err != nil {
+		if err := r.write(w.Dst, &next, mirror.Ptr(c, had), func() error { return r.k.RouteReplace(nr) }); err != nil {
 			errs = append(errs, fmt.Errorf("replace route %s via %s dev %s: %w", w.Dst, w.Gw, w.Dev, err))
 			continue
 		}
@@ -299,63 +246,55 @@ func toNetlink(w plan.Route, idx int) *netlink.Route {
 // ErrNoMirror means Apply needs a valid mirror; the caller runs a full Sync instead.
 var ErrNoMirror = errors.New("route mirror not valid: full sync needed")
 
-// Apply fixes only the routes to dsts, given the desired route for each (none: delete).
-// It is the per-event path: it needs a valid mirror and touches nothing else.
-func (r *Reconciler) Apply(dsts []netip.Prefix, want func(netip.Prefix) (plan.Route, bool)) (Stats, error) {
+// Apply fixes only the routes a plan delta names (the per-event path): each is set to its
+// new value or deleted. It needs a valid mirror and touches nothing else.
+func (r *Reconciler) Apply(changes []plan.RouteChange) (Stats, error) {
 	var st Stats
+	if !r.mirror.Valid() {
+		return st, ErrNoMirror
+	}
+	var errs []error
+	links := map[string]int{}
+	for _, ch := range changes {
+		if dev := ch.Route.Dev; !ch.Del {
+			if _, known := links[dev]; known {
+				continue
+			}
+			links[dev] = -1
+			if l, err := r.k.LinkByName(dev); err == nil {
+				links[dev] = l.Attrs().Index
+			} else {
+				errs = append(errs, fmt.Errorf("route %s: device %s: %w", ch.Dst, dev, err))
+			}
+		}
+	}
 	type op struct {
 		dst  netip.Prefix
 		want *netlink.Route
 		cur  *kroute
 	}
-	links := map[string]int{}
-	var errs []error
 	var ops []op
-	r.mu.Lock()
-	if r.mirror == nil {
-		r.mu.Unlock()
+	if !r.mirror.Read(func(m map[netip.Prefix]kroute) {
+		for _, ch := range changes {
+			c, have := m[ch.Dst]
+			switch {
+			case !ch.Del:
+				idx := links[ch.Route.Dev]
+				if idx < 0 {
+					continue
+				}
+				nr := toNetlink(ch.Route, idx)
+				if have && c == compact(*nr) {
+					continue
+				}
+				ops = append(ops, op{dst: ch.Dst, want: nr, cur: mirror.Ptr(c, have)})
+			case have:
+				ops = append(ops, op{dst: ch.Dst, cur: &c})
+			}
+		}
+	}) {
 		return st, ErrNoMirror
 	}
-	for _, dst := range dsts {
-		w, ok := want(dst)
-		c, have := r.mirror[dst]
-		switch {
-		case ok:
-			idx, known := links[w.Dev]
-			if !known {
-				r.mu.Unlock()
-				l, err := r.k.LinkByName(w.Dev)
-				r.mu.Lock()
-				idx = -1
-				if err == nil {
-					idx = l.Attrs().Index
-				} else {
-					errs = append(errs, fmt.Errorf("route %s: device %s: %w", dst, w.Dev, err))
-				}
-				links[w.Dev] = idx
-				if r.mirror == nil {
-					r.mu.Unlock()
-					return st, ErrNoMirror
-				}
-				c, have = r.mirror[dst]
-			}
-			if idx < 0 {
-				continue
-			}
-			nr := toNetlink(w, idx)
-			if have && c == compact(*nr) {
-				continue
-			}
-			o := op{dst: dst, want: nr}
-			if have {
-				o.cur = &c
-			}
-			ops = append(ops, o)
-		case have:
-			ops = append(ops, op{dst: dst, cur: &c})
-		}
-	}
-	r.mu.Unlock()
 	for _, o := range ops {
 		if o.want != nil {
 			next := compact(*o.want)

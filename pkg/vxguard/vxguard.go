@@ -371,6 +371,37 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 	return st, nil
 }
 
+// Invalidate makes the next Set read the kernel (someone else changed the table).
+func (g *Guard) Invalidate() {
+	g.mu.Lock()
+	g.valid = false
+	g.mu.Unlock()
+}
+
+// Set makes the kernel's table equal to spec like Sync, but against the mirror when it is
+// valid and spec keeps the port, network and subnet length: only peers that differ are
+// written, and the kernel is not read. Like Sync it keeps spec.Peers.
+func (g *Guard) Set(spec Spec) (Stats, error) {
+	g.mu.Lock()
+	if !g.valid || g.spec.Port != spec.Port || g.spec.Network != spec.Network || g.spec.SubnetLen != spec.SubnetLen {
+		g.mu.Unlock()
+		return g.Sync(spec)
+	}
+	changes := map[string]Peer{}
+	for n, p := range spec.Peers {
+		if cur, ok := g.nodes[n]; !ok || cur != p {
+			changes[n] = p
+		}
+	}
+	for n := range g.nodes {
+		if _, ok := spec.Peers[n]; !ok {
+			changes[n] = Peer{}
+		}
+	}
+	g.mu.Unlock()
+	return g.Update(changes)
+}
+
 // Resync is Sync with the last spec and the peers as updated since (after someone else
 // changed the table).
 func (g *Guard) Resync() (Stats, error) {

@@ -175,6 +175,43 @@ func TestSyncRepairsDrift(t *testing.T) {
 	}
 }
 
+// Set works against the mirror: a valid one is trusted (nothing read, only the peers that
+// differ written); after Invalidate it reads the kernel and repairs what it finds.
+func TestSetMirror(t *testing.T) {
+	g, ns := newGuard(t)
+	spec := func(kv ...string) Spec { return Spec{Port: 8472, Network: network, SubnetLen: 24, Peers: peers(kv...)} }
+	for _, c := range []struct {
+		name    string
+		spec    Spec
+		break_  string
+		inval   bool
+		want    Stats
+		wantEls []string
+	}{
+		{"first: from the kernel", spec("a", "192.0.2.11"), "", false, Stats{Rebuilt: true, Added: 1}, []string{"192.0.2.11 . 192.0.2.11"}},
+		{"a peer more: only its elements", spec("a", "192.0.2.11", "b", "192.0.2.12"), "", false, Stats{Added: 1}, []string{"192.0.2.11 . 192.0.2.11", "192.0.2.12 . 192.0.2.12"}},
+		{"unchanged: nothing", spec("a", "192.0.2.11", "b", "192.0.2.12"), "", false, Stats{}, []string{"192.0.2.11 . 192.0.2.11", "192.0.2.12 . 192.0.2.12"}},
+		{"deleted by hand, mirror trusted", spec("a", "192.0.2.11", "b", "192.0.2.12"), "nft delete element ip netagent vxlan-peers-self { 192.0.2.12 . 192.0.2.12 }", false, Stats{}, []string{"192.0.2.11 . 192.0.2.11"}},
+		{"invalidated: repaired", spec("a", "192.0.2.11", "b", "192.0.2.12"), "", true, Stats{Added: 1}, []string{"192.0.2.11 . 192.0.2.11", "192.0.2.12 . 192.0.2.12"}},
+		{"a peer leaves", spec("b", "192.0.2.12"), "", false, Stats{Delete: 1}, []string{"192.0.2.12 . 192.0.2.12"}},
+	} {
+		if c.break_ != "" {
+			f := strings.Fields(c.break_)
+			ns.MustRun(t, f[0], f[1:]...)
+		}
+		if c.inval {
+			g.Invalidate()
+		}
+		st, err := g.Set(c.spec)
+		if err != nil || st != c.want {
+			t.Errorf("%s: Set() = %+v, %v; want %+v", c.name, st, err, c.want)
+		}
+		if got := elementsIn(t, ns); !slices.Equal(got, c.wantEls) {
+			t.Errorf("%s: elements %v, want %v", c.name, got, c.wantEls)
+		}
+	}
+}
+
 // Thousands of peers at once (a cold start at scale), into a new table and into an
 // existing one.
 func TestManyPeers(t *testing.T) {

@@ -15,14 +15,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net"
 	"net/netip"
-	"sync"
+	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/netagent/netagent/pkg/mirror"
 	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/plan"
 )
@@ -49,14 +49,11 @@ type Kernel interface {
 // that a pass with thousands of peers diffs against memory that the kernel's own
 // neighbour notifications keep current, instead of dumping two tables every time.
 type Reconciler struct {
-	k   Kernel
-	log *slog.Logger
-
-	mu        sync.Mutex
-	mirroring bool
-	idx       int // device index the mirror belongs to; 0: invalid
-	neigh     map[netip.Addr]entry
-	fdb       map[fdbKey]entry
+	k     Kernel
+	log   *slog.Logger
+	idx   atomic.Int32 // the device the mirrors belong to; 0: none
+	neigh mirror.Mirror[netip.Addr, entry]
+	fdb   mirror.Mirror[fdbKey, entry]
 }
 
 // entry is what the mirror keeps of a neighbour or FDB entry: what the reconciler compares
@@ -132,32 +129,27 @@ func setFDB(idx int, k fdbKey) *netlink.Neigh {
 
 // Mirror turns mirroring on.
 func (r *Reconciler) Mirror() {
-	r.mu.Lock()
-	r.mirroring, r.idx = true, 0
-	r.mu.Unlock()
+	r.idx.Store(0)
+	r.neigh.Enable()
+	r.fdb.Enable()
 }
 
 // Invalidate makes the next Sync dump the tables again.
 func (r *Reconciler) Invalidate() {
-	r.mu.Lock()
-	r.idx = 0
-	r.mu.Unlock()
+	r.idx.Store(0)
+	r.neigh.Invalidate()
+	r.fdb.Invalidate()
 }
 
 // Device returns the index the mirror belongs to (0 when invalid).
-func (r *Reconciler) Device() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.idx
-}
+func (r *Reconciler) Device() int { return int(r.idx.Load()) }
 
 // Observe applies a neighbour or FDB notification to the mirror and reports whether it
 // changed it (echoes of our own writes do not).
 func (r *Reconciler) Observe(u netlink.NeighUpdate) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.idx == 0 || u.LinkIndex != r.idx {
-		return r.mirroring && r.idx == 0
+	idx := r.Device()
+	if idx == 0 || u.LinkIndex != idx {
+		return idx == 0 && r.neigh.Enabled()
 	}
 	ip, ok := netip.AddrFromSlice(u.IP)
 	if !ok {
@@ -165,54 +157,53 @@ func (r *Reconciler) Observe(u netlink.NeighUpdate) bool {
 	}
 	ip = ip.Unmap()
 	del := u.Type == unix.RTM_DELNEIGH
+	var changed bool
 	switch u.Family {
 	case unix.AF_INET:
-		cur, have := r.neigh[ip]
-		if del {
-			if have {
-				delete(r.neigh, ip)
-				return true
+		changed, _ = r.neigh.Observe(func(m map[netip.Addr]entry) bool {
+			cur, have := m[ip]
+			if del {
+				delete(m, ip)
+				return have
 			}
-			return false
-		}
-		e := toEntry(u.Neigh)
-		if have && cur == e {
-			return false
-		}
-		r.neigh[ip] = e
-		return true
+			e := toEntry(u.Neigh)
+			if have && cur == e {
+				return false
+			}
+			m[ip] = e
+			return true
+		})
 	case unix.AF_BRIDGE:
 		k, ok := fdbKeyOf(u.HardwareAddr, u.IP)
 		if !ok {
 			return false
 		}
-		cur, have := r.fdb[k]
-		if del {
-			if have {
-				delete(r.fdb, k)
-				return true
+		changed, _ = r.fdb.Observe(func(m map[fdbKey]entry) bool {
+			cur, have := m[k]
+			if del {
+				delete(m, k)
+				return have
 			}
-			return false
-		}
-		if have && int(cur.state) == u.State {
-			return false
-		}
-		r.fdb[k] = toEntry(u.Neigh)
-		return true
+			if have && int(cur.state) == u.State {
+				return false
+			}
+			m[k] = toEntry(u.Neigh)
+			return true
+		})
 	}
-	return false
+	return changed
 }
 
 // entries returns copies of the current neighbour and FDB entries of device idx, from the
-// mirror when it is valid for idx, else from a dump.
+// mirrors when they are valid for idx, else from a dump.
 func (r *Reconciler) entries(idx int) (map[netip.Addr]entry, map[fdbKey]entry, error) {
-	r.mu.Lock()
-	if r.mirroring && r.idx == idx {
-		n, f := maps.Clone(r.neigh), maps.Clone(r.fdb)
-		r.mu.Unlock()
-		return n, f, nil
+	if r.Device() == idx {
+		n, okN := r.neigh.Snapshot()
+		f, okF := r.fdb.Snapshot()
+		if okN && okF {
+			return n, f, nil
+		}
 	}
-	r.mu.Unlock()
 	ns, err := nldump.Retry(func() ([]netlink.Neigh, error) { return r.k.NeighList(idx, unix.AF_INET) })
 	if err != nil {
 		return nil, nil, fmt.Errorf("list neighbours: %w", err)
@@ -235,73 +226,22 @@ func (r *Reconciler) entries(idx int) (map[netip.Addr]entry, map[fdbKey]entry, e
 			fdb[k] = toEntry(f)
 		}
 	}
-	r.mu.Lock()
-	if r.mirroring {
-		r.idx = idx
-		r.neigh, r.fdb = maps.Clone(neigh), maps.Clone(fdb)
+	if r.neigh.Enabled() {
+		r.neigh.Load(neigh)
+		r.fdb.Load(fdb)
+		r.idx.Store(int32(idx))
 	}
-	r.mu.Unlock()
 	return neigh, fdb, nil
 }
 
-// writeNeigh and writeFDB perform a kernel change, recording its outcome in the mirror
-// first so the kernel's echo of our own change triggers nothing; on failure the mirror
-// gets prev back. An entry already gone counts as deleted.
+// writeNeigh and writeFDB perform a kernel change through the mirrors (an entry already
+// gone counts as deleted).
 func (r *Reconciler) writeNeigh(ip netip.Addr, next, prev *entry, do func() error) error {
-	r.recordNeigh(ip, next)
-	err := do()
-	if err != nil && next == nil && errors.Is(err, unix.ENOENT) {
-		err = nil
-	}
-	if err != nil {
-		r.recordNeigh(ip, prev)
-	}
-	return err
+	return r.neigh.Write(ip, next, prev, unix.ENOENT, do)
 }
 
 func (r *Reconciler) writeFDB(k fdbKey, next, prev *entry, do func() error) error {
-	r.recordFDB(k, next)
-	err := do()
-	if err != nil && next == nil && errors.Is(err, unix.ENOENT) {
-		err = nil
-	}
-	if err != nil {
-		r.recordFDB(k, prev)
-	}
-	return err
-}
-
-func nptr(n entry, ok bool) *entry {
-	if !ok {
-		return nil
-	}
-	return &n
-}
-
-func (r *Reconciler) recordNeigh(ip netip.Addr, n *entry) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.idx == 0 {
-		return
-	}
-	if n == nil {
-		delete(r.neigh, ip)
-	} else {
-		r.neigh[ip] = *n
-	}
-}
-
-func (r *Reconciler) recordFDB(k fdbKey, n *entry) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.idx == 0 {
-		return
-	}
-	if n == nil {
-		delete(r.fdb, k)
-	} else {
-		r.fdb[k] = *n
-	}
+	return r.fdb.Write(k, next, prev, unix.ENOENT, do)
 }
 
 // New returns a reconciler working through k.
@@ -328,14 +268,21 @@ func (s Stats) DeviceChanges() int {
 	return s.DeviceFixed
 }
 
-// Sync ensures the device dev (nil: remove a device of that name if present) on underlay
-// device underlay, with mac, and exactly the given neighbour and FDB entries.
-func (r *Reconciler) Sync(dev *plan.VXLANDevice, name, underlay string, mac net.HardwareAddr, neighs []plan.Neigh, fdb []plan.FDB) (Stats, error) {
+// Sync ensures the device dev (nil: remove a VXLAN device named stale if present) with
+// exactly the given neighbour and FDB entries.
+func (r *Reconciler) Sync(dev *plan.VXLANDevice, stale string, neighs []plan.Neigh, fdb []plan.FDB) (Stats, error) {
 	var st Stats
 	if dev == nil {
-		return st, r.remove(name)
+		if stale == "" {
+			return st, nil
+		}
+		return st, r.remove(stale)
 	}
-	link, created, err := r.ensureDevice(dev, underlay, mac, &st)
+	mac, err := net.ParseMAC(dev.MAC)
+	if err != nil {
+		return st, fmt.Errorf("vxlan device %s: mac %q: %w", dev.Name, dev.MAC, err)
+	}
+	link, created, err := r.ensureDevice(dev, dev.Underlay, mac, &st)
 	if err != nil {
 		return st, err
 	}
@@ -477,7 +424,7 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		}
 		n := setNeigh(idx, w.IP, m)
 		next := toEntry(*n)
-		if err := r.writeNeigh(w.IP, &next, nptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
+		if err := r.writeNeigh(w.IP, &next, mirror.Ptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
 			errs = append(errs, fmt.Errorf("set neighbour %s %s: %w", w.IP, w.MAC, err))
 			continue
 		}
@@ -503,7 +450,7 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		}
 		n := setFDB(idx, k)
 		next := toEntry(*n)
-		if err := r.writeFDB(k, &next, nptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
+		if err := r.writeFDB(k, &next, mirror.Ptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
 			errs = append(errs, fmt.Errorf("set fdb %s dst %s: %w", w.MAC, w.Dst, err))
 			continue
 		}
@@ -525,15 +472,12 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 // ErrNoMirror means Apply needs a valid mirror; the caller runs a full Sync instead.
 var ErrNoMirror = errors.New("vxlan mirror not valid: full sync needed")
 
-// Apply fixes only the given neighbour and FDB entries (the per-event path): wantNeigh
-// gives the desired entry for an address (none: delete), wantFDB whether an FDB entry is
-// desired. It needs a valid mirror of the current device.
-func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(netip.Addr) (plan.Neigh, bool), wantFDB func(plan.FDB) bool) (Stats, error) {
+// Apply fixes only the neighbour and FDB entries a plan delta names (the per-event path):
+// each is set to its new value or deleted. It needs a valid mirror of the current device.
+func (r *Reconciler) Apply(neighs []plan.NeighChange, fdbs []plan.FDBChange) (Stats, error) {
 	var st Stats
-	r.mu.Lock()
-	idx := r.idx
-	if !r.mirroring || idx == 0 {
-		r.mu.Unlock()
+	idx := r.Device()
+	if idx == 0 {
 		return st, ErrNoMirror
 	}
 	type nop struct {
@@ -546,37 +490,44 @@ func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(net
 		fkey fdbKey
 	}
 	var ops []nop
-	for _, ip := range ips {
-		w, ok := wantNeigh(ip)
-		c, have := r.neigh[ip]
-		switch {
-		case ok:
-			m := planMAC(w.MAC)
-			if have && c.permanentWith(m) {
-				continue
+	okN := r.neigh.Read(func(m map[netip.Addr]entry) {
+		for _, ch := range neighs {
+			ip, w := ch.IP, ch.Neigh
+			c, have := m[ip]
+			switch {
+			case !ch.Del:
+				mac := planMAC(w.MAC)
+				if have && c.permanentWith(mac) {
+					continue
+				}
+				n := setNeigh(idx, ip, mac)
+				next := toEntry(*n)
+				ops = append(ops, nop{ip: ip, prev: mirror.Ptr(c, have), set: n, next: &next})
+			case have:
+				ops = append(ops, nop{ip: ip, del: delNeigh(idx, ip), prev: &c})
 			}
-			n := setNeigh(idx, ip, m)
-			next := toEntry(*n)
-			ops = append(ops, nop{ip: ip, prev: nptr(c, have), set: n, next: &next})
-		case have:
-			ops = append(ops, nop{ip: ip, del: delNeigh(idx, ip), prev: &c})
 		}
-	}
-	for _, f := range fdbs {
-		k := fdbKey{planMAC(f.MAC), f.Dst}
-		c, have := r.fdb[k]
-		if wantFDB(f) {
-			if have && c.permanent() {
-				continue
+	})
+	okF := r.fdb.Read(func(m map[fdbKey]entry) {
+		for _, ch := range fdbs {
+			f := ch.FDB
+			k := fdbKey{planMAC(f.MAC), f.Dst}
+			c, have := m[k]
+			if !ch.Del {
+				if have && c.permanent() {
+					continue
+				}
+				n := setFDB(idx, k)
+				next := toEntry(*n)
+				ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, prev: mirror.Ptr(c, have), set: n, next: &next})
+			} else if have {
+				ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, del: delFDB(idx, k), prev: &c})
 			}
-			n := setFDB(idx, k)
-			next := toEntry(*n)
-			ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, prev: nptr(c, have), set: n, next: &next})
-		} else if have {
-			ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, del: delFDB(idx, k), prev: &c})
 		}
+	})
+	if !okN || !okF {
+		return st, ErrNoMirror
 	}
-	r.mu.Unlock()
 	var errs []error
 	for _, o := range ops {
 		do := func() error { return r.k.NeighDel(o.del) }

@@ -29,7 +29,7 @@ func TestSyncTransitions(t *testing.T) {
 	var logs bytes.Buffer
 	r := New(h, slog.New(slog.NewTextHandler(&logs, nil)))
 	mac := plan.VTEPMAC("self")
-	dev := &plan.VXLANDevice{Name: "na.1", VNI: 1, Port: 8472, Local: netip.MustParseAddr("192.0.2.1"), Addr: netip.MustParsePrefix("10.244.1.0/32"), MTU: 1450}
+	dev := &plan.VXLANDevice{Name: "na.1", VNI: 1, Port: 8472, Underlay: "eth0", Local: netip.MustParseAddr("192.0.2.1"), Addr: netip.MustParsePrefix("10.244.1.0/32"), MAC: mac.String(), MTU: 1450}
 	macB, macC := plan.VTEPMAC("b").String(), plan.VTEPMAC("c").String()
 	neighs := []plan.Neigh{{IP: netip.MustParseAddr("10.244.2.0"), MAC: macB}, {IP: netip.MustParseAddr("10.244.3.0"), MAC: macC}}
 	fdb := []plan.FDB{{MAC: macB, Dst: netip.MustParseAddr("192.0.2.2")}, {MAC: macC, Dst: netip.MustParseAddr("198.51.100.3")}}
@@ -64,7 +64,7 @@ func TestSyncTransitions(t *testing.T) {
 	fdbLines := []string{macB + " dst 192.0.2.2 self permanent", macC + " dst 198.51.100.3 self permanent"}
 	neighLines := []string{"10.244.2.0 lladdr " + macB + " PERMANENT", "10.244.3.0 lladdr " + macC + " PERMANENT"}
 
-	st, err := r.Sync(dev, "na.1", "eth0", mac, neighs, fdb)
+	st, err := r.Sync(dev, "na.1", neighs, fdb)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,19 +73,19 @@ func TestSyncTransitions(t *testing.T) {
 		t.Errorf("device address: %s", a)
 	}
 
-	st, err = r.Sync(dev, "na.1", "eth0", mac, neighs, fdb)
+	st, err = r.Sync(dev, "na.1", neighs, fdb)
 	check("again", Stats{}, st, fdbLines, neighLines)
 
 	n.MustRun(t, "bridge", "fdb", "del", macC, "dev", "na.1", "dst", "198.51.100.3", "self")
 	n.MustRun(t, "ip", "neigh", "del", "10.244.2.0", "dev", "na.1")
-	st, err = r.Sync(dev, "na.1", "eth0", mac, neighs, fdb)
+	st, err = r.Sync(dev, "na.1", neighs, fdb)
 	if err != nil {
 		t.Fatal(err)
 	}
 	check("repair entries", Stats{NeighSet: 1, FDBSet: 1}, st, fdbLines, neighLines)
 
 	n.MustRun(t, "ip", "link", "del", "na.1")
-	st, err = r.Sync(dev, "na.1", "eth0", mac, neighs, fdb)
+	st, err = r.Sync(dev, "na.1", neighs, fdb)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,7 +93,7 @@ func TestSyncTransitions(t *testing.T) {
 
 	n.MustRun(t, "ip", "link", "set", "na.1", "address", "02:00:00:00:00:01")
 	n.MustRun(t, "ip", "link", "set", "na.1", "down")
-	st, err = r.Sync(dev, "na.1", "eth0", mac, neighs, fdb)
+	st, err = r.Sync(dev, "na.1", neighs, fdb)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +102,7 @@ func TestSyncTransitions(t *testing.T) {
 
 	logs.Reset()
 	n.MustRun(t, "ip", "link", "set", "na.1", "mtu", "1400")
-	st, err = r.Sync(dev, "na.1", "eth0", mac, neighs, fdb)
+	st, err = r.Sync(dev, "na.1", neighs, fdb)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,14 +111,14 @@ func TestSyncTransitions(t *testing.T) {
 		t.Errorf("mtu repair not logged:\n%s", logs.String())
 	}
 
-	st, err = r.Sync(dev, "na.1", "eth0", mac, neighs[:1], fdb[:1])
+	st, err = r.Sync(dev, "na.1", neighs[:1], fdb[:1])
 	if err != nil {
 		t.Fatal(err)
 	}
 	check("peer c leaves", Stats{NeighDel: 1, FDBDel: 1}, st, fdbLines[:1], neighLines[:1])
 
 	moved := []plan.FDB{{MAC: macB, Dst: netip.MustParseAddr("192.0.2.22")}}
-	st, err = r.Sync(dev, "na.1", "eth0", mac, neighs[:1], moved)
+	st, err = r.Sync(dev, "na.1", neighs[:1], moved)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,14 +128,14 @@ func TestSyncTransitions(t *testing.T) {
 
 	dev2 := *dev
 	dev2.VNI = 7
-	st, err = r.Sync(&dev2, "na.1", "eth0", mac, nil, nil)
+	st, err = r.Sync(&dev2, "na.1", nil, nil)
 	if err != nil || !st.DeviceCreated {
 		t.Fatalf("VNI change: %+v, %v; want a re-created device", st, err)
 	}
 	if l := n.MustRun(t, "ip", "-d", "link", "show", "na.1"); !strings.Contains(l, "vxlan id 7") {
 		t.Errorf("VNI not applied:\n%s", l)
 	}
-	if _, err := r.Sync(nil, "na.1", "eth0", mac, nil, nil); err != nil {
+	if _, err := r.Sync(nil, "na.1", nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := n.Run("ip", "link", "show", "na.1"); err == nil {

@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/netagent/netagent/pkg/agent"
 	"github.com/netagent/netagent/pkg/lab"
+	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/pkg/subnetfile"
 )
 
@@ -18,7 +18,7 @@ import (
 func TestUnderlayMTUChange(t *testing.T) {
 	l := newLabWith(t, lab.Options{Nodes: 2, Backend: "vxlan", PodsPerNode: 1})
 	n1 := l.Nodes[0]
-	vx := agent.VXLANDevName(1)
+	vx := plan.VXLANDevName(1)
 	mtuOf := func(dev string) int {
 		h, err := l.NodeNS(n1).Handle()
 		if err != nil {

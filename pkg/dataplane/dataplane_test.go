@@ -1,0 +1,121 @@
+package dataplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/plan"
+	"github.com/netagent/netagent/test/netns"
+)
+
+// nsIPTables runs iptables inside a test namespace.
+type nsIPTables struct{ n *netns.NS }
+
+func (r nsIPTables) Save(context.Context) (string, error) { return r.n.Run("iptables-save") }
+
+func (r nsIPTables) Restore(ctx context.Context, input string) error {
+	cmd := r.n.Command(ctx, "iptables-restore", "--noflush", "-w", "5")
+	cmd.Stdin = strings.NewReader(input)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("iptables-restore: %s: %w", out, err)
+	}
+	return nil
+}
+
+func peer(node, subnet, ip string) lease.Lease {
+	return lease.Lease{Node: node, Subnet: netip.MustParsePrefix(subnet), PublicIP: netip.MustParseAddr(ip), VTEPMAC: plan.VTEPMAC(node).String()}
+}
+
+// TestSetTransitions applies plans in order to a namespace's kernel: a full plan creates
+// everything; the same plan again changes nothing; a delta changes only its entries; a
+// delta that does not follow the last plan is refused; what someone deletes by hand is
+// put back by the next full Set once the mirrors are invalidated.
+func TestSetTransitions(t *testing.T) {
+	netns.RequireRoot(t)
+	n := netns.New(t, "dataplane")
+	n.MustRun(t, "ip", "link", "add", "eth0", "type", "bridge")
+	n.MustRun(t, "ip", "addr", "add", "192.0.2.11/24", "dev", "eth0")
+	n.MustRun(t, "ip", "link", "set", "eth0", "up")
+	var d *Linux
+	if err := n.Do(func() (err error) {
+		d, err = New(slog.New(slog.NewTextHandler(t.Output(), nil)), nsIPTables{n})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	cfg, err := config.Parse([]byte(`{"network":"10.244.0.0/16","backend":{"type":"hybrid"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ul Underlay
+	if ul, err = d.Underlay("eth0", netip.Addr{}); err != nil {
+		t.Fatal(err)
+	}
+	in := plan.Input{Config: cfg, Self: peer("n1", "10.244.1.0/24", "192.0.2.11"), Underlay: plan.Underlay{Dev: ul.Dev, MTU: ul.MTU, Connected: ul.Connected},
+		Peers: []lease.Lease{peer("n2", "10.244.2.0/24", "192.0.2.12"), peer("n3", "10.244.3.0/24", "198.51.100.13")}}
+	planner, p := plan.NewPlanner(in)
+
+	routes := func() string { return n.MustRun(t, "ip", "route", "show", "proto", "180") }
+	contains := func(step, what, got string, want ...string) {
+		t.Helper()
+		for _, w := range want {
+			if !strings.Contains(got, w) {
+				t.Errorf("%s: %s lacks %q:\n%s", step, what, w, got)
+			}
+		}
+	}
+
+	st, err := d.Set(ctx, p)
+	if err != nil {
+		t.Fatalf("first Set: %v", err)
+	}
+	if st.Routes.Added != 2 || !st.VXLAN.DeviceCreated || !st.Allow.Rebuilt || st.NAT.ChainsRewritten != 2 {
+		t.Errorf("first Set stats %+v, want 2 routes, the device, the allow-list and both NAT chains", st)
+	}
+	contains("first Set", "routes", routes(), "10.244.2.0/24 via 192.0.2.12 dev eth0", "10.244.3.0/24 via 10.244.3.0 dev netagent.1 onlink mtu 1450")
+	contains("first Set", "fdb", n.MustRun(t, "bridge", "fdb", "show", "dev", "netagent.1"), plan.VTEPMAC("n3").String()+" dst 198.51.100.13 self permanent")
+	contains("first Set", "device", n.MustRun(t, "ip", "-d", "link", "show", "netagent.1"), plan.VTEPMAC("n1").String(), "vxlan id 1", "dev eth0")
+	contains("first Set", "allow-list", n.MustRun(t, "nft", "list", "table", "ip", "netagent"), "192.0.2.12", "198.51.100.13")
+	contains("first Set", "NAT", n.MustRun(t, "iptables-save", "-t", "nat"), "-s 10.244.1.0/24 ! -d 224.0.0.0/4")
+
+	if st, err := d.Set(ctx, p); err != nil || st.Changed() {
+		t.Errorf("same plan again: %+v, %v; want no change", st, err)
+	}
+
+	next := planner.Update([]lease.Lease{peer("n4", "10.244.4.0/24", "198.51.100.14")})
+	st, err = d.Set(ctx, next)
+	if err != nil || st.Routes.Added != 1 || st.VXLAN.NeighSet != 1 || st.VXLAN.FDBSet != 1 || st.Allow.Added == 0 || st.NAT.Changed() {
+		t.Errorf("delta with n4: %+v, %v; want its route, neighbour, FDB and allow-list entries only", st, err)
+	}
+	contains("delta", "routes", routes(), "10.244.4.0/24 via 10.244.4.0 dev netagent.1 onlink")
+
+	stale := planner.Update([]lease.Lease{{Node: "n4"}})
+	stale.Delta.From = 12345
+	if _, err := d.Set(ctx, stale); !errors.Is(err, ErrStale) {
+		t.Errorf("delta from another plan: %v, want ErrStale", err)
+	}
+	if !strings.Contains(routes(), "10.244.4.0/24") {
+		t.Error("a refused delta changed the kernel")
+	}
+
+	n.MustRun(t, "ip", "route", "del", "10.244.2.0/24")
+	d.Invalidate(Tables)
+	full := planner.Plan()
+	st, err = d.Set(ctx, full)
+	if err != nil || st.Routes.Added != 1 || st.Routes.Deleted != 1 {
+		t.Errorf("full plan after a route was deleted by hand (and n4 left): %+v, %v; want it back and n4's gone", st, err)
+	}
+	got := routes()
+	contains("repair", "routes", got, "10.244.2.0/24 via 192.0.2.12")
+	if strings.Contains(got, "10.244.4.0/24") {
+		t.Errorf("n4's route still there:\n%s", got)
+	}
+}
