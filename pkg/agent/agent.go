@@ -158,6 +158,9 @@ func New(opt Options) (*Agent, error) {
 	// Passes diff against mirrors that kernel notifications keep current (see watchKernel).
 	a.route.Mirror()
 	a.vxlan.Mirror()
+	// Routes leave a peer's VXLAN entries before the entries go (a peer moving to direct
+	// routing, or leaving): each pass commits the VXLAN deletions after its routes.
+	a.vxlan.DeferDeletes()
 	return a, nil
 }
 
@@ -175,12 +178,7 @@ func signal(ch chan struct{}) {
 }
 
 // VXLANDevName is the VXLAN device's name for a VNI.
-func VXLANDevName(vni int) string {
-	if n := fmt.Sprintf("netagent.%d", vni); len(n) <= 15 {
-		return n
-	}
-	return fmt.Sprintf("na.%d", vni)
-}
+func VXLANDevName(vni int) string { return vxlan.DevName(vni) }
 
 // Run runs until ctx ends.
 func (a *Agent) Run(ctx context.Context) error {
@@ -492,13 +490,30 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, cfg config.Netwo
 	a.planner = planner
 	a.mu.Unlock()
 	var errs []error
-	vst, err := a.vxlan.Sync(p.VXLAN, vxDev, ul.dev, plan.VTEPMAC(a.opt.Node), p.Neighs, p.FDB)
+	vst, err := a.vxlan.Sync(p.VXLAN, ul.dev, plan.VTEPMAC(a.opt.Node), p.Neighs, p.FDB)
 	if err != nil {
 		errs = append(errs, err)
 	}
 	rst, err := a.route.Sync(p.Routes)
 	if err != nil {
 		errs = append(errs, err)
+	}
+	cst, err := a.vxlan.Commit()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	vst.Add(cst)
+	// A device the plan does not name (the backend became host-gw, or the VNI changed) goes
+	// only now that the routes left it: removing it first would drop its peers' routes
+	// until the new ones are in.
+	keep := ""
+	if p.VXLAN != nil {
+		keep = vxDev
+	}
+	if gone, err := a.vxlan.Prune(keep); err != nil {
+		errs = append(errs, err)
+	} else {
+		vst.Pruned = len(gone)
 	}
 	gst, err := a.guard.Sync(guardSpec(cfg, p))
 	if err != nil {
@@ -599,6 +614,11 @@ func (a *Agent) incrementalPass(log *slog.Logger, changed []lease.Lease) error {
 	if err != nil {
 		errs = append(errs, err)
 	}
+	cst, err := a.vxlan.Commit()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	vst.Add(cst)
 	// The VXLAN allow-list follows the peers: a new peer's packets are accepted from now.
 	allow := make(map[string]vxguard.Peer, len(changed))
 	for _, l := range changed {

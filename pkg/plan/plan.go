@@ -243,7 +243,13 @@ func decide(in Input, l lease.Lease, owner map[netip.Prefix]string) (Mode, strin
 		}
 	}
 	if !lease.ValidMAC(l.VTEPMAC) {
-		return Unreachable, "the peer published no VTEP MAC (is it running a vxlan or hybrid backend?)"
+		// A host-gw peer has no VTEP: on-link it is routed directly, as it routes to us
+		// (a cluster moving between backends, its agents restarted one by one, stays
+		// connected throughout).
+		if onLink {
+			return Direct, ""
+		}
+		return Unreachable, "the peer published no VTEP MAC and is not on-link (is it running a vxlan or hybrid backend?)"
 	}
 	return VXLAN, ""
 }

@@ -133,7 +133,17 @@ pod mtu 1500
 		{"outside network", config.HostGW, []lease.Lease{mk("g", "10.9.0.0/24", "192.0.2.7")}, `peer g unreachable (subnet 10.9.0.0/24 is outside the cluster network 10.244.0.0/16)
 pod mtu 1500
 `},
-		{"vxlan peer without MAC", config.VXLAN, []lease.Lease{{Node: "h", Subnet: netip.MustParsePrefix("10.244.8.0/24"), PublicIP: netip.MustParseAddr("192.0.2.8")}}, `peer h unreachable (the peer published no VTEP MAC (is it running a vxlan or hybrid backend?))
+		{"host-gw peer of a vxlan node, on-link", config.VXLAN, []lease.Lease{{Node: "h", Subnet: netip.MustParsePrefix("10.244.8.0/24"), PublicIP: netip.MustParseAddr("192.0.2.8"), Backend: config.HostGW}}, `route 10.244.8.0/24 via 192.0.2.8 dev eth0
+peer h direct
+vxlan na.1 vni 1 port 8472 local 192.0.2.1 addr 10.244.1.0/32 mtu 1450
+pod mtu 1450
+`},
+		{"host-gw peer of a hybrid node, on-link", config.Hybrid, []lease.Lease{{Node: "h", Subnet: netip.MustParsePrefix("10.244.8.0/24"), PublicIP: netip.MustParseAddr("192.0.2.8"), Backend: config.HostGW}}, `route 10.244.8.0/24 via 192.0.2.8 dev eth0
+peer h direct
+vxlan na.1 vni 1 port 8472 local 192.0.2.1 addr 10.244.1.0/32 mtu 1450
+pod mtu 1500
+`},
+		{"vxlan peer without MAC, not on-link", config.VXLAN, []lease.Lease{{Node: "h", Subnet: netip.MustParsePrefix("10.244.8.0/24"), PublicIP: netip.MustParseAddr("198.51.100.8")}}, `peer h unreachable (the peer published no VTEP MAC and is not on-link (is it running a vxlan or hybrid backend?))
 vxlan na.1 vni 1 port 8472 local 192.0.2.1 addr 10.244.1.0/32 mtu 1450
 pod mtu 1450
 `},

@@ -9,6 +9,10 @@
 //
 // The device's MAC comes from the plan (derived from the node name), so a re-created device
 // has the same MAC and peers' entries stay right.
+//
+// The device is named after its VNI (DevName). A device of netagent's naming that the plan
+// does not want (the VNI changed, or the backend became host-gw) is removed by Prune, which
+// the agent runs after the routes moved off it, so no peer is ever without a route.
 package vxlan
 
 import (
@@ -18,6 +22,7 @@ import (
 	"maps"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 
 	"github.com/vishvananda/netlink"
@@ -30,6 +35,7 @@ import (
 // Kernel is the part of a netlink handle the reconciler needs.
 type Kernel interface {
 	LinkByName(string) (netlink.Link, error)
+	LinkList() ([]netlink.Link, error)
 	LinkAdd(netlink.Link) error
 	LinkDel(netlink.Link) error
 	LinkSetUp(netlink.Link) error
@@ -57,6 +63,77 @@ type Reconciler struct {
 	idx       int // device index the mirror belongs to; 0: invalid
 	neigh     map[netip.Addr]entry
 	fdb       map[fdbKey]entry
+
+	// With deferDel, Sync and Apply queue their deletions here for Commit.
+	deferDel bool
+	pending  []deletion
+}
+
+// deletion is a neighbour or FDB entry to remove.
+type deletion struct {
+	idx  int // the device
+	fdb  bool
+	ip   netip.Addr // the neighbour's address (for an FDB entry: its destination)
+	key  fdbKey
+	prev entry
+}
+
+func (d deletion) do(r *Reconciler) error {
+	if d.fdb {
+		return r.writeFDB(d.key, nil, &d.prev, func() error { return r.k.NeighDel(delFDB(d.idx, d.key)) })
+	}
+	return r.writeNeigh(d.ip, nil, &d.prev, func() error { return r.k.NeighDel(delNeigh(d.idx, d.ip)) })
+}
+
+func (d deletion) err(err error) error {
+	if d.fdb {
+		return fmt.Errorf("delete fdb %s dst %s: %w", net.HardwareAddr(d.key.mac[:]), d.key.dst, err)
+	}
+	return fmt.Errorf("delete neighbour %s: %w", d.ip, err)
+}
+
+// DeferDeletes makes Sync and Apply leave their deletions to Commit, so that the caller
+// can move routes off a peer's entries first: a route via a VXLAN peer whose neighbour or
+// FDB entry is already gone drops what it carries (a peer moving to direct routing would
+// lose packets for as long as the route change takes).
+func (r *Reconciler) DeferDeletes() {
+	r.mu.Lock()
+	r.deferDel = true
+	r.mu.Unlock()
+}
+
+// Commit removes the entries the last Sync or Apply deferred.
+func (r *Reconciler) Commit() (Stats, error) {
+	r.mu.Lock()
+	pending := r.pending
+	r.pending = nil
+	r.mu.Unlock()
+	var st Stats
+	var errs []error
+	for _, d := range pending {
+		if err := d.do(r); err != nil {
+			errs = append(errs, d.err(err))
+			continue
+		}
+		st.count(d)
+	}
+	return st, errors.Join(errs...)
+}
+
+// remove removes d now, or queues it for Commit.
+func (r *Reconciler) remove(d deletion, st *Stats) error {
+	r.mu.Lock()
+	if r.deferDel {
+		r.pending = append(r.pending, d)
+		r.mu.Unlock()
+		return nil
+	}
+	r.mu.Unlock()
+	if err := d.do(r); err != nil {
+		return d.err(err)
+	}
+	st.count(d)
+	return nil
 }
 
 // entry is what the mirror keeps of a neighbour or FDB entry: what the reconciler compares
@@ -311,29 +388,65 @@ func New(k Kernel, log *slog.Logger) *Reconciler { return &Reconciler{k: k, log:
 type Stats struct {
 	DeviceCreated bool
 	// DeviceFixed counts attributes put back on an existing device (MAC, MTU, up).
-	DeviceFixed                        int
+	DeviceFixed int
+	// Pruned counts devices removed because the plan does not name them (Prune).
+	Pruned                             int
 	NeighSet, NeighDel, FDBSet, FDBDel int
+}
+
+func (s *Stats) count(d deletion) {
+	if d.fdb {
+		s.FDBDel++
+	} else {
+		s.NeighDel++
+	}
+}
+
+// Add adds o's counts to s.
+func (s *Stats) Add(o Stats) {
+	s.DeviceCreated = s.DeviceCreated || o.DeviceCreated
+	s.DeviceFixed += o.DeviceFixed
+	s.Pruned += o.Pruned
+	s.NeighSet += o.NeighSet
+	s.NeighDel += o.NeighDel
+	s.FDBSet += o.FDBSet
+	s.FDBDel += o.FDBDel
 }
 
 // Changed reports whether Sync touched the kernel.
 func (s Stats) Changed() bool {
-	return s.DeviceCreated || s.DeviceFixed+s.NeighSet+s.NeighDel+s.FDBSet+s.FDBDel > 0
+	return s.DeviceCreated || s.DeviceFixed+s.Pruned+s.NeighSet+s.NeighDel+s.FDBSet+s.FDBDel > 0
 }
 
-// DeviceChanges counts the device's own changes (a creation, or attributes fixed).
+// DeviceChanges counts the devices' own changes (a creation, attributes fixed, removals).
 func (s Stats) DeviceChanges() int {
 	if s.DeviceCreated {
-		return 1 + s.DeviceFixed
+		return 1 + s.DeviceFixed + s.Pruned
 	}
-	return s.DeviceFixed
+	return s.DeviceFixed + s.Pruned
 }
 
-// Sync ensures the device dev (nil: remove a device of that name if present) on underlay
-// device underlay, with mac, and exactly the given neighbour and FDB entries.
-func (r *Reconciler) Sync(dev *plan.VXLANDevice, name, underlay string, mac net.HardwareAddr, neighs []plan.Neigh, fdb []plan.FDB) (Stats, error) {
+// DevName is the VXLAN device's name for a VNI.
+func DevName(vni int) string {
+	if n := fmt.Sprintf("netagent.%d", vni); len(n) <= 15 {
+		return n
+	}
+	return fmt.Sprintf("na.%d", vni)
+}
+
+// Ours reports whether l is a VXLAN device of netagent's naming.
+func Ours(l netlink.Link) bool {
+	_, ok := l.(*netlink.Vxlan)
+	name := l.Attrs().Name
+	return ok && (strings.HasPrefix(name, "netagent.") || strings.HasPrefix(name, "na."))
+}
+
+// Sync ensures the device dev on underlay device underlay, with mac, and exactly the given
+// neighbour and FDB entries. dev nil (host-gw) ensures nothing: Prune removes devices.
+func (r *Reconciler) Sync(dev *plan.VXLANDevice, underlay string, mac net.HardwareAddr, neighs []plan.Neigh, fdb []plan.FDB) (Stats, error) {
 	var st Stats
 	if dev == nil {
-		return st, r.remove(name)
+		return st, nil
 	}
 	link, created, err := r.ensureDevice(dev, underlay, mac, &st)
 	if err != nil {
@@ -351,18 +464,27 @@ func (r *Reconciler) Sync(dev *plan.VXLANDevice, name, underlay string, mac net.
 	return st, errors.Join(errs...)
 }
 
-func (r *Reconciler) remove(name string) error {
-	l, err := r.k.LinkByName(name)
+// Prune removes every VXLAN device of netagent's naming except keep ("": all of them),
+// with the routes, neighbour and FDB entries on it, and returns the names removed. The
+// agent calls it after the routes moved to the device in use (or to the underlay).
+func (r *Reconciler) Prune(keep string) ([]string, error) {
+	links, err := nldump.Retry(r.k.LinkList)
 	if err != nil {
-		return nil
+		return nil, fmt.Errorf("list links: %w", err)
 	}
-	if _, ok := l.(*netlink.Vxlan); !ok {
-		return nil
+	var gone []string
+	var errs []error
+	for _, l := range links {
+		if name := l.Attrs().Name; Ours(l) && name != keep {
+			if err := r.k.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+				errs = append(errs, fmt.Errorf("delete stale vxlan device %s: %w", name, err))
+				continue
+			}
+			r.log.Info("vxlan device removed", "dev", name, "reason", "not in the plan")
+			gone = append(gone, name)
+		}
 	}
-	if err := r.k.LinkDel(l); err != nil {
-		return fmt.Errorf("delete %s: %w", name, err)
-	}
-	return nil
+	return gone, errors.Join(errs...)
 }
 
 func (r *Reconciler) ensureDevice(dev *plan.VXLANDevice, underlay string, mac net.HardwareAddr, st *Stats) (netlink.Link, bool, error) {
@@ -462,6 +584,9 @@ func (r *Reconciler) ensureAddr(l netlink.Link, want netip.Prefix) error {
 
 func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan.FDB, st *Stats) error {
 	idx := l.Attrs().Index
+	r.mu.Lock()
+	r.pending = nil // this pass decides afresh what goes
+	r.mu.Unlock()
 	have, haveFDB, err := r.entries(idx)
 	if err != nil {
 		return err
@@ -484,14 +609,11 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		st.NeighSet++
 	}
 	for ip, c := range have {
-		if keep[ip] {
-			continue
+		if !keep[ip] {
+			if err := r.remove(deletion{idx: idx, ip: ip, prev: c}, st); err != nil {
+				errs = append(errs, err)
+			}
 		}
-		if err := r.writeNeigh(ip, nil, &c, func() error { return r.k.NeighDel(delNeigh(idx, ip)) }); err != nil {
-			errs = append(errs, fmt.Errorf("delete neighbour %s: %w", ip, err))
-			continue
-		}
-		st.NeighDel++
 	}
 	keepFDB := make(map[fdbKey]bool, len(fdb))
 	for _, w := range fdb {
@@ -510,14 +632,11 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		st.FDBSet++
 	}
 	for k, c := range haveFDB {
-		if keepFDB[k] {
-			continue
+		if !keepFDB[k] {
+			if err := r.remove(deletion{idx: idx, fdb: true, ip: k.dst, key: k, prev: c}, st); err != nil {
+				errs = append(errs, err)
+			}
 		}
-		if err := r.writeFDB(k, nil, &c, func() error { return r.k.NeighDel(delFDB(idx, k)) }); err != nil {
-			errs = append(errs, fmt.Errorf("delete fdb %s dst %s: %w", net.HardwareAddr(k.mac[:]), k.dst, err))
-			continue
-		}
-		st.FDBDel++
 	}
 	return errors.Join(errs...)
 }
@@ -539,13 +658,13 @@ func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(net
 	type nop struct {
 		ip   netip.Addr
 		set  *netlink.Neigh
-		del  *netlink.Neigh
 		next *entry // the mirror's form of set
 		prev *entry
 		fdb  bool
 		fkey fdbKey
 	}
 	var ops []nop
+	var dels []deletion
 	for _, ip := range ips {
 		w, ok := wantNeigh(ip)
 		c, have := r.neigh[ip]
@@ -559,7 +678,7 @@ func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(net
 			next := toEntry(*n)
 			ops = append(ops, nop{ip: ip, prev: nptr(c, have), set: n, next: &next})
 		case have:
-			ops = append(ops, nop{ip: ip, del: delNeigh(idx, ip), prev: &c})
+			dels = append(dels, deletion{idx: idx, ip: ip, prev: c})
 		}
 	}
 	for _, f := range fdbs {
@@ -573,16 +692,13 @@ func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(net
 			next := toEntry(*n)
 			ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, prev: nptr(c, have), set: n, next: &next})
 		} else if have {
-			ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, del: delFDB(idx, k), prev: &c})
+			dels = append(dels, deletion{idx: idx, fdb: true, ip: f.Dst, key: k, prev: c})
 		}
 	}
 	r.mu.Unlock()
 	var errs []error
 	for _, o := range ops {
-		do := func() error { return r.k.NeighDel(o.del) }
-		if o.set != nil {
-			do = func() error { return r.k.NeighSet(o.set) }
-		}
+		do := func() error { return r.k.NeighSet(o.set) }
 		var err error
 		if o.fdb {
 			err = r.writeFDB(o.fkey, o.next, o.prev, do)
@@ -593,15 +709,15 @@ func (r *Reconciler) Apply(ips []netip.Addr, fdbs []plan.FDB, wantNeigh func(net
 			errs = append(errs, fmt.Errorf("neighbour/fdb %s: %w", o.ip, err))
 			continue
 		}
-		switch {
-		case o.fdb && o.set != nil:
+		if o.fdb {
 			st.FDBSet++
-		case o.fdb:
-			st.FDBDel++
-		case o.set != nil:
+		} else {
 			st.NeighSet++
-		default:
-			st.NeighDel++
+		}
+	}
+	for _, d := range dels {
+		if err := r.remove(d, &st); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return st, errors.Join(errs...)
