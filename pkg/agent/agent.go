@@ -98,6 +98,7 @@ type Agent struct {
 	bigPass       bool              // the last full pass changed many objects
 	ignored       map[string]string // leases not used, as last reported (the loop's)
 
+	fatal        chan error    // the lease cannot be kept by this run (lease.ErrReassigned)
 	storeChanged chan struct{} // the store became reachable or unreachable
 	reclaim      chan struct{} // the store is back: re-claim a lost lease now
 	graceEnd     chan struct{} // the post-outage window for vanished peers ended
@@ -142,6 +143,7 @@ func New(opt Options) (*Agent, error) {
 		podDirty:   make(chan struct{}, 1),
 		podChanged: make(chan struct{}, 1),
 
+		fatal:        make(chan error, 1),
 		storeChanged: make(chan struct{}, 1),
 		reclaim:      make(chan struct{}, 1),
 		graceEnd:     make(chan struct{}, 1),
@@ -355,6 +357,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			log.Info("stopping; the dataplane stays in place")
 			return nil
+		case err := <-a.fatal:
+			log.Error("stopping: the subnet lease cannot be kept; the dataplane stays in place until the restart", "err", err)
+			return err
 		case <-listed:
 			leases = true
 		case <-a.trigger:
@@ -444,6 +449,12 @@ func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held
 			}
 			a.setError("lease", err)
 			a.opt.Metrics.Errors.WithLabelValues("lease").Inc()
+			if errors.Is(err, lease.ErrReassigned) {
+				// Only a new run can take the new subnet: stop (the dataplane stays), and
+				// let the service manager (the kubelet) start the agent again.
+				a.fatal <- err
+				return
+			}
 			conflict := errors.Is(err, lease.ErrConflict)
 			switch {
 			case conflict && backoff.max < 30*time.Second:
