@@ -1,12 +1,14 @@
 package k8s_test
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -21,56 +23,171 @@ import (
 	"github.com/netagent/netagent/test/netns"
 )
 
-// pingFlow is busybox ping run by kubectl exec in one pod against another: -c (not -w), so
-// ping waits for the last replies instead of counting a reply in flight at a deadline as
-// lost, and without -q, so every reply's sequence number says which ones were lost.
+// pingFlow is busybox ping every 10 ms, run by kubectl exec in one pod against another,
+// until Stop interrupts it (SIGINT: ping prints its summary). Without -q, every reply's
+// sequence number says which requests were lost. A request still in flight when ping is
+// stopped is no loss: only sequence numbers below the highest one answered count, and the
+// unanswered tail after it is reported separately (it must stay short: a dataplane broken
+// at the end shows there, and in the connectivity checks that follow).
 type pingFlow struct {
-	a, b  podInfo
-	count int
-	out   string
-	err   error
-	done  chan struct{}
+	l    *lab
+	a, b podInfo
+	out  string
+	err  error
+	done chan struct{}
 }
 
-func (l *lab) startPing(ctx context.Context, a, b podInfo, count int) *pingFlow {
-	f := &pingFlow{a: a, b: b, count: count, done: make(chan struct{})}
+func (l *lab) startPing(ctx context.Context, a, b podInfo) *pingFlow {
+	f := &pingFlow{l: l, a: a, b: b, done: make(chan struct{})}
+	cmd := l.c.KubectlCmd(ctx, "exec", a.Name, "--", "ping", "-i", "0.01", b.IP)
+	stdout, err := cmd.StdoutPipe()
+	if err == nil {
+		err = cmd.Start()
+	}
+	if err != nil {
+		f.err = err
+		close(f.done)
+		return f
+	}
 	go func() {
 		defer close(f.done)
-		f.out, f.err = l.c.Kubectl(ctx, "exec", a.Name, "--", "ping", "-i", "0.01", "-c", strconv.Itoa(count), "-W", "3", b.IP)
+		// Every line stamped as it arrives: a lost request's neighbours say when it was lost.
+		var b strings.Builder
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			fmt.Fprintf(&b, "%s %s\n", time.Now().UTC().Format("15:04:05.000"), sc.Text())
+		}
+		f.err = cmd.Wait()
+		f.out = b.String()
 	}()
 	return f
+}
+
+// Stop interrupts ping and returns what it saw.
+func (f *pingFlow) Stop(ctx context.Context) (pingResult, error) {
+	if _, err := f.l.c.Kubectl(ctx, "exec", f.a.Name, "--", "killall", "-INT", "ping"); err != nil {
+		return pingResult{}, err
+	}
+	select {
+	case <-f.done:
+	case <-time.After(30 * time.Second):
+		return pingResult{}, fmt.Errorf("ping %s -> %s did not end after SIGINT", f.a.Name, f.b.IP)
+	}
+	r, ok := parsePing(f.out)
+	if !ok {
+		return r, fmt.Errorf("no ping summary (%v): %s", f.err, f.out)
+	}
+	return r, nil
 }
 
 // pingResult is what a busybox ping printed.
 type pingResult struct {
 	sent, received int
-	lost           []int // sequence numbers without a reply
+	last           int            // the highest sequence number answered (-1: none)
+	lost           []int          // sequence numbers below last without a reply
+	at             map[int]string // when each reply arrived
+}
+
+// lostAt says when lost requests went: between the replies around them.
+func (r pingResult) lostAt() string {
+	var at []string
+	for _, s := range r.lost {
+		before, after := "?", "?"
+		for p := s - 1; p >= 0; p-- {
+			if t, ok := r.at[p]; ok {
+				before = t
+				break
+			}
+		}
+		for n := s + 1; n <= r.last; n++ {
+			if t, ok := r.at[n]; ok {
+				after = t
+				break
+			}
+		}
+		at = append(at, fmt.Sprintf("seq %d between %s and %s", s, before, after))
+	}
+	return strings.Join(at, ", ")
+}
+
+// tail is how many requests were sent after the last one answered.
+func (r pingResult) tail() int { return r.sent - 1 - r.last }
+
+func (r pingResult) String() string {
+	return fmt.Sprintf("%d sent, %d received, %d lost (seq %s), %d unanswered after the last reply", r.sent, r.received, len(r.lost), ranges(r.lost), r.tail())
 }
 
 // parsePing reads busybox ping's replies ("64 bytes from IP: seq=N ttl=T time=X ms") and
 // its summary.
 func parsePing(out string) (pingResult, bool) {
-	var r pingResult
+	r := pingResult{last: -1, at: map[int]string{}}
 	got := map[int]bool{}
 	summary := false
 	for _, line := range strings.Split(out, "\n") {
-		line = strings.TrimSpace(line)
+		stamp, line, _ := strings.Cut(strings.TrimSpace(line), " ")
 		if _, rest, ok := strings.Cut(line, " seq="); ok && strings.Contains(line, "bytes from") {
 			seq, _, _ := strings.Cut(rest, " ")
 			if n, err := strconv.Atoi(seq); err == nil {
 				got[n] = true
+				r.at[n] = stamp
+				r.last = max(r.last, n)
 			}
 		}
 		if n, _ := fmt.Sscanf(line, "%d packets transmitted, %d packets received", &r.sent, &r.received); n == 2 {
 			summary = true
 		}
 	}
-	for seq := range r.sent {
+	for seq := range r.last {
 		if !got[seq] {
 			r.lost = append(r.lost, seq)
 		}
 	}
 	return r, summary
+}
+
+// icmpCounters reads the Icmp line of /proc/net/snmp in a network namespace: what its
+// kernel sent and received, whatever a program made of it.
+func icmpCounters(ctx context.Context, nsPath string) (map[string]int64, error) {
+	out, err := exec.CommandContext(ctx, "nsenter", "--net="+nsPath, "cat", "/proc/net/snmp").Output()
+	if err != nil {
+		return nil, fmt.Errorf("/proc/net/snmp in %s: %w", nsPath, err)
+	}
+	var names []string
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "Icmp:" {
+			continue
+		}
+		if names == nil {
+			names = f[1:]
+			continue
+		}
+		c := map[string]int64{}
+		for i, v := range f[1:] {
+			if i < len(names) {
+				c[names[i]], _ = strconv.ParseInt(v, 10, 64)
+			}
+		}
+		return c, nil
+	}
+	return nil, fmt.Errorf("/proc/net/snmp in %s: no Icmp counters", nsPath)
+}
+
+// rawDrops sums the drops column of /proc/net/raw in a namespace: ICMP a raw socket
+// (busybox ping's) could not take because its receive buffer was full.
+func rawDrops(ctx context.Context, nsPath string) string {
+	out, err := exec.CommandContext(ctx, "nsenter", "--net="+nsPath, "cat", "/proc/net/raw").Output()
+	if err != nil {
+		return "?"
+	}
+	var drops int64
+	for _, line := range strings.Split(string(out), "\n")[1:] {
+		if f := strings.Fields(line); len(f) > 0 {
+			n, _ := strconv.ParseInt(f[len(f)-1], 10, 64)
+			drops += n
+		}
+	}
+	return strconv.FormatInt(drops, 10)
 }
 
 // ranges prints sorted integers as runs: "12-14 90".
@@ -220,12 +337,11 @@ func (f *tcpFlow) run() {
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	buf := make([]byte, 8)
-	start := time.Now()
 	for n := uint64(0); ; n++ {
 		if info := f.info(); info != nil && (info.Total_retrans != f.retrans || info.Dsack_dups != f.dsacks) {
 			if info.Total_retrans-info.Dsack_dups != f.retrans-f.dsacks {
 				f.events = append(f.events, fmt.Sprintf("%s (counter %d): %d retransmitted, %d duplicates",
-					time.Since(start).Round(time.Millisecond), n, info.Total_retrans, info.Dsack_dups))
+					time.Now().UTC().Format("15:04:05.000"), n, info.Total_retrans, info.Dsack_dups))
 			}
 			f.retrans, f.dsacks = info.Total_retrans, info.Dsack_dups
 		}
@@ -308,16 +424,34 @@ func (f *tcpFlow) Stop() error {
 type monitor struct {
 	cmds  []*exec.Cmd
 	files []string
+	stats map[string]string // namespace path -> nstat history file
 }
 
-func (l *lab) startMonitor(ctx context.Context, dir string) *monitor {
-	m := &monitor{}
+func (l *lab) startMonitor(ctx context.Context, dir string, pods []podInfo) *monitor {
+	m := &monitor{stats: map[string]string{}}
+	// Kernel counters (drops, errors) of every node and pod namespace, as deltas at stop.
+	paths := map[string]string{}
+	for _, n := range l.nodes {
+		paths[n.Name] = "/run/netns/" + n.NS
+	}
+	for _, p := range pods {
+		if ns, err := l.podNetns(ctx, p); err == nil {
+			paths[p.Name] = ns.Path
+		}
+	}
+	for name, path := range paths {
+		hist := filepath.Join(dir, name+".nstat")
+		if exec.CommandContext(ctx, "nsenter", "--net="+path, "env", "NSTAT_HISTORY="+hist, "nstat", "-n").Run() == nil {
+			m.stats[path] = hist
+			m.files = append(m.files, hist+".delta")
+		}
+	}
 	for _, n := range l.nodes {
 		for _, c := range []struct {
 			name string
 			args []string
 		}{
-			{"ip", []string{"-ts", "monitor", "link", "route"}},
+			{"ip", []string{"-ts", "monitor", "link", "route", "neigh"}},
 			{"bridge", []string{"monitor", "fdb"}},
 			{"stdbuf", []string{"-oL", "nft", "monitor"}},
 		} {
@@ -336,6 +470,10 @@ func (l *lab) startMonitor(ctx context.Context, dir string) *monitor {
 }
 
 func (m *monitor) stop() {
+	for path, hist := range m.stats {
+		out, _ := exec.Command("nsenter", "--net="+path, "env", "NSTAT_HISTORY="+hist, "nstat").CombinedOutput()
+		_ = os.WriteFile(hist+".delta", out, 0o644)
+	}
 	for _, c := range m.cmds {
 		_ = syscall.Kill(-c.Process.Pid, syscall.SIGKILL)
 		_ = c.Wait()
