@@ -208,20 +208,22 @@ func (l *lab) waitAgentReady(t *testing.T, n *k8s.Node, timeout time.Duration) t
 	if err != nil {
 		t.Fatal(err)
 	}
-	client := &http.Client{Timeout: time.Second}
+	// The transport dials on goroutines of its own: the dial itself enters the namespace.
+	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{
+		DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, addr string) (c net.Conn, err error) {
+			err = ns.Do(func() error { c, err = (&net.Dialer{}).DialContext(ctx, network, addr); return err })
+			return c, err
+		},
+	}}
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
-		ok := false
-		_ = ns.Do(func() error {
-			resp, err := client.Get("http://127.0.0.1:9476/readyz")
-			if err == nil {
-				ok = resp.StatusCode == http.StatusOK
-				resp.Body.Close()
+		resp, err := client.Get("http://127.0.0.1:9476/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return time.Now()
 			}
-			return nil
-		})
-		if ok {
-			return time.Now()
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
