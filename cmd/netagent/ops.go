@@ -26,10 +26,10 @@ import (
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease/etcdstore"
 	"github.com/netagent/netagent/pkg/nat"
-	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/subnetfile"
 	"github.com/netagent/netagent/pkg/vxguard"
+	"github.com/netagent/netagent/pkg/vxlan"
 )
 
 func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
@@ -278,18 +278,12 @@ func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {
 	} else {
 		fmt.Fprintf(stdout, "removed %d routes\n", st.Deleted)
 	}
-	links, err := nldump.Retry(h.LinkList)
+	gone, err := vxlan.New(h, slog.New(slog.DiscardHandler)).Prune("")
 	if err != nil {
 		errs = append(errs, err)
 	}
-	for _, l := range links {
-		if _, ok := l.(*netlink.Vxlan); ok && (strings.HasPrefix(l.Attrs().Name, "netagent.") || strings.HasPrefix(l.Attrs().Name, "na.")) {
-			if err := h.LinkDel(l); err != nil {
-				errs = append(errs, err)
-			} else {
-				fmt.Fprintf(stdout, "removed vxlan device %s\n", l.Attrs().Name)
-			}
-		}
+	for _, name := range gone {
+		fmt.Fprintf(stdout, "removed vxlan device %s\n", name)
 	}
 	if err := nat.New(nat.Exec{}).Remove(ctx); err != nil {
 		errs = append(errs, err)

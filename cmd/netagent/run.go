@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"k8s.io/klog/v2"
 
 	"github.com/netagent/netagent/pkg/agent"
@@ -39,6 +40,7 @@ type runFlags struct {
 	leaseTTL     time.Duration
 	resync       time.Duration
 	listen       string
+	metrics      string // --metrics-listen
 	logLevel     string
 	embeddedEtcd string
 	pprof        bool
@@ -66,7 +68,7 @@ and write the subnet file and CNI config that netagent-cni reads.`)
 	group(fs, "CNI files", "subnet-file", "cni-conf-dir", "cni-bridge", "cni-data-dir")
 	group(fs, "Subnet store: etcd", append([]string{"subnet-manager", "lease-ttl", "embedded-etcd"}, etcdFlagNames...)...)
 	group(fs, "Subnet store: Kubernetes (--subnet-manager=kube)", "kubeconfig", "net-conf")
-	group(fs, "Operation", "resync", "listen", "log-level", "pprof")
+	group(fs, "Operation", "resync", "listen", "metrics-listen", "log-level", "pprof")
 	return fs, f
 }
 
@@ -83,6 +85,7 @@ func sharedAgentFlags(name string) (*flag.FlagSet, *runFlags) {
 	fs.DurationVar(&f.leaseTTL, "lease-ttl", 30*time.Second, "subnet lease TTL; the agent renews it continuously")
 	fs.DurationVar(&f.resync, "resync", time.Minute, "full resync period (netlink and firewall events trigger repairs at once)")
 	fs.StringVar(&f.listen, "listen", "127.0.0.1:9476", "address of /healthz, /readyz, /metrics and /status (empty: off)")
+	fs.StringVar(&f.metrics, "metrics-listen", "", "another address serving /metrics alone, for a scraper off the node, e.g. the node's IP:9477 (empty: off)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.embeddedEtcd, "embedded-etcd", "", "run a single-member etcd in this process with its data in `DIR` and use it (single machine)")
 	fs.BoolVar(&f.fwdRepair, "repair-ip-forward", true, "switch net.ipv4.ip_forward back on when found off (false: only report it)")
@@ -97,6 +100,11 @@ func (f *runFlags) validate() error {
 	if f.publicIP != "" {
 		if a, err := netip.ParseAddr(f.publicIP); err != nil || !a.Is4() {
 			return fmt.Errorf("--public-ip %q is not an IPv4 address", f.publicIP)
+		}
+	}
+	if f.metrics != "" {
+		if _, _, err := net.SplitHostPort(f.metrics); err != nil {
+			return fmt.Errorf("--metrics-listen %q: want HOST:PORT: %w", f.metrics, err)
 		}
 	}
 	if f.leaseTTL < 2*time.Second {
@@ -156,7 +164,7 @@ let through, below DOCKER-USER, so Docker's own rules and isolation still apply.
 	group(fs, "Docker", "write-docker-config", "docker-network", "docker-socket", "docker-bridge")
 	group(fs, "Node", "node-name", "iface", "public-ip", "subnet-file")
 	group(fs, "Subnet store: etcd", append([]string{"lease-ttl", "embedded-etcd"}, etcdFlagNames...)...)
-	group(fs, "Operation", "resync", "listen", "log-level", "pprof")
+	group(fs, "Operation", "resync", "listen", "metrics-listen", "log-level", "pprof")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -247,12 +255,22 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 	if err != nil {
 		return err
 	}
-	if f.listen != "" {
-		ln, err := net.Listen("tcp", f.listen)
-		if err != nil {
-			return fmt.Errorf("--listen %s: %w", f.listen, err)
+	// /status (peers, addresses, errors) and the probes stay on --listen; --metrics-listen
+	// serves the counters alone (see SECURITY.md).
+	metricsOnly := http.NewServeMux()
+	metricsOnly.Handle("/metrics", promhttp.HandlerFor(metrics.Registry, promhttp.HandlerOpts{}))
+	for _, s := range []struct {
+		flag, addr string
+		h          http.Handler
+	}{{"--listen", f.listen, a.Handler(f.pprof)}, {"--metrics-listen", f.metrics, metricsOnly}} {
+		if s.addr == "" {
+			continue
 		}
-		srv := &http.Server{Handler: a.Handler(f.pprof), ReadHeaderTimeout: 5 * time.Second}
+		ln, err := net.Listen("tcp", s.addr)
+		if err != nil {
+			return fmt.Errorf("%s %s: %w", s.flag, s.addr, err)
+		}
+		srv := &http.Server{Handler: s.h, ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = srv.Serve(ln) }()
 		defer srv.Close()
 	}

@@ -101,6 +101,7 @@ type Agent struct {
 	watchFiles    func(ctx context.Context, log *slog.Logger, paths []string, ch chan struct{})
 
 	reclaim    chan struct{} // the store is back: re-claim a lost lease now
+	fatal      chan error    // the lease cannot be kept by this run (lease.ErrReassigned); rFatal
 	dockerKick chan struct{} // a full pass asks the Docker step to run
 	dockerJob  struct {
 		sync.Mutex
@@ -139,6 +140,7 @@ func New(opt Options) (*Agent, error) {
 		dp:            opt.Dataplane,
 		in:            newInbox(),
 		reclaim:       make(chan struct{}, 1),
+		fatal:         make(chan error, 1),
 		dockerKick:    make(chan struct{}, 1),
 		watchFirewall: watchFirewall,
 		watchNetconf:  watchNetconf,
@@ -339,6 +341,13 @@ func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held
 			}
 			a.setError("lease", err)
 			a.opt.Metrics.Errors.WithLabelValues("lease").Inc()
+			if errors.Is(err, lease.ErrReassigned) {
+				// Only a new run can take the new subnet: stop (the dataplane stays), and
+				// let the service manager (the kubelet) start the agent again.
+				a.fatal <- err
+				a.in.post(rFatal)
+				return
+			}
 			conflict := errors.Is(err, lease.ErrConflict)
 			switch {
 			case conflict && backoff.max < 30*time.Second:

@@ -147,3 +147,32 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 	defer l.mu.Unlock()
 	return l.w.Write(p)
 }
+
+// TestKeepAliveReassigned: when the store gives the node another subnet (a Node deleted and
+// registered again with a new podCIDR), the agent stops re-claiming and reports it as
+// fatal, so Run ends and the restarted agent takes the new subnet; before, it retried the
+// old one forever, ready, while no peer could reach its node.
+func TestKeepAliveReassigned(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		moved := fmt.Errorf("%w: node n1: its podCIDR is now 10.244.3.0/24", lease.ErrReassigned)
+		st := &renewStore{errs: []error{moved, moved}}
+		a := &Agent{opt: Options{Store: st, Metrics: NewMetrics()}, reclaim: make(chan struct{}, 1), fatal: make(chan error, 1), in: newInbox()}
+		done := make(chan struct{})
+		go func() { defer close(done); a.keepAlive(t.Context(), slog.New(slog.DiscardHandler), lease.Held{}) }()
+		<-done
+		select {
+		case err := <-a.fatal:
+			if !errors.Is(err, lease.ErrReassigned) {
+				t.Errorf("fatal error %v, want lease.ErrReassigned", err)
+			}
+		default:
+			t.Error("keepAlive returned without a fatal error")
+		}
+		if r := a.in.take(); r&rFatal == 0 {
+			t.Errorf("reasons posted %b, want rFatal (the loop stops on it)", r)
+		}
+		if n := len(st.attempts); n != 1 {
+			t.Errorf("%d re-claims, want 1 (a reassigned subnet is not retried)", n)
+		}
+	})
+}

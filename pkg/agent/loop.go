@@ -34,6 +34,7 @@ const (
 	rDocker                      // the Docker step succeeded
 	rStart                       // the first pass
 	rRelist                      // the peers were listed again, or a delta could not be applied
+	rFatal                       // the lease cannot be kept by this run (its error is in Agent.fatal)
 
 	// rFull are the reasons for a full pass; rDrift those where the plan did not change,
 	// so what a pass writes is counted as a repair; rCheckFirewall those that also check
@@ -103,6 +104,11 @@ func (a *Agent) loop(ctx context.Context, log *slog.Logger, s *state) error {
 	a.spawn(func() { a.in.relay(ctx, retry.retry, rRetry) })
 	r := rStart
 	for {
+		if r&rFatal != 0 {
+			err := <-a.fatal
+			log.Error("stopping: the subnet lease cannot be kept; the dataplane stays in place until the restart", "err", err)
+			return err
+		}
 		full := a.handle(ctx, log, s, r)
 		drift := r&rDrift != 0
 		switch {

@@ -37,6 +37,8 @@ type memStore struct {
 	changed chan<- struct{}
 	pending map[string]lease.Lease // peers added before the watch started
 	health  chan error
+	lost    chan error // KeepAlive returns what is sent here (the lease was lost)
+	renew   error      // what Renew then returns
 }
 
 func newMemStore(t *testing.T, backend string) *memStore {
@@ -45,7 +47,7 @@ func newMemStore(t *testing.T, backend string) *memStore {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &memStore{cfg: c, self: netip.MustParsePrefix("10.244.1.0/24"), pending: map[string]lease.Lease{}, health: make(chan error)}
+	return &memStore{cfg: c, self: netip.MustParsePrefix("10.244.1.0/24"), pending: map[string]lease.Lease{}, health: make(chan error), lost: make(chan error)}
 }
 
 func (s *memStore) Config(context.Context) (config.Network, int64, error) { return s.cfg, 1, nil }
@@ -56,11 +58,20 @@ func (s *memStore) Acquire(_ context.Context, _ config.Network, self lease.Lease
 	return lease.Held{Lease: self}, nil
 }
 
-func (s *memStore) Renew(_ context.Context, h lease.Held) (lease.Held, error) { return h, nil }
+func (s *memStore) Renew(_ context.Context, h lease.Held) (lease.Held, error) {
+	if s.renew != nil {
+		return lease.Held{}, s.renew
+	}
+	return h, nil
+}
 
 func (s *memStore) KeepAlive(ctx context.Context, _ lease.Held) error {
-	<-ctx.Done()
-	return ctx.Err()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case err := <-s.lost:
+		return err
+	}
 }
 
 func (s *memStore) Watch(ctx context.Context, peers *lease.Peers, changed chan<- struct{}, _ lease.WatchStats) {
@@ -419,5 +430,37 @@ func TestPodGuardDelay(t *testing.T) {
 			t.Errorf("checks while entries are withheld at %v, want 300ms, 600ms, 900ms", got)
 		}
 		la.stop(t)
+	})
+}
+
+// TestLoopStopsWhenReassigned: the store gives this node another subnet (a Kubernetes Node
+// deleted and registered again): Run returns lease.ErrReassigned at once, so the service
+// manager restarts the agent on the new subnet, and leaves the dataplane as it was.
+func TestLoopStopsWhenReassigned(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		st := newMemStore(t, config.VXLAN)
+		st.put(peerLease("n2", "10.244.2.0/24", "192.0.2.12"))
+		dp := dataplane.NewFake(testUnderlay())
+		la := startLoopAgent(t, st, dp, 30*time.Second)
+		synctest.Wait()
+		if !has(dp, "10.244.2.0/24") {
+			t.Fatal("the first pass did not set the peer's route")
+		}
+		before, _ := dp.Counts()
+		st.renew = fmt.Errorf("%w: node n1: its podCIDR is now 10.244.3.0/24", lease.ErrReassigned)
+		st.lost <- errors.New("the Node's podCIDR changed")
+		synctest.Wait()
+		select {
+		case err := <-la.done:
+			if !errors.Is(err, lease.ErrReassigned) {
+				t.Errorf("Run() = %v, want lease.ErrReassigned", err)
+			}
+		default:
+			t.Fatal("Run still running after the subnet was reassigned")
+		}
+		if after, _ := dp.Counts(); after != before || !has(dp, "10.244.2.0/24") {
+			t.Errorf("the dataplane changed on the way out (%d Sets, route kept %t)", after-before, has(dp, "10.244.2.0/24"))
+		}
+		la.cancel()
 	})
 }

@@ -110,6 +110,8 @@ func New(log *slog.Logger, iptables nat.Runner) (*Linux, error) {
 	// Passes diff against mirrors that kernel notifications keep current (see Watch).
 	d.route.Mirror()
 	d.vxlan.Mirror()
+	// Routes leave a peer's VXLAN entries before the entries go (Set commits them after).
+	d.vxlan.DeferDeletes()
 	return d, nil
 }
 
@@ -162,17 +164,26 @@ func (d *Linux) Set(ctx context.Context, p plan.Plan) (Stats, error) {
 	}
 	var st Stats
 	var errs []error
+	keep := ""
 	if p.VXLAN != nil {
-		d.vxDev.Store(p.VXLAN.Name)
-	} else {
-		d.vxDev.Store(p.StaleVXLAN)
+		keep = p.VXLAN.Name
 	}
+	d.vxDev.Store(keep)
 	var err error
-	// Neighbours and FDB entries before the routes that go through them.
-	if st.VXLAN, err = d.vxlan.Sync(p.VXLAN, p.StaleVXLAN, p.Neighs, p.FDB); err != nil {
+	// Neighbours and FDB entries before the routes that go through them; the ones no
+	// longer wanted, and devices the plan does not name, after the routes left them.
+	if st.VXLAN, err = d.vxlan.Sync(p.VXLAN, p.Neighs, p.FDB); err != nil {
 		errs = append(errs, err)
 	}
 	if st.Routes, err = d.route.Sync(p.Routes); err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.commitVXLAN(&st.VXLAN); err != nil {
+		errs = append(errs, err)
+	}
+	gone, err := d.vxlan.Prune(keep)
+	st.VXLAN.Pruned += len(gone)
+	if err != nil {
 		errs = append(errs, err)
 	}
 	if st.Allow, err = d.guard.Set(guardSpec(p.Allow)); err != nil {
@@ -211,6 +222,9 @@ func (d *Linux) apply(delta *plan.Delta) (Stats, error) {
 	if err != nil {
 		errs = append(errs, err)
 	}
+	if err := d.commitVXLAN(&st.VXLAN); err != nil {
+		errs = append(errs, err)
+	}
 	// The allow-list follows the peers: a new peer's packets are accepted from now.
 	allow := make(map[string]vxguard.Peer, len(delta.Allow))
 	for _, c := range delta.Allow {
@@ -224,6 +238,14 @@ func (d *Linux) apply(delta *plan.Delta) (Stats, error) {
 		errs = append(errs, err)
 	}
 	return st, errors.Join(errs...)
+}
+
+// commitVXLAN removes the neighbour and FDB entries the last vxlan Sync or Apply left for
+// after the routes, adding the count to st.
+func (d *Linux) commitVXLAN(st *vxlan.Stats) error {
+	c, err := d.vxlan.Commit()
+	st.Add(c)
+	return err
 }
 
 // natSync syncs the NAT chains to n, or takes Prepare's result when it was for n and

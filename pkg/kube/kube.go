@@ -250,7 +250,11 @@ func (s *Store) Renew(ctx context.Context, h lease.Held) (lease.Held, error) {
 		// The Node was deleted and registered again with another podCIDR: this agent's
 		// pods are on the old one. Not a conflict with another node; a restart of the
 		// agent (and of the node's pods) moves the node to the new subnet.
-		return lease.Held{}, fmt.Errorf("node %s: its podCIDR is now %v (%v), not %s as when this agent started: restart the agent and recreate the node's pods to move to it", s.self, subnet, err, h.Lease.Subnet)
+		if err == nil {
+			return lease.Held{}, fmt.Errorf("%w: node %s: its podCIDR is now %s, not %s as when this agent started; the node's pods on the old one must be recreated",
+				lease.ErrReassigned, s.self, subnet, h.Lease.Subnet)
+		}
+		return lease.Held{}, fmt.Errorf("node %s: no usable podCIDR now (%w), %s when this agent started", s.self, err, h.Lease.Subnet)
 	}
 	if ip, err := netip.ParseAddr(n.Annotations[AnnPublicIP]); err == nil && ip != h.Lease.PublicIP {
 		// Another agent published itself on our Node (two hosts with one node name):

@@ -466,6 +466,26 @@ func TestKeepAliveRepublishes(t *testing.T) {
 	}
 }
 
+// The Node deleted and registered again with another podCIDR: Renew says the subnet was
+// reassigned (the agent then exits and its restart takes the new one).
+func TestRenewReassigned(t *testing.T) {
+	c := newCluster(t, "vxlan", node("n1", []string{"10.244.1.0/24"}, nil))
+	self := lease.Lease{Node: "n1", PublicIP: netip.MustParseAddr("192.0.2.11"), Backend: "vxlan", VTEPMAC: plan.VTEPMAC("n1").String()}
+	h, err := c.s.Acquire(t.Context(), c.cfg, self, netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.cs.CoreV1().Nodes().Delete(t.Context(), "n1", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.cs.CoreV1().Nodes().Create(t.Context(), node("n1", []string{"10.244.3.0/24"}, nil), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.s.Renew(t.Context(), h); !errors.Is(err, lease.ErrReassigned) || !strings.Contains(err.Error(), "10.244.3.0/24") {
+		t.Fatalf("Renew after the podCIDR moved: %v, want ErrReassigned naming 10.244.3.0/24", err)
+	}
+}
+
 func TestConfigFile(t *testing.T) {
 	for _, c := range []struct {
 		body string

@@ -55,6 +55,11 @@ var ErrConflict = errors.New("lease conflict")
 // same name): the agent refuses to start, or stops, rather than fight over the lease.
 var ErrIdentity = errors.New("node name in use by another agent")
 
+// ErrReassigned means the store now gives this node another subnet than the one the agent
+// runs on (a Kubernetes Node deleted and registered again with a new podCIDR): the agent
+// cannot move its pods, so it exits and its restart takes the new subnet.
+var ErrReassigned = errors.New("the node's subnet was reassigned")
+
 // Lease is one node's claim on a subnet and how peers reach it.
 type Lease struct {
 	Node     string       `json:"node"`

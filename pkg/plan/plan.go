@@ -130,13 +130,12 @@ type Plan struct {
 	Neighs []Neigh
 	FDB    []FDB
 	Peers  []Peer
+	// VXLAN is the node's VXLAN device; nil: none. Any other VXLAN device of netagent's
+	// naming (an earlier backend's or VNI's) is not desired and goes.
 	VXLAN  *VXLANDevice
-	// StaleVXLAN, when VXLAN is nil, names a VXLAN device to remove if present (one an
-	// earlier backend left).
-	StaleVXLAN string
-	PodMTU     int
-	NAT        NAT
-	Allow      AllowList
+	PodMTU int
+	NAT    NAT
+	Allow  AllowList
 	// Delta is set on a plan from Planner.Update: it is all that changed since plan
 	// Delta.From, and the plan then carries no per-peer lists (Routes, Neighs, FDB, Peers,
 	// Allow.Peers are empty): rendering thousands of entries for every lease event would
@@ -184,8 +183,6 @@ func Build(in Input) Plan {
 			MTU:      tunnelMTU,
 		}
 		p.Allow.Port = c.Backend.Port
-	} else {
-		p.StaleVXLAN = in.VXLANDev
 	}
 	switch {
 	case c.MTU != 0:
@@ -301,7 +298,13 @@ func decide(in Input, l lease.Lease, owner map[netip.Prefix]string) (Mode, strin
 		}
 	}
 	if !lease.ValidMAC(l.VTEPMAC) {
-		return Unreachable, "the peer published no VTEP MAC (is it running a vxlan or hybrid backend?)"
+		// A host-gw peer has no VTEP: on-link it is routed directly, as it routes to us
+		// (a cluster moving between backends, its agents restarted one by one, stays
+		// connected throughout).
+		if onLink {
+			return Direct, ""
+		}
+		return Unreachable, "the peer published no VTEP MAC and is not on-link (is it running a vxlan or hybrid backend?)"
 	}
 	return VXLAN, ""
 }

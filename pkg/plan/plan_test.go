@@ -76,9 +76,6 @@ func render(p Plan) string {
 	}
 	fmt.Fprintf(&b, "pod mtu %d\n", p.PodMTU)
 	fmt.Fprintf(&b, "nat %s %s final %t\n", p.NAT.Network, p.NAT.Subnet, p.NAT.Final)
-	if p.StaleVXLAN != "" {
-		fmt.Fprintf(&b, "remove vxlan %s\n", p.StaleVXLAN)
-	}
 	return b.String()
 }
 
@@ -109,7 +106,6 @@ peer c unreachable (host-gw: 198.51.100.3 is not on-link from eth0 (use the hybr
 allow b from 192.0.2.2 inner 10.244.2.0/24
 pod mtu 1500
 nat 10.244.0.0/16 10.244.1.0/24 final false
-remove vxlan na.1
 `},
 		{"vxlan", config.VXLAN, []lease.Lease{far, near}, fmt.Sprintf(`route 10.244.2.0/24 via 10.244.2.0 dev na.1 onlink
 route 10.244.3.0/24 via 10.244.3.0 dev na.1 onlink
@@ -139,19 +135,17 @@ vxlan na.1 vni 1 port 8472 dev eth0 local 192.0.2.1 addr 10.244.1.0/32 mac %[2]s
 pod mtu 1500
 nat 10.244.0.0/16 10.244.1.0/24 final false
 `, macC, macA)},
-		{"self is skipped", config.HostGW, []lease.Lease{self}, "pod mtu 1500\nnat 10.244.0.0/16 10.244.1.0/24 final false\nremove vxlan na.1\n"},
+		{"self is skipped", config.HostGW, []lease.Lease{self}, "pod mtu 1500\nnat 10.244.0.0/16 10.244.1.0/24 final false\n"},
 		{"duplicate subnet", config.HostGW, []lease.Lease{near, mk("d", "10.244.2.0/24", "192.0.2.4")}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
 peer b direct
 peer d unreachable (subnet 10.244.2.0/24 is also held by b)
 allow b from 192.0.2.2 inner 10.244.2.0/24
 pod mtu 1500
 nat 10.244.0.0/16 10.244.1.0/24 final false
-remove vxlan na.1
 `},
 		{"own subnet claimed", config.HostGW, []lease.Lease{mk("e", "10.244.1.0/24", "192.0.2.5")}, `peer e unreachable (subnet 10.244.1.0/24 is also held by a)
 pod mtu 1500
 nat 10.244.0.0/16 10.244.1.0/24 final false
-remove vxlan na.1
 `},
 		{"odd length overlaps", config.HostGW, []lease.Lease{mk("f", "10.244.2.0/23", "192.0.2.6"), near}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
 peer b direct
@@ -159,7 +153,6 @@ peer f unreachable (subnet 10.244.2.0/23 overlaps 10.244.2.0/24 of b)
 allow b from 192.0.2.2 inner 10.244.2.0/24
 pod mtu 1500
 nat 10.244.0.0/16 10.244.1.0/24 final false
-remove vxlan na.1
 `},
 		{"contested subnet goes to the smaller name whatever the order", config.HostGW, []lease.Lease{mk("z", "10.244.2.0/24", "192.0.2.9"), near}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
 peer b direct
@@ -167,14 +160,28 @@ peer z unreachable (subnet 10.244.2.0/24 is also held by b)
 allow b from 192.0.2.2 inner 10.244.2.0/24
 pod mtu 1500
 nat 10.244.0.0/16 10.244.1.0/24 final false
-remove vxlan na.1
 `},
 		{"outside network", config.HostGW, []lease.Lease{mk("g", "10.9.0.0/24", "192.0.2.7")}, `peer g unreachable (subnet 10.9.0.0/24 is outside the cluster network 10.244.0.0/16)
 pod mtu 1500
 nat 10.244.0.0/16 10.244.1.0/24 final false
-remove vxlan na.1
 `},
-		{"vxlan peer without MAC", config.VXLAN, []lease.Lease{{Node: "h", Subnet: netip.MustParsePrefix("10.244.8.0/24"), PublicIP: netip.MustParseAddr("192.0.2.8")}}, `peer h unreachable (the peer published no VTEP MAC (is it running a vxlan or hybrid backend?))
+		{"host-gw peer of a vxlan node, on-link", config.VXLAN, []lease.Lease{{Node: "h", Subnet: netip.MustParsePrefix("10.244.8.0/24"), PublicIP: netip.MustParseAddr("192.0.2.8"), Backend: config.HostGW}}, `route 10.244.8.0/24 via 192.0.2.8 dev eth0
+peer h direct
+allow h from 192.0.2.8 inner 10.244.8.0/24
+allow-list port 8472 network 10.244.0.0/16 /24
+vxlan na.1 vni 1 port 8472 dev eth0 local 192.0.2.1 addr 10.244.1.0/32 mac ` + VTEPMAC("a").String() + ` mtu 1450
+pod mtu 1450
+nat 10.244.0.0/16 10.244.1.0/24 final false
+`},
+		{"host-gw peer of a hybrid node, on-link", config.Hybrid, []lease.Lease{{Node: "h", Subnet: netip.MustParsePrefix("10.244.8.0/24"), PublicIP: netip.MustParseAddr("192.0.2.8"), Backend: config.HostGW}}, `route 10.244.8.0/24 via 192.0.2.8 dev eth0
+peer h direct
+allow h from 192.0.2.8 inner 10.244.8.0/24
+allow-list port 8472 network 10.244.0.0/16 /24
+vxlan na.1 vni 1 port 8472 dev eth0 local 192.0.2.1 addr 10.244.1.0/32 mac ` + VTEPMAC("a").String() + ` mtu 1450
+pod mtu 1500
+nat 10.244.0.0/16 10.244.1.0/24 final false
+`},
+		{"vxlan peer without MAC, not on-link", config.VXLAN, []lease.Lease{{Node: "h", Subnet: netip.MustParsePrefix("10.244.8.0/24"), PublicIP: netip.MustParseAddr("198.51.100.8")}}, `peer h unreachable (the peer published no VTEP MAC and is not on-link (is it running a vxlan or hybrid backend?))
 allow-list port 8472 network 10.244.0.0/16 /24
 vxlan na.1 vni 1 port 8472 dev eth0 local 192.0.2.1 addr 10.244.1.0/32 mac ` + VTEPMAC("a").String() + ` mtu 1450
 pod mtu 1450

@@ -17,6 +17,8 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
+	"sync"
 	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
@@ -29,6 +31,7 @@ import (
 
 // Kernel is the part of a netlink handle the reconciler needs.
 type Kernel interface {
+	LinkList() ([]netlink.Link, error)
 	LinkByName(string) (netlink.Link, error)
 	LinkAdd(netlink.Link) error
 	LinkDel(netlink.Link) error
@@ -54,6 +57,75 @@ type Reconciler struct {
 	idx   atomic.Int32 // the device the mirrors belong to; 0: none
 	neigh mirror.Mirror[netip.Addr, entry]
 	fdb   mirror.Mirror[fdbKey, entry]
+
+	// With deferDel set, Sync and Apply leave their deletions in pending for Commit.
+	deferDel atomic.Bool
+	mu       sync.Mutex
+	pending  []deletion
+}
+
+// deletion is a neighbour or FDB entry to remove.
+type deletion struct {
+	idx  int // the device
+	fdb  bool
+	ip   netip.Addr // the neighbour's address (an FDB entry's destination)
+	key  fdbKey
+	prev entry
+}
+
+func (r *Reconciler) do(d deletion) error {
+	var err error
+	if d.fdb {
+		err = r.writeFDB(d.key, nil, &d.prev, func() error { return r.k.NeighDel(delFDB(d.idx, d.key)) })
+	} else {
+		err = r.writeNeigh(d.ip, nil, &d.prev, func() error { return r.k.NeighDel(delNeigh(d.idx, d.ip)) })
+	}
+	switch {
+	case err == nil:
+		return nil
+	case d.fdb:
+		return fmt.Errorf("delete fdb %s dst %s: %w", net.HardwareAddr(d.key.mac[:]), d.key.dst, err)
+	}
+	return fmt.Errorf("delete neighbour %s: %w", d.ip, err)
+}
+
+// DeferDeletes makes Sync and Apply leave their deletions to Commit, so the caller can
+// move routes off a peer's entries first: a route via a VXLAN peer whose neighbour or FDB
+// entry is already gone drops what it carries (a peer moving to direct routing would lose
+// packets for as long as the route change takes).
+func (r *Reconciler) DeferDeletes() { r.deferDel.Store(true) }
+
+// Commit removes the entries the last Sync or Apply deferred.
+func (r *Reconciler) Commit() (Stats, error) {
+	r.mu.Lock()
+	pending := r.pending
+	r.pending = nil
+	r.mu.Unlock()
+	var st Stats
+	var errs []error
+	for _, d := range pending {
+		if err := r.do(d); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		st.count(d)
+	}
+	return st, errors.Join(errs...)
+}
+
+// remove removes d now, or queues it for Commit.
+func (r *Reconciler) remove(d deletion, st *Stats) error {
+	if r.deferDel.Load() {
+		r.mu.Lock()
+		r.pending = append(r.pending, d)
+		r.mu.Unlock()
+		return nil
+	}
+	if err := r.do(d); err != nil {
+		return err
+	}
+	st.count(d)
+	return nil
 }
 
 // entry is what the mirror keeps of a neighbour or FDB entry: what the reconciler compares
@@ -251,32 +323,80 @@ func New(k Kernel, log *slog.Logger) *Reconciler { return &Reconciler{k: k, log:
 type Stats struct {
 	DeviceCreated bool
 	// DeviceFixed counts attributes put back on an existing device (MAC, MTU, up).
-	DeviceFixed                        int
+	DeviceFixed int
+	// Pruned counts devices removed because the plan does not name them (Prune).
+	Pruned                             int
 	NeighSet, NeighDel, FDBSet, FDBDel int
+}
+
+func (s *Stats) count(d deletion) {
+	if d.fdb {
+		s.FDBDel++
+	} else {
+		s.NeighDel++
+	}
+}
+
+// Add adds o's counts to s.
+func (s *Stats) Add(o Stats) {
+	s.DeviceCreated = s.DeviceCreated || o.DeviceCreated
+	s.DeviceFixed += o.DeviceFixed
+	s.Pruned += o.Pruned
+	s.NeighSet += o.NeighSet
+	s.NeighDel += o.NeighDel
+	s.FDBSet += o.FDBSet
+	s.FDBDel += o.FDBDel
 }
 
 // Changed reports whether Sync touched the kernel.
 func (s Stats) Changed() bool {
-	return s.DeviceCreated || s.DeviceFixed+s.NeighSet+s.NeighDel+s.FDBSet+s.FDBDel > 0
+	return s.DeviceCreated || s.DeviceFixed+s.Pruned+s.NeighSet+s.NeighDel+s.FDBSet+s.FDBDel > 0
 }
 
-// DeviceChanges counts the device's own changes (a creation, or attributes fixed).
+// DeviceChanges counts the devices' own changes (a creation, attributes fixed, removals).
 func (s Stats) DeviceChanges() int {
 	if s.DeviceCreated {
-		return 1 + s.DeviceFixed
+		return 1 + s.DeviceFixed + s.Pruned
 	}
-	return s.DeviceFixed
+	return s.DeviceFixed + s.Pruned
 }
 
-// Sync ensures the device dev (nil: remove a VXLAN device named stale if present) with
-// exactly the given neighbour and FDB entries.
-func (r *Reconciler) Sync(dev *plan.VXLANDevice, stale string, neighs []plan.Neigh, fdb []plan.FDB) (Stats, error) {
+// Ours reports whether l is a VXLAN device of netagent's naming (plan.VXLANDevName).
+func Ours(l netlink.Link) bool {
+	_, ok := l.(*netlink.Vxlan)
+	name := l.Attrs().Name
+	return ok && (strings.HasPrefix(name, "netagent.") || strings.HasPrefix(name, "na."))
+}
+
+// Prune removes every VXLAN device of netagent's naming except keep ("": all of them),
+// with the routes, neighbour and FDB entries on it, and returns the names removed. The
+// caller runs it after the routes moved to the device in use (or to the underlay).
+func (r *Reconciler) Prune(keep string) ([]string, error) {
+	links, err := nldump.Retry(r.k.LinkList)
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	var gone []string
+	var errs []error
+	for _, l := range links {
+		if name := l.Attrs().Name; Ours(l) && name != keep {
+			if err := r.k.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+				errs = append(errs, fmt.Errorf("delete stale vxlan device %s: %w", name, err))
+				continue
+			}
+			r.log.Info("vxlan device removed", "dev", name, "reason", "not in the plan")
+			gone = append(gone, name)
+		}
+	}
+	return gone, errors.Join(errs...)
+}
+
+// Sync ensures the device dev with exactly the given neighbour and FDB entries; dev nil
+// (no VXLAN in the plan) ensures nothing: Prune removes devices.
+func (r *Reconciler) Sync(dev *plan.VXLANDevice, neighs []plan.Neigh, fdb []plan.FDB) (Stats, error) {
 	var st Stats
 	if dev == nil {
-		if stale == "" {
-			return st, nil
-		}
-		return st, r.remove(stale)
+		return st, nil
 	}
 	mac, err := net.ParseMAC(dev.MAC)
 	if err != nil {
@@ -296,20 +416,6 @@ func (r *Reconciler) Sync(dev *plan.VXLANDevice, stale string, neighs []plan.Nei
 		errs = append(errs, err)
 	}
 	return st, errors.Join(errs...)
-}
-
-func (r *Reconciler) remove(name string) error {
-	l, err := r.k.LinkByName(name)
-	if err != nil {
-		return nil
-	}
-	if _, ok := l.(*netlink.Vxlan); !ok {
-		return nil
-	}
-	if err := r.k.LinkDel(l); err != nil {
-		return fmt.Errorf("delete %s: %w", name, err)
-	}
-	return nil
 }
 
 func (r *Reconciler) ensureDevice(dev *plan.VXLANDevice, underlay string, mac net.HardwareAddr, st *Stats) (netlink.Link, bool, error) {
@@ -409,6 +515,9 @@ func (r *Reconciler) ensureAddr(l netlink.Link, want netip.Prefix) error {
 
 func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan.FDB, st *Stats) error {
 	idx := l.Attrs().Index
+	r.mu.Lock()
+	r.pending = nil // this pass decides afresh what goes
+	r.mu.Unlock()
 	have, haveFDB, err := r.entries(idx)
 	if err != nil {
 		return err
@@ -431,14 +540,11 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		st.NeighSet++
 	}
 	for ip, c := range have {
-		if keep[ip] {
-			continue
+		if !keep[ip] {
+			if err := r.remove(deletion{idx: idx, ip: ip, prev: c}, st); err != nil {
+				errs = append(errs, err)
+			}
 		}
-		if err := r.writeNeigh(ip, nil, &c, func() error { return r.k.NeighDel(delNeigh(idx, ip)) }); err != nil {
-			errs = append(errs, fmt.Errorf("delete neighbour %s: %w", ip, err))
-			continue
-		}
-		st.NeighDel++
 	}
 	keepFDB := make(map[fdbKey]bool, len(fdb))
 	for _, w := range fdb {
@@ -457,14 +563,11 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		st.FDBSet++
 	}
 	for k, c := range haveFDB {
-		if keepFDB[k] {
-			continue
+		if !keepFDB[k] {
+			if err := r.remove(deletion{idx: idx, fdb: true, ip: k.dst, key: k, prev: c}, st); err != nil {
+				errs = append(errs, err)
+			}
 		}
-		if err := r.writeFDB(k, nil, &c, func() error { return r.k.NeighDel(delFDB(idx, k)) }); err != nil {
-			errs = append(errs, fmt.Errorf("delete fdb %s dst %s: %w", net.HardwareAddr(k.mac[:]), k.dst, err))
-			continue
-		}
-		st.FDBDel++
 	}
 	return errors.Join(errs...)
 }
@@ -483,13 +586,13 @@ func (r *Reconciler) Apply(neighs []plan.NeighChange, fdbs []plan.FDBChange) (St
 	type nop struct {
 		ip   netip.Addr
 		set  *netlink.Neigh
-		del  *netlink.Neigh
 		next *entry // the mirror's form of set
 		prev *entry
 		fdb  bool
 		fkey fdbKey
 	}
 	var ops []nop
+	var dels []deletion
 	okN := r.neigh.Read(func(m map[netip.Addr]entry) {
 		for _, ch := range neighs {
 			ip, w := ch.IP, ch.Neigh
@@ -504,7 +607,7 @@ func (r *Reconciler) Apply(neighs []plan.NeighChange, fdbs []plan.FDBChange) (St
 				next := toEntry(*n)
 				ops = append(ops, nop{ip: ip, prev: mirror.Ptr(c, have), set: n, next: &next})
 			case have:
-				ops = append(ops, nop{ip: ip, del: delNeigh(idx, ip), prev: &c})
+				dels = append(dels, deletion{idx: idx, ip: ip, prev: c})
 			}
 		}
 	})
@@ -521,7 +624,7 @@ func (r *Reconciler) Apply(neighs []plan.NeighChange, fdbs []plan.FDBChange) (St
 				next := toEntry(*n)
 				ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, prev: mirror.Ptr(c, have), set: n, next: &next})
 			} else if have {
-				ops = append(ops, nop{ip: f.Dst, fdb: true, fkey: k, del: delFDB(idx, k), prev: &c})
+				dels = append(dels, deletion{idx: idx, fdb: true, ip: f.Dst, key: k, prev: c})
 			}
 		}
 	})
@@ -530,10 +633,7 @@ func (r *Reconciler) Apply(neighs []plan.NeighChange, fdbs []plan.FDBChange) (St
 	}
 	var errs []error
 	for _, o := range ops {
-		do := func() error { return r.k.NeighDel(o.del) }
-		if o.set != nil {
-			do = func() error { return r.k.NeighSet(o.set) }
-		}
+		do := func() error { return r.k.NeighSet(o.set) }
 		var err error
 		if o.fdb {
 			err = r.writeFDB(o.fkey, o.next, o.prev, do)
@@ -544,15 +644,15 @@ func (r *Reconciler) Apply(neighs []plan.NeighChange, fdbs []plan.FDBChange) (St
 			errs = append(errs, fmt.Errorf("neighbour/fdb %s: %w", o.ip, err))
 			continue
 		}
-		switch {
-		case o.fdb && o.set != nil:
+		if o.fdb {
 			st.FDBSet++
-		case o.fdb:
-			st.FDBDel++
-		case o.set != nil:
+		} else {
 			st.NeighSet++
-		default:
-			st.NeighDel++
+		}
+	}
+	for _, d := range dels {
+		if err := r.remove(d, &st); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return st, errors.Join(errs...)

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -64,7 +65,7 @@ func TestSyncTransitions(t *testing.T) {
 	fdbLines := []string{macB + " dst 192.0.2.2 self permanent", macC + " dst 198.51.100.3 self permanent"}
 	neighLines := []string{"10.244.2.0 lladdr " + macB + " PERMANENT", "10.244.3.0 lladdr " + macC + " PERMANENT"}
 
-	st, err := r.Sync(dev, "na.1", neighs, fdb)
+	st, err := r.Sync(dev, neighs, fdb)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,19 +74,19 @@ func TestSyncTransitions(t *testing.T) {
 		t.Errorf("device address: %s", a)
 	}
 
-	st, err = r.Sync(dev, "na.1", neighs, fdb)
+	st, err = r.Sync(dev, neighs, fdb)
 	check("again", Stats{}, st, fdbLines, neighLines)
 
 	n.MustRun(t, "bridge", "fdb", "del", macC, "dev", "na.1", "dst", "198.51.100.3", "self")
 	n.MustRun(t, "ip", "neigh", "del", "10.244.2.0", "dev", "na.1")
-	st, err = r.Sync(dev, "na.1", neighs, fdb)
+	st, err = r.Sync(dev, neighs, fdb)
 	if err != nil {
 		t.Fatal(err)
 	}
 	check("repair entries", Stats{NeighSet: 1, FDBSet: 1}, st, fdbLines, neighLines)
 
 	n.MustRun(t, "ip", "link", "del", "na.1")
-	st, err = r.Sync(dev, "na.1", neighs, fdb)
+	st, err = r.Sync(dev, neighs, fdb)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,7 +94,7 @@ func TestSyncTransitions(t *testing.T) {
 
 	n.MustRun(t, "ip", "link", "set", "na.1", "address", "02:00:00:00:00:01")
 	n.MustRun(t, "ip", "link", "set", "na.1", "down")
-	st, err = r.Sync(dev, "na.1", neighs, fdb)
+	st, err = r.Sync(dev, neighs, fdb)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +103,7 @@ func TestSyncTransitions(t *testing.T) {
 
 	logs.Reset()
 	n.MustRun(t, "ip", "link", "set", "na.1", "mtu", "1400")
-	st, err = r.Sync(dev, "na.1", neighs, fdb)
+	st, err = r.Sync(dev, neighs, fdb)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,14 +112,14 @@ func TestSyncTransitions(t *testing.T) {
 		t.Errorf("mtu repair not logged:\n%s", logs.String())
 	}
 
-	st, err = r.Sync(dev, "na.1", neighs[:1], fdb[:1])
+	st, err = r.Sync(dev, neighs[:1], fdb[:1])
 	if err != nil {
 		t.Fatal(err)
 	}
 	check("peer c leaves", Stats{NeighDel: 1, FDBDel: 1}, st, fdbLines[:1], neighLines[:1])
 
 	moved := []plan.FDB{{MAC: macB, Dst: netip.MustParseAddr("192.0.2.22")}}
-	st, err = r.Sync(dev, "na.1", neighs[:1], moved)
+	st, err = r.Sync(dev, neighs[:1], moved)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,18 +129,121 @@ func TestSyncTransitions(t *testing.T) {
 
 	dev2 := *dev
 	dev2.VNI = 7
-	st, err = r.Sync(&dev2, "na.1", nil, nil)
+	st, err = r.Sync(&dev2, nil, nil)
 	if err != nil || !st.DeviceCreated {
 		t.Fatalf("VNI change: %+v, %v; want a re-created device", st, err)
 	}
 	if l := n.MustRun(t, "ip", "-d", "link", "show", "na.1"); !strings.Contains(l, "vxlan id 7") {
 		t.Errorf("VNI not applied:\n%s", l)
 	}
-	if _, err := r.Sync(nil, "na.1", nil, nil); err != nil {
+	// No VXLAN in the plan: Sync ensures nothing and leaves the device to Prune, which the
+	// dataplane runs once the routes left it.
+	if _, err := r.Sync(nil, nil, nil); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := n.Run("ip", "link", "show", "na.1"); err != nil {
+		t.Errorf("Sync(nil) removed the device before the routes could move: %v", err)
+	}
+	if gone, err := r.Prune(""); err != nil || !slices.Equal(gone, []string{"na.1"}) {
+		t.Errorf("Prune(\"\") = %v, %v; want [na.1]", gone, err)
+	}
 	if _, err := n.Run("ip", "link", "show", "na.1"); err == nil {
-		t.Error("device still present after Sync(nil)")
+		t.Error("device still present after Prune")
+	}
+}
+
+// underlay is a namespace whose bridge eth0 (192.0.2.1/24) is the underlay, and a netlink
+// handle in it.
+func underlay(t *testing.T, label string) (*netns.NS, *netlink.Handle) {
+	t.Helper()
+	netns.RequireRoot(t)
+	n := netns.New(t, label)
+	n.MustRun(t, "ip", "link", "add", "eth0", "type", "bridge")
+	n.MustRun(t, "ip", "addr", "add", "192.0.2.1/24", "dev", "eth0")
+	n.MustRun(t, "ip", "link", "set", "eth0", "up")
+	h, err := n.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.Close)
+	return n, h
+}
+
+// TestPrune: a VNI change or a move to host-gw leaves a device of netagent's naming that
+// the plan no longer names; Prune removes those and nothing else.
+func TestPrune(t *testing.T) {
+	n, h := underlay(t, "vxprune")
+	for _, d := range []struct{ name, vni string }{{"netagent.1", "1"}, {"netagent.7", "7"}, {"na.16777215", "16777215"}, {"vx0", "9"}} {
+		n.MustRun(t, "ip", "link", "add", d.name, "type", "vxlan", "id", d.vni, "dstport", "4789", "local", "192.0.2.1", "dev", "eth0")
+	}
+	n.MustRun(t, "ip", "link", "add", "netagent.9", "type", "bridge") // not a VXLAN device
+	r := New(h, slog.New(slog.DiscardHandler))
+	for _, tt := range []struct {
+		keep       string
+		gone, left []string
+	}{
+		{"netagent.7", []string{"na.16777215", "netagent.1"}, []string{"netagent.7", "vx0", "netagent.9"}},
+		{"netagent.7", nil, []string{"netagent.7", "vx0", "netagent.9"}},
+		{"", []string{"netagent.7"}, []string{"vx0", "netagent.9"}},
+	} {
+		gone, err := r.Prune(tt.keep)
+		slices.Sort(gone)
+		if err != nil || !slices.Equal(gone, tt.gone) {
+			t.Errorf("Prune(%q) = %v, %v; want %v", tt.keep, gone, err, tt.gone)
+		}
+		for _, name := range tt.left {
+			if _, err := n.Run("ip", "link", "show", name); err != nil {
+				t.Errorf("Prune(%q) removed %s", tt.keep, name)
+			}
+		}
+	}
+}
+
+// TestDeferDeletes: with DeferDeletes, a peer's entries outlive the Sync or Apply that
+// drops them until Commit, so the dataplane moves the peer's route first (a peer going to
+// direct routing lost packets while its route still pointed at entries already gone).
+func TestDeferDeletes(t *testing.T) {
+	n, h := underlay(t, "vxdefer")
+	r := New(h, slog.New(slog.DiscardHandler))
+	r.Mirror()
+	r.DeferDeletes()
+	dev := &plan.VXLANDevice{Name: "na.1", VNI: 1, Port: 8472, Underlay: "eth0", Local: netip.MustParseAddr("192.0.2.1"), Addr: netip.MustParsePrefix("10.244.1.0/32"), MAC: plan.VTEPMAC("self").String(), MTU: 1450}
+	macB, macC := plan.VTEPMAC("b").String(), plan.VTEPMAC("c").String()
+	neighB, neighC := plan.Neigh{IP: netip.MustParseAddr("10.244.2.0"), MAC: macB}, plan.Neigh{IP: netip.MustParseAddr("10.244.3.0"), MAC: macC}
+	fdbB, fdbC := plan.FDB{MAC: macB, Dst: netip.MustParseAddr("192.0.2.2")}, plan.FDB{MAC: macC, Dst: netip.MustParseAddr("192.0.2.3")}
+	has := func(step, peer string, want bool) {
+		t.Helper()
+		e := n.MustRun(t, "ip", "neigh", "show", "dev", "na.1") + n.MustRun(t, "bridge", "fdb", "show", "dev", "na.1")
+		if got := strings.Contains(e, peer); got != want {
+			t.Errorf("%s: entries of %s present = %v, want %v:\n%s", step, peer, got, want, e)
+		}
+	}
+	if _, err := r.Sync(dev, []plan.Neigh{neighB, neighC}, []plan.FDB{fdbB, fdbC}); err != nil {
+		t.Fatal(err)
+	}
+	// b leaves the full plan: Sync keeps its entries, Commit removes them.
+	st, err := r.Sync(dev, []plan.Neigh{neighC}, []plan.FDB{fdbC})
+	if err != nil || st.NeighDel+st.FDBDel != 0 {
+		t.Fatalf("Sync = %+v, %v; want no deletion before Commit", st, err)
+	}
+	has("after Sync", macB, true)
+	if st, err := r.Commit(); err != nil || st.NeighDel != 1 || st.FDBDel != 1 {
+		t.Fatalf("Commit = %+v, %v; want b's neighbour and FDB entry removed", st, err)
+	}
+	has("after Commit", macB, false)
+	has("after Commit", macC, true)
+	// c goes on the incremental path: the same.
+	st, err = r.Apply([]plan.NeighChange{{IP: neighC.IP, Del: true}}, []plan.FDBChange{{FDB: fdbC, Del: true}})
+	if err != nil || st.NeighDel+st.FDBDel != 0 {
+		t.Fatalf("Apply = %+v, %v; want no deletion before Commit", st, err)
+	}
+	has("after Apply", macC, true)
+	if st, err := r.Commit(); err != nil || st.NeighDel != 1 || st.FDBDel != 1 {
+		t.Fatalf("Commit = %+v, %v; want c's neighbour and FDB entry removed", st, err)
+	}
+	has("after the second Commit", macC, false)
+	if st, err := r.Commit(); err != nil || st.Changed() {
+		t.Errorf("a Commit with nothing deferred = %+v, %v; want nothing", st, err)
 	}
 }
 

@@ -67,6 +67,11 @@ type Cluster struct {
 	Nodes       []*Node `json:"nodes"`
 	ControlPids []int   `json:"controlPids"`
 	Kubeconfig  string  `json:"kubeconfig"` // admin
+	// What a node that joins later needs (AddNode).
+	Server      string   `json:"server"`
+	Loopback    string   `json:"loopback"`
+	ClusterCIDR string   `json:"clusterCIDR"`
+	Images      []string `json:"images"`
 }
 
 // Images the cluster imports into every node.
@@ -93,7 +98,7 @@ func Up(ctx context.Context, opt Options, nodes []*Node) (c *Cluster, err error)
 	if logf == nil {
 		logf = func(string, ...any) {}
 	}
-	c = &Cluster{Dir: opt.Dir, KubeBin: opt.KubeBin, Prefix: opt.Prefix, Nodes: nodes}
+	c = &Cluster{Dir: opt.Dir, KubeBin: opt.KubeBin, Prefix: opt.Prefix, Nodes: nodes, Loopback: opt.Loopback, ClusterCIDR: opt.ClusterCIDR}
 	defer func() {
 		if err != nil {
 			_ = c.Down()
@@ -110,6 +115,7 @@ func Up(ctx context.Context, opt Options, nodes []*Node) (c *Cluster, err error)
 		return c, err
 	}
 	server := "https://" + nodes[0].IP.String() + ":6443"
+	c.Server = server
 	apiIPs := []net.IP{net.ParseIP(nodes[0].IP.String()), net.ParseIP(serviceIP), net.ParseIP("127.0.0.1")}
 	if err := p.issue("apiserver", "kube-apiserver", nil, apiIPs,
 		[]string{"kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"}); err != nil {
@@ -133,14 +139,6 @@ func Up(ctx context.Context, opt Options, nodes []*Node) (c *Cluster, err error)
 			return c, err
 		}
 	}
-	for _, n := range nodes {
-		if err := p.issue("kubelet-"+n.Name, "system:node:"+n.Name, []string{"system:nodes"}, nil, nil); err != nil {
-			return c, err
-		}
-		if _, err := p.kubeconfig("kubelet-"+n.Name, server); err != nil {
-			return c, err
-		}
-	}
 	if err := p.serviceAccountKey(); err != nil {
 		return c, err
 	}
@@ -149,7 +147,7 @@ func Up(ctx context.Context, opt Options, nodes []*Node) (c *Cluster, err error)
 	if err != nil {
 		return c, err
 	}
-	images = append(images, opt.NetagentImage)
+	c.Images = append(images, opt.NetagentImage)
 	logf("kubernetes: certificates and images (%s)", time.Since(t0).Round(time.Millisecond))
 
 	t0 = time.Now()
@@ -160,7 +158,7 @@ func Up(ctx context.Context, opt Options, nodes []*Node) (c *Cluster, err error)
 
 	t0 = time.Now()
 	for _, n := range nodes {
-		if err := c.startNode(ctx, opt, p, n, images); err != nil {
+		if err := c.startNode(ctx, p, n); err != nil {
 			return c, err
 		}
 	}
@@ -319,8 +317,49 @@ func (c *Cluster) startControlPlane(ctx context.Context, opt Options, p *pki, n 
 
 func (c *Cluster) cgroupRoot(n *Node) string { return c.Prefix + n.Name }
 
-func (c *Cluster) startNode(ctx context.Context, opt Options, p *pki, n *Node, images []string) error {
+// AddNode joins another node to the running cluster (its network namespace and underlay
+// set up by the caller): its own certificate, containerd, kubelet and kube-proxy, as Up
+// starts them. aliases are further names of the netagent image on the node (the running
+// DaemonSet's, after an upgrade re-tagged it), there before the kubelet starts. It returns
+// once the node has registered.
+func (c *Cluster) AddNode(ctx context.Context, n *Node, aliases ...string) error {
+	p, err := loadPKI(filepath.Join(c.Dir, "pki"))
+	if err != nil {
+		return err
+	}
+	if err := c.startNode(ctx, p, n, aliases...); err != nil {
+		return err
+	}
+	c.Nodes = append(c.Nodes, n)
+	return c.waitNodes(ctx, 2*time.Minute)
+}
+
+// RestartKubelet kills a node's kubelet; node.sh starts it again a second later, as a
+// service manager would. A kubelet whose Node object was deleted registers it again only
+// when it starts.
+func (c *Cluster) RestartKubelet(n *Node) error {
+	b, err := os.ReadFile(filepath.Join(n.Dir, "kubelet.pid"))
+	if err != nil {
+		return err
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return fmt.Errorf("%s: kubelet.pid: %w", n.Name, err)
+	}
+	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+		return fmt.Errorf("%s: stop kubelet %d: %w", n.Name, pid, err)
+	}
+	return nil
+}
+
+func (c *Cluster) startNode(ctx context.Context, p *pki, n *Node, aliases ...string) error {
 	if err := os.MkdirAll(n.Dir, 0o755); err != nil {
+		return err
+	}
+	if err := p.issue("kubelet-"+n.Name, "system:node:"+n.Name, []string{"system:nodes"}, nil, nil); err != nil {
+		return err
+	}
+	if _, err := p.kubeconfig("kubelet-"+n.Name, c.Server); err != nil {
 		return err
 	}
 	// A node forwards (kubeadm's preflight insists on it); the DaemonSet's agent runs
@@ -399,7 +438,7 @@ bindAddress: %[4]s
 metricsBindAddress: 127.0.0.1:10249
 healthzBindAddress: 127.0.0.1:10256
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
-`, p.path("kube-proxy.kubeconfig"), opt.ClusterCIDR, n.Name, n.IP),
+`, p.path("kube-proxy.kubeconfig"), c.ClusterCIDR, n.Name, n.IP),
 	}
 	for name, data := range files {
 		if err := os.WriteFile(filepath.Join(n.Dir, name), []byte(data), 0o644); err != nil {
@@ -415,8 +454,8 @@ conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeou
 	}
 	var script bytes.Buffer
 	err = template.Must(template.New("node").Parse(nodeScript)).Execute(&script, map[string]any{
-		"Name": n.Name, "IP": n.IP, "Dir": n.Dir, "KubeBin": c.KubeBin, "Loopback": opt.Loopback,
-		"Images": images, "Snapshotter": "overlayfs", "CgroupRoot": c.cgroupRoot(n),
+		"Name": n.Name, "IP": n.IP, "Dir": n.Dir, "KubeBin": c.KubeBin, "Loopback": c.Loopback,
+		"Images": c.Images, "Netagent": NetagentImageName, "Aliases": aliases, "Snapshotter": "overlayfs", "CgroupRoot": c.cgroupRoot(n),
 	})
 	if err != nil {
 		return err

@@ -30,6 +30,9 @@ for _ in $(seq 100); do [ -S "$d/containerd.sock" ] && break; sleep 0.1; done
 for img in {{range .Images}}{{.}} {{end}}; do
 	ctr --address "$d/containerd.sock" -n k8s.io images import --snapshotter {{.Snapshotter}} "$img" >/dev/null
 done
+for alias in {{range .Aliases}}{{.}} {{end}}; do
+	ctr --address "$d/containerd.sock" -n k8s.io images tag --force {{.Netagent}} "$alias" >/dev/null
+done
 
 # Pod cgroups go below /CGROUPROOT in every v1 hierarchy, so limits hold per node.
 for h in /sys/fs/cgroup/*/; do
@@ -39,8 +42,14 @@ done
 cat /sys/fs/cgroup/cpuset/cpuset.cpus >/sys/fs/cgroup/cpuset/{{.CgroupRoot}}/cpuset.cpus
 cat /sys/fs/cgroup/cpuset/cpuset.mems >/sys/fs/cgroup/cpuset/{{.CgroupRoot}}/cpuset.mems
 
-"$kbin/kubelet" --config "$d/kubelet.yaml" --kubeconfig "$d/kubelet.kubeconfig" --hostname-override "$node" \
-	--node-ip "$ip" --root-dir /var/lib/kubelet --cert-dir "$d/kubelet-pki" >"$d/kubelet.log" 2>&1 &
+# Restarted when it exits, as a service manager would (Cluster.RestartKubelet stops it).
+while :; do
+	"$kbin/kubelet" --config "$d/kubelet.yaml" --kubeconfig "$d/kubelet.kubeconfig" --hostname-override "$node" \
+		--node-ip "$ip" --root-dir /var/lib/kubelet --cert-dir "$d/kubelet-pki" >>"$d/kubelet.log" 2>&1 &
+	echo $! >"$d/kubelet.pid"
+	wait $! || true
+	sleep 1
+done &
 "$kbin/kube-proxy" --config "$d/kube-proxy.yaml" >"$d/kube-proxy.log" 2>&1 &
 echo started
 wait

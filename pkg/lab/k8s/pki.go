@@ -20,10 +20,9 @@ import (
 // whose CN/O are the Kubernetes user and groups (system:node:NAME in system:nodes for a
 // kubelet), and the service-account signing key.
 type pki struct {
-	dir    string
-	ca     *x509.Certificate
-	caKey  *ecdsa.PrivateKey
-	serial int64
+	dir   string
+	ca    *x509.Certificate
+	caKey *ecdsa.PrivateKey
 }
 
 func newPKI(dir string) (*pki, error) {
@@ -48,7 +47,7 @@ func newPKI(dir string) (*pki, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &pki{dir: dir, ca: ca, caKey: key, serial: 1}
+	p := &pki{dir: dir, ca: ca, caKey: key}
 	if err := writePEM(p.path("ca.crt"), "CERTIFICATE", der, 0o644); err != nil {
 		return nil, err
 	}
@@ -63,6 +62,31 @@ func newPKI(dir string) (*pki, error) {
 	return p, nil
 }
 
+// loadPKI reads the CA newPKI wrote (to issue certificates for a node that joins later).
+func loadPKI(dir string) (*pki, error) {
+	p := &pki{dir: dir}
+	for _, f := range []struct {
+		name string
+		do   func([]byte) error
+	}{
+		{"ca.crt", func(der []byte) (err error) { p.ca, err = x509.ParseCertificate(der); return err }},
+		{"ca.key", func(der []byte) (err error) { p.caKey, err = x509.ParseECPrivateKey(der); return err }},
+	} {
+		b, err := os.ReadFile(p.path(f.name))
+		if err != nil {
+			return nil, err
+		}
+		block, _ := pem.Decode(b)
+		if block == nil {
+			return nil, fmt.Errorf("%s: no PEM block", p.path(f.name))
+		}
+		if err := f.do(block.Bytes); err != nil {
+			return nil, fmt.Errorf("%s: %w", p.path(f.name), err)
+		}
+	}
+	return p, nil
+}
+
 func (p *pki) path(name string) string { return filepath.Join(p.dir, name) }
 
 // issue writes NAME.crt and NAME.key.
@@ -71,10 +95,14 @@ func (p *pki) issue(name, cn string, orgs []string, ips []net.IP, dns []string) 
 	if err != nil {
 		return err
 	}
-	p.serial++
+	// Random serials: a CA loaded again later (loadPKI) must not repeat one.
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 120))
+	if err != nil {
+		return err
+	}
 	now := time.Now()
 	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(p.serial), Subject: pkix.Name{CommonName: cn, Organization: orgs},
+		SerialNumber: serial, Subject: pkix.Name{CommonName: cn, Organization: orgs},
 		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(365 * 24 * time.Hour),
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
