@@ -18,7 +18,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lab/k8s"
-	"github.com/netagent/netagent/pkg/vxlan"
+	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/test/netns"
 	"github.com/netagent/netagent/test/testbin"
 )
@@ -519,7 +519,7 @@ func (l *lab) checkBackend(t *testing.T, backend string) {
 		}
 		cidr[n.Name] = f[0]
 	}
-	vxlanDev := vxlan.DevName(config.DefaultVNI)
+	vxlanDev := plan.VXLANDevName(config.DefaultVNI)
 	for _, n := range l.nodes {
 		ns, err := netns.Open(n.NS)
 		if err != nil {
