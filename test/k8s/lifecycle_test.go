@@ -15,7 +15,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lab/k8s"
-	"github.com/netagent/netagent/pkg/vxlan"
+	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/test/netns"
 )
 
@@ -33,7 +33,7 @@ func peerState(h *netlink.Handle, cidr netip.Prefix, ip netip.Addr) (string, err
 			have = append(have, "route "+r.String())
 		}
 	}
-	dev, err := h.LinkByName(vxlan.DevName(config.DefaultVNI))
+	dev, err := h.LinkByName(plan.VXLANDevName(config.DefaultVNI))
 	if err != nil {
 		return strings.Join(have, "; "), nil
 	}
