@@ -145,14 +145,23 @@ func TestVXLANAllowList(t *testing.T) {
 	// 3. The rogue becomes a legitimate peer: its lease appears and node1 accepts its VXLAN
 	// at once (its datagrams, from its own subnet, now arrive).
 	rogue.MustRun(t, "ip", "link", "del", "vxrogue")
-	vxlanDev(t, rogue, "192.0.2.99", "10.244.250.7/32", victim.IP.String(), vtep1, n1.IP.String())
+	// A subnet neither node leased (nodes lease at random: a fixed one was sometimes node2's,
+	// and the new peer's lease then overwrote it).
+	sub1 := netip.MustParsePrefix(status(t, l, n1).Subnet)
+	newSub := netip.MustParsePrefix("10.244.250.0/24")
+	for newSub == sub1 || newSub == sub2 {
+		b := newSub.Addr().As4()
+		b[2]++
+		newSub = netip.PrefixFrom(netip.AddrFrom4(b), 24)
+	}
+	vxlanDev(t, rogue, "192.0.2.99", newSub.Addr().Next().String()+"/32", victim.IP.String(), vtep1, n1.IP.String())
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{l.EtcdEndpoint()}, DialTimeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer cli.Close()
 	f := strings.Fields(rogue.MustRun(t, "ip", "-br", "link", "show", "vxrogue")) // name state MAC flags
-	peer := lease.Lease{Node: "newpeer", Subnet: netip.MustParsePrefix("10.244.250.0/24"), PublicIP: netip.MustParseAddr("192.0.2.99"),
+	peer := lease.Lease{Node: "newpeer", Subnet: newSub, PublicIP: netip.MustParseAddr("192.0.2.99"),
 		Backend: "vxlan", VTEPMAC: f[2]}
 	if _, err := cli.Put(context.Background(), "/netagent/subnets/"+lease.SubnetKey(peer.Subnet), string(peer.Encode())); err != nil {
 		t.Fatal(err)
