@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/lab/pki"
 )
 
 // KubeAPI is a Kubernetes API server for the nodes resource (test/kubeapi's stand-in):
@@ -70,26 +71,7 @@ func (l *Lab) startKube(ctx context.Context) error {
 	}
 	go func() { _ = l.kubeSrv.ServeTLS(ln, "", "") }()
 
-	kubeconfig := fmt.Sprintf(`apiVersion: v1
-kind: Config
-clusters:
-- name: lab
-  cluster:
-    server: %s
-    certificate-authority: %s
-users:
-- name: netagent
-  user:
-    client-certificate: %s
-    client-key: %s
-contexts:
-- name: lab
-  context:
-    cluster: lab
-    user: netagent
-current-context: lab
-`, l.KubeServer(), files.CA, files.ClientCert, files.ClientKey)
-	if err := os.WriteFile(l.kubeconfig(), []byte(kubeconfig), 0o600); err != nil {
+	if err := pki.Kubeconfig(l.kubeconfig(), l.KubeServer(), files.CA, "netagent", files.ClientCert, files.ClientKey); err != nil {
 		return err
 	}
 	netConf := fmt.Sprintf(`{"network":%q,"backend":{"type":%q}}`+"\n", l.Opt.Network, l.Opt.Backend)
