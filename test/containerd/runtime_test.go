@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/netagent/netagent/pkg/lab/cgroup"
 	"github.com/netagent/netagent/test/netns"
 )
 
@@ -516,7 +517,7 @@ func (n *node) removeAllPods() error {
 // and finally the temp dir itself. It runs after the node namespace is gone.
 func (n *node) sweep(removeRunContainerd bool) error {
 	var errs []error
-	pids := n.cgroupPids()
+	pids := cgroup.Pids(n.cgroupParent)
 	pids = append(pids, pidsReferencing(n.dir)...)
 	slices.Sort(pids)
 	pids = slices.Compact(pids)
@@ -551,7 +552,7 @@ func (n *node) sweep(removeRunContainerd bool) error {
 	if err := unmountBelow(n.dir); err != nil {
 		errs = append(errs, err)
 	}
-	if err := removeCgroups(n.cgroupParent); err != nil {
+	if err := cgroup.Remove(n.cgroupParent); err != nil {
 		errs = append(errs, err)
 	}
 	n.mu.Lock()
@@ -580,69 +581,6 @@ func (n *node) sweep(removeRunContainerd bool) error {
 func shimSocket(containerdAddr, id string) string {
 	sum := sha256.Sum256([]byte(filepath.Join(containerdAddr, "k8s.io", id)))
 	return filepath.Join(shimSocketDir, fmt.Sprintf("%x", sum))
-}
-
-// cgroupPids lists the processes in the test's cgroup parent, in every hierarchy.
-func (n *node) cgroupPids() []int {
-	var pids []int
-	for _, dir := range cgroupDirs(n.cgroupParent) {
-		_ = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-			if err != nil || !d.IsDir() {
-				return nil
-			}
-			b, err := os.ReadFile(filepath.Join(path, "cgroup.procs"))
-			if err != nil {
-				return nil
-			}
-			for _, f := range strings.Fields(string(b)) {
-				if pid, err := strconv.Atoi(f); err == nil {
-					pids = append(pids, pid)
-				}
-			}
-			return nil
-		})
-	}
-	return pids
-}
-
-// cgroupDirs returns the directories of cgroup path parent in each mounted hierarchy
-// (cgroup v1 controllers, the named systemd one, the unified one, or a pure v2 root).
-func cgroupDirs(parent string) []string {
-	var dirs []string
-	if fi, err := os.Stat(filepath.Join("/sys/fs/cgroup", parent)); err == nil && fi.IsDir() {
-		dirs = append(dirs, filepath.Join("/sys/fs/cgroup", parent))
-	}
-	entries, _ := os.ReadDir("/sys/fs/cgroup")
-	for _, e := range entries {
-		p := filepath.Join("/sys/fs/cgroup", e.Name(), parent)
-		if fi, err := os.Stat(p); err == nil && fi.IsDir() {
-			dirs = append(dirs, p)
-		}
-	}
-	return dirs
-}
-
-// removeCgroups removes the cgroup parent and everything below it, deepest first.
-func removeCgroups(parent string) error {
-	var errs []error
-	for _, dir := range cgroupDirs(parent) {
-		var sub []string
-		_ = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-			if err == nil && d.IsDir() {
-				sub = append(sub, path)
-			}
-			return nil
-		})
-		slices.Reverse(sub)
-		for _, p := range sub {
-			// A cgroup stays busy for a moment after its last process is reaped.
-			err := poll(context.Background(), 2*time.Second, func(context.Context) error { return syscall.Rmdir(p) })
-			if err != nil && !errors.Is(err, syscall.ENOENT) {
-				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", p, err))
-			}
-		}
-	}
-	return errors.Join(errs...)
 }
 
 // pidsReferencing lists processes whose command line, working directory or executable

@@ -29,6 +29,8 @@ import (
 	"syscall"
 	"text/template"
 	"time"
+
+	"github.com/netagent/netagent/pkg/lab/cgroup"
 )
 
 //go:embed node.sh
@@ -612,7 +614,7 @@ func (c *Cluster) Down() error {
 		time.Sleep(100 * time.Millisecond)
 	}
 	for _, n := range c.Nodes {
-		if err := removeCgroups(c.cgroupRoot(n)); err != nil {
+		if err := cgroup.Remove(c.cgroupRoot(n)); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -633,51 +635,13 @@ func killNetns(ns string) {
 	}
 }
 
-// cgroupDirs lists name's directory in every cgroup v1 hierarchy that has one.
-func cgroupDirs(name string) []string {
-	dirs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", name))
-	return dirs
-}
-
 // killCgroups sends SIGKILL to every task below name and returns how many it found.
 func killCgroups(name string) int {
-	n := 0
-	for _, dir := range cgroupDirs(name) {
-		_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
-			if err != nil || d.IsDir() || d.Name() != "cgroup.procs" {
-				return nil
-			}
-			b, _ := os.ReadFile(p)
-			for _, f := range strings.Fields(string(b)) {
-				if pid, err := strconv.Atoi(f); err == nil {
-					_ = syscall.Kill(pid, syscall.SIGKILL)
-					n++
-				}
-			}
-			return nil
-		})
+	pids := cgroup.Pids(name)
+	for _, pid := range pids {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
-	return n
-}
-
-// removeCgroups removes name's cgroup tree, deepest first, in every hierarchy.
-func removeCgroups(name string) error {
-	var errs []error
-	for _, dir := range cgroupDirs(name) {
-		var sub []string
-		_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
-			if err == nil && d.IsDir() {
-				sub = append(sub, p)
-			}
-			return nil
-		})
-		for i := len(sub) - 1; i >= 0; i-- {
-			if err := syscall.Rmdir(sub[i]); err != nil && !errors.Is(err, syscall.ENOENT) {
-				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", sub[i], err))
-			}
-		}
-	}
-	return errors.Join(errs...)
+	return len(pids)
 }
 
 // startIn starts a long-running process in a network namespace, detached from the caller
