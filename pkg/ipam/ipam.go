@@ -539,7 +539,7 @@ func Decode(b []byte) (*state, error) {
 		kind, rest, _ := bytes.Cut(line, []byte(" "))
 		switch string(kind) {
 		case "last":
-			a, err := netip.ParseAddr(string(rest))
+			a, err := parseStoredAddr(string(rest))
 			if err != nil {
 				return nil, fmt.Errorf("%w: line %d: %v", ErrCorrupt, lineNo, err)
 			}
@@ -569,19 +569,33 @@ func Decode(b []byte) (*state, error) {
 	return st, nil
 }
 
+// parseStoredAddr accepts only what Encode writes: a plain IPv4 or IPv6
+// address. A zone or an IPv4-mapped form would survive arithmetic (Next keeps
+// the zone) and come back as an address no pod can hold.
+func parseStoredAddr(s string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	if a.Zone() != "" || a.Is4In6() {
+		return netip.Addr{}, fmt.Errorf("address %q is not a plain IPv4 or IPv6 address", s)
+	}
+	return a, nil
+}
+
 func decodeRecord(s string) (Record, error) {
 	ipStr, s, ok := strings.Cut(s, " ")
 	if !ok {
 		return Record{}, errors.New("want an address and 4 quoted fields")
 	}
 	ipStr, ip6Str, dual := strings.Cut(ipStr, ",")
-	ip, err := netip.ParseAddr(ipStr)
+	ip, err := parseStoredAddr(ipStr)
 	if err != nil {
 		return Record{}, err
 	}
 	var ip6 netip.Addr
 	if dual {
-		if ip6, err = netip.ParseAddr(ip6Str); err != nil {
+		if ip6, err = parseStoredAddr(ip6Str); err != nil {
 			return Record{}, err
 		}
 		if !ip.Is4() || !ip6.Is6() || ip6.Is4In6() {
