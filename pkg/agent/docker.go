@@ -111,14 +111,14 @@ func (a *Agent) dockerStep(ctx context.Context, log *slog.Logger, self lease.Lea
 			return fmt.Errorf("dockerd (%s) sets bip or mtu on its command line, and with them also in %s it refuses to start: remove the flags from its command line (systemctl edit docker), or drop --write-docker-config and start dockerd with --bip=%s --mtu=%d",
 				strings.Join(c, "; "), d.ConfigPath, docker.Gateway(self.Subnet), p.PodMTU)
 		}
-		changed, err := docker.WriteConfig(d.ConfigPath, self.Subnet, p.PodMTU)
+		changed, err := docker.WriteConfig(d.ConfigPath, dockerSubnets(self), p.PodMTU)
 		if err != nil {
 			return err
 		}
 		if changed {
 			log.Info("wrote the leased subnet into docker's config; (re)start dockerd to apply it", "file", d.ConfigPath, "bip", docker.Gateway(self.Subnet), "mtu", p.PodMTU)
 		}
-		if err := docker.CheckBridge(a.h, d.Bridge, self.Subnet); err != nil {
+		if err := docker.CheckBridge(a.h, d.Bridge, dockerSubnets(self)); err != nil {
 			have := docker.BridgeSubnet(a.h, d.Bridge)
 			if !have.IsValid() {
 				return err
@@ -128,7 +128,7 @@ func (a *Agent) dockerStep(ctx context.Context, log *slog.Logger, self lease.Lea
 		}
 		return nil
 	case d.Network != "":
-		err := docker.NewClient(d.Socket).EnsureNetwork(ctx, d.Network, self.Subnet, p.PodMTU)
+		err := docker.NewClient(d.Socket).EnsureNetwork(ctx, d.Network, dockerSubnets(self), p.PodMTU)
 		if err != nil && strings.Contains(err.Error(), "overlaps") {
 			if dev, addr := docker.Holder(a.h, self.Subnet); dev != "" {
 				return fmt.Errorf("the leased %s is already on %s (%s), so Docker cannot create network %s: if that is docker0 with bip from --write-docker-config, remove bip from daemon.json and restart dockerd: %w",
@@ -137,11 +137,16 @@ func (a *Agent) dockerStep(ctx context.Context, log *slog.Logger, self lease.Lea
 		}
 		return err
 	default:
-		if err := docker.CheckBridge(a.h, d.Bridge, self.Subnet); err != nil {
+		if err := docker.CheckBridge(a.h, d.Bridge, dockerSubnets(self)); err != nil {
 			return fmt.Errorf("%w%s", err, a.notAdopted(self, p))
 		}
 		return nil
 	}
+}
+
+// dockerSubnets are the subnets of the lease in the form the docker package takes.
+func dockerSubnets(self lease.Lease) docker.Subnets {
+	return docker.Subnets{V4: self.Subnet}
 }
 
 // notAdopted says why the bridge's own subnet did not become the lease, if it did not.

@@ -1,6 +1,9 @@
 // Package docker makes a Docker host use the subnet netagent leased for it (route mode):
 // by writing `bip` and `mtu` into daemon.json, by checking that the docker bridge already
-// carries the subnet, or by creating a user-defined bridge network on it.
+// carries the subnet, or by creating a user-defined bridge network on it. In a dual-stack
+// cluster the host's IPv6 subnet goes the same ways (`ipv6` and `fixed-cidr-v6`, or the
+// network's second IPAM pool). Docker has no IPv6-only bridge network, so a Docker host
+// always needs the IPv4 subnet.
 //
 // The Engine API is spoken directly over its unix socket with net/http (three calls): the
 // Docker SDK would bring in far more code than these calls need.
@@ -19,6 +22,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -36,9 +40,23 @@ func Gateway(subnet netip.Prefix) netip.Prefix {
 	return netip.PrefixFrom(subnet.Addr().Next(), subnet.Bits())
 }
 
-// WriteConfig merges bip and mtu into the daemon.json at path, keeping every other key. It
-// reports whether the file changed (dockerd must then be restarted to apply it).
-func WriteConfig(path string, subnet netip.Prefix, mtu int) (bool, error) {
+// Subnets are the subnets a Docker host leased: V4 always, V6 in a dual-stack cluster.
+type Subnets struct {
+	V4, V6 netip.Prefix
+}
+
+func (s Subnets) String() string {
+	if s.V6.IsValid() {
+		return s.V4.String() + "," + s.V6.String()
+	}
+	return s.V4.String()
+}
+
+// WriteConfig merges bip and mtu (and with an IPv6 subnet, ipv6 and fixed-cidr-v6) into
+// the daemon.json at path, keeping every other key. It reports whether the file changed
+// (dockerd must then be restarted to apply it). Without an IPv6 subnet it leaves the IPv6
+// keys as they are: they may be the admin's, for networks of their own.
+func WriteConfig(path string, subnets Subnets, mtu int) (bool, error) {
 	cfg := map[string]any{}
 	b, err := os.ReadFile(path)
 	switch {
@@ -52,12 +70,18 @@ func WriteConfig(path string, subnet netip.Prefix, mtu int) (bool, error) {
 			}
 		}
 	}
-	bip := Gateway(subnet).String()
-	if cfg["bip"] == bip && cfg["mtu"] == float64(mtu) {
+	want := map[string]any{"bip": Gateway(subnets.V4).String(), "mtu": float64(mtu)}
+	if subnets.V6.IsValid() {
+		want["ipv6"], want["fixed-cidr-v6"] = true, subnets.V6.String()
+	}
+	same := true
+	for k, v := range want {
+		same = same && cfg[k] == v
+		cfg[k] = v
+	}
+	if same {
 		return false, nil
 	}
-	cfg["bip"] = bip
-	cfg["mtu"] = mtu
 	out, err := json.MarshalIndent(cfg, "", "  ")
 	if err != nil {
 		return false, err
@@ -68,29 +92,44 @@ func WriteConfig(path string, subnet netip.Prefix, mtu int) (bool, error) {
 	return true, atomicfile.Write(path, append(out, '\n'), 0o644)
 }
 
-// CheckBridge verifies that the bridge dev carries the gateway of subnet; the error says
-// what it carries instead and how to fix it.
-func CheckBridge(h *netlink.Handle, dev string, subnet netip.Prefix) error {
-	want := Gateway(subnet)
+// CheckBridge verifies that the bridge dev carries the gateway of each subnet; the error
+// says what it carries instead and how to fix it.
+func CheckBridge(h *netlink.Handle, dev string, subnets Subnets) error {
+	want := Gateway(subnets.V4)
 	l, err := h.LinkByName(dev)
 	if err != nil {
 		return fmt.Errorf("docker bridge %s not found (is dockerd running, started with --bip=%s?): %w", dev, want, err)
 	}
-	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(l, netlink.FAMILY_V4) })
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(l, netlink.FAMILY_ALL) })
 	if err != nil {
 		return fmt.Errorf("addresses of %s: %w", dev, err)
 	}
-	var have []string
-	for _, a := range addrs {
-		ip, _ := netip.AddrFromSlice(a.IP.To4())
-		ones, _ := a.Mask.Size()
-		p := netip.PrefixFrom(ip, ones)
-		if p == want {
-			return nil
+	has := func(want netip.Prefix) ([]string, bool) {
+		var have []string
+		for _, a := range addrs {
+			ip, _ := netip.AddrFromSlice(a.IP)
+			ip = ip.Unmap()
+			if ip.Is4() != want.Addr().Is4() || ip.IsLinkLocalUnicast() {
+				continue
+			}
+			ones, _ := a.Mask.Size()
+			p := netip.PrefixFrom(ip, ones)
+			if p == want {
+				return nil, true
+			}
+			have = append(have, p.String())
 		}
-		have = append(have, p.String())
+		return have, false
 	}
-	return fmt.Errorf("docker bridge %s carries %v, not the leased %s: start dockerd with --bip=%s (or let netagent write it: --write-docker-config /etc/docker/daemon.json)", dev, have, subnet, want)
+	if have, ok := has(want); !ok {
+		return fmt.Errorf("docker bridge %s carries %v, not the leased %s: start dockerd with --bip=%s (or let netagent write it: --write-docker-config /etc/docker/daemon.json)", dev, have, subnets.V4, want)
+	}
+	if subnets.V6.IsValid() {
+		if have, ok := has(Gateway(subnets.V6)); !ok {
+			return fmt.Errorf("docker bridge %s carries IPv6 %v, not the leased %s: start dockerd with --ipv6 --fixed-cidr-v6=%s (or let netagent write it: --write-docker-config /etc/docker/daemon.json)", dev, have, subnets.V6, subnets.V6)
+		}
+	}
+	return nil
 }
 
 // BridgeSubnet is the subnet of dev's first IPv4 address (invalid when dev is missing or
@@ -193,40 +232,47 @@ func NewClient(path string) *Client {
 	}}
 }
 
+type pool struct {
+	Subnet  string `json:"Subnet"`
+	Gateway string `json:"Gateway,omitempty"`
+}
+
 type network struct {
-	Name    string            `json:"Name"`
-	Driver  string            `json:"Driver"`
-	Options map[string]string `json:"Options,omitempty"`
-	IPAM    struct {
-		Config []struct {
-			Subnet  string `json:"Subnet"`
-			Gateway string `json:"Gateway,omitempty"`
-		} `json:"Config"`
+	Name       string            `json:"Name"`
+	Driver     string            `json:"Driver"`
+	EnableIPv6 bool              `json:"EnableIPv6,omitempty"`
+	Options    map[string]string `json:"Options,omitempty"`
+	IPAM       struct {
+		Config []pool `json:"Config"`
 	} `json:"IPAM"`
 }
 
-// EnsureNetwork creates the bridge network name on subnet (with mtu) unless it exists; an
-// existing network on another subnet is an error, not silently replaced (containers may be
-// attached to it).
-func (c *Client) EnsureNetwork(ctx context.Context, name string, subnet netip.Prefix, mtu int) error {
+// EnsureNetwork creates the bridge network name on the subnets (with mtu) unless it
+// exists; an existing network on other subnets is an error, not silently replaced
+// (containers may be attached to it).
+func (c *Client) EnsureNetwork(ctx context.Context, name string, subnets Subnets, mtu int) error {
 	var cur network
 	code, err := c.do(ctx, http.MethodGet, "/networks/"+name, nil, &cur)
 	if err != nil {
 		return err
 	}
-	if code == http.StatusOK {
-		for _, cfg := range cur.IPAM.Config {
-			if cfg.Subnet == subnet.String() {
-				return nil
-			}
-		}
-		return fmt.Errorf("docker network %s exists on %+v, not the leased %s: remove it (docker network rm %s) and netagent recreates it", name, cur.IPAM.Config, subnet, name)
+	want := []netip.Prefix{subnets.V4}
+	if subnets.V6.IsValid() {
+		want = append(want, subnets.V6)
 	}
-	n := network{Name: name, Driver: "bridge", Options: map[string]string{"com.docker.network.driver.mtu": strconv.Itoa(mtu)}}
-	n.IPAM.Config = append(n.IPAM.Config, struct {
-		Subnet  string `json:"Subnet"`
-		Gateway string `json:"Gateway,omitempty"`
-	}{subnet.String(), Gateway(subnet).Addr().String()})
+	if code == http.StatusOK {
+		missing := slices.DeleteFunc(slices.Clone(want), func(p netip.Prefix) bool {
+			return slices.ContainsFunc(cur.IPAM.Config, func(c pool) bool { return c.Subnet == p.String() })
+		})
+		if len(missing) == 0 {
+			return nil
+		}
+		return fmt.Errorf("docker network %s exists on %+v, not the leased %s: remove it (docker network rm %s) and netagent recreates it", name, cur.IPAM.Config, subnets, name)
+	}
+	n := network{Name: name, Driver: "bridge", EnableIPv6: subnets.V6.IsValid(), Options: map[string]string{"com.docker.network.driver.mtu": strconv.Itoa(mtu)}}
+	for _, p := range want {
+		n.IPAM.Config = append(n.IPAM.Config, pool{p.String(), Gateway(p).Addr().String()})
+	}
 	code, err = c.do(ctx, http.MethodPost, "/networks/create", n, nil)
 	if err != nil {
 		return err

@@ -19,7 +19,7 @@ func TestWriteConfigMergesAndIsIdempotent(t *testing.T) {
 	if err := os.WriteFile(p, []byte(`{"log-driver":"journald","bip":"172.17.0.1/16"}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	subnet := netip.MustParsePrefix("10.244.7.0/24")
+	subnet := Subnets{V4: netip.MustParsePrefix("10.244.7.0/24")}
 	changed, err := WriteConfig(p, subnet, 1450)
 	if err != nil || !changed {
 		t.Fatalf("WriteConfig = %v, %v; want a change", changed, err)
@@ -43,6 +43,40 @@ func TestWriteConfigMergesAndIsIdempotent(t *testing.T) {
 	}
 }
 
+// TestWriteConfigIPv6: a dual-stack host's daemon.json gets ipv6 and fixed-cidr-v6 too; an
+// IPv4-only lease leaves the admin's own IPv6 keys alone.
+func TestWriteConfigIPv6(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "daemon.json")
+	if err := os.WriteFile(p, []byte(`{"ipv6":true,"fixed-cidr-v6":"2001:db8:1::/64"}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	read := func() map[string]any {
+		var got map[string]any
+		b, _ := os.ReadFile(p)
+		if err := json.Unmarshal(b, &got); err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	v4 := Subnets{V4: netip.MustParsePrefix("10.244.7.0/24")}
+	if _, err := WriteConfig(p, v4, 1450); err != nil {
+		t.Fatal(err)
+	}
+	if got := read(); got["fixed-cidr-v6"] != "2001:db8:1::/64" || got["ipv6"] != true {
+		t.Errorf("IPv4-only lease changed the admin's IPv6 keys: %v", got)
+	}
+	dual := Subnets{V4: v4.V4, V6: netip.MustParsePrefix("fd00:10:244:7::/64")}
+	for i, want := range []bool{true, false} {
+		changed, err := WriteConfig(p, dual, 1450)
+		if err != nil || changed != want {
+			t.Fatalf("dual WriteConfig #%d = %v, %v; want changed=%v", i+1, changed, err, want)
+		}
+	}
+	if got := read(); got["fixed-cidr-v6"] != "fd00:10:244:7::/64" || got["ipv6"] != true || got["bip"] != "10.244.7.1/24" {
+		t.Errorf("daemon.json = %v", got)
+	}
+}
+
 func TestCheckBridge(t *testing.T) {
 	netns.RequireRoot(t)
 	n := netns.New(t, "docker")
@@ -51,7 +85,7 @@ func TestCheckBridge(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	subnet := netip.MustParsePrefix("10.244.7.0/24")
+	subnet := Subnets{V4: netip.MustParsePrefix("10.244.7.0/24")}
 	if err := CheckBridge(h, "docker0", subnet); err == nil || !strings.Contains(err.Error(), "not found") {
 		t.Errorf("no bridge: %v", err)
 	}
@@ -63,6 +97,16 @@ func TestCheckBridge(t *testing.T) {
 	n.MustRun(t, "ip", "addr", "add", "10.244.7.1/24", "dev", "docker0")
 	if err := CheckBridge(h, "docker0", subnet); err != nil {
 		t.Errorf("right subnet: %v", err)
+	}
+	// Dual stack: the IPv6 gateway must be there too (Docker's fe80::1 does not count).
+	subnet.V6 = netip.MustParsePrefix("fd00:10:244:7::/64")
+	n.MustRun(t, "ip", "addr", "add", "fe80::1/64", "dev", "docker0")
+	if err := CheckBridge(h, "docker0", subnet); err == nil || !strings.Contains(err.Error(), "--fixed-cidr-v6=fd00:10:244:7::/64") {
+		t.Errorf("no IPv6 gateway: %v", err)
+	}
+	n.MustRun(t, "ip", "addr", "add", "fd00:10:244:7::1/64", "dev", "docker0", "nodad")
+	if err := CheckBridge(h, "docker0", subnet); err != nil {
+		t.Errorf("both subnets: %v", err)
 	}
 }
 
@@ -103,7 +147,7 @@ func TestFlagConflicts(t *testing.T) {
 func TestClientErrors(t *testing.T) {
 	dir := t.TempDir()
 	missing := filepath.Join(dir, "missing.sock")
-	err := NewClient(missing).EnsureNetwork(t.Context(), "podnet", netip.MustParsePrefix("10.244.7.0/24"), 1450)
+	err := NewClient(missing).EnsureNetwork(t.Context(), "podnet", Subnets{V4: netip.MustParsePrefix("10.244.7.0/24")}, 1450)
 	if err == nil || !strings.Contains(err.Error(), "dockerd is not listening on "+missing) {
 		t.Errorf("missing socket: %v", err)
 	}
@@ -122,8 +166,60 @@ func TestClientErrors(t *testing.T) {
 	})}
 	go func() { _ = srv.Serve(ln) }()
 	t.Cleanup(func() { _ = srv.Close() })
-	err = NewClient(sock).EnsureNetwork(t.Context(), "podnet", netip.MustParsePrefix("10.244.7.0/24"), 1450)
+	err = NewClient(sock).EnsureNetwork(t.Context(), "podnet", Subnets{V4: netip.MustParsePrefix("10.244.7.0/24")}, 1450)
 	if err == nil || !strings.Contains(err.Error(), "Pool overlaps") {
 		t.Errorf("create refused: %v", err)
+	}
+}
+
+// TestEnsureNetworkDualStack: a dual-stack host's network is created with IPv6 enabled and
+// both pools; an existing network missing the IPv6 pool is reported, not used.
+func TestEnsureNetworkDualStack(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "docker.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var created []network
+	existing := map[string]network{}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet {
+			n, ok := existing[strings.TrimPrefix(r.URL.Path, "/networks/")]
+			if !ok {
+				http.NotFound(w, r)
+				return
+			}
+			_ = json.NewEncoder(w).Encode(n)
+			return
+		}
+		var n network
+		if err := json.NewDecoder(r.Body).Decode(&n); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		created = append(created, n)
+		w.WriteHeader(http.StatusCreated)
+	})}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close() })
+
+	dual := Subnets{V4: netip.MustParsePrefix("10.244.7.0/24"), V6: netip.MustParsePrefix("fd00:10:244:7::/64")}
+	c := NewClient(sock)
+	if err := c.EnsureNetwork(t.Context(), "podnet", dual, 1450); err != nil {
+		t.Fatal(err)
+	}
+	want := []pool{{"10.244.7.0/24", "10.244.7.1"}, {"fd00:10:244:7::/64", "fd00:10:244:7::1"}}
+	if len(created) != 1 || !created[0].EnableIPv6 || !slices.Equal(created[0].IPAM.Config, want) {
+		t.Fatalf("created %+v, want IPv6 enabled and pools %v", created, want)
+	}
+	old := network{Name: "old"}
+	old.IPAM.Config = want[:1]
+	existing["old"] = old
+	if err := c.EnsureNetwork(t.Context(), "old", dual, 1450); err == nil || !strings.Contains(err.Error(), "docker network rm old") {
+		t.Errorf("IPv4-only network for a dual-stack lease: %v", err)
+	}
+	existing["both"] = created[0]
+	if err := c.EnsureNetwork(t.Context(), "both", dual, 1450); err != nil || len(created) != 1 {
+		t.Errorf("existing dual-stack network: %v (creates: %d)", err, len(created))
 	}
 }
