@@ -13,6 +13,7 @@ import (
 	"strings"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/nat"
 	"github.com/netagent/netagent/pkg/nldump"
@@ -93,7 +94,11 @@ func Run(o Options) []Finding {
 		add(Finding{"subnet file", OK, fmt.Sprintf("%s: subnet %s, MTU %d", o.SubnetFile, info.Subnet, info.MTU), ""})
 	}
 	if !o.RouteMode {
-		out = append(out, conflist(o)...)
+		found, subnet6 := conflist(o)
+		out = append(out, found...)
+		if subnet6.IsValid() {
+			out = append(out, ipv6(h, o.Underlay, underlay, o.RouteMode)...)
+		}
 	}
 	if ierr == nil {
 		out = append(out, mtus(h, o.Bridge, underlay, info)...)
@@ -135,9 +140,20 @@ func firewall(routeMode bool) []Finding {
 	} else {
 		out = append(out, Finding{"iptables backend", OK, "iptables " + mode + " only", ""})
 	}
-	fwd, err := exec.Command("iptables", "-S", "FORWARD").Output()
+	return append(out, forward("iptables", routeMode))
+}
+
+// forward checks the FORWARD chain of one family's firewall (tool is iptables or
+// ip6tables): with policy DROP, pod traffic between nodes passes only through netagent's
+// accept chain, which must be hooked in where the agent puts it.
+func forward(tool string, routeMode bool) Finding {
+	check, traffic := "FORWARD", "pod traffic"
+	if tool == "ip6tables" {
+		check, traffic = "IPv6 FORWARD", "pod IPv6 traffic"
+	}
+	fwd, err := exec.Command(tool, "-S", "FORWARD").Output()
 	if err != nil {
-		return append(out, Finding{"FORWARD", Warn, "cannot read the FORWARD chain: " + err.Error(), ""})
+		return Finding{check, Warn, "cannot read the FORWARD chain: " + err.Error(), ""}
 	}
 	lines := strings.Split(strings.TrimSpace(string(fwd)), "\n")
 	policy := strings.TrimPrefix(lines[0], "-P FORWARD ")
@@ -159,24 +175,26 @@ func firewall(routeMode bool) []Finding {
 	}
 	switch {
 	case ours < 0 && policy == "DROP":
-		out = append(out, Finding{"FORWARD", Problem, "FORWARD policy is DROP and netagent's accept chain is not hooked in: pod traffic between nodes is dropped", "start netagent (it inserts -j NETAGENT-FWD " + where + ")"})
+		return Finding{check, Problem, fmt.Sprintf("%s policy is DROP and netagent's accept chain is not hooked in: %s between nodes is dropped", check, traffic), "start netagent (it inserts -j " + nat.FwdChain + " " + where + ")"}
 	case ours < 0:
-		out = append(out, Finding{"FORWARD", Warn, "netagent's accept chain is not hooked into FORWARD (policy ACCEPT, so traffic passes for now)", "start netagent"})
+		return Finding{check, Warn, fmt.Sprintf("netagent's accept chain is not hooked into %s (policy ACCEPT, so traffic passes for now)", check), "start netagent"}
 	case ours != at:
-		out = append(out, Finding{"FORWARD", Problem, fmt.Sprintf("netagent's accept rule is rule %d in FORWARD, not %s (rule %d): rules above it may drop pod traffic, or it may bypass them", ours+1, where, at+1), "restart netagent (it moves its jump back within a second)"})
+		return Finding{check, Problem, fmt.Sprintf("netagent's accept rule is rule %d in %s, not %s (rule %d): rules above it may drop %s, or it may bypass them", ours+1, check, where, at+1, traffic), "restart netagent (it moves its jump back within a second)"}
 	default:
-		out = append(out, Finding{"FORWARD", OK, "policy " + policy + ", netagent's accept chain " + where, ""})
+		return Finding{check, OK, "policy " + policy + ", netagent's accept chain " + where, ""}
 	}
-	return out
 }
 
-func conflist(o Options) []Finding {
+// conflist checks that the runtime's CNI config calls our plugin, and returns the IPv6
+// subnet it gives the plugin (invalid when the network is IPv4-only).
+func conflist(o Options) ([]Finding, netip.Prefix) {
+	var none netip.Prefix
 	if o.CNIConfDir == "" {
-		return nil
+		return nil, none
 	}
 	entries, err := os.ReadDir(o.CNIConfDir)
 	if err != nil {
-		return []Finding{{"CNI config", Problem, fmt.Sprintf("%s: %v", o.CNIConfDir, err), "netagent run writes it once ready; check --cni-conf-dir"}}
+		return []Finding{{"CNI config", Problem, fmt.Sprintf("%s: %v", o.CNIConfDir, err), "netagent run writes it once ready; check --cni-conf-dir"}}, none
 	}
 	for _, e := range entries {
 		if !strings.HasSuffix(e.Name(), ".conflist") && !strings.HasSuffix(e.Name(), ".conf") {
@@ -186,41 +204,122 @@ func conflist(o Options) []Finding {
 		path := filepath.Join(o.CNIConfDir, e.Name())
 		b, err := os.ReadFile(path)
 		if err != nil {
-			return []Finding{{"CNI config", Problem, err.Error(), ""}}
+			return []Finding{{"CNI config", Problem, err.Error(), ""}}, none
+		}
+		type plugin struct {
+			Type       string `json:"type"`
+			IPv6Subnet string `json:"ipv6Subnet"`
 		}
 		var cl struct {
-			Plugins []struct {
-				Type string `json:"type"`
-			} `json:"plugins"`
-			Type string `json:"type"`
+			Plugins []plugin `json:"plugins"`
+			plugin
 		}
 		if err := json.Unmarshal(b, &cl); err != nil {
-			return []Finding{{"CNI config", Problem, fmt.Sprintf("%s is not valid JSON: %v", path, err), "remove it; netagent run rewrites its own"}}
+			return []Finding{{"CNI config", Problem, fmt.Sprintf("%s is not valid JSON: %v", path, err), "remove it; netagent run rewrites its own"}}, none
 		}
 		var types []string
-		for _, p := range cl.Plugins {
+		var ours *plugin
+		for _, p := range append(cl.Plugins, cl.plugin) {
+			if p.Type == "" {
+				continue
+			}
 			types = append(types, p.Type)
+			if p.Type == "netagent-cni" && ours == nil {
+				ours = &p
+			}
 		}
-		if cl.Type != "" {
-			types = append(types, cl.Type)
-		}
-		found := false
-		for _, t := range types {
-			found = found || t == "netagent-cni"
-		}
-		if !found {
-			return []Finding{{"CNI config", Problem, fmt.Sprintf("the runtime uses %s (first in %s), which does not call netagent-cni (%v)", e.Name(), o.CNIConfDir, types), "remove or rename the other network's config"}}
+		if ours == nil {
+			return []Finding{{"CNI config", Problem, fmt.Sprintf("the runtime uses %s (first in %s), which does not call netagent-cni (%v)", e.Name(), o.CNIConfDir, types), "remove or rename the other network's config"}}, none
 		}
 		var out []Finding
-		out = append(out, Finding{"CNI config", OK, path + " calls netagent-cni", ""})
+		var subnet6 netip.Prefix
+		switch {
+		case ours.IPv6Subnet == "":
+			out = append(out, Finding{"CNI config", OK, path + " calls netagent-cni", ""})
+		default:
+			subnet6, err = netip.ParsePrefix(ours.IPv6Subnet)
+			if err != nil || !subnet6.Addr().Is6() {
+				out = append(out, Finding{"CNI config", Problem, fmt.Sprintf("%s: ipv6Subnet %q is not an IPv6 prefix: the plugin refuses every pod", path, ours.IPv6Subnet), "netagent run rewrites its own config; remove the file if it is not netagent's"})
+				subnet6 = netip.Prefix{}
+			} else {
+				out = append(out, Finding{"CNI config", OK, fmt.Sprintf("%s calls netagent-cni, IPv6 subnet %s", path, subnet6), ""})
+			}
+		}
 		if o.CNIBinDir != "" {
 			if _, err := os.Stat(filepath.Join(o.CNIBinDir, "netagent-cni")); err != nil {
 				out = append(out, Finding{"CNI binary", Problem, fmt.Sprintf("netagent-cni is not in %s", o.CNIBinDir), "install it there (the DaemonSet's init container does)"})
 			}
 		}
-		return out
+		return out, subnet6
 	}
-	return []Finding{{"CNI config", Problem, "no CNI config in " + o.CNIConfDir, "netagent run writes one once it holds a lease and has reconciled"}}
+	return []Finding{{"CNI config", Problem, "no CNI config in " + o.CNIConfDir, "netagent run writes one once it holds a lease and has reconciled"}}, none
+}
+
+// ipv6 checks what pod IPv6 traffic needs of a node: forwarding, router advertisements
+// still accepted on the uplink while forwarding, and a FORWARD chain that lets it through.
+// iface is the --iface flag, underlay the IPv4 uplink found otherwise.
+func ipv6(h *netlink.Handle, iface, underlay string, routeMode bool) []Finding {
+	out := []Finding{sysctl("IPv6 forwarding", "/proc/sys/net/ipv6/conf/all/forwarding", "1",
+		"net.ipv6.conf.all.forwarding is %s: this node does not forward pod IPv6 traffic",
+		"sysctl -w net.ipv6.conf.all.forwarding=1 (after accept_ra=2 on the uplink, or the uplink's RA-learned default route is dropped)")}
+	dev := iface
+	if dev == "" {
+		dev = underlay
+		if rs, err := h.RouteGet(netip.MustParseAddr("2001:db8::").AsSlice()); err == nil && len(rs) > 0 {
+			if l, err := h.LinkByIndex(rs[0].LinkIndex); err == nil {
+				dev = l.Attrs().Name
+			}
+		}
+	}
+	if dev != "" {
+		out = append(out, acceptRA(h, dev))
+	}
+	return append(out, forward("ip6tables", routeMode))
+}
+
+// acceptRA checks that the uplink dev keeps learning its IPv6 default route from router
+// advertisements on a forwarding node. The kernel ignores RAs on a forwarding interface
+// unless accept_ra is 2, and switching forwarding on drops the default routes RAs taught
+// on interfaces where it is not 2; a node with accept_ra 1 thus loses its IPv6 default
+// route as soon as it forwards, unless that route is configured statically.
+func acceptRA(h *netlink.Handle, dev string) Finding {
+	path := filepath.Join("/proc/sys/net/ipv6/conf", dev, "accept_ra")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Finding{"accept_ra", Warn, fmt.Sprintf("cannot read %s: %v", path, err), ""}
+	}
+	switch v := strings.TrimSpace(string(b)); {
+	case v == "2":
+		return Finding{"accept_ra", OK, fmt.Sprintf("accept_ra = 2 on %s: router advertisements still count while forwarding", dev), ""}
+	case v == "0":
+		return Finding{"accept_ra", OK, fmt.Sprintf("accept_ra = 0 on %s: IPv6 is configured without router advertisements", dev), ""}
+	case staticDefault6(h):
+		return Finding{"accept_ra", OK, fmt.Sprintf("accept_ra = %s on %s, but the IPv6 default route is static: router advertisements are not needed", v, dev), ""}
+	default:
+		return Finding{"accept_ra", Problem,
+			fmt.Sprintf("accept_ra is %s on %s: with IPv6 forwarding on, the kernel ignores router advertisements unless accept_ra is 2 (and drops the default routes they taught when forwarding is switched on), so this node loses its IPv6 default route", v, dev),
+			fmt.Sprintf("sysctl -w net.ipv6.conf.%s.accept_ra=2 (the route comes back with the next router advertisement)", dev)}
+	}
+}
+
+// staticDefault6 reports whether the main table has an IPv6 default route that did not
+// come from a router advertisement.
+func staticDefault6(h *netlink.Handle) bool {
+	rs, err := nldump.Retry(func() ([]netlink.Route, error) { return h.RouteList(nil, netlink.FAMILY_V6) })
+	if err != nil {
+		return false
+	}
+	for _, r := range rs {
+		if r.Dst != nil {
+			if ones, _ := r.Dst.Mask.Size(); ones != 0 {
+				continue
+			}
+		}
+		if r.Protocol != unix.RTPROT_RA && r.Type == unix.RTN_UNICAST {
+			return true
+		}
+	}
+	return false
 }
 
 func mtus(h *netlink.Handle, bridge, underlay string, info subnetfile.Info) []Finding {

@@ -18,6 +18,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
 	"github.com/netagent/netagent/test/netns"
 )
 
@@ -28,8 +31,16 @@ type options struct {
 	bare, refIPMasq, pod    bool
 	floor                   bool
 	markdown, refVersion    string
+	family                  string // familyIPv4 or familyDual
 	timeout                 time.Duration
 }
+
+// The -family values: every chain on an IPv4-only network, or every chain dual stack
+// (plus our plugin on an IPv4-only network, for the dual / IPv4-only ratio).
+const (
+	familyIPv4 = "ipv4"
+	familyDual = "dual"
+)
 
 // maxLive bounds the pods alive at once: each chain's subnet is a /22 (1021 addresses).
 const maxLive = 1000
@@ -49,6 +60,7 @@ func parseOptions(args []string) (options, error) {
 	fs.BoolVar(&o.pod, "pod", true, "time whole pods as containerd's CRI sets them up: the loopback network too (ADD concurrently with the pod network, DEL after it), runtimeConfig.portMappings always passed (an empty list for these pods)")
 	fs.StringVar(&o.markdown, "markdown", "", `write a markdown block for BENCHMARKS.md to this file ("-" for stdout)`)
 	fs.DurationVar(&o.timeout, "timeout", time.Minute, "limit for one plugin call")
+	fs.StringVar(&o.family, "family", familyIPv4, `"ipv4", or "dual": every chain dual stack (ours with ipv6Subnet, the reference's host-local with an IPv4 and an IPv6 range, floor and bare with an IPv6 address and route too), plus ours on an IPv4-only network ("ours4") for the dual / IPv4-only ratio`)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: go run ./test/bench cni [flags]  (as root)\n\n")
 		fs.PrintDefaults()
@@ -71,6 +83,8 @@ func parseOptions(args []string) (options, error) {
 		return o, errors.New("-n, -pods and -rounds must be positive, -warmup not negative")
 	case max(o.n, o.pods, o.warmup) > maxLive:
 		return o, fmt.Errorf("-n, -pods and -warmup must be at most %d (pods alive at once in a /22)", maxLive)
+	case o.family != familyIPv4 && o.family != familyDual:
+		return o, fmt.Errorf("-family: %q is neither %q nor %q", o.family, familyIPv4, familyDual)
 	}
 	return o, nil
 }
@@ -233,11 +247,19 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	if err != nil {
 		return nil, err
 	}
-	ours, err := b.newCNIRunner("ours", binDir, oursConf(tmp))
+	dual := b.opt.family == familyDual
+	// v6 is an IPv6 subnet in a dual-stack run, and "" (none) otherwise.
+	v6 := func(subnet string) string {
+		if dual {
+			return subnet
+		}
+		return ""
+	}
+	ours, err := b.newCNIRunner("ours", binDir, oursConf(tmp, "ours", oursBridge, oursSubnet, v6(oursSubnet6)))
 	if err != nil {
 		return nil, err
 	}
-	ref, err := b.newCNIRunner("ref", binDir, refConf(tmp, b.opt.refIPMasq))
+	ref, err := b.newCNIRunner("ref", binDir, refConf(tmp, b.opt.refIPMasq, v6(refSubnet6)))
 	if err != nil {
 		return nil, err
 	}
@@ -246,11 +268,11 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	ref.iptables = true
 	runners := []runner{ours, ref}
 	if b.opt.floor {
-		floor, err := b.newCNIRunner("floor", binDir, floorConf())
+		floor, err := b.newCNIRunner("floor", binDir, floorConf(v6(floorSubnet6)))
 		if err != nil {
 			return nil, err
 		}
-		if err := setupBridge(floor.ns, floorBridge, netip.MustParsePrefix(floorSubnet)); err != nil {
+		if err := setupBridge(floor.ns, floorBridge, prefixes(floorSubnet, v6(floorSubnet6))...); err != nil {
 			return nil, fmt.Errorf("floor: %w", err)
 		}
 		floor.idxArg = true
@@ -267,11 +289,20 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 		runners = append(runners, lo)
 	}
 	if b.opt.bare {
-		bare, err := b.newBareRunner()
+		bare, err := b.newBareRunner(prefixes(bareSubnet, v6(bareSubnet6)))
 		if err != nil {
 			return nil, err
 		}
 		runners = append(runners, bare)
+	}
+	if dual {
+		// Last, so the columns before it keep their place in the table.
+		ours4, err := b.newCNIRunner("ours4", binDir, oursConf(tmp, "ours4", ours4Bridge, ours4Subnet, ""))
+		if err != nil {
+			return nil, err
+		}
+		ours4.records = func() (int, error) { return oursRecords(filepath.Join(tmp, "ours4", ours4.list.Name)) }
+		runners = append(runners, ours4)
 	}
 	res := &results{
 		tput: map[string]map[int]batchSum{},
@@ -283,8 +314,8 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	}
 	for _, r := range runners {
 		res.tput[r.name()] = map[int]batchSum{}
-		if r.name() == "floor" {
-			res.conf["floor"] = string(floorConf())
+		if c, ok := r.(*cniRunner); ok && (r.name() == "floor" || r.name() == "ours4") {
+			res.conf[r.name()] = strings.ReplaceAll(string(c.conf), tmp, "$TMP")
 		}
 	}
 	pools, err := b.podPools(ctx, runners)
@@ -327,6 +358,15 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	pods := batch(b.opt.n)
 	if res.add, err = sequential(ctx, runners, runner.add, pods); err != nil {
 		return nil, err
+	}
+	// Untimed: every chain must have done the same work, or the ratios compare unlike things.
+	for _, r := range runners {
+		if r.name() == "lo" {
+			continue
+		}
+		if err := b.checkFamilies(pods[r.name()][0], dual && r.name() != "ours4"); err != nil {
+			return nil, fmt.Errorf("%s: %w", r.name(), err)
+		}
 	}
 	if res.del, err = sequential(ctx, runners, runner.del, pods); err != nil {
 		return nil, err
@@ -509,4 +549,44 @@ func parallel(ctx context.Context, r runner, f op, pods []pod, workers int) (tim
 		return 0, err
 	}
 	return last.Sub(t0), nil
+}
+
+// checkFamilies checks that pod p's interface has a global address of each family the run
+// configures, and no other family's; an IPv6 one still doing duplicate address detection
+// (not yet usable) is logged.
+func (b *bench) checkFamilies(p pod, dual bool) error {
+	h, err := p.ns.Handle()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	l, err := h.LinkByName(podIf)
+	if err != nil {
+		return fmt.Errorf("pod %s: %w", p.ns.Name, err)
+	}
+	addrs, err := h.AddrList(l, netlink.FAMILY_ALL)
+	if err != nil {
+		return fmt.Errorf("pod %s: addresses of %s: %w", p.ns.Name, podIf, err)
+	}
+	var v4, v6 int
+	for _, a := range addrs {
+		ip, _ := netip.AddrFromSlice(a.IP)
+		switch {
+		case ip.Unmap().Is4():
+			v4++
+		case ip.IsGlobalUnicast():
+			v6++
+			if a.Flags&unix.IFA_F_TENTATIVE != 0 {
+				b.log.Warn("IPv6 address still tentative after ADD", "pod", p.ns.Name, "addr", ip)
+			}
+		}
+	}
+	want6 := 0
+	if dual {
+		want6 = 1
+	}
+	if v4 != 1 || v6 != want6 {
+		return fmt.Errorf("pod %s: %s has %d IPv4 and %d global IPv6 addresses after ADD, want 1 and %d", p.ns.Name, podIf, v4, v6, want6)
+	}
+	return nil
 }

@@ -23,6 +23,8 @@ const (
 	targetAddP50 = 0.15 // at most
 	targetDelP50 = 0.10 // at most
 	targetTput   = 6.0  // at least
+	// targetDualP50 bounds our dual-stack ADD p50 as a ratio to our IPv4-only one.
+	targetDualP50 = 1.15 // at most
 )
 
 // meta describes the machine and the run, for the record.
@@ -105,29 +107,48 @@ func collectMeta(loadStart string, foreignNS int) meta {
 	return m
 }
 
-// row is one line of the result table; vals follow the column order ours, ref, floor,
-// bare; floorRatio is floor/ref, the best ratio a Go plugin exec'd per pod reaches here.
+// row is one line of the result table; vals follow the columns (ours, ref, floor, bare,
+// and ours4 in a dual-stack run); floorRatio is floor/ref, the best ratio a Go plugin
+// exec'd per pod reaches here.
 type row struct {
 	measure    string
-	vals       [4]string
+	vals       []string
 	ratio      string
 	floorRatio string
 	target     string
 	verdict    string
 }
 
-var columns = [4]string{"ours", "ref", "floor", "bare"}
+// columns are the runners in the table; a dual-stack run adds our plugin on an IPv4-only
+// network (ours4), the base of the dual / IPv4-only ratio.
+func (r *results) columns() []string {
+	if r.opt.family == familyDual {
+		return []string{"ours", "ref", "floor", "bare", "ours4"}
+	}
+	return []string{"ours", "ref", "floor", "bare"}
+}
+
+// headers are the columns as the tables name them.
+func (r *results) headers() []string {
+	names := map[string]string{"ours": "netagent-cni", "ref": "reference", "floor": "floor plugin", "bare": "bare netlink", "ours4": "netagent-cni IPv4-only"}
+	var out []string
+	for _, c := range r.columns() {
+		out = append(out, names[c])
+	}
+	return out
+}
 
 func (r *results) rows() []row {
 	var rows []row
+	cols := r.columns()
 	lat := func(op string, m map[string][]time.Duration, target float64) {
 		for _, q := range []struct {
 			name string
 			q    float64
 		}{{"p50", 0.50}, {"p90", 0.90}, {"p99", 0.99}} {
-			rw := row{measure: fmt.Sprintf("%s %s (seq, n=%d)", op, q.name, r.opt.n)}
-			var v [4]float64
-			for i, c := range columns {
+			rw := row{measure: fmt.Sprintf("%s %s (seq, n=%d)", op, q.name, r.opt.n), vals: make([]string, len(cols))}
+			v := make([]float64, len(cols))
+			for i, c := range cols {
 				if ds, ok := m[c]; ok {
 					v[i] = percentile(ds, q.q).Seconds() * 1000
 					rw.vals[i] = fmt.Sprintf("%.2f ms", v[i])
@@ -147,10 +168,24 @@ func (r *results) rows() []row {
 	}
 	lat("ADD", r.add, targetAddP50)
 	lat("DEL", r.del, targetDelP50)
+	if r.opt.family == familyDual {
+		// The same plugin on both networks, so the ratio is ours / ours4, not ours / ref.
+		d, v4 := percentile(r.add["ours"], 0.5), percentile(r.add["ours4"], 0.5)
+		rw := row{measure: "ADD p50 dual / IPv4-only (ours ÷ ours4)", vals: make([]string, len(cols))}
+		for i := range rw.vals {
+			rw.vals[i] = "-"
+		}
+		rw.vals[0], rw.vals[len(cols)-1] = fmt.Sprintf("%.2f ms", ms(d)), fmt.Sprintf("%.2f ms", ms(v4))
+		ratio := float64(d) / float64(v4)
+		rw.ratio, rw.floorRatio = fmtRatio(ratio), "-"
+		rw.target = fmt.Sprintf("≤ %.2f", targetDualP50)
+		rw.verdict = verdict(ratio <= targetDualP50, ratio)
+		rows = append(rows, rw)
+	}
 	for _, c := range r.opt.conc {
-		rw := row{measure: fmt.Sprintf("ADD pods/s (c=%d, %d×%d pods)", c, r.opt.rounds, r.opt.pods)}
-		var v [4]float64
-		for i, col := range columns {
+		rw := row{measure: fmt.Sprintf("ADD pods/s (c=%d, %d×%d pods)", c, r.opt.rounds, r.opt.pods), vals: make([]string, len(cols))}
+		v := make([]float64, len(cols))
+		for i, col := range cols {
 			if m, ok := r.tput[col]; ok {
 				v[i] = m[c].podsPerSec()
 				rw.vals[i] = fmt.Sprintf("%.1f", v[i])
@@ -205,6 +240,9 @@ func title(r *results) string {
 	what := "the pod network alone"
 	if r.opt.pod {
 		what = "whole pods (loopback network + pod network, portMappings passed)"
+	}
+	if r.opt.family == familyDual {
+		return fmt.Sprintf("dual stack: netagent-cni (subnet + ipv6Subnet) vs bridge (isGateway, %s) + host-local (an IPv4 and an IPv6 range) + portmap %s, through libcni, cniVersion 1.0.0, %s", masq, r.opt.refVersion, what)
 	}
 	return fmt.Sprintf("netagent-cni vs bridge (isGateway, %s) + host-local + portmap %s, through libcni, cniVersion 1.0.0, %s", masq, r.opt.refVersion, what)
 }
@@ -275,9 +313,9 @@ func printTable(w io.Writer, m meta, rows []row, r *results) {
 	fmt.Fprintf(w, "%s  kernel %s  nproc %d  %s  commit %s\n", m.date, m.kernel, m.nproc, m.goVersion, m.commit)
 	fmt.Fprintf(w, "load average %s at start, %s at end\n\n", m.loadStart, m.loadEnd)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "measure\tours\tref\tfloor\tbare\tours/ref\tfloor/ref\ttarget\t\t")
+	fmt.Fprintf(tw, "measure\t%s\tours/ref\tfloor/ref\ttarget\t\t\n", strings.Join(r.columns(), "\t"))
 	for _, rw := range rows {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", rw.measure, rw.vals[0], rw.vals[1], rw.vals[2], rw.vals[3], rw.ratio, rw.floorRatio, rw.target, rw.verdict)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t\n", rw.measure, strings.Join(rw.vals, "\t"), rw.ratio, rw.floorRatio, rw.target, rw.verdict)
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
@@ -303,10 +341,10 @@ func writeMarkdown(w io.Writer, m meta, rows []row, r *results) {
 	fmt.Fprintf(w, "- method: each chain on its own node network namespace, pod namespaces created before timing; "+
 		"sequential phases alternate ours/ref/floor/bare pod by pod; parallel phases run %d batches per chain and "+
 		"concurrency in ABBA order, pods/s = pods / wall time; %d warm-up pods per chain first\n\n", r.opt.rounds, r.opt.warmup)
-	fmt.Fprintln(w, "| measure | netagent-cni | reference | floor plugin | bare netlink | ours/ref | floor/ref | target | |")
-	fmt.Fprintln(w, "|---|--:|--:|--:|--:|--:|--:|:-:|:-:|")
+	fmt.Fprintf(w, "| measure | %s | ours/ref | floor/ref | target | |\n", strings.Join(r.headers(), " | "))
+	fmt.Fprintf(w, "|---|%s--:|--:|:-:|:-:|\n", strings.Repeat("--:|", len(r.columns())))
 	for _, rw := range rows {
-		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", rw.measure, rw.vals[0], rw.vals[1], rw.vals[2], rw.vals[3], rw.ratio, rw.floorRatio, rw.target, rw.verdict)
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s |\n", rw.measure, strings.Join(rw.vals, " | "), rw.ratio, rw.floorRatio, rw.target, rw.verdict)
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "Leaks:", strings.Join(leakSummary(r), "; "))
@@ -319,8 +357,10 @@ func writeMarkdown(w io.Writer, m meta, rows []row, r *results) {
 	fmt.Fprintln(w, "```json")
 	fmt.Fprintln(w, r.conf["ours"])
 	fmt.Fprintln(w, r.conf["ref"])
-	if c, ok := r.conf["floor"]; ok {
-		fmt.Fprintln(w, c)
+	for _, name := range []string{"floor", "ours4"} {
+		if c, ok := r.conf[name]; ok {
+			fmt.Fprintln(w, c)
+		}
 	}
 	fmt.Fprintln(w, "```")
 	fmt.Fprintln(w, "</details>")

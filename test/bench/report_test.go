@@ -62,7 +62,7 @@ func TestParseOptions(t *testing.T) {
 	if o.n != 30 || len(o.conc) != 2 || o.conc[0] != 4 || o.conc[1] != 16 {
 		t.Errorf("parseOptions = n %d conc %v, want n 30 conc [4 16]", o.n, o.conc)
 	}
-	for _, bad := range [][]string{{"-n", "0"}, {"-conc", "8,x"}, {"-pods", "5000"}, {"extra"}} {
+	for _, bad := range [][]string{{"-n", "0"}, {"-conc", "8,x"}, {"-pods", "5000"}, {"-family", "ipv6"}, {"extra"}} {
 		if _, err := parseOptions(bad); err == nil {
 			t.Errorf("parseOptions(%q) = nil error, want one", bad)
 		}

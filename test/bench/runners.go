@@ -38,27 +38,61 @@ const (
 	refBridge, refSubnet     = "cni1", "10.245.0.0/22"
 	bareBridge, bareSubnet   = "cni2", "10.246.0.0/22"
 	floorBridge, floorSubnet = "cni3", "10.247.0.0/22"
+	ours4Bridge, ours4Subnet = "cni4", "10.248.0.0/22" // dual-stack runs: ours, IPv4 only
+
+	// The IPv6 subnets of a dual-stack run.
+	oursSubnet6  = "fd00:244::/64"
+	refSubnet6   = "fd00:245::/64"
+	bareSubnet6  = "fd00:246::/64"
+	floorSubnet6 = "fd00:247::/64"
 )
 
+// prefixes parses the non-empty subnets.
+func prefixes(subnets ...string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, s := range subnets {
+		if s != "" {
+			out = append(out, netip.MustParsePrefix(s))
+		}
+	}
+	return out
+}
+
+// v6Field is `,"key":"subnet6"` for a dual-stack network, and nothing for an IPv4-only one.
+func v6Field(key, subnet6 string) string {
+	if subnet6 == "" {
+		return ""
+	}
+	return fmt.Sprintf(",%q:%q", key, subnet6)
+}
+
 // floorConf is the floor plugin's network (test/bench/floorcni): the bridge is made by
-// the bench, the address comes from CNI_ARGS.
-func floorConf() []byte {
+// the bench, the address comes from CNI_ARGS. subnet6 (optional) makes it dual stack.
+func floorConf(subnet6 string) []byte {
 	return fmt.Appendf(nil, `{"cniVersion":"1.0.0","name":"floor","plugins":[`+
-		`{"type":"netagent-bench-floor","bridge":%q,"subnet":%q,"capabilities":{"portMappings":true}}]}`,
-		floorBridge, floorSubnet)
+		`{"type":"netagent-bench-floor","bridge":%q,"subnet":%q%s,"capabilities":{"portMappings":true}}]}`,
+		floorBridge, floorSubnet, v6Field("ipv6Subnet", subnet6))
 }
 
-func oursConf(tmp string) []byte {
+// oursConf is our plugin's network, its store below tmp/label; subnet6 (optional) makes it
+// dual stack.
+func oursConf(tmp, label, bridge, subnet, subnet6 string) []byte {
 	return fmt.Appendf(nil, `{"cniVersion":"1.0.0","name":"netagent","plugins":[`+
-		`{"type":"netagent-cni","bridge":%q,"subnet":%q,"dataDir":%s,"capabilities":{"portMappings":true}}]}`,
-		oursBridge, oursSubnet, jsonString(filepath.Join(tmp, "ours")))
+		`{"type":"netagent-cni","bridge":%q,"subnet":%q%s,"dataDir":%s,"capabilities":{"portMappings":true}}]}`,
+		bridge, subnet, v6Field("ipv6Subnet", subnet6), jsonString(filepath.Join(tmp, label)))
 }
 
-func refConf(tmp string, ipMasq bool) []byte {
+// refConf is the reference chain; with subnet6, host-local hands out an address from each
+// of two ranges (IPv4 and IPv6), the reference plugins' way of dual stack.
+func refConf(tmp string, ipMasq bool, subnet6 string) []byte {
+	ranges := fmt.Sprintf(`"subnet":%q`, refSubnet)
+	if subnet6 != "" {
+		ranges = fmt.Sprintf(`"ranges":[[{"subnet":%q}],[{"subnet":%q}]]`, refSubnet, subnet6)
+	}
 	return fmt.Appendf(nil, `{"cniVersion":"1.0.0","name":"ref","plugins":[`+
-		`{"type":"bridge","bridge":%q,"isGateway":true,"ipMasq":%t,"ipam":{"type":"host-local","subnet":%q,"dataDir":%s}},`+
+		`{"type":"bridge","bridge":%q,"isGateway":true,"ipMasq":%t,"ipam":{"type":"host-local",%s,"dataDir":%s}},`+
 		`{"type":"portmap","capabilities":{"portMappings":true}}]}`,
-		refBridge, ipMasq, refSubnet, jsonString(filepath.Join(tmp, "ref")))
+		refBridge, ipMasq, ranges, jsonString(filepath.Join(tmp, "ref")))
 }
 
 func jsonString(s string) string {
@@ -291,18 +325,20 @@ func (r *cniRunner) leaks() ([]string, error) {
 		out = append(out, fmt.Sprintf("%d libcni cache entries left", len(entries)))
 	}
 	if r.iptables {
-		nat, err := r.ns.Run("iptables-save", "-t", "nat")
-		if err != nil {
-			return nil, err
-		}
-		var n int
-		for _, l := range strings.Split(nat, "\n") {
-			if strings.Contains(l, "CNI-") {
-				n++
+		for _, save := range []string{"iptables-save", "ip6tables-save"} {
+			nat, err := r.ns.Run(save, "-t", "nat")
+			if err != nil {
+				return nil, err
 			}
-		}
-		if n > 0 {
-			out = append(out, fmt.Sprintf("%d nat table lines mentioning CNI- chains", n))
+			var n int
+			for _, l := range strings.Split(nat, "\n") {
+				if strings.Contains(l, "CNI-") {
+					n++
+				}
+			}
+			if n > 0 {
+				out = append(out, fmt.Sprintf("%d nat table lines mentioning CNI- chains (%s)", n, save))
+			}
 		}
 	}
 	return out, nil
@@ -369,31 +405,31 @@ func hostLocalRecords(dir string) (int, error) {
 // bareRunner does the kernel work of a pod attachment (barework) directly through netlink
 // from this process: no exec, no JSON, no IPAM, no lock. It is the floor under any plugin.
 type bareRunner struct {
-	ns     *netns.NS
-	bridge string
-	subnet netip.Prefix
+	ns      *netns.NS
+	bridge  string
+	subnets []netip.Prefix // one per family
 }
 
-func (b *bench) newBareRunner() (*bareRunner, error) {
+func (b *bench) newBareRunner(subnets []netip.Prefix) (*bareRunner, error) {
 	node, err := b.newNS("node-bare")
 	if err != nil {
 		return nil, err
 	}
-	r := &bareRunner{ns: node, bridge: bareBridge, subnet: netip.MustParsePrefix(bareSubnet)}
-	if err := setupBridge(node, r.bridge, r.subnet); err != nil {
+	r := &bareRunner{ns: node, bridge: bareBridge, subnets: subnets}
+	if err := setupBridge(node, r.bridge, r.subnets...); err != nil {
 		return nil, fmt.Errorf("bare: %w", err)
 	}
 	return r, nil
 }
 
 // setupBridge creates a pod bridge in node for the chains whose plugin does not.
-func setupBridge(node *netns.NS, bridge string, subnet netip.Prefix) error {
+func setupBridge(node *netns.NS, bridge string, subnets ...netip.Prefix) error {
 	h, err := node.Handle()
 	if err != nil {
 		return err
 	}
 	defer h.Close()
-	return barework.Setup(h, bridge, subnet)
+	return barework.Setup(h, bridge, subnets...)
 }
 
 func (r *bareRunner) name() string    { return "bare" }
@@ -403,11 +439,15 @@ func (r *bareRunner) hostVeth(p pod) string { return fmt.Sprintf("bv%d", p.idx) 
 
 // add runs on a thread inside the node namespace, so a plain netlink handle is in it.
 func (r *bareRunner) add(_ context.Context, p pod) error {
-	addr, err := barework.Addr(r.subnet, p.idx)
-	if err != nil {
-		return err
+	var addrs []netip.Prefix
+	for _, s := range r.subnets {
+		a, err := barework.Addr(s, p.idx)
+		if err != nil {
+			return err
+		}
+		addrs = append(addrs, a)
 	}
-	if _, err := barework.Attach(p.ns.Path, r.bridge, r.hostVeth(p), podIf, addr, barework.Gateway(r.subnet)); err != nil {
+	if _, err := barework.Attach(p.ns.Path, r.bridge, r.hostVeth(p), podIf, addrs...); err != nil {
 		return fmt.Errorf("bare: %w", err)
 	}
 	return nil

@@ -13,6 +13,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	vns "github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // Addr is the idx-th pod address of subnet: the ones after the gateway, in order.
@@ -30,23 +31,27 @@ func Addr(subnet netip.Prefix, idx int) (netip.Prefix, error) {
 // Gateway is subnet's first address, carried by the bridge.
 func Gateway(subnet netip.Prefix) netip.Addr { return subnet.Masked().Addr().Next() }
 
-// Setup creates bridge (up, with the gateway address) in the namespace of h.
-func Setup(h *netlink.Handle, bridge string, subnet netip.Prefix) error {
+// Setup creates bridge (up, with the gateway address of each subnet, one per family) in
+// the namespace of h.
+func Setup(h *netlink.Handle, bridge string, subnets ...netip.Prefix) error {
 	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: bridge, Flags: net.FlagUp}}
 	if err := h.LinkAdd(br); err != nil {
 		return fmt.Errorf("create bridge %s: %w", bridge, err)
 	}
-	gw := netip.PrefixFrom(Gateway(subnet), subnet.Bits())
-	if err := h.AddrAdd(br, &netlink.Addr{IPNet: ipNet(gw)}); err != nil {
-		return fmt.Errorf("bridge %s address: %w", bridge, err)
+	for _, subnet := range subnets {
+		gw := netip.PrefixFrom(Gateway(subnet), subnet.Bits())
+		if err := h.AddrAdd(br, addr(gw)); err != nil {
+			return fmt.Errorf("bridge %s address %s: %w", bridge, gw, err)
+		}
 	}
 	return nil
 }
 
 // Attach creates a veth on bridge (in the calling thread's namespace) with its peer ifName
-// in the namespace at podNS, gives the peer addr and a default route via gw, and returns
-// the peer.
-func Attach(podNS, bridge, hostVeth, ifName string, addr netip.Prefix, gw netip.Addr) (netlink.Link, error) {
+// in the namespace at podNS, gives the peer addrs (one per family) and a default route via
+// each one's subnet gateway, and returns the peer. IPv6 addresses skip duplicate address
+// detection, so they are usable when Attach returns, as a plugin's must be.
+func Attach(podNS, bridge, hostVeth, ifName string, addrs ...netip.Prefix) (netlink.Link, error) {
 	h, err := netlink.NewHandle()
 	if err != nil {
 		return nil, err
@@ -78,15 +83,23 @@ func Attach(podNS, bridge, hostVeth, ifName string, addr netip.Prefix, gw netip.
 	if err != nil {
 		return nil, fmt.Errorf("pod link: %w", err)
 	}
-	if err := ph.AddrAdd(l, &netlink.Addr{IPNet: ipNet(addr)}); err != nil {
-		return nil, fmt.Errorf("pod address: %w", err)
+	for _, a := range addrs {
+		if err := ph.AddrAdd(l, addr(a)); err != nil {
+			return nil, fmt.Errorf("pod address %s: %w", a, err)
+		}
 	}
 	if err := ph.LinkSetUp(l); err != nil {
 		return nil, fmt.Errorf("pod link up: %w", err)
 	}
-	def := &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
-	if err := ph.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: def, Gw: gw.AsSlice()}); err != nil {
-		return nil, fmt.Errorf("pod default route: %w", err)
+	for _, a := range addrs {
+		gw := Gateway(a.Masked())
+		def := ipNet(netip.PrefixFrom(netip.IPv6Unspecified(), 0))
+		if gw.Is4() {
+			def = ipNet(netip.PrefixFrom(netip.IPv4Unspecified(), 0))
+		}
+		if err := ph.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: def, Gw: gw.AsSlice()}); err != nil {
+			return nil, fmt.Errorf("pod default route via %s: %w", gw, err)
+		}
 	}
 	return l, nil
 }
@@ -111,6 +124,15 @@ func Detach(hostVeth string) error {
 		return fmt.Errorf("delete %s: %w", hostVeth, err)
 	}
 	return nil
+}
+
+// addr is p as an interface address; an IPv6 one without duplicate address detection.
+func addr(p netip.Prefix) *netlink.Addr {
+	a := &netlink.Addr{IPNet: ipNet(p)}
+	if p.Addr().Is6() {
+		a.Flags = unix.IFA_F_NODAD
+	}
+	return a
 }
 
 func ipNet(p netip.Prefix) *net.IPNet {

@@ -27,4 +27,11 @@ func TestAddr(t *testing.T) {
 	if gw := Gateway(sub); gw.String() != "10.247.0.1" {
 		t.Errorf("Gateway = %s", gw)
 	}
+	sub6 := netip.MustParsePrefix("fd00:247::/64")
+	if got, err := Addr(sub6, 1020); err != nil || got.String() != "fd00:247::3fe/64" {
+		t.Errorf("Addr(%s, 1020) = %v, %v; want fd00:247::3fe/64", sub6, got, err)
+	}
+	if gw := Gateway(sub6); gw.String() != "fd00:247::1" {
+		t.Errorf("Gateway(%s) = %s", sub6, gw)
+	}
 }

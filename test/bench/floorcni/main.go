@@ -25,8 +25,9 @@ import (
 
 type conf struct {
 	types.NetConf
-	Bridge string       `json:"bridge"`
-	Subnet netip.Prefix `json:"subnet"`
+	Bridge     string       `json:"bridge"`
+	Subnet     netip.Prefix `json:"subnet"`
+	IPv6Subnet netip.Prefix `json:"ipv6Subnet"` // optional: dual stack
 }
 
 func load(args *skel.CmdArgs) (conf, int, error) {
@@ -57,12 +58,19 @@ func add(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
-	addr, err := barework.Addr(c.Subnet, idx)
-	if err != nil {
-		return err
+	subnets := []netip.Prefix{c.Subnet}
+	if c.IPv6Subnet.IsValid() {
+		subnets = append(subnets, c.IPv6Subnet)
 	}
-	gw := barework.Gateway(c.Subnet)
-	l, err := barework.Attach(args.Netns, c.Bridge, hostVeth(idx), args.IfName, addr, gw)
+	var addrs []netip.Prefix
+	for _, s := range subnets {
+		a, err := barework.Addr(s, idx)
+		if err != nil {
+			return err
+		}
+		addrs = append(addrs, a)
+	}
+	l, err := barework.Attach(args.Netns, c.Bridge, hostVeth(idx), args.IfName, addrs...)
 	if err != nil {
 		return err
 	}
@@ -70,7 +78,10 @@ func add(args *skel.CmdArgs) error {
 	res := &current.Result{
 		CNIVersion: c.CNIVersion,
 		Interfaces: []*current.Interface{{Name: args.IfName, Mac: l.Attrs().HardwareAddr.String(), Sandbox: args.Netns}},
-		IPs:        []*current.IPConfig{{Interface: &zero, Address: net.IPNet{IP: addr.Addr().AsSlice(), Mask: net.CIDRMask(addr.Bits(), 32)}, Gateway: gw.AsSlice()}},
+	}
+	for _, a := range addrs {
+		res.IPs = append(res.IPs, &current.IPConfig{Interface: &zero, Address: net.IPNet{IP: a.Addr().AsSlice(), Mask: net.CIDRMask(a.Bits(), a.Addr().BitLen())},
+			Gateway: barework.Gateway(a.Masked()).AsSlice()})
 	}
 	return types.PrintResult(res, c.CNIVersion)
 }
