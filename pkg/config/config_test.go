@@ -33,6 +33,14 @@ func TestParse(t *testing.T) {
 		{"port 0", `{"network":"10.244.0.0/16","backend":{"type":"hybrid","port":0}}`, "backend.port"},
 		{"host-gw with vni", `{"network":"10.244.0.0/16","backend":{"type":"host-gw","vni":3}}`, "backend"},
 		{"mtu", `{"network":"10.244.0.0/16","mtu":100}`, "mtu"},
+		{"wireguard", `{"network":"10.244.0.0/16","backend":{"type":"wireguard"}}`, ""},
+		{"wireguard port psk", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","port":51000,"pskFile":"/etc/netagent/psk"}}`, ""},
+		{"wireguard port", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","port":65536}}`, "backend.port"},
+		{"wireguard port 0", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","port":0}}`, "backend.port"},
+		{"wireguard vni", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","vni":4}}`, "backend.vni"},
+		{"wireguard psk relative", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","pskFile":"psk"}}`, "backend.pskFile"},
+		{"wireguard psk unclean", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","pskFile":"/etc/../psk"}}`, "backend.pskFile"},
+		{"psk without wireguard", `{"network":"10.244.0.0/16","backend":{"type":"vxlan","pskFile":"/etc/psk"}}`, "backend.pskFile"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -51,6 +59,16 @@ func TestParse(t *testing.T) {
 				t.Errorf("Parse() = %v, want an error on field %q", err, tt.field)
 			}
 		})
+	}
+}
+
+func TestWireGuardDefaults(t *testing.T) {
+	n, err := Parse([]byte(`{"network":"10.244.0.0/16","backend":{"type":"wireguard"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n.Backend.Port != DefaultWireGuardPort || n.Backend.VNI != 0 {
+		t.Errorf("Parse(wireguard).Backend = %+v, want port %d and no VNI", n.Backend, DefaultWireGuardPort)
 	}
 }
 
