@@ -16,6 +16,13 @@ func TestDecode(t *testing.T) {
 		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"0.0.0.0"}`, "invalid public IP"},
 		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","vtepMAC":"zz"}`, "invalid VTEP MAC"},
 		{`{"node":"n1","subnet":"nope"}`, "decode lease"},
+		{`{"node":"n1","subnet":"10.244.1.0/24","subnet6":"fd00:0:0:1::/64","publicIP":"192.0.2.1","publicIP6":"2001:db8::1"}`, ""},
+		{`{"node":"n1","subnet6":"fd00:0:0:1::/64","publicIP6":"2001:db8::1"}`, ""},
+		{`{"node":"n1","subnet6":"fd00:0:0:1::/64","publicIP":"192.0.2.1"}`, ""},
+		{`{"node":"n1","subnet6":"fd00:0:0:1::1/64","publicIP6":"2001:db8::1"}`, "invalid IPv6 subnet"},
+		{`{"node":"n1","subnet6":"fe80::/64","publicIP6":"2001:db8::1"}`, "invalid IPv6 subnet"},
+		{`{"node":"n1","subnet6":"fd00:0:0:1::/64","publicIP6":"2001:db8::1%eth0"}`, "invalid IPv6 public IP"},
+		{`{"node":"n1","subnet6":"fd00:0:0:1::/64"}`, "no public IP"},
 		{`[`, "decode lease"},
 	}
 	for _, tt := range tests {
@@ -38,6 +45,7 @@ func TestSubnetKey(t *testing.T) {
 
 func FuzzDecode(f *testing.F) {
 	f.Add([]byte(`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","backend":"vxlan","vtepMAC":"0a:00:00:00:00:01"}`))
+	f.Add([]byte(`{"node":"n1","subnet":"10.244.1.0/24","subnet6":"fd00:0:0:1::/64","publicIP":"192.0.2.1","publicIP6":"2001:db8::1"}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		l, err := Decode(b)
 		if err != nil {
