@@ -212,11 +212,15 @@ func cmdLeave(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	return ef.with(ctx, func(ctx context.Context, st *etcdstore.Store) error {
-		s, err := st.Leave(ctx, *node)
+		subnets, err := st.Leave(ctx, *node)
 		if err != nil {
 			return err
 		}
-		_, err = fmt.Fprintf(stdout, "released %s of %s\n", s, *node)
+		var names []string
+		for _, s := range subnets {
+			names = append(names, s.String())
+		}
+		_, err = fmt.Fprintf(stdout, "released %s of %s\n", strings.Join(names, ", "), *node)
 		return err
 	})
 }
