@@ -30,8 +30,8 @@ import (
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/subnetfile"
 	"github.com/netagent/netagent/pkg/vxguard"
-	"github.com/netagent/netagent/pkg/wgguard"
 	"github.com/netagent/netagent/pkg/vxlan"
+	"github.com/netagent/netagent/pkg/wgguard"
 )
 
 func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
