@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/dataplane"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/plan"
@@ -35,6 +36,8 @@ type Status struct {
 	Errors map[string]string `json:"errors,omitempty"`
 	Store  *StoreStatus      `json:"store,omitempty"` // reachability (stores that can tell: etcd)
 	Peers  []PeerStatus      `json:"peers"`
+	// WireGuard is the node's WireGuard device (wireguard backend).
+	WireGuard *WireGuardStatus `json:"wireguard,omitempty"`
 	// IgnoredLeases are the store keys whose leases are not used, with why (invalid,
 	// outside the network, overlapping another lease, claiming this node's address).
 	IgnoredLeases map[string]string `json:"ignoredLeases,omitempty"`
@@ -50,6 +53,22 @@ type PeerStatus struct {
 	Route    bool   `json:"route"`
 	FDB      *bool  `json:"fdb,omitempty"`
 	Neigh    *bool  `json:"neigh,omitempty"`
+	// WG says whether the WireGuard device has the peer with its planned endpoint and
+	// allowed IPs; the rest is the device's view of it.
+	WG *bool `json:"wg,omitempty"`
+	// WGHandshakeAge is the seconds since the last handshake (-1: none yet).
+	WGHandshakeAge *float64 `json:"wgHandshakeAgeSeconds,omitempty"`
+	WGRxBytes      int64    `json:"wgRxBytes,omitempty"`
+	WGTxBytes      int64    `json:"wgTxBytes,omitempty"`
+}
+
+// WireGuardStatus is the node's WireGuard device and why it uses the implementation it does.
+type WireGuardStatus struct {
+	Device         string `json:"device"`
+	Implementation string `json:"implementation"`
+	Reason         string `json:"reason"`
+	PublicKey      string `json:"publicKey"`
+	Port           int    `json:"port"`
 }
 
 // peerCount is how many other nodes the current plan has (the lease list also holds
@@ -173,6 +192,20 @@ func (a *Agent) Snapshot() (Status, error) {
 	for _, f := range p.FDB {
 		wantFDB[f.Dst] = f
 	}
+	wgWant := map[string]plan.WGPeer{}
+	for _, w := range p.WGPeers {
+		wgWant[w.Node] = w
+	}
+	wgHave := map[string]dataplane.WGPeerStatus{}
+	if ws, ok := a.dp.WireGuard(); ok {
+		st.WireGuard = &WireGuardStatus{Device: ws.Device, Implementation: string(ws.Impl.Kind), Reason: ws.Impl.Reason, PublicKey: ws.PublicKey, Port: ws.Port}
+		for _, wp := range ws.Peers {
+			if wp.Node != "" {
+				wgHave[wp.Node] = wp
+			}
+		}
+	}
+	now := time.Now()
 	for _, p := range p.Peers {
 		ps := PeerStatus{Node: p.Node, Subnet: p.Subnet.String(), PublicIP: p.PublicIP.String(), Mode: string(p.Mode), Reason: p.Reason}
 		if w, ok := wantRoute[p.Subnet]; ok {
@@ -186,6 +219,19 @@ func (a *Agent) Snapshot() (Status, error) {
 			hasFDB := fdb[strings.ToLower(f.MAC)] == p.PublicIP
 			hasNeigh := neigh[p.Subnet.Addr()] == strings.ToLower(f.MAC)
 			ps.FDB, ps.Neigh = &hasFDB, &hasNeigh
+		}
+		if w, ok := wgWant[p.Node]; ok {
+			h, have := wgHave[p.Node]
+			// The device's endpoint is where the peer's packets last came from.
+			in := have && h.PublicKey == w.PublicKey && h.Endpoint == w.Endpoint
+			ps.WG = &in
+			if have {
+				age := -1.0
+				if !h.LastHandshake.IsZero() {
+					age = now.Sub(h.LastHandshake).Seconds()
+				}
+				ps.WGHandshakeAge, ps.WGRxBytes, ps.WGTxBytes = &age, h.RxBytes, h.TxBytes
+			}
 		}
 		st.Peers = append(st.Peers, ps)
 	}

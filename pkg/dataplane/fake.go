@@ -128,6 +128,10 @@ func (f *Fake) Drift() { signal(f.kernel) }
 // Dropped is always 0.
 func (f *Fake) Dropped() uint64 { return 0 }
 
+// WireGuard reports no device: the fake has no kernel to read one from (its Dump shows
+// the WireGuard device and peers it was set to hold).
+func (f *Fake) WireGuard() (WGStatus, bool) { return WGStatus{}, false }
+
 // Changed is signalled after every Set.
 func (f *Fake) Changed() <-chan struct{} { return f.changed }
 
