@@ -26,10 +26,12 @@ import (
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease/etcdstore"
 	"github.com/netagent/netagent/pkg/nat"
+	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/subnetfile"
 	"github.com/netagent/netagent/pkg/vxguard"
 	"github.com/netagent/netagent/pkg/vxlan"
+	"github.com/netagent/netagent/pkg/wgguard"
 )
 
 func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
@@ -49,11 +51,12 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 	subnetLen := fs.Int("subnet-len", 0, "set: prefix length of each node's subnet (default 24)")
 	subnetMin := fs.String("subnet-min", "", "set: first subnet to hand out")
 	subnetMax := fs.String("subnet-max", "", "set: last subnet to hand out")
-	backend := fs.String("backend", "", "set: host-gw, vxlan or hybrid (default vxlan)")
+	backend := fs.String("backend", "", "set: host-gw, vxlan, hybrid or wireguard (default vxlan)")
 	vni := fs.Int("vni", 0, "set: VXLAN network identifier (default 1)")
-	port := fs.Int("port", 0, "set: VXLAN UDP port (default 8472)")
+	port := fs.Int("port", 0, "set: VXLAN UDP port (default 8472), or WireGuard's listen port (default 51820)")
+	psk := fs.String("psk-file", "", "set: wireguard: a pre-shared key file (base64, mode 0600 or 0400) at this path on every node")
 	mtu := fs.Int("mtu", 0, "set: pod MTU override (default: derived from the underlay)")
-	group(fs, "Network config (set)", "file", "network", "subnet-len", "subnet-min", "subnet-max", "backend", "vni", "port", "mtu")
+	group(fs, "Network config (set)", "file", "network", "subnet-len", "subnet-min", "subnet-max", "backend", "vni", "port", "psk-file", "mtu")
 	group(fs, "etcd", etcdFlagNames...)
 	if err := parse(fs, args[1:]); err != nil {
 		return err
@@ -94,6 +97,9 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		if set(fs, "port") {
 			b["port"] = *port
+		}
+		if *psk != "" {
+			b["pskFile"] = *psk
 		}
 		if *mtu != 0 {
 			m["mtu"] = *mtu
@@ -165,8 +171,15 @@ func printStatus(w io.Writer, st agent.Status) error {
 	for k, v := range st.Errors {
 		fmt.Fprintf(w, "error (%s): %s\n", k, v)
 	}
+	if g := st.WireGuard; g != nil {
+		fmt.Fprintf(w, "wireguard %s  %s (%s)  port %d  public key %s\n", g.Device, g.Implementation, g.Reason, g.Port, g.PublicKey)
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "\nPEER\tSUBNET\tPUBLIC IP\tMODE\tROUTE\tFDB\tNEIGH\tNOTE")
+	if st.WireGuard != nil {
+		fmt.Fprintln(tw, "\nPEER\tSUBNET\tPUBLIC IP\tMODE\tROUTE\tWG PEER\tHANDSHAKE\tRX\tTX\tNOTE")
+	} else {
+		fmt.Fprintln(tw, "\nPEER\tSUBNET\tPUBLIC IP\tMODE\tROUTE\tFDB\tNEIGH\tNOTE")
+	}
 	yn := func(b *bool) string {
 		switch {
 		case b == nil:
@@ -183,6 +196,17 @@ func printStatus(w io.Writer, st agent.Status) error {
 			if p.Mode == "unreachable" {
 				r = "-"
 			}
+		}
+		if st.WireGuard != nil {
+			hs := "-"
+			switch a := p.WGHandshakeAge; {
+			case a != nil && *a < 0:
+				hs = "never"
+			case a != nil:
+				hs = (time.Duration(*a * float64(time.Second))).Round(time.Second).String() + " ago"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", p.Node, p.Subnet, p.PublicIP, p.Mode, r, yn(p.WG), hs, p.WGRxBytes, p.WGTxBytes, p.Reason)
+			continue
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, p.Subnet, p.PublicIP, p.Mode, r, yn(p.FDB), yn(p.Neigh), p.Reason)
 	}
@@ -255,6 +279,7 @@ type cleanupFlags struct {
 	subnetFile string
 	cniConf    string
 	cniBin     string
+	wgDevice   string
 }
 
 func newCleanupFlags() (*flag.FlagSet, *cleanupFlags) {
@@ -262,6 +287,7 @@ func newCleanupFlags() (*flag.FlagSet, *cleanupFlags) {
 	f := &cleanupFlags{}
 	fs.StringVar(&f.subnetFile, "subnet-file", subnetfile.DefaultPath, "subnet file to remove")
 	fs.StringVar(&f.cniConf, "cni-conf", "/etc/cni/net.d/10-netagent.conflist", "conflist to remove")
+	fs.StringVar(&f.wgDevice, "wireguard-device", plan.DefaultWGDev, "WireGuard device to remove (the private key in --state-dir stays: it is the node's identity)")
 	fs.StringVar(&f.cniBin, "cni-bin", "", "plugin binary to remove, e.g. /opt/cni/bin/"+cniBinName+" (empty: keep it)")
 	return fs, f
 }
@@ -298,6 +324,19 @@ func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {
 		errs = append(errs, err)
 	} else {
 		fmt.Fprintln(stdout, "removed the VXLAN allow-list (nftables table ip netagent)")
+	}
+	if err := wgguard.Remove(); err != nil {
+		errs = append(errs, err)
+	} else {
+		fmt.Fprintln(stdout, "removed the WireGuard underlay guard (nftables table ip netagent-wg)")
+	}
+	// The WireGuard device: deleting the link stops a userspace device's daemon too.
+	if l, err := h.LinkByName(f.wgDevice); err == nil {
+		if err := h.LinkDel(l); err != nil {
+			errs = append(errs, fmt.Errorf("delete wireguard device %s: %w", f.wgDevice, err))
+		} else {
+			fmt.Fprintf(stdout, "removed wireguard device %s\n", f.wgDevice)
+		}
 	}
 	if err := antispoof.Remove(ctx); err != nil {
 		errs = append(errs, err)

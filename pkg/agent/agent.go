@@ -36,6 +36,7 @@ import (
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/pkg/subnetfile"
+	"github.com/netagent/netagent/pkg/wireguard/key"
 )
 
 // Options configure an agent.
@@ -64,6 +65,22 @@ type Options struct {
 	// RepairForwarding switches net.ipv4.ip_forward back on when it is found off; without
 	// it the agent only reports it.
 	RepairForwarding bool
+	// WireGuard is the node's side of the wireguard backend (used when the config names it).
+	WireGuard WireGuardOptions
+}
+
+// WireGuardOptions are the node-local settings of the wireguard backend.
+type WireGuardOptions struct {
+	// StateDir holds the node's private key (created on first start, mode 0600).
+	StateDir string
+	// Device is the WireGuard interface's name (default plan.DefaultWGDev).
+	Device string
+	// Impl is auto, kernel or userspace; Daemon the netagent-wireguard binary for a
+	// userspace device (default: next to this executable, else on PATH).
+	Impl, Daemon string
+	// RotateKey replaces the private key before the lease is claimed: the lease then
+	// publishes the new public key, and peers pick it up through their watch.
+	RotateKey bool
 }
 
 // Dataplane is the kernel as the agent sees it: the underlay it reads, and the objects it
@@ -83,6 +100,8 @@ type Dataplane interface {
 	Watch(ctx context.Context, changed chan<- struct{})
 	// Dropped is how many VXLAN packets the allow-list dropped.
 	Dropped() uint64
+	// WireGuard is the WireGuard device as the kernel has it (false: none).
+	WireGuard() (dataplane.WGStatus, bool)
 }
 
 // Agent runs one node's control loop.
@@ -109,6 +128,7 @@ type Agent struct {
 		p    plan.Plan // header only: MTU, NAT
 	}
 	dockerOK atomic.Bool // the Docker step succeeded once
+	rotated  bool        // the WireGuard key was rotated by this run
 
 	files      []file            // what writeFiles last wrote (the loop's)
 	bigPass    bool              // the last full pass changed many objects
@@ -152,6 +172,7 @@ func New(opt Options) (*Agent, error) {
 		if err != nil {
 			return nil, err
 		}
+		dp.UseWireGuard(dataplane.WireGuardOptions{KeyDir: opt.WireGuard.StateDir, Impl: opt.WireGuard.Impl, Daemon: opt.WireGuard.Daemon})
 		a.dp = dp
 	}
 	if opt.Docker != nil {
@@ -162,6 +183,7 @@ func New(opt Options) (*Agent, error) {
 		a.h = h
 	}
 	opt.Metrics.guardDrops(a.dp.Dropped)
+	opt.Metrics.wireGuard(a.dp.WireGuard)
 	opt.Metrics.podSpoofDrops(podSpoofDrops)
 	return a, nil
 }
@@ -203,7 +225,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer cancel()
 	s := &state{cfg: cfg, self: held.Lease, ul: ul, grace: newGrace(), start: start,
 		peers: lease.NewPeersWith(lease.Rules{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Network6: cfg.IPv6Network, SubnetLen6: cfg.IPv6SubnetLen,
-			Self: a.opt.Node, SelfIP: held.Lease.PublicIP, SelfIP6: held.Lease.PublicIP6})}
+			Self: a.opt.Node, SelfIP: held.Lease.PublicIP, SelfIP6: held.Lease.PublicIP6, SelfWGKey: held.Lease.WGPublicKey})}
 	listed := a.startInputs(ctx, log, s, held)
 	// Wait for the first full list of peers before touching anything.
 	select {
@@ -278,7 +300,15 @@ func (a *Agent) config(ctx context.Context, log *slog.Logger) (config.Network, e
 // acquire claims the node's lease, retried until it succeeds.
 func (a *Agent) acquire(ctx context.Context, log *slog.Logger, cfg config.Network, ul dataplane.Underlay) (lease.Held, error) {
 	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.IP, PublicIP6: ul.IP6, Backend: cfg.Backend.Type, UnderlayMAC: ul.MAC, Instance: newInstance()}
-	if cfg.Backend.Type != config.HostGW {
+	switch cfg.Backend.Type {
+	case config.HostGW:
+	case config.WireGuard:
+		pub, err := a.wireGuardKey(log)
+		if err != nil {
+			return lease.Held{}, err
+		}
+		self.WGPublicKey, self.WGPort = pub, cfg.Backend.Port
+	default:
 		self.VTEPMAC = plan.VTEPMAC(a.opt.Node).String()
 	}
 	hint := a.dockerHint(log)
@@ -300,6 +330,32 @@ func (a *Agent) acquire(ctx context.Context, log *slog.Logger, cfg config.Networ
 	}
 }
 
+// wireGuardKey returns the public key of the node's WireGuard private key, creating (or,
+// asked to, replacing) the key first. Only the public key leaves this function.
+func (a *Agent) wireGuardKey(log *slog.Logger) (string, error) {
+	dir := a.opt.WireGuard.StateDir
+	if dir == "" {
+		return "", errors.New("wireguard backend: no state directory for the private key (--state-dir)")
+	}
+	if a.opt.WireGuard.RotateKey && !a.rotated {
+		k, err := key.Rotate(dir)
+		if err != nil {
+			return "", fmt.Errorf("rotate the WireGuard key: %w", err)
+		}
+		a.rotated = true // once per run, not on every re-claim
+		log.Info("wireguard key rotated", "publicKey", k.PublicKey().String())
+		return k.PublicKey().String(), nil
+	}
+	k, created, err := key.LoadOrCreate(dir)
+	if err != nil {
+		return "", fmt.Errorf("wireguard key: %w", err)
+	}
+	if created {
+		log.Info("wireguard key created", "dir", dir, "publicKey", k.PublicKey().String())
+	}
+	return k.PublicKey().String(), nil
+}
+
 // input is the plan's input: the snapshot of config, own lease, underlay and peers.
 func (a *Agent) input(cfg config.Network, self lease.Lease, ul dataplane.Underlay, peers []lease.Lease) plan.Input {
 	return plan.Input{
@@ -308,6 +364,7 @@ func (a *Agent) input(cfg config.Network, self lease.Lease, ul dataplane.Underla
 		Peers:    peers,
 		Underlay: plan.Underlay{Dev: ul.Dev, MTU: ul.MTU, Connected: ul.Connected},
 		Docker:   a.opt.Docker != nil,
+		WGDev:    a.opt.WireGuard.Device,
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/dataplane"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/plan"
@@ -39,6 +40,8 @@ type Status struct {
 	Errors map[string]string `json:"errors,omitempty"`
 	Store  *StoreStatus      `json:"store,omitempty"` // reachability (stores that can tell: etcd)
 	Peers  []PeerStatus      `json:"peers"`
+	// WireGuard is the node's WireGuard device (wireguard backend).
+	WireGuard *WireGuardStatus `json:"wireguard,omitempty"`
 	// IgnoredLeases are the store keys whose leases are not used, with why (invalid,
 	// outside the network, overlapping another lease, claiming this node's address).
 	IgnoredLeases map[string]string `json:"ignoredLeases,omitempty"`
@@ -56,6 +59,22 @@ type PeerStatus struct {
 	Route    bool   `json:"route"`
 	FDB      *bool  `json:"fdb,omitempty"`
 	Neigh    *bool  `json:"neigh,omitempty"`
+	// WG says whether the WireGuard device has the peer with its planned endpoint and
+	// allowed IPs; the rest is the device's view of it.
+	WG *bool `json:"wg,omitempty"`
+	// WGHandshakeAge is the seconds since the last handshake (-1: none yet).
+	WGHandshakeAge *float64 `json:"wgHandshakeAgeSeconds,omitempty"`
+	WGRxBytes      int64    `json:"wgRxBytes,omitempty"`
+	WGTxBytes      int64    `json:"wgTxBytes,omitempty"`
+}
+
+// WireGuardStatus is the node's WireGuard device and why it uses the implementation it does.
+type WireGuardStatus struct {
+	Device         string `json:"device"`
+	Implementation string `json:"implementation"`
+	Reason         string `json:"reason"`
+	PublicKey      string `json:"publicKey"`
+	Port           int    `json:"port"`
 }
 
 // peerCount is how many other nodes the current plan has (the lease list also holds
@@ -192,6 +211,20 @@ func (a *Agent) Snapshot() (Status, error) {
 		wantFDB[f.Dst] = f
 	}
 	vxlan6 := p.VXLAN != nil && p.VXLAN.Local.Is6()
+	wgWant := map[string]plan.WGPeer{}
+	for _, w := range p.WGPeers {
+		wgWant[w.Node] = w
+	}
+	wgHave := map[string]dataplane.WGPeerStatus{}
+	if ws, ok := a.dp.WireGuard(); ok {
+		st.WireGuard = &WireGuardStatus{Device: ws.Device, Implementation: string(ws.Impl.Kind), Reason: ws.Impl.Reason, PublicKey: ws.PublicKey, Port: ws.Port}
+		for _, wp := range ws.Peers {
+			if wp.Node != "" {
+				wgHave[wp.Node] = wp
+			}
+		}
+	}
+	now := time.Now()
 	for _, p := range p.Peers {
 		ps := PeerStatus{Node: p.Node, Subnet: text(p.Subnet), PublicIP: text(p.PublicIP), Subnet6: text(p.Subnet6), PublicIP6: text(p.PublicIP6),
 			Mode: string(p.Mode), Reason: p.Reason}
@@ -220,6 +253,19 @@ func (a *Agent) Snapshot() (Status, error) {
 				hasNeigh = hasNeigh && neigh[s.Addr()] == strings.ToLower(f.MAC)
 			}
 			ps.FDB, ps.Neigh = &hasFDB, &hasNeigh
+		}
+		if w, ok := wgWant[p.Node]; ok {
+			h, have := wgHave[p.Node]
+			// The device's endpoint is where the peer's packets last came from.
+			in := have && h.PublicKey == w.PublicKey && h.Endpoint == w.Endpoint
+			ps.WG = &in
+			if have {
+				age := -1.0
+				if !h.LastHandshake.IsZero() {
+					age = now.Sub(h.LastHandshake).Seconds()
+				}
+				ps.WGHandshakeAge, ps.WGRxBytes, ps.WGTxBytes = &age, h.RxBytes, h.TxBytes
+			}
 		}
 		st.Peers = append(st.Peers, ps)
 	}

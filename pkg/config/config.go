@@ -17,19 +17,23 @@ import (
 	"fmt"
 	"math/bits"
 	"net/netip"
+	"path/filepath"
 )
 
 // Backend names.
 const (
-	HostGW = "host-gw"
-	VXLAN  = "vxlan"
-	Hybrid = "hybrid"
+	HostGW    = "host-gw"
+	VXLAN     = "vxlan"
+	Hybrid    = "hybrid"
+	WireGuard = "wireguard"
 )
 
 // Defaults.
 const (
 	DefaultVNI  = 1
 	DefaultPort = 8472
+	// DefaultWireGuardPort is WireGuard's customary listen port.
+	DefaultWireGuardPort = 51820
 	// VXLANOverhead is what VXLAN over IPv4 costs per packet: outer IP 20, UDP 8, VXLAN 8,
 	// inner Ethernet 14.
 	VXLANOverhead = 50
@@ -95,7 +99,11 @@ func (n Network) SubnetLenOf(s netip.Prefix) int {
 type Backend struct {
 	Type string `json:"type"`
 	VNI  int    `json:"vni,omitempty"`
-	Port int    `json:"port,omitempty"`
+	// Port is the VXLAN port (vxlan, hybrid) or the WireGuard listen port (wireguard).
+	Port int `json:"port,omitempty"`
+	// PSKFile (wireguard) is the path, on every node, of a pre-shared key (base64, as `wg
+	// genpsk` writes it; a mounted Secret with defaultMode 0400) mixed into every tunnel.
+	PSKFile string `json:"pskFile,omitempty"`
 }
 
 // FieldError is a validation error naming the field.
@@ -148,7 +156,7 @@ func explicitZeros(b []byte) error {
 		return fieldErr("backend.vni", "0 is out of range 1-16777215 (leave it out for the default %d)", DefaultVNI)
 	}
 	if p := probe.Backend.Port; p != nil && *p == 0 {
-		return fieldErr("backend.port", "0 is out of range 1-65535 (leave it out for the default %d)", DefaultPort)
+		return fieldErr("backend.port", "0 is out of range 1-65535 (leave it out for the default)")
 	}
 	return nil
 }
@@ -191,7 +199,13 @@ func (n *Network) defaultBackend() {
 	if n.Backend.Type == "" {
 		n.Backend.Type = VXLAN
 	}
-	if n.Backend.Type != HostGW {
+	switch n.Backend.Type {
+	case HostGW:
+	case WireGuard:
+		if n.Backend.Port == 0 {
+			n.Backend.Port = DefaultWireGuardPort
+		}
+	default:
 		if n.Backend.VNI == 0 {
 			n.Backend.VNI = DefaultVNI
 		}
@@ -296,7 +310,7 @@ func (n Network) validateRest() error {
 	switch n.Backend.Type {
 	case HostGW:
 		if n.Backend.VNI != 0 || n.Backend.Port != 0 {
-			return fieldErr("backend", "vni and port apply to vxlan and hybrid only")
+			return fieldErr("backend", "vni and port apply to vxlan, hybrid and wireguard only")
 		}
 	case VXLAN, Hybrid:
 		if n.Backend.VNI < 1 || n.Backend.VNI > 1<<24-1 {
@@ -305,8 +319,21 @@ func (n Network) validateRest() error {
 		if n.Backend.Port < 1 || n.Backend.Port > 65535 {
 			return fieldErr("backend.port", "%d is out of range 1-65535", n.Backend.Port)
 		}
+	case WireGuard:
+		if n.Backend.VNI != 0 {
+			return fieldErr("backend.vni", "applies to vxlan and hybrid only")
+		}
+		if n.Backend.Port < 1 || n.Backend.Port > 65535 {
+			return fieldErr("backend.port", "%d is out of range 1-65535", n.Backend.Port)
+		}
+		if f := n.Backend.PSKFile; f != "" && (!filepath.IsAbs(f) || filepath.Clean(f) != f) {
+			return fieldErr("backend.pskFile", "%q is not a clean absolute path", f)
+		}
 	default:
-		return fieldErr("backend.type", "%q is not one of host-gw, vxlan, hybrid", n.Backend.Type)
+		return fieldErr("backend.type", "%q is not one of host-gw, vxlan, hybrid, wireguard", n.Backend.Type)
+	}
+	if n.Backend.PSKFile != "" && n.Backend.Type != WireGuard {
+		return fieldErr("backend.pskFile", "applies to the wireguard backend only")
 	}
 	if n.MTU != 0 && (n.MTU < 576 || n.MTU > 9000) {
 		return fieldErr("mtu", "%d is out of range 576-9000 (or 0 for automatic)", n.MTU)

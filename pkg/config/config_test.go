@@ -50,6 +50,14 @@ func TestParse(t *testing.T) {
 		{"masquerade without network", `{"network":"10.244.0.0/16","ipv6Masquerade":false}`, "ipv6Masquerade"},
 		{"subnetLen in ipv6 only", `{"ipv6Network":"fd00::/48","subnetLen":24}`, "subnetLen"},
 		{"subnetMin in ipv6 only", `{"ipv6Network":"fd00::/48","subnetMin":"10.0.1.0"}`, "subnetMin"},
+		{"wireguard", `{"network":"10.244.0.0/16","backend":{"type":"wireguard"}}`, ""},
+		{"wireguard port psk", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","port":51000,"pskFile":"/etc/netagent/psk"}}`, ""},
+		{"wireguard port", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","port":65536}}`, "backend.port"},
+		{"wireguard port 0", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","port":0}}`, "backend.port"},
+		{"wireguard vni", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","vni":4}}`, "backend.vni"},
+		{"wireguard psk relative", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","pskFile":"psk"}}`, "backend.pskFile"},
+		{"wireguard psk unclean", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","pskFile":"/etc/../psk"}}`, "backend.pskFile"},
+		{"psk without wireguard", `{"network":"10.244.0.0/16","backend":{"type":"vxlan","pskFile":"/etc/psk"}}`, "backend.pskFile"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -71,6 +79,16 @@ func TestParse(t *testing.T) {
 				t.Errorf("Parse() = %v, want an error on field %q", err, tt.field)
 			}
 		})
+	}
+}
+
+func TestWireGuardDefaults(t *testing.T) {
+	n, err := Parse([]byte(`{"network":"10.244.0.0/16","backend":{"type":"wireguard"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n.Backend.Port != DefaultWireGuardPort || n.Backend.VNI != 0 {
+		t.Errorf("Parse(wireguard).Backend = %+v, want port %d and no VNI", n.Backend, DefaultWireGuardPort)
 	}
 }
 

@@ -32,19 +32,21 @@ import (
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/vxguard"
 	"github.com/netagent/netagent/pkg/vxlan"
+	"github.com/netagent/netagent/pkg/wireguard"
 )
 
 // Stats say what a Set changed, per reconciler.
 type Stats struct {
-	VXLAN  vxlan.Stats
-	Routes route.Stats
-	Allow  vxguard.Stats
-	NAT    nat.Stats
+	VXLAN     vxlan.Stats
+	Routes    route.Stats
+	Allow     vxguard.Stats
+	NAT       nat.Stats
+	WireGuard wireguard.Changes
 }
 
 // Changed reports whether Set touched the kernel.
 func (s Stats) Changed() bool {
-	return s.VXLAN.Changed() || s.Routes.Changed() || s.Allow.Changed() || s.NAT.Changed()
+	return s.VXLAN.Changed() || s.Routes.Changed() || s.Allow.Changed() || s.NAT.Changed() || !s.WireGuard.Empty()
 }
 
 // Part names mirrors to invalidate.
@@ -81,13 +83,14 @@ type Linux struct {
 	vxlan *vxlan.Reconciler
 	guard *vxguard.Guard
 	nat   *nat.Reconciler
+	wg    *wgState // nil: no WireGuard backend (UseWireGuard)
 
 	gen      uint64   // the plan Set was last given
 	natPlan  plan.NAT // what the NAT chains were last made to hold
 	natDirty atomic.Bool
 	early    chan natResult // Prepare's NAT sync, taken by the next Set
 
-	vxDev, ulDev atomic.Value // string: the devices whose link events matter (read by Watch)
+	vxDev, ulDev, wgDev atomic.Value // string: the devices whose link events matter (read by Watch)
 }
 
 // New opens the kernel of the current network namespace; iptables runs the NAT chains'
@@ -108,6 +111,7 @@ func New(log *slog.Logger, iptables nat.Runner) (*Linux, error) {
 	d := &Linux{h: h, log: log, route: route.New(h, log), vxlan: vxlan.New(h, log), guard: g, nat: nat.New(iptables)}
 	d.vxDev.Store("")
 	d.ulDev.Store("")
+	d.wgDev.Store("")
 	d.natDirty.Store(true)
 	// Passes diff against mirrors that kernel notifications keep current (see Watch).
 	d.route.Mirror()
@@ -162,7 +166,7 @@ func (d *Linux) Set(ctx context.Context, p plan.Plan) (Stats, error) {
 		if p.Delta.From != from {
 			return Stats{}, fmt.Errorf("%w: delta from plan %d, the dataplane has plan %d", ErrStale, p.Delta.From, from)
 		}
-		return d.apply(p.Delta)
+		return d.apply(ctx, p.Delta)
 	}
 	var st Stats
 	var errs []error
@@ -172,6 +176,10 @@ func (d *Linux) Set(ctx context.Context, p plan.Plan) (Stats, error) {
 	}
 	d.vxDev.Store(keep)
 	var err error
+	// The WireGuard device and its peers before the routes through it.
+	if err := d.setWireGuard(ctx, p, &st); err != nil {
+		errs = append(errs, err)
+	}
 	// Neighbours and FDB entries before the routes that go through them; the ones no
 	// longer wanted, and devices the plan does not name, after the routes left them.
 	if st.VXLAN, err = d.vxlan.Sync(p.VXLAN, p.Neighs, p.FDB); err != nil {
@@ -203,13 +211,25 @@ func (d *Linux) Set(ctx context.Context, p plan.Plan) (Stats, error) {
 }
 
 // apply is the per-event path: only the delta's entries, against valid mirrors.
-func (d *Linux) apply(delta *plan.Delta) (Stats, error) {
+func (d *Linux) apply(ctx context.Context, delta *plan.Delta) (Stats, error) {
 	var st Stats
 	if delta.Empty() {
 		return st, nil
 	}
 	var errs []error
 	var err error
+	if len(delta.WGPeers) > 0 {
+		if d.wg == nil {
+			return st, fmt.Errorf("%w: a WireGuard delta without WireGuard", ErrStale)
+		}
+		st.WireGuard, err = d.wg.apply(ctx, delta.WGPeers)
+		if errors.Is(err, ErrStale) {
+			return st, err
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
 	st.VXLAN, err = d.vxlan.Apply(delta.Neighs, delta.FDB)
 	if errors.Is(err, vxlan.ErrNoMirror) {
 		return st, fmt.Errorf("%w: %w", ErrStale, err)
@@ -240,6 +260,25 @@ func (d *Linux) apply(delta *plan.Delta) (Stats, error) {
 		errs = append(errs, err)
 	}
 	return st, errors.Join(errs...)
+}
+
+// setWireGuard makes the WireGuard device hold the plan's (a plan without one leaves an
+// existing device alone: the backend is changed by restarting the agents).
+func (d *Linux) setWireGuard(ctx context.Context, p plan.Plan, st *Stats) error {
+	name := ""
+	if p.WireGuard != nil {
+		name = p.WireGuard.Name
+	}
+	d.wgDev.Store(name)
+	if d.wg == nil {
+		if p.WireGuard != nil {
+			return fmt.Errorf("the plan has a WireGuard device %s but the dataplane was not given WireGuard options", name)
+		}
+		return nil
+	}
+	var err error
+	st.WireGuard, err = d.wg.sync(ctx, p.WireGuard, p.WGPeers)
+	return err
 }
 
 // commitVXLAN removes the neighbour and FDB entries the last vxlan Sync or Apply left for

@@ -128,6 +128,10 @@ func (f *Fake) Drift() { signal(f.kernel) }
 // Dropped is always 0.
 func (f *Fake) Dropped() uint64 { return 0 }
 
+// WireGuard reports no device: the fake has no kernel to read one from (its Dump shows
+// the WireGuard device and peers it was set to hold).
+func (f *Fake) WireGuard() (WGStatus, bool) { return WGStatus{}, false }
+
 // Changed is signalled after every Set.
 func (f *Fake) Changed() <-chan struct{} { return f.changed }
 
@@ -183,6 +187,12 @@ func (f *Fake) Dump() string {
 	}
 	if v := p.VXLAN; v != nil {
 		lines = append(lines, fmt.Sprintf("vxlan %s vni %d port %d dev %s local %s mac %s mtu %d", v.Name, v.VNI, v.Port, v.Underlay, v.Local, v.MAC, v.MTU))
+	}
+	if w := p.WireGuard; w != nil {
+		lines = append(lines, fmt.Sprintf("wireguard %s port %d mtu %d addr %s underlay %s", w.Name, w.Port, w.MTU, w.Addr, w.Underlay))
+	}
+	for _, w := range p.WGPeers {
+		lines = append(lines, fmt.Sprintf("wgpeer %s key %s endpoint %s allowed %s", w.Node, w.PublicKey, w.Endpoint, w.AllowedIPs))
 	}
 	lines = append(lines, fmt.Sprintf("nat %s %s final %t", p.NAT.Network, p.NAT.Subnet, p.NAT.Final))
 	slices.Sort(lines)

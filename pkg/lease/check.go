@@ -21,6 +21,9 @@ type Rules struct {
 	Self                  string // this node's name
 	// SelfIP and SelfIP6 are this node's public IPs: no peer may claim them.
 	SelfIP, SelfIP6 netip.Addr
+	// SelfWGKey is this node's WireGuard public key: no peer may publish it (a peer with our
+	// key would be dropped by WireGuard, or take our identity on the others). "": not checked.
+	SelfWGKey string
 }
 
 // Check reports why l may not be used as a peer's lease (nil: it may).
@@ -48,6 +51,9 @@ func (r Rules) Check(l Lease) error {
 				return fmt.Errorf("lease %s: public IP %s is this node's own", l.Node, ip)
 			}
 		}
+	}
+	if l.Node != r.Self && r.SelfWGKey != "" && l.WGPublicKey == r.SelfWGKey {
+		return fmt.Errorf("lease %s: WireGuard public key is this node's own", l.Node)
 	}
 	return nil
 }

@@ -27,7 +27,11 @@ func TestPlannerMatchesBuild(t *testing.T) {
 		{"ipv6", `{"ipv6Network":"fd00::/48","backend":{"type":%q}}`, mk6("self", "", "fd00:0:0:1::/64", "", "2001:db8:1::1")},
 	}
 	for _, fam := range families {
-		for _, backend := range []string{config.HostGW, config.VXLAN, config.Hybrid} {
+		backends := []string{config.HostGW, config.VXLAN, config.Hybrid}
+		if fam.name == "ipv4" {
+			backends = append(backends, config.WireGuard) // IPv4 only so far
+		}
+		for _, backend := range backends {
 			t.Run(fam.name+"/"+backend, func(t *testing.T) {
 				plannerMatchesBuild(t, cfgJSON(t, fmt.Sprintf(fam.config, backend)), fam.self, backend)
 			})
@@ -70,6 +74,16 @@ func plannerMatchesBuild(t *testing.T, c config.Network, self lease.Lease, backe
 		}
 		if rng.IntN(8) == 0 {
 			l.VTEPMAC = ""
+		}
+		switch rng.IntN(12) {
+		case 0:
+			l.WGPublicKey, l.WGPort = "", 0
+		case 1, 2: // a key another node may publish too, now or later
+			l.WGPublicKey = fmt.Sprintf("key-n%d", rng.IntN(12))
+		case 3:
+			l.WGPublicKey = self.WGPublicKey
+		case 4:
+			l.WGPort = 51000 + rng.IntN(3)
 		}
 		return l
 	}

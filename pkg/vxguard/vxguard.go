@@ -645,11 +645,18 @@ func (g *Guard) countersLocked() uint64 {
 		if err != nil {
 			continue
 		}
-		for _, r := range rs {
-			for _, e := range r.Exprs {
-				if c, ok := e.(*expr.Counter); ok {
-					n += c.Packets
-				}
+		n += Packets(rs)
+	}
+	return n
+}
+
+// Packets sums the packet counters of rules.
+func Packets(rs []*nftables.Rule) uint64 {
+	var n uint64
+	for _, r := range rs {
+		for _, e := range r.Exprs {
+			if c, ok := e.(*expr.Counter); ok {
+				n += c.Packets
 			}
 		}
 	}
@@ -657,14 +664,17 @@ func (g *Guard) countersLocked() uint64 {
 }
 
 // Remove deletes the table if it exists (netagent cleanup).
-func Remove() error {
+func Remove() error { return RemoveTable(Table) }
+
+// RemoveTable deletes the ip-family table name if it exists.
+func RemoveTable(name string) error {
 	c, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	if t, err := c.ListTableOfFamily(Table, nftables.TableFamilyIPv4); err != nil || t == nil {
+	if t, err := c.ListTableOfFamily(name, nftables.TableFamilyIPv4); err != nil || t == nil {
 		return nil
 	}
-	c.DelTable(table())
+	c.DelTable(&nftables.Table{Name: name, Family: nftables.TableFamilyIPv4})
 	return c.Flush()
 }
