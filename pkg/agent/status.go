@@ -54,11 +54,11 @@ type PeerStatus struct {
 	PublicIP  string `json:"publicIP"`
 	Subnet6   string `json:"subnet6,omitempty"`
 	PublicIP6 string `json:"publicIP6,omitempty"`
-	Mode     string `json:"mode"`
-	Reason   string `json:"reason,omitempty"`
-	Route    bool   `json:"route"`
-	FDB      *bool  `json:"fdb,omitempty"`
-	Neigh    *bool  `json:"neigh,omitempty"`
+	Mode      string `json:"mode"`
+	Reason    string `json:"reason,omitempty"`
+	Route     bool   `json:"route"`
+	FDB       *bool  `json:"fdb,omitempty"`
+	Neigh     *bool  `json:"neigh,omitempty"`
 	// WG says whether the WireGuard device has the peer with its planned endpoint and
 	// allowed IPs; the rest is the device's view of it.
 	WG *bool `json:"wg,omitempty"`
