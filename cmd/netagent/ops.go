@@ -50,11 +50,12 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 	subnetLen := fs.Int("subnet-len", 0, "set: prefix length of each node's subnet (default 24)")
 	subnetMin := fs.String("subnet-min", "", "set: first subnet to hand out")
 	subnetMax := fs.String("subnet-max", "", "set: last subnet to hand out")
-	backend := fs.String("backend", "", "set: host-gw, vxlan or hybrid (default vxlan)")
+	backend := fs.String("backend", "", "set: host-gw, vxlan, hybrid or wireguard (default vxlan)")
 	vni := fs.Int("vni", 0, "set: VXLAN network identifier (default 1)")
-	port := fs.Int("port", 0, "set: VXLAN UDP port (default 8472)")
+	port := fs.Int("port", 0, "set: VXLAN UDP port (default 8472), or WireGuard's listen port (default 51820)")
+	psk := fs.String("psk-file", "", "set: wireguard: a pre-shared key file (base64, mode 0600 or 0400) at this path on every node")
 	mtu := fs.Int("mtu", 0, "set: pod MTU override (default: derived from the underlay)")
-	group(fs, "Network config (set)", "file", "network", "subnet-len", "subnet-min", "subnet-max", "backend", "vni", "port", "mtu")
+	group(fs, "Network config (set)", "file", "network", "subnet-len", "subnet-min", "subnet-max", "backend", "vni", "port", "psk-file", "mtu")
 	group(fs, "etcd", etcdFlagNames...)
 	if err := parse(fs, args[1:]); err != nil {
 		return err
@@ -95,6 +96,9 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		if set(fs, "port") {
 			b["port"] = *port
+		}
+		if *psk != "" {
+			b["pskFile"] = *psk
 		}
 		if *mtu != 0 {
 			m["mtu"] = *mtu

@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -40,6 +41,9 @@ const (
 	AnnBackend       = AnnotationPrefix + "backend"
 	AnnVTEPMAC       = AnnotationPrefix + "vtep-mac"
 	AnnUnderlayMAC   = AnnotationPrefix + "underlay-mac"
+	// The WireGuard backend's public key and listen port (never the private key).
+	AnnWGPublicKey = AnnotationPrefix + "wg-public-key"
+	AnnWGPort      = AnnotationPrefix + "wg-port"
 )
 
 // ErrNoPodCIDR means the Node has no podCIDR yet.
@@ -160,6 +164,14 @@ func LeaseOf(n *Node) (lease.Lease, error) {
 		VTEPMAC:  strings.ToLower(ann[AnnVTEPMAC]),
 		// Peers on the same L2 accept VXLAN from this node only from this MAC.
 		UnderlayMAC: strings.ToLower(ann[AnnUnderlayMAC]),
+		WGPublicKey: ann[AnnWGPublicKey],
+	}
+	if p, ok := ann[AnnWGPort]; ok {
+		port, err := strconv.ParseUint(p, 10, 16)
+		if err != nil {
+			return lease.Lease{}, fmt.Errorf("node %s: annotation %s=%q: not a port", n.Name, AnnWGPort, p)
+		}
+		l.WGPort = int(port)
 	}
 	if err := l.Validate(); err != nil {
 		return lease.Lease{}, err
@@ -174,7 +186,16 @@ func annotations(self lease.Lease) map[string]string {
 		AnnBackend:     self.Backend,
 		AnnVTEPMAC:     self.VTEPMAC,
 		AnnUnderlayMAC: self.UnderlayMAC,
+		AnnWGPublicKey: self.WGPublicKey,
+		AnnWGPort:      wgPort(self.WGPort),
 	}
+}
+
+func wgPort(p int) string {
+	if p == 0 {
+		return ""
+	}
+	return strconv.Itoa(p)
 }
 
 // Acquire takes the node's podCIDR as its subnet and publishes self's public IP, backend

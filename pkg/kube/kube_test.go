@@ -107,6 +107,13 @@ func published(ip, backend, mac string) map[string]string {
 	return map[string]string{AnnPublicIP: ip, AnnBackend: backend, AnnVTEPMAC: mac}
 }
 
+// wgPub is a valid WireGuard public key.
+const wgPub = "pOCSkrZRwni5dyxWn1+puxPZBrRqtoyd+dwrRAn4ogk="
+
+func wgPublished(key, port string) map[string]string {
+	return map[string]string{AnnPublicIP: "192.0.2.11", AnnBackend: "wireguard", AnnWGPublicKey: key, AnnWGPort: port}
+}
+
 func netConf(t *testing.T, body string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "net-conf.json")
@@ -140,6 +147,13 @@ func TestLeaseOf(t *testing.T) {
 		{name: "bad IP", node: node("n1", []string{"10.244.1.0/24"}, published("192.0.2.300", "vxlan", mac)), wantErr: true, want: AnnPublicIP},
 		{name: "IPv6 public IP", node: node("n1", []string{"10.244.1.0/24"}, published("2001:db8::1", "vxlan", mac)), wantErr: true, want: "invalid public IP"},
 		{name: "bad MAC", node: node("n1", []string{"10.244.1.0/24"}, published("192.0.2.11", "vxlan", "zz:zz")), wantErr: true, want: "invalid VTEP MAC"},
+		{name: "wireguard", node: node("n1", []string{"10.244.1.0/24"}, wgPublished(wgPub, "51820")),
+			want: "n1 10.244.1.0/24 192.0.2.11 wireguard  " + wgPub + " 51820"},
+		{name: "wireguard port not a number", node: node("n1", []string{"10.244.1.0/24"}, wgPublished(wgPub, "x")), wantErr: true, want: AnnWGPort},
+		{name: "wireguard port out of range", node: node("n1", []string{"10.244.1.0/24"}, wgPublished(wgPub, "65536")), wantErr: true, want: AnnWGPort},
+		{name: "wireguard port 0", node: node("n1", []string{"10.244.1.0/24"}, wgPublished(wgPub, "0")), wantErr: true, want: "invalid WireGuard port 0"},
+		{name: "wireguard key without port", node: node("n1", []string{"10.244.1.0/24"}, map[string]string{AnnPublicIP: "192.0.2.11", AnnWGPublicKey: wgPub}), wantErr: true, want: "invalid WireGuard port"},
+		{name: "wireguard bad key", node: node("n1", []string{"10.244.1.0/24"}, wgPublished("AAAA", "51820")), wantErr: true, want: "invalid WireGuard public key"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			l, err := LeaseOf(ours(c.node))
@@ -156,6 +170,9 @@ func TestLeaseOf(t *testing.T) {
 				t.Fatal(err)
 			default:
 				got := fmt.Sprintf("%s %s %s %s %s", l.Node, l.Subnet, l.PublicIP, l.Backend, l.VTEPMAC)
+				if l.WGPublicKey != "" {
+					got += fmt.Sprintf(" %s %d", l.WGPublicKey, l.WGPort)
+				}
 				if got != c.want {
 					t.Fatalf("lease = %q, want %q", got, c.want)
 				}

@@ -17,6 +17,9 @@ type Rules struct {
 	SubnetLen int
 	Self      string     // this node's name
 	SelfIP    netip.Addr // this node's public IP: no peer may claim it
+	// SelfWGKey is this node's WireGuard public key: no peer may publish it (a peer with our
+	// key would be dropped by WireGuard, or take our identity on the others). "": not checked.
+	SelfWGKey string
 }
 
 // Check reports why l may not be used as a peer's lease (nil: it may).
@@ -29,6 +32,9 @@ func (r Rules) Check(l Lease) error {
 	}
 	if l.Node != r.Self && r.SelfIP.IsValid() && l.PublicIP == r.SelfIP {
 		return fmt.Errorf("lease %s: public IP %s is this node's own", l.Node, l.PublicIP)
+	}
+	if l.Node != r.Self && r.SelfWGKey != "" && l.WGPublicKey == r.SelfWGKey {
+		return fmt.Errorf("lease %s: WireGuard public key is this node's own", l.Node)
 	}
 	return nil
 }

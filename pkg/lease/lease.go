@@ -16,6 +16,7 @@ import (
 	"strings"
 
 	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/wireguard/key"
 )
 
 // Store is what the agent needs from a lease store.
@@ -71,6 +72,10 @@ type Lease struct {
 	// UnderlayMAC is the MAC of the node's underlay interface: peers on the same L2 accept
 	// its VXLAN only from this MAC.
 	UnderlayMAC string `json:"underlayMAC,omitempty"`
+	// WGPublicKey and WGPort are how peers reach the node's WireGuard device (wireguard
+	// backend): its public key (base64) and listen port. The private key never leaves the node.
+	WGPublicKey string `json:"wgPublicKey,omitempty"`
+	WGPort      int    `json:"wgPort,omitempty"`
 	// Instance is random per agent run: a lease rewritten with another instance was written
 	// by another agent using this node's name.
 	Instance string `json:"instance,omitempty"`
@@ -101,6 +106,21 @@ func (l Lease) Validate() error {
 		return fmt.Errorf("lease %s: invalid VTEP MAC %q", l.Node, l.VTEPMAC)
 	case l.UnderlayMAC != "" && !ValidMAC(l.UnderlayMAC):
 		return fmt.Errorf("lease %s: invalid underlay MAC %q", l.Node, l.UnderlayMAC)
+	}
+	return l.validWireGuard()
+}
+
+// validWireGuard checks the WireGuard fields: both or neither, a key that parses, a port in
+// range. The key's text is not echoed (it is a key, if a public one: keep logs short).
+func (l Lease) validWireGuard() error {
+	if l.WGPublicKey == "" && l.WGPort == 0 {
+		return nil
+	}
+	if _, err := key.ParsePublic(l.WGPublicKey); err != nil {
+		return fmt.Errorf("lease %s: invalid WireGuard public key: %w", l.Node, err)
+	}
+	if l.WGPort < 1 || l.WGPort > 65535 {
+		return fmt.Errorf("lease %s: invalid WireGuard port %d", l.Node, l.WGPort)
 	}
 	return nil
 }

@@ -15,6 +15,12 @@ func TestDecode(t *testing.T) {
 		{`{"node":"n1","subnet":"10.244.1.7/24","publicIP":"192.0.2.1"}`, "invalid subnet"},
 		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"0.0.0.0"}`, "invalid public IP"},
 		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","vtepMAC":"zz"}`, "invalid VTEP MAC"},
+		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","backend":"wireguard","wgPublicKey":"` + wgKey + `","wgPort":51820}`, ""},
+		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","wgPublicKey":"` + wgKey + `"}`, "invalid WireGuard port 0"},
+		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","wgPublicKey":"` + wgKey + `","wgPort":65536}`, "invalid WireGuard port"},
+		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","wgPort":51820}`, "invalid WireGuard public key"},
+		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","wgPublicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","wgPort":1}`, "all zero"},
+		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","wgPublicKey":"not base64 at all, but 44 characters long!!","wgPort":1}`, "invalid WireGuard public key"},
 		{`{"node":"n1","subnet":"nope"}`, "decode lease"},
 		{`[`, "decode lease"},
 	}
@@ -25,6 +31,9 @@ func TestDecode(t *testing.T) {
 		}
 	}
 }
+
+// wgKey is a valid public key (of the private key of 32 0x01 bytes).
+const wgKey = "pOCSkrZRwni5dyxWn1+puxPZBrRqtoyd+dwrRAn4ogk="
 
 func TestSubnetKey(t *testing.T) {
 	p := netip.MustParsePrefix("10.244.17.0/24")
@@ -38,6 +47,7 @@ func TestSubnetKey(t *testing.T) {
 
 func FuzzDecode(f *testing.F) {
 	f.Add([]byte(`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","backend":"vxlan","vtepMAC":"0a:00:00:00:00:01"}`))
+	f.Add([]byte(`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","backend":"wireguard","wgPublicKey":"` + wgKey + `","wgPort":51820}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		l, err := Decode(b)
 		if err != nil {

@@ -47,25 +47,32 @@ func TestPeersTracksChangesPerNode(t *testing.T) {
 }
 
 func TestRulesCheck(t *testing.T) {
-	r := Rules{Network: netip.MustParsePrefix("10.244.0.0/16"), SubnetLen: 24, Self: "me", SelfIP: netip.MustParseAddr("192.0.2.1")}
+	r := Rules{Network: netip.MustParsePrefix("10.244.0.0/16"), SubnetLen: 24, Self: "me", SelfIP: netip.MustParseAddr("192.0.2.1"), SelfWGKey: wgKey}
 	tests := []struct {
 		name, node, subnet, ip, want string
+		wgKey                        string
 	}{
-		{"good", "n2", "10.244.2.0/24", "192.0.2.2", ""},
-		{"good, other length", "n2", "10.244.2.0/25", "192.0.2.2", ""},
-		{"broadcast", "n2", "10.244.2.0/24", "255.255.255.255", "not a unicast"},
-		{"loopback", "n2", "10.244.2.0/24", "127.0.0.1", "not a unicast"},
-		{"link-local", "n2", "10.244.2.0/24", "169.254.1.1", "not a unicast"},
-		{"multicast", "n2", "10.244.2.0/24", "224.0.0.1", "not a unicast"},
-		{"unspecified", "n2", "10.244.2.0/24", "0.0.0.0", "not a unicast"},
-		{"ours", "n2", "10.244.2.0/24", "192.0.2.1", "this node's own"},
-		{"our own lease", "me", "10.244.1.0/24", "192.0.2.1", ""},
-		{"outside the network", "n2", "10.99.2.0/24", "192.0.2.2", "outside the network"},
-		{"covers the network", "n2", "10.0.0.0/8", "192.0.2.2", "outside the network"},
+		{"good", "n2", "10.244.2.0/24", "192.0.2.2", "", ""},
+		{"good, other length", "n2", "10.244.2.0/25", "192.0.2.2", "", ""},
+		{"broadcast", "n2", "10.244.2.0/24", "255.255.255.255", "not a unicast", ""},
+		{"loopback", "n2", "10.244.2.0/24", "127.0.0.1", "not a unicast", ""},
+		{"link-local", "n2", "10.244.2.0/24", "169.254.1.1", "not a unicast", ""},
+		{"multicast", "n2", "10.244.2.0/24", "224.0.0.1", "not a unicast", ""},
+		{"unspecified", "n2", "10.244.2.0/24", "0.0.0.0", "not a unicast", ""},
+		{"ours", "n2", "10.244.2.0/24", "192.0.2.1", "this node's own", ""},
+		{"our own lease", "me", "10.244.1.0/24", "192.0.2.1", "", ""},
+		{"outside the network", "n2", "10.99.2.0/24", "192.0.2.2", "outside the network", ""},
+		{"covers the network", "n2", "10.0.0.0/8", "192.0.2.2", "outside the network", ""},
+		{"our WireGuard key", "n2", "10.244.2.0/24", "192.0.2.2", "WireGuard public key is this node's own", wgKey},
+		{"our own WireGuard key in our lease", "me", "10.244.1.0/24", "192.0.2.1", "", wgKey},
+		{"another WireGuard key", "n2", "10.244.2.0/24", "192.0.2.2", "", "zo060cy2M+x7cMF4FKXHbs0CloUFDTRHRboFhw5YfVk="},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			l := Lease{Node: tt.node, Subnet: netip.MustParsePrefix(tt.subnet), PublicIP: netip.MustParseAddr(tt.ip)}
+			if tt.wgKey != "" {
+				l.WGPublicKey, l.WGPort = tt.wgKey, 51820
+			}
 			err := r.Check(l)
 			if (tt.want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tt.want)) {
 				t.Errorf("Check(%+v) = %v, want %q", l, err, tt.want)

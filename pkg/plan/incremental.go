@@ -23,12 +23,14 @@ type Planner struct {
 	in      Input // without Peers
 	peers   map[string]lease.Lease
 	claim   map[netip.Prefix][]string // subnet -> nodes claiming it (almost always one)
+	wgKeys  map[string][]string       // WireGuard public key -> nodes publishing it (one)
 	verdict map[string]verdict        // the rest of a Peer is its lease in peers
 
 	routes  map[netip.Prefix]Route
 	neighs  map[netip.Addr]Neigh
 	fdb     map[FDB]bool
-	contrib map[string]contribution // what each node put into the three maps
+	wg      map[string]WGPeer       // by node
+	contrib map[string]contribution // what each node put into the maps
 	odd     map[string]bool         // nodes whose subnet length differs from the config's
 	modes   map[Mode]int            // peers per mode
 
@@ -49,6 +51,7 @@ type contribution struct {
 	dst   netip.Prefix
 	fdb   FDB // valid only when vxlan
 	vxlan bool
+	wg    bool // a WireGuard peer (keyed by node)
 }
 
 // Changes names the desired entries an update touched (added, changed or removed).
@@ -56,6 +59,7 @@ type Changes struct {
 	Routes []netip.Prefix
 	Neighs []netip.Addr
 	FDB    []FDB    // removed or added entries (an FDB entry is its own key)
+	WG     []string // nodes whose WireGuard peer changed
 	Nodes  []string // peers whose verdict may have changed
 }
 
@@ -71,6 +75,15 @@ type Delta struct {
 	Allow []AllowChange
 	// Peers are the verdicts of the peers the change touched that still have a lease.
 	Peers []Peer
+	// WGPeers are the WireGuard peers that changed (wireguard backend), by node.
+	WGPeers []WGPeerChange
+}
+
+// WGPeerChange is a node's new WireGuard peer, or Del.
+type WGPeerChange struct {
+	Node string
+	Peer WGPeer
+	Del  bool
 }
 
 // RouteChange is the new desired route to Dst, or Del.
@@ -101,7 +114,9 @@ type AllowChange struct {
 }
 
 // Empty reports whether nothing changed.
-func (d *Delta) Empty() bool { return len(d.Routes)+len(d.Neighs)+len(d.FDB)+len(d.Allow) == 0 }
+func (d *Delta) Empty() bool {
+	return len(d.Routes)+len(d.Neighs)+len(d.FDB)+len(d.Allow)+len(d.WGPeers) == 0
+}
 
 // gens numbers plans across Planners, so a Delta can never be taken for one that follows
 // another Planner's plan.
@@ -118,6 +133,8 @@ func NewPlanner(in Input) (*Planner, Plan) {
 		in:      in,
 		peers:   make(map[string]lease.Lease, len(in.Peers)),
 		claim:   make(map[netip.Prefix][]string, len(in.Peers)),
+		wgKeys:  map[string][]string{},
+		wg:      map[string]WGPeer{},
 		verdict: make(map[string]verdict, len(in.Peers)),
 		routes:  make(map[netip.Prefix]Route, len(in.Peers)),
 		neighs:  make(map[netip.Addr]Neigh, len(in.Peers)),
@@ -150,6 +167,9 @@ func NewPlanner(in Input) (*Planner, Plan) {
 }
 
 func (p *Planner) addClaim(l lease.Lease) {
+	if k := l.WGPublicKey; k != "" && !slices.Contains(p.wgKeys[k], l.Node) {
+		p.wgKeys[k] = append(p.wgKeys[k], l.Node)
+	}
 	if quickInvalid(l) != "" {
 		return
 	}
@@ -160,6 +180,13 @@ func (p *Planner) addClaim(l lease.Lease) {
 }
 
 func (p *Planner) dropClaim(l lease.Lease) {
+	if k := l.WGPublicKey; k != "" {
+		if c := slices.DeleteFunc(p.wgKeys[k], func(n string) bool { return n == l.Node }); len(c) == 0 {
+			delete(p.wgKeys, k)
+		} else {
+			p.wgKeys[k] = c
+		}
+	}
 	delete(p.odd, l.Node)
 	c := p.claim[l.Subnet]
 	for i, n := range c {
@@ -208,6 +235,10 @@ func (p *Planner) Update(changed []lease.Lease) Plan {
 		d.Neighs = append(d.Neighs, NeighChange{IP: ip, Neigh: n, Del: !ok})
 	})
 	each(ch.FDB, func(f FDB) { d.FDB = append(d.FDB, FDBChange{FDB: f, Del: !p.fdb[f]}) })
+	each(ch.WG, func(n string) {
+		w, ok := p.wg[n]
+		d.WGPeers = append(d.WGPeers, WGPeerChange{Node: n, Peer: w, Del: !ok})
+	})
 	each(ch.Nodes, func(n string) {
 		// The allow-list entry follows from the verdict (not kept twice: with thousands of
 		// peers the planner is the agent's biggest structure).
@@ -243,6 +274,11 @@ func (p *Planner) header() Plan {
 		v := *out.VXLAN
 		out.VXLAN = &v
 	}
+	if out.WireGuard != nil {
+		w := *out.WireGuard
+		out.WireGuard = &w
+	}
+	out.WGPeers = nil
 	return out
 }
 
@@ -251,11 +287,14 @@ func (p *Planner) update(changed []lease.Lease) Changes {
 	var ch Changes
 	// Every node that claims a subnet touched by the change may win or lose it.
 	subnets := map[netip.Prefix]bool{}
+	keys := map[string]bool{} // WireGuard keys gained or lost: their other holders' verdicts change
 	for _, l := range changed {
 		if l.Node == p.in.Self.Node {
 			continue
 		}
+		keys[l.WGPublicKey] = true
 		if old, ok := p.peers[l.Node]; ok {
+			keys[old.WGPublicKey] = true
 			subnets[old.Subnet] = true
 			p.dropClaim(old)
 			delete(p.peers, l.Node)
@@ -280,6 +319,13 @@ func (p *Planner) update(changed []lease.Lease) Changes {
 	for s := range subnets {
 		for _, n := range p.claim[s] {
 			affected[n] = true
+		}
+	}
+	if p.base.WireGuard != nil {
+		for k := range keys {
+			for _, n := range p.wgKeys[k] {
+				affected[n] = true
+			}
 		}
 	}
 	owner := p.owners(subnets)
@@ -317,6 +363,9 @@ func (p *Planner) update(changed []lease.Lease) Changes {
 			}
 		}
 		v.Mode, v.Reason = decide(p.in, l, owner)
+		if v.Mode == WireGuard {
+			v.Mode, v.Reason = wgShared(l, p.wgKeys[l.WGPublicKey])
+		}
 		p.verdict[n] = verdict{v.Mode, v.Reason}
 		p.modes[v.Mode]++
 		p.add(l, v, &ch)
@@ -370,6 +419,10 @@ func (p *Planner) remove(n string, ch *Changes) {
 	delete(p.contrib, n)
 	delete(p.routes, c.dst)
 	ch.Routes = append(ch.Routes, c.dst)
+	if c.wg {
+		delete(p.wg, n)
+		ch.WG = append(ch.WG, n)
+	}
 	if c.vxlan {
 		delete(p.neighs, c.dst.Addr())
 		ch.Neighs = append(ch.Neighs, c.dst.Addr())
@@ -395,6 +448,12 @@ func (p *Planner) add(l lease.Lease, v Peer, ch *Changes) {
 		c.vxlan = true
 		neigh = Neigh{IP: l.Subnet.Addr(), MAC: mac}
 		c.fdb = FDB{MAC: mac, Dst: l.PublicIP}
+	case WireGuard:
+		var w WGPeer
+		r, w = wgPeer(p.in, l)
+		c.wg = true
+		p.wg[v.Node] = w
+		ch.WG = append(ch.WG, v.Node)
 	default:
 		return
 	}
@@ -429,6 +488,9 @@ func (p *Planner) Plan() Plan {
 	for f := range p.fdb {
 		out.FDB = append(out.FDB, f)
 	}
+	for _, w := range p.wg {
+		out.WGPeers = append(out.WGPeers, w)
+	}
 	return out
 }
 
@@ -439,6 +501,11 @@ func Clone(p Plan) Plan {
 	if p.VXLAN != nil {
 		v := *p.VXLAN
 		p.VXLAN = &v
+	}
+	p.WGPeers = slices.Clone(p.WGPeers)
+	if p.WireGuard != nil {
+		w := *p.WireGuard
+		p.WireGuard = &w
 	}
 	p.Delta = nil
 	return p
@@ -500,7 +567,19 @@ func Follow(prev, next Plan) Plan {
 	for _, v := range d.Peers {
 		peers[v.Node] = v
 	}
+	wg := map[string]WGPeer{}
+	for _, w := range prev.WGPeers {
+		wg[w.Node] = w
+	}
+	for _, c := range d.WGPeers {
+		if c.Del {
+			delete(wg, c.Node)
+		} else {
+			wg[c.Node] = c.Peer
+		}
+	}
 	out := Clone(next)
+	out.WGPeers = slices.Collect(maps.Values(wg))
 	out.Routes = slices.Collect(maps.Values(routes))
 	out.Neighs = slices.Collect(maps.Values(neighs))
 	out.FDB = slices.Collect(maps.Keys(fdb))

@@ -18,7 +18,7 @@ import (
 // TestPlannerMatchesBuild applies random sequences of lease changes incrementally and
 // checks after every step that the desired state equals Build of the whole set.
 func TestPlannerMatchesBuild(t *testing.T) {
-	for _, backend := range []string{config.HostGW, config.VXLAN, config.Hybrid} {
+	for _, backend := range []string{config.HostGW, config.VXLAN, config.Hybrid, config.WireGuard} {
 		t.Run(backend, func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(1, uint64(len(backend))))
 			self := mk("self", "10.244.1.0/24", "192.0.2.1")
@@ -36,6 +36,16 @@ func TestPlannerMatchesBuild(t *testing.T) {
 				l := mk(node, subnet, ip)
 				if rng.IntN(8) == 0 {
 					l.VTEPMAC = ""
+				}
+				switch rng.IntN(12) {
+				case 0:
+					l.WGPublicKey, l.WGPort = "", 0
+				case 1, 2: // a key another node may publish too, now or later
+					l.WGPublicKey = fmt.Sprintf("key-n%d", rng.IntN(12))
+				case 3:
+					l.WGPublicKey = self.WGPublicKey
+				case 4:
+					l.WGPort = 51000 + rng.IntN(3)
 				}
 				return l
 			}

@@ -14,10 +14,12 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/wireguard"
 )
 
 // Mode is how a peer is reached.
@@ -27,7 +29,12 @@ const (
 	Direct      Mode = "direct"      // a route via the peer's underlay address
 	VXLAN       Mode = "vxlan"       // through the VXLAN device
 	Unreachable Mode = "unreachable" // host-gw towards a peer that is not on-link, or bad data
+	WireGuard   Mode = "wireguard"   // through the WireGuard device, encrypted
 )
+
+// DefaultWGDev is the WireGuard device's name unless Input.WGDev names another (nodes in
+// network namespaces of one host need one each: wireguard-go's sockets share one directory).
+const DefaultWGDev = "netagent-wg"
 
 // Underlay describes the node's interface towards its peers.
 type Underlay struct {
@@ -48,6 +55,8 @@ type Input struct {
 	VXLANDev string
 	// Docker is route mode (a bare Docker host): see NAT.Final.
 	Docker bool
+	// WGDev is the WireGuard device's name (wireguard backend); empty: DefaultWGDev.
+	WGDev string
 }
 
 // Route is a desired route in the main table.
@@ -95,6 +104,35 @@ type VXLANDevice struct {
 	MTU      int
 }
 
+// WGDevice is the node's desired WireGuard device (wireguard backend). Its private key is
+// not here: the dataplane reads it from the node's state directory, so no plan, status or
+// log can carry it.
+type WGDevice struct {
+	Name string
+	Port int // listen port
+	MTU  int // underlay MTU - wireguard.Overhead
+	// Addr is the node's subnet's network address /32, on the device: node-originated
+	// traffic through it leaves with this source (inside our subnet, so peers' allowed IPs
+	// accept it), without depending on the pods' bridge existing yet.
+	Addr    netip.Prefix
+	Network netip.Prefix // the pod network: every peer's allowed IPs lie inside it
+	Subnet  netip.Prefix // this node's subnet: no peer may claim it
+	// PSKFile is the pre-shared key's path on this node (config backend.pskFile); "": none.
+	PSKFile string
+	// Underlay is the device WireGuard's UDP leaves by: unencrypted packets for the pod
+	// network arriving on it are dropped.
+	Underlay string
+}
+
+// WGPeer is one peer of the WireGuard device: its public key (checked when its lease was
+// decoded), endpoint (public IP and WireGuard port) and allowed IPs (its pod subnet).
+type WGPeer struct {
+	Node       string
+	PublicKey  string
+	Endpoint   netip.AddrPort
+	AllowedIPs netip.Prefix
+}
+
 // AllowList is the VXLAN allow-list: which peers may send VXLAN to this node, and what.
 type AllowList struct {
 	Port      int          // the VXLAN port; 0: no VXLAN here, nothing is accepted
@@ -132,10 +170,14 @@ type Plan struct {
 	Peers  []Peer
 	// VXLAN is the node's VXLAN device; nil: none. Any other VXLAN device of netagent's
 	// naming (an earlier backend's or VNI's) is not desired and goes.
-	VXLAN  *VXLANDevice
-	PodMTU int
-	NAT    NAT
-	Allow  AllowList
+	VXLAN *VXLANDevice
+	// WireGuard is the node's WireGuard device (wireguard backend); nil: none. WGPeers
+	// are its peers, one per node in mode WireGuard.
+	WireGuard *WGDevice
+	WGPeers   []WGPeer
+	PodMTU    int
+	NAT       NAT
+	Allow     AllowList
 	// Delta is set on a plan from Planner.Update: it is all that changed since plan
 	// Delta.From, and the plan then carries no per-peer lists (Routes, Neighs, FDB, Peers,
 	// Allow.Peers are empty): rendering thousands of entries for every lease event would
@@ -171,6 +213,10 @@ func Build(in Input) Plan {
 	}
 	tunnelMTU := mtu - config.VXLANOverhead
 	backend := c.Backend.Type
+	if backend == config.WireGuard {
+		tunnelMTU = mtu - wireguard.Overhead(false)
+		p.WireGuard = wgDevice(in, tunnelMTU)
+	}
 	if backend == config.VXLAN || backend == config.Hybrid {
 		p.VXLAN = &VXLANDevice{
 			Name:     in.VXLANDev,
@@ -187,7 +233,7 @@ func Build(in Input) Plan {
 	switch {
 	case c.MTU != 0:
 		p.PodMTU = c.MTU
-	case backend == config.VXLAN:
+	case backend == config.VXLAN || backend == config.WireGuard:
 		p.PodMTU = tunnelMTU
 	default:
 		// host-gw, and hybrid: directly routed peers keep the full MTU; VXLAN routes carry
@@ -207,6 +253,11 @@ func Build(in Input) Plan {
 			owner[l.Subnet] = l.Node
 		}
 	}
+	var wgKeys map[string][]string
+	if p.WireGuard != nil {
+		wgKeys = wgKeyHolders(in.Self.Node, in.Peers)
+		p.WGPeers = make([]WGPeer, 0, len(in.Peers))
+	}
 	p.Peers = make([]Peer, 0, len(in.Peers))
 	p.Routes = make([]Route, 0, len(in.Peers))
 	if p.VXLAN != nil {
@@ -219,6 +270,9 @@ func Build(in Input) Plan {
 		}
 		peer := Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP, UnderlayMAC: underlayMAC(in.Underlay, l)}
 		peer.Mode, peer.Reason = decide(in, l, owner)
+		if peer.Mode == WireGuard {
+			peer.Mode, peer.Reason = wgShared(l, wgKeys[l.WGPublicKey])
+		}
 		p.Peers = append(p.Peers, peer)
 		if a, ok := allowed(peer); ok {
 			p.Allow.Peers[peer.Node] = a
@@ -236,9 +290,68 @@ func Build(in Input) Plan {
 			p.Routes = append(p.Routes, r)
 			p.Neighs = append(p.Neighs, Neigh{IP: vtep, MAC: mac})
 			p.FDB = append(p.FDB, FDB{MAC: mac, Dst: l.PublicIP})
+		case WireGuard:
+			r, wp := wgPeer(in, l)
+			p.Routes = append(p.Routes, r)
+			p.WGPeers = append(p.WGPeers, wp)
 		}
 	}
 	return p
+}
+
+// wgDevice is the WireGuard device of the plan of in (wireguard backend).
+func wgDevice(in Input, mtu int) *WGDevice {
+	return &WGDevice{
+		Name:     wgDevName(in),
+		Port:     in.Config.Backend.Port,
+		MTU:      mtu,
+		Addr:     netip.PrefixFrom(in.Self.Subnet.Addr(), 32),
+		Network:  in.Config.Network,
+		Subnet:   in.Self.Subnet,
+		PSKFile:  in.Config.Backend.PSKFile,
+		Underlay: in.Underlay.Dev,
+	}
+}
+
+func wgDevName(in Input) string {
+	if in.WGDev != "" {
+		return in.WGDev
+	}
+	return DefaultWGDev
+}
+
+// wgPeer is the route and WireGuard peer of l, a peer in mode WireGuard.
+func wgPeer(in Input, l lease.Lease) (Route, WGPeer) {
+	return Route{Dst: l.Subnet, Dev: wgDevName(in)},
+		WGPeer{Node: l.Node, PublicKey: l.WGPublicKey, Endpoint: netip.AddrPortFrom(l.PublicIP, uint16(l.WGPort)), AllowedIPs: l.Subnet}
+}
+
+// wgKeyHolders maps each WireGuard public key among peers to the nodes publishing it.
+func wgKeyHolders(self string, peers []lease.Lease) map[string][]string {
+	m := map[string][]string{}
+	for _, l := range peers {
+		if l.Node != self && l.WGPublicKey != "" && !slices.Contains(m[l.WGPublicKey], l.Node) {
+			m[l.WGPublicKey] = append(m[l.WGPublicKey], l.Node)
+		}
+	}
+	return m
+}
+
+// wgShared decides a WireGuard peer whose key holders are known: WireGuard tells peers
+// apart by public key only, so two nodes publishing one key (a cloned machine's state
+// directory, or a forged lease) are both left out rather than letting input order decide
+// which one gets the other's traffic.
+func wgShared(l lease.Lease, holders []string) (Mode, string) {
+	other := "" // the smallest name, for a reason that does not depend on input order
+	for _, n := range holders {
+		if n != l.Node && (other == "" || n < other) {
+			other = n
+		}
+	}
+	if other != "" {
+		return Unreachable, fmt.Sprintf("its WireGuard public key is also published by %s", other)
+	}
+	return WireGuard, ""
 }
 
 // quickInvalid checks what the plan relies on (leases from the store were fully validated
@@ -296,6 +409,14 @@ func decide(in Input, l lease.Lease, owner map[netip.Prefix]string) (Mode, strin
 		if onLink {
 			return Direct, ""
 		}
+	case config.WireGuard:
+		switch {
+		case l.WGPublicKey == "" || l.WGPort == 0:
+			return Unreachable, "the peer published no WireGuard key (is it running the wireguard backend?)"
+		case l.WGPublicKey == in.Self.WGPublicKey:
+			return Unreachable, "the peer publishes this node's WireGuard public key"
+		}
+		return WireGuard, ""
 	}
 	if !lease.ValidMAC(l.VTEPMAC) {
 		// A host-gw peer has no VTEP: on-link it is routed directly, as it routes to us

@@ -24,7 +24,8 @@ func cfg(t testing.TB, backend string) config.Network {
 }
 
 func mk(node, subnet, ip string) lease.Lease {
-	return lease.Lease{Node: node, Subnet: netip.MustParsePrefix(subnet), PublicIP: netip.MustParseAddr(ip), VTEPMAC: VTEPMAC(node).String()}
+	return lease.Lease{Node: node, Subnet: netip.MustParsePrefix(subnet), PublicIP: netip.MustParseAddr(ip), VTEPMAC: VTEPMAC(node).String(),
+		WGPublicKey: "key-" + node, WGPort: 51820}
 }
 
 var underlay = Underlay{Dev: "eth0", MTU: 1500, Connected: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}}
@@ -35,6 +36,7 @@ func render(p Plan) string {
 	slices.SortFunc(p.Neighs, func(a, b Neigh) int { return a.IP.Compare(b.IP) })
 	slices.SortFunc(p.FDB, func(a, b FDB) int { return strings.Compare(a.MAC, b.MAC) })
 	slices.SortFunc(p.Peers, func(a, b Peer) int { return strings.Compare(a.Node, b.Node) })
+	slices.SortFunc(p.WGPeers, func(a, b WGPeer) int { return strings.Compare(a.Node, b.Node) })
 	var b strings.Builder
 	for _, r := range p.Routes {
 		fmt.Fprintf(&b, "route %s via %s dev %s", r.Dst, r.Gw, r.Dev)
@@ -73,6 +75,12 @@ func render(p Plan) string {
 	}
 	if p.VXLAN != nil {
 		fmt.Fprintf(&b, "vxlan %s vni %d port %d dev %s local %s addr %s mac %s mtu %d\n", p.VXLAN.Name, p.VXLAN.VNI, p.VXLAN.Port, p.VXLAN.Underlay, p.VXLAN.Local, p.VXLAN.Addr, p.VXLAN.MAC, p.VXLAN.MTU)
+	}
+	if w := p.WireGuard; w != nil {
+		fmt.Fprintf(&b, "wireguard %s port %d mtu %d addr %s network %s subnet %s psk %q underlay %s\n", w.Name, w.Port, w.MTU, w.Addr, w.Network, w.Subnet, w.PSKFile, w.Underlay)
+	}
+	for _, w := range p.WGPeers {
+		fmt.Fprintf(&b, "wgpeer %s key %s endpoint %s allowed %s\n", w.Node, w.PublicKey, w.Endpoint, w.AllowedIPs)
 	}
 	fmt.Fprintf(&b, "pod mtu %d\n", p.PodMTU)
 	fmt.Fprintf(&b, "nat %s %s final %t\n", p.NAT.Network, p.NAT.Subnet, p.NAT.Final)
@@ -185,6 +193,29 @@ nat 10.244.0.0/16 10.244.1.0/24 final false
 allow-list port 8472 network 10.244.0.0/16 /24
 vxlan na.1 vni 1 port 8472 dev eth0 local 192.0.2.1 addr 10.244.1.0/32 mac ` + VTEPMAC("a").String() + ` mtu 1450
 pod mtu 1450
+nat 10.244.0.0/16 10.244.1.0/24 final false
+`},
+		{"wireguard: near and far alike, encrypted", config.WireGuard, []lease.Lease{far, near}, `route 10.244.2.0/24 via invalid IP dev netagent-wg
+route 10.244.3.0/24 via invalid IP dev netagent-wg
+peer b wireguard
+peer c wireguard
+wireguard netagent-wg port 51820 mtu 1440 addr 10.244.1.0/32 network 10.244.0.0/16 subnet 10.244.1.0/24 psk "" underlay eth0
+wgpeer b key key-b endpoint 192.0.2.2:51820 allowed 10.244.2.0/24
+wgpeer c key key-c endpoint 198.51.100.3:51820 allowed 10.244.3.0/24
+pod mtu 1440
+nat 10.244.0.0/16 10.244.1.0/24 final false
+`},
+		{"wireguard: a peer without a key, ours, or a shared one", config.WireGuard, []lease.Lease{
+			{Node: "h", Subnet: netip.MustParsePrefix("10.244.8.0/24"), PublicIP: netip.MustParseAddr("192.0.2.8"), Backend: config.VXLAN, VTEPMAC: VTEPMAC("h").String()},
+			{Node: "m", Subnet: netip.MustParsePrefix("10.244.9.0/24"), PublicIP: netip.MustParseAddr("192.0.2.9"), WGPublicKey: "key-a", WGPort: 51820},
+			{Node: "x", Subnet: netip.MustParsePrefix("10.244.10.0/24"), PublicIP: netip.MustParseAddr("192.0.2.10"), WGPublicKey: "key-b", WGPort: 51820},
+			near,
+		}, `peer b unreachable (its WireGuard public key is also published by x)
+peer h unreachable (the peer published no WireGuard key (is it running the wireguard backend?))
+peer m unreachable (the peer publishes this node's WireGuard public key)
+peer x unreachable (its WireGuard public key is also published by b)
+wireguard netagent-wg port 51820 mtu 1440 addr 10.244.1.0/32 network 10.244.0.0/16 subnet 10.244.1.0/24 psk "" underlay eth0
+pod mtu 1440
 nat 10.244.0.0/16 10.244.1.0/24 final false
 `},
 	}

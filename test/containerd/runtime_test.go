@@ -21,7 +21,9 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/netagent/netagent/pkg/lab/cgroup"
@@ -491,8 +493,18 @@ func (n *node) recordShims() {
 func (n *node) removePod(ctx context.Context, id string) error {
 	callCtx, cancel := context.WithTimeout(ctx, criTimeout)
 	defer cancel()
-	if _, err := n.rt.StopPodSandbox(callCtx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: id}); err != nil {
-		return fmt.Errorf("StopPodSandbox %s: %w", id, err)
+	for attempt := 1; ; attempt++ {
+		_, err := n.rt.StopPodSandbox(callCtx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: id})
+		// containerd bounds its wait for the sandbox's process to exit by its own deadline
+		// and answers DeadlineExceeded when a loaded machine misses it (the network was
+		// torn down or not yet): the kubelet calls StopPodSandbox again, and so do we.
+		if err != nil && status.Code(err) == codes.DeadlineExceeded && callCtx.Err() == nil && attempt < 3 {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("StopPodSandbox %s (attempt %d): %w", id, attempt, err)
+		}
+		break
 	}
 	if _, err := n.rt.RemovePodSandbox(callCtx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: id}); err != nil {
 		return fmt.Errorf("RemovePodSandbox %s: %w", id, err)
