@@ -42,7 +42,7 @@ import (
 type Options struct {
 	Node       string
 	Iface      string     // underlay interface; empty: the one holding PublicIP, or the default route's
-	PublicIP   netip.Addr // optional; default: Iface's first IPv4 address
+	PublicIP   netip.Addr // optional, either family; default: Iface's first IPv4 and global IPv6 addresses
 	SubnetFile string
 	CNIConfDir string // "" disables writing the conflist
 	CNIConf    CNIConf
@@ -206,7 +206,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	log.Info("underlay", "dev", ul.Dev, "ip", ul.IP, "mtu", ul.MTU)
+	log.Info("underlay", "dev", ul.Dev, "ip", ul.IP, "ip6", ul.IP6, "mtu", ul.MTU)
 	cfg, err := a.config(ctx, log)
 	if err != nil {
 		return err
@@ -215,7 +215,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	log.Info("lease acquired", "subnet", held.Lease.Subnet, "in", time.Since(start).Round(time.Millisecond))
+	log.Info("lease acquired", "subnet", held.Lease.Subnet, "subnet6", held.Lease.Subnet6, "in", time.Since(start).Round(time.Millisecond))
 	a.setLease(held.Lease, cfg)
 	a.opt.Metrics.LeaseHeld.Set(1)
 	// The NAT and FORWARD chains depend on the config and our subnet only: the dataplane
@@ -226,7 +226,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	s := &state{cfg: cfg, self: held.Lease, ul: ul, grace: newGrace(), start: start,
-		peers: lease.NewPeersWith(lease.Rules{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Self: a.opt.Node, SelfIP: held.Lease.PublicIP, SelfWGKey: held.Lease.WGPublicKey})}
+		peers: lease.NewPeersWith(lease.Rules{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Network6: cfg.IPv6Network, SubnetLen6: cfg.IPv6SubnetLen,
+			Self: a.opt.Node, SelfIP: held.Lease.PublicIP, SelfIP6: held.Lease.PublicIP6, SelfWGKey: held.Lease.WGPublicKey})}
 	listed := a.startInputs(ctx, log, s, held)
 	// Wait for the first full list of peers before touching anything.
 	select {
@@ -300,7 +301,7 @@ func (a *Agent) config(ctx context.Context, log *slog.Logger) (config.Network, e
 
 // acquire claims the node's lease, retried until it succeeds.
 func (a *Agent) acquire(ctx context.Context, log *slog.Logger, cfg config.Network, ul dataplane.Underlay) (lease.Held, error) {
-	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.IP, Backend: cfg.Backend.Type, UnderlayMAC: ul.MAC, Instance: newInstance()}
+	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.IP, PublicIP6: ul.IP6, Backend: cfg.Backend.Type, UnderlayMAC: ul.MAC, Instance: newInstance()}
 	switch cfg.Backend.Type {
 	case config.HostGW:
 	case config.WireGuard:
@@ -314,7 +315,7 @@ func (a *Agent) acquire(ctx context.Context, log *slog.Logger, cfg config.Networ
 	}
 	hint := a.dockerHint(log)
 	if info, err := subnetfile.Read(a.opt.SubnetFile); err == nil {
-		hint = info.Subnet
+		hint, self.Subnet6 = info.Subnet, info.Subnet6 // Subnet6: the IPv6 hint
 	}
 	backoff := newBackoff()
 	for {

@@ -24,6 +24,7 @@ import (
 	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/nat"
 	"github.com/netagent/netagent/pkg/nldump"
@@ -65,7 +66,8 @@ var ErrStale = errors.New("dataplane: a full plan is needed")
 // Underlay is the interface peers reach this node at, as the kernel has it now.
 type Underlay struct {
 	Dev       string
-	IP        netip.Addr
+	IP        netip.Addr // the IPv4 address peers reach this node at (unset: none)
+	IP6       netip.Addr // the IPv6 one (unset: none)
 	MTU       int
 	MAC       string // published for peers on the same L2 (empty: not Ethernet)
 	Connected []netip.Prefix
@@ -302,7 +304,7 @@ func (d *Linux) natSync(ctx context.Context, n plan.NAT) (nat.Stats, error) {
 // guardSpec is the plan's allow-list in the guard's terms (a map of its own: the guard
 // keeps it as its mirror).
 func guardSpec(a plan.AllowList) vxguard.Spec {
-	s := vxguard.Spec{Port: a.Port, Network: a.Network, SubnetLen: a.SubnetLen, Peers: make(map[string]vxguard.Peer, len(a.Peers))}
+	s := vxguard.Spec{Port: a.Port, Network: a.Network, SubnetLen: a.SubnetLen, SubnetLen6: a.SubnetLen6, Peers: make(map[string]vxguard.Peer, len(a.Peers))}
 	for n, p := range a.Peers {
 		s.Peers[n] = vxguard.Peer(p)
 	}
@@ -310,7 +312,8 @@ func guardSpec(a plan.AllowList) vxguard.Spec {
 }
 
 // Underlay reads the interface peers reach this node at: iface, else the one holding ip,
-// else the default route's; and ip, else the interface's first IPv4 address.
+// else the default route's (IPv4, else IPv6); and its addresses: ip for its family, else
+// the interface's first global address of each family.
 func (d *Linux) Underlay(iface string, ip netip.Addr) (Underlay, error) {
 	var link netlink.Link
 	var err error
@@ -328,46 +331,61 @@ func (d *Linux) Underlay(iface string, ip netip.Addr) (Underlay, error) {
 	default:
 		routes, err := d.h.RouteGet(net.IPv4(192, 0, 2, 0))
 		if err != nil || len(routes) == 0 {
+			routes, err = d.h.RouteGet(net.ParseIP("2001:db8::"))
+		}
+		if err != nil || len(routes) == 0 {
 			return Underlay{}, fmt.Errorf("no --iface given and no default route to pick one from")
 		}
 		if link, err = d.h.LinkByIndex(routes[0].LinkIndex); err != nil {
 			return Underlay{}, err
 		}
 	}
-	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return d.h.AddrList(link, netlink.FAMILY_V4) })
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return d.h.AddrList(link, netlink.FAMILY_ALL) })
 	if err != nil && ip.IsValid() {
 		// Only the connected prefixes are missing: peers are planned as off-link for now.
 		d.log.Warn("cannot read underlay prefixes", "dev", link.Attrs().Name, "err", err)
 	}
-	if !ip.IsValid() {
-		if err != nil || len(addrs) == 0 {
-			return Underlay{}, fmt.Errorf("underlay %s has no IPv4 address (set --public-ip)", link.Attrs().Name)
-		}
-		ip, _ = netip.AddrFromSlice(addrs[0].IP.To4())
+	u := Underlay{Dev: link.Attrs().Name, MTU: link.Attrs().MTU}
+	if ip.Is4() {
+		u.IP = ip
+	} else if ip.IsValid() {
+		u.IP6 = ip
 	}
-	u := Underlay{Dev: link.Attrs().Name, IP: ip, MTU: link.Attrs().MTU}
 	if m := link.Attrs().HardwareAddr; len(m) == 6 {
 		u.MAC = m.String()
 	}
 	for _, ad := range addrs {
-		a, ok := netip.AddrFromSlice(ad.IP.To4())
+		a, ok := netip.AddrFromSlice(ad.IP)
 		if !ok {
 			continue
 		}
+		a = a.Unmap()
+		if a.IsLinkLocalUnicast() || a.IsLoopback() {
+			continue // not an address peers can reach, nor a prefix they can share
+		}
 		ones, _ := ad.Mask.Size()
 		u.Connected = append(u.Connected, netip.PrefixFrom(a, ones).Masked())
+		switch {
+		case a.Is4() && !u.IP.IsValid():
+			u.IP = a
+		case a.Is6() && !u.IP6.IsValid() && ad.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DEPRECATED|unix.IFA_F_TEMPORARY) == 0:
+			u.IP6 = a
+		}
+	}
+	if !u.IP.IsValid() && !u.IP6.IsValid() {
+		return Underlay{}, fmt.Errorf("underlay %s has no IPv4 or global IPv6 address (set --public-ip)", link.Attrs().Name)
 	}
 	d.ulDev.Store(u.Dev)
 	return u, nil
 }
 
 func (d *Linux) linkWith(ip netip.Addr) (netlink.Link, error) {
-	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return d.h.AddrList(nil, netlink.FAMILY_V4) })
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return d.h.AddrList(nil, netlink.FAMILY_ALL) })
 	if err != nil {
 		return nil, err
 	}
 	for _, ad := range addrs {
-		if x, ok := netip.AddrFromSlice(ad.IP.To4()); ok && x == ip {
+		if x, ok := netip.AddrFromSlice(ad.IP); ok && x.Unmap() == ip {
 			return d.h.LinkByIndex(ad.LinkIndex)
 		}
 	}

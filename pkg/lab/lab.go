@@ -51,6 +51,14 @@ type Options struct {
 	CNIBinDir   string // directory holding netagent-cni
 	LeaseTTL    time.Duration
 	Network     string // pod network (default 10.244.0.0/16)
+	// IPFamily is "ipv4" (default), "ipv6" or "dual": the pod networks and the underlay
+	// (IPv6 underlay from 2001:db8::/32: 2001:db8:1::/64 and, behind the router,
+	// 2001:db8:2::/64; an "ipv6" lab has no IPv4 on the underlay at all).
+	IPFamily string
+	// IPv6Network is the IPv6 pod network (default fd00:10:244::/48); IPv6Masquerade
+	// switches its masquerade (default on).
+	IPv6Network    string
+	IPv6Masquerade *bool
 	// EtcdMembers > 1 runs a cluster of that many members; EtcdBinary runs an external
 	// etcd (e.g. Debian's /usr/bin/etcd) instead of `netagent etcd`.
 	EtcdMembers int
@@ -84,6 +92,7 @@ type Node struct {
 	Name  string     `json:"name"`
 	NS    string     `json:"ns"`
 	IP    netip.Addr `json:"ip"`
+	IP6   netip.Addr `json:"ip6,omitzero"` // its IPv6 underlay address (IPv6 and dual labs)
 	Agent int        `json:"agentPid"`
 	Pods  []*Pod     `json:"pods"`
 	// Dockerd is the node's dockerd (route-mode labs).
@@ -97,6 +106,7 @@ type Pod struct {
 	Name string     `json:"name"`
 	NS   string     `json:"ns"`
 	IP   netip.Addr `json:"ip"`
+	IP6  netip.Addr `json:"ip6,omitzero"` // its IPv6 address (IPv6 and dual labs)
 	Node string     `json:"node"`
 }
 
@@ -117,6 +127,9 @@ type Lab struct {
 	EtcdTLS     *TLSFiles `json:"etcdTLS,omitempty"`
 	Nodes       []*Node   `json:"nodes"`
 	Ext         netip.Addr
+	// Ext6 is the outside host's IPv6 address (IPv6 and dual labs).
+	Ext6     netip.Addr `json:"ext6,omitzero"`
+	IPFamily string     `json:"ipFamily,omitempty"`
 	// Namespaces created, in creation order.
 	Namespaces []string `json:"namespaces"`
 	// Kube: the agents use the Kubernetes subnet manager (Opt.Kube).
@@ -132,6 +145,14 @@ const (
 	routerA   = "192.0.2.1"
 	routerB   = "198.51.100.1"
 	extIP     = "192.0.2.254"
+	// The IPv6 underlay (IPv6 and dual labs).
+	underlayA6 = "2001:db8:1::/64"
+	underlayB6 = "2001:db8:2::/64"
+	routerA6   = "2001:db8:1::1"
+	routerB6   = "2001:db8:2::1"
+	extIP6     = "2001:db8:1::254"
+	// Network6 is the lab's default IPv6 pod network.
+	Network6 = "fd00:10:244::/48"
 	// Network is the lab's default pod network.
 	Network = "10.244.0.0/16"
 )
@@ -202,9 +223,22 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 	if opt.Network == "" {
 		opt.Network = Network
 	}
+	switch opt.IPFamily {
+	case "":
+		opt.IPFamily = "ipv4"
+	case "ipv4", "ipv6", "dual":
+	default:
+		return nil, fmt.Errorf("ip family %q is not one of ipv4, ipv6, dual", opt.IPFamily)
+	}
+	if opt.IPv6Network == "" {
+		opt.IPv6Network = Network6
+	}
 	l = &Lab{Opt: opt, Prefix: opt.Prefix, Dir: opt.Dir, Backend: opt.Backend, Ext: netip.MustParseAddr(extIP),
 		EtcdMembers: opt.EtcdMembers, EtcdBinary: opt.EtcdBinary, RouteMode: opt.RouteMode, DockerNetwork: opt.DockerNetwork,
-		Kube: opt.Kube != nil}
+		Kube: opt.Kube != nil, IPFamily: opt.IPFamily}
+	if opt.IPFamily != "ipv4" {
+		l.Ext6 = netip.MustParseAddr(extIP6)
+	}
 	if opt.EtcdTLS {
 		if opt.EtcdBinary == "" {
 			return nil, errors.New("EtcdTLS needs EtcdBinary (an external etcd)")
@@ -334,7 +368,7 @@ func (l *Lab) underlay() error {
 	if err != nil {
 		return err
 	}
-	if err := attach(sw, "ext", ext, extIP+"/24"); err != nil {
+	if err := l.attach(sw, "ext", ext, "eth0", extIP, extIP6); err != nil {
 		return err
 	}
 	// Servers on the underlay (a TLS etcd, a Kubernetes API) get a namespace of their own,
@@ -374,16 +408,16 @@ func (l *Lab) underlay() error {
 		if err != nil {
 			return err
 		}
-		if err := attach(sw, "rt", rt, routerA+"/24"); err != nil {
+		if err := l.attach(sw, "rt", rt, "eth0", routerA, routerA6); err != nil {
 			return err
 		}
-		if err := attachAs(swB, "rt", rt, "eth1", routerB+"/24"); err != nil {
+		if err := l.attach(swB, "rt", rt, "eth1", routerB, routerB6); err != nil {
 			return err
 		}
-		if _, err := rt.Run("sysctl", "-qw", "net.ipv4.ip_forward=1"); err != nil {
+		if _, err := rt.Run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"); err != nil {
 			return err
 		}
-		if _, err := ext.Run("ip", "route", "add", underlayB, "via", routerA); err != nil {
+		if err := l.route(ext, underlayB, routerA, underlayB6, routerA6); err != nil {
 			return err
 		}
 	}
@@ -399,26 +433,37 @@ func (l *Lab) underlay() error {
 		if err := os.MkdirAll(n.Dir, 0o755); err != nil {
 			return err
 		}
+		if _, err := ns.Run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"); err != nil {
+			return err
+		}
 		if i < local {
 			n.IP = netip.MustParseAddr(fmt.Sprintf("192.0.2.%d", 11+i))
+			n.IP6 = netip.MustParseAddr(fmt.Sprintf("2001:db8:1::%d", 11+i))
 			n.Net = netip.MustParsePrefix(underlayA)
-			if err := attach(sw, name, ns, n.IP.String()+"/24"); err != nil {
+			if err := l.attach(sw, name, ns, "eth0", n.IP.String(), n.IP6.String()); err != nil {
 				return err
 			}
 			if l.Opt.Remote > 0 {
-				if _, err := ns.Run("ip", "route", "add", "default", "via", routerA); err != nil {
+				if err := l.route(ns, "default", routerA, "default", routerA6); err != nil {
 					return err
 				}
 			}
 		} else {
 			n.IP = netip.MustParseAddr(fmt.Sprintf("198.51.100.%d", 10+i-local))
+			n.IP6 = netip.MustParseAddr(fmt.Sprintf("2001:db8:2::%d", 10+i-local))
 			n.Net = netip.MustParsePrefix(underlayB)
-			if err := attach(swB, name, ns, n.IP.String()+"/24"); err != nil {
+			if err := l.attach(swB, name, ns, "eth0", n.IP.String(), n.IP6.String()); err != nil {
 				return err
 			}
-			if _, err := ns.Run("ip", "route", "add", "default", "via", routerB); err != nil {
+			if err := l.route(ns, "default", routerB, "default", routerB6); err != nil {
 				return err
 			}
+		}
+		if l.IPFamily == "ipv4" {
+			n.IP6 = netip.Addr{}
+		}
+		if l.IPFamily == "ipv6" {
+			n.IP = netip.Addr{}
 		}
 		l.Nodes = append(l.Nodes, n)
 	}
@@ -430,12 +475,48 @@ func attach(sw *netns.NS, port string, ns *netns.NS, addr string) error {
 	return attachAs(sw, port, ns, "eth0", addr)
 }
 
+// attach connects ns to the switch as dev with the addresses of the lab's families (an
+// IPv4 /24 and an IPv6 /64).
+func (l *Lab) attach(sw *netns.NS, port string, ns *netns.NS, dev, v4, v6 string) error {
+	if l.IPFamily == "ipv6" {
+		v4 = ""
+	}
+	if err := attachAs(sw, port, ns, dev, v4); err != nil {
+		return err
+	}
+	if l.IPFamily == "ipv4" || v6 == "" {
+		return nil
+	}
+	return ns.AddrAdd(dev, v6+"/64")
+}
+
+// route adds the lab's families' routes to dst via gw (IPv4) and dst6 via gw6 (IPv6).
+func (l *Lab) route(ns *netns.NS, dst, gw, dst6, gw6 string) error {
+	if l.IPFamily != "ipv6" {
+		if _, err := ns.Run("ip", "route", "add", dst, "via", gw); err != nil {
+			return err
+		}
+	}
+	if l.IPFamily != "ipv4" {
+		if _, err := ns.Run("ip", "-6", "route", "add", dst6, "via", gw6); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func attachAs(sw *netns.NS, port string, ns *netns.NS, dev, addr string) error {
 	if err := netns.Veth(sw, port, ns, dev); err != nil {
 		return err
 	}
 	if _, err := sw.Run("ip", "link", "set", port, "master", "br0"); err != nil {
 		return err
+	}
+	if addr == "" {
+		return nil
+	}
+	if !strings.Contains(addr, "/") {
+		addr += "/24"
 	}
 	return ns.AddrAdd(dev, addr)
 }
@@ -564,7 +645,23 @@ func (l *Lab) StopEtcd() error {
 }
 
 func (l *Lab) setConfig(ctx context.Context) error {
-	out, err := l.netagent(ctx, "config", "set", "--network", l.Opt.Network, "--backend", l.Opt.Backend)
+	args := []string{"config", "set", "--network", l.Opt.Network, "--backend", l.Opt.Backend}
+	if l.IPFamily != "ipv4" {
+		c := map[string]any{"ipv6Network": l.Opt.IPv6Network, "backend": map[string]string{"type": l.Opt.Backend}}
+		if l.IPFamily == "dual" {
+			c["network"] = l.Opt.Network
+		}
+		if l.Opt.IPv6Masquerade != nil {
+			c["ipv6Masquerade"] = *l.Opt.IPv6Masquerade
+		}
+		b, _ := json.Marshal(c)
+		file := filepath.Join(l.Dir, "net-conf.json")
+		if err := os.WriteFile(file, b, 0o644); err != nil {
+			return err
+		}
+		args = []string{"config", "set", "--file", file}
+	}
+	out, err := l.netagent(ctx, args...)
 	if err != nil {
 		return fmt.Errorf("config set: %v: %s", err, out)
 	}

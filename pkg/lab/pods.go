@@ -71,8 +71,16 @@ func (l *Lab) AddPodPorts(ctx context.Context, n *Node, name string, ports ...Po
 	if err != nil {
 		return nil, fmt.Errorf("wire %s on %s: %w", name, n.Name, err)
 	}
-	ip, _ := netip.AddrFromSlice(res.IPs[0].Address.IP.To4())
-	p := &Pod{Name: name, NS: ns.Name, IP: ip, Node: n.Name}
+	p := &Pod{Name: name, NS: ns.Name, Node: n.Name}
+	for _, c := range res.IPs {
+		ip, _ := netip.AddrFromSlice(c.Address.IP)
+		switch ip = ip.Unmap(); {
+		case ip.Is4() && !p.IP.IsValid():
+			p.IP = ip
+		case ip.Is6() && !p.IP6.IsValid():
+			p.IP6 = ip
+		}
+	}
 	n.Pods = append(n.Pods, p)
 	return p, nil
 }
