@@ -18,7 +18,9 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/netagent/netagent/pkg/agent"
+	"github.com/netagent/netagent/pkg/kube"
 	"github.com/netagent/netagent/pkg/lab"
+	"github.com/netagent/netagent/test/kubeapi"
 	"github.com/netagent/netagent/test/labtest"
 	"github.com/netagent/netagent/test/netns"
 )
@@ -366,4 +368,51 @@ func grep(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestBackendKube: the wireguard backend with --subnet-manager=kube against a stand-in API
+// server: the public key and port are Node annotations (the private key is not), peers
+// come from the Node informer, and a deleted Node's peer goes from every device.
+func TestBackendKube(t *testing.T) {
+	api := kubeapi.New()
+	l := labtest.Up(t, lab.Options{Backend: "wireguard", Nodes: 3, PodsPerNode: 1, Kube: api}, func(l *lab.Lab, n *lab.Node) []string {
+		return []string{"state/netagent-wireguard-" + l.WGDevice(n) + ".log"}
+	})
+	c, err := wgctrl.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	w := &wgLab{t: t, l: l, wg: c}
+	keys := map[string]string{}
+	for _, n := range l.Nodes {
+		node, _ := api.Get(n.Name)
+		keys[n.Name] = w.pubKey(n)
+		if got := node.Annotations[kube.AnnWGPublicKey]; got != keys[n.Name] || node.Annotations[kube.AnnWGPort] != "51820" {
+			t.Errorf("%s: annotations %s=%q %s=%q, want its public key %s and 51820", n.Name, kube.AnnWGPublicKey, got, kube.AnnWGPort, node.Annotations[kube.AnnWGPort], keys[n.Name])
+		}
+		priv, err := os.ReadFile(filepath.Join(n.Dir, "state", "wireguard.key"))
+		if err != nil || len(strings.TrimSpace(string(priv))) != 44 {
+			t.Fatalf("%s: private key file: %v", n.Name, err)
+		}
+		for k, v := range node.Annotations {
+			if strings.Contains(v, strings.TrimSpace(string(priv))) {
+				t.Errorf("%s: annotation %s carries the private key", n.Name, k)
+			}
+		}
+	}
+	if m := l.Matrix(context.Background()); len(lab.Failures(m)) > 0 {
+		t.Fatalf("connectivity failures:\n%s", lab.FormatMatrix(m))
+	}
+	n3 := l.Nodes[2]
+	if err := api.Delete(n3.Name); err != nil {
+		t.Fatal(err)
+	}
+	took := within(t, 5*time.Second, "deleted Node's peer gone everywhere", func() bool {
+		return w.peerOf(l.Nodes[0], keys[n3.Name]) == nil && w.peerOf(l.Nodes[1], keys[n3.Name]) == nil
+	})
+	t.Logf("deleted Node's WireGuard peer removed everywhere in %s", took.Round(time.Millisecond))
+	if err := lab.Ping(w.pod(n3), l.Nodes[0].Pods[0].IP.String()); err == nil {
+		t.Error("the deleted Node's pod still reaches node1's pod")
+	}
 }
