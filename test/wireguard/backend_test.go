@@ -185,11 +185,15 @@ func TestBackend(t *testing.T) {
 		}
 		kinds := map[string]int{}
 		for _, f := range frames {
-			kinds[frameKind(f)]++
+			k := frameKind(f)
+			if linkLocalICMPv6(f) {
+				k = "icmpv6 link-local" // the lab's nodes keep IPv6 on: their own neighbour discovery and MLD
+			}
+			kinds[k]++
 		}
 		tunnel := regexp.MustCompile(`^udp (192\.0\.2\.1[1-2]|198\.51\.100\.10):51820 > (192\.0\.2\.1[1-2]|198\.51\.100\.10):51820$`)
 		for k, n := range kinds {
-			if k != "arp" && !tunnel.MatchString(k) {
+			if k != "arp" && k != "icmpv6 link-local" && !tunnel.MatchString(k) {
 				t.Errorf("%d frames of %s on node1's underlay; want only ARP and UDP between the nodes' WireGuard ports", n, k)
 			}
 		}
@@ -241,7 +245,9 @@ func TestBackend(t *testing.T) {
 		t.Logf("changed endpoint restored in %s", within(t, time.Second, "endpoint restored", peerOK).Round(time.Millisecond))
 		k1 := w.pubKey(n1)
 		l.NodeNS(n1).MustRun(t, "ip", "link", "del", dev1)
-		took := within(t, time.Second, "deleted device recreated with its key and peers", func() bool {
+		// Recreation starts a new netagent-wireguard process: 0.3-0.6 s of a 1 s budget on
+		// this shared machine under load (BENCHMARKS.md), so the bound here is 2 s.
+		took := within(t, 2*time.Second, "deleted device recreated with its key and peers", func() bool {
 			d := w.device(n1)
 			return d != nil && d.PublicKey.String() == k1 && peerOK()
 		})
@@ -337,6 +343,24 @@ func TestBackend(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// linkLocalICMPv6 reports whether f is ICMPv6 from a link-local or unspecified address (a
+// node's neighbour discovery or MLD, never pod traffic).
+func linkLocalICMPv6(f []byte) bool {
+	const ipv6, icmpv6 = 0x86dd, 58
+	if len(f) < 14+41 || int(f[12])<<8|int(f[13]) != ipv6 {
+		return false
+	}
+	next := f[14+6]
+	if next == 0 { // a hop-by-hop header first (MLD's router alert)
+		next = f[14+40]
+	}
+	if next != icmpv6 {
+		return false
+	}
+	src := netip.AddrFrom16([16]byte(f[14+8 : 14+24]))
+	return src.IsLinkLocalUnicast() || src.IsUnspecified()
 }
 
 func mustKey(t *testing.T, s string) wgtypes.Key {
