@@ -27,10 +27,12 @@ import (
 	"github.com/netagent/netagent/pkg/doctor"
 	"github.com/netagent/netagent/pkg/lease/etcdstore"
 	"github.com/netagent/netagent/pkg/nat"
+	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/subnetfile"
 	"github.com/netagent/netagent/pkg/vxguard"
 	"github.com/netagent/netagent/pkg/vxlan"
+	"github.com/netagent/netagent/pkg/wgguard"
 )
 
 func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
@@ -189,8 +191,15 @@ func printStatus(w io.Writer, st agent.Status, ipv6 string) error {
 	for k, v := range st.Errors {
 		fmt.Fprintf(w, "error (%s): %s\n", k, v)
 	}
+	if g := st.WireGuard; g != nil {
+		fmt.Fprintf(w, "wireguard %s  %s (%s)  port %d  public key %s\n", g.Device, g.Implementation, g.Reason, g.Port, g.PublicKey)
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "\nPEER\tSUBNET\tPUBLIC IP\tMODE\tROUTE\tFDB\tNEIGH\tNOTE")
+	if st.WireGuard != nil {
+		fmt.Fprintln(tw, "\nPEER\tSUBNET\tPUBLIC IP\tMODE\tROUTE\tWG PEER\tHANDSHAKE\tRX\tTX\tNOTE")
+	} else {
+		fmt.Fprintln(tw, "\nPEER\tSUBNET\tPUBLIC IP\tMODE\tROUTE\tFDB\tNEIGH\tNOTE")
+	}
 	yn := func(b *bool) string {
 		switch {
 		case b == nil:
@@ -207,6 +216,17 @@ func printStatus(w io.Writer, st agent.Status, ipv6 string) error {
 			if p.Mode == "unreachable" {
 				r = "-"
 			}
+		}
+		if st.WireGuard != nil {
+			hs := "-"
+			switch a := p.WGHandshakeAge; {
+			case a != nil && *a < 0:
+				hs = "never"
+			case a != nil:
+				hs = (time.Duration(*a * float64(time.Second))).Round(time.Second).String() + " ago"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", p.Node, p.Subnet, p.PublicIP, p.Mode, r, yn(p.WG), hs, p.WGRxBytes, p.WGTxBytes, p.Reason)
+			continue
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, p.Subnet, p.PublicIP, p.Mode, r, yn(p.FDB), yn(p.Neigh), p.Reason)
 	}
@@ -232,11 +252,15 @@ func cmdLeave(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	return ef.with(ctx, func(ctx context.Context, st *etcdstore.Store) error {
-		s, err := st.Leave(ctx, *node)
+		subnets, err := st.Leave(ctx, *node)
 		if err != nil {
 			return err
 		}
-		_, err = fmt.Fprintf(stdout, "released %s of %s\n", s, *node)
+		var names []string
+		for _, s := range subnets {
+			names = append(names, s.String())
+		}
+		_, err = fmt.Fprintf(stdout, "released %s of %s\n", strings.Join(names, ", "), *node)
 		return err
 	})
 }
@@ -275,6 +299,7 @@ type cleanupFlags struct {
 	subnetFile string
 	cniConf    string
 	cniBin     string
+	wgDevice   string
 }
 
 func newCleanupFlags() (*flag.FlagSet, *cleanupFlags) {
@@ -282,6 +307,7 @@ func newCleanupFlags() (*flag.FlagSet, *cleanupFlags) {
 	f := &cleanupFlags{}
 	fs.StringVar(&f.subnetFile, "subnet-file", subnetfile.DefaultPath, "subnet file to remove")
 	fs.StringVar(&f.cniConf, "cni-conf", "/etc/cni/net.d/10-netagent.conflist", "conflist to remove")
+	fs.StringVar(&f.wgDevice, "wireguard-device", plan.DefaultWGDev, "WireGuard device to remove (the private key in --state-dir stays: it is the node's identity)")
 	fs.StringVar(&f.cniBin, "cni-bin", "", "plugin binary to remove, e.g. /opt/cni/bin/"+cniBinName+" (empty: keep it)")
 	return fs, f
 }
@@ -318,6 +344,19 @@ func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {
 		errs = append(errs, err)
 	} else {
 		fmt.Fprintln(stdout, "removed the VXLAN allow-list (nftables table ip netagent)")
+	}
+	if err := wgguard.Remove(); err != nil {
+		errs = append(errs, err)
+	} else {
+		fmt.Fprintln(stdout, "removed the WireGuard underlay guard (nftables table ip netagent-wg)")
+	}
+	// The WireGuard device: deleting the link stops a userspace device's daemon too.
+	if l, err := h.LinkByName(f.wgDevice); err == nil {
+		if err := h.LinkDel(l); err != nil {
+			errs = append(errs, fmt.Errorf("delete wireguard device %s: %w", f.wgDevice, err))
+		} else {
+			fmt.Fprintf(stdout, "removed wireguard device %s\n", f.wgDevice)
+		}
 	}
 	if err := antispoof.Remove(ctx); err != nil {
 		errs = append(errs, err)

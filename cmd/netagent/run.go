@@ -23,7 +23,9 @@ import (
 	"github.com/netagent/netagent/pkg/agent"
 	"github.com/netagent/netagent/pkg/kube"
 	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/pkg/subnetfile"
+	"github.com/netagent/netagent/pkg/wireguard/device"
 )
 
 // runFlags are `netagent run`'s flags (a separate type so a test can parse the
@@ -49,6 +51,8 @@ type runFlags struct {
 	subnetManager string
 	kubeconfig    string
 	netConf       string
+	// The wireguard backend.
+	wg agent.WireGuardOptions
 }
 
 func newRunFlags() (*flag.FlagSet, *runFlags) {
@@ -64,7 +68,13 @@ and write the subnet file and CNI config that netagent-cni reads.`)
 	fs.StringVar(&f.subnetManager, "subnet-manager", "etcd", "where subnets come from: etcd (leases in etcd) or kube (the Node's spec.podCIDR; peers from the Kubernetes API)")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kube: kubeconfig file (empty: the in-cluster service account)")
 	fs.StringVar(&f.netConf, "net-conf", "/etc/netagent/net-conf.json", "kube: the network config JSON (a mounted ConfigMap; same schema as netagent config set --file)")
+	fs.StringVar(&f.wg.StateDir, "state-dir", "/var/lib/netagent", "wireguard: the node's state directory, holding its WireGuard private key (created on first start, mode 0600)")
+	fs.StringVar(&f.wg.Device, "wireguard-device", "", "wireguard: the WireGuard interface's name (default "+plan.DefaultWGDev+")")
+	fs.StringVar(&f.wg.Impl, "wireguard-impl", "auto", "wireguard: auto (the kernel's WireGuard where it has one, else userspace), kernel or userspace")
+	fs.StringVar(&f.wg.Daemon, "wireguard-daemon", "", "wireguard: the netagent-wireguard binary run for a userspace device (default: next to netagent, else on PATH)")
+	fs.BoolVar(&f.wg.RotateKey, "rotate-wireguard-key", false, "wireguard: replace the node's WireGuard key at start; peers pick up the new public key from the lease")
 	group(fs, "Node", "node-name", "iface", "public-ip")
+	group(fs, "WireGuard backend", "state-dir", "wireguard-device", "wireguard-impl", "wireguard-daemon", "rotate-wireguard-key")
 	group(fs, "CNI files", "subnet-file", "cni-conf-dir", "cni-bridge", "cni-data-dir")
 	group(fs, "Subnet store: etcd", append([]string{"subnet-manager", "lease-ttl", "embedded-etcd"}, etcdFlagNames...)...)
 	group(fs, "Subnet store: Kubernetes (--subnet-manager=kube)", "kubeconfig", "net-conf")
@@ -105,6 +115,16 @@ func (f *runFlags) validate() error {
 	if f.metrics != "" {
 		if _, _, err := net.SplitHostPort(f.metrics); err != nil {
 			return fmt.Errorf("--metrics-listen %q: want HOST:PORT: %w", f.metrics, err)
+		}
+	}
+	switch f.wg.Impl {
+	case "", "auto", "kernel", "userspace":
+	default:
+		return fmt.Errorf("--wireguard-impl %q: want auto, kernel or userspace", f.wg.Impl)
+	}
+	if f.wg.Device != "" {
+		if err := device.ValidName(f.wg.Device); err != nil {
+			return fmt.Errorf("--wireguard-device: %w", err)
 		}
 	}
 	if f.leaseTTL < 2*time.Second {
@@ -251,6 +271,7 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 		OnReady:    onReady,
 
 		RepairForwarding: f.fwdRepair,
+		WireGuard:        f.wg,
 	})
 	if err != nil {
 		return err

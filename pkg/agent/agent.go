@@ -42,7 +42,7 @@ import (
 type Options struct {
 	Node       string
 	Iface      string     // underlay interface; empty: the one holding PublicIP, or the default route's
-	PublicIP   netip.Addr // optional; default: Iface's first IPv4 address
+	PublicIP   netip.Addr // optional, either family; default: Iface's first IPv4 and global IPv6 addresses
 	SubnetFile string
 	CNIConfDir string // "" disables writing the conflist
 	CNIConf    CNIConf
@@ -64,6 +64,22 @@ type Options struct {
 	// RepairForwarding switches net.ipv4.ip_forward back on when it is found off; without
 	// it the agent only reports it.
 	RepairForwarding bool
+	// WireGuard is the node's side of the wireguard backend (used when the config names it).
+	WireGuard WireGuardOptions
+}
+
+// WireGuardOptions are the node-local settings of the wireguard backend.
+type WireGuardOptions struct {
+	// StateDir holds the node's private key (created on first start, mode 0600).
+	StateDir string
+	// Device is the WireGuard interface's name (default plan.DefaultWGDev).
+	Device string
+	// Impl is auto, kernel or userspace; Daemon the netagent-wireguard binary for a
+	// userspace device (default: next to this executable, else on PATH).
+	Impl, Daemon string
+	// RotateKey replaces the private key before the lease is claimed: the lease then
+	// publishes the new public key, and peers pick it up through their watch.
+	RotateKey bool
 }
 
 // Dataplane is the kernel as the agent sees it: the underlay it reads, and the objects it
@@ -83,6 +99,11 @@ type Dataplane interface {
 	Watch(ctx context.Context, changed chan<- struct{})
 	// Dropped is how many VXLAN packets the allow-list dropped.
 	Dropped() uint64
+	// WireGuard is the WireGuard device as the kernel has it (false: none).
+	WireGuard() (dataplane.WGStatus, bool)
+	// WireGuardKey is the node's WireGuard public key (the private key stays with the
+	// dataplane); rotate replaces the key, and device dev's, first.
+	WireGuardKey(dev string, rotate bool) (string, error)
 }
 
 // Agent runs one node's control loop.
@@ -109,6 +130,7 @@ type Agent struct {
 		p    plan.Plan // header only: MTU, NAT
 	}
 	dockerOK atomic.Bool // the Docker step succeeded once
+	rotated  bool        // the WireGuard key was rotated by this run
 
 	files      []file            // what writeFiles last wrote (the loop's)
 	bigPass    bool              // the last full pass changed many objects
@@ -152,6 +174,7 @@ func New(opt Options) (*Agent, error) {
 		if err != nil {
 			return nil, err
 		}
+		dp.UseWireGuard(dataplane.WireGuardOptions{KeyDir: opt.WireGuard.StateDir, Impl: opt.WireGuard.Impl, Daemon: opt.WireGuard.Daemon})
 		a.dp = dp
 	}
 	if opt.Docker != nil {
@@ -162,6 +185,7 @@ func New(opt Options) (*Agent, error) {
 		a.h = h
 	}
 	opt.Metrics.guardDrops(a.dp.Dropped)
+	opt.Metrics.wireGuard(a.dp.WireGuard)
 	opt.Metrics.podSpoofDrops(podSpoofDrops)
 	return a, nil
 }
@@ -182,7 +206,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	log.Info("underlay", "dev", ul.Dev, "ip", ul.IP, "mtu", ul.MTU)
+	log.Info("underlay", "dev", ul.Dev, "ip", ul.IP, "ip6", ul.IP6, "mtu", ul.MTU)
 	cfg, err := a.config(ctx, log)
 	if err != nil {
 		return err
@@ -191,7 +215,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	log.Info("lease acquired", "subnet", held.Lease.Subnet, "in", time.Since(start).Round(time.Millisecond))
+	log.Info("lease acquired", "subnet", held.Lease.Subnet, "subnet6", held.Lease.Subnet6, "in", time.Since(start).Round(time.Millisecond))
 	a.setLease(held.Lease, cfg)
 	a.opt.Metrics.LeaseHeld.Set(1)
 	// The NAT and FORWARD chains depend on the config and our subnet only: the dataplane
@@ -202,7 +226,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	s := &state{cfg: cfg, self: held.Lease, ul: ul, grace: newGrace(), start: start,
-		peers: lease.NewPeersWith(lease.Rules{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Self: a.opt.Node, SelfIP: held.Lease.PublicIP})}
+		peers: lease.NewPeersWith(lease.Rules{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Network6: cfg.IPv6Network, SubnetLen6: cfg.IPv6SubnetLen,
+			Self: a.opt.Node, SelfIP: held.Lease.PublicIP, SelfIP6: held.Lease.PublicIP6, SelfWGKey: held.Lease.WGPublicKey})}
 	listed := a.startInputs(ctx, log, s, held)
 	// Wait for the first full list of peers before touching anything.
 	select {
@@ -276,13 +301,21 @@ func (a *Agent) config(ctx context.Context, log *slog.Logger) (config.Network, e
 
 // acquire claims the node's lease, retried until it succeeds.
 func (a *Agent) acquire(ctx context.Context, log *slog.Logger, cfg config.Network, ul dataplane.Underlay) (lease.Held, error) {
-	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.IP, Backend: cfg.Backend.Type, UnderlayMAC: ul.MAC, Instance: newInstance()}
-	if cfg.Backend.Type != config.HostGW {
+	self := lease.Lease{Node: a.opt.Node, PublicIP: ul.IP, PublicIP6: ul.IP6, Backend: cfg.Backend.Type, UnderlayMAC: ul.MAC, Instance: newInstance()}
+	switch cfg.Backend.Type {
+	case config.HostGW:
+	case config.WireGuard:
+		pub, err := a.wireGuardKey()
+		if err != nil {
+			return lease.Held{}, err
+		}
+		self.WGPublicKey, self.WGPort = pub, cfg.Backend.Port
+	default:
 		self.VTEPMAC = plan.VTEPMAC(a.opt.Node).String()
 	}
 	hint := a.dockerHint(log)
 	if info, err := subnetfile.Read(a.opt.SubnetFile); err == nil {
-		hint = info.Subnet
+		hint, self.Subnet6 = info.Subnet, info.Subnet6 // Subnet6: the IPv6 hint
 	}
 	backoff := newBackoff()
 	for {
@@ -299,6 +332,21 @@ func (a *Agent) acquire(ctx context.Context, log *slog.Logger, cfg config.Networ
 	}
 }
 
+// wireGuardKey returns the node's WireGuard public key (the dataplane keeps the private
+// key), replaced first once per run when asked to rotate it.
+func (a *Agent) wireGuardKey() (string, error) {
+	rotate := a.opt.WireGuard.RotateKey && !a.rotated
+	dev := a.opt.WireGuard.Device
+	if dev == "" {
+		dev = plan.DefaultWGDev
+	}
+	pub, err := a.dp.WireGuardKey(dev, rotate)
+	if err == nil && rotate {
+		a.rotated = true // not again on a re-claim
+	}
+	return pub, err
+}
+
 // input is the plan's input: the snapshot of config, own lease, underlay and peers.
 func (a *Agent) input(cfg config.Network, self lease.Lease, ul dataplane.Underlay, peers []lease.Lease) plan.Input {
 	return plan.Input{
@@ -307,6 +355,7 @@ func (a *Agent) input(cfg config.Network, self lease.Lease, ul dataplane.Underla
 		Peers:    peers,
 		Underlay: plan.Underlay{Dev: ul.Dev, MTU: ul.MTU, Connected: ul.Connected},
 		Docker:   a.opt.Docker != nil,
+		WGDev:    a.opt.WireGuard.Device,
 	}
 }
 

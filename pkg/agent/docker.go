@@ -105,6 +105,9 @@ func (a *Agent) dockerPass(ctx context.Context, log *slog.Logger, self lease.Lea
 // for the bridge to carry it, create a network, or check the bridge.
 func (a *Agent) dockerStep(ctx context.Context, log *slog.Logger, self lease.Lease, p plan.Plan) error {
 	d := a.opt.Docker
+	if !self.Subnet.IsValid() {
+		return fmt.Errorf("the cluster network is IPv6-only (leased %s), and Docker has no IPv6-only bridge network: give the network an IPv4 part too (\"network\" beside \"ipv6Network\") for Docker hosts", self.Subnet6)
+	}
 	switch {
 	case d.ConfigPath != "":
 		if c := docker.FlagConflicts(or(d.ProcRoot, "/proc"), d.ConfigPath); len(c) > 0 {
@@ -116,7 +119,7 @@ func (a *Agent) dockerStep(ctx context.Context, log *slog.Logger, self lease.Lea
 			return err
 		}
 		if changed {
-			log.Info("wrote the leased subnet into docker's config; (re)start dockerd to apply it", "file", d.ConfigPath, "bip", docker.Gateway(self.Subnet), "mtu", p.PodMTU)
+			log.Info("wrote the leased subnet into docker's config; (re)start dockerd to apply it", "file", d.ConfigPath, "bip", docker.Gateway(self.Subnet), "fixed-cidr-v6", self.Subnet6, "mtu", p.PodMTU)
 		}
 		if err := docker.CheckBridge(a.h, d.Bridge, dockerSubnets(self)); err != nil {
 			have := docker.BridgeSubnet(a.h, d.Bridge)
@@ -146,7 +149,7 @@ func (a *Agent) dockerStep(ctx context.Context, log *slog.Logger, self lease.Lea
 
 // dockerSubnets are the subnets of the lease in the form the docker package takes.
 func dockerSubnets(self lease.Lease) docker.Subnets {
-	return docker.Subnets{V4: self.Subnet}
+	return docker.Subnets{V4: self.Subnet, V6: self.Subnet6}
 }
 
 // notAdopted says why the bridge's own subnet did not become the lease, if it did not.

@@ -99,4 +99,14 @@ func TestDockerPass(t *testing.T) {
 	if !strings.Contains(logs.String(), "dockerd is not listening on") {
 		t.Errorf("missing socket logged as:\n%s", logs.String())
 	}
+
+	// An IPv6-only cluster: Docker cannot use it, and the error says what to change.
+	a = newAgent(fakeDocker(t, &refuse))
+	only6 := lease.Lease{Node: "n1", Subnet6: netip.MustParsePrefix("fd00:10:244:7::/64")}
+	if a.dockerPass(t.Context(), log, only6, p) {
+		t.Fatal("dockerPass succeeded for an IPv6-only lease")
+	}
+	if msg := a.status.Errors["docker"]; !strings.Contains(msg, "IPv6-only") || !strings.Contains(msg, `"network" beside "ipv6Network"`) {
+		t.Errorf("IPv6-only error = %q", msg)
+	}
 }

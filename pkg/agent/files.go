@@ -11,6 +11,7 @@ import (
 
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 
@@ -31,11 +32,26 @@ type CNIConf struct {
 
 // ConfList renders the conflist for the plugin (exported for tests and manifests).
 func ConfList(c CNIConf, subnetFile string) []byte {
+	return confList(c, subnetFile, netip.Prefix{}, 0)
+}
+
+// confList is ConfList for a node with IPv6: subnet6 set adds the node's IPv6 subnet as
+// ipv6Subnet; with no subnetFile (an IPv6-only cluster, no IPv4 subnet to read) the pod
+// MTU goes into the conflist instead.
+func confList(c CNIConf, subnetFile string, subnet6 netip.Prefix, mtu int) []byte {
 	plugin := map[string]any{
 		"type":         "netagent-cni",
 		"bridge":       or(c.Bridge, "cni0"),
-		"subnetFile":   subnetFile,
 		"capabilities": map[string]bool{"portMappings": true},
+	}
+	if subnetFile != "" {
+		plugin["subnetFile"] = subnetFile
+	}
+	if subnet6.IsValid() {
+		plugin["ipv6Subnet"] = subnet6.String()
+	}
+	if subnetFile == "" && mtu != 0 {
+		plugin["mtu"] = mtu
 	}
 	if c.DataDir != "" {
 		plugin["dataDir"] = c.DataDir
@@ -80,10 +96,20 @@ const (
 // one removed or replaced.
 func (a *Agent) writeFiles(cfg config.Network, self lease.Lease, p plan.Plan) error {
 	info := subnetfile.Info{Network: cfg.Network, Subnet: self.Subnet, MTU: p.PodMTU}
+	if cfg.HasV6() {
+		info.Network6, info.Subnet6 = cfg.IPv6Network, self.Subnet6
+	}
+	if !cfg.HasV4() {
+		info.Subnet = netip.Prefix{}
+	}
 	want := []file{{path: a.opt.SubnetFile, data: info.Marshal()}}
 	if a.opt.CNIConfDir != "" {
 		name := or(a.opt.CNIConf.FileName, "10-netagent.conflist")
-		want = append(want, file{path: filepath.Join(a.opt.CNIConfDir, name), data: ConfList(a.opt.CNIConf, a.opt.SubnetFile)})
+		subnetFile := a.opt.SubnetFile
+		if !info.Subnet.IsValid() {
+			subnetFile = "" // IPv6-only: the plugin takes ipv6Subnet and mtu from the conflist
+		}
+		want = append(want, file{path: filepath.Join(a.opt.CNIConfDir, name), data: confList(a.opt.CNIConf, subnetFile, info.Subnet6, p.PodMTU)})
 	}
 	for i := range want {
 		for _, old := range a.files {

@@ -194,10 +194,12 @@ func (a *Agent) handle(ctx context.Context, log *slog.Logger, s *state, r reason
 func (a *Agent) reloadConfig(ctx context.Context, log *slog.Logger, s *state) bool {
 	c, _, err := a.opt.Store.Config(ctx)
 	switch {
-	case err == nil && (c.Network != s.cfg.Network || c.SubnetLen != s.cfg.SubnetLen || c.Backend.Type != s.cfg.Backend.Type):
+	case err == nil && (c.Network != s.cfg.Network || c.SubnetLen != s.cfg.SubnetLen || c.Backend.Type != s.cfg.Backend.Type ||
+		(c.Backend.Type == config.WireGuard && c.Backend.Port != s.cfg.Backend.Port)):
+		// (The WireGuard port is published in the lease, like the VTEP MAC.)
 		// The lease (subnet, VTEP MAC) was made for the old values: applying them
 		// live would mean renumbering pods. A restart of each agent applies them.
-		log.Error("network, subnet length or backend changed in the network config; restart the agents to apply it, keeping the current dataplane",
+		log.Error("network, subnet length, backend or WireGuard port changed in the network config; restart the agents to apply it, keeping the current dataplane",
 			"network", c.Network, "subnetLen", c.SubnetLen, "backend", c.Backend.Type)
 		a.setError("config", fmt.Errorf("network, subnetLen or backend changed in the network config; restart the agent to apply"))
 	case err == nil:
@@ -346,7 +348,7 @@ func (a *Agent) finish(log *slog.Logger, kind string, t0 time.Time, st dataplane
 	a.mu.Lock()
 	counts := a.planner.Count()
 	a.mu.Unlock()
-	for _, mode := range []plan.Mode{plan.Direct, plan.VXLAN, plan.Unreachable} {
+	for _, mode := range []plan.Mode{plan.Direct, plan.VXLAN, plan.WireGuard, plan.Unreachable} {
 		m.Peers.WithLabelValues(string(mode)).Set(float64(counts[mode]))
 	}
 	if err != nil {
@@ -355,6 +357,9 @@ func (a *Agent) finish(log *slog.Logger, kind string, t0 time.Time, st dataplane
 		a.setError("reconcile", err)
 	} else {
 		a.clearError("reconcile")
+	}
+	if !st.WireGuard.Empty() {
+		log.Info("wireguard device updated", "pass", kind, "changes", st.WireGuard.String())
 	}
 	if st.VXLAN.Changed() || st.Routes.Changed() || st.NAT.Changed() {
 		r, v := st.Routes, st.VXLAN
@@ -382,6 +387,15 @@ func (a *Agent) countChanges(st dataplane.Stats, drift bool) {
 	c.WithLabelValues("fdb").Add(float64(v.FDBSet + v.FDBDel))
 	c.WithLabelValues("vxlan-device").Add(float64(v.DeviceChanges()))
 	c.WithLabelValues("nat").Add(float64(n.ChainsRewritten + n.JumpsFixed))
+	if w := st.WireGuard; !w.Empty() {
+		k := len(w.Added) + len(w.Updated) + len(w.Removed)
+		for _, on := range []bool{w.Created, w.PrivateKey, w.ListenPort, w.MTU, w.Up} {
+			if on {
+				k++
+			}
+		}
+		c.WithLabelValues("wireguard").Add(float64(k))
+	}
 	if g.Changed() {
 		k := g.Added + g.Delete
 		if g.Rebuilt {

@@ -1,8 +1,12 @@
 package agent
 
 import (
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/netagent/netagent/pkg/dataplane"
 )
 
 // Metrics are the agent's Prometheus metrics, on their own registry.
@@ -47,7 +51,7 @@ func NewMetrics() *Metrics {
 	for _, k := range []string{"config", "lease", "store", "reconcile", "files", "forwarding"} {
 		m.Errors.WithLabelValues(k)
 	}
-	for _, k := range []string{"route", "neigh", "fdb", "vxlan-device", "nat", "vxlan-allowlist", "antispoof", "ip-forward"} {
+	for _, k := range []string{"route", "neigh", "fdb", "vxlan-device", "nat", "vxlan-allowlist", "antispoof", "ip-forward", "wireguard"} {
 		m.Repairs.WithLabelValues(k)
 		m.Changes.WithLabelValues(k)
 	}
@@ -62,6 +66,49 @@ func (m *Metrics) guardDrops(read func() uint64) {
 		Name: "netagent_vxlan_dropped_packets_total",
 		Help: "VXLAN packets dropped: from addresses that are not peers, or encapsulated by pods.",
 	}, func() float64 { return float64(read()) }))
+}
+
+// wireGuard exports the WireGuard device's peers, read from the device on scrape: how many,
+// and per peer the age of its last handshake and its byte counters.
+func (m *Metrics) wireGuard(read func() (dataplane.WGStatus, bool)) {
+	_ = m.Registry.Register(wgCollector{read})
+}
+
+var (
+	wgPeersDesc     = prometheus.NewDesc("netagent_wireguard_peers", "Peers configured on the WireGuard device.", nil, nil)
+	wgHandshakeDesc = prometheus.NewDesc("netagent_wireguard_peer_last_handshake_age_seconds", "Seconds since the last handshake with a WireGuard peer (absent: never).", []string{"peer"}, nil)
+	wgRxDesc        = prometheus.NewDesc("netagent_wireguard_peer_receive_bytes_total", "Bytes received from a WireGuard peer.", []string{"peer"}, nil)
+	wgTxDesc        = prometheus.NewDesc("netagent_wireguard_peer_transmit_bytes_total", "Bytes sent to a WireGuard peer.", []string{"peer"}, nil)
+)
+
+type wgCollector struct {
+	read func() (dataplane.WGStatus, bool)
+}
+
+func (c wgCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{wgPeersDesc, wgHandshakeDesc, wgRxDesc, wgTxDesc} {
+		ch <- d
+	}
+}
+
+func (c wgCollector) Collect(ch chan<- prometheus.Metric) {
+	st, ok := c.read()
+	if !ok {
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(wgPeersDesc, prometheus.GaugeValue, float64(len(st.Peers)))
+	now := time.Now()
+	for _, p := range st.Peers {
+		name := p.Node
+		if name == "" {
+			continue // not (or no longer) a planned peer: removed within a pass; keys stay out of metrics
+		}
+		if !p.LastHandshake.IsZero() {
+			ch <- prometheus.MustNewConstMetric(wgHandshakeDesc, prometheus.GaugeValue, now.Sub(p.LastHandshake).Seconds(), name)
+		}
+		ch <- prometheus.MustNewConstMetric(wgRxDesc, prometheus.CounterValue, float64(p.RxBytes), name)
+		ch <- prometheus.MustNewConstMetric(wgTxDesc, prometheus.CounterValue, float64(p.TxBytes), name)
+	}
 }
 
 // podSpoofDrops exports the pod anti-spoofing drop counter (read on scrape).

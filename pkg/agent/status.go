@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/dataplane"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/plan"
@@ -29,12 +30,18 @@ type Status struct {
 	Network  string `json:"network,omitempty"`
 	Backend  string `json:"backend,omitempty"`
 	PublicIP string `json:"publicIP,omitempty"`
-	PodMTU   int    `json:"podMTU,omitempty"`
+	// Subnet6, Network6 and PublicIP6 are the IPv6 ones (dual-stack and IPv6-only).
+	Subnet6   string `json:"subnet6,omitempty"`
+	Network6  string `json:"network6,omitempty"`
+	PublicIP6 string `json:"publicIP6,omitempty"`
+	PodMTU    int    `json:"podMTU,omitempty"`
 	// Docker is route mode's bridge ("docker0") or "network NAME".
 	Docker string            `json:"docker,omitempty"`
 	Errors map[string]string `json:"errors,omitempty"`
 	Store  *StoreStatus      `json:"store,omitempty"` // reachability (stores that can tell: etcd)
 	Peers  []PeerStatus      `json:"peers"`
+	// WireGuard is the node's WireGuard device (wireguard backend).
+	WireGuard *WireGuardStatus `json:"wireguard,omitempty"`
 	// IgnoredLeases are the store keys whose leases are not used, with why (invalid,
 	// outside the network, overlapping another lease, claiming this node's address).
 	IgnoredLeases map[string]string `json:"ignoredLeases,omitempty"`
@@ -42,14 +49,32 @@ type Status struct {
 
 // PeerStatus is one peer with what the kernel has for it.
 type PeerStatus struct {
-	Node     string `json:"node"`
-	Subnet   string `json:"subnet"`
-	PublicIP string `json:"publicIP"`
-	Mode     string `json:"mode"`
-	Reason   string `json:"reason,omitempty"`
-	Route    bool   `json:"route"`
-	FDB      *bool  `json:"fdb,omitempty"`
-	Neigh    *bool  `json:"neigh,omitempty"`
+	Node      string `json:"node"`
+	Subnet    string `json:"subnet"`
+	PublicIP  string `json:"publicIP"`
+	Subnet6   string `json:"subnet6,omitempty"`
+	PublicIP6 string `json:"publicIP6,omitempty"`
+	Mode      string `json:"mode"`
+	Reason    string `json:"reason,omitempty"`
+	Route     bool   `json:"route"`
+	FDB       *bool  `json:"fdb,omitempty"`
+	Neigh     *bool  `json:"neigh,omitempty"`
+	// WG says whether the WireGuard device has the peer with its planned endpoint and
+	// allowed IPs; the rest is the device's view of it.
+	WG *bool `json:"wg,omitempty"`
+	// WGHandshakeAge is the seconds since the last handshake (-1: none yet).
+	WGHandshakeAge *float64 `json:"wgHandshakeAgeSeconds,omitempty"`
+	WGRxBytes      int64    `json:"wgRxBytes,omitempty"`
+	WGTxBytes      int64    `json:"wgTxBytes,omitempty"`
+}
+
+// WireGuardStatus is the node's WireGuard device and why it uses the implementation it does.
+type WireGuardStatus struct {
+	Device         string `json:"device"`
+	Implementation string `json:"implementation"`
+	Reason         string `json:"reason"`
+	PublicKey      string `json:"publicKey"`
+	Port           int    `json:"port"`
 }
 
 // peerCount is how many other nodes the current plan has (the lease list also holds
@@ -66,14 +91,26 @@ func (a *Agent) peerCount() int {
 	return n
 }
 
+// text is v's text form, empty when v is unset (IPv6 or IPv4 off).
+func text[T interface {
+	IsValid() bool
+	String() string
+}](v T) string {
+	if !v.IsValid() {
+		return ""
+	}
+	return v.String()
+}
+
 func (a *Agent) setLease(l lease.Lease, cfg config.Network) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.status.Node = l.Node
-	a.status.Subnet = l.Subnet.String()
-	a.status.Network = cfg.Network.String()
+	a.status.Subnet = text(l.Subnet)
+	a.status.Network = text(cfg.Network)
 	a.status.Backend = cfg.Backend.Type
-	a.status.PublicIP = l.PublicIP.String()
+	a.status.PublicIP = text(l.PublicIP)
+	a.status.Subnet6, a.status.Network6, a.status.PublicIP6 = text(l.Subnet6), text(cfg.IPv6Network), text(l.PublicIP6)
 	if d := a.opt.Docker; d != nil {
 		a.status.Docker = d.Bridge
 		if d.Network != "" {
@@ -151,7 +188,7 @@ func (a *Agent) Snapshot() (Status, error) {
 	fdb := map[string]netip.Addr{}
 	if p.VXLAN != nil {
 		if l, err := h.LinkByName(p.VXLAN.Name); err == nil {
-			ns, _ := nldump.Retry(func() ([]netlink.Neigh, error) { return h.NeighList(l.Attrs().Index, unix.AF_INET) })
+			ns, _ := nldump.Retry(func() ([]netlink.Neigh, error) { return h.NeighList(l.Attrs().Index, unix.AF_UNSPEC) })
 			for _, n := range ns {
 				if ip, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
 					neigh[ip.Unmap()] = strings.ToLower(n.HardwareAddr.String())
@@ -173,24 +210,79 @@ func (a *Agent) Snapshot() (Status, error) {
 	for _, f := range p.FDB {
 		wantFDB[f.Dst] = f
 	}
-	for _, p := range p.Peers {
-		ps := PeerStatus{Node: p.Node, Subnet: p.Subnet.String(), PublicIP: p.PublicIP.String(), Mode: string(p.Mode), Reason: p.Reason}
-		if w, ok := wantRoute[p.Subnet]; ok {
-			if c, ok := routes[p.Subnet]; ok {
-				gw, _ := netip.AddrFromSlice(c.Gw)
-				ps.Route = gw.Unmap() == w.Gw
+	vxlan6 := p.VXLAN != nil && p.VXLAN.Local.Is6()
+	wgWant := map[string]plan.WGPeer{}
+	for _, w := range p.WGPeers {
+		wgWant[w.Node] = w
+	}
+	wgHave := map[string]dataplane.WGPeerStatus{}
+	if ws, ok := a.dp.WireGuard(); ok {
+		st.WireGuard = &WireGuardStatus{Device: ws.Device, Implementation: string(ws.Impl.Kind), Reason: ws.Impl.Reason, PublicKey: ws.PublicKey, Port: ws.Port}
+		for _, wp := range ws.Peers {
+			if wp.Node != "" {
+				wgHave[wp.Node] = wp
 			}
 		}
+	}
+	now := time.Now()
+	for _, p := range p.Peers {
+		ps := PeerStatus{Node: p.Node, Subnet: text(p.Subnet), PublicIP: text(p.PublicIP), Subnet6: text(p.Subnet6), PublicIP6: text(p.PublicIP6),
+			Mode: string(p.Mode), Reason: p.Reason}
+		subnets := []netip.Prefix{}
+		for _, s := range []netip.Prefix{p.Subnet, p.Subnet6} {
+			if s.IsValid() {
+				subnets = append(subnets, s)
+			}
+		}
+		// Route: every subnet of the peer has its planned route in the kernel.
+		ps.Route = len(subnets) > 0
+		for _, s := range subnets {
+			w, ok := wantRoute[s]
+			c, have := routes[s]
+			ps.Route = ps.Route && ok && have && gateway(c) == w.Gw
+		}
 		if p.Mode == plan.VXLAN {
-			f := wantFDB[p.PublicIP]
-			hasFDB := fdb[strings.ToLower(f.MAC)] == p.PublicIP
-			hasNeigh := neigh[p.Subnet.Addr()] == strings.ToLower(f.MAC)
+			dst := p.PublicIP
+			if vxlan6 {
+				dst = p.PublicIP6
+			}
+			f := wantFDB[dst]
+			hasFDB := fdb[strings.ToLower(f.MAC)] == dst
+			hasNeigh := true
+			for _, s := range subnets {
+				hasNeigh = hasNeigh && neigh[s.Addr()] == strings.ToLower(f.MAC)
+			}
 			ps.FDB, ps.Neigh = &hasFDB, &hasNeigh
+		}
+		if w, ok := wgWant[p.Node]; ok {
+			h, have := wgHave[p.Node]
+			// The device's endpoint is where the peer's packets last came from.
+			in := have && h.PublicKey == w.PublicKey && h.Endpoint == w.Endpoint
+			ps.WG = &in
+			if have {
+				age := -1.0
+				if !h.LastHandshake.IsZero() {
+					age = now.Sub(h.LastHandshake).Seconds()
+				}
+				ps.WGHandshakeAge, ps.WGRxBytes, ps.WGTxBytes = &age, h.RxBytes, h.TxBytes
+			}
 		}
 		st.Peers = append(st.Peers, ps)
 	}
 	sort.Slice(st.Peers, func(i, j int) bool { return st.Peers[i].Node < st.Peers[j].Node })
 	return st, nil
+}
+
+// gateway is a route's next hop, RTA_GATEWAY or RTA_VIA.
+func gateway(r netlink.Route) netip.Addr {
+	if gw, ok := netip.AddrFromSlice(r.Gw); ok {
+		return gw.Unmap()
+	}
+	if v, ok := r.Via.(*netlink.Via); ok && v != nil {
+		gw, _ := netip.AddrFromSlice(v.Addr)
+		return gw.Unmap()
+	}
+	return netip.Addr{}
 }
 
 // Handler serves /healthz, /readyz, /metrics and /status (and /debug/pprof/ with pprof).

@@ -24,6 +24,7 @@ import (
 	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/nat"
 	"github.com/netagent/netagent/pkg/nldump"
@@ -31,19 +32,21 @@ import (
 	"github.com/netagent/netagent/pkg/route"
 	"github.com/netagent/netagent/pkg/vxguard"
 	"github.com/netagent/netagent/pkg/vxlan"
+	"github.com/netagent/netagent/pkg/wireguard"
 )
 
 // Stats say what a Set changed, per reconciler.
 type Stats struct {
-	VXLAN  vxlan.Stats
-	Routes route.Stats
-	Allow  vxguard.Stats
-	NAT    nat.Stats
+	VXLAN     vxlan.Stats
+	Routes    route.Stats
+	Allow     vxguard.Stats
+	NAT       nat.Stats
+	WireGuard wireguard.Changes
 }
 
 // Changed reports whether Set touched the kernel.
 func (s Stats) Changed() bool {
-	return s.VXLAN.Changed() || s.Routes.Changed() || s.Allow.Changed() || s.NAT.Changed()
+	return s.VXLAN.Changed() || s.Routes.Changed() || s.Allow.Changed() || s.NAT.Changed() || !s.WireGuard.Empty()
 }
 
 // Part names mirrors to invalidate.
@@ -63,7 +66,8 @@ var ErrStale = errors.New("dataplane: a full plan is needed")
 // Underlay is the interface peers reach this node at, as the kernel has it now.
 type Underlay struct {
 	Dev       string
-	IP        netip.Addr
+	IP        netip.Addr // the IPv4 address peers reach this node at (unset: none)
+	IP6       netip.Addr // the IPv6 one (unset: none)
 	MTU       int
 	MAC       string // published for peers on the same L2 (empty: not Ethernet)
 	Connected []netip.Prefix
@@ -79,13 +83,14 @@ type Linux struct {
 	vxlan *vxlan.Reconciler
 	guard *vxguard.Guard
 	nat   *nat.Reconciler
+	wg    *wgState // nil: no WireGuard backend (UseWireGuard)
 
 	gen      uint64   // the plan Set was last given
 	natPlan  plan.NAT // what the NAT chains were last made to hold
 	natDirty atomic.Bool
 	early    chan natResult // Prepare's NAT sync, taken by the next Set
 
-	vxDev, ulDev atomic.Value // string: the devices whose link events matter (read by Watch)
+	vxDev, ulDev, wgDev atomic.Value // string: the devices whose link events matter (read by Watch)
 }
 
 // New opens the kernel of the current network namespace; iptables runs the NAT chains'
@@ -106,6 +111,7 @@ func New(log *slog.Logger, iptables nat.Runner) (*Linux, error) {
 	d := &Linux{h: h, log: log, route: route.New(h, log), vxlan: vxlan.New(h, log), guard: g, nat: nat.New(iptables)}
 	d.vxDev.Store("")
 	d.ulDev.Store("")
+	d.wgDev.Store("")
 	d.natDirty.Store(true)
 	// Passes diff against mirrors that kernel notifications keep current (see Watch).
 	d.route.Mirror()
@@ -160,7 +166,7 @@ func (d *Linux) Set(ctx context.Context, p plan.Plan) (Stats, error) {
 		if p.Delta.From != from {
 			return Stats{}, fmt.Errorf("%w: delta from plan %d, the dataplane has plan %d", ErrStale, p.Delta.From, from)
 		}
-		return d.apply(p.Delta)
+		return d.apply(ctx, p.Delta)
 	}
 	var st Stats
 	var errs []error
@@ -170,6 +176,10 @@ func (d *Linux) Set(ctx context.Context, p plan.Plan) (Stats, error) {
 	}
 	d.vxDev.Store(keep)
 	var err error
+	// The WireGuard device and its peers before the routes through it.
+	if err := d.setWireGuard(ctx, p, &st); err != nil {
+		errs = append(errs, err)
+	}
 	// Neighbours and FDB entries before the routes that go through them; the ones no
 	// longer wanted, and devices the plan does not name, after the routes left them.
 	if st.VXLAN, err = d.vxlan.Sync(p.VXLAN, p.Neighs, p.FDB); err != nil {
@@ -201,13 +211,25 @@ func (d *Linux) Set(ctx context.Context, p plan.Plan) (Stats, error) {
 }
 
 // apply is the per-event path: only the delta's entries, against valid mirrors.
-func (d *Linux) apply(delta *plan.Delta) (Stats, error) {
+func (d *Linux) apply(ctx context.Context, delta *plan.Delta) (Stats, error) {
 	var st Stats
 	if delta.Empty() {
 		return st, nil
 	}
 	var errs []error
 	var err error
+	if len(delta.WGPeers) > 0 {
+		if d.wg == nil {
+			return st, fmt.Errorf("%w: a WireGuard delta without WireGuard", ErrStale)
+		}
+		st.WireGuard, err = d.wg.apply(ctx, delta.WGPeers)
+		if errors.Is(err, ErrStale) {
+			return st, err
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
 	st.VXLAN, err = d.vxlan.Apply(delta.Neighs, delta.FDB)
 	if errors.Is(err, vxlan.ErrNoMirror) {
 		return st, fmt.Errorf("%w: %w", ErrStale, err)
@@ -240,6 +262,25 @@ func (d *Linux) apply(delta *plan.Delta) (Stats, error) {
 	return st, errors.Join(errs...)
 }
 
+// setWireGuard makes the WireGuard device hold the plan's (a plan without one leaves an
+// existing device alone: the backend is changed by restarting the agents).
+func (d *Linux) setWireGuard(ctx context.Context, p plan.Plan, st *Stats) error {
+	name := ""
+	if p.WireGuard != nil {
+		name = p.WireGuard.Name
+	}
+	d.wgDev.Store(name)
+	if d.wg == nil {
+		if p.WireGuard != nil {
+			return fmt.Errorf("the plan has a WireGuard device %s but the dataplane was not given WireGuard options", name)
+		}
+		return nil
+	}
+	var err error
+	st.WireGuard, err = d.wg.sync(ctx, p.WireGuard, p.WGPeers)
+	return err
+}
+
 // commitVXLAN removes the neighbour and FDB entries the last vxlan Sync or Apply left for
 // after the routes, adding the count to st.
 func (d *Linux) commitVXLAN(st *vxlan.Stats) error {
@@ -263,7 +304,7 @@ func (d *Linux) natSync(ctx context.Context, n plan.NAT) (nat.Stats, error) {
 // guardSpec is the plan's allow-list in the guard's terms (a map of its own: the guard
 // keeps it as its mirror).
 func guardSpec(a plan.AllowList) vxguard.Spec {
-	s := vxguard.Spec{Port: a.Port, Network: a.Network, SubnetLen: a.SubnetLen, Peers: make(map[string]vxguard.Peer, len(a.Peers))}
+	s := vxguard.Spec{Port: a.Port, Network: a.Network, SubnetLen: a.SubnetLen, SubnetLen6: a.SubnetLen6, Peers: make(map[string]vxguard.Peer, len(a.Peers))}
 	for n, p := range a.Peers {
 		s.Peers[n] = vxguard.Peer(p)
 	}
@@ -271,7 +312,8 @@ func guardSpec(a plan.AllowList) vxguard.Spec {
 }
 
 // Underlay reads the interface peers reach this node at: iface, else the one holding ip,
-// else the default route's; and ip, else the interface's first IPv4 address.
+// else the default route's (IPv4, else IPv6); and its addresses: ip for its family, else
+// the interface's first global address of each family.
 func (d *Linux) Underlay(iface string, ip netip.Addr) (Underlay, error) {
 	var link netlink.Link
 	var err error
@@ -289,46 +331,61 @@ func (d *Linux) Underlay(iface string, ip netip.Addr) (Underlay, error) {
 	default:
 		routes, err := d.h.RouteGet(net.IPv4(192, 0, 2, 0))
 		if err != nil || len(routes) == 0 {
+			routes, err = d.h.RouteGet(net.ParseIP("2001:db8::"))
+		}
+		if err != nil || len(routes) == 0 {
 			return Underlay{}, fmt.Errorf("no --iface given and no default route to pick one from")
 		}
 		if link, err = d.h.LinkByIndex(routes[0].LinkIndex); err != nil {
 			return Underlay{}, err
 		}
 	}
-	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return d.h.AddrList(link, netlink.FAMILY_V4) })
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return d.h.AddrList(link, netlink.FAMILY_ALL) })
 	if err != nil && ip.IsValid() {
 		// Only the connected prefixes are missing: peers are planned as off-link for now.
 		d.log.Warn("cannot read underlay prefixes", "dev", link.Attrs().Name, "err", err)
 	}
-	if !ip.IsValid() {
-		if err != nil || len(addrs) == 0 {
-			return Underlay{}, fmt.Errorf("underlay %s has no IPv4 address (set --public-ip)", link.Attrs().Name)
-		}
-		ip, _ = netip.AddrFromSlice(addrs[0].IP.To4())
+	u := Underlay{Dev: link.Attrs().Name, MTU: link.Attrs().MTU}
+	if ip.Is4() {
+		u.IP = ip
+	} else if ip.IsValid() {
+		u.IP6 = ip
 	}
-	u := Underlay{Dev: link.Attrs().Name, IP: ip, MTU: link.Attrs().MTU}
 	if m := link.Attrs().HardwareAddr; len(m) == 6 {
 		u.MAC = m.String()
 	}
 	for _, ad := range addrs {
-		a, ok := netip.AddrFromSlice(ad.IP.To4())
+		a, ok := netip.AddrFromSlice(ad.IP)
 		if !ok {
 			continue
 		}
+		a = a.Unmap()
+		if a.IsLinkLocalUnicast() || a.IsLoopback() {
+			continue // not an address peers can reach, nor a prefix they can share
+		}
 		ones, _ := ad.Mask.Size()
 		u.Connected = append(u.Connected, netip.PrefixFrom(a, ones).Masked())
+		switch {
+		case a.Is4() && !u.IP.IsValid():
+			u.IP = a
+		case a.Is6() && !u.IP6.IsValid() && ad.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DEPRECATED|unix.IFA_F_TEMPORARY) == 0:
+			u.IP6 = a
+		}
+	}
+	if !u.IP.IsValid() && !u.IP6.IsValid() {
+		return Underlay{}, fmt.Errorf("underlay %s has no IPv4 or global IPv6 address (set --public-ip)", link.Attrs().Name)
 	}
 	d.ulDev.Store(u.Dev)
 	return u, nil
 }
 
 func (d *Linux) linkWith(ip netip.Addr) (netlink.Link, error) {
-	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return d.h.AddrList(nil, netlink.FAMILY_V4) })
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return d.h.AddrList(nil, netlink.FAMILY_ALL) })
 	if err != nil {
 		return nil, err
 	}
 	for _, ad := range addrs {
-		if x, ok := netip.AddrFromSlice(ad.IP.To4()); ok && x == ip {
+		if x, ok := netip.AddrFromSlice(ad.IP); ok && x.Unmap() == ip {
 			return d.h.LinkByIndex(ad.LinkIndex)
 		}
 	}

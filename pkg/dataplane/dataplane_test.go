@@ -11,6 +11,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/nat"
 	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/test/netns"
 )
@@ -18,13 +19,15 @@ import (
 // nsIPTables runs iptables inside a test namespace.
 type nsIPTables struct{ n *netns.NS }
 
-func (r nsIPTables) Save(context.Context) (string, error) { return r.n.Run("iptables-save") }
+func (r nsIPTables) Save(_ context.Context, v6 bool) (string, error) {
+	return r.n.Run(nat.Binary(v6) + "-save")
+}
 
-func (r nsIPTables) Restore(ctx context.Context, input string) error {
-	cmd := r.n.Command(ctx, "iptables-restore", "--noflush", "-w", "5")
+func (r nsIPTables) Restore(ctx context.Context, v6 bool, input string) error {
+	cmd := r.n.Command(ctx, nat.Binary(v6)+"-restore", "--noflush", "-w", "5")
 	cmd.Stdin = strings.NewReader(input)
 	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("iptables-restore: %s: %w", out, err)
+		return fmt.Errorf("%s-restore: %s: %w", nat.Binary(v6), out, err)
 	}
 	return nil
 }

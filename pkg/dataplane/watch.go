@@ -15,6 +15,9 @@ import (
 // pod veths coming and going signal nothing. When a subscription breaks (e.g. the socket
 // overflowed) the mirrors are invalidated, changed is signalled and it subscribes again.
 func (d *Linux) Watch(ctx context.Context, changed chan<- struct{}) {
+	if d.wg != nil {
+		go d.pollWireGuard(ctx, changed, WireGuardPoll)
+	}
 	for ctx.Err() == nil {
 		d.watchOnce(ctx, changed)
 		d.Invalidate(Tables)
@@ -72,13 +75,17 @@ func (d *Linux) watchOnce(ctx context.Context, changed chan<- struct{}) {
 				return
 			}
 			// The underlay is read afresh (a changed MTU flows to the VXLAN device and pods).
-			if name := u.Attrs().Name; name == d.vxDev.Load() || name == d.ulDev.Load() || u.Attrs().Index == d.vxlan.Device() {
+			if name := u.Attrs().Name; name == d.vxDev.Load() || name == d.ulDev.Load() || name == d.wgDev.Load() || u.Attrs().Index == d.vxlan.Device() {
 				d.Invalidate(Tables)
 				signal(changed)
 			}
 		}
 	}
 }
+
+// WireGuardPoll is how often the WireGuard device is compared with the plan: neither
+// implementation announces changes, and drift must be repaired within a second.
+const WireGuardPoll = 250 * time.Millisecond
 
 func signal(ch chan<- struct{}) {
 	select {

@@ -396,21 +396,27 @@ func peers(status []byte) []Finding {
 		Peers []struct {
 			Node, Mode, Reason string
 			Route              bool
-			FDB, Neigh         *bool
+			FDB, Neigh, WG     *bool
 		} `json:"peers"`
+		WireGuard *struct {
+			Device, Implementation, Reason string
+		} `json:"wireguard"`
 	}
 	if err := json.Unmarshal(status, &st); err != nil {
 		return []Finding{{"agent", Warn, "unreadable status: " + err.Error(), ""}}
 	}
 	var out []Finding
+	if g := st.WireGuard; g != nil {
+		out = append(out, Finding{"wireguard", OK, fmt.Sprintf("device %s: %s WireGuard, because: %s", g.Device, g.Implementation, g.Reason), ""})
+	}
 	missing := 0
 	for _, p := range st.Peers {
 		switch {
 		case p.Mode == "unreachable":
 			out = append(out, Finding{"peer " + p.Node, Problem, "unreachable: " + p.Reason, ""})
-		case !p.Route || (p.FDB != nil && !*p.FDB) || (p.Neigh != nil && !*p.Neigh):
+		case !p.Route || (p.FDB != nil && !*p.FDB) || (p.Neigh != nil && !*p.Neigh) || (p.WG != nil && !*p.WG):
 			missing++
-			out = append(out, Finding{"peer " + p.Node, Problem, "route, FDB or neighbour entry missing", "the agent repairs this within a second; if it stays, see its log"})
+			out = append(out, Finding{"peer " + p.Node, Problem, "route, FDB, neighbour entry or WireGuard peer missing", "the agent repairs this within a second; if it stays, see its log"})
 		}
 	}
 	if missing == 0 {

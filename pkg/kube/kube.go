@@ -38,6 +38,7 @@ import (
 const (
 	AnnotationPrefix = "netagent.io/"
 	AnnPublicIP      = AnnotationPrefix + "public-ip"
+	AnnPublicIP6     = AnnotationPrefix + "public-ip6" // the node's IPv6 underlay address
 	AnnBackend       = AnnotationPrefix + "backend"
 	AnnVTEPMAC       = AnnotationPrefix + "vtep-mac"
 	AnnUnderlayMAC   = AnnotationPrefix + "underlay-mac"
@@ -118,23 +119,36 @@ func (s *Store) WatchConfig(ctx context.Context, changed chan<- struct{}) {
 // PodCIDR is the node's IPv4 pod subnet: the first IPv4 entry of spec.podCIDRs (dual
 // stack lists both families), else spec.podCIDR.
 func PodCIDR(n *Node) (netip.Prefix, error) {
+	v4, _, err := PodCIDRs(n)
+	if err == nil && !v4.IsValid() {
+		return netip.Prefix{}, fmt.Errorf("node %s: spec.podCIDRs %v holds no IPv4 subnet", n.Name, n.Spec.PodCIDRs)
+	}
+	return v4, err
+}
+
+// PodCIDRs are the node's pod subnets of each family (either may be invalid): the first
+// entry of each family in spec.podCIDRs, else spec.podCIDR.
+func PodCIDRs(n *Node) (v4, v6 netip.Prefix, err error) {
 	cidrs := n.Spec.PodCIDRs
 	if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
 		cidrs = []string{n.Spec.PodCIDR}
 	}
 	if len(cidrs) == 0 {
-		return netip.Prefix{}, ErrNoPodCIDR
+		return netip.Prefix{}, netip.Prefix{}, ErrNoPodCIDR
 	}
 	for _, c := range cidrs {
 		p, err := netip.ParsePrefix(c)
 		if err != nil {
-			return netip.Prefix{}, fmt.Errorf("node %s: spec.podCIDRs entry %q: %w", n.Name, c, err)
+			return netip.Prefix{}, netip.Prefix{}, fmt.Errorf("node %s: spec.podCIDRs entry %q: %w", n.Name, c, err)
 		}
-		if p.Addr().Is4() {
-			return p.Masked(), nil
+		switch {
+		case p.Addr().Is4() && !v4.IsValid():
+			v4 = p.Masked()
+		case p.Addr().Is6() && !v6.IsValid():
+			v6 = p.Masked()
 		}
 	}
-	return netip.Prefix{}, fmt.Errorf("node %s: spec.podCIDRs %v holds no IPv4 subnet", n.Name, cidrs)
+	return v4, v6, nil
 }
 
 // errNotPublished means the node's agent has not published its annotations yet: not a
@@ -145,23 +159,31 @@ var errNotPublished = errors.New("no netagent annotations yet")
 func LeaseOf(n *Node) (lease.Lease, error) {
 	ann := n.Annotations
 	pub, ok := ann[AnnPublicIP]
-	if !ok {
+	pub6, ok6 := ann[AnnPublicIP6]
+	if !ok && !ok6 {
 		return lease.Lease{}, errNotPublished
 	}
-	subnet, err := PodCIDR(n)
+	subnet, subnet6, err := PodCIDRs(n)
 	if err != nil {
 		return lease.Lease{}, err
 	}
-	ip, err := netip.ParseAddr(pub)
-	if err != nil {
-		return lease.Lease{}, fmt.Errorf("node %s: annotation %s=%q: %w", n.Name, AnnPublicIP, pub, err)
+	var ips [2]netip.Addr
+	for i, a := range [2]struct{ key, v string }{{AnnPublicIP, pub}, {AnnPublicIP6, pub6}} {
+		if a.v == "" {
+			continue
+		}
+		if ips[i], err = netip.ParseAddr(a.v); err != nil {
+			return lease.Lease{}, fmt.Errorf("node %s: annotation %s=%q: %w", n.Name, a.key, a.v, err)
+		}
 	}
 	l := lease.Lease{
-		Node:     n.Name,
-		Subnet:   subnet,
-		PublicIP: ip,
-		Backend:  ann[AnnBackend],
-		VTEPMAC:  strings.ToLower(ann[AnnVTEPMAC]),
+		Node:      n.Name,
+		Subnet:    subnet,
+		Subnet6:   subnet6,
+		PublicIP:  ips[0],
+		PublicIP6: ips[1],
+		Backend:   ann[AnnBackend],
+		VTEPMAC:   strings.ToLower(ann[AnnVTEPMAC]),
 		// Peers on the same L2 accept VXLAN from this node only from this MAC.
 		UnderlayMAC: strings.ToLower(ann[AnnUnderlayMAC]),
 		WGPublicKey: ann[AnnWGPublicKey],
@@ -182,7 +204,8 @@ func LeaseOf(n *Node) (lease.Lease, error) {
 // annotations are what self publishes.
 func annotations(self lease.Lease) map[string]string {
 	return map[string]string{
-		AnnPublicIP:    self.PublicIP.String(),
+		AnnPublicIP:    addrString(self.PublicIP),
+		AnnPublicIP6:   addrString(self.PublicIP6),
 		AnnBackend:     self.Backend,
 		AnnVTEPMAC:     self.VTEPMAC,
 		AnnUnderlayMAC: self.UnderlayMAC,
@@ -208,22 +231,12 @@ func (s *Store) Acquire(ctx context.Context, cfg config.Network, self lease.Leas
 		}
 		return lease.Held{}, fmt.Errorf("get node %s: %w", s.self, err)
 	}
-	subnet, err := PodCIDR(n)
-	if errors.Is(err, ErrNoPodCIDR) {
-		return lease.Held{}, fmt.Errorf("node %s has no spec.podCIDR: run kube-controller-manager with --allocate-node-cidrs=true --cluster-cidr=%s (or set the node's podCIDR yourself)", s.self, cfg.Network)
-	}
+	subnet, subnet6, err := s.podCIDRs(n, cfg)
 	if err != nil {
 		return lease.Held{}, err
 	}
-	if !cfg.Network.Contains(subnet.Addr()) || subnet.Bits() < cfg.Network.Bits() {
-		return lease.Held{}, fmt.Errorf("node %s: podCIDR %s is outside the network %s of --net-conf (kube-controller-manager's --cluster-cidr and the net-conf network must agree)", s.self, subnet, cfg.Network)
-	}
-	if subnet.Bits() != cfg.SubnetLen {
-		s.log.Warn("the node's podCIDR length differs from subnetLen in --net-conf; set subnetLen to kube-controller-manager's --node-cidr-mask-size",
-			"podCIDR", subnet, "subnetLen", cfg.SubnetLen)
-	}
 	self.Node = s.self
-	self.Subnet = subnet
+	self.Subnet, self.Subnet6 = subnet, subnet6
 	// The Node object is the node's identity here and no instance is published: two agents
 	// for one Node see each other's annotations change (KeepAlive, Renew).
 	self.Instance = ""
@@ -233,6 +246,62 @@ func (s *Store) Acquire(ctx context.Context, cfg config.Network, self lease.Leas
 		}
 	}
 	return lease.Held{Lease: self}, nil
+}
+
+// subnetStrings names l's subnets.
+func subnetStrings(l lease.Lease) []string {
+	var out []string
+	for _, s := range l.Subnets() {
+		out = append(out, s.String())
+	}
+	return out
+}
+
+// addrString is a's text, empty when a is unset (so its annotation is removed).
+func addrString(a netip.Addr) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
+}
+
+// podCIDRs are the node's pod subnets of the families cfg enables, checked against cfg.
+func (s *Store) podCIDRs(n *Node, cfg config.Network) (v4, v6 netip.Prefix, err error) {
+	v4, v6, err = PodCIDRs(n)
+	var networks []string
+	for _, p := range [2]netip.Prefix{cfg.Network, cfg.IPv6Network} {
+		if p.IsValid() {
+			networks = append(networks, p.String())
+		}
+	}
+	clusterCIDR := strings.Join(networks, ",")
+	if errors.Is(err, ErrNoPodCIDR) {
+		return v4, v6, fmt.Errorf("node %s has no spec.podCIDR: run kube-controller-manager with --allocate-node-cidrs=true --cluster-cidr=%s (or set the node's podCIDR yourself)", s.self, clusterCIDR)
+	}
+	if err != nil {
+		return v4, v6, err
+	}
+	for _, f := range []struct {
+		family  string
+		subnet  *netip.Prefix
+		network netip.Prefix
+		len     int
+	}{{"IPv4", &v4, cfg.Network, cfg.SubnetLen}, {"IPv6", &v6, cfg.IPv6Network, cfg.IPv6SubnetLen}} {
+		p := *f.subnet
+		switch {
+		case !f.network.IsValid():
+			*f.subnet = netip.Prefix{} // the family is off in --net-conf
+		case !p.IsValid():
+			return v4, v6, fmt.Errorf("node %s: spec.podCIDRs %v holds no %s subnet, and --net-conf has the %s network %s (run kube-controller-manager with --cluster-cidr=%s)",
+				s.self, n.Spec.PodCIDRs, f.family, f.family, f.network, clusterCIDR)
+		case !f.network.Contains(p.Addr()) || p.Bits() < f.network.Bits():
+			return v4, v6, fmt.Errorf("node %s: podCIDR %s is outside the network %s of --net-conf (kube-controller-manager's --cluster-cidr and the net-conf network must agree)", s.self, p, f.network)
+		case p.Bits() != f.len:
+			s.log.Warn("the node's podCIDR length differs from the subnet length in --net-conf; set it to kube-controller-manager's --node-cidr-mask-size",
+				"podCIDR", p, "subnetLen", f.len)
+		}
+	}
+	return v4, v6, nil
 }
 
 // publishedAs reports whether n carries self's annotations (an empty value: absent).
@@ -267,21 +336,33 @@ func (s *Store) Renew(ctx context.Context, h lease.Held) (lease.Held, error) {
 	if err != nil {
 		return lease.Held{}, fmt.Errorf("get node %s: %w", s.self, err)
 	}
-	if subnet, err := PodCIDR(n); err != nil || subnet != h.Lease.Subnet {
+	v4, v6, err := PodCIDRs(n)
+	if !h.Lease.Subnet6.IsValid() {
+		v6 = netip.Prefix{} // IPv6 is off
+	}
+	if !h.Lease.Subnet.IsValid() {
+		v4 = netip.Prefix{}
+	}
+	if err != nil || v4 != h.Lease.Subnet || v6 != h.Lease.Subnet6 {
 		// The Node was deleted and registered again with another podCIDR: this agent's
 		// pods are on the old one. Not a conflict with another node; a restart of the
 		// agent (and of the node's pods) moves the node to the new subnet.
 		if err == nil {
-			return lease.Held{}, fmt.Errorf("%w: node %s: its podCIDR is now %s, not %s as when this agent started; the node's pods on the old one must be recreated",
-				lease.ErrReassigned, s.self, subnet, h.Lease.Subnet)
+			return lease.Held{}, fmt.Errorf("%w: node %s: its podCIDRs are now %v, not %s as when this agent started; the node's pods on the old one must be recreated",
+				lease.ErrReassigned, s.self, n.Spec.PodCIDRs, strings.Join(subnetStrings(h.Lease), ","))
 		}
-		return lease.Held{}, fmt.Errorf("node %s: no usable podCIDR now (%w), %s when this agent started", s.self, err, h.Lease.Subnet)
+		return lease.Held{}, fmt.Errorf("node %s: no usable podCIDR now (%w), %s when this agent started", s.self, err, strings.Join(subnetStrings(h.Lease), ","))
 	}
-	if ip, err := netip.ParseAddr(n.Annotations[AnnPublicIP]); err == nil && ip != h.Lease.PublicIP {
-		// Another agent published itself on our Node (two hosts with one node name):
-		// publishing back would flip the node's address on every peer.
-		return lease.Held{}, fmt.Errorf("%w: node %s is annotated with public IP %s by another agent, this agent's is %s: give each host its own --node-name",
-			lease.ErrIdentity, s.self, ip, h.Lease.PublicIP)
+	for _, a := range [2]struct {
+		key  string
+		mine netip.Addr
+	}{{AnnPublicIP, h.Lease.PublicIP}, {AnnPublicIP6, h.Lease.PublicIP6}} {
+		if ip, err := netip.ParseAddr(n.Annotations[a.key]); err == nil && ip != a.mine {
+			// Another agent published itself on our Node (two hosts with one node name):
+			// publishing back would flip the node's address on every peer.
+			return lease.Held{}, fmt.Errorf("%w: node %s is annotated with public IP %s by another agent, this agent's is %s: give each host its own --node-name",
+				lease.ErrIdentity, s.self, ip, addrString(a.mine))
+		}
 	}
 	if err := s.publish(ctx, h.Lease); err != nil {
 		return lease.Held{}, err

@@ -103,6 +103,11 @@ func node(name string, podCIDRs []string, ann map[string]string) *corev1.Node {
 	return n
 }
 
+func withIP6(ann map[string]string, ip6 string) map[string]string {
+	ann[AnnPublicIP6] = ip6
+	return ann
+}
+
 func published(ip, backend, mac string) map[string]string {
 	return map[string]string{AnnPublicIP: ip, AnnBackend: backend, AnnVTEPMAC: mac}
 }
@@ -136,13 +141,21 @@ func TestLeaseOf(t *testing.T) {
 	}{
 		{name: "published", node: node("n1", []string{"10.244.1.0/24"}, published("192.0.2.11", "vxlan", strings.ToUpper(mac))),
 			want: "n1 10.244.1.0/24 192.0.2.11 vxlan " + mac},
-		{name: "dual stack takes IPv4", node: node("n1", []string{"fd00:1::/64", "10.244.1.0/24"}, published("192.0.2.11", "host-gw", "")),
-			want: "n1 10.244.1.0/24 192.0.2.11 host-gw "},
+		{name: "dual stack takes both", node: node("n1", []string{"fd00:1::/64", "10.244.1.0/24"}, published("192.0.2.11", "host-gw", "")),
+			want: "n1 10.244.1.0/24 fd00:1::/64 192.0.2.11 invalid IP host-gw "},
 		{name: "unmasked CIDR is masked", node: node("n1", []string{"10.244.1.7/24"}, published("192.0.2.11", "host-gw", "")),
 			want: "n1 10.244.1.0/24 192.0.2.11 host-gw "},
 		{name: "agent not started", node: node("n1", []string{"10.244.1.0/24"}, nil), notPub: true},
 		{name: "no podCIDR", node: node("n1", nil, published("192.0.2.11", "vxlan", mac)), wantErr: true, want: "no spec.podCIDR"},
-		{name: "IPv6 only", node: node("n1", []string{"fd00:1::/64"}, published("192.0.2.11", "vxlan", mac)), wantErr: true, want: "no IPv4 subnet"},
+		{name: "IPv6 only", node: node("n1", []string{"fd00:1::/64"}, published("192.0.2.11", "vxlan", mac)),
+			want: "n1 invalid Prefix fd00:1::/64 192.0.2.11 invalid IP vxlan " + mac},
+		{name: "dual stack, both underlays", node: node("n1", []string{"10.244.1.0/24", "fd00:1::/64"}, withIP6(published("192.0.2.11", "host-gw", ""), "2001:db8::11")),
+			want: "n1 10.244.1.0/24 fd00:1::/64 192.0.2.11 2001:db8::11 host-gw "},
+		{name: "IPv6 underlay only", node: node("n1", []string{"fd00:1::/64"}, map[string]string{AnnPublicIP6: "2001:db8::11", AnnBackend: "vxlan", AnnVTEPMAC: mac}),
+			want: "n1 invalid Prefix fd00:1::/64 invalid IP 2001:db8::11 vxlan " + mac},
+		{name: "IPv4 in the IPv6 annotation", node: node("n1", []string{"fd00:1::/64"}, map[string]string{AnnPublicIP6: "192.0.2.11", AnnBackend: "vxlan"}), wantErr: true, want: "invalid IPv6 public IP"},
+		{name: "link-local IPv6 underlay", node: node("n1", []string{"fd00:1::/64"}, map[string]string{AnnPublicIP6: "fe80::1", AnnBackend: "vxlan"}), wantErr: true, want: "invalid IPv6 public IP"},
+		{name: "garbage IPv6 underlay", node: node("n1", []string{"fd00:1::/64"}, map[string]string{AnnPublicIP6: "nope", AnnBackend: "vxlan"}), wantErr: true, want: AnnPublicIP6},
 		{name: "garbage CIDR", node: node("n1", []string{"10.244.1.0/33"}, published("192.0.2.11", "vxlan", mac)), wantErr: true, want: "spec.podCIDRs entry"},
 		{name: "bad IP", node: node("n1", []string{"10.244.1.0/24"}, published("192.0.2.300", "vxlan", mac)), wantErr: true, want: AnnPublicIP},
 		{name: "IPv6 public IP", node: node("n1", []string{"10.244.1.0/24"}, published("2001:db8::1", "vxlan", mac)), wantErr: true, want: "invalid public IP"},
@@ -170,6 +183,9 @@ func TestLeaseOf(t *testing.T) {
 				t.Fatal(err)
 			default:
 				got := fmt.Sprintf("%s %s %s %s %s", l.Node, l.Subnet, l.PublicIP, l.Backend, l.VTEPMAC)
+				if l.Subnet6.IsValid() {
+					got = fmt.Sprintf("%s %s %s %s %s %s %s", l.Node, l.Subnet, l.Subnet6, l.PublicIP, l.PublicIP6, l.Backend, l.VTEPMAC)
+				}
 				if l.WGPublicKey != "" {
 					got += fmt.Sprintf(" %s %d", l.WGPublicKey, l.WGPort)
 				}
@@ -233,6 +249,60 @@ func TestAcquire(t *testing.T) {
 			n, _ = cs.CoreV1().Nodes().Get(t.Context(), "n1", metav1.GetOptions{})
 			if _, ok := n.Annotations[AnnVTEPMAC]; ok || n.Annotations[AnnBackend] != "host-gw" {
 				t.Fatalf("annotations after host-gw %v", n.Annotations)
+			}
+		})
+	}
+}
+
+// A dual-stack config takes both podCIDRs and publishes both underlay addresses; a family
+// the config leaves off is not leased even if the Node has a podCIDR of it.
+func TestAcquireDualStack(t *testing.T) {
+	dual, _ := config.Parse([]byte(`{"network":"10.244.0.0/16","ipv6Network":"fd00:10:244::/48","backend":{"type":"vxlan"}}`))
+	v6only, _ := config.Parse([]byte(`{"ipv6Network":"fd00:10:244::/48","backend":{"type":"vxlan"}}`))
+	v4only, _ := config.Parse([]byte(vxlanConf))
+	self := lease.Lease{Node: "n1", PublicIP: netip.MustParseAddr("192.0.2.11"), PublicIP6: netip.MustParseAddr("2001:db8::11"), Backend: "vxlan", VTEPMAC: plan.VTEPMAC("n1").String()}
+	both := []string{"10.244.7.0/24", "fd00:10:244:7::/64"}
+	for _, c := range []struct {
+		name  string
+		cfg   config.Network
+		cidrs []string
+		want  string // subnets, or a piece of the error
+	}{
+		{"dual", dual, both, "10.244.7.0/24 fd00:10:244:7::/64"},
+		{"IPv6 only", v6only, []string{"fd00:10:244:7::/64"}, "invalid Prefix fd00:10:244:7::/64"},
+		{"IPv4 config on a dual-stack node", v4only, both, "10.244.7.0/24 invalid Prefix"},
+		{"no IPv6 podCIDR", dual, []string{"10.244.7.0/24"}, "holds no IPv6 subnet"},
+		{"IPv6 podCIDR outside", dual, []string{"10.244.7.0/24", "fd00:99::/64"}, "outside the network fd00:10:244::/48"},
+		{"no podCIDR names both cluster CIDRs", dual, nil, "--cluster-cidr=10.244.0.0/16,fd00:10:244::/48"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cs := fake.NewClientset()
+			if _, err := cs.CoreV1().Nodes().Create(t.Context(), node("n1", c.cidrs, nil), metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			s := New(nodesOf(cs), "n1", "", slog.New(slog.DiscardHandler))
+			h, err := s.Acquire(t.Context(), c.cfg, self, netip.Prefix{})
+			if err != nil {
+				if !strings.Contains(err.Error(), c.want) {
+					t.Fatalf("Acquire() = %v, want %q", err, c.want)
+				}
+				return
+			}
+			if got := fmt.Sprintf("%s %s", h.Lease.Subnet, h.Lease.Subnet6); got != c.want {
+				t.Fatalf("Acquire() = %s, want %s", got, c.want)
+			}
+			n, _ := cs.CoreV1().Nodes().Get(t.Context(), "n1", metav1.GetOptions{})
+			if n.Annotations[AnnPublicIP6] != "2001:db8::11" || n.Annotations[AnnPublicIP] != "192.0.2.11" {
+				t.Errorf("annotations %v, want both public IPs", n.Annotations)
+			}
+			// What peers read back is what was leased (as the Peers view keeps it).
+			l, err := LeaseOf(ours(n))
+			l = lease.Rules{Network: c.cfg.Network, Network6: c.cfg.IPv6Network}.Enabled(l)
+			if err != nil || l.Subnet != h.Lease.Subnet || l.Subnet6 != h.Lease.Subnet6 || l.PublicIP6 != self.PublicIP6 {
+				t.Errorf("LeaseOf(the Node) = %+v, %v; want %+v", l, err, h.Lease)
+			}
+			if _, err := s.Renew(t.Context(), h); err != nil {
+				t.Errorf("Renew() = %v", err)
 			}
 		})
 	}
@@ -595,8 +665,11 @@ func FuzzLeaseOf(f *testing.F) {
 		if err := l.Validate(); err != nil {
 			t.Fatalf("LeaseOf accepted an invalid lease %+v: %v", l, err)
 		}
-		if !l.Subnet.Addr().Is4() || l.Subnet != l.Subnet.Masked() {
+		if l.Subnet.IsValid() && (!l.Subnet.Addr().Is4() || l.Subnet != l.Subnet.Masked()) {
 			t.Fatalf("subnet %s", l.Subnet)
+		}
+		if l.Subnet6.IsValid() && !lease.ValidSubnet6(l.Subnet6) {
+			t.Fatalf("subnet6 %s", l.Subnet6)
 		}
 	})
 }

@@ -20,6 +20,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"net"
 	"net/http"
@@ -35,6 +36,7 @@ import (
 	"github.com/netagent/netagent/pkg/etcdsock"
 	"github.com/netagent/netagent/pkg/lab/k8s"
 	"github.com/netagent/netagent/pkg/lab/netns"
+	"github.com/netagent/netagent/pkg/wireguard/device"
 )
 
 // Options describe a lab.
@@ -49,6 +51,14 @@ type Options struct {
 	CNIBinDir   string // directory holding netagent-cni
 	LeaseTTL    time.Duration
 	Network     string // pod network (default 10.244.0.0/16)
+	// IPFamily is "ipv4" (default), "ipv6" or "dual": the pod networks and the underlay
+	// (IPv6 underlay from 2001:db8::/32: 2001:db8:1::/64 and, behind the router,
+	// 2001:db8:2::/64; an "ipv6" lab has no IPv4 on the underlay at all).
+	IPFamily string
+	// IPv6Network is the IPv6 pod network (default fd00:10:244::/48); IPv6Masquerade
+	// switches its masquerade (default on).
+	IPv6Network    string
+	IPv6Masquerade *bool
 	// EtcdMembers > 1 runs a cluster of that many members; EtcdBinary runs an external
 	// etcd (e.g. Debian's /usr/bin/etcd) instead of `netagent etcd`.
 	EtcdMembers int
@@ -82,6 +92,7 @@ type Node struct {
 	Name  string     `json:"name"`
 	NS    string     `json:"ns"`
 	IP    netip.Addr `json:"ip"`
+	IP6   netip.Addr `json:"ip6,omitzero"` // its IPv6 underlay address (IPv6 and dual labs)
 	Agent int        `json:"agentPid"`
 	Pods  []*Pod     `json:"pods"`
 	// Dockerd is the node's dockerd (route-mode labs).
@@ -95,6 +106,7 @@ type Pod struct {
 	Name string     `json:"name"`
 	NS   string     `json:"ns"`
 	IP   netip.Addr `json:"ip"`
+	IP6  netip.Addr `json:"ip6,omitzero"` // its IPv6 address (IPv6 and dual labs)
 	Node string     `json:"node"`
 }
 
@@ -115,6 +127,9 @@ type Lab struct {
 	EtcdTLS     *TLSFiles `json:"etcdTLS,omitempty"`
 	Nodes       []*Node   `json:"nodes"`
 	Ext         netip.Addr
+	// Ext6 is the outside host's IPv6 address (IPv6 and dual labs).
+	Ext6     netip.Addr `json:"ext6,omitzero"`
+	IPFamily string     `json:"ipFamily,omitempty"`
 	// Namespaces created, in creation order.
 	Namespaces []string `json:"namespaces"`
 	// Kube: the agents use the Kubernetes subnet manager (Opt.Kube).
@@ -130,6 +145,14 @@ const (
 	routerA   = "192.0.2.1"
 	routerB   = "198.51.100.1"
 	extIP     = "192.0.2.254"
+	// The IPv6 underlay (IPv6 and dual labs).
+	underlayA6 = "2001:db8:1::/64"
+	underlayB6 = "2001:db8:2::/64"
+	routerA6   = "2001:db8:1::1"
+	routerB6   = "2001:db8:2::1"
+	extIP6     = "2001:db8:1::254"
+	// Network6 is the lab's default IPv6 pod network.
+	Network6 = "fd00:10:244::/48"
 	// Network is the lab's default pod network.
 	Network = "10.244.0.0/16"
 )
@@ -200,9 +223,22 @@ func Up(ctx context.Context, opt Options) (l *Lab, err error) {
 	if opt.Network == "" {
 		opt.Network = Network
 	}
+	switch opt.IPFamily {
+	case "":
+		opt.IPFamily = "ipv4"
+	case "ipv4", "ipv6", "dual":
+	default:
+		return nil, fmt.Errorf("ip family %q is not one of ipv4, ipv6, dual", opt.IPFamily)
+	}
+	if opt.IPv6Network == "" {
+		opt.IPv6Network = Network6
+	}
 	l = &Lab{Opt: opt, Prefix: opt.Prefix, Dir: opt.Dir, Backend: opt.Backend, Ext: netip.MustParseAddr(extIP),
 		EtcdMembers: opt.EtcdMembers, EtcdBinary: opt.EtcdBinary, RouteMode: opt.RouteMode, DockerNetwork: opt.DockerNetwork,
-		Kube: opt.Kube != nil}
+		Kube: opt.Kube != nil, IPFamily: opt.IPFamily}
+	if opt.IPFamily != "ipv4" {
+		l.Ext6 = netip.MustParseAddr(extIP6)
+	}
 	if opt.EtcdTLS {
 		if opt.EtcdBinary == "" {
 			return nil, errors.New("EtcdTLS needs EtcdBinary (an external etcd)")
@@ -332,7 +368,7 @@ func (l *Lab) underlay() error {
 	if err != nil {
 		return err
 	}
-	if err := attach(sw, "ext", ext, extIP+"/24"); err != nil {
+	if err := l.attach(sw, "ext", ext, "eth0", extIP, extIP6); err != nil {
 		return err
 	}
 	// Servers on the underlay (a TLS etcd, a Kubernetes API) get a namespace of their own,
@@ -372,16 +408,16 @@ func (l *Lab) underlay() error {
 		if err != nil {
 			return err
 		}
-		if err := attach(sw, "rt", rt, routerA+"/24"); err != nil {
+		if err := l.attach(sw, "rt", rt, "eth0", routerA, routerA6); err != nil {
 			return err
 		}
-		if err := attachAs(swB, "rt", rt, "eth1", routerB+"/24"); err != nil {
+		if err := l.attach(swB, "rt", rt, "eth1", routerB, routerB6); err != nil {
 			return err
 		}
-		if _, err := rt.Run("sysctl", "-qw", "net.ipv4.ip_forward=1"); err != nil {
+		if _, err := rt.Run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"); err != nil {
 			return err
 		}
-		if _, err := ext.Run("ip", "route", "add", underlayB, "via", routerA); err != nil {
+		if err := l.route(ext, underlayB, routerA, underlayB6, routerA6); err != nil {
 			return err
 		}
 	}
@@ -397,26 +433,37 @@ func (l *Lab) underlay() error {
 		if err := os.MkdirAll(n.Dir, 0o755); err != nil {
 			return err
 		}
+		if _, err := ns.Run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"); err != nil {
+			return err
+		}
 		if i < local {
 			n.IP = netip.MustParseAddr(fmt.Sprintf("192.0.2.%d", 11+i))
+			n.IP6 = netip.MustParseAddr(fmt.Sprintf("2001:db8:1::%d", 11+i))
 			n.Net = netip.MustParsePrefix(underlayA)
-			if err := attach(sw, name, ns, n.IP.String()+"/24"); err != nil {
+			if err := l.attach(sw, name, ns, "eth0", n.IP.String(), n.IP6.String()); err != nil {
 				return err
 			}
 			if l.Opt.Remote > 0 {
-				if _, err := ns.Run("ip", "route", "add", "default", "via", routerA); err != nil {
+				if err := l.route(ns, "default", routerA, "default", routerA6); err != nil {
 					return err
 				}
 			}
 		} else {
 			n.IP = netip.MustParseAddr(fmt.Sprintf("198.51.100.%d", 10+i-local))
+			n.IP6 = netip.MustParseAddr(fmt.Sprintf("2001:db8:2::%d", 10+i-local))
 			n.Net = netip.MustParsePrefix(underlayB)
-			if err := attach(swB, name, ns, n.IP.String()+"/24"); err != nil {
+			if err := l.attach(swB, name, ns, "eth0", n.IP.String(), n.IP6.String()); err != nil {
 				return err
 			}
-			if _, err := ns.Run("ip", "route", "add", "default", "via", routerB); err != nil {
+			if err := l.route(ns, "default", routerB, "default", routerB6); err != nil {
 				return err
 			}
+		}
+		if l.IPFamily == "ipv4" {
+			n.IP6 = netip.Addr{}
+		}
+		if l.IPFamily == "ipv6" {
+			n.IP = netip.Addr{}
 		}
 		l.Nodes = append(l.Nodes, n)
 	}
@@ -428,12 +475,48 @@ func attach(sw *netns.NS, port string, ns *netns.NS, addr string) error {
 	return attachAs(sw, port, ns, "eth0", addr)
 }
 
+// attach connects ns to the switch as dev with the addresses of the lab's families (an
+// IPv4 /24 and an IPv6 /64).
+func (l *Lab) attach(sw *netns.NS, port string, ns *netns.NS, dev, v4, v6 string) error {
+	if l.IPFamily == "ipv6" {
+		v4 = ""
+	}
+	if err := attachAs(sw, port, ns, dev, v4); err != nil {
+		return err
+	}
+	if l.IPFamily == "ipv4" || v6 == "" {
+		return nil
+	}
+	return ns.AddrAdd(dev, v6+"/64")
+}
+
+// route adds the lab's families' routes to dst via gw (IPv4) and dst6 via gw6 (IPv6).
+func (l *Lab) route(ns *netns.NS, dst, gw, dst6, gw6 string) error {
+	if l.IPFamily != "ipv6" {
+		if _, err := ns.Run("ip", "route", "add", dst, "via", gw); err != nil {
+			return err
+		}
+	}
+	if l.IPFamily != "ipv4" {
+		if _, err := ns.Run("ip", "-6", "route", "add", dst6, "via", gw6); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func attachAs(sw *netns.NS, port string, ns *netns.NS, dev, addr string) error {
 	if err := netns.Veth(sw, port, ns, dev); err != nil {
 		return err
 	}
 	if _, err := sw.Run("ip", "link", "set", port, "master", "br0"); err != nil {
 		return err
+	}
+	if addr == "" {
+		return nil
+	}
+	if !strings.Contains(addr, "/") {
+		addr += "/24"
 	}
 	return ns.AddrAdd(dev, addr)
 }
@@ -562,7 +645,23 @@ func (l *Lab) StopEtcd() error {
 }
 
 func (l *Lab) setConfig(ctx context.Context) error {
-	out, err := l.netagent(ctx, "config", "set", "--network", l.Opt.Network, "--backend", l.Opt.Backend)
+	args := []string{"config", "set", "--network", l.Opt.Network, "--backend", l.Opt.Backend}
+	if l.IPFamily != "ipv4" {
+		c := map[string]any{"ipv6Network": l.Opt.IPv6Network, "backend": map[string]string{"type": l.Opt.Backend}}
+		if l.IPFamily == "dual" {
+			c["network"] = l.Opt.Network
+		}
+		if l.Opt.IPv6Masquerade != nil {
+			c["ipv6Masquerade"] = *l.Opt.IPv6Masquerade
+		}
+		b, _ := json.Marshal(c)
+		file := filepath.Join(l.Dir, "net-conf.json")
+		if err := os.WriteFile(file, b, 0o644); err != nil {
+			return err
+		}
+		args = []string{"config", "set", "--file", file}
+	}
+	out, err := l.netagent(ctx, args...)
 	if err != nil {
 		return fmt.Errorf("config set: %v: %s", err, out)
 	}
@@ -611,6 +710,9 @@ func (l *Lab) AgentArgs(n *Node) []string {
 		if l.Opt.DockerNetwork != "" {
 			extra = []string{"--docker-network", l.Opt.DockerNetwork, "--docker-socket", l.dockerSock(n)}
 		}
+	} else if l.Backend == "wireguard" {
+		extra = append(extra, "--state-dir", filepath.Join(n.Dir, "state"), "--wireguard-device", l.WGDevice(n),
+			"--wireguard-daemon", filepath.Join(filepath.Dir(l.Opt.Netagent), "netagent-wireguard"))
 	}
 	return append(append([]string{cmd,
 		"--node-name", n.Name,
@@ -628,9 +730,21 @@ func (l *Lab) resyncFlag() []string {
 	return []string{"--resync", l.Opt.Resync.String()}
 }
 
+// WGDevice is a node's WireGuard device name: wireguard-go's UAPI sockets share one
+// directory (/var/run/wireguard) across every namespace of this host, so each node of each
+// lab gets its own name, derived from the lab's prefix (a restart finds the same one).
+func (l *Lab) WGDevice(n *Node) string {
+	h := fnv.New32a()
+	h.Write([]byte(l.Prefix + n.Name))
+	return fmt.Sprintf("nawg%08x", h.Sum32())
+}
+
 // StartAgent starts the node's agent.
-func (l *Lab) StartAgent(n *Node) error {
-	cmd := l.NodeNS(n).Command(context.Background(), l.Opt.Netagent, l.AgentArgs(n)...)
+func (l *Lab) StartAgent(n *Node) error { return l.StartAgentArgs(n) }
+
+// StartAgentArgs starts the node's agent with extra arguments (e.g. --rotate-wireguard-key).
+func (l *Lab) StartAgentArgs(n *Node, extra ...string) error {
+	cmd := l.NodeNS(n).Command(context.Background(), l.Opt.Netagent, append(l.AgentArgs(n), extra...)...)
 	pid, err := k8s.StartDetached(cmd, filepath.Join(n.Dir, "agent.log"))
 	if err != nil {
 		return fmt.Errorf("start agent on %s: %w", n.Name, err)
@@ -684,9 +798,9 @@ func (l *Lab) WaitConverged(ctx context.Context, timeout time.Duration) error {
 			}
 			var st struct {
 				Peers []struct {
-					Node, Mode string
-					Route      bool
-					FDB, Neigh *bool
+					Node, Mode     string
+					Route          bool
+					FDB, Neigh, WG *bool
 				} `json:"peers"`
 			}
 			if err := json.Unmarshal(b, &st); err != nil {
@@ -697,7 +811,7 @@ func (l *Lab) WaitConverged(ctx context.Context, timeout time.Duration) error {
 				break
 			}
 			for _, p := range st.Peers {
-				if p.Mode != "unreachable" && (!p.Route || (p.FDB != nil && !*p.FDB) || (p.Neigh != nil && !*p.Neigh)) {
+				if p.Mode != "unreachable" && (!p.Route || (p.FDB != nil && !*p.FDB) || (p.Neigh != nil && !*p.Neigh) || (p.WG != nil && !*p.WG)) {
 					done, last = false, fmt.Sprintf("%s has not programmed %s yet", n.Name, p.Node)
 					break
 				}
@@ -799,6 +913,15 @@ func (l *Lab) Down() error {
 	for _, e := range entries {
 		if l.Prefix != "" && strings.HasPrefix(e.Name(), l.Prefix) {
 			if err := (&netns.NS{Name: e.Name(), Path: "/run/netns/" + e.Name()}).Close(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if l.Backend == "wireguard" {
+		// The nodes' WireGuard daemons died with their namespaces' processes, without
+		// removing their sockets.
+		for _, n := range l.Nodes {
+			if err := os.Remove(device.SocketPath(l.WGDevice(n))); err != nil && !errors.Is(err, os.ErrNotExist) {
 				errs = append(errs, err)
 			}
 		}

@@ -11,12 +11,16 @@ import (
 // (Peers), the one place every store feeds: a lease that fails them is never routed to,
 // and the reason is kept for status, metrics and the log.
 type Rules struct {
-	Network netip.Prefix // the cluster pod network; invalid: not checked
-	// SubnetLen is the configured subnet length: leases of another length (left from before
-	// a config change, or forged) lose to any lease of this length they overlap.
-	SubnetLen int
-	Self      string     // this node's name
-	SelfIP    netip.Addr // this node's public IP: no peer may claim it
+	// Network and Network6 are the cluster's pod networks; both invalid: not checked; one
+	// invalid: that family is off, and a lease carrying a subnet of it is refused.
+	Network, Network6 netip.Prefix
+	// SubnetLen and SubnetLen6 are the configured subnet lengths: leases of another length
+	// (left from before a config change, or forged) lose to any lease of this length they
+	// overlap.
+	SubnetLen, SubnetLen6 int
+	Self                  string // this node's name
+	// SelfIP and SelfIP6 are this node's public IPs: no peer may claim them.
+	SelfIP, SelfIP6 netip.Addr
 	// SelfWGKey is this node's WireGuard public key: no peer may publish it (a peer with our
 	// key would be dropped by WireGuard, or take our identity on the others). "": not checked.
 	SelfWGKey string
@@ -27,16 +31,55 @@ func (r Rules) Check(l Lease) error {
 	if err := l.Validate(); err != nil {
 		return err
 	}
-	if r.Network.IsValid() && (!r.Network.Contains(l.Subnet.Addr()) || l.Subnet.Bits() < r.Network.Bits()) {
-		return fmt.Errorf("lease %s: subnet %s is outside the network %s", l.Node, l.Subnet, r.Network)
+	if r.Network.IsValid() || r.Network6.IsValid() {
+		for _, s := range [2]struct {
+			name        string
+			subnet, net netip.Prefix
+		}{{"subnet", l.Subnet, r.Network}, {"IPv6 subnet", l.Subnet6, r.Network6}} {
+			switch {
+			case !s.subnet.IsValid():
+			case !s.net.IsValid():
+				return fmt.Errorf("lease %s: %s %s, but the cluster has no network of its family", l.Node, s.name, s.subnet)
+			case !s.net.Contains(s.subnet.Addr()) || s.subnet.Bits() < s.net.Bits():
+				return fmt.Errorf("lease %s: %s %s is outside the network %s", l.Node, s.name, s.subnet, s.net)
+			}
+		}
 	}
-	if l.Node != r.Self && r.SelfIP.IsValid() && l.PublicIP == r.SelfIP {
-		return fmt.Errorf("lease %s: public IP %s is this node's own", l.Node, l.PublicIP)
+	if l.Node != r.Self {
+		for _, ip := range [2]netip.Addr{r.SelfIP, r.SelfIP6} {
+			if ip.IsValid() && (l.PublicIP == ip || l.PublicIP6 == ip) {
+				return fmt.Errorf("lease %s: public IP %s is this node's own", l.Node, ip)
+			}
+		}
 	}
 	if l.Node != r.Self && r.SelfWGKey != "" && l.WGPublicKey == r.SelfWGKey {
 		return fmt.Errorf("lease %s: WireGuard public key is this node's own", l.Node)
 	}
 	return nil
+}
+
+// Enabled is l without the subnets of a family the cluster has off (a Kubernetes Node lists
+// podCIDRs of both families whatever netagent's config says); unchanged when no network
+// is set.
+func (r Rules) Enabled(l Lease) Lease {
+	if !r.Network.IsValid() && !r.Network6.IsValid() {
+		return l
+	}
+	if !r.Network.IsValid() {
+		l.Subnet = netip.Prefix{}
+	}
+	if !r.Network6.IsValid() {
+		l.Subnet6 = netip.Prefix{}
+	}
+	return l
+}
+
+// subnetLen is the configured length of s's family (0: not checked).
+func (r Rules) subnetLen(s netip.Prefix) int {
+	if s.Addr().Is4() {
+		return r.SubnetLen
+	}
+	return r.SubnetLen6
 }
 
 // DecodeKey decodes the lease stored under key (…/subnets/<SubnetKey>) and checks that the
@@ -51,8 +94,8 @@ func DecodeKey(key string, value []byte) (Lease, error) {
 	if err != nil {
 		return Lease{}, fmt.Errorf("lease %s: %w", l.Node, err)
 	}
-	if s != l.Subnet {
-		return Lease{}, fmt.Errorf("lease %s: its value names subnet %s but its key %s", l.Node, l.Subnet, s)
+	if s != l.Primary() {
+		return Lease{}, fmt.Errorf("lease %s: its value names subnet %s but its key %s", l.Node, l.Primary(), s)
 	}
 	return l, nil
 }

@@ -61,12 +61,19 @@ var ErrIdentity = errors.New("node name in use by another agent")
 // cannot move its pods, so it exits and its restart takes the new subnet.
 var ErrReassigned = errors.New("the node's subnet was reassigned")
 
-// Lease is one node's claim on a subnet and how peers reach it.
+// Lease is one node's claim on a subnet per family and how peers reach it. Subnet is the
+// IPv4 pod subnet (unset in an IPv6-only cluster), Subnet6 the IPv6 one (unset without
+// IPv6); PublicIP and PublicIP6 are the node's underlay addresses of each family, at least
+// one set. The lease's key in a store is its Primary subnet.
 type Lease struct {
 	Node     string       `json:"node"`
 	Subnet   netip.Prefix `json:"subnet"`
 	PublicIP netip.Addr   `json:"publicIP"`
 	Backend  string       `json:"backend"`
+	// Subnet6 is the node's IPv6 pod subnet.
+	Subnet6 netip.Prefix `json:"subnet6,omitzero"`
+	// PublicIP6 is the node's IPv6 underlay address, when it has one.
+	PublicIP6 netip.Addr `json:"publicIP6,omitzero"`
 	// VTEPMAC is the MAC of the node's VXLAN device (vxlan and hybrid backends).
 	VTEPMAC string `json:"vtepMAC,omitempty"`
 	// UnderlayMAC is the MAC of the node's underlay interface: peers on the same L2 accept
@@ -90,18 +97,59 @@ func (l Lease) MAC() net.HardwareAddr {
 	return m
 }
 
+// Primary is the subnet a store keys the lease by: the IPv4 one, else the IPv6 one.
+func (l Lease) Primary() netip.Prefix {
+	if l.Subnet.IsValid() {
+		return l.Subnet
+	}
+	return l.Subnet6
+}
+
+// Subnets are the lease's valid subnets, IPv4 first.
+func (l Lease) Subnets() []netip.Prefix {
+	out := make([]netip.Prefix, 0, 2)
+	for _, s := range [2]netip.Prefix{l.Subnet, l.Subnet6} {
+		if s.IsValid() {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// Gone reports whether l names a node without any claim (how Peers.Take reports a node
+// that left).
+func (l Lease) Gone() bool {
+	return !l.Subnet.IsValid() && !l.Subnet6.IsValid() && !l.PublicIP.IsValid() && !l.PublicIP6.IsValid()
+}
+
+// PublicIPOf is the node's underlay address of the family v6 says (invalid: none).
+func (l Lease) PublicIPOf(v6 bool) netip.Addr {
+	if v6 {
+		return l.PublicIP6
+	}
+	return l.PublicIP
+}
+
 // Validate checks a lease for use as a peer.
 func (l Lease) Validate() error {
 	if err := ValidNodeName(l.Node); err != nil {
 		return fmt.Errorf("lease: %w", err)
 	}
 	switch {
-	case !l.Subnet.IsValid() || !l.Subnet.Addr().Is4() || l.Subnet != l.Subnet.Masked():
+	case !l.Subnet.IsValid() && !l.Subnet6.IsValid():
+		return fmt.Errorf("lease %s: no subnet", l.Node)
+	case l.Subnet.IsValid() && (!l.Subnet.Addr().Is4() || l.Subnet != l.Subnet.Masked()):
 		return fmt.Errorf("lease %s: invalid subnet %s", l.Node, l.Subnet)
-	case !l.PublicIP.IsValid() || !l.PublicIP.Is4() || !l.PublicIP.IsGlobalUnicast():
+	case l.Subnet6.IsValid() && !ValidSubnet6(l.Subnet6):
+		return fmt.Errorf("lease %s: invalid IPv6 subnet %s (not a masked IPv6 unicast prefix)", l.Node, l.Subnet6)
+	case !l.PublicIP.IsValid() && !l.PublicIP6.IsValid():
+		return fmt.Errorf("lease %s: no public IP", l.Node)
+	case l.PublicIP.IsValid() && (!l.PublicIP.Is4() || !l.PublicIP.IsGlobalUnicast()):
 		// Loopback, link-local, broadcast, multicast or unspecified: a peer there would make
 		// this node tunnel to itself or broadcast pod traffic on the underlay.
 		return fmt.Errorf("lease %s: invalid public IP %s (not a unicast address)", l.Node, l.PublicIP)
+	case l.PublicIP6.IsValid() && (!l.PublicIP6.Is6() || l.PublicIP6.Is4In6() || l.PublicIP6.Zone() != "" || !l.PublicIP6.IsGlobalUnicast()):
+		return fmt.Errorf("lease %s: invalid IPv6 public IP %s (not a global unicast IPv6 address)", l.Node, l.PublicIP6)
 	case l.VTEPMAC != "" && !ValidMAC(l.VTEPMAC):
 		return fmt.Errorf("lease %s: invalid VTEP MAC %q", l.Node, l.VTEPMAC)
 	case l.UnderlayMAC != "" && !ValidMAC(l.UnderlayMAC):
@@ -123,6 +171,14 @@ func (l Lease) validWireGuard() error {
 		return fmt.Errorf("lease %s: invalid WireGuard port %d", l.Node, l.WGPort)
 	}
 	return nil
+}
+
+// ValidSubnet6 reports whether s is a masked IPv6 unicast prefix (not IPv4-mapped,
+// link-local, multicast, loopback or unspecified).
+func ValidSubnet6(s netip.Prefix) bool {
+	a := s.Addr()
+	return s.IsValid() && a.Is6() && !a.Is4In6() && a.Zone() == "" && s == s.Masked() &&
+		!a.IsLinkLocalUnicast() && !a.IsMulticast() && !a.IsLoopback() && !a.IsUnspecified()
 }
 
 // ValidNodeName checks a node name (it is a key suffix in the store).

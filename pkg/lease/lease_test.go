@@ -22,6 +22,13 @@ func TestDecode(t *testing.T) {
 		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","wgPublicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","wgPort":1}`, "all zero"},
 		{`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","wgPublicKey":"not base64 at all, but 44 characters long!!","wgPort":1}`, "invalid WireGuard public key"},
 		{`{"node":"n1","subnet":"nope"}`, "decode lease"},
+		{`{"node":"n1","subnet":"10.244.1.0/24","subnet6":"fd00:0:0:1::/64","publicIP":"192.0.2.1","publicIP6":"2001:db8::1"}`, ""},
+		{`{"node":"n1","subnet6":"fd00:0:0:1::/64","publicIP6":"2001:db8::1"}`, ""},
+		{`{"node":"n1","subnet6":"fd00:0:0:1::/64","publicIP":"192.0.2.1"}`, ""},
+		{`{"node":"n1","subnet6":"fd00:0:0:1::1/64","publicIP6":"2001:db8::1"}`, "invalid IPv6 subnet"},
+		{`{"node":"n1","subnet6":"fe80::/64","publicIP6":"2001:db8::1"}`, "invalid IPv6 subnet"},
+		{`{"node":"n1","subnet6":"fd00:0:0:1::/64","publicIP6":"2001:db8::1%eth0"}`, "invalid IPv6 public IP"},
+		{`{"node":"n1","subnet6":"fd00:0:0:1::/64"}`, "no public IP"},
 		{`[`, "decode lease"},
 	}
 	for _, tt := range tests {
@@ -48,6 +55,7 @@ func TestSubnetKey(t *testing.T) {
 func FuzzDecode(f *testing.F) {
 	f.Add([]byte(`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","backend":"vxlan","vtepMAC":"0a:00:00:00:00:01"}`))
 	f.Add([]byte(`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1","backend":"wireguard","wgPublicKey":"` + wgKey + `","wgPort":51820}`))
+	f.Add([]byte(`{"node":"n1","subnet":"10.244.1.0/24","subnet6":"fd00:0:0:1::/64","publicIP":"192.0.2.1","publicIP6":"2001:db8::1"}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		l, err := Decode(b)
 		if err != nil {

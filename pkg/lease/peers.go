@@ -20,6 +20,10 @@ import (
 // node's subnet nor cut into it with a longer or shorter prefix. Every lease not used is
 // kept in Invalids with the reason.
 //
+// A dual-stack lease holds two subnets, one per family: each is settled as above, and the
+// lease is used only if it wins both (a forged lease cannot take a live node's IPv6 subnet
+// either).
+//
 // Scale: leases of the configured length are indexed by subnet, so a change costs O(1)
 // map work; odd-length leases (normally none) are compared against each other and, when
 // shorter than the configured length, against the regular ones.
@@ -61,6 +65,7 @@ func (p *Peers) reset() {
 
 // put records l, created at rev, under key k (caller holds mu).
 func (p *Peers) put(k string, l Lease, rev int64) {
+	l = p.rules.Enabled(l)
 	if e, ok := p.cand[k]; ok && e.Lease == l && e.Rev == rev {
 		return // rewritten as it was (a renewal)
 	}
@@ -72,11 +77,14 @@ func (p *Peers) put(k string, l Lease, rev int64) {
 	}
 	delete(p.bad, k)
 	p.cand[k] = Entry{l, rev}
-	p.bySubnet[l.Subnet] = append(p.bySubnet[l.Subnet], k)
-	if p.isOdd(l.Subnet) {
-		p.odd[k] = true
+	for _, s := range l.Subnets() {
+		p.bySubnet[s] = append(p.bySubnet[s], k)
+		if p.isOdd(s) {
+			p.odd[k] = true
+		}
+		affected = append(affected, p.around(s)...)
 	}
-	p.settle(append(affected, p.around(l.Subnet)...))
+	p.settle(affected)
 }
 
 // invalid records that key k holds no usable lease (caller holds mu).
@@ -92,7 +100,8 @@ func (p *Peers) del(k string) {
 }
 
 func (p *Peers) isOdd(s netip.Prefix) bool {
-	return p.rules.SubnetLen != 0 && s.Bits() != p.rules.SubnetLen
+	n := p.rules.subnetLen(s)
+	return n != 0 && s.Bits() != n
 }
 
 // drop removes k's candidate and returns the keys whose standing may change with it.
@@ -103,20 +112,24 @@ func (p *Peers) drop(k string) []string {
 	}
 	delete(p.cand, k)
 	delete(p.odd, k)
-	keys := p.bySubnet[e.Lease.Subnet]
-	for i, x := range keys {
-		if x == k {
-			keys = append(keys[:i:i], keys[i+1:]...)
-			break
+	var out []string
+	for _, s := range e.Lease.Subnets() {
+		keys := p.bySubnet[s]
+		for i, x := range keys {
+			if x == k {
+				keys = append(keys[:i:i], keys[i+1:]...)
+				break
+			}
 		}
-	}
-	if len(keys) == 0 {
-		delete(p.bySubnet, e.Lease.Subnet)
-	} else {
-		p.bySubnet[e.Lease.Subnet] = keys
+		if len(keys) == 0 {
+			delete(p.bySubnet, s)
+		} else {
+			p.bySubnet[s] = keys
+		}
+		out = append(out, p.around(s)...)
 	}
 	p.unuse(k)
-	return p.around(e.Lease.Subnet)
+	return out
 }
 
 // around is every candidate whose standing depends on subnet s: the keys of s itself and
@@ -124,8 +137,10 @@ func (p *Peers) drop(k string) []string {
 func (p *Peers) around(s netip.Prefix) []string {
 	out := append([]string(nil), p.bySubnet[s]...)
 	for k := range p.odd {
-		if c := p.cand[k].Lease.Subnet; c != s && c.Overlaps(s) {
-			out = append(out, k)
+		for _, c := range p.cand[k].Lease.Subnets() {
+			if c != s && c.Overlaps(s) {
+				out = append(out, k)
+			}
 		}
 	}
 	return out
@@ -142,57 +157,75 @@ func before(a, b Entry, ka, kb string) bool {
 // loses says why candidate k may not be used (empty: it may).
 func (p *Peers) loses(k string) string {
 	e := p.cand[k]
-	s := e.Lease.Subnet
-	for _, o := range p.bySubnet[s] {
-		if oe := p.cand[o]; o != k && before(oe, e, o, k) {
-			return fmt.Sprintf("subnet %s is held by %s (key %s), which was there first", s, oe.Lease.Node, o)
-		}
-	}
-	if !p.odd[k] {
-		return ""
-	}
-	if o, ok := p.regularOverlapping(s); ok {
-		oe := p.cand[o]
-		return fmt.Sprintf("subnet %s overlaps %s of %s (key %s), which has the configured length /%d", s, oe.Lease.Subnet, oe.Lease.Node, o, p.rules.SubnetLen)
-	}
-	for o := range p.odd {
-		if oe := p.cand[o]; o != k && oe.Lease.Subnet.Overlaps(s) && before(oe, e, o, k) {
-			return fmt.Sprintf("subnet %s overlaps %s of %s (key %s), which was there first", s, oe.Lease.Subnet, oe.Lease.Node, o)
+	for _, s := range e.Lease.Subnets() {
+		if why := p.losesSubnet(k, e, s); why != "" {
+			return why
 		}
 	}
 	return ""
 }
 
-// regularOverlapping finds a candidate of the configured length overlapping odd subnet s.
-func (p *Peers) regularOverlapping(s netip.Prefix) (string, bool) {
-	n := p.rules.SubnetLen
-	if s.Bits() > n { // inside at most one regular subnet
-		if keys := p.bySubnet[netip.PrefixFrom(s.Addr(), n).Masked()]; len(keys) > 0 {
-			return keys[0], true
+// losesSubnet says why candidate k, e may not hold its subnet s (empty: it may).
+func (p *Peers) losesSubnet(k string, e Entry, s netip.Prefix) string {
+	for _, o := range p.bySubnet[s] {
+		if oe := p.cand[o]; o != k && before(oe, e, o, k) {
+			return fmt.Sprintf("subnet %s is held by %s (key %s), which was there first", s, oe.Lease.Node, o)
 		}
-		return "", false
+	}
+	if !p.isOdd(s) {
+		return ""
+	}
+	if o, c, ok := p.regularOverlapping(s); ok {
+		return fmt.Sprintf("subnet %s overlaps %s of %s (key %s), which has the configured length /%d", s, c, p.cand[o].Lease.Node, o, p.rules.subnetLen(s))
+	}
+	for o := range p.odd {
+		oe := p.cand[o]
+		if o == k || !before(oe, e, o, k) {
+			continue
+		}
+		for _, c := range oe.Lease.Subnets() {
+			if c.Overlaps(s) {
+				return fmt.Sprintf("subnet %s overlaps %s of %s (key %s), which was there first", s, c, oe.Lease.Node, o)
+			}
+		}
+	}
+	return ""
+}
+
+// regularOverlapping finds a candidate's subnet of the configured length overlapping odd
+// subnet s: the key and that subnet.
+func (p *Peers) regularOverlapping(s netip.Prefix) (string, netip.Prefix, bool) {
+	n := p.rules.subnetLen(s)
+	if s.Bits() > n { // inside at most one regular subnet
+		r := netip.PrefixFrom(s.Addr(), n).Masked()
+		if keys := p.bySubnet[r]; len(keys) > 0 {
+			return keys[0], r, true
+		}
+		return "", netip.Prefix{}, false
 	}
 	// s holds 2^(n-bits) regular subnets: look each up, or scan the candidates when fewer.
-	if span := n - s.Bits(); span < 20 && 1<<span <= len(p.cand) {
+	if span := n - s.Bits(); s.Addr().Is4() && span < 20 && 1<<span <= len(p.cand) {
 		a := s.Addr()
 		step := uint32(1) << (32 - n)
 		for range 1 << span {
 			if keys := p.bySubnet[netip.PrefixFrom(a, n)]; len(keys) > 0 {
-				return keys[0], true
+				return keys[0], netip.PrefixFrom(a, n), true
 			}
 			b := a.As4()
 			v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3]) + step
 			a = netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 		}
-		return "", false
+		return "", netip.Prefix{}, false
 	}
-	best := ""
+	best, bestSubnet := "", netip.Prefix{}
 	for k, e := range p.cand {
-		if !p.odd[k] && e.Lease.Subnet.Overlaps(s) && (best == "" || k < best) {
-			best = k
+		for _, c := range e.Lease.Subnets() {
+			if !p.isOdd(c) && c.Overlaps(s) && (best == "" || k < best) {
+				best, bestSubnet = k, c
+			}
 		}
 	}
-	return best, best != ""
+	return best, bestSubnet, best != ""
 }
 
 // settle re-decides whether each of keys is used.

@@ -100,12 +100,13 @@ func TestDecodeKey(t *testing.T) {
 
 func FuzzDecodeKey(f *testing.F) {
 	f.Add("/netagent/subnets/10.244.1.0-24", []byte(`{"node":"n1","subnet":"10.244.1.0/24","publicIP":"192.0.2.1"}`))
+	f.Add("/netagent/subnets/fd00:0:0:1::-64", []byte(`{"node":"n1","subnet6":"fd00:0:0:1::/64","publicIP6":"2001:db8::1"}`))
 	f.Fuzz(func(t *testing.T, key string, b []byte) {
 		l, err := DecodeKey(key, b)
 		if err != nil {
 			return
 		}
-		if s, _ := ParseSubnetKey(path.Base(key)); s != l.Subnet || l.Validate() != nil {
+		if s, _ := ParseSubnetKey(path.Base(key)); s != l.Primary() || l.Validate() != nil {
 			t.Fatalf("DecodeKey(%q, %s) = %+v, a lease its key does not name or that is invalid", key, b, l)
 		}
 	})
@@ -171,6 +172,104 @@ func TestPeersSettleOverlaps(t *testing.T) {
 	ch, _ := p.Take()
 	if got := p.Snapshot(); len(got) != 1 || got[0].Node != "late" || len(ch) != 2 || len(p.Invalids()) != 0 {
 		t.Errorf("after the winner left: in use %v, changed %v, ignored %v; want only late", got, ch, p.Invalids())
+	}
+}
+
+func TestRulesCheck6(t *testing.T) {
+	r := Rules{Network: netip.MustParsePrefix("10.244.0.0/16"), SubnetLen: 24, Network6: netip.MustParsePrefix("fd00:10:244::/48"), SubnetLen6: 64,
+		Self: "me", SelfIP: netip.MustParseAddr("192.0.2.1"), SelfIP6: netip.MustParseAddr("2001:db8::1")}
+	v6only := Rules{Network6: r.Network6, SubnetLen6: 64, Self: "me", SelfIP6: r.SelfIP6}
+	tests := []struct {
+		name  string
+		rules Rules
+		in    string
+		want  string
+	}{
+		{"dual", r, `{"node":"n2","subnet":"10.244.2.0/24","subnet6":"fd00:10:244:2::/64","publicIP":"192.0.2.2","publicIP6":"2001:db8::2"}`, ""},
+		{"dual, IPv4 underlay only", r, `{"node":"n2","subnet":"10.244.2.0/24","subnet6":"fd00:10:244:2::/64","publicIP":"192.0.2.2"}`, ""},
+		{"IPv6 only", v6only, `{"node":"n2","subnet6":"fd00:10:244:2::/64","publicIP6":"2001:db8::2"}`, ""},
+		{"v6 subnet outside", r, `{"node":"n2","subnet":"10.244.2.0/24","subnet6":"fd00:99::/64","publicIP":"192.0.2.2"}`, "outside the network fd00:10:244::/48"},
+		{"v6 subnet covers the network", r, `{"node":"n2","subnet":"10.244.2.0/24","subnet6":"fd00::/32","publicIP":"192.0.2.2"}`, "outside the network"},
+		{"v4 in subnet6", r, `{"node":"n2","subnet":"10.244.2.0/24","subnet6":"10.244.3.0/24","publicIP":"192.0.2.2"}`, "invalid IPv6 subnet"},
+		{"v4-mapped subnet6", r, `{"node":"n2","subnet":"10.244.2.0/24","subnet6":"::ffff:10.244.3.0/120","publicIP":"192.0.2.2"}`, "invalid IPv6 subnet"},
+		{"v6 in subnet", r, `{"node":"n2","subnet":"fd00:10:244:2::/64","publicIP":"192.0.2.2"}`, "invalid subnet"},
+		{"subnet6 host bits", r, `{"node":"n2","subnet":"10.244.2.0/24","subnet6":"fd00:10:244:2::1/64","publicIP":"192.0.2.2"}`, "invalid IPv6 subnet"},
+		{"v6 family off", Rules{Network: r.Network, SubnetLen: 24}, `{"node":"n2","subnet":"10.244.2.0/24","subnet6":"fd00:10:244:2::/64","publicIP":"192.0.2.2"}`, "no network of its family"},
+		{"v4 family off", v6only, `{"node":"n2","subnet":"10.244.2.0/24","subnet6":"fd00:10:244:2::/64","publicIP6":"2001:db8::2"}`, "no network of its family"},
+		{"v4 in publicIP6", r, `{"node":"n2","subnet":"10.244.2.0/24","publicIP":"192.0.2.2","publicIP6":"192.0.2.3"}`, "invalid IPv6 public IP"},
+		{"link-local publicIP6", r, `{"node":"n2","subnet":"10.244.2.0/24","publicIP6":"fe80::1"}`, "invalid IPv6 public IP"},
+		{"multicast publicIP6", r, `{"node":"n2","subnet":"10.244.2.0/24","publicIP6":"ff02::1"}`, "invalid IPv6 public IP"},
+		{"loopback publicIP6", r, `{"node":"n2","subnet":"10.244.2.0/24","publicIP6":"::1"}`, "invalid IPv6 public IP"},
+		{"mapped publicIP6", r, `{"node":"n2","subnet":"10.244.2.0/24","publicIP6":"::ffff:192.0.2.2"}`, "invalid IPv6 public IP"},
+		{"v6 in publicIP", r, `{"node":"n2","subnet":"10.244.2.0/24","publicIP":"2001:db8::2"}`, "invalid public IP"},
+		{"no public IP", r, `{"node":"n2","subnet":"10.244.2.0/24"}`, "no public IP"},
+		{"no subnet", r, `{"node":"n2","publicIP":"192.0.2.2"}`, "no subnet"},
+		{"our IPv6 underlay", r, `{"node":"n2","subnet":"10.244.2.0/24","publicIP":"192.0.2.2","publicIP6":"2001:db8::1"}`, "this node's own"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l, err := Decode([]byte(tt.in))
+			if err == nil {
+				err = tt.rules.Check(l)
+			}
+			if (tt.want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tt.want)) {
+				t.Errorf("Check(%s) = %v, want %q", tt.in, err, tt.want)
+			}
+		})
+	}
+}
+
+// A forged lease cannot take or cut into a live node's IPv6 subnet, whatever the order.
+func TestPeersSettleOverlaps6(t *testing.T) {
+	r := Rules{Network: netip.MustParsePrefix("10.244.0.0/16"), SubnetLen: 24, Network6: netip.MustParsePrefix("fd00::/48"), SubnetLen6: 64, Self: "me"}
+	type put struct {
+		key, node, subnet, subnet6 string
+		rev                        int64
+	}
+	victim := put{"k/10.244.2.0-24", "victim", "10.244.2.0/24", "fd00:0:0:2::/64", 10}
+	tests := []struct {
+		name    string
+		puts    []put
+		want    map[string]string // node -> its IPv6 subnet in use
+		ignored []string
+	}{
+		{"same IPv6 subnet, other IPv4 subnet", []put{victim, {"k/10.244.3.0-24", "evil", "10.244.3.0/24", "fd00:0:0:2::/64", 20}},
+			map[string]string{"victim": "fd00:0:0:2::/64"}, []string{"k/10.244.3.0-24"}},
+		{"longer IPv6 prefix inside", []put{victim, {"k/10.244.3.0-24", "evil", "10.244.3.0/24", "fd00:0:0:2::/80", 5}},
+			map[string]string{"victim": "fd00:0:0:2::/64"}, []string{"k/10.244.3.0-24"}},
+		{"shorter IPv6 prefix over it", []put{victim, {"k/10.244.3.0-24", "evil", "10.244.3.0/24", "fd00::/56", 1}},
+			map[string]string{"victim": "fd00:0:0:2::/64"}, []string{"k/10.244.3.0-24"}},
+		{"IPv6 only, same subnet: first created wins", []put{{"k/fd00:0:0:5::-64", "b", "", "fd00:0:0:5::/64", 2}, {"k2/fd00:0:0:5::-64", "a", "", "fd00:0:0:5::/64", 9}},
+			map[string]string{"b": "fd00:0:0:5::/64"}, []string{"k2/fd00:0:0:5::-64"}},
+		{"distinct subnets both used", []put{victim, {"k/10.244.3.0-24", "other", "10.244.3.0/24", "fd00:0:0:3::/64", 20}},
+			map[string]string{"victim": "fd00:0:0:2::/64", "other": "fd00:0:0:3::/64"}, nil},
+	}
+	prefix := func(s string) netip.Prefix {
+		if s == "" {
+			return netip.Prefix{}
+		}
+		return netip.MustParsePrefix(s)
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for _, order := range [][]put{tt.puts, reversed(tt.puts)} {
+				p := NewPeersWith(r)
+				for _, x := range order {
+					p.Set(x.key, Lease{Node: x.node, Subnet: prefix(x.subnet), Subnet6: prefix(x.subnet6), PublicIP6: netip.MustParseAddr("2001:db8::9")}, x.rev)
+				}
+				got := map[string]string{}
+				for _, l := range p.Snapshot() {
+					got[l.Node] = l.Subnet6.String()
+				}
+				if !maps.Equal(got, tt.want) {
+					t.Errorf("in use = %v, want %v", got, tt.want)
+				}
+				bad := slices.Sorted(maps.Keys(p.Invalids()))
+				if !slices.Equal(bad, tt.ignored) && !(len(bad) == 0 && len(tt.ignored) == 0) {
+					t.Errorf("ignored = %v, want %v", p.Invalids(), tt.ignored)
+				}
+			}
+		})
 	}
 }
 

@@ -15,12 +15,18 @@
 // built-in chains, or in the Docker case right below Docker's (a firewall that inserts its
 // own rules above ours is put back below).
 // Reading the state is one iptables-save; Sync with nothing to change writes nothing.
+//
+// IPv6 (plan.NAT.Network6 set) gets the same chains through ip6tables, the masquerade only
+// where the config asks for it (ipv6Masquerade); ip6tables is not run at all in a cluster
+// without IPv6.
 package nat
 
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"net/netip"
 	"os/exec"
 	"slices"
 	"strings"
@@ -52,29 +58,51 @@ type table struct {
 // goes between them).
 var dockerFirst = map[string]bool{"DOCKER-USER": true, "DOCKER-ISOLATION-STAGE-1": true}
 
-// desired renders the rules for a plan.
-func desired(n plan.NAT) []table {
-	if !n.Network.IsValid() || !n.Subnet.IsValid() {
+// family is what the rules of one IP family are made from.
+type family struct {
+	network, subnet netip.Prefix
+	masquerade      bool
+	multicast       string // the family's multicast range: never masqueraded
+	final           bool   // plan.NAT.Final
+}
+
+// families are the plan's families: IPv4 always (with no network its chains are empty),
+// IPv6 only when the cluster has it.
+func families(n plan.NAT) []family {
+	out := []family{{network: n.Network, subnet: n.Subnet, masquerade: true, multicast: "224.0.0.0/4", final: n.Final}}
+	if n.Network6.IsValid() {
+		out = append(out, family{network: n.Network6, subnet: n.Subnet6, masquerade: n.Masquerade6, multicast: "ff00::/8", final: n.Final})
+	}
+	return out
+}
+
+// desired renders the rules of one family.
+func desired(n family) []table {
+	if !n.network.IsValid() || !n.subnet.IsValid() {
 		return []table{{name: "nat", hook: "POSTROUTING", chain: PostChain}, {name: "filter", hook: "FORWARD", chain: FwdChain}}
 	}
 	fwd := table{name: "filter", hook: "FORWARD", chain: FwdChain, rules: []string{
-		fmt.Sprintf("-s %s -j ACCEPT", n.Network),
-		fmt.Sprintf("-d %s -j ACCEPT", n.Network),
+		fmt.Sprintf("-s %s -j ACCEPT", n.network),
+		fmt.Sprintf("-d %s -j ACCEPT", n.network),
 	}}
-	if n.Final {
+	if n.final {
 		fwd.below = dockerFirst
 		fwd.rules = []string{
 			// Within this host's subnet Docker decides (icc, its own accepts).
-			fmt.Sprintf("-s %s -d %s -j RETURN", n.Subnet, n.Subnet),
-			fmt.Sprintf("-s %s -d %s -j ACCEPT", n.Network, n.Subnet),
-			fmt.Sprintf("-s %s -d %s -j ACCEPT", n.Subnet, n.Network),
+			fmt.Sprintf("-s %s -d %s -j RETURN", n.subnet, n.subnet),
+			fmt.Sprintf("-s %s -d %s -j ACCEPT", n.network, n.subnet),
+			fmt.Sprintf("-s %s -d %s -j ACCEPT", n.subnet, n.network),
 		}
 	}
+	postrouting := []string{
+		fmt.Sprintf("-s %s -d %s -m comment --comment \"netagent:pod-to-pod\" -j %s", n.network, n.network, exempt(n.final)),
+	}
+	if n.masquerade {
+		postrouting = append(postrouting,
+			fmt.Sprintf("-s %s ! -d %s -m comment --comment \"netagent:pod-egress\" -j MASQUERADE --random-fully", n.subnet, n.multicast))
+	}
 	return []table{
-		{name: "nat", hook: "POSTROUTING", chain: PostChain, rules: []string{
-			fmt.Sprintf("-s %s -d %s -m comment --comment \"netagent:pod-to-pod\" -j %s", n.Network, n.Network, exempt(n)),
-			fmt.Sprintf("-s %s ! -d 224.0.0.0/4 -m comment --comment \"netagent:pod-egress\" -j MASQUERADE --random-fully", n.Subnet),
-		}},
+		{name: "nat", hook: "POSTROUTING", chain: PostChain, rules: postrouting},
 		// No comments in fwd: the filter rules see every forwarded packet, and iptables-nft
 		// evaluates "-m comment" per packet through the xtables compatibility layer
 		// (BENCHMARKS.md, throughput); the chain's name says whose they are.
@@ -104,8 +132,8 @@ func ForwardSlot(rules []string, docker bool) int {
 	return slot(t, rules)
 }
 
-func exempt(n plan.NAT) string {
-	if n.Final {
+func exempt(final bool) string {
+	if final {
 		return "ACCEPT"
 	}
 	return "RETURN"
@@ -142,33 +170,42 @@ type Stats struct {
 // Changed reports whether Sync wrote anything.
 func (s Stats) Changed() bool { return s.ChainsRewritten+s.JumpsFixed > 0 }
 
-// Runner runs iptables-save / iptables-restore (in the current network namespace).
+// Runner runs iptables-save / iptables-restore, or with v6 ip6tables-save /
+// ip6tables-restore (in the current network namespace).
 type Runner interface {
 	// Save dumps every table (one exec for both of ours: each costs milliseconds, and the
 	// first pass after a restart is on the way to ready).
-	Save(ctx context.Context) (string, error)
-	Restore(ctx context.Context, input string) error
+	Save(ctx context.Context, v6 bool) (string, error)
+	Restore(ctx context.Context, v6 bool, input string) error
 }
 
 // Exec is the Runner that executes the iptables binaries.
 type Exec struct{}
 
+// Binary is the iptables command of a family ("iptables" or "ip6tables").
+func Binary(v6 bool) string {
+	if v6 {
+		return "ip6tables"
+	}
+	return "iptables"
+}
+
 // Save runs iptables-save.
-func (Exec) Save(ctx context.Context) (string, error) {
-	out, err := exec.CommandContext(ctx, "iptables-save").Output()
+func (Exec) Save(ctx context.Context, v6 bool) (string, error) {
+	out, err := exec.CommandContext(ctx, Binary(v6)+"-save").Output()
 	if err != nil {
-		return "", fmt.Errorf("iptables-save: %w", err)
+		return "", fmt.Errorf("%s-save: %w", Binary(v6), err)
 	}
 	return string(out), nil
 }
 
 // Restore feeds input to iptables-restore --noflush.
-func (Exec) Restore(ctx context.Context, input string) error {
-	cmd := exec.CommandContext(ctx, "iptables-restore", "--noflush", "-w", "5")
+func (Exec) Restore(ctx context.Context, v6 bool, input string) error {
+	cmd := exec.CommandContext(ctx, Binary(v6)+"-restore", "--noflush", "-w", "5")
 	cmd.Stdin = strings.NewReader(input)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("iptables-restore: %w: %s", err, bytes.TrimSpace(out))
+		return fmt.Errorf("%s-restore: %w: %s", Binary(v6), err, bytes.TrimSpace(out))
 	}
 	return nil
 }
@@ -181,18 +218,33 @@ type Reconciler struct {
 // New returns a reconciler using run.
 func New(run Runner) *Reconciler { return &Reconciler{run: run} }
 
-// Sync makes the chains match the plan.
+// Sync makes the chains of every family of the plan match it.
 func (r *Reconciler) Sync(ctx context.Context, n plan.NAT) (Stats, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	var st Stats
+	var errs []error
+	for i, f := range families(n) {
+		s, err := r.sync(ctx, i == 1, f)
+		st.ChainsRewritten += s.ChainsRewritten
+		st.JumpsFixed += s.JumpsFixed
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return st, errors.Join(errs...)
+}
+
+// sync makes the chains of one family match f.
+func (r *Reconciler) sync(ctx context.Context, v6 bool, f family) (Stats, error) {
+	var st Stats
 	var in strings.Builder
-	all, err := r.run.Save(ctx)
+	all, err := r.run.Save(ctx, v6)
 	if err != nil {
 		return st, err
 	}
 	tables := parse(all)
-	for _, t := range desired(n) {
+	for _, t := range desired(f) {
 		cur := tables[t.name]
 		var tb strings.Builder
 		rewrite := !cur.chains[t.chain] || !equal(cur.rules[t.chain], t.rules)
@@ -223,21 +275,30 @@ func (r *Reconciler) Sync(ctx context.Context, n plan.NAT) (Stats, error) {
 	if in.Len() == 0 {
 		return st, nil
 	}
-	if err := r.run.Restore(ctx, in.String()); err != nil {
+	if err := r.run.Restore(ctx, v6, in.String()); err != nil {
 		return Stats{}, err
 	}
 	return st, nil
 }
 
-// Remove deletes the jumps and chains (netagent cleanup).
+// Remove deletes the jumps and chains of both families (netagent cleanup); a host without
+// ip6tables has none of IPv6 to remove.
 func (r *Reconciler) Remove(ctx context.Context) error {
+	err := r.remove(ctx, false)
+	if _, lerr := exec.LookPath(Binary(true) + "-save"); lerr == nil {
+		err = errors.Join(err, r.remove(ctx, true))
+	}
+	return err
+}
+
+func (r *Reconciler) remove(ctx context.Context, v6 bool) error {
 	var in strings.Builder
-	all, err := r.run.Save(ctx)
+	all, err := r.run.Save(ctx, v6)
 	if err != nil {
 		return err
 	}
 	tables := parse(all)
-	for _, t := range desired(plan.NAT{}) {
+	for _, t := range desired(family{}) {
 		cur := tables[t.name]
 		var tb strings.Builder
 		for _, r := range jumps(cur.rules[t.hook], t) {
@@ -253,7 +314,7 @@ func (r *Reconciler) Remove(ctx context.Context) error {
 	if in.Len() == 0 {
 		return nil
 	}
-	return r.run.Restore(ctx, in.String())
+	return r.run.Restore(ctx, v6, in.String())
 }
 
 // without returns rules minus drop (iptables-save prints a chain's rules in order).

@@ -15,12 +15,12 @@ import (
 // nsRunner runs iptables inside a test namespace.
 type nsRunner struct{ n *netns.NS }
 
-func (r nsRunner) Save(ctx context.Context) (string, error) {
-	return r.n.Run("iptables-save")
+func (r nsRunner) Save(ctx context.Context, v6 bool) (string, error) {
+	return r.n.Run(Binary(v6) + "-save")
 }
 
-func (r nsRunner) Restore(ctx context.Context, input string) error {
-	cmd := r.n.Command(ctx, "iptables-restore", "--noflush", "-w", "5")
+func (r nsRunner) Restore(ctx context.Context, v6 bool, input string) error {
+	cmd := r.n.Command(ctx, Binary(v6)+"-restore", "--noflush", "-w", "5")
 	cmd.Stdin = strings.NewReader(input)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -180,4 +180,65 @@ func chain(t *testing.T, n *netns.NS, name string) []string {
 		}
 	}
 	return out
+}
+
+// IPv6 gets its chains through ip6tables, with the masquerade only where configured; an
+// IPv4-only plan never touches ip6tables.
+func TestSyncIPv6(t *testing.T) {
+	netns.RequireRoot(t)
+	n := netns.New(t, "nat6")
+	r := New(nsRunner{n})
+	ctx := context.Background()
+	v4 := plan.NAT{Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.244.1.0/24")}
+	if _, err := r.Sync(ctx, v4); err != nil {
+		t.Fatal(err)
+	}
+	if out := n.MustRun(t, "ip6tables-save"); strings.Contains(out, PostChain) || strings.Contains(out, FwdChain) {
+		t.Fatalf("an IPv4-only plan wrote IPv6 chains:\n%s", out)
+	}
+	dual := v4
+	dual.Network6, dual.Subnet6, dual.Masquerade6 = netip.MustParsePrefix("fd00::/48"), netip.MustParsePrefix("fd00:0:0:1::/64"), true
+	chain6 := func(table, name string) []string {
+		var out []string
+		for _, l := range strings.Split(n.MustRun(t, "ip6tables", "-t", table, "-S", name), "\n") {
+			if r, ok := strings.CutPrefix(l, "-A "+name+" "); ok {
+				out = append(out, r)
+			}
+		}
+		return out
+	}
+	for _, step := range []struct {
+		name   string
+		before []string // ip6tables commands
+		p      plan.NAT
+		want   Stats
+		post   []string
+	}{
+		{"dual", nil, dual, Stats{ChainsRewritten: 2, JumpsFixed: 2}, []string{
+			`-s fd00::/48 -d fd00::/48 -m comment --comment "netagent:pod-to-pod" -j RETURN`,
+			`-s fd00:0:0:1::/64 ! -d ff00::/8 -m comment --comment "netagent:pod-egress" -j MASQUERADE --random-fully`}},
+		{"settled", nil, dual, Stats{}, nil},
+		{"IPv6 chain flushed by hand is repaired", []string{"-t nat -F " + PostChain}, dual, Stats{ChainsRewritten: 1}, nil},
+		{"masquerade switched off", nil, func() plan.NAT { p := dual; p.Masquerade6 = false; return p }(), Stats{ChainsRewritten: 1}, []string{
+			`-s fd00::/48 -d fd00::/48 -m comment --comment "netagent:pod-to-pod" -j RETURN`}},
+	} {
+		for _, c := range step.before {
+			n.MustRun(t, "ip6tables", strings.Fields(c)...)
+		}
+		st, err := r.Sync(ctx, step.p)
+		if err != nil || st != step.want {
+			t.Errorf("%s: Sync = %+v, %v; want %+v", step.name, st, err, step.want)
+		}
+		if step.post != nil {
+			if got := chain6("nat", PostChain); !slices.Equal(got, step.post) {
+				t.Errorf("%s: %s\n%s\nwant\n%s", step.name, PostChain, strings.Join(got, "\n"), strings.Join(step.post, "\n"))
+			}
+		}
+	}
+	if got, want := chain6("filter", FwdChain), []string{"-s fd00::/48 -j ACCEPT", "-d fd00::/48 -j ACCEPT"}; !slices.Equal(got, want) {
+		t.Errorf("%s: %v, want %v", FwdChain, got, want)
+	}
+	if got := chain(t, n, FwdChain); !slices.Equal(got, []string{"-s 10.244.0.0/16 -j ACCEPT", "-d 10.244.0.0/16 -j ACCEPT"}) {
+		t.Errorf("IPv4 %s: %v", FwdChain, got)
+	}
 }

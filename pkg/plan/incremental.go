@@ -19,10 +19,10 @@ import (
 // change); Update covers the lease events in between.
 type Planner struct {
 	gen     uint64
-	base    Plan  // Build(in) without peers: the device, NAT, MTU and allow-list header
-	in      Input // without Peers
-	peers   map[string]lease.Lease
-	claim   map[netip.Prefix][]string // subnet -> nodes claiming it (almost always one)
+	base    Plan                      // Build(in) without peers: the device, NAT, MTU and allow-list header
+	in      Input                     // without Peers
+	peers   map[string]subnetLease    // only the enabled families' subnets
+	claim   map[netip.Prefix][]string // subnet (either family) -> nodes claiming it (almost always one)
 	wgKeys  map[string][]string       // WireGuard public key -> nodes publishing it (one)
 	verdict map[string]verdict        // the rest of a Peer is its lease in peers
 
@@ -44,12 +44,13 @@ type verdict struct {
 }
 
 // contribution is the keys of one node's share of the desired state, for taking it out
-// again: its route's destination and, for a VXLAN peer, its FDB entry (its neighbour entry
-// is keyed by the route's destination address, its VTEP address). Kept small and by value:
-// with thousands of peers the planner is the agent's biggest structure.
+// again: its routes' destinations (one per family) and, for a VXLAN peer, its FDB entry
+// (its neighbour entries are keyed by the routes' destination addresses, its VTEP
+// addresses). Kept small and by value: with thousands of peers the planner is the agent's
+// biggest structure.
 type contribution struct {
-	dst   netip.Prefix
-	fdb   FDB // valid only when vxlan
+	dst   [2]netip.Prefix // IPv4, IPv6; either invalid
+	fdb   FDB             // valid only when vxlan
 	vxlan bool
 	wg    bool // a WireGuard peer (keyed by node)
 }
@@ -131,7 +132,7 @@ func NewPlanner(in Input) (*Planner, Plan) {
 	p := &Planner{
 		gen:     gens.Add(1),
 		in:      in,
-		peers:   make(map[string]lease.Lease, len(in.Peers)),
+		peers:   make(map[string]subnetLease, len(in.Peers)),
 		claim:   make(map[netip.Prefix][]string, len(in.Peers)),
 		wgKeys:  map[string][]string{},
 		wg:      map[string]WGPeer{},
@@ -153,8 +154,9 @@ func NewPlanner(in Input) (*Planner, Plan) {
 	}
 	for _, l := range in.Peers {
 		if l.Node != in.Self.Node {
-			p.peers[l.Node] = l
-			p.addClaim(l)
+			e := enabled(in.Config, l)
+			p.peers[l.Node] = e
+			p.addClaim(e)
 		}
 	}
 	for _, v := range full.Peers {
@@ -166,20 +168,22 @@ func NewPlanner(in Input) (*Planner, Plan) {
 	return p, full
 }
 
-func (p *Planner) addClaim(l lease.Lease) {
+func (p *Planner) addClaim(l subnetLease) {
 	if k := l.WGPublicKey; k != "" && !slices.Contains(p.wgKeys[k], l.Node) {
 		p.wgKeys[k] = append(p.wgKeys[k], l.Node)
 	}
 	if quickInvalid(l) != "" {
 		return
 	}
-	if l.Subnet.Bits() != p.in.Config.SubnetLen {
-		p.odd[l.Node] = true
+	for _, s := range l.subnets() {
+		if s.Bits() != p.in.Config.SubnetLenOf(s) {
+			p.odd[l.Node] = true
+		}
+		p.claim[s] = append(p.claim[s], l.Node)
 	}
-	p.claim[l.Subnet] = append(p.claim[l.Subnet], l.Node)
 }
 
-func (p *Planner) dropClaim(l lease.Lease) {
+func (p *Planner) dropClaim(l subnetLease) {
 	if k := l.WGPublicKey; k != "" {
 		if c := slices.DeleteFunc(p.wgKeys[k], func(n string) bool { return n == l.Node }); len(c) == 0 {
 			delete(p.wgKeys, k)
@@ -188,26 +192,36 @@ func (p *Planner) dropClaim(l lease.Lease) {
 		}
 	}
 	delete(p.odd, l.Node)
-	c := p.claim[l.Subnet]
-	for i, n := range c {
-		if n == l.Node {
-			c = append(c[:i:i], c[i+1:]...)
-			break
+	for _, s := range l.subnets() {
+		c := p.claim[s]
+		for i, n := range c {
+			if n == l.Node {
+				c = append(c[:i:i], c[i+1:]...)
+				break
+			}
+		}
+		if len(c) == 0 {
+			delete(p.claim, s)
+		} else {
+			p.claim[s] = c
 		}
 	}
-	if len(c) == 0 {
-		delete(p.claim, l.Subnet)
-	} else {
-		p.claim[l.Subnet] = c
-	}
+}
+
+// selfOwns reports whether s is one of this node's own subnets.
+func (p *Planner) selfOwns(s netip.Prefix) bool {
+	self := enabled(p.in.Config, p.in.Self)
+	return s.IsValid() && (s == self.Subnet || s == self.Subnet6)
 }
 
 // owners builds the owner map decide() needs for the given subnets, as Build would.
 func (p *Planner) owners(subnets map[netip.Prefix]bool) map[netip.Prefix]string {
-	o := make(map[netip.Prefix]string, len(subnets)+1)
-	o[p.in.Self.Subnet] = p.in.Self.Node
+	o := make(map[netip.Prefix]string, len(subnets)+2)
+	for _, s := range enabled(p.in.Config, p.in.Self).subnets() {
+		o[s] = p.in.Self.Node
+	}
 	for s := range subnets {
-		if s == p.in.Self.Subnet {
+		if p.selfOwns(s) {
 			continue
 		}
 		for _, n := range p.claim[s] {
@@ -219,8 +233,7 @@ func (p *Planner) owners(subnets map[netip.Prefix]bool) map[netip.Prefix]string 
 	return o
 }
 
-// Update applies changed leases (a lease whose Subnet is invalid and PublicIP unset, as
-// from Deleted, removes the node) and returns the next plan: the header of a full plan
+// Update applies changed leases (a lease naming only a node, lease.Gone, removes it) and returns the next plan: the header of a full plan
 // (device, NAT, MTU) and the Delta from the previous one.
 func (p *Planner) Update(changed []lease.Lease) Plan {
 	ch := p.update(changed)
@@ -246,7 +259,7 @@ func (p *Planner) Update(changed []lease.Lease) Plan {
 		if ok {
 			d.Peers = append(d.Peers, v)
 		}
-		a, allow := allowed(v)
+		a, allow := allowed(v, vxlan6(p.in.Self))
 		d.Allow = append(d.Allow, AllowChange{Node: n, Allowed: a, Del: !ok || !allow})
 	})
 	out := p.header()
@@ -288,21 +301,26 @@ func (p *Planner) update(changed []lease.Lease) Changes {
 	// Every node that claims a subnet touched by the change may win or lose it.
 	subnets := map[netip.Prefix]bool{}
 	keys := map[string]bool{} // WireGuard keys gained or lost: their other holders' verdicts change
-	for _, l := range changed {
-		if l.Node == p.in.Self.Node {
+	for _, changedLease := range changed {
+		if changedLease.Node == p.in.Self.Node {
 			continue
 		}
+		l := enabled(p.in.Config, changedLease)
 		keys[l.WGPublicKey] = true
 		if old, ok := p.peers[l.Node]; ok {
 			keys[old.WGPublicKey] = true
-			subnets[old.Subnet] = true
+			for _, s := range old.subnets() {
+				subnets[s] = true
+			}
 			p.dropClaim(old)
 			delete(p.peers, l.Node)
 		}
-		if l.Subnet.IsValid() || l.PublicIP.IsValid() {
+		if !changedLease.Gone() {
 			p.peers[l.Node] = l
 			p.addClaim(l)
-			subnets[l.Subnet] = true
+			for _, s := range l.subnets() {
+				subnets[s] = true
+			}
 		}
 	}
 	affected := map[string]bool{}
@@ -356,15 +374,17 @@ func (p *Planner) update(changed []lease.Lease) Changes {
 			delete(p.verdict, n)
 			continue
 		}
-		v := Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP}
+		v := Peer{Node: l.Node}
 		if quickInvalid(l) == "" {
-			if _, known := owner[l.Subnet]; !known {
-				owner[l.Subnet] = p.ownerOf(l.Subnet)
+			for _, s := range l.subnets() {
+				if _, known := owner[s]; !known {
+					owner[s] = p.ownerOf(s)
+				}
 			}
 		}
 		v.Mode, v.Reason = decide(p.in, l, owner)
 		if v.Mode == WireGuard {
-			v.Mode, v.Reason = wgShared(l, p.wgKeys[l.WGPublicKey])
+			v.Mode, v.Reason = wgShared(l.Lease, p.wgKeys[l.WGPublicKey])
 		}
 		p.verdict[n] = verdict{v.Mode, v.Reason}
 		p.modes[v.Mode]++
@@ -393,12 +413,13 @@ func (p *Planner) Peer(node string) (Peer, bool) {
 	if !ok {
 		return Peer{}, false
 	}
-	l := p.peers[node]
-	return Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP, Mode: v.mode, Reason: v.reason, UnderlayMAC: underlayMAC(p.in.Underlay, l)}, true
+	v2 := peerOf(p.in.Underlay, p.peers[node])
+	v2.Mode, v2.Reason = v.mode, v.reason
+	return v2, true
 }
 
 func (p *Planner) ownerOf(s netip.Prefix) string {
-	if s == p.in.Self.Subnet {
+	if p.selfOwns(s) {
 		return p.in.Self.Node
 	}
 	best := ""
@@ -417,55 +438,66 @@ func (p *Planner) remove(n string, ch *Changes) {
 		return
 	}
 	delete(p.contrib, n)
-	delete(p.routes, c.dst)
-	ch.Routes = append(ch.Routes, c.dst)
+	for _, dst := range c.dst {
+		if !dst.IsValid() {
+			continue
+		}
+		delete(p.routes, dst)
+		ch.Routes = append(ch.Routes, dst)
+		if c.vxlan {
+			delete(p.neighs, dst.Addr())
+			ch.Neighs = append(ch.Neighs, dst.Addr())
+		}
+	}
 	if c.wg {
 		delete(p.wg, n)
 		ch.WG = append(ch.WG, n)
 	}
 	if c.vxlan {
-		delete(p.neighs, c.dst.Addr())
-		ch.Neighs = append(ch.Neighs, c.dst.Addr())
 		delete(p.fdb, c.fdb)
 		ch.FDB = append(ch.FDB, c.fdb)
 	}
 }
 
-func (p *Planner) add(l lease.Lease, v Peer, ch *Changes) {
-	var r Route
-	var neigh Neigh
-	c := contribution{dst: l.Subnet}
-	switch v.Mode {
-	case Direct:
-		r = Route{Dst: l.Subnet, Gw: l.PublicIP, Dev: p.in.Underlay.Dev}
-	case VXLAN:
-		// The neighbour's address is the route's destination address (remove relies on it).
-		r = Route{Dst: l.Subnet, Gw: l.Subnet.Addr(), Dev: p.in.VXLANDev, OnLink: true}
-		if p.in.Config.Backend.Type == config.Hybrid && p.podMTU > p.tunnelMTU {
-			r.MTU = p.tunnelMTU
-		}
-		mac := strings.ToLower(l.VTEPMAC)
-		c.vxlan = true
-		neigh = Neigh{IP: l.Subnet.Addr(), MAC: mac}
-		c.fdb = FDB{MAC: mac, Dst: l.PublicIP}
-	case WireGuard:
-		var w WGPeer
-		r, w = wgPeer(p.in, l)
-		c.wg = true
+func (p *Planner) add(l subnetLease, v Peer, ch *Changes) {
+	if v.Mode == WireGuard {
+		r, w := wgPeer(p.in, l.Lease)
+		p.contrib[v.Node] = contribution{dst: [2]netip.Prefix{l.Subnet}, wg: true}
 		p.wg[v.Node] = w
 		ch.WG = append(ch.WG, v.Node)
-	default:
+		p.routes[r.Dst] = r
+		ch.Routes = append(ch.Routes, r.Dst)
 		return
 	}
-	p.contrib[v.Node] = c
-	p.routes[r.Dst] = r
-	ch.Routes = append(ch.Routes, r.Dst)
+	if v.Mode != Direct && v.Mode != VXLAN {
+		return
+	}
+	c := contribution{vxlan: v.Mode == VXLAN}
+	mac := strings.ToLower(l.VTEPMAC)
+	for i, s := range [2]netip.Prefix{l.Subnet, l.Subnet6} {
+		if !s.IsValid() {
+			continue
+		}
+		c.dst[i] = s
+		r := Route{Dst: s, Gw: nextHop(p.in, l, i == 1), Dev: p.in.Underlay.Dev}
+		if c.vxlan {
+			// The neighbour's address is the route's destination address (remove relies on it).
+			r = Route{Dst: s, Gw: s.Addr(), Dev: p.in.VXLANDev, OnLink: true}
+			if p.in.Config.Backend.Type == config.Hybrid && p.podMTU > p.tunnelMTU {
+				r.MTU = p.tunnelMTU
+			}
+			p.neighs[s.Addr()] = Neigh{IP: s.Addr(), MAC: mac}
+			ch.Neighs = append(ch.Neighs, s.Addr())
+		}
+		p.routes[s] = r
+		ch.Routes = append(ch.Routes, s)
+	}
 	if c.vxlan {
-		p.neighs[neigh.IP] = neigh
+		c.fdb = FDB{MAC: mac, Dst: l.PublicIPOf(vxlan6(p.in.Self))}
 		p.fdb[c.fdb] = true
-		ch.Neighs = append(ch.Neighs, neigh.IP)
 		ch.FDB = append(ch.FDB, c.fdb)
 	}
+	p.contrib[v.Node] = c
 }
 
 // Plan renders the current desired state as a full Plan (for status and full passes).
@@ -475,7 +507,7 @@ func (p *Planner) Plan() Plan {
 	for n := range p.verdict {
 		v, _ := p.Peer(n)
 		out.Peers = append(out.Peers, v)
-		if a, ok := allowed(v); ok {
+		if a, ok := allowed(v, vxlan6(p.in.Self)); ok {
 			out.Allow.Peers[n] = a
 		}
 	}

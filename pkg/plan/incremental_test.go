@@ -18,104 +18,140 @@ import (
 // TestPlannerMatchesBuild applies random sequences of lease changes incrementally and
 // checks after every step that the desired state equals Build of the whole set.
 func TestPlannerMatchesBuild(t *testing.T) {
-	for _, backend := range []string{config.HostGW, config.VXLAN, config.Hybrid, config.WireGuard} {
-		t.Run(backend, func(t *testing.T) {
-			rng := rand.New(rand.NewPCG(1, uint64(len(backend))))
-			self := mk("self", "10.244.1.0/24", "192.0.2.1")
-			in := Input{Config: cfg(t, backend), Self: self, Underlay: underlay, VXLANDev: "na.1"}
-			random := func() lease.Lease {
-				node := fmt.Sprintf("n%d", rng.IntN(12))
-				subnet := fmt.Sprintf("10.244.%d.0/24", 1+rng.IntN(8)) // .1 collides with self now and then
-				if rng.IntN(10) == 0 {
-					subnet = fmt.Sprintf("10.244.%d.0/23", 2*rng.IntN(4))
-				}
-				ip := fmt.Sprintf("192.0.2.%d", 2+rng.IntN(50))
-				if rng.IntN(2) == 0 {
-					ip = fmt.Sprintf("198.51.100.%d", 2+rng.IntN(50))
-				}
-				l := mk(node, subnet, ip)
-				if rng.IntN(8) == 0 {
-					l.VTEPMAC = ""
-				}
-				switch rng.IntN(12) {
-				case 0:
-					l.WGPublicKey, l.WGPort = "", 0
-				case 1, 2: // a key another node may publish too, now or later
-					l.WGPublicKey = fmt.Sprintf("key-n%d", rng.IntN(12))
-				case 3:
-					l.WGPublicKey = self.WGPublicKey
-				case 4:
-					l.WGPort = 51000 + rng.IntN(3)
-				}
-				return l
+	families := []struct {
+		name, config string
+		self         lease.Lease
+	}{
+		{"ipv4", `{"network":"10.244.0.0/16","backend":{"type":%q}}`, mk("self", "10.244.1.0/24", "192.0.2.1")},
+		{"dual", `{"network":"10.244.0.0/16","ipv6Network":"fd00::/48","backend":{"type":%q}}`, mk6("self", "10.244.1.0/24", "fd00:0:0:1::/64", "192.0.2.1", "2001:db8:1::1")},
+		{"ipv6", `{"ipv6Network":"fd00::/48","backend":{"type":%q}}`, mk6("self", "", "fd00:0:0:1::/64", "", "2001:db8:1::1")},
+	}
+	for _, fam := range families {
+		backends := []string{config.HostGW, config.VXLAN, config.Hybrid}
+		if fam.name == "ipv4" {
+			backends = append(backends, config.WireGuard) // IPv4 only so far
+		}
+		for _, backend := range backends {
+			t.Run(fam.name+"/"+backend, func(t *testing.T) {
+				plannerMatchesBuild(t, cfgJSON(t, fmt.Sprintf(fam.config, backend)), fam.self, backend)
+			})
+		}
+	}
+}
+
+func plannerMatchesBuild(t *testing.T, c config.Network, self lease.Lease, backend string) {
+	rng := rand.New(rand.NewPCG(1, uint64(len(backend))))
+	in := Input{Config: c, Self: self, Underlay: underlay6, VXLANDev: "na.1"}
+	random := func() lease.Lease {
+		node := fmt.Sprintf("n%d", rng.IntN(12))
+		subnet := fmt.Sprintf("10.244.%d.0/24", 1+rng.IntN(8)) // .1 collides with self now and then
+		if rng.IntN(10) == 0 {
+			subnet = fmt.Sprintf("10.244.%d.0/23", 2*rng.IntN(4))
+		}
+		ip := fmt.Sprintf("192.0.2.%d", 2+rng.IntN(50))
+		if rng.IntN(2) == 0 {
+			ip = fmt.Sprintf("198.51.100.%d", 2+rng.IntN(50))
+		}
+		l := mk(node, subnet, ip)
+		if c.HasV6() {
+			l.Subnet6 = netip.MustParsePrefix(fmt.Sprintf("fd00:0:0:%d::/64", 1+rng.IntN(8)))
+			if rng.IntN(10) == 0 {
+				l.Subnet6 = netip.MustParsePrefix(fmt.Sprintf("fd00:0:0:%d::/63", 2*rng.IntN(4)))
 			}
-			current := map[string]lease.Lease{}
-			var peers []lease.Lease
-			for range 5 {
-				l := random()
-				current[l.Node] = l
+			switch rng.IntN(4) {
+			case 0: // no IPv6 underlay
+			case 1:
+				l.PublicIP6 = netip.MustParseAddr(fmt.Sprintf("2001:db8:2::%d", 2+rng.IntN(50)))
+			default:
+				l.PublicIP6 = netip.MustParseAddr(fmt.Sprintf("2001:db8:1::%d", 2+rng.IntN(50)))
 			}
-			for _, l := range current {
-				peers = append(peers, l)
+			if !c.HasV4() || rng.IntN(8) == 0 {
+				l.Subnet = netip.Prefix{}
 			}
-			in.Peers = peers
-			p, first := NewPlanner(in)
-			prev := first
-			for step := range 400 {
-				var batch []lease.Lease
-				for range 1 + rng.IntN(3) {
-					l := random()
-					if rng.IntN(3) == 0 {
-						delete(current, l.Node)
-						batch = append(batch, lease.Lease{Node: l.Node}) // deletion
-						continue
-					}
-					current[l.Node] = l
-					batch = append(batch, l)
-				}
-				next := p.Update(batch)
-				var all []lease.Lease
-				for _, l := range current {
-					all = append(all, l)
-				}
-				in.Peers = all
-				want := render(Build(in))
-				built := Build(in)
-				if next.Delta == nil || next.Delta.From != prev.Gen || next.Gen == prev.Gen {
-					t.Fatalf("step %d: plan %d with delta %+v does not follow plan %d", step, next.Gen, next.Delta, prev.Gen)
-				}
-				// The delta turns the previous plan into Build of the new set.
-				if diff := cmp.Diff(want, render(Follow(prev, next))); diff != "" {
-					t.Fatalf("step %d, batch %v: previous plan + delta differs from Build (-build +delta):\n%s", step, batch, diff)
-				}
-				if diff := cmp.Diff(built.Count(), p.Count(), cmpopts.EquateEmpty()); diff != "" {
-					t.Fatalf("step %d: mode counts differ: %s", step, diff)
-				}
-				full := p.Plan()
-				if diff := cmp.Diff(want, render(full)); diff != "" {
-					t.Fatalf("step %d, batch %v: incremental plan differs from Build (-build +incremental):\n%s", step, batch, diff)
-				}
-				// The whole verdicts too (the planner rebuilds them from the leases it holds).
-				byNode := func(a, b Peer) int { return strings.Compare(a.Node, b.Node) }
-				got := full.Peers
-				slices.SortFunc(built.Peers, byNode)
-				slices.SortFunc(got, byNode)
-				if !slices.Equal(built.Peers, got) {
-					t.Fatalf("step %d: peers differ:\nbuild %v\nincremental %v", step, built.Peers, got)
-				}
-				for _, v := range built.Peers {
-					if pv, ok := p.Peer(v.Node); !ok || pv != v {
-						t.Fatalf("step %d: Peer(%s) = %v, %v; want %v", step, v.Node, pv, ok, v)
-					}
-				}
-				for _, v := range next.Delta.Peers {
-					if i, ok := slices.BinarySearchFunc(built.Peers, v, byNode); !ok || built.Peers[i] != v {
-						t.Fatalf("step %d: delta verdict %v is not Build's", step, v)
-					}
-				}
-				prev = full
+			if l.PublicIP6.IsValid() && (!self.PublicIP.IsValid() || rng.IntN(4) == 0) {
+				l.PublicIP = netip.Addr{}
 			}
-		})
+		}
+		if rng.IntN(8) == 0 {
+			l.VTEPMAC = ""
+		}
+		switch rng.IntN(12) {
+		case 0:
+			l.WGPublicKey, l.WGPort = "", 0
+		case 1, 2: // a key another node may publish too, now or later
+			l.WGPublicKey = fmt.Sprintf("key-n%d", rng.IntN(12))
+		case 3:
+			l.WGPublicKey = self.WGPublicKey
+		case 4:
+			l.WGPort = 51000 + rng.IntN(3)
+		}
+		return l
+	}
+	current := map[string]lease.Lease{}
+	var peers []lease.Lease
+	for range 5 {
+		l := random()
+		current[l.Node] = l
+	}
+	for _, l := range current {
+		peers = append(peers, l)
+	}
+	in.Peers = peers
+	p, first := NewPlanner(in)
+	prev := first
+	for step := range 400 {
+		var batch []lease.Lease
+		for range 1 + rng.IntN(3) {
+			l := random()
+			if rng.IntN(3) == 0 {
+				delete(current, l.Node)
+				batch = append(batch, lease.Lease{Node: l.Node}) // deletion
+				continue
+			}
+			current[l.Node] = l
+			batch = append(batch, l)
+		}
+		next := p.Update(batch)
+		var all []lease.Lease
+		for _, l := range current {
+			all = append(all, l)
+		}
+		in.Peers = all
+		want := render(Build(in))
+		built := Build(in)
+		if next.Delta == nil || next.Delta.From != prev.Gen || next.Gen == prev.Gen {
+			t.Fatalf("step %d: plan %d with delta %+v does not follow plan %d", step, next.Gen, next.Delta, prev.Gen)
+		}
+		// The delta turns the previous plan into Build of the new set.
+		if diff := cmp.Diff(want, render(Follow(prev, next))); diff != "" {
+			t.Fatalf("step %d, batch %v: previous plan + delta differs from Build (-build +delta):\n%s", step, batch, diff)
+		}
+		if diff := cmp.Diff(built.Count(), p.Count(), cmpopts.EquateEmpty()); diff != "" {
+			t.Fatalf("step %d: mode counts differ: %s", step, diff)
+		}
+		full := p.Plan()
+		if diff := cmp.Diff(want, render(full)); diff != "" {
+			t.Fatalf("step %d, batch %v: incremental plan differs from Build (-build +incremental):\n%s", step, batch, diff)
+		}
+		// The whole verdicts too (the planner rebuilds them from the leases it holds).
+		byNode := func(a, b Peer) int { return strings.Compare(a.Node, b.Node) }
+		got := full.Peers
+		slices.SortFunc(built.Peers, byNode)
+		slices.SortFunc(got, byNode)
+		if !slices.Equal(built.Peers, got) {
+			t.Fatalf("step %d: peers differ:\nbuild %v\nincremental %v", step, built.Peers, got)
+		}
+		for _, v := range built.Peers {
+			if pv, ok := p.Peer(v.Node); !ok || pv != v {
+				t.Fatalf("step %d: Peer(%s) = %v, %v; want %v", step, v.Node, pv, ok, v)
+			}
+		}
+		for _, v := range next.Delta.Peers {
+			if i, ok := slices.BinarySearchFunc(built.Peers, v, byNode); !ok || built.Peers[i] != v {
+				t.Fatalf("step %d: delta verdict %v is not Build's", step, v)
+			}
+		}
+		prev = full
 	}
 }
 

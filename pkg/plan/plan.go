@@ -5,6 +5,18 @@
 // kernel match. It is pure — it touches nothing — so every decision is covered by table
 // tests without root.
 //
+// IPv6 and dual-stack: "on the same L2" is decided per family. A direct IPv6 route needs
+// an on-link IPv6 next hop, the peer's IPv6 underlay address (Linux has no IPv6 route via
+// an IPv4 gateway); a direct IPv4 route goes via the peer's IPv4 underlay address, or,
+// where only IPv6 is on-link, via its IPv6 one (RFC 5549, RTA_VIA, Linux 5.2+). A peer is
+// routed directly when every family it has can be: host-gw marks it unreachable otherwise
+// (a dual-stack host-gw cluster needs a dual-stack underlay, as with flannel), hybrid
+// sends both families through VXLAN. One VXLAN device carries both inner families: it
+// runs over the node's IPv4 underlay address, or its IPv6 one when it has no IPv4 one;
+// peers without an address of that family cannot be reached by VXLAN. Its IPv6 routes go
+// via the peer's IPv6 subnet address (onlink), with a permanent neighbour entry for it, as
+// for IPv4; the FDB entry, per peer, serves both.
+//
 // Scale: Build is O(peers): two passes over the leases with map lookups, no sorting and no
 // re-parsing. The reconcilers diff the plan against mirrors of the kernel, so one changed
 // lease costs one changed route, not a rewrite.
@@ -40,9 +52,22 @@ const DefaultWGDev = "netagent-wg"
 type Underlay struct {
 	Dev string
 	MTU int
-	// Connected are the prefixes directly attached to Dev: a peer whose public IP falls
-	// inside one shares the L2 and can be routed to directly.
+	// Connected are the prefixes directly attached to Dev (both families): a peer whose
+	// public IP falls inside one shares the L2 and can be routed to directly.
 	Connected []netip.Prefix
+}
+
+// onLink reports whether a is inside one of the connected prefixes.
+func (u Underlay) onLink(a netip.Addr) bool {
+	if !a.IsValid() {
+		return false
+	}
+	for _, c := range u.Connected {
+		if c.Contains(a) {
+			return true
+		}
+	}
+	return false
 }
 
 // Input is everything a plan depends on.
@@ -82,11 +107,13 @@ type FDB struct {
 
 // Peer is the plan's verdict on one peer.
 type Peer struct {
-	Node     string
-	Subnet   netip.Prefix
-	PublicIP netip.Addr
-	Mode     Mode
-	Reason   string // why Unreachable
+	Node      string
+	Subnet    netip.Prefix
+	PublicIP  netip.Addr
+	Subnet6   netip.Prefix // of an enabled IPv6 family only
+	PublicIP6 netip.Addr
+	Mode      Mode
+	Reason    string // why Unreachable
 	// UnderlayMAC is the outer source MAC of the peer's VXLAN packets: set for a peer on
 	// the same L2 that published it, for the VXLAN allow-list to check.
 	UnderlayMAC string
@@ -97,11 +124,13 @@ type VXLANDevice struct {
 	Name     string
 	VNI      int
 	Port     int
-	Underlay string // the device VXLAN packets leave by
-	Local    netip.Addr
-	Addr     netip.Prefix // the node's VTEP address: its subnet's network address, /32
-	MAC      string       // VTEPMAC(node): peers' neighbour entries name it
-	MTU      int
+	Underlay string     // the device VXLAN packets leave by
+	Local    netip.Addr // the node's underlay address VXLAN runs over (IPv4, else IPv6)
+	// Addr is the node's VTEP address: its IPv4 subnet's network address, /32; unset in an
+	// IPv6-only cluster (the node's own IPv6 traffic takes the bridge's address).
+	Addr netip.Prefix
+	MAC  string // VTEPMAC(node): peers' neighbour entries name it
+	MTU  int
 }
 
 // WGDevice is the node's desired WireGuard device (wireguard backend). Its private key is
@@ -138,24 +167,36 @@ type AllowList struct {
 	Port      int          // the VXLAN port; 0: no VXLAN here, nothing is accepted
 	Network   netip.Prefix // the cluster pod network: VXLAN sent by pods is dropped
 	SubnetLen int          // inner sources are matched by their subnet of this length
-	Peers     map[string]Allowed
+	// Network6 and SubnetLen6 are the same for IPv6 (Network6 unset: no IPv6).
+	Network6   netip.Prefix
+	SubnetLen6 int
+	Peers      map[string]Allowed
 }
 
 // Allowed is what VXLAN from one peer may look like: from its public IP (and, on the same
 // L2, its underlay MAC), carrying its pods' or its own addresses.
 type Allowed struct {
-	IP     netip.Addr
-	Subnet netip.Prefix
-	MAC    string // empty: not checked
+	IP      netip.Addr // the peer's VXLAN source: its underlay address of the VXLAN family
+	Subnet  netip.Prefix
+	Subnet6 netip.Prefix // unset: none
+	MAC     string       // empty: not checked
 }
 
 // allowed is the allow-list entry of a peer: every peer the plan routes to (a directly
 // routed peer sends no VXLAN, but allowing it costs nothing and survives a mode change).
-func allowed(v Peer) (Allowed, bool) {
+// v6 says the VXLAN underlay is IPv6.
+func allowed(v Peer, v6 bool) (Allowed, bool) {
 	if v.Mode != Direct && v.Mode != VXLAN {
 		return Allowed{}, false
 	}
-	return Allowed{IP: v.PublicIP, Subnet: v.Subnet, MAC: v.UnderlayMAC}, true
+	ip := v.PublicIP
+	if v6 {
+		ip = v.PublicIP6
+	}
+	if !ip.IsValid() {
+		return Allowed{}, false // cannot send us VXLAN
+	}
+	return Allowed{IP: ip, Subnet: v.Subnet, Subnet6: v.Subnet6, MAC: v.UnderlayMAC}, true
 }
 
 // Plan is the desired dataplane. Its lists follow the order of Input.Peers (consumers
@@ -187,8 +228,12 @@ type Plan struct {
 
 // NAT is what the NAT reconciler needs.
 type NAT struct {
-	Network netip.Prefix // the cluster pod network
+	Network netip.Prefix // the cluster pod network (unset: no IPv4)
 	Subnet  netip.Prefix // this node's pod subnet
+	// Network6 and Subnet6 are the same for IPv6 (unset: no IPv6 rules); Masquerade6 says
+	// whether IPv6 pod egress is masqueraded (the FORWARD accepts are written either way).
+	Network6, Subnet6 netip.Prefix
+	Masquerade6       bool
 	// Final is set on Docker hosts (route mode). It makes the pod-to-pod exemption end NAT
 	// processing (ACCEPT) instead of returning to the built-in chain, since Docker's own
 	// MASQUERADE follows ours (wrong under kube-proxy, whose hairpin masquerade must still
@@ -203,15 +248,21 @@ func Build(in Input) Plan {
 	if in.VXLANDev == "" {
 		in.VXLANDev = VXLANDevName(c.Backend.VNI)
 	}
+	self := enabled(c, in.Self)
 	p := Plan{
-		NAT:   NAT{Network: c.Network, Subnet: in.Self.Subnet, Final: in.Docker},
-		Allow: AllowList{Network: c.Network, SubnetLen: c.SubnetLen, Peers: make(map[string]Allowed, len(in.Peers))},
+		NAT: NAT{Network: c.Network, Subnet: self.Subnet, Final: in.Docker,
+			Network6: c.IPv6Network, Subnet6: self.Subnet6, Masquerade6: c.Masquerade6()},
+		Allow: AllowList{Network: c.Network, SubnetLen: c.SubnetLen, Network6: c.IPv6Network, SubnetLen6: c.IPv6SubnetLen,
+			Peers: make(map[string]Allowed, len(in.Peers))},
 	}
 	mtu := in.Underlay.MTU
 	if mtu == 0 {
 		mtu = 1500
 	}
 	tunnelMTU := mtu - config.VXLANOverhead
+	if vxlan6(in.Self) {
+		tunnelMTU = mtu - config.VXLANOverhead6
+	}
 	backend := c.Backend.Type
 	if backend == config.WireGuard {
 		tunnelMTU = mtu - wireguard.Overhead(false)
@@ -224,9 +275,14 @@ func Build(in Input) Plan {
 			Port:     c.Backend.Port,
 			Underlay: in.Underlay.Dev,
 			Local:    in.Self.PublicIP,
-			Addr:     netip.PrefixFrom(in.Self.Subnet.Addr(), 32),
 			MAC:      VTEPMAC(in.Self.Node).String(),
 			MTU:      tunnelMTU,
+		}
+		if vxlan6(in.Self) {
+			p.VXLAN.Local = in.Self.PublicIP6
+		}
+		if self.Subnet.IsValid() {
+			p.VXLAN.Addr = netip.PrefixFrom(self.Subnet.Addr(), 32)
 		}
 		p.Allow.Port = c.Backend.Port
 	}
@@ -244,13 +300,18 @@ func Build(in Input) Plan {
 	// Owners first, so a contested subnet goes to the same node whatever the input order:
 	// this node for its own subnet, else the smallest node name among its claimants.
 	owner := make(map[netip.Prefix]string, len(in.Peers)+1)
-	owner[in.Self.Subnet] = in.Self.Node
-	for _, l := range in.Peers {
+	for _, s := range self.subnets() {
+		owner[s] = in.Self.Node
+	}
+	for _, pl := range in.Peers {
+		l := enabled(c, pl)
 		if l.Node == in.Self.Node || quickInvalid(l) != "" {
 			continue
 		}
-		if o, ok := owner[l.Subnet]; !ok || (o != in.Self.Node && l.Node < o) {
-			owner[l.Subnet] = l.Node
+		for _, s := range l.subnets() {
+			if o, ok := owner[s]; !ok || (o != in.Self.Node && l.Node < o) {
+				owner[s] = l.Node
+			}
 		}
 	}
 	var wgKeys map[string][]string
@@ -264,39 +325,104 @@ func Build(in Input) Plan {
 		p.Neighs = make([]Neigh, 0, len(in.Peers))
 		p.FDB = make([]FDB, 0, len(in.Peers))
 	}
-	for _, l := range in.Peers {
-		if l.Node == in.Self.Node {
+	for _, pl := range in.Peers {
+		if pl.Node == in.Self.Node {
 			continue
 		}
-		peer := Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP, UnderlayMAC: underlayMAC(in.Underlay, l)}
+		l := enabled(c, pl)
+		peer := peerOf(in.Underlay, l)
 		peer.Mode, peer.Reason = decide(in, l, owner)
 		if peer.Mode == WireGuard {
-			peer.Mode, peer.Reason = wgShared(l, wgKeys[l.WGPublicKey])
+			peer.Mode, peer.Reason = wgShared(l.Lease, wgKeys[l.WGPublicKey])
 		}
 		p.Peers = append(p.Peers, peer)
-		if a, ok := allowed(peer); ok {
+		if a, ok := allowed(peer, vxlan6(in.Self)); ok {
 			p.Allow.Peers[peer.Node] = a
 		}
 		switch peer.Mode {
 		case Direct:
-			p.Routes = append(p.Routes, Route{Dst: l.Subnet, Gw: l.PublicIP, Dev: in.Underlay.Dev})
-		case VXLAN:
-			vtep := l.Subnet.Addr()
-			r := Route{Dst: l.Subnet, Gw: vtep, Dev: in.VXLANDev, OnLink: true}
-			if backend == config.Hybrid && p.PodMTU > tunnelMTU {
-				r.MTU = tunnelMTU
+			for _, s := range l.subnets() {
+				p.Routes = append(p.Routes, Route{Dst: s, Gw: nextHop(in, l, s.Addr().Is6()), Dev: in.Underlay.Dev})
 			}
+		case VXLAN:
 			mac := strings.ToLower(l.VTEPMAC)
-			p.Routes = append(p.Routes, r)
-			p.Neighs = append(p.Neighs, Neigh{IP: vtep, MAC: mac})
-			p.FDB = append(p.FDB, FDB{MAC: mac, Dst: l.PublicIP})
+			for _, s := range l.subnets() {
+				vtep := s.Addr()
+				r := Route{Dst: s, Gw: vtep, Dev: in.VXLANDev, OnLink: true}
+				if backend == config.Hybrid && p.PodMTU > tunnelMTU {
+					r.MTU = tunnelMTU
+				}
+				p.Routes = append(p.Routes, r)
+				p.Neighs = append(p.Neighs, Neigh{IP: vtep, MAC: mac})
+			}
+			p.FDB = append(p.FDB, FDB{MAC: mac, Dst: l.PublicIPOf(vxlan6(in.Self))})
 		case WireGuard:
-			r, wp := wgPeer(in, l)
+			r, wp := wgPeer(in, l.Lease)
 			p.Routes = append(p.Routes, r)
 			p.WGPeers = append(p.WGPeers, wp)
 		}
 	}
 	return p
+}
+
+// peerOf is the part of a verdict that follows from the lease (l from enabled).
+func peerOf(u Underlay, l subnetLease) Peer {
+	return Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP, Subnet6: l.Subnet6, PublicIP6: l.PublicIP6, UnderlayMAC: underlayMAC(u, l.Lease)}
+}
+
+// subnetLease is a lease with only the subnets of the families the config enables.
+type subnetLease struct{ lease.Lease }
+
+// enabled drops l's subnets of families the config has off.
+func enabled(c config.Network, l lease.Lease) subnetLease {
+	if !c.HasV4() {
+		l.Subnet = netip.Prefix{}
+	}
+	if !c.HasV6() {
+		l.Subnet6 = netip.Prefix{}
+	}
+	return subnetLease{l}
+}
+
+// subnets are the valid subnets, IPv4 first, without allocating.
+func (l subnetLease) subnets() []netip.Prefix {
+	a := [2]netip.Prefix{l.Subnet, l.Subnet6}
+	out := a[:0]
+	for _, s := range a {
+		if s.IsValid() {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// vxlan6 reports whether VXLAN runs over IPv6: the node has no IPv4 underlay address.
+func vxlan6(self lease.Lease) bool { return !self.PublicIP.IsValid() && self.PublicIP6.IsValid() }
+
+// nextHop is the gateway of a direct route to l's subnet of family v6 (invalid: none):
+// l's underlay address of that family if it is on-link, else, for IPv4, its IPv6 one.
+func nextHop(in Input, l subnetLease, v6 bool) netip.Addr {
+	if a := l.PublicIPOf(v6); in.Underlay.onLink(a) {
+		return a
+	}
+	if a := l.PublicIP6; !v6 && in.Underlay.onLink(a) {
+		return a
+	}
+	return netip.Addr{}
+}
+
+// direct says whether every subnet of l can be routed directly; if not, why.
+func direct(in Input, l subnetLease) (bool, string) {
+	if l.Subnet6.IsValid() && !nextHop(in, l, true).IsValid() {
+		if l.PublicIP6.IsValid() {
+			return false, fmt.Sprintf("%s is not on-link from %s", l.PublicIP6, in.Underlay.Dev)
+		}
+		return false, "it has no IPv6 underlay address (an IPv6 route needs an IPv6 next hop)"
+	}
+	if l.Subnet.IsValid() && !nextHop(in, l, false).IsValid() {
+		return false, fmt.Sprintf("%s is not on-link from %s", ips(l.Lease), in.Underlay.Dev)
+	}
+	return true, ""
 }
 
 // wgDevice is the WireGuard device of the plan of in (wireguard backend).
@@ -356,53 +482,40 @@ func wgShared(l lease.Lease, holders []string) (Mode, string) {
 
 // quickInvalid checks what the plan relies on (leases from the store were fully validated
 // when decoded; this keeps Build safe for any input without re-parsing every MAC).
-func quickInvalid(l lease.Lease) string {
+func quickInvalid(l subnetLease) string {
 	switch {
 	case l.Node == "":
 		return "lease without a node name"
-	case !l.Subnet.IsValid() || !l.Subnet.Addr().Is4() || l.Subnet != l.Subnet.Masked():
+	case !l.Subnet.IsValid() && !l.Subnet6.IsValid():
+		return "no subnet of an enabled family"
+	case l.Subnet.IsValid() && (!l.Subnet.Addr().Is4() || l.Subnet != l.Subnet.Masked()):
 		return fmt.Sprintf("invalid subnet %s", l.Subnet)
-	case !l.PublicIP.IsValid() || !l.PublicIP.Is4() || l.PublicIP.IsUnspecified():
+	case l.Subnet6.IsValid() && (!l.Subnet6.Addr().Is6() || l.Subnet6.Addr().Is4In6() || l.Subnet6 != l.Subnet6.Masked()):
+		return fmt.Sprintf("invalid IPv6 subnet %s", l.Subnet6)
+	case !l.PublicIP.IsValid() && !l.PublicIP6.IsValid():
+		return "no public IP"
+	case l.PublicIP.IsValid() && (!l.PublicIP.Is4() || l.PublicIP.IsUnspecified()):
 		return fmt.Sprintf("invalid public IP %s", l.PublicIP)
+	case l.PublicIP6.IsValid() && (!l.PublicIP6.Is6() || l.PublicIP6.Is4In6() || l.PublicIP6.IsUnspecified()):
+		return fmt.Sprintf("invalid IPv6 public IP %s", l.PublicIP6)
 	}
 	return ""
 }
 
-func decide(in Input, l lease.Lease, owner map[netip.Prefix]string) (Mode, string) {
+func decide(in Input, l subnetLease, owner map[netip.Prefix]string) (Mode, string) {
 	if why := quickInvalid(l); why != "" {
 		return Unreachable, why
 	}
-	if !in.Config.Network.Contains(l.Subnet.Addr()) || l.Subnet.Bits() < in.Config.Network.Bits() {
-		return Unreachable, fmt.Sprintf("subnet %s is outside the cluster network %s", l.Subnet, in.Config.Network)
-	}
-	if o := owner[l.Subnet]; o != l.Node {
-		return Unreachable, fmt.Sprintf("subnet %s is also held by %s", l.Subnet, o)
-	}
-	// Same-length aligned subnets are equal or disjoint, so the owner map settles them; a
-	// subnet of another length (a lease from before a config change) is the anomaly and
-	// loses to any subnet it overlaps.
-	if l.Subnet.Bits() != in.Config.SubnetLen {
-		var first netip.Prefix // the lowest overlapping subnet, for a stable reason
-		for s := range owner {
-			if s != l.Subnet && s.Overlaps(l.Subnet) && (!first.IsValid() || s.Addr().Less(first.Addr()) || (s.Addr() == first.Addr() && s.Bits() < first.Bits())) {
-				first = s
-			}
-		}
-		if first.IsValid() {
-			return Unreachable, fmt.Sprintf("subnet %s overlaps %s of %s", l.Subnet, first, owner[first])
+	for _, s := range l.subnets() {
+		if why := decideSubnet(in.Config, l.Node, s, owner); why != "" {
+			return Unreachable, why
 		}
 	}
-	onLink := false
-	for _, c := range in.Underlay.Connected {
-		if c.Contains(l.PublicIP) {
-			onLink = true
-			break
-		}
-	}
+	onLink, why := direct(in, l)
 	switch in.Config.Backend.Type {
 	case config.HostGW:
 		if !onLink {
-			return Unreachable, fmt.Sprintf("host-gw: %s is not on-link from %s (use the hybrid or vxlan backend to reach it)", l.PublicIP, in.Underlay.Dev)
+			return Unreachable, fmt.Sprintf("host-gw: %s (use the hybrid or vxlan backend to reach it)", why)
 		}
 		return Direct, ""
 	case config.Hybrid:
@@ -418,6 +531,13 @@ func decide(in Input, l lease.Lease, owner map[netip.Prefix]string) (Mode, strin
 		}
 		return WireGuard, ""
 	}
+	if !l.PublicIPOf(vxlan6(in.Self)).IsValid() && !onLink {
+		family := "IPv4"
+		if vxlan6(in.Self) {
+			family = "IPv6"
+		}
+		return Unreachable, fmt.Sprintf("the peer has no %s underlay address, the family this node's VXLAN runs over", family)
+	}
 	if !lease.ValidMAC(l.VTEPMAC) {
 		// A host-gw peer has no VTEP: on-link it is routed directly, as it routes to us
 		// (a cluster moving between backends, its agents restarted one by one, stays
@@ -430,16 +550,51 @@ func decide(in Input, l lease.Lease, owner map[netip.Prefix]string) (Mode, strin
 	return VXLAN, ""
 }
 
+// decideSubnet says why node may not have subnet s (empty: it may).
+func decideSubnet(c config.Network, node string, s netip.Prefix, owner map[netip.Prefix]string) string {
+	network := c.NetworkOf(s)
+	if !network.Contains(s.Addr()) || s.Bits() < network.Bits() {
+		return fmt.Sprintf("subnet %s is outside the cluster network %s", s, network)
+	}
+	if o := owner[s]; o != node {
+		return fmt.Sprintf("subnet %s is also held by %s", s, o)
+	}
+	// Same-length aligned subnets are equal or disjoint, so the owner map settles them; a
+	// subnet of another length (a lease from before a config change) is the anomaly and
+	// loses to any subnet it overlaps.
+	if s.Bits() != c.SubnetLenOf(s) {
+		var first netip.Prefix // the lowest overlapping subnet, for a stable reason
+		for o := range owner {
+			if o != s && o.Overlaps(s) && (!first.IsValid() || o.Addr().Less(first.Addr()) || (o.Addr() == first.Addr() && o.Bits() < first.Bits())) {
+				first = o
+			}
+		}
+		if first.IsValid() {
+			return fmt.Sprintf("subnet %s overlaps %s of %s", s, first, owner[first])
+		}
+	}
+	return ""
+}
+
+// ips names a lease's public IPs.
+func ips(l lease.Lease) string {
+	switch {
+	case !l.PublicIP6.IsValid():
+		return l.PublicIP.String()
+	case !l.PublicIP.IsValid():
+		return l.PublicIP6.String()
+	}
+	return l.PublicIP.String() + " and " + l.PublicIP6.String()
+}
+
 // underlayMAC is l's underlay MAC when l is on-link (behind a router, frames carry the
 // router's MAC instead).
 func underlayMAC(u Underlay, l lease.Lease) string {
 	if !lease.ValidMAC(l.UnderlayMAC) {
 		return ""
 	}
-	for _, c := range u.Connected {
-		if c.Contains(l.PublicIP) {
-			return strings.ToLower(l.UnderlayMAC)
-		}
+	if u.onLink(l.PublicIP) || u.onLink(l.PublicIP6) {
+		return strings.ToLower(l.UnderlayMAC)
 	}
 	return ""
 }

@@ -65,13 +65,20 @@ func render(p Plan) string {
 	for _, n := range nodes {
 		a := p.Allow.Peers[n]
 		fmt.Fprintf(&b, "allow %s from %s inner %s", n, a.IP, a.Subnet)
+		if a.Subnet6.IsValid() {
+			fmt.Fprintf(&b, " inner6 %s", a.Subnet6)
+		}
 		if a.MAC != "" {
 			fmt.Fprintf(&b, " mac %s", a.MAC)
 		}
 		b.WriteString("\n")
 	}
 	if p.Allow.Port != 0 {
-		fmt.Fprintf(&b, "allow-list port %d network %s /%d\n", p.Allow.Port, p.Allow.Network, p.Allow.SubnetLen)
+		fmt.Fprintf(&b, "allow-list port %d network %s /%d", p.Allow.Port, p.Allow.Network, p.Allow.SubnetLen)
+		if p.Allow.Network6.IsValid() {
+			fmt.Fprintf(&b, " network6 %s /%d", p.Allow.Network6, p.Allow.SubnetLen6)
+		}
+		b.WriteString("\n")
 	}
 	if p.VXLAN != nil {
 		fmt.Fprintf(&b, "vxlan %s vni %d port %d dev %s local %s addr %s mac %s mtu %d\n", p.VXLAN.Name, p.VXLAN.VNI, p.VXLAN.Port, p.VXLAN.Underlay, p.VXLAN.Local, p.VXLAN.Addr, p.VXLAN.MAC, p.VXLAN.MTU)
@@ -83,7 +90,11 @@ func render(p Plan) string {
 		fmt.Fprintf(&b, "wgpeer %s key %s endpoint %s allowed %s\n", w.Node, w.PublicKey, w.Endpoint, w.AllowedIPs)
 	}
 	fmt.Fprintf(&b, "pod mtu %d\n", p.PodMTU)
-	fmt.Fprintf(&b, "nat %s %s final %t\n", p.NAT.Network, p.NAT.Subnet, p.NAT.Final)
+	fmt.Fprintf(&b, "nat %s %s final %t", p.NAT.Network, p.NAT.Subnet, p.NAT.Final)
+	if p.NAT.Network6.IsValid() {
+		fmt.Fprintf(&b, " v6 %s %s masquerade %t", p.NAT.Network6, p.NAT.Subnet6, p.NAT.Masquerade6)
+	}
+	b.WriteString("\n")
 	return b.String()
 }
 
@@ -224,6 +235,157 @@ nat 10.244.0.0/16 10.244.1.0/24 final false
 			got := render(Build(Input{Config: cfg(t, tt.backend), Self: self, Peers: tt.peers, Underlay: underlay, VXLANDev: "na.1"}))
 			if diff := cmp.Diff(tt.want, got); diff != "" {
 				t.Errorf("Build() mismatch (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func cfgJSON(t testing.TB, js string) config.Network {
+	t.Helper()
+	n, err := config.Parse([]byte(js))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// mk6 is a dual-stack (subnet "" : IPv6-only) lease; ip or ip6 "" leaves that underlay out.
+func mk6(node, subnet, subnet6, ip, ip6 string) lease.Lease {
+	l := lease.Lease{Node: node, VTEPMAC: VTEPMAC(node).String()}
+	l.Subnet, _ = netip.ParsePrefix(subnet)
+	l.Subnet6, _ = netip.ParsePrefix(subnet6)
+	l.PublicIP, _ = netip.ParseAddr(ip)
+	l.PublicIP6, _ = netip.ParseAddr(ip6)
+	return l
+}
+
+var underlay6 = Underlay{Dev: "eth0", MTU: 1500, Connected: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("2001:db8:1::/64")}}
+
+func TestBuild6(t *testing.T) {
+	dual := `{"network":"10.244.0.0/16","ipv6Network":"fd00::/48","backend":{"type":%q}}`
+	v6only := `{"ipv6Network":"fd00::/48","backend":{"type":%q}%s}`
+	selfDual := mk6("a", "10.244.1.0/24", "fd00:0:0:1::/64", "192.0.2.1", "2001:db8:1::1")
+	self6 := mk6("a", "", "fd00:0:0:1::/64", "", "2001:db8:1::1")
+	nearDual := mk6("b", "10.244.2.0/24", "fd00:0:0:2::/64", "192.0.2.2", "2001:db8:1::2")
+	near4 := mk6("b", "10.244.2.0/24", "fd00:0:0:2::/64", "192.0.2.2", "")       // IPv4 underlay only
+	far6 := mk6("c", "", "fd00:0:0:3::/64", "", "2001:db8:2::3")                 // IPv6 underlay, off-link
+	far4only := mk6("c", "10.244.3.0/24", "fd00:0:0:3::/64", "198.51.100.3", "") // no IPv6 underlay, off-link
+	macA, macB, macC := VTEPMAC("a").String(), VTEPMAC("b").String(), VTEPMAC("c").String()
+	tests := []struct {
+		name, config, backend string
+		self                  lease.Lease
+		peers                 []lease.Lease
+		want                  string
+	}{
+		{"dual host-gw, both underlays", dual, config.HostGW, selfDual, []lease.Lease{nearDual}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
+route fd00:0:0:2::/64 via 2001:db8:1::2 dev eth0
+peer b direct
+allow b from 192.0.2.2 inner 10.244.2.0/24 inner6 fd00:0:0:2::/64
+pod mtu 1500
+nat 10.244.0.0/16 10.244.1.0/24 final false v6 fd00::/48 fd00:0:0:1::/64 masquerade true
+`},
+		{"dual host-gw, IPv4 underlay only: IPv6 has no next hop", dual, config.HostGW, selfDual, []lease.Lease{near4}, `peer b unreachable (host-gw: it has no IPv6 underlay address (an IPv6 route needs an IPv6 next hop) (use the hybrid or vxlan backend to reach it))
+pod mtu 1500
+nat 10.244.0.0/16 10.244.1.0/24 final false v6 fd00::/48 fd00:0:0:1::/64 masquerade true
+`},
+		{"dual hybrid, IPv4 underlay only: both families by VXLAN", dual, config.Hybrid, selfDual, []lease.Lease{near4}, fmt.Sprintf(`route 10.244.2.0/24 via 10.244.2.0 dev na.1 onlink mtu 1450
+route fd00:0:0:2::/64 via fd00:0:0:2:: dev na.1 onlink mtu 1450
+neigh 10.244.2.0 %[1]s
+neigh fd00:0:0:2:: %[1]s
+fdb %[1]s dst 192.0.2.2
+peer b vxlan
+allow b from 192.0.2.2 inner 10.244.2.0/24 inner6 fd00:0:0:2::/64
+allow-list port 8472 network 10.244.0.0/16 /24 network6 fd00::/48 /64
+vxlan na.1 vni 1 port 8472 dev eth0 local 192.0.2.1 addr 10.244.1.0/32 mac %[2]s mtu 1450
+pod mtu 1500
+nat 10.244.0.0/16 10.244.1.0/24 final false v6 fd00::/48 fd00:0:0:1::/64 masquerade true
+`, macB, macA)},
+		{"dual host-gw, IPv6 underlay only: IPv4 via the IPv6 next hop", dual, config.HostGW, mk6("a", "10.244.1.0/24", "fd00:0:0:1::/64", "", "2001:db8:1::1"),
+			[]lease.Lease{mk6("b", "10.244.2.0/24", "fd00:0:0:2::/64", "", "2001:db8:1::2")}, `route 10.244.2.0/24 via 2001:db8:1::2 dev eth0
+route fd00:0:0:2::/64 via 2001:db8:1::2 dev eth0
+peer b direct
+allow b from 2001:db8:1::2 inner 10.244.2.0/24 inner6 fd00:0:0:2::/64
+pod mtu 1500
+nat 10.244.0.0/16 10.244.1.0/24 final false v6 fd00::/48 fd00:0:0:1::/64 masquerade true
+`},
+		{"dual vxlan over IPv4: one device, neighbours of both families", dual, config.VXLAN, selfDual, []lease.Lease{far4only, nearDual}, fmt.Sprintf(`route 10.244.2.0/24 via 10.244.2.0 dev na.1 onlink
+route 10.244.3.0/24 via 10.244.3.0 dev na.1 onlink
+route fd00:0:0:2::/64 via fd00:0:0:2:: dev na.1 onlink
+route fd00:0:0:3::/64 via fd00:0:0:3:: dev na.1 onlink
+neigh 10.244.2.0 %[1]s
+neigh 10.244.3.0 %[2]s
+neigh fd00:0:0:2:: %[1]s
+neigh fd00:0:0:3:: %[2]s
+fdb %[2]s dst 198.51.100.3
+fdb %[1]s dst 192.0.2.2
+peer b vxlan
+peer c vxlan
+allow b from 192.0.2.2 inner 10.244.2.0/24 inner6 fd00:0:0:2::/64
+allow c from 198.51.100.3 inner 10.244.3.0/24 inner6 fd00:0:0:3::/64
+allow-list port 8472 network 10.244.0.0/16 /24 network6 fd00::/48 /64
+vxlan na.1 vni 1 port 8472 dev eth0 local 192.0.2.1 addr 10.244.1.0/32 mac %[3]s mtu 1450
+pod mtu 1450
+nat 10.244.0.0/16 10.244.1.0/24 final false v6 fd00::/48 fd00:0:0:1::/64 masquerade true
+`, macB, macC, macA)},
+		{"IPv6-only hybrid over IPv6: direct on-link, VXLAN over IPv6 off-link", v6only, config.Hybrid, self6, []lease.Lease{mk6("b", "", "fd00:0:0:2::/64", "", "2001:db8:1::2"), far6}, fmt.Sprintf(`route fd00:0:0:2::/64 via 2001:db8:1::2 dev eth0
+route fd00:0:0:3::/64 via fd00:0:0:3:: dev na.1 onlink mtu 1430
+neigh fd00:0:0:3:: %[1]s
+fdb %[1]s dst 2001:db8:2::3
+peer b direct
+peer c vxlan
+allow b from 2001:db8:1::2 inner invalid Prefix inner6 fd00:0:0:2::/64
+allow c from 2001:db8:2::3 inner invalid Prefix inner6 fd00:0:0:3::/64
+allow-list port 8472 network invalid Prefix /0 network6 fd00::/48 /64
+vxlan na.1 vni 1 port 8472 dev eth0 local 2001:db8:1::1 addr invalid Prefix mac %[2]s mtu 1430
+pod mtu 1500
+nat invalid Prefix invalid Prefix final false v6 fd00::/48 fd00:0:0:1::/64 masquerade false
+`, macC, macA)},
+		{"IPv6 underlay VXLAN: a peer without an IPv6 underlay address", v6only, config.VXLAN, self6, []lease.Lease{mk6("c", "", "fd00:0:0:3::/64", "198.51.100.3", "")}, fmt.Sprintf(`peer c unreachable (the peer has no IPv6 underlay address, the family this node's VXLAN runs over)
+allow-list port 8472 network invalid Prefix /0 network6 fd00::/48 /64
+vxlan na.1 vni 1 port 8472 dev eth0 local 2001:db8:1::1 addr invalid Prefix mac %[1]s mtu 1430
+pod mtu 1430
+nat invalid Prefix invalid Prefix final false v6 fd00::/48 fd00:0:0:1::/64 masquerade true
+`, macA)},
+		{"IPv6 subnet outside, overlapping or taken", dual, config.HostGW, selfDual, []lease.Lease{nearDual,
+			mk6("d", "10.244.4.0/24", "fd99::/64", "192.0.2.4", ""),
+			mk6("e", "10.244.5.0/24", "fd00:0:0:2::/64", "192.0.2.5", ""),
+			mk6("f", "10.244.6.0/24", "fd00:0:0:1::/80", "192.0.2.6", ""),
+			mk6("g", "10.244.7.0/24", "10.244.8.0/24", "192.0.2.7", "")}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
+route fd00:0:0:2::/64 via 2001:db8:1::2 dev eth0
+peer b direct
+peer d unreachable (subnet fd99::/64 is outside the cluster network fd00::/48)
+peer e unreachable (subnet fd00:0:0:2::/64 is also held by b)
+peer f unreachable (subnet fd00:0:0:1::/80 overlaps fd00:0:0:1::/64 of a)
+peer g unreachable (invalid IPv6 subnet 10.244.8.0/24)
+allow b from 192.0.2.2 inner 10.244.2.0/24 inner6 fd00:0:0:2::/64
+pod mtu 1500
+nat 10.244.0.0/16 10.244.1.0/24 final false v6 fd00::/48 fd00:0:0:1::/64 masquerade true
+`},
+		{"IPv4 config ignores IPv6 subnets", `{"network":"10.244.0.0/16","backend":{"type":%q}}`, config.HostGW, selfDual, []lease.Lease{nearDual}, `route 10.244.2.0/24 via 192.0.2.2 dev eth0
+peer b direct
+allow b from 192.0.2.2 inner 10.244.2.0/24
+pod mtu 1500
+nat 10.244.0.0/16 10.244.1.0/24 final false
+`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			js := fmt.Sprintf(tt.config, tt.backend)
+			if strings.Count(tt.config, "%") == 2 {
+				extra := ""
+				if strings.Contains(tt.name, "hybrid") {
+					extra = `,"ipv6Masquerade":false`
+				}
+				js = fmt.Sprintf(tt.config, tt.backend, extra)
+			}
+			in := Input{Config: cfgJSON(t, js), Self: tt.self, Peers: tt.peers, Underlay: underlay6, VXLANDev: "na.1"}
+			got := render(Build(in))
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("Build() mismatch (-want +got):\n%s", diff)
+			}
+			_, first := NewPlanner(in)
+			if diff := cmp.Diff(got, render(first)); diff != "" {
+				t.Errorf("NewPlanner() differs from Build (-build +planner):\n%s", diff)
 			}
 		})
 	}

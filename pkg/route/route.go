@@ -19,7 +19,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
@@ -64,6 +63,10 @@ func compact(rt netlink.Route) kroute {
 	k := kroute{link: int32(rt.LinkIndex), mtu: int32(rt.MTU), onlink: rt.Flags&int(netlink.FLAG_ONLINK) != 0}
 	if gw, ok := netip.AddrFromSlice(rt.Gw); ok {
 		k.gw = gw.Unmap()
+	} else if v, ok := rt.Via.(*netlink.Via); ok && v != nil {
+		if gw, ok := netip.AddrFromSlice(v.Addr); ok {
+			k.gw = gw.Unmap()
+		}
 	}
 	return k
 }
@@ -155,17 +158,19 @@ func (s Stats) Changed() bool { return s.Added+s.Replaced+s.Deleted > 0 }
 
 // Current lists our routes, keyed by destination.
 func (r *Reconciler) Current() (map[netip.Prefix]netlink.Route, error) {
-	routes, err := nldump.Retry(func() ([]netlink.Route, error) {
-		return r.k.RouteListFiltered(unix.AF_INET, &netlink.Route{Protocol: Protocol, Table: unix.RT_TABLE_MAIN},
-			netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
-	})
-	if err != nil {
-		return nil, fmt.Errorf("list routes: %w", err)
-	}
-	out := make(map[netip.Prefix]netlink.Route, len(routes))
-	for _, rt := range routes {
-		if p, ok := netipx.Prefix(rt.Dst); ok {
-			out[p] = rt
+	out := map[netip.Prefix]netlink.Route{}
+	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
+		routes, err := nldump.Retry(func() ([]netlink.Route, error) {
+			return r.k.RouteListFiltered(family, &netlink.Route{Protocol: Protocol, Table: unix.RT_TABLE_MAIN},
+				netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+		})
+		if err != nil {
+			return nil, fmt.Errorf("list routes: %w", err)
+		}
+		for _, rt := range routes {
+			if p, ok := netipx.Prefix(rt.Dst); ok {
+				out[p] = rt
+			}
 		}
 	}
 	return out, nil
@@ -231,11 +236,20 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 func toNetlink(w plan.Route, idx int) *netlink.Route {
 	nr := &netlink.Route{
 		LinkIndex: idx,
-		Dst:       &net.IPNet{IP: w.Dst.Addr().AsSlice(), Mask: net.CIDRMask(w.Dst.Bits(), 32)},
+		Dst:       netipx.IPNet(w.Dst),
 		Gw:        w.Gw.AsSlice(),
 		Protocol:  Protocol,
 		Table:     unix.RT_TABLE_MAIN,
 		MTU:       w.MTU,
+	}
+	if w.Gw.IsValid() && w.Gw.Is4() != w.Dst.Addr().Is4() {
+		// A next hop of the other family (an IPv6 pod subnet via a peer's IPv4 underlay
+		// address): RTA_VIA, Linux 5.2+.
+		family := unix.AF_INET
+		if w.Gw.Is6() {
+			family = unix.AF_INET6
+		}
+		nr.Gw, nr.Via = nil, &netlink.Via{AddrFamily: family, Addr: w.Gw.AsSlice()}
 	}
 	if w.OnLink {
 		nr.Flags = int(netlink.FLAG_ONLINK)

@@ -6,8 +6,11 @@
 //	NETAGENT_NETWORK=10.244.0.0/16
 //	NETAGENT_SUBNET=10.244.1.0/24
 //	NETAGENT_MTU=1450
+//	NETAGENT_IPV6_NETWORK=fd00:10:244::/48    (dual-stack and IPv6-only clusters)
+//	NETAGENT_IPV6_SUBNET=fd00:10:244:1::/64
 //
-// The gateway is the subnet's first address. Unknown keys are ignored (newer agents may add
+// An IPv6-only cluster's file has no NETAGENT_NETWORK and NETAGENT_SUBNET. The gateway is
+// the subnet's first address. Unknown keys are ignored (newer agents may add
 // some); known keys must parse.
 package subnetfile
 
@@ -33,14 +36,22 @@ type Info struct {
 	Network netip.Prefix // the whole cluster pod network
 	Subnet  netip.Prefix // this node's pod subnet
 	MTU     int          // pod interface MTU
+	// Network6 and Subnet6 are the IPv6 ones (unset: no IPv6).
+	Network6, Subnet6 netip.Prefix
 }
 
 // Marshal renders the file content.
 func (i Info) Marshal() []byte {
 	var b bytes.Buffer
-	fmt.Fprintf(&b, "NETAGENT_NETWORK=%s\n", i.Network)
-	fmt.Fprintf(&b, "NETAGENT_SUBNET=%s\n", i.Subnet)
+	if i.Subnet.IsValid() {
+		fmt.Fprintf(&b, "NETAGENT_NETWORK=%s\n", i.Network)
+		fmt.Fprintf(&b, "NETAGENT_SUBNET=%s\n", i.Subnet)
+	}
 	fmt.Fprintf(&b, "NETAGENT_MTU=%d\n", i.MTU)
+	if i.Subnet6.IsValid() {
+		fmt.Fprintf(&b, "NETAGENT_IPV6_NETWORK=%s\n", i.Network6)
+		fmt.Fprintf(&b, "NETAGENT_IPV6_SUBNET=%s\n", i.Subnet6)
+	}
 	return b.Bytes()
 }
 
@@ -65,6 +76,10 @@ func Parse(data []byte) (Info, error) {
 			i.Network, err = netip.ParsePrefix(v)
 		case "NETAGENT_SUBNET":
 			i.Subnet, err = netip.ParsePrefix(v)
+		case "NETAGENT_IPV6_NETWORK":
+			i.Network6, err = netip.ParsePrefix(v)
+		case "NETAGENT_IPV6_SUBNET":
+			i.Subnet6, err = netip.ParsePrefix(v)
 		case "NETAGENT_MTU":
 			i.MTU, err = strconv.Atoi(v)
 			if err == nil && (i.MTU < 576 || i.MTU > 65535) {
@@ -78,14 +93,23 @@ func Parse(data []byte) (Info, error) {
 	if err := sc.Err(); err != nil {
 		return Info{}, err
 	}
-	if !i.Subnet.IsValid() {
+	if !i.Subnet.IsValid() && !i.Subnet6.IsValid() {
 		return Info{}, errors.New("NETAGENT_SUBNET is missing")
 	}
-	if i.Subnet != i.Subnet.Masked() {
-		return Info{}, fmt.Errorf("NETAGENT_SUBNET %s is not a network address (want %s)", i.Subnet, i.Subnet.Masked())
-	}
-	if i.Network.IsValid() && !i.Network.Contains(i.Subnet.Addr()) {
-		return Info{}, fmt.Errorf("NETAGENT_SUBNET %s is outside NETAGENT_NETWORK %s", i.Subnet, i.Network)
+	for _, f := range []struct {
+		key, netKey     string
+		subnet, network netip.Prefix
+		v6              bool
+	}{{"NETAGENT_SUBNET", "NETAGENT_NETWORK", i.Subnet, i.Network, false}, {"NETAGENT_IPV6_SUBNET", "NETAGENT_IPV6_NETWORK", i.Subnet6, i.Network6, true}} {
+		switch {
+		case !f.subnet.IsValid():
+		case f.subnet.Addr().Is6() != f.v6 || f.subnet.Addr().Is4In6():
+			return Info{}, fmt.Errorf("%s %s is of the wrong family", f.key, f.subnet)
+		case f.subnet != f.subnet.Masked():
+			return Info{}, fmt.Errorf("%s %s is not a network address (want %s)", f.key, f.subnet, f.subnet.Masked())
+		case f.network.IsValid() && !f.network.Contains(f.subnet.Addr()):
+			return Info{}, fmt.Errorf("%s %s is outside %s %s", f.key, f.subnet, f.netKey, f.network)
+		}
 	}
 	return i, nil
 }

@@ -26,6 +26,12 @@
 //	         udp dport <port> counter drop
 //	forward: ip saddr <cluster network> udp dport <port> counter drop
 //
+// Inner IPv6 (dual-stack and IPv6-only clusters over an IPv4 underlay) is matched the same
+// way by two more sets, vxlan-l2-6 and vxlan-peers6 (S6: the inner IPv6 source
+// @th,304,128 behind an inner EtherType 0x86dd, masked to ipv6SubnetLen). Nothing here
+// sees VXLAN over an IPv6 underlay (this is an ip-family table): an IPv6 underlay is not
+// guarded yet.
+//
 // Exact-match sets with the inner source masked, not interval sets: interval (pipapo)
 // sets load thousands of peers far more slowly than hash sets (BENCHMARKS.md, throughput).
 // The chains run just before iptables' filter chains (priority -10), so no iptables rule
@@ -37,6 +43,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/bits"
 	"net"
 	"net/netip"
 	"slices"
@@ -51,9 +58,11 @@ import (
 // Names in the kernel.
 const (
 	Table      = "netagent"
-	SetName    = "vxlan-peers" // routed peers: outer source . inner source subnet
-	SetL2      = "vxlan-l2"    // same-L2 peers: outer source . outer MAC . inner source subnet
-	selfSuffix = "-self"       // the same with the peer's own address as inner source
+	SetName    = "vxlan-peers"  // routed peers: outer source . inner source subnet
+	SetL2      = "vxlan-l2"     // same-L2 peers: outer source . outer MAC . inner source subnet
+	SetName6   = "vxlan-peers6" // SetName for inner IPv6
+	SetL26     = "vxlan-l2-6"   // SetL2 for inner IPv6
+	selfSuffix = "-self"        // the same with the peer's own address as inner source
 	ChainIn    = "vxlan-input"
 	ChainFwd   = "vxlan-forward"
 	priority   = -10
@@ -69,14 +78,17 @@ type Spec struct {
 	Port      int          // VXLAN UDP port; 0: no VXLAN here, the table is removed
 	Network   netip.Prefix // the cluster pod network: VXLAN from these sources is dropped
 	SubnetLen int          // the configured subnet length: inner sources are matched by their subnet
-	Peers     map[string]Peer
+	// SubnetLen6 is the same for inner IPv6 sources (0: inner IPv6 is dropped).
+	SubnetLen6 int
+	Peers      map[string]Peer
 }
 
 // Peer is what VXLAN from one peer may look like.
 type Peer struct {
-	IP     netip.Addr   // the outer source address; invalid: not a peer
-	Subnet netip.Prefix // inner sources allowed besides IP itself
-	MAC    string       // the outer source MAC (a peer on the same L2); empty: not checked
+	IP      netip.Addr   // the outer source address; invalid: not a peer
+	Subnet  netip.Prefix // inner sources allowed besides IP itself
+	Subnet6 netip.Prefix // inner IPv6 sources allowed (unset: none)
+	MAC     string       // the outer source MAC (a peer on the same L2); empty: not checked
 }
 
 // elem is one set element in comparable form.
@@ -91,22 +103,34 @@ const maxBlocks = 256
 
 // elems are the set elements of a peer: each configured-length block of its subnet, and
 // its own address, as inner sources.
-func (p Peer) elems(subnetLen int) []elem {
+func (p Peer) elems(subnetLen, subnetLen6 int) []elem {
 	if !p.IP.Is4() {
 		return nil
 	}
 	ip := p.IP.As4()
 	prefix := ip[:]
-	set := SetName
+	set, set6 := SetName, SetName6
 	if m, err := net.ParseMAC(p.MAC); err == nil && len(m) == 6 {
 		prefix = append(append(slices.Clip(prefix), m...), 0, 0) // concatenated fields are padded to 4 bytes
-		set = SetL2
+		set, set6 = SetL2, SetL26
 	}
 	key := func(a netip.Addr) string {
-		b := a.As4()
-		return string(append(slices.Clip(prefix), b[:]...))
+		b := a.AsSlice()
+		return string(append(slices.Clip(prefix), b...))
 	}
 	out := []elem{{set + selfSuffix, key(p.IP)}}
+	if s6 := p.Subnet6; s6.IsValid() && s6.Addr().Is6() && !s6.Addr().Is4In6() && subnetLen6 > 0 && subnetLen6 <= 128 {
+		s6 = s6.Masked()
+		if s6.Bits() >= subnetLen6 { // inside one block
+			out = append(out, elem{set6, key(netip.PrefixFrom(s6.Addr(), subnetLen6).Masked().Addr())})
+		} else {
+			a := s6.Addr()
+			for range min(1<<min(subnetLen6-s6.Bits(), 16), maxBlocks) {
+				out = append(out, elem{set6, key(a)})
+				a = addBlock6(a, subnetLen6)
+			}
+		}
+	}
 	if !p.Subnet.IsValid() || !p.Subnet.Addr().Is4() || subnetLen <= 0 || subnetLen > 32 {
 		return out
 	}
@@ -122,6 +146,23 @@ func (p Peer) elems(subnetLen int) []elem {
 		a = netip.AddrFrom4(b)
 	}
 	return out
+}
+
+// addBlock6 is a plus one block of length bits (at most 128).
+func addBlock6(a netip.Addr, n int) netip.Addr {
+	b := a.As16()
+	hi, lo := binary.BigEndian.Uint64(b[:8]), binary.BigEndian.Uint64(b[8:])
+	var addHi, addLo uint64
+	if n > 64 {
+		addLo = 1 << (128 - n)
+	} else {
+		addHi = 1 << (64 - n)
+	}
+	lo, carry := bits.Add64(lo, addLo, 0)
+	hi, _ = bits.Add64(hi, addHi, carry)
+	binary.BigEndian.PutUint64(b[:8], hi)
+	binary.BigEndian.PutUint64(b[8:], lo)
+	return netip.AddrFrom16(b)
 }
 
 // Stats say what a pass changed.
@@ -159,14 +200,24 @@ func (g *Guard) Close() error { return g.conn.CloseLasting() }
 func table() *nftables.Table { return &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv4} }
 
 var (
-	routedType = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeIPAddr)
-	l2Type     = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeEtherAddr, nftables.TypeIPAddr)
-	setNames   = []string{SetL2, SetL2 + selfSuffix, SetName, SetName + selfSuffix}
+	routedType  = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeIPAddr)
+	l2Type      = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeEtherAddr, nftables.TypeIPAddr)
+	routedType6 = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeIP6Addr)
+	l2Type6     = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeEtherAddr, nftables.TypeIP6Addr)
+	setNames    = []string{SetL2, SetL2 + selfSuffix, SetName, SetName + selfSuffix, SetL26, SetName6}
 )
+
+// inner6 reports whether set name holds inner IPv6 sources.
+func inner6(name string) bool { return name == SetL26 || name == SetName6 }
 
 func setOf(t *nftables.Table, name string) *nftables.Set {
 	typ := routedType
-	if strings.HasPrefix(name, SetL2) {
+	switch {
+	case name == SetL26:
+		typ = l2Type6
+	case name == SetName6:
+		typ = routedType6
+	case strings.HasPrefix(name, SetL2):
 		typ = l2Type
 	}
 	return &nftables.Set{Table: t, Name: name, KeyType: typ, Concatenation: true}
@@ -181,7 +232,7 @@ func chains(t *nftables.Table) (in, fwd *nftables.Chain) {
 
 // tag identifies the rules of a spec, so a Sync can tell its own rules from changed ones.
 func tag(chain string, i int, s Spec) []byte {
-	return fmt.Appendf(nil, "%s%s/%d v2 port=%d network=%s subnetLen=%d", tagPrefix, chain, i, s.Port, s.Network, s.SubnetLen)
+	return fmt.Appendf(nil, "%s%s/%d v3 port=%d network=%s subnetLen=%d subnetLen6=%d", tagPrefix, chain, i, s.Port, s.Network, s.SubnetLen, s.SubnetLen6)
 }
 
 func udpDport(port int) []expr.Any {
@@ -200,36 +251,48 @@ func ipSaddr() *expr.Payload {
 }
 
 // Inner headers, from the start of the outer UDP header: UDP (8) and VXLAN (8) headers,
-// then the inner Ethernet header (its EtherType at 12) and IPv4 header (its source at 12).
+// then the inner Ethernet header (its EtherType at 12) and IPv4 header (its source at 12)
+// or IPv6 header (its source at 8).
 const (
 	innerEtherType = 8 + 8 + 12
 	innerIPSrc     = 8 + 8 + 14 + 12
+	innerIP6Src    = 8 + 8 + 14 + 8
 )
 
 func rules(t *nftables.Table, s Spec) []*nftables.Rule {
 	in, fwd := chains(t)
-	innerIPv4 := []expr.Any{
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: innerEtherType, Len: 2},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0x08, 0x00}},
+	innerType := func(v6 bool) []expr.Any {
+		et := []byte{0x08, 0x00}
+		if v6 {
+			et = []byte{0x86, 0xdd}
+		}
+		return []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: innerEtherType, Len: 2},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: et},
+		}
 	}
 	// Concatenations load field after field into consecutive 32-bit registers (8 is the
 	// first, which the 128-bit register 1 aliases); a 6-byte MAC takes two.
-	inner := func(reg uint32, masked bool) []expr.Any {
-		e := []expr.Any{&expr.Payload{DestRegister: reg, Base: expr.PayloadBaseTransportHeader, Offset: innerIPSrc, Len: 4}}
+	inner := func(reg uint32, masked, v6 bool) []expr.Any {
+		off, n, mask := uint32(innerIPSrc), uint32(4), netipMask(s.SubnetLen)
+		if v6 {
+			off, n, mask = innerIP6Src, 16, mask6(s.SubnetLen6)
+		}
+		e := []expr.Any{&expr.Payload{DestRegister: reg, Base: expr.PayloadBaseTransportHeader, Offset: off, Len: n}}
 		if masked {
-			e = append(e, &expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 4, Mask: netipMask(s.SubnetLen), Xor: []byte{0, 0, 0, 0}})
+			e = append(e, &expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: n, Mask: mask, Xor: make([]byte, n)})
 		}
 		return e
 	}
 	accept := func(set string, l2, masked bool) []expr.Any {
-		e := slices.Concat(udpDport(s.Port), innerIPv4,
+		e := slices.Concat(udpDport(s.Port), innerType(inner6(set)),
 			[]expr.Any{&expr.Payload{DestRegister: 8, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4}})
 		reg := uint32(9)
 		if l2 {
 			e = append(e, &expr.Payload{DestRegister: 9, Base: expr.PayloadBaseLLHeader, Offset: 6, Len: 6})
 			reg = 11
 		}
-		return slices.Concat(e, inner(reg, masked), []expr.Any{
+		return slices.Concat(e, inner(reg, masked, inner6(set)), []expr.Any{
 			&expr.Lookup{SourceRegister: 8, SetName: set},
 			&expr.Verdict{Kind: expr.VerdictAccept},
 		})
@@ -245,6 +308,9 @@ func rules(t *nftables.Table, s Spec) []*nftables.Rule {
 	fwdExprs = append(fwdExprs, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
 	var out []*nftables.Rule
 	for i, name := range setNames {
+		if inner6(name) && s.SubnetLen6 == 0 {
+			continue // no IPv6 in the cluster: its rules would match nothing
+		}
 		ex := accept(name, strings.HasPrefix(name, SetL2), !strings.HasSuffix(name, selfSuffix))
 		out = append(out, &nftables.Rule{Table: t, Chain: in, Exprs: ex, UserData: tag(ChainIn, i, s)})
 	}
@@ -252,6 +318,11 @@ func rules(t *nftables.Table, s Spec) []*nftables.Rule {
 		&nftables.Rule{Table: t, Chain: in, Exprs: drop, UserData: tag(ChainIn, len(setNames), s)},
 		&nftables.Rule{Table: t, Chain: fwd, Exprs: fwdExprs, UserData: tag(ChainFwd, 0, s)},
 	)
+}
+
+// mask6 is the 16-byte mask of an IPv6 prefix length.
+func mask6(bits int) []byte {
+	return net.CIDRMask(bits, 128)
 }
 
 func netipMask(bits int) []byte {
@@ -299,7 +370,7 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 		nodes = map[string]Peer{}
 	}
 	for n, p := range nodes {
-		es := p.elems(spec.SubnetLen)
+		es := p.elems(spec.SubnetLen, spec.SubnetLen6)
 		if len(es) == 0 {
 			delete(nodes, n)
 			continue
@@ -383,7 +454,7 @@ func (g *Guard) Invalidate() {
 // written, and the kernel is not read. Like Sync it keeps spec.Peers.
 func (g *Guard) Set(spec Spec) (Stats, error) {
 	g.mu.Lock()
-	if !g.valid || g.spec.Port != spec.Port || g.spec.Network != spec.Network || g.spec.SubnetLen != spec.SubnetLen {
+	if !g.valid || g.spec.Port != spec.Port || g.spec.Network != spec.Network || g.spec.SubnetLen != spec.SubnetLen || g.spec.SubnetLen6 != spec.SubnetLen6 {
 		g.mu.Unlock()
 		return g.Sync(spec)
 	}
@@ -522,7 +593,7 @@ func (g *Guard) Update(changes map[string]Peer) (Stats, error) {
 			continue
 		}
 		if had {
-			for _, e := range old.elems(g.spec.SubnetLen) {
+			for _, e := range old.elems(g.spec.SubnetLen, g.spec.SubnetLen6) {
 				touch(e)
 				if g.refs[e]--; g.refs[e] <= 0 {
 					delete(g.refs, e)
@@ -530,7 +601,7 @@ func (g *Guard) Update(changes map[string]Peer) (Stats, error) {
 			}
 			delete(g.nodes, n)
 		}
-		if es := p.elems(g.spec.SubnetLen); len(es) > 0 {
+		if es := p.elems(g.spec.SubnetLen, g.spec.SubnetLen6); len(es) > 0 {
 			for _, e := range es {
 				touch(e)
 				g.refs[e]++
@@ -574,11 +645,18 @@ func (g *Guard) countersLocked() uint64 {
 		if err != nil {
 			continue
 		}
-		for _, r := range rs {
-			for _, e := range r.Exprs {
-				if c, ok := e.(*expr.Counter); ok {
-					n += c.Packets
-				}
+		n += Packets(rs)
+	}
+	return n
+}
+
+// Packets sums the packet counters of rules.
+func Packets(rs []*nftables.Rule) uint64 {
+	var n uint64
+	for _, r := range rs {
+		for _, e := range r.Exprs {
+			if c, ok := e.(*expr.Counter); ok {
+				n += c.Packets
 			}
 		}
 	}
@@ -586,14 +664,17 @@ func (g *Guard) countersLocked() uint64 {
 }
 
 // Remove deletes the table if it exists (netagent cleanup).
-func Remove() error {
+func Remove() error { return RemoveTable(Table) }
+
+// RemoveTable deletes the ip-family table name if it exists.
+func RemoveTable(name string) error {
 	c, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	if t, err := c.ListTableOfFamily(Table, nftables.TableFamilyIPv4); err != nil || t == nil {
+	if t, err := c.ListTableOfFamily(name, nftables.TableFamilyIPv4); err != nil || t == nil {
 		return nil
 	}
-	c.DelTable(table())
+	c.DelTable(&nftables.Table{Name: name, Family: nftables.TableFamilyIPv4})
 	return c.Flush()
 }

@@ -270,3 +270,39 @@ func tableHas(t *testing.T, table string, wants ...string) {
 		}
 	}
 }
+
+// Inner IPv6 from a peer over the IPv4 underlay is accepted from its IPv6 subnet only,
+// and the IPv6 rules are there only when the cluster has IPv6.
+func TestInnerIPv6(t *testing.T) {
+	g, ns := newGuard(t)
+	mac := "02:00:00:00:00:12"
+	spec := Spec{Port: 8472, Network: network, SubnetLen: 24, SubnetLen6: 64, Peers: map[string]Peer{
+		"a": {IP: netip.MustParseAddr("192.0.2.11"), Subnet: netip.MustParsePrefix("10.244.1.0/24"), Subnet6: netip.MustParsePrefix("fd00:0:0:1::/64")},
+		"b": {IP: netip.MustParseAddr("192.0.2.12"), Subnet: netip.MustParsePrefix("10.244.2.0/24"), Subnet6: netip.MustParsePrefix("fd00:0:0:2::/64"), MAC: mac},
+	}}
+	if _, err := g.Sync(spec); err != nil {
+		t.Fatal(err)
+	}
+	tableHas(t, tableState(t, ns),
+		"udp dport 8472 @th,224,16 0x86dd ip saddr . @th,304,128 & 0xffffffffffffffff0000000000000000 @vxlan-peers6 accept",
+		"udp dport 8472 @th,224,16 0x86dd ip saddr . @ll,48,48 . @th,304,128 & 0xffffffffffffffff0000000000000000 @vxlan-l2-6 accept",
+		"192.0.2.11 . fd00:0:0:1::",
+		"192.0.2.12 . "+mac+" . fd00:0:0:2::",
+	)
+	// The peer moves its IPv6 subnet: one element out, one in.
+	st, err := g.Update(map[string]Peer{"a": {IP: netip.MustParseAddr("192.0.2.11"), Subnet: netip.MustParsePrefix("10.244.1.0/24"), Subnet6: netip.MustParsePrefix("fd00:0:0:9::/64")}})
+	if err != nil || st != (Stats{Added: 1, Delete: 1}) {
+		t.Fatalf("Update = %+v, %v; want one added, one deleted", st, err)
+	}
+	if state := tableState(t, ns); !strings.Contains(state, "192.0.2.11 . fd00:0:0:9::") || strings.Contains(state, "fd00:0:0:1::") {
+		t.Errorf("after the move:\n%s", state)
+	}
+	// IPv4-only: no IPv6 rules.
+	spec.SubnetLen6 = 0
+	if st, err := g.Set(spec); err != nil || !st.Rebuilt {
+		t.Fatalf("Set(IPv4 only) = %+v, %v; want a rebuild", st, err)
+	}
+	if state := tableState(t, ns); strings.Contains(state, "0x86dd") || strings.Contains(state, "fd00") {
+		t.Errorf("IPv4-only table has IPv6 rules or elements:\n%s", state)
+	}
+}

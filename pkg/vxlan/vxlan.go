@@ -180,7 +180,11 @@ func fdbKeyOf(hw net.HardwareAddr, ip net.IP) (fdbKey, bool) {
 // delNeigh and delFDB are the netlink forms of mirrored entries, for deleting them;
 // setNeigh and setFDB those of the permanent entries the plan wants.
 func delNeigh(idx int, ip netip.Addr) *netlink.Neigh {
-	return &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, IP: ip.AsSlice()}
+	family := unix.AF_INET
+	if ip.Is6() {
+		family = unix.AF_INET6
+	}
+	return &netlink.Neigh{LinkIndex: idx, Family: family, IP: ip.AsSlice()}
 }
 
 func delFDB(idx int, k fdbKey) *netlink.Neigh {
@@ -228,10 +232,13 @@ func (r *Reconciler) Observe(u netlink.NeighUpdate) bool {
 		return false
 	}
 	ip = ip.Unmap()
+	if ip.IsMulticast() {
+		return false // the kernel's own (IPv6 multicast, NOARP): not ours
+	}
 	del := u.Type == unix.RTM_DELNEIGH
 	var changed bool
 	switch u.Family {
-	case unix.AF_INET:
+	case unix.AF_INET, unix.AF_INET6:
 		changed, _ = r.neigh.Observe(func(m map[netip.Addr]entry) bool {
 			cur, have := m[ip]
 			if del {
@@ -276,9 +283,13 @@ func (r *Reconciler) entries(idx int) (map[netip.Addr]entry, map[fdbKey]entry, e
 			return n, f, nil
 		}
 	}
-	ns, err := nldump.Retry(func() ([]netlink.Neigh, error) { return r.k.NeighList(idx, unix.AF_INET) })
-	if err != nil {
-		return nil, nil, fmt.Errorf("list neighbours: %w", err)
+	var ns []netlink.Neigh
+	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
+		part, err := nldump.Retry(func() ([]netlink.Neigh, error) { return r.k.NeighList(idx, family) })
+		if err != nil {
+			return nil, nil, fmt.Errorf("list neighbours: %w", err)
+		}
+		ns = append(ns, part...)
 	}
 	fs, err := nldump.Retry(func() ([]netlink.Neigh, error) { return r.k.NeighList(idx, unix.AF_BRIDGE) })
 	if err != nil {
@@ -288,7 +299,9 @@ func (r *Reconciler) entries(idx int) (map[netip.Addr]entry, map[fdbKey]entry, e
 	// dump's buffer, which thousands of kept entries would keep alive).
 	neigh := make(map[netip.Addr]entry, len(ns))
 	for _, n := range ns {
-		if ip, ok := netip.AddrFromSlice(n.IP); ok {
+		// Multicast entries are the kernel's (IPv6 multicast, NOARP): everything else on
+		// our device is ours.
+		if ip, ok := netip.AddrFromSlice(n.IP); ok && !ip.IsMulticast() {
 			neigh[ip.Unmap()] = toEntry(n)
 		}
 	}
@@ -487,6 +500,8 @@ func (r *Reconciler) ensureDevice(dev *plan.VXLANDevice, underlay string, mac ne
 	return l, created, nil
 }
 
+// ensureAddr makes want the device's only IPv4 address (want invalid: none, in an
+// IPv6-only cluster); its IPv6 link-local address is the kernel's.
 func (r *Reconciler) ensureAddr(l netlink.Link, want netip.Prefix) error {
 	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return r.k.AddrList(l, unix.AF_INET) })
 	if err != nil {
@@ -504,7 +519,7 @@ func (r *Reconciler) ensureAddr(l netlink.Link, want netip.Prefix) error {
 			errs = append(errs, fmt.Errorf("remove stale %s from %s: %w", a.IPNet, l.Attrs().Name, err))
 		}
 	}
-	if !found {
+	if !found && want.IsValid() {
 		addr := &netlink.Addr{IPNet: &net.IPNet{IP: want.Addr().AsSlice(), Mask: net.CIDRMask(want.Bits(), 32)}}
 		if err := r.k.AddrAdd(l, addr); err != nil && !errors.Is(err, unix.EEXIST) {
 			errs = append(errs, fmt.Errorf("add %s to %s: %w", want, l.Attrs().Name, err))

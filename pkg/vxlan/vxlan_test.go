@@ -278,3 +278,69 @@ func TestMirrorEntries(t *testing.T) {
 		t.Fatalf("delFDB: %+v", d)
 	}
 }
+
+// Over an IPv6 underlay (an IPv6-only cluster): the device's local address, FDB
+// destinations and neighbour entries are IPv6, it has no IPv4 address, drifted entries are
+// repaired, and a new reconciler (a restart) adopts everything unchanged.
+func TestSyncIPv6(t *testing.T) {
+	netns.RequireRoot(t)
+	n := netns.New(t, "vxlan6")
+	n.MustRun(t, "ip", "link", "add", "eth0", "type", "bridge")
+	n.MustRun(t, "ip", "addr", "add", "2001:db8::1/64", "dev", "eth0", "nodad")
+	n.MustRun(t, "ip", "link", "set", "eth0", "up")
+	h, err := n.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	log := slog.New(slog.DiscardHandler)
+	r := New(h, log)
+	dev := &plan.VXLANDevice{Name: "na.1", VNI: 1, Port: 8472, Underlay: "eth0", Local: netip.MustParseAddr("2001:db8::1"), MAC: plan.VTEPMAC("self").String(), MTU: 1430}
+	macB, macC := plan.VTEPMAC("b").String(), plan.VTEPMAC("c").String()
+	neighs := []plan.Neigh{{IP: netip.MustParseAddr("fd00:0:0:2::"), MAC: macB}, {IP: netip.MustParseAddr("10.244.3.0"), MAC: macC}, {IP: netip.MustParseAddr("fd00:0:0:3::"), MAC: macC}}
+	fdb := []plan.FDB{{MAC: macB, Dst: netip.MustParseAddr("2001:db8::2")}, {MAC: macC, Dst: netip.MustParseAddr("2001:db8:9::3")}}
+	want := []string{"fd00:0:0:2:: lladdr " + macB + " PERMANENT", "fd00:0:0:3:: lladdr " + macC + " PERMANENT", "10.244.3.0 lladdr " + macC + " PERMANENT"}
+	wantFDB := []string{macB + " dst 2001:db8::2 self permanent", macC + " dst 2001:db8:9::3 self permanent"}
+	check := func(step string) {
+		t.Helper()
+		nb := n.MustRun(t, "ip", "neigh", "show", "dev", "na.1") + n.MustRun(t, "ip", "-6", "neigh", "show", "dev", "na.1")
+		for _, w := range want {
+			if !strings.Contains(nb, w) {
+				t.Errorf("%s: neighbours lack %q:\n%s", step, w, nb)
+			}
+		}
+		f := n.MustRun(t, "bridge", "fdb", "show", "dev", "na.1")
+		for _, w := range wantFDB {
+			if !strings.Contains(f, w) {
+				t.Errorf("%s: fdb lacks %q:\n%s", step, w, f)
+			}
+		}
+	}
+	st, err := r.Sync(dev, neighs, fdb)
+	if err != nil || st != (Stats{DeviceCreated: true, NeighSet: 3, FDBSet: 2}) {
+		t.Fatalf("create: %+v, %v", st, err)
+	}
+	check("create")
+	if l := n.MustRun(t, "ip", "-d", "link", "show", "na.1"); !strings.Contains(l, "local 2001:db8::1") {
+		t.Errorf("device not over the IPv6 underlay:\n%s", l)
+	}
+	if a := n.MustRun(t, "ip", "-4", "addr", "show", "dev", "na.1"); strings.TrimSpace(a) != "" {
+		t.Errorf("IPv6-only device has an IPv4 address:\n%s", a)
+	}
+	n.MustRun(t, "ip", "-6", "neigh", "del", "fd00:0:0:2::", "dev", "na.1")
+	n.MustRun(t, "ip", "-6", "neigh", "replace", "fd00:0:0:3::", "lladdr", "02:00:00:00:00:99", "dev", "na.1", "nud", "permanent")
+	n.MustRun(t, "bridge", "fdb", "del", macB, "dev", "na.1", "dst", "2001:db8::2", "self")
+	st, err = r.Sync(dev, neighs, fdb)
+	if err != nil || st != (Stats{NeighSet: 2, FDBSet: 1}) {
+		t.Fatalf("repair: %+v, %v; want 2 neighbours and 1 FDB entry set", st, err)
+	}
+	check("repair")
+	if st, err := New(h, log).Sync(dev, neighs, fdb); err != nil || st != (Stats{}) {
+		t.Errorf("a new reconciler's Sync = %+v, %v; want nothing changed", st, err)
+	}
+	// A peer leaves: its entries of both families go.
+	st, err = r.Sync(dev, neighs[:1], fdb[:1])
+	if err != nil || st != (Stats{NeighDel: 2, FDBDel: 1}) {
+		t.Fatalf("leave: %+v, %v", st, err)
+	}
+}

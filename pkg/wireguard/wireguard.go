@@ -191,6 +191,30 @@ func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
 	return ch, errors.Join(errs...)
 }
 
+// Drifted reports why the device no longer matches c ("" when it does): missing, down, another
+// MTU, or keys, port or peers that differ. It reads and writes nothing but the device's
+// state: the agent polls it, since neither WireGuard implementation announces changes.
+func (r *Reconciler) Drifted(c Config) string {
+	l, err := r.Links.LinkByName(c.Name)
+	if err != nil {
+		return "device missing: " + err.Error()
+	}
+	switch {
+	case l.Attrs().MTU != c.MTU:
+		return fmt.Sprintf("mtu %d, want %d", l.Attrs().MTU, c.MTU)
+	case l.Attrs().Flags&net.FlagUp == 0:
+		return "device down"
+	}
+	cur, err := r.Client.Device(c.Name)
+	if err != nil {
+		return "device unreadable: " + err.Error()
+	}
+	if wc, _, ch := diff(c, cur); wc != nil {
+		return ch.String()
+	}
+	return ""
+}
+
 func (r *Reconciler) logger() *slog.Logger {
 	if r.Log != nil {
 		return r.Log

@@ -27,6 +27,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	vns "github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // Prefix starts every namespace name this package creates.
@@ -262,6 +263,9 @@ func (n *NS) AddrAdd(link, cidr string) error {
 	a, err := netlink.ParseAddr(cidr)
 	if err != nil {
 		return err
+	}
+	if a.IP.To4() == nil {
+		a.Flags |= unix.IFA_F_NODAD // usable at once, as on a lab's switch nothing else claims it
 	}
 	if err := h.AddrAdd(l, a); err != nil {
 		return fmt.Errorf("%s: addr add %s dev %s: %w", n.Name, cidr, link, err)

@@ -36,14 +36,23 @@ import (
 // Keys under the prefix:
 //
 //	config                  the network config (config.Network JSON)
-//	subnets/<10.244.1.0-24> a live lease (lease.Lease JSON), bound to an etcd lease with a TTL
-//	owners/<node>           the subnet a node last held, without TTL: it lets a node come
-//	                        back to its subnet after an outage longer than the TTL, and
-//	                        keeps others from taking it meanwhile
-//	reservations/<node>     a subnet pinned to a node by an operator
+//	subnets/<10.244.1.0-24> a live lease (lease.Lease JSON), bound to an etcd lease with a TTL,
+//	                        under its primary subnet: the IPv4 one, else (IPv6-only) the
+//	                        IPv6 one (subnets/fd00:10:244:1::-64)
+//	subnets6/<fd00:..-64>   a dual-stack lease's claim on its IPv6 subnet: the node's name,
+//	                        bound to the same etcd lease (not watched: the lease value
+//	                        carries the subnet; this key only makes the claim exclusive)
+//	owners/<node>           the subnets a node last held ("10.244.1.0/24,fd00:10:244:1::/64";
+//	                        one prefix as before IPv6), without TTL: it lets a node come
+//	                        back to its subnets after an outage longer than the TTL, and
+//	                        keeps others from taking them meanwhile
+//	reservations/<node>     subnets pinned to a node by an operator, in the same form
 //
-// Acquiring is a transaction that creates the subnet key only if it is absent (or already
-// ours), so agents racing for subnets always end up with distinct ones.
+// Acquiring is one transaction that creates the subnet keys of every enabled family only if
+// they are absent (or already ours), so agents racing for subnets always end up with
+// distinct ones, and a node never holds one family's subnet without the other's. An
+// IPv4-only cluster keeps the layout it had before IPv6 (a single prefix in owners/ and
+// reservations/), so existing clusters upgrade in place.
 
 // Every call to etcd is bounded: the client waits for a connection (gRPC's wait-for-ready)
 // rather than failing, so an unbounded call made while etcd is down blocks until etcd is
@@ -117,7 +126,8 @@ func (e *Store) SetConfig(ctx context.Context, n config.Network) error {
 // subnet: Reserve refuses it unless forced.
 var ErrRenumber = errors.New("reservation would renumber the node")
 
-// Reserve pins subnet to node. It refuses an invalid node name, a subnet that is not one of
+// Reserve pins subnet to node (for subnet's family; a reservation of the other family is
+// kept). It refuses an invalid node name, a subnet that is not one of
 // the network's, and one that overlaps another node's live lease, remembered subnet or
 // reservation (lease.ErrConflict). A subnet other than the one node holds or last held would move
 // the node there at its next restart while its pods keep their old addresses, cut off
@@ -135,14 +145,15 @@ func (e *Store) Reserve(ctx context.Context, node string, subnet netip.Prefix, f
 		if err != nil {
 			return fmt.Errorf("read the store: %w", err)
 		}
-		if err := e.reservable(resp.Kvs, node, subnet, force); err != nil {
+		value, err := e.reservable(resp.Kvs, node, subnet, force)
+		if err != nil {
 			return err
 		}
 		// Nothing under the prefix may have changed since the read (a deletion only frees
 		// things, so it cannot invalidate the checks).
 		txn, err := e.cli.Txn(ctx).If(
 			clientv3.Compare(clientv3.ModRevision(e.prefix+"/"), "<", resp.Header.Revision+1).WithPrefix(),
-		).Then(clientv3.OpPut(e.key("reservations", node), subnet.String())).Commit()
+		).Then(clientv3.OpPut(e.key("reservations", node), value)).Commit()
 		if err != nil {
 			return fmt.Errorf("reserve: %w", err)
 		}
@@ -154,24 +165,28 @@ func (e *Store) Reserve(ctx context.Context, node string, subnet netip.Prefix, f
 }
 
 // reservable checks a reservation of subnet for node against the store's keys.
-func (e *Store) reservable(kvs []*mvccpb.KeyValue, node string, subnet netip.Prefix, force bool) error {
+func (e *Store) reservable(kvs []*mvccpb.KeyValue, node string, subnet netip.Prefix, force bool) (string, error) {
 	var cfg config.Network
-	var own, last netip.Prefix // node's live lease, its remembered subnet
+	var own, last netip.Prefix // node's live lease, its remembered subnet (of subnet's family)
+	var kept netip.Prefix      // node's reservation of the other family
+	v6 := subnet.Addr().Is6()
 	for _, kv := range kvs {
 		k := string(kv.Key)
 		if k == e.key("config") {
 			c, err := config.Parse(kv.Value)
 			if err != nil {
-				return fmt.Errorf("network config at %s: %w", k, err)
+				return "", fmt.Errorf("network config at %s: %w", k, err)
 			}
 			cfg = c
 		}
 	}
-	if !cfg.Network.IsValid() {
-		return fmt.Errorf("no network config at %s", e.key("config"))
-	}
-	if !cfg.Contains(subnet) {
-		return fmt.Errorf("subnet %s is not a /%d subnet of the network %s (%s-%s)", subnet, cfg.SubnetLen, cfg.Network, cfg.SubnetMin, cfg.SubnetMax)
+	switch {
+	case !cfg.HasV4() && !cfg.HasV6():
+		return "", fmt.Errorf("no network config at %s", e.key("config"))
+	case v6 && !cfg.Contains(subnet):
+		return "", fmt.Errorf("subnet %s is not a /%d subnet of the IPv6 network %s (its first subnet excluded)", subnet, cfg.IPv6SubnetLen, cfg.IPv6Network)
+	case !v6 && !cfg.Contains(subnet):
+		return "", fmt.Errorf("subnet %s is not a /%d subnet of the network %s (%s-%s)", subnet, cfg.SubnetLen, cfg.Network, cfg.SubnetMin, cfg.SubnetMax)
 	}
 	// Live leases first: they name the most pressing conflict.
 	slices.SortStableFunc(kvs, func(a, b *mvccpb.KeyValue) int {
@@ -182,47 +197,80 @@ func (e *Store) reservable(kvs []*mvccpb.KeyValue, node string, subnet netip.Pre
 		dir, name := path.Dir(k), path.Base(k)
 		switch dir {
 		case e.key("subnets"):
-			s, err := lease.ParseSubnetKey(name)
-			if err != nil || !s.Overlaps(subnet) {
-				if l, derr := lease.Decode(kv.Value); derr == nil && l.Node == node {
-					own = l.Subnet
-				}
-				continue
-			}
 			l, err := lease.DecodeKey(k, kv.Value)
-			switch {
-			case err != nil:
-				return fmt.Errorf("%w: %s overlaps the live lease at %s, which is unusable (%v)", lease.ErrConflict, subnet, k, err)
-			case l.Node != node:
-				return fmt.Errorf("%w: %s overlaps %s, the live lease of node %s", lease.ErrConflict, subnet, l.Subnet, l.Node)
-			}
-			own = l.Subnet
-		case e.key("owners"), e.key("reservations"):
-			s, err := netip.ParsePrefix(string(kv.Value))
 			if err != nil {
-				continue
-			}
-			if name == node {
-				if dir == e.key("owners") {
-					last = s
+				if s, perr := lease.ParseSubnetKey(name); perr == nil && s.Overlaps(subnet) {
+					return "", fmt.Errorf("%w: %s overlaps the live lease at %s, which is unusable (%v)", lease.ErrConflict, subnet, k, err)
 				}
 				continue
 			}
-			if s.Overlaps(subnet) {
-				if dir == e.key("owners") {
-					return fmt.Errorf("%w: %s overlaps %s, the subnet last held by node %s (if it is gone for good, run `netagent leave --node-name %s` first)", lease.ErrConflict, subnet, s, name, name)
+			for _, s := range l.Subnets() {
+				switch {
+				case l.Node == node && s.Addr().Is6() == v6:
+					own = s
+				case l.Node != node && s.Overlaps(subnet):
+					return "", fmt.Errorf("%w: %s overlaps %s, the live lease of node %s", lease.ErrConflict, subnet, s, l.Node)
 				}
-				return fmt.Errorf("%w: %s overlaps %s, reserved for node %s", lease.ErrConflict, subnet, s, name)
+			}
+		case e.key("subnets6"):
+			if s, err := lease.ParseSubnetKey(name); err == nil && s.Overlaps(subnet) && string(kv.Value) != node {
+				return "", fmt.Errorf("%w: %s overlaps %s, claimed by node %q", lease.ErrConflict, subnet, s, kv.Value)
+			}
+		case e.key("owners"), e.key("reservations"):
+			for _, s := range parseSubnets(kv.Value) {
+				if name == node {
+					switch {
+					case s.Addr().Is6() != v6 && dir == e.key("reservations"):
+						kept = s
+					case s.Addr().Is6() == v6 && dir == e.key("owners"):
+						last = s
+					}
+					continue
+				}
+				if s.Overlaps(subnet) {
+					if dir == e.key("owners") {
+						return "", fmt.Errorf("%w: %s overlaps %s, the subnet last held by node %s (if it is gone for good, run `netagent leave --node-name %s` first)", lease.ErrConflict, subnet, s, name, name)
+					}
+					return "", fmt.Errorf("%w: %s overlaps %s, reserved for node %s", lease.ErrConflict, subnet, s, name)
+				}
 			}
 		}
 	}
 	for _, cur := range []netip.Prefix{own, last} {
 		if cur.IsValid() && cur != subnet && !force {
-			return fmt.Errorf("%w: node %s holds %s; reserving %s moves it there at its next restart while its pods keep addresses in %s and are cut off until recreated (drain the node first, then use --force)",
+			return "", fmt.Errorf("%w: node %s holds %s; reserving %s moves it there at its next restart while its pods keep addresses in %s and are cut off until recreated (drain the node first, then use --force)",
 				ErrRenumber, node, cur, subnet, cur)
 		}
 	}
-	return nil
+	return formatSubnets(kept, subnet), nil
+}
+
+// parseSubnets reads an owners/ or reservations/ value: prefixes separated by commas (one
+// per family); unparsable ones are skipped.
+func parseSubnets(b []byte) []netip.Prefix {
+	var out []netip.Prefix
+	for f := range strings.SplitSeq(string(b), ",") {
+		if p, err := netip.ParsePrefix(strings.TrimSpace(f)); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// formatSubnets is parseSubnets' inverse, IPv4 first; invalid prefixes are left out, so a
+// single-family value is one prefix, as before IPv6.
+func formatSubnets(ps ...netip.Prefix) string {
+	var v4, v6 []string
+	for _, p := range ps {
+		switch {
+		case !p.IsValid():
+		case p.Addr().Is4():
+			v4 = append(v4, p.String())
+		default:
+			v6 = append(v6, p.String())
+		}
+	}
+	return strings.Join(append(v4, v6...), ",")
 }
 
 func btoi(b bool) int {
@@ -232,10 +280,11 @@ func btoi(b bool) int {
 	return 0
 }
 
-// Acquire claims a subnet for self (Node, PublicIP, Backend, VTEPMAC set; Subnet ignored
-// unless hint). The order of preference: the node's reservation, the subnet the store
-// remembers for it, hint (the subnet this node used last, from local state), then a free
-// subnet chosen at random.
+// Acquire claims a subnet per enabled family for self (Node, PublicIP/PublicIP6, Backend,
+// VTEPMAC set), both in one transaction. For each family the order of preference is: the
+// node's reservation, the subnet the store remembers for it, the hint (the subnet this node
+// used last, from local state: hint for IPv4, self.Subnet6 for IPv6), then a free subnet
+// chosen at random.
 func (e *Store) Acquire(ctx context.Context, cfg config.Network, self lease.Lease, hint netip.Prefix) (lease.Held, error) {
 	for range 5 {
 		h, err := e.acquire(ctx, cfg, self, hint)
@@ -252,17 +301,72 @@ func (e *Store) Acquire(ctx context.Context, cfg config.Network, self lease.Leas
 // claiming: someone else claimed a subnet for this node name.
 var errOwnerMoved = errors.New("owner record changed")
 
-// identity refuses self when a live lease names self's node with another public IP: two
-// hosts run with the same node name. A live lease with the same public IP is this host's
-// own from a previous run (a restart, or kill -9 before its TTL ran out): adopted.
+// conflictError is a claim lost on one subnet: the caller tries another.
+type conflictError struct {
+	subnet netip.Prefix
+	msg    string
+}
+
+func (c *conflictError) Error() string { return lease.ErrConflict.Error() + ": " + c.msg }
+func (c *conflictError) Unwrap() error { return lease.ErrConflict }
+
+// sameHost reports whether a and b name the same host: an underlay address in common.
+func sameHost(a, b lease.Lease) bool {
+	return a.PublicIP.IsValid() && a.PublicIP == b.PublicIP || a.PublicIP6.IsValid() && a.PublicIP6 == b.PublicIP6
+}
+
+// identity refuses self when a live lease names self's node with other public IPs: two
+// hosts run with the same node name. A live lease with a public IP in common is this
+// host's own from a previous run (a restart, or kill -9 before its TTL ran out): adopted.
 func identity(self lease.Lease, taken map[netip.Prefix]lease.Lease, ttl time.Duration) error {
 	for s, l := range taken {
-		if l.Node == self.Node && l.PublicIP != self.PublicIP {
+		if l.Node == self.Node && !sameHost(l, self) {
 			return fmt.Errorf("%w: node name %q holds %s, live, for public IP %s, and this agent's public IP is %s: give each host its own --node-name (cloned machines and network namespaces share the hostname); if that agent is gone, its lease expires within %s",
-				lease.ErrIdentity, self.Node, s, l.PublicIP, self.PublicIP, ttl)
+				lease.ErrIdentity, self.Node, s, ips(l), ips(self), ttl)
 		}
 	}
 	return nil
+}
+
+// ips names a lease's public IPs.
+func ips(l lease.Lease) string {
+	var out []string
+	for _, a := range [2]netip.Addr{l.PublicIP, l.PublicIP6} {
+		if a.IsValid() {
+			out = append(out, a.String())
+		}
+	}
+	return strings.Join(out, ",")
+}
+
+// storeState is what a claim is chosen from.
+type storeState struct {
+	taken    map[netip.Prefix]lease.Lease // live leases by their key's subnet
+	claims   map[netip.Prefix]string      // every subnet live leases and IPv6 claim keys hold -> node
+	owners   map[string][]netip.Prefix
+	reserved map[string][]netip.Prefix
+}
+
+// families are the subnet families a config enables, IPv4 first.
+func families(cfg config.Network) []bool {
+	var out []bool
+	if cfg.HasV4() {
+		out = append(out, false)
+	}
+	if cfg.HasV6() {
+		out = append(out, true)
+	}
+	return out
+}
+
+// ofFamily picks the prefix of family v6 out of ps.
+func ofFamily(ps []netip.Prefix, v6 bool) (netip.Prefix, bool) {
+	for _, p := range ps {
+		if p.Addr().Is6() == v6 {
+			return p, true
+		}
+	}
+	return netip.Prefix{}, false
 }
 
 func (e *Store) acquire(ctx context.Context, cfg config.Network, self lease.Lease, hint netip.Prefix) (lease.Held, error) {
@@ -272,131 +376,186 @@ func (e *Store) acquire(ctx context.Context, cfg config.Network, self lease.Leas
 	if err != nil {
 		return lease.Held{}, err
 	}
-	taken, owners, reserved, err := e.state(ctx)
+	st, err := e.state(ctx)
 	if err != nil {
 		return lease.Held{}, err
 	}
-	if err := identity(self, taken, e.ttl); err != nil {
+	if err := identity(self, st.taken, e.ttl); err != nil {
 		return lease.Held{}, err
 	}
-	var candidates []netip.Prefix
-	if r, ok := reserved[self.Node]; ok {
-		if !cfg.Contains(r) && !cfg.Network.Contains(r.Addr()) {
-			return lease.Held{}, fmt.Errorf("reservation %s of %s is outside network %s", r, self.Node, cfg.Network)
-		}
-		candidates = append(candidates, r)
-	} else {
-		for s, l := range taken {
-			if l.Node == self.Node {
-				candidates = append(candidates, s)
-			}
-		}
-		if s, ok := ownerOf(owners, self.Node); ok {
-			candidates = append(candidates, s)
-		}
-		if hint.IsValid() && cfg.Contains(hint) {
-			candidates = append(candidates, hint)
-		}
-	}
-	for _, s := range candidates {
-		h, err := e.claim(ctx, self, s, ownerRev)
-		if err == nil {
-			return h, nil
-		}
-		if !errors.Is(err, lease.ErrConflict) {
-			return lease.Held{}, err
-		}
-		e.log.Warn("preferred subnet is taken", "subnet", s, "err", err)
-		if _, isReserved := reserved[self.Node]; isReserved {
-			return lease.Held{}, fmt.Errorf("reserved subnet %s: %w", s, err)
-		}
-	}
-	// A fresh subnet: skip live leases, other nodes' remembered subnets and reservations.
+	// Others' live subnets, remembered subnets and reservations are not ours to take.
 	blocked := map[netip.Prefix]bool{}
-	for s := range taken {
-		blocked[s] = true
-	}
-	for node, s := range owners {
-		if node != self.Node {
+	for s, n := range st.claims {
+		if n != self.Node {
 			blocked[s] = true
 		}
 	}
-	for node, s := range reserved {
-		if node != self.Node {
-			blocked[s] = true
-		}
-	}
-	total := cfg.Subnets()
-	for attempt := 0; attempt < 16; attempt++ {
-		var free []netip.Prefix
-		// Random probing finds a free subnet fast when the pool is sparse; a full scan
-		// settles the dense case.
-		for range 64 {
-			s := cfg.SubnetAt(rand.IntN(total))
-			if !blocked[s] {
-				free = append(free, s)
-				break
-			}
-		}
-		if len(free) == 0 {
-			for i := range total {
-				if s := cfg.SubnetAt(i); !blocked[s] {
-					free = append(free, s)
-					break
+	for _, m := range []map[string][]netip.Prefix{st.owners, st.reserved} {
+		for node, ss := range m {
+			if node != self.Node {
+				for _, s := range ss {
+					blocked[s] = true
 				}
 			}
 		}
-		if len(free) == 0 {
-			return lease.Held{}, fmt.Errorf("no free subnet in %s (%d in use or reserved)", cfg.Network, len(blocked))
+	}
+	// Subnets of the configured length are equal or disjoint: a map lookup settles them;
+	// others (left from before a config change, or forged) are checked for overlap.
+	var odd []netip.Prefix
+	for b := range blocked {
+		if b.Bits() != cfg.SubnetLenOf(b) {
+			odd = append(odd, b)
 		}
-		h, err := e.claim(ctx, self, free[0], ownerRev)
-		if err == nil {
-			return h, nil
+	}
+	free := func(s netip.Prefix) bool {
+		if blocked[s] {
+			return false
 		}
-		if !errors.Is(err, lease.ErrConflict) {
-			return lease.Held{}, err
+		for _, b := range odd {
+			if b.Overlaps(s) {
+				return false
+			}
 		}
-		blocked[free[0]] = true // lost a race: try another
+		return true
+	}
+	reserved, isReserved := st.reserved[self.Node]
+	var want [2]netip.Prefix // per family: [0] IPv4, [1] IPv6
+	for _, v6 := range families(cfg) {
+		var prefer []netip.Prefix
+		if r, ok := ofFamily(reserved, v6); ok {
+			if !cfg.NetworkOf(r).Contains(r.Addr()) {
+				return lease.Held{}, fmt.Errorf("reservation %s of %s is outside network %s", r, self.Node, cfg.NetworkOf(r))
+			}
+			if !free(r) {
+				return lease.Held{}, fmt.Errorf("reserved subnet %s: %w: held or remembered for another node", r, lease.ErrConflict)
+			}
+			want[btoi(v6)] = r
+			continue
+		}
+		for s, n := range st.claims {
+			if n == self.Node && s.Addr().Is6() == v6 {
+				prefer = append(prefer, s)
+			}
+		}
+		if s, ok := ofFamily(st.owners[self.Node], v6); ok {
+			prefer = append(prefer, s)
+		}
+		h := hint
+		if v6 {
+			h = self.Subnet6
+		}
+		if h.IsValid() && h.Addr().Is6() == v6 && cfg.Contains(h) {
+			prefer = append(prefer, h)
+		}
+		for _, s := range prefer {
+			if cfg.NetworkOf(s).Contains(s.Addr()) && s.Bits() >= cfg.NetworkOf(s).Bits() && free(s) {
+				want[btoi(v6)] = s
+				break
+			}
+			e.log.Warn("preferred subnet is taken", "subnet", s)
+		}
+	}
+	for attempt := 0; attempt < 16; attempt++ {
+		for _, v6 := range families(cfg) {
+			if want[btoi(v6)].IsValid() {
+				continue
+			}
+			s, ok := pickFree(cfg, v6, free)
+			if !ok {
+				network := cfg.Network
+				if v6 {
+					network = cfg.IPv6Network
+				}
+				return lease.Held{}, fmt.Errorf("no free subnet in %s (%d in use or reserved)", network, len(blocked))
+			}
+			want[btoi(v6)] = s
+		}
+		h, err := e.claim(ctx, self, want[0], want[1], ownerRev)
+		var lost *conflictError
+		if !errors.As(err, &lost) {
+			return h, err
+		}
+		if isReserved {
+			if _, ok := ofFamily(reserved, lost.subnet.Addr().Is6()); ok {
+				return lease.Held{}, fmt.Errorf("reserved subnet %s: %w", lost.subnet, err)
+			}
+		}
+		e.log.Warn("subnet is taken", "subnet", lost.subnet, "err", err)
+		blocked[lost.subnet] = true // lost a race: try another
+		want[btoi(lost.subnet.Addr().Is6())] = netip.Prefix{}
 	}
 	return lease.Held{}, fmt.Errorf("could not claim a subnet after 16 races")
 }
 
-func ownerOf(owners map[string]netip.Prefix, node string) (netip.Prefix, bool) {
-	s, ok := owners[node]
-	return s, ok
+// pickFree finds a free subnet of family v6: random probing finds one fast when the pool is
+// sparse; a full scan settles the dense case (IPv4 only: an IPv6 network's subnets are too
+// many to scan, and too many to fill).
+func pickFree(cfg config.Network, v6 bool, free func(netip.Prefix) bool) (netip.Prefix, bool) {
+	if v6 {
+		total := cfg.Subnets6()
+		for range 256 {
+			if s := cfg.Subnet6At(rand.Uint64N(total)); free(s) {
+				return s, true
+			}
+		}
+		if total <= 1<<16 {
+			for i := range total {
+				if s := cfg.Subnet6At(i); free(s) {
+					return s, true
+				}
+			}
+		}
+		return netip.Prefix{}, false
+	}
+	total := cfg.Subnets()
+	for range 64 {
+		if s := cfg.SubnetAt(rand.IntN(total)); free(s) {
+			return s, true
+		}
+	}
+	for i := range total {
+		if s := cfg.SubnetAt(i); free(s) {
+			return s, true
+		}
+	}
+	return netip.Prefix{}, false
 }
 
-// state lists live leases, remembered owners and reservations.
-func (e *Store) state(ctx context.Context) (map[netip.Prefix]lease.Lease, map[string]netip.Prefix, map[string]netip.Prefix, error) {
-	taken := map[netip.Prefix]lease.Lease{}
-	owners := map[string]netip.Prefix{}
-	reserved := map[string]netip.Prefix{}
+// state lists live leases, IPv6 claims, remembered owners and reservations.
+func (e *Store) state(ctx context.Context) (storeState, error) {
+	st := storeState{taken: map[netip.Prefix]lease.Lease{}, claims: map[netip.Prefix]string{},
+		owners: map[string][]netip.Prefix{}, reserved: map[string][]netip.Prefix{}}
 	ctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	resp, err := e.cli.Get(ctx, e.prefix+"/", clientv3.WithPrefix())
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("list leases: %w", err)
+		return storeState{}, fmt.Errorf("list leases: %w", err)
 	}
 	for _, kv := range resp.Kvs {
 		k := string(kv.Key)
-		switch {
-		case strings.HasPrefix(k, e.key("subnets")+"/"):
+		switch path.Dir(k) {
+		case e.key("subnets"):
 			if l, err := lease.DecodeKey(k, kv.Value); err == nil {
-				taken[l.Subnet] = l
+				st.taken[l.Primary()] = l
+				for _, s := range l.Subnets() {
+					if _, dup := st.claims[s]; !dup {
+						st.claims[s] = l.Node
+					}
+				}
 			} else if s, perr := lease.ParseSubnetKey(path.Base(k)); perr == nil {
-				taken[s] = lease.Lease{Subnet: s} // unusable (or forged), but the key is still in use
+				st.claims[s] = "" // unusable (or forged), but the key is still in use
 			}
-		case strings.HasPrefix(k, e.key("owners")+"/"):
-			if s, err := netip.ParsePrefix(string(kv.Value)); err == nil {
-				owners[path.Base(k)] = s
+		case e.key("subnets6"):
+			if s, err := lease.ParseSubnetKey(path.Base(k)); err == nil {
+				st.claims[s] = string(kv.Value)
 			}
-		case strings.HasPrefix(k, e.key("reservations")+"/"):
-			if s, err := netip.ParsePrefix(string(kv.Value)); err == nil {
-				reserved[path.Base(k)] = s
-			}
+		case e.key("owners"):
+			st.owners[path.Base(k)] = parseSubnets(kv.Value)
+		case e.key("reservations"):
+			st.reserved[path.Base(k)] = parseSubnets(kv.Value)
 		}
 	}
-	return taken, owners, reserved, nil
+	return st, nil
 }
 
 // ownerRev is the mod revision of node's owner record (0: none).
@@ -413,15 +572,27 @@ func (e *Store) ownerRev(ctx context.Context, node string) (int64, error) {
 	return resp.Kvs[0].ModRevision, nil
 }
 
-// claim takes subnet s for self if it is free or already self's, in one transaction, with a
-// fresh etcd lease. ownerRev >= 0 also requires self's owner record to be unchanged since
-// it was read at that revision (errOwnerMoved), so two agents starting with the same node
-// name cannot both claim.
-func (e *Store) claim(ctx context.Context, self lease.Lease, s netip.Prefix, ownerRev int64) (lease.Held, error) {
+// claimKey is one key a claim writes: the lease under its primary subnet, or a dual-stack
+// lease's IPv6 claim.
+type claimKey struct {
+	key    string
+	subnet netip.Prefix
+	value  string
+	lease  bool // the value is a lease (else the node's name)
+}
+
+// claim takes subnets s4 and s6 (either may be invalid: that family is off) for self if
+// they are free or already self's, in one transaction, with a fresh etcd lease. ownerRev >=
+// 0 also requires self's owner record to be unchanged since it was read at that revision
+// (errOwnerMoved), so two agents starting with the same node name cannot both claim.
+func (e *Store) claim(ctx context.Context, self lease.Lease, s4, s6 netip.Prefix, ownerRev int64) (lease.Held, error) {
 	ctx, cancel := context.WithTimeout(ctx, claimTimeout)
 	defer cancel()
-	self.Subnet = s
-	k := e.key("subnets", lease.SubnetKey(s))
+	self.Subnet, self.Subnet6 = s4, s6
+	keys := []claimKey{{key: e.key("subnets", lease.SubnetKey(self.Primary())), subnet: self.Primary(), value: string(self.Encode()), lease: true}}
+	if s4.IsValid() && s6.IsValid() {
+		keys = append(keys, claimKey{key: e.key("subnets6", lease.SubnetKey(s6)), subnet: s6, value: self.Node})
+	}
 	ownerKey := e.key("owners", self.Node)
 	grant, err := e.cli.Grant(ctx, int64(e.ttl/time.Second))
 	if err != nil {
@@ -432,49 +603,58 @@ func (e *Store) claim(ctx context.Context, self lease.Lease, s netip.Prefix, own
 		defer cancel()
 		_, _ = e.cli.Revoke(rctx, grant.ID)
 	}
-	cur, err := e.cli.Get(ctx, k)
-	if err != nil {
-		revoke()
-		return lease.Held{}, fmt.Errorf("read %s: %w", k, err)
-	}
-	var cmp clientv3.Cmp
-	if len(cur.Kvs) == 0 {
-		cmp = clientv3.Compare(clientv3.CreateRevision(k), "=", 0)
-	} else {
-		old, derr := lease.Decode(cur.Kvs[0].Value)
-		if derr != nil || old.Node != self.Node {
+	var cmps []clientv3.Cmp
+	var ops []clientv3.Op
+	var previous []clientv3.LeaseID // our earlier etcd leases on these keys
+	for _, c := range keys {
+		cur, err := e.cli.Get(ctx, c.key)
+		if err != nil {
 			revoke()
-			holder := "an undecodable lease"
-			if derr == nil {
-				holder = old.Node
-			}
-			return lease.Held{}, fmt.Errorf("%w: %s is held by %s", lease.ErrConflict, s, holder)
+			return lease.Held{}, fmt.Errorf("read %s: %w", c.key, err)
 		}
-		cmp = clientv3.Compare(clientv3.ModRevision(k), "=", cur.Kvs[0].ModRevision)
+		if len(cur.Kvs) == 0 {
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(c.key), "=", 0))
+		} else {
+			holder, ours := string(cur.Kvs[0].Value), string(cur.Kvs[0].Value) == self.Node
+			if c.lease {
+				old, derr := lease.Decode(cur.Kvs[0].Value)
+				holder, ours = old.Node, derr == nil && old.Node == self.Node
+				if derr != nil {
+					holder = "an undecodable lease"
+				}
+			}
+			if !ours {
+				revoke()
+				return lease.Held{}, &conflictError{c.subnet, fmt.Sprintf("%s is held by %s", c.subnet, holder)}
+			}
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(c.key), "=", cur.Kvs[0].ModRevision))
+			if id := clientv3.LeaseID(cur.Kvs[0].Lease); id != 0 && id != grant.ID {
+				previous = append(previous, id)
+			}
+		}
+		ops = append(ops, clientv3.OpPut(c.key, c.value, clientv3.WithLease(grant.ID)))
 	}
-	cmps := []clientv3.Cmp{cmp}
 	if ownerRev >= 0 {
 		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(ownerKey), "=", ownerRev))
 	}
-	txn, err := e.cli.Txn(ctx).If(cmps...).Then(
-		clientv3.OpPut(k, string(self.Encode()), clientv3.WithLease(grant.ID)),
-		clientv3.OpPut(ownerKey, s.String()),
-	).Else(clientv3.OpGet(ownerKey)).Commit()
+	ops = append(ops, clientv3.OpPut(ownerKey, formatSubnets(s4, s6)))
+	txn, err := e.cli.Txn(ctx).If(cmps...).Then(ops...).Else(clientv3.OpGet(ownerKey)).Commit()
 	if err != nil {
 		revoke()
-		return lease.Held{}, fmt.Errorf("claim %s: %w", s, err)
+		return lease.Held{}, fmt.Errorf("claim %s: %w", formatSubnets(s4, s6), err)
 	}
 	if !txn.Succeeded {
 		revoke()
 		if ownerRev >= 0 && ownerRevIn(txn) != ownerRev {
 			return lease.Held{}, errOwnerMoved
 		}
-		return lease.Held{}, fmt.Errorf("%w: %s was taken concurrently", lease.ErrConflict, s)
+		return lease.Held{}, &conflictError{self.Primary(), fmt.Sprintf("%s was taken concurrently", formatSubnets(s4, s6))}
 	}
-	if len(cur.Kvs) > 0 && cur.Kvs[0].Lease != 0 && clientv3.LeaseID(cur.Kvs[0].Lease) != grant.ID {
-		// Our previous etcd lease (from before a restart) is no longer needed.
+	for _, id := range previous {
+		// Our previous etcd lease (from before a restart) is no longer needed; revoking it
+		// also removes whatever else it kept (an IPv6 claim on a subnet given up).
 		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_, _ = e.cli.Revoke(rctx, clientv3.LeaseID(cur.Kvs[0].Lease))
+		_, _ = e.cli.Revoke(rctx, id)
 		cancel()
 	}
 	return lease.Held{Lease: self, Token: int64(grant.ID)}, nil
@@ -499,14 +679,14 @@ func (e *Store) Renew(ctx context.Context, h lease.Held) (lease.Held, error) {
 	if err := e.stillOurs(ctx, h); err != nil {
 		return lease.Held{}, err
 	}
-	return e.claim(ctx, h.Lease, h.Lease.Subnet, -1)
+	return e.claim(ctx, h.Lease, h.Lease.Subnet, h.Lease.Subnet6, -1)
 }
 
 // stillOurs refuses to re-claim a lease that another agent run under our node name has
 // rewritten (lease.ErrIdentity): taking it back would start a fight that flips the lease between
 // two hosts.
 func (e *Store) stillOurs(ctx context.Context, h lease.Held) error {
-	k := e.key("subnets", lease.SubnetKey(h.Lease.Subnet))
+	k := e.key("subnets", lease.SubnetKey(h.Lease.Primary()))
 	ctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	cur, err := e.cli.Get(ctx, k)
@@ -518,7 +698,7 @@ func (e *Store) stillOurs(ctx context.Context, h lease.Held) error {
 		return nil // another node's (claim refuses it) or our own
 	}
 	return fmt.Errorf("%w: the lease of %s for %s was rewritten by another agent (instance %q, public IP %s); not taking it back",
-		lease.ErrIdentity, h.Lease.Node, h.Lease.Subnet, l.Instance, l.PublicIP)
+		lease.ErrIdentity, h.Lease.Node, h.Lease.Primary(), l.Instance, ips(l))
 }
 
 // KeepAlive keeps h alive until ctx ends or the lease is lost; it returns why it stopped.
@@ -583,8 +763,8 @@ func (e *Store) probe(ctx context.Context) error {
 	return nil
 }
 
-// Release gives up h's subnet for good (netagent leave): the live lease, the remembered
-// owner record and the etcd lease.
+// Release gives up node's subnets for good (netagent leave): the live lease under subnet
+// (its primary subnet), its IPv6 claim, the remembered owner record and the etcd lease.
 func (e *Store) Release(ctx context.Context, node string, subnet netip.Prefix) error {
 	ctx, cancel := context.WithTimeout(ctx, claimTimeout)
 	defer cancel()
@@ -594,15 +774,23 @@ func (e *Store) Release(ctx context.Context, node string, subnet netip.Prefix) e
 		return err
 	}
 	ops := []clientv3.Op{clientv3.OpDelete(e.key("owners", node))}
+	var cmps []clientv3.Cmp
 	if len(cur.Kvs) > 0 {
 		if l, err := lease.Decode(cur.Kvs[0].Value); err == nil && l.Node == node {
 			ops = append(ops, clientv3.OpDelete(k))
+			if l.Subnet.IsValid() && l.Subnet6.IsValid() {
+				// Only if it is still this node's claim.
+				k6 := e.key("subnets6", lease.SubnetKey(l.Subnet6))
+				cmps = append(cmps, clientv3.Compare(clientv3.Value(k6), "=", node))
+				ops = append(ops, clientv3.OpDelete(k6))
+			}
 			if cur.Kvs[0].Lease != 0 {
 				defer func() { _, _ = e.cli.Revoke(ctx, clientv3.LeaseID(cur.Kvs[0].Lease)) }()
 			}
 		}
 	}
-	_, err = e.cli.Txn(ctx).Then(ops...).Commit()
+	// Without the IPv6 claim (someone else's now, or gone), the rest still goes.
+	_, err = e.cli.Txn(ctx).If(cmps...).Then(ops...).Else(ops[:min(len(ops), 2)]...).Commit()
 	return err
 }
 
@@ -705,24 +893,31 @@ func sleep(ctx context.Context, d time.Duration) {
 	}
 }
 
-// Leave releases whatever node holds or is remembered for (netagent leave).
-func (e *Store) Leave(ctx context.Context, node string) (netip.Prefix, error) {
-	taken, owners, _, err := e.state(ctx)
+// Leave releases whatever node holds or is remembered for (netagent leave); it returns the
+// subnets released.
+func (e *Store) Leave(ctx context.Context, node string) ([]netip.Prefix, error) {
+	st, err := e.state(ctx)
 	if err != nil {
-		return netip.Prefix{}, err
+		return nil, err
 	}
-	s, ok := owners[node]
-	if !ok {
-		for sub, l := range taken {
-			if l.Node == node {
-				s, ok = sub, true
-			}
+	subnets := st.owners[node]
+	var primary netip.Prefix
+	for s, l := range st.taken {
+		if l.Node == node {
+			primary = s
+			subnets = append(subnets, l.Subnets()...)
 		}
 	}
-	if !ok {
-		return netip.Prefix{}, fmt.Errorf("node %s holds no subnet", node)
+	if len(subnets) == 0 {
+		return nil, fmt.Errorf("node %s holds no subnet", node)
 	}
-	return s, e.Release(ctx, node, s)
+	if !primary.IsValid() {
+		primary = subnets[0]
+	}
+	slices.SortFunc(subnets, func(a, b netip.Prefix) int {
+		return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+	})
+	return slices.Compact(subnets), e.Release(ctx, node, primary)
 }
 
 // WatchConfig signals changed whenever the network config key changes, until ctx ends.

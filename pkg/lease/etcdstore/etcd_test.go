@@ -84,12 +84,12 @@ func TestAcquireKeepsSubnetAcrossRestartAndExpiry(t *testing.T) {
 	if err := s.Release(ctx, "n1", h3.Lease.Subnet); err != nil {
 		t.Fatal(err)
 	}
-	taken, owners, _, err := s.state(ctx)
+	st, err := s.state(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := taken[h3.Lease.Subnet]; ok || owners["n1"].IsValid() {
-		t.Errorf("after Release: taken=%v owners=%v", taken, owners)
+	if _, ok := st.taken[h3.Lease.Subnet]; ok || len(st.owners["n1"]) > 0 {
+		t.Errorf("after Release: taken=%v owners=%v", st.taken, st.owners)
 	}
 }
 

@@ -1,0 +1,370 @@
+package dataplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/netagent/netagent/pkg/netipx"
+	"github.com/netagent/netagent/pkg/plan"
+	"github.com/netagent/netagent/pkg/wgguard"
+	"github.com/netagent/netagent/pkg/wireguard"
+	"github.com/netagent/netagent/pkg/wireguard/device"
+	"github.com/netagent/netagent/pkg/wireguard/key"
+)
+
+// WireGuardOptions are the node-local parts of the WireGuard backend, which the plan does
+// not carry: where the private key is, and how the device is made.
+type WireGuardOptions struct {
+	KeyDir string // the agent's state directory, holding key.FileName
+	// Impl is "auto" (the kernel's WireGuard where it has one, else userspace), "kernel"
+	// or "userspace".
+	Impl string
+	// Daemon is the path of netagent-wireguard, started for a userspace device when none
+	// answers on its socket; its log goes to KeyDir.
+	Daemon string
+}
+
+// WGStatus is the WireGuard device as the kernel (or the daemon) has it, for status and
+// metrics.
+type WGStatus struct {
+	Device    string
+	Impl      device.Impl
+	PublicKey string
+	Port      int
+	Peers     []WGPeerStatus
+}
+
+// WGPeerStatus is one peer of the device; Node is "" for a peer the plan does not want.
+type WGPeerStatus struct {
+	Node string
+	wireguard.PeerStats
+}
+
+// wgState is the dataplane's WireGuard device: its reconciler, and the desired state of
+// the last Set for deltas and drift checks. mu guards everything: Set runs on the loop,
+// the drift poll and Status on their own goroutines.
+type wgState struct {
+	opt WireGuardOptions
+	h   *netlink.Handle
+	log *slog.Logger
+
+	mu     sync.Mutex
+	client *wgctrl.Client
+	impl   device.Impl
+	rec    *wireguard.Reconciler
+	name   string         // the device the reconciler was made for
+	dev    *plan.WGDevice // the last one set; nil: none
+	peers  map[string]plan.WGPeer
+	want   *wireguard.Config // what the device was last made to hold
+	nodes  map[string]string // public key -> node
+	guard  *wgguard.Guard
+}
+
+// UseWireGuard enables the WireGuard backend's device handling (the plan decides whether
+// there is a device at all).
+func (d *Linux) UseWireGuard(o WireGuardOptions) {
+	d.wg = &wgState{opt: o, h: d.h, log: d.log, peers: map[string]plan.WGPeer{}}
+}
+
+// reconciler returns the device's reconciler, choosing the implementation the first time
+// (or when the device's name changed).
+func (w *wgState) reconciler(dev *plan.WGDevice) (*wireguard.Reconciler, error) {
+	if w.rec != nil && w.name == dev.Name {
+		return w.rec, nil
+	}
+	if w.client == nil {
+		c, err := wgctrl.New()
+		if err != nil {
+			return nil, fmt.Errorf("wireguard control: %w", err)
+		}
+		w.client = c
+	}
+	impl, created, err := device.Choose(w.h, dev.Name, w.opt.Impl)
+	if err != nil {
+		return nil, err
+	}
+	var ens wireguard.Ensurer
+	switch impl.Kind {
+	case device.Kernel:
+		ens = device.KernelDevice{Links: w.h, Name: dev.Name}
+	default:
+		bin := w.opt.Daemon
+		if bin == "" {
+			bin = DaemonBinary()
+		}
+		ens = &device.Daemon{Binary: bin, Name: dev.Name, MTU: dev.MTU, LogPath: filepath.Join(w.opt.KeyDir, "netagent-wireguard-"+dev.Name+".log"), Log: w.log}
+	}
+	w.log.Info("wireguard implementation", "dev", dev.Name, "impl", impl.Kind, "why", impl.Reason, "created", created)
+	w.impl, w.name = impl, dev.Name
+	w.rec = &wireguard.Reconciler{Client: w.client, Links: w.h, Device: ens, Log: w.log}
+	return w.rec, nil
+}
+
+// WireGuardKey returns the public key of the node's WireGuard private key, creating the key
+// on first use; with rotate it replaces the key first and, when device dev already exists,
+// gives it the new key at once: peers learn the new public key from the lease published
+// next, and a handshake they start then must find the device already holding it (else it
+// is dropped, and WireGuard retries only after 5 s). The private key never leaves here.
+func (d *Linux) WireGuardKey(dev string, rotate bool) (string, error) {
+	if d.wg == nil {
+		return "", errors.New("wireguard backend: the dataplane was not given WireGuard options")
+	}
+	return d.wg.key(dev, rotate)
+}
+
+func (w *wgState) key(dev string, rotate bool) (string, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.opt.KeyDir == "" {
+		return "", errors.New("wireguard backend: no state directory for the private key (--state-dir)")
+	}
+	if !rotate {
+		k, created, err := key.LoadOrCreate(w.opt.KeyDir)
+		if err != nil {
+			return "", fmt.Errorf("wireguard key: %w", err)
+		}
+		if created {
+			w.log.Info("wireguard key created", "dir", w.opt.KeyDir, "publicKey", k.PublicKey().String())
+		}
+		return k.PublicKey().String(), nil
+	}
+	k, err := key.Rotate(w.opt.KeyDir)
+	if err != nil {
+		return "", fmt.Errorf("rotate the WireGuard key: %w", err)
+	}
+	w.log.Info("wireguard key rotated", "dir", w.opt.KeyDir, "publicKey", k.PublicKey().String())
+	if _, err := w.h.LinkByName(dev); err != nil {
+		return k.PublicKey().String(), nil // no device yet: the first pass makes it with this key
+	}
+	if w.client == nil {
+		c, err := wgctrl.New()
+		if err != nil {
+			return "", fmt.Errorf("wireguard control: %w", err)
+		}
+		w.client = c
+	}
+	if err := w.client.ConfigureDevice(dev, wgtypes.Config{PrivateKey: &k}); err != nil {
+		return "", fmt.Errorf("give %s its new key: %w", dev, err)
+	}
+	return k.PublicKey().String(), nil
+}
+
+// DaemonBinary is netagent-wireguard next to the running executable, else on PATH.
+func DaemonBinary() string {
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), "netagent-wireguard")
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return "netagent-wireguard"
+}
+
+// sync makes the device hold dev and peers (dev nil: nothing is wanted; an existing device
+// is left alone, see ARCHITECTURE.md).
+func (w *wgState) sync(ctx context.Context, dev *plan.WGDevice, peers []plan.WGPeer) (wireguard.Changes, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.peers = make(map[string]plan.WGPeer, len(peers))
+	for _, p := range peers {
+		w.peers[p.Node] = p
+	}
+	if dev == nil {
+		w.dev, w.want = nil, nil
+		return wireguard.Changes{}, w.unguard()
+	}
+	d := *dev
+	w.dev = &d
+	return w.setLocked(ctx)
+}
+
+// apply changes the peers a delta names and sets the device again.
+func (w *wgState) apply(ctx context.Context, changes []plan.WGPeerChange) (wireguard.Changes, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.dev == nil {
+		return wireguard.Changes{}, fmt.Errorf("%w: no WireGuard device set yet", ErrStale)
+	}
+	for _, c := range changes {
+		if c.Del {
+			delete(w.peers, c.Node)
+		} else {
+			w.peers[c.Node] = c.Peer
+		}
+	}
+	return w.setLocked(ctx)
+}
+
+func (w *wgState) setLocked(ctx context.Context) (wireguard.Changes, error) {
+	dev := w.dev
+	rec, err := w.reconciler(dev)
+	if err != nil {
+		return wireguard.Changes{}, err
+	}
+	priv, _, err := key.LoadOrCreate(w.opt.KeyDir)
+	if err != nil {
+		return wireguard.Changes{}, err
+	}
+	c := wireguard.Config{Name: dev.Name, PrivateKey: priv, ListenPort: dev.Port, MTU: dev.MTU}
+	if dev.PSKFile != "" {
+		psk, err := key.LoadPSK(dev.PSKFile)
+		if err != nil {
+			return wireguard.Changes{}, err
+		}
+		c.PresharedKey = &psk
+	}
+	specs := make([]wireguard.PeerSpec, 0, len(w.peers))
+	for _, p := range w.peers {
+		specs = append(specs, wireguard.PeerSpec{Node: p.Node, PublicKey: p.PublicKey, Endpoint: p.Endpoint.String(), AllowedIPs: []string{p.AllowedIPs.String()}})
+	}
+	// The plan decided on checked leases; checked again here as the device's own input (a
+	// peer left out is reported, the rest configured).
+	var errs []error
+	c.Peers, err = wireguard.Peers(wireguard.Self{PublicKey: priv.PublicKey(), Network: dev.Network, Subnet: dev.Subnet}, specs)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	w.nodes = make(map[string]string, len(c.Peers))
+	for _, p := range c.Peers {
+		w.nodes[p.PublicKey.String()] = p.Node
+	}
+	ch, err := rec.Set(ctx, c)
+	if err != nil {
+		w.want = nil
+		return ch, errors.Join(append(errs, err)...)
+	}
+	w.want = &c
+	if err := w.ensureAddr(dev); err != nil {
+		errs = append(errs, err)
+	}
+	if err := w.ensureGuard(dev); err != nil {
+		errs = append(errs, err)
+	}
+	return ch, errors.Join(errs...)
+}
+
+// ensureAddr puts the device's one address on it (and takes any other IPv4 address off).
+func (w *wgState) ensureAddr(dev *plan.WGDevice) error {
+	l, err := w.h.LinkByName(dev.Name)
+	if err != nil {
+		return fmt.Errorf("wireguard device %s: %w", dev.Name, err)
+	}
+	addrs, err := w.h.AddrList(l, unix.AF_INET)
+	if err != nil {
+		return fmt.Errorf("addresses of %s: %w", dev.Name, err)
+	}
+	have := false
+	var errs []error
+	for _, a := range addrs {
+		p, ok := netipx.Prefix(a.IPNet)
+		switch {
+		case ok && p == dev.Addr:
+			have = true
+		default:
+			if err := w.h.AddrDel(l, &a); err != nil {
+				errs = append(errs, fmt.Errorf("delete address %s from %s: %w", a.IPNet, dev.Name, err))
+			}
+		}
+	}
+	if !have {
+		if err := w.h.AddrAdd(l, &netlink.Addr{IPNet: netipx.IPNet(dev.Addr)}); err != nil {
+			errs = append(errs, fmt.Errorf("add address %s to %s: %w", dev.Addr, dev.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (w *wgState) ensureGuard(dev *plan.WGDevice) error {
+	if w.guard == nil {
+		g, err := wgguard.New()
+		if err != nil {
+			return err
+		}
+		w.guard = g
+	}
+	return w.guard.Set(wgguard.Spec{Underlay: dev.Underlay, Network: dev.Network})
+}
+
+func (w *wgState) unguard() error {
+	if w.guard == nil {
+		return nil
+	}
+	return w.guard.Set(wgguard.Spec{})
+}
+
+// drifted reports why the device differs from what the last Set made it ("": it does
+// not, or nothing was set).
+func (w *wgState) drifted() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.want == nil || w.rec == nil {
+		return ""
+	}
+	if why := w.rec.Drifted(*w.want); why != "" {
+		return why
+	}
+	if w.guard != nil {
+		if why := w.guard.Drifted(); why != "" {
+			return why
+		}
+	}
+	return ""
+}
+
+// status reads the device.
+func (w *wgState) status() (WGStatus, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.dev == nil || w.client == nil {
+		return WGStatus{}, false
+	}
+	st := WGStatus{Device: w.dev.Name, Impl: w.impl, Port: w.dev.Port}
+	if w.want != nil {
+		st.PublicKey = w.want.PrivateKey.PublicKey().String()
+	}
+	ps, err := wireguard.Stats(w.client, w.dev.Name)
+	if err != nil {
+		return st, true
+	}
+	for _, p := range ps {
+		st.Peers = append(st.Peers, WGPeerStatus{Node: w.nodes[p.PublicKey], PeerStats: p})
+	}
+	return st, true
+}
+
+// pollWireGuard checks the device every interval until ctx ends and signals changed on
+// drift: neither implementation announces a removed peer or a changed endpoint.
+func (d *Linux) pollWireGuard(ctx context.Context, changed chan<- struct{}, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if why := d.wg.drifted(); why != "" {
+				d.log.Info("wireguard drift", "dev", d.wgDev.Load(), "what", why)
+				signal(changed)
+			}
+		}
+	}
+}
+
+// WireGuard returns the WireGuard device's state (false: the node has none).
+func (d *Linux) WireGuard() (WGStatus, bool) {
+	if d.wg == nil {
+		return WGStatus{}, false
+	}
+	return d.wg.status()
+}
