@@ -13,36 +13,16 @@ import (
 	"github.com/netagent/netagent/test/netns"
 )
 
-// ping6 reports whether an ICMPv6 echo from ns to ip is answered within 5 s (one a second:
-// the first exchange with a freshly wired pod can take over 2 s, see the report on issue 15).
-func ping6(ns *netns.NS, ip string) error {
-	_, err := ns.Run("ping", "-6", "-c", "1", "-w", "5", "-q", ip)
-	return err
-}
+// ping6 reports whether an ICMPv6 echo from ns to ip is answered (lab.Ping).
+func ping6(ns *netns.NS, ip string) error { return lab.Ping(ns, ip) }
 
-// podMatrix pings every pod from every pod on another node over each family of the lab,
-// and returns the failures.
-func podMatrix(l *lab.Lab) []string {
-	var bad []string
-	pods := l.Pods()
-	for _, a := range pods {
-		for _, b := range pods {
-			if a.Node == b.Node {
-				continue
-			}
-			if a.IP.IsValid() && b.IP.IsValid() {
-				if err := lab.Ping(l.PodNS(a), b.IP.String()); err != nil {
-					bad = append(bad, fmt.Sprintf("%s -> %s (%s): %v", a.Name, b.Name, b.IP, err))
-				}
-			}
-			if a.IP6.IsValid() && b.IP6.IsValid() {
-				if err := ping6(l.PodNS(a), b.IP6.String()); err != nil {
-					bad = append(bad, fmt.Sprintf("%s -> %s (%s): %v", a.Name, b.Name, b.IP6, err))
-				}
-			}
-		}
+// matrix is what fails in the lab's connectivity matrix (every pod to every pod and the
+// outside host, over each family), as text.
+func matrix(l *lab.Lab) string {
+	if m := l.Matrix(context.Background()); len(lab.Failures(m)) > 0 {
+		return lab.FormatMatrix(m)
 	}
-	return bad
+	return ""
 }
 
 // Every backend carries IPv6 pods, in IPv6-only and dual-stack clusters: pod to pod over
@@ -68,8 +48,8 @@ func TestIPv6Backends(t *testing.T) {
 					t.Fatalf("pod %s has addresses %s and %s, want the lab's families (%s)", p.Name, p.IP, p.IP6, tc.family)
 				}
 			}
-			if bad := podMatrix(l); len(bad) > 0 {
-				t.Fatalf("pod to pod failures:\n%s\n%s", strings.Join(bad, "\n"), dump6(t, l))
+			if bad := matrix(l); bad != "" {
+				t.Fatalf("connectivity failures:\n%s\n%s", bad, dump6(t, l))
 			}
 			n1 := l.Nodes[0]
 			pod := n1.Pods[0]
@@ -108,8 +88,8 @@ func TestIPv6Backends(t *testing.T) {
 			if err := l.WaitConverged(ctx, 10*time.Second); err != nil {
 				t.Fatalf("drift not repaired: %v\nroutes:\n%s", err, ns.MustRun(t, "ip", "-6", "route", "show", "proto", "180"))
 			}
-			if bad := podMatrix(l); len(bad) > 0 {
-				t.Errorf("after the repair:\n%s", strings.Join(bad, "\n"))
+			if bad := matrix(l); bad != "" {
+				t.Errorf("after the repair:\n%s", bad)
 			}
 		})
 	}
@@ -120,12 +100,6 @@ func dump6(t *testing.T, l *lab.Lab) string {
 	var b strings.Builder
 	for _, n := range l.Nodes {
 		fmt.Fprintf(&b, "%s routes:\n%s%s neighbours:\n%s", n.Name, l.NodeNS(n).MustRun(t, "ip", "-6", "route"), n.Name, l.NodeNS(n).MustRun(t, "ip", "-6", "neigh"))
-		if os.Getenv("DUMP6") != "" {
-			fmt.Fprintf(&b, "%s\n", l.NodeNS(n).MustRun(t, "sh", "-c", "nstat -az | grep -E '(Ip6|Icmp6)' | grep -v ' 0 '"))
-			for _, p := range n.Pods {
-				fmt.Fprintf(&b, "%s: %s\n", p.Name, l.PodNS(p).MustRun(t, "sh", "-c", "nstat -az | grep -E '(Ip6|Icmp6)' | grep -v ' 0 '"))
-			}
-		}
 		for _, p := range n.Pods {
 			fmt.Fprintf(&b, "%s:\n%s%s", p.Name, l.PodNS(p).MustRun(t, "ip", "-6", "addr"), l.PodNS(p).MustRun(t, "ip", "-6", "route"))
 		}
