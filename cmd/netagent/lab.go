@@ -44,6 +44,7 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 	remote := fs.Int("remote", -1, "up: nodes on a second underlay subnet behind a router (default: 1 for hybrid and vxlan with 3+ nodes, else 0)")
 	backend := fs.String("backend", "vxlan", "up: host-gw, vxlan, hybrid or wireguard (encrypted; needs netagent-wireguard beside this binary)")
 	pods := fs.Int("pods-per-node", 2, "up: pods per node")
+	family := fs.String("ip-family", "ipv4", "up: ipv4, ipv6 (an IPv6 underlay from 2001:db8::/32 and IPv6 pods only) or dual")
 	cniBin := fs.String("cni-bin-dir", "", "directory with netagent-cni (default: beside this binary)")
 	picture := fs.String("picture", "", "up, status: also write the topology as an SVG picture to this file")
 	scenario := fs.String("scenario", "cni", "up: cni (agents + CNI pods), docker (Docker hosts: a dockerd per node on its lease, netagent route-mode, containers) or kubernetes (kube-apiserver, controller-manager, scheduler, and containerd, kubelet, kube-proxy per node; netagent's DaemonSet from --manifests)")
@@ -96,7 +97,10 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 				*remote = 1
 			}
 		}
-		opt.Nodes, opt.Remote, opt.Backend, opt.PodsPerNode = *nodes, *remote, *backend, *pods
+		opt.Nodes, opt.Remote, opt.Backend, opt.PodsPerNode, opt.IPFamily = *nodes, *remote, *backend, *pods, *family
+		if *family != "ipv4" && *scenario != "cni" {
+			return fmt.Errorf("--ip-family %s: only the cni scenario has IPv6 so far", *family)
+		}
 		switch *scenario {
 		case "cni":
 		case "docker":

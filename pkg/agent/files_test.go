@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"encoding/json"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -124,5 +125,36 @@ func TestSharedFileNoFight(t *testing.T) {
 	}
 	if !strings.Contains(got[0].Error(), "another writer (it wrote subnet 10.244.") {
 		t.Errorf("error = %v, want it to name the other writer's subnet", got[0])
+	}
+}
+
+// The conflist feeds the plugin each family: dual-stack adds the node's ipv6Subnet beside
+// the subnet file; IPv6-only has ipv6Subnet and the MTU and no subnet file to read.
+func TestConfListFamilies(t *testing.T) {
+	s6 := netip.MustParsePrefix("fd00:0:0:7::/64")
+	for _, tc := range []struct {
+		name       string
+		subnetFile string
+		subnet6    netip.Prefix
+		want       map[string]any
+	}{
+		{"ipv4", "/run/netagent/subnet.env", netip.Prefix{}, map[string]any{"subnetFile": "/run/netagent/subnet.env"}},
+		{"dual", "/run/netagent/subnet.env", s6, map[string]any{"subnetFile": "/run/netagent/subnet.env", "ipv6Subnet": "fd00:0:0:7::/64"}},
+		{"ipv6", "", s6, map[string]any{"ipv6Subnet": "fd00:0:0:7::/64", "mtu": float64(1430)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var list struct {
+				Plugins []map[string]any `json:"plugins"`
+			}
+			if err := json.Unmarshal(confList(CNIConf{}, tc.subnetFile, tc.subnet6, 1430), &list); err != nil || len(list.Plugins) != 1 {
+				t.Fatalf("conflist: %v", err)
+			}
+			got := list.Plugins[0]
+			for _, k := range []string{"subnetFile", "ipv6Subnet", "mtu"} {
+				if got[k] != tc.want[k] {
+					t.Errorf("%s = %v, want %v", k, got[k], tc.want[k])
+				}
+			}
+		})
 	}
 }

@@ -133,11 +133,27 @@ func (l *Lab) Matrix(ctx context.Context) [][]Cell {
 			return err
 		}
 	}
-	targets := make([]struct{ name, ip string }, 0, len(pods)+1)
-	for _, p := range pods {
-		targets = append(targets, struct{ name, ip string }{p.Name, p.IP.String()})
+	// Each family the lab has: IPv6 targets are named with a "/v6" suffix.
+	targets := make([]struct{ name, ip string }, 0, 2*len(pods)+2)
+	add := func(name string, a netip.Addr, v6 bool) {
+		if !a.IsValid() {
+			return
+		}
+		if v6 {
+			name += "/v6"
+		}
+		targets = append(targets, struct{ name, ip string }{name, a.String()})
 	}
-	targets = append(targets, struct{ name, ip string }{"outside", l.Ext.String()})
+	for _, p := range pods {
+		add(p.Name, p.IP, false)
+	}
+	if l.IPFamily != "ipv6" {
+		add("outside", l.Ext, false)
+	}
+	for _, p := range pods {
+		add(p.Name, p.IP6, true)
+	}
+	add("outside", l.Ext6, true)
 	m := make([][]Cell, len(pods))
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 8)
@@ -158,9 +174,14 @@ func (l *Lab) Matrix(ctx context.Context) [][]Cell {
 	return m
 }
 
-// Ping sends one echo request from ns to ip.
+// Ping sends one echo request from ns to ip (IPv6: one a second for up to 5 s, since the
+// first exchange with a freshly wired pod can take over 2 s).
 func Ping(ns *netns.NS, ip string) error {
-	_, err := ns.Run("ping", "-c", "1", "-W", "2", "-q", ip)
+	args := []string{"-c", "1", "-W", "2", "-q", ip}
+	if strings.Contains(ip, ":") {
+		args = []string{"-6", "-c", "1", "-w", "5", "-q", ip}
+	}
+	_, err := ns.Run("ping", args...)
 	return err
 }
 

@@ -324,14 +324,6 @@ func rules(t *nftables.Table, s Spec) []*nftables.Rule {
 		})
 	}
 	drop := append(udpDport(s.Port), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
-	net4 := s.Network.Masked().Addr().As4()
-	mask := netipMask(s.Network.Bits())
-	fwdExprs := append([]expr.Any{
-		ipSaddr(),
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: mask, Xor: []byte{0, 0, 0, 0}},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: net4[:]},
-	}, udpDport(s.Port)...)
-	fwdExprs = append(fwdExprs, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
 	var out []*nftables.Rule
 	for i, name := range setNames {
 		if inner6(name) && s.SubnetLen6 == 0 {
@@ -340,10 +332,20 @@ func rules(t *nftables.Table, s Spec) []*nftables.Rule {
 		ex := accept(name, strings.HasPrefix(name, SetL2), !strings.HasSuffix(name, selfSuffix))
 		out = append(out, &nftables.Rule{Table: t, Chain: in, Exprs: ex, UserData: tag(ChainIn, i, s)})
 	}
-	return append(out,
-		&nftables.Rule{Table: t, Chain: in, Exprs: drop, UserData: tag(ChainIn, len(setNames), s)},
-		&nftables.Rule{Table: t, Chain: fwd, Exprs: fwdExprs, UserData: tag(ChainFwd, 0, s)},
-	)
+	out = append(out, &nftables.Rule{Table: t, Chain: in, Exprs: drop, UserData: tag(ChainIn, len(setNames), s)})
+	if !s.Network.Addr().Is4() {
+		// IPv6-only: no IPv4 pods to send VXLAN over this (IPv4) table's underlay.
+		return out
+	}
+	net4 := s.Network.Masked().Addr().As4()
+	mask := netipMask(s.Network.Bits())
+	fwdExprs := append([]expr.Any{
+		ipSaddr(),
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: mask, Xor: []byte{0, 0, 0, 0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: net4[:]},
+	}, udpDport(s.Port)...)
+	fwdExprs = append(fwdExprs, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
+	return append(out, &nftables.Rule{Table: t, Chain: fwd, Exprs: fwdExprs, UserData: tag(ChainFwd, 0, s)})
 }
 
 // mask6 is the 16-byte mask of an IPv6 prefix length.

@@ -325,4 +325,13 @@ func TestInnerIPv6(t *testing.T) {
 	if state := tableState(t, ns); strings.Contains(state, "0x86dd") || strings.Contains(state, "fd00") {
 		t.Errorf("IPv4-only table has IPv6 rules or elements:\n%s", state)
 	}
+	// IPv6-only pods over the IPv4 underlay: no IPv4 network (this panicked building the
+	// forward rule from it), the inner IPv6 rules only.
+	spec.Network, spec.SubnetLen, spec.SubnetLen6 = netip.Prefix{}, 0, 64
+	if _, err := g.Set(spec); err != nil {
+		t.Fatalf("Set(IPv6 only) = %v", err)
+	}
+	if state := tableState(t, ns); !strings.Contains(state, "@vxlan-peers6 accept") || strings.Contains(state, "ip saddr 10.") {
+		t.Errorf("IPv6-only table:\n%s", state)
+	}
 }
