@@ -174,7 +174,7 @@ func New(opt Options) (*Agent, error) {
 		if err != nil {
 			return nil, err
 		}
-		dp.UseWireGuard(dataplane.WireGuardOptions{KeyDir: opt.WireGuard.StateDir, Impl: opt.WireGuard.Impl, Daemon: opt.WireGuard.Daemon})
+		dp.UseWireGuard(dataplane.WireGuardOptions{KeyDir: opt.WireGuard.StateDir, Impl: opt.WireGuard.Impl, Daemon: opt.WireGuard.Daemon, Device: opt.WireGuard.Device})
 		a.dp = dp
 	}
 	if opt.Docker != nil {

@@ -196,6 +196,9 @@ func (d *Linux) Set(ctx context.Context, p plan.Plan) (Stats, error) {
 	if err != nil {
 		errs = append(errs, err)
 	}
+	if err := d.pruneWireGuard(ctx, p, &st); err != nil {
+		errs = append(errs, err)
+	}
 	if st.Allow, err = d.guard.Set(guardSpec(p.Allow)); err != nil {
 		errs = append(errs, err)
 	}

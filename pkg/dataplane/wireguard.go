@@ -33,6 +33,9 @@ type WireGuardOptions struct {
 	// Daemon is the path of netagent-wireguard, started for a userspace device when none
 	// answers on its socket; its log goes to KeyDir.
 	Daemon string
+	// Device is the node's WireGuard interface (empty: plan.DefaultWGDev): a plan without
+	// WireGuard removes it, left over from when the backend was wireguard.
+	Device string
 }
 
 // WGStatus is the WireGuard device as the kernel (or the daemon) has it, for status and
@@ -171,8 +174,8 @@ func DaemonBinary() string {
 	return "netagent-wireguard"
 }
 
-// sync makes the device hold dev and peers (dev nil: nothing is wanted; an existing device
-// is left alone, see ARCHITECTURE.md).
+// sync makes the device hold dev and peers (dev nil: nothing is wanted; prune removes an
+// existing device once the routes left it).
 func (w *wgState) sync(ctx context.Context, dev *plan.WGDevice, peers []plan.WGPeer) (wireguard.Changes, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -182,7 +185,7 @@ func (w *wgState) sync(ctx context.Context, dev *plan.WGDevice, peers []plan.WGP
 	}
 	if dev == nil {
 		w.dev, w.want = nil, nil
-		return wireguard.Changes{}, w.unguard()
+		return wireguard.Changes{}, nil
 	}
 	d := *dev
 	w.dev = &d
@@ -296,11 +299,92 @@ func (w *wgState) ensureGuard(dev *plan.WGDevice) error {
 	return w.guard.Set(wgguard.Spec{Underlay: dev.Underlay, Network: dev.Network})
 }
 
-func (w *wgState) unguard() error {
-	if w.guard == nil {
-		return nil
+// pruneTimeout bounds the wait for a userspace device's daemon to close its socket once
+// its device is deleted.
+const pruneTimeout = 2 * time.Second
+
+// prune removes what the wireguard backend left when the plan names no device (the backend
+// changed, whether in this run or before a restart): the node's WireGuard device (for a
+// userspace one its daemon then exits and unlinks its socket; a stale socket file is
+// removed) and the underlay guard's table. The caller runs it after the routes left the
+// device. A link of that name that is not a WireGuard device is not netagent's and stays.
+func (w *wgState) prune(ctx context.Context) (wireguard.Changes, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var ch wireguard.Changes
+	var errs []error
+	name := w.opt.Device
+	if name == "" {
+		name = plan.DefaultWGDev
 	}
-	return w.guard.Set(wgguard.Spec{})
+	names := []string{name}
+	if w.name != "" && w.name != name {
+		names = append(names, w.name) // a device an earlier plan of this run named
+	}
+	for _, name := range names {
+		removed, err := w.removeDevice(ctx, name)
+		ch.Pruned = ch.Pruned || removed
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	w.rec, w.name, w.impl = nil, "", device.Impl{}
+	if w.guard == nil {
+		g, err := wgguard.New()
+		if err != nil {
+			return ch, errors.Join(append(errs, err)...)
+		}
+		w.guard = g
+	}
+	// The zero spec deletes the table; once written it costs one table lookup per Set.
+	if err := w.guard.Set(wgguard.Spec{}); err != nil {
+		errs = append(errs, err)
+	}
+	return ch, errors.Join(errs...)
+}
+
+// removeDevice deletes the WireGuard device name if it exists, and waits for a userspace
+// device's socket to go.
+func (w *wgState) removeDevice(ctx context.Context, name string) (bool, error) {
+	l, err := w.h.LinkByName(name)
+	if err != nil {
+		if !errors.As(err, new(netlink.LinkNotFoundError)) {
+			return false, fmt.Errorf("look up wireguard device %s: %w", name, err)
+		}
+		if !device.SocketLive(name) {
+			removeStaleSocket(name)
+		}
+		return false, nil
+	}
+	kind := l.Type()
+	if kind != "wireguard" && kind != "tuntap" {
+		w.log.Warn("not removing a link named like the WireGuard device: it is not one", "dev", name, "kind", kind)
+		return false, nil
+	}
+	if err := w.h.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+		return false, fmt.Errorf("delete wireguard device %s: %w", name, err)
+	}
+	w.log.Info("wireguard device removed", "dev", name, "kind", kind, "reason", "not in the plan")
+	if kind == "tuntap" {
+		ctx, cancel := context.WithTimeout(ctx, pruneTimeout)
+		defer cancel()
+		t := time.NewTicker(10 * time.Millisecond)
+		defer t.Stop()
+		for device.SocketLive(name) {
+			select {
+			case <-ctx.Done():
+				return true, fmt.Errorf("wireguard device %s removed, but its daemon still answers on %s: %w", name, device.SocketPath(name), ctx.Err())
+			case <-t.C:
+			}
+		}
+		removeStaleSocket(name)
+	}
+	return true, nil
+}
+
+// removeStaleSocket removes name's socket file, which nobody answers on.
+func removeStaleSocket(name string) {
+	_ = os.Remove(device.SocketPath(name))
 }
 
 // drifted reports why the device differs from what the last Set made it ("": it does
@@ -359,6 +443,16 @@ func (d *Linux) pollWireGuard(ctx context.Context, changed chan<- struct{}, inte
 			}
 		}
 	}
+}
+
+// pruneWireGuard removes a leftover WireGuard device when p names none (see wgState.prune).
+func (d *Linux) pruneWireGuard(ctx context.Context, p plan.Plan, st *Stats) error {
+	if p.WireGuard != nil || d.wg == nil {
+		return nil
+	}
+	ch, err := d.wg.prune(ctx)
+	st.WireGuard.Pruned = ch.Pruned
+	return err
 }
 
 // WireGuard returns the WireGuard device's state (false: the node has none).

@@ -710,9 +710,14 @@ func (l *Lab) AgentArgs(n *Node) []string {
 		if l.Opt.DockerNetwork != "" {
 			extra = []string{"--docker-network", l.Opt.DockerNetwork, "--docker-socket", l.dockerSock(n)}
 		}
-	} else if l.Backend == "wireguard" {
-		extra = append(extra, "--state-dir", filepath.Join(n.Dir, "state"), "--wireguard-device", l.WGDevice(n),
-			"--wireguard-daemon", filepath.Join(filepath.Dir(l.Opt.Netagent), "netagent-wireguard"))
+	} else {
+		// Whatever the backend: an agent whose plan has no WireGuard removes this device,
+		// left over from when the backend was wireguard.
+		extra = append(extra, "--wireguard-device", l.WGDevice(n))
+		if l.Backend == "wireguard" {
+			extra = append(extra, "--state-dir", filepath.Join(n.Dir, "state"),
+				"--wireguard-daemon", filepath.Join(filepath.Dir(l.Opt.Netagent), "netagent-wireguard"))
+		}
 	}
 	return append(append([]string{cmd,
 		"--node-name", n.Name,

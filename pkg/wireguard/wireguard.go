@@ -71,6 +71,7 @@ type Reconciler struct {
 // Changes says what a Set changed. Peers are named by node where known, else by public key.
 type Changes struct {
 	Created    bool // the device was missing and was made
+	Pruned     bool // the device was removed: the plan names none (the backend changed)
 	PrivateKey bool
 	ListenPort bool
 	MTU        bool
@@ -82,7 +83,7 @@ type Changes struct {
 
 // Empty reports that nothing changed.
 func (c Changes) Empty() bool {
-	return !c.Created && !c.PrivateKey && !c.ListenPort && !c.MTU && !c.Up && len(c.Added)+len(c.Updated)+len(c.Removed) == 0
+	return !c.Created && !c.Pruned && !c.PrivateKey && !c.ListenPort && !c.MTU && !c.Up && len(c.Added)+len(c.Updated)+len(c.Removed) == 0
 }
 
 func (c Changes) String() string {
@@ -90,7 +91,7 @@ func (c Changes) String() string {
 	for _, f := range []struct {
 		on   bool
 		what string
-	}{{c.Created, "device created"}, {c.PrivateKey, "private key"}, {c.ListenPort, "listen port"}, {c.MTU, "mtu"}, {c.Up, "set up"}} {
+	}{{c.Created, "device created"}, {c.Pruned, "device removed"}, {c.PrivateKey, "private key"}, {c.ListenPort, "listen port"}, {c.MTU, "mtu"}, {c.Up, "set up"}} {
 		if f.on {
 			parts = append(parts, f.what)
 		}

@@ -1,0 +1,136 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/plan"
+	"github.com/netagent/netagent/pkg/wireguard/device"
+	"github.com/netagent/netagent/test/netns"
+	"github.com/netagent/netagent/test/testbin"
+)
+
+// TestWireGuardPrune: a node whose backend changes from wireguard to vxlan (config set, in
+// the same run or across an agent restart) is left with no WireGuard device, no daemon
+// answering on its socket, no socket file and no underlay guard table, and its routes
+// move to the VXLAN device; a link of the device's name that is not WireGuard stays.
+func TestWireGuardPrune(t *testing.T) {
+	netns.RequireRoot(t)
+	bin := testbin.Build(t, "./cmd/netagent-wireguard", "netagent-wireguard")
+	t.Cleanup(testbin.Cleanup)
+	peerKey, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, tt := range []struct {
+		name    string
+		restart bool // a new dataplane (an agent restart) gets the vxlan plan
+	}{
+		{"same run", false},
+		{"after a restart", true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dev := fmt.Sprintf("nadp%d-%d", os.Getpid()%100000, i)
+			t.Cleanup(func() { _ = os.Remove(device.SocketPath(dev)) }) // after the namespace
+			n := netns.New(t, "dpwg")
+			n.MustRun(t, "ip", "link", "add", "eth0", "type", "bridge")
+			n.MustRun(t, "ip", "addr", "add", "192.0.2.11/24", "dev", "eth0")
+			n.MustRun(t, "ip", "link", "set", "eth0", "up")
+			log := slog.New(slog.NewTextHandler(t.Output(), nil))
+			opt := WireGuardOptions{KeyDir: t.TempDir(), Impl: "userspace", Daemon: bin, Device: dev}
+			open := func() *Linux {
+				t.Helper()
+				var d *Linux
+				if err := n.Do(func() (err error) {
+					d, err = New(log, nsIPTables{n})
+					return err
+				}); err != nil {
+					t.Fatal(err)
+				}
+				d.UseWireGuard(opt)
+				return d
+			}
+			set := func(d *Linux, p plan.Plan) (Stats, error) {
+				// In the namespace: the daemon is started from here and inherits it.
+				var st Stats
+				var setErr error
+				err := n.Do(func() error { st, setErr = d.Set(t.Context(), p); return nil })
+				return st, errors.Join(err, setErr)
+			}
+			input := func(backend string) plan.Input {
+				cfg, err := config.Parse([]byte(`{"network":"10.244.0.0/16","backend":{"type":"` + backend + `"}}`))
+				if err != nil {
+					t.Fatal(err)
+				}
+				p2 := peer("n2", "10.244.2.0/24", "198.51.100.12")
+				p2.WGPublicKey, p2.WGPort = peerKey.PublicKey().String(), 51820
+				return plan.Input{Config: cfg, Self: peer("n1", "10.244.1.0/24", "192.0.2.11"), WGDev: dev,
+					Underlay: plan.Underlay{Dev: "eth0", MTU: 1500, Connected: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}},
+					Peers:    []lease.Lease{p2}}
+			}
+			routes := func() string { return n.MustRun(t, "ip", "route", "show", "proto", "180") }
+
+			d := open()
+			_, wg := plan.NewPlanner(input("wireguard"))
+			if _, err := set(d, wg); err != nil {
+				t.Fatalf("wireguard plan: %v", err)
+			}
+			if got := n.MustRun(t, "ip", "-d", "link", "show", dev); !strings.Contains(got, "tun") {
+				t.Fatalf("wireguard plan: %s is not a TUN device:\n%s", dev, got)
+			}
+			if !device.SocketLive(dev) {
+				t.Fatalf("wireguard plan: no daemon answers on %s", device.SocketPath(dev))
+			}
+			n.MustRun(t, "nft", "list", "table", "ip", "netagent-wg")
+			if got := routes(); !strings.Contains(got, "10.244.2.0/24 dev "+dev) {
+				t.Fatalf("wireguard plan: no route through %s:\n%s", dev, got)
+			}
+
+			if tt.restart {
+				d = open() // the old one is dropped as a killed agent's would be
+			}
+			_, vx := plan.NewPlanner(input("vxlan"))
+			st, err := set(d, vx)
+			if err != nil {
+				t.Fatalf("vxlan plan: %v", err)
+			}
+			if !st.WireGuard.Pruned {
+				t.Errorf("vxlan plan: stats %+v, want the WireGuard device pruned", st.WireGuard)
+			}
+			if out, err := n.Run("ip", "link", "show", dev); err == nil {
+				t.Errorf("vxlan plan: %s still there:\n%s", dev, out)
+			}
+			if device.SocketLive(dev) {
+				t.Errorf("vxlan plan: a daemon still answers on %s", device.SocketPath(dev))
+			}
+			if _, err := os.Stat(device.SocketPath(dev)); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("vxlan plan: socket file %s: %v, want it gone", device.SocketPath(dev), err)
+			}
+			if out, err := n.Run("nft", "list", "table", "ip", "netagent-wg"); err == nil {
+				t.Errorf("vxlan plan: the underlay guard table is still there:\n%s", out)
+			}
+			if got := routes(); !strings.Contains(got, "10.244.2.0/24 via 10.244.2.0 dev netagent.1 onlink") || strings.Contains(got, dev) {
+				t.Errorf("vxlan plan: routes, want n2's through netagent.1 only:\n%s", got)
+			}
+			if st, err := set(d, vx); err != nil || st.WireGuard.Pruned {
+				t.Errorf("vxlan plan again: %+v, %v; want nothing pruned", st.WireGuard, err)
+			}
+
+			// A link of the device's name that is not WireGuard is not netagent's.
+			n.MustRun(t, "ip", "link", "add", dev, "type", "bridge")
+			if st, err := set(d, vx); err != nil || st.WireGuard.Pruned {
+				t.Errorf("vxlan plan with a bridge %s: %+v, %v; want it left alone", dev, st.WireGuard, err)
+			}
+			n.MustRun(t, "ip", "link", "show", dev)
+		})
+	}
+}
