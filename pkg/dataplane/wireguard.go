@@ -31,7 +31,8 @@ type WireGuardOptions struct {
 	// or "userspace".
 	Impl string
 	// Daemon is the path of netagent-wireguard, started for a userspace device when none
-	// answers on its socket; its log goes to KeyDir.
+	// answers on its socket; its log goes to KeyDir. device.External: someone else runs
+	// it (its own container), the agent only waits for its socket.
 	Daemon string
 	// Device is the node's WireGuard interface (empty: plan.DefaultWGDev): a plan without
 	// WireGuard removes it, left over from when the backend was wireguard.
@@ -106,7 +107,8 @@ func (w *wgState) reconciler(dev *plan.WGDevice) (*wireguard.Reconciler, error) 
 		if bin == "" {
 			bin = DaemonBinary()
 		}
-		ens = &device.Daemon{Binary: bin, Name: dev.Name, MTU: dev.MTU, LogPath: filepath.Join(w.opt.KeyDir, "netagent-wireguard-"+dev.Name+".log"), Log: w.log}
+		ens = &device.Daemon{Binary: bin, Name: dev.Name, MTU: dev.MTU, LogPath: filepath.Join(w.opt.KeyDir, "netagent-wireguard-"+dev.Name+".log"), Log: w.log,
+			External: bin == device.External}
 	}
 	w.log.Info("wireguard implementation", "dev", dev.Name, "impl", impl.Kind, "why", impl.Reason, "created", created)
 	w.impl, w.name = impl, dev.Name

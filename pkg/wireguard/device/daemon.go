@@ -3,6 +3,7 @@ package device
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -24,7 +25,17 @@ type Daemon struct {
 	NetNS   string // start it in this namespace (a path, entered with nsenter); "" = ours
 	LogPath string // the daemon's stderr, appended; "" = discarded
 	Log     *slog.Logger
+	// External says someone else runs the daemon (a container of its own in the agent's
+	// pod, sharing SocketDir): Ensure never starts one, and a socket nobody answers on is
+	// an error until that daemon is up.
+	External bool
 }
+
+// External is the daemon binary's value (--wireguard-daemon) that sets Daemon.External.
+const External = "external"
+
+// ErrNoDaemon means no daemon answers on the socket of a device whose daemon is external.
+var ErrNoDaemon = errors.New("no netagent-wireguard answers on the device's socket")
 
 // Ensure starts the daemon unless its socket is live, and waits until it is (the daemon
 // opens the socket only once its device is up and running). started says it started one.
@@ -34,6 +45,9 @@ func (d *Daemon) Ensure(ctx context.Context) (started bool, err error) {
 	}
 	if SocketLive(d.Name) {
 		return false, nil
+	}
+	if d.External {
+		return false, fmt.Errorf("%s (%s; it is run outside the agent, --wireguard-daemon=%s): %w", d.Name, SocketPath(d.Name), External, ErrNoDaemon)
 	}
 	args := []string{"--name", d.Name, "--mtu", strconv.Itoa(d.MTU)}
 	bin := d.Binary

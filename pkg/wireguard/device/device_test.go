@@ -2,7 +2,10 @@ package device
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
+	"os"
 	"strings"
 	"testing"
 
@@ -116,5 +119,40 @@ func TestValidName(t *testing.T) {
 		if err := ValidName(tt.name); (err == nil) != tt.ok {
 			t.Errorf("ValidName(%q) = %v, want ok %v", tt.name, err, tt.ok)
 		}
+	}
+}
+
+// TestDaemonExternal: with the daemon run by someone else (its own container), Ensure
+// adopts a live socket and never starts a process: a missing daemon is ErrNoDaemon. The
+// binary would fail at once if started, which Ensure would report as an early exit.
+func TestDaemonExternal(t *testing.T) {
+	if err := os.MkdirAll(SocketDir, 0o755); err != nil {
+		t.Skipf("cannot create %s: %v", SocketDir, err)
+	}
+	name := fmt.Sprintf("naext%d", os.Getpid()%1000000)
+	for _, tt := range []struct {
+		name string
+		live bool
+	}{{"no daemon", false}, {"daemon up", true}} {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.live {
+				l, err := net.Listen("unix", SocketPath(name))
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { l.Close() })
+			}
+			d := &Daemon{Binary: "/bin/false", Name: name, MTU: 1420, External: true}
+			started, err := d.Ensure(t.Context())
+			if started {
+				t.Error("Ensure started a daemon")
+			}
+			if tt.live && err != nil {
+				t.Errorf("Ensure with a live socket: %v", err)
+			}
+			if !tt.live && !errors.Is(err, ErrNoDaemon) {
+				t.Errorf("Ensure without a daemon: %v, want ErrNoDaemon", err)
+			}
+		})
 	}
 }
