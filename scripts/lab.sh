@@ -10,12 +10,13 @@ cd "$(dirname "$0")/.."
 source scripts/deps.sh
 [ "$(id -u)" = 0 ] || { echo "run as root: the lab creates network namespaces"; exit 1; }
 
-echo "building ./bin/netagent, ./bin/netagent-etcd and ./bin/netagent-cni"
+echo "building ./bin/netagent, ./bin/netagent-etcd, ./bin/netagent-cni and ./bin/netagent-wireguard"
 mkdir -p bin
 export CGO_ENABLED=0 # static: the Kubernetes scenario puts them into an image
 go build -trimpath -o bin/netagent-cni ./cmd/cni-plugin
 go build -trimpath -o bin/netagent ./cmd/netagent
 go build -trimpath -o bin/netagent-etcd ./cmd/netagent-etcd
+go build -trimpath -o bin/netagent-wireguard ./cmd/netagent-wireguard
 extra=()
 if [[ " $* " == *" kubernetes "* || " $* " == *"--scenario=kubernetes"* ]]; then
 	# The loopback plugin containerd calls for every pod, and Kubernetes itself (cached).

@@ -42,7 +42,7 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 	prefix := fs.String("prefix", "nalab-", "network namespace name prefix")
 	nodes := fs.Int("nodes", 3, "up: number of nodes")
 	remote := fs.Int("remote", -1, "up: nodes on a second underlay subnet behind a router (default: 1 for hybrid and vxlan with 3+ nodes, else 0)")
-	backend := fs.String("backend", "vxlan", "up: host-gw, vxlan or hybrid")
+	backend := fs.String("backend", "vxlan", "up: host-gw, vxlan, hybrid or wireguard (encrypted; needs netagent-wireguard beside this binary)")
 	pods := fs.Int("pods-per-node", 2, "up: pods per node")
 	family := fs.String("ip-family", "ipv4", "up: ipv4, ipv6 (an IPv6 underlay from 2001:db8::/32 and IPv6 pods only) or dual")
 	cniBin := fs.String("cni-bin-dir", "", "directory with netagent-cni (default: beside this binary)")
@@ -85,6 +85,11 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		if _, err := os.Stat(filepath.Join(*cniBin, "netagent-cni")); err != nil {
 			return fmt.Errorf("netagent-cni not found in %s (build it there or pass --cni-bin-dir)", *cniBin)
+		}
+		if wg := filepath.Join(filepath.Dir(self), "netagent-wireguard"); *backend == "wireguard" {
+			if _, err := os.Stat(wg); err != nil {
+				return fmt.Errorf("--backend wireguard: %s not found (go build -o %s ./cmd/netagent-wireguard)", wg, filepath.Dir(self))
+			}
 		}
 		if *remote < 0 {
 			*remote = 0

@@ -24,6 +24,7 @@ import (
 	"github.com/netagent/netagent/pkg/agent"
 	"github.com/netagent/netagent/pkg/antispoof"
 	"github.com/netagent/netagent/pkg/config"
+	"github.com/netagent/netagent/pkg/doctor"
 	"github.com/netagent/netagent/pkg/lease/etcdstore"
 	"github.com/netagent/netagent/pkg/nat"
 	"github.com/netagent/netagent/pkg/plan"
@@ -130,6 +131,7 @@ func cmdStatus(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
 	addr := fs.String("addr", "127.0.0.1:9476", "the agent's --listen address")
 	asJSON := fs.Bool("json", false, "print JSON")
+	cniConfDir := fs.String("cni-conf-dir", "/etc/cni/net.d", "CNI config directory, read for the node's IPv6 pod subnet (empty: skip)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -155,16 +157,34 @@ func cmdStatus(ctx context.Context, args []string, stdout io.Writer) error {
 	if err := json.Unmarshal(body, &st); err != nil {
 		return err
 	}
-	return printStatus(stdout, st)
+	return printStatus(stdout, st, cniIPv6(*cniConfDir))
 }
 
-func printStatus(w io.Writer, st agent.Status) error {
+// cniIPv6 describes the IPv6 pod subnet that the node's CNI config gives netagent-cni, ""
+// when there is none (an IPv4-only network, or no netagent config to read).
+func cniIPv6(dir string) string {
+	if dir == "" {
+		return ""
+	}
+	c, err := doctor.ReadCNIConfig(dir)
+	if err != nil || !c.Netagent || c.IPv6Subnet == "" {
+		return ""
+	}
+	return fmt.Sprintf("IPv6 subnet %s (from %s)", c.IPv6Subnet, c.Path)
+}
+
+// printStatus prints the agent's status; ipv6 is a line on the node's IPv6 pod subnet
+// ("" for none).
+func printStatus(w io.Writer, st agent.Status, ipv6 string) error {
 	ready := "no"
 	if st.Ready {
 		ready = "yes"
 	}
 	fmt.Fprintf(w, "node %s  subnet %s  network %s  backend %s  public IP %s  pod MTU %d  ready %s\n",
 		st.Node, st.Subnet, st.Network, st.Backend, st.PublicIP, st.PodMTU, ready)
+	if ipv6 != "" {
+		fmt.Fprintln(w, ipv6)
+	}
 	if s := st.Store; s != nil && s.State != "connected" {
 		fmt.Fprintf(w, "store %s since %s (%s ago): %s\n", s.State, s.Since.UTC().Format(time.RFC3339), time.Since(s.Since).Round(time.Second), s.Error)
 	}

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -23,7 +25,7 @@ func TestPrintStatusStore(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var b strings.Builder
-			if err := printStatus(&b, agent.Status{Node: "n1", Store: tt.store}); err != nil {
+			if err := printStatus(&b, agent.Status{Node: "n1", Store: tt.store}, ""); err != nil {
 				t.Fatal(err)
 			}
 			got := ""
@@ -34,6 +36,49 @@ func TestPrintStatusStore(t *testing.T) {
 			}
 			if got != tt.want {
 				t.Errorf("printStatus store line = %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestStatusIPv6: status shows the node's IPv6 pod subnet, right below the node line, when
+// the CNI config the runtime uses gives netagent-cni one, and nothing otherwise.
+func TestStatusIPv6(t *testing.T) {
+	const dual = `{"cniVersion":"1.0.0","name":"netagent","plugins":[{"type":"netagent-cni","subnetFile":"/run/netagent/subnet.env","ipv6Subnet":"fd00:244:1::/64"},{"type":"portmap"}]}`
+	tests := []struct {
+		name  string
+		files map[string]string // CNI config dir content; nil: no directory
+		want  string            // the second line of the output; "" : no IPv6 line
+	}{
+		{"dual stack", map[string]string{"10-netagent.conflist": dual}, "IPv6 subnet fd00:244:1::/64 (from DIR/10-netagent.conflist)"},
+		{"IPv4 only", map[string]string{"10-netagent.conflist": `{"cniVersion":"1.0.0","name":"netagent","plugins":[{"type":"netagent-cni","subnetFile":"/run/netagent/subnet.env"}]}`}, ""},
+		{"another network first", map[string]string{"00-other.conf": `{"cniVersion":"1.0.0","name":"x","type":"bridge","ipv6Subnet":"fd00:1::/64"}`, "10-netagent.conflist": dual}, ""},
+		{"no CNI config directory", nil, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "net.d")
+			if tt.files != nil {
+				if err := os.Mkdir(dir, 0o755); err != nil {
+					t.Fatal(err)
+				}
+				for name, data := range tt.files {
+					if err := os.WriteFile(filepath.Join(dir, name), []byte(data), 0o644); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			var b strings.Builder
+			if err := printStatus(&b, agent.Status{Node: "n1"}, cniIPv6(dir)); err != nil {
+				t.Fatal(err)
+			}
+			lines := strings.Split(b.String(), "\n")
+			got := lines[1]
+			if !strings.HasPrefix(got, "IPv6 ") {
+				got = ""
+			}
+			if want := strings.ReplaceAll(tt.want, "DIR", dir); got != want {
+				t.Errorf("status line 2 = %q, want %q\n%s", got, want, b.String())
 			}
 		})
 	}

@@ -36,7 +36,6 @@ import (
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/pkg/subnetfile"
-	"github.com/netagent/netagent/pkg/wireguard/key"
 )
 
 // Options configure an agent.
@@ -102,6 +101,9 @@ type Dataplane interface {
 	Dropped() uint64
 	// WireGuard is the WireGuard device as the kernel has it (false: none).
 	WireGuard() (dataplane.WGStatus, bool)
+	// WireGuardKey is the node's WireGuard public key (the private key stays with the
+	// dataplane); rotate replaces the key, and device dev's, first.
+	WireGuardKey(dev string, rotate bool) (string, error)
 }
 
 // Agent runs one node's control loop.
@@ -303,7 +305,7 @@ func (a *Agent) acquire(ctx context.Context, log *slog.Logger, cfg config.Networ
 	switch cfg.Backend.Type {
 	case config.HostGW:
 	case config.WireGuard:
-		pub, err := a.wireGuardKey(log)
+		pub, err := a.wireGuardKey()
 		if err != nil {
 			return lease.Held{}, err
 		}
@@ -330,30 +332,19 @@ func (a *Agent) acquire(ctx context.Context, log *slog.Logger, cfg config.Networ
 	}
 }
 
-// wireGuardKey returns the public key of the node's WireGuard private key, creating (or,
-// asked to, replacing) the key first. Only the public key leaves this function.
-func (a *Agent) wireGuardKey(log *slog.Logger) (string, error) {
-	dir := a.opt.WireGuard.StateDir
-	if dir == "" {
-		return "", errors.New("wireguard backend: no state directory for the private key (--state-dir)")
+// wireGuardKey returns the node's WireGuard public key (the dataplane keeps the private
+// key), replaced first once per run when asked to rotate it.
+func (a *Agent) wireGuardKey() (string, error) {
+	rotate := a.opt.WireGuard.RotateKey && !a.rotated
+	dev := a.opt.WireGuard.Device
+	if dev == "" {
+		dev = plan.DefaultWGDev
 	}
-	if a.opt.WireGuard.RotateKey && !a.rotated {
-		k, err := key.Rotate(dir)
-		if err != nil {
-			return "", fmt.Errorf("rotate the WireGuard key: %w", err)
-		}
-		a.rotated = true // once per run, not on every re-claim
-		log.Info("wireguard key rotated", "publicKey", k.PublicKey().String())
-		return k.PublicKey().String(), nil
+	pub, err := a.dp.WireGuardKey(dev, rotate)
+	if err == nil && rotate {
+		a.rotated = true // not again on a re-claim
 	}
-	k, created, err := key.LoadOrCreate(dir)
-	if err != nil {
-		return "", fmt.Errorf("wireguard key: %w", err)
-	}
-	if created {
-		log.Info("wireguard key created", "dir", dir, "publicKey", k.PublicKey().String())
-	}
-	return k.PublicKey().String(), nil
+	return pub, err
 }
 
 // input is the plan's input: the snapshot of config, own lease, underlay and peers.

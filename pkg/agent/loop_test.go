@@ -464,3 +464,55 @@ func TestLoopStopsWhenReassigned(t *testing.T) {
 		la.cancel()
 	})
 }
+
+// TestLoopWireGuard: with the wireguard backend the agent publishes the dataplane's public
+// key and the port in its lease (never the private key: the Fake has none to give), the
+// first pass sets the device and a WireGuard peer per node, a new lease arrives as a delta
+// with its peer and route, a changed key replaces the peer, and a removed lease removes it.
+func TestLoopWireGuard(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		st := newMemStore(t, config.WireGuard)
+		k2, k3, k3b := "zo060cy2M+x7cMF4FKXHbs0CloUFDTRHRboFhw5YfVk=", "pOCSkrZRwni5dyxWn1+puxPZBrRqtoyd+dwrRAn4ogk=", "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+		wg := func(node, subnet, ip, k string) lease.Lease {
+			return lease.Lease{Node: node, Subnet: netip.MustParsePrefix(subnet), PublicIP: netip.MustParseAddr(ip), Backend: config.WireGuard, WGPublicKey: k, WGPort: 51820}
+		}
+		st.put(wg("n2", "10.244.2.0/24", "198.51.100.12", k2))
+		dp := dataplane.NewFake(testUnderlay())
+		la := startLoopAgent(t, st, dp, 30*time.Second)
+		synctest.Wait()
+		own, _ := dp.WireGuardKey("", false)
+		st.mu.Lock()
+		self := st.peers.Snapshot()
+		st.mu.Unlock()
+		if i := slices.IndexFunc(self, func(l lease.Lease) bool { return l.Node == "n1" }); i < 0 || self[i].WGPublicKey != own || self[i].WGPort != 51820 || self[i].VTEPMAC != "" {
+			t.Fatalf("own lease %+v, want the dataplane's public key %s and port 51820, no VTEP MAC", self, own)
+		}
+		want := func(lines ...string) {
+			t.Helper()
+			for _, l := range lines {
+				if !strings.Contains(dp.Dump(), l+"\n") {
+					t.Errorf("dataplane lacks %q:\n%s", l, dp.Dump())
+				}
+			}
+		}
+		want("wireguard netagent-wg port 51820 mtu 1440 addr 10.244.1.0/32 underlay eth0",
+			"wgpeer n2 key "+k2+" endpoint 198.51.100.12:51820 allowed 10.244.2.0/24",
+			"route 10.244.2.0/24 via invalid IP dev netagent-wg")
+
+		st.put(wg("n3", "10.244.3.0/24", "198.51.100.13", k3))
+		synctest.Wait()
+		want("wgpeer n3 key "+k3+" endpoint 198.51.100.13:51820 allowed 10.244.3.0/24", "route 10.244.3.0/24 via invalid IP dev netagent-wg")
+		st.put(wg("n3", "10.244.3.0/24", "198.51.100.13", k3b)) // n3 rotated its key
+		synctest.Wait()
+		want("wgpeer n3 key " + k3b + " endpoint 198.51.100.13:51820 allowed 10.244.3.0/24")
+		st.remove("n2")
+		synctest.Wait()
+		if d := dp.Dump(); strings.Contains(d, "n2") || strings.Contains(d, k3+" ") || strings.Contains(d, "10.244.2.0/24") {
+			t.Errorf("after n3's rotation and n2's removal:\n%s", d)
+		}
+		if sets, deltas := dp.Counts(); sets != 4 || deltas != 3 {
+			t.Errorf("Sets = %d (deltas %d), want the start's full one and three deltas", sets, deltas)
+		}
+		la.stop(t)
+	})
+}

@@ -101,7 +101,7 @@ func (c wgCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, p := range st.Peers {
 		name := p.Node
 		if name == "" {
-			name = p.PublicKey // not (or no longer) a planned peer
+			continue // not (or no longer) a planned peer: removed within a pass; keys stay out of metrics
 		}
 		if !p.LastHandshake.IsZero() {
 			ch <- prometheus.MustNewConstMetric(wgHandshakeDesc, prometheus.GaugeValue, now.Sub(p.LastHandshake).Seconds(), name)

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
 	"github.com/netagent/netagent/pkg/plan"
 )
 
@@ -27,6 +29,7 @@ type Fake struct {
 	kernel   chan struct{} // Watch's output: see Drift
 	invalid  Part          // invalidated since the last full Set
 	found    Part          // what the last full Set found invalidated
+	wgKey    string        // the public WireGuard key WireGuardKey returns
 }
 
 // NewFake returns a fake whose underlay is u.
@@ -127,6 +130,21 @@ func (f *Fake) Drift() { signal(f.kernel) }
 
 // Dropped is always 0.
 func (f *Fake) Dropped() uint64 { return 0 }
+
+// WireGuardKey returns a public key kept in memory (a new one with rotate), as Linux does
+// with the key in the state directory.
+func (f *Fake) WireGuardKey(_ string, rotate bool) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.wgKey == "" || rotate {
+		k, err := wgtypes.GeneratePrivateKey()
+		if err != nil {
+			return "", err
+		}
+		f.wgKey = k.PublicKey().String()
+	}
+	return f.wgKey, nil
+}
 
 // WireGuard reports no device: the fake has no kernel to read one from (its Dump shows
 // the WireGuard device and peers it was set to hold).

@@ -13,6 +13,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/netagent/netagent/pkg/netipx"
 	"github.com/netagent/netagent/pkg/plan"
@@ -108,6 +109,55 @@ func (w *wgState) reconciler(dev *plan.WGDevice) (*wireguard.Reconciler, error) 
 	w.impl, w.name = impl, dev.Name
 	w.rec = &wireguard.Reconciler{Client: w.client, Links: w.h, Device: ens, Log: w.log}
 	return w.rec, nil
+}
+
+// WireGuardKey returns the public key of the node's WireGuard private key, creating the key
+// on first use; with rotate it replaces the key first and, when device dev already exists,
+// gives it the new key at once: peers learn the new public key from the lease published
+// next, and a handshake they start then must find the device already holding it (else it
+// is dropped, and WireGuard retries only after 5 s). The private key never leaves here.
+func (d *Linux) WireGuardKey(dev string, rotate bool) (string, error) {
+	if d.wg == nil {
+		return "", errors.New("wireguard backend: the dataplane was not given WireGuard options")
+	}
+	return d.wg.key(dev, rotate)
+}
+
+func (w *wgState) key(dev string, rotate bool) (string, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.opt.KeyDir == "" {
+		return "", errors.New("wireguard backend: no state directory for the private key (--state-dir)")
+	}
+	if !rotate {
+		k, created, err := key.LoadOrCreate(w.opt.KeyDir)
+		if err != nil {
+			return "", fmt.Errorf("wireguard key: %w", err)
+		}
+		if created {
+			w.log.Info("wireguard key created", "dir", w.opt.KeyDir, "publicKey", k.PublicKey().String())
+		}
+		return k.PublicKey().String(), nil
+	}
+	k, err := key.Rotate(w.opt.KeyDir)
+	if err != nil {
+		return "", fmt.Errorf("rotate the WireGuard key: %w", err)
+	}
+	w.log.Info("wireguard key rotated", "dir", w.opt.KeyDir, "publicKey", k.PublicKey().String())
+	if _, err := w.h.LinkByName(dev); err != nil {
+		return k.PublicKey().String(), nil // no device yet: the first pass makes it with this key
+	}
+	if w.client == nil {
+		c, err := wgctrl.New()
+		if err != nil {
+			return "", fmt.Errorf("wireguard control: %w", err)
+		}
+		w.client = c
+	}
+	if err := w.client.ConfigureDevice(dev, wgtypes.Config{PrivateKey: &k}); err != nil {
+		return "", fmt.Errorf("give %s its new key: %w", dev, err)
+	}
+	return k.PublicKey().String(), nil
 }
 
 // DaemonBinary is netagent-wireguard next to the running executable, else on PATH.

@@ -5,6 +5,7 @@ package doctor
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -185,26 +186,34 @@ func forward(tool string, routeMode bool) Finding {
 	}
 }
 
-// conflist checks that the runtime's CNI config calls our plugin, and returns the IPv6
-// subnet it gives the plugin (invalid when the network is IPv4-only).
-func conflist(o Options) ([]Finding, netip.Prefix) {
-	var none netip.Prefix
-	if o.CNIConfDir == "" {
-		return nil, none
-	}
-	entries, err := os.ReadDir(o.CNIConfDir)
+// CNIConfig is what the CNI config a runtime uses says about netagent.
+type CNIConfig struct {
+	Path  string   // the file: the first .conflist or .conf in the directory
+	Types []string // its plugins' types, in order
+	// Netagent: one of them is netagent-cni; IPv6Subnet is that one's ipv6Subnet as
+	// written ("" on an IPv4-only network).
+	Netagent   bool
+	IPv6Subnet string
+}
+
+// ErrNoCNIConfig means the directory holds no CNI config file.
+var ErrNoCNIConfig = errors.New("no CNI config")
+
+// ReadCNIConfig reads the file a runtime uses from dir: the first .conflist or .conf in
+// lexical order.
+func ReadCNIConfig(dir string) (CNIConfig, error) {
+	entries, err := os.ReadDir(dir)
 	if err != nil {
-		return []Finding{{"CNI config", Problem, fmt.Sprintf("%s: %v", o.CNIConfDir, err), "netagent run writes it once ready; check --cni-conf-dir"}}, none
+		return CNIConfig{}, err
 	}
 	for _, e := range entries {
 		if !strings.HasSuffix(e.Name(), ".conflist") && !strings.HasSuffix(e.Name(), ".conf") {
 			continue
 		}
-		// Runtimes use the first file in lexical order.
-		path := filepath.Join(o.CNIConfDir, e.Name())
-		b, err := os.ReadFile(path)
+		c := CNIConfig{Path: filepath.Join(dir, e.Name())}
+		b, err := os.ReadFile(c.Path)
 		if err != nil {
-			return []Finding{{"CNI config", Problem, err.Error(), ""}}, none
+			return c, err
 		}
 		type plugin struct {
 			Type       string `json:"type"`
@@ -212,47 +221,60 @@ func conflist(o Options) ([]Finding, netip.Prefix) {
 		}
 		var cl struct {
 			Plugins []plugin `json:"plugins"`
-			plugin
+			plugin           // a .conf is one plugin
 		}
 		if err := json.Unmarshal(b, &cl); err != nil {
-			return []Finding{{"CNI config", Problem, fmt.Sprintf("%s is not valid JSON: %v", path, err), "remove it; netagent run rewrites its own"}}, none
+			return c, fmt.Errorf("%s is not valid JSON: %w", c.Path, err)
 		}
-		var types []string
-		var ours *plugin
 		for _, p := range append(cl.Plugins, cl.plugin) {
 			if p.Type == "" {
 				continue
 			}
-			types = append(types, p.Type)
-			if p.Type == "netagent-cni" && ours == nil {
-				ours = &p
+			c.Types = append(c.Types, p.Type)
+			if p.Type == "netagent-cni" && !c.Netagent {
+				c.Netagent, c.IPv6Subnet = true, p.IPv6Subnet
 			}
 		}
-		if ours == nil {
-			return []Finding{{"CNI config", Problem, fmt.Sprintf("the runtime uses %s (first in %s), which does not call netagent-cni (%v)", e.Name(), o.CNIConfDir, types), "remove or rename the other network's config"}}, none
-		}
-		var out []Finding
-		var subnet6 netip.Prefix
-		switch {
-		case ours.IPv6Subnet == "":
-			out = append(out, Finding{"CNI config", OK, path + " calls netagent-cni", ""})
-		default:
-			subnet6, err = netip.ParsePrefix(ours.IPv6Subnet)
-			if err != nil || !subnet6.Addr().Is6() {
-				out = append(out, Finding{"CNI config", Problem, fmt.Sprintf("%s: ipv6Subnet %q is not an IPv6 prefix: the plugin refuses every pod", path, ours.IPv6Subnet), "netagent run rewrites its own config; remove the file if it is not netagent's"})
-				subnet6 = netip.Prefix{}
-			} else {
-				out = append(out, Finding{"CNI config", OK, fmt.Sprintf("%s calls netagent-cni, IPv6 subnet %s", path, subnet6), ""})
-			}
-		}
-		if o.CNIBinDir != "" {
-			if _, err := os.Stat(filepath.Join(o.CNIBinDir, "netagent-cni")); err != nil {
-				out = append(out, Finding{"CNI binary", Problem, fmt.Sprintf("netagent-cni is not in %s", o.CNIBinDir), "install it there (the DaemonSet's init container does)"})
-			}
-		}
-		return out, subnet6
+		return c, nil
 	}
-	return []Finding{{"CNI config", Problem, "no CNI config in " + o.CNIConfDir, "netagent run writes one once it holds a lease and has reconciled"}}, none
+	return CNIConfig{}, fmt.Errorf("%w in %s", ErrNoCNIConfig, dir)
+}
+
+// conflist checks that the runtime's CNI config calls our plugin, and returns the IPv6
+// subnet it gives the plugin (invalid when the network is IPv4-only).
+func conflist(o Options) ([]Finding, netip.Prefix) {
+	var none netip.Prefix
+	if o.CNIConfDir == "" {
+		return nil, none
+	}
+	c, err := ReadCNIConfig(o.CNIConfDir)
+	switch {
+	case errors.Is(err, ErrNoCNIConfig):
+		return []Finding{{"CNI config", Problem, err.Error(), "netagent run writes one once it holds a lease and has reconciled"}}, none
+	case err != nil && c.Path == "":
+		return []Finding{{"CNI config", Problem, err.Error(), "netagent run writes it once ready; check --cni-conf-dir"}}, none
+	case err != nil:
+		return []Finding{{"CNI config", Problem, err.Error(), "remove it; netagent run rewrites its own"}}, none
+	case !c.Netagent:
+		return []Finding{{"CNI config", Problem, fmt.Sprintf("the runtime uses %s (first in %s), which does not call netagent-cni (%v)", filepath.Base(c.Path), o.CNIConfDir, c.Types), "remove or rename the other network's config"}}, none
+	}
+	var out []Finding
+	subnet6, err := netip.ParsePrefix(c.IPv6Subnet)
+	switch {
+	case c.IPv6Subnet == "":
+		out = append(out, Finding{"CNI config", OK, c.Path + " calls netagent-cni", ""})
+	case err != nil || !subnet6.Addr().Is6():
+		out = append(out, Finding{"CNI config", Problem, fmt.Sprintf("%s: ipv6Subnet %q is not an IPv6 prefix: the plugin refuses every pod", c.Path, c.IPv6Subnet), "netagent run rewrites its own config; remove the file if it is not netagent's"})
+		subnet6 = none
+	default:
+		out = append(out, Finding{"CNI config", OK, fmt.Sprintf("%s calls netagent-cni, IPv6 subnet %s", c.Path, subnet6), ""})
+	}
+	if o.CNIBinDir != "" {
+		if _, err := os.Stat(filepath.Join(o.CNIBinDir, "netagent-cni")); err != nil {
+			out = append(out, Finding{"CNI binary", Problem, fmt.Sprintf("netagent-cni is not in %s", o.CNIBinDir), "install it there (the DaemonSet's init container does)"})
+		}
+	}
+	return out, subnet6
 }
 
 // ipv6 checks what pod IPv6 traffic needs of a node: forwarding, router advertisements
@@ -374,21 +396,27 @@ func peers(status []byte) []Finding {
 		Peers []struct {
 			Node, Mode, Reason string
 			Route              bool
-			FDB, Neigh         *bool
+			FDB, Neigh, WG     *bool
 		} `json:"peers"`
+		WireGuard *struct {
+			Device, Implementation, Reason string
+		} `json:"wireguard"`
 	}
 	if err := json.Unmarshal(status, &st); err != nil {
 		return []Finding{{"agent", Warn, "unreadable status: " + err.Error(), ""}}
 	}
 	var out []Finding
+	if g := st.WireGuard; g != nil {
+		out = append(out, Finding{"wireguard", OK, fmt.Sprintf("device %s: %s WireGuard, because: %s", g.Device, g.Implementation, g.Reason), ""})
+	}
 	missing := 0
 	for _, p := range st.Peers {
 		switch {
 		case p.Mode == "unreachable":
 			out = append(out, Finding{"peer " + p.Node, Problem, "unreachable: " + p.Reason, ""})
-		case !p.Route || (p.FDB != nil && !*p.FDB) || (p.Neigh != nil && !*p.Neigh):
+		case !p.Route || (p.FDB != nil && !*p.FDB) || (p.Neigh != nil && !*p.Neigh) || (p.WG != nil && !*p.WG):
 			missing++
-			out = append(out, Finding{"peer " + p.Node, Problem, "route, FDB or neighbour entry missing", "the agent repairs this within a second; if it stays, see its log"})
+			out = append(out, Finding{"peer " + p.Node, Problem, "route, FDB, neighbour entry or WireGuard peer missing", "the agent repairs this within a second; if it stays, see its log"})
 		}
 	}
 	if missing == 0 {

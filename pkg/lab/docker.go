@@ -218,22 +218,32 @@ func (l *Lab) ReattachContainer(ctx context.Context, n *Node, p *Pod) error {
 	if err != nil {
 		return err
 	}
-	format := "{{.NetworkSettings.IPAddress}}"
+	format := "{{.NetworkSettings.IPAddress}} {{.NetworkSettings.GlobalIPv6Address}}"
 	if l.DockerNetwork != "" {
-		format = fmt.Sprintf("{{(index .NetworkSettings.Networks %q).IPAddress}}", l.DockerNetwork)
+		format = fmt.Sprintf("{{with index .NetworkSettings.Networks %q}}{{.IPAddress}} {{.GlobalIPv6Address}}{{end}}", l.DockerNetwork)
 	}
 	out, err := l.Docker(ctx, n, "inspect", "-f", format, p.Name)
 	if err != nil {
 		return err
 	}
-	ip, err := netip.ParseAddr(strings.TrimSpace(out))
+	f := strings.Fields(out)
+	if len(f) == 0 {
+		return fmt.Errorf("container %s has no address", p.Name)
+	}
+	ip, err := netip.ParseAddr(f[0])
 	if err != nil {
 		return fmt.Errorf("container %s has no address: %w", p.Name, err)
+	}
+	var ip6 netip.Addr
+	if len(f) > 1 {
+		if ip6, err = netip.ParseAddr(f[1]); err != nil || !ip6.Is6() {
+			return fmt.Errorf("container %s: IPv6 address %q: %v", p.Name, f[1], err)
+		}
 	}
 	_ = exec.Command("ip", "netns", "delete", p.NS).Run()
 	if b, err := exec.Command("ip", "netns", "attach", p.NS, fmt.Sprint(pid)).CombinedOutput(); err != nil {
 		return fmt.Errorf("ip netns attach %s %d: %v: %s", p.NS, pid, err, b)
 	}
-	p.IP = ip
+	p.IP, p.IP6 = ip, ip6
 	return nil
 }

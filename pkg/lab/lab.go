@@ -20,6 +20,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"net"
 	"net/http"
@@ -35,6 +36,7 @@ import (
 	"github.com/netagent/netagent/pkg/etcdsock"
 	"github.com/netagent/netagent/pkg/lab/k8s"
 	"github.com/netagent/netagent/pkg/lab/netns"
+	"github.com/netagent/netagent/pkg/wireguard/device"
 )
 
 // Options describe a lab.
@@ -708,6 +710,9 @@ func (l *Lab) AgentArgs(n *Node) []string {
 		if l.Opt.DockerNetwork != "" {
 			extra = []string{"--docker-network", l.Opt.DockerNetwork, "--docker-socket", l.dockerSock(n)}
 		}
+	} else if l.Backend == "wireguard" {
+		extra = append(extra, "--state-dir", filepath.Join(n.Dir, "state"), "--wireguard-device", l.WGDevice(n),
+			"--wireguard-daemon", filepath.Join(filepath.Dir(l.Opt.Netagent), "netagent-wireguard"))
 	}
 	return append(append([]string{cmd,
 		"--node-name", n.Name,
@@ -725,9 +730,21 @@ func (l *Lab) resyncFlag() []string {
 	return []string{"--resync", l.Opt.Resync.String()}
 }
 
+// WGDevice is a node's WireGuard device name: wireguard-go's UAPI sockets share one
+// directory (/var/run/wireguard) across every namespace of this host, so each node of each
+// lab gets its own name, derived from the lab's prefix (a restart finds the same one).
+func (l *Lab) WGDevice(n *Node) string {
+	h := fnv.New32a()
+	h.Write([]byte(l.Prefix + n.Name))
+	return fmt.Sprintf("nawg%08x", h.Sum32())
+}
+
 // StartAgent starts the node's agent.
-func (l *Lab) StartAgent(n *Node) error {
-	cmd := l.NodeNS(n).Command(context.Background(), l.Opt.Netagent, l.AgentArgs(n)...)
+func (l *Lab) StartAgent(n *Node) error { return l.StartAgentArgs(n) }
+
+// StartAgentArgs starts the node's agent with extra arguments (e.g. --rotate-wireguard-key).
+func (l *Lab) StartAgentArgs(n *Node, extra ...string) error {
+	cmd := l.NodeNS(n).Command(context.Background(), l.Opt.Netagent, append(l.AgentArgs(n), extra...)...)
 	pid, err := k8s.StartDetached(cmd, filepath.Join(n.Dir, "agent.log"))
 	if err != nil {
 		return fmt.Errorf("start agent on %s: %w", n.Name, err)
@@ -781,9 +798,9 @@ func (l *Lab) WaitConverged(ctx context.Context, timeout time.Duration) error {
 			}
 			var st struct {
 				Peers []struct {
-					Node, Mode string
-					Route      bool
-					FDB, Neigh *bool
+					Node, Mode     string
+					Route          bool
+					FDB, Neigh, WG *bool
 				} `json:"peers"`
 			}
 			if err := json.Unmarshal(b, &st); err != nil {
@@ -794,7 +811,7 @@ func (l *Lab) WaitConverged(ctx context.Context, timeout time.Duration) error {
 				break
 			}
 			for _, p := range st.Peers {
-				if p.Mode != "unreachable" && (!p.Route || (p.FDB != nil && !*p.FDB) || (p.Neigh != nil && !*p.Neigh)) {
+				if p.Mode != "unreachable" && (!p.Route || (p.FDB != nil && !*p.FDB) || (p.Neigh != nil && !*p.Neigh) || (p.WG != nil && !*p.WG)) {
 					done, last = false, fmt.Sprintf("%s has not programmed %s yet", n.Name, p.Node)
 					break
 				}
@@ -896,6 +913,15 @@ func (l *Lab) Down() error {
 	for _, e := range entries {
 		if l.Prefix != "" && strings.HasPrefix(e.Name(), l.Prefix) {
 			if err := (&netns.NS{Name: e.Name(), Path: "/run/netns/" + e.Name()}).Close(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if l.Backend == "wireguard" {
+		// The nodes' WireGuard daemons died with their namespaces' processes, without
+		// removing their sockets.
+		for _, n := range l.Nodes {
+			if err := os.Remove(device.SocketPath(l.WGDevice(n))); err != nil && !errors.Is(err, os.ErrNotExist) {
 				errs = append(errs, err)
 			}
 		}

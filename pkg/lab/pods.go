@@ -32,6 +32,17 @@ func (l *Lab) cni(n *Node) (*libcni.CNIConfig, *libcni.NetworkConfigList, error)
 // AddPod creates a pod namespace on n and wires it through netagent-cni, as a runtime
 // would (libcni, the agent's conflist).
 func (l *Lab) AddPod(ctx context.Context, n *Node, name string) (*Pod, error) {
+	return l.AddPodPorts(ctx, n, name)
+}
+
+// PortMapping is a pod's hostPort: traffic to the node's port Host goes to the pod's Pod.
+type PortMapping struct {
+	Host, Pod int
+	Protocol  string // tcp or udp
+}
+
+// AddPodPorts is AddPod with hostPorts (the runtime's portMappings capability).
+func (l *Lab) AddPodPorts(ctx context.Context, n *Node, name string, ports ...PortMapping) (*Pod, error) {
 	ns, err := l.newNS(name)
 	if err != nil {
 		return nil, err
@@ -42,7 +53,15 @@ func (l *Lab) AddPod(ctx context.Context, n *Node, name string) (*Pod, error) {
 	}
 	var res *current.Result
 	err = l.NodeNS(n).Do(func() error {
-		r, err := c.AddNetworkList(ctx, list, &libcni.RuntimeConf{ContainerID: name, NetNS: ns.Path, IfName: "eth0"})
+		rt := &libcni.RuntimeConf{ContainerID: name, NetNS: ns.Path, IfName: "eth0"}
+		if len(ports) > 0 {
+			var pm []any
+			for _, p := range ports {
+				pm = append(pm, map[string]any{"hostPort": p.Host, "containerPort": p.Pod, "protocol": p.Protocol})
+			}
+			rt.CapabilityArgs = map[string]any{"portMappings": pm}
+		}
+		r, err := c.AddNetworkList(ctx, list, rt)
 		if err != nil {
 			return err
 		}

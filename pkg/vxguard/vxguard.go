@@ -52,6 +52,7 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -187,11 +188,36 @@ type Guard struct {
 
 // New opens a netlink connection in the current network namespace.
 func New() (*Guard, error) {
-	c, err := nftables.New(nftables.AsLasting())
+	c, err := nftables.New(nftables.AsLasting(), nftables.WithSockOptions(bigSendBuffer))
 	if err != nil {
 		return nil, fmt.Errorf("nftables: %w", err)
 	}
 	return &Guard{conn: c}, nil
+}
+
+// sendBuffer bounds one transaction: nftables sends a whole batch in one sendmsg, which
+// the kernel refuses (EMSGSIZE) beyond the socket's send buffer (wmem_default, ~208 KiB).
+// A full sync of 5,000 dual-stack peers is larger than that, and must stay one
+// transaction so the sets are never seen half-written.
+const sendBuffer = 32 << 20
+
+// bigSendBuffer raises the send buffer past net.core.wmem_max (SO_SNDBUFFORCE, which
+// the agent's CAP_NET_ADMIN allows), else as far as wmem_max lets it.
+func bigSendBuffer(c *netlink.Conn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, sendBuffer)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return c.SetWriteBuffer(sendBuffer)
+	}
+	return nil
 }
 
 // Close releases the connection.

@@ -5,15 +5,14 @@ package cluster_test
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/netagent/netagent/pkg/agent"
 	"github.com/netagent/netagent/pkg/lab"
+	"github.com/netagent/netagent/test/labtest"
 	"github.com/netagent/netagent/test/netns"
 	"github.com/netagent/netagent/test/testbin"
 )
@@ -25,8 +24,6 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-var labSeq int
-
 func newLab(t *testing.T, backend string, nodes, remote, pods int) *lab.Lab {
 	t.Helper()
 	return newLabWith(t, lab.Options{Backend: backend, Nodes: nodes, Remote: remote, PodsPerNode: pods})
@@ -36,43 +33,10 @@ func newLab(t *testing.T, backend string, nodes, remote, pods int) *lab.Lab {
 // test failed) when the test ends.
 func newLabWith(t *testing.T, opt lab.Options) *lab.Lab {
 	t.Helper()
-	netns.RequireRoot(t)
-	opt.Netagent = testbin.Build(t, "./cmd/netagent", "netagent")
-	testbin.Build(t, "./cmd/netagent-etcd", "netagent-etcd")
-	testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
-	labSeq++
-	opt.Prefix = fmt.Sprintf("%s%d-%d-", netns.Prefix, os.Getpid(), 1000+labSeq)
-	opt.Dir, opt.CNIBinDir, opt.Log = t.TempDir(), testbin.Dir(), t.Logf
-	if opt.LeaseTTL == 0 {
-		opt.LeaseTTL = 3 * time.Second
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	l, err := lab.Up(ctx, opt)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, n := range l.Nodes {
-				b, _ := os.ReadFile(filepath.Join(n.Dir, "agent.log"))
-				t.Logf("agent log of %s:\n%s", n.Name, lastLines(string(b), 30))
-			}
-		}
-		if err := l.Down(); err != nil {
-			t.Errorf("lab down: %v", err)
-		}
-	})
-	return l
+	return labtest.Up(t, opt, nil)
 }
 
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
+func lastLines(s string, n int) string { return labtest.LastLines(s, n) }
 
 func status(t *testing.T, l *lab.Lab, n *lab.Node) agent.Status {
 	t.Helper()

@@ -158,3 +158,44 @@ func TestRouteModeDockerNetwork(t *testing.T) {
 		return err == nil
 	})
 }
+
+// TestRouteModeDockerDualStack: Docker hosts in a dual-stack cluster over a dual-stack
+// underlay. route-mode writes the IPv6 subnet into daemon.json (ipv6, fixed-cidr-v6) beside
+// bip, dockerd gives containers an address of each family from the leases, and containers
+// reach each other across hosts over IPv6 with their own source addresses, while traffic
+// to an outside host is masqueraded to the host's IPv6 address.
+func TestRouteModeDockerDualStack(t *testing.T) {
+	requireDockerd(t)
+	l := newLabWith(t, lab.Options{Nodes: 2, Backend: "host-gw", IPFamily: "dual", RouteMode: true, PodsPerNode: 1})
+	var pods []*lab.Pod
+	for _, n := range l.Nodes {
+		st := status(t, l, n)
+		p := n.Pods[0]
+		sub6, err := netip.ParsePrefix(st.Subnet6)
+		if err != nil {
+			t.Fatalf("%s: no IPv6 subnet in status (%q): %v", n.Name, st.Subnet6, err)
+		}
+		if !p.IP6.IsValid() || !sub6.Contains(p.IP6) {
+			t.Fatalf("container on %s has IPv6 %v, want one in the leased %s", n.Name, p.IP6, sub6)
+		}
+		if !netip.MustParsePrefix(st.Subnet).Contains(p.IP) {
+			t.Errorf("container on %s has %s, outside the leased %s", n.Name, p.IP, st.Subnet)
+		}
+		pods = append(pods, p)
+	}
+	a, b := pods[0], pods[1]
+	for _, ip := range []netip.Addr{b.IP, b.IP6} {
+		if err := lab.Ping(l.PodNS(a), ip.String()); err != nil {
+			t.Errorf("%s -> %s (%s): %v", a.Name, b.Name, ip, err)
+		}
+	}
+	port := 7600 + int(time.Now().UnixNano()%300)
+	l.PodNS(b).Serve6(t, port, func(client string) string { return client })
+	if got, err := l.PodNS(a).Fetch6(netip.AddrPortFrom(b.IP6, uint16(port)).String()); err != nil || got != a.IP6.String() {
+		t.Errorf("%s -> %s over IPv6: server saw %q (%v), want the container's own %s", a.Name, b.Name, got, err, a.IP6)
+	}
+	l.ExtNS().Serve6(t, port, func(client string) string { return client })
+	if got, err := l.PodNS(a).Fetch6(netip.AddrPortFrom(l.Ext6, uint16(port)).String()); err != nil || got != l.Nodes[0].IP6.String() {
+		t.Errorf("container -> outside over IPv6: server saw %q (%v), want the host's %s", got, err, l.Nodes[0].IP6)
+	}
+}

@@ -36,8 +36,18 @@ func synthetic(i int) lease.Lease {
 	}
 }
 
-func countOurRoutes(h *netlink.Handle) int {
-	rs, err := h.RouteListFiltered(unix.AF_INET, &netlink.Route{Protocol: route.Protocol, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+// synthetic6 is synthetic(i) in a dual-stack cluster: an IPv6 pod subnet too, carried
+// over the same IPv4 VXLAN (the peers have no IPv6 underlay address).
+func synthetic6(i int) lease.Lease {
+	l := synthetic(i)
+	l.Subnet6 = netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%x::/64", i+1))
+	return l
+}
+
+func countOurRoutes(h *netlink.Handle) int { return countOurRoutesOf(h, unix.AF_INET) }
+
+func countOurRoutesOf(h *netlink.Handle, family int) int {
+	rs, err := h.RouteListFiltered(family, &netlink.Route{Protocol: route.Protocol, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return -1
 	}
@@ -92,6 +102,16 @@ func rawProgram(b *testing.B, peers []lease.Lease) time.Duration {
 		if err := h.RouteReplace(&netlink.Route{LinkIndex: idx, Dst: &net.IPNet{IP: vtep, Mask: net.CIDRMask(24, 32)}, Gw: vtep, Flags: int(netlink.FLAG_ONLINK), Protocol: route.Protocol}); err != nil {
 			b.Fatal(err)
 		}
+		if !p.Subnet6.IsValid() {
+			continue
+		}
+		vtep6 := p.Subnet6.Addr().AsSlice()
+		if err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET6, State: netlink.NUD_PERMANENT, IP: vtep6, HardwareAddr: mac}); err != nil {
+			b.Fatal(err)
+		}
+		if err := h.RouteReplace(&netlink.Route{LinkIndex: idx, Dst: &net.IPNet{IP: vtep6, Mask: net.CIDRMask(64, 128)}, Gw: vtep6, Flags: int(netlink.FLAG_ONLINK), Protocol: route.Protocol}); err != nil {
+			b.Fatal(err)
+		}
 	}
 	return time.Since(start)
 }
@@ -99,20 +119,30 @@ func rawProgram(b *testing.B, peers []lease.Lease) time.Duration {
 // BenchmarkAgentScale: one agent, 5,000 synthetic peer leases in etcd. It reports the time
 // to program every route, FDB and neighbour entry from a cold start, the time one further
 // lease takes to reach the kernel, RSS and idle CPU, each next to the raw netlink cost of
-// the same kernel objects measured in the same run.
+// the same kernel objects measured in the same run; for an IPv4 cluster and for a
+// dual-stack one (each peer an IPv6 subnet too: twice the routes and neighbours).
 //
 //	go test -run '^$' -bench AgentScale -benchtime 20x ./test/cluster
 func BenchmarkAgentScale(b *testing.B) {
 	netns.RequireRoot(b)
+	b.Run("family=ipv4", func(b *testing.B) { agentScale(b, false) })
+	b.Run("family=dual", func(b *testing.B) { agentScale(b, true) })
+}
+
+func agentScale(b *testing.B, dual bool) {
 	const peers = 5000
 	bin := testbin.Build(b, "./cmd/netagent", "netagent")
 	testbin.Build(b, "./cmd/netagent-etcd", "netagent-etcd")
 	testbin.Build(b, "./cmd/cni-plugin", "netagent-cni")
 	ctx := context.Background()
+	family, gen := "ipv4", synthetic
+	if dual {
+		family, gen = "dual", synthetic6
+	}
 	l, err := lab.Up(ctx, lab.Options{
 		Prefix: fmt.Sprintf("%s%d-scale-", netns.Prefix, os.Getpid()), Dir: b.TempDir(),
 		Nodes: 1, Backend: "vxlan", Netagent: bin, CNIBinDir: testbin.Dir(), LeaseTTL: 30 * time.Second,
-		Network: "10.0.0.0/8",
+		Network: "10.0.0.0/8", IPFamily: family,
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -133,7 +163,7 @@ func BenchmarkAgentScale(b *testing.B) {
 	}
 	all := make([]lease.Lease, 0, peers+b.N)
 	for i := range peers + b.N {
-		all = append(all, synthetic(i))
+		all = append(all, gen(i))
 	}
 	for _, p := range all[:peers] {
 		if _, err := cli.Put(ctx, "/netagent/subnets/"+lease.SubnetKey(p.Subnet), string(p.Encode()), clientv3.WithLease(grant.ID)); err != nil {
@@ -151,9 +181,12 @@ func BenchmarkAgentScale(b *testing.B) {
 	if err := l.StartAgent(n); err != nil {
 		b.Fatal(err)
 	}
-	for countOurRoutes(h) < peers {
+	programmed := func() bool {
+		return countOurRoutes(h) >= peers && (!dual || countOurRoutesOf(h, unix.AF_INET6) >= peers)
+	}
+	for !programmed() {
 		if time.Since(start) > 2*time.Minute {
-			b.Fatalf("only %d routes after 2 minutes", countOurRoutes(h))
+			b.Fatalf("only %d IPv4 and %d IPv6 routes after 2 minutes", countOurRoutes(h), countOurRoutesOf(h, unix.AF_INET6))
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
@@ -199,7 +232,11 @@ func BenchmarkAgentScale(b *testing.B) {
 	var total, afterCommit time.Duration
 	for i := range b.N {
 		p := all[peers+i]
-		dst := &net.IPNet{IP: p.Subnet.Addr().AsSlice(), Mask: net.CIDRMask(24, 32)}
+		// The change is in the kernel when the routes of every family it brings are.
+		want := map[string]bool{p.Subnet.String(): true}
+		if p.Subnet6.IsValid() {
+			want[p.Subnet6.String()] = true
+		}
 		t := time.Now()
 		if _, err := cli.Put(ctx, "/netagent/subnets/"+lease.SubnetKey(p.Subnet), string(p.Encode()), clientv3.WithLease(grant.ID)); err != nil {
 			b.Fatal(err)
@@ -209,8 +246,11 @@ func BenchmarkAgentScale(b *testing.B) {
 		for {
 			select {
 			case u := <-updates:
-				if u.Type == unix.RTM_NEWROUTE && u.Dst != nil && u.Dst.String() == dst.String() {
-					break wait
+				if u.Type == unix.RTM_NEWROUTE && u.Dst != nil && want[u.Dst.String()] {
+					delete(want, u.Dst.String())
+					if len(want) == 0 {
+						break wait
+					}
 				}
 			case <-time.After(10 * time.Second):
 				b.Fatalf("lease %d not programmed in 10s", i)

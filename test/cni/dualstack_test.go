@@ -3,8 +3,10 @@ package cni_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -552,4 +554,95 @@ func TestDualStackPodWithIPv6Disabled(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// TestDualStackAddIsAtomic: a dual-stack ADD that fails at a step only IPv6 has leaves
+// nothing of either family behind (no address in the store, veth, pod interface,
+// anti-spoofing entry or host-port rule), and the pods before it keep theirs.
+func TestDualStackAddIsAtomic(t *testing.T) {
+	n := newNode(t)
+	// leftovers describes what the node holds beyond want pods' worth.
+	leftovers := func(t *testing.T, want int) {
+		t.Helper()
+		recs := n.records()
+		for _, r := range recs {
+			if !r.IP.Is4() || !r.IP6.Is6() {
+				t.Errorf("record %+v lacks a family", r)
+			}
+		}
+		if len(recs) != want {
+			t.Errorf("store records %d, want %d: %+v", len(recs), want, recs)
+		}
+		if v := n.veths(); len(v) != want {
+			t.Errorf("veths %v, want %d", v, want)
+		}
+		if e := n.entries(); len(e) != 3*want {
+			t.Errorf("anti-spoofing entries %v, want 3 per pod (%d)", e, 3*want)
+		}
+	}
+	noInterface := func(t *testing.T, p *netns.NS) {
+		t.Helper()
+		if out := p.MustRun(t, "ip", "-o", "link", "show"); strings.Contains(out, "eth0") {
+			t.Errorf("pod interface left behind: %s", out)
+		}
+	}
+
+	t.Run("IPv6 pool exhausted, IPv4 not", func(t *testing.T) {
+		l := n.list("1.0.0", conf{"subnet": "10.244.28.0/24", "ipv6Subnet": "fd00:244:28::/126"})
+		var live []*pod
+		var failed *pod
+		for i := range 4 { // a /126 holds 2 pod addresses at most
+			p := n.newPod("small6-" + strconv.Itoa(i))
+			_, err := n.add(l, p)
+			if err == nil {
+				live = append(live, p)
+				continue
+			}
+			var e *types.Error
+			if !errors.As(err, &e) || e.Code != types.ErrTryAgainLater || !strings.Contains(e.Msg, "exhausted") {
+				t.Fatalf("ADD %d = %v, want code 11 'address pool exhausted'", i, err)
+			}
+			failed = p
+			break
+		}
+		if failed == nil || len(live) == 0 {
+			t.Fatalf("%d ADDs succeeded on a /126 and none failed", len(live))
+		}
+		leftovers(t, len(live))
+		noInterface(t, failed.ns)
+		for _, p := range live {
+			if err := n.del(l, p); err != nil {
+				t.Fatal(err)
+			}
+		}
+		leftovers(t, 0)
+	})
+
+	t.Run("ip6tables missing, iptables there", func(t *testing.T) {
+		bin := t.TempDir()
+		for _, name := range []string{"iptables", "iptables-save", "iptables-restore"} {
+			path, err := exec.LookPath(name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(path, filepath.Join(bin, name)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		p := netns.New(t, "pod")
+		stdin := `{"cniVersion":"1.0.0","name":"netagent","type":"netagent-cni","subnet":"10.244.29.0/24","ipv6Subnet":"fd00:244:29::/64",` +
+			`"dataDir":` + strconv.Quote(filepath.Join(n.dataDir, "ipam")) + `,"runtimeConfig":{"portMappings":[{"hostPort":8089,"containerPort":80,"protocol":"tcp"}]}}`
+		cmd := n.ns.Command(t.Context(), n.plugin)
+		cmd.Env = []string{"PATH=" + bin, "CNI_COMMAND=ADD", "CNI_CONTAINERID=noip6t", "CNI_NETNS=" + p.Path, "CNI_IFNAME=eth0", "CNI_PATH=" + n.binDir}
+		cmd.Stdin = strings.NewReader(stdin)
+		out, err := cmd.Output()
+		if err == nil || !strings.Contains(string(out), "ip6tables") {
+			t.Fatalf("ADD without ip6tables = %v, %s; want an ip6tables error", err, out)
+		}
+		leftovers(t, 0)
+		noInterface(t, p)
+		if nat := n.ns.MustRun(t, "iptables-save", "-t", "nat"); strings.Contains(nat, "8089") {
+			t.Errorf("IPv4 host-port rule left behind:\n%s", nat)
+		}
+	})
 }

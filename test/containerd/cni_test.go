@@ -50,34 +50,48 @@ type scenario struct {
 	storeDir string
 	// hostPort: the plugin implements the portMappings capability.
 	hostPort bool
+	// subnet6 is the network's IPv6 subnet when it is dual stack: every pod must get an
+	// address of each family, and every check runs over IPv6 too.
+	subnet6 netip.Prefix
 }
 
 // TestNetagentCNIUnderContainerd runs netagent-cni under containerd's CRI: pods get
 // distinct addresses on the node bridge, reach each other and the node, a hostPort
 // reaches its pod, and removing the pods leaves no interface or allocation behind.
-func TestNetagentCNIUnderContainerd(t *testing.T) {
+func TestNetagentCNIUnderContainerd(t *testing.T) { runNetagent(t, netip.Prefix{}) }
+
+// runNetagent runs the scenario with netagent-cni on a network with podSubnet and, if
+// valid, subnet6 (dual stack).
+func runNetagent(t *testing.T, subnet6 netip.Prefix) {
 	netns.RequireRoot(t)
 	plugin := testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
 	loopback := testbin.Build(t, "github.com/containernetworking/plugins/plugins/main/loopback", "loopback")
 	dataDir := t.TempDir()
-	conf := map[string]any{
-		"cniVersion": "1.0.0",
-		"name":       networkName,
-		"plugins": []any{map[string]any{
-			"type":         "netagent-cni",
-			"bridge":       bridgeName,
-			"subnet":       podSubnet.String(),
-			"dataDir":      filepath.Join(dataDir, "ipam"),
-			"capabilities": map[string]bool{"portMappings": true},
-		}},
+	pc := map[string]any{
+		"type":         "netagent-cni",
+		"bridge":       bridgeName,
+		"subnet":       podSubnet.String(),
+		"dataDir":      filepath.Join(dataDir, "ipam"),
+		"capabilities": map[string]bool{"portMappings": true},
 	}
+	setup := addNodeAddr
+	if subnet6.IsValid() {
+		pc["ipv6Subnet"] = subnet6.String()
+		setup = func(ns *netns.NS) error {
+			if err := addNodeAddr(ns); err != nil {
+				return err
+			}
+			return ns.AddrAdd("lo", nodeAddr6.String())
+		}
+	}
+	conf := map[string]any{"cniVersion": "1.0.0", "name": networkName, "plugins": []any{pc}}
 	runPods(t, nodeOptions{
 		// containerd 1.6 always sets up "lo" with a plugin called loopback as well.
 		plugins:  map[string]string{"netagent-cni": plugin, "loopback": loopback},
 		confName: "10-netagent.conflist",
 		conflist: mustJSON(t, conf),
-		setup:    addNodeAddr,
-	}, scenario{storeDir: filepath.Join(dataDir, "ipam", networkName), hostPort: true})
+		setup:    setup,
+	}, scenario{storeDir: filepath.Join(dataDir, "ipam", networkName), hostPort: true, subnet6: subnet6})
 }
 
 // TestReferencePluginsUnderContainerd runs the same scenario with the reference bridge and
@@ -123,7 +137,11 @@ func TestReferencePluginsUnderContainerd(t *testing.T) {
 // bridge and the pods' connectivity, remove the pods and check that nothing is left, then
 // check that a fresh pod still gets an address.
 func runPods(t *testing.T, opts nodeOptions, sc scenario) {
-	ctx, cancel := context.WithTimeout(t.Context(), testBudget)
+	budget := testBudget
+	if sc.subnet6.IsValid() {
+		budget += testBudget / 2 // every connectivity check runs twice
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), budget)
 	defer cancel()
 	n := startNode(ctx, t, opts)
 	netnsBefore := namedNetns(t)
@@ -150,6 +168,13 @@ func runPods(t *testing.T, opts nodeOptions, sc scenario) {
 		servers[i] = id
 	}
 
+	t.Run("PodSandboxStatus reports one address per family", func(t *testing.T) {
+		for _, p := range pods {
+			if ip6 := podIP6(p); sc.subnet6.IsValid() != (len(p.additional) == 1 && ip6.IsValid()) {
+				t.Errorf("pod %s: PodSandboxStatus ip %s, additional_ips %v; want an IPv6 one among them: %t", p.name, p.ip, p.additional, sc.subnet6.IsValid())
+			}
+		}
+	})
 	t.Run("distinct addresses in the pod subnet", func(t *testing.T) {
 		seen := map[netip.Addr]string{}
 		for _, p := range pods {
@@ -168,7 +193,7 @@ func runPods(t *testing.T, opts nodeOptions, sc scenario) {
 		}
 	})
 	t.Run("node bridge has the gateway and one veth per pod", func(t *testing.T) {
-		checkBridge(t, n.ns, podCount)
+		checkBridge(t, n.ns, podCount, sc.gateways()...)
 	})
 	t.Run("pod interface and default route", func(t *testing.T) {
 		for i, p := range pods {
@@ -187,7 +212,7 @@ func runPods(t *testing.T, opts nodeOptions, sc scenario) {
 		}
 	})
 	t.Run("node pings every pod", func(t *testing.T) {
-		for p, err := range pingAll(ctx, n.ns, pods) {
+		for p, err := range pingAll(ctx, n.ns, pods, podIP) {
 			if err != nil {
 				t.Errorf("ping pod %s at %s from the node: %v", p.name, p.ip, err)
 			}
@@ -204,6 +229,9 @@ func runPods(t *testing.T, opts nodeOptions, sc scenario) {
 			}
 		}
 	})
+	if sc.subnet6.IsValid() {
+		checkIPv6(ctx, t, n, pods, servers, sc)
+	}
 	if sc.hostPort {
 		t.Run("host port reaches its pod", func(t *testing.T) {
 			addr := fmt.Sprintf("%s:%d", nodeAddr.Addr(), hostPort)
@@ -223,7 +251,7 @@ func runPods(t *testing.T, opts nodeOptions, sc scenario) {
 			// that was never written, or written somewhere else.
 			mentioned := storeMentions(t, sc.storeDir, pods)
 			for _, p := range pods {
-				for _, k := range []string{p.id, p.ip} {
+				for _, k := range append([]string{p.id, p.ip}, p.additional...) {
 					if !slices.Contains(mentioned, k) {
 						t.Errorf("IPAM store %s has no allocation for pod %s (%s)", sc.storeDir, p.name, k)
 					}
@@ -242,9 +270,15 @@ func runPods(t *testing.T, opts nodeOptions, sc scenario) {
 		checkNoVeth(t, n.ns)
 	})
 	t.Run("pods no longer answer ping", func(t *testing.T) {
-		for p, err := range pingAll(ctx, n.ns, pods) {
-			if err == nil {
-				t.Errorf("pod %s at %s still answers ping after removal", p.name, p.ip)
+		addrs := []func(*pod) string{podIP}
+		if sc.subnet6.IsValid() {
+			addrs = append(addrs, podIP6String)
+		}
+		for _, addr := range addrs {
+			for p, err := range pingAll(ctx, n.ns, pods, addr) {
+				if err == nil {
+					t.Errorf("pod %s at %s still answers ping after removal", p.name, addr(p))
+				}
 			}
 		}
 	})
@@ -255,14 +289,22 @@ func runPods(t *testing.T, opts nodeOptions, sc scenario) {
 		t.Run("no NAT rule left for removed pods", func(t *testing.T) {
 			// Whatever chains the plugin keeps, a rule naming a removed pod's address or
 			// its host port would send traffic into the void (or to the address's next owner).
-			out := n.ns.MustRun(t, "iptables-save", "-t", "nat")
-			for _, p := range pods {
-				if containsToken(out, p.ip) {
-					t.Errorf("nat table still mentions removed pod %s (%s):\n%s", p.name, p.ip, out)
-				}
+			saves := []string{"iptables-save"}
+			if sc.subnet6.IsValid() {
+				saves = append(saves, "ip6tables-save")
 			}
-			if port := fmt.Sprint(hostPort); containsToken(out, port) {
-				t.Errorf("nat table still mentions host port %s:\n%s", port, out)
+			for _, save := range saves {
+				out := n.ns.MustRun(t, save, "-t", "nat")
+				for _, p := range pods {
+					for _, ip := range append([]string{p.ip}, p.additional...) {
+						if containsToken(out, ip) {
+							t.Errorf("%s: nat table still mentions removed pod %s (%s):\n%s", save, p.name, ip, out)
+						}
+					}
+				}
+				if port := fmt.Sprint(hostPort); containsToken(out, port) {
+					t.Errorf("%s: nat table still mentions host port %s:\n%s", save, port, out)
+				}
 			}
 		})
 	}
@@ -285,10 +327,19 @@ func runPods(t *testing.T, opts nodeOptions, sc scenario) {
 		if err != nil || !podSubnet.Contains(ip) {
 			t.Errorf("fresh pod has IP %q, want one in %s", p.ip, podSubnet)
 		}
-		checkBridge(t, n.ns, 1)
-		for q, err := range pingAll(ctx, n.ns, []*pod{p}) {
-			if err != nil {
-				t.Errorf("ping fresh pod %s at %s: %v", q.name, q.ip, err)
+		addrs := []func(*pod) string{podIP}
+		if sc.subnet6.IsValid() {
+			if ip6 := podIP6(p); !sc.subnet6.Contains(ip6) {
+				t.Errorf("fresh pod has additional IPs %v, want one in %s", p.additional, sc.subnet6)
+			}
+			addrs = append(addrs, podIP6String)
+		}
+		checkBridge(t, n.ns, 1, sc.gateways()...)
+		for _, addr := range addrs {
+			for q, err := range pingAll(ctx, n.ns, []*pod{p}, addr) {
+				if err != nil {
+					t.Errorf("ping fresh pod %s at %s: %v", q.name, addr(q), err)
+				}
 			}
 		}
 		if err := n.removePod(ctx, p.id); err != nil {
@@ -310,8 +361,9 @@ func addNodeAddr(ns *netns.NS) error {
 	return ns.AddrAdd("lo", nodeAddr.String())
 }
 
-// checkBridge asserts the node's bridge carries the gateway address and exactly want veths.
-func checkBridge(t *testing.T, ns *netns.NS, want int) {
+// checkBridge asserts the node's bridge carries the IPv4 gateway address (and the other
+// gateways given) and exactly want veths.
+func checkBridge(t *testing.T, ns *netns.NS, want int, gateways ...netip.Prefix) {
 	t.Helper()
 	h, err := ns.Handle()
 	if err != nil {
@@ -325,7 +377,7 @@ func checkBridge(t *testing.T, ns *netns.NS, want int) {
 	if br.Type() != "bridge" {
 		t.Errorf("%s has type %s, want bridge", bridgeName, br.Type())
 	}
-	addrs, err := h.AddrList(br, netlink.FAMILY_V4)
+	addrs, err := h.AddrList(br, netlink.FAMILY_ALL)
 	if err != nil {
 		t.Fatalf("list addresses of %s: %v", bridgeName, err)
 	}
@@ -333,8 +385,10 @@ func checkBridge(t *testing.T, ns *netns.NS, want int) {
 	for _, a := range addrs {
 		got = append(got, a.IPNet.String())
 	}
-	if !slices.Contains(got, gateway.String()) {
-		t.Errorf("%s addresses = %v, want %s among them", bridgeName, got, gateway)
+	for _, gw := range append([]netip.Prefix{gateway}, gateways...) {
+		if !slices.Contains(got, gw.String()) {
+			t.Errorf("%s addresses = %v, want %s among them", bridgeName, got, gw)
+		}
 	}
 	veths, err := vethsOn(h, br.Attrs().Index)
 	if err != nil {
@@ -377,16 +431,16 @@ func vethsOn(h *netlink.Handle, master int) ([]string, error) {
 	return names, nil
 }
 
-// pingAll pings every pod once from the node namespace, in parallel so failures cost one
-// timeout rather than one per pod, and yields each pod with its result.
-func pingAll(ctx context.Context, ns *netns.NS, pods []*pod) func(func(*pod, error) bool) {
+// pingAll pings every pod once at addr(pod) from the node namespace, in parallel so
+// failures cost one timeout rather than one per pod, and yields each pod with its result.
+func pingAll(ctx context.Context, ns *netns.NS, pods []*pod, addr func(*pod) string) func(func(*pod, error) bool) {
 	errs := make([]error, len(pods))
 	var wg sync.WaitGroup
 	for i, p := range pods {
 		wg.Go(func() {
 			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			defer cancel()
-			out, err := ns.Command(pctx, "ping", "-c1", "-W1", p.ip).CombinedOutput()
+			out, err := ns.Command(pctx, "ping", "-c1", "-W1", addr(p)).CombinedOutput()
 			if err != nil {
 				errs[i] = fmt.Errorf("%w: %s", err, bytes.TrimSpace(out))
 			}
@@ -442,6 +496,7 @@ func podKeys(pods []*pod) (ids, ips []string) {
 	for _, p := range pods {
 		ids = append(ids, p.id)
 		ips = append(ips, p.ip)
+		ips = append(ips, p.additional...)
 	}
 	return ids, ips
 }
@@ -471,8 +526,11 @@ func storeMentions(t *testing.T, dir string, pods []*pod) []string {
 					if slices.Contains(ids, r.ContainerID) {
 						found[r.ContainerID] = true
 					}
-					if slices.Contains(ips, r.IP.String()) {
-						found[r.IP.String()] = true
+					// A dual-stack record holds the pod's IPv6 address beside its IPv4 one.
+					for _, ip := range []netip.Addr{r.IP, r.IP6} {
+						if ip.IsValid() && slices.Contains(ips, ip.String()) {
+							found[ip.String()] = true
+						}
 					}
 				}
 				return fs.SkipDir

@@ -363,10 +363,13 @@ func (n *node) logTail(t *testing.T, lines int) {
 
 // pod is one running pod sandbox.
 type pod struct {
-	name   string
-	id     string
-	ip     string
-	config *runtimeapi.PodSandboxConfig
+	name string
+	id   string
+	ip   string
+	// additional are the pod's other addresses as PodSandboxStatus reports them (the
+	// IPv6 one of a dual-stack pod), which containerd takes from the CNI result.
+	additional []string
+	config     *runtimeapi.PodSandboxConfig
 }
 
 // runPod starts a pod sandbox (which runs the CNI ADD) and reads its IP back from the
@@ -392,6 +395,9 @@ func (n *node) runPod(ctx context.Context, name string, ports []*runtimeapi.Port
 		return p, fmt.Errorf("pod %s is %s, want SANDBOX_READY", name, s)
 	}
 	p.ip = st.GetStatus().GetNetwork().GetIp()
+	for _, a := range st.GetStatus().GetNetwork().GetAdditionalIps() {
+		p.additional = append(p.additional, a.GetIp())
+	}
 	return p, nil
 }
 

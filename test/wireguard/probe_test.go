@@ -160,14 +160,16 @@ func startCapture(t testing.TB, n *netns.NS, link string) *capture {
 		defer close(c.done)
 		buf := make([]byte, 1<<17) // a GSO frame can exceed 64 KiB with its headers
 		for {
-			select {
-			case <-c.quit:
-				return
-			default:
-			}
 			k, _, err := unix.Recvfrom(c.fd, buf, unix.MSG_TRUNC)
 			if err != nil {
-				continue // the timeout, so quit is seen
+				// The timeout: the queue is empty. Only now may a stop end the capture,
+				// so frames still queued when it was asked for are not lost.
+				select {
+				case <-c.quit:
+					return
+				default:
+					continue
+				}
 			}
 			if k > len(buf) {
 				c.mu.Lock()
