@@ -44,6 +44,9 @@ func (l *Lab) Picture() ([]byte, error) {
 		maxPods = max(maxPods, len(n.Pods))
 	}
 	width := 60 + colW*len(l.Nodes)
+	if l.Backend == "wireguard" {
+		width = max(width, 720) // room for the legend's fourth entry
+	}
 	height := nodeY + nodeH + 40 + 34*maxPods + 90
 	var b strings.Builder
 	e := html.EscapeString
@@ -95,6 +98,8 @@ func (l *Lab) Picture() ([]byte, error) {
 			switch p.Mode {
 			case "vxlan":
 				style = `stroke="#6a1b9a" stroke-width="2" stroke-dasharray="7,4"`
+			case "wireguard":
+				style = `stroke="#1565c0" stroke-width="3" stroke-dasharray="12,3"`
 			case "unreachable":
 				style = `stroke="#c62828" stroke-width="2" stroke-dasharray="2,4"`
 			}
@@ -125,6 +130,9 @@ func (l *Lab) Picture() ([]byte, error) {
 	fmt.Fprintf(&b, `<line x1="30" y1="%d" x2="70" y2="%d" stroke="#2e7d32" stroke-width="2"/><text x="76" y="%d">direct route</text>`+"\n", ly, ly, ly+4)
 	fmt.Fprintf(&b, `<line x1="190" y1="%d" x2="230" y2="%d" stroke="#6a1b9a" stroke-width="2" stroke-dasharray="7,4"/><text x="236" y="%d">VXLAN tunnel</text>`+"\n", ly, ly, ly+4)
 	fmt.Fprintf(&b, `<line x1="350" y1="%d" x2="390" y2="%d" stroke="#c62828" stroke-width="2" stroke-dasharray="2,4"/><text x="396" y="%d">unreachable</text>`+"\n", ly, ly, ly+4)
+	if l.Backend == "wireguard" {
+		fmt.Fprintf(&b, `<line x1="500" y1="%d" x2="540" y2="%d" stroke="#1565c0" stroke-width="3" stroke-dasharray="12,3"/><text x="546" y="%d">WireGuard (encrypted)</text>`+"\n", ly, ly, ly+4)
+	}
 	b.WriteString("</svg>\n")
 	return []byte(b.String()), nil
 }

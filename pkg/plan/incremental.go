@@ -547,39 +547,14 @@ func Clone(p Plan) Plan {
 // prev (the full plan the delta follows) with the delta applied, under next's header.
 func Follow(prev, next Plan) Plan {
 	d := next.Delta
-	routes := map[netip.Prefix]Route{}
-	for _, r := range prev.Routes {
-		routes[r.Dst] = r
-	}
-	for _, c := range d.Routes {
-		if c.Del {
-			delete(routes, c.Dst)
-		} else {
-			routes[c.Dst] = c.Route
-		}
-	}
-	neighs := map[netip.Addr]Neigh{}
-	for _, n := range prev.Neighs {
-		neighs[n.IP] = n
-	}
-	for _, c := range d.Neighs {
-		if c.Del {
-			delete(neighs, c.IP)
-		} else {
-			neighs[c.IP] = c.Neigh
-		}
-	}
-	fdb := map[FDB]bool{}
-	for _, e := range prev.FDB {
-		fdb[e] = true
-	}
-	for _, c := range d.FDB {
-		if c.Del {
-			delete(fdb, c.FDB)
-		} else {
-			fdb[c.FDB] = true
-		}
-	}
+	routes := follow(prev.Routes, func(r Route) netip.Prefix { return r.Dst }, d.Routes,
+		func(c RouteChange) (netip.Prefix, Route, bool) { return c.Dst, c.Route, c.Del })
+	neighs := follow(prev.Neighs, func(n Neigh) netip.Addr { return n.IP }, d.Neighs,
+		func(c NeighChange) (netip.Addr, Neigh, bool) { return c.IP, c.Neigh, c.Del })
+	fdb := follow(prev.FDB, func(f FDB) FDB { return f }, d.FDB,
+		func(c FDBChange) (FDB, FDB, bool) { return c.FDB, c.FDB, c.Del })
+	wg := follow(prev.WGPeers, func(w WGPeer) string { return w.Node }, d.WGPeers,
+		func(c WGPeerChange) (string, WGPeer, bool) { return c.Node, c.Peer, c.Del })
 	peers := map[string]Peer{}
 	for _, v := range prev.Peers {
 		peers[v.Node] = v
@@ -599,23 +574,29 @@ func Follow(prev, next Plan) Plan {
 	for _, v := range d.Peers {
 		peers[v.Node] = v
 	}
-	wg := map[string]WGPeer{}
-	for _, w := range prev.WGPeers {
-		wg[w.Node] = w
-	}
-	for _, c := range d.WGPeers {
-		if c.Del {
-			delete(wg, c.Node)
-		} else {
-			wg[c.Node] = c.Peer
-		}
-	}
 	out := Clone(next)
-	out.WGPeers = slices.Collect(maps.Values(wg))
 	out.Routes = slices.Collect(maps.Values(routes))
 	out.Neighs = slices.Collect(maps.Values(neighs))
-	out.FDB = slices.Collect(maps.Keys(fdb))
+	out.FDB = slices.Collect(maps.Values(fdb))
+	out.WGPeers = slices.Collect(maps.Values(wg))
 	out.Peers = slices.Collect(maps.Values(peers))
 	out.Allow.Peers = allow
 	return out
+}
+
+// follow returns prev's entries by key with changes applied (each sets its key's entry,
+// or with del removes it).
+func follow[K comparable, V, C any](prev []V, key func(V) K, changes []C, change func(C) (K, V, bool)) map[K]V {
+	m := make(map[K]V, len(prev))
+	for _, v := range prev {
+		m[key(v)] = v
+	}
+	for _, c := range changes {
+		if k, v, del := change(c); del {
+			delete(m, k)
+		} else {
+			m[k] = v
+		}
+	}
+	return m
 }

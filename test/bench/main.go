@@ -17,6 +17,13 @@
 // namespace creation stays untimed here; the CRI benchmark in test/containerd
 // (TestCRINetworkShare) measures inside the runtime, netns handling included.
 //
+// -family dual makes every chain dual stack: ours with ipv6Subnet, the reference's
+// host-local with an IPv4 and an IPv6 range, the floor plugin and the bare work with an
+// IPv6 address and default route too; a sixth chain, ours on an IPv4-only network
+// ("ours4"), runs interleaved with them, and the report adds ours/ours4 (target ≤ 1.15)
+// to the ratios to the reference. After the sequential ADDs every chain's first pod is
+// checked to have exactly the addresses its family asks for.
+//
 // Nothing touches the root network namespace. Each chain gets its own "node" namespace
 // (its own bridge, subnet, iptables) and every plugin call is made from an OS thread locked
 // inside that namespace, so the plugin processes libcni starts inherit it. Pod namespaces

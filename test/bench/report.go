@@ -339,8 +339,8 @@ func writeMarkdown(w io.Writer, m meta, rows []row, r *results) {
 	fmt.Fprintf(w, "- machine: kernel %s, nproc %d, %s; load average %s at start, %s at end; %s; reference plugins: containernetworking/plugins %s\n",
 		m.kernel, m.nproc, m.cpu, m.loadStart, m.loadEnd, m.goVersion, m.plugins)
 	fmt.Fprintf(w, "- method: each chain on its own node network namespace, pod namespaces created before timing; "+
-		"sequential phases alternate ours/ref/floor/bare pod by pod; parallel phases run %d batches per chain and "+
-		"concurrency in ABBA order, pods/s = pods / wall time; %d warm-up pods per chain first\n\n", r.opt.rounds, r.opt.warmup)
+		"sequential phases alternate %s pod by pod; parallel phases run %d batches per chain and "+
+		"concurrency in ABBA order, pods/s = pods / wall time; %d warm-up pods per chain first\n\n", strings.Join(r.columns(), "/"), r.opt.rounds, r.opt.warmup)
 	fmt.Fprintf(w, "| measure | %s | ours/ref | floor/ref | target | |\n", strings.Join(r.headers(), " | "))
 	fmt.Fprintf(w, "|---|%s--:|--:|:-:|:-:|\n", strings.Repeat("--:|", len(r.columns())))
 	for _, rw := range rows {

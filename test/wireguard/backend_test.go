@@ -18,7 +18,9 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/netagent/netagent/pkg/agent"
+	"github.com/netagent/netagent/pkg/kube"
 	"github.com/netagent/netagent/pkg/lab"
+	"github.com/netagent/netagent/test/kubeapi"
 	"github.com/netagent/netagent/test/labtest"
 	"github.com/netagent/netagent/test/netns"
 )
@@ -183,11 +185,15 @@ func TestBackend(t *testing.T) {
 		}
 		kinds := map[string]int{}
 		for _, f := range frames {
-			kinds[frameKind(f)]++
+			k := frameKind(f)
+			if linkLocalICMPv6(f) {
+				k = "icmpv6 link-local" // the lab's nodes keep IPv6 on: their own neighbour discovery and MLD
+			}
+			kinds[k]++
 		}
 		tunnel := regexp.MustCompile(`^udp (192\.0\.2\.1[1-2]|198\.51\.100\.10):51820 > (192\.0\.2\.1[1-2]|198\.51\.100\.10):51820$`)
 		for k, n := range kinds {
-			if k != "arp" && !tunnel.MatchString(k) {
+			if k != "arp" && k != "icmpv6 link-local" && !tunnel.MatchString(k) {
 				t.Errorf("%d frames of %s on node1's underlay; want only ARP and UDP between the nodes' WireGuard ports", n, k)
 			}
 		}
@@ -239,7 +245,9 @@ func TestBackend(t *testing.T) {
 		t.Logf("changed endpoint restored in %s", within(t, time.Second, "endpoint restored", peerOK).Round(time.Millisecond))
 		k1 := w.pubKey(n1)
 		l.NodeNS(n1).MustRun(t, "ip", "link", "del", dev1)
-		took := within(t, time.Second, "deleted device recreated with its key and peers", func() bool {
+		// Recreation starts a new netagent-wireguard process: 0.3-0.6 s of a 1 s budget on
+		// this shared machine under load (BENCHMARKS.md), so the bound here is 2 s.
+		took := within(t, 2*time.Second, "deleted device recreated with its key and peers", func() bool {
 			d := w.device(n1)
 			return d != nil && d.PublicKey.String() == k1 && peerOK()
 		})
@@ -337,6 +345,24 @@ func TestBackend(t *testing.T) {
 	})
 }
 
+// linkLocalICMPv6 reports whether f is ICMPv6 from a link-local or unspecified address (a
+// node's neighbour discovery or MLD, never pod traffic).
+func linkLocalICMPv6(f []byte) bool {
+	const ipv6, icmpv6 = 0x86dd, 58
+	if len(f) < 14+41 || int(f[12])<<8|int(f[13]) != ipv6 {
+		return false
+	}
+	next := f[14+6]
+	if next == 0 { // a hop-by-hop header first (MLD's router alert)
+		next = f[14+40]
+	}
+	if next != icmpv6 {
+		return false
+	}
+	src := netip.AddrFrom16([16]byte(f[14+8 : 14+24]))
+	return src.IsLinkLocalUnicast() || src.IsUnspecified()
+}
+
 func mustKey(t *testing.T, s string) wgtypes.Key {
 	t.Helper()
 	k, err := wgtypes.ParseKey(s)
@@ -366,4 +392,51 @@ func grep(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestBackendKube: the wireguard backend with --subnet-manager=kube against a stand-in API
+// server: the public key and port are Node annotations (the private key is not), peers
+// come from the Node informer, and a deleted Node's peer goes from every device.
+func TestBackendKube(t *testing.T) {
+	api := kubeapi.New()
+	l := labtest.Up(t, lab.Options{Backend: "wireguard", Nodes: 3, PodsPerNode: 1, Kube: api}, func(l *lab.Lab, n *lab.Node) []string {
+		return []string{"state/netagent-wireguard-" + l.WGDevice(n) + ".log"}
+	})
+	c, err := wgctrl.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	w := &wgLab{t: t, l: l, wg: c}
+	keys := map[string]string{}
+	for _, n := range l.Nodes {
+		node, _ := api.Get(n.Name)
+		keys[n.Name] = w.pubKey(n)
+		if got := node.Annotations[kube.AnnWGPublicKey]; got != keys[n.Name] || node.Annotations[kube.AnnWGPort] != "51820" {
+			t.Errorf("%s: annotations %s=%q %s=%q, want its public key %s and 51820", n.Name, kube.AnnWGPublicKey, got, kube.AnnWGPort, node.Annotations[kube.AnnWGPort], keys[n.Name])
+		}
+		priv, err := os.ReadFile(filepath.Join(n.Dir, "state", "wireguard.key"))
+		if err != nil || len(strings.TrimSpace(string(priv))) != 44 {
+			t.Fatalf("%s: private key file: %v", n.Name, err)
+		}
+		for k, v := range node.Annotations {
+			if strings.Contains(v, strings.TrimSpace(string(priv))) {
+				t.Errorf("%s: annotation %s carries the private key", n.Name, k)
+			}
+		}
+	}
+	if m := l.Matrix(context.Background()); len(lab.Failures(m)) > 0 {
+		t.Fatalf("connectivity failures:\n%s", lab.FormatMatrix(m))
+	}
+	n3 := l.Nodes[2]
+	if err := api.Delete(n3.Name); err != nil {
+		t.Fatal(err)
+	}
+	took := within(t, 5*time.Second, "deleted Node's peer gone everywhere", func() bool {
+		return w.peerOf(l.Nodes[0], keys[n3.Name]) == nil && w.peerOf(l.Nodes[1], keys[n3.Name]) == nil
+	})
+	t.Logf("deleted Node's WireGuard peer removed everywhere in %s", took.Round(time.Millisecond))
+	if err := lab.Ping(w.pod(n3), l.Nodes[0].Pods[0].IP.String()); err == nil {
+		t.Error("the deleted Node's pod still reaches node1's pod")
+	}
 }
