@@ -1,5 +1,6 @@
-# The netagent image: the agent (netagent) and the CNI plugin (netagent-cni) with Debian's
-# iptables. The DaemonSet in manifests/ runs `netagent run`; its init container runs
+# The netagent image: the agent (netagent), the CNI plugin (netagent-cni) and the userspace
+# WireGuard daemon (netagent-wireguard, its own container in manifests/wireguard) with
+# Debian's iptables. The DaemonSet in manifests/ runs `netagent run`; its init container runs
 # `netagent install-cni`, which copies /usr/local/bin/netagent-cni onto the node.
 #
 #   docker build -t REGISTRY/netagent:TAG . && docker push REGISTRY/netagent:TAG
@@ -16,7 +17,8 @@ RUN go mod download
 COPY . .
 ENV CGO_ENABLED=0
 RUN go build -trimpath -ldflags="-s -w" -o /out/netagent ./cmd/netagent && \
-    go build -trimpath -ldflags="-s -w" -o /out/netagent-cni ./cmd/cni-plugin
+    go build -trimpath -ldflags="-s -w" -o /out/netagent-cni ./cmd/cni-plugin && \
+    go build -trimpath -ldflags="-s -w" -o /out/netagent-wireguard ./cmd/netagent-wireguard
 
 FROM debian:bookworm-slim AS assemble
 RUN apt-get update

@@ -3,7 +3,8 @@
 #
 # Assembles the netagent image's root file system in OUT: Debian's iptables (the nf_tables
 # variant selected, as update-alternatives would on bookworm) with the packages it depends
-# on, unpacked with dpkg-deb, plus the two static binaries in /usr/local/bin. The Dockerfile
+# on, unpacked with dpkg-deb, plus the static binaries in /usr/local/bin (netagent-wireguard
+# too when it lies next to NETAGENT). The Dockerfile
 # runs this script in its assembly stage and the Kubernetes lab runs it on the node, so both
 # images hold the same files; no base image is pulled.
 set -euo pipefail
@@ -37,6 +38,10 @@ mkdir -p "$out/usr/local/bin" "$out/tmp" "$out/run" "$out/proc" "$out/sys" "$out
 chmod 1777 "$out/tmp"
 install -m 0755 "$agent" "$out/usr/local/bin/netagent"
 install -m 0755 "$cni" "$out/usr/local/bin/netagent-cni"
+# The userspace WireGuard daemon, when built next to the agent (the Dockerfile does).
+if [[ -e "$(dirname "$agent")/netagent-wireguard" ]]; then
+	install -m 0755 "$(dirname "$agent")/netagent-wireguard" "$out/usr/local/bin/netagent-wireguard"
+fi
 printf 'root:x:0:0:root:/root:/usr/sbin/nologin\n' > "$out/etc/passwd"
 printf 'root:x:0:\n' > "$out/etc/group"
 # The packages' documentation is not needed at run time.

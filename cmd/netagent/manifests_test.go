@@ -37,7 +37,9 @@ import (
 	"github.com/netagent/netagent/manifests"
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/ipam"
+	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/pkg/subnetfile"
+	"github.com/netagent/netagent/pkg/wireguard/device"
 )
 
 const (
@@ -263,7 +265,7 @@ func checkNetCaps(t *testing.T, c corev1.Container) {
 }
 
 func TestManifestsAgentDaemonSet(t *testing.T) {
-	for _, c := range []struct{ overlay, manager string }{{"kube", "kube"}, {"etcd-tls", "etcd"}} {
+	for _, c := range []struct{ overlay, manager string }{{"kube", "kube"}, {"etcd-tls", "etcd"}, {"wireguard", "kube"}} {
 		t.Run(c.overlay, func(t *testing.T) {
 			objs := build(t, c.overlay)
 			ds := daemonSet(t, objs, "netagent")
@@ -469,12 +471,70 @@ func TestManifestsCleanup(t *testing.T) {
 	})
 }
 
+// TestManifestsWireGuard: the wireguard overlay configures the wireguard backend and runs
+// netagent-wireguard in a container of its own (so an agent container restart leaves the
+// tunnel up) for the device the agent configures, on the same socket directory; the agent
+// adopts it instead of starting one, and its key lives on the node.
+func TestManifestsWireGuard(t *testing.T) {
+	objs := build(t, "wireguard")
+	ds := daemonSet(t, objs, "netagent")
+	spec := ds.Spec.Template.Spec
+	agent := container(t, spec.Containers, "agent")
+	f, err := agentFlags(t, agent)
+	if err != nil {
+		t.Fatalf("agent command line: %v", err)
+	}
+	if f.wg.Daemon != device.External || f.wg.Impl != "userspace" {
+		t.Errorf("agent --wireguard-daemon %q --wireguard-impl %q, want %s and userspace", f.wg.Daemon, f.wg.Impl, device.External)
+	}
+	wantOnHost(t, spec, agent, map[string]string{f.wg.StateDir: "/var/lib/netagent", device.SocketDir: device.SocketDir})
+	v, _, key, err := volumeAt(spec, agent, f.netConf)
+	if err != nil || v.ConfigMap == nil {
+		t.Fatalf("--net-conf %s: %+v, %v", f.netConf, v, err)
+	}
+	for _, cm := range ofType[*corev1.ConfigMap](objs) {
+		if cm.Name != v.ConfigMap.Name {
+			continue
+		}
+		if cfg, err := config.Parse([]byte(cm.Data[key])); err != nil || cfg.Backend.Type != config.WireGuard {
+			t.Errorf("ConfigMap %s: backend %q (%v), want wireguard", cm.Name, cfg.Backend.Type, err)
+		}
+	}
+
+	wg := container(t, spec.Containers, "wireguard")
+	if !slices.Equal(wg.Command, []string{"/usr/local/bin/netagent-wireguard"}) {
+		t.Errorf("wireguard container runs %q, want /usr/local/bin/netagent-wireguard (where the image has it)", wg.Command)
+	}
+	dev := f.wg.Device
+	if dev == "" {
+		dev = plan.DefaultWGDev
+	}
+	if !slices.Equal(wg.Args, []string{"--name=" + dev}) {
+		t.Errorf("wireguard container args %q, want --name=%s (the agent's device)", wg.Args, dev)
+	}
+	if sc := wg.SecurityContext; sc == nil || (sc.Privileged != nil && *sc.Privileged) || sc.Capabilities == nil ||
+		!slices.Equal(sc.Capabilities.Add, []corev1.Capability{"NET_ADMIN"}) {
+		t.Errorf("wireguard container security context %+v, want not privileged, NET_ADMIN only", sc)
+	}
+	wantOnHost(t, spec, wg, map[string]string{device.SocketDir: device.SocketDir, "/dev/net/tun": "/dev/net/tun"})
+
+	// The image has the binary: the Dockerfile builds it next to the agent, where
+	// scripts/image-rootfs.sh takes it from.
+	df, err := os.ReadFile("../../Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(df), "-o /out/netagent-wireguard ./cmd/netagent-wireguard") {
+		t.Error("the Dockerfile does not build ./cmd/netagent-wireguard into /out")
+	}
+}
+
 // TestManifestsOneImage: the agent, its init container and the cleanup run one image (the
 // cleanup's idle container runs the pause image every node has: netagent's image has no
 // shell or sleep).
 func TestManifestsOneImage(t *testing.T) {
 	images := map[string][]string{}
-	for _, overlay := range []string{"kube", "etcd-tls", "cleanup"} {
+	for _, overlay := range []string{"kube", "etcd-tls", "wireguard", "cleanup"} {
 		for _, ds := range ofType[*appsv1.DaemonSet](build(t, overlay)) {
 			for _, c := range slices.Concat(ds.Spec.Template.Spec.InitContainers, ds.Spec.Template.Spec.Containers) {
 				if overlay == "cleanup" && c.Name == "done" && strings.HasPrefix(c.Image, "registry.k8s.io/pause:") {
