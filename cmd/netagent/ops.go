@@ -57,7 +57,11 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 	port := fs.Int("port", 0, "set: VXLAN UDP port (default 8472), or WireGuard's listen port (default 51820)")
 	psk := fs.String("psk-file", "", "set: wireguard: a pre-shared key file (base64, mode 0600 or 0400) at this path on every node")
 	mtu := fs.Int("mtu", 0, "set: pod MTU override (default: derived from the underlay)")
-	group(fs, "Network config (set)", "file", "network", "subnet-len", "subnet-min", "subnet-max", "backend", "vni", "port", "psk-file", "mtu")
+	network6 := fs.String("ipv6-network", "", "set: cluster IPv6 pod network, e.g. fd00:10:244::/48 (with --network: dual-stack; alone: IPv6-only)")
+	subnetLen6 := fs.Int("ipv6-subnet-len", 0, "set: prefix length of each node's IPv6 subnet (default 64)")
+	masq6 := fs.Bool("ipv6-masquerade", true, "set: masquerade IPv6 pod egress (false for a routable IPv6 prefix)")
+	group(fs, "Network config (set)", "file", "network", "subnet-len", "subnet-min", "subnet-max", "backend", "vni", "port", "psk-file", "mtu",
+		"ipv6-network", "ipv6-subnet-len", "ipv6-masquerade")
 	group(fs, "etcd", etcdFlagNames...)
 	if err := parse(fs, args[1:]); err != nil {
 		return err
@@ -104,6 +108,15 @@ func cmdConfig(ctx context.Context, args []string, stdout io.Writer) error {
 		}
 		if *mtu != 0 {
 			m["mtu"] = *mtu
+		}
+		if *network6 != "" {
+			m["ipv6Network"] = *network6
+		}
+		if *subnetLen6 != 0 {
+			m["ipv6SubnetLen"] = *subnetLen6
+		}
+		if set(fs, "ipv6-masquerade") {
+			m["ipv6Masquerade"] = *masq6
 		}
 		raw, _ = json.Marshal(m)
 	case "-":

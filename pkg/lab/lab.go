@@ -645,21 +645,15 @@ func (l *Lab) StopEtcd() error {
 }
 
 func (l *Lab) setConfig(ctx context.Context) error {
-	args := []string{"config", "set", "--network", l.Opt.Network, "--backend", l.Opt.Backend}
+	args := []string{"config", "set", "--backend", l.Opt.Backend}
+	if l.IPFamily != "ipv6" {
+		args = append(args, "--network", l.Opt.Network)
+	}
 	if l.IPFamily != "ipv4" {
-		c := map[string]any{"ipv6Network": l.Opt.IPv6Network, "backend": map[string]string{"type": l.Opt.Backend}}
-		if l.IPFamily == "dual" {
-			c["network"] = l.Opt.Network
+		args = append(args, "--ipv6-network", l.Opt.IPv6Network)
+		if m := l.Opt.IPv6Masquerade; m != nil {
+			args = append(args, fmt.Sprintf("--ipv6-masquerade=%t", *m))
 		}
-		if l.Opt.IPv6Masquerade != nil {
-			c["ipv6Masquerade"] = *l.Opt.IPv6Masquerade
-		}
-		b, _ := json.Marshal(c)
-		file := filepath.Join(l.Dir, "net-conf.json")
-		if err := os.WriteFile(file, b, 0o644); err != nil {
-			return err
-		}
-		args = []string{"config", "set", "--file", file}
 	}
 	out, err := l.netagent(ctx, args...)
 	if err != nil {
