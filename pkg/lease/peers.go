@@ -33,7 +33,7 @@ type Peers struct {
 	cand     map[string]Entry          // every lease that passed the rules, by store key
 	bySubnet map[netip.Prefix][]string // keys per subnet (normally one)
 	odd      map[string]bool           // keys whose subnet length is not rules.SubnetLen
-	byKey    map[string]Lease          // the leases in use, by key
+	inUse    map[string]bool           // keys whose candidate is in use (its lease is in cand: one copy)
 	nodeKeys map[string][]string       // node -> its keys in use (normally one)
 	dirty    map[string]bool           // nodes changed since Take
 	full     bool                      // the whole view was replaced since Take
@@ -59,7 +59,7 @@ func NewPeersWith(r Rules) *Peers {
 
 func (p *Peers) reset() {
 	p.cand, p.bySubnet, p.odd = map[string]Entry{}, map[netip.Prefix][]string{}, map[string]bool{}
-	p.byKey, p.nodeKeys = map[string]Lease{}, map[string][]string{}
+	p.inUse, p.nodeKeys = map[string]bool{}, map[string][]string{}
 	p.dirty, p.bad = map[string]bool{}, map[string]string{}
 }
 
@@ -110,6 +110,7 @@ func (p *Peers) drop(k string) []string {
 	if !ok {
 		return nil
 	}
+	p.unuse(k)
 	delete(p.cand, k)
 	delete(p.odd, k)
 	var out []string
@@ -128,7 +129,6 @@ func (p *Peers) drop(k string) []string {
 		}
 		out = append(out, p.around(s)...)
 	}
-	p.unuse(k)
 	return out
 }
 
@@ -241,36 +241,32 @@ func (p *Peers) settle(keys []string) {
 			continue
 		}
 		delete(p.bad, k)
-		if old, ok := p.byKey[k]; ok && old == e.Lease {
-			continue
+		if p.inUse[k] {
+			continue // a candidate's lease changes only through drop, which unuses it
 		}
-		p.use(k, e.Lease)
+		p.use(k, e.Lease.Node)
 	}
 }
 
-func (p *Peers) use(k string, l Lease) {
-	if old, ok := p.byKey[k]; ok && old.Node != l.Node {
-		p.unlink(old.Node, k)
-	}
-	p.byKey[k] = l
-	keys := p.nodeKeys[l.Node]
+func (p *Peers) use(k, node string) {
+	p.inUse[k] = true
+	keys := p.nodeKeys[node]
 	found := false
 	for _, x := range keys {
 		found = found || x == k
 	}
 	if !found {
-		p.nodeKeys[l.Node] = append(keys, k)
+		p.nodeKeys[node] = append(keys, k)
 	}
-	p.dirty[l.Node] = true
+	p.dirty[node] = true
 }
 
 func (p *Peers) unuse(k string) {
-	old, ok := p.byKey[k]
-	if !ok {
+	if !p.inUse[k] {
 		return
 	}
-	delete(p.byKey, k)
-	p.unlink(old.Node, k)
+	delete(p.inUse, k)
+	p.unlink(p.cand[k].Lease.Node, k)
 }
 
 func (p *Peers) unlink(node, k string) {
@@ -314,7 +310,7 @@ func (p *Peers) current(node string) (Lease, bool) {
 	if best == "" {
 		return Lease{}, false
 	}
-	return p.byKey[best], true
+	return p.cand[best].Lease, true
 }
 
 // Snapshot returns one lease per node, sorted by node name.
