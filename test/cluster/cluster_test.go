@@ -135,10 +135,13 @@ func TestHealthReadyAndMetrics(t *testing.T) {
 			t.Errorf("GET %s = %d %v %s", path, code, err, b)
 		}
 	}
-	_, b, err := l.Get(n, "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The lab sees the peer's route in the kernel a moment before the pass that wrote it
+	// updates the peer gauges: wait for them, then check everything in one scrape.
+	var b []byte
+	waitUntil(t, 5*time.Second, "the peer counted in /metrics", func() bool {
+		_, b, _ = l.Get(n, "/metrics")
+		return strings.Contains(string(b), `netagent_peers{mode="vxlan"} 1`)
+	})
 	for _, m := range []string{
 		"netagent_lease_held 1", "netagent_lease_ttl_seconds 3", `netagent_peers{mode="vxlan"} 1`,
 		"netagent_reconcile_duration_seconds_bucket", "netagent_errors_total", "process_resident_memory_bytes",
