@@ -229,9 +229,14 @@ func TestWatchRejectsForgedLeases6(t *testing.T) {
 	defer cancel()
 	s := New(cli, "/netagent", 30*time.Second, quiet())
 	cfg := testConfig(t, `{"network":"10.244.0.0/16","ipv6Network":"fd00::/48"}`)
-	victim, err := s.Acquire(ctx, cfg, self6("victim", "192.0.2.1", "2001:db8::1"), netip.Prefix{})
+	// The hint keeps the victim's key apart from the forged ones (a forged Put on its own
+	// key would replace its lease rather than compete with it).
+	victim, err := s.Acquire(ctx, cfg, self6("victim", "192.0.2.1", "2001:db8::1"), netip.MustParsePrefix("10.244.1.0/24"))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if victim.Lease.Subnet != netip.MustParsePrefix("10.244.1.0/24") {
+		t.Fatalf("victim got %s, want its hint 10.244.1.0/24", victim.Lease.Subnet)
 	}
 	peers := lease.NewPeersWith(lease.Rules{Network: cfg.Network, SubnetLen: 24, Network6: cfg.IPv6Network, SubnetLen6: 64, Self: "me"})
 	changed := make(chan struct{}, 1)
