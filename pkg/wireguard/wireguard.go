@@ -9,11 +9,16 @@
 // unknown peers removed last). An unchanged peer is not touched, so its session and
 // handshake survive every pass. Applying the same state twice changes nothing.
 //
+// A new peer's first handshake is started by one side of the pair only, the one with the
+// smaller public key; the other looks again a moment later and starts it only if none has
+// completed (see handshakeKick). Two initiations that cross leave both sides waiting 5 s.
+//
 // Scale: one wgctrl read and at most one write per pass, O(peers) to diff; Peers' overlap
 // check is O(peers²) prefix comparisons (a few milliseconds at 1,000 peers).
 package wireguard
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -22,6 +27,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/netagent/netagent/pkg/netipx"
@@ -66,6 +72,20 @@ type Reconciler struct {
 	Links  Links
 	Device Ensurer
 	Log    *slog.Logger
+
+	// mu serialises Set, Drifted and the follow-up checks (which run on a timer's
+	// goroutine), so that no pass reads a kick's transient keepalive as drift.
+	mu      sync.Mutex
+	last    Config                    // what the last Set applied: follow-ups re-create peers from it
+	pending map[wgtypes.Key]*followUp // new peers whose handshake the other side starts
+	timer   *time.Timer
+}
+
+// followUp is a new peer whose first handshake we leave to the other side (its public key
+// is the smaller one), looked at again after followKick and followRecreate.
+type followUp struct {
+	added  time.Time
+	kicked bool // the first look found no handshake and kicked
 }
 
 // Changes says what a Set changed. Peers are named by node where known, else by public key.
@@ -138,6 +158,8 @@ func (c Config) Validate() error {
 // Set makes the device match c and returns what it changed. It keeps going past a failed
 // step and reports every failure.
 func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	var ch Changes
 	if err := c.Validate(); err != nil {
 		return ch, fmt.Errorf("wireguard config: %w", err)
@@ -171,13 +193,15 @@ func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
 	if err != nil {
 		return ch, errors.Join(append(errs, fmt.Errorf("read device %s: %w", c.Name, err))...)
 	}
-	wc, settle, d := diff(c, cur)
+	wc, settle, follow, d := diff(c, cur)
+	r.last = c
 	if wc != nil {
 		if err := r.Client.ConfigureDevice(c.Name, *wc); err != nil {
 			errs = append(errs, fmt.Errorf("configure device %s: %w", c.Name, err))
 		} else {
 			d.Created, d.MTU, d.Up = ch.Created, ch.MTU, ch.Up
 			ch = d
+			r.follow(follow)
 		}
 	}
 	// Failing here leaves a keepalive that the next pass sees as drift and removes.
@@ -196,6 +220,8 @@ func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
 // MTU, or keys, port or peers that differ. It reads and writes nothing but the device's
 // state: the agent polls it, since neither WireGuard implementation announces changes.
 func (r *Reconciler) Drifted(c Config) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	l, err := r.Links.LinkByName(c.Name)
 	if err != nil {
 		return "device missing: " + err.Error()
@@ -210,7 +236,7 @@ func (r *Reconciler) Drifted(c Config) string {
 	if err != nil {
 		return "device unreadable: " + err.Error()
 	}
-	if wc, _, ch := diff(c, cur); wc != nil {
+	if wc, _, _, ch := diff(c, cur); wc != nil {
 		return ch.String()
 	}
 	return ""
@@ -229,13 +255,140 @@ func (r *Reconciler) logger() *slog.Logger {
 // peer's new key) instead of waiting for traffic from our side. Without it, a peer that
 // rotated its key and sends first has its handshakes dropped until we learn the new key,
 // and then retries only after REKEY_TIMEOUT (5 s): TestKeyRotation measured a 5.1 s gap.
+//
+// Only the side with the smaller public key kicks at once (leads). Both sides of a pair
+// usually learn of each other within a millisecond (the same lease event); had both
+// kicked, their initiations cross: each side consumes the other's initiation and answers
+// it, which replaces its own pending handshake, so it drops the answer to its own; no
+// handshake completes, and each side sends no new initiation for REKEY_TIMEOUT (an
+// answer counts as one). TestHandshakeCrossing reproduces it.
 const handshakeKick = 25 * time.Second
 
+// The side that does not lead looks at a new peer twice. After followKick, if no handshake
+// has completed, it kicks: the leader's initiation was dropped because it came before we
+// knew its key, or the leader does not know ours yet. (WireGuard sends no initiation
+// within REKEY_TIMEOUT of its last initiation or answer, so this kick does nothing while
+// the leader's handshake is under way.) After followRecreate, if there is still none, the
+// kick crossed one of the leader's or the handshake was lost: it removes and re-adds the
+// peer, which clears the peer's handshake state and that rate limit, and kicks again; the
+// leader, having just answered, cannot cross it. A peer without a handshake has no session
+// to lose. followKick bounds a join where the leader learnt first; followRecreate the rare
+// crossing that is left.
+var (
+	followKick     = 15 * time.Millisecond
+	followRecreate = 150 * time.Millisecond
+)
+
+// leads reports whether the side with public key self starts the first handshake with peer.
+func leads(self, peer wgtypes.Key) bool { return bytes.Compare(self[:], peer[:]) < 0 }
+
+// follow records the new peers the other side leads and arms the timer. Called with mu held.
+func (r *Reconciler) follow(keys []wgtypes.Key) {
+	if len(keys) == 0 {
+		return
+	}
+	if r.pending == nil {
+		r.pending = map[wgtypes.Key]*followUp{}
+	}
+	now := time.Now()
+	for _, k := range keys {
+		r.pending[k] = &followUp{added: now}
+	}
+	r.arm(now)
+}
+
+// arm sets the timer for the earliest follow-up due. Called with mu held.
+func (r *Reconciler) arm(now time.Time) {
+	var next time.Time
+	for _, f := range r.pending {
+		due := f.added.Add(followKick)
+		if f.kicked {
+			due = f.added.Add(followRecreate)
+		}
+		if next.IsZero() || due.Before(next) {
+			next = due
+		}
+	}
+	if next.IsZero() {
+		return
+	}
+	if r.timer != nil {
+		r.timer.Stop()
+	}
+	r.timer = time.AfterFunc(max(next.Sub(now), 0), r.followUp)
+}
+
+// followUp looks at the pending peers that are due: a peer gone from the desired state or
+// the device, or with a handshake since it was added, needs nothing more; the others are
+// kicked, or re-created and kicked (see followKick).
+func (r *Reconciler) followUp() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.pending) == 0 {
+		return
+	}
+	name := r.last.Name
+	want := make(map[wgtypes.Key]*Peer, len(r.last.Peers))
+	for i := range r.last.Peers {
+		want[r.last.Peers[i].PublicKey] = &r.last.Peers[i]
+	}
+	d, err := r.Client.Device(name)
+	if err != nil {
+		// The next pass recreates the device and its peers, and follows them up anew.
+		r.logger().Warn("wireguard handshake follow-up: read device", "dev", name, "err", err)
+		clear(r.pending)
+		return
+	}
+	have := make(map[wgtypes.Key]*wgtypes.Peer, len(d.Peers))
+	for i := range d.Peers {
+		have[d.Peers[i].PublicKey] = &d.Peers[i]
+	}
+	now := time.Now()
+	var kick, settle wgtypes.Config
+	var kicked, recreated []string
+	for k, f := range r.pending {
+		p, h := want[k], have[k]
+		if p == nil || h == nil || h.LastHandshakeTime.After(f.added) {
+			delete(r.pending, k)
+			continue
+		}
+		switch {
+		case !f.kicked && !now.Before(f.added.Add(followKick)):
+			f.kicked = true
+			kick.Peers = append(kick.Peers, wgtypes.PeerConfig{PublicKey: k, UpdateOnly: true, PersistentKeepaliveInterval: new(handshakeKick)})
+			kicked = append(kicked, p.Node)
+		case f.kicked && !now.Before(f.added.Add(followRecreate)):
+			delete(r.pending, k)
+			kick.Peers = append(kick.Peers, wgtypes.PeerConfig{PublicKey: k, Remove: true}, newPeer(*p, r.last.PresharedKey, true))
+			recreated = append(recreated, p.Node)
+		default:
+			continue
+		}
+		settle.Peers = append(settle.Peers, keepaliveOff(k))
+	}
+	if len(kick.Peers) > 0 {
+		err := r.Client.ConfigureDevice(name, kick)
+		if err == nil {
+			err = r.Client.ConfigureDevice(name, settle)
+		}
+		log := r.logger().With("dev", name, "kicked", kicked, "recreated", recreated)
+		if err != nil {
+			// A keepalive left on is drift the next pass removes.
+			log.Warn("wireguard handshake follow-up", "err", err)
+		} else {
+			log.Info("wireguard handshake follow-up: no handshake yet")
+		}
+	}
+	r.arm(now)
+}
+
 // diff returns the configuration request that turns cur into c (nil when none is needed),
-// the request that turns the new peers' keepalive off again after it (nil without new
-// peers), and what they change. Pure, so the interesting cases are table tests.
-func diff(c Config, cur *wgtypes.Device) (wc, settle *wgtypes.Config, ch Changes) {
+// the request that turns the keepalive of the new peers we lead off again after it (nil
+// without any), the new peers the other side leads, and what they change. Pure, so the
+// interesting cases are table tests.
+func diff(c Config, cur *wgtypes.Device) (wc, settle *wgtypes.Config, follow []wgtypes.Key, ch Changes) {
 	wc = &wgtypes.Config{}
+	self := c.PrivateKey.PublicKey()
 	if cur.PrivateKey != c.PrivateKey {
 		wc.PrivateKey, ch.PrivateKey = new(c.PrivateKey), true
 	}
@@ -255,18 +408,16 @@ func diff(c Config, cur *wgtypes.Device) (wc, settle *wgtypes.Config, ch Changes
 		want[p.PublicKey] = true
 		h, ok := have[p.PublicKey]
 		if !ok {
-			wc.Peers = append(wc.Peers, wgtypes.PeerConfig{
-				PublicKey:                   p.PublicKey,
-				PresharedKey:                new(psk),
-				Endpoint:                    net.UDPAddrFromAddrPort(p.Endpoint),
-				PersistentKeepaliveInterval: new(handshakeKick),
-				ReplaceAllowedIPs:           true,
-				AllowedIPs:                  ipNets(p.AllowedIPs),
-			})
-			if settle == nil {
-				settle = &wgtypes.Config{}
+			lead := leads(self, p.PublicKey)
+			wc.Peers = append(wc.Peers, newPeer(p, c.PresharedKey, lead))
+			if lead {
+				if settle == nil {
+					settle = &wgtypes.Config{}
+				}
+				settle.Peers = append(settle.Peers, keepaliveOff(p.PublicKey))
+			} else {
+				follow = append(follow, p.PublicKey)
 			}
-			settle.Peers = append(settle.Peers, wgtypes.PeerConfig{PublicKey: p.PublicKey, UpdateOnly: true, PersistentKeepaliveInterval: new(time.Duration(0))})
 			ch.Added = append(ch.Added, p.Node)
 			continue
 		}
@@ -296,9 +447,31 @@ func diff(c Config, cur *wgtypes.Device) (wc, settle *wgtypes.Config, ch Changes
 		}
 	}
 	if wc.PrivateKey == nil && wc.ListenPort == nil && len(wc.Peers) == 0 {
-		return nil, nil, ch
+		return nil, nil, nil, ch
 	}
-	return wc, settle, ch
+	return wc, settle, follow, ch
+}
+
+// newPeer is the request that adds p, with the keepalive that starts its handshake if kick.
+func newPeer(p Peer, psk *wgtypes.Key, kick bool) wgtypes.PeerConfig {
+	pc := wgtypes.PeerConfig{
+		PublicKey:         p.PublicKey,
+		PresharedKey:      new(wgtypes.Key),
+		Endpoint:          net.UDPAddrFromAddrPort(p.Endpoint),
+		ReplaceAllowedIPs: true,
+		AllowedIPs:        ipNets(p.AllowedIPs),
+	}
+	if psk != nil {
+		*pc.PresharedKey = *psk
+	}
+	if kick {
+		pc.PersistentKeepaliveInterval = new(handshakeKick)
+	}
+	return pc
+}
+
+func keepaliveOff(k wgtypes.Key) wgtypes.PeerConfig {
+	return wgtypes.PeerConfig{PublicKey: k, UpdateOnly: true, PersistentKeepaliveInterval: new(time.Duration(0))}
 }
 
 func endpoint(a *net.UDPAddr) netip.AddrPort {

@@ -3,6 +3,7 @@ package wireguard
 import (
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -202,7 +203,7 @@ func TestDiff(t *testing.T) {
 			}
 			cur := inSync()
 			tt.cur(cur)
-			wc, settle, ch := diff(c, cur)
+			wc, settle, follow, ch := diff(c, cur)
 			if ch.String() != tt.want {
 				t.Errorf("diff changes = %q, want %q", ch, tt.want)
 			}
@@ -215,18 +216,30 @@ func TestDiff(t *testing.T) {
 			// Applying the request to the device must give the desired state, and an
 			// unchanged peer must not appear in it (its session would be disturbed).
 			got := apply(t, cur, *wc)
-			if (settle != nil) != (len(ch.Added) > 0) {
-				t.Errorf("diff settle request = %+v, want one exactly when peers are added", settle)
+			// Each new peer is either kicked now (we lead: the keepalive on, and off again
+			// in settle) or followed up (it leads), never both.
+			self := c.PrivateKey.PublicKey()
+			kicked := 0
+			for _, pc := range wc.Peers {
+				if pc.UpdateOnly || pc.Remove {
+					continue
+				}
+				kick := pc.PersistentKeepaliveInterval != nil && *pc.PersistentKeepaliveInterval != 0
+				followed := slices.Contains(follow, pc.PublicKey)
+				if kick != leads(self, pc.PublicKey) || followed == kick {
+					t.Errorf("new peer %s: kicked %v, followed up %v; we lead: %v", pc.PublicKey, kick, followed, leads(self, pc.PublicKey))
+				}
+				if kick {
+					kicked++
+				}
+			}
+			if (settle != nil) != (kicked > 0) || settle != nil && len(settle.Peers) != kicked {
+				t.Errorf("diff settle request = %+v, want the keepalive off for the %d kicked peers", settle, kicked)
 			}
 			if settle != nil {
-				for _, pc := range wc.Peers {
-					if !pc.UpdateOnly && !pc.Remove && (pc.PersistentKeepaliveInterval == nil || *pc.PersistentKeepaliveInterval == 0) {
-						t.Errorf("new peer %s added without the keepalive that starts its handshake", pc.PublicKey)
-					}
-				}
 				got = apply(t, got, *settle)
 			}
-			if wc2, _, ch2 := diff(c, got); wc2 != nil {
+			if wc2, _, _, ch2 := diff(c, got); wc2 != nil {
 				t.Errorf("after applying, diff still asks for %q", ch2)
 			}
 			for _, pc := range wc.Peers {
@@ -240,6 +253,35 @@ func TestDiff(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestOneSideKicks: of the two nodes of a pair that learn of each other, exactly one
+// starts the handshake at once and the other follows up (two initiations that cross cost
+// both sides REKEY_TIMEOUT, 5 s: TestHandshakeCrossing).
+func TestOneSideKicks(t *testing.T) {
+	for range 50 {
+		a, b := genKey(t), genKey(t)
+		sides := []struct {
+			self, peer wgtypes.Key
+		}{{a, b}, {b, a}}
+		kicks := 0
+		for _, s := range sides {
+			c := Config{Name: "wg0", PrivateKey: s.self, ListenPort: 51820, MTU: 1440, Peers: []Peer{{
+				Node: "peer", PublicKey: s.peer.PublicKey(), Endpoint: netip.MustParseAddrPort("192.0.2.2:51820"), AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")},
+			}}}
+			wc, settle, follow, _ := diff(c, &wgtypes.Device{Name: "wg0", PrivateKey: s.self, ListenPort: 51820})
+			kick := wc.Peers[0].PersistentKeepaliveInterval != nil
+			if kick == (len(follow) == 1) || kick != (settle != nil) {
+				t.Fatalf("new peer: kicked %v, settle %v, followed up %v", kick, settle, follow)
+			}
+			if kick {
+				kicks++
+			}
+		}
+		if kicks != 1 {
+			t.Fatalf("%d sides of a pair kick the first handshake at once, want exactly one", kicks)
+		}
 	}
 }
 

@@ -52,7 +52,8 @@ type node struct {
 	subnet    netip.Prefix
 	gw, podIP netip.Addr
 	keyDir    string
-	psk       *wgtypes.Key // the cluster's pre-shared key, if any
+	psk       *wgtypes.Key   // the cluster's pre-shared key, if any
+	endpoint  netip.AddrPort // where peers send to reach its device (zero: underlay:port)
 	daemon    *device.Daemon
 	h         *netlink.Handle
 	wg        *wgctrl.Client
@@ -164,10 +165,14 @@ func desired(n *node, peers ...*node) (wireguard.Config, error) {
 		if err != nil {
 			return wireguard.Config{}, err
 		}
+		ep := p.endpoint
+		if !ep.IsValid() {
+			ep = netip.AddrPortFrom(p.underlay, port)
+		}
 		specs = append(specs, wireguard.PeerSpec{
 			Node:       fmt.Sprintf("node%d", p.idx),
 			PublicKey:  pk.PublicKey().String(),
-			Endpoint:   netip.AddrPortFrom(p.underlay, port).String(),
+			Endpoint:   ep.String(),
 			AllowedIPs: []string{p.subnet.String()},
 		})
 	}

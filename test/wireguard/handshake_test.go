@@ -1,0 +1,110 @@
+package wireguard_test
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+// TestHandshakeCrossing: two nodes learn of each other (one Set each, back to back, as from
+// one lease event) with no traffic between their pods; both must hold a handshake well
+// within WireGuard's REKEY_TIMEOUT (5 s). With a delayed underlay (a relay holding every
+// datagram 100 ms each way) any initiation sent by both sides crosses the other's: each
+// side answers the other's and drops the answer to its own, and before the fix (both sides
+// kicked a handshake at once) neither retried for 5 s. Without the delay, the side that
+// leads may have its initiation dropped by a peer that does not know it yet, and the
+// follower's own look after followKick must start it. Both orders of the two Sets.
+func TestHandshakeCrossing(t *testing.T) {
+	for _, tt := range []struct {
+		name        string
+		delay       time.Duration
+		leaderFirst bool
+	}{
+		{"direct, leader first", 0, true},
+		{"direct, follower first", 0, false},
+		{"100 ms underlay, leader first", 100 * time.Millisecond, true},
+		{"100 ms underlay, follower first", 100 * time.Millisecond, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			a, z := newNodes(t)
+			a.reconcile()
+			z.reconcile()
+			if tt.delay > 0 {
+				ep := startRelay(t, a, z, tt.delay)
+				a.endpoint, z.endpoint = ep, ep
+			}
+			// The leader is the side with the smaller public key.
+			first, second := a, z
+			if aLeads := bytes.Compare(rawKey(t, a), rawKey(t, z)) < 0; aLeads != tt.leaderFirst {
+				first, second = z, a
+			}
+			t.Cleanup(func() {
+				if t.Failed() {
+					for _, n := range []*node{first, second} {
+						for _, p := range n.device().Peers {
+							t.Logf("%s: peer tx %d rx %d bytes, last handshake %v", n.dev, p.TransmitBytes, p.ReceiveBytes, p.LastHandshakeTime)
+						}
+					}
+				}
+			})
+			t0 := time.Now()
+			first.reconcile(second)
+			second.reconcile(first)
+			hs := func(n *node) bool {
+				d := n.device()
+				return len(d.Peers) == 1 && !d.Peers[0].LastHandshakeTime.IsZero()
+			}
+			// Well below REKEY_TIMEOUT: a crossing left alone costs 5 s or more.
+			within(t, 2*time.Second, "a handshake on both nodes", func() bool { return hs(first) && hs(second) })
+			t.Logf("first Set to a handshake on both nodes: %v (one-way delay %v)", time.Since(t0).Round(time.Millisecond), tt.delay)
+			a.waitPing(z.podIP)
+		})
+	}
+}
+
+func rawKey(t *testing.T, n *node) []byte {
+	t.Helper()
+	k := mustKey(t, n.publicKey())
+	return k[:]
+}
+
+// startRelay forwards WireGuard's UDP between a's and z's devices through one socket in a's
+// namespace, holding each datagram for delay (this kernel has no netem). Both devices are
+// given the relay as the other's endpoint; as it sends from its own address, WireGuard's
+// roaming keeps it there.
+func startRelay(t *testing.T, a, z *node, delay time.Duration) netip.AddrPort {
+	t.Helper()
+	var conn *net.UDPConn
+	if err := a.ns.Do(func() error {
+		var err error
+		conn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: a.underlay.AsSlice(), Port: port + 10})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	aEP, zEP := netip.AddrPortFrom(a.underlay, port), netip.AddrPortFrom(z.underlay, port)
+	go func() {
+		buf := make([]byte, 1<<16)
+		for {
+			k, from, err := conn.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			to := aEP
+			if netip.AddrPortFrom(from.Addr().Unmap(), from.Port()) == aEP {
+				to = zEP
+			}
+			b := bytes.Clone(buf[:k])
+			time.AfterFunc(delay, func() { _, _ = conn.WriteToUDPAddrPort(b, to) })
+		}
+	}()
+	ep := netip.AddrPortFrom(a.underlay, port+10)
+	if fmt.Sprint(conn.LocalAddr()) != ep.String() {
+		t.Fatalf("relay bound %s, want %s", conn.LocalAddr(), ep)
+	}
+	return ep
+}
