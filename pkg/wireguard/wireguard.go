@@ -193,7 +193,7 @@ func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
 	if err != nil {
 		return ch, errors.Join(append(errs, fmt.Errorf("read device %s: %w", c.Name, err))...)
 	}
-	wc, settle, follow, d := diff(c, cur)
+	wc, follow, d := diff(c, cur)
 	r.last = c
 	if wc != nil {
 		if err := r.Client.ConfigureDevice(c.Name, *wc); err != nil {
@@ -202,12 +202,6 @@ func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
 			d.Created, d.MTU, d.Up = ch.Created, ch.MTU, ch.Up
 			ch = d
 			r.follow(follow)
-		}
-	}
-	// Failing here leaves a keepalive that the next pass sees as drift and removes.
-	if wc != nil && settle != nil {
-		if err := r.Client.ConfigureDevice(c.Name, *settle); err != nil {
-			errs = append(errs, fmt.Errorf("configure device %s: keepalive off after the first handshake: %w", c.Name, err))
 		}
 	}
 	if !ch.Empty() {
@@ -236,7 +230,7 @@ func (r *Reconciler) Drifted(c Config) string {
 	if err != nil {
 		return "device unreadable: " + err.Error()
 	}
-	if wc, _, _, ch := diff(c, cur); wc != nil {
+	if wc, _, ch := diff(c, cur); wc != nil {
 		return ch.String()
 	}
 	return ""
@@ -249,9 +243,10 @@ func (r *Reconciler) logger() *slog.Logger {
 	return slog.New(slog.DiscardHandler)
 }
 
-// handshakeKick is the persistent keepalive a new peer is added with, and settle turns off
-// again right after: switching the keepalive on makes WireGuard (wireguard-go and the
-// kernel alike) send a keepalive at once, so we start the handshake with a new peer (or a
+// handshakeKick is the persistent keepalive a new peer is added with, and turned off again
+// by a second entry for the peer later in the same request: switching the keepalive on
+// makes WireGuard (wireguard-go and the kernel alike, each entry applied in order) send a
+// keepalive at once, so we start the handshake with a new peer (or a
 // peer's new key) instead of waiting for traffic from our side. Without it, a peer that
 // rotated its key and sends first has its handshakes dropped until we learn the new key,
 // and then retries only after REKEY_TIMEOUT (5 s): TestKeyRotation measured a 5.1 s gap.
@@ -276,7 +271,7 @@ const handshakeKick = 25 * time.Second
 // crossing that is left.
 var (
 	followKick     = 15 * time.Millisecond
-	followRecreate = 150 * time.Millisecond
+	followRecreate = 100 * time.Millisecond
 )
 
 // leads reports whether the side with public key self starts the first handshake with peer.
@@ -344,7 +339,7 @@ func (r *Reconciler) followUp() {
 		have[d.Peers[i].PublicKey] = &d.Peers[i]
 	}
 	now := time.Now()
-	var kick, settle wgtypes.Config
+	var kick wgtypes.Config
 	var kicked, recreated []string
 	for k, f := range r.pending {
 		p, h := want[k], have[k]
@@ -364,16 +359,11 @@ func (r *Reconciler) followUp() {
 		default:
 			continue
 		}
-		settle.Peers = append(settle.Peers, keepaliveOff(k))
+		kick.Peers = append(kick.Peers, keepaliveOff(k))
 	}
 	if len(kick.Peers) > 0 {
-		err := r.Client.ConfigureDevice(name, kick)
-		if err == nil {
-			err = r.Client.ConfigureDevice(name, settle)
-		}
 		log := r.logger().With("dev", name, "kicked", kicked, "recreated", recreated)
-		if err != nil {
-			// A keepalive left on is drift the next pass removes.
+		if err := r.Client.ConfigureDevice(name, kick); err != nil {
 			log.Warn("wireguard handshake follow-up", "err", err)
 		} else {
 			log.Info("wireguard handshake follow-up: no handshake yet")
@@ -383,12 +373,13 @@ func (r *Reconciler) followUp() {
 }
 
 // diff returns the configuration request that turns cur into c (nil when none is needed),
-// the request that turns the keepalive of the new peers we lead off again after it (nil
-// without any), the new peers the other side leads, and what they change. Pure, so the
-// interesting cases are table tests.
-func diff(c Config, cur *wgtypes.Device) (wc, settle *wgtypes.Config, follow []wgtypes.Key, ch Changes) {
+// the new peers the other side leads, and what the request changes. The new peers we lead
+// are kicked: added with handshakeKick, and its keepalive off again at the end of the
+// request. Pure, so the interesting cases are table tests.
+func diff(c Config, cur *wgtypes.Device) (wc *wgtypes.Config, follow []wgtypes.Key, ch Changes) {
 	wc = &wgtypes.Config{}
 	self := c.PrivateKey.PublicKey()
+	var settle []wgtypes.PeerConfig
 	if cur.PrivateKey != c.PrivateKey {
 		wc.PrivateKey, ch.PrivateKey = new(c.PrivateKey), true
 	}
@@ -411,10 +402,7 @@ func diff(c Config, cur *wgtypes.Device) (wc, settle *wgtypes.Config, follow []w
 			lead := leads(self, p.PublicKey)
 			wc.Peers = append(wc.Peers, newPeer(p, c.PresharedKey, lead))
 			if lead {
-				if settle == nil {
-					settle = &wgtypes.Config{}
-				}
-				settle.Peers = append(settle.Peers, keepaliveOff(p.PublicKey))
+				settle = append(settle, keepaliveOff(p.PublicKey))
 			} else {
 				follow = append(follow, p.PublicKey)
 			}
@@ -446,10 +434,11 @@ func diff(c Config, cur *wgtypes.Device) (wc, settle *wgtypes.Config, follow []w
 			ch.Removed = append(ch.Removed, h.PublicKey.String())
 		}
 	}
+	wc.Peers = append(wc.Peers, settle...)
 	if wc.PrivateKey == nil && wc.ListenPort == nil && len(wc.Peers) == 0 {
-		return nil, nil, nil, ch
+		return nil, nil, ch
 	}
-	return wc, settle, follow, ch
+	return wc, follow, ch
 }
 
 // newPeer is the request that adds p, with the keepalive that starts its handshake if kick.

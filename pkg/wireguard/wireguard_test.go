@@ -203,7 +203,7 @@ func TestDiff(t *testing.T) {
 			}
 			cur := inSync()
 			tt.cur(cur)
-			wc, settle, follow, ch := diff(c, cur)
+			wc, follow, ch := diff(c, cur)
 			if ch.String() != tt.want {
 				t.Errorf("diff changes = %q, want %q", ch, tt.want)
 			}
@@ -217,10 +217,15 @@ func TestDiff(t *testing.T) {
 			// unchanged peer must not appear in it (its session would be disturbed).
 			got := apply(t, cur, *wc)
 			// Each new peer is either kicked now (we lead: the keepalive on, and off again
-			// in settle) or followed up (it leads), never both.
+			// later in the request) or followed up (it leads), never both.
 			self := c.PrivateKey.PublicKey()
-			kicked := 0
-			for _, pc := range wc.Peers {
+			off := map[wgtypes.Key]int{}
+			for i, pc := range wc.Peers {
+				if pc.UpdateOnly && pc.PersistentKeepaliveInterval != nil && *pc.PersistentKeepaliveInterval == 0 {
+					off[pc.PublicKey] = i
+				}
+			}
+			for i, pc := range wc.Peers {
 				if pc.UpdateOnly || pc.Remove {
 					continue
 				}
@@ -229,17 +234,11 @@ func TestDiff(t *testing.T) {
 				if kick != leads(self, pc.PublicKey) || followed == kick {
 					t.Errorf("new peer %s: kicked %v, followed up %v; we lead: %v", pc.PublicKey, kick, followed, leads(self, pc.PublicKey))
 				}
-				if kick {
-					kicked++
+				if j, ok := off[pc.PublicKey]; kick && (!ok || j < i) {
+					t.Errorf("kicked peer %s: its keepalive is not turned off later in the request", pc.PublicKey)
 				}
 			}
-			if (settle != nil) != (kicked > 0) || settle != nil && len(settle.Peers) != kicked {
-				t.Errorf("diff settle request = %+v, want the keepalive off for the %d kicked peers", settle, kicked)
-			}
-			if settle != nil {
-				got = apply(t, got, *settle)
-			}
-			if wc2, _, _, ch2 := diff(c, got); wc2 != nil {
+			if wc2, _, ch2 := diff(c, got); wc2 != nil {
 				t.Errorf("after applying, diff still asks for %q", ch2)
 			}
 			for _, pc := range wc.Peers {
@@ -270,10 +269,10 @@ func TestOneSideKicks(t *testing.T) {
 			c := Config{Name: "wg0", PrivateKey: s.self, ListenPort: 51820, MTU: 1440, Peers: []Peer{{
 				Node: "peer", PublicKey: s.peer.PublicKey(), Endpoint: netip.MustParseAddrPort("192.0.2.2:51820"), AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")},
 			}}}
-			wc, settle, follow, _ := diff(c, &wgtypes.Device{Name: "wg0", PrivateKey: s.self, ListenPort: 51820})
+			wc, follow, _ := diff(c, &wgtypes.Device{Name: "wg0", PrivateKey: s.self, ListenPort: 51820})
 			kick := wc.Peers[0].PersistentKeepaliveInterval != nil
-			if kick == (len(follow) == 1) || kick != (settle != nil) {
-				t.Fatalf("new peer: kicked %v, settle %v, followed up %v", kick, settle, follow)
+			if kick == (len(follow) == 1) || kick != (len(wc.Peers) == 2) {
+				t.Fatalf("new peer: request %+v, followed up %v", wc.Peers, follow)
 			}
 			if kick {
 				kicks++
