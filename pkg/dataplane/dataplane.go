@@ -71,6 +71,8 @@ type Underlay struct {
 	MTU       int
 	MAC       string // published for peers on the same L2 (empty: not Ethernet)
 	Connected []netip.Prefix
+	// Tunnels are netagent's VXLAN devices in the kernel (plan.Underlay.Tunnels).
+	Tunnels []plan.Tunnel
 }
 
 // Linux is the dataplane of the network namespace it was created in. Set, Prepare and
@@ -91,6 +93,7 @@ type Linux struct {
 	early    chan natResult // Prepare's NAT sync, taken by the next Set
 
 	vxDev, ulDev, wgDev atomic.Value // string: the devices whose link events matter (read by Watch)
+	kept                string       // the last full plan's KeepVXLAN
 }
 
 // New opens the kernel of the current network namespace; iptables runs the NAT chains'
@@ -166,14 +169,18 @@ func (d *Linux) Set(ctx context.Context, p plan.Plan) (Stats, error) {
 		if p.Delta.From != from {
 			return Stats{}, fmt.Errorf("%w: delta from plan %d, the dataplane has plan %d", ErrStale, p.Delta.From, from)
 		}
+		if p.KeepVXLAN != d.kept {
+			return Stats{}, fmt.Errorf("%w: the kept VXLAN device changes (%q to %q)", ErrStale, d.kept, p.KeepVXLAN)
+		}
 		return d.apply(ctx, p.Delta)
 	}
 	var st Stats
 	var errs []error
-	keep := ""
+	keep := p.KeepVXLAN
 	if p.VXLAN != nil {
 		keep = p.VXLAN.Name
 	}
+	d.kept = p.KeepVXLAN
 	d.vxDev.Store(keep)
 	var err error
 	// The WireGuard device and its peers before the routes through it.
@@ -379,7 +386,25 @@ func (d *Linux) Underlay(iface string, ip netip.Addr) (Underlay, error) {
 		return Underlay{}, fmt.Errorf("underlay %s has no IPv4 or global IPv6 address (set --public-ip)", link.Attrs().Name)
 	}
 	d.ulDev.Store(u.Dev)
+	if u.Tunnels, err = d.tunnels(); err != nil {
+		d.log.Warn("cannot list VXLAN devices; none is kept for peers still sending through one", "err", err)
+	}
 	return u, nil
+}
+
+// tunnels lists netagent's VXLAN devices.
+func (d *Linux) tunnels() ([]plan.Tunnel, error) {
+	links, err := nldump.Retry(d.h.LinkList)
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	var out []plan.Tunnel
+	for _, l := range links {
+		if v, ok := l.(*netlink.Vxlan); ok && vxlan.Ours(l) {
+			out = append(out, plan.Tunnel{Name: v.Name, Port: v.Port})
+		}
+	}
+	return out, nil
 }
 
 func (d *Linux) linkWith(ip netip.Addr) (netlink.Link, error) {
