@@ -82,10 +82,11 @@ type Reconciler struct {
 }
 
 // followUp is a new peer whose first handshake we leave to the other side (its public key
-// is the smaller one), looked at again after followKick and followRecreate.
+// is the smaller one), looked at until it has one (see followKick).
 type followUp struct {
-	added  time.Time
-	kicked bool // the first look found no handshake and kicked
+	added, due time.Time // due: the next look
+	looks      int
+	rx, tx     int64 // the peer's counters at the last look; -1: re-created since
 }
 
 // Changes says what a Set changed. Peers are named by node where known, else by public key.
@@ -246,8 +247,8 @@ func (r *Reconciler) logger() *slog.Logger {
 // handshakeKick is the persistent keepalive a new peer is added with, and turned off again
 // by a second entry for the peer later in the same request: switching the keepalive on
 // makes WireGuard (wireguard-go and the kernel alike, each entry applied in order) send a
-// keepalive at once, so we start the handshake with a new peer (or a
-// peer's new key) instead of waiting for traffic from our side. Without it, a peer that
+// keepalive at once, so we start the handshake with a new peer (or a peer's new key)
+// instead of waiting for traffic from our side. Without it, a peer that
 // rotated its key and sends first has its handshakes dropped until we learn the new key,
 // and then retries only after REKEY_TIMEOUT (5 s): TestKeyRotation measured a 5.1 s gap.
 //
@@ -259,19 +260,23 @@ func (r *Reconciler) logger() *slog.Logger {
 // answer counts as one). TestHandshakeCrossing reproduces it.
 const handshakeKick = 25 * time.Second
 
-// The side that does not lead looks at a new peer twice. After followKick, if no handshake
-// has completed, it kicks: the leader's initiation was dropped because it came before we
-// knew its key, or the leader does not know ours yet. (WireGuard sends no initiation
-// within REKEY_TIMEOUT of its last initiation or answer, so this kick does nothing while
-// the leader's handshake is under way.) After followRecreate, if there is still none, the
-// kick crossed one of the leader's or the handshake was lost: it removes and re-adds the
-// peer, which clears the peer's handshake state and that rate limit, and kicks again; the
-// leader, having just answered, cannot cross it. A peer without a handshake has no session
-// to lose. followKick bounds a join where the leader learnt first; followRecreate the rare
-// crossing that is left.
-var (
-	followKick     = 15 * time.Millisecond
-	followRecreate = 100 * time.Millisecond
+// The side that does not lead looks at a new peer until it has a handshake. At the first
+// look, followKick after adding it, it kicks: the leader's initiation was dropped because it
+// came before we knew its key, or the leader does not know ours yet. (WireGuard sends no
+// initiation within REKEY_TIMEOUT of its last initiation or answer, so this kick does
+// nothing while the leader's handshake is under way.) At each later look (followAgain,
+// doubling, for followFor in all), a peer whose counters have not moved since the last
+// look is stuck: our initiation crossed the leader's, or went where nobody knew us yet.
+// It is removed and re-added, which clears its handshake state and that rate limit, and
+// kicked again; the leader, having answered within REKEY_TIMEOUT, cannot cross it. A peer
+// without a handshake has no session to lose. Counters that moved mean a handshake under
+// way (a busy node takes tens of milliseconds): re-creating it then would drop the
+// session the leader is about to confirm. followKick bounds a join where the leader
+// learnt first; followAgain the rare crossing that is left.
+const (
+	followKick  = 15 * time.Millisecond
+	followAgain = 100 * time.Millisecond
+	followFor   = 5 * time.Second // REKEY_TIMEOUT: WireGuard's own retries take over
 )
 
 // leads reports whether the side with public key self starts the first handshake with peer.
@@ -287,7 +292,7 @@ func (r *Reconciler) follow(keys []wgtypes.Key) {
 	}
 	now := time.Now()
 	for _, k := range keys {
-		r.pending[k] = &followUp{added: now}
+		r.pending[k] = &followUp{added: now, due: now.Add(followKick), rx: -1, tx: -1}
 	}
 	r.arm(now)
 }
@@ -296,12 +301,8 @@ func (r *Reconciler) follow(keys []wgtypes.Key) {
 func (r *Reconciler) arm(now time.Time) {
 	var next time.Time
 	for _, f := range r.pending {
-		due := f.added.Add(followKick)
-		if f.kicked {
-			due = f.added.Add(followRecreate)
-		}
-		if next.IsZero() || due.Before(next) {
-			next = due
+		if next.IsZero() || f.due.Before(next) {
+			next = f.due
 		}
 	}
 	if next.IsZero() {
@@ -315,7 +316,7 @@ func (r *Reconciler) arm(now time.Time) {
 
 // followUp looks at the pending peers that are due: a peer gone from the desired state or
 // the device, or with a handshake since it was added, needs nothing more; the others are
-// kicked, or re-created and kicked (see followKick).
+// kicked, or re-created and kicked when stuck (see followKick).
 func (r *Reconciler) followUp() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -343,18 +344,26 @@ func (r *Reconciler) followUp() {
 	var kicked, recreated []string
 	for k, f := range r.pending {
 		p, h := want[k], have[k]
-		if p == nil || h == nil || h.LastHandshakeTime.After(f.added) {
+		if p == nil || h == nil || h.LastHandshakeTime.After(f.added) || now.Sub(f.added) > followFor {
 			delete(r.pending, k)
 			continue
 		}
+		if now.Before(f.due) {
+			continue
+		}
+		stuck := h.ReceiveBytes == f.rx && h.TransmitBytes == f.tx
+		f.rx, f.tx = h.ReceiveBytes, h.TransmitBytes
+		// Counted from now, not from the last due time: a timer that fired late (a busy
+		// node) must not look again before this look's kick had its round trip.
+		f.due = now.Add(followAgain << min(f.looks, 5))
+		f.looks++
 		switch {
-		case !f.kicked && !now.Before(f.added.Add(followKick)):
-			f.kicked = true
+		case f.looks == 1:
 			kick.Peers = append(kick.Peers, wgtypes.PeerConfig{PublicKey: k, UpdateOnly: true, PersistentKeepaliveInterval: new(handshakeKick)})
 			kicked = append(kicked, p.Node)
-		case f.kicked && !now.Before(f.added.Add(followRecreate)):
-			delete(r.pending, k)
+		case stuck:
 			kick.Peers = append(kick.Peers, wgtypes.PeerConfig{PublicKey: k, Remove: true}, newPeer(*p, r.last.PresharedKey, true))
+			f.rx, f.tx = -1, -1
 			recreated = append(recreated, p.Node)
 		default:
 			continue

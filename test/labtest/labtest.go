@@ -22,7 +22,7 @@ var seq int
 // Up builds netagent, netagent-etcd and netagent-cni (and netagent-wireguard for the
 // wireguard backend) and brings up a lab with opt; logs are files under each node's
 // directory (a func, so names may depend on the node) printed after agent.log on failure.
-func Up(t *testing.T, opt lab.Options, logs func(*lab.Lab, *lab.Node) []string) *lab.Lab {
+func Up(t testing.TB, opt lab.Options, logs func(*lab.Lab, *lab.Node) []string) *lab.Lab {
 	t.Helper()
 	netns.RequireRoot(t)
 	opt.Netagent = testbin.Build(t, "./cmd/netagent", "netagent")

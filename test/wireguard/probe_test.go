@@ -30,7 +30,13 @@ type pinger struct {
 
 func startPing(t testing.TB, from *netns.NS, dst netip.Addr) *pinger {
 	t.Helper()
-	cmd := from.Command(context.Background(), "ping", "-D", "-n", "-i", "0.01", "-W", "1", dst.String())
+	return startPingEvery(t, from, dst, 10*time.Millisecond)
+}
+
+// startPingEvery is startPing with another interval.
+func startPingEvery(t testing.TB, from *netns.NS, dst netip.Addr, every time.Duration) *pinger {
+	t.Helper()
+	cmd := from.Command(context.Background(), "ping", "-D", "-n", "-i", strconv.FormatFloat(every.Seconds(), 'f', -1, 64), "-W", "1", dst.String())
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
