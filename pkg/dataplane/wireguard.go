@@ -73,6 +73,9 @@ type wgState struct {
 	want   *wireguard.Config // what the device was last made to hold
 	nodes  map[string]string // public key -> node
 	guard  *wgguard.Guard
+	// rekeyed: key gave the device a new private key; the next Set kicks the peers it
+	// leads (wireguard.Config.KeyReplaced).
+	rekeyed bool
 }
 
 // UseWireGuard enables the WireGuard backend's device handling (the plan decides whether
@@ -162,6 +165,7 @@ func (w *wgState) key(dev string, rotate bool) (string, error) {
 	if err := w.client.ConfigureDevice(dev, wgtypes.Config{PrivateKey: &k}); err != nil {
 		return "", fmt.Errorf("give %s its new key: %w", dev, err)
 	}
+	w.rekeyed = true
 	return k.PublicKey().String(), nil
 }
 
@@ -221,7 +225,7 @@ func (w *wgState) setLocked(ctx context.Context) (wireguard.Changes, error) {
 	if err != nil {
 		return wireguard.Changes{}, err
 	}
-	c := wireguard.Config{Name: dev.Name, PrivateKey: priv, ListenPort: dev.Port, MTU: dev.MTU}
+	c := wireguard.Config{Name: dev.Name, PrivateKey: priv, ListenPort: dev.Port, MTU: dev.MTU, KeyReplaced: w.rekeyed}
 	if dev.PSKFile != "" {
 		psk, err := key.LoadPSK(dev.PSKFile)
 		if err != nil {
@@ -249,6 +253,7 @@ func (w *wgState) setLocked(ctx context.Context) (wireguard.Changes, error) {
 		w.want = nil
 		return ch, errors.Join(append(errs, err)...)
 	}
+	w.rekeyed = false
 	w.want = &c
 	if err := w.ensureAddr(dev); err != nil {
 		errs = append(errs, err)

@@ -10,8 +10,9 @@
 // handshake survive every pass. Applying the same state twice changes nothing.
 //
 // A new peer's first handshake is started by one side of the pair only, the one with the
-// smaller public key; the other looks again a moment later and starts it only if none has
-// completed (see handshakeKick). Two initiations that cross leave both sides waiting 5 s.
+// smaller public key, which retries until it completes; the other starts one only if it
+// has heard nothing from the peer a second later (see handshakeKick): two initiations that
+// cross leave both sides waiting 5 s, or worse.
 //
 // Scale: one wgctrl read and at most one write per pass, O(peers) to diff; Peers' overlap
 // check is O(peers²) prefix comparisons (a few milliseconds at 1,000 peers).
@@ -44,6 +45,10 @@ type Config struct {
 	MTU          int
 	PresharedKey *wgtypes.Key // for every peer; nil for none
 	Peers        []Peer       // from Peers
+	// KeyReplaced says the device was given PrivateKey out of band since the last Set (a
+	// rotation applied before the lease announced it): as for a key Set itself changes,
+	// the peers' sessions are gone, and we start a handshake with every peer we lead.
+	KeyReplaced bool
 }
 
 // Client is the wgctrl surface Set needs; *wgctrl.Client satisfies it (for a kernel
@@ -77,16 +82,17 @@ type Reconciler struct {
 	// goroutine), so that no pass reads a kick's transient keepalive as drift.
 	mu      sync.Mutex
 	last    Config                    // what the last Set applied: follow-ups re-create peers from it
-	pending map[wgtypes.Key]*followUp // new peers whose handshake the other side starts
+	pending map[wgtypes.Key]*followUp // peers whose first handshake is not seen yet
 	timer   *time.Timer
 }
 
-// followUp is a new peer whose first handshake we leave to the other side (its public key
-// is the smaller one), looked at until it has one (see followKick).
+// followUp is a peer whose first handshake we started (lead) or leave to it, looked at
+// until it has one (see handshakeKick).
 type followUp struct {
+	lead       bool
 	added, due time.Time // due: the next look
 	looks      int
-	rx, tx     int64 // the peer's counters at the last look; -1: re-created since
+	rx         int64 // bytes received from the peer at the last look (or when added)
 }
 
 // Changes says what a Set changed. Peers are named by node where known, else by public key.
@@ -194,7 +200,7 @@ func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
 	if err != nil {
 		return ch, errors.Join(append(errs, fmt.Errorf("read device %s: %w", c.Name, err))...)
 	}
-	wc, follow, d := diff(c, cur)
+	wc, lead, follow, d := diff(c, cur)
 	r.last = c
 	if wc != nil {
 		if err := r.Client.ConfigureDevice(c.Name, *wc); err != nil {
@@ -202,7 +208,7 @@ func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
 		} else {
 			d.Created, d.MTU, d.Up = ch.Created, ch.MTU, ch.Up
 			ch = d
-			r.follow(follow)
+			r.follow(cur, lead, follow)
 		}
 	}
 	if !ch.Empty() {
@@ -231,7 +237,8 @@ func (r *Reconciler) Drifted(c Config) string {
 	if err != nil {
 		return "device unreadable: " + err.Error()
 	}
-	if wc, _, ch := diff(c, cur); wc != nil {
+	c.KeyReplaced = false // a request to kick, not state
+	if wc, _, _, ch := diff(c, cur); wc != nil {
 		return ch.String()
 	}
 	return ""
@@ -252,47 +259,61 @@ func (r *Reconciler) logger() *slog.Logger {
 // rotated its key and sends first has its handshakes dropped until we learn the new key,
 // and then retries only after REKEY_TIMEOUT (5 s): TestKeyRotation measured a 5.1 s gap.
 //
-// Only the side with the smaller public key kicks at once (leads). Both sides of a pair
-// usually learn of each other within a millisecond (the same lease event); had both
-// kicked, their initiations cross: each side consumes the other's initiation and answers
-// it, which replaces its own pending handshake, so it drops the answer to its own; no
-// handshake completes, and each side sends no new initiation for REKEY_TIMEOUT (an
-// answer counts as one). TestHandshakeCrossing reproduces it.
+// Only the side with the smaller public key kicks (leads). Both sides of a pair usually
+// learn of each other within milliseconds (the same lease event); had both kicked, their
+// initiations cross: each side consumes the other's initiation and answers it, which
+// replaces its own pending handshake, so it drops the answer to its own; no handshake
+// completes, and neither sends a new initiation for REKEY_TIMEOUT (an answer counts as
+// one). TestHandshakeCrossing reproduces it. Worse, wireguard-go consumes the initiation
+// and the answer on different goroutines, and a crossing was seen to leave a session that
+// carried packets one way only (TestBackendKube, under load), which nothing here could
+// detect. So crossings must not happen, rather than be repaired.
+//
+// The leader looks at the peer again after leadLook, doubling up to leadLookMax: when
+// nothing has come from the peer since the last look, its initiation went where nobody
+// knew our key yet (the peer learns of us later, or its device is not up yet), and it
+// removes and re-adds the peer, which clears its handshake state and WireGuard's rate
+// limit of one initiation per REKEY_TIMEOUT, and kicks again. The peer, not leading,
+// sends nothing to cross it. A peer without a handshake has no session to lose.
+//
+// The follower kicks once, after followLate, if it has heard nothing at all from the
+// leader: the leader has no reason to start (only our side changed: our device was
+// recreated, or a peer removed by hand). By then a leader that does have a reason has
+// reached us (it looks every leadLookMax at most), so the kick does not cross it.
+//
+// Both stop looking after followFor, when WireGuard's own retries (on traffic) take over.
 const handshakeKick = 25 * time.Second
 
-// The side that does not lead looks at a new peer until it has a handshake. At the first
-// look, followKick after adding it, it kicks: the leader's initiation was dropped because it
-// came before we knew its key, or the leader does not know ours yet. (WireGuard sends no
-// initiation within REKEY_TIMEOUT of its last initiation or answer, so this kick does
-// nothing while the leader's handshake is under way.) At each later look (followAgain,
-// doubling, for followFor in all), a peer whose counters have not moved since the last
-// look is stuck: our initiation crossed the leader's, or went where nobody knew us yet.
-// It is removed and re-added, which clears its handshake state and that rate limit, and
-// kicked again; the leader, having answered within REKEY_TIMEOUT, cannot cross it. A peer
-// without a handshake has no session to lose. Counters that moved mean a handshake under
-// way (a busy node takes tens of milliseconds): re-creating it then would drop the
-// session the leader is about to confirm. followKick bounds a join where the leader
-// learnt first; followAgain the rare crossing that is left.
 const (
-	followKick  = 15 * time.Millisecond
-	followAgain = 100 * time.Millisecond
-	followFor   = 5 * time.Second // REKEY_TIMEOUT: WireGuard's own retries take over
+	leadLook    = 25 * time.Millisecond
+	leadLookMax = 200 * time.Millisecond
+	followLate  = time.Second
+	followFor   = 5 * time.Second
 )
 
 // leads reports whether the side with public key self starts the first handshake with peer.
 func leads(self, peer wgtypes.Key) bool { return bytes.Compare(self[:], peer[:]) < 0 }
 
-// follow records the new peers the other side leads and arms the timer. Called with mu held.
-func (r *Reconciler) follow(keys []wgtypes.Key) {
-	if len(keys) == 0 {
+// follow records the peers just kicked (lead) and the new peers the other side leads, with
+// what they had received so far (cur: the device before the request), and arms the timer.
+// Called with mu held.
+func (r *Reconciler) follow(cur *wgtypes.Device, lead, follow []wgtypes.Key) {
+	if len(lead)+len(follow) == 0 {
 		return
 	}
 	if r.pending == nil {
 		r.pending = map[wgtypes.Key]*followUp{}
 	}
+	rx := make(map[wgtypes.Key]int64, len(cur.Peers))
+	for _, p := range cur.Peers {
+		rx[p.PublicKey] = p.ReceiveBytes
+	}
 	now := time.Now()
-	for _, k := range keys {
-		r.pending[k] = &followUp{added: now, due: now.Add(followKick), rx: -1, tx: -1}
+	for _, k := range lead {
+		r.pending[k] = &followUp{lead: true, added: now, due: now.Add(leadLook), rx: rx[k]}
+	}
+	for _, k := range follow {
+		r.pending[k] = &followUp{added: now, due: now.Add(followLate), rx: rx[k]}
 	}
 	r.arm(now)
 }
@@ -316,7 +337,7 @@ func (r *Reconciler) arm(now time.Time) {
 
 // followUp looks at the pending peers that are due: a peer gone from the desired state or
 // the device, or with a handshake since it was added, needs nothing more; the others are
-// kicked, or re-created and kicked when stuck (see followKick).
+// re-created and kicked (lead), or kicked once (follow; see handshakeKick).
 func (r *Reconciler) followUp() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -351,22 +372,26 @@ func (r *Reconciler) followUp() {
 		if now.Before(f.due) {
 			continue
 		}
-		stuck := h.ReceiveBytes == f.rx && h.TransmitBytes == f.tx
-		f.rx, f.tx = h.ReceiveBytes, h.TransmitBytes
-		// Counted from now, not from the last due time: a timer that fired late (a busy
-		// node) must not look again before this look's kick had its round trip.
-		f.due = now.Add(followAgain << min(f.looks, 5))
+		heard := h.ReceiveBytes != f.rx
+		f.rx = h.ReceiveBytes
+		// Counted from now: a timer that fired late (a busy node) must not look again
+		// before this look's kick had its round trip.
+		f.due = now.Add(min(leadLook<<f.looks, leadLookMax))
 		f.looks++
 		switch {
-		case f.looks == 1:
+		case !f.lead:
+			delete(r.pending, k)
+			if heard {
+				continue // the leader's handshake is under way
+			}
 			kick.Peers = append(kick.Peers, wgtypes.PeerConfig{PublicKey: k, UpdateOnly: true, PersistentKeepaliveInterval: new(handshakeKick)})
 			kicked = append(kicked, p.Node)
-		case stuck:
-			kick.Peers = append(kick.Peers, wgtypes.PeerConfig{PublicKey: k, Remove: true}, newPeer(*p, r.last.PresharedKey, true))
-			f.rx, f.tx = -1, -1
-			recreated = append(recreated, p.Node)
+		case heard:
+			continue // an answer came: the handshake is under way
 		default:
-			continue
+			kick.Peers = append(kick.Peers, wgtypes.PeerConfig{PublicKey: k, Remove: true}, newPeer(*p, r.last.PresharedKey, true))
+			f.rx = 0 // a new peer's counters
+			recreated = append(recreated, p.Node)
 		}
 		kick.Peers = append(kick.Peers, keepaliveOff(k))
 	}
@@ -375,23 +400,25 @@ func (r *Reconciler) followUp() {
 		if err := r.Client.ConfigureDevice(name, kick); err != nil {
 			log.Warn("wireguard handshake follow-up", "err", err)
 		} else {
-			log.Info("wireguard handshake follow-up: no handshake yet")
+			log.Debug("wireguard handshake follow-up: no handshake yet")
 		}
 	}
 	r.arm(now)
 }
 
 // diff returns the configuration request that turns cur into c (nil when none is needed),
-// the new peers the other side leads, and what the request changes. The new peers we lead
-// are kicked: added with handshakeKick, and its keepalive off again at the end of the
+// the peers it kicks (new peers we lead, and with a new private key every peer we lead),
+// the new peers the other side leads, and what the request changes. A kicked peer is added
+// (or updated) with handshakeKick, and its keepalive is off again at the end of the
 // request. Pure, so the interesting cases are table tests.
-func diff(c Config, cur *wgtypes.Device) (wc *wgtypes.Config, follow []wgtypes.Key, ch Changes) {
+func diff(c Config, cur *wgtypes.Device) (wc *wgtypes.Config, lead, follow []wgtypes.Key, ch Changes) {
 	wc = &wgtypes.Config{}
 	self := c.PrivateKey.PublicKey()
 	var settle []wgtypes.PeerConfig
 	if cur.PrivateKey != c.PrivateKey {
 		wc.PrivateKey, ch.PrivateKey = new(c.PrivateKey), true
 	}
+	rekeyed := ch.PrivateKey || c.KeyReplaced
 	if cur.ListenPort != c.ListenPort {
 		wc.ListenPort, ch.ListenPort = new(c.ListenPort), true
 	}
@@ -407,12 +434,14 @@ func diff(c Config, cur *wgtypes.Device) (wc *wgtypes.Config, follow []wgtypes.K
 	for _, p := range c.Peers {
 		want[p.PublicKey] = true
 		h, ok := have[p.PublicKey]
+		leader := leads(self, p.PublicKey)
+		if leader && (!ok || rekeyed) {
+			lead = append(lead, p.PublicKey)
+			settle = append(settle, keepaliveOff(p.PublicKey))
+		}
 		if !ok {
-			lead := leads(self, p.PublicKey)
-			wc.Peers = append(wc.Peers, newPeer(p, c.PresharedKey, lead))
-			if lead {
-				settle = append(settle, keepaliveOff(p.PublicKey))
-			} else {
+			wc.Peers = append(wc.Peers, newPeer(p, c.PresharedKey, leader))
+			if !leader {
 				follow = append(follow, p.PublicKey)
 			}
 			ch.Added = append(ch.Added, p.Node)
@@ -433,8 +462,13 @@ func diff(c Config, cur *wgtypes.Device) (wc *wgtypes.Config, follow []wgtypes.K
 			pc.PersistentKeepaliveInterval, changed = new(time.Duration(0)), true
 		}
 		if changed {
-			wc.Peers = append(wc.Peers, pc)
 			ch.Updated = append(ch.Updated, p.Node)
+		}
+		if leader && rekeyed {
+			pc.PersistentKeepaliveInterval, changed = new(handshakeKick), true
+		}
+		if changed {
+			wc.Peers = append(wc.Peers, pc)
 		}
 	}
 	for _, h := range cur.Peers {
@@ -445,9 +479,9 @@ func diff(c Config, cur *wgtypes.Device) (wc *wgtypes.Config, follow []wgtypes.K
 	}
 	wc.Peers = append(wc.Peers, settle...)
 	if wc.PrivateKey == nil && wc.ListenPort == nil && len(wc.Peers) == 0 {
-		return nil, nil, ch
+		return nil, nil, nil, ch
 	}
-	return wc, follow, ch
+	return wc, lead, follow, ch
 }
 
 // newPeer is the request that adds p, with the keepalive that starts its handshake if kick.

@@ -1,6 +1,7 @@
 package wireguard
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -8,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/netagent/netagent/pkg/netipx"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
@@ -203,7 +205,7 @@ func TestDiff(t *testing.T) {
 			}
 			cur := inSync()
 			tt.cur(cur)
-			wc, follow, ch := diff(c, cur)
+			wc, lead, follow, ch := diff(c, cur)
 			if ch.String() != tt.want {
 				t.Errorf("diff changes = %q, want %q", ch, tt.want)
 			}
@@ -231,14 +233,14 @@ func TestDiff(t *testing.T) {
 				}
 				kick := pc.PersistentKeepaliveInterval != nil && *pc.PersistentKeepaliveInterval != 0
 				followed := slices.Contains(follow, pc.PublicKey)
-				if kick != leads(self, pc.PublicKey) || followed == kick {
+				if kick != leads(self, pc.PublicKey) || followed == kick || kick != slices.Contains(lead, pc.PublicKey) {
 					t.Errorf("new peer %s: kicked %v, followed up %v; we lead: %v", pc.PublicKey, kick, followed, leads(self, pc.PublicKey))
 				}
 				if j, ok := off[pc.PublicKey]; kick && (!ok || j < i) {
 					t.Errorf("kicked peer %s: its keepalive is not turned off later in the request", pc.PublicKey)
 				}
 			}
-			if wc2, _, ch2 := diff(c, got); wc2 != nil {
+			if wc2, _, _, ch2 := diff(c, got); wc2 != nil {
 				t.Errorf("after applying, diff still asks for %q", ch2)
 			}
 			for _, pc := range wc.Peers {
@@ -269,10 +271,10 @@ func TestOneSideKicks(t *testing.T) {
 			c := Config{Name: "wg0", PrivateKey: s.self, ListenPort: 51820, MTU: 1440, Peers: []Peer{{
 				Node: "peer", PublicKey: s.peer.PublicKey(), Endpoint: netip.MustParseAddrPort("192.0.2.2:51820"), AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")},
 			}}}
-			wc, follow, _ := diff(c, &wgtypes.Device{Name: "wg0", PrivateKey: s.self, ListenPort: 51820})
+			wc, lead, follow, _ := diff(c, &wgtypes.Device{Name: "wg0", PrivateKey: s.self, ListenPort: 51820})
 			kick := wc.Peers[0].PersistentKeepaliveInterval != nil
-			if kick == (len(follow) == 1) || kick != (len(wc.Peers) == 2) {
-				t.Fatalf("new peer: request %+v, followed up %v", wc.Peers, follow)
+			if kick == (len(follow) == 1) || kick != (len(wc.Peers) == 2) || kick != (len(lead) == 1) {
+				t.Fatalf("new peer: request %+v, lead %v, followed up %v", wc.Peers, lead, follow)
 			}
 			if kick {
 				kicks++
@@ -281,6 +283,42 @@ func TestOneSideKicks(t *testing.T) {
 		if kicks != 1 {
 			t.Fatalf("%d sides of a pair kick the first handshake at once, want exactly one", kicks)
 		}
+	}
+}
+
+// TestRekeyKicks: a new private key (set here, or given out of band: KeyReplaced) ends every
+// session, so the peers we lead are kicked again, and only those; otherwise an unchanged
+// peer is not touched.
+func TestRekeyKicks(t *testing.T) {
+	priv, old := genKey(t), genKey(t)
+	var peers []Peer
+	var device []wgtypes.Peer
+	for i := range 8 {
+		k := genKey(t).PublicKey()
+		ep := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), uint16(51820+i))
+		sub := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i + 2), 0}), 24)
+		peers = append(peers, Peer{Node: fmt.Sprint("n", i), PublicKey: k, Endpoint: ep, AllowedIPs: []netip.Prefix{sub}})
+		device = append(device, wgtypes.Peer{PublicKey: k, Endpoint: net.UDPAddrFromAddrPort(ep), AllowedIPs: []net.IPNet{*netipx.IPNet(sub)}})
+	}
+	for _, tt := range []struct {
+		name     string
+		have     wgtypes.Key
+		replaced bool
+		kicks    bool
+	}{{"in sync", priv, false, false}, {"key changed here", old, false, true}, {"key replaced out of band", priv, true, true}} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := Config{Name: "wg0", PrivateKey: priv, ListenPort: 51820, MTU: 1440, Peers: peers, KeyReplaced: tt.replaced}
+			_, lead, follow, _ := diff(c, &wgtypes.Device{Name: "wg0", PrivateKey: tt.have, ListenPort: 51820, Peers: device})
+			var want []wgtypes.Key
+			for _, p := range peers {
+				if tt.kicks && leads(priv.PublicKey(), p.PublicKey) {
+					want = append(want, p.PublicKey)
+				}
+			}
+			if !slices.Equal(lead, want) || len(follow) != 0 {
+				t.Errorf("diff kicks %v and follows %v, want kicks %v", lead, follow, want)
+			}
+		})
 	}
 }
 

@@ -12,11 +12,11 @@ import (
 // TestHandshakeCrossing: two nodes learn of each other (one Set each, back to back, as from
 // one lease event) with no traffic between their pods; both must hold a handshake well
 // within WireGuard's REKEY_TIMEOUT (5 s). With a delayed underlay (a relay holding every
-// datagram 100 ms each way) any initiation sent by both sides crosses the other's: each
-// side answers the other's and drops the answer to its own, and before the fix (both sides
-// kicked a handshake at once) neither retried for 5 s. Without the delay, the side that
-// leads may have its initiation dropped by a peer that does not know it yet, and the
-// follower's own look after followKick must start it. Both orders of the two Sets.
+// datagram 100 ms each way) any initiations sent by both sides cross: each side answers
+// the other's and drops the answer to its own, and before the fix (both sides kicked a
+// handshake at once) neither retried for 5 s. Without the delay, the leader's initiation
+// is dropped when it reaches a peer that does not know it yet, and the leader's retry must
+// start it. Both orders of the two Sets.
 func TestHandshakeCrossing(t *testing.T) {
 	for _, tt := range []struct {
 		name        string
