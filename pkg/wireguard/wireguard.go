@@ -278,15 +278,16 @@ func (r *Reconciler) logger() *slog.Logger {
 //
 // The follower kicks once, after followLate, if it has heard nothing at all from the
 // leader: the leader has no reason to start (only our side changed: our device was
-// recreated, or a peer removed by hand). By then a leader that does have a reason has
-// reached us (it looks every leadLookMax at most), so the kick does not cross it.
+// recreated, or a peer removed by hand). A leader that does have a reason has reached us
+// by then (it retries every leadLookMax at most, less than followLate), so the kick does
+// not cross it.
 //
 // Both stop looking after followFor, when WireGuard's own retries (on traffic) take over.
 const handshakeKick = 25 * time.Second
 
 const (
 	leadLook    = 25 * time.Millisecond
-	leadLookMax = 200 * time.Millisecond
+	leadLookMax = 400 * time.Millisecond
 	followLate  = time.Second
 	followFor   = 5 * time.Second
 )
@@ -376,7 +377,7 @@ func (r *Reconciler) followUp() {
 		f.rx = h.ReceiveBytes
 		// Counted from now: a timer that fired late (a busy node) must not look again
 		// before this look's kick had its round trip.
-		f.due = now.Add(min(leadLook<<f.looks, leadLookMax))
+		f.due = now.Add(min(leadLook<<min(f.looks, 5), leadLookMax))
 		f.looks++
 		switch {
 		case !f.lead:
