@@ -45,7 +45,7 @@ type Options struct {
 	// NetagentImage is the netagent image archive (see BuildNetagentImage).
 	NetagentImage string
 	// Prefix names the per-node cgroups (PREFIXNODE in every hierarchy).
-	Prefix      string
+	Prefix string
 	// ClusterCIDR is the controller-manager's --cluster-cidr and ServiceCIDR the service
 	// range: one CIDR, or an IPv4,IPv6 pair for a dual-stack cluster (whose nodes then
 	// need IP6 too).
