@@ -193,9 +193,10 @@ func FormatMatrix(m [][]Cell) string {
 	var b strings.Builder
 	w := 10
 	for _, row := range m {
-		if len(row[0].From)+2 > w {
-			w = len(row[0].From) + 2
-		}
+		w = max(w, len(row[0].From)+2)
+	}
+	for _, c := range m[0] { // targets may be longer ("/v6")
+		w = max(w, len(c.To)+2)
 	}
 	fmt.Fprintf(&b, "%-*s", w, "from\\to")
 	for _, c := range m[0] {
