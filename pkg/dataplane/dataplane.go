@@ -307,7 +307,8 @@ func (d *Linux) natSync(ctx context.Context, n plan.NAT) (nat.Stats, error) {
 // guardSpec is the plan's allow-list in the guard's terms (a map of its own: the guard
 // keeps it as its mirror).
 func guardSpec(a plan.AllowList) vxguard.Spec {
-	s := vxguard.Spec{Port: a.Port, Network: a.Network, SubnetLen: a.SubnetLen, SubnetLen6: a.SubnetLen6, Peers: make(map[string]vxguard.Peer, len(a.Peers))}
+	s := vxguard.Spec{Port: a.Port, Network: a.Network, SubnetLen: a.SubnetLen, SubnetLen6: a.SubnetLen6,
+		Network6: a.Network6, Underlay6: a.Underlay6, Peers: make(map[string]vxguard.Peer, len(a.Peers))}
 	for n, p := range a.Peers {
 		s.Peers[n] = vxguard.Peer(p)
 	}

@@ -170,7 +170,9 @@ type AllowList struct {
 	// Network6 and SubnetLen6 are the same for IPv6 (Network6 unset: no IPv6).
 	Network6   netip.Prefix
 	SubnetLen6 int
-	Peers      map[string]Allowed
+	// Underlay6 says VXLAN runs over IPv6 here: peers' VXLAN comes from their IPv6 addresses.
+	Underlay6 bool
+	Peers     map[string]Allowed
 }
 
 // Allowed is what VXLAN from one peer may look like: from its public IP (and, on the same
@@ -280,6 +282,7 @@ func Build(in Input) Plan {
 		}
 		if vxlan6(in.Self) {
 			p.VXLAN.Local = in.Self.PublicIP6
+			p.Allow.Underlay6 = true
 		}
 		if self.Subnet.IsValid() {
 			p.VXLAN.Addr = netip.PrefixFrom(self.Subnet.Addr(), 32)
