@@ -21,7 +21,9 @@ import (
 )
 
 // udpSink counts datagrams arriving at port in ns.
-func udpSink(t *testing.T, ns *netns.NS, port int) *atomic.Int64 { return udpSinkNet(t, ns, "udp4", port) }
+func udpSink(t *testing.T, ns *netns.NS, port int) *atomic.Int64 {
+	return udpSinkNet(t, ns, "udp4", port)
+}
 
 // udpSinkNet is udpSink for network udp4 or udp6.
 func udpSinkNet(t *testing.T, ns *netns.NS, network string, port int) *atomic.Int64 {
