@@ -140,6 +140,7 @@ type Agent struct {
 	bigPass    bool              // the last full pass changed many objects
 	ignored    map[string]string // leases not used, as last reported (the loop's)
 	ulWarned   netip.Addr        // the underlay address last warned about (the loop's)
+	keptVXLAN  string            // the VXLAN device the last full plan kept for peers (the loop's)
 	forwardErr error             // why forwarding is off, at the last check (the loop's)
 
 	mu      sync.Mutex
@@ -389,7 +390,7 @@ func (a *Agent) input(cfg config.Network, self lease.Lease, ul dataplane.Underla
 		Config:   cfg,
 		Self:     self,
 		Peers:    peers,
-		Underlay: plan.Underlay{Dev: ul.Dev, MTU: ul.MTU, Connected: ul.Connected},
+		Underlay: plan.Underlay{Dev: ul.Dev, MTU: ul.MTU, Connected: ul.Connected, Tunnels: ul.Tunnels},
 		Docker:   a.opt.Docker != nil,
 		WGDev:    a.opt.WireGuard.Device,
 	}

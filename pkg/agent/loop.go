@@ -255,6 +255,14 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, s *state, firewa
 	a.mu.Unlock()
 	st, err := a.dp.Set(ctx, p)
 	a.finish(log, "full", t0, st, drift, err)
+	if p.KeepVXLAN != a.keptVXLAN {
+		if p.KeepVXLAN != "" {
+			log.Info("keeping the VXLAN device: peers still publish a VTEP and may send through it until they see this node's host-gw lease", "dev", p.KeepVXLAN)
+		} else {
+			log.Info("no peer publishes a VTEP any more: the VXLAN device kept for them goes", "dev", a.keptVXLAN)
+		}
+		a.keptVXLAN = p.KeepVXLAN
+	}
 	if firewall && a.podGuardEnabled() {
 		a.podGuardPass(ctx, log)
 	}

@@ -74,6 +74,8 @@ type Underlay struct {
 	// Tentative6 says Dev has a global IPv6 address still in duplicate address detection
 	// and no usable one yet (IP6 unset): it becomes usable in a second or two.
 	Tentative6 bool
+	// Tunnels are netagent's VXLAN devices in the kernel (plan.Underlay.Tunnels).
+	Tunnels []plan.Tunnel
 }
 
 // Linux is the dataplane of the network namespace it was created in. Set, Prepare and
@@ -94,6 +96,7 @@ type Linux struct {
 	early    chan natResult // Prepare's NAT sync, taken by the next Set
 
 	vxDev, ulDev, wgDev atomic.Value // string: the devices whose link events matter (read by Watch)
+	kept                string       // the last full plan's KeepVXLAN
 }
 
 // New opens the kernel of the current network namespace; iptables runs the NAT chains'
@@ -169,14 +172,18 @@ func (d *Linux) Set(ctx context.Context, p plan.Plan) (Stats, error) {
 		if p.Delta.From != from {
 			return Stats{}, fmt.Errorf("%w: delta from plan %d, the dataplane has plan %d", ErrStale, p.Delta.From, from)
 		}
+		if p.KeepVXLAN != d.kept {
+			return Stats{}, fmt.Errorf("%w: the kept VXLAN device changes (%q to %q)", ErrStale, d.kept, p.KeepVXLAN)
+		}
 		return d.apply(ctx, p.Delta)
 	}
 	var st Stats
 	var errs []error
-	keep := ""
+	keep := p.KeepVXLAN
 	if p.VXLAN != nil {
 		keep = p.VXLAN.Name
 	}
+	d.kept = p.KeepVXLAN
 	d.vxDev.Store(keep)
 	var err error
 	// The WireGuard device and its peers before the routes through it.
@@ -387,7 +394,25 @@ func (d *Linux) Underlay(iface string, ip netip.Addr) (Underlay, error) {
 		return Underlay{}, fmt.Errorf("underlay %s has no IPv4 or global IPv6 address (set --public-ip)", link.Attrs().Name)
 	}
 	d.ulDev.Store(u.Dev)
+	if u.Tunnels, err = d.tunnels(); err != nil {
+		d.log.Warn("cannot list VXLAN devices; none is kept for peers still sending through one", "err", err)
+	}
 	return u, nil
+}
+
+// tunnels lists netagent's VXLAN devices.
+func (d *Linux) tunnels() ([]plan.Tunnel, error) {
+	links, err := nldump.Retry(d.h.LinkList)
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	var out []plan.Tunnel
+	for _, l := range links {
+		if v, ok := l.(*netlink.Vxlan); ok && vxlan.Ours(l) {
+			out = append(out, plan.Tunnel{Name: v.Name, Port: v.Port})
+		}
+	}
+	return out, nil
 }
 
 func (d *Linux) linkWith(ip netip.Addr) (netlink.Link, error) {

@@ -35,6 +35,7 @@ type Planner struct {
 	modes   map[Mode]int            // peers per mode
 
 	tunnelMTU, podMTU int
+	senders           int // peers publishing a VTEP (see Plan.KeepVXLAN)
 }
 
 // verdict is the plan's decision on a peer.
@@ -155,8 +156,14 @@ func NewPlanner(in Input) (*Planner, Plan) {
 	for _, l := range in.Peers {
 		if l.Node != in.Self.Node {
 			e := enabled(in.Config, l)
+			if old, ok := p.peers[l.Node]; ok && sendsVXLAN(in.Self.Node, old.Lease) {
+				p.senders--
+			}
 			p.peers[l.Node] = e
 			p.addClaim(e)
+			if sendsVXLAN(in.Self.Node, l) {
+				p.senders++
+			}
 		}
 	}
 	for _, v := range full.Peers {
@@ -283,6 +290,7 @@ func (p *Planner) header() Plan {
 	out := p.base
 	out.Gen = p.gen
 	out.Allow.Peers = nil
+	keepVXLAN(&out, p.in, p.senders > 0)
 	if out.VXLAN != nil {
 		v := *out.VXLAN
 		out.VXLAN = &v
@@ -314,10 +322,16 @@ func (p *Planner) update(changed []lease.Lease) Changes {
 			}
 			p.dropClaim(old)
 			delete(p.peers, l.Node)
+			if sendsVXLAN(p.in.Self.Node, old.Lease) {
+				p.senders--
+			}
 		}
 		if !changedLease.Gone() {
 			p.peers[l.Node] = l
 			p.addClaim(l)
+			if sendsVXLAN(p.in.Self.Node, l.Lease) {
+				p.senders++
+			}
 			for _, s := range l.subnets() {
 				subnets[s] = true
 			}

@@ -55,6 +55,15 @@ type Underlay struct {
 	// Connected are the prefixes directly attached to Dev (both families): a peer whose
 	// public IP falls inside one shares the L2 and can be routed to directly.
 	Connected []netip.Prefix
+	// Tunnels are netagent's VXLAN devices the kernel holds now (read with the underlay on
+	// every full pass): see Plan.KeepVXLAN.
+	Tunnels []Tunnel
+}
+
+// Tunnel is a VXLAN device of netagent's naming found in the kernel.
+type Tunnel struct {
+	Name string
+	Port int // its UDP port
 }
 
 // onLink reports whether a is inside one of the connected prefixes.
@@ -214,6 +223,12 @@ type Plan struct {
 	// VXLAN is the node's VXLAN device; nil: none. Any other VXLAN device of netagent's
 	// naming (an earlier backend's or VNI's) is not desired and goes.
 	VXLAN *VXLANDevice
+	// KeepVXLAN names a VXLAN device already in the kernel that stays although the plan
+	// names none: the node moved from vxlan or hybrid to host-gw, and peers whose leases
+	// still carry a VTEP may send through it until they see this node's new lease (or
+	// are moved too). It only receives: no routes, neighbour or FDB entries are planned on
+	// it, and the allow-list guards its port. Empty: none is kept.
+	KeepVXLAN string
 	// WireGuard is the node's WireGuard device (wireguard backend); nil: none. WGPeers
 	// are its peers, one per node in mode WireGuard.
 	WireGuard *WGDevice
@@ -282,13 +297,13 @@ func Build(in Input) Plan {
 		}
 		if vxlan6(in.Self) {
 			p.VXLAN.Local = in.Self.PublicIP6
-			p.Allow.Underlay6 = true
 		}
 		if self.Subnet.IsValid() {
 			p.VXLAN.Addr = netip.PrefixFrom(self.Subnet.Addr(), 32)
 		}
 		p.Allow.Port = c.Backend.Port
 	}
+	keepVXLAN(&p, in, vxlanSenders(in.Self.Node, in.Peers) > 0)
 	switch {
 	case c.MTU != 0:
 		p.PodMTU = c.MTU
@@ -366,6 +381,37 @@ func Build(in Input) Plan {
 		}
 	}
 	return p
+}
+
+// keepVXLAN sets p.KeepVXLAN and the allow-list's port on a host-gw node that still has
+// a VXLAN device while some peer publishes a VTEP (senders): that peer may be sending
+// through the device until it sees this node's lease. With several devices (rare: an
+// earlier VNI's too), the first by name stays and the others go. It also marks the
+// allow-list as over IPv6 when VXLAN here runs over IPv6 (kept device or not).
+func keepVXLAN(p *Plan, in Input, senders bool) {
+	p.Allow.Underlay6 = p.Allow.Port != 0 && vxlan6(in.Self)
+	u := in.Underlay
+	if in.Config.Backend.Type != config.HostGW || !senders || len(u.Tunnels) == 0 {
+		return
+	}
+	t := slices.MinFunc(u.Tunnels, func(a, b Tunnel) int { return strings.Compare(a.Name, b.Name) })
+	p.KeepVXLAN, p.Allow.Port = t.Name, t.Port
+	p.Allow.Underlay6 = vxlan6(in.Self)
+}
+
+// vxlanSenders counts the peers (not self) whose leases publish a VTEP.
+func vxlanSenders(self string, peers []lease.Lease) int {
+	n := 0
+	for _, l := range peers {
+		if sendsVXLAN(self, l) {
+			n++
+		}
+	}
+	return n
+}
+
+func sendsVXLAN(self string, l lease.Lease) bool {
+	return l.Node != self && lease.ValidMAC(l.VTEPMAC)
 }
 
 // peerOf is the part of a verdict that follows from the lease (l from enabled).

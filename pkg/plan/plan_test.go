@@ -83,6 +83,9 @@ func render(p Plan) string {
 		}
 		b.WriteString("\n")
 	}
+	if p.KeepVXLAN != "" {
+		fmt.Fprintf(&b, "keep vxlan %s\n", p.KeepVXLAN)
+	}
 	if p.VXLAN != nil {
 		fmt.Fprintf(&b, "vxlan %s vni %d port %d dev %s local %s addr %s mac %s mtu %d\n", p.VXLAN.Name, p.VXLAN.VNI, p.VXLAN.Port, p.VXLAN.Underlay, p.VXLAN.Local, p.VXLAN.Addr, p.VXLAN.MAC, p.VXLAN.MTU)
 	}
@@ -478,6 +481,46 @@ func TestHeader(t *testing.T) {
 			}
 			if p.NAT.Final != tt.wantFinal {
 				t.Errorf("Build().NAT.Final = %t, want %t", p.NAT.Final, tt.wantFinal)
+			}
+		})
+	}
+}
+
+// A host-gw node keeps a VXLAN device the kernel still has while a peer publishes a VTEP
+// (it may be sending through it), guarded on the device's port; no other backend does.
+func TestKeepVXLAN(t *testing.T) {
+	self := mk("self", "10.244.1.0/24", "192.0.2.1")
+	vtep := mk("n2", "10.244.2.0/24", "192.0.2.2")
+	noVTEP := vtep
+	noVTEP.VTEPMAC = ""
+	tunnels := []Tunnel{{Name: "netagent.9", Port: 4789}, {Name: "netagent.1", Port: 8472}}
+	for _, c := range []struct {
+		name     string
+		backend  string
+		tunnels  []Tunnel
+		peers    []lease.Lease
+		keep     string
+		port     int
+		hasVXLAN bool
+	}{
+		{"host-gw, a peer with a VTEP", config.HostGW, tunnels, []lease.Lease{vtep}, "netagent.1", 8472, false},
+		{"host-gw, no peer with a VTEP", config.HostGW, tunnels, []lease.Lease{noVTEP}, "", 0, false},
+		{"host-gw, no device left", config.HostGW, nil, []lease.Lease{vtep}, "", 0, false},
+		{"host-gw, only self has a VTEP", config.HostGW, tunnels, []lease.Lease{self}, "", 0, false},
+		{"vxlan", config.VXLAN, tunnels, []lease.Lease{vtep}, "", 8472, true},
+		{"wireguard", config.WireGuard, tunnels, []lease.Lease{vtep}, "", 0, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			u := underlay
+			u.Tunnels = c.tunnels
+			p := Build(Input{Config: cfg(t, c.backend), Self: self, Peers: c.peers, Underlay: u})
+			if p.KeepVXLAN != c.keep || p.Allow.Port != c.port || (p.VXLAN != nil) != c.hasVXLAN {
+				t.Errorf("keep %q port %d device %v; want %q %d %v", p.KeepVXLAN, p.Allow.Port, p.VXLAN != nil, c.keep, c.port, c.hasVXLAN)
+			}
+			for _, r := range p.Routes {
+				if strings.HasPrefix(r.Dev, "netagent.") && c.backend == config.HostGW {
+					t.Errorf("host-gw plans a route on a VXLAN device: %+v", r)
+				}
 			}
 		})
 	}

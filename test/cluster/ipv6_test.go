@@ -128,7 +128,8 @@ func icmp6(t *testing.T, ns *netns.NS) (out, in int) {
 }
 
 // With IPv6 masquerading switched off, pods reach the outside with their own addresses
-// (a routable prefix); and an agent restart under a running IPv6 ping loses no packet.
+// (a routable prefix); and an agent restart, and a kill -9 and restart, under a running
+// IPv6 ping lose no packet.
 func TestIPv6NoMasqueradeAndRestart(t *testing.T) {
 	off := false
 	l := newLabWith(t, lab.Options{Backend: "vxlan", Nodes: 2, PodsPerNode: 1, IPFamily: "dual", IPv6Network: "2001:db8:100::/48", IPv6Masquerade: &off})
@@ -147,31 +148,34 @@ func TestIPv6NoMasqueradeAndRestart(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	out0, in0 := icmp6(t, l.PodNS(a))
-	ping := l.PodNS(a).Command(ctx, "ping", "-6", "-i", "0.01", "-q", b.IP6.String())
-	if err := ping.Start(); err != nil {
-		t.Fatal(err)
+	for _, kill := range []bool{false, true} { // SIGTERM, then kill -9
+		how := map[bool]string{false: "restart", true: "kill -9 and restart"}[kill]
+		out0, in0 := icmp6(t, l.PodNS(a))
+		ping := l.PodNS(a).Command(ctx, "ping", "-6", "-i", "0.01", "-q", b.IP6.String())
+		if err := ping.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(300 * time.Millisecond)
+		if err := l.StopAgent(n1, kill); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.StartAgent(n1); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.WaitReady(ctx, n1, 20*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Second)
+		_ = ping.Process.Signal(os.Interrupt)
+		_ = ping.Wait()
+		time.Sleep(100 * time.Millisecond) // the last reply in flight
+		out, in := icmp6(t, l.PodNS(a))
+		sent, got := out-out0, in-in0
+		if sent < 50 || got < sent-1 { // the one sent as ping stopped may be unanswered
+			t.Errorf("agent %s under an IPv6 ping: %d echo requests, %d replies", how, sent, got)
+		}
+		t.Logf("agent %s under an IPv6 ping: %d echo requests, %d replies", how, sent, got)
 	}
-	time.Sleep(300 * time.Millisecond)
-	if err := l.StopAgent(n1, false); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.StartAgent(n1); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.WaitReady(ctx, n1, 20*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(time.Second)
-	_ = ping.Process.Signal(os.Interrupt)
-	_ = ping.Wait()
-	time.Sleep(100 * time.Millisecond) // the last reply in flight
-	out, in := icmp6(t, l.PodNS(a))
-	sent, got := out-out0, in-in0
-	if sent < 50 || got < sent-1 { // the one sent as ping stopped may be unanswered
-		t.Errorf("agent restart under an IPv6 ping: %d echo requests, %d replies", sent, got)
-	}
-	t.Logf("agent restart under an IPv6 ping: %d echo requests, %d replies", sent, got)
 }
 
 // The first IPv6 ping to a freshly wired pod on another node is answered at once. The
