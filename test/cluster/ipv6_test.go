@@ -224,6 +224,7 @@ func TestIPv6UnderlayTentativeAtStart(t *testing.T) {
 	ns.MustRun(t, "sysctl", "-qw", "net.ipv6.conf.eth0.dad_transmits=3")
 	ns.MustRun(t, "ip", "-6", "addr", "del", n1.IP6.String()+"/64", "dev", "eth0")
 	ns.MustRun(t, "ip", "-6", "addr", "add", n1.IP6.String()+"/64", "dev", "eth0")
+	start := time.Now()
 	if err := l.StartAgent(n1); err != nil {
 		t.Fatal(err)
 	}
@@ -235,6 +236,7 @@ func TestIPv6UnderlayTentativeAtStart(t *testing.T) {
 	if err := l.WaitReady(ctx, n1, 20*time.Second); err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("node1's agent ready %s after its start", time.Since(start).Round(time.Millisecond))
 	if st := status(t, l, n1); st.PublicIP6 != n1.IP6.String() {
 		t.Fatalf("node1 leased with publicIP6 %q, want %s (its address was tentative at start)", st.PublicIP6, n1.IP6)
 	}
@@ -249,4 +251,5 @@ func TestIPv6UnderlayTentativeAtStart(t *testing.T) {
 	if err := ping6(l.PodNS(n2.Pods[0]), n1.Pods[0].IP6.String()); err != nil {
 		t.Errorf("pod on node2 -> pod on node1 over IPv6: %v", err)
 	}
+	t.Logf("done %s after the agent's start", time.Since(start).Round(time.Millisecond))
 }
