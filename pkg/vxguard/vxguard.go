@@ -12,12 +12,12 @@
 // forge the peer's MAC. Without authentication nothing stops an attacker who forges both
 // (see SECURITY.md).
 //
-// It is an nftables table (family ip, "netagent"; and one of family ip6, below) written over netlink with
-// github.com/google/nftables, so every change is one atomic transaction and costs no
-// process: four concatenated hash sets that lease changes update element by element, and
-// two base chains (S: the inner IPv4 source @th,336,32 behind the UDP and VXLAN headers;
-// S/len: S masked to the configured subnet length; every accept also needs the inner
-// EtherType @th,224,16 to be IPv4):
+// It is an nftables table (family ip, "netagent"; and one of family ip6, below) written
+// over netlink with github.com/google/nftables, so every change is one atomic transaction
+// and costs no process: four concatenated hash sets that lease changes update element by
+// element, and two base chains (S: the inner IPv4 source @th,336,32 behind the UDP and
+// VXLAN headers; S/len: S masked to the configured subnet length; every accept also needs
+// the inner EtherType @th,224,16 to be IPv4):
 //
 //	input:   udp dport <port> ip saddr . ether saddr . S/len @vxlan-l2 accept
 //	         udp dport <port> ip saddr . ether saddr . S     @vxlan-l2-self accept
