@@ -140,6 +140,7 @@ type Agent struct {
 	bigPass    bool              // the last full pass changed many objects
 	ignored    map[string]string // leases not used, as last reported (the loop's)
 	ulWarned   netip.Addr        // the underlay address last warned about (the loop's)
+	ulWarned6  netip.Addr        // the same for IPv6
 	keptVXLAN  string            // the VXLAN device the last full plan kept for peers (the loop's)
 	forwardErr error             // why forwarding is off, at the last check (the loop's)
 
