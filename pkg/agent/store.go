@@ -125,10 +125,13 @@ func (g *grace) full(now time.Time, live []lease.Lease) (peers []lease.Lease, ne
 		nodes := make(map[string]bool, len(live))
 		subnets := make(map[netip.Prefix]bool, len(live))
 		for _, l := range live {
-			nodes[l.Node], subnets[l.Subnet] = true, true
+			nodes[l.Node] = true
+			for _, s := range l.Subnets() {
+				subnets[s] = true
+			}
 		}
 		for n, l := range g.last {
-			if !nodes[n] && !subnets[l.Subnet] {
+			if !nodes[n] && !slices.ContainsFunc(l.Subnets(), func(s netip.Prefix) bool { return subnets[s] }) {
 				live = append(live, l)
 				held[n] = true
 				if !g.held[n] {
@@ -155,7 +158,7 @@ func (g *grace) incremental(now time.Time, changed []lease.Lease) (out []lease.L
 	active := g.active(now)
 	out = changed[:0:0]
 	for _, l := range changed {
-		if gone := !l.Subnet.IsValid(); gone {
+		if l.Gone() {
 			if old, ok := g.last[l.Node]; ok && active {
 				if !g.held[l.Node] {
 					newlyHeld = append(newlyHeld, l.Node)
@@ -171,7 +174,7 @@ func (g *grace) incremental(now time.Time, changed []lease.Lease) (out []lease.L
 		}
 		delete(g.held, l.Node)
 		for h := range g.held {
-			if g.last[h].Subnet == l.Subnet {
+			if sharesSubnet(g.last[h], l) {
 				delete(g.held, h)
 				delete(g.last, h)
 				out = append(out, lease.Lease{Node: h})
@@ -181,6 +184,11 @@ func (g *grace) incremental(now time.Time, changed []lease.Lease) (out []lease.L
 		out = append(out, l)
 	}
 	return out, newlyHeld
+}
+
+// sharesSubnet reports whether a and b hold a subnet in common (either family).
+func sharesSubnet(a, b lease.Lease) bool {
+	return a.Subnet.IsValid() && a.Subnet == b.Subnet || a.Subnet6.IsValid() && a.Subnet6 == b.Subnet6
 }
 
 func logHeld(log *slog.Logger, nodes []string, until time.Time) {

@@ -14,6 +14,11 @@ func lz(node, subnet string) lease.Lease {
 	return lease.Lease{Node: node, Subnet: netip.MustParsePrefix(subnet), PublicIP: netip.MustParseAddr("192.0.2.11")}
 }
 
+// lz6 is an IPv6-only lease.
+func lz6(node, subnet6, ip6 string) lease.Lease {
+	return lease.Lease{Node: node, Subnet6: netip.MustParsePrefix(subnet6), PublicIP6: netip.MustParseAddr(ip6)}
+}
+
 func gone(node string) lease.Lease { return lease.Lease{Node: node} }
 
 // TestGrace applies store states and peer changes in order and checks what the planner
@@ -22,6 +27,8 @@ func gone(node string) lease.Lease { return lease.Lease{Node: node} }
 func TestGrace(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	a, b, c := lz("a", "10.244.1.0/24"), lz("b", "10.244.2.0/24"), lz("c", "10.244.3.0/24")
+	a6, b6 := lz6("a", "fd00:0:0:1::/64", "2001:db8::1"), lz6("b", "fd00:0:0:2::/64", "2001:db8::2")
+	b6moved, c6onB := lz6("b", "fd00:0:0:2::/64", "2001:db8::22"), lz6("c", "fd00:0:0:2::/64", "2001:db8::3")
 	type step struct {
 		at       time.Duration
 		outage   bool // the store went away
@@ -67,6 +74,26 @@ func TestGrace(t *testing.T) {
 			{at: time.Second, outage: true},
 			{at: 2 * time.Second, full: []lease.Lease{a, lz("d", "10.244.2.0/24"), lz("c", "10.244.9.0/24")},
 				want: []lease.Lease{a, lz("c", "10.244.9.0/24"), lz("d", "10.244.2.0/24")}},
+		}},
+		// IPv6-only leases have no IPv4 subnet: a live one is not taken for a vanished one,
+		// and their IPv6 subnets settle who is held.
+		{"IPv6-only: an update in the window is applied, a vanished peer held", []step{
+			{full: []lease.Lease{a6, b6}, want: []lease.Lease{a6, b6}},
+			{at: time.Second, outage: true},
+			{at: 2 * time.Second, changed: []lease.Lease{b6moved}, want: []lease.Lease{b6moved}},
+			{at: 3 * time.Second, changed: []lease.Lease{gone("a")}, want: []lease.Lease{a6}, wantHeld: []string{"a"}},
+			{at: 4 * time.Second, full: []lease.Lease{b6moved}, want: []lease.Lease{a6, b6moved}},
+		}},
+		{"IPv6-only: held peer gives way to a live lease on its IPv6 subnet", []step{
+			{full: []lease.Lease{a6, b6}, want: []lease.Lease{a6, b6}},
+			{at: time.Second, outage: true},
+			{at: 2 * time.Second, changed: []lease.Lease{gone("b")}, want: []lease.Lease{b6}, wantHeld: []string{"b"}},
+			{at: 3 * time.Second, changed: []lease.Lease{c6onB}, want: []lease.Lease{gone("b"), c6onB}},
+		}},
+		{"IPv6-only: full pass in the window skips a held peer whose IPv6 subnet is live", []step{
+			{full: []lease.Lease{a6, b6}, want: []lease.Lease{a6, b6}},
+			{at: time.Second, outage: true},
+			{at: 2 * time.Second, full: []lease.Lease{a6, c6onB}, want: []lease.Lease{a6, c6onB}},
 		}},
 	}
 	for _, tt := range tests {

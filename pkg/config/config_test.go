@@ -57,6 +57,8 @@ func TestParse(t *testing.T) {
 		{"wireguard vni", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","vni":4}}`, "backend.vni"},
 		{"wireguard psk relative", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","pskFile":"psk"}}`, "backend.pskFile"},
 		{"wireguard psk unclean", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","pskFile":"/etc/../psk"}}`, "backend.pskFile"},
+		{"wireguard dual stack", `{"network":"10.244.0.0/16","ipv6Network":"fd00::/48","backend":{"type":"wireguard"}}`, "ipv6Network"},
+		{"wireguard IPv6-only", `{"ipv6Network":"fd00::/48","backend":{"type":"wireguard"}}`, "ipv6Network"},
 		{"psk without wireguard", `{"network":"10.244.0.0/16","backend":{"type":"vxlan","pskFile":"/etc/psk"}}`, "backend.pskFile"},
 	}
 	for _, tt := range tests {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -21,9 +22,9 @@ import (
 // with Options.Kube set, the agents run with --subnet-manager=kube against it.
 type KubeAPI interface {
 	http.Handler
-	// Register adds a Node with its podCIDR (the kubelet's and the controller-manager's
-	// parts).
-	Register(name, podCIDR string) error
+	// Register adds a Node with its podCIDRs, one per family, IPv4 first (the kubelet's
+	// and the controller-manager's parts).
+	Register(name string, podCIDRs ...string) error
 }
 
 // kubeAPIAddr is where a Kubernetes lab's API server listens (on the underlay).
@@ -37,6 +38,25 @@ func (l *Lab) PodCIDR(i int) string {
 	n := config.Network{Network: netip.MustParsePrefix(l.Opt.Network), Backend: config.Backend{Type: config.VXLAN}}
 	n.Default()
 	return n.SubnetAt(i + 1).String()
+}
+
+// PodCIDR6 is node i's IPv6 podCIDR in a kube-mode IPv6 or dual-stack lab.
+func (l *Lab) PodCIDR6(i int) string {
+	n := config.Network{IPv6Network: netip.MustParsePrefix(l.Opt.IPv6Network), Backend: config.Backend{Type: config.VXLAN}}
+	n.Default()
+	return n.Subnet6At(uint64(i + 1)).String()
+}
+
+// podCIDRs are node i's podCIDRs, one per family of the lab, IPv4 first.
+func (l *Lab) podCIDRs(i int) []string {
+	var out []string
+	if l.IPFamily != "ipv6" {
+		out = append(out, l.PodCIDR(i))
+	}
+	if l.IPFamily != "ipv4" {
+		out = append(out, l.PodCIDR6(i))
+	}
+	return out
 }
 
 // startKube serves Opt.Kube over TLS with client certificates (as a real API server
@@ -74,15 +94,28 @@ func (l *Lab) startKube(ctx context.Context) error {
 	if err := pki.Kubeconfig(l.kubeconfig(), l.KubeServer(), files.CA, "netagent", files.ClientCert, files.ClientKey); err != nil {
 		return err
 	}
-	netConf := fmt.Sprintf(`{"network":%q,"backend":{"type":%q}}`+"\n", l.Opt.Network, l.Opt.Backend)
-	if _, err := config.Parse([]byte(netConf)); err != nil {
+	nc := map[string]any{"backend": map[string]string{"type": l.Opt.Backend}}
+	if l.IPFamily != "ipv6" {
+		nc["network"] = l.Opt.Network
+	}
+	if l.IPFamily != "ipv4" {
+		nc["ipv6Network"] = l.Opt.IPv6Network
+		if m := l.Opt.IPv6Masquerade; m != nil {
+			nc["ipv6Masquerade"] = *m
+		}
+	}
+	netConf, err := json.Marshal(nc)
+	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(l.netConf(), []byte(netConf), 0o644); err != nil {
+	if _, err := config.Parse(netConf); err != nil {
+		return err
+	}
+	if err := os.WriteFile(l.netConf(), append(netConf, '\n'), 0o644); err != nil {
 		return err
 	}
 	for i, n := range l.Nodes {
-		if err := l.Opt.Kube.Register(n.Name, l.PodCIDR(i)); err != nil {
+		if err := l.Opt.Kube.Register(n.Name, l.podCIDRs(i)...); err != nil {
 			return fmt.Errorf("register %s: %w", n.Name, err)
 		}
 	}

@@ -28,17 +28,9 @@ func TestKubeSubnetManager(t *testing.T) {
 		if st.Subnet != l.PodCIDR(i) {
 			t.Errorf("%s leased %s, want its podCIDR %s", n.Name, st.Subnet, l.PodCIDR(i))
 		}
-		node, _ := api.Get(n.Name)
-		want := map[string]string{kube.AnnPublicIP: n.IP.String(), kube.AnnBackend: "hybrid", kube.AnnVTEPMAC: plan.VTEPMAC(n.Name).String()}
-		for k, v := range want {
-			if node.Annotations[k] != v {
-				t.Errorf("%s: annotation %s=%q, want %q", n.Name, k, node.Annotations[k], v)
-			}
-		}
+		checkAnnotations(t, api, n.Name, map[string]string{kube.AnnPublicIP: n.IP.String(), kube.AnnBackend: "hybrid", kube.AnnVTEPMAC: plan.VTEPMAC(n.Name).String()})
 	}
-	if m := l.Matrix(context.Background()); len(lab.Failures(m)) > 0 {
-		t.Fatalf("connectivity failures:\n%s", lab.FormatMatrix(m))
-	}
+	checkMatrix(t, l)
 	n3 := l.Nodes[2]
 	sub3 := l.PodCIDR(2)
 
@@ -97,5 +89,48 @@ func TestKubeSubnetManager(t *testing.T) {
 	}
 	if got := api.PatchCount(l.Nodes[0].Name) - patches; got != 0 {
 		t.Errorf("restart: %d annotation patches, want none (they were right)", got)
+	}
+}
+
+// The kube subnet manager in a dual-stack cluster: each node leases both podCIDRs of its
+// Node, publishes both underlay addresses, and every pod reaches every pod over each
+// family (hybrid: a directly routed peer and one behind a router, over VXLAN); a deleted
+// Node's routes of both families go from every other node.
+func TestKubeSubnetManagerDualStack(t *testing.T) {
+	api := kubeapi.New()
+	l := newLabWith(t, lab.Options{Backend: "hybrid", Nodes: 3, Remote: 1, PodsPerNode: 1, Kube: api, IPFamily: "dual"})
+	for i, n := range l.Nodes {
+		st := status(t, l, n)
+		if st.Subnet != l.PodCIDR(i) || st.Subnet6 != l.PodCIDR6(i) {
+			t.Errorf("%s leased %s and %s, want its podCIDRs %s and %s", n.Name, st.Subnet, st.Subnet6, l.PodCIDR(i), l.PodCIDR6(i))
+		}
+		checkAnnotations(t, api, n.Name, map[string]string{kube.AnnPublicIP: n.IP.String(), kube.AnnPublicIP6: n.IP6.String()})
+	}
+	checkMatrix(t, l)
+	n3 := l.Nodes[2]
+	if err := api.Delete(n3.Name); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range l.Nodes[:2] {
+		for _, sub := range []string{l.PodCIDR(2), l.PodCIDR6(2)} {
+			waitUntil(t, 5*time.Second, "node3's route to "+sub+" removed on "+n.Name, func() bool { return !hasRoute(t, l, n, sub) })
+		}
+	}
+}
+
+func checkAnnotations(t *testing.T, api *kubeapi.Server, node string, want map[string]string) {
+	t.Helper()
+	n, _ := api.Get(node)
+	for k, v := range want {
+		if n.Annotations[k] != v {
+			t.Errorf("%s: annotation %s=%q, want %q", node, k, n.Annotations[k], v)
+		}
+	}
+}
+
+func checkMatrix(t *testing.T, l *lab.Lab) {
+	t.Helper()
+	if m := l.Matrix(context.Background()); len(lab.Failures(m)) > 0 {
+		t.Fatalf("connectivity failures:\n%s", lab.FormatMatrix(m))
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"net/netip"
 	"os"
 	"testing"
 	"time"
@@ -16,23 +17,37 @@ import (
 // BenchmarkThroughput compares pod-to-pod TCP throughput across nodes with node-to-node
 // throughput over the underlay, in the same run, per backend (one iperf3 TCP stream, 5
 // interleaved rounds of 2 s each); for hybrid it measures a directly routed peer and a
-// VXLAN peer.
+// VXLAN peer. Each IP family: ipv4 measures IPv4 pods over the IPv4 underlay; ipv6 IPv6
+// pods over the IPv6 underlay (an IPv6-only lab: VXLAN runs over IPv6 too).
 //
 //	go test -run '^$' -bench Throughput -benchtime 1x ./test/cluster
+//	go test -run '^$' -bench 'Throughput/ipv6' -benchtime 1x ./test/cluster
 func BenchmarkThroughput(b *testing.B) {
 	netns.RequireRoot(b)
 	bin := testbin.Build(b, "./cmd/netagent", "netagent")
 	testbin.Build(b, "./cmd/netagent-etcd", "netagent-etcd")
 	testbin.Build(b, "./cmd/cni-plugin", "netagent-cni")
+	for _, family := range []string{"ipv4", "ipv6"} {
+		b.Run(family, func(b *testing.B) { throughput(b, bin, family) })
+	}
+}
+
+func throughput(b *testing.B, bin, family string) {
 	const d, rounds = 2 * time.Second, 5
+	addr := func(v4, v6 netip.Addr) string {
+		if family == "ipv6" {
+			return v6.String()
+		}
+		return v4.String()
+	}
 	for _, tc := range []struct {
 		backend       string
 		nodes, remote int
 	}{{"host-gw", 2, 0}, {"vxlan", 2, 0}, {"hybrid", 3, 1}} {
 		b.Run(tc.backend, func(b *testing.B) {
 			l, err := lab.Up(context.Background(), lab.Options{
-				Prefix: fmt.Sprintf("%s%d-tput-%s-", netns.Prefix, os.Getpid(), tc.backend[:2]), Dir: b.TempDir(),
-				Nodes: tc.nodes, Remote: tc.remote, Backend: tc.backend, PodsPerNode: 1,
+				Prefix: fmt.Sprintf("%s%d-tput-%s%s-", netns.Prefix, os.Getpid(), family[3:], tc.backend[:2]), Dir: b.TempDir(),
+				Nodes: tc.nodes, Remote: tc.remote, Backend: tc.backend, PodsPerNode: 1, IPFamily: family,
 				Netagent: bin, CNIBinDir: testbin.Dir(),
 			})
 			if err != nil {
@@ -51,8 +66,8 @@ func BenchmarkThroughput(b *testing.B) {
 			}
 			for range b.N {
 				for _, p := range pairs {
-					under := netns.ServeIperf3(b, l.NodeNS(p.z), p.z.IP.String(), 5201)
-					pods := netns.ServeIperf3(b, l.PodNS(p.z.Pods[0]), p.z.Pods[0].IP.String(), 5202)
+					under := netns.ServeIperf3(b, l.NodeNS(p.z), addr(p.z.IP, p.z.IP6), 5201)
+					pods := netns.ServeIperf3(b, l.PodNS(p.z.Pods[0]), addr(p.z.Pods[0].IP, p.z.Pods[0].IP6), 5202)
 					// Interleave underlay and pod rounds; the ratio uses the sums, and the
 					// spread of the per-round ratios shows this machine's noise.
 					var u, q float64

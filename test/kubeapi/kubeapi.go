@@ -80,9 +80,13 @@ func (s *Server) PatchCount(name string) int {
 	return s.patches[name]
 }
 
-// Register creates a node with its podCIDR (lab.KubeAPI).
-func (s *Server) Register(name, podCIDR string) error {
-	return s.Create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: corev1.NodeSpec{PodCIDR: podCIDR, PodCIDRs: []string{podCIDR}}})
+// Register creates a node with its podCIDRs, IPv4 first (lab.KubeAPI); spec.podCIDR is
+// the first, as the controller-manager sets it.
+func (s *Server) Register(name string, podCIDRs ...string) error {
+	if len(podCIDRs) == 0 {
+		return fmt.Errorf("node %s: no podCIDR", name)
+	}
+	return s.Create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: corev1.NodeSpec{PodCIDR: podCIDRs[0], PodCIDRs: podCIDRs}})
 }
 
 // Get returns a node.

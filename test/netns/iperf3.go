@@ -40,7 +40,7 @@ func ServeIperf3(t testing.TB, n *NS, addr string, port int) *Iperf3 {
 		var c net.Conn
 		err := n.Do(func() error {
 			var err error
-			c, err = net.DialTimeout("tcp4", s.dst, time.Second)
+			c, err = net.DialTimeout("tcp", s.dst, time.Second)
 			return err
 		})
 		if err == nil {
