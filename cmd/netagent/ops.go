@@ -366,7 +366,7 @@ func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {
 	if err := vxguard.Remove(); err != nil {
 		errs = append(errs, err)
 	} else {
-		fmt.Fprintln(stdout, "removed the VXLAN allow-list (nftables table ip netagent)")
+		fmt.Fprintln(stdout, "removed the VXLAN allow-list (nftables tables ip and ip6 netagent)")
 	}
 	if err := wgguard.Remove(); err != nil {
 		errs = append(errs, err)
