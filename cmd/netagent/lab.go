@@ -98,8 +98,8 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 			}
 		}
 		opt.Nodes, opt.Remote, opt.Backend, opt.PodsPerNode, opt.IPFamily = *nodes, *remote, *backend, *pods, *family
-		if *family != "ipv4" && *scenario != "cni" {
-			return fmt.Errorf("--ip-family %s: only the cni scenario has IPv6 so far", *family)
+		if *family != "ipv4" && *scenario != "cni" && !(*family == "dual" && *scenario == "kubernetes") {
+			return fmt.Errorf("--ip-family %s: only the cni scenario has IPv6 so far (and kubernetes dual stack)", *family)
 		}
 		switch *scenario {
 		case "cni":

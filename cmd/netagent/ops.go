@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -195,7 +196,10 @@ func printStatus(w io.Writer, st agent.Status, ipv6 string) error {
 	}
 	fmt.Fprintf(w, "node %s  subnet %s  network %s  backend %s  public IP %s  pod MTU %d  ready %s\n",
 		st.Node, st.Subnet, st.Network, st.Backend, st.PublicIP, st.PodMTU, ready)
-	if ipv6 != "" {
+	switch {
+	case st.Subnet6 != "": // the agent's own word
+		fmt.Fprintf(w, "IPv6 subnet %s  network %s  public IP %s\n", st.Subnet6, st.Network6, cmp.Or(st.PublicIP6, "none"))
+	case ipv6 != "":
 		fmt.Fprintln(w, ipv6)
 	}
 	if s := st.Store; s != nil && s.State != "connected" {
@@ -241,7 +245,8 @@ func printStatus(w io.Writer, st agent.Status, ipv6 string) error {
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", p.Node, p.Subnet, p.PublicIP, p.Mode, r, yn(p.WG), hs, p.WGRxBytes, p.WGTxBytes, p.Reason)
 			continue
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, p.Subnet, p.PublicIP, p.Mode, r, yn(p.FDB), yn(p.Neigh), p.Reason)
+		// Both families' subnets and addresses (dual stack), each where it has one.
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, joinSet(p.Subnet, p.Subnet6), joinSet(p.PublicIP, p.PublicIP6), p.Mode, r, yn(p.FDB), yn(p.Neigh), p.Reason)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -253,6 +258,11 @@ func printStatus(w io.Writer, st agent.Status, ipv6 string) error {
 		}
 	}
 	return nil
+}
+
+// joinSet joins the non-empty ones of xs with a comma.
+func joinSet(xs ...string) string {
+	return strings.Join(slices.DeleteFunc(xs, func(x string) bool { return x == "" }), ",")
 }
 
 func cmdLeave(ctx context.Context, args []string, stdout io.Writer) error {
@@ -356,7 +366,7 @@ func cmdCleanup(ctx context.Context, args []string, stdout io.Writer) error {
 	if err := vxguard.Remove(); err != nil {
 		errs = append(errs, err)
 	} else {
-		fmt.Fprintln(stdout, "removed the VXLAN allow-list (nftables table ip netagent)")
+		fmt.Fprintln(stdout, "removed the VXLAN allow-list (nftables tables ip and ip6 netagent)")
 	}
 	if err := wgguard.Remove(); err != nil {
 		errs = append(errs, err)

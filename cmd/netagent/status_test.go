@@ -83,3 +83,30 @@ func TestStatusIPv6(t *testing.T) {
 		})
 	}
 }
+
+// TestStatusDualStack: the agent's own IPv6 subnet comes first (the CNI files may live in
+// another mount namespace, as under a kubelet), and the peer table shows both families.
+func TestStatusDualStack(t *testing.T) {
+	st := agent.Status{Node: "n1", Subnet: "10.244.1.0/24", Subnet6: "fd00:0:0:1::/64", Network6: "fd00::/48", PublicIP6: "2001:db8::1",
+		Peers: []agent.PeerStatus{
+			{Node: "n2", Subnet: "10.244.2.0/24", Subnet6: "fd00:0:0:2::/64", PublicIP: "192.0.2.2", PublicIP6: "2001:db8::2", Mode: "vxlan", Route: true},
+			{Node: "n3", Subnet6: "fd00:0:0:3::/64", PublicIP6: "2001:db8::3", Mode: "direct", Route: true},
+		}}
+	var b strings.Builder
+	if err := printStatus(&b, st, "IPv6 subnet from a CNI file"); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{
+		"\nIPv6 subnet fd00:0:0:1::/64  network fd00::/48  public IP 2001:db8::1\n",
+		"n2    10.244.2.0/24,fd00:0:0:2::/64  192.0.2.2,2001:db8::2",
+		"n3    fd00:0:0:3::/64                2001:db8::3",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "CNI file") {
+		t.Errorf("status shows the CNI file's IPv6 line although the agent reports its own:\n%s", out)
+	}
+}

@@ -66,6 +66,10 @@ type Options struct {
 	RepairForwarding bool
 	// WireGuard is the node's side of the wireguard backend (used when the config names it).
 	WireGuard WireGuardOptions
+	// DADWait bounds how long the agent waits at start for the underlay's IPv6 address to
+	// finish duplicate address detection (a second or two by default; more with a larger
+	// dad_transmits). Default 10s.
+	DADWait time.Duration
 }
 
 // WireGuardOptions are the node-local settings of the wireguard backend.
@@ -136,6 +140,7 @@ type Agent struct {
 	bigPass    bool              // the last full pass changed many objects
 	ignored    map[string]string // leases not used, as last reported (the loop's)
 	ulWarned   netip.Addr        // the underlay address last warned about (the loop's)
+	ulWarned6  netip.Addr        // the same for IPv6
 	keptVXLAN  string            // the VXLAN device the last full plan kept for peers (the loop's)
 	forwardErr error             // why forwarding is off, at the last check (the loop's)
 
@@ -157,6 +162,9 @@ func New(opt Options) (*Agent, error) {
 	}
 	if opt.LeaseTTL == 0 {
 		opt.LeaseTTL = 30 * time.Second
+	}
+	if opt.DADWait == 0 {
+		opt.DADWait = 10 * time.Second
 	}
 	a := &Agent{
 		opt:           opt,
@@ -203,7 +211,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	log := a.opt.Log.With("node", a.opt.Node)
 	start := time.Now()
 	a.checkForwarding(log)
-	ul, err := a.dp.Underlay(a.opt.Iface, a.opt.PublicIP)
+	ul, err := a.underlay(ctx, log)
 	if err != nil {
 		return err
 	}
@@ -248,6 +256,35 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.spawn(func() { a.runDocker(ctx, log) })
 	}
 	return a.loop(ctx, log, s)
+}
+
+// underlay reads the underlay for the lease. An IPv6 address still in duplicate address
+// detection (an interface just configured, as at boot) cannot be used yet: the agent waits
+// for it, since the lease publishes the address once (only a restart publishes a changed
+// one), and a lease acquired without it would never carry it.
+func (a *Agent) underlay(ctx context.Context, log *slog.Logger) (dataplane.Underlay, error) {
+	deadline := time.Now().Add(a.opt.DADWait)
+	for logged := false; ; logged = true {
+		ul, err := a.dp.Underlay(a.opt.Iface, a.opt.PublicIP)
+		if err != nil || !ul.Tentative6 {
+			return ul, err
+		}
+		if time.Now().After(deadline) {
+			if !ul.IP.IsValid() {
+				return ul, fmt.Errorf("underlay %s: its IPv6 address is still tentative (duplicate address detection) after %s, and it has no IPv4 address", ul.Dev, a.opt.DADWait)
+			}
+			log.Warn("the underlay's IPv6 address is still tentative; leasing without it (a restart publishes it)", "dev", ul.Dev, "waited", a.opt.DADWait)
+			return ul, nil
+		}
+		if !logged {
+			log.Info("waiting for the underlay's IPv6 address to finish duplicate address detection", "dev", ul.Dev)
+		}
+		select {
+		case <-ctx.Done():
+			return ul, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // spawn runs f as one of the agent's goroutines (Run waits for them).

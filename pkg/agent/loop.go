@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"runtime/debug"
 	"sync/atomic"
 	"time"
@@ -302,17 +303,23 @@ func (a *Agent) refreshUnderlay(log *slog.Logger, s *state) {
 		log.Warn("cannot re-read the underlay; keeping the last one", "dev", s.ul.Dev, "err", err)
 		return
 	}
-	if cur.IP != s.ul.IP {
-		if cur.IP != a.ulWarned {
-			log.Warn("the underlay address changed; peers keep using the leased address until the agent restarts", "leased", s.ul.IP, "now", cur.IP)
-			a.ulWarned = cur.IP
-		}
-		cur.IP = s.ul.IP
-	}
+	cur.IP = a.keepLeased(log, s.ul.IP, cur.IP, &a.ulWarned)
+	cur.IP6 = a.keepLeased(log, s.ul.IP6, cur.IP6, &a.ulWarned6)
 	if cur.Dev != s.ul.Dev || cur.MTU != s.ul.MTU || cur.MAC != s.ul.MAC {
 		log.Info("underlay changed", "dev", cur.Dev, "mtu", cur.MTU, "was", s.ul.Dev, "wasMTU", s.ul.MTU)
 	}
 	s.ul = cur
+}
+
+// keepLeased returns the leased underlay address, warning once per new address when the
+// interface now has another (or one where it had none, as an IPv6 address that finished
+// duplicate address detection only after the agent's start wait).
+func (a *Agent) keepLeased(log *slog.Logger, leased, now netip.Addr, warned *netip.Addr) netip.Addr {
+	if now != leased && now != *warned {
+		log.Warn("the underlay address changed; peers keep using the leased address until the agent restarts", "leased", leased, "now", now)
+		*warned = now
+	}
+	return leased
 }
 
 // incrementalPass applies changed leases through the planner: the dataplane gets the

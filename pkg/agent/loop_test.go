@@ -516,3 +516,31 @@ func TestLoopWireGuard(t *testing.T) {
 		la.stop(t)
 	})
 }
+
+// A re-read underlay keeps the leased addresses of both families (only a restart publishes
+// new ones) and says so once per new address: an IPv6 address that appears after the
+// start (it finished duplicate address detection late) is reported, not silently dropped.
+func TestKeepLeasedUnderlay(t *testing.T) {
+	var logs strings.Builder
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	a := &Agent{}
+	v6 := netip.MustParseAddr("2001:db8:1::11")
+	for _, c := range []struct {
+		name        string
+		leased, now netip.Addr
+		warns       int
+	}{
+		{"unchanged", v6, v6, 0},
+		{"appeared after the lease", netip.Addr{}, v6, 1},
+		{"still there: said once", netip.Addr{}, v6, 0},
+		{"another one", netip.Addr{}, netip.MustParseAddr("2001:db8:1::12"), 1},
+	} {
+		logs.Reset()
+		if got := a.keepLeased(log, c.leased, c.now, &a.ulWarned6); got != c.leased {
+			t.Errorf("%s: keepLeased = %s, want the leased %s", c.name, got, c.leased)
+		}
+		if n := strings.Count(logs.String(), "the underlay address changed"); n != c.warns {
+			t.Errorf("%s: %d warnings, want %d:\n%s", c.name, n, c.warns, logs.String())
+		}
+	}
+}

@@ -12,7 +12,7 @@ import (
 	"github.com/netagent/netagent/test/netns"
 )
 
-// Changes to netagent's own nftables tables (ip: the allow-list, bridge: anti-spoofing)
+// Changes to netagent's own nftables tables (ip and ip6: the allow-list, bridge: anti-spoofing)
 // and to anything else (iptables) are told apart from real kernel notifications.
 func TestWatchFirewallClassifies(t *testing.T) {
 	netns.RequireRoot(t)
@@ -56,6 +56,8 @@ func TestWatchFirewallClassifies(t *testing.T) {
 		{"nft add chain ip netagent c", "i"},
 		{"nft add set ip netagent s { type ipv4_addr; }", "i"},
 		{"nft add element ip netagent s { 192.0.2.1 }", "i"},
+		{"nft add table ip6 netagent", "i"}, // the allow-list over an IPv6 underlay
+		{"nft add chain ip6 netagent c", "i"},
 		{"nft add table bridge netagent", "b"},
 		{"nft add set bridge netagent s { type ipv4_addr; }", "b"},
 		{"nft add element bridge netagent s { 192.0.2.1 }", "b"},

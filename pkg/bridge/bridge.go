@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"syscall"
 	"unsafe"
@@ -136,19 +137,33 @@ func lookup(h *netlink.Handle, name string) (*netlink.Bridge, error) {
 	return br, nil
 }
 
+// ensureAddr makes sure l carries want; for IPv6, also its link-local address (see
+// bridgeLinkLocal), both checked in one listing.
 func ensureAddr(h *netlink.Handle, l netlink.Link, want netip.Prefix) error {
+	wants := []netip.Prefix{want}
+	if ll, ok := bridgeLinkLocal(l, want); ok {
+		wants = append(wants, ll)
+	}
 	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(l, family(want.Addr())) })
 	if err != nil {
 		return fmt.Errorf("list addresses of %s: %w", l.Attrs().Name, err)
 	}
-	for _, a := range addrs {
-		if p, ok := netipx.Prefix(a.IPNet); ok && p == want {
-			return nil
+	for _, w := range wants {
+		i := slices.IndexFunc(addrs, func(a netlink.Addr) bool { p, ok := netipx.Prefix(a.IPNet); return ok && p == w })
+		if i >= 0 && addrs[i].Flags&unix.IFA_F_TENTATIVE == 0 {
+			continue
 		}
-	}
-	addr := &netlink.Addr{IPNet: netipx.IPNet(want), Flags: addrFlags(want.Addr())}
-	if err := h.AddrAdd(l, addr); err != nil && !errors.Is(err, syscall.EEXIST) {
-		return fmt.Errorf("add %s to %s: %w", want, l.Attrs().Name, err)
+		if i >= 0 {
+			// There but tentative (the kernel's own, in duplicate address detection, on a
+			// bridge made before we added the link-local ourselves): unusable until it ends.
+			if err := h.AddrDel(l, &addrs[i]); err != nil && !errors.Is(err, syscall.EADDRNOTAVAIL) {
+				return fmt.Errorf("replace tentative %s on %s: %w", w, l.Attrs().Name, err)
+			}
+		}
+		addr := &netlink.Addr{IPNet: netipx.IPNet(w), Flags: addrFlags(w.Addr())}
+		if err := h.AddrAdd(l, addr); err != nil && !errors.Is(err, syscall.EEXIST) {
+			return fmt.Errorf("add %s to %s: %w", w, l.Attrs().Name, err)
+		}
 	}
 	return nil
 }

@@ -31,6 +31,20 @@ func LinkLocal(mac net.HardwareAddr) netip.Prefix {
 	return netip.PrefixFrom(netip.AddrFrom16(b), 64)
 }
 
+// bridgeLinkLocal is the link-local address the bridge l carrying IPv6 address gw needs:
+// the one the kernel would give it (LinkLocal of its MAC), but without duplicate address
+// detection. The node solicits a pod's neighbour entry for packets it forwards from that
+// address; the kernel sends no solicitation while the bridge's link-local is tentative,
+// and it is, for one to two seconds, from when the bridge first has a carrier (its first
+// pod's veth): a pod's first IPv6 packets from another node waited that long.
+func bridgeLinkLocal(l netlink.Link, gw netip.Prefix) (netip.Prefix, bool) {
+	mac := l.Attrs().HardwareAddr
+	if !gw.Addr().Is6() || len(mac) != 6 {
+		return netip.Prefix{}, false
+	}
+	return LinkLocal(mac), true
+}
+
 // addrFlags are the flags of an address this package adds: IPv6 ones skip duplicate
 // address detection (see the package comment).
 func addrFlags(a netip.Addr) int {

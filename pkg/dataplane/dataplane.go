@@ -71,6 +71,9 @@ type Underlay struct {
 	MTU       int
 	MAC       string // published for peers on the same L2 (empty: not Ethernet)
 	Connected []netip.Prefix
+	// Tentative6 says Dev has a global IPv6 address still in duplicate address detection
+	// and no usable one yet (IP6 unset): it becomes usable in a second or two.
+	Tentative6 bool
 	// Tunnels are netagent's VXLAN devices in the kernel (plan.Underlay.Tunnels).
 	Tunnels []plan.Tunnel
 }
@@ -314,7 +317,8 @@ func (d *Linux) natSync(ctx context.Context, n plan.NAT) (nat.Stats, error) {
 // guardSpec is the plan's allow-list in the guard's terms (a map of its own: the guard
 // keeps it as its mirror).
 func guardSpec(a plan.AllowList) vxguard.Spec {
-	s := vxguard.Spec{Port: a.Port, Network: a.Network, SubnetLen: a.SubnetLen, SubnetLen6: a.SubnetLen6, Peers: make(map[string]vxguard.Peer, len(a.Peers))}
+	s := vxguard.Spec{Port: a.Port, Network: a.Network, SubnetLen: a.SubnetLen, SubnetLen6: a.SubnetLen6,
+		Network6: a.Network6, Underlay6: a.Underlay6, Peers: make(map[string]vxguard.Peer, len(a.Peers))}
 	for n, p := range a.Peers {
 		s.Peers[n] = vxguard.Peer(p)
 	}
@@ -323,7 +327,8 @@ func guardSpec(a plan.AllowList) vxguard.Spec {
 
 // Underlay reads the interface peers reach this node at: iface, else the one holding ip,
 // else the default route's (IPv4, else IPv6); and its addresses: ip for its family, else
-// the interface's first global address of each family.
+// the interface's first global address of each family (an IPv6 one still in duplicate
+// address detection is reported, not taken: Underlay.Tentative6).
 func (d *Linux) Underlay(iface string, ip netip.Addr) (Underlay, error) {
 	var link netlink.Link
 	var err error
@@ -380,9 +385,12 @@ func (d *Linux) Underlay(iface string, ip netip.Addr) (Underlay, error) {
 			u.IP = a
 		case a.Is6() && !u.IP6.IsValid() && ad.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DEPRECATED|unix.IFA_F_TEMPORARY) == 0:
 			u.IP6 = a
+		case a.Is6() && ad.Flags&unix.IFA_F_TENTATIVE != 0 && ad.Flags&(unix.IFA_F_DADFAILED|unix.IFA_F_TEMPORARY) == 0:
+			u.Tentative6 = true // (a failed one stays tentative for ever)
 		}
 	}
-	if !u.IP.IsValid() && !u.IP6.IsValid() {
+	u.Tentative6 = u.Tentative6 && !u.IP6.IsValid()
+	if !u.IP.IsValid() && !u.IP6.IsValid() && !u.Tentative6 {
 		return Underlay{}, fmt.Errorf("underlay %s has no IPv4 or global IPv6 address (set --public-ip)", link.Attrs().Name)
 	}
 	d.ulDev.Store(u.Dev)

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
@@ -120,5 +121,53 @@ func TestSetTransitions(t *testing.T) {
 	contains("repair", "routes", got, "10.244.2.0/24 via 192.0.2.12")
 	if strings.Contains(got, "10.244.4.0/24") {
 		t.Errorf("n4's route still there:\n%s", got)
+	}
+}
+
+// An underlay IPv6 address in duplicate address detection is reported as tentative, not
+// taken; once detection ends it is the node's IPv6 address.
+func TestUnderlayTentative6(t *testing.T) {
+	netns.RequireRoot(t)
+	n := netns.New(t, "underlay6")
+	// A veth pair (a bridge without ports has no carrier, and no detection runs then).
+	n.MustRun(t, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+	n.MustRun(t, "sysctl", "-qw", "net.ipv6.conf.eth0.dad_transmits=2")
+	n.MustRun(t, "ip", "link", "set", "eth1", "up")
+	n.MustRun(t, "ip", "link", "set", "eth0", "up")
+	n.MustRun(t, "ip", "addr", "add", "2001:db8:1::11/64", "dev", "eth0")
+	var d *Linux
+	if err := n.Do(func() (err error) {
+		d, err = New(slog.New(slog.NewTextHandler(t.Output(), nil)), nsIPTables{n})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	tentative := func() bool {
+		return strings.Contains(n.MustRun(t, "ip", "-6", "addr", "show", "dev", "eth0", "tentative"), "2001:db8:1::11")
+	}
+	for _, c := range []struct {
+		name      string
+		ip6       string
+		tentative bool
+	}{
+		{"in detection", "invalid IP", true},
+		{"after detection", "2001:db8:1::11", false},
+	} {
+		deadline := time.Now().Add(10 * time.Second)
+		for tentative() != c.tentative {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the address never got there:\n%s", c.name, n.MustRun(t, "ip", "-6", "addr"))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		ul, err := d.Underlay("eth0", netip.Addr{})
+		if err != nil || ul.IP6.String() != c.ip6 || ul.Tentative6 != c.tentative {
+			t.Errorf("%s: Underlay() = IP6 %s tentative %v, %v; want %s, %v", c.name, ul.IP6, ul.Tentative6, err, c.ip6, c.tentative)
+		}
+	}
+	// No usable address and none coming: an error, as before.
+	n.MustRun(t, "ip", "addr", "flush", "dev", "eth0", "scope", "global")
+	if _, err := d.Underlay("eth0", netip.Addr{}); err == nil {
+		t.Error("Underlay() of an interface without addresses: no error")
 	}
 }

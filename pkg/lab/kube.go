@@ -94,21 +94,8 @@ func (l *Lab) startKube(ctx context.Context) error {
 	if err := pki.Kubeconfig(l.kubeconfig(), l.KubeServer(), files.CA, "netagent", files.ClientCert, files.ClientKey); err != nil {
 		return err
 	}
-	nc := map[string]any{"backend": map[string]string{"type": l.Opt.Backend}}
-	if l.IPFamily != "ipv6" {
-		nc["network"] = l.Opt.Network
-	}
-	if l.IPFamily != "ipv4" {
-		nc["ipv6Network"] = l.Opt.IPv6Network
-		if m := l.Opt.IPv6Masquerade; m != nil {
-			nc["ipv6Masquerade"] = *m
-		}
-	}
-	netConf, err := json.Marshal(nc)
+	netConf, err := l.netConfJSON()
 	if err != nil {
-		return err
-	}
-	if _, err := config.Parse(netConf); err != nil {
 		return err
 	}
 	if err := os.WriteFile(l.netConf(), append(netConf, '\n'), 0o644); err != nil {
@@ -120,6 +107,29 @@ func (l *Lab) startKube(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// netConfJSON is the kube-mode network config (net-conf.json) of the lab's families and
+// backend, checked.
+func (l *Lab) netConfJSON() ([]byte, error) {
+	nc := map[string]any{"backend": map[string]string{"type": l.Opt.Backend}}
+	if l.IPFamily != "ipv6" {
+		nc["network"] = l.Opt.Network
+	}
+	if l.IPFamily != "ipv4" {
+		nc["ipv6Network"] = l.Opt.IPv6Network
+		if m := l.Opt.IPv6Masquerade; m != nil {
+			nc["ipv6Masquerade"] = *m
+		}
+	}
+	b, err := json.Marshal(nc)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := config.Parse(b); err != nil {
+		return nil, fmt.Errorf("lab network config: %w", err)
+	}
+	return b, nil
 }
 
 func (l *Lab) stopKube() error {

@@ -48,19 +48,32 @@ func (l *Lab) upKubernetes(ctx context.Context) error {
 			if _, err := l.NodeNS(n).Run("ip", "route", "replace", "default", "via", extIP); err != nil {
 				return err
 			}
+			if n.IP6.IsValid() {
+				if _, err := l.NodeNS(n).Run("ip", "-6", "route", "replace", "default", "via", extIP6); err != nil {
+					return err
+				}
+			}
 		}
-		nodes = append(nodes, &k8s.Node{Name: n.Name, NS: n.NS, IP: n.IP, Dir: filepath.Join(n.Dir, "k8s")})
+		nodes = append(nodes, &k8s.Node{Name: n.Name, NS: n.NS, IP: n.IP, IP6: n.IP6, Dir: filepath.Join(n.Dir, "k8s")})
 	}
-	c, err := k8s.Up(ctx, k8s.Options{
+	opt := k8s.Options{
 		Dir: dir, KubeBin: ko.KubeBin, Etcd: ko.Etcd, Loopback: ko.Loopback, NetagentImage: img,
 		Prefix: l.Prefix, ClusterCIDR: l.Opt.Network, Log: l.Opt.Log,
-	}, nodes)
+	}
+	if l.IPFamily == "dual" {
+		opt.ClusterCIDR += "," + l.Opt.IPv6Network
+		opt.ServiceCIDR = "10.96.0.0/16,fd00:10:96::/112"
+	}
+	c, err := k8s.Up(ctx, opt, nodes)
 	l.K8s = c
 	if err != nil {
 		return err
 	}
 	t0 = time.Now()
-	netConf := fmt.Sprintf(`{"network":%q,"backend":{"type":%q}}`, l.Opt.Network, l.Opt.Backend)
+	netConf, err := l.netConfJSON()
+	if err != nil {
+		return err
+	}
 	if _, err := c.Kubectl(ctx, "apply", "-k", ko.Manifests); err != nil {
 		return err
 	}
@@ -117,7 +130,10 @@ func (l *Lab) kubePods(ctx context.Context) ([]*Pod, error) {
 		Items []struct {
 			Metadata struct{ Name string }
 			Spec     struct{ NodeName string }
-			Status   struct{ Phase, PodIP string }
+			Status   struct {
+				Phase  string
+				PodIPs []struct{ IP string }
+			}
 		}
 	}
 	if err := json.Unmarshal([]byte(out), &list); err != nil {
@@ -125,11 +141,20 @@ func (l *Lab) kubePods(ctx context.Context) ([]*Pod, error) {
 	}
 	var pods []*Pod
 	for _, it := range list.Items {
-		ip, err := netip.ParseAddr(it.Status.PodIP)
-		if it.Status.Phase != "Running" || err != nil {
+		p := &Pod{Name: it.Metadata.Name, Node: it.Spec.NodeName}
+		for _, a := range it.Status.PodIPs {
+			switch ip, err := netip.ParseAddr(a.IP); {
+			case err != nil:
+			case ip.Is4():
+				p.IP = ip
+			default:
+				p.IP6 = ip
+			}
+		}
+		if it.Status.Phase != "Running" || !p.IP.IsValid() && !p.IP6.IsValid() {
 			continue
 		}
-		pods = append(pods, &Pod{Name: it.Metadata.Name, IP: ip, Node: it.Spec.NodeName})
+		pods = append(pods, p)
 	}
 	return pods, nil
 }

@@ -174,12 +174,11 @@ func (l *Lab) Matrix(ctx context.Context) [][]Cell {
 	return m
 }
 
-// Ping sends one echo request from ns to ip (IPv6: one a second for up to 5 s, since the
-// first exchange with a freshly wired pod can take over 2 s).
+// Ping sends one echo request from ns to ip and waits up to 2 s for the reply.
 func Ping(ns *netns.NS, ip string) error {
 	args := []string{"-c", "1", "-W", "2", "-q", ip}
 	if strings.Contains(ip, ":") {
-		args = []string{"-6", "-c", "1", "-w", "5", "-q", ip}
+		args = append([]string{"-6"}, args...)
 	}
 	_, err := ns.Run("ping", args...)
 	return err
@@ -193,9 +192,10 @@ func FormatMatrix(m [][]Cell) string {
 	var b strings.Builder
 	w := 10
 	for _, row := range m {
-		if len(row[0].From)+2 > w {
-			w = len(row[0].From) + 2
-		}
+		w = max(w, len(row[0].From)+2)
+	}
+	for _, c := range m[0] { // targets may be longer ("/v6")
+		w = max(w, len(c.To)+2)
 	}
 	fmt.Fprintf(&b, "%-*s", w, "from\\to")
 	for _, c := range m[0] {

@@ -290,7 +290,7 @@ func (p *Planner) header() Plan {
 	out := p.base
 	out.Gen = p.gen
 	out.Allow.Peers = nil
-	keepVXLAN(&out, p.in.Config, p.in.Underlay, p.senders > 0)
+	keepVXLAN(&out, p.in, p.senders > 0)
 	if out.VXLAN != nil {
 		v := *out.VXLAN
 		out.VXLAN = &v

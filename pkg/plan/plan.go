@@ -179,7 +179,9 @@ type AllowList struct {
 	// Network6 and SubnetLen6 are the same for IPv6 (Network6 unset: no IPv6).
 	Network6   netip.Prefix
 	SubnetLen6 int
-	Peers      map[string]Allowed
+	// Underlay6 says VXLAN runs over IPv6 here: peers' VXLAN comes from their IPv6 addresses.
+	Underlay6 bool
+	Peers     map[string]Allowed
 }
 
 // Allowed is what VXLAN from one peer may look like: from its public IP (and, on the same
@@ -301,7 +303,7 @@ func Build(in Input) Plan {
 		}
 		p.Allow.Port = c.Backend.Port
 	}
-	keepVXLAN(&p, c, in.Underlay, vxlanSenders(in.Self.Node, in.Peers) > 0)
+	keepVXLAN(&p, in, vxlanSenders(in.Self.Node, in.Peers) > 0)
 	switch {
 	case c.MTU != 0:
 		p.PodMTU = c.MTU
@@ -384,13 +386,17 @@ func Build(in Input) Plan {
 // keepVXLAN sets p.KeepVXLAN and the allow-list's port on a host-gw node that still has
 // a VXLAN device while some peer publishes a VTEP (senders): that peer may be sending
 // through the device until it sees this node's lease. With several devices (rare: an
-// earlier VNI's too), the first by name stays and the others go.
-func keepVXLAN(p *Plan, c config.Network, u Underlay, senders bool) {
-	if c.Backend.Type != config.HostGW || !senders || len(u.Tunnels) == 0 {
+// earlier VNI's too), the first by name stays and the others go. It also marks the
+// allow-list as over IPv6 when VXLAN here runs over IPv6 (kept device or not).
+func keepVXLAN(p *Plan, in Input, senders bool) {
+	p.Allow.Underlay6 = p.Allow.Port != 0 && vxlan6(in.Self)
+	u := in.Underlay
+	if in.Config.Backend.Type != config.HostGW || !senders || len(u.Tunnels) == 0 {
 		return
 	}
 	t := slices.MinFunc(u.Tunnels, func(a, b Tunnel) int { return strings.Compare(a.Name, b.Name) })
 	p.KeepVXLAN, p.Allow.Port = t.Name, t.Port
+	p.Allow.Underlay6 = vxlan6(in.Self)
 }
 
 // vxlanSenders counts the peers (not self) whose leases publish a VTEP.

@@ -78,6 +78,9 @@ func render(p Plan) string {
 		if p.Allow.Network6.IsValid() {
 			fmt.Fprintf(&b, " network6 %s /%d", p.Allow.Network6, p.Allow.SubnetLen6)
 		}
+		if p.Allow.Underlay6 {
+			b.WriteString(" over ipv6")
+		}
 		b.WriteString("\n")
 	}
 	if p.KeepVXLAN != "" {
@@ -338,13 +341,13 @@ peer b direct
 peer c vxlan
 allow b from 2001:db8:1::2 inner invalid Prefix inner6 fd00:0:0:2::/64
 allow c from 2001:db8:2::3 inner invalid Prefix inner6 fd00:0:0:3::/64
-allow-list port 8472 network invalid Prefix /0 network6 fd00::/48 /64
+allow-list port 8472 network invalid Prefix /0 network6 fd00::/48 /64 over ipv6
 vxlan na.1 vni 1 port 8472 dev eth0 local 2001:db8:1::1 addr invalid Prefix mac %[2]s mtu 1430
 pod mtu 1500
 nat invalid Prefix invalid Prefix final false v6 fd00::/48 fd00:0:0:1::/64 masquerade false
 `, macC, macA)},
 		{"IPv6 underlay VXLAN: a peer without an IPv6 underlay address", v6only, config.VXLAN, self6, []lease.Lease{mk6("c", "", "fd00:0:0:3::/64", "198.51.100.3", "")}, fmt.Sprintf(`peer c unreachable (the peer has no IPv6 underlay address, the family this node's VXLAN runs over)
-allow-list port 8472 network invalid Prefix /0 network6 fd00::/48 /64
+allow-list port 8472 network invalid Prefix /0 network6 fd00::/48 /64 over ipv6
 vxlan na.1 vni 1 port 8472 dev eth0 local 2001:db8:1::1 addr invalid Prefix mac %[1]s mtu 1430
 pod mtu 1430
 nat invalid Prefix invalid Prefix final false v6 fd00::/48 fd00:0:0:1::/64 masquerade true

@@ -12,12 +12,12 @@
 // forge the peer's MAC. Without authentication nothing stops an attacker who forges both
 // (see SECURITY.md).
 //
-// It is one nftables table (family ip, "netagent") written over netlink with
-// github.com/google/nftables, so every change is one atomic transaction and costs no
-// process: four concatenated hash sets that lease changes update element by element, and
-// two base chains (S: the inner IPv4 source @th,336,32 behind the UDP and VXLAN headers;
-// S/len: S masked to the configured subnet length; every accept also needs the inner
-// EtherType @th,224,16 to be IPv4):
+// It is an nftables table (family ip, "netagent"; and one of family ip6, below) written
+// over netlink with github.com/google/nftables, so every change is one atomic transaction
+// and costs no process: four concatenated hash sets that lease changes update element by
+// element, and two base chains (S: the inner IPv4 source @th,336,32 behind the UDP and
+// VXLAN headers; S/len: S masked to the configured subnet length; every accept also needs
+// the inner EtherType @th,224,16 to be IPv4):
 //
 //	input:   udp dport <port> ip saddr . ether saddr . S/len @vxlan-l2 accept
 //	         udp dport <port> ip saddr . ether saddr . S     @vxlan-l2-self accept
@@ -26,11 +26,17 @@
 //	         udp dport <port> counter drop
 //	forward: ip saddr <cluster network> udp dport <port> counter drop
 //
-// Inner IPv6 (dual-stack and IPv6-only clusters over an IPv4 underlay) is matched the same
-// way by two more sets, vxlan-l2-6 and vxlan-peers6 (S6: the inner IPv6 source
-// @th,304,128 behind an inner EtherType 0x86dd, masked to ipv6SubnetLen). Nothing here
-// sees VXLAN over an IPv6 underlay (this is an ip-family table): an IPv6 underlay is not
-// guarded yet.
+// Inner IPv6 (dual-stack and IPv6-only clusters) is matched the same way by two more sets,
+// vxlan-l2-6 and vxlan-peers6 (S6: the inner IPv6 source @th,304,128 behind an inner
+// EtherType 0x86dd, masked to ipv6SubnetLen).
+//
+// VXLAN over an IPv6 underlay is held to the same list by a second table of the same
+// layout, family ip6 ("ip6 saddr" as the outer source, peers' IPv6 underlay addresses in
+// its sets; the -self sets there hold the peer's IPv6 address as an inner IPv6 source),
+// with the forward rule for IPv6 pods (ip6 saddr <IPv6 pod network>). It exists
+// when the cluster has IPv6 pods or VXLAN runs over IPv6 (Spec.Underlay6); a peer's
+// elements go to the table of its outer address's family. Both tables change in one
+// transaction.
 //
 // Exact-match sets with the inner source masked, not interval sets: interval (pipapo)
 // sets load thousands of peers far more slowly than hash sets (BENCHMARKS.md, throughput).
@@ -81,7 +87,22 @@ type Spec struct {
 	SubnetLen int          // the configured subnet length: inner sources are matched by their subnet
 	// SubnetLen6 is the same for inner IPv6 sources (0: inner IPv6 is dropped).
 	SubnetLen6 int
-	Peers      map[string]Peer
+	// Network6 is the IPv6 pod network (unset: none): VXLAN over IPv6 from it is dropped.
+	Network6 netip.Prefix
+	// Underlay6 says VXLAN runs over IPv6 here: peers send from their IPv6 addresses.
+	Underlay6 bool
+	Peers     map[string]Peer
+}
+
+// guards6 reports whether s needs the ip6 table: VXLAN may arrive over IPv6 (an IPv6
+// underlay), or IPv6 pods could send VXLAN over IPv6 (to a node whose underlay is IPv6).
+func (s Spec) guards6() bool { return s.Port != 0 && (s.Underlay6 || s.Network6.IsValid()) }
+
+// sameShape reports whether a and b differ at most in their peers.
+func sameShape(a, b Spec) bool {
+	a.Peers, b.Peers = nil, nil
+	return a.Port == b.Port && a.Network == b.Network && a.SubnetLen == b.SubnetLen && a.SubnetLen6 == b.SubnetLen6 &&
+		a.Network6 == b.Network6 && a.Underlay6 == b.Underlay6
 }
 
 // Peer is what VXLAN from one peer may look like.
@@ -94,6 +115,7 @@ type Peer struct {
 
 // elem is one set element in comparable form.
 type elem struct {
+	outer6   bool // in the ip6 table (the peer's outer address is IPv6)
 	set, key string
 }
 
@@ -103,13 +125,15 @@ type elem struct {
 const maxBlocks = 256
 
 // elems are the set elements of a peer: each configured-length block of its subnet, and
-// its own address, as inner sources.
-func (p Peer) elems(subnetLen, subnetLen6 int) []elem {
-	if !p.IP.Is4() {
+// its own address, as inner sources; in the table of its outer address's family (none for
+// an IPv6 one when s has no ip6 table).
+func (p Peer) elems(s Spec) []elem {
+	subnetLen, subnetLen6 := s.SubnetLen, s.SubnetLen6
+	outer6 := p.IP.Is6() && !p.IP.Is4In6() && !p.IP.IsUnspecified() && !p.IP.IsMulticast()
+	if !p.IP.Is4() && !(outer6 && s.guards6()) {
 		return nil
 	}
-	ip := p.IP.As4()
-	prefix := ip[:]
+	prefix := p.IP.AsSlice()
 	set, set6 := SetName, SetName6
 	if m, err := net.ParseMAC(p.MAC); err == nil && len(m) == 6 {
 		prefix = append(append(slices.Clip(prefix), m...), 0, 0) // concatenated fields are padded to 4 bytes
@@ -119,15 +143,15 @@ func (p Peer) elems(subnetLen, subnetLen6 int) []elem {
 		b := a.AsSlice()
 		return string(append(slices.Clip(prefix), b...))
 	}
-	out := []elem{{set + selfSuffix, key(p.IP)}}
+	out := []elem{{outer6, set + selfSuffix, key(p.IP)}}
 	if s6 := p.Subnet6; s6.IsValid() && s6.Addr().Is6() && !s6.Addr().Is4In6() && subnetLen6 > 0 && subnetLen6 <= 128 {
 		s6 = s6.Masked()
 		if s6.Bits() >= subnetLen6 { // inside one block
-			out = append(out, elem{set6, key(netip.PrefixFrom(s6.Addr(), subnetLen6).Masked().Addr())})
+			out = append(out, elem{outer6, set6, key(netip.PrefixFrom(s6.Addr(), subnetLen6).Masked().Addr())})
 		} else {
 			a := s6.Addr()
 			for range min(1<<min(subnetLen6-s6.Bits(), 16), maxBlocks) {
-				out = append(out, elem{set6, key(a)})
+				out = append(out, elem{outer6, set6, key(a)})
 				a = addBlock6(a, subnetLen6)
 			}
 		}
@@ -135,13 +159,13 @@ func (p Peer) elems(subnetLen, subnetLen6 int) []elem {
 	if !p.Subnet.IsValid() || !p.Subnet.Addr().Is4() || subnetLen <= 0 || subnetLen > 32 {
 		return out
 	}
-	s := p.Subnet.Masked()
-	if s.Bits() >= subnetLen { // inside one block: the block is allowed
-		return append(out, elem{set, key(netip.PrefixFrom(s.Addr(), subnetLen).Masked().Addr())})
+	sub := p.Subnet.Masked()
+	if sub.Bits() >= subnetLen { // inside one block: the block is allowed
+		return append(out, elem{outer6, set, key(netip.PrefixFrom(sub.Addr(), subnetLen).Masked().Addr())})
 	}
-	a := s.Addr()
-	for range min(1<<(subnetLen-s.Bits()), maxBlocks) {
-		out = append(out, elem{set, key(a)})
+	a := sub.Addr()
+	for range min(1<<(subnetLen-sub.Bits()), maxBlocks) {
+		out = append(out, elem{outer6, set, key(a)})
 		b := a.As4()
 		binary.BigEndian.PutUint32(b[:], binary.BigEndian.Uint32(b[:])+1<<(32-subnetLen))
 		a = netip.AddrFrom4(b)
@@ -180,7 +204,7 @@ type Guard struct {
 	mu    sync.Mutex
 	conn  *nftables.Conn
 	spec  Spec
-	nodes map[string]Peer // node -> what the sets hold for it (at spec.SubnetLen)
+	nodes map[string]Peer // node -> what the sets hold for it (as spec shapes it)
 	refs  map[elem]int    // element -> how many nodes use it
 	valid bool            // nodes/refs mirror the kernel's set
 	base  uint64          // drops counted by rules that were since rebuilt
@@ -223,28 +247,38 @@ func bigSendBuffer(c *netlink.Conn) error {
 // Close releases the connection.
 func (g *Guard) Close() error { return g.conn.CloseLasting() }
 
-func table() *nftables.Table { return &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv4} }
+// table is the guard's table for VXLAN over IPv4 (outer6: over IPv6).
+func table(outer6 bool) *nftables.Table {
+	if outer6 {
+		return &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv6}
+	}
+	return &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv4}
+}
 
-var (
-	routedType  = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeIPAddr)
-	l2Type      = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeEtherAddr, nftables.TypeIPAddr)
-	routedType6 = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeIP6Addr)
-	l2Type6     = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeEtherAddr, nftables.TypeIP6Addr)
-	setNames    = []string{SetL2, SetL2 + selfSuffix, SetName, SetName + selfSuffix, SetL26, SetName6}
-)
+// families are the outer families, ip then ip6.
+var families = []bool{false, true}
 
-// inner6 reports whether set name holds inner IPv6 sources.
-func inner6(name string) bool { return name == SetL26 || name == SetName6 }
+func is6(t *nftables.Table) bool { return t.Family == nftables.TableFamilyIPv6 }
+
+var setNames = []string{SetL2, SetL2 + selfSuffix, SetName, SetName + selfSuffix, SetL26, SetName6}
+
+// inner6 reports whether set name of table t holds inner IPv6 sources: the IPv6 subnet
+// sets, and in the ip6 table the -self sets (a peer's own address is of its outer family).
+func inner6(t *nftables.Table, name string) bool {
+	return name == SetL26 || name == SetName6 || is6(t) && strings.HasSuffix(name, selfSuffix)
+}
 
 func setOf(t *nftables.Table, name string) *nftables.Set {
-	typ := routedType
-	switch {
-	case name == SetL26:
-		typ = l2Type6
-	case name == SetName6:
-		typ = routedType6
-	case strings.HasPrefix(name, SetL2):
-		typ = l2Type
+	outer, inner := nftables.TypeIPAddr, nftables.TypeIPAddr
+	if is6(t) {
+		outer = nftables.TypeIP6Addr
+	}
+	if inner6(t, name) {
+		inner = nftables.TypeIP6Addr
+	}
+	typ := nftables.MustConcatSetType(outer, inner)
+	if strings.HasPrefix(name, SetL2) {
+		typ = nftables.MustConcatSetType(outer, nftables.TypeEtherAddr, inner)
 	}
 	return &nftables.Set{Table: t, Name: name, KeyType: typ, Concatenation: true}
 }
@@ -256,8 +290,12 @@ func chains(t *nftables.Table) (in, fwd *nftables.Chain) {
 	return in, fwd
 }
 
-// tag identifies the rules of a spec, so a Sync can tell its own rules from changed ones.
-func tag(chain string, i int, s Spec) []byte {
+// tag identifies the rules of a spec, so a Sync can tell its own rules from changed ones
+// (each table's tag names what its rules depend on).
+func tag(t *nftables.Table, chain string, i int, s Spec) []byte {
+	if is6(t) {
+		return fmt.Appendf(nil, "%s%s/%d ip6 v1 port=%d network6=%s subnetLen=%d subnetLen6=%d", tagPrefix, chain, i, s.Port, s.Network6, s.SubnetLen, s.SubnetLen6)
+	}
 	return fmt.Appendf(nil, "%s%s/%d v3 port=%d network=%s subnetLen=%d subnetLen6=%d", tagPrefix, chain, i, s.Port, s.Network, s.SubnetLen, s.SubnetLen6)
 }
 
@@ -272,8 +310,12 @@ func udpDport(port int) []expr.Any {
 	}
 }
 
-func ipSaddr() *expr.Payload {
-	return &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4}
+// saddr loads the outer source address (of t's family) into reg.
+func saddr(t *nftables.Table, reg uint32) *expr.Payload {
+	if is6(t) {
+		return &expr.Payload{DestRegister: reg, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 16}
+	}
+	return &expr.Payload{DestRegister: reg, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4}
 }
 
 // Inner headers, from the start of the outer UDP header: UDP (8) and VXLAN (8) headers,
@@ -311,14 +353,14 @@ func rules(t *nftables.Table, s Spec) []*nftables.Rule {
 		return e
 	}
 	accept := func(set string, l2, masked bool) []expr.Any {
-		e := slices.Concat(udpDport(s.Port), innerType(inner6(set)),
-			[]expr.Any{&expr.Payload{DestRegister: 8, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4}})
-		reg := uint32(9)
+		outer := saddr(t, 8)
+		e := slices.Concat(udpDport(s.Port), innerType(inner6(t, set)), []expr.Any{outer})
+		reg := 8 + outer.Len/4
 		if l2 {
-			e = append(e, &expr.Payload{DestRegister: 9, Base: expr.PayloadBaseLLHeader, Offset: 6, Len: 6})
-			reg = 11
+			e = append(e, &expr.Payload{DestRegister: reg, Base: expr.PayloadBaseLLHeader, Offset: 6, Len: 6})
+			reg += 2
 		}
-		return slices.Concat(e, inner(reg, masked, inner6(set)), []expr.Any{
+		return slices.Concat(e, inner(reg, masked, inner6(t, set)), []expr.Any{
 			&expr.Lookup{SourceRegister: 8, SetName: set},
 			&expr.Verdict{Kind: expr.VerdictAccept},
 		})
@@ -326,26 +368,30 @@ func rules(t *nftables.Table, s Spec) []*nftables.Rule {
 	drop := append(udpDport(s.Port), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
 	var out []*nftables.Rule
 	for i, name := range setNames {
-		if inner6(name) && s.SubnetLen6 == 0 {
+		if inner6(t, name) && s.SubnetLen6 == 0 {
 			continue // no IPv6 in the cluster: its rules would match nothing
 		}
 		ex := accept(name, strings.HasPrefix(name, SetL2), !strings.HasSuffix(name, selfSuffix))
-		out = append(out, &nftables.Rule{Table: t, Chain: in, Exprs: ex, UserData: tag(ChainIn, i, s)})
+		out = append(out, &nftables.Rule{Table: t, Chain: in, Exprs: ex, UserData: tag(t, ChainIn, i, s)})
 	}
-	out = append(out, &nftables.Rule{Table: t, Chain: in, Exprs: drop, UserData: tag(ChainIn, len(setNames), s)})
-	if !s.Network.Addr().Is4() {
-		// IPv6-only: no IPv4 pods to send VXLAN over this (IPv4) table's underlay.
-		return out
+	out = append(out, &nftables.Rule{Table: t, Chain: in, Exprs: drop, UserData: tag(t, ChainIn, len(setNames), s)})
+	// VXLAN sent by pods of this table's family (it would leave masqueraded to this node's
+	// address, a peer's for the others).
+	pods, mask := s.Network, netipMask(s.Network.Bits())
+	if is6(t) {
+		pods, mask = s.Network6, mask6(s.Network6.Bits())
 	}
-	net4 := s.Network.Masked().Addr().As4()
-	mask := netipMask(s.Network.Bits())
+	if !pods.IsValid() || pods.Addr().Is6() != is6(t) {
+		return out // no pods of this family
+	}
+	src := saddr(t, 1)
 	fwdExprs := append([]expr.Any{
-		ipSaddr(),
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: mask, Xor: []byte{0, 0, 0, 0}},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: net4[:]},
+		src,
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: src.Len, Mask: mask, Xor: make([]byte, src.Len)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: pods.Masked().Addr().AsSlice()},
 	}, udpDport(s.Port)...)
 	fwdExprs = append(fwdExprs, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
-	return append(out, &nftables.Rule{Table: t, Chain: fwd, Exprs: fwdExprs, UserData: tag(ChainFwd, 0, s)})
+	return append(out, &nftables.Rule{Table: t, Chain: fwd, Exprs: fwdExprs, UserData: tag(t, ChainFwd, 0, s)})
 }
 
 // mask6 is the 16-byte mask of an IPv6 prefix length.
@@ -367,29 +413,28 @@ func elements(es []elem) []nftables.SetElement {
 	return out
 }
 
-// Sync makes the kernel's table equal to spec, reading what is there first; it keeps
-// spec.Peers (the caller must not use it afterwards). It rebuilds
-// the table when its structure is not exactly ours, and otherwise only adds and removes
-// set elements.
+// Sync makes the kernel's tables equal to spec, reading what is there first; it keeps
+// spec.Peers (the caller must not use it afterwards). It rebuilds a table when its
+// structure is not exactly ours, and otherwise only adds and removes set elements; all in
+// one transaction.
 func (g *Guard) Sync(spec Spec) (Stats, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.valid = false
-	t := table()
-	cur, err := g.conn.ListTableOfFamily(Table, nftables.TableFamilyIPv4)
-	exists := err == nil && cur != nil
 	if spec.Port == 0 {
-		if !exists {
-			g.spec, g.nodes, g.refs, g.valid = spec, map[string]Peer{}, map[elem]int{}, true
-			return Stats{}, nil
+		var st Stats
+		for _, v6 := range families {
+			if g.dropTable(table(v6)) {
+				st.Rebuilt = true
+			}
 		}
-		g.base += g.countersLocked()
-		g.conn.DelTable(t)
-		if err := g.conn.Flush(); err != nil {
-			return Stats{}, fmt.Errorf("vxguard: remove table: %w", err)
+		if st.Rebuilt {
+			if err := g.conn.Flush(); err != nil {
+				return Stats{}, fmt.Errorf("vxguard: remove table: %w", err)
+			}
 		}
 		g.spec, g.nodes, g.refs, g.valid = spec, map[string]Peer{}, map[elem]int{}, true
-		return Stats{Rebuilt: true}, nil
+		return st, nil
 	}
 	// spec.Peers becomes the mirror of what each node put in the sets (no copy: with
 	// thousands of peers the maps are most of the guard's memory).
@@ -398,7 +443,7 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 		nodes = map[string]Peer{}
 	}
 	for n, p := range nodes {
-		es := p.elems(spec.SubnetLen, spec.SubnetLen6)
+		es := p.elems(spec)
 		if len(es) == 0 {
 			delete(nodes, n)
 			continue
@@ -417,36 +462,49 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 		return cmp.Or(cmp.Compare(a.set, b.set), cmp.Compare(a.key, b.key))
 	})
 	var st Stats
-	have, ok := g.structureOK(spec)
+	for _, v6 := range families {
+		t := table(v6)
+		if v6 && !spec.guards6() {
+			if g.dropTable(t) {
+				st.Rebuilt = true
+			}
+			continue
+		}
+		mine := slices.DeleteFunc(slices.Clone(want), func(e elem) bool { return e.outer6 != v6 })
+		if err := g.syncTable(t, spec, mine, refs, &st); err != nil {
+			return Stats{}, err
+		}
+	}
+	if st.Changed() {
+		if err := g.conn.Flush(); err != nil {
+			return Stats{}, fmt.Errorf("vxguard: sync tables: %w", err)
+		}
+	}
+	spec.Peers = nil
+	g.spec, g.nodes, g.refs, g.valid = spec, nodes, refs, true
+	return st, nil
+}
+
+// dropTable queues the removal of t if it exists (its drops are kept in base).
+func (g *Guard) dropTable(t *nftables.Table) bool {
+	if cur, err := g.conn.ListTableOfFamily(t.Name, t.Family); err != nil || cur == nil {
+		return false
+	}
+	g.base += g.counters(t)
+	g.conn.DelTable(t)
+	return true
+}
+
+// syncTable queues what makes table t hold spec's structure and the elements want (of
+// its family; refs counts every wanted element), adding to st.
+func (g *Guard) syncTable(t *nftables.Table, spec Spec, want []elem, refs map[elem]int, st *Stats) error {
+	cur, err := g.conn.ListTableOfFamily(t.Name, t.Family)
+	exists := err == nil && cur != nil
+	have, ok := g.structureOK(t, spec)
 	if exists && cur.Flags != 0 {
 		ok = false // e.g. "dormant": a table that is there but switched off
 	}
-	if !ok {
-		// Rebuild in one transaction: nothing of a half-changed table is ever in force.
-		if exists {
-			g.base += g.countersLocked()
-			g.conn.DelTable(t)
-		}
-		g.conn.AddTable(t)
-		for _, name := range setNames {
-			if err := g.conn.AddSet(setOf(t, name), nil); err != nil {
-				return Stats{}, fmt.Errorf("vxguard: set: %w", err)
-			}
-		}
-		in, fwd := chains(t)
-		g.conn.AddChain(in)
-		g.conn.AddChain(fwd)
-		for _, r := range rules(t, spec) {
-			g.conn.AddRule(r)
-		}
-		if err := g.addElements(want); err != nil {
-			return Stats{}, err
-		}
-		if err := g.conn.Flush(); err != nil {
-			return Stats{}, fmt.Errorf("vxguard: create table: %w", err)
-		}
-		st = Stats{Rebuilt: true, Added: len(want)}
-	} else {
+	if ok {
 		var add, del []elem
 		for _, e := range want {
 			if !have[e] {
@@ -458,16 +516,31 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 				del = append(del, e)
 			}
 		}
-		if len(add)+len(del) > 0 {
-			if err := g.changeElements(add, del); err != nil {
-				return Stats{}, err
-			}
+		st.Added, st.Delete = st.Added+len(add), st.Delete+len(del)
+		if err := g.addElements(add); err != nil {
+			return err
 		}
-		st = Stats{Added: len(add), Delete: len(del)}
+		return g.eachSet(del, g.conn.SetDeleteElements, "delete")
 	}
-	spec.Peers = nil
-	g.spec, g.nodes, g.refs, g.valid = spec, nodes, refs, true
-	return st, nil
+	// Rebuilt within the one transaction: nothing of a half-changed table is ever in force.
+	if exists {
+		g.base += g.counters(t)
+		g.conn.DelTable(t)
+	}
+	g.conn.AddTable(t)
+	for _, name := range setNames {
+		if err := g.conn.AddSet(setOf(t, name), nil); err != nil {
+			return fmt.Errorf("vxguard: set: %w", err)
+		}
+	}
+	in, fwd := chains(t)
+	g.conn.AddChain(in)
+	g.conn.AddChain(fwd)
+	for _, r := range rules(t, spec) {
+		g.conn.AddRule(r)
+	}
+	st.Rebuilt, st.Added = true, st.Added+len(want)
+	return g.addElements(want)
 }
 
 // Invalidate makes the next Set read the kernel (someone else changed the table).
@@ -482,7 +555,7 @@ func (g *Guard) Invalidate() {
 // written, and the kernel is not read. Like Sync it keeps spec.Peers.
 func (g *Guard) Set(spec Spec) (Stats, error) {
 	g.mu.Lock()
-	if !g.valid || g.spec.Port != spec.Port || g.spec.Network != spec.Network || g.spec.SubnetLen != spec.SubnetLen || g.spec.SubnetLen6 != spec.SubnetLen6 {
+	if !g.valid || !sameShape(g.spec, spec) {
 		g.mu.Unlock()
 		return g.Sync(spec)
 	}
@@ -515,10 +588,9 @@ func (g *Guard) Resync() (Stats, error) {
 	return g.Sync(spec)
 }
 
-// structureOK reads the table and reports its sets' elements and whether the sets, the two
+// structureOK reads table t and reports its sets' elements and whether the sets, the two
 // chains and their rules are exactly ours for spec.
-func (g *Guard) structureOK(spec Spec) (map[elem]bool, bool) {
-	t := table()
+func (g *Guard) structureOK(t *nftables.Table, spec Spec) (map[elem]bool, bool) {
 	have := map[elem]bool{}
 	for _, name := range setNames {
 		want := setOf(t, name)
@@ -531,7 +603,7 @@ func (g *Guard) structureOK(spec Spec) (map[elem]bool, bool) {
 			return nil, false
 		}
 		for _, e := range els {
-			have[elem{name, string(e.Key)}] = true
+			have[elem{is6(t), name, string(e.Key)}] = true
 		}
 	}
 	in, fwd := chains(t)
@@ -558,23 +630,25 @@ func (g *Guard) structureOK(spec Spec) (map[elem]bool, bool) {
 	return have, true
 }
 
-// addElements queues es (in both sets) for the next Flush.
+// addElements queues es (in their tables' sets) for the next Flush.
 func (g *Guard) addElements(es []elem) error {
 	return g.eachSet(es, g.conn.SetAddElements, "add")
 }
 
 func (g *Guard) eachSet(es []elem, op func(*nftables.Set, []nftables.SetElement) error, what string) error {
-	t := table()
-	for _, name := range setNames {
-		var part []elem
-		for _, e := range es {
-			if e.set == name {
-				part = append(part, e)
+	for _, v6 := range families {
+		t := table(v6)
+		for _, name := range setNames {
+			var part []elem
+			for _, e := range es {
+				if e.set == name && e.outer6 == v6 {
+					part = append(part, e)
+				}
 			}
-		}
-		for c := range slices.Chunk(part, maxBatched) {
-			if err := op(setOf(t, name), elements(c)); err != nil {
-				return fmt.Errorf("vxguard: %s elements: %w", what, err)
+			for c := range slices.Chunk(part, maxBatched) {
+				if err := op(setOf(t, name), elements(c)); err != nil {
+					return fmt.Errorf("vxguard: %s elements: %w", what, err)
+				}
 			}
 		}
 	}
@@ -621,7 +695,7 @@ func (g *Guard) Update(changes map[string]Peer) (Stats, error) {
 			continue
 		}
 		if had {
-			for _, e := range old.elems(g.spec.SubnetLen, g.spec.SubnetLen6) {
+			for _, e := range old.elems(g.spec) {
 				touch(e)
 				if g.refs[e]--; g.refs[e] <= 0 {
 					delete(g.refs, e)
@@ -629,7 +703,7 @@ func (g *Guard) Update(changes map[string]Peer) (Stats, error) {
 			}
 			delete(g.nodes, n)
 		}
-		if es := p.elems(g.spec.SubnetLen, g.spec.SubnetLen6); len(es) > 0 {
+		if es := p.elems(g.spec); len(es) > 0 {
 			for _, e := range es {
 				touch(e)
 				g.refs[e]++
@@ -665,7 +739,15 @@ func (g *Guard) Dropped() uint64 {
 }
 
 func (g *Guard) countersLocked() uint64 {
-	t := table()
+	var n uint64
+	for _, v6 := range families {
+		n += g.counters(table(v6))
+	}
+	return n
+}
+
+// counters sums the drop counters of table t (0 if it is not there).
+func (g *Guard) counters(t *nftables.Table) uint64 {
 	in, fwd := chains(t)
 	var n uint64
 	for _, c := range []*nftables.Chain{in, fwd} {
@@ -691,18 +773,24 @@ func Packets(rs []*nftables.Rule) uint64 {
 	return n
 }
 
-// Remove deletes the table if it exists (netagent cleanup).
-func Remove() error { return RemoveTable(Table) }
+// Remove deletes the tables if they exist (netagent cleanup).
+func Remove() error {
+	return errors.Join(RemoveTable(Table), removeTable(table(true)))
+}
 
 // RemoveTable deletes the ip-family table name if it exists.
 func RemoveTable(name string) error {
+	return removeTable(&nftables.Table{Name: name, Family: nftables.TableFamilyIPv4})
+}
+
+func removeTable(t *nftables.Table) error {
 	c, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	if t, err := c.ListTableOfFamily(name, nftables.TableFamilyIPv4); err != nil || t == nil {
+	if cur, err := c.ListTableOfFamily(t.Name, t.Family); err != nil || cur == nil {
 		return nil
 	}
-	c.DelTable(&nftables.Table{Name: name, Family: nftables.TableFamilyIPv4})
+	c.DelTable(t)
 	return c.Flush()
 }

@@ -47,8 +47,11 @@ var elementsRe = regexp.MustCompile(`elements = \{[^}]*\}`)
 
 // tableState is the table as nft prints it, with each set's elements sorted (the kernel
 // lists interval sets in insertion order).
-func tableState(t *testing.T, ns *netns.NS) string {
-	out := ns.MustRun(t, "nft", "list", "table", "ip", Table)
+func tableState(t *testing.T, ns *netns.NS) string { return familyState(t, ns, "ip") }
+
+// familyState is tableState for the table of family (ip, ip6).
+func familyState(t *testing.T, ns *netns.NS, family string) string {
+	out := ns.MustRun(t, "nft", "list", "table", family, Table)
 	return elementsRe.ReplaceAllStringFunc(out, func(m string) string {
 		var els []string
 		for _, f := range strings.Split(strings.TrimSuffix(strings.TrimPrefix(m, "elements = {"), "}"), ",") {
@@ -229,7 +232,7 @@ func TestManyPeers(t *testing.T) {
 			}
 			spec := Spec{Port: 8472, Network: network, SubnetLen: 24}
 			if dual {
-				spec.SubnetLen6 = 64
+				spec.SubnetLen6, spec.Network6 = 64, network6
 			}
 			for _, c := range []struct {
 				name  string
@@ -333,5 +336,133 @@ func TestInnerIPv6(t *testing.T) {
 	}
 	if state := tableState(t, ns); !strings.Contains(state, "@vxlan-peers6 accept") || strings.Contains(state, "ip saddr 10.") {
 		t.Errorf("IPv6-only table:\n%s", state)
+	}
+}
+
+var network6 = netip.MustParsePrefix("fd00:10:244::/48")
+
+// VXLAN over an IPv6 underlay: an ip6 table of the same layout holds the peers' IPv6
+// underlay addresses (with their MAC on the same L2) and their inner sources, and drops
+// VXLAN over IPv6 sent by IPv6 pods; the ip table keeps nothing of them. Changes are
+// incremental; drift is repaired; the table goes when nothing needs it.
+func TestIPv6Underlay(t *testing.T) {
+	g, ns := newGuard(t)
+	mac := "02:00:00:00:00:12"
+	a := Peer{IP: netip.MustParseAddr("2001:db8::11"), Subnet: netip.MustParsePrefix("10.244.1.0/24"), Subnet6: netip.MustParsePrefix("fd00:10:244:1::/64")}
+	b := Peer{IP: netip.MustParseAddr("2001:db8::12"), Subnet: netip.MustParsePrefix("10.244.2.0/24"), Subnet6: netip.MustParsePrefix("fd00:10:244:2::/64"), MAC: mac}
+	spec := func(peers map[string]Peer) Spec {
+		return Spec{Port: 8472, Network: network, SubnetLen: 24, Network6: network6, SubnetLen6: 64, Underlay6: true, Peers: peers}
+	}
+	st, err := g.Sync(spec(map[string]Peer{"a": a, "b": b}))
+	if err != nil || !st.Rebuilt || st.Added != 6 {
+		t.Fatalf("Sync = %+v, %v; want a rebuild adding 6 elements", st, err)
+	}
+	want := familyState(t, ns, "ip6")
+	tableHas(t, want,
+		"udp dport 8472 @th,224,16 0x800 ip6 saddr . @ll,48,48 . @th,336,32 & 0xffffff00 @vxlan-l2 accept",
+		"udp dport 8472 @th,224,16 0x800 ip6 saddr . @th,336,32 & 0xffffff00 @vxlan-peers accept",
+		"udp dport 8472 @th,224,16 0x86dd ip6 saddr . @th,304,128 @vxlan-peers-self accept",
+		"udp dport 8472 @th,224,16 0x86dd ip6 saddr . @ll,48,48 . @th,304,128 @vxlan-l2-self accept",
+		"udp dport 8472 @th,224,16 0x86dd ip6 saddr . @th,304,128 & 0xffffffffffffffff0000000000000000 @vxlan-peers6 accept",
+		"udp dport 8472 @th,224,16 0x86dd ip6 saddr . @ll,48,48 . @th,304,128 & 0xffffffffffffffff0000000000000000 @vxlan-l2-6 accept",
+		"udp dport 8472 counter packets 0 bytes 0 drop",
+		"ip6 saddr fd00:10:244::/48 udp dport 8472 counter packets 0 bytes 0 drop",
+		"2001:db8::11 . 10.244.1.0",
+		"2001:db8::11 . fd00:10:244:1::",
+		"2001:db8::11 . 2001:db8::11",
+		"2001:db8::12 . "+mac+" . 10.244.2.0",
+		"2001:db8::12 . "+mac+" . fd00:10:244:2::",
+		"2001:db8::12 . "+mac+" . 2001:db8::12",
+	)
+	if v4 := tableState(t, ns); strings.Contains(v4, "2001:db8") || !strings.Contains(v4, "ip saddr 10.244.0.0/16 udp dport 8472") {
+		t.Errorf("the ip table holds IPv6 peers, or lost its own forward rule:\n%s", v4)
+	}
+	if st, err := g.Set(spec(map[string]Peer{"a": a, "b": b})); err != nil || st.Changed() {
+		t.Fatalf("Set(same) = %+v, %v; want no change", st, err)
+	}
+	// Incremental: a moves its IPv6 subnet, b leaves, c (IPv4 underlay address) joins the
+	// ip table.
+	a2 := a
+	a2.Subnet6 = netip.MustParsePrefix("fd00:10:244:9::/64")
+	c := Peer{IP: netip.MustParseAddr("192.0.2.13"), Subnet: netip.MustParsePrefix("10.244.3.0/24")}
+	st, err = g.Update(map[string]Peer{"a": a2, "b": {}, "c": c})
+	if err != nil || st != (Stats{Added: 3, Delete: 4}) {
+		t.Fatalf("Update = %+v, %v; want 3 added, 4 deleted", st, err)
+	}
+	got := familyState(t, ns, "ip6")
+	if !strings.Contains(got, "2001:db8::11 . fd00:10:244:9::") || strings.Contains(got, "fd00:10:244:1::") || strings.Contains(got, "2001:db8::12") {
+		t.Errorf("ip6 table after the update:\n%s", got)
+	}
+	if v4 := tableState(t, ns); !strings.Contains(v4, "192.0.2.13 . 10.244.3.0") {
+		t.Errorf("ip table lacks the IPv4 peer:\n%s", v4)
+	}
+	// Drift in the ip6 table is repaired like in the ip one.
+	want = familyState(t, ns, "ip6")
+	for _, c := range []struct {
+		name, cmd string
+		rebuilt   bool
+	}{
+		{"table deleted", "nft delete table ip6 netagent", true},
+		{"rule added", "nft add rule ip6 netagent vxlan-input accept", true},
+		{"element deleted", "nft delete element ip6 netagent vxlan-peers-self { 2001:db8::11 . 2001:db8::11 }", false},
+		{"element added", "nft add element ip6 netagent vxlan-peers-self { 2001:db8::66 . 2001:db8::66 }", false},
+	} {
+		f := strings.Fields(c.cmd)
+		ns.MustRun(t, f[0], f[1:]...)
+		st, err := g.Resync()
+		if err != nil || !st.Changed() || st.Rebuilt != c.rebuilt {
+			t.Errorf("%s: Resync = %+v, %v", c.name, st, err)
+		}
+		if got := familyState(t, ns, "ip6"); got != want {
+			t.Errorf("%s: not repaired:\n%s\nwant:\n%s", c.name, got, want)
+		}
+	}
+	// IPv4 pods over an IPv4 underlay: no ip6 table; a peer's IPv6 address is no element.
+	if st, err := g.Set(Spec{Port: 8472, Network: network, SubnetLen: 24, Peers: map[string]Peer{"a": a, "c": c}}); err != nil || !st.Rebuilt {
+		t.Fatalf("Set(IPv4 only) = %+v, %v; want a rebuild", st, err)
+	}
+	if out := ns.MustRun(t, "nft", "list", "tables"); strings.Contains(out, "ip6 "+Table) {
+		t.Errorf("ip6 table left for an IPv4-only cluster:\n%s", out)
+	}
+	// IPv6-only pods over an IPv6 underlay, then no VXLAN: both tables go.
+	if _, err := g.Set(Spec{Port: 8472, SubnetLen6: 64, Network6: network6, Underlay6: true, Peers: map[string]Peer{"a": a}}); err != nil {
+		t.Fatal(err)
+	}
+	if got := familyState(t, ns, "ip6"); !strings.Contains(got, "2001:db8::11 . fd00:10:244:1::") || strings.Contains(got, "10.244.1.0") {
+		t.Errorf("IPv6-only ip6 table:\n%s", got)
+	}
+	if st, err := g.Sync(Spec{}); err != nil || !st.Rebuilt {
+		t.Fatalf("port 0: %+v %v", st, err)
+	}
+	if out := ns.MustRun(t, "nft", "list", "tables"); strings.Contains(out, Table) {
+		t.Fatalf("tables left after port 0:\n%s", out)
+	}
+}
+
+// Thousands of peers over an IPv6 underlay, dual-stack (the largest elements), in one
+// transaction.
+func TestManyPeersIPv6Underlay(t *testing.T) {
+	g, ns := newGuard(t)
+	many := map[string]Peer{}
+	for i := range 5000 {
+		many[fmt.Sprintf("n%d", i)] = Peer{
+			IP:      netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 14: byte(i >> 8), 15: byte(i)}),
+			Subnet:  netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(100 + i>>8), byte(i), 0}), 24),
+			Subnet6: netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%x::/64", i+1)),
+		}
+	}
+	spec := Spec{Port: 8472, Network: network, SubnetLen: 24, Network6: network6, SubnetLen6: 64, Underlay6: true, Peers: many}
+	if _, err := g.Sync(spec); err != nil {
+		t.Fatal(err)
+	}
+	for _, set := range []string{SetName + selfSuffix, SetName, SetName6} {
+		out := ns.MustRun(t, "nft", "list", "set", "ip6", Table, set)
+		want := len(many)
+		if set == SetName+selfSuffix {
+			want *= 2 // the address is both fields
+		}
+		if got := strings.Count(out, "2001:db8::"); got != want {
+			t.Errorf("set %s: %d addresses, want %d", set, got, want)
+		}
 	}
 }

@@ -44,6 +44,15 @@ func synthetic6(i int) lease.Lease {
 	return l
 }
 
+// synthetic6u is the i-th peer of an IPv6-only cluster over an IPv6 underlay: an IPv6 pod
+// subnet and an IPv6 underlay address only (behind the router, so VXLAN over IPv6).
+func synthetic6u(i int) lease.Lease {
+	l := synthetic6(i)
+	l.Subnet, l.PublicIP = netip.Prefix{}, netip.Addr{}
+	l.PublicIP6 = netip.MustParseAddr(fmt.Sprintf("2001:db8:18::%x:%x", i/250, 1+i%250))
+	return l
+}
+
 func countOurRoutes(h *netlink.Handle) int { return countOurRoutesOf(h, unix.AF_INET) }
 
 func countOurRoutesOf(h *netlink.Handle, family int) int {
@@ -80,7 +89,12 @@ func rawProgram(b *testing.B, peers []lease.Lease) time.Duration {
 	ns.MustRun(b, "ip", "link", "add", "eth0", "type", "bridge")
 	ns.MustRun(b, "ip", "addr", "add", "192.0.2.11/24", "dev", "eth0")
 	ns.MustRun(b, "ip", "link", "set", "eth0", "up")
-	ns.MustRun(b, "ip", "link", "add", "vx", "type", "vxlan", "id", "1", "dstport", "8472", "dev", "eth0", "nolearning")
+	local := []string{}
+	if !peers[0].PublicIP.IsValid() { // over IPv6, as the agent's device
+		ns.MustRun(b, "ip", "addr", "add", "2001:db8:1::11/64", "dev", "eth0", "nodad")
+		local = []string{"local", "2001:db8:1::11"}
+	}
+	ns.MustRun(b, "ip", append([]string{"link", "add", "vx", "type", "vxlan", "id", "1", "dstport", "8472", "dev", "eth0", "nolearning"}, local...)...)
 	ns.MustRun(b, "ip", "link", "set", "vx", "up")
 	h, err := ns.Handle()
 	if err != nil {
@@ -92,15 +106,17 @@ func rawProgram(b *testing.B, peers []lease.Lease) time.Duration {
 	start := time.Now()
 	for _, p := range peers {
 		mac := p.MAC()
-		vtep := p.Subnet.Addr().AsSlice()
-		if err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: vtep, HardwareAddr: mac}); err != nil {
+		if err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: netlink.NUD_PERMANENT, IP: p.PublicIPOf(!p.PublicIP.IsValid()).AsSlice(), HardwareAddr: mac}); err != nil {
 			b.Fatal(err)
 		}
-		if err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, State: netlink.NUD_PERMANENT, IP: p.PublicIP.AsSlice(), HardwareAddr: mac}); err != nil {
-			b.Fatal(err)
-		}
-		if err := h.RouteReplace(&netlink.Route{LinkIndex: idx, Dst: &net.IPNet{IP: vtep, Mask: net.CIDRMask(24, 32)}, Gw: vtep, Flags: int(netlink.FLAG_ONLINK), Protocol: route.Protocol}); err != nil {
-			b.Fatal(err)
+		if p.Subnet.IsValid() {
+			vtep := p.Subnet.Addr().AsSlice()
+			if err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT, IP: vtep, HardwareAddr: mac}); err != nil {
+				b.Fatal(err)
+			}
+			if err := h.RouteReplace(&netlink.Route{LinkIndex: idx, Dst: &net.IPNet{IP: vtep, Mask: net.CIDRMask(24, 32)}, Gw: vtep, Flags: int(netlink.FLAG_ONLINK), Protocol: route.Protocol}); err != nil {
+				b.Fatal(err)
+			}
 		}
 		if !p.Subnet6.IsValid() {
 			continue
@@ -119,26 +135,25 @@ func rawProgram(b *testing.B, peers []lease.Lease) time.Duration {
 // BenchmarkAgentScale: one agent, 5,000 synthetic peer leases in etcd. It reports the time
 // to program every route, FDB and neighbour entry from a cold start, the time one further
 // lease takes to reach the kernel, RSS and idle CPU, each next to the raw netlink cost of
-// the same kernel objects measured in the same run; for an IPv4 cluster and for a
-// dual-stack one (each peer an IPv6 subnet too: twice the routes and neighbours).
+// the same kernel objects measured in the same run; for an IPv4 cluster, a dual-stack one
+// (each peer an IPv6 subnet too: twice the routes and neighbours), and an IPv6-only one over
+// an IPv6 underlay (VXLAN over IPv6, the allow-list in its ip6 table).
 //
 //	go test -run '^$' -bench AgentScale -benchtime 20x ./test/cluster
 func BenchmarkAgentScale(b *testing.B) {
 	netns.RequireRoot(b)
-	b.Run("family=ipv4", func(b *testing.B) { agentScale(b, false) })
-	b.Run("family=dual", func(b *testing.B) { agentScale(b, true) })
+	for _, family := range []string{"ipv4", "dual", "ipv6"} {
+		b.Run("family="+family, func(b *testing.B) { agentScale(b, family) })
+	}
 }
 
-func agentScale(b *testing.B, dual bool) {
+func agentScale(b *testing.B, family string) {
 	const peers = 5000
 	bin := testbin.Build(b, "./cmd/netagent", "netagent")
 	testbin.Build(b, "./cmd/netagent-etcd", "netagent-etcd")
 	testbin.Build(b, "./cmd/cni-plugin", "netagent-cni")
 	ctx := context.Background()
-	family, gen := "ipv4", synthetic
-	if dual {
-		family, gen = "dual", synthetic6
-	}
+	gen := map[string]func(int) lease.Lease{"ipv4": synthetic, "dual": synthetic6, "ipv6": synthetic6u}[family]
 	l, err := lab.Up(ctx, lab.Options{
 		Prefix: fmt.Sprintf("%s%d-scale-", netns.Prefix, os.Getpid()), Dir: b.TempDir(),
 		Nodes: 1, Backend: "vxlan", Netagent: bin, CNIBinDir: testbin.Dir(), LeaseTTL: 30 * time.Second,
@@ -166,7 +181,7 @@ func agentScale(b *testing.B, dual bool) {
 		all = append(all, gen(i))
 	}
 	for _, p := range all[:peers] {
-		if _, err := cli.Put(ctx, "/netagent/subnets/"+lease.SubnetKey(p.Subnet), string(p.Encode()), clientv3.WithLease(grant.ID)); err != nil {
+		if _, err := cli.Put(ctx, "/netagent/subnets/"+lease.SubnetKey(p.Primary()), string(p.Encode()), clientv3.WithLease(grant.ID)); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -182,7 +197,7 @@ func agentScale(b *testing.B, dual bool) {
 		b.Fatal(err)
 	}
 	programmed := func() bool {
-		return countOurRoutes(h) >= peers && (!dual || countOurRoutesOf(h, unix.AF_INET6) >= peers)
+		return (family == "ipv6" || countOurRoutes(h) >= peers) && (family == "ipv4" || countOurRoutesOf(h, unix.AF_INET6) >= peers)
 	}
 	for !programmed() {
 		if time.Since(start) > 2*time.Minute {
@@ -233,12 +248,14 @@ func agentScale(b *testing.B, dual bool) {
 	for i := range b.N {
 		p := all[peers+i]
 		// The change is in the kernel when the routes of every family it brings are.
-		want := map[string]bool{p.Subnet.String(): true}
-		if p.Subnet6.IsValid() {
-			want[p.Subnet6.String()] = true
+		want := map[string]bool{}
+		for _, s := range []netip.Prefix{p.Subnet, p.Subnet6} {
+			if s.IsValid() {
+				want[s.String()] = true
+			}
 		}
 		t := time.Now()
-		if _, err := cli.Put(ctx, "/netagent/subnets/"+lease.SubnetKey(p.Subnet), string(p.Encode()), clientv3.WithLease(grant.ID)); err != nil {
+		if _, err := cli.Put(ctx, "/netagent/subnets/"+lease.SubnetKey(p.Primary()), string(p.Encode()), clientv3.WithLease(grant.ID)); err != nil {
 			b.Fatal(err)
 		}
 		committed := time.Now()

@@ -22,10 +22,15 @@ import (
 
 // udpSink counts datagrams arriving at port in ns.
 func udpSink(t *testing.T, ns *netns.NS, port int) *atomic.Int64 {
+	return udpSinkNet(t, ns, "udp4", port)
+}
+
+// udpSinkNet is udpSink for network udp4 or udp6.
+func udpSinkNet(t *testing.T, ns *netns.NS, network string, port int) *atomic.Int64 {
 	t.Helper()
 	var conn *net.UDPConn
 	if err := ns.Do(func() (err error) {
-		conn, err = net.ListenUDP("udp4", &net.UDPAddr{Port: port})
+		conn, err = net.ListenUDP(network, &net.UDPAddr{Port: port})
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -44,11 +49,11 @@ func udpSink(t *testing.T, ns *netns.NS, port int) *atomic.Int64 {
 	return &n
 }
 
-// sendUDP sends count datagrams from ns to addr.
+// sendUDP sends count datagrams from ns to addr (host:port; an IPv6 host in brackets).
 func sendUDP(t *testing.T, ns *netns.NS, addr string, count int) {
 	t.Helper()
 	if err := ns.Do(func() error {
-		c, err := net.Dial("udp4", addr)
+		c, err := net.Dial("udp", addr)
 		if err != nil {
 			return err
 		}
@@ -65,14 +70,22 @@ func sendUDP(t *testing.T, ns *netns.NS, addr string, count int) {
 
 // vxlanDev makes a VXLAN device in ns (VNI 1, port 8472, like netagent's) with addr on it,
 // and points dst (an address behind the victim node) at the victim's VTEP MAC and
-// underlay IP: frames it sends are what a peer's would look like.
+// underlay IP: frames it sends are what a peer's would look like. Any of the addresses may
+// be IPv6 (the underlay ones both or neither).
 func vxlanDev(t *testing.T, ns *netns.NS, local, addr, dst, victimMAC, victimIP string) {
 	t.Helper()
+	host, nodad := "/32", ""
+	if strings.Contains(dst, ":") {
+		host = "/128"
+	}
+	if strings.Contains(addr, ":") {
+		nodad = " nodad" // usable at once
+	}
 	for _, cmd := range []string{
 		"ip link add vxrogue type vxlan id 1 dstport 8472 local " + local + " nolearning",
-		"ip addr add " + addr + " dev vxrogue",
+		"ip addr add " + addr + " dev vxrogue" + nodad,
 		"ip link set vxrogue up",
-		"ip route replace " + dst + "/32 dev vxrogue",
+		"ip route replace " + dst + host + " dev vxrogue",
 		"ip neigh add " + dst + " lladdr " + victimMAC + " dev vxrogue nud permanent",
 		"bridge fdb append " + victimMAC + " dev vxrogue dst " + victimIP,
 	} {
@@ -264,7 +277,11 @@ func rogueHost(t *testing.T, sw *netns.NS, name, addr, gw string) *netns.NS {
 		t.Fatal(err)
 	}
 	sw.MustRun(t, "ip", "link", "set", port, "master", "br0", "up")
-	ns.MustRun(t, "ip", "addr", "add", addr, "dev", "eth0")
+	if strings.Contains(addr, ":") {
+		ns.MustRun(t, "ip", "addr", "add", addr, "dev", "eth0", "nodad") // usable at once
+	} else {
+		ns.MustRun(t, "ip", "addr", "add", addr, "dev", "eth0")
+	}
 	ns.MustRun(t, "ip", "link", "set", "eth0", "up")
 	if gw != "" {
 		ns.MustRun(t, "ip", "route", "add", "default", "via", gw)
@@ -336,6 +353,86 @@ func TestVXLANSpoofedPeer(t *testing.T) {
 	l2.MustRun(t, "ip", "link", "set", "eth0", "down") // give node2's MAC back to node2
 	for _, n := range []*lab.Node{n2, n3} {
 		if err := lab.Ping(l.PodNS(n.Pods[0]), victim.IP.String()); err != nil {
+			t.Errorf("pod on %s -> pod on node1: %v", n.Name, err)
+		}
+	}
+}
+
+// The allow-list over an IPv6 underlay (an IPv6-only lab: VXLAN runs over IPv6). Dropped:
+// VXLAN from a neighbour's non-node IPv6 address; from node2's address without node2's MAC
+// (same L2) or from behind the router; from a routed peer's (node3's) address carrying
+// another node's pod address or an outside one; VXLAN a pod encapsulates (dropped on its own
+// node). Delivered, to show the path works: node3's address with its own pod subnet from
+// behind the router (the documented limit), and real pod-to-pod traffic.
+func TestVXLANAllowListIPv6Underlay(t *testing.T) {
+	l := newLabWith(t, lab.Options{Backend: "vxlan", Nodes: 3, Remote: 1, PodsPerNode: 1, IPFamily: "ipv6"})
+	n1, n2, n3 := l.Nodes[0], l.Nodes[1], l.Nodes[2] // n3 is behind the router
+	victim := n1.Pods[0]
+	got := udpSinkNet(t, l.PodNS(victim), "udp6", 9999)
+	vtep1 := plan.VTEPMAC(n1.Name).String()
+	sub2 := netip.MustParsePrefix(status(t, l, n2).Subnet6)
+	sub3 := netip.MustParsePrefix(status(t, l, n3).Subnet6)
+	inner := func(s netip.Prefix) string { return s.Addr().Next().Next().Next().Next().String() } // no pod there
+	target := net.JoinHostPort(victim.IP6.String(), "9999")
+
+	try := func(name string, ns *netns.NS, outer, innerSrc string, want bool) {
+		t.Helper()
+		_, _ = ns.Run("ip", "link", "del", "vxrogue")
+		vxlanDev(t, ns, outer, innerSrc+"/128", victim.IP6.String(), vtep1, n1.IP6.String())
+		before, dropped := got.Load(), metricValue(t, l, n1, "netagent_vxlan_dropped_packets_total")
+		sendUDP(t, ns, target, 20)
+		time.Sleep(200 * time.Millisecond)
+		n := got.Load() - before
+		d := metricValue(t, l, n1, "netagent_vxlan_dropped_packets_total") - dropped
+		t.Logf("%s: %d of 20 delivered, %v dropped by the allow-list", name, n, d)
+		switch {
+		case want && n == 0:
+			t.Errorf("%s: nothing delivered, want it to pass", name)
+		case !want && n != 0:
+			t.Errorf("%s: %d of 20 injected datagrams delivered to the pod", name, n)
+		case !want && d < 20:
+			t.Errorf("%s: dropped-packets metric grew by %v, want >= 20", name, d)
+		}
+	}
+
+	// A neighbour on the underlay with an address of no node.
+	l2 := rogueHost(t, l.Switch(), "rogue6-l2", "2001:db8:1::99/64", "")
+	try("same L2, a non-node address", l2, "2001:db8:1::99", inner(sub2), false)
+	// The same with node2's address (its MAC not forged).
+	l2.MustRun(t, "ip", "addr", "add", n2.IP6.String()+"/128", "dev", "eth0", "nodad")
+	try("same L2, node2's address", l2, n2.IP6.String(), inner(sub2), false)
+
+	// Behind the router: node2's address (the router's MAC, not node2's), then node3's (a
+	// routed peer) with inner sources that are not node3's.
+	rt := rogueHost(t, l.SwitchB(), "rogue6-rt", "2001:db8:2::99/64", "2001:db8:2::1")
+	rt.MustRun(t, "ip", "addr", "add", n2.IP6.String()+"/128", "dev", "eth0", "nodad")
+	try("behind the router, node2's address", rt, n2.IP6.String(), inner(sub2), false)
+	rt.MustRun(t, "ip", "addr", "add", n3.IP6.String()+"/128", "dev", "eth0", "nodad")
+	try("behind the router, node3's address, node2's pod as inner source", rt, n3.IP6.String(), inner(sub2), false)
+	try("behind the router, node3's address, an outside inner source", rt, n3.IP6.String(), "2001:db8:ffff::7", false)
+	// What an address allow-list cannot stop (SECURITY.md), and what shows the path works.
+	try("behind the router, node3's address and pod subnet (not stoppable)", rt, n3.IP6.String(), inner(sub3), true)
+
+	// A pod on node2 encapsulates towards node1 over IPv6: its packets would leave
+	// masqueraded to node2's address, a peer's. Dropped on node2.
+	attacker := l.PodNS(n2.Pods[0])
+	before := got.Load()
+	vxlanDev(t, attacker, n2.Pods[0].IP6.String(), inner(sub2)+"/128", victim.IP6.String(), vtep1, n1.IP6.String())
+	sendUDP(t, attacker, target, 20)
+	time.Sleep(200 * time.Millisecond)
+	if n := got.Load() - before; n != 0 {
+		t.Errorf("the victim pod received %d datagrams a pod encapsulated over IPv6", n)
+	}
+	if out := l.NodeNS(n2).MustRun(t, "nft", "list", "chain", "ip6", "netagent", "vxlan-forward"); !regexp.MustCompile(`counter packets ([2-9]\d|\d{3,})`).MatchString(out) {
+		t.Errorf("node2's forward rule did not count the pod's VXLAN:\n%s", out)
+	}
+	attacker.MustRun(t, "ip", "link", "del", "vxrogue")
+
+	// Legitimate traffic is unaffected (node2 on the L2, node3 behind the router).
+	l2.MustRun(t, "ip", "link", "set", "eth0", "down")
+	rt.MustRun(t, "ip", "link", "set", "eth0", "down")
+	for _, n := range []*lab.Node{n2, n3} {
+		if err := lab.Ping(l.PodNS(n.Pods[0]), victim.IP6.String()); err != nil {
 			t.Errorf("pod on %s -> pod on node1: %v", n.Name, err)
 		}
 	}

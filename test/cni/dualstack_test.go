@@ -646,3 +646,27 @@ func TestDualStackAddIsAtomic(t *testing.T) {
 		}
 	})
 }
+
+// TestBridgeLinkLocalAtOnce: when the first ADD returns, the bridge's IPv6 link-local
+// address is there and usable (not in duplicate address detection, which the bridge's
+// first carrier would start): the node solicits pods' addresses from it for the packets it
+// forwards, and sent no solicitation while it was tentative (TestIPv6FirstPingAcrossNodes
+// in test/cluster).
+func TestBridgeLinkLocalAtOnce(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		conf conf
+	}{
+		{"ipv6", conf{"ipv6Subnet": "2001:db8:25::/112", "subnetFileWait": "0s"}},
+		{"dual", conf{"subnet": "10.244.25.0/24", "ipv6Subnet": "fd00:244:25::/64"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			n := newNode(t)
+			n.mustAdd(n.list("1.0.0", c.conf), n.newPod("ll-"+c.name))
+			out := n.ns.MustRun(t, "ip", "-6", "addr", "show", "dev", "cni0") // the default bridge
+			if !strings.Contains(out, "inet6 fe80::") || strings.Contains(out, "tentative") {
+				t.Errorf("bridge after the first ADD: want a link-local address, none tentative:\n%s", out)
+			}
+		})
+	}
+}

@@ -47,19 +47,33 @@ type lab struct {
 	ext      *netns.NS
 	nodes    []*k8s.Node
 	c        *k8s.Cluster
+	dual     bool
 }
 
 // newLab builds the underlay (a switch, n nodes on 192.0.2.11.., an outside host on
 // 192.0.2.254) and the cluster on it.
-func newLab(t *testing.T, n int) *lab {
+func newLab(t *testing.T, n int) *lab { return newLabWith(t, n, false) }
+
+// Dual-stack clusters: the underlay has 2001:db8:1::/64 too, and the cluster these ranges.
+const (
+	clusterCIDRDual = "10.244.0.0/16,fd00:10:244::/56"
+	serviceCIDRDual = "10.96.0.0/16,fd00:10:96::/112"
+)
+
+// newLabWith is newLab, dual stack if dual: the underlay, the nodes' --node-ip, the
+// controller-manager's podCIDRs and the service range in both families.
+func newLabWith(t *testing.T, n int, dual bool) *lab {
 	netns.RequireRoot(t)
 	bin := kubeBin(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	l := &lab{t: t, sw: netns.New(t, "k8sw"), ext: netns.New(t, "k8ext")}
+	l := &lab{t: t, sw: netns.New(t, "k8sw"), ext: netns.New(t, "k8ext"), dual: dual}
 	l.sw.MustRun(t, "ip", "link", "add", "br0", "type", "bridge")
 	l.sw.MustRun(t, "ip", "link", "set", "br0", "up")
 	l.attach("ext", l.ext, "192.0.2.254/24")
+	if dual {
+		l.ext.MustRun(t, "ip", "addr", "add", "2001:db8:1::254/64", "dev", "eth0", "nodad")
+	}
 	l.dir = t.TempDir()
 	dir := l.dir
 	for i := range n {
@@ -74,11 +88,15 @@ func newLab(t *testing.T, n int) *lab {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := k8s.Up(ctx, k8s.Options{
+	opt := k8s.Options{
 		Dir: dir, KubeBin: bin, Etcd: etcd, Loopback: loopback, NetagentImage: img,
 		Prefix: netns.Prefix + fmt.Sprint(os.Getpid()) + "-",
 		Log:    func(f string, a ...any) { t.Logf(f, a...) },
-	}, l.nodes)
+	}
+	if dual {
+		opt.ClusterCIDR, opt.ServiceCIDR = clusterCIDRDual, serviceCIDRDual
+	}
+	c, err := k8s.Up(ctx, opt, l.nodes)
 	// Cleanups run last-in first-out: the cluster goes before its namespaces.
 	t.Cleanup(func() {
 		if c == nil {
@@ -122,7 +140,13 @@ func (l *lab) newNode(i int) *k8s.Node {
 	l.attach(fmt.Sprintf("n%d", i), ns, ip.String()+"/24")
 	// The outside host is the underlay's gateway (kube-proxy wants a default route).
 	ns.MustRun(l.t, "ip", "route", "add", "default", "via", "192.0.2.254")
-	return &k8s.Node{Name: fmt.Sprintf("node%d", i), NS: ns.Name, IP: ip, Dir: filepath.Join(l.dir, "nodes", fmt.Sprintf("node%d", i))}
+	n := &k8s.Node{Name: fmt.Sprintf("node%d", i), NS: ns.Name, IP: ip, Dir: filepath.Join(l.dir, "nodes", fmt.Sprintf("node%d", i))}
+	if l.dual {
+		n.IP6 = netip.MustParseAddr(fmt.Sprintf("2001:db8:1::%d", 10+i))
+		ns.MustRun(l.t, "ip", "addr", "add", n.IP6.String()+"/64", "dev", "eth0", "nodad")
+		ns.MustRun(l.t, "ip", "-6", "route", "add", "default", "via", "2001:db8:1::254")
+	}
+	return n
 }
 
 func (l *lab) kubectl(args ...string) string {

@@ -45,8 +45,11 @@ type Options struct {
 	// NetagentImage is the netagent image archive (see BuildNetagentImage).
 	NetagentImage string
 	// Prefix names the per-node cgroups (PREFIXNODE in every hierarchy).
-	Prefix      string
-	ClusterCIDR string // the controller-manager's --cluster-cidr
+	Prefix string
+	// ClusterCIDR is the controller-manager's --cluster-cidr and ServiceCIDR the service
+	// range: one CIDR, or an IPv4,IPv6 pair for a dual-stack cluster (whose nodes then
+	// need IP6 too).
+	ClusterCIDR string
 	ServiceCIDR string
 	Log         func(format string, args ...any)
 }
@@ -56,6 +59,7 @@ type Node struct {
 	Name string     `json:"name"`
 	NS   string     `json:"ns"` // network namespace name (/run/netns/NS)
 	IP   netip.Addr `json:"ip"`
+	IP6  netip.Addr `json:"ip6,omitzero"` // its IPv6 underlay address (dual-stack clusters)
 	Dir  string     `json:"dir"`
 	// Pid is the node's supervisor (the shell holding its mount namespace).
 	Pid int `json:"pid"`
@@ -297,7 +301,7 @@ func (c *Cluster) startControlPlane(ctx context.Context, opt Options, p *pki, n 
 	pid, err = startIn(n.NS, filepath.Join(dir, "kube-controller-manager.log"), filepath.Join(c.KubeBin, "kube-controller-manager"),
 		"--kubeconfig="+cm, "--authentication-kubeconfig="+cm, "--authorization-kubeconfig="+cm,
 		"--leader-elect=false", "--bind-address=127.0.0.1",
-		"--allocate-node-cidrs=true", "--cluster-cidr="+opt.ClusterCIDR, "--node-cidr-mask-size=24",
+		"--allocate-node-cidrs=true", "--cluster-cidr="+opt.ClusterCIDR, nodeMaskFlag(opt.ClusterCIDR),
 		"--service-cluster-ip-range="+opt.ServiceCIDR,
 		"--cluster-signing-cert-file="+p.path("ca.crt"), "--cluster-signing-key-file="+p.path("ca.key"),
 		"--root-ca-file="+p.path("ca.crt"), "--service-account-private-key-file="+p.path("sa.key"),
@@ -315,6 +319,26 @@ func (c *Cluster) startControlPlane(ctx context.Context, opt Options, p *pki, n 
 	}
 	c.ControlPids = append(c.ControlPids, pid)
 	return nil
+}
+
+// nodeMaskFlag is the controller-manager's node CIDR size for clusterCIDR: /24 for IPv4,
+// /64 for IPv6 (a dual-stack pair takes one flag per family).
+func nodeMaskFlag(clusterCIDR string) string {
+	switch {
+	case strings.Contains(clusterCIDR, ","):
+		return "--node-cidr-mask-size-ipv6=64" // IPv4's default is /24
+	case strings.Contains(clusterCIDR, ":"):
+		return "--node-cidr-mask-size=64"
+	}
+	return "--node-cidr-mask-size=24"
+}
+
+// nodeIPs is the kubelet's --node-ip: the node's addresses, IPv4 first.
+func (n *Node) nodeIPs() string {
+	if n.IP6.IsValid() {
+		return n.IP.String() + "," + n.IP6.String()
+	}
+	return n.IP.String()
 }
 
 func (c *Cluster) cgroupRoot(n *Node) string { return c.Prefix + n.Name }
@@ -456,7 +480,7 @@ conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeou
 	}
 	var script bytes.Buffer
 	err = template.Must(template.New("node").Parse(nodeScript)).Execute(&script, map[string]any{
-		"Name": n.Name, "IP": n.IP, "Dir": n.Dir, "KubeBin": c.KubeBin, "Loopback": c.Loopback,
+		"Name": n.Name, "IP": n.nodeIPs(), "Dir": n.Dir, "KubeBin": c.KubeBin, "Loopback": c.Loopback,
 		"Images": c.Images, "Netagent": NetagentImageName, "Aliases": aliases, "Snapshotter": "overlayfs", "CgroupRoot": c.cgroupRoot(n),
 	})
 	if err != nil {

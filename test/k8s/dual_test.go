@@ -1,0 +1,93 @@
+package k8s_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/netagent/netagent/pkg/lab/k8s"
+	"github.com/netagent/netagent/test/testbin"
+)
+
+// TestKubernetesDualStack is issue 15's Kubernetes item on a real dual-stack cluster: the
+// controller-manager gives each Node an IPv4 and an IPv6 podCIDR, the kubelets register
+// both node addresses, and netagent (the DaemonSet, net-conf.json with ipv6Network) leases
+// both, publishes both underlay addresses, and carries pods' traffic over each family —
+// pod to pod across nodes, and to an IPv6 ClusterIP through kube-proxy's ip6tables rules.
+func TestKubernetesDualStack(t *testing.T) {
+	l := newLabWith(t, 2, true)
+	l.kubectl("apply", "-k", filepath.Join(testbin.Root(), "manifests/kube"))
+	conf := `{"network": "10.244.0.0/16", "ipv6Network": "fd00:10:244::/56", "backend": {"type": "vxlan"}}`
+	patch, _ := json.Marshal(map[string]any{"data": map[string]string{"net-conf.json": conf}})
+	l.kubectl("-n", "netagent", "patch", "configmap", "netagent-config", "--type=merge", "-p", string(patch))
+	l.kubectl("-n", "netagent", "rollout", "restart", "daemonset/netagent")
+	l.eventually("DaemonSet rolled out with the dual-stack config", 3*time.Minute, func() (bool, string) {
+		out := l.kubectl("-n", "netagent", "get", "ds", "netagent", "-o", "jsonpath={.status.updatedNumberScheduled}/{.status.numberReady}/{.status.desiredNumberScheduled}")
+		return out == fmt.Sprintf("%d/%d/%d", len(l.nodes), len(l.nodes), len(l.nodes)), out
+	})
+	l.eventually("nodes Ready", time.Minute, func() (bool, string) {
+		out := l.kubectl("get", "nodes", "-o", `jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{" "}{end}`)
+		return strings.Count(out, "True") == len(l.nodes), out
+	})
+	for _, n := range l.nodes {
+		l.eventually(n.Name+"'s annotations", 30*time.Second, func() (bool, string) {
+			out := l.kubectl("get", "node", n.Name, "-o", `jsonpath={.spec.podCIDRs[*]} {.metadata.annotations.netagent\.io/public-ip} {.metadata.annotations.netagent\.io/public-ip6}`)
+			f := strings.Fields(out)
+			return len(f) == 4 && strings.Contains(f[0], ".") && strings.Contains(f[1], ":") && f[2] == n.IP.String() && f[3] == n.IP6.String(), out
+		})
+	}
+	applyYAML(t, l, k8s.WebManifest(len(l.nodes), 0)+`---
+apiVersion: v1
+kind: Service
+metadata: {name: web6}
+spec:
+  ipFamilyPolicy: SingleStack
+  ipFamilies: [IPv6]
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+`)
+	type pod struct{ name, node, ip4, ip6 string }
+	var pods []pod
+	l.eventually("web pods with both addresses on every node", 2*time.Minute, func() (bool, string) {
+		pods = nil
+		nodes := map[string]bool{}
+		for _, p := range l.webPods() {
+			ips := strings.Fields(l.kubectl("get", "pod", p.Name, "-o", "jsonpath={.status.podIPs[*].ip}"))
+			if len(ips) != 2 {
+				return false, fmt.Sprintf("%s: podIPs %v", p.Name, ips)
+			}
+			a4, err4 := netip.ParseAddr(ips[0])
+			a6, err6 := netip.ParseAddr(ips[1])
+			if err4 != nil || err6 != nil || !a4.Is4() || !a6.Is6() {
+				return false, fmt.Sprintf("%s: podIPs %v", p.Name, ips)
+			}
+			pods = append(pods, pod{p.Name, p.Node, ips[0], ips[1]})
+			nodes[p.Node] = true
+		}
+		return len(nodes) == len(l.nodes), fmt.Sprint(pods)
+	})
+	for _, a := range pods {
+		for _, b := range pods {
+			for _, ip := range []string{b.ip4, b.ip6} {
+				if _, err := l.c.Kubectl(context.Background(), "exec", a.name, "--", "ping", "-c1", "-W2", ip); err != nil {
+					t.Errorf("%s (%s) -> %s (%s) at %s: %v", a.name, a.node, b.name, b.node, ip, err)
+				}
+			}
+		}
+	}
+	svc := l.kubectl("get", "svc", "web6", "-o", "jsonpath={.spec.clusterIP}")
+	if !strings.Contains(svc, ":") {
+		t.Fatalf("Service web6 has ClusterIP %q, want an IPv6 one", svc)
+	}
+	for _, a := range pods {
+		out, err := l.c.Kubectl(context.Background(), "exec", a.name, "--", "sh", "-c", "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 "+svc+" 80")
+		if err != nil || !strings.Contains(out, "200 OK") {
+			t.Errorf("%s -> IPv6 ClusterIP [%s]:80 = %q, %v", a.name, svc, out, err)
+		}
+	}
+}
