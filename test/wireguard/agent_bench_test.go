@@ -2,17 +2,28 @@ package wireguard_test
 
 import (
 	"context"
+	"fmt"
+	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/netagent/netagent/pkg/lab"
 	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/netipx"
+	"github.com/netagent/netagent/pkg/wireguard/device"
 	"github.com/netagent/netagent/test/labtest"
 	"github.com/netagent/netagent/test/netns"
+	"github.com/netagent/netagent/test/testbin"
 )
 
 // The benchmarks here run the wireguard backend as users get it: a lab of real agents
@@ -24,7 +35,7 @@ func wgLabLogs(l *lab.Lab, n *lab.Node) []string {
 }
 
 // BenchmarkAgentThroughput: pod to pod across two nodes of a wireguard lab (one iperf3
-// TCP stream), against a bare upstream wireguard-go tunnel between the same two node
+// TCP stream), and node to node through the same devices, against a bare upstream wireguard-go tunnel between the same two node
 // namespaces over the same underlay (the floor for the userspace implementation) and the
 // plain underlay, 5 interleaved rounds of 2 s.
 //
@@ -35,11 +46,15 @@ func BenchmarkAgentThroughput(b *testing.B) {
 	p1, p2 := l.PodNS(n1.Pods[0]), l.PodNS(n2.Pods[0])
 	pingUntil(b, p1, n2.Pods[0].IP)
 	bare := bareTunnel(b, tunnelEnd{l.NodeNS(n1), n1.IP}, tunnelEnd{l.NodeNS(n2), n2.IP})
+	// node2's bridge address (the first of its pod subnet): node to node through the
+	// agents' devices, without the pods' veth and bridge legs.
+	gw := netip.PrefixFrom(n2.Pods[0].IP, 24).Masked().Addr().Next()
 	throughput(b, []iperfPath{
 		{"underlay", l.NodeNS(n1), l.NodeNS(n2), n2.IP.String()},
 		{"bare-wireguard-go", l.NodeNS(n1), l.NodeNS(n2), bare},
 		{"agent-pods", p1, p2, n2.Pods[0].IP.String()},
-	}, []ratio{{"pods/bare", 2, 1}, {"pods/underlay", 2, 0}, {"bare/underlay", 1, 0}})
+		{"agent-nodes", l.NodeNS(n1), l.NodeNS(n2), gw.String()},
+	}, []ratio{{"pods/bare", 2, 1}, {"nodes/bare", 3, 1}, {"pods/underlay", 2, 0}, {"bare/underlay", 1, 0}})
 }
 
 // BenchmarkAgentJoin: node3 of a 3-node wireguard lab leaves (its agent killed, `netagent
@@ -73,7 +88,7 @@ func BenchmarkAgentJoin(b *testing.B) {
 		}
 		return len(d.Peers)
 	}
-	var join, start time.Duration
+	var join, start, added, worst time.Duration
 	for range b.N {
 		if err := l.StopAgent(n3, true); err != nil {
 			b.Fatal(err)
@@ -127,11 +142,165 @@ func BenchmarkAgentJoin(b *testing.B) {
 			p.finish()
 		}
 		join += last.Sub(leased)
+		worst = max(worst, last.Sub(leased))
 		start += leased.Sub(t0)
+		// When the slower of node1 and node2 had node3's peer on its device (their
+		// agents' log, millisecond stamps): the watch, the plan and the Set.
+		var in time.Time
+		for _, n := range []*lab.Node{n1, n2} {
+			at := lastLogTime(b, filepath.Join(n.Dir, "agent.log"), `msg="wireguard device reconciled"`, n3.Name)
+			if at.After(in) {
+				in = at
+			}
+		}
+		added += in.Sub(leased)
+		b.Logf("lease to node3's peer set on node1 and node2 %v, to flow both ways on every node %v", in.Sub(leased).Round(time.Millisecond), last.Sub(leased).Round(time.Millisecond))
 		if err := l.WaitConverged(ctx, 10*time.Second); err != nil {
 			b.Fatal(err)
 		}
 	}
 	b.ReportMetric(float64(join.Microseconds())/1000/float64(b.N), "ms/lease-to-flow")
+	b.ReportMetric(float64(worst.Microseconds())/1000, "ms/lease-to-flow-max")
+	b.ReportMetric(float64(added.Microseconds())/1000/float64(b.N), "ms/lease-to-peer-set")
 	b.ReportMetric(float64(start.Microseconds())/1000/float64(b.N), "ms/start-to-lease")
+}
+
+// lastLogTime is the time= stamp of the last line of an agent's log holding both strings.
+func lastLogTime(b *testing.B, file, a, c string) time.Time {
+	b.Helper()
+	data, err := os.ReadFile(file)
+	if err != nil {
+		b.Fatal(err)
+	}
+	lines := strings.Split(string(data), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if f := strings.Fields(lines[i]); len(f) > 0 && strings.Contains(lines[i], a) && strings.Contains(lines[i], c) {
+			at, err := time.Parse(time.RFC3339Nano, strings.TrimPrefix(f[0], "time="))
+			if err != nil {
+				b.Fatalf("%s: %v", file, err)
+			}
+			return at
+		}
+	}
+	b.Fatalf("%s: no line with %s and %s", file, a, c)
+	return time.Time{}
+}
+
+// BenchmarkAgentPeers: one agent of a wireguard lab starts with 1,000 synthetic peer
+// leases (WireGuard keys, endpoints nobody answers on) in etcd; reported is the time from
+// its start to all 1,000 peers on its device and their routes in the kernel, next to the
+// same 1,000 peers written to a fresh upstream wireguard-go device in one wgctrl request
+// (the floor: no store, plan, diff or routes) in the same run.
+//
+//	go test -run '^$' -bench AgentPeers -benchtime 3x ./test/wireguard
+func BenchmarkAgentPeers(b *testing.B) {
+	const peers = 1000
+	l := labtest.Up(b, lab.Options{Backend: "wireguard", Nodes: 1, Network: "10.0.0.0/8", LeaseTTL: 30 * time.Second}, wgLabLogs)
+	n := l.Nodes[0]
+	ctx := context.Background()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{l.EtcdEndpoint()}, DialTimeout: 5 * time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { cli.Close() })
+	grant, err := cli.Grant(ctx, 3600)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var cfgs []wgtypes.PeerConfig
+	for i := range peers {
+		k, err := wgtypes.GeneratePrivateKey()
+		if err != nil {
+			b.Fatal(err)
+		}
+		p := lease.Lease{
+			Node:        fmt.Sprintf("synthetic-%04d", i),
+			Subnet:      netip.MustParsePrefix(fmt.Sprintf("10.%d.%d.0/24", 200+i/256, i%256)),
+			PublicIP:    netip.MustParseAddr(fmt.Sprintf("198.18.%d.%d", i/250, 1+i%250)), // as test/cluster's scale benchmark
+			Backend:     "wireguard",
+			WGPublicKey: k.PublicKey().String(),
+			WGPort:      51820,
+		}
+		if _, err := cli.Put(ctx, "/netagent/subnets/"+lease.SubnetKey(p.Subnet), string(p.Encode()), clientv3.WithLease(grant.ID)); err != nil {
+			b.Fatal(err)
+		}
+		cfgs = append(cfgs, wgtypes.PeerConfig{PublicKey: k.PublicKey(), Endpoint: &net.UDPAddr{IP: p.PublicIP.AsSlice(), Port: 51820},
+			ReplaceAllowedIPs: true, AllowedIPs: []net.IPNet{*netipx.IPNet(p.Subnet)}})
+	}
+	wg, err := wgctrl.New()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { wg.Close() })
+	h, err := l.NodeNS(n).Handle()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(h.Close)
+	programmed := func() bool {
+		d, err := wg.Device(l.WGDevice(n))
+		if err != nil || len(d.Peers) < peers {
+			return false
+		}
+		rs, err := h.RouteListFiltered(unix.AF_INET, &netlink.Route{Protocol: rtProto, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+		return err == nil && len(rs) >= peers
+	}
+	var agent, raw time.Duration
+	for range b.N {
+		if err := l.StopAgent(n, false); err != nil {
+			b.Fatal(err)
+		}
+		// The device goes with its peers, so the agent programs them all again (its
+		// daemon, started anew, is part of the cold start, as on a node's first boot).
+		l.NodeNS(n).MustRun(b, "ip", "link", "del", l.WGDevice(n))
+		t0 := time.Now()
+		if err := l.StartAgent(n); err != nil {
+			b.Fatal(err)
+		}
+		for !programmed() {
+			if time.Since(t0) > 2*time.Minute {
+				b.Fatal("1,000 peers not programmed within 2 minutes")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		agent += time.Since(t0)
+		raw += rawPeers(b, cfgs)
+	}
+	b.ReportMetric(float64(agent.Milliseconds())/float64(b.N), "ms/agent-1000")
+	b.ReportMetric(float64(raw.Milliseconds())/float64(b.N), "ms/raw-1000")
+	b.ReportMetric(float64(agent)/float64(raw), "agent/raw")
+}
+
+// rawPeers starts upstream wireguard-go in a scratch namespace and times one wgctrl request
+// adding cfgs to it.
+func rawPeers(b *testing.B, cfgs []wgtypes.PeerConfig) time.Duration {
+	b.Helper()
+	ns := netns.New(b, "wgraw")
+	bin := testbin.Build(b, "golang.zx2c4.com/wireguard", "wireguard-go")
+	devSeq++
+	dev := fmt.Sprintf("rwg%d-%d", os.Getpid()%1000000, devSeq)
+	b.Cleanup(func() { _ = os.Remove(device.SocketPath(dev)) })
+	cmd := ns.Command(context.Background(), bin, "-f", dev)
+	cmd.Env = append(os.Environ(), "LOG_LEVEL=error")
+	if err := ns.Start(cmd); err != nil {
+		b.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); !device.SocketLive(dev); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			b.Fatalf("wireguard-go %s did not start", dev)
+		}
+	}
+	ns.MustRun(b, "ip", "link", "set", dev, "up")
+	wg, err := wgctrl.New()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer wg.Close()
+	k, _ := wgtypes.GeneratePrivateKey()
+	p := port + 2
+	t0 := time.Now()
+	if err := wg.ConfigureDevice(dev, wgtypes.Config{PrivateKey: &k, ListenPort: &p, Peers: cfgs}); err != nil {
+		b.Fatal(err)
+	}
+	return time.Since(t0)
 }
