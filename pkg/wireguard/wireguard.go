@@ -79,7 +79,10 @@ type Reconciler struct {
 	Log    *slog.Logger
 
 	// mu serialises Set, Drifted and the follow-up checks (which run on a timer's
-	// goroutine), so that no pass reads a kick's transient keepalive as drift.
+	// goroutine), so that one never re-creates a peer another is reading or writing.
+	// Client itself may be shared (the dataplane's status reads): wgctrl's userspace
+	// client dials the socket per call, and its kernel one shares a generic netlink
+	// connection that serialises requests.
 	mu      sync.Mutex
 	last    Config                    // what the last Set applied: follow-ups re-create peers from it
 	pending map[wgtypes.Key]*followUp // peers whose first handshake is not seen yet
@@ -255,9 +258,10 @@ func (r *Reconciler) logger() *slog.Logger {
 // by a second entry for the peer later in the same request: switching the keepalive on
 // makes WireGuard (wireguard-go and the kernel alike, each entry applied in order) send a
 // keepalive at once, so we start the handshake with a new peer (or a peer's new key)
-// instead of waiting for traffic from our side. Without it, a peer that
-// rotated its key and sends first has its handshakes dropped until we learn the new key,
-// and then retries only after REKEY_TIMEOUT (5 s): TestKeyRotation measured a 5.1 s gap.
+// instead of waiting for traffic from our side. Without it, a peer that rotated its key
+// and sends first has its handshakes dropped until we learn the new key, and then retries
+// only after REKEY_TIMEOUT (5 s): TestKeyRotation measured a 5.1 s gap. On a peer with a
+// session a kick sends a keepalive, not a handshake.
 //
 // Only the side with the smaller public key kicks (leads). Both sides of a pair usually
 // learn of each other within milliseconds (the same lease event); had both kicked, their
