@@ -114,6 +114,9 @@ func (w *wgState) reconciler(dev *plan.WGDevice) (*wireguard.Reconciler, error) 
 			External: bin == device.External}
 	}
 	w.log.Info("wireguard implementation", "dev", dev.Name, "impl", impl.Kind, "why", impl.Reason, "created", created)
+	if w.rec != nil {
+		w.rec.Stop() // the device it followed up on was renamed
+	}
 	w.impl, w.name = impl, dev.Name
 	w.rec = &wireguard.Reconciler{Client: w.client, Links: w.h, Device: ens, Log: w.log}
 	return w.rec, nil
@@ -334,6 +337,9 @@ func (w *wgState) prune(ctx context.Context) (wireguard.Changes, error) {
 		if err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if w.rec != nil {
+		w.rec.Stop()
 	}
 	w.rec, w.name, w.impl = nil, "", device.Impl{}
 	if w.guard == nil {

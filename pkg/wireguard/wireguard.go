@@ -323,6 +323,16 @@ func (r *Reconciler) follow(cur *wgtypes.Device, lead, follow []wgtypes.Key) {
 	r.arm(now)
 }
 
+// Stop ends the follow-ups (the device is being removed, or the reconciler replaced).
+func (r *Reconciler) Stop() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	clear(r.pending)
+	if r.timer != nil {
+		r.timer.Stop()
+	}
+}
+
 // arm sets the timer for the earliest follow-up due. Called with mu held.
 func (r *Reconciler) arm(now time.Time) {
 	var next time.Time
@@ -356,8 +366,8 @@ func (r *Reconciler) followUp() {
 	}
 	d, err := r.Client.Device(name)
 	if err != nil {
-		// The next pass recreates the device and its peers, and follows them up anew.
-		r.logger().Warn("wireguard handshake follow-up: read device", "dev", name, "err", err)
+		// The device is gone: the pass that recreates it follows its peers anew.
+		r.logger().Debug("wireguard handshake follow-up: read device", "dev", name, "err", err)
 		clear(r.pending)
 		return
 	}
