@@ -47,13 +47,7 @@ func TestSetTransitions(t *testing.T) {
 	n.MustRun(t, "ip", "link", "add", "eth0", "type", "bridge")
 	n.MustRun(t, "ip", "addr", "add", "192.0.2.11/24", "dev", "eth0")
 	n.MustRun(t, "ip", "link", "set", "eth0", "up")
-	var d *Linux
-	if err := n.Do(func() (err error) {
-		d, err = New(slog.New(slog.NewTextHandler(t.Output(), nil)), nsIPTables{n})
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	d := newIn(t, n)
 	ctx := t.Context()
 	cfg, err := config.Parse([]byte(`{"network":"10.244.0.0/16","backend":{"type":"hybrid"}}`))
 	if err != nil {
@@ -135,13 +129,7 @@ func TestUnderlayTentative6(t *testing.T) {
 	n.MustRun(t, "ip", "link", "set", "eth1", "up")
 	n.MustRun(t, "ip", "link", "set", "eth0", "up")
 	n.MustRun(t, "ip", "addr", "add", "2001:db8:1::11/64", "dev", "eth0")
-	var d *Linux
-	if err := n.Do(func() (err error) {
-		d, err = New(slog.New(slog.NewTextHandler(t.Output(), nil)), nsIPTables{n})
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	d := newIn(t, n)
 	tentative := func() bool {
 		return strings.Contains(n.MustRun(t, "ip", "-6", "addr", "show", "dev", "eth0", "tentative"), "2001:db8:1::11")
 	}
@@ -170,4 +158,17 @@ func TestUnderlayTentative6(t *testing.T) {
 	if _, err := d.Underlay("eth0", netip.Addr{}); err == nil {
 		t.Error("Underlay() of an interface without addresses: no error")
 	}
+}
+
+// newIn is a dataplane of namespace n, logging to the test.
+func newIn(t *testing.T, n *netns.NS) *Linux {
+	t.Helper()
+	var d *Linux
+	if err := n.Do(func() (err error) {
+		d, err = New(slog.New(slog.NewTextHandler(t.Output(), nil)), nsIPTables{n})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return d
 }

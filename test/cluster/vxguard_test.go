@@ -314,17 +314,7 @@ func TestVXLANSpoofedPeer(t *testing.T) {
 		before, dropped := got.Load(), metricValue(t, l, n1, "netagent_vxlan_dropped_packets_total")
 		sendUDP(t, ns, victim.IP.String()+":9999", 20)
 		time.Sleep(200 * time.Millisecond)
-		n := got.Load() - before
-		d := metricValue(t, l, n1, "netagent_vxlan_dropped_packets_total") - dropped
-		t.Logf("%s: %d of 20 delivered, %v dropped by the allow-list", name, n, d)
-		switch {
-		case want && n == 0:
-			t.Errorf("%s: nothing delivered, want it to pass (the documented limit)", name)
-		case !want && n != 0:
-			t.Errorf("%s: %d of 20 injected datagrams delivered to the pod", name, n)
-		case !want && d < 20:
-			t.Errorf("%s: dropped-packets metric grew by %v, want >= 20", name, d)
-		}
+		judgeInjection(t, name, want, got.Load()-before, metricValue(t, l, n1, "netagent_vxlan_dropped_packets_total")-dropped)
 	}
 
 	// 1. Same L2, node2's address, its own MAC.
@@ -382,17 +372,7 @@ func TestVXLANAllowListIPv6Underlay(t *testing.T) {
 		before, dropped := got.Load(), metricValue(t, l, n1, "netagent_vxlan_dropped_packets_total")
 		sendUDP(t, ns, target, 20)
 		time.Sleep(200 * time.Millisecond)
-		n := got.Load() - before
-		d := metricValue(t, l, n1, "netagent_vxlan_dropped_packets_total") - dropped
-		t.Logf("%s: %d of 20 delivered, %v dropped by the allow-list", name, n, d)
-		switch {
-		case want && n == 0:
-			t.Errorf("%s: nothing delivered, want it to pass", name)
-		case !want && n != 0:
-			t.Errorf("%s: %d of 20 injected datagrams delivered to the pod", name, n)
-		case !want && d < 20:
-			t.Errorf("%s: dropped-packets metric grew by %v, want >= 20", name, d)
-		}
+		judgeInjection(t, name, want, got.Load()-before, metricValue(t, l, n1, "netagent_vxlan_dropped_packets_total")-dropped)
 	}
 
 	// A neighbour on the underlay with an address of no node.
@@ -435,5 +415,20 @@ func TestVXLANAllowListIPv6Underlay(t *testing.T) {
 		if err := lab.Ping(l.PodNS(n.Pods[0]), victim.IP6.String()); err != nil {
 			t.Errorf("pod on %s -> pod on node1: %v", n.Name, err)
 		}
+	}
+}
+
+// judgeInjection checks 20 injected VXLAN datagrams: n delivered to the pod, d counted as
+// dropped by the allow-list; want says they should pass (the documented limit).
+func judgeInjection[N int32 | int64 | uint32 | uint64](t *testing.T, name string, want bool, n N, d float64) {
+	t.Helper()
+	t.Logf("%s: %d of 20 delivered, %v dropped by the allow-list", name, n, d)
+	switch {
+	case want && n == 0:
+		t.Errorf("%s: nothing delivered, want it to pass (the documented limit)", name)
+	case !want && n != 0:
+		t.Errorf("%s: %d of 20 injected datagrams delivered to the pod", name, n)
+	case !want && d < 20:
+		t.Errorf("%s: dropped-packets metric grew by %v, want >= 20", name, d)
 	}
 }
