@@ -156,14 +156,13 @@ func NewPlanner(in Input) (*Planner, Plan) {
 	for _, l := range in.Peers {
 		if l.Node != in.Self.Node {
 			e := enabled(in.Config, l)
-			if old, ok := p.peers[l.Node]; ok && sendsVXLAN(in.Self.Node, old.Lease) {
-				p.senders--
-			}
 			p.peers[l.Node] = e
 			p.addClaim(e)
-			if sendsVXLAN(in.Self.Node, l) {
-				p.senders++
-			}
+		}
+	}
+	for _, l := range p.peers { // once per node, whatever in.Peers repeats
+		if sendsVXLAN(in.Self.Node, l.Lease) {
+			p.senders++
 		}
 	}
 	for _, v := range full.Peers {
