@@ -1,12 +1,14 @@
 package dataplane
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
@@ -133,4 +135,98 @@ func TestWireGuardPrune(t *testing.T) {
 			n.MustRun(t, "ip", "link", "show", dev)
 		})
 	}
+}
+
+// TestDeltaWithoutVXLAN: on a node whose plan has no VXLAN device (host-gw, wireguard), a
+// lease event is applied as the delta it is: the new peer's route (and WireGuard peer) in
+// one step, not refused as stale. It was refused because the VXLAN mirror, with no device
+// to mirror, never became valid: every lease event became a full pass, which on a
+// wireguard node re-read the device and set its peer again before adding the route.
+func TestDeltaWithoutVXLAN(t *testing.T) {
+	netns.RequireRoot(t)
+	bin := testbin.Build(t, "./cmd/netagent-wireguard", "netagent-wireguard")
+	t.Cleanup(testbin.Cleanup)
+	for i, backend := range []string{"host-gw", "wireguard"} {
+		t.Run(backend, func(t *testing.T) {
+			dev := fmt.Sprintf("nadd%d-%d", os.Getpid()%100000, i)
+			t.Cleanup(func() { _ = os.Remove(device.SocketPath(dev)) })
+			n := netns.New(t, "dpdelta")
+			n.MustRun(t, "ip", "link", "add", "eth0", "type", "bridge")
+			n.MustRun(t, "ip", "addr", "add", "192.0.2.11/24", "dev", "eth0")
+			n.MustRun(t, "ip", "link", "set", "eth0", "up")
+			// The daemon outlives the test (it goes with the namespace) and logs its exit:
+			// the log goes to a buffer, shown if the test failed.
+			var logs lockedBuffer
+			t.Cleanup(func() {
+				if t.Failed() {
+					t.Log(logs.String())
+				}
+			})
+			var d *Linux
+			if err := n.Do(func() (err error) {
+				d, err = New(slog.New(slog.NewTextHandler(&logs, nil)), nsIPTables{n})
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			d.UseWireGuard(WireGuardOptions{KeyDir: t.TempDir(), Impl: "userspace", Daemon: bin, Device: dev})
+			cfg, err := config.Parse([]byte(`{"network":"10.244.0.0/16","backend":{"type":"` + backend + `"}}`))
+			if err != nil {
+				t.Fatal(err)
+			}
+			leaseOf := func(node, subnet, ip string) lease.Lease {
+				l := peer(node, subnet, ip)
+				if backend == "wireguard" {
+					k, err := wgtypes.GeneratePrivateKey()
+					if err != nil {
+						t.Fatal(err)
+					}
+					l.WGPublicKey, l.WGPort, l.VTEPMAC = k.PublicKey().String(), 51820, ""
+				}
+				return l
+			}
+			set := func(p plan.Plan) error {
+				var setErr error
+				err := n.Do(func() error { _, setErr = d.Set(t.Context(), p); return nil })
+				return errors.Join(err, setErr)
+			}
+			planner, full := plan.NewPlanner(plan.Input{Config: cfg, Self: peer("n1", "10.244.1.0/24", "192.0.2.11"), WGDev: dev,
+				Underlay: plan.Underlay{Dev: "eth0", MTU: 1500, Connected: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}},
+				Peers:    []lease.Lease{leaseOf("n2", "10.244.2.0/24", "192.0.2.12")}})
+			if full.VXLAN != nil {
+				t.Fatalf("%s plan with a VXLAN device", backend)
+			}
+			if err := set(full); err != nil {
+				t.Fatalf("full plan: %v", err)
+			}
+			next := planner.Update([]lease.Lease{leaseOf("n3", "10.244.3.0/24", "192.0.2.13")})
+			if next.Delta == nil || len(next.Delta.Routes) != 1 {
+				t.Fatalf("n3's lease: plan %+v, want a delta with its route", next.Delta)
+			}
+			if err := set(next); err != nil {
+				t.Fatalf("n3's lease as a delta: %v", err)
+			}
+			if got := n.MustRun(t, "ip", "route", "show", "proto", "180"); !strings.Contains(got, "10.244.3.0/24") {
+				t.Errorf("n3's lease as a delta: no route to its subnet:\n%s", got)
+			}
+		})
+	}
+}
+
+// lockedBuffer is a log destination that stays valid after its test ended.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
