@@ -60,6 +60,9 @@ func (f *Fake) Prepare(_ context.Context, n plan.NAT) {
 	f.mu.Unlock()
 }
 
+// PrepareWireGuard does nothing: the fake's WireGuard device is its plan's, made by Set.
+func (f *Fake) PrepareWireGuard(context.Context, *plan.WGDevice) {}
+
 // Fail makes the next len(errs) Sets fail with errs, in order, changing nothing.
 func (f *Fake) Fail(errs ...error) {
 	f.mu.Lock()

@@ -172,6 +172,32 @@ func (w *wgState) key(dev string, rotate bool) (string, error) {
 	return k.PublicKey().String(), nil
 }
 
+// PrepareWireGuard makes the node's WireGuard device exist (for a userspace one: starts
+// its daemon and waits for it), ahead of the first Set: a new node's daemon takes a few
+// hundred milliseconds to come up, which would otherwise follow the lease, the peers' list
+// and the plan, while the peers already send it handshakes. Nothing else is set here (no
+// key, port or peers: an existing device keeps its peers, so a restart stays hitless);
+// Set serialises with it and finds the device there. The agent runs it on a goroutine of
+// its own; the daemon starts in the caller's network namespace.
+func (d *Linux) PrepareWireGuard(ctx context.Context, dev *plan.WGDevice) {
+	if d.wg == nil || dev == nil {
+		return
+	}
+	d.wg.prepare(ctx, *dev)
+}
+
+func (w *wgState) prepare(ctx context.Context, dev plan.WGDevice) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	rec, err := w.reconciler(&dev)
+	if err == nil {
+		_, err = rec.Device.Ensure(ctx)
+	}
+	if err != nil && ctx.Err() == nil {
+		w.log.Warn("wireguard device not made ahead of the first pass (the pass makes it)", "dev", dev.Name, "err", err)
+	}
+}
+
 // DaemonBinary is netagent-wireguard next to the running executable, else on PATH.
 func DaemonBinary() string {
 	if exe, err := os.Executable(); err == nil {

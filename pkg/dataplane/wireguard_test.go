@@ -7,10 +7,12 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 
+	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/netagent/netagent/pkg/config"
@@ -149,27 +151,8 @@ func TestDeltaWithoutVXLAN(t *testing.T) {
 	for i, backend := range []string{"host-gw", "wireguard"} {
 		t.Run(backend, func(t *testing.T) {
 			dev := fmt.Sprintf("nadd%d-%d", os.Getpid()%100000, i)
-			t.Cleanup(func() { _ = os.Remove(device.SocketPath(dev)) })
-			n := netns.New(t, "dpdelta")
-			n.MustRun(t, "ip", "link", "add", "eth0", "type", "bridge")
-			n.MustRun(t, "ip", "addr", "add", "192.0.2.11/24", "dev", "eth0")
-			n.MustRun(t, "ip", "link", "set", "eth0", "up")
-			// The daemon outlives the test (it goes with the namespace) and logs its exit:
-			// the log goes to a buffer, shown if the test failed.
-			var logs lockedBuffer
-			t.Cleanup(func() {
-				if t.Failed() {
-					t.Log(logs.String())
-				}
-			})
-			var d *Linux
-			if err := n.Do(func() (err error) {
-				d, err = New(slog.New(slog.NewTextHandler(&logs, nil)), nsIPTables{n})
-				return err
-			}); err != nil {
-				t.Fatal(err)
-			}
-			d.UseWireGuard(WireGuardOptions{KeyDir: t.TempDir(), Impl: "userspace", Daemon: bin, Device: dev})
+			n, open, _ := wgNode(t, "dpdelta", WireGuardOptions{KeyDir: t.TempDir(), Impl: "userspace", Daemon: bin, Device: dev})
+			d := open()
 			cfg, err := config.Parse([]byte(`{"network":"10.244.0.0/16","backend":{"type":"` + backend + `"}}`))
 			if err != nil {
 				t.Fatal(err)
@@ -213,6 +196,38 @@ func TestDeltaWithoutVXLAN(t *testing.T) {
 	}
 }
 
+// wgNode is a namespace with an underlay (eth0, 192.0.2.11/24) and a function making a
+// dataplane in it with WireGuard options o (one per call: a restart). The daemon outlives
+// the test (it goes with the namespace) and logs its exit, so the dataplanes log to a
+// buffer, shown if the test failed.
+func wgNode(t *testing.T, name string, o WireGuardOptions) (*netns.NS, func() *Linux, *lockedBuffer) {
+	t.Helper()
+	t.Cleanup(func() { _ = os.Remove(device.SocketPath(o.Device)) }) // after the namespace
+	n := netns.New(t, name)
+	n.MustRun(t, "ip", "link", "add", "eth0", "type", "bridge")
+	n.MustRun(t, "ip", "addr", "add", "192.0.2.11/24", "dev", "eth0")
+	n.MustRun(t, "ip", "link", "set", "eth0", "up")
+	logs := &lockedBuffer{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Log(logs.String())
+		}
+	})
+	open := func() *Linux {
+		t.Helper()
+		var d *Linux
+		if err := n.Do(func() (err error) {
+			d, err = New(slog.New(slog.NewTextHandler(logs, nil)), nsIPTables{n})
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		d.UseWireGuard(o)
+		return d
+	}
+	return n, open, logs
+}
+
 // lockedBuffer is a log destination that stays valid after its test ended.
 type lockedBuffer struct {
 	mu sync.Mutex
@@ -229,4 +244,69 @@ func (l *lockedBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
+}
+
+// TestPrepareWireGuard: the device made ahead of the first Set (a new node's daemon
+// started while its lease is acquired) is the one that Set then configures, not a second
+// daemon; and on a restart, preparing an existing device leaves its peers alone.
+func TestPrepareWireGuard(t *testing.T) {
+	netns.RequireRoot(t)
+	bin := testbin.Build(t, "./cmd/netagent-wireguard", "netagent-wireguard")
+	t.Cleanup(testbin.Cleanup)
+	dev := fmt.Sprintf("naprep%d", os.Getpid()%100000)
+	n, open, logs := wgNode(t, "dpprep", WireGuardOptions{KeyDir: t.TempDir(), Impl: "userspace", Daemon: bin, Device: dev})
+	cfg, err := config.Parse([]byte(`{"network":"10.244.0.0/16","backend":{"type":"wireguard"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2 := peer("n2", "10.244.2.0/24", "192.0.2.12")
+	p2.WGPublicKey, p2.WGPort, p2.VTEPMAC = k.PublicKey().String(), 51820, ""
+	in := plan.Input{Config: cfg, Self: peer("n1", "10.244.1.0/24", "192.0.2.11"), WGDev: dev,
+		Underlay: plan.Underlay{Dev: "eth0", MTU: 1500, Connected: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}}}
+	early := plan.Build(plan.Input{Config: in.Config, WGDev: dev, Underlay: in.Underlay}) // no lease yet
+	prepare := func(d *Linux) {
+		t.Helper()
+		if err := n.Do(func() error { d.PrepareWireGuard(t.Context(), early.WireGuard); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if !device.SocketLive(dev) {
+			t.Fatalf("no daemon answers on %s after PrepareWireGuard", device.SocketPath(dev))
+		}
+	}
+	wg, err := wgctrl.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { wg.Close() })
+	peers := func() string {
+		got, err := wg.Device(dev)
+		if err != nil {
+			return err.Error()
+		}
+		return fmt.Sprint(got.Peers)
+	}
+
+	d := open()
+	prepare(d)
+	in.Peers = []lease.Lease{p2}
+	var st Stats
+	if err := n.Do(func() (err error) { st, err = d.Set(t.Context(), plan.Build(in)); return err }); err != nil {
+		t.Fatalf("first Set: %v", err)
+	}
+	if st.WireGuard.Created || !slices.Contains(st.WireGuard.Added, "n2") {
+		t.Errorf("first Set after PrepareWireGuard: %s; want n2 added to the prepared device, none created", st.WireGuard)
+	}
+	if got := strings.Count(logs.String(), `msg="wireguard daemon started"`); got != 1 {
+		t.Errorf("%d daemons started, want 1", got)
+	}
+	// A restart: the device and its peer exist; preparing them changes nothing.
+	d = open()
+	prepare(d)
+	if got := peers(); !strings.Contains(got, k.PublicKey().String()) {
+		t.Errorf("after a restart's PrepareWireGuard, peers %q; want n2's kept", got)
+	}
 }
