@@ -332,10 +332,11 @@ func (n Network) validateRest() error {
 	default:
 		return fieldErr("backend.type", "%q is not one of host-gw, vxlan, hybrid, wireguard", n.Backend.Type)
 	}
-	if n.Backend.Type == WireGuard && n.HasV6() {
-		// Until it carries IPv6 (allowed IPs, routes and the unencrypted-traffic guard per
-		// family), a dual-stack wireguard cluster would leave IPv6 pods silently unrouted.
-		return fieldErr("ipv6Network", "the wireguard backend carries IPv4 pod traffic only so far; use vxlan, hybrid or host-gw for IPv6 and dual stack")
+	if n.Backend.Type == WireGuard && n.HasV6() && !n.Masquerade6() {
+		// The backend drops unencrypted packets for the pod network arriving on the underlay
+		// (its guard against injection), and those are what un-masqueraded pods' replies
+		// from the outside are: they would never arrive.
+		return fieldErr("ipv6Masquerade", "false does not work with the wireguard backend, which drops unencrypted packets for the pod network arriving on the underlay (replies to un-masqueraded pods among them)")
 	}
 	if n.Backend.PSKFile != "" && n.Backend.Type != WireGuard {
 		return fieldErr("backend.pskFile", "applies to the wireguard backend only")

@@ -70,6 +70,49 @@ func TestPeersRejects(t *testing.T) {
 	}
 }
 
+// Dual-stack and IPv6-only clusters: a peer's allowed IPs are its subnets of both
+// families, each checked against the pod network of its family and this node's subnets.
+func TestPeersIPv6(t *testing.T) {
+	dual := Self{PublicKey: genKey(t).PublicKey(), Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.244.1.0/24"),
+		Network6: netip.MustParsePrefix("fd00::/48"), Subnet6: netip.MustParsePrefix("fd00:0:0:1::/64")}
+	v6only := dual
+	v6only.Network, v6only.Subnet = netip.Prefix{}, netip.Prefix{}
+	k2, k3 := genKey(t).PublicKey(), genKey(t).PublicKey()
+	p := func(node string, k wgtypes.Key, ep string, ips ...string) PeerSpec {
+		return PeerSpec{Node: node, PublicKey: k.String(), Endpoint: ep, AllowedIPs: ips}
+	}
+	tests := []struct {
+		name    string
+		self    Self
+		specs   []PeerSpec
+		want    string // the peers kept, as "node endpoint allowed,..." lines
+		wantErr string
+	}{
+		{"dual, IPv4 endpoint", dual, []PeerSpec{p("n2", k2, "192.0.2.2:51820", "fd00:0:0:2::/64", "10.244.2.0/24")}, "n2 192.0.2.2:51820 10.244.2.0/24,fd00:0:0:2::/64", ""},
+		{"IPv6-only, IPv6 endpoint", v6only, []PeerSpec{p("n2", k2, "[2001:db8:1::2]:51820", "fd00:0:0:2::/64")}, "n2 [2001:db8:1::2]:51820 fd00:0:0:2::/64", ""},
+		{"IPv6-only: an IPv4 allowed IP", v6only, []PeerSpec{p("n2", k2, "[2001:db8:1::2]:51820", "fd00:0:0:2::/64", "10.244.2.0/24")}, "", "has none of its family"},
+		{"IPv6 own subnet", dual, []PeerSpec{p("n2", k2, "192.0.2.2:51820", "10.244.2.0/24", "fd00:0:0:1::/64")}, "", "overlaps this node's subnet fd00:0:0:1::/64"},
+		{"IPv6 outside", dual, []PeerSpec{p("n2", k2, "192.0.2.2:51820", "10.244.2.0/24", "fd01::/64")}, "", "outside the pod network fd00::/48"},
+		{"IPv6 wider than the network", dual, []PeerSpec{p("n2", k2, "192.0.2.2:51820", "fd00::/40")}, "", "outside the pod network fd00::/48"},
+		{"IPv6 hijack", dual, []PeerSpec{p("n2", k2, "192.0.2.2:51820", "10.244.2.0/24", "fd00:0:0:2::/64"), p("n3", k3, "192.0.2.3:51820", "10.244.3.0/24", "fd00:0:0:2::/80")}, "", "overlapping allowed IPs"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := Peers(tt.self, tt.specs)
+			var lines []string
+			for _, g := range got {
+				lines = append(lines, fmt.Sprintf("%s %s %s", g.Node, g.Endpoint, netipx.Join(g.AllowedIPs)))
+			}
+			if s := strings.Join(lines, "\n"); s != tt.want {
+				t.Errorf("Peers() kept %q, want %q", s, tt.want)
+			}
+			if tt.wantErr == "" && err != nil || tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)) {
+				t.Errorf("Peers() error = %v, want %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
 func TestPeersConflicts(t *testing.T) {
 	self := Self{PublicKey: genKey(t).PublicKey(), Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.244.1.0/24")}
 	k2, k3, k4 := genKey(t).PublicKey(), genKey(t).PublicKey(), genKey(t).PublicKey()
