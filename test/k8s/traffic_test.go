@@ -245,10 +245,14 @@ func (l *lab) podNetns(ctx context.Context, p podInfo) (*netns.NS, error) {
 // take the pods' path (veth, bridge, the node's routes or VXLAN); it sends an 8-byte
 // counter every 10 ms and reads each one back, so a reset, a gap or a stall shows as an
 // error, a wrong counter or a long round trip, and the socket's TCP_INFO counts the
-// client's retransmissions (a lost segment costs at least one).
+// client's retransmissions. Loss is judged by conservation, as for ping: every segment
+// one socket sent (retransmissions and pure ACKs included) must have reached the other,
+// per the two sockets' own counters (TCP_INFO's segs_out and segs_in, the server's read
+// with ss in its pod).
 type tcpFlow struct {
 	a, b     podInfo
 	conn     *net.TCPConn
+	serverNS string // the server pod's network namespace, for ss
 	server   *exec.Cmd
 	serverMu sync.Mutex
 	stop     chan struct{}
@@ -260,7 +264,70 @@ type tcpFlow struct {
 	retrans      uint32   // segments the client sent again
 	dsacks       uint32   // duplicates the server reported: retransmissions of segments that had arrived
 	events       []string // when a retransmission was not (yet) reported as a duplicate
-	err          error
+	// Segment counters of both sockets once the connection was up and quiet (base) and
+	// once every echo was back and quiet again (end).
+	clientBase, serverBase, clientEnd, serverEnd segCount
+	err                                          error
+}
+
+// segCount is one socket's segments sent and received, all kinds.
+type segCount struct{ out, in int64 }
+
+// lost is what left one side and never reached the other, per direction.
+func (f *tcpFlow) lost() (toServer, toClient int64) {
+	return (f.clientEnd.out - f.clientBase.out) - (f.serverEnd.in - f.serverBase.in),
+		(f.serverEnd.out - f.serverBase.out) - (f.clientEnd.in - f.clientBase.in)
+}
+
+// serverSegs reads the server's established socket on tcpFlowPort with ss in its pod
+// (ss leaves a zero counter out).
+func (f *tcpFlow) serverSegs() (segCount, error) {
+	out, err := exec.Command("nsenter", "--net="+f.serverNS, "ss", "-tinH", "state", "established", "sport", "=", ":"+strconv.Itoa(tcpFlowPort)).Output()
+	if err != nil {
+		return segCount{}, fmt.Errorf("ss in %s: %w", f.serverNS, err)
+	}
+	var c segCount
+	found := false
+	for _, field := range strings.Fields(string(out)) {
+		k, v, ok := strings.Cut(field, ":")
+		if !ok {
+			continue
+		}
+		switch k {
+		case "segs_out":
+			c.out, err = strconv.ParseInt(v, 10, 64)
+		case "segs_in":
+			c.in, err = strconv.ParseInt(v, 10, 64)
+		case "rto": // every TCP socket's -i line has one
+			found = true
+		}
+		if err != nil {
+			return segCount{}, fmt.Errorf("ss in %s: %q: %w", f.serverNS, field, err)
+		}
+	}
+	if !found || strings.Count(string(out), "rto:") != 1 {
+		return segCount{}, fmt.Errorf("ss in %s: want one established socket on port %d, got %q", f.serverNS, tcpFlowPort, out)
+	}
+	return c, nil
+}
+
+// clientSegs reads the client socket's counters.
+func (f *tcpFlow) clientSegs() (segCount, error) {
+	info := f.info()
+	if info == nil {
+		return segCount{}, errors.New("no TCP_INFO from the client socket")
+	}
+	return segCount{out: int64(info.Segs_out), in: int64(info.Segs_in)}, nil
+}
+
+// snapshot reads both sockets' counters once nothing is in flight: the connection idle
+// for longer than a delayed ACK waits.
+func (f *tcpFlow) snapshot() (client, server segCount, err error) {
+	time.Sleep(500 * time.Millisecond)
+	if client, err = f.clientSegs(); err == nil {
+		server, err = f.serverSegs()
+	}
+	return client, server, err
 }
 
 const tcpFlowPort = 9000
@@ -294,6 +361,16 @@ func (l *lab) startTCPFlow(ctx context.Context, a, b podInfo) (*tcpFlow, error) 
 	if err != nil {
 		f.kill()
 		return nil, fmt.Errorf("connect from %s to %s: %w", a.Name, addr, err)
+	}
+	bns, err := l.podNetns(ctx, b)
+	if err == nil {
+		f.serverNS = bns.Path
+		f.clientBase, f.serverBase, err = f.snapshot()
+	}
+	if err != nil {
+		f.conn.Close()
+		f.kill()
+		return nil, err
 	}
 	go f.run()
 	return f, nil
@@ -383,6 +460,10 @@ func (f *tcpFlow) finish(readErr chan error, mu *sync.Mutex) {
 	}
 	if info := f.info(); info != nil {
 		f.retrans, f.dsacks = info.Total_retrans, info.Dsack_dups
+	}
+	var err error
+	if f.clientEnd, f.serverEnd, err = f.snapshot(); err != nil {
+		f.err = err
 	}
 	_ = f.conn.CloseWrite()
 	f.conn.Close()
