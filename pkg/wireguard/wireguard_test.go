@@ -413,14 +413,17 @@ func apply(t *testing.T, d *wgtypes.Device, c wgtypes.Config) *wgtypes.Device {
 	return &out
 }
 
-// FuzzPeers feeds hostile store content to Peers: whatever it accepts lies inside the pod
-// network, outside our subnet, and no two accepted peers share a key or a prefix.
+// FuzzPeers feeds hostile store content to Peers (a dual-stack node): whatever it accepts
+// lies inside the pod network of its family, outside our subnets, and no two accepted peers
+// share a key or a prefix.
 func FuzzPeers(f *testing.F) {
 	k1 := "hfBAxUYwzmeCq1NlgUWWzH/kpQtzOGJ743wnbIv2ux4="
 	k2 := "Spia8ZU+XbXttSHgqeN/8JSQ1/Oglww95HHcIvsvUWI="
 	f.Add(k1, "192.0.2.2:51820", "10.244.2.0/24", k2, "192.0.2.3:51820", "10.244.3.0/24")
 	f.Add(k1, "[2001:db8::1]:1", "10.244.0.0/16", k1, "0.0.0.0:0", "0.0.0.0/0")
-	self := Self{Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.244.1.0/24")}
+	f.Add(k1, "[2001:db8::2]:51820", "10.244.2.0/24,fd00:0:0:2::/64", k2, "[2001:db8::3]:51820", "fd00:0:0:2:8000::/65,::/0")
+	self := Self{Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.244.1.0/24"),
+		Network6: netip.MustParsePrefix("fd00::/48"), Subnet6: netip.MustParsePrefix("fd00:0:0:1::/64")}
 	f.Fuzz(func(t *testing.T, key1, ep1, ips1, key2, ep2, ips2 string) {
 		specs := []PeerSpec{
 			{Node: "a", PublicKey: key1, Endpoint: ep1, AllowedIPs: strings.Split(ips1, ",")},
@@ -429,7 +432,8 @@ func FuzzPeers(f *testing.F) {
 		got, _ := Peers(self, specs)
 		for i, p := range got {
 			for _, ip := range p.AllowedIPs {
-				if !self.Network.Contains(ip.Addr()) || ip.Bits() < self.Network.Bits() || ip.Overlaps(self.Subnet) || ip != ip.Masked() {
+				network := self.network(ip.Addr())
+				if !network.Contains(ip.Addr()) || ip.Bits() < network.Bits() || ip.Overlaps(self.Subnet) || ip.Overlaps(self.Subnet6) || ip != ip.Masked() {
 					t.Fatalf("accepted %s for %s", ip, p.Node)
 				}
 				for _, q := range got[i+1:] {

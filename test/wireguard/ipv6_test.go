@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"net/netip"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -112,6 +113,13 @@ func backendIPv6(t *testing.T, w *wgLab, family string, mtu int) {
 			if strings.Count(routes, "dev "+l.WGDevice(n)) != 2 {
 				t.Errorf("%s: IPv6 routes of proto 180, want one through %s per peer:\n%s", n.Name, l.WGDevice(n), routes)
 			}
+		}
+		// What `netagent lab up` reports after the matrix: each node's status, the picture.
+		if out, err := l.Status(n1); err != nil || !strings.Contains(out, "userspace") || !regexp.MustCompile(`node2 .* wireguard +ok +ok +\d+s ago`).MatchString(out) {
+			t.Errorf("netagent status (%v):\n%s", err, out)
+		}
+		if svg, err := l.Picture(); err != nil || !strings.Contains(string(svg), "WireGuard") {
+			t.Errorf("lab picture: %v", err)
 		}
 		_, b, err := l.Get(n1, "/metrics")
 		if err != nil || !strings.Contains(string(b), "netagent_wireguard_peers 2") || !strings.Contains(string(b), `netagent_peers{mode="wireguard"} 2`) {
