@@ -15,6 +15,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/lab"
 	"github.com/netagent/netagent/pkg/netipx"
+	"github.com/netagent/netagent/test/kubeapi"
 	"github.com/netagent/netagent/test/labtest"
 )
 
@@ -25,17 +26,24 @@ import (
 // traffic crosses the underlay only as WireGuard UDP between the nodes, with no byte of its
 // payload in clear; an unencrypted IPv6 packet for the pod network injected on the underlay
 // reaches no pod; a deleted IPv6 route comes back; an agent kill -9 and restart under a
-// 10 ms IPv6 ping loses nothing.
+// 10 ms IPv6 ping loses nothing. The dual-stack lab runs once more with the Kubernetes
+// subnet manager (podCIDRs of both families, the public key in a Node annotation).
 func TestBackendIPv6(t *testing.T) {
 	for _, tc := range []struct {
-		family string
-		mtu    int // the device's and the pods': 1500 less WireGuard over the underlay's family
+		name, family string
+		mtu          int  // the device's and the pods': 1500 less WireGuard over the underlay's family
+		kube         bool // --subnet-manager=kube: podCIDRs of both families, keys in Node annotations
 	}{
-		{"dual", 1500 - 60},
-		{"ipv6", 1500 - 80},
+		{"dual", "dual", 1500 - 60, false},
+		{"ipv6", "ipv6", 1500 - 80, false},
+		{"dual-kube", "dual", 1500 - 60, true},
 	} {
-		t.Run(tc.family, func(t *testing.T) {
-			l := labtest.Up(t, lab.Options{Backend: "wireguard", Nodes: 3, Remote: 1, PodsPerNode: 1, IPFamily: tc.family}, func(l *lab.Lab, n *lab.Node) []string {
+		t.Run(tc.name, func(t *testing.T) {
+			opt := lab.Options{Backend: "wireguard", Nodes: 3, Remote: 1, PodsPerNode: 1, IPFamily: tc.family}
+			if tc.kube {
+				opt.Kube = kubeapi.New()
+			}
+			l := labtest.Up(t, opt, func(l *lab.Lab, n *lab.Node) []string {
 				return []string{"state/netagent-wireguard-" + l.WGDevice(n) + ".log"}
 			})
 			c, err := wgctrl.New()
