@@ -332,12 +332,6 @@ func (n Network) validateRest() error {
 	default:
 		return fieldErr("backend.type", "%q is not one of host-gw, vxlan, hybrid, wireguard", n.Backend.Type)
 	}
-	if n.Backend.Type == WireGuard && n.HasV6() && !n.Masquerade6() {
-		// The backend drops unencrypted packets for the pod network arriving on the underlay
-		// (its guard against injection), and those are what un-masqueraded pods' replies
-		// from the outside are: they would never arrive.
-		return fieldErr("ipv6Masquerade", "false does not work with the wireguard backend, which drops unencrypted packets for the pod network arriving on the underlay (replies to un-masqueraded pods among them)")
-	}
 	if n.Backend.PSKFile != "" && n.Backend.Type != WireGuard {
 		return fieldErr("backend.pskFile", "applies to the wireguard backend only")
 	}

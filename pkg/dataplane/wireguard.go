@@ -325,7 +325,7 @@ func (w *wgState) ensureGuard(dev *plan.WGDevice) error {
 		}
 		w.guard = g
 	}
-	return w.guard.Set(wgguard.Spec{Underlay: dev.Underlay, Network: dev.Network, Network6: dev.Network6})
+	return w.guard.Set(wgguard.Spec{Underlay: dev.Underlay, Network: dev.Network, Network6: dev.Network6, Routable6: dev.Routable6})
 }
 
 // pruneTimeout bounds the wait for a userspace device's daemon to close its socket once

@@ -159,6 +159,10 @@ type WGDevice struct {
 	Network, Network6 netip.Prefix
 	// Subnet and Subnet6 are this node's subnets: no peer may claim them.
 	Subnet, Subnet6 netip.Prefix
+	// Routable6 says IPv6 pods are not masqueraded (config ipv6Masquerade false): replies
+	// from the outside reach them from the underlay, in clear, so the underlay guard drops
+	// only IPv6 packets that claim a pod source.
+	Routable6 bool
 	// PSKFile is the pre-shared key's path on this node (config backend.pskFile); "": none.
 	PSKFile string
 	// Underlay is the device WireGuard's UDP leaves by: unencrypted packets for the pod
@@ -487,15 +491,16 @@ func direct(in Input, l subnetLease) (bool, string) {
 // with the enabled families' subnets only.
 func wgDevice(in Input, self subnetLease, mtu int) *WGDevice {
 	d := &WGDevice{
-		Name:     wgDevName(in),
-		Port:     in.Config.Backend.Port,
-		MTU:      mtu,
-		Network:  in.Config.Network,
-		Network6: in.Config.IPv6Network,
-		Subnet:   self.Subnet,
-		Subnet6:  self.Subnet6,
-		PSKFile:  in.Config.Backend.PSKFile,
-		Underlay: in.Underlay.Dev,
+		Name:      wgDevName(in),
+		Port:      in.Config.Backend.Port,
+		MTU:       mtu,
+		Network:   in.Config.Network,
+		Network6:  in.Config.IPv6Network,
+		Subnet:    self.Subnet,
+		Subnet6:   self.Subnet6,
+		Routable6: in.Config.HasV6() && !in.Config.Masquerade6(),
+		PSKFile:   in.Config.Backend.PSKFile,
+		Underlay:  in.Underlay.Dev,
 	}
 	if self.Subnet.IsValid() {
 		d.Addr = netip.PrefixFrom(self.Subnet.Addr(), 32)

@@ -95,6 +95,9 @@ func render(p Plan) string {
 		if w.Network6.IsValid() {
 			fmt.Fprintf(&b, " addr6 %s network6 %s subnet6 %s", w.Addr6, w.Network6, w.Subnet6)
 		}
+		if w.Routable6 {
+			b.WriteString(" routable6")
+		}
 		fmt.Fprintf(&b, " psk %q underlay %s\n", w.PSKFile, w.Underlay)
 	}
 	for _, w := range p.WGPeers {
@@ -574,6 +577,15 @@ wireguard netagent-wg port 51820 mtu 1440 addr 10.244.1.0/32 network 10.244.0.0/
 wgpeer b key key-b endpoint [2001:db8:1::2]:51820 allowed 10.244.2.0/24,fd00:0:0:2::/64
 pod mtu 1440
 nat 10.244.0.0/16 10.244.1.0/24 final false v6 fd00::/48 fd00:0:0:1::/64 masquerade true
+`},
+		{"IPv6 not masqueraded: routable for the underlay guard", `{"ipv6Network":"fd00::/48","ipv6Masquerade":false,"backend":{"type":"wireguard"}}`, self6, []lease.Lease{
+			wg(mk6("b", "", "fd00:0:0:2::/64", "", "2001:db8:1::2")),
+		}, `route fd00:0:0:2::/64 via invalid IP dev netagent-wg
+peer b wireguard
+wireguard netagent-wg port 51820 mtu 1420 addr invalid Prefix network invalid Prefix subnet invalid Prefix addr6 fd00:0:0:1::/128 network6 fd00::/48 subnet6 fd00:0:0:1::/64 routable6 psk "" underlay eth0
+wgpeer b key key-b endpoint [2001:db8:1::2]:51820 allowed fd00:0:0:2::/64
+pod mtu 1420
+nat invalid Prefix invalid Prefix final false v6 fd00::/48 fd00:0:0:1::/64 masquerade false
 `},
 		{"IPv6-only over an IPv6 underlay", v6only, self6, []lease.Lease{
 			wg(mk6("b", "", "fd00:0:0:2::/64", "", "2001:db8:1::2")),

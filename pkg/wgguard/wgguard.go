@@ -10,6 +10,11 @@
 //	prerouting (priority raw, -300): iifname <underlay> ip daddr <pod network> counter drop
 //	                                 iifname <underlay> ip6 daddr <IPv6 pod network> counter drop
 //
+// Where IPv6 pods are not masqueraded (a routable prefix: outside hosts reach them with
+// their own addresses, in clear, by design), the IPv6 rule drops only what claims to come
+// from the pod network (`ip6 saddr <IPv6 pod network>` too): pods' traffic between nodes
+// still arrives through WireGuard only, and no host on the underlay can pose as a pod.
+//
 // At raw priority the destination is still the one on the wire, before any DNAT: replies
 // to masqueraded pod egress and hostPort traffic are addressed to the node, not the pod
 // network, and pass; decrypted pod traffic arrives on the WireGuard device and passes. The
@@ -47,6 +52,9 @@ type Spec struct {
 	Underlay string       // the underlay device
 	Network  netip.Prefix // the IPv4 pod network (unset: no IPv4 table)
 	Network6 netip.Prefix // the IPv6 pod network (unset: no IPv6 table)
+	// Routable6 says IPv6 pods are not masqueraded, so replies from the outside reach them
+	// from the underlay: only packets from the IPv6 pod network are dropped.
+	Routable6 bool
 }
 
 // Guard owns the tables in the network namespace it was created in.
@@ -68,15 +76,16 @@ func New() (*Guard, error) {
 
 // family is one table of the guard: the pod network of its family.
 type family struct {
-	table   *nftables.Table
-	network netip.Prefix // unset: the table is not wanted
-	offset  uint32       // of the destination address in the network header
+	table    *nftables.Table
+	network  netip.Prefix // unset: the table is not wanted
+	src, dst uint32       // offsets of the addresses in the network header
+	routable bool         // match the source too (see Spec.Routable6)
 }
 
 func (s Spec) families() [2]family {
 	return [2]family{
-		{table: &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv4}, network: s.Network, offset: 16},
-		{table: &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv6}, network: s.Network6, offset: 24},
+		{table: &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv4}, network: s.Network, src: 12, dst: 16},
+		{table: &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv6}, network: s.Network6, src: 8, dst: 24, routable: s.Routable6},
 	}
 }
 
@@ -84,24 +93,46 @@ func chain(t *nftables.Table) *nftables.Chain {
 	return &nftables.Chain{Name: Chain, Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(priority)}
 }
 
-func tag(underlay string, network netip.Prefix) []byte {
-	return fmt.Appendf(nil, "%sdev=%s network=%s", tagText, underlay, network)
+func tag(underlay string, f family) []byte {
+	b := fmt.Appendf(nil, "%sdev=%s network=%s", tagText, underlay, f.network.Masked())
+	if f.routable {
+		b = append(b, " routable"...)
+	}
+	return b
 }
 
 func rule(f family, underlay string) *nftables.Rule {
 	name := make([]byte, unix.IFNAMSIZ)
 	copy(name, underlay)
-	n := f.network.Masked()
-	mask := net.CIDRMask(n.Bits(), n.Addr().BitLen())
-	return &nftables.Rule{Table: f.table, Chain: chain(f.table), UserData: tag(underlay, n), Exprs: []expr.Any{
+	exprs := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: name},
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.offset, Len: uint32(len(mask))}, // ip(6) daddr
+	}
+	if f.routable {
+		exprs = append(exprs, inNetwork(f.network, f.src)...) // ip6 saddr
+	}
+	exprs = append(append(exprs, inNetwork(f.network, f.dst)...), // ip(6) daddr
+		&expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
+	return &nftables.Rule{Table: f.table, Chain: chain(f.table), UserData: tag(underlay, f), Exprs: exprs}
+}
+
+// ruleLen is how many expressions rule makes for f.
+func ruleLen(f family) int {
+	if f.routable {
+		return 10
+	}
+	return 7
+}
+
+// inNetwork matches the address at offset in the network header against network.
+func inNetwork(network netip.Prefix, offset uint32) []expr.Any {
+	n := network.Masked()
+	mask := net.CIDRMask(n.Bits(), n.Addr().BitLen())
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: uint32(len(mask))},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: uint32(len(mask)), Mask: mask, Xor: make([]byte, len(mask))},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: n.Addr().AsSlice()},
-		&expr.Counter{},
-		&expr.Verdict{Kind: expr.VerdictDrop},
-	}}
+	}
 }
 
 // Set makes the tables hold spec's rules (the zero Spec: no tables). It reads the kernel
@@ -120,6 +151,8 @@ func (g *Guard) Set(s Spec) error {
 			return fmt.Errorf("wireguard underlay guard: IPv4 pod network %s is not IPv4", s.Network)
 		case s.Network6.IsValid() && (!s.Network6.Addr().Is6() || s.Network6.Addr().Is4In6()):
 			return fmt.Errorf("wireguard underlay guard: IPv6 pod network %s is not IPv6", s.Network6)
+		case s.Routable6 && !s.Network6.IsValid():
+			return errors.New("wireguard underlay guard: routable IPv6 pods without an IPv6 pod network")
 		}
 	}
 	for _, f := range s.families() {
@@ -178,7 +211,7 @@ func (g *Guard) check(f family) string {
 		return familyName(t) + " underlay guard chain changed"
 	}
 	rs, err := g.conn.GetRules(t, chain(t))
-	if err != nil || len(rs) != 1 || !bytes.Equal(rs[0].UserData, tag(g.spec.Underlay, f.network.Masked())) || len(rs[0].Exprs) != 7 {
+	if err != nil || len(rs) != 1 || !bytes.Equal(rs[0].UserData, tag(g.spec.Underlay, f)) || len(rs[0].Exprs) != ruleLen(f) {
 		return familyName(t) + " underlay guard rule missing or changed"
 	}
 	return ""

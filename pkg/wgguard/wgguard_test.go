@@ -31,6 +31,8 @@ func TestSetDriftRemove(t *testing.T) {
 	b := Spec{Underlay: "ens3", Network: netip.MustParsePrefix("10.42.0.0/16")}
 	dual := Spec{Underlay: "eth0", Network: netip.MustParsePrefix("10.244.0.0/16"), Network6: netip.MustParsePrefix("fd00:10:244::/48")}
 	v6 := Spec{Underlay: "eth0", Network6: netip.MustParsePrefix("fd00:10:244::/48")}
+	routable := v6
+	routable.Routable6 = true
 	const rule6 = `iifname "eth0" ip6 daddr fd00:10:244::/48 counter packets 0 bytes 0 drop`
 	for _, step := range []struct {
 		name  string
@@ -48,6 +50,12 @@ func TestSetDriftRemove(t *testing.T) {
 		{"IPv6 rule deleted", dual, func() { ns.MustRun(t, "nft", "flush", "chain", "ip6", Table, Chain) }, []string{`iifname "eth0" ip daddr 10.244.0.0/16`, rule6}},
 		{"IPv6 table deleted", dual, func() { ns.MustRun(t, "nft", "delete", "table", "ip6", Table) }, []string{`iifname "eth0" ip daddr 10.244.0.0/16`, rule6}},
 		{"IPv6 only: the IPv4 table goes", v6, nil, []string{rule6}},
+		{"IPv6 routable: pod sources only", routable, nil, []string{`iifname "eth0" ip6 saddr fd00:10:244::/48 ip6 daddr fd00:10:244::/48 counter`}},
+		{"IPv6 routable rule replaced", routable, func() {
+			ns.MustRun(t, "nft", "flush", "chain", "ip6", Table, Chain)
+			ns.MustRun(t, "nft", "add", "rule", "ip6", Table, Chain, "iifname", "eth0", "ip6", "daddr", "fd00:10:244::/48", "counter", "drop")
+		}, []string{`iifname "eth0" ip6 saddr fd00:10:244::/48 ip6 daddr fd00:10:244::/48 counter`}},
+		{"IPv6 masqueraded again", v6, nil, []string{rule6}},
 		{"IPv4 table back", v6, func() { ns.MustRun(t, "nft", "add", "table", "ip", Table) }, []string{rule6}},
 		{"removed", Spec{}, nil, nil},
 		{"removed again", Spec{}, nil, nil},
@@ -76,7 +84,7 @@ func TestSetDriftRemove(t *testing.T) {
 			}
 		})
 	}
-	for _, bad := range []Spec{{Underlay: "eth0"}, {Underlay: "eth0", Network: netip.MustParsePrefix("fd00::/48")}, {Underlay: "eth0", Network6: netip.MustParsePrefix("10.0.0.0/8")}} {
+	for _, bad := range []Spec{{Underlay: "eth0"}, {Underlay: "eth0", Network: netip.MustParsePrefix("10.0.0.0/8"), Routable6: true}, {Underlay: "eth0", Network: netip.MustParsePrefix("fd00::/48")}, {Underlay: "eth0", Network6: netip.MustParsePrefix("10.0.0.0/8")}} {
 		if err := g.Set(bad); err == nil {
 			t.Errorf("Set(%+v) succeeded", bad)
 		}
@@ -84,7 +92,8 @@ func TestSetDriftRemove(t *testing.T) {
 }
 
 // An unencrypted IPv4 or IPv6 packet for the pod network arriving on the underlay is
-// dropped (counted), one for the node's own address passes.
+// dropped (counted), one for the node's own address passes; with routable IPv6 pods, only
+// one from a pod source is.
 func TestDrops(t *testing.T) {
 	netns.RequireRoot(t)
 	node, peer := netns.New(t, "wgguard-n"), netns.New(t, "wgguard-p")
@@ -130,5 +139,21 @@ func TestDrops(t *testing.T) {
 	}
 	if n := g.Dropped(); n != 4 {
 		t.Errorf("Dropped() = %d, want 4 (two pings per family)", n)
+	}
+
+	// IPv6 pods not masqueraded: the outside reaches them from the underlay, a source in
+	// the pod network does not.
+	if err := g.Set(Spec{Underlay: "eth0", Network6: netip.MustParsePrefix("fd00:10:244::/48"), Routable6: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := peer.Run("ping", "-c", "1", "-W", "1", "fd00:10:244:1::2"); err != nil {
+		t.Errorf("ping a routable IPv6 pod from the outside: %v", err)
+	}
+	peer.MustRun(t, "ip", "addr", "add", "fd00:10:244:9::9/128", "dev", "lo")
+	if _, err := peer.Run("ping", "-c", "2", "-i", "0.1", "-W", "1", "-I", "fd00:10:244:9::9", "fd00:10:244:1::2"); err == nil {
+		t.Error("ping from a pod source on the underlay got through the guard")
+	}
+	if n := g.Dropped(); n != 2 {
+		t.Errorf("Dropped() = %d, want 2 (the pings from a pod source)", n)
 	}
 }

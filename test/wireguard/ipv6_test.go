@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/netagent/netagent/pkg/netipx"
 	"github.com/netagent/netagent/test/kubeapi"
 	"github.com/netagent/netagent/test/labtest"
+	"github.com/netagent/netagent/test/netns"
 )
 
 // TestBackendIPv6 runs the wireguard backend in a dual-stack cluster over a dual-stack
@@ -29,19 +31,26 @@ import (
 // 10 ms IPv6 ping loses nothing. The dual-stack lab runs once more with the Kubernetes
 // subnet manager (podCIDRs of both families, the public key in a Node annotation).
 func TestBackendIPv6(t *testing.T) {
+	off := false
 	for _, tc := range []struct {
 		name, family string
 		mtu          int  // the device's and the pods': 1500 less WireGuard over the underlay's family
 		kube         bool // --subnet-manager=kube: podCIDRs of both families, keys in Node annotations
+		routable     bool // a routable IPv6 pod network, not masqueraded
 	}{
-		{"dual", "dual", 1500 - 60, false},
-		{"ipv6", "ipv6", 1500 - 80, false},
-		{"dual-kube", "dual", 1500 - 60, true},
+		{"dual", "dual", 1500 - 60, false, false},
+		{"ipv6", "ipv6", 1500 - 80, false, false},
+		{"dual-kube", "dual", 1500 - 60, true, false},
+		{"ipv6-routable", "ipv6", 1500 - 80, false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			opt := lab.Options{Backend: "wireguard", Nodes: 3, Remote: 1, PodsPerNode: 1, IPFamily: tc.family}
 			if tc.kube {
 				opt.Kube = kubeapi.New()
+			}
+			if tc.routable {
+				// All nodes on the outside host's L2, which routes each node's subnet to it.
+				opt.IPv6Network, opt.IPv6Masquerade, opt.Remote = "2001:db8:100::/48", &off, 0
 			}
 			l := labtest.Up(t, opt, func(l *lab.Lab, n *lab.Node) []string {
 				return []string{"state/netagent-wireguard-" + l.WGDevice(n) + ".log"}
@@ -52,7 +61,7 @@ func TestBackendIPv6(t *testing.T) {
 			}
 			t.Cleanup(func() { c.Close() })
 			w := &wgLab{t: t, l: l, wg: c}
-			backendIPv6(t, w, tc.family, tc.mtu)
+			backendIPv6(t, w, tc.family, tc.mtu, tc.routable)
 		})
 	}
 }
@@ -65,10 +74,19 @@ func endpointOf(n *lab.Node) netip.AddrPort {
 	return netip.AddrPortFrom(n.IP6, 51820)
 }
 
-func backendIPv6(t *testing.T, w *wgLab, family string, mtu int) {
+func backendIPv6(t *testing.T, w *wgLab, family string, mtu int, routable bool) {
 	l := w.l
 	n1, n2 := l.Nodes[0], l.Nodes[1]
 	pod2 := n2.Pods[0].IP6
+
+	if routable {
+		// The outside host routes each node's IPv6 subnet to that node, as a router that
+		// the nodes announce their subnets to would. (Traffic for a pod that entered by
+		// another node would be dropped by WireGuard: its source is not that node's.)
+		for _, n := range l.Nodes {
+			l.ExtNS().MustRun(t, "ip", "-6", "route", "replace", w.status(n).Subnet6, "via", n.IP6.String())
+		}
+	}
 
 	t.Run("connectivity", func(t *testing.T) {
 		for _, p := range l.Pods() {
@@ -183,9 +201,19 @@ func backendIPv6(t *testing.T, w *wgLab, family string, mtu int) {
 	t.Run("unencrypted IPv6 packets to pods dropped", func(t *testing.T) {
 		ext := l.ExtNS()
 		ext.MustRun(t, "ip", "-6", "route", "replace", w.status(n2).Subnet6, "via", n2.IP6.String())
-		before := guardDrops(t, l.NodeNS(n2), "ip6")
-		if _, err := ext.Run("ping", "-6", "-c", "3", "-i", "0.2", "-W", "1", pod2.String()); err == nil {
-			t.Error("an unencrypted IPv6 ping from the underlay reached a pod")
+		args := []string{"-6", "-c", "3", "-i", "0.2", "-W", "1"}
+		if routable {
+			// Pods are reachable from the outside by design; posing as a pod is not.
+			spoofed := l.Nodes[2].Pods[0].IP6.String()
+			ext.MustRun(t, "ip", "addr", "add", spoofed+"/128", "dev", "lo")
+			args = append(args, "-I", spoofed)
+		}
+		before, echos := guardDrops(t, l.NodeNS(n2), "ip6"), icmp6InEchos(t, w.pod(n2))
+		if _, err := ext.Run("ping", append(args, pod2.String())...); err == nil {
+			t.Error("an unencrypted IPv6 ping from the underlay was answered")
+		}
+		if got := icmp6InEchos(t, w.pod(n2)); got != echos {
+			t.Errorf("%d unencrypted IPv6 echo requests from the underlay reached the pod", got-echos)
 		}
 		if got := guardDrops(t, l.NodeNS(n2), "ip6"); got < before+3 {
 			t.Errorf("IPv6 guard counted %d drops, want at least %d", got, before+3)
@@ -197,6 +225,16 @@ func backendIPv6(t *testing.T, w *wgLab, family string, mtu int) {
 		})
 		t.Logf("deleted IPv6 underlay guard restored in %s", took.Round(time.Millisecond))
 	})
+
+	if routable {
+		t.Run("routable IPv6 pods reach the outside with their own addresses", func(t *testing.T) {
+			l.ExtNS().Serve6(t, 7003, func(client string) string { return client })
+			pod := n1.Pods[0]
+			if got, err := l.PodNS(pod).Fetch6(fmt.Sprintf("[%s]:7003", l.Ext6)); err != nil || got != pod.IP6.String() {
+				t.Errorf("pod -> outside without IPv6 masquerade: server saw %q (%v), want the pod's own %s", got, err, pod.IP6)
+			}
+		})
+	}
 
 	t.Run("IPv6 route drift", func(t *testing.T) {
 		dst := w.status(n2).Subnet6
@@ -230,4 +268,20 @@ func backendIPv6(t *testing.T, w *wgLab, family string, mtu int) {
 		}
 		t.Logf("agent kill -9 and restart under a 10 ms IPv6 ping: %d lost, longest gap %s", lost, gap.Round(time.Millisecond))
 	})
+}
+
+// icmp6InEchos is how many ICMPv6 echo requests ns's kernel has received.
+func icmp6InEchos(t *testing.T, ns *netns.NS) int {
+	t.Helper()
+	for _, line := range strings.Split(ns.MustRun(t, "cat", "/proc/net/snmp6"), "\n") {
+		if f := strings.Fields(line); len(f) == 2 && f[0] == "Icmp6InEchos" {
+			n, err := strconv.Atoi(f[1])
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatal("no Icmp6InEchos in /proc/net/snmp6")
+	return 0
 }
