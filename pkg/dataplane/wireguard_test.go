@@ -23,10 +23,13 @@ import (
 	"github.com/netagent/netagent/test/testbin"
 )
 
-// TestWireGuardPrune: a node whose backend changes from wireguard to vxlan (config set, in
-// the same run or across an agent restart) is left with no WireGuard device, no daemon
-// answering on its socket, no socket file and no underlay guard table, and its routes
-// move to the VXLAN device; a link of the device's name that is not WireGuard stays.
+// TestWireGuardPrune: a dual-stack node with the wireguard backend has its device with an
+// address of each family, routes of both families through it, the peer with both subnets
+// as allowed IPs and the underlay guard for both. When
+// its backend changes from wireguard to vxlan (config set, in the same run or across an
+// agent restart) it is left with no WireGuard device, no daemon answering on its socket, no
+// socket file and no underlay guard table, and its routes move to the VXLAN device; a link
+// of the device's name that is not WireGuard stays.
 func TestWireGuardPrune(t *testing.T) {
 	netns.RequireRoot(t)
 	bin := testbin.Build(t, "./cmd/netagent-wireguard", "netagent-wireguard")
@@ -71,17 +74,26 @@ func TestWireGuardPrune(t *testing.T) {
 				return st, errors.Join(err, setErr)
 			}
 			input := func(backend string) plan.Input {
-				cfg, err := config.Parse([]byte(`{"network":"10.244.0.0/16","backend":{"type":"` + backend + `"}}`))
+				v6 := `,"ipv6Network":"fd00:10:244::/48"` // wireguard's dual stack is what matters here
+				if backend != config.WireGuard {
+					v6 = ""
+				}
+				cfg, err := config.Parse([]byte(`{"network":"10.244.0.0/16"` + v6 + `,"backend":{"type":"` + backend + `"}}`))
 				if err != nil {
 					t.Fatal(err)
 				}
 				p2 := peer("n2", "10.244.2.0/24", "198.51.100.12")
 				p2.WGPublicKey, p2.WGPort = peerKey.PublicKey().String(), 51820
-				return plan.Input{Config: cfg, Self: peer("n1", "10.244.1.0/24", "192.0.2.11"), WGDev: dev,
+				p2.Subnet6 = netip.MustParsePrefix("fd00:10:244:2::/64")
+				self := peer("n1", "10.244.1.0/24", "192.0.2.11")
+				self.Subnet6 = netip.MustParsePrefix("fd00:10:244:1::/64")
+				return plan.Input{Config: cfg, Self: self, WGDev: dev,
 					Underlay: plan.Underlay{Dev: "eth0", MTU: 1500, Connected: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}},
 					Peers:    []lease.Lease{p2}}
 			}
-			routes := func() string { return n.MustRun(t, "ip", "route", "show", "proto", "180") }
+			routes := func() string {
+				return n.MustRun(t, "ip", "route", "show", "proto", "180") + n.MustRun(t, "ip", "-6", "route", "show", "proto", "180")
+			}
 
 			d := open()
 			_, wg := plan.NewPlanner(input("wireguard"))
@@ -95,8 +107,17 @@ func TestWireGuardPrune(t *testing.T) {
 				t.Fatalf("wireguard plan: no daemon answers on %s", device.SocketPath(dev))
 			}
 			n.MustRun(t, "nft", "list", "table", "ip", "netagent-wg")
-			if got := routes(); !strings.Contains(got, "10.244.2.0/24 dev "+dev) {
-				t.Fatalf("wireguard plan: no route through %s:\n%s", dev, got)
+			if got := n.MustRun(t, "nft", "list", "table", "ip6", "netagent-wg"); !strings.Contains(got, `iifname "eth0" ip6 daddr fd00:10:244::/48 counter`) {
+				t.Errorf("wireguard plan: the IPv6 underlay guard:\n%s", got)
+			}
+			if got := routes(); !strings.Contains(got, "10.244.2.0/24 dev "+dev) || !strings.Contains(got, "fd00:10:244:2::/64 dev "+dev) {
+				t.Fatalf("wireguard plan: no route of each family through %s:\n%s", dev, got)
+			}
+			if got := n.MustRun(t, "ip", "addr", "show", "dev", dev); !strings.Contains(got, "inet 10.244.1.0/32") || !strings.Contains(got, "inet6 fd00:10:244:1::/128") {
+				t.Errorf("wireguard plan: the device's addresses:\n%s", got)
+			}
+			if got := allowedIPs(t, dev); got != "10.244.2.0/24 fd00:10:244:2::/64" {
+				t.Errorf("wireguard plan: the peer's allowed IPs %q, want both its subnets", got)
 			}
 
 			if tt.restart {
@@ -119,8 +140,10 @@ func TestWireGuardPrune(t *testing.T) {
 			if _, err := os.Stat(device.SocketPath(dev)); !errors.Is(err, os.ErrNotExist) {
 				t.Errorf("vxlan plan: socket file %s: %v, want it gone", device.SocketPath(dev), err)
 			}
-			if out, err := n.Run("nft", "list", "table", "ip", "netagent-wg"); err == nil {
-				t.Errorf("vxlan plan: the underlay guard table is still there:\n%s", out)
+			for _, family := range []string{"ip", "ip6"} {
+				if out, err := n.Run("nft", "list", "table", family, "netagent-wg"); err == nil {
+					t.Errorf("vxlan plan: the %s underlay guard table is still there:\n%s", family, out)
+				}
 			}
 			if got := routes(); !strings.Contains(got, "10.244.2.0/24 via 10.244.2.0 dev netagent.1 onlink") || strings.Contains(got, dev) {
 				t.Errorf("vxlan plan: routes, want n2's through netagent.1 only:\n%s", got)
@@ -309,4 +332,24 @@ func TestPrepareWireGuard(t *testing.T) {
 	if got := peers(); !strings.Contains(got, k.PublicKey().String()) {
 		t.Errorf("after a restart's PrepareWireGuard, peers %q; want n2's kept", got)
 	}
+}
+
+// allowedIPs are the allowed IPs of the one peer of userspace device dev (reached through
+// the socket directory, from any namespace).
+func allowedIPs(t *testing.T, dev string) string {
+	t.Helper()
+	c, err := wgctrl.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	d, err := c.Device(dev)
+	if err != nil || len(d.Peers) != 1 {
+		t.Fatalf("device %s: %v, %+v", dev, err, d)
+	}
+	var out []string
+	for _, n := range d.Peers[0].AllowedIPs {
+		out = append(out, n.String())
+	}
+	return strings.Join(out, " ")
 }

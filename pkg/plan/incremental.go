@@ -474,12 +474,14 @@ func (p *Planner) remove(n string, ch *Changes) {
 
 func (p *Planner) add(l subnetLease, v Peer, ch *Changes) {
 	if v.Mode == WireGuard {
-		r, w := wgPeer(p.in, l.Lease)
-		p.contrib[v.Node] = contribution{dst: [2]netip.Prefix{l.Subnet}, wg: true}
+		w := wgPeer(p.in, l)
+		p.contrib[v.Node] = contribution{dst: [2]netip.Prefix{l.Subnet, l.Subnet6}, wg: true}
 		p.wg[v.Node] = w
 		ch.WG = append(ch.WG, v.Node)
-		p.routes[r.Dst] = r
-		ch.Routes = append(ch.Routes, r.Dst)
+		for _, s := range l.subnets() {
+			p.routes[s] = wgRoute(p.in, w, s)
+			ch.Routes = append(ch.Routes, s)
+		}
 		return
 	}
 	if v.Mode != Direct && v.Mode != VXLAN {
