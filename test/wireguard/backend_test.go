@@ -93,6 +93,42 @@ func (w *wgLab) pubKey(n *lab.Node) string {
 
 // within polls f every 5 ms until it holds, and returns how long that took; it fails the
 // test after d.
+// handshakes waits (2 s at most) for a handshake between every pair of nodes. Before any
+// pod traffic, the kicks on a new peer alone give every pair one: both sides of a pair
+// learn of each other at about the same time, and when both kicked, their initiations
+// crossed and neither retried for 5 s (3 runs in 24 timed out). On failure it logs every
+// device's peers.
+func (w *wgLab) handshakes() {
+	t, l := w.t, w.l
+	t.Helper()
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, n := range l.Nodes {
+				if d := w.device(n); d != nil {
+					for _, p := range d.Peers {
+						t.Logf("%s: peer %s at %s: tx %d rx %d bytes, last handshake %s", n.Name, p.PublicKey, p.Endpoint, p.TransmitBytes, p.ReceiveBytes, p.LastHandshakeTime.Format(time.StampMilli))
+					}
+				}
+			}
+		}
+	})
+	took := within(t, 2*time.Second, "a handshake between every pair of nodes", func() bool {
+		for _, n := range l.Nodes {
+			d := w.device(n)
+			if d == nil || len(d.Peers) != len(l.Nodes)-1 {
+				return false
+			}
+			for _, p := range d.Peers {
+				if p.LastHandshakeTime.IsZero() {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	t.Logf("lab up to a handshake between every pair: %s more", took.Round(time.Millisecond))
+}
+
 func within(t *testing.T, d time.Duration, what string, f func() bool) time.Duration {
 	t.Helper()
 	start := time.Now()
@@ -408,35 +444,7 @@ func TestBackendKube(t *testing.T) {
 	}
 	t.Cleanup(func() { c.Close() })
 	w := &wgLab{t: t, l: l, wg: c}
-	// Before any pod traffic, the kicks on a new peer alone give every pair a handshake: both
-	// sides of a pair learn of each other at about the same time, and when both kicked, their
-	// initiations crossed and neither retried for 5 s (3 runs in 24 timed out).
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, n := range l.Nodes {
-				if d := w.device(n); d != nil {
-					for _, p := range d.Peers {
-						t.Logf("%s: peer %s: tx %d rx %d bytes, last handshake %s", n.Name, p.PublicKey, p.TransmitBytes, p.ReceiveBytes, p.LastHandshakeTime.Format(time.StampMilli))
-					}
-				}
-			}
-		}
-	})
-	took := within(t, 2*time.Second, "a handshake between every pair of nodes", func() bool {
-		for _, n := range l.Nodes {
-			d := w.device(n)
-			if d == nil || len(d.Peers) != len(l.Nodes)-1 {
-				return false
-			}
-			for _, p := range d.Peers {
-				if p.LastHandshakeTime.IsZero() {
-					return false
-				}
-			}
-		}
-		return true
-	})
-	t.Logf("lab up to a handshake between every pair: %s more", took.Round(time.Millisecond))
+	w.handshakes()
 	keys := map[string]string{}
 	for _, n := range l.Nodes {
 		node, _ := api.Get(n.Name)
@@ -461,7 +469,7 @@ func TestBackendKube(t *testing.T) {
 	if err := api.Delete(n3.Name); err != nil {
 		t.Fatal(err)
 	}
-	took = within(t, 5*time.Second, "deleted Node's peer gone everywhere", func() bool {
+	took := within(t, 5*time.Second, "deleted Node's peer gone everywhere", func() bool {
 		return w.peerOf(l.Nodes[0], keys[n3.Name]) == nil && w.peerOf(l.Nodes[1], keys[n3.Name]) == nil
 	})
 	t.Logf("deleted Node's WireGuard peer removed everywhere in %s", took.Round(time.Millisecond))

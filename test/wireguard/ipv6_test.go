@@ -88,6 +88,7 @@ func backendIPv6(t *testing.T, w *wgLab, family string, mtu int, routable bool) 
 		}
 	}
 
+	w.handshakes()
 	t.Run("connectivity", func(t *testing.T) {
 		for _, p := range l.Pods() {
 			if !p.IP6.IsValid() || (family == "dual") != p.IP.IsValid() {
