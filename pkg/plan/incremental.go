@@ -1,6 +1,7 @@
 package plan
 
 import (
+	"iter"
 	"maps"
 	"net/netip"
 	"slices"
@@ -429,6 +430,31 @@ func (p *Planner) Peer(node string) (Peer, bool) {
 	v2 := peerOf(p.in.Underlay, p.peers[node])
 	v2.Mode, v2.Reason = v.mode, v.reason
 	return v2, true
+}
+
+// Lease is the lease node's peer entry was planned from (subnets of families the config
+// has off dropped); false: no peer of that name (this node is none).
+func (p *Planner) Lease(node string) (lease.Lease, bool) {
+	if p == nil {
+		return lease.Lease{}, false
+	}
+	l, ok := p.peers[node]
+	return l.Lease, ok
+}
+
+// Leases yields the lease of every peer the plan was built from, as Lease returns it. The
+// caller must not change the Planner while ranging.
+func (p *Planner) Leases() iter.Seq[lease.Lease] {
+	return func(yield func(lease.Lease) bool) {
+		if p == nil {
+			return
+		}
+		for _, l := range p.peers {
+			if !yield(l.Lease) {
+				return
+			}
+		}
+	}
 }
 
 func (p *Planner) ownerOf(s netip.Prefix) string {
