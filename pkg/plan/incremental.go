@@ -27,13 +27,13 @@ type Planner struct {
 	wgKeys  map[string][]string       // WireGuard public key -> nodes publishing it (one)
 	verdict map[string]verdict        // the rest of a Peer is its lease in peers
 
-	routes  map[netip.Prefix]route // the desired routes, compact (see route)
-	neighs  map[netip.Addr]string  // IP -> MAC
-	devs    []string               // the devices routes go through (a few), for route.dev
-	fdb     map[FDB]bool
-	wg      map[string]WGPeer       // by node
-	odd     map[string]bool         // nodes whose subnet length differs from the config's
-	modes   map[Mode]int            // peers per mode
+	routes map[netip.Prefix]route // the desired routes, compact (see route)
+	neighs map[netip.Addr]string  // IP -> MAC
+	devs   []string               // the devices routes go through (a few), for route.dev
+	fdb    map[FDB]bool
+	wg     map[string]WGPeer // by node
+	odd    map[string]bool   // nodes whose subnet length differs from the config's
+	modes  map[Mode]int      // peers per mode
 
 	tunnelMTU, podMTU int
 	senders           int // peers publishing a VTEP (see Plan.KeepVXLAN)
