@@ -125,9 +125,10 @@ type Agent struct {
 	watchNetconf  func(ctx context.Context, log *slog.Logger, changed chan struct{})
 	watchFiles    func(ctx context.Context, log *slog.Logger, paths []string, ch chan struct{})
 
-	reclaim    chan struct{} // the store is back: re-claim a lost lease now
-	fatal      chan error    // the lease cannot be kept by this run (lease.ErrReassigned); rFatal
-	dockerKick chan struct{} // a full pass asks the Docker step to run
+	reclaim    chan struct{}    // the store is back: re-claim a lost lease now
+	republish  chan lease.Lease // the loop's lease with an address the underlay gained: publish it
+	fatal      chan error       // the lease cannot be kept by this run (lease.ErrReassigned); rFatal
+	dockerKick chan struct{}    // a full pass asks the Docker step to run
 	dockerJob  struct {
 		sync.Mutex
 		self lease.Lease
@@ -171,6 +172,7 @@ func New(opt Options) (*Agent, error) {
 		dp:            opt.Dataplane,
 		in:            newInbox(),
 		reclaim:       make(chan struct{}, 1),
+		republish:     make(chan lease.Lease, 1),
 		fatal:         make(chan error, 1),
 		dockerKick:    make(chan struct{}, 1),
 		watchFirewall: watchFirewall,
@@ -260,8 +262,8 @@ func (a *Agent) Run(ctx context.Context) error {
 
 // underlay reads the underlay for the lease. An IPv6 address still in duplicate address
 // detection (an interface just configured, as at boot) cannot be used yet: the agent waits
-// for it, since the lease publishes the address once (only a restart publishes a changed
-// one), and a lease acquired without it would never carry it.
+// for it (bounded), so peers get the lease with it from the start; one that finishes later
+// is published then (refreshUnderlay).
 func (a *Agent) underlay(ctx context.Context, log *slog.Logger) (dataplane.Underlay, error) {
 	deadline := time.Now().Add(a.opt.DADWait)
 	for logged := false; ; logged = true {
@@ -273,7 +275,7 @@ func (a *Agent) underlay(ctx context.Context, log *slog.Logger) (dataplane.Under
 			if !ul.IP.IsValid() {
 				return ul, fmt.Errorf("underlay %s: its IPv6 address is still tentative (duplicate address detection) after %s, and it has no IPv4 address", ul.Dev, a.opt.DADWait)
 			}
-			log.Warn("the underlay's IPv6 address is still tentative; leasing without it (a restart publishes it)", "dev", ul.Dev, "waited", a.opt.DADWait)
+			log.Warn("the underlay's IPv6 address is still tentative; leasing without it (it is published once usable)", "dev", ul.Dev, "waited", a.opt.DADWait)
 			return ul, nil
 		}
 		if !logged {
@@ -397,16 +399,27 @@ func (a *Agent) input(cfg config.Network, self lease.Lease, ul dataplane.Underla
 	}
 }
 
-// keepAlive keeps the lease alive and re-claims it when lost. Each re-claim attempt is
+// keepAlive keeps the lease alive, publishes it again when the loop hands over one with an
+// address the underlay gained, and re-claims it when lost. Each re-claim attempt is
 // bounded by the store; between attempts it waits at most a second, and not at all once
 // the store is seen back, so the lease is re-claimed while etcd's restored copy of it
 // still lives. Failures are counted and in status; the log repeats them at growing
 // intervals.
 func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held) {
 	for ctx.Err() == nil {
-		err := a.opt.Store.KeepAlive(ctx, held)
+		pub, err := a.keepAliveOnce(ctx, held)
 		if ctx.Err() != nil {
 			return
+		}
+		if pub != nil {
+			held.Lease = *pub
+			h, rerr := a.opt.Store.Renew(ctx, held)
+			if rerr == nil {
+				held = h
+				log.Info("lease published again with the underlay's new address", "publicIP", held.Lease.PublicIP, "publicIP6", held.Lease.PublicIP6)
+				continue
+			}
+			err = fmt.Errorf("publish the underlay's new address: %w", rerr) // re-claimed below, with it
 		}
 		lost := time.Now()
 		a.opt.Metrics.LeaseHeld.Set(0)
@@ -418,6 +431,11 @@ func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held
 		warn.d = 10 * time.Second
 		nextWarn := lost.Add(warn.d)
 		for attempt := 1; ctx.Err() == nil; attempt++ {
+			select {
+			case pub := <-a.republish:
+				held.Lease = pub
+			default:
+			}
 			h, err := a.opt.Store.Renew(ctx, held)
 			if err == nil {
 				held = h
@@ -453,6 +471,23 @@ func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held
 				}
 			}
 		}
+	}
+}
+
+// keepAliveOnce runs the store's KeepAlive for held until it fails (its error) or the
+// loop hands over a lease to publish instead (pub).
+func (a *Agent) keepAliveOnce(ctx context.Context, held lease.Held) (pub *lease.Lease, err error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- a.opt.Store.KeepAlive(ctx, held) }()
+	select {
+	case err = <-done:
+		return nil, err
+	case l := <-a.republish:
+		cancel()
+		<-done
+		return &l, nil
 	}
 }
 

@@ -245,14 +245,19 @@ func (a *Agent) maybeReady(ctx context.Context, log *slog.Logger, s *state) {
 // the pass did not complete: the caller retries it.
 func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, s *state, firewall, drift bool) error {
 	t0 := time.Now()
+<<<<<<< HEAD
 	_, _ = s.peers.Take() // the snapshot below covers them
 	a.mu.Lock()
 	prev := a.planner
 	a.mu.Unlock()
 	peers, newlyHeld := s.grace.full(time.Now(), s.peers.Snapshot(), prev)
+=======
+	a.refreshUnderlay(log, s) // first: an address it publishes changes which peers are valid
+	_, _ = s.peers.Take()     // the snapshot below covers them
+	peers, newlyHeld := s.grace.full(time.Now(), s.peers.Snapshot())
+>>>>>>> main
 	logHeld(log, newlyHeld, s.grace.until)
 	a.checkForwarding(log)
-	a.refreshUnderlay(log, s)
 	planner, p := plan.NewPlanner(a.input(s.cfg, s.self, s.ul, peers))
 	a.mu.Lock()
 	a.planner = planner
@@ -299,24 +304,56 @@ func warnUnreachable(log *slog.Logger, peers []plan.Peer) {
 
 // refreshUnderlay re-reads the underlay device, its MTU, address and prefixes (an MTU
 // change must reach the VXLAN device and the pods). The address peers use is the one in
-// the lease: a changed one is reported, not applied.
+// the lease: a changed one is reported, not applied (peers' routes and allow-lists follow
+// the lease; moving them is a restart's job). An address of a family the lease lacks (an
+// IPv6 address that came up, or finished duplicate address detection, after the start)
+// replaces nothing: it is published.
 func (a *Agent) refreshUnderlay(log *slog.Logger, s *state) {
 	cur, err := a.dp.Underlay(a.opt.Iface, a.opt.PublicIP)
 	if err != nil {
 		log.Warn("cannot re-read the underlay; keeping the last one", "dev", s.ul.Dev, "err", err)
 		return
 	}
-	cur.IP = a.keepLeased(log, s.ul.IP, cur.IP, &a.ulWarned)
-	cur.IP6 = a.keepLeased(log, s.ul.IP6, cur.IP6, &a.ulWarned6)
+	if pub := gained(s.self, cur); pub != s.self {
+		a.publish(log, s, pub)
+	}
+	cur.IP = a.keepLeased(log, s.self.PublicIP, cur.IP, &a.ulWarned)
+	cur.IP6 = a.keepLeased(log, s.self.PublicIP6, cur.IP6, &a.ulWarned6)
 	if cur.Dev != s.ul.Dev || cur.MTU != s.ul.MTU || cur.MAC != s.ul.MAC {
 		log.Info("underlay changed", "dev", cur.Dev, "mtu", cur.MTU, "was", s.ul.Dev, "wasMTU", s.ul.MTU)
 	}
 	s.ul = cur
 }
 
+// gained is self with the underlay addresses of the families self lacks and ul has
+// (Underlay reports no IPv6 address still in duplicate address detection).
+func gained(self lease.Lease, ul dataplane.Underlay) lease.Lease {
+	if !self.PublicIP.IsValid() {
+		self.PublicIP = ul.IP
+	}
+	if !self.PublicIP6.IsValid() {
+		self.PublicIP6 = ul.IP6
+	}
+	return self
+}
+
+// publish makes pub the node's lease: the loop plans with it now, the peers' view refuses
+// other leases claiming its addresses, and keepAlive writes it to the store (retrying
+// until it succeeds, as a re-claim).
+func (a *Agent) publish(log *slog.Logger, s *state, pub lease.Lease) {
+	log.Info("the underlay gained an address; publishing it in the lease", "publicIP", pub.PublicIP, "publicIP6", pub.PublicIP6)
+	s.self = pub
+	s.peers.SetSelfIPs(pub.PublicIP, pub.PublicIP6)
+	a.setLease(pub, s.cfg)
+	select {
+	case <-a.republish: // not taken yet: this one replaces it
+	default:
+	}
+	a.republish <- pub
+}
+
 // keepLeased returns the leased underlay address, warning once per new address when the
-// interface now has another (or one where it had none, as an IPv6 address that finished
-// duplicate address detection only after the agent's start wait).
+// interface now has another.
 func (a *Agent) keepLeased(log *slog.Logger, leased, now netip.Addr, warned *netip.Addr) netip.Addr {
 	if now != leased && now != *warned {
 		log.Warn("the underlay address changed; peers keep using the leased address until the agent restarts", "leased", leased, "now", now)

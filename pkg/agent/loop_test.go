@@ -37,8 +37,10 @@ type memStore struct {
 	changed chan<- struct{}
 	pending map[string]lease.Lease // peers added before the watch started
 	health  chan error
-	lost    chan error // KeepAlive returns what is sent here (the lease was lost)
-	renew   error      // what Renew then returns
+	lost    chan error    // KeepAlive returns what is sent here (the lease was lost)
+	renew   error         // what Renew then returns
+	renewed []lease.Lease // what Renew was given
+	alive   int           // KeepAlive calls
 }
 
 func newMemStore(t *testing.T, backend string) *memStore {
@@ -59,6 +61,9 @@ func (s *memStore) Acquire(_ context.Context, _ config.Network, self lease.Lease
 }
 
 func (s *memStore) Renew(_ context.Context, h lease.Held) (lease.Held, error) {
+	s.mu.Lock()
+	s.renewed = append(s.renewed, h.Lease)
+	s.mu.Unlock()
 	if s.renew != nil {
 		return lease.Held{}, s.renew
 	}
@@ -66,6 +71,9 @@ func (s *memStore) Renew(_ context.Context, h lease.Held) (lease.Held, error) {
 }
 
 func (s *memStore) KeepAlive(ctx context.Context, _ lease.Held) error {
+	s.mu.Lock()
+	s.alive++
+	s.mu.Unlock()
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
@@ -517,30 +525,58 @@ func TestLoopWireGuard(t *testing.T) {
 	})
 }
 
-// A re-read underlay keeps the leased addresses of both families (only a restart publishes
-// new ones) and says so once per new address: an IPv6 address that appears after the
-// start (it finished duplicate address detection late) is reported, not silently dropped.
-func TestKeepLeasedUnderlay(t *testing.T) {
-	var logs strings.Builder
-	log := slog.New(slog.NewTextHandler(&logs, nil))
-	a := &Agent{}
-	v6 := netip.MustParseAddr("2001:db8:1::11")
-	for _, c := range []struct {
-		name        string
-		leased, now netip.Addr
-		warns       int
-	}{
-		{"unchanged", v6, v6, 0},
-		{"appeared after the lease", netip.Addr{}, v6, 1},
-		{"still there: said once", netip.Addr{}, v6, 0},
-		{"another one", netip.Addr{}, netip.MustParseAddr("2001:db8:1::12"), 1},
-	} {
-		logs.Reset()
-		if got := a.keepLeased(log, c.leased, c.now, &a.ulWarned6); got != c.leased {
-			t.Errorf("%s: keepLeased = %s, want the leased %s", c.name, got, c.leased)
+// An underlay address of a family the lease lacks (an IPv6 address that came up, or left
+// duplicate address detection, after the start) is published: the store gets the lease
+// with it (Renew) and keeps it alive, status shows it, and a peer's lease claiming it is
+// refused from then on. A changed address is reported once, not published: peers keep
+// the leased one until a restart.
+func TestLoopPublishesGainedAddress(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		st := newMemStore(t, config.HostGW)
+		v6 := netip.MustParseAddr("2001:db8:1::11")
+		thief := peerLease("n3", "10.244.3.0/24", "198.51.100.13")
+		thief.PublicIP6 = v6 // claims the address n1 does not publish yet
+		st.put(peerLease("n2", "10.244.2.0/24", "192.0.2.12"))
+		st.put(thief)
+		ul := testUnderlay()
+		ul.Connected = append(ul.Connected, netip.MustParsePrefix("198.51.100.0/24"))
+		dp := dataplane.NewFake(ul)
+		la := startLoopAgent(t, st, dp, 30*time.Second)
+		synctest.Wait()
+		if !la.ready() || !has(dp, "10.244.3.0/24") {
+			t.Fatalf("after start: ready %t, dataplane:\n%s", la.ready(), dp.Dump())
 		}
-		if n := strings.Count(logs.String(), "the underlay address changed"); n != c.warns {
-			t.Errorf("%s: %d warnings, want %d:\n%s", c.name, n, c.warns, logs.String())
+
+		ul.IP6 = v6
+		dp.SetUnderlay(ul)
+		dp.Drift() // the address event (dataplane Watch)
+		synctest.Wait()
+		st.mu.Lock()
+		renewed, alive := slices.Clone(st.renewed), st.alive
+		st.mu.Unlock()
+		if len(renewed) != 1 || renewed[0].PublicIP6 != v6 || renewed[0].PublicIP != ul.IP || renewed[0].Subnet != st.self {
+			t.Fatalf("Renew got %v, want one call with the lease and publicIP6 %s", renewed, v6)
 		}
-	}
+		if alive != 2 {
+			t.Errorf("KeepAlive called %d times, want 2 (kept alive again after publishing)", alive)
+		}
+		if got, _ := la.statusNow(); got.PublicIP6 != v6.String() {
+			t.Errorf("status publicIP6 %q, want %s", got.PublicIP6, v6)
+		}
+		if has(dp, "10.244.3.0/24") || !has(dp, "10.244.2.0/24") {
+			t.Errorf("n3 claims n1's published address: want it dropped, n2 kept:\n%s", dp.Dump())
+		}
+
+		ul.IP6 = netip.MustParseAddr("2001:db8:1::99")
+		dp.SetUnderlay(ul)
+		dp.Drift()
+		synctest.Wait()
+		st.mu.Lock()
+		n := len(st.renewed)
+		st.mu.Unlock()
+		if got, _ := la.statusNow(); n != 1 || got.PublicIP6 != v6.String() {
+			t.Errorf("after the address changed: %d Renew calls, publicIP6 %q; want none more and the leased %s", n-1, got.PublicIP6, v6)
+		}
+		la.stop(t)
+	})
 }

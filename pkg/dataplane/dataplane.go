@@ -96,6 +96,7 @@ type Linux struct {
 	early    chan natResult // Prepare's NAT sync, taken by the next Set
 
 	vxDev, ulDev, wgDev atomic.Value // string: the devices whose link events matter (read by Watch)
+	ulIndex             atomic.Int64 // the underlay's link index: its address events matter (0: none yet)
 	kept                string       // the last full plan's KeepVXLAN
 }
 
@@ -394,6 +395,7 @@ func (d *Linux) Underlay(iface string, ip netip.Addr) (Underlay, error) {
 		return Underlay{}, fmt.Errorf("underlay %s has no IPv4 or global IPv6 address (set --public-ip)", link.Attrs().Name)
 	}
 	d.ulDev.Store(u.Dev)
+	d.ulIndex.Store(int64(link.Attrs().Index))
 	if u.Tunnels, err = d.tunnels(); err != nil {
 		d.log.Warn("cannot list VXLAN devices; none is kept for peers still sending through one", "err", err)
 	}

@@ -35,6 +35,7 @@ func (d *Linux) watchOnce(ctx context.Context, changed chan<- struct{}) {
 	routes := make(chan netlink.RouteUpdate, 1024)
 	neighs := make(chan netlink.NeighUpdate, 1024)
 	links := make(chan netlink.LinkUpdate, 256)
+	addrs := make(chan netlink.AddrUpdate, 256)
 	onErr := func(error) { d.Invalidate(Tables); signal(changed) }
 	// Large receive buffers (forced past rmem_max, we have CAP_NET_ADMIN): a cold start
 	// with thousands of peers echoes tens of thousands of notifications at once; an
@@ -50,6 +51,10 @@ func (d *Linux) watchOnce(ctx context.Context, changed chan<- struct{}) {
 	}
 	if err := netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{ErrorCallback: onErr}); err != nil {
 		d.log.Warn("link subscription failed", "err", err)
+		return
+	}
+	if err := netlink.AddrSubscribeWithOptions(addrs, done, netlink.AddrSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		d.log.Warn("address subscription failed", "err", err)
 		return
 	}
 	for {
@@ -77,6 +82,15 @@ func (d *Linux) watchOnce(ctx context.Context, changed chan<- struct{}) {
 			// The underlay is read afresh (a changed MTU flows to the VXLAN device and pods).
 			if name := u.Attrs().Name; name == d.vxDev.Load() || name == d.ulDev.Load() || name == d.wgDev.Load() || u.Attrs().Index == d.vxlan.Device() {
 				d.Invalidate(Tables)
+				signal(changed)
+			}
+		case u, ok := <-addrs:
+			if !ok {
+				return
+			}
+			// An underlay address that appears, or finishes duplicate address detection,
+			// after the start may be one the lease lacks: the pass re-reads the underlay.
+			if i := d.ulIndex.Load(); i != 0 && int64(u.LinkIndex) == i {
 				signal(changed)
 			}
 		}

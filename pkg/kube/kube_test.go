@@ -673,3 +673,22 @@ func FuzzLeaseOf(f *testing.F) {
 		}
 	})
 }
+
+// The agent's lease gained an IPv6 underlay address after the start: Renew publishes it
+// on the Node (there was none to conflict with).
+func TestRenewPublishesGainedAddress(t *testing.T) {
+	c := newCluster(t, "host-gw", node("n1", []string{"10.244.1.0/24"}, nil))
+	self := lease.Lease{Node: "n1", PublicIP: netip.MustParseAddr("192.0.2.11"), Backend: "host-gw"}
+	h, err := c.s.Acquire(t.Context(), c.cfg, self, netip.Prefix{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.Lease.PublicIP6 = netip.MustParseAddr("2001:db8:1::11")
+	if h, err = c.s.Renew(t.Context(), h); err != nil {
+		t.Fatal(err)
+	}
+	n, _ := c.cs.CoreV1().Nodes().Get(t.Context(), "n1", metav1.GetOptions{})
+	if n.Annotations[AnnPublicIP6] != "2001:db8:1::11" || n.Annotations[AnnPublicIP] != "192.0.2.11" {
+		t.Fatalf("annotations after Renew with the gained address: %v", n.Annotations)
+	}
+}

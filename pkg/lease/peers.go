@@ -404,6 +404,20 @@ func (p *Peers) Invalid(k, why string) {
 	p.invalid(k, why)
 }
 
+// SetSelfIPs changes this node's public IPs in the rules (the node published an address
+// it gained): leases already in use that claim one of them are dropped as invalid, as a
+// lease arriving later would be.
+func (p *Peers) SetSelfIPs(ip, ip6 netip.Addr) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.rules.SelfIP, p.rules.SelfIP6 = ip, ip6
+	for k, e := range p.cand {
+		if err := p.rules.Check(e.Lease); err != nil {
+			p.invalid(k, err.Error())
+		}
+	}
+}
+
 // Delete forgets key k.
 func (p *Peers) Delete(k string) {
 	p.mu.Lock()

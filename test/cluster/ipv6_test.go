@@ -253,3 +253,74 @@ func TestIPv6UnderlayTentativeAtStart(t *testing.T) {
 	}
 	t.Logf("done %s after the agent's start", time.Since(start).Round(time.Millisecond))
 }
+
+// An underlay IPv6 address that comes up after the agent started (router advertisements
+// that arrive late, an address configured later) is published in the lease: in host-gw
+// the node becomes reachable over both families (a peer without an IPv6 next hop cannot
+// be routed to directly), and where it already was (vxlan over the IPv4 underlay)
+// publishing loses nothing of a 10 ms ping over either family.
+func TestIPv6UnderlayAddedAfterStart(t *testing.T) {
+	for _, backend := range []string{"host-gw", "vxlan"} {
+		t.Run(backend, func(t *testing.T) {
+			l := newLabWith(t, lab.Options{Backend: backend, Nodes: 2, PodsPerNode: 1, IPFamily: "dual"})
+			n1, n2 := l.Nodes[0], l.Nodes[1]
+			ns := l.NodeNS(n1)
+			if err := l.StopAgent(n1, false); err != nil {
+				t.Fatal(err)
+			}
+			ns.MustRun(t, "ip", "-6", "addr", "del", n1.IP6.String()+"/64", "dev", "eth0")
+			if err := l.StartAgent(n1); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			peerOf := func(n, of *lab.Node) (publicIP6, mode string) {
+				for _, p := range status(t, l, n).Peers {
+					if p.Node == of.Name {
+						return p.PublicIP6, p.Mode
+					}
+				}
+				return "", "absent"
+			}
+			begin := time.Now()
+			if err := l.WaitReady(ctx, n1, 20*time.Second); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("node1's agent restarted without an IPv6 address: ready in %s", time.Since(begin).Round(time.Millisecond))
+			seen := waitUntil(t, 10*time.Second, "node2 sees node1's lease without an IPv6 address", func() bool {
+				ip6, mode := peerOf(n2, n1)
+				return ip6 == "" && mode != "absent"
+			})
+			_, before := peerOf(n2, n1)
+			t.Logf("node2 saw node1's lease without an IPv6 address %s later", seen.Round(time.Millisecond))
+			var pings []*pinger
+			if backend == "vxlan" {
+				pings = []*pinger{
+					startPinger(t, "IPv4", l.PodNS(n2.Pods[0]), n1.Pods[0].IP.String()),
+					startPinger(t, "IPv6", l.PodNS(n2.Pods[0]), n1.Pods[0].IP6.String()),
+				}
+				time.Sleep(time.Second)
+			}
+			ns.MustRun(t, "ip", "-6", "addr", "add", n1.IP6.String()+"/64", "dev", "eth0", "nodad")
+			took := waitUntil(t, 10*time.Second, "node2 sees node1's IPv6 address", func() bool {
+				ip6, mode := peerOf(n2, n1)
+				return ip6 == n1.IP6.String() && mode == "direct" == (backend == "host-gw")
+			})
+			t.Logf("node1's IPv6 address published and planned on node2 %s after it was added (node2's mode for node1 was %q before)", took.Round(time.Millisecond), before)
+			if got := status(t, l, n1).PublicIP6; got != n1.IP6.String() {
+				t.Errorf("node1's status publicIP6 %q, want %s", got, n1.IP6)
+			}
+			time.Sleep(time.Second)
+			for _, p := range pings {
+				if lost, sent := p.finish(); len(lost) > 0 || sent < 100 {
+					t.Errorf("%s ping node2 pod -> node1 pod while node1 published its address: %d sent, lost %v", p.name, sent, lost)
+				}
+			}
+			for _, ip := range []string{n1.Pods[0].IP.String(), n1.Pods[0].IP6.String()} {
+				if err := ping6(l.PodNS(n2.Pods[0]), ip); err != nil {
+					t.Errorf("pod on node2 -> pod on node1 (%s): %v", ip, err)
+				}
+			}
+		})
+	}
+}

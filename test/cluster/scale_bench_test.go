@@ -196,6 +196,17 @@ func agentScale(b *testing.B, family string) {
 	if err := l.StartAgent(n); err != nil {
 		b.Fatal(err)
 	}
+	if f := os.Getenv("SCALE_CPU"); f != "" { // with NETAGENT_PPROF=true: a CPU profile of the cold start
+		go func() {
+			for time.Since(start) < 10*time.Second {
+				if code, prof, err := l.Get(n, "/debug/pprof/profile?seconds=4"); err == nil && code == 200 {
+					_ = os.WriteFile(f, prof, 0o644)
+					return
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}()
+	}
 	programmed := func() bool {
 		return (family == "ipv6" || countOurRoutes(h) >= peers) && (family == "ipv4" || countOurRoutesOf(h, unix.AF_INET6) >= peers)
 	}
