@@ -245,17 +245,12 @@ func (a *Agent) maybeReady(ctx context.Context, log *slog.Logger, s *state) {
 // the pass did not complete: the caller retries it.
 func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, s *state, firewall, drift bool) error {
 	t0 := time.Now()
-<<<<<<< HEAD
-	_, _ = s.peers.Take() // the snapshot below covers them
+	a.refreshUnderlay(log, s) // first: an address it publishes changes which peers are valid
+	_, _ = s.peers.Take()     // the snapshot below covers them
 	a.mu.Lock()
 	prev := a.planner
 	a.mu.Unlock()
 	peers, newlyHeld := s.grace.full(time.Now(), s.peers.Snapshot(), prev)
-=======
-	a.refreshUnderlay(log, s) // first: an address it publishes changes which peers are valid
-	_, _ = s.peers.Take()     // the snapshot below covers them
-	peers, newlyHeld := s.grace.full(time.Now(), s.peers.Snapshot())
->>>>>>> main
 	logHeld(log, newlyHeld, s.grace.until)
 	a.checkForwarding(log)
 	planner, p := plan.NewPlanner(a.input(s.cfg, s.self, s.ul, peers))
