@@ -94,6 +94,9 @@ type Dataplane interface {
 	// Prepare may start on the parts of a plan that need no peers (the NAT chains) while
 	// the peers are listed.
 	Prepare(ctx context.Context, n plan.NAT)
+	// PrepareWireGuard may make the WireGuard device (start its daemon, waiting for it)
+	// while the lease is acquired and the peers listed.
+	PrepareWireGuard(ctx context.Context, dev *plan.WGDevice)
 	// Set makes the kernel hold the plan; a plan with a Delta may fail with
 	// dataplane.ErrStale, and a full plan is set instead.
 	Set(ctx context.Context, p plan.Plan) (dataplane.Stats, error)
@@ -222,6 +225,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The WireGuard device needs no lease (its address and peers come with the first
+	// pass): a new node's daemon starts now, not after the lease and the peers' list.
+	wgDev := plan.Build(a.input(cfg, lease.Lease{}, ul, nil)).WireGuard
+	defer a.wg.Wait()
+	prepCtx := ctx // (ctx is replaced below)
+	a.spawn(func() { a.dp.PrepareWireGuard(prepCtx, wgDev) })
 	held, err := a.acquire(ctx, log, cfg, ul)
 	if err != nil {
 		return err
@@ -233,7 +242,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	// may write them while the peers are listed (peers' routes must not wait for them).
 	a.dp.Prepare(ctx, plan.Build(a.input(cfg, held.Lease, ul, nil)).NAT)
 
-	defer a.wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	s := &state{cfg: cfg, self: held.Lease, ul: ul, grace: newGrace(), start: start,

@@ -332,11 +332,6 @@ func (n Network) validateRest() error {
 	default:
 		return fieldErr("backend.type", "%q is not one of host-gw, vxlan, hybrid, wireguard", n.Backend.Type)
 	}
-	if n.Backend.Type == WireGuard && n.HasV6() {
-		// Until it carries IPv6 (allowed IPs, routes and the unencrypted-traffic guard per
-		// family), a dual-stack wireguard cluster would leave IPv6 pods silently unrouted.
-		return fieldErr("ipv6Network", "the wireguard backend carries IPv4 pod traffic only so far; use vxlan, hybrid or host-gw for IPv6 and dual stack")
-	}
 	if n.Backend.PSKFile != "" && n.Backend.Type != WireGuard {
 		return fieldErr("backend.pskFile", "applies to the wireguard backend only")
 	}

@@ -57,8 +57,11 @@ func TestParse(t *testing.T) {
 		{"wireguard vni", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","vni":4}}`, "backend.vni"},
 		{"wireguard psk relative", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","pskFile":"psk"}}`, "backend.pskFile"},
 		{"wireguard psk unclean", `{"network":"10.244.0.0/16","backend":{"type":"wireguard","pskFile":"/etc/../psk"}}`, "backend.pskFile"},
-		{"wireguard dual stack", `{"network":"10.244.0.0/16","ipv6Network":"fd00::/48","backend":{"type":"wireguard"}}`, "ipv6Network"},
-		{"wireguard IPv6-only", `{"ipv6Network":"fd00::/48","backend":{"type":"wireguard"}}`, "ipv6Network"},
+		{"wireguard dual stack", `{"network":"10.244.0.0/16","ipv6Network":"fd00::/48","backend":{"type":"wireguard"}}`, ""},
+		{"wireguard IPv6-only", `{"ipv6Network":"fd00::/48","backend":{"type":"wireguard","port":51000}}`, ""},
+		{"wireguard IPv6 masquerade on", `{"ipv6Network":"fd00::/48","ipv6Masquerade":true,"backend":{"type":"wireguard"}}`, ""},
+		{"wireguard IPv6 without masquerade", `{"network":"10.244.0.0/16","ipv6Network":"2001:db8:1::/48","ipv6Masquerade":false,"backend":{"type":"wireguard"}}`, ""},
+		{"wireguard v4 ipv6Network", `{"ipv6Network":"10.244.0.0/16","backend":{"type":"wireguard"}}`, "ipv6Network"},
 		{"psk without wireguard", `{"network":"10.244.0.0/16","backend":{"type":"vxlan","pskFile":"/etc/psk"}}`, "backend.pskFile"},
 	}
 	for _, tt := range tests {

@@ -10,6 +10,7 @@ import (
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"github.com/netagent/netagent/pkg/netipx"
 	"github.com/netagent/netagent/pkg/plan"
 )
 
@@ -59,6 +60,9 @@ func (f *Fake) Prepare(_ context.Context, n plan.NAT) {
 	f.prepared = append(f.prepared, n)
 	f.mu.Unlock()
 }
+
+// PrepareWireGuard does nothing: the fake's WireGuard device is its plan's, made by Set.
+func (f *Fake) PrepareWireGuard(context.Context, *plan.WGDevice) {}
 
 // Fail makes the next len(errs) Sets fail with errs, in order, changing nothing.
 func (f *Fake) Fail(errs ...error) {
@@ -207,10 +211,14 @@ func (f *Fake) Dump() string {
 		lines = append(lines, fmt.Sprintf("vxlan %s vni %d port %d dev %s local %s mac %s mtu %d", v.Name, v.VNI, v.Port, v.Underlay, v.Local, v.MAC, v.MTU))
 	}
 	if w := p.WireGuard; w != nil {
-		lines = append(lines, fmt.Sprintf("wireguard %s port %d mtu %d addr %s underlay %s", w.Name, w.Port, w.MTU, w.Addr, w.Underlay))
+		l := fmt.Sprintf("wireguard %s port %d mtu %d addr %s underlay %s", w.Name, w.Port, w.MTU, w.Addr, w.Underlay)
+		if w.Addr6.IsValid() {
+			l += " addr6 " + w.Addr6.String()
+		}
+		lines = append(lines, l)
 	}
 	for _, w := range p.WGPeers {
-		lines = append(lines, fmt.Sprintf("wgpeer %s key %s endpoint %s allowed %s", w.Node, w.PublicKey, w.Endpoint, w.AllowedIPs))
+		lines = append(lines, fmt.Sprintf("wgpeer %s key %s endpoint %s allowed %s", w.Node, w.PublicKey, w.Endpoint, netipx.Join(w.AllowedIPs())))
 	}
 	lines = append(lines, fmt.Sprintf("nat %s %s final %t", p.NAT.Network, p.NAT.Subnet, p.NAT.Final))
 	slices.Sort(lines)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
@@ -172,6 +173,32 @@ func (w *wgState) key(dev string, rotate bool) (string, error) {
 	return k.PublicKey().String(), nil
 }
 
+// PrepareWireGuard makes the node's WireGuard device exist (for a userspace one: starts
+// its daemon and waits for it), ahead of the first Set: a new node's daemon takes a few
+// hundred milliseconds to come up, which would otherwise follow the lease, the peers' list
+// and the plan, while the peers already send it handshakes. Nothing else is set here (no
+// key, port or peers: an existing device keeps its peers, so a restart stays hitless);
+// Set serialises with it and finds the device there. The agent runs it on a goroutine of
+// its own; the daemon starts in the caller's network namespace.
+func (d *Linux) PrepareWireGuard(ctx context.Context, dev *plan.WGDevice) {
+	if d.wg == nil || dev == nil {
+		return
+	}
+	d.wg.prepare(ctx, *dev)
+}
+
+func (w *wgState) prepare(ctx context.Context, dev plan.WGDevice) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	rec, err := w.reconciler(&dev)
+	if err == nil {
+		_, err = rec.Device.Ensure(ctx)
+	}
+	if err != nil && ctx.Err() == nil {
+		w.log.Warn("wireguard device not made ahead of the first pass (the pass makes it)", "dev", dev.Name, "err", err)
+	}
+}
+
 // DaemonBinary is netagent-wireguard next to the running executable, else on PATH.
 func DaemonBinary() string {
 	if exe, err := os.Executable(); err == nil {
@@ -238,12 +265,16 @@ func (w *wgState) setLocked(ctx context.Context) (wireguard.Changes, error) {
 	}
 	specs := make([]wireguard.PeerSpec, 0, len(w.peers))
 	for _, p := range w.peers {
-		specs = append(specs, wireguard.PeerSpec{Node: p.Node, PublicKey: p.PublicKey, Endpoint: p.Endpoint.String(), AllowedIPs: []string{p.AllowedIPs.String()}})
+		var allowed []string
+		for _, a := range p.AllowedIPs() {
+			allowed = append(allowed, a.String())
+		}
+		specs = append(specs, wireguard.PeerSpec{Node: p.Node, PublicKey: p.PublicKey, Endpoint: p.Endpoint.String(), AllowedIPs: allowed})
 	}
 	// The plan decided on checked leases; checked again here as the device's own input (a
 	// peer left out is reported, the rest configured).
 	var errs []error
-	c.Peers, err = wireguard.Peers(wireguard.Self{PublicKey: priv.PublicKey(), Network: dev.Network, Subnet: dev.Subnet}, specs)
+	c.Peers, err = wireguard.Peers(wireguard.Self{PublicKey: priv.PublicKey(), Network: dev.Network, Network6: dev.Network6, Subnet: dev.Subnet, Subnet6: dev.Subnet6}, specs)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -267,32 +298,46 @@ func (w *wgState) setLocked(ctx context.Context) (wireguard.Changes, error) {
 	return ch, errors.Join(errs...)
 }
 
-// ensureAddr puts the device's one address on it (and takes any other IPv4 address off).
+// ensureAddr puts the device's addresses on it, one per family the plan gives it, and takes
+// any other address of those families off (IPv6 link-local addresses stay: the kernel's).
 func (w *wgState) ensureAddr(dev *plan.WGDevice) error {
 	l, err := w.h.LinkByName(dev.Name)
 	if err != nil {
 		return fmt.Errorf("wireguard device %s: %w", dev.Name, err)
 	}
-	addrs, err := w.h.AddrList(l, unix.AF_INET)
-	if err != nil {
-		return fmt.Errorf("addresses of %s: %w", dev.Name, err)
-	}
-	have := false
 	var errs []error
-	for _, a := range addrs {
-		p, ok := netipx.Prefix(a.IPNet)
-		switch {
-		case ok && p == dev.Addr:
-			have = true
-		default:
-			if err := w.h.AddrDel(l, &a); err != nil {
-				errs = append(errs, fmt.Errorf("delete address %s from %s: %w", a.IPNet, dev.Name, err))
+	for _, f := range []struct {
+		family int
+		want   netip.Prefix
+	}{{unix.AF_INET, dev.Addr}, {unix.AF_INET6, dev.Addr6}} {
+		addrs, err := w.h.AddrList(l, f.family)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("addresses of %s: %w", dev.Name, err))
+			continue
+		}
+		have := false
+		for _, a := range addrs {
+			p, ok := netipx.Prefix(a.IPNet)
+			switch {
+			case ok && p == f.want:
+				have = true
+			case ok && p.Addr().IsLinkLocalUnicast():
+			default:
+				if err := w.h.AddrDel(l, &a); err != nil {
+					errs = append(errs, fmt.Errorf("delete address %s from %s: %w", a.IPNet, dev.Name, err))
+				}
 			}
 		}
-	}
-	if !have {
-		if err := w.h.AddrAdd(l, &netlink.Addr{IPNet: netipx.IPNet(dev.Addr)}); err != nil {
-			errs = append(errs, fmt.Errorf("add address %s to %s: %w", dev.Addr, dev.Name, err))
+		if !have && f.want.IsValid() {
+			// No duplicate address detection: the address is usable at once, and nothing
+			// else on a point-to-point device can claim it.
+			a := &netlink.Addr{IPNet: netipx.IPNet(f.want)}
+			if f.want.Addr().Is6() {
+				a.Flags = unix.IFA_F_NODAD
+			}
+			if err := w.h.AddrAdd(l, a); err != nil {
+				errs = append(errs, fmt.Errorf("add address %s to %s: %w", f.want, dev.Name, err))
+			}
 		}
 	}
 	return errors.Join(errs...)
@@ -306,7 +351,7 @@ func (w *wgState) ensureGuard(dev *plan.WGDevice) error {
 		}
 		w.guard = g
 	}
-	return w.guard.Set(wgguard.Spec{Underlay: dev.Underlay, Network: dev.Network})
+	return w.guard.Set(wgguard.Spec{Underlay: dev.Underlay, Network: dev.Network, Network6: dev.Network6, Routable6: dev.Routable6})
 }
 
 // pruneTimeout bounds the wait for a userspace device's daemon to close its socket once

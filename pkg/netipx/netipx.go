@@ -5,6 +5,7 @@ package netipx
 import (
 	"net"
 	"net/netip"
+	"strings"
 )
 
 // IPNet converts a prefix for netlink.
@@ -24,4 +25,13 @@ func Prefix(n *net.IPNet) (netip.Prefix, bool) {
 	}
 	ones, _ := n.Mask.Size()
 	return netip.PrefixFrom(a.Unmap(), ones), true
+}
+
+// Join prints prefixes separated by commas.
+func Join(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
 }

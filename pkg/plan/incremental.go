@@ -528,7 +528,7 @@ func (p *Planner) contribution(l subnetLease) (contribution, bool) {
 	case !ok:
 		return contribution{}, false
 	case v.mode == WireGuard:
-		return contribution{dst: [2]netip.Prefix{l.Subnet}, wg: true}, true
+		return contribution{dst: [2]netip.Prefix{l.Subnet, l.Subnet6}, wg: true}, true
 	case v.mode != Direct && v.mode != VXLAN:
 		return contribution{}, false
 	}
@@ -579,11 +579,13 @@ func (p *Planner) add(l subnetLease, v Peer, ch *Changes) {
 		return
 	}
 	if c.wg {
-		r, w := wgPeer(p.in, l.Lease)
+		w := wgPeer(p.in, l)
 		p.wg[v.Node] = w
 		ch.WG = append(ch.WG, v.Node)
-		p.routes[r.Dst] = p.compact(r)
-		ch.Routes = append(ch.Routes, r.Dst)
+		for _, s := range l.subnets() {
+			p.routes[s] = p.compact(wgRoute(p.in, w, s))
+			ch.Routes = append(ch.Routes, s)
+		}
 		return
 	}
 	for i, s := range c.dst {

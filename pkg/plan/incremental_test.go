@@ -27,11 +27,7 @@ func TestPlannerMatchesBuild(t *testing.T) {
 		{"ipv6", `{"ipv6Network":"fd00::/48","backend":{"type":%q}}`, mk6("self", "", "fd00:0:0:1::/64", "", "2001:db8:1::1")},
 	}
 	for _, fam := range families {
-		backends := []string{config.HostGW, config.VXLAN, config.Hybrid}
-		if fam.name == "ipv4" {
-			backends = append(backends, config.WireGuard) // IPv4 only so far
-		}
-		for _, backend := range backends {
+		for _, backend := range []string{config.HostGW, config.VXLAN, config.Hybrid, config.WireGuard} {
 			t.Run(fam.name+"/"+backend, func(t *testing.T) {
 				plannerMatchesBuild(t, cfgJSON(t, fmt.Sprintf(fam.config, backend)), fam.self, backend)
 			})

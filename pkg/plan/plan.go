@@ -148,27 +148,41 @@ type VXLANDevice struct {
 type WGDevice struct {
 	Name string
 	Port int // listen port
-	MTU  int // underlay MTU - wireguard.Overhead
-	// Addr is the node's subnet's network address /32, on the device: node-originated
-	// traffic through it leaves with this source (inside our subnet, so peers' allowed IPs
-	// accept it), without depending on the pods' bridge existing yet.
-	Addr    netip.Prefix
-	Network netip.Prefix // the pod network: every peer's allowed IPs lie inside it
-	Subnet  netip.Prefix // this node's subnet: no peer may claim it
+	MTU  int // underlay MTU - wireguard.Overhead of the family WireGuard runs over here
+	// Addr and Addr6 are the network addresses of the node's subnets (/32 and /128; unset
+	// for a family the cluster has not), on the device: node-originated traffic through it
+	// leaves with this source (inside our subnet, so peers' allowed IPs accept it), without
+	// depending on the pods' bridge existing yet.
+	Addr, Addr6 netip.Prefix
+	// Network and Network6 are the pod networks (unset: that family is off): every peer's
+	// allowed IPs lie inside them.
+	Network, Network6 netip.Prefix
+	// Subnet and Subnet6 are this node's subnets: no peer may claim them.
+	Subnet, Subnet6 netip.Prefix
+	// Routable6 says IPv6 pods are not masqueraded (config ipv6Masquerade false): replies
+	// from the outside reach them from the underlay, in clear, so the underlay guard drops
+	// only IPv6 packets that claim a pod source.
+	Routable6 bool
 	// PSKFile is the pre-shared key's path on this node (config backend.pskFile); "": none.
 	PSKFile string
 	// Underlay is the device WireGuard's UDP leaves by: unencrypted packets for the pod
-	// network arriving on it are dropped.
+	// networks arriving on it are dropped.
 	Underlay string
 }
 
 // WGPeer is one peer of the WireGuard device: its public key (checked when its lease was
-// decoded), endpoint (public IP and WireGuard port) and allowed IPs (its pod subnet).
+// decoded), endpoint (public IP and WireGuard port; see wgEndpoint) and allowed IPs (its
+// pod subnets, Subnet and Subnet6, of the families the cluster has).
 type WGPeer struct {
-	Node       string
-	PublicKey  string
-	Endpoint   netip.AddrPort
-	AllowedIPs netip.Prefix
+	Node            string
+	PublicKey       string
+	Endpoint        netip.AddrPort
+	Subnet, Subnet6 netip.Prefix // either unset
+}
+
+// AllowedIPs are the peer's subnets, IPv4 first.
+func (w WGPeer) AllowedIPs() []netip.Prefix {
+	return subnetLease{lease.Lease{Subnet: w.Subnet, Subnet6: w.Subnet6}}.subnets()
 }
 
 // AllowList is the VXLAN allow-list: which peers may send VXLAN to this node, and what.
@@ -272,18 +286,15 @@ func Build(in Input) Plan {
 		Allow: AllowList{Network: c.Network, SubnetLen: c.SubnetLen, Network6: c.IPv6Network, SubnetLen6: c.IPv6SubnetLen,
 			Peers: make(map[string]Allowed, len(in.Peers))},
 	}
-	mtu := in.Underlay.MTU
-	if mtu == 0 {
-		mtu = 1500
-	}
+	mtu := underlayMTU(in)
 	tunnelMTU := mtu - config.VXLANOverhead
 	if vxlan6(in.Self) {
 		tunnelMTU = mtu - config.VXLANOverhead6
 	}
 	backend := c.Backend.Type
 	if backend == config.WireGuard {
-		tunnelMTU = mtu - wireguard.Overhead(false)
-		p.WireGuard = wgDevice(in, tunnelMTU)
+		tunnelMTU = mtu - wireguard.Overhead(!in.Self.PublicIP.IsValid())
+		p.WireGuard = wgDevice(in, self, tunnelMTU)
 	}
 	if backend == config.VXLAN || backend == config.Hybrid {
 		p.VXLAN = &VXLANDevice{
@@ -375,8 +386,10 @@ func Build(in Input) Plan {
 			}
 			p.FDB = append(p.FDB, FDB{MAC: mac, Dst: l.PublicIPOf(vxlan6(in.Self))})
 		case WireGuard:
-			r, wp := wgPeer(in, l.Lease)
-			p.Routes = append(p.Routes, r)
+			wp := wgPeer(in, l)
+			for _, s := range l.subnets() {
+				p.Routes = append(p.Routes, wgRoute(in, wp, s))
+			}
 			p.WGPeers = append(p.WGPeers, wp)
 		}
 	}
@@ -474,18 +487,28 @@ func direct(in Input, l subnetLease) (bool, string) {
 	return true, ""
 }
 
-// wgDevice is the WireGuard device of the plan of in (wireguard backend).
-func wgDevice(in Input, mtu int) *WGDevice {
-	return &WGDevice{
-		Name:     wgDevName(in),
-		Port:     in.Config.Backend.Port,
-		MTU:      mtu,
-		Addr:     netip.PrefixFrom(in.Self.Subnet.Addr(), 32),
-		Network:  in.Config.Network,
-		Subnet:   in.Self.Subnet,
-		PSKFile:  in.Config.Backend.PSKFile,
-		Underlay: in.Underlay.Dev,
+// wgDevice is the WireGuard device of the plan of in (wireguard backend); self is in.Self
+// with the enabled families' subnets only.
+func wgDevice(in Input, self subnetLease, mtu int) *WGDevice {
+	d := &WGDevice{
+		Name:      wgDevName(in),
+		Port:      in.Config.Backend.Port,
+		MTU:       mtu,
+		Network:   in.Config.Network,
+		Network6:  in.Config.IPv6Network,
+		Subnet:    self.Subnet,
+		Subnet6:   self.Subnet6,
+		Routable6: in.Config.HasV6() && !in.Config.Masquerade6(),
+		PSKFile:   in.Config.Backend.PSKFile,
+		Underlay:  in.Underlay.Dev,
 	}
+	if self.Subnet.IsValid() {
+		d.Addr = netip.PrefixFrom(self.Subnet.Addr(), 32)
+	}
+	if self.Subnet6.IsValid() {
+		d.Addr6 = netip.PrefixFrom(self.Subnet6.Addr(), 128)
+	}
+	return d
 }
 
 func wgDevName(in Input) string {
@@ -495,10 +518,44 @@ func wgDevName(in Input) string {
 	return DefaultWGDev
 }
 
-// wgPeer is the route and WireGuard peer of l, a peer in mode WireGuard.
-func wgPeer(in Input, l lease.Lease) (Route, WGPeer) {
-	return Route{Dst: l.Subnet, Dev: wgDevName(in)},
-		WGPeer{Node: l.Node, PublicKey: l.WGPublicKey, Endpoint: netip.AddrPortFrom(l.PublicIP, uint16(l.WGPort)), AllowedIPs: l.Subnet}
+// wgEndpoint is the address WireGuard reaches peer l at: its IPv4 underlay address when
+// both nodes have one, else its IPv6 one when both have that (invalid: no common family).
+// Both sides of a pair pick the same family, so each finds the other's packets coming from
+// the endpoint it has configured. A dual-stack underlay thus carries WireGuard over IPv4.
+func wgEndpoint(self, l lease.Lease) netip.Addr {
+	switch {
+	case self.PublicIP.IsValid() && l.PublicIP.IsValid():
+		return l.PublicIP
+	case self.PublicIP6.IsValid() && l.PublicIP6.IsValid():
+		return l.PublicIP6
+	}
+	return netip.Addr{}
+}
+
+// wgPeer is the WireGuard peer of l, a peer in mode WireGuard.
+func wgPeer(in Input, l subnetLease) WGPeer {
+	return WGPeer{Node: l.Node, PublicKey: l.WGPublicKey, Endpoint: netip.AddrPortFrom(wgEndpoint(in.Self, l.Lease), uint16(l.WGPort)),
+		Subnet: l.Subnet, Subnet6: l.Subnet6}
+}
+
+// wgRoute is the route to w's subnet s through the device. The device's MTU is for the
+// family WireGuard runs over here (IPv4 when this node has an IPv4 underlay address); a peer
+// reached over IPv6 from such a node (it has no IPv4 one) costs 20 bytes more per packet,
+// which its routes carry.
+func wgRoute(in Input, w WGPeer, s netip.Prefix) Route {
+	r := Route{Dst: s, Dev: wgDevName(in)}
+	if w.Endpoint.Addr().Is6() && in.Self.PublicIP.IsValid() {
+		r.MTU = underlayMTU(in) - wireguard.Overhead(true)
+	}
+	return r
+}
+
+// underlayMTU is the underlay's MTU (1500 when unknown).
+func underlayMTU(in Input) int {
+	if in.Underlay.MTU == 0 {
+		return 1500
+	}
+	return in.Underlay.MTU
 }
 
 // wgKeyHolders maps each WireGuard public key among peers to the nodes publishing it.
@@ -577,6 +634,8 @@ func decide(in Input, l subnetLease, owner map[netip.Prefix]string) (Mode, strin
 			return Unreachable, "the peer published no WireGuard key (is it running the wireguard backend?)"
 		case l.WGPublicKey == in.Self.WGPublicKey:
 			return Unreachable, "the peer publishes this node's WireGuard public key"
+		case !wgEndpoint(in.Self, l.Lease).IsValid():
+			return Unreachable, fmt.Sprintf("WireGuard: the peer's underlay address (%s) is of no family this node has one of", ips(l.Lease))
 		}
 		return WireGuard, ""
 	}

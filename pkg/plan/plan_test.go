@@ -12,6 +12,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/netipx"
 )
 
 func cfg(t testing.TB, backend string) config.Network {
@@ -90,10 +91,17 @@ func render(p Plan) string {
 		fmt.Fprintf(&b, "vxlan %s vni %d port %d dev %s local %s addr %s mac %s mtu %d\n", p.VXLAN.Name, p.VXLAN.VNI, p.VXLAN.Port, p.VXLAN.Underlay, p.VXLAN.Local, p.VXLAN.Addr, p.VXLAN.MAC, p.VXLAN.MTU)
 	}
 	if w := p.WireGuard; w != nil {
-		fmt.Fprintf(&b, "wireguard %s port %d mtu %d addr %s network %s subnet %s psk %q underlay %s\n", w.Name, w.Port, w.MTU, w.Addr, w.Network, w.Subnet, w.PSKFile, w.Underlay)
+		fmt.Fprintf(&b, "wireguard %s port %d mtu %d addr %s network %s subnet %s", w.Name, w.Port, w.MTU, w.Addr, w.Network, w.Subnet)
+		if w.Network6.IsValid() {
+			fmt.Fprintf(&b, " addr6 %s network6 %s subnet6 %s", w.Addr6, w.Network6, w.Subnet6)
+		}
+		if w.Routable6 {
+			b.WriteString(" routable6")
+		}
+		fmt.Fprintf(&b, " psk %q underlay %s\n", w.PSKFile, w.Underlay)
 	}
 	for _, w := range p.WGPeers {
-		fmt.Fprintf(&b, "wgpeer %s key %s endpoint %s allowed %s\n", w.Node, w.PublicKey, w.Endpoint, w.AllowedIPs)
+		fmt.Fprintf(&b, "wgpeer %s key %s endpoint %s allowed %s\n", w.Node, w.PublicKey, w.Endpoint, netipx.Join(w.AllowedIPs()))
 	}
 	fmt.Fprintf(&b, "pod mtu %d\n", p.PodMTU)
 	fmt.Fprintf(&b, "nat %s %s final %t", p.NAT.Network, p.NAT.Subnet, p.NAT.Final)
@@ -521,6 +529,90 @@ func TestKeepVXLAN(t *testing.T) {
 				if strings.HasPrefix(r.Dev, "netagent.") && c.backend == config.HostGW {
 					t.Errorf("host-gw plans a route on a VXLAN device: %+v", r)
 				}
+			}
+		})
+	}
+}
+
+// The wireguard backend in dual-stack and IPv6-only clusters: allowed IPs and routes of
+// both families, the endpoint of the family both nodes of a pair have (IPv4 first), the MTU
+// of the family WireGuard runs over (a peer reached over IPv6 from a node whose device is
+// sized for IPv4 gets routes 20 bytes smaller).
+func TestBuildWireGuard6(t *testing.T) {
+	wg := func(l lease.Lease) lease.Lease {
+		l.VTEPMAC, l.WGPublicKey, l.WGPort = "", "key-"+l.Node, 51820
+		return l
+	}
+	dual := `{"network":"10.244.0.0/16","ipv6Network":"fd00::/48","backend":{"type":"wireguard"}}`
+	v6only := `{"ipv6Network":"fd00::/48","backend":{"type":"wireguard"}}`
+	selfDual := wg(mk6("a", "10.244.1.0/24", "fd00:0:0:1::/64", "192.0.2.1", "2001:db8:1::1"))
+	self6 := wg(mk6("a", "", "fd00:0:0:1::/64", "", "2001:db8:1::1"))
+	tests := []struct {
+		name, config string
+		self         lease.Lease
+		peers        []lease.Lease
+		want         string
+	}{
+		{"dual over a dual underlay: IPv4 endpoints", dual, selfDual, []lease.Lease{
+			wg(mk6("b", "10.244.2.0/24", "fd00:0:0:2::/64", "192.0.2.2", "2001:db8:1::2")),
+			wg(mk6("c", "10.244.3.0/24", "fd00:0:0:3::/64", "198.51.100.3", "2001:db8:2::3")),
+		}, `route 10.244.2.0/24 via invalid IP dev netagent-wg
+route 10.244.3.0/24 via invalid IP dev netagent-wg
+route fd00:0:0:2::/64 via invalid IP dev netagent-wg
+route fd00:0:0:3::/64 via invalid IP dev netagent-wg
+peer b wireguard
+peer c wireguard
+wireguard netagent-wg port 51820 mtu 1440 addr 10.244.1.0/32 network 10.244.0.0/16 subnet 10.244.1.0/24 addr6 fd00:0:0:1::/128 network6 fd00::/48 subnet6 fd00:0:0:1::/64 psk "" underlay eth0
+wgpeer b key key-b endpoint 192.0.2.2:51820 allowed 10.244.2.0/24,fd00:0:0:2::/64
+wgpeer c key key-c endpoint 198.51.100.3:51820 allowed 10.244.3.0/24,fd00:0:0:3::/64
+pod mtu 1440
+nat 10.244.0.0/16 10.244.1.0/24 final false v6 fd00::/48 fd00:0:0:1::/64 masquerade true
+`},
+		{"dual: a peer with an IPv6 underlay only: IPv6 endpoint, smaller routes", dual, selfDual, []lease.Lease{
+			wg(mk6("b", "10.244.2.0/24", "fd00:0:0:2::/64", "", "2001:db8:1::2")),
+		}, `route 10.244.2.0/24 via invalid IP dev netagent-wg mtu 1420
+route fd00:0:0:2::/64 via invalid IP dev netagent-wg mtu 1420
+peer b wireguard
+wireguard netagent-wg port 51820 mtu 1440 addr 10.244.1.0/32 network 10.244.0.0/16 subnet 10.244.1.0/24 addr6 fd00:0:0:1::/128 network6 fd00::/48 subnet6 fd00:0:0:1::/64 psk "" underlay eth0
+wgpeer b key key-b endpoint [2001:db8:1::2]:51820 allowed 10.244.2.0/24,fd00:0:0:2::/64
+pod mtu 1440
+nat 10.244.0.0/16 10.244.1.0/24 final false v6 fd00::/48 fd00:0:0:1::/64 masquerade true
+`},
+		{"IPv6 not masqueraded: routable for the underlay guard", `{"ipv6Network":"fd00::/48","ipv6Masquerade":false,"backend":{"type":"wireguard"}}`, self6, []lease.Lease{
+			wg(mk6("b", "", "fd00:0:0:2::/64", "", "2001:db8:1::2")),
+		}, `route fd00:0:0:2::/64 via invalid IP dev netagent-wg
+peer b wireguard
+wireguard netagent-wg port 51820 mtu 1420 addr invalid Prefix network invalid Prefix subnet invalid Prefix addr6 fd00:0:0:1::/128 network6 fd00::/48 subnet6 fd00:0:0:1::/64 routable6 psk "" underlay eth0
+wgpeer b key key-b endpoint [2001:db8:1::2]:51820 allowed fd00:0:0:2::/64
+pod mtu 1420
+nat invalid Prefix invalid Prefix final false v6 fd00::/48 fd00:0:0:1::/64 masquerade false
+`},
+		{"IPv6-only over an IPv6 underlay", v6only, self6, []lease.Lease{
+			wg(mk6("b", "", "fd00:0:0:2::/64", "", "2001:db8:1::2")),
+			wg(mk6("c", "", "fd00:0:0:3::/64", "", "2001:db8:2::3")),
+			wg(mk6("d", "", "fd00:0:0:4::/64", "198.51.100.4", "")),
+		}, `route fd00:0:0:2::/64 via invalid IP dev netagent-wg
+route fd00:0:0:3::/64 via invalid IP dev netagent-wg
+peer b wireguard
+peer c wireguard
+peer d unreachable (WireGuard: the peer's underlay address (198.51.100.4) is of no family this node has one of)
+wireguard netagent-wg port 51820 mtu 1420 addr invalid Prefix network invalid Prefix subnet invalid Prefix addr6 fd00:0:0:1::/128 network6 fd00::/48 subnet6 fd00:0:0:1::/64 psk "" underlay eth0
+wgpeer b key key-b endpoint [2001:db8:1::2]:51820 allowed fd00:0:0:2::/64
+wgpeer c key key-c endpoint [2001:db8:2::3]:51820 allowed fd00:0:0:3::/64
+pod mtu 1420
+nat invalid Prefix invalid Prefix final false v6 fd00::/48 fd00:0:0:1::/64 masquerade true
+`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			in := Input{Config: cfgJSON(t, tt.config), Self: tt.self, Peers: tt.peers, Underlay: underlay6}
+			got := render(Build(in))
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("Build() mismatch (-want +got):\n%s", diff)
+			}
+			_, first := NewPlanner(in)
+			if diff := cmp.Diff(got, render(first)); diff != "" {
+				t.Errorf("NewPlanner() differs from Build (-build +planner):\n%s", diff)
 			}
 		})
 	}

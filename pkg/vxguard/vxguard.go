@@ -811,6 +811,11 @@ func RemoveTable(name string) error {
 	return removeTable(&nftables.Table{Name: name, Family: nftables.TableFamilyIPv4})
 }
 
+// RemoveTable6 deletes the ip6-family table name if it exists.
+func RemoveTable6(name string) error {
+	return removeTable(&nftables.Table{Name: name, Family: nftables.TableFamilyIPv6})
+}
+
 func removeTable(t *nftables.Table) error {
 	c, err := nftables.New()
 	if err != nil {

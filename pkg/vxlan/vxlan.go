@@ -52,9 +52,13 @@ type Kernel interface {
 // that a pass with thousands of peers diffs against memory that the kernel's own
 // neighbour notifications keep current, instead of dumping two tables every time.
 type Reconciler struct {
-	k     Kernel
-	log   *slog.Logger
-	idx   atomic.Int32 // the device the mirrors belong to; 0: none
+	k   Kernel
+	log *slog.Logger
+	idx atomic.Int32 // the device the mirrors belong to; 0: none
+	// none: the last Sync wanted no device (a host-gw or wireguard plan), so there is
+	// nothing to mirror: no neighbour notification concerns us, and a delta without
+	// neighbour or FDB changes applies.
+	none  atomic.Bool
 	neigh mirror.Mirror[netip.Addr, entry]
 	fdb   mirror.Mirror[fdbKey, entry]
 
@@ -206,6 +210,7 @@ func setFDB(idx int, k fdbKey) *netlink.Neigh {
 // Mirror turns mirroring on.
 func (r *Reconciler) Mirror() {
 	r.idx.Store(0)
+	r.none.Store(false)
 	r.neigh.Enable()
 	r.fdb.Enable()
 }
@@ -225,7 +230,10 @@ func (r *Reconciler) Device() int { return int(r.idx.Load()) }
 func (r *Reconciler) Observe(u netlink.NeighUpdate) bool {
 	idx := r.Device()
 	if idx == 0 || u.LinkIndex != idx {
-		return idx == 0 && r.neigh.Enabled()
+		// An invalid mirror may be missing this entry (a pass rebuilds it), unless no
+		// device is wanted: then it is some other device's neighbour (a pod's, the
+		// underlay's ARP), and every ARP exchange would cost a full pass.
+		return idx == 0 && r.neigh.Enabled() && !r.none.Load()
 	}
 	ip, ok := netip.AddrFromSlice(u.IP)
 	if !ok {
@@ -408,6 +416,7 @@ func (r *Reconciler) Prune(keep string) ([]string, error) {
 // (no VXLAN in the plan) ensures nothing: Prune removes devices.
 func (r *Reconciler) Sync(dev *plan.VXLANDevice, neighs []plan.Neigh, fdb []plan.FDB) (Stats, error) {
 	var st Stats
+	r.none.Store(dev == nil)
 	if dev == nil {
 		return st, nil
 	}
@@ -594,6 +603,9 @@ var ErrNoMirror = errors.New("vxlan mirror not valid: full sync needed")
 // each is set to its new value or deleted. It needs a valid mirror of the current device.
 func (r *Reconciler) Apply(neighs []plan.NeighChange, fdbs []plan.FDBChange) (Stats, error) {
 	var st Stats
+	if len(neighs)+len(fdbs) == 0 {
+		return st, nil // (a host-gw or wireguard delta: no device, no mirror to need)
+	}
 	idx := r.Device()
 	if idx == 0 {
 		return st, ErrNoMirror

@@ -344,3 +344,40 @@ func TestSyncIPv6(t *testing.T) {
 		t.Fatalf("leave: %+v, %v", st, err)
 	}
 }
+
+// TestNoDeviceWanted: once a Sync wanted no device (host-gw, wireguard), another device's
+// neighbour notification (a pod's or the underlay's ARP) is none of the mirror's business,
+// and a delta without neighbour or FDB changes applies; before any Sync, an invalid mirror
+// still asks for a pass on every notification. Both used to ask for a full pass on every
+// ARP exchange and lease event of such a node.
+func TestNoDeviceWanted(t *testing.T) {
+	arp := netlink.NeighUpdate{Type: unix.RTM_NEWNEIGH, Neigh: netlink.Neigh{LinkIndex: 7, Family: unix.AF_INET, IP: net.ParseIP("192.0.2.13"), State: netlink.NUD_REACHABLE}}
+	for _, tt := range []struct {
+		name        string
+		synced      bool // Sync(nil) ran
+		wantObserve bool
+		wantApply   error
+	}{
+		{"before a Sync", false, true, nil},
+		{"no device wanted", true, false, nil},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			r := New(nil, slog.New(slog.DiscardHandler))
+			r.Mirror()
+			if tt.synced {
+				if _, err := r.Sync(nil, nil, nil); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := r.Observe(arp); got != tt.wantObserve {
+				t.Errorf("Observe(another device's ARP) = %v, want %v", got, tt.wantObserve)
+			}
+			if _, err := r.Apply(nil, nil); err != tt.wantApply {
+				t.Errorf("Apply(no changes) = %v, want %v", err, tt.wantApply)
+			}
+			if _, err := r.Apply([]plan.NeighChange{{IP: netip.MustParseAddr("10.244.3.0")}}, nil); err != ErrNoMirror {
+				t.Errorf("Apply(a neighbour) = %v, want ErrNoMirror: there is no device to put it on", err)
+			}
+		})
+	}
+}

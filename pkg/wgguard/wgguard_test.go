@@ -17,29 +17,48 @@ func TestSetDriftRemove(t *testing.T) {
 	if err := ns.Do(func() (err error) { g, err = New(); return err }); err != nil {
 		t.Fatal(err)
 	}
+	// list is the guard's tables as nft prints them, the ip one first.
 	list := func() string {
-		out, err := ns.Run("nft", "list", "table", "ip", Table)
-		if err != nil {
-			return ""
+		var b strings.Builder
+		for _, family := range []string{"ip", "ip6"} {
+			if out, err := ns.Run("nft", "list", "table", family, Table); err == nil {
+				b.WriteString(out)
+			}
 		}
-		return out
+		return b.String()
 	}
 	a := Spec{Underlay: "eth0", Network: netip.MustParsePrefix("10.244.0.0/16")}
 	b := Spec{Underlay: "ens3", Network: netip.MustParsePrefix("10.42.0.0/16")}
+	dual := Spec{Underlay: "eth0", Network: netip.MustParsePrefix("10.244.0.0/16"), Network6: netip.MustParsePrefix("fd00:10:244::/48")}
+	v6 := Spec{Underlay: "eth0", Network6: netip.MustParsePrefix("fd00:10:244::/48")}
+	routable := v6
+	routable.Routable6 = true
+	const rule6 = `iifname "eth0" ip6 daddr fd00:10:244::/48 counter packets 0 bytes 0 drop`
 	for _, step := range []struct {
 		name  string
 		spec  Spec
 		drift func()
-		want  string // in nft's listing ("" : no table)
+		want  []string // rules in nft's listing (none: no table)
 	}{
-		{"first", a, nil, `iifname "eth0" ip daddr 10.244.0.0/16 counter packets 0 bytes 0 drop`},
-		{"again", a, nil, `iifname "eth0" ip daddr 10.244.0.0/16`},
-		{"another underlay and network", b, nil, `iifname "ens3" ip daddr 10.42.0.0/16`},
-		{"rule deleted", b, func() { ns.MustRun(t, "nft", "flush", "chain", "ip", Table, Chain) }, `iifname "ens3" ip daddr 10.42.0.0/16`},
-		{"table deleted", b, func() { ns.MustRun(t, "nft", "delete", "table", "ip", Table) }, `iifname "ens3" ip daddr 10.42.0.0/16`},
-		{"a rule added", b, func() { ns.MustRun(t, "nft", "add", "rule", "ip", Table, Chain, "accept") }, `iifname "ens3" ip daddr 10.42.0.0/16`},
-		{"removed", Spec{}, nil, ""},
-		{"removed again", Spec{}, nil, ""},
+		{"first", a, nil, []string{`iifname "eth0" ip daddr 10.244.0.0/16 counter packets 0 bytes 0 drop`}},
+		{"again", a, nil, []string{`iifname "eth0" ip daddr 10.244.0.0/16`}},
+		{"another underlay and network", b, nil, []string{`iifname "ens3" ip daddr 10.42.0.0/16`}},
+		{"rule deleted", b, func() { ns.MustRun(t, "nft", "flush", "chain", "ip", Table, Chain) }, []string{`iifname "ens3" ip daddr 10.42.0.0/16`}},
+		{"table deleted", b, func() { ns.MustRun(t, "nft", "delete", "table", "ip", Table) }, []string{`iifname "ens3" ip daddr 10.42.0.0/16`}},
+		{"a rule added", b, func() { ns.MustRun(t, "nft", "add", "rule", "ip", Table, Chain, "accept") }, []string{`iifname "ens3" ip daddr 10.42.0.0/16`}},
+		{"dual stack", dual, nil, []string{`iifname "eth0" ip daddr 10.244.0.0/16`, rule6}},
+		{"IPv6 rule deleted", dual, func() { ns.MustRun(t, "nft", "flush", "chain", "ip6", Table, Chain) }, []string{`iifname "eth0" ip daddr 10.244.0.0/16`, rule6}},
+		{"IPv6 table deleted", dual, func() { ns.MustRun(t, "nft", "delete", "table", "ip6", Table) }, []string{`iifname "eth0" ip daddr 10.244.0.0/16`, rule6}},
+		{"IPv6 only: the IPv4 table goes", v6, nil, []string{rule6}},
+		{"IPv6 routable: pod sources only", routable, nil, []string{`iifname "eth0" ip6 saddr fd00:10:244::/48 ip6 daddr fd00:10:244::/48 counter`}},
+		{"IPv6 routable rule replaced", routable, func() {
+			ns.MustRun(t, "nft", "flush", "chain", "ip6", Table, Chain)
+			ns.MustRun(t, "nft", "add", "rule", "ip6", Table, Chain, "iifname", "eth0", "ip6", "daddr", "fd00:10:244::/48", "counter", "drop")
+		}, []string{`iifname "eth0" ip6 saddr fd00:10:244::/48 ip6 daddr fd00:10:244::/48 counter`}},
+		{"IPv6 masqueraded again", v6, nil, []string{rule6}},
+		{"IPv4 table back", v6, func() { ns.MustRun(t, "nft", "add", "table", "ip", Table) }, []string{rule6}},
+		{"removed", Spec{}, nil, nil},
+		{"removed again", Spec{}, nil, nil},
 	} {
 		t.Run(step.name, func(t *testing.T) {
 			if step.drift != nil {
@@ -55,16 +74,86 @@ func TestSetDriftRemove(t *testing.T) {
 				t.Errorf("Drifted() = %q right after Set", why)
 			}
 			got := list()
-			switch {
-			case step.want == "" && got != "":
-				t.Errorf("table left:\n%s", got)
-			case step.want != "" && (!strings.Contains(got, step.want) || strings.Count(got, "drop") != 1 || strings.Count(got, "accept") != 1 ||
-				!strings.Contains(got, "type filter hook prerouting priority raw; policy accept;")):
-				t.Errorf("table:\n%s\nwant one rule with %q at prerouting, raw", got, step.want)
+			ok := strings.Count(got, "drop") == len(step.want) && strings.Count(got, "accept") == len(step.want) &&
+				strings.Count(got, "type filter hook prerouting priority raw; policy accept;") == len(step.want)
+			for _, w := range step.want {
+				ok = ok && strings.Contains(got, w)
+			}
+			if !ok {
+				t.Errorf("tables:\n%s\nwant one rule each at prerouting, raw: %q", got, step.want)
 			}
 		})
 	}
-	if err := g.Set(Spec{Underlay: "eth0"}); err == nil {
-		t.Error("Set without a network succeeded")
+	for _, bad := range []Spec{{Underlay: "eth0"}, {Underlay: "eth0", Network: netip.MustParsePrefix("10.0.0.0/8"), Routable6: true}, {Underlay: "eth0", Network: netip.MustParsePrefix("fd00::/48")}, {Underlay: "eth0", Network6: netip.MustParsePrefix("10.0.0.0/8")}} {
+		if err := g.Set(bad); err == nil {
+			t.Errorf("Set(%+v) succeeded", bad)
+		}
+	}
+}
+
+// An unencrypted IPv4 or IPv6 packet for the pod network arriving on the underlay is
+// dropped (counted), one for the node's own address passes; with routable IPv6 pods, only
+// one from a pod source is.
+func TestDrops(t *testing.T) {
+	netns.RequireRoot(t)
+	node, peer := netns.New(t, "wgguard-n"), netns.New(t, "wgguard-p")
+	if err := netns.Veth(node, "eth0", peer, "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		ns   *netns.NS
+		addr string
+	}{{node, "192.0.2.1/24"}, {node, "2001:db8:1::1/64"}, {peer, "192.0.2.2/24"}, {peer, "2001:db8:1::2/64"}} {
+		if _, err := c.ns.Run("ip", "addr", "add", c.addr, "dev", "eth0", "nodad"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	node.MustRun(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	// The pod networks are local on the node (lo), so a packet that got through would be
+	// answered.
+	node.MustRun(t, "ip", "addr", "add", "10.244.1.2/32", "dev", "lo")
+	node.MustRun(t, "ip", "addr", "add", "fd00:10:244:1::2/128", "dev", "lo")
+	peer.MustRun(t, "ip", "route", "add", "10.244.0.0/16", "via", "192.0.2.1")
+	peer.MustRun(t, "ip", "-6", "route", "add", "fd00:10:244::/48", "via", "2001:db8:1::1")
+	var g *Guard
+	if err := node.Do(func() (err error) { g, err = New(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	for _, dst := range []string{"10.244.1.2", "fd00:10:244:1::2"} {
+		if _, err := peer.Run("ping", "-c", "1", "-W", "1", dst); err != nil {
+			t.Fatalf("ping %s before the guard: %v (the test would prove nothing)", dst, err)
+		}
+	}
+	if err := g.Set(Spec{Underlay: "eth0", Network: netip.MustParsePrefix("10.244.0.0/16"), Network6: netip.MustParsePrefix("fd00:10:244::/48")}); err != nil {
+		t.Fatal(err)
+	}
+	for _, dst := range []string{"10.244.1.2", "fd00:10:244:1::2"} {
+		if _, err := peer.Run("ping", "-c", "2", "-i", "0.1", "-W", "1", dst); err == nil {
+			t.Errorf("ping %s from the underlay got through the guard", dst)
+		}
+	}
+	for _, dst := range []string{"192.0.2.1", "2001:db8:1::1"} {
+		if _, err := peer.Run("ping", "-c", "1", "-W", "1", dst); err != nil {
+			t.Errorf("ping the node's own %s: %v", dst, err)
+		}
+	}
+	if n := g.Dropped(); n != 4 {
+		t.Errorf("Dropped() = %d, want 4 (two pings per family)", n)
+	}
+
+	// IPv6 pods not masqueraded: the outside reaches them from the underlay, a source in
+	// the pod network does not.
+	if err := g.Set(Spec{Underlay: "eth0", Network6: netip.MustParsePrefix("fd00:10:244::/48"), Routable6: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := peer.Run("ping", "-c", "1", "-W", "1", "fd00:10:244:1::2"); err != nil {
+		t.Errorf("ping a routable IPv6 pod from the outside: %v", err)
+	}
+	peer.MustRun(t, "ip", "addr", "add", "fd00:10:244:9::9/128", "dev", "lo")
+	if _, err := peer.Run("ping", "-c", "2", "-i", "0.1", "-W", "1", "-I", "fd00:10:244:9::9", "fd00:10:244:1::2"); err == nil {
+		t.Error("ping from a pod source on the underlay got through the guard")
+	}
+	if n := g.Dropped(); n != 2 {
+		t.Errorf("Dropped() = %d, want 2 (the pings from a pod source)", n)
 	}
 }

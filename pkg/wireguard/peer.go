@@ -17,15 +17,27 @@ import (
 type PeerSpec struct {
 	Node       string   // for messages
 	PublicKey  string   // base64
-	Endpoint   string   // underlay address and WireGuard port, "192.0.2.2:51820"
-	AllowedIPs []string // the peer's pod subnet(s)
+	Endpoint   string   // underlay address and WireGuard port, "192.0.2.2:51820" or "[2001:db8::2]:51820"
+	AllowedIPs []string // the peer's pod subnets (one per family)
 }
 
-// Self is what a peer is checked against.
+// Self is what a peer is checked against. Each family's fields are unset when the
+// cluster does not have that family.
 type Self struct {
 	PublicKey wgtypes.Key
-	Network   netip.Prefix // the cluster's pod network: every allowed IP lies inside it
-	Subnet    netip.Prefix // this node's pod subnet: no peer may claim any of it
+	// Network and Network6 are the cluster's pod networks: every allowed IP lies inside the
+	// one of its family.
+	Network, Network6 netip.Prefix
+	// Subnet and Subnet6 are this node's pod subnets: no peer may claim any of them.
+	Subnet, Subnet6 netip.Prefix
+}
+
+// network is the pod network of a's family (invalid: the cluster has none).
+func (s Self) network(a netip.Addr) netip.Prefix {
+	if a.Is4() {
+		return s.Network
+	}
+	return s.Network6
 }
 
 // Peer is a validated peer.
@@ -43,7 +55,7 @@ type Peer struct {
 // subnet, or overlapping another peer's, and a public key used twice (or ours), leave
 // every peer involved out, rather than letting input order pick a winner.
 func Peers(self Self, specs []PeerSpec) ([]Peer, error) {
-	if !self.Network.IsValid() {
+	if !self.Network.IsValid() && !self.Network6.IsValid() {
 		return nil, errors.New("wireguard peers: no pod network to check allowed IPs against")
 	}
 	var errs []error
@@ -128,13 +140,18 @@ func parsePeer(self Self, s PeerSpec) (Peer, error) {
 		if err != nil {
 			return fail("allowed IPs", "%v", err)
 		}
+		network := self.network(p.Addr())
 		switch {
 		case p != p.Masked():
 			return fail("allowed IPs", "%s has host bits set (want %s)", p, p.Masked())
-		case p.Addr().Is4() != self.Network.Addr().Is4() || p.Bits() < self.Network.Bits() || !self.Network.Contains(p.Addr()):
-			return fail("allowed IPs", "%s is outside the pod network %s", p, self.Network)
+		case !network.IsValid():
+			return fail("allowed IPs", "%s is outside the pod network (the cluster has none of its family)", p)
+		case p.Addr().Is4In6() || p.Bits() < network.Bits() || !network.Contains(p.Addr()):
+			return fail("allowed IPs", "%s is outside the pod network %s", p, network)
 		case self.Subnet.IsValid() && p.Overlaps(self.Subnet):
 			return fail("allowed IPs", "%s overlaps this node's subnet %s", p, self.Subnet)
+		case self.Subnet6.IsValid() && p.Overlaps(self.Subnet6):
+			return fail("allowed IPs", "%s overlaps this node's subnet %s", p, self.Subnet6)
 		}
 		ips = append(ips, p)
 	}

@@ -70,6 +70,49 @@ func TestPeersRejects(t *testing.T) {
 	}
 }
 
+// Dual-stack and IPv6-only clusters: a peer's allowed IPs are its subnets of both
+// families, each checked against the pod network of its family and this node's subnets.
+func TestPeersIPv6(t *testing.T) {
+	dual := Self{PublicKey: genKey(t).PublicKey(), Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.244.1.0/24"),
+		Network6: netip.MustParsePrefix("fd00::/48"), Subnet6: netip.MustParsePrefix("fd00:0:0:1::/64")}
+	v6only := dual
+	v6only.Network, v6only.Subnet = netip.Prefix{}, netip.Prefix{}
+	k2, k3 := genKey(t).PublicKey(), genKey(t).PublicKey()
+	p := func(node string, k wgtypes.Key, ep string, ips ...string) PeerSpec {
+		return PeerSpec{Node: node, PublicKey: k.String(), Endpoint: ep, AllowedIPs: ips}
+	}
+	tests := []struct {
+		name    string
+		self    Self
+		specs   []PeerSpec
+		want    string // the peers kept, as "node endpoint allowed,..." lines
+		wantErr string
+	}{
+		{"dual, IPv4 endpoint", dual, []PeerSpec{p("n2", k2, "192.0.2.2:51820", "fd00:0:0:2::/64", "10.244.2.0/24")}, "n2 192.0.2.2:51820 10.244.2.0/24,fd00:0:0:2::/64", ""},
+		{"IPv6-only, IPv6 endpoint", v6only, []PeerSpec{p("n2", k2, "[2001:db8:1::2]:51820", "fd00:0:0:2::/64")}, "n2 [2001:db8:1::2]:51820 fd00:0:0:2::/64", ""},
+		{"IPv6-only: an IPv4 allowed IP", v6only, []PeerSpec{p("n2", k2, "[2001:db8:1::2]:51820", "fd00:0:0:2::/64", "10.244.2.0/24")}, "", "has none of its family"},
+		{"IPv6 own subnet", dual, []PeerSpec{p("n2", k2, "192.0.2.2:51820", "10.244.2.0/24", "fd00:0:0:1::/64")}, "", "overlaps this node's subnet fd00:0:0:1::/64"},
+		{"IPv6 outside", dual, []PeerSpec{p("n2", k2, "192.0.2.2:51820", "10.244.2.0/24", "fd01::/64")}, "", "outside the pod network fd00::/48"},
+		{"IPv6 wider than the network", dual, []PeerSpec{p("n2", k2, "192.0.2.2:51820", "fd00::/40")}, "", "outside the pod network fd00::/48"},
+		{"IPv6 hijack", dual, []PeerSpec{p("n2", k2, "192.0.2.2:51820", "10.244.2.0/24", "fd00:0:0:2::/64"), p("n3", k3, "192.0.2.3:51820", "10.244.3.0/24", "fd00:0:0:2::/80")}, "", "overlapping allowed IPs"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := Peers(tt.self, tt.specs)
+			var lines []string
+			for _, g := range got {
+				lines = append(lines, fmt.Sprintf("%s %s %s", g.Node, g.Endpoint, netipx.Join(g.AllowedIPs)))
+			}
+			if s := strings.Join(lines, "\n"); s != tt.want {
+				t.Errorf("Peers() kept %q, want %q", s, tt.want)
+			}
+			if tt.wantErr == "" && err != nil || tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)) {
+				t.Errorf("Peers() error = %v, want %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
 func TestPeersConflicts(t *testing.T) {
 	self := Self{PublicKey: genKey(t).PublicKey(), Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.244.1.0/24")}
 	k2, k3, k4 := genKey(t).PublicKey(), genKey(t).PublicKey(), genKey(t).PublicKey()
@@ -370,14 +413,17 @@ func apply(t *testing.T, d *wgtypes.Device, c wgtypes.Config) *wgtypes.Device {
 	return &out
 }
 
-// FuzzPeers feeds hostile store content to Peers: whatever it accepts lies inside the pod
-// network, outside our subnet, and no two accepted peers share a key or a prefix.
+// FuzzPeers feeds hostile store content to Peers (a dual-stack node): whatever it accepts
+// lies inside the pod network of its family, outside our subnets, and no two accepted peers
+// share a key or a prefix.
 func FuzzPeers(f *testing.F) {
 	k1 := "hfBAxUYwzmeCq1NlgUWWzH/kpQtzOGJ743wnbIv2ux4="
 	k2 := "Spia8ZU+XbXttSHgqeN/8JSQ1/Oglww95HHcIvsvUWI="
 	f.Add(k1, "192.0.2.2:51820", "10.244.2.0/24", k2, "192.0.2.3:51820", "10.244.3.0/24")
 	f.Add(k1, "[2001:db8::1]:1", "10.244.0.0/16", k1, "0.0.0.0:0", "0.0.0.0/0")
-	self := Self{Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.244.1.0/24")}
+	f.Add(k1, "[2001:db8::2]:51820", "10.244.2.0/24,fd00:0:0:2::/64", k2, "[2001:db8::3]:51820", "fd00:0:0:2:8000::/65,::/0")
+	self := Self{Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.244.1.0/24"),
+		Network6: netip.MustParsePrefix("fd00::/48"), Subnet6: netip.MustParsePrefix("fd00:0:0:1::/64")}
 	f.Fuzz(func(t *testing.T, key1, ep1, ips1, key2, ep2, ips2 string) {
 		specs := []PeerSpec{
 			{Node: "a", PublicKey: key1, Endpoint: ep1, AllowedIPs: strings.Split(ips1, ",")},
@@ -386,7 +432,8 @@ func FuzzPeers(f *testing.F) {
 		got, _ := Peers(self, specs)
 		for i, p := range got {
 			for _, ip := range p.AllowedIPs {
-				if !self.Network.Contains(ip.Addr()) || ip.Bits() < self.Network.Bits() || ip.Overlaps(self.Subnet) || ip != ip.Masked() {
+				network := self.network(ip.Addr())
+				if !network.Contains(ip.Addr()) || ip.Bits() < network.Bits() || ip.Overlaps(self.Subnet) || ip.Overlaps(self.Subnet6) || ip != ip.Masked() {
 					t.Fatalf("accepted %s for %s", ip, p.Node)
 				}
 				for _, q := range got[i+1:] {

@@ -203,11 +203,11 @@ func TestBackend(t *testing.T) {
 	t.Run("unencrypted packets to pods dropped", func(t *testing.T) {
 		ext := l.ExtNS()
 		ext.MustRun(t, "ip", "route", "replace", w.status(n2).Subnet, "via", n2.IP.String())
-		before := guardDrops(t, l.NodeNS(n2))
+		before := guardDrops(t, l.NodeNS(n2), "ip")
 		if _, err := ext.Run("ping", "-c", "3", "-i", "0.2", "-W", "1", n2.Pods[0].IP.String()); err == nil {
 			t.Error("an unencrypted ping from the underlay reached a pod")
 		}
-		if got := guardDrops(t, l.NodeNS(n2)); got < before+3 {
+		if got := guardDrops(t, l.NodeNS(n2), "ip"); got < before+3 {
 			t.Errorf("guard counted %d drops, want at least %d", got, before+3)
 		}
 		// The guard is desired state too.
@@ -372,10 +372,10 @@ func mustKey(t *testing.T, s string) wgtypes.Key {
 	return k
 }
 
-// guardDrops reads the underlay guard's drop counter with nft.
-func guardDrops(t *testing.T, ns *netns.NS) int {
+// guardDrops reads the underlay guard's drop counter of family ("ip" or "ip6") with nft.
+func guardDrops(t *testing.T, ns *netns.NS, family string) int {
 	t.Helper()
-	out := ns.MustRun(t, "nft", "list", "chain", "ip", "netagent-wg", "underlay-guard")
+	out := ns.MustRun(t, "nft", "list", "chain", family, "netagent-wg", "underlay-guard")
 	m := regexp.MustCompile(`counter packets (\d+)`).FindStringSubmatch(out)
 	if m == nil {
 		t.Fatalf("no counter in the guard:\n%s", out)

@@ -213,8 +213,8 @@ func (c *capture) stop(t testing.TB) [][]byte {
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
-// frameKind classifies an Ethernet frame: "arp", "udp A:p > B:q", an IPv4 fragment, or
-// what else it is.
+// frameKind classifies an Ethernet frame: "arp", "udp A:p > B:q" (IPv4 or IPv6), a
+// fragment, IPv6 neighbour discovery or MLD, or what else it is.
 func frameKind(f []byte) string {
 	if len(f) < 14 {
 		return "runt"
@@ -237,6 +237,26 @@ func frameKind(f []byte) string {
 			return fmt.Sprintf("ipv4 proto %d %s > %s", ip[9], src, dst)
 		}
 		sp, dp := binary.BigEndian.Uint16(ip[ihl:]), binary.BigEndian.Uint16(ip[ihl+2:])
+		return fmt.Sprintf("udp %s > %s", netip.AddrPortFrom(src, sp), netip.AddrPortFrom(dst, dp))
+	case unix.ETH_P_IPV6:
+		ip := f[14:]
+		if len(ip) < 40 {
+			return "short ipv6"
+		}
+		src, dst := netip.AddrFrom16([16]byte(ip[8:24])), netip.AddrFrom16([16]byte(ip[24:40]))
+		next, l4 := ip[6], ip[40:]
+		if next == 0 && len(l4) >= 8 { // hop-by-hop options (MLD's router alert)
+			next, l4 = l4[0], l4[8*(int(l4[1])+1):]
+		}
+		switch {
+		case next == unix.IPPROTO_FRAGMENT:
+			return fmt.Sprintf("ipv6 fragment %s > %s", src, dst)
+		case next == unix.IPPROTO_ICMPV6 && len(l4) > 0 && (l4[0] >= 130 && l4[0] <= 137 || l4[0] == 143):
+			return fmt.Sprintf("icmpv6 nd/mld %s > %s", src, dst) // the nodes' own neighbour discovery
+		case next != unix.IPPROTO_UDP || len(l4) < 8:
+			return fmt.Sprintf("ipv6 next header %d %s > %s", next, src, dst)
+		}
+		sp, dp := binary.BigEndian.Uint16(l4), binary.BigEndian.Uint16(l4[2:])
 		return fmt.Sprintf("udp %s > %s", netip.AddrPortFrom(src, sp), netip.AddrPortFrom(dst, dp))
 	default:
 		return fmt.Sprintf("ethertype %#04x", et)

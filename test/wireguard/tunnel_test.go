@@ -162,7 +162,7 @@ func transfer(t *testing.T, from, to *netns.NS, addr netip.Addr, payload []byte)
 	var ln net.Listener
 	if err := to.Do(func() error {
 		var err error
-		ln, err = net.Listen("tcp4", net.JoinHostPort(addr.String(), "0"))
+		ln, err = net.Listen("tcp", net.JoinHostPort(addr.String(), "0"))
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -184,7 +184,7 @@ func transfer(t *testing.T, from, to *netns.NS, addr netip.Addr, payload []byte)
 	var c net.Conn
 	if err := from.Do(func() error {
 		var err error
-		c, err = net.DialTimeout("tcp4", ln.Addr().String(), 5*time.Second)
+		c, err = net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
 		return err
 	}); err != nil {
 		t.Fatal(err)
