@@ -247,7 +247,10 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, s *state, firewa
 	t0 := time.Now()
 	a.refreshUnderlay(log, s) // first: an address it publishes changes which peers are valid
 	_, _ = s.peers.Take()     // the snapshot below covers them
-	peers, newlyHeld := s.grace.full(time.Now(), s.peers.Snapshot())
+	a.mu.Lock()
+	prev := a.planner
+	a.mu.Unlock()
+	peers, newlyHeld := s.grace.full(time.Now(), s.peers.Snapshot(), prev)
 	logHeld(log, newlyHeld, s.grace.until)
 	a.checkForwarding(log)
 	planner, p := plan.NewPlanner(a.input(s.cfg, s.self, s.ul, peers))
@@ -361,18 +364,20 @@ func (a *Agent) incrementalPass(ctx context.Context, log *slog.Logger, s *state)
 	if relisted {
 		return true
 	}
-	changed, newlyHeld := s.grace.incremental(time.Now(), changed)
+	t0 := time.Now()
+	a.mu.Lock()
+	planner := a.planner
+	a.mu.Unlock()
+	if planner == nil {
+		return true
+	}
+	// (Only this loop changes the planner: reading it unlocked here is safe.)
+	changed, newlyHeld := s.grace.incremental(t0, changed, planner)
 	logHeld(log, newlyHeld, s.grace.until)
 	if len(changed) == 0 {
 		return false
 	}
-	t0 := time.Now()
 	a.mu.Lock()
-	planner := a.planner
-	if planner == nil {
-		a.mu.Unlock()
-		return true
-	}
 	next := planner.Update(changed)
 	a.mu.Unlock()
 	if next.Delta.Empty() {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/plan"
 )
 
 // StoreStatus is the lease store's reachability as `netagent status` shows it.
@@ -90,15 +91,18 @@ func (a *Agent) storeState() StoreStatus {
 // return (the restored lease's TTL, then one more for the peer to re-claim); a peer
 // still without a lease at its end is removed then. A held peer gives way at once to a
 // live lease on its subnet. The loop owns it.
+//
+// The lease a vanished peer is held with is the one the current plan was built from: the
+// planner's, read when the peer vanishes (no copy of every lease is kept for an outage
+// that rarely comes).
 type grace struct {
-	open  bool                   // an outage began and its window has not ended
-	until time.Time              // the window's end; zero while the store is down
-	last  map[string]lease.Lease // node -> the lease the dataplane was built from
-	held  map[string]bool        // nodes kept without a live lease
+	open  bool            // an outage began and its window has not ended
+	until time.Time       // the window's end; zero while the store is down
+	held  map[string]bool // nodes kept without a live lease
 }
 
 func newGrace() *grace {
-	return &grace{last: map[string]lease.Lease{}, held: map[string]bool{}}
+	return &grace{held: map[string]bool{}}
 }
 
 // outage opens the window until the store returns.
@@ -117,9 +121,10 @@ func (g *grace) active(now time.Time) bool {
 	return g.open && (g.until.IsZero() || now.Before(g.until))
 }
 
-// full returns the peers of a full pass: live plus, in the window, the held ones whose
-// node and subnet no live lease has; newly held nodes are returned for the log.
-func (g *grace) full(now time.Time, live []lease.Lease) (peers []lease.Lease, newlyHeld []string) {
+// full returns the peers of a full pass: live plus, in the window, those of the current
+// plan (prev, nil: none yet) whose node and subnet no live lease has; newly held nodes are
+// returned for the log.
+func (g *grace) full(now time.Time, live []lease.Lease, prev *plan.Planner) (peers []lease.Lease, newlyHeld []string) {
 	held := map[string]bool{}
 	if g.active(now) {
 		nodes := make(map[string]bool, len(live))
@@ -130,8 +135,8 @@ func (g *grace) full(now time.Time, live []lease.Lease) (peers []lease.Lease, ne
 				subnets[s] = true
 			}
 		}
-		for n, l := range g.last {
-			if !nodes[n] && !slices.ContainsFunc(l.Subnets(), func(s netip.Prefix) bool { return subnets[s] }) {
+		for l := range prev.Leases() {
+			if n := l.Node; !nodes[n] && !slices.ContainsFunc(l.Subnets(), func(s netip.Prefix) bool { return subnets[s] }) {
 				live = append(live, l)
 				held[n] = true
 				if !g.held[n] {
@@ -140,26 +145,23 @@ func (g *grace) full(now time.Time, live []lease.Lease) (peers []lease.Lease, ne
 			}
 		}
 		slices.SortFunc(live, func(x, y lease.Lease) int { return strings.Compare(x.Node, y.Node) })
+		slices.Sort(newlyHeld)
 	} else {
 		g.open = false
 	}
 	g.held = held
-	g.last = make(map[string]lease.Lease, len(live))
-	for _, l := range live {
-		g.last[l.Node] = l
-	}
 	return live, newlyHeld
 }
 
-// incremental rewrites the changes of an incremental pass: in the window a vanished
-// peer keeps its last lease (no change for the planner), and a held peer whose subnet a
-// live lease now has is dropped.
-func (g *grace) incremental(now time.Time, changed []lease.Lease) (out []lease.Lease, newlyHeld []string) {
+// incremental rewrites the changes of an incremental pass to the current plan (cur): in
+// the window a vanished peer keeps the lease cur has for it (no change for the planner),
+// and a held peer whose subnet a live lease now has is dropped.
+func (g *grace) incremental(now time.Time, changed []lease.Lease, cur *plan.Planner) (out []lease.Lease, newlyHeld []string) {
 	active := g.active(now)
 	out = changed[:0:0]
 	for _, l := range changed {
 		if l.Gone() {
-			if old, ok := g.last[l.Node]; ok && active {
+			if old, ok := cur.Lease(l.Node); ok && active {
 				if !g.held[l.Node] {
 					newlyHeld = append(newlyHeld, l.Node)
 				}
@@ -167,20 +169,17 @@ func (g *grace) incremental(now time.Time, changed []lease.Lease) (out []lease.L
 				out = append(out, old)
 				continue
 			}
-			delete(g.last, l.Node)
 			delete(g.held, l.Node)
 			out = append(out, l)
 			continue
 		}
 		delete(g.held, l.Node)
 		for h := range g.held {
-			if sharesSubnet(g.last[h], l) {
+			if old, _ := cur.Lease(h); sharesSubnet(old, l) {
 				delete(g.held, h)
-				delete(g.last, h)
 				out = append(out, lease.Lease{Node: h})
 			}
 		}
-		g.last[l.Node] = l
 		out = append(out, l)
 	}
 	return out, newlyHeld

@@ -7,7 +7,9 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/plan"
 )
 
 func lz(node, subnet string) lease.Lease {
@@ -17,6 +19,17 @@ func lz(node, subnet string) lease.Lease {
 // lz6 is an IPv6-only lease.
 func lz6(node, subnet6, ip6 string) lease.Lease {
 	return lease.Lease{Node: node, Subnet6: netip.MustParsePrefix(subnet6), PublicIP6: netip.MustParseAddr(ip6)}
+}
+
+// graceInput is a dual-stack host-gw plan's input for peers, as the loop gives it.
+func graceInput(peers []lease.Lease) plan.Input {
+	return plan.Input{
+		Config: config.Network{Network: netip.MustParsePrefix("10.244.0.0/16"), SubnetLen: 24, Backend: config.Backend{Type: config.HostGW},
+			IPv6Network: netip.MustParsePrefix("fd00::/48"), IPv6SubnetLen: 64},
+		Self:     lease.Lease{Node: "self", Subnet: netip.MustParsePrefix("10.244.99.0/24"), PublicIP: netip.MustParseAddr("192.0.2.99")},
+		Peers:    peers,
+		Underlay: plan.Underlay{Dev: "eth0", MTU: 1500},
+	}
 }
 
 func gone(node string) lease.Lease { return lease.Lease{Node: node} }
@@ -99,6 +112,8 @@ func TestGrace(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			g := newGrace()
+			// The planner the loop keeps: grace holds a vanished peer with the lease it has.
+			var planner *plan.Planner
 			for i, s := range tt.steps {
 				now := t0.Add(s.at)
 				if s.outage {
@@ -111,9 +126,11 @@ func TestGrace(t *testing.T) {
 				var held []string
 				switch {
 				case s.full != nil:
-					got, held = g.full(now, append([]lease.Lease(nil), s.full...))
+					got, held = g.full(now, append([]lease.Lease(nil), s.full...), planner)
+					planner, _ = plan.NewPlanner(graceInput(got))
 				case s.changed != nil:
-					got, held = g.incremental(now, append([]lease.Lease(nil), s.changed...))
+					got, held = g.incremental(now, append([]lease.Lease(nil), s.changed...), planner)
+					planner.Update(got)
 				default:
 					continue
 				}

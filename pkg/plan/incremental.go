@@ -1,6 +1,7 @@
 package plan
 
 import (
+	"iter"
 	"maps"
 	"net/netip"
 	"slices"
@@ -26,16 +27,40 @@ type Planner struct {
 	wgKeys  map[string][]string       // WireGuard public key -> nodes publishing it (one)
 	verdict map[string]verdict        // the rest of a Peer is its lease in peers
 
-	routes  map[netip.Prefix]Route
-	neighs  map[netip.Addr]Neigh
-	fdb     map[FDB]bool
-	wg      map[string]WGPeer       // by node
-	contrib map[string]contribution // what each node put into the maps
-	odd     map[string]bool         // nodes whose subnet length differs from the config's
-	modes   map[Mode]int            // peers per mode
+	routes map[netip.Prefix]route // the desired routes, compact (see route)
+	neighs map[netip.Addr]string  // IP -> MAC
+	devs   []string               // the devices routes go through (a few), for route.dev
+	fdb    map[FDB]bool
+	wg     map[string]WGPeer // by node
+	odd    map[string]bool   // nodes whose subnet length differs from the config's
+	modes  map[Mode]int      // peers per mode
 
 	tunnelMTU, podMTU int
 	senders           int // peers publishing a VTEP (see Plan.KeepVXLAN)
+}
+
+// route is a desired Route without what its key and the planner repeat: a third of
+// Route's size (two entries per dual-stack peer).
+type route struct {
+	gw     netip.Addr
+	mtu    int32
+	dev    uint8 // index in Planner.devs
+	onLink bool
+}
+
+// compact returns r as the planner keeps it.
+func (p *Planner) compact(r Route) route {
+	i := slices.Index(p.devs, r.Dev)
+	if i < 0 {
+		i = len(p.devs)
+		p.devs = append(p.devs, r.Dev)
+	}
+	return route{gw: r.Gw, mtu: int32(r.MTU), dev: uint8(i), onLink: r.OnLink}
+}
+
+// route is the Route to dst that r stands for.
+func (p *Planner) route(dst netip.Prefix, r route) Route {
+	return Route{Dst: dst, Gw: r.gw, Dev: p.devs[r.dev], OnLink: r.onLink, MTU: int(r.mtu)}
 }
 
 // verdict is the plan's decision on a peer.
@@ -47,7 +72,8 @@ type verdict struct {
 // contribution is the keys of one node's share of the desired state, for taking it out
 // again: its routes' destinations (one per family) and, for a VXLAN peer, its FDB entry
 // (its neighbour entries are keyed by the routes' destination addresses, its VTEP
-// addresses). Kept small and by value: with thousands of peers the planner is the agent's
+// addresses). It follows from the node's lease and verdict (Planner.contribution), so it
+// is computed when needed, not kept: with thousands of peers the planner is the agent's
 // biggest structure.
 type contribution struct {
 	dst   [2]netip.Prefix // IPv4, IPv6; either invalid
@@ -138,10 +164,9 @@ func NewPlanner(in Input) (*Planner, Plan) {
 		wgKeys:  map[string][]string{},
 		wg:      map[string]WGPeer{},
 		verdict: make(map[string]verdict, len(in.Peers)),
-		routes:  make(map[netip.Prefix]Route, len(in.Peers)),
-		neighs:  make(map[netip.Addr]Neigh, len(in.Peers)),
+		routes:  make(map[netip.Prefix]route, len(in.Peers)),
+		neighs:  make(map[netip.Addr]string, len(in.Peers)),
 		fdb:     make(map[FDB]bool, len(in.Peers)),
-		contrib: make(map[string]contribution, len(in.Peers)),
 		odd:     map[string]bool{},
 		modes:   map[Mode]int{},
 	}
@@ -247,10 +272,18 @@ func (p *Planner) Update(changed []lease.Lease) Plan {
 	p.gen = gens.Add(1)
 	each(ch.Routes, func(dst netip.Prefix) {
 		r, ok := p.routes[dst]
-		d.Routes = append(d.Routes, RouteChange{Dst: dst, Route: r, Del: !ok})
+		var want Route
+		if ok {
+			want = p.route(dst, r)
+		}
+		d.Routes = append(d.Routes, RouteChange{Dst: dst, Route: want, Del: !ok})
 	})
 	each(ch.Neighs, func(ip netip.Addr) {
-		n, ok := p.neighs[ip]
+		mac, ok := p.neighs[ip]
+		var n Neigh
+		if ok {
+			n = Neigh{IP: ip, MAC: mac}
+		}
 		d.Neighs = append(d.Neighs, NeighChange{IP: ip, Neigh: n, Del: !ok})
 	})
 	each(ch.FDB, func(f FDB) { d.FDB = append(d.FDB, FDBChange{FDB: f, Del: !p.fdb[f]}) })
@@ -308,12 +341,18 @@ func (p *Planner) update(changed []lease.Lease) Changes {
 	// Every node that claims a subnet touched by the change may win or lose it.
 	subnets := map[netip.Prefix]bool{}
 	keys := map[string]bool{} // WireGuard keys gained or lost: their other holders' verdicts change
+	// The leases the current entries of changed nodes were planned from (removal needs them).
+	planned := map[string]plannedLease{}
 	for _, changedLease := range changed {
 		if changedLease.Node == p.in.Self.Node {
 			continue
 		}
 		l := enabled(p.in.Config, changedLease)
 		keys[l.WGPublicKey] = true
+		if _, ok := planned[l.Node]; !ok {
+			old, had := p.peers[l.Node]
+			planned[l.Node] = plannedLease{old, had}
+		}
 		if old, ok := p.peers[l.Node]; ok {
 			keys[old.WGPublicKey] = true
 			for _, s := range old.subnets() {
@@ -372,7 +411,13 @@ func (p *Planner) update(changed []lease.Lease) Changes {
 	// All removals before all additions: a subnet changing hands must end up with the new
 	// owner's entries whatever order the nodes come in.
 	for n := range affected {
-		p.remove(n, &ch)
+		l, ok := p.peers[n]
+		if was, changed := planned[n]; changed {
+			l, ok = was.l, was.ok
+		}
+		if ok {
+			p.remove(l, &ch)
+		}
 	}
 	for n := range affected {
 		if n == p.in.Self.Node {
@@ -431,6 +476,31 @@ func (p *Planner) Peer(node string) (Peer, bool) {
 	return v2, true
 }
 
+// Lease is the lease node's peer entry was planned from (subnets of families the config
+// has off dropped); false: no peer of that name (this node is none).
+func (p *Planner) Lease(node string) (lease.Lease, bool) {
+	if p == nil {
+		return lease.Lease{}, false
+	}
+	l, ok := p.peers[node]
+	return l.Lease, ok
+}
+
+// Leases yields the lease of every peer the plan was built from, as Lease returns it. The
+// caller must not change the Planner while ranging.
+func (p *Planner) Leases() iter.Seq[lease.Lease] {
+	return func(yield func(lease.Lease) bool) {
+		if p == nil {
+			return
+		}
+		for _, l := range p.peers {
+			if !yield(l.Lease) {
+				return
+			}
+		}
+	}
+}
+
 func (p *Planner) ownerOf(s netip.Prefix) string {
 	if p.selfOwns(s) {
 		return p.in.Self.Node
@@ -444,13 +514,43 @@ func (p *Planner) ownerOf(s netip.Prefix) string {
 	return best
 }
 
-// remove takes node n's contributions out of the desired state.
-func (p *Planner) remove(n string, ch *Changes) {
-	c, ok := p.contrib[n]
+// plannedLease is a node's lease as the desired state has it (ok false: none).
+type plannedLease struct {
+	l  subnetLease
+	ok bool
+}
+
+// contribution is what add puts into the desired state for l with its verdict (in
+// p.verdict); false: nothing.
+func (p *Planner) contribution(l subnetLease) (contribution, bool) {
+	v, ok := p.verdict[l.Node]
+	switch {
+	case !ok:
+		return contribution{}, false
+	case v.mode == WireGuard:
+		return contribution{dst: [2]netip.Prefix{l.Subnet, l.Subnet6}, wg: true}, true
+	case v.mode != Direct && v.mode != VXLAN:
+		return contribution{}, false
+	}
+	c := contribution{vxlan: v.mode == VXLAN}
+	for i, s := range [2]netip.Prefix{l.Subnet, l.Subnet6} {
+		if s.IsValid() {
+			c.dst[i] = s
+		}
+	}
+	if c.vxlan {
+		c.fdb = FDB{MAC: strings.ToLower(l.VTEPMAC), Dst: l.PublicIPOf(vxlan6(p.in.Self))}
+	}
+	return c, true
+}
+
+// remove takes the contribution of l, the lease its node's entries were planned from (its
+// verdict still in p.verdict), out of the desired state.
+func (p *Planner) remove(l subnetLease, ch *Changes) {
+	c, ok := p.contribution(l)
 	if !ok {
 		return
 	}
-	delete(p.contrib, n)
 	for _, dst := range c.dst {
 		if !dst.IsValid() {
 			continue
@@ -463,8 +563,8 @@ func (p *Planner) remove(n string, ch *Changes) {
 		}
 	}
 	if c.wg {
-		delete(p.wg, n)
-		ch.WG = append(ch.WG, n)
+		delete(p.wg, l.Node)
+		ch.WG = append(ch.WG, l.Node)
 	}
 	if c.vxlan {
 		delete(p.fdb, c.fdb)
@@ -472,28 +572,26 @@ func (p *Planner) remove(n string, ch *Changes) {
 	}
 }
 
+// add puts l's entries into the desired state, by its verdict v (also in p.verdict).
 func (p *Planner) add(l subnetLease, v Peer, ch *Changes) {
-	if v.Mode == WireGuard {
+	c, ok := p.contribution(l)
+	if !ok {
+		return
+	}
+	if c.wg {
 		w := wgPeer(p.in, l)
-		p.contrib[v.Node] = contribution{dst: [2]netip.Prefix{l.Subnet, l.Subnet6}, wg: true}
 		p.wg[v.Node] = w
 		ch.WG = append(ch.WG, v.Node)
 		for _, s := range l.subnets() {
-			p.routes[s] = wgRoute(p.in, w, s)
+			p.routes[s] = p.compact(wgRoute(p.in, w, s))
 			ch.Routes = append(ch.Routes, s)
 		}
 		return
 	}
-	if v.Mode != Direct && v.Mode != VXLAN {
-		return
-	}
-	c := contribution{vxlan: v.Mode == VXLAN}
-	mac := strings.ToLower(l.VTEPMAC)
-	for i, s := range [2]netip.Prefix{l.Subnet, l.Subnet6} {
+	for i, s := range c.dst {
 		if !s.IsValid() {
 			continue
 		}
-		c.dst[i] = s
 		r := Route{Dst: s, Gw: nextHop(p.in, l, i == 1), Dev: p.in.Underlay.Dev}
 		if c.vxlan {
 			// The neighbour's address is the route's destination address (remove relies on it).
@@ -501,18 +599,16 @@ func (p *Planner) add(l subnetLease, v Peer, ch *Changes) {
 			if p.in.Config.Backend.Type == config.Hybrid && p.podMTU > p.tunnelMTU {
 				r.MTU = p.tunnelMTU
 			}
-			p.neighs[s.Addr()] = Neigh{IP: s.Addr(), MAC: mac}
+			p.neighs[s.Addr()] = c.fdb.MAC
 			ch.Neighs = append(ch.Neighs, s.Addr())
 		}
-		p.routes[s] = r
+		p.routes[s] = p.compact(r)
 		ch.Routes = append(ch.Routes, s)
 	}
 	if c.vxlan {
-		c.fdb = FDB{MAC: mac, Dst: l.PublicIPOf(vxlan6(p.in.Self))}
 		p.fdb[c.fdb] = true
 		ch.FDB = append(ch.FDB, c.fdb)
 	}
-	p.contrib[v.Node] = c
 }
 
 // Plan renders the current desired state as a full Plan (for status and full passes).
@@ -526,11 +622,11 @@ func (p *Planner) Plan() Plan {
 			out.Allow.Peers[n] = a
 		}
 	}
-	for _, r := range p.routes {
-		out.Routes = append(out.Routes, r)
+	for dst, r := range p.routes {
+		out.Routes = append(out.Routes, p.route(dst, r))
 	}
-	for _, n := range p.neighs {
-		out.Neighs = append(out.Neighs, n)
+	for ip, mac := range p.neighs {
+		out.Neighs = append(out.Neighs, Neigh{IP: ip, MAC: mac})
 	}
 	for f := range p.fdb {
 		out.FDB = append(out.FDB, f)

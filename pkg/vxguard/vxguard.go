@@ -205,9 +205,13 @@ type Guard struct {
 	conn  *nftables.Conn
 	spec  Spec
 	nodes map[string]Peer // node -> what the sets hold for it (as spec shapes it)
-	refs  map[elem]int    // element -> how many nodes use it
-	valid bool            // nodes/refs mirror the kernel's set
-	base  uint64          // drops counted by rules that were since rebuilt
+	// byIP is the nodes by outer address (normally one each): every element starts with
+	// its node's outer address, so only nodes of the same address can share one, and
+	// whether an element is still used is asked of them (no map of every element: with
+	// thousands of peers it was the guard's biggest structure).
+	byIP  map[netip.Addr][]string
+	valid bool   // nodes mirror the kernel's sets
+	base  uint64 // drops counted by rules that were since rebuilt
 }
 
 // New opens a netlink connection in the current network namespace.
@@ -433,27 +437,29 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 				return Stats{}, fmt.Errorf("vxguard: remove table: %w", err)
 			}
 		}
-		g.spec, g.nodes, g.refs, g.valid = spec, map[string]Peer{}, map[elem]int{}, true
+		g.spec, g.nodes, g.byIP, g.valid = spec, map[string]Peer{}, map[netip.Addr][]string{}, true
 		return st, nil
 	}
 	// spec.Peers becomes the mirror of what each node put in the sets (no copy: with
 	// thousands of peers the maps are most of the guard's memory).
-	nodes, refs := spec.Peers, make(map[elem]int, 2*len(spec.Peers))
+	nodes, byIP := spec.Peers, make(map[netip.Addr][]string, len(spec.Peers))
 	if nodes == nil {
 		nodes = map[string]Peer{}
 	}
+	wanted := make(map[elem]bool, 3*len(nodes)) // for this pass only
 	for n, p := range nodes {
 		es := p.elems(spec)
 		if len(es) == 0 {
 			delete(nodes, n)
 			continue
 		}
+		byIP[p.IP] = append(byIP[p.IP], n)
 		for _, e := range es {
-			refs[e]++
+			wanted[e] = true
 		}
 	}
-	want := make([]elem, 0, len(refs))
-	for e := range refs {
+	want := make([]elem, 0, len(wanted))
+	for e := range wanted {
 		want = append(want, e)
 	}
 	// In a stable order: the kernel lists interval sets in insertion order, and a rebuilt
@@ -471,7 +477,7 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 			continue
 		}
 		mine := slices.DeleteFunc(slices.Clone(want), func(e elem) bool { return e.outer6 != v6 })
-		if err := g.syncTable(t, spec, mine, refs, &st); err != nil {
+		if err := g.syncTable(t, spec, mine, wanted, &st); err != nil {
 			return Stats{}, err
 		}
 	}
@@ -481,7 +487,7 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 		}
 	}
 	spec.Peers = nil
-	g.spec, g.nodes, g.refs, g.valid = spec, nodes, refs, true
+	g.spec, g.nodes, g.byIP, g.valid = spec, nodes, byIP, true
 	return st, nil
 }
 
@@ -496,8 +502,8 @@ func (g *Guard) dropTable(t *nftables.Table) bool {
 }
 
 // syncTable queues what makes table t hold spec's structure and the elements want (of
-// its family; refs counts every wanted element), adding to st.
-func (g *Guard) syncTable(t *nftables.Table, spec Spec, want []elem, refs map[elem]int, st *Stats) error {
+// its family; wanted holds every wanted element), adding to st.
+func (g *Guard) syncTable(t *nftables.Table, spec Spec, want []elem, wanted map[elem]bool, st *Stats) error {
 	cur, err := g.conn.ListTableOfFamily(t.Name, t.Family)
 	exists := err == nil && cur != nil
 	have, ok := g.structureOK(t, spec)
@@ -512,7 +518,7 @@ func (g *Guard) syncTable(t *nftables.Table, spec Spec, want []elem, refs map[el
 			}
 		}
 		for e := range have {
-			if refs[e] == 0 {
+			if !wanted[e] {
 				del = append(del, e)
 			}
 		}
@@ -681,42 +687,44 @@ func (g *Guard) Update(changes map[string]Peer) (Stats, error) {
 	if g.spec.Port == 0 {
 		return Stats{}, nil
 	}
-	// Whether each touched element was in a set before this batch: a batch can move an
-	// element from one node to another, which must not write anything.
-	before := map[elem]bool{}
-	touch := func(e elem) {
-		if _, ok := before[e]; !ok {
-			before[e] = g.refs[e] > 0
-		}
+	// Whether each touched element is in a set before and after this batch: a batch can
+	// move an element from one node to another, which must not write anything.
+	type touched struct {
+		ip  netip.Addr
+		was bool
 	}
+	touch := map[elem]*touched{}
+	var moved []string
 	for n, p := range changes {
 		old, had := g.nodes[n]
 		if had && old == p {
 			continue
 		}
-		if had {
-			for _, e := range old.elems(g.spec) {
-				touch(e)
-				if g.refs[e]--; g.refs[e] <= 0 {
-					delete(g.refs, e)
+		moved = append(moved, n)
+		for _, q := range []Peer{old, p} {
+			for _, e := range q.elems(g.spec) {
+				if _, ok := touch[e]; !ok {
+					touch[e] = &touched{ip: q.IP, was: g.uses(q.IP, e)}
 				}
 			}
+		}
+	}
+	for _, n := range moved {
+		if old, had := g.nodes[n]; had {
+			g.unindex(n, old.IP)
 			delete(g.nodes, n)
 		}
-		if es := p.elems(g.spec); len(es) > 0 {
-			for _, e := range es {
-				touch(e)
-				g.refs[e]++
-			}
+		if p := changes[n]; len(p.elems(g.spec)) > 0 {
 			g.nodes[n] = p
+			g.byIP[p.IP] = append(g.byIP[p.IP], n)
 		}
 	}
 	var add, del []elem
-	for e, was := range before {
-		switch now := g.refs[e] > 0; {
-		case now && !was:
+	for e, t := range touch {
+		switch now := g.uses(t.ip, e); {
+		case now && !t.was:
 			add = append(add, e)
-		case was && !now:
+		case t.was && !now:
 			del = append(del, e)
 		}
 	}
@@ -728,6 +736,26 @@ func (g *Guard) Update(changes map[string]Peer) (Stats, error) {
 		return Stats{}, err
 	}
 	return Stats{Added: len(add), Delete: len(del)}, nil
+}
+
+// uses reports whether a node of outer address ip has element e (caller holds mu).
+func (g *Guard) uses(ip netip.Addr, e elem) bool {
+	for _, n := range g.byIP[ip] {
+		if slices.Contains(g.nodes[n].elems(g.spec), e) {
+			return true
+		}
+	}
+	return false
+}
+
+// unindex takes node n off its outer address ip (caller holds mu).
+func (g *Guard) unindex(n string, ip netip.Addr) {
+	ns := slices.DeleteFunc(g.byIP[ip], func(x string) bool { return x == n })
+	if len(ns) == 0 {
+		delete(g.byIP, ip)
+	} else {
+		g.byIP[ip] = ns
+	}
 }
 
 // Dropped is how many packets the guard has dropped since it was created (rules rebuilt

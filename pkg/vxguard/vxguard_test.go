@@ -2,6 +2,8 @@ package vxguard
 
 import (
 	"fmt"
+	"maps"
+	"math/rand/v2"
 	"net/netip"
 	"regexp"
 	"slices"
@@ -463,6 +465,56 @@ func TestManyPeersIPv6Underlay(t *testing.T) {
 		}
 		if got := strings.Count(out, "2001:db8::"); got != want {
 			t.Errorf("set %s: %d addresses, want %d", set, got, want)
+		}
+	}
+}
+
+// Random batches of peer changes over a few shared outer addresses, MACs and subnets of
+// both families (so elements pass between nodes and several nodes hold one): after each
+// Update, a Sync of the same peers (which reads the kernel) must find nothing to change.
+func TestUpdateRandom(t *testing.T) {
+	g, _ := newGuard(t)
+	rng := rand.New(rand.NewPCG(15, 1))
+	ips := []string{"192.0.2.11", "192.0.2.12", "198.51.100.7", "2001:db8::11", "2001:db8::12"}
+	macs := []string{"", "", "02:00:00:00:00:01"}
+	peer := func() Peer {
+		if rng.IntN(5) == 0 {
+			return Peer{} // gone
+		}
+		p := Peer{IP: netip.MustParseAddr(ips[rng.IntN(len(ips))]), MAC: macs[rng.IntN(len(macs))]}
+		if i := rng.IntN(4); i > 0 {
+			p.Subnet = netip.MustParsePrefix(fmt.Sprintf("10.244.%d.0/24", i))
+		}
+		if i := rng.IntN(4); i > 0 {
+			p.Subnet6 = netip.MustParsePrefix(fmt.Sprintf("fd00:0:0:%x::/64", i))
+		}
+		return p
+	}
+	spec := func(nodes map[string]Peer) Spec {
+		return Spec{Port: 8472, Network: network, SubnetLen: 24, SubnetLen6: 64, Network6: netip.MustParsePrefix("fd00::/48"), Peers: maps.Clone(nodes)}
+	}
+	nodes := map[string]Peer{}
+	if _, err := g.Sync(spec(nodes)); err != nil {
+		t.Fatal(err)
+	}
+	for round := range 60 {
+		batch := map[string]Peer{}
+		for range 1 + rng.IntN(4) {
+			n := fmt.Sprintf("n%d", rng.IntN(6))
+			batch[n] = peer()
+		}
+		if _, err := g.Update(batch); err != nil {
+			t.Fatalf("round %d: Update(%v): %v", round, batch, err)
+		}
+		for n, p := range batch {
+			if len(p.elems(spec(nil))) == 0 {
+				delete(nodes, n)
+			} else {
+				nodes[n] = p
+			}
+		}
+		if st, err := g.Sync(spec(nodes)); err != nil || st.Changed() {
+			t.Fatalf("round %d: after Update(%v), Sync = %+v, %v; want no change", round, batch, st, err)
 		}
 	}
 }

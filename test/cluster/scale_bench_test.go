@@ -196,6 +196,17 @@ func agentScale(b *testing.B, family string) {
 	if err := l.StartAgent(n); err != nil {
 		b.Fatal(err)
 	}
+	if f := os.Getenv("SCALE_CPU"); f != "" { // with NETAGENT_PPROF=true: a CPU profile of the cold start
+		go func() {
+			for time.Since(start) < 10*time.Second {
+				if code, prof, err := l.Get(n, "/debug/pprof/profile?seconds=4"); err == nil && code == 200 {
+					_ = os.WriteFile(f, prof, 0o644)
+					return
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}()
+	}
 	programmed := func() bool {
 		return (family == "ipv6" || countOurRoutes(h) >= peers) && (family == "ipv4" || countOurRoutesOf(h, unix.AF_INET6) >= peers)
 	}
@@ -221,7 +232,7 @@ func agentScale(b *testing.B, family string) {
 	}
 	if _, m, err := l.Get(n, "/metrics"); err == nil {
 		for _, line := range strings.Split(string(m), "\n") {
-			if strings.HasPrefix(line, "go_memstats_heap_inuse_bytes") || strings.HasPrefix(line, "go_memstats_heap_idle_bytes") || strings.HasPrefix(line, "go_memstats_heap_released_bytes") || strings.HasPrefix(line, "go_memstats_stack_inuse_bytes") {
+			if strings.HasPrefix(line, "go_memstats_heap_inuse_bytes") || strings.HasPrefix(line, "go_memstats_heap_alloc_bytes") || strings.HasPrefix(line, "go_memstats_heap_idle_bytes") || strings.HasPrefix(line, "go_memstats_heap_released_bytes") || strings.HasPrefix(line, "go_memstats_stack_inuse_bytes") {
 				b.Log(line)
 			}
 		}
