@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -277,7 +278,8 @@ func TestPrepareWireGuard(t *testing.T) {
 	bin := testbin.Build(t, "./cmd/netagent-wireguard", "netagent-wireguard")
 	t.Cleanup(testbin.Cleanup)
 	dev := fmt.Sprintf("naprep%d", os.Getpid()%100000)
-	n, open, logs := wgNode(t, "dpprep", WireGuardOptions{KeyDir: t.TempDir(), Impl: "userspace", Daemon: bin, Device: dev})
+	// The state directory does not exist yet, as on a new node.
+	n, open, logs := wgNode(t, "dpprep", WireGuardOptions{KeyDir: filepath.Join(t.TempDir(), "state"), Impl: "userspace", Daemon: bin, Device: dev})
 	cfg, err := config.Parse([]byte(`{"network":"10.244.0.0/16","backend":{"type":"wireguard"}}`))
 	if err != nil {
 		t.Fatal(err)

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
@@ -59,7 +60,10 @@ func (d *Daemon) Ensure(ctx context.Context) (started bool, err error) {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	var logf *os.File
 	if d.LogPath != "" {
-		logf, err = os.OpenFile(d.LogPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		// Its directory (the agent's state directory) may not exist yet on a new node.
+		if err = os.MkdirAll(filepath.Dir(d.LogPath), 0o700); err == nil {
+			logf, err = os.OpenFile(d.LogPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		}
 		if err != nil {
 			return false, fmt.Errorf("start %s: log: %w", d.Binary, err)
 		}
