@@ -143,6 +143,26 @@ func within(t *testing.T, d time.Duration, what string, f func() bool) time.Dura
 
 func (w *wgLab) pod(n *lab.Node) *netns.NS { return w.l.PodNS(n.Pods[0]) }
 
+// killRestartUnderPing kills n's agent (SIGKILL) and starts it again while n's pod pings
+// dst every 10 ms; it returns the ping's longest gap and how many pings were lost.
+func (w *wgLab) killRestartUnderPing(t *testing.T, n *lab.Node, dst netip.Addr) (time.Duration, int) {
+	t.Helper()
+	p := startPing(t, w.pod(n), dst)
+	p.waitReplies(20, 5*time.Second)
+	if err := w.l.StopAgent(n, true); err != nil {
+		t.Fatal(err)
+	}
+	p.waitReplies(20, 5*time.Second) // the tunnel does not need the agent
+	if err := w.l.StartAgent(n); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.l.WaitReady(context.Background(), n, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	p.waitReplies(50, 5*time.Second)
+	return p.finish()
+}
+
 // TestBackend runs the wireguard backend end to end: connectivity, what the underlay sees,
 // the guard, drift, an agent crash, key rotation, a node leaving and joining again.
 func TestBackend(t *testing.T) {
@@ -294,20 +314,7 @@ func TestBackend(t *testing.T) {
 
 	t.Run("agent kill -9 and restart lose nothing", func(t *testing.T) {
 		k1 := w.pubKey(n1)
-		p := startPing(t, w.pod(n1), n2.Pods[0].IP)
-		p.waitReplies(20, 5*time.Second)
-		if err := l.StopAgent(n1, true); err != nil {
-			t.Fatal(err)
-		}
-		p.waitReplies(20, 5*time.Second) // the tunnel does not need the agent
-		if err := l.StartAgent(n1); err != nil {
-			t.Fatal(err)
-		}
-		if err := l.WaitReady(context.Background(), n1, 30*time.Second); err != nil {
-			t.Fatal(err)
-		}
-		p.waitReplies(50, 5*time.Second)
-		gap, lost := p.finish()
+		gap, lost := w.killRestartUnderPing(t, n1, n2.Pods[0].IP)
 		if lost != 0 {
 			t.Errorf("kill -9 and restart of the agent lost %d pings (longest gap %s)", lost, gap)
 		}

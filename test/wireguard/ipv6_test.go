@@ -250,20 +250,7 @@ func backendIPv6(t *testing.T, w *wgLab, family string, mtu int, routable bool) 
 	})
 
 	t.Run("agent kill -9 and restart lose nothing over IPv6", func(t *testing.T) {
-		p := startPing(t, w.pod(n1), pod2)
-		p.waitReplies(20, 5*time.Second)
-		if err := l.StopAgent(n1, true); err != nil {
-			t.Fatal(err)
-		}
-		p.waitReplies(20, 5*time.Second) // the tunnel does not need the agent
-		if err := l.StartAgent(n1); err != nil {
-			t.Fatal(err)
-		}
-		if err := l.WaitReady(context.Background(), n1, 30*time.Second); err != nil {
-			t.Fatal(err)
-		}
-		p.waitReplies(50, 5*time.Second)
-		gap, lost := p.finish()
+		gap, lost := w.killRestartUnderPing(t, n1, pod2)
 		if lost != 0 {
 			t.Errorf("kill -9 and restart of the agent lost %d IPv6 pings (longest gap %s)", lost, gap)
 		}
