@@ -225,12 +225,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	// The WireGuard device needs no lease (its address and peers come with the first
-	// pass): a new node's daemon starts now, not after the lease and the peers' list.
-	wgDev := plan.Build(a.input(cfg, lease.Lease{}, ul, nil)).WireGuard
 	defer a.wg.Wait()
-	prepCtx := ctx // (ctx is replaced below)
-	a.spawn(func() { a.dp.PrepareWireGuard(prepCtx, wgDev) })
+	if cfg.Backend.Type == config.WireGuard {
+		// The WireGuard device needs no lease (its address and peers come with the first
+		// pass): a new node's daemon starts now, not after the lease and the peers' list.
+		// (The underlay's addresses decide the family WireGuard runs over, so its MTU.)
+		wgDev := plan.Build(a.input(cfg, lease.Lease{PublicIP: ul.IP, PublicIP6: ul.IP6}, ul, nil)).WireGuard
+		prepCtx := ctx // (ctx is replaced below)
+		a.spawn(func() { a.dp.PrepareWireGuard(prepCtx, wgDev) })
+	}
 	held, err := a.acquire(ctx, log, cfg, ul)
 	if err != nil {
 		return err
