@@ -392,15 +392,7 @@ nat 10.244.0.0/16 10.244.1.0/24 final false
 				}
 				js = fmt.Sprintf(tt.config, tt.backend, extra)
 			}
-			in := Input{Config: cfgJSON(t, js), Self: tt.self, Peers: tt.peers, Underlay: underlay6, VXLANDev: "na.1"}
-			got := render(Build(in))
-			if diff := cmp.Diff(tt.want, got); diff != "" {
-				t.Errorf("Build() mismatch (-want +got):\n%s", diff)
-			}
-			_, first := NewPlanner(in)
-			if diff := cmp.Diff(got, render(first)); diff != "" {
-				t.Errorf("NewPlanner() differs from Build (-build +planner):\n%s", diff)
-			}
+			buildsAs(t, Input{Config: cfgJSON(t, js), Self: tt.self, Peers: tt.peers, Underlay: underlay6, VXLANDev: "na.1"}, tt.want)
 		})
 	}
 }
@@ -605,15 +597,21 @@ nat invalid Prefix invalid Prefix final false v6 fd00::/48 fd00:0:0:1::/64 masqu
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			in := Input{Config: cfgJSON(t, tt.config), Self: tt.self, Peers: tt.peers, Underlay: underlay6}
-			got := render(Build(in))
-			if diff := cmp.Diff(tt.want, got); diff != "" {
-				t.Errorf("Build() mismatch (-want +got):\n%s", diff)
-			}
-			_, first := NewPlanner(in)
-			if diff := cmp.Diff(got, render(first)); diff != "" {
-				t.Errorf("NewPlanner() differs from Build (-build +planner):\n%s", diff)
-			}
+			buildsAs(t, Input{Config: cfgJSON(t, tt.config), Self: tt.self, Peers: tt.peers, Underlay: underlay6}, tt.want)
 		})
+	}
+}
+
+// buildsAs checks that Build renders in as want, and that a new Planner's first plan is
+// the same.
+func buildsAs(t *testing.T, in Input, want string) {
+	t.Helper()
+	got := render(Build(in))
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("Build() mismatch (-want +got):\n%s", diff)
+	}
+	_, first := NewPlanner(in)
+	if diff := cmp.Diff(got, render(first)); diff != "" {
+		t.Errorf("NewPlanner() differs from Build (-build +planner):\n%s", diff)
 	}
 }

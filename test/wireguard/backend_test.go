@@ -143,6 +143,33 @@ func within(t *testing.T, d time.Duration, what string, f func() bool) time.Dura
 
 func (w *wgLab) pod(n *lab.Node) *netns.NS { return w.l.PodNS(n.Pods[0]) }
 
+// ciphertextOnly transfers 1 MiB of random bytes from from's pod to dst (to's pod) while
+// capturing on from's underlay, checks that the capture saw the transfer and that no frame
+// holds a run of the payload, and returns the frames.
+func (w *wgLab) ciphertextOnly(t *testing.T, from, to *lab.Node, dst netip.Addr) (frames [][]byte, total int) {
+	t.Helper()
+	payload := make([]byte, transferSize)
+	if _, err := rand.Read(payload); err != nil {
+		t.Fatal(err)
+	}
+	c := startCapture(t, w.l.NodeNS(from), "eth0")
+	transfer(t, w.pod(from), w.pod(to), dst, payload)
+	frames = c.stop(t)
+	for _, f := range frames {
+		total += len(f)
+	}
+	if total < len(payload) {
+		t.Fatalf("captured %d bytes for a %d-byte transfer: the capture is not seeing it", total, len(payload))
+	}
+	if fi, off, ok := leaks(payload, frames); ok {
+		t.Errorf("frame %d (%s) holds payload at offset %d", fi, frameKind(frames[fi]), off)
+	}
+	return frames, total
+}
+
+// transferSize is what ciphertextOnly sends.
+const transferSize = 1 << 20
+
 // killRestartUnderPing kills n's agent (SIGKILL) and starts it again while n's pod pings
 // dst every 10 ms; it returns the ping's longest gap and how many pings were lost.
 func (w *wgLab) killRestartUnderPing(t *testing.T, n *lab.Node, dst netip.Addr) (time.Duration, int) {
@@ -222,23 +249,7 @@ func TestBackend(t *testing.T) {
 	})
 
 	t.Run("underlay sees only ciphertext", func(t *testing.T) {
-		payload := make([]byte, 1<<20)
-		if _, err := rand.Read(payload); err != nil {
-			t.Fatal(err)
-		}
-		c := startCapture(t, l.NodeNS(n1), "eth0")
-		transfer(t, w.pod(n1), w.pod(n2), n2.Pods[0].IP, payload)
-		frames := c.stop(t)
-		total := 0
-		for _, f := range frames {
-			total += len(f)
-		}
-		if total < len(payload) {
-			t.Fatalf("captured %d bytes for a %d-byte transfer: the capture is not seeing it", total, len(payload))
-		}
-		if fi, off, ok := leaks(payload, frames); ok {
-			t.Errorf("frame %d (%s) holds payload at offset %d", fi, frameKind(frames[fi]), off)
-		}
+		frames, total := w.ciphertextOnly(t, n1, n2, n2.Pods[0].IP)
 		kinds := map[string]int{}
 		for _, f := range frames {
 			k := frameKind(f)
@@ -253,7 +264,7 @@ func TestBackend(t *testing.T) {
 				t.Errorf("%d frames of %s on node1's underlay; want only ARP and UDP between the nodes' WireGuard ports", n, k)
 			}
 		}
-		t.Logf("underlay during a %d-byte pod transfer: %d bytes in %d frames: %v", len(payload), total, len(frames), kinds)
+		t.Logf("underlay during a %d-byte pod transfer: %d bytes in %d frames: %v", transferSize, total, len(frames), kinds)
 	})
 
 	t.Run("unencrypted packets to pods dropped", func(t *testing.T) {

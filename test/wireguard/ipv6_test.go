@@ -2,7 +2,6 @@ package wireguard_test
 
 import (
 	"context"
-	"crypto/rand"
 	"fmt"
 	"net/netip"
 	"regexp"
@@ -155,23 +154,7 @@ func backendIPv6(t *testing.T, w *wgLab, family string, mtu int, routable bool) 
 	})
 
 	t.Run("underlay sees only ciphertext", func(t *testing.T) {
-		payload := make([]byte, 1<<20)
-		if _, err := rand.Read(payload); err != nil {
-			t.Fatal(err)
-		}
-		c := startCapture(t, l.NodeNS(n1), "eth0")
-		transfer(t, w.pod(n1), w.pod(n2), pod2, payload)
-		frames := c.stop(t)
-		total := 0
-		for _, f := range frames {
-			total += len(f)
-		}
-		if total < len(payload) {
-			t.Fatalf("captured %d bytes for a %d-byte transfer: the capture is not seeing it", total, len(payload))
-		}
-		if fi, off, ok := leaks(payload, frames); ok {
-			t.Errorf("frame %d (%s) holds payload at offset %d", fi, frameKind(frames[fi]), off)
-		}
+		frames, total := w.ciphertextOnly(t, n1, n2, pod2)
 		tunnel := map[string]bool{}
 		for _, a := range l.Nodes {
 			for _, b := range l.Nodes {
@@ -196,7 +179,7 @@ func backendIPv6(t *testing.T, w *wgLab, family string, mtu int, routable bool) 
 				t.Errorf("%d frames of %s on node1's underlay; want only ARP, neighbour discovery and UDP between the nodes' WireGuard ports", n, k)
 			}
 		}
-		t.Logf("underlay during a %d-byte IPv6 pod transfer: %d bytes in %d frames: %v", len(payload), total, len(frames), kinds)
+		t.Logf("underlay during a %d-byte IPv6 pod transfer: %d bytes in %d frames: %v", transferSize, total, len(frames), kinds)
 	})
 
 	t.Run("unencrypted IPv6 packets to pods dropped", func(t *testing.T) {
