@@ -399,7 +399,7 @@ func (a *Agent) wireGuardKey() (string, error) {
 }
 
 // input is the plan's input: the snapshot of config, own lease, underlay and peers.
-func (a *Agent) input(cfg config.Network, self lease.Lease, ul dataplane.Underlay, peers []lease.Lease) plan.Input {
+func (a *Agent) input(cfg config.Network, self lease.Lease, ul dataplane.Underlay, peers []*lease.Lease) plan.Input {
 	return plan.Input{
 		Config:   cfg,
 		Self:     self,

@@ -492,7 +492,7 @@ func TestLoopWireGuard(t *testing.T) {
 		st.mu.Lock()
 		self := st.peers.Snapshot()
 		st.mu.Unlock()
-		if i := slices.IndexFunc(self, func(l lease.Lease) bool { return l.Node == "n1" }); i < 0 || self[i].WGPublicKey != own || self[i].WGPort != 51820 || self[i].VTEPMAC != "" {
+		if i := slices.IndexFunc(self, func(l *lease.Lease) bool { return l.Node == "n1" }); i < 0 || self[i].WGPublicKey != own || self[i].WGPort != 51820 || self[i].VTEPMAC != "" {
 			t.Fatalf("own lease %+v, want the dataplane's public key %s and port 51820, no VTEP MAC", self, own)
 		}
 		want := func(lines ...string) {

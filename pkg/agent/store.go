@@ -124,7 +124,7 @@ func (g *grace) active(now time.Time) bool {
 // full returns the peers of a full pass: live plus, in the window, those of the current
 // plan (prev, nil: none yet) whose node and subnet no live lease has; newly held nodes are
 // returned for the log.
-func (g *grace) full(now time.Time, live []lease.Lease, prev *plan.Planner) (peers []lease.Lease, newlyHeld []string) {
+func (g *grace) full(now time.Time, live []*lease.Lease, prev *plan.Planner) (peers []*lease.Lease, newlyHeld []string) {
 	held := map[string]bool{}
 	if g.active(now) {
 		nodes := make(map[string]bool, len(live))
@@ -144,7 +144,7 @@ func (g *grace) full(now time.Time, live []lease.Lease, prev *plan.Planner) (pee
 				}
 			}
 		}
-		slices.SortFunc(live, func(x, y lease.Lease) int { return strings.Compare(x.Node, y.Node) })
+		slices.SortFunc(live, func(x, y *lease.Lease) int { return strings.Compare(x.Node, y.Node) })
 		slices.Sort(newlyHeld)
 	} else {
 		g.open = false
@@ -156,7 +156,7 @@ func (g *grace) full(now time.Time, live []lease.Lease, prev *plan.Planner) (pee
 // incremental rewrites the changes of an incremental pass to the current plan (cur): in
 // the window a vanished peer keeps the lease cur has for it (no change for the planner),
 // and a held peer whose subnet a live lease now has is dropped.
-func (g *grace) incremental(now time.Time, changed []lease.Lease, cur *plan.Planner) (out []lease.Lease, newlyHeld []string) {
+func (g *grace) incremental(now time.Time, changed []*lease.Lease, cur *plan.Planner) (out []*lease.Lease, newlyHeld []string) {
 	active := g.active(now)
 	out = changed[:0:0]
 	for _, l := range changed {
@@ -175,9 +175,9 @@ func (g *grace) incremental(now time.Time, changed []lease.Lease, cur *plan.Plan
 		}
 		delete(g.held, l.Node)
 		for h := range g.held {
-			if old, _ := cur.Lease(h); sharesSubnet(old, l) {
+			if old, ok := cur.Lease(h); ok && sharesSubnet(old, l) {
 				delete(g.held, h)
-				out = append(out, lease.Lease{Node: h})
+				out = append(out, &lease.Lease{Node: h})
 			}
 		}
 		out = append(out, l)
@@ -186,7 +186,7 @@ func (g *grace) incremental(now time.Time, changed []lease.Lease, cur *plan.Plan
 }
 
 // sharesSubnet reports whether a and b hold a subnet in common (either family).
-func sharesSubnet(a, b lease.Lease) bool {
+func sharesSubnet(a, b *lease.Lease) bool {
 	return a.Subnet.IsValid() && a.Subnet == b.Subnet || a.Subnet6.IsValid() && a.Subnet6 == b.Subnet6
 }
 

@@ -22,7 +22,7 @@ func lz6(node, subnet6, ip6 string) lease.Lease {
 }
 
 // graceInput is a dual-stack host-gw plan's input for peers, as the loop gives it.
-func graceInput(peers []lease.Lease) plan.Input {
+func graceInput(peers []*lease.Lease) plan.Input {
 	return plan.Input{
 		Config: config.Network{Network: netip.MustParsePrefix("10.244.0.0/16"), SubnetLen: 24, Backend: config.Backend{Type: config.HostGW},
 			IPv6Network: netip.MustParsePrefix("fd00::/48"), IPv6SubnetLen: 64},
@@ -33,6 +33,24 @@ func graceInput(peers []lease.Lease) plan.Input {
 }
 
 func gone(node string) lease.Lease { return lease.Lease{Node: node} }
+
+// refs are copies of ls as the peer view hands them out.
+func refs(ls []lease.Lease) []*lease.Lease {
+	out := make([]*lease.Lease, len(ls))
+	for i, l := range ls {
+		out[i] = &l
+	}
+	return out
+}
+
+// vals are the leases ls points to.
+func vals(ls []*lease.Lease) []lease.Lease {
+	out := make([]lease.Lease, 0, len(ls))
+	for _, l := range ls {
+		out = append(out, *l)
+	}
+	return out
+}
 
 // TestGrace applies store states and peer changes in order and checks what the planner
 // is given: peers that vanish during an outage or its window are kept, until the window
@@ -122,19 +140,19 @@ func TestGrace(t *testing.T) {
 				if s.back {
 					g.recovered(now, 60*time.Second)
 				}
-				var got []lease.Lease
+				var got []*lease.Lease
 				var held []string
 				switch {
 				case s.full != nil:
-					got, held = g.full(now, append([]lease.Lease(nil), s.full...), planner)
+					got, held = g.full(now, refs(s.full), planner)
 					planner, _ = plan.NewPlanner(graceInput(got))
 				case s.changed != nil:
-					got, held = g.incremental(now, append([]lease.Lease(nil), s.changed...), planner)
+					got, held = g.incremental(now, refs(s.changed), planner)
 					planner.Update(got)
 				default:
 					continue
 				}
-				if diff := cmp.Diff(s.want, got, cmp.Comparer(func(x, y netip.Prefix) bool { return x == y }), cmp.Comparer(func(x, y netip.Addr) bool { return x == y })); diff != "" {
+				if diff := cmp.Diff(s.want, vals(got), cmp.Comparer(func(x, y netip.Prefix) bool { return x == y }), cmp.Comparer(func(x, y netip.Addr) bool { return x == y })); diff != "" {
 					t.Errorf("step %d: peers (-want +got):\n%s", i, diff)
 				}
 				if diff := cmp.Diff(s.wantHeld, held); diff != "" {

@@ -33,6 +33,15 @@ func (r nsIPTables) Restore(ctx context.Context, v6 bool, input string) error {
 	return nil
 }
 
+// refs are copies of ls as plan.Input.Peers and Planner.Update take them.
+func refs(ls ...lease.Lease) []*lease.Lease {
+	out := make([]*lease.Lease, len(ls))
+	for i, l := range ls {
+		out[i] = &l
+	}
+	return out
+}
+
 func peer(node, subnet, ip string) lease.Lease {
 	return lease.Lease{Node: node, Subnet: netip.MustParsePrefix(subnet), PublicIP: netip.MustParseAddr(ip), VTEPMAC: plan.VTEPMAC(node).String()}
 }
@@ -58,7 +67,7 @@ func TestSetTransitions(t *testing.T) {
 		t.Fatal(err)
 	}
 	in := plan.Input{Config: cfg, Self: peer("n1", "10.244.1.0/24", "192.0.2.11"), Underlay: plan.Underlay{Dev: ul.Dev, MTU: ul.MTU, Connected: ul.Connected},
-		Peers: []lease.Lease{peer("n2", "10.244.2.0/24", "192.0.2.12"), peer("n3", "10.244.3.0/24", "198.51.100.13")}}
+		Peers: refs(peer("n2", "10.244.2.0/24", "192.0.2.12"), peer("n3", "10.244.3.0/24", "198.51.100.13"))}
 	planner, p := plan.NewPlanner(in)
 
 	routes := func() string { return n.MustRun(t, "ip", "route", "show", "proto", "180") }
@@ -88,14 +97,14 @@ func TestSetTransitions(t *testing.T) {
 		t.Errorf("same plan again: %+v, %v; want no change", st, err)
 	}
 
-	next := planner.Update([]lease.Lease{peer("n4", "10.244.4.0/24", "198.51.100.14")})
+	next := planner.Update(refs(peer("n4", "10.244.4.0/24", "198.51.100.14")))
 	st, err = d.Set(ctx, next)
 	if err != nil || st.Routes.Added != 1 || st.VXLAN.NeighSet != 1 || st.VXLAN.FDBSet != 1 || st.Allow.Added == 0 || st.NAT.Changed() {
 		t.Errorf("delta with n4: %+v, %v; want its route, neighbour, FDB and allow-list entries only", st, err)
 	}
 	contains("delta", "routes", routes(), "10.244.4.0/24 via 10.244.4.0 dev netagent.1 onlink")
 
-	stale := planner.Update([]lease.Lease{{Node: "n4"}})
+	stale := planner.Update(refs(lease.Lease{Node: "n4"}))
 	stale.Delta.From = 12345
 	if _, err := d.Set(ctx, stale); !errors.Is(err, ErrStale) {
 		t.Errorf("delta from another plan: %v, want ErrStale", err)

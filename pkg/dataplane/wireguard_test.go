@@ -90,7 +90,7 @@ func TestWireGuardPrune(t *testing.T) {
 				self.Subnet6 = netip.MustParsePrefix("fd00:10:244:1::/64")
 				return plan.Input{Config: cfg, Self: self, WGDev: dev,
 					Underlay: plan.Underlay{Dev: "eth0", MTU: 1500, Connected: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}},
-					Peers:    []lease.Lease{p2}}
+					Peers:    refs(p2)}
 			}
 			routes := func() string {
 				return n.MustRun(t, "ip", "route", "show", "proto", "180") + n.MustRun(t, "ip", "-6", "route", "show", "proto", "180")
@@ -199,14 +199,14 @@ func TestDeltaWithoutVXLAN(t *testing.T) {
 			}
 			planner, full := plan.NewPlanner(plan.Input{Config: cfg, Self: peer("n1", "10.244.1.0/24", "192.0.2.11"), WGDev: dev,
 				Underlay: plan.Underlay{Dev: "eth0", MTU: 1500, Connected: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}},
-				Peers:    []lease.Lease{leaseOf("n2", "10.244.2.0/24", "192.0.2.12")}})
+				Peers:    refs(leaseOf("n2", "10.244.2.0/24", "192.0.2.12"))})
 			if full.VXLAN != nil {
 				t.Fatalf("%s plan with a VXLAN device", backend)
 			}
 			if err := set(full); err != nil {
 				t.Fatalf("full plan: %v", err)
 			}
-			next := planner.Update([]lease.Lease{leaseOf("n3", "10.244.3.0/24", "192.0.2.13")})
+			next := planner.Update(refs(leaseOf("n3", "10.244.3.0/24", "192.0.2.13")))
 			if next.Delta == nil || len(next.Delta.Routes) != 1 {
 				t.Fatalf("n3's lease: plan %+v, want a delta with its route", next.Delta)
 			}
@@ -317,7 +317,7 @@ func TestPrepareWireGuard(t *testing.T) {
 
 	d := open()
 	prepare(d)
-	in.Peers = []lease.Lease{p2}
+	in.Peers = refs(p2)
 	var st Stats
 	if err := n.Do(func() (err error) { st, err = d.Set(t.Context(), plan.Build(in)); return err }); err != nil {
 		t.Fatalf("first Set: %v", err)

@@ -27,17 +27,30 @@ import (
 // Scale: leases of the configured length are indexed by subnet, so a change costs O(1)
 // map work; odd-length leases (normally none) are compared against each other and, when
 // shorter than the configured length, against the regular ones.
+//
+// Memory: each lease is kept once, and Snapshot and Take hand out pointers to it, so the
+// planner that plans from them holds the same lease, not a copy (at thousands of peers
+// the leases are megabytes). A stored lease is never changed: a changed one is a new
+// value. Callers must not change what the pointers point to.
 type Peers struct {
 	mu       sync.Mutex
 	rules    Rules
-	cand     map[string]Entry          // every lease that passed the rules, by store key
+	cand     map[string]*cand          // every lease that passed the rules, by store key
 	bySubnet map[netip.Prefix][]string // keys per subnet (normally one)
 	odd      map[string]bool           // keys whose subnet length is not rules.SubnetLen
-	inUse    map[string]bool           // keys whose candidate is in use (its lease is in cand: one copy)
-	nodeKeys map[string][]string       // node -> its keys in use (normally one)
+	nodes    map[string]*cand          // node -> its candidates in use (normally one), linked by next
 	dirty    map[string]bool           // nodes changed since Take
 	full     bool                      // the whole view was replaced since Take
 	bad      map[string]string         // keys not in use -> why
+}
+
+// cand is a lease that passed the rules, under its store key. Its Entry never changes
+// once stored (pointers to its lease are handed out); used and next do.
+type cand struct {
+	Entry
+	key  string
+	used bool  // in use: in its node's list in Peers.nodes
+	next *cand // the node's next candidate in use
 }
 
 // Entry is a lease as a store lists it.
@@ -53,20 +66,20 @@ func NewPeers() *Peers { return NewPeersWith(Rules{}) }
 // NewPeersWith returns an empty view that uses only leases passing r.
 func NewPeersWith(r Rules) *Peers {
 	p := &Peers{rules: r}
-	p.reset()
+	p.reset(0)
 	return p
 }
 
-func (p *Peers) reset() {
-	p.cand, p.bySubnet, p.odd = map[string]Entry{}, map[netip.Prefix][]string{}, map[string]bool{}
-	p.inUse, p.nodeKeys = map[string]bool{}, map[string][]string{}
+func (p *Peers) reset(n int) {
+	p.cand, p.bySubnet, p.odd = make(map[string]*cand, n), make(map[netip.Prefix][]string, n), map[string]bool{}
+	p.nodes = make(map[string]*cand, n)
 	p.dirty, p.bad = map[string]bool{}, map[string]string{}
 }
 
 // put records l, created at rev, under key k (caller holds mu).
 func (p *Peers) put(k string, l Lease, rev int64) {
 	l = p.rules.Enabled(l)
-	if e, ok := p.cand[k]; ok && e.Lease == l && e.Rev == rev {
+	if c, ok := p.cand[k]; ok && c.Lease == l && c.Rev == rev {
 		return // rewritten as it was (a renewal)
 	}
 	affected := p.drop(k)
@@ -76,7 +89,7 @@ func (p *Peers) put(k string, l Lease, rev int64) {
 		return
 	}
 	delete(p.bad, k)
-	p.cand[k] = Entry{l, rev}
+	p.cand[k] = &cand{Entry: Entry{l, rev}, key: k}
 	for _, s := range l.Subnets() {
 		p.bySubnet[s] = append(p.bySubnet[s], k)
 		if p.isOdd(s) {
@@ -106,15 +119,15 @@ func (p *Peers) isOdd(s netip.Prefix) bool {
 
 // drop removes k's candidate and returns the keys whose standing may change with it.
 func (p *Peers) drop(k string) []string {
-	e, ok := p.cand[k]
+	c, ok := p.cand[k]
 	if !ok {
 		return nil
 	}
-	p.unuse(k)
+	p.unuse(c)
 	delete(p.cand, k)
 	delete(p.odd, k)
 	var out []string
-	for _, s := range e.Lease.Subnets() {
+	for _, s := range c.Lease.Subnets() {
 		keys := p.bySubnet[s]
 		for i, x := range keys {
 			if x == k {
@@ -156,7 +169,7 @@ func before(a, b Entry, ka, kb string) bool {
 
 // loses says why candidate k may not be used (empty: it may).
 func (p *Peers) loses(k string) string {
-	e := p.cand[k]
+	e := p.cand[k].Entry
 	for _, s := range e.Lease.Subnets() {
 		if why := p.losesSubnet(k, e, s); why != "" {
 			return why
@@ -168,7 +181,7 @@ func (p *Peers) loses(k string) string {
 // losesSubnet says why candidate k, e may not hold its subnet s (empty: it may).
 func (p *Peers) losesSubnet(k string, e Entry, s netip.Prefix) string {
 	for _, o := range p.bySubnet[s] {
-		if oe := p.cand[o]; o != k && before(oe, e, o, k) {
+		if oe := p.cand[o].Entry; o != k && before(oe, e, o, k) {
 			return fmt.Sprintf("subnet %s is held by %s (key %s), which was there first", s, oe.Lease.Node, o)
 		}
 	}
@@ -179,7 +192,7 @@ func (p *Peers) losesSubnet(k string, e Entry, s netip.Prefix) string {
 		return fmt.Sprintf("subnet %s overlaps %s of %s (key %s), which has the configured length /%d", s, c, p.cand[o].Lease.Node, o, p.rules.subnetLen(s))
 	}
 	for o := range p.odd {
-		oe := p.cand[o]
+		oe := p.cand[o].Entry
 		if o == k || !before(oe, e, o, k) {
 			continue
 		}
@@ -231,63 +244,57 @@ func (p *Peers) regularOverlapping(s netip.Prefix) (string, netip.Prefix, bool) 
 // settle re-decides whether each of keys is used.
 func (p *Peers) settle(keys []string) {
 	for _, k := range keys {
-		e, ok := p.cand[k]
+		c, ok := p.cand[k]
 		if !ok {
 			continue
 		}
 		if why := p.loses(k); why != "" {
-			p.unuse(k)
+			p.unuse(c)
 			p.bad[k] = why
 			continue
 		}
 		delete(p.bad, k)
-		if p.inUse[k] {
-			continue // a candidate's lease changes only through drop, which unuses it
+		if !c.used {
+			// (A candidate's lease changes only through drop, which unuses it.)
+			p.use(c)
 		}
-		p.use(k, e.Lease.Node)
 	}
 }
 
-func (p *Peers) use(k, node string) {
-	p.inUse[k] = true
-	keys := p.nodeKeys[node]
-	found := false
-	for _, x := range keys {
-		found = found || x == k
-	}
-	if !found {
-		p.nodeKeys[node] = append(keys, k)
-	}
-	p.dirty[node] = true
+// use puts c in its node's list of candidates in use.
+func (p *Peers) use(c *cand) {
+	c.used = true
+	c.next = p.nodes[c.Lease.Node]
+	p.nodes[c.Lease.Node] = c
+	p.dirty[c.Lease.Node] = true
 }
 
-func (p *Peers) unuse(k string) {
-	if !p.inUse[k] {
+// unuse takes c out of its node's list.
+func (p *Peers) unuse(c *cand) {
+	if !c.used {
 		return
 	}
-	delete(p.inUse, k)
-	p.unlink(p.cand[k].Lease.Node, k)
-}
-
-func (p *Peers) unlink(node, k string) {
-	keys := p.nodeKeys[node]
-	for i, x := range keys {
-		if x == k {
-			keys = append(keys[:i:i], keys[i+1:]...)
-			break
+	n := c.Lease.Node
+	switch head := p.nodes[n]; {
+	case head == c && c.next == nil:
+		delete(p.nodes, n)
+	case head == c:
+		p.nodes[n] = c.next
+	default:
+		for x := head; x != nil; x = x.next {
+			if x.next == c {
+				x.next = c.next
+				break
+			}
 		}
 	}
-	if len(keys) == 0 {
-		delete(p.nodeKeys, node)
-	} else {
-		p.nodeKeys[node] = keys
-	}
-	p.dirty[node] = true
+	c.used, c.next = false, nil
+	p.dirty[n] = true
 }
 
 // replace swaps in a fresh list, with the keys that held nothing usable (caller holds mu).
 func (p *Peers) replace(leases map[string]Entry, bad map[string]string) {
-	p.reset()
+	p.reset(len(leases))
 	for k, e := range leases {
 		p.put(k, e.Lease, e.Rev)
 	}
@@ -300,25 +307,26 @@ func (p *Peers) replace(leases map[string]Entry, bad map[string]string) {
 
 // current is node's lease: from its first created key if it somehow holds several (a
 // forged key naming a live node cannot displace the node's own).
-func (p *Peers) current(node string) (Lease, bool) {
-	best := ""
-	for _, k := range p.nodeKeys[node] {
-		if best == "" || before(p.cand[k], p.cand[best], k, best) {
-			best = k
+func (p *Peers) current(node string) (*Lease, bool) {
+	best := p.nodes[node]
+	if best == nil {
+		return nil, false
+	}
+	for c := best.next; c != nil; c = c.next {
+		if before(c.Entry, best.Entry, c.key, best.key) {
+			best = c
 		}
 	}
-	if best == "" {
-		return Lease{}, false
-	}
-	return p.cand[best].Lease, true
+	return &best.Lease, true
 }
 
-// Snapshot returns one lease per node, sorted by node name.
-func (p *Peers) Snapshot() []Lease {
+// Snapshot returns one lease per node, sorted by node name. The leases are the view's
+// own: shared, never to be changed.
+func (p *Peers) Snapshot() []*Lease {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	out := make([]Lease, 0, len(p.nodeKeys))
-	for n := range p.nodeKeys {
+	out := make([]*Lease, 0, len(p.nodes))
+	for n := range p.nodes {
 		l, _ := p.current(n)
 		out = append(out, l)
 	}
@@ -330,13 +338,16 @@ func (p *Peers) Snapshot() []Lease {
 func (p *Peers) Node(node string) (Lease, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.current(node)
+	if l, ok := p.current(node); ok {
+		return *l, true
+	}
+	return Lease{}, false
 }
 
-// Take returns what changed since the last Take: each changed node's current lease, or
-// Lease{Node: name} for a node that is gone; full means the whole view was replaced (a
-// re-list), so the caller should start over from Snapshot.
-func (p *Peers) Take() (changed []Lease, full bool) {
+// Take returns what changed since the last Take: each changed node's current lease (shared,
+// as Snapshot's), or a new Lease{Node: name} for a node that is gone; full means the whole
+// view was replaced (a re-list), so the caller should start over from Snapshot.
+func (p *Peers) Take() (changed []*Lease, full bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	full = p.full
@@ -344,7 +355,7 @@ func (p *Peers) Take() (changed []Lease, full bool) {
 		if l, ok := p.current(n); ok {
 			changed = append(changed, l)
 		} else {
-			changed = append(changed, Lease{Node: n})
+			changed = append(changed, &Lease{Node: n})
 		}
 	}
 	p.dirty = map[string]bool{}
@@ -356,7 +367,7 @@ func (p *Peers) Take() (changed []Lease, full bool) {
 func (p *Peers) Len() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return len(p.nodeKeys)
+	return len(p.nodes)
 }
 
 // The methods below let the stores feed the view; each takes the lock itself.
@@ -411,8 +422,8 @@ func (p *Peers) SetSelfIPs(ip, ip6 netip.Addr) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.rules.SelfIP, p.rules.SelfIP6 = ip, ip6
-	for k, e := range p.cand {
-		if err := p.rules.Check(e.Lease); err != nil {
+	for k, c := range p.cand {
+		if err := p.rules.Check(c.Lease); err != nil {
 			p.invalid(k, err.Error())
 		}
 	}

@@ -1,6 +1,7 @@
 package lease
 
 import (
+	"fmt"
 	"maps"
 	"net/netip"
 	"path"
@@ -277,4 +278,134 @@ func reversed[T any](s []T) []T {
 	out := slices.Clone(s)
 	slices.Reverse(out)
 	return out
+}
+
+// The view keeps each lease once and hands out that one (the planner keeps what it is
+// given, so a copy here would be a second copy of every lease): Snapshot, Take and a
+// re-Set of the same lease give the same pointer, and a changed lease is a new value, the
+// old one left as it was for whoever holds it.
+func TestPeersShareLeases(t *testing.T) {
+	p := NewPeers()
+	a := Lease{Node: "a", Subnet: netip.MustParsePrefix("10.0.1.0/24"), PublicIP: netip.MustParseAddr("192.0.2.1")}
+	p.Set("k1", a, 1)
+	ch, _ := p.Take()
+	snap := p.Snapshot()
+	if len(ch) != 1 || len(snap) != 1 || ch[0] != snap[0] || *ch[0] != a {
+		t.Fatalf("Take() = %v, Snapshot() = %v; want one shared lease %+v", ch, snap, a)
+	}
+	p.Set("k1", a, 1) // a renewal: nothing changes
+	if again := p.Snapshot(); again[0] != snap[0] {
+		t.Errorf("after a renewal Snapshot()[0] = %p, want the same lease %p", again[0], snap[0])
+	}
+	moved := a
+	moved.PublicIP = netip.MustParseAddr("192.0.2.2")
+	p.Set("k1", moved, 1)
+	ch, _ = p.Take()
+	if len(ch) != 1 || *ch[0] != moved || *snap[0] != a {
+		t.Errorf("after a change Take() = %v and the old lease is %+v; want %+v and %+v unchanged", ch, *snap[0], moved, a)
+	}
+}
+
+// FuzzPeers applies a sequence of store events and checks, after each, that the view
+// equals one built from scratch out of the same keys (settling does not depend on the
+// order of events), that Take reported every node whose lease changed, and that every
+// lease it hands out is one the store holds under one of the node's keys.
+func FuzzPeers(f *testing.F) {
+	f.Add([]byte{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
+	f.Add([]byte{3, 3, 3, 19, 35, 51, 67, 83, 99, 115, 131, 147, 163, 179, 195, 211, 227, 243})
+	f.Add([]byte{0x10, 0x21, 0x32, 0x43, 0x54, 0x65, 0x76, 0x87, 0x98, 0xa9, 0xba, 0xcb, 0xdc, 0xed, 0xfe})
+	r := Rules{Network: netip.MustParsePrefix("10.244.0.0/16"), SubnetLen: 24, Network6: netip.MustParsePrefix("fd00::/48"), SubnetLen6: 64, Self: "me"}
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		p := NewPeersWith(r)
+		type stored struct {
+			l   Lease
+			rev int64
+		}
+		store := map[string]stored{} // key -> what the store holds (valid leases only)
+		before := map[string]Lease{} // node -> lease in use after the last Take
+		for i := 0; i+1 < len(ops); i += 2 {
+			op, arg := ops[i], ops[i+1]
+			key := fmt.Sprintf("k%d", op%6)
+			switch op >> 6 {
+			case 0, 1: // a put: node, subnet, length and IPv6 subnet from arg
+				l := Lease{Node: fmt.Sprintf("n%d", arg%4), Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, arg >> 5, 0}), 24),
+					PublicIP: netip.AddrFrom4([4]byte{192, 0, 2, 1 + arg%7})}
+				if arg&0x10 != 0 {
+					l.Subnet = netip.PrefixFrom(l.Subnet.Addr(), 23).Masked()
+				}
+				if arg&0x08 != 0 {
+					l.Subnet6 = netip.PrefixFrom(netip.AddrFrom16([16]byte{0: 0xfd, 7: arg >> 6}), 64)
+				}
+				rev := int64(i)
+				if s, ok := store[key]; ok {
+					rev = s.rev // a key keeps its creation revision
+				}
+				store[key] = stored{l, rev}
+				p.Set(key, l, rev)
+			case 2:
+				delete(store, key)
+				p.Delete(key)
+			default:
+				delete(store, key)
+				p.Invalid(key, "bad")
+			}
+			changed, _ := p.Take()
+			fresh := NewPeersWith(r)
+			for k, s := range store {
+				fresh.Set(k, s.l, s.rev)
+			}
+			got, want := p.Snapshot(), fresh.Snapshot()
+			if len(got) != len(want) {
+				t.Fatalf("op %d: %d nodes in use, from scratch %d: %v vs %v", i, len(got), len(want), got, want)
+			}
+			now := map[string]Lease{}
+			for j := range got {
+				if *got[j] != *want[j] {
+					t.Fatalf("op %d: node %s uses %+v, from scratch %+v", i, got[j].Node, *got[j], *want[j])
+				}
+				if l, ok := p.Node(got[j].Node); !ok || l != *got[j] {
+					t.Fatalf("op %d: Node(%s) = %+v, %v; Snapshot has %+v", i, got[j].Node, l, ok, *got[j])
+				}
+				now[got[j].Node] = *got[j]
+			}
+			reported := map[string]bool{}
+			for _, l := range changed {
+				reported[l.Node] = true
+				if cur, ok := now[l.Node]; ok != !l.Gone() || ok && cur != *l {
+					t.Fatalf("op %d: Take reported %+v for %s, the view has %+v (%v)", i, *l, l.Node, cur, ok)
+				}
+			}
+			for n := range maps.Keys(now) {
+				if now[n] != before[n] && !reported[n] {
+					t.Fatalf("op %d: %s changed from %+v to %+v, not reported", i, n, before[n], now[n])
+				}
+			}
+			for n := range maps.Keys(before) {
+				if _, ok := now[n]; !ok && !reported[n] {
+					t.Fatalf("op %d: %s left, not reported", i, n)
+				}
+			}
+			// A node with several keys in use (not ignored) uses its first created one.
+			bad := p.Invalids()
+			first := map[string]string{} // node -> key
+			for k, s := range store {
+				n := s.l.Node
+				if _, ignored := bad[k]; ignored {
+					continue
+				}
+				if f, ok := first[n]; !ok || s.rev < store[f].rev || s.rev == store[f].rev && k < f {
+					first[n] = k
+				}
+			}
+			if len(first) != len(now) {
+				t.Fatalf("op %d: nodes with a key in use %v, in the view %v", i, first, now)
+			}
+			for n, k := range first {
+				if now[n] != store[k].l {
+					t.Fatalf("op %d: %s uses %+v, its first created key in use %s holds %+v", i, n, now[n], k, store[k].l)
+				}
+			}
+			before = now
+		}
+	})
 }

@@ -241,14 +241,14 @@ func (p *Planner) dropClaim(l subnetLease) {
 
 // selfOwns reports whether s is one of this node's own subnets.
 func (p *Planner) selfOwns(s netip.Prefix) bool {
-	self := enabled(p.in.Config, p.in.Self)
+	self := enabled(p.in.Config, &p.in.Self)
 	return s.IsValid() && (s == self.Subnet || s == self.Subnet6)
 }
 
 // owners builds the owner map decide() needs for the given subnets, as Build would.
 func (p *Planner) owners(subnets map[netip.Prefix]bool) map[netip.Prefix]string {
 	o := make(map[netip.Prefix]string, len(subnets)+2)
-	for _, s := range enabled(p.in.Config, p.in.Self).subnets() {
+	for _, s := range enabled(p.in.Config, &p.in.Self).subnets() {
 		o[s] = p.in.Self.Node
 	}
 	for s := range subnets {
@@ -264,9 +264,10 @@ func (p *Planner) owners(subnets map[netip.Prefix]bool) map[netip.Prefix]string 
 	return o
 }
 
-// Update applies changed leases (a lease naming only a node, lease.Gone, removes it) and returns the next plan: the header of a full plan
-// (device, NAT, MTU) and the Delta from the previous one.
-func (p *Planner) Update(changed []lease.Lease) Plan {
+// Update applies changed leases (a lease naming only a node, lease.Gone, removes it) and
+// returns the next plan: the header of a full plan (device, NAT, MTU) and the Delta from
+// the previous one. The planner keeps the leases (see Input.Peers).
+func (p *Planner) Update(changed []*lease.Lease) Plan {
 	ch := p.update(changed)
 	d := &Delta{From: p.gen}
 	p.gen = gens.Add(1)
@@ -336,7 +337,7 @@ func (p *Planner) header() Plan {
 }
 
 // update applies changed leases and returns the keys of the entries it touched.
-func (p *Planner) update(changed []lease.Lease) Changes {
+func (p *Planner) update(changed []*lease.Lease) Changes {
 	var ch Changes
 	// Every node that claims a subnet touched by the change may win or lose it.
 	subnets := map[netip.Prefix]bool{}
@@ -477,10 +478,11 @@ func (p *Planner) Peer(node string) (Peer, bool) {
 }
 
 // Lease is the lease node's peer entry was planned from (subnets of families the config
-// has off dropped); false: no peer of that name (this node is none).
-func (p *Planner) Lease(node string) (lease.Lease, bool) {
+// has off dropped; shared, never to be changed); false: no peer of that name (this node is
+// none).
+func (p *Planner) Lease(node string) (*lease.Lease, bool) {
 	if p == nil {
-		return lease.Lease{}, false
+		return nil, false
 	}
 	l, ok := p.peers[node]
 	return l.Lease, ok
@@ -488,8 +490,8 @@ func (p *Planner) Lease(node string) (lease.Lease, bool) {
 
 // Leases yields the lease of every peer the plan was built from, as Lease returns it. The
 // caller must not change the Planner while ranging.
-func (p *Planner) Leases() iter.Seq[lease.Lease] {
-	return func(yield func(lease.Lease) bool) {
+func (p *Planner) Leases() iter.Seq[*lease.Lease] {
+	return func(yield func(*lease.Lease) bool) {
 		if p == nil {
 			return
 		}

@@ -95,7 +95,7 @@ func plannerMatchesBuild(t *testing.T, c config.Network, self lease.Lease, backe
 	for _, l := range current {
 		peers = append(peers, l)
 	}
-	in.Peers = peers
+	in.Peers = refs(peers)
 	p, first := NewPlanner(in)
 	prev := first
 	for step := range 400 {
@@ -110,12 +110,12 @@ func plannerMatchesBuild(t *testing.T, c config.Network, self lease.Lease, backe
 			current[l.Node] = l
 			batch = append(batch, l)
 		}
-		next := p.Update(batch)
+		next := p.Update(refs(batch))
 		var all []lease.Lease
 		for _, l := range current {
 			all = append(all, l)
 		}
-		in.Peers = all
+		in.Peers = refs(all)
 		want := render(Build(in))
 		built := Build(in)
 		if next.Delta == nil || next.Delta.From != prev.Gen || next.Gen == prev.Gen {
@@ -161,13 +161,41 @@ func BenchmarkPlannerUpdate5000(b *testing.B) {
 	for i := range 5000 {
 		peers = append(peers, mk(fmt.Sprint("n", i), fmt.Sprintf("10.%d.%d.0/24", i/256, i%256), fmt.Sprintf("198.51.%d.%d", i/250, i%250+1)))
 	}
-	p, _ := NewPlanner(Input{Config: c, Self: mk("self", "10.250.0.0/24", "192.0.2.1"), Peers: peers, Underlay: underlay, VXLANDev: "na.1"})
+	p, _ := NewPlanner(Input{Config: c, Self: mk("self", "10.250.0.0/24", "192.0.2.1"), Peers: refs(peers), Underlay: underlay, VXLANDev: "na.1"})
 	i := 0
 	for b.Loop() {
 		l := mk(fmt.Sprint("new", i%1000), fmt.Sprintf("10.251.%d.0/24", i%250), "198.51.200.1")
-		if next := p.Update([]lease.Lease{l}); next.Delta.Empty() {
+		if next := p.Update([]*lease.Lease{&l}); next.Delta.Empty() {
 			b.Fatal("no change")
 		}
 		i++
+	}
+}
+
+// The planner keeps the leases it is given, not copies (with thousands of peers a copy is
+// megabytes), unless it must drop a subnet of a family the config has off.
+func TestPlannerSharesLeases(t *testing.T) {
+	a := mk6("a", "10.244.2.0/24", "fd00:0:0:2::/64", "192.0.2.2", "2001:db8:1::2")
+	b := mk6("b", "10.244.3.0/24", "fd00:0:0:3::/64", "192.0.2.3", "2001:db8:1::3")
+	for _, tt := range []struct {
+		name, config string
+		shared       bool
+	}{
+		{"dual", `{"network":"10.244.0.0/16","ipv6Network":"fd00::/48","backend":{"type":"vxlan"}}`, true},
+		{"IPv4 only: the IPv6 subnet dropped", `{"network":"10.244.0.0/16","backend":{"type":"vxlan"}}`, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			p, _ := NewPlanner(Input{Config: cfgJSON(t, tt.config), Self: mk("self", "10.244.1.0/24", "192.0.2.1"), Peers: []*lease.Lease{&a}, Underlay: underlay})
+			p.Update([]*lease.Lease{&b})
+			for _, want := range []*lease.Lease{&a, &b} {
+				got, ok := p.Lease(want.Node)
+				if !ok || (got == want) != tt.shared || got.Subnet != want.Subnet || got.Subnet6.IsValid() != tt.shared {
+					t.Errorf("Lease(%s) = %+v (%p), want %+v (%p), shared %v", want.Node, got, got, want, want, tt.shared)
+				}
+			}
+			if !a.Subnet6.IsValid() || !b.Subnet6.IsValid() {
+				t.Errorf("the planner changed a lease it was given: %+v, %+v", a, b)
+			}
+		})
 	}
 }

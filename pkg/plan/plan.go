@@ -81,9 +81,11 @@ func (u Underlay) onLink(a netip.Addr) bool {
 
 // Input is everything a plan depends on.
 type Input struct {
-	Config   config.Network
-	Self     lease.Lease
-	Peers    []lease.Lease
+	Config config.Network
+	Self   lease.Lease
+	// Peers are the peers' leases. A Planner keeps them (shared with the peer view that
+	// handed them out: never changed by anyone); none may be nil.
+	Peers    []*lease.Lease
 	Underlay Underlay
 	// VXLANDev is the name of the VXLAN device; empty: VXLANDevName(the VNI).
 	VXLANDev string
@@ -182,7 +184,7 @@ type WGPeer struct {
 
 // AllowedIPs are the peer's subnets, IPv4 first.
 func (w WGPeer) AllowedIPs() []netip.Prefix {
-	return subnetLease{lease.Lease{Subnet: w.Subnet, Subnet6: w.Subnet6}}.subnets()
+	return subnetLease{&lease.Lease{Subnet: w.Subnet, Subnet6: w.Subnet6}}.subnets()
 }
 
 // AllowList is the VXLAN allow-list: which peers may send VXLAN to this node, and what.
@@ -279,7 +281,7 @@ func Build(in Input) Plan {
 	if in.VXLANDev == "" {
 		in.VXLANDev = VXLANDevName(c.Backend.VNI)
 	}
-	self := enabled(c, in.Self)
+	self := enabled(c, &in.Self)
 	p := Plan{
 		NAT: NAT{Network: c.Network, Subnet: self.Subnet, Final: in.Docker,
 			Network6: c.IPv6Network, Subnet6: self.Subnet6, Masquerade6: c.Masquerade6()},
@@ -413,7 +415,7 @@ func keepVXLAN(p *Plan, in Input, senders bool) {
 }
 
 // vxlanSenders counts the peers (not self) whose leases publish a VTEP.
-func vxlanSenders(self string, peers []lease.Lease) int {
+func vxlanSenders(self string, peers []*lease.Lease) int {
 	n := 0
 	for _, l := range peers {
 		if sendsVXLAN(self, l) {
@@ -423,7 +425,7 @@ func vxlanSenders(self string, peers []lease.Lease) int {
 	return n
 }
 
-func sendsVXLAN(self string, l lease.Lease) bool {
+func sendsVXLAN(self string, l *lease.Lease) bool {
 	return l.Node != self && lease.ValidMAC(l.VTEPMAC)
 }
 
@@ -432,18 +434,25 @@ func peerOf(u Underlay, l subnetLease) Peer {
 	return Peer{Node: l.Node, Subnet: l.Subnet, PublicIP: l.PublicIP, Subnet6: l.Subnet6, PublicIP6: l.PublicIP6, UnderlayMAC: underlayMAC(u, l.Lease)}
 }
 
-// subnetLease is a lease with only the subnets of the families the config enables.
-type subnetLease struct{ lease.Lease }
+// subnetLease is a lease with only the subnets of the families the config enables. It
+// points to the lease it was made from when that has no others (the usual case: the peer
+// view drops them too), so the planner keeps no copy of it.
+type subnetLease struct{ *lease.Lease }
 
-// enabled drops l's subnets of families the config has off.
-func enabled(c config.Network, l lease.Lease) subnetLease {
-	if !c.HasV4() {
-		l.Subnet = netip.Prefix{}
+// enabled is l without its subnets of families the config has off.
+func enabled(c config.Network, l *lease.Lease) subnetLease {
+	off4, off6 := !c.HasV4() && l.Subnet.IsValid(), !c.HasV6() && l.Subnet6.IsValid()
+	if !off4 && !off6 {
+		return subnetLease{l}
 	}
-	if !c.HasV6() {
-		l.Subnet6 = netip.Prefix{}
+	cp := *l
+	if off4 {
+		cp.Subnet = netip.Prefix{}
 	}
-	return subnetLease{l}
+	if off6 {
+		cp.Subnet6 = netip.Prefix{}
+	}
+	return subnetLease{&cp}
 }
 
 // subnets are the valid subnets, IPv4 first, without allocating.
@@ -522,7 +531,7 @@ func wgDevName(in Input) string {
 // both nodes have one, else its IPv6 one when both have that (invalid: no common family).
 // Both sides of a pair pick the same family, so each finds the other's packets coming from
 // the endpoint it has configured. A dual-stack underlay thus carries WireGuard over IPv4.
-func wgEndpoint(self, l lease.Lease) netip.Addr {
+func wgEndpoint(self, l *lease.Lease) netip.Addr {
 	switch {
 	case self.PublicIP.IsValid() && l.PublicIP.IsValid():
 		return l.PublicIP
@@ -534,7 +543,7 @@ func wgEndpoint(self, l lease.Lease) netip.Addr {
 
 // wgPeer is the WireGuard peer of l, a peer in mode WireGuard.
 func wgPeer(in Input, l subnetLease) WGPeer {
-	return WGPeer{Node: l.Node, PublicKey: l.WGPublicKey, Endpoint: netip.AddrPortFrom(wgEndpoint(in.Self, l.Lease), uint16(l.WGPort)),
+	return WGPeer{Node: l.Node, PublicKey: l.WGPublicKey, Endpoint: netip.AddrPortFrom(wgEndpoint(&in.Self, l.Lease), uint16(l.WGPort)),
 		Subnet: l.Subnet, Subnet6: l.Subnet6}
 }
 
@@ -559,7 +568,7 @@ func underlayMTU(in Input) int {
 }
 
 // wgKeyHolders maps each WireGuard public key among peers to the nodes publishing it.
-func wgKeyHolders(self string, peers []lease.Lease) map[string][]string {
+func wgKeyHolders(self string, peers []*lease.Lease) map[string][]string {
 	m := map[string][]string{}
 	for _, l := range peers {
 		if l.Node != self && l.WGPublicKey != "" && !slices.Contains(m[l.WGPublicKey], l.Node) {
@@ -573,7 +582,7 @@ func wgKeyHolders(self string, peers []lease.Lease) map[string][]string {
 // apart by public key only, so two nodes publishing one key (a cloned machine's state
 // directory, or a forged lease) are both left out rather than letting input order decide
 // which one gets the other's traffic.
-func wgShared(l lease.Lease, holders []string) (Mode, string) {
+func wgShared(l *lease.Lease, holders []string) (Mode, string) {
 	other := "" // the smallest name, for a reason that does not depend on input order
 	for _, n := range holders {
 		if n != l.Node && (other == "" || n < other) {
@@ -634,7 +643,7 @@ func decide(in Input, l subnetLease, owner map[netip.Prefix]string) (Mode, strin
 			return Unreachable, "the peer published no WireGuard key (is it running the wireguard backend?)"
 		case l.WGPublicKey == in.Self.WGPublicKey:
 			return Unreachable, "the peer publishes this node's WireGuard public key"
-		case !wgEndpoint(in.Self, l.Lease).IsValid():
+		case !wgEndpoint(&in.Self, l.Lease).IsValid():
 			return Unreachable, fmt.Sprintf("WireGuard: the peer's underlay address (%s) is of no family this node has one of", ips(l.Lease))
 		}
 		return WireGuard, ""
@@ -685,7 +694,7 @@ func decideSubnet(c config.Network, node string, s netip.Prefix, owner map[netip
 }
 
 // ips names a lease's public IPs.
-func ips(l lease.Lease) string {
+func ips(l *lease.Lease) string {
 	switch {
 	case !l.PublicIP6.IsValid():
 		return l.PublicIP.String()
@@ -697,7 +706,7 @@ func ips(l lease.Lease) string {
 
 // underlayMAC is l's underlay MAC when l is on-link (behind a router, frames carry the
 // router's MAC instead).
-func underlayMAC(u Underlay, l lease.Lease) string {
+func underlayMAC(u Underlay, l *lease.Lease) string {
 	if !lease.ValidMAC(l.UnderlayMAC) {
 		return ""
 	}

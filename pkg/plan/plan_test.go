@@ -24,6 +24,15 @@ func cfg(t testing.TB, backend string) config.Network {
 	return n
 }
 
+// refs is ls as Input.Peers takes them (each a copy: the table stays as written).
+func refs(ls []lease.Lease) []*lease.Lease {
+	out := make([]*lease.Lease, len(ls))
+	for i, l := range ls {
+		out[i] = &l
+	}
+	return out
+}
+
 func mk(node, subnet, ip string) lease.Lease {
 	return lease.Lease{Node: node, Subnet: netip.MustParsePrefix(subnet), PublicIP: netip.MustParseAddr(ip), VTEPMAC: VTEPMAC(node).String(),
 		WGPublicKey: "key-" + node, WGPort: 51820}
@@ -246,7 +255,7 @@ nat 10.244.0.0/16 10.244.1.0/24 final false
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got := render(Build(Input{Config: cfg(t, tt.backend), Self: self, Peers: tt.peers, Underlay: underlay, VXLANDev: "na.1"}))
+			got := render(Build(Input{Config: cfg(t, tt.backend), Self: self, Peers: refs(tt.peers), Underlay: underlay, VXLANDev: "na.1"}))
 			if diff := cmp.Diff(tt.want, got); diff != "" {
 				t.Errorf("Build() mismatch (-want +got):\n%s", diff)
 			}
@@ -392,7 +401,7 @@ nat 10.244.0.0/16 10.244.1.0/24 final false
 				}
 				js = fmt.Sprintf(tt.config, tt.backend, extra)
 			}
-			buildsAs(t, Input{Config: cfgJSON(t, js), Self: tt.self, Peers: tt.peers, Underlay: underlay6, VXLANDev: "na.1"}, tt.want)
+			buildsAs(t, Input{Config: cfgJSON(t, js), Self: tt.self, Peers: refs(tt.peers), Underlay: underlay6, VXLANDev: "na.1"}, tt.want)
 		})
 	}
 }
@@ -428,7 +437,7 @@ func BenchmarkBuild5000(b *testing.B) {
 		}
 		peers = append(peers, mk(fmt.Sprint("n", i), fmt.Sprintf("10.%d.%d.0/24", i/256, i%256), ip))
 	}
-	in := Input{Config: c, Self: mk("self", "10.250.0.0/24", "192.0.2.1"), Peers: peers, Underlay: underlay, VXLANDev: "na.1"}
+	in := Input{Config: c, Self: mk("self", "10.250.0.0/24", "192.0.2.1"), Peers: refs(peers), Underlay: underlay, VXLANDev: "na.1"}
 	b.ReportAllocs()
 	for b.Loop() {
 		p := Build(in)
@@ -448,7 +457,7 @@ func TestUnderlayMAC(t *testing.T) {
 		mk("old", "10.244.4.0/24", "192.0.2.14"), // an agent that publishes none
 	}
 	want := map[string]string{"near": "02:00:00:00:00:12", "far": "", "old": ""}
-	in := Input{Config: cfg(t, "vxlan"), Self: mk("self", "10.244.1.0/24", "192.0.2.11"), Peers: peers, Underlay: underlay, VXLANDev: "netagent.1"}
+	in := Input{Config: cfg(t, "vxlan"), Self: mk("self", "10.244.1.0/24", "192.0.2.11"), Peers: refs(peers), Underlay: underlay, VXLANDev: "netagent.1"}
 	planner, p := NewPlanner(in)
 	for _, v := range p.Peers {
 		if v.UnderlayMAC != want[v.Node] {
@@ -513,7 +522,7 @@ func TestKeepVXLAN(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			u := underlay
 			u.Tunnels = c.tunnels
-			p := Build(Input{Config: cfg(t, c.backend), Self: self, Peers: c.peers, Underlay: u})
+			p := Build(Input{Config: cfg(t, c.backend), Self: self, Peers: refs(c.peers), Underlay: u})
 			if p.KeepVXLAN != c.keep || p.Allow.Port != c.port || (p.VXLAN != nil) != c.hasVXLAN {
 				t.Errorf("keep %q port %d device %v; want %q %d %v", p.KeepVXLAN, p.Allow.Port, p.VXLAN != nil, c.keep, c.port, c.hasVXLAN)
 			}
@@ -597,7 +606,7 @@ nat invalid Prefix invalid Prefix final false v6 fd00::/48 fd00:0:0:1::/64 masqu
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			buildsAs(t, Input{Config: cfgJSON(t, tt.config), Self: tt.self, Peers: tt.peers, Underlay: underlay6}, tt.want)
+			buildsAs(t, Input{Config: cfgJSON(t, tt.config), Self: tt.self, Peers: refs(tt.peers), Underlay: underlay6}, tt.want)
 		})
 	}
 }
