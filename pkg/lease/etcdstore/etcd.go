@@ -20,6 +20,7 @@ import (
 	"path"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -80,6 +81,31 @@ type Store struct {
 	prefix string
 	ttl    time.Duration
 	log    *slog.Logger
+
+	mu sync.Mutex
+	// claimed are the leases an Acquire before the watch listed, decoded, for the watch's
+	// first list to reuse for the keys unchanged since (taken by that list): a cold start
+	// with thousands of peers decodes each lease once (see BENCHMARKS.md).
+	claimed  map[string]decoded
+	watching bool // Watch has started: an Acquire now keeps nothing for it
+}
+
+// decoded is the value of a lease key as decoded at one revision: the same key at the same
+// mod revision holds the same value.
+type decoded struct {
+	mod int64
+	l   lease.Lease
+	err error // why the value is no usable lease (l unset)
+}
+
+// decodeKV decodes a lease key's value, or takes it from known when kv is the version
+// decoded there.
+func decodeKV(kv *mvccpb.KeyValue, known map[string]decoded) decoded {
+	if d, ok := known[string(kv.Key)]; ok && d.mod == kv.ModRevision {
+		return d
+	}
+	l, err := lease.DecodeKey(string(kv.Key), kv.Value)
+	return decoded{kv.ModRevision, l, err}
 }
 
 // New returns a store under prefix (e.g. "/netagent") whose leases live ttl.
@@ -318,9 +344,9 @@ func sameHost(a, b lease.Lease) bool {
 // identity refuses self when a live lease names self's node with other public IPs: two
 // hosts run with the same node name. A live lease with a public IP in common is this
 // host's own from a previous run (a restart, or kill -9 before its TTL ran out): adopted.
-func identity(self lease.Lease, taken map[netip.Prefix]lease.Lease, ttl time.Duration) error {
-	for s, l := range taken {
-		if l.Node == self.Node && !sameHost(l, self) {
+func identity(self lease.Lease, leases map[string]decoded, ttl time.Duration) error {
+	for _, d := range leases {
+		if l, s := d.l, d.l.Primary(); d.err == nil && l.Node == self.Node && !sameHost(l, self) {
 			return fmt.Errorf("%w: node name %q holds %s, live, for public IP %s, and this agent's public IP is %s: give each host its own --node-name (cloned machines and network namespaces share the hostname); if that agent is gone, its lease expires within %s",
 				lease.ErrIdentity, self.Node, s, ips(l), ips(self), ttl)
 		}
@@ -341,8 +367,8 @@ func ips(l lease.Lease) string {
 
 // storeState is what a claim is chosen from.
 type storeState struct {
-	taken    map[netip.Prefix]lease.Lease // live leases by their key's subnet
-	claims   map[netip.Prefix]string      // every subnet live leases and IPv6 claim keys hold -> node
+	leases   map[string]decoded      // the lease keys (live leases and unusable values), by key
+	claims   map[netip.Prefix]string // every subnet live leases and IPv6 claim keys hold -> node
 	owners   map[string][]netip.Prefix
 	reserved map[string][]netip.Prefix
 }
@@ -380,7 +406,7 @@ func (e *Store) acquire(ctx context.Context, cfg config.Network, self lease.Leas
 	if err != nil {
 		return lease.Held{}, err
 	}
-	if err := identity(self, st.taken, e.ttl); err != nil {
+	if err := identity(self, st.leases, e.ttl); err != nil {
 		return lease.Held{}, err
 	}
 	// Others' live subnets, remembered subnets and reservations are not ours to take.
@@ -471,6 +497,13 @@ func (e *Store) acquire(ctx context.Context, cfg config.Network, self lease.Leas
 			want[btoi(v6)] = s
 		}
 		h, err := e.claim(ctx, self, want[0], want[1], ownerRev)
+		if err == nil {
+			e.mu.Lock()
+			if !e.watching {
+				e.claimed = st.leases
+			}
+			e.mu.Unlock()
+		}
 		var lost *conflictError
 		if !errors.As(err, &lost) {
 			return h, err
@@ -523,7 +556,7 @@ func pickFree(cfg config.Network, v6 bool, free func(netip.Prefix) bool) (netip.
 
 // state lists live leases, IPv6 claims, remembered owners and reservations.
 func (e *Store) state(ctx context.Context) (storeState, error) {
-	st := storeState{taken: map[netip.Prefix]lease.Lease{}, claims: map[netip.Prefix]string{},
+	st := storeState{leases: map[string]decoded{}, claims: map[netip.Prefix]string{},
 		owners: map[string][]netip.Prefix{}, reserved: map[string][]netip.Prefix{}}
 	ctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
@@ -535,8 +568,9 @@ func (e *Store) state(ctx context.Context) (storeState, error) {
 		k := string(kv.Key)
 		switch path.Dir(k) {
 		case e.key("subnets"):
-			if l, err := lease.DecodeKey(k, kv.Value); err == nil {
-				st.taken[l.Primary()] = l
+			d := decodeKV(kv, nil)
+			st.leases[k] = d
+			if l := d.l; d.err == nil {
 				for _, s := range l.Subnets() {
 					if _, dup := st.claims[s]; !dup {
 						st.claims[s] = l.Node
@@ -805,6 +839,9 @@ func (e *Store) Watch(ctx context.Context, peers *lease.Peers, changed chan<- st
 		default:
 		}
 	}
+	e.mu.Lock()
+	e.watching = true
+	e.mu.Unlock()
 	backoff := 100 * time.Millisecond
 	for ctx.Err() == nil {
 		rev, err := e.list(ctx, peers)
@@ -870,15 +907,19 @@ func (e *Store) list(ctx context.Context, peers *lease.Peers) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
+	e.mu.Lock()
+	known := e.claimed
+	e.claimed = nil
+	e.mu.Unlock()
 	leases := make(map[string]lease.Entry, len(resp.Kvs))
 	bad := map[string]string{}
 	for _, kv := range resp.Kvs {
-		l, err := lease.DecodeKey(string(kv.Key), kv.Value)
-		if err != nil {
-			bad[string(kv.Key)] = err.Error()
+		d := decodeKV(kv, known)
+		if d.err != nil {
+			bad[string(kv.Key)] = d.err.Error()
 			continue
 		}
-		leases[string(kv.Key)] = lease.Entry{Lease: l, Rev: kv.CreateRevision}
+		leases[string(kv.Key)] = lease.Entry{Lease: d.l, Rev: kv.CreateRevision}
 	}
 	peers.Replace(leases, bad)
 	return resp.Header.Revision, nil
@@ -902,9 +943,9 @@ func (e *Store) Leave(ctx context.Context, node string) ([]netip.Prefix, error) 
 	}
 	subnets := st.owners[node]
 	var primary netip.Prefix
-	for s, l := range st.taken {
-		if l.Node == node {
-			primary = s
+	for _, d := range st.leases {
+		if l := d.l; d.err == nil && l.Node == node {
+			primary = l.Primary()
 			subnets = append(subnets, l.Subnets()...)
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"strings"
 	"sync"
@@ -88,8 +89,8 @@ func TestAcquireKeepsSubnetAcrossRestartAndExpiry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := st.taken[h3.Lease.Subnet]; ok || len(st.owners["n1"]) > 0 {
-		t.Errorf("after Release: taken=%v owners=%v", st.taken, st.owners)
+	if _, ok := st.leases[s.key("subnets", lease.SubnetKey(h3.Lease.Subnet))]; ok || len(st.owners["n1"]) > 0 {
+		t.Errorf("after Release: leases=%v owners=%v", st.leases, st.owners)
 	}
 }
 
@@ -393,5 +394,94 @@ func TestEtcdOutageBoundedAndNoticed(t *testing.T) {
 	}
 	if _, err := s.Renew(ctx, h); err != nil {
 		t.Errorf("re-claim with etcd back: %v", err)
+	}
+}
+
+// The watch's first list reuses what Acquire decoded for the keys unchanged since, and
+// decodes what changed in between: a lease put, changed or deleted between Acquire's list
+// and the watch's is seen as the store has it, and one put after the watch's list arrives
+// as an event. (The reuse is seen by a decoded value planted in what Acquire kept: it
+// shows up in the view, so that key was not decoded again.)
+func TestWatchReusesAcquireListing(t *testing.T) {
+	cli := startEtcd(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := New(cli, "/netagent", 30*time.Second, quiet())
+	cfg := testConfig(t, `{"network":"10.244.0.0/16"}`)
+	put := func(node, subnet, ip string) string {
+		t.Helper()
+		l := self(node, ip)
+		l.Subnet = netip.MustParsePrefix(subnet)
+		k := s.key("subnets", lease.SubnetKey(l.Subnet))
+		if _, err := cli.Put(ctx, k, string(l.Encode())); err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	keyA := put("a", "10.244.2.0/24", "192.0.2.2")
+	keyB := put("b", "10.244.3.0/24", "192.0.2.3")
+	keyC := put("c", "10.244.4.0/24", "192.0.2.4")
+	if _, err := s.Acquire(ctx, cfg, self("n1", "192.0.2.1"), netip.Prefix{}); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	kept := s.claimed
+	if len(kept) != 3 || kept[keyA].err != nil || kept[keyB].err != nil || kept[keyC].err != nil {
+		t.Fatalf("Acquire kept %v, want a, b and c decoded", kept)
+	}
+	planted := kept[keyC]
+	planted.l.PublicIP = netip.MustParseAddr("192.0.2.99")
+	kept[keyC] = planted
+	s.mu.Unlock()
+
+	// Between Acquire's list and the watch's: a changed, b gone, d new.
+	put("a", "10.244.2.0/24", "192.0.2.22")
+	if _, err := cli.Delete(ctx, keyB); err != nil {
+		t.Fatal(err)
+	}
+	put("d", "10.244.5.0/24", "192.0.2.5")
+
+	peers := lease.NewPeers()
+	changed := make(chan struct{}, 1)
+	go s.Watch(ctx, peers, changed, &countRestarts{})
+	view := func() map[string]string {
+		out := map[string]string{}
+		for _, l := range peers.Snapshot() {
+			out[l.Node] = l.PublicIP.String()
+		}
+		return out
+	}
+	wait := func(want map[string]string) {
+		t.Helper()
+		deadline := time.After(5 * time.Second)
+		for {
+			select {
+			case <-changed:
+				if got := view(); maps.Equal(got, want) {
+					return
+				}
+			case <-deadline:
+				t.Fatalf("peers %v, want %v", view(), want)
+			}
+		}
+	}
+	wait(map[string]string{"n1": "192.0.2.1", "a": "192.0.2.22", "c": "192.0.2.99", "d": "192.0.2.5"})
+	s.mu.Lock()
+	left := s.claimed
+	s.mu.Unlock()
+	if left != nil {
+		t.Errorf("after the watch's list Acquire's leases are still kept: %v", left)
+	}
+	put("e", "10.244.6.0/24", "192.0.2.6")
+	wait(map[string]string{"n1": "192.0.2.1", "a": "192.0.2.22", "c": "192.0.2.99", "d": "192.0.2.5", "e": "192.0.2.6"})
+
+	// With the watch running, an Acquire keeps nothing (no list would take it).
+	if _, err := s.Acquire(ctx, cfg, self("n2", "192.0.2.7"), netip.Prefix{}); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.claimed != nil {
+		t.Errorf("an Acquire during the watch kept %d leases", len(s.claimed))
 	}
 }
