@@ -32,10 +32,13 @@ func (d *Linux) Watch(ctx context.Context, changed chan<- struct{}) {
 func (d *Linux) watchOnce(ctx context.Context, changed chan<- struct{}) {
 	done := make(chan struct{})
 	defer close(done)
-	routes := make(chan netlink.RouteUpdate, 1024)
-	neighs := make(chan netlink.NeighUpdate, 1024)
-	links := make(chan netlink.LinkUpdate, 256)
-	addrs := make(chan netlink.AddrUpdate, 256)
+	// Bursts queue in the sockets' receive buffers (kernel memory), not here: the channels
+	// only decouple parsing from Observe, and route updates are a few hundred bytes each,
+	// held in the agent's heap for as long as it runs.
+	routes := make(chan netlink.RouteUpdate, 64)
+	neighs := make(chan netlink.NeighUpdate, 64)
+	links := make(chan netlink.LinkUpdate, 16)
+	addrs := make(chan netlink.AddrUpdate, 16)
 	onErr := func(error) { d.Invalidate(Tables); signal(changed) }
 	// Large receive buffers (forced past rmem_max, we have CAP_NET_ADMIN): a cold start
 	// with thousands of peers echoes tens of thousands of notifications at once; an
