@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"sort"
 	"sync"
+
+	"github.com/netagent/netagent/pkg/multimap"
 )
 
 // Peers is a watched view of all live leases, one per node, that also remembers which
@@ -35,13 +37,13 @@ import (
 type Peers struct {
 	mu       sync.Mutex
 	rules    Rules
-	cand     map[string]*cand          // every lease that passed the rules, by store key
-	bySubnet map[netip.Prefix][]string // keys per subnet (normally one)
-	odd      map[string]bool           // keys whose subnet length is not rules.SubnetLen
-	nodes    map[string]*cand          // node -> its candidates in use (normally one), linked by next
-	dirty    map[string]bool           // nodes changed since Take
-	full     bool                      // the whole view was replaced since Take
-	bad      map[string]string         // keys not in use -> why
+	cand     map[string]*cand                   // every lease that passed the rules, by store key
+	bySubnet multimap.Map[netip.Prefix, string] // keys per subnet (normally one)
+	odd      map[string]bool                    // keys whose subnet length is not rules.SubnetLen
+	nodes    map[string]*cand                   // node -> its candidates in use (normally one), linked by next
+	dirty    map[string]bool                    // nodes changed since Take
+	full     bool                               // the whole view was replaced since Take
+	bad      map[string]string                  // keys not in use -> why
 }
 
 // cand is a lease that passed the rules, under its store key. Its Entry never changes
@@ -70,8 +72,13 @@ func NewPeersWith(r Rules) *Peers {
 	return p
 }
 
+// reset empties the view, sized for n keys.
 func (p *Peers) reset(n int) {
-	p.cand, p.bySubnet, p.odd = make(map[string]*cand, n), make(map[netip.Prefix][]string, n), map[string]bool{}
+	subnets := n
+	if p.rules.Network.IsValid() && p.rules.Network6.IsValid() {
+		subnets = 2 * n
+	}
+	p.cand, p.bySubnet, p.odd = make(map[string]*cand, n), multimap.New[netip.Prefix, string](subnets), map[string]bool{}
 	p.nodes = make(map[string]*cand, n)
 	p.dirty, p.bad = map[string]bool{}, map[string]string{}
 }
@@ -91,7 +98,7 @@ func (p *Peers) put(k string, l Lease, rev int64) {
 	delete(p.bad, k)
 	p.cand[k] = &cand{Entry: Entry{l, rev}, key: k}
 	for _, s := range l.Subnets() {
-		p.bySubnet[s] = append(p.bySubnet[s], k)
+		p.bySubnet.Add(s, k)
 		if p.isOdd(s) {
 			p.odd[k] = true
 		}
@@ -128,18 +135,7 @@ func (p *Peers) drop(k string) []string {
 	delete(p.odd, k)
 	var out []string
 	for _, s := range c.Lease.Subnets() {
-		keys := p.bySubnet[s]
-		for i, x := range keys {
-			if x == k {
-				keys = append(keys[:i:i], keys[i+1:]...)
-				break
-			}
-		}
-		if len(keys) == 0 {
-			delete(p.bySubnet, s)
-		} else {
-			p.bySubnet[s] = keys
-		}
+		p.bySubnet.Remove(s, k)
 		out = append(out, p.around(s)...)
 	}
 	return out
@@ -148,7 +144,7 @@ func (p *Peers) drop(k string) []string {
 // around is every candidate whose standing depends on subnet s: the keys of s itself and
 // the odd-length ones overlapping it.
 func (p *Peers) around(s netip.Prefix) []string {
-	out := append([]string(nil), p.bySubnet[s]...)
+	out := p.bySubnet.Values(s)
 	for k := range p.odd {
 		for _, c := range p.cand[k].Lease.Subnets() {
 			if c != s && c.Overlaps(s) {
@@ -180,10 +176,15 @@ func (p *Peers) loses(k string) string {
 
 // losesSubnet says why candidate k, e may not hold its subnet s (empty: it may).
 func (p *Peers) losesSubnet(k string, e Entry, s netip.Prefix) string {
-	for _, o := range p.bySubnet[s] {
+	why := ""
+	p.bySubnet.Each(s, func(o string) bool {
 		if oe := p.cand[o].Entry; o != k && before(oe, e, o, k) {
-			return fmt.Sprintf("subnet %s is held by %s (key %s), which was there first", s, oe.Lease.Node, o)
+			why = fmt.Sprintf("subnet %s is held by %s (key %s), which was there first", s, oe.Lease.Node, o)
 		}
+		return why == ""
+	})
+	if why != "" {
+		return why
 	}
 	if !p.isOdd(s) {
 		return ""
@@ -211,8 +212,8 @@ func (p *Peers) regularOverlapping(s netip.Prefix) (string, netip.Prefix, bool) 
 	n := p.rules.subnetLen(s)
 	if s.Bits() > n { // inside at most one regular subnet
 		r := netip.PrefixFrom(s.Addr(), n).Masked()
-		if keys := p.bySubnet[r]; len(keys) > 0 {
-			return keys[0], r, true
+		if k, ok := p.bySubnet.First(r); ok {
+			return k, r, true
 		}
 		return "", netip.Prefix{}, false
 	}
@@ -221,8 +222,8 @@ func (p *Peers) regularOverlapping(s netip.Prefix) (string, netip.Prefix, bool) 
 		a := s.Addr()
 		step := uint32(1) << (32 - n)
 		for range 1 << span {
-			if keys := p.bySubnet[netip.PrefixFrom(a, n)]; len(keys) > 0 {
-				return keys[0], netip.PrefixFrom(a, n), true
+			if k, ok := p.bySubnet.First(netip.PrefixFrom(a, n)); ok {
+				return k, netip.PrefixFrom(a, n), true
 			}
 			b := a.As4()
 			v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3]) + step

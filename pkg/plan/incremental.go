@@ -10,6 +10,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/multimap"
 )
 
 // Planner keeps a plan up to date one lease at a time, so a lease event costs work for
@@ -20,12 +21,12 @@ import (
 // change); Update covers the lease events in between.
 type Planner struct {
 	gen     uint64
-	base    Plan                      // Build(in) without peers: the device, NAT, MTU and allow-list header
-	in      Input                     // without Peers
-	peers   map[string]subnetLease    // only the enabled families' subnets
-	claim   map[netip.Prefix][]string // subnet (either family) -> nodes claiming it (almost always one)
-	wgKeys  map[string][]string       // WireGuard public key -> nodes publishing it (one)
-	verdict map[string]verdict        // the rest of a Peer is its lease in peers
+	base    Plan                               // Build(in) without peers: the device, NAT, MTU and allow-list header
+	in      Input                              // without Peers
+	peers   map[string]subnetLease             // only the enabled families' subnets
+	claim   multimap.Map[netip.Prefix, string] // subnet (either family) -> nodes claiming it (almost always one)
+	wgKeys  map[string][]string                // WireGuard public key -> nodes publishing it (one)
+	verdict map[string]verdict                 // the rest of a Peer is its lease in peers
 
 	routes map[netip.Prefix]route // the desired routes, compact (see route)
 	neighs map[netip.Addr]string  // IP -> MAC
@@ -160,7 +161,7 @@ func NewPlanner(in Input) (*Planner, Plan) {
 		gen:     gens.Add(1),
 		in:      in,
 		peers:   make(map[string]subnetLease, len(in.Peers)),
-		claim:   make(map[netip.Prefix][]string, len(in.Peers)),
+		claim:   multimap.New[netip.Prefix, string](subnetsOf(in.Config, len(in.Peers))),
 		wgKeys:  map[string][]string{},
 		wg:      map[string]WGPeer{},
 		verdict: make(map[string]verdict, len(in.Peers)),
@@ -199,6 +200,14 @@ func NewPlanner(in Input) (*Planner, Plan) {
 	return p, full
 }
 
+// subnetsOf is how many subnets n peers claim in the families c has.
+func subnetsOf(c config.Network, n int) int {
+	if c.HasV4() && c.HasV6() {
+		return 2 * n
+	}
+	return n
+}
+
 func (p *Planner) addClaim(l subnetLease) {
 	if k := l.WGPublicKey; k != "" && !slices.Contains(p.wgKeys[k], l.Node) {
 		p.wgKeys[k] = append(p.wgKeys[k], l.Node)
@@ -210,7 +219,7 @@ func (p *Planner) addClaim(l subnetLease) {
 		if s.Bits() != p.in.Config.SubnetLenOf(s) {
 			p.odd[l.Node] = true
 		}
-		p.claim[s] = append(p.claim[s], l.Node)
+		p.claim.Add(s, l.Node)
 	}
 }
 
@@ -224,18 +233,7 @@ func (p *Planner) dropClaim(l subnetLease) {
 	}
 	delete(p.odd, l.Node)
 	for _, s := range l.subnets() {
-		c := p.claim[s]
-		for i, n := range c {
-			if n == l.Node {
-				c = append(c[:i:i], c[i+1:]...)
-				break
-			}
-		}
-		if len(c) == 0 {
-			delete(p.claim, s)
-		} else {
-			p.claim[s] = c
-		}
+		p.claim.Remove(s, l.Node)
 	}
 }
 
@@ -255,11 +253,12 @@ func (p *Planner) owners(subnets map[netip.Prefix]bool) map[netip.Prefix]string 
 		if p.selfOwns(s) {
 			continue
 		}
-		for _, n := range p.claim[s] {
+		p.claim.Each(s, func(n string) bool {
 			if cur, ok := o[s]; !ok || n < cur {
 				o[s] = n
 			}
-		}
+			return true
+		})
 	}
 	return o
 }
@@ -388,9 +387,7 @@ func (p *Planner) update(changed []*lease.Lease) Changes {
 		}
 	}
 	for s := range subnets {
-		for _, n := range p.claim[s] {
-			affected[n] = true
-		}
+		p.claim.Each(s, func(n string) bool { affected[n] = true; return true })
 	}
 	if p.base.WireGuard != nil {
 		for k := range keys {
@@ -403,10 +400,8 @@ func (p *Planner) update(changed []*lease.Lease) Changes {
 	// Odd-length subnets are checked against every owner (rare: leases from before a
 	// config change); give decide the full picture for those.
 	if len(p.odd) > 0 {
-		all := make(map[netip.Prefix]bool, len(p.claim))
-		for s := range p.claim {
-			all[s] = true
-		}
+		all := make(map[netip.Prefix]bool, p.claim.Len())
+		p.claim.Keys(func(s netip.Prefix) bool { all[s] = true; return true })
 		owner = p.owners(all)
 	}
 	// All removals before all additions: a subnet changing hands must end up with the new
@@ -508,11 +503,12 @@ func (p *Planner) ownerOf(s netip.Prefix) string {
 		return p.in.Self.Node
 	}
 	best := ""
-	for _, n := range p.claim[s] {
+	p.claim.Each(s, func(n string) bool {
 		if best == "" || n < best {
 			best = n
 		}
-	}
+		return true
+	})
 	return best
 }
 
