@@ -60,6 +60,8 @@ import (
 	"github.com/google/nftables/expr"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/netagent/netagent/pkg/multimap"
 )
 
 // Names in the kernel.
@@ -209,7 +211,7 @@ type Guard struct {
 	// its node's outer address, so only nodes of the same address can share one, and
 	// whether an element is still used is asked of them (no map of every element: with
 	// thousands of peers it was the guard's biggest structure).
-	byIP  map[netip.Addr][]string
+	byIP  multimap.Map[netip.Addr, string]
 	valid bool   // nodes mirror the kernel's sets
 	base  uint64 // drops counted by rules that were since rebuilt
 }
@@ -437,12 +439,12 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 				return Stats{}, fmt.Errorf("vxguard: remove table: %w", err)
 			}
 		}
-		g.spec, g.nodes, g.byIP, g.valid = spec, map[string]Peer{}, map[netip.Addr][]string{}, true
+		g.spec, g.nodes, g.byIP, g.valid = spec, map[string]Peer{}, multimap.Map[netip.Addr, string]{}, true
 		return st, nil
 	}
 	// spec.Peers becomes the mirror of what each node put in the sets (no copy: with
 	// thousands of peers the maps are most of the guard's memory).
-	nodes, byIP := spec.Peers, make(map[netip.Addr][]string, len(spec.Peers))
+	nodes, byIP := spec.Peers, multimap.New[netip.Addr, string](len(spec.Peers))
 	if nodes == nil {
 		nodes = map[string]Peer{}
 	}
@@ -453,7 +455,7 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 			delete(nodes, n)
 			continue
 		}
-		byIP[p.IP] = append(byIP[p.IP], n)
+		byIP.Add(p.IP, n)
 		for _, e := range es {
 			wanted[e] = true
 		}
@@ -716,7 +718,7 @@ func (g *Guard) Update(changes map[string]Peer) (Stats, error) {
 		}
 		if p := changes[n]; len(p.elems(g.spec)) > 0 {
 			g.nodes[n] = p
-			g.byIP[p.IP] = append(g.byIP[p.IP], n)
+			g.byIP.Add(p.IP, n)
 		}
 	}
 	var add, del []elem
@@ -740,22 +742,17 @@ func (g *Guard) Update(changes map[string]Peer) (Stats, error) {
 
 // uses reports whether a node of outer address ip has element e (caller holds mu).
 func (g *Guard) uses(ip netip.Addr, e elem) bool {
-	for _, n := range g.byIP[ip] {
-		if slices.Contains(g.nodes[n].elems(g.spec), e) {
-			return true
-		}
-	}
-	return false
+	found := false
+	g.byIP.Each(ip, func(n string) bool {
+		found = slices.Contains(g.nodes[n].elems(g.spec), e)
+		return !found
+	})
+	return found
 }
 
 // unindex takes node n off its outer address ip (caller holds mu).
 func (g *Guard) unindex(n string, ip netip.Addr) {
-	ns := slices.DeleteFunc(g.byIP[ip], func(x string) bool { return x == n })
-	if len(ns) == 0 {
-		delete(g.byIP, ip)
-	} else {
-		g.byIP[ip] = ns
-	}
+	g.byIP.Remove(ip, n)
 }
 
 // Dropped is how many packets the guard has dropped since it was created (rules rebuilt
