@@ -29,7 +29,6 @@ type Planner struct {
 	verdict map[string]verdict                 // the rest of a Peer is its lease in peers
 
 	routes map[netip.Prefix]route // the desired routes, compact (see route)
-	neighs map[netip.Addr]string  // IP -> MAC
 	devs   []string               // the devices routes go through (a few), for route.dev
 	fdb    map[FDB]bool
 	wg     map[string]WGPeer // by node
@@ -41,12 +40,15 @@ type Planner struct {
 }
 
 // route is a desired Route without what its key and the planner repeat: a third of
-// Route's size (two entries per dual-stack peer).
+// Route's size (two entries per dual-stack peer). A VXLAN route also holds its neighbour
+// entry's MAC: the neighbour's address is the route's destination address (only one
+// routed subnet has a given address), so no map of neighbours is kept beside the routes.
 type route struct {
 	gw     netip.Addr
 	mtu    int32
 	dev    uint8 // index in Planner.devs
 	onLink bool
+	mac    string // the neighbour entry's MAC (VXLAN routes); "": none
 }
 
 // compact returns r as the planner keeps it.
@@ -86,10 +88,10 @@ type contribution struct {
 // Changes names the desired entries an update touched (added, changed or removed).
 type Changes struct {
 	Routes []netip.Prefix
-	Neighs []netip.Addr
-	FDB    []FDB    // removed or added entries (an FDB entry is its own key)
-	WG     []string // nodes whose WireGuard peer changed
-	Nodes  []string // peers whose verdict may have changed
+	Neighs []netip.Prefix // the VXLAN routes whose neighbour entries changed (keyed by their address)
+	FDB    []FDB          // removed or added entries (an FDB entry is its own key)
+	WG     []string       // nodes whose WireGuard peer changed
+	Nodes  []string       // peers whose verdict may have changed
 }
 
 // Delta is how one plan differs from the one before it: each entry that changed, with its
@@ -166,7 +168,6 @@ func NewPlanner(in Input) (*Planner, Plan) {
 		wg:      map[string]WGPeer{},
 		verdict: make(map[string]verdict, len(in.Peers)),
 		routes:  make(map[netip.Prefix]route, len(in.Peers)),
-		neighs:  make(map[netip.Addr]string, len(in.Peers)),
 		fdb:     make(map[FDB]bool, len(in.Peers)),
 		odd:     map[string]bool{},
 		modes:   map[Mode]int{},
@@ -278,14 +279,20 @@ func (p *Planner) Update(changed []*lease.Lease) Plan {
 		}
 		d.Routes = append(d.Routes, RouteChange{Dst: dst, Route: want, Del: !ok})
 	})
-	each(ch.Neighs, func(ip netip.Addr) {
-		mac, ok := p.neighs[ip]
-		var n Neigh
-		if ok {
-			n = Neigh{IP: ip, MAC: mac}
+	// Of the routes touched with one address, at most one is a VXLAN route now: its
+	// neighbour entry is the address's, else the entry goes.
+	at := make(map[netip.Addr]int, len(ch.Neighs))
+	for _, dst := range ch.Neighs {
+		ip := dst.Addr()
+		i, seen := at[ip]
+		if !seen {
+			i, at[ip] = len(d.Neighs), len(d.Neighs)
+			d.Neighs = append(d.Neighs, NeighChange{IP: ip, Del: true})
 		}
-		d.Neighs = append(d.Neighs, NeighChange{IP: ip, Neigh: n, Del: !ok})
-	})
+		if r, ok := p.routes[dst]; ok && r.mac != "" {
+			d.Neighs[i] = NeighChange{IP: ip, Neigh: Neigh{IP: ip, MAC: r.mac}}
+		}
+	}
 	each(ch.FDB, func(f FDB) { d.FDB = append(d.FDB, FDBChange{FDB: f, Del: !p.fdb[f]}) })
 	each(ch.WG, func(n string) {
 		w, ok := p.wg[n]
@@ -556,8 +563,7 @@ func (p *Planner) remove(l subnetLease, ch *Changes) {
 		delete(p.routes, dst)
 		ch.Routes = append(ch.Routes, dst)
 		if c.vxlan {
-			delete(p.neighs, dst.Addr())
-			ch.Neighs = append(ch.Neighs, dst.Addr())
+			ch.Neighs = append(ch.Neighs, dst)
 		}
 	}
 	if c.wg {
@@ -591,16 +597,19 @@ func (p *Planner) add(l subnetLease, v Peer, ch *Changes) {
 			continue
 		}
 		r := Route{Dst: s, Gw: nextHop(p.in, l, i == 1), Dev: p.in.Underlay.Dev}
+		mac := ""
 		if c.vxlan {
-			// The neighbour's address is the route's destination address (remove relies on it).
+			// The neighbour's address is the route's destination address (see route).
 			r = Route{Dst: s, Gw: s.Addr(), Dev: p.in.VXLANDev, OnLink: true}
 			if p.in.Config.Backend.Type == config.Hybrid && p.podMTU > p.tunnelMTU {
 				r.MTU = p.tunnelMTU
 			}
-			p.neighs[s.Addr()] = c.fdb.MAC
-			ch.Neighs = append(ch.Neighs, s.Addr())
+			mac = c.fdb.MAC
+			ch.Neighs = append(ch.Neighs, s)
 		}
-		p.routes[s] = p.compact(r)
+		cr := p.compact(r)
+		cr.mac = mac
+		p.routes[s] = cr
 		ch.Routes = append(ch.Routes, s)
 	}
 	if c.vxlan {
@@ -622,9 +631,9 @@ func (p *Planner) Plan() Plan {
 	}
 	for dst, r := range p.routes {
 		out.Routes = append(out.Routes, p.route(dst, r))
-	}
-	for ip, mac := range p.neighs {
-		out.Neighs = append(out.Neighs, Neigh{IP: ip, MAC: mac})
+		if r.mac != "" {
+			out.Neighs = append(out.Neighs, Neigh{IP: dst.Addr(), MAC: r.mac})
+		}
 	}
 	for f := range p.fdb {
 		out.FDB = append(out.FDB, f)

@@ -121,6 +121,10 @@ func plannerMatchesBuild(t *testing.T, c config.Network, self lease.Lease, backe
 		if next.Delta == nil || next.Delta.From != prev.Gen || next.Gen == prev.Gen {
 			t.Fatalf("step %d: plan %d with delta %+v does not follow plan %d", step, next.Gen, next.Delta, prev.Gen)
 		}
+		// A key appears at most once in a delta (the dataplane applies its entries in any order).
+		if dup := dupKey(next.Delta); dup != "" {
+			t.Fatalf("step %d, batch %v: %s", step, batch, dup)
+		}
 		// The delta turns the previous plan into Build of the new set.
 		if diff := cmp.Diff(want, render(Follow(prev, next))); diff != "" {
 			t.Fatalf("step %d, batch %v: previous plan + delta differs from Build (-build +delta):\n%s", step, batch, diff)
@@ -152,6 +156,32 @@ func plannerMatchesBuild(t *testing.T, c config.Network, self lease.Lease, backe
 		}
 		prev = full
 	}
+}
+
+// dupKey names a key d has twice ("": none).
+func dupKey(d *Delta) string {
+	seen := map[string]bool{}
+	for _, k := range slices.Concat(
+		keys(d.Routes, func(c RouteChange) string { return "route " + c.Dst.String() }),
+		keys(d.Neighs, func(c NeighChange) string { return "neighbour " + c.IP.String() }),
+		keys(d.FDB, func(c FDBChange) string { return "FDB " + c.FDB.MAC + " " + c.FDB.Dst.String() }),
+		keys(d.Allow, func(c AllowChange) string { return "allow " + c.Node }),
+		keys(d.WGPeers, func(c WGPeerChange) string { return "wireguard " + c.Node }),
+	) {
+		if seen[k] {
+			return k + " twice in the delta"
+		}
+		seen[k] = true
+	}
+	return ""
+}
+
+func keys[C any](cs []C, key func(C) string) []string {
+	out := make([]string, 0, len(cs))
+	for _, c := range cs {
+		out = append(out, key(c))
+	}
+	return out
 }
 
 func BenchmarkPlannerUpdate5000(b *testing.B) {
