@@ -19,6 +19,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -499,6 +500,28 @@ func TestManifestsWireGuard(t *testing.T) {
 		if cfg, err := config.Parse([]byte(cm.Data[key])); err != nil || cfg.Backend.Type != config.WireGuard {
 			t.Errorf("ConfigMap %s: backend %q (%v), want wireguard", cm.Name, cfg.Backend.Type, err)
 		}
+	}
+
+	// The pre-shared key the overlay's comment tells how to set: the Secret is mounted,
+	// optional (no key unless the operator makes one), read-only, at that path.
+	kz, err := os.ReadFile("../../manifests/wireguard/kustomization.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`"backend": (\{"type": "wireguard", "pskFile": "([^"]+)"\})`).FindSubmatch(kz)
+	if m == nil {
+		t.Fatal("manifests/wireguard/kustomization.yaml does not say how to set backend.pskFile")
+	}
+	if _, err := config.Parse([]byte(`{"network": "10.244.0.0/16", "backend": ` + string(m[1]) + `}`)); err != nil {
+		t.Errorf("the documented backend %s: %v", m[1], err)
+	}
+	switch v, mnt, key, err := volumeAt(spec, agent, string(m[2])); {
+	case err != nil:
+		t.Errorf("pskFile %s: %v", m[2], err)
+	case v.Secret == nil || v.Secret.SecretName != "netagent-wireguard-psk" || v.Secret.Optional == nil || !*v.Secret.Optional || key != "psk" || !mnt.ReadOnly:
+		t.Errorf("pskFile %s: volume %+v, mount %+v, key %q; want key psk of the optional Secret netagent-wireguard-psk, read-only", m[2], v, mnt, key)
+	case kz != nil && !strings.Contains(string(kz), "create secret generic netagent-wireguard-psk --from-literal=psk="):
+		t.Error("the overlay's comment does not create the Secret the DaemonSet mounts")
 	}
 
 	wg := container(t, spec.Containers, "wireguard")

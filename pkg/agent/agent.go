@@ -267,6 +267,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	if a.opt.Docker != nil {
 		a.spawn(func() { a.runDocker(ctx, log) })
+		a.spawn(func() { a.watchDockerAddrs(ctx, log) })
 	}
 	return a.loop(ctx, log, s)
 }

@@ -6,7 +6,11 @@ import (
 	"log/slog"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/docker"
 	"github.com/netagent/netagent/pkg/lease"
@@ -24,6 +28,7 @@ type DockerMode struct {
 	adopt   netip.Prefix  // the subnet Bridge had at start, offered as the lease hint
 	retry   time.Duration // the loop's backoff between failed Docker steps
 	failing string        // the last failure logged
+	bridge6 atomic.Int32  // link index of the bridge carrying the IPv6 gateway (0: none seen)
 }
 
 // dockerHint is the lease hint of a Docker host that already runs containers: the subnet
@@ -67,6 +72,9 @@ func (a *Agent) runDocker(ctx context.Context, log *slog.Logger) {
 		j.Lock()
 		self, p := j.self, j.p
 		j.Unlock()
+		if !self.Subnet.IsValid() && !self.Subnet6.IsValid() {
+			continue // kicked before the first full pass: nothing to apply yet
+		}
 		if a.dockerPass(ctx, log, self, p) {
 			a.dockerOK.Store(true)
 			a.in.post(rDocker)
@@ -84,6 +92,9 @@ func (a *Agent) dockerPass(ctx context.Context, log *slog.Logger, self lease.Lea
 	if err == nil {
 		if d.failing != "" {
 			log.Info("docker uses the leased subnet", "subnet", self.Subnet)
+		}
+		if self.Subnet6.IsValid() {
+			a.dockerSkipDAD(log, self)
 		}
 		d.failing, d.retry = "", 0
 		a.clearError("docker")
@@ -164,5 +175,71 @@ func (a *Agent) notAdopted(self lease.Lease, p plan.Plan) string {
 		return fmt.Sprintf(" (its %s is not a /%d, the network's subnet length, so it could not be kept)", have, self.Subnet.Bits())
 	default:
 		return fmt.Sprintf(" (its %s is leased or reserved by another node, so it could not be kept; `netagent status` shows who holds it)", have)
+	}
+}
+
+// dockerSkipDAD takes the IPv6 addresses of the bridge carrying the leased IPv6 gateway out
+// of duplicate address detection (docker.SkipDAD), and remembers the bridge for
+// watchDockerAddrs. A failure is logged, not a failed step: IPv6 works after DAD anyway.
+func (a *Agent) dockerSkipDAD(log *slog.Logger, self lease.Lease) {
+	dev, _ := docker.Holder(a.h, self.Subnet6)
+	if dev == "" {
+		return
+	}
+	if l, err := a.h.LinkByName(dev); err == nil {
+		a.opt.Docker.bridge6.Store(int32(l.Attrs().Index))
+	}
+	done, err := docker.SkipDAD(a.h, dev)
+	if len(done) > 0 {
+		log.Info("docker bridge's IPv6 addresses usable at once (added again without duplicate address detection)", "dev", dev, "addrs", done)
+	}
+	if err != nil {
+		log.Warn("docker bridge's IPv6 addresses left in duplicate address detection", "dev", dev, "err", err)
+	}
+}
+
+// watchDockerAddrs runs the Docker step when an IPv6 address in duplicate address
+// detection appears in the leased IPv6 subnet or on the bridge carrying it: Docker adds the
+// bridge's at its start, and the step takes them out of DAD before a container waits for
+// it (the step's own retry comes a second or more later).
+func (a *Agent) watchDockerAddrs(ctx context.Context, log *slog.Logger) {
+	for ctx.Err() == nil {
+		updates := make(chan netlink.AddrUpdate, 64)
+		done := make(chan struct{})
+		if err := netlink.AddrSubscribeWithOptions(updates, done, netlink.AddrSubscribeOptions{ErrorCallback: func(error) {}}); err != nil {
+			log.Warn("address subscription for the docker bridge failed", "err", err)
+		} else {
+			a.watchDockerUpdates(ctx, updates)
+		}
+		close(done)
+		signal(a.dockerKick) // events may have been lost
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+func (a *Agent) watchDockerUpdates(ctx context.Context, updates <-chan netlink.AddrUpdate) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case u, ok := <-updates:
+			if !ok {
+				return
+			}
+			if !u.NewAddr || u.Flags&unix.IFA_F_TENTATIVE == 0 || u.Flags&unix.IFA_F_NODAD != 0 {
+				continue
+			}
+			ip, _ := netip.AddrFromSlice(u.LinkAddress.IP)
+			j := &a.dockerJob
+			j.Lock()
+			sub6 := j.self.Subnet6
+			j.Unlock()
+			if sub6.IsValid() && (sub6.Contains(ip.Unmap()) || int32(u.LinkIndex) == a.opt.Docker.bridge6.Load()) {
+				signal(a.dockerKick)
+			}
+		}
 	}
 }

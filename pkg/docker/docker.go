@@ -149,15 +149,16 @@ func BridgeSubnet(h *netlink.Handle, dev string) netip.Prefix {
 	return netip.PrefixFrom(ip, ones).Masked()
 }
 
-// Holder names the link carrying an address inside subnet ("" when none does).
+// Holder names the link carrying an address inside subnet, of either family ("" when none
+// does).
 func Holder(h *netlink.Handle, subnet netip.Prefix) (string, netip.Prefix) {
-	addrs, err := h.AddrList(nil, netlink.FAMILY_V4)
+	addrs, err := h.AddrList(nil, netlink.FAMILY_ALL)
 	if err != nil {
 		return "", netip.Prefix{}
 	}
 	for _, a := range addrs {
-		ip, _ := netip.AddrFromSlice(a.IP.To4())
-		if !subnet.Contains(ip) {
+		ip, _ := netip.AddrFromSlice(a.IP)
+		if ip = ip.Unmap(); !subnet.Contains(ip) {
 			continue
 		}
 		ones, _ := a.Mask.Size()

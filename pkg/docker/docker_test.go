@@ -2,6 +2,7 @@ package docker
 
 import (
 	"encoding/json"
+	"fmt"
 	"net"
 	"net/http"
 	"net/netip"
@@ -10,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/netagent/netagent/test/netns"
 )
@@ -221,5 +223,87 @@ func TestEnsureNetworkDualStack(t *testing.T) {
 	existing["both"] = created[0]
 	if err := c.EnsureNetwork(t.Context(), "both", dual, 1450); err != nil || len(created) != 1 {
 		t.Errorf("existing dual-stack network: %v (creates: %d)", err, len(created))
+	}
+}
+
+// TestSkipDAD: the addresses Docker gives its bridge stay tentative until the bridge's
+// first carrier and then for a second or two; SkipDAD adds each again without DAD, keeps
+// its prefix and connected route, leaves a usable address alone, and the addresses stay
+// usable when the bridge loses its carrier and gets it back (the next container).
+func TestSkipDAD(t *testing.T) {
+	netns.RequireRoot(t)
+	n := netns.New(t, "dad")
+	h, err := n.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	skip := func() ([]netip.Prefix, error) {
+		var done []netip.Prefix
+		err := n.Do(func() (err error) { done, err = SkipDAD(h, "docker0"); return err })
+		return done, err
+	}
+	if _, err := skip(); err == nil {
+		t.Error("SkipDAD on a missing bridge: no error")
+	}
+	// The bridge and its future container's port, without a carrier yet: the kernel adds
+	// the bridge's own link-local at the first carrier.
+	n.MustRun(t, "ip", "link", "add", "docker0", "type", "bridge")
+	n.MustRun(t, "ip", "link", "add", "vc", "type", "veth", "peer", "name", "vc-peer")
+	n.MustRun(t, "ip", "link", "set", "vc", "master", "docker0", "up")
+	n.MustRun(t, "ip", "link", "set", "docker0", "up")
+	for _, a := range []string{"fd00:10:244:7::1/64", "fe80::1/64"} {
+		n.MustRun(t, "ip", "addr", "add", a, "dev", "docker0")
+	}
+	n.MustRun(t, "ip", "addr", "add", "fd00:10:244:8::1/64", "dev", "docker0", "nodad")
+	tentative := func() []string {
+		out := n.MustRun(t, "ip", "-6", "-o", "addr", "show", "dev", "docker0", "tentative")
+		var addrs []string
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+			if f := strings.Fields(l); len(f) > 3 {
+				addrs = append(addrs, f[3])
+			}
+		}
+		slices.Sort(addrs)
+		return addrs
+	}
+	// No carrier yet: DAD waits, as on a Docker host before its first container.
+	if got := tentative(); !slices.Contains(got, "fd00:10:244:7::1/64") || !slices.Contains(got, "fe80::1/64") {
+		t.Fatalf("tentative before = %v, want Docker's two addresses", got)
+	}
+	done, err := skip()
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.SortFunc(done, netip.Prefix.Compare)
+	got := fmt.Sprint(done)
+	if !strings.Contains(got, "fd00:10:244:7::1/64") || !strings.Contains(got, "fe80::1/64") || strings.Contains(got, "fd00:10:244:8::1/64") {
+		t.Errorf("re-added %s, want Docker's tentative ones only", got)
+	}
+	if left := tentative(); len(left) > 0 {
+		t.Errorf("still tentative: %v", left)
+	}
+	if r := n.MustRun(t, "ip", "-6", "route", "show", "fd00:10:244:7::/64"); !strings.Contains(r, "docker0") {
+		t.Errorf("connected route of the gateway gone: %q", r)
+	}
+	if again, err := skip(); err != nil || len(again) > 0 {
+		t.Errorf("second SkipDAD = %v, %v; want nothing to do", again, err)
+	}
+	// A container comes (the first carrier: the kernel adds the bridge's own link-local),
+	// goes and comes again: nothing on the bridge is tentative.
+	for _, state := range []string{"up", "down", "up"} {
+		n.MustRun(t, "ip", "link", "set", "vc-peer", state)
+		for start := time.Now(); ; time.Sleep(5 * time.Millisecond) {
+			ll := n.MustRun(t, "ip", "-6", "addr", "show", "dev", "docker0", "scope", "link")
+			if strings.Count(ll, "inet6") >= 2 {
+				break
+			}
+			if time.Since(start) > 2*time.Second {
+				t.Fatalf("the kernel's own link-local missing 2 s after the carrier: %s", ll)
+			}
+		}
+		if left := tentative(); len(left) > 0 {
+			t.Errorf("tentative after the container's link went %s: %v", state, left)
+		}
 	}
 }

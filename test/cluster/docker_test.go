@@ -183,6 +183,18 @@ func TestRouteModeDockerDualStack(t *testing.T) {
 		}
 		pods = append(pods, p)
 	}
+	// The agents took the bridges' IPv6 addresses out of duplicate address detection, as
+	// the plugin adds its bridge's: otherwise a container's IPv6 gateway, and the node's
+	// solicitations for its containers, wait for DAD at each first carrier of docker0.
+	for _, n := range l.Nodes {
+		out := l.NodeNS(n).MustRun(t, "ip", "-6", "-o", "addr", "show", "dev", "docker0")
+		if gw := status(t, l, n).Subnet6; strings.Contains(out, "tentative") || !strings.Contains(out, strings.TrimSuffix(gw, "/64")+"1/64 scope global nodad") {
+			t.Errorf("%s: docker0's addresses not taken out of DAD (gateway of %s):\n%s", n.Name, gw, out)
+		}
+		if v := l.NodeNS(n).MustRun(t, "cat", "/proc/sys/net/ipv6/conf/docker0/accept_dad"); strings.TrimSpace(v) != "0" {
+			t.Errorf("%s: docker0 accept_dad = %s, want 0", n.Name, v)
+		}
+	}
 	a, b := pods[0], pods[1]
 	for _, ip := range []netip.Addr{b.IP, b.IP6} {
 		if err := lab.Ping(l.PodNS(a), ip.String()); err != nil {
