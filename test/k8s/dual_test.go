@@ -26,14 +26,7 @@ func TestKubernetesDualStack(t *testing.T) {
 	patch, _ := json.Marshal(map[string]any{"data": map[string]string{"net-conf.json": conf}})
 	l.kubectl("-n", "netagent", "patch", "configmap", "netagent-config", "--type=merge", "-p", string(patch))
 	l.kubectl("-n", "netagent", "rollout", "restart", "daemonset/netagent")
-	l.eventually("DaemonSet rolled out with the dual-stack config", 3*time.Minute, func() (bool, string) {
-		out := l.kubectl("-n", "netagent", "get", "ds", "netagent", "-o", "jsonpath={.status.updatedNumberScheduled}/{.status.numberReady}/{.status.desiredNumberScheduled}")
-		return out == fmt.Sprintf("%d/%d/%d", len(l.nodes), len(l.nodes), len(l.nodes)), out
-	})
-	l.eventually("nodes Ready", time.Minute, func() (bool, string) {
-		out := l.kubectl("get", "nodes", "-o", `jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{" "}{end}`)
-		return strings.Count(out, "True") == len(l.nodes), out
-	})
+	l.waitReady() // with the dual-stack config
 	for _, n := range l.nodes {
 		l.eventually(n.Name+"'s annotations", 30*time.Second, func() (bool, string) {
 			out := l.kubectl("get", "node", n.Name, "-o", `jsonpath={.spec.podCIDRs[*]} {.metadata.annotations.netagent\.io/public-ip} {.metadata.annotations.netagent\.io/public-ip6}`)

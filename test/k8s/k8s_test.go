@@ -178,6 +178,26 @@ type podInfo struct {
 	Name, IP, Node string
 }
 
+// waitReady waits for the netagent DaemonSet's current version to be ready on every node
+// and every node to be Ready.
+func (l *lab) waitReady() {
+	l.eventually("DaemonSet rolled out", 3*time.Minute, func() (bool, string) {
+		out := l.kubectl("-n", "netagent", "get", "ds", "netagent", "-o", "jsonpath={.status.updatedNumberScheduled}/{.status.numberReady}/{.status.desiredNumberScheduled}")
+		return out == fmt.Sprintf("%d/%d/%d", len(l.nodes), len(l.nodes), len(l.nodes)), out
+	})
+	l.eventually("nodes Ready", time.Minute, func() (bool, string) {
+		out := l.kubectl("get", "nodes", "-o", `jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{" "}{end}`)
+		return strings.Count(out, "True") == len(l.nodes), out
+	})
+}
+
+// startWeb applies the web workload (a pod per node, hostPort 18080) and returns its pods
+// once one is ready on every node.
+func (l *lab) startWeb() []podInfo {
+	applyYAML(l.t, l, k8s.WebManifest(len(l.nodes), 18080))
+	return l.waitWebPods(l.t, len(l.nodes))
+}
+
 func (l *lab) webPods() []podInfo {
 	var list struct {
 		Items []struct {
@@ -217,14 +237,7 @@ func TestKubernetes(t *testing.T) {
 	l := newLab(t, 3)
 	start := time.Now()
 	l.kubectl("apply", "-k", filepath.Join(testbin.Root(), "manifests/kube"))
-	l.eventually("DaemonSet rolled out", 3*time.Minute, func() (bool, string) {
-		out := l.kubectl("-n", "netagent", "get", "ds", "netagent", "-o", "jsonpath={.status.numberReady}/{.status.desiredNumberScheduled}")
-		return out == fmt.Sprintf("%d/%d", len(l.nodes), len(l.nodes)), out
-	})
-	l.eventually("nodes Ready", time.Minute, func() (bool, string) {
-		out := l.kubectl("get", "nodes", "-o", `jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{" "}{end}`)
-		return strings.Count(out, "True") == len(l.nodes), out
-	})
+	l.waitReady()
 	t.Logf("DaemonSet applied -> every agent ready and every node Ready: %s", time.Since(start).Round(time.Millisecond))
 	// Warm: the Kubernetes binaries cached; the netagent binaries and image built here.
 	t.Logf("time to a Ready cluster (warm: namespaces, image, control plane, %d nodes, the DaemonSet): %s", len(l.nodes), time.Since(begin).Round(time.Millisecond))
@@ -236,16 +249,7 @@ func TestKubernetes(t *testing.T) {
 		}
 	}
 
-	applyYAML(t, l, k8s.WebManifest(len(l.nodes), 18080))
-	var pods []podInfo
-	l.eventually("web pods ready on every node", 2*time.Minute, func() (bool, string) {
-		pods = l.webPods()
-		nodes := map[string]bool{}
-		for _, p := range pods {
-			nodes[p.Node] = true
-		}
-		return len(nodes) == len(l.nodes), fmt.Sprint(pods)
-	})
+	pods := l.startWeb()
 
 	t.Run("pod matrix", func(t *testing.T) { l.checkMatrix(t, pods) })
 	t.Run("ClusterIP", func(t *testing.T) {

@@ -4,8 +4,9 @@
 # so that its mounts live in a mount namespace of its own: a fresh sysfs for the node's
 # network namespace with the host's cgroup tree re-bound on it, and per-node folders on
 # the paths a kubelet, a CNI plugin and the netagent DaemonSet expect (/var/lib/kubelet,
-# /etc/cni/net.d, /opt/cni/bin, /run/netagent, ...). Nothing shows in the root mount
-# namespace, and everything is gone when the last process in it exits.
+# /etc/cni/net.d, /opt/cni/bin, /run/netagent, the WireGuard key and socket folders, ...).
+# Nothing shows in the root mount namespace, and everything is gone when the last process
+# in it exits.
 set -euo pipefail
 node={{.Name}} ip={{.IP}} d={{.Dir}} kbin={{.KubeBin}}
 
@@ -17,7 +18,7 @@ umount -l "$d/cgroup"
 for p in /run/netns /run/containerd; do mkdir -p "$p"; mount -t tmpfs tmpfs "$p"; done
 for m in var-lib-kubelet:/var/lib/kubelet var-log-pods:/var/log/pods var-log-containers:/var/log/containers \
 	etc-cni-net.d:/etc/cni/net.d opt-cni-bin:/opt/cni/bin run-netagent:/run/netagent \
-	var-lib-cni:/var/lib/cni; do
+	var-lib-cni:/var/lib/cni var-lib-netagent:/var/lib/netagent var-run-wireguard:/var/run/wireguard; do
 	src="$d/root/${m%%:*}" dst=${m#*:}
 	mkdir -p "$src" "$dst"
 	mount --bind "$src" "$dst"
