@@ -506,7 +506,7 @@ func (l *Lab) route(ns *netns.NS, dst, gw, dst6, gw6 string) error {
 }
 
 func attachAs(sw *netns.NS, port string, ns *netns.NS, dev, addr string) error {
-	if err := netns.Veth(sw, port, ns, dev); err != nil {
+	if err := netns.VethNoDAD(sw, port, ns, dev); err != nil {
 		return err
 	}
 	if _, err := sw.Run("ip", "link", "set", port, "master", "br0"); err != nil {

@@ -62,7 +62,10 @@ func BenchmarkAgentThroughput(b *testing.B) {
 // 2 ms ping running both ways between its pod and each other node's pod. Reported: from
 // the moment a watch on etcd sees node3's new lease to the first reply on the slowest of
 // the four pings (every node's traffic flows, handshakes included), and the agent's start
-// to that lease.
+// to that lease. Each iteration joins twice: as a node that keeps its WireGuard device
+// and key across the leave (a rejoin: node3 still holds its peers), and as a brand-new
+// node (its device and key deleted before the start: a new daemon, a new key, no peers);
+// new/rejoin is the ratio of their lease -> flow means in the same run.
 //
 //	go test -run '^$' -bench AgentJoin -benchtime 5x ./test/wireguard
 func BenchmarkAgentJoin(b *testing.B) {
@@ -88,84 +91,123 @@ func BenchmarkAgentJoin(b *testing.B) {
 		}
 		return len(d.Peers)
 	}
-	var join, start, added, route, worst time.Duration
+	type sums struct{ join, start, added, route, worst, daemon, own, total time.Duration }
+	var rejoin, fresh sums
 	for range b.N {
-		if err := l.StopAgent(n3, true); err != nil {
-			b.Fatal(err)
-		}
-		if out, err := l.Netagent(ctx, "leave", "--node-name", n3.Name); err != nil {
-			b.Fatalf("netagent leave: %v: %s", err, out)
-		}
-		for deadline := time.Now().Add(10 * time.Second); peers(n1) != 1 || peers(n2) != 1; time.Sleep(10 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				b.Fatal("node3's peer still on node1 or node2 after it left")
+		for _, isNew := range []bool{false, true} {
+			if err := l.StopAgent(n3, true); err != nil {
+				b.Fatal(err)
 			}
-		}
-		pings := []*pinger{
-			startPingEvery(b, pod(n1), ip(n3), 2*time.Millisecond), startPingEvery(b, pod(n2), ip(n3), 2*time.Millisecond),
-			startPingEvery(b, pod(n3), ip(n1), 2*time.Millisecond), startPingEvery(b, pod(n3), ip(n2), 2*time.Millisecond),
-		}
-		wctx, cancel := context.WithCancel(ctx)
-		seen := make(chan time.Time, 1)
-		w := cli.Watch(wctx, "/netagent/subnets/", clientv3.WithPrefix())
-		go func() {
-			for r := range w {
-				for _, ev := range r.Events {
-					if l, err := lease.Decode(ev.Kv.Value); ev.Type == clientv3.EventTypePut && err == nil && l.Node == n3.Name {
-						seen <- time.Now()
-						return
-					}
+			if out, err := l.Netagent(ctx, "leave", "--node-name", n3.Name); err != nil {
+				b.Fatalf("netagent leave: %v: %s", err, out)
+			}
+			for deadline := time.Now().Add(10 * time.Second); peers(n1) != 1 || peers(n2) != 1; time.Sleep(10 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					b.Fatal("node3's peer still on node1 or node2 after it left")
 				}
 			}
-		}()
-		time.Sleep(100 * time.Millisecond) // the watch is established
-		t0 := time.Now()
-		if err := l.StartAgent(n3); err != nil {
-			b.Fatal(err)
-		}
-		var leased time.Time
-		select {
-		case leased = <-seen:
-		case <-time.After(30 * time.Second):
-			b.Fatal("node3's lease not seen within 30 s")
-		}
-		cancel()
-		var last time.Time
-		for _, p := range pings {
-			p.waitReplies(1, 10*time.Second)
-			p.mu.Lock()
-			first := time.Unix(0, int64(p.rx[0]*1e9))
-			p.mu.Unlock()
-			if first.After(last) {
-				last = first
+			sum := &rejoin
+			if isNew {
+				sum = &fresh
+				// A brand-new node: no device (its daemon stops with it), no key.
+				l.NodeNS(n3).MustRun(b, "ip", "link", "del", l.WGDevice(n3))
+				for deadline := time.Now().Add(10 * time.Second); device.SocketLive(l.WGDevice(n3)); time.Sleep(10 * time.Millisecond) {
+					if time.Now().After(deadline) {
+						b.Fatal("node3's daemon still answers after its device was deleted")
+					}
+				}
+				if err := os.Remove(filepath.Join(n3.Dir, "state", "wireguard.key")); err != nil {
+					b.Fatal(err)
+				}
 			}
-			p.finish()
-		}
-		join += last.Sub(leased)
-		worst = max(worst, last.Sub(leased))
-		start += leased.Sub(t0)
-		// When the slower of node1 and node2 had node3's peer on its device, and the
-		// route to node3's pods (their agents' log, millisecond stamps; the route is
-		// logged at the end of the pass that added it): the watch, the plan and the Set.
-		var in, routed time.Time
-		for _, n := range []*lab.Node{n1, n2} {
-			log := filepath.Join(n.Dir, "agent.log")
-			in = later(in, lastLogTime(b, log, `msg="wireguard device reconciled"`, n3.Name))
-			routed = later(routed, lastLogTime(b, log, `msg="dataplane updated"`, `routes="+1 `))
-		}
-		added += in.Sub(leased)
-		route += routed.Sub(leased)
-		b.Logf("lease to node3's peer set on node1 and node2 %v, its route %v, to flow both ways on every node %v",
-			in.Sub(leased).Round(time.Millisecond), routed.Sub(leased).Round(time.Millisecond), last.Sub(leased).Round(time.Millisecond))
-		if err := l.WaitConverged(ctx, 10*time.Second); err != nil {
-			b.Fatal(err)
+			pings := []*pinger{
+				startPingEvery(b, pod(n1), ip(n3), 2*time.Millisecond), startPingEvery(b, pod(n2), ip(n3), 2*time.Millisecond),
+				startPingEvery(b, pod(n3), ip(n1), 2*time.Millisecond), startPingEvery(b, pod(n3), ip(n2), 2*time.Millisecond),
+			}
+			wctx, cancel := context.WithCancel(ctx)
+			seen := make(chan time.Time, 1)
+			w := cli.Watch(wctx, "/netagent/subnets/", clientv3.WithPrefix())
+			go func() {
+				for r := range w {
+					for _, ev := range r.Events {
+						if l, err := lease.Decode(ev.Kv.Value); ev.Type == clientv3.EventTypePut && err == nil && l.Node == n3.Name {
+							seen <- time.Now()
+							return
+						}
+					}
+				}
+			}()
+			time.Sleep(100 * time.Millisecond) // the watch is established
+			t0 := time.Now()
+			if err := l.StartAgent(n3); err != nil {
+				b.Fatal(err)
+			}
+			var leased time.Time
+			select {
+			case leased = <-seen:
+			case <-time.After(30 * time.Second):
+				b.Fatal("node3's lease not seen within 30 s")
+			}
+			cancel()
+			var last time.Time
+			for _, p := range pings {
+				p.waitReplies(1, 10*time.Second)
+				p.mu.Lock()
+				first := time.Unix(0, int64(p.rx[0]*1e9))
+				p.mu.Unlock()
+				if first.After(last) {
+					last = first
+				}
+				p.finish()
+			}
+			sum.join += last.Sub(leased)
+			sum.worst = max(sum.worst, last.Sub(leased))
+			sum.start += leased.Sub(t0)
+			sum.total += last.Sub(t0)
+			// When the slower of node1 and node2 had node3's peer on its device, and the
+			// route to node3's pods (their agents' log, millisecond stamps; the route is
+			// logged at the end of the pass that added it): the watch, the plan and the Set.
+			var in, routed time.Time
+			for _, n := range []*lab.Node{n1, n2} {
+				log := filepath.Join(n.Dir, "agent.log")
+				in = later(in, lastLogTime(b, log, `msg="wireguard device reconciled"`, n3.Name))
+				routed = later(routed, lastLogTime(b, log, `msg="dataplane updated"`, `routes="+1 `))
+			}
+			sum.added += in.Sub(leased)
+			sum.route += routed.Sub(leased)
+			kind := "rejoin"
+			var more string
+			if isNew {
+				// node3's own side: its daemon up, and its device holding its peers.
+				log := filepath.Join(n3.Dir, "agent.log")
+				up := lastLogTime(b, log, `msg="wireguard daemon started"`, "")
+				own := lastLogTime(b, log, `msg="wireguard device reconciled"`, "added")
+				sum.daemon += up.Sub(leased)
+				sum.own += own.Sub(leased)
+				kind = "new node"
+				more = fmt.Sprintf("; on node3: its daemon up %v, its peers set %v", up.Sub(leased).Round(time.Millisecond), own.Sub(leased).Round(time.Millisecond))
+			}
+			b.Logf("%s: lease to node3's peer set on node1 and node2 %v, its route %v, to flow both ways on every node %v%s", kind,
+				in.Sub(leased).Round(time.Millisecond), routed.Sub(leased).Round(time.Millisecond), last.Sub(leased).Round(time.Millisecond), more)
+			if err := l.WaitConverged(ctx, 10*time.Second); err != nil {
+				b.Fatal(err)
+			}
 		}
 	}
-	b.ReportMetric(float64(join.Microseconds())/1000/float64(b.N), "ms/lease-to-flow")
-	b.ReportMetric(float64(worst.Microseconds())/1000, "ms/lease-to-flow-max")
-	b.ReportMetric(float64(added.Microseconds())/1000/float64(b.N), "ms/lease-to-peer-set")
-	b.ReportMetric(float64(route.Microseconds())/1000/float64(b.N), "ms/lease-to-route")
-	b.ReportMetric(float64(start.Microseconds())/1000/float64(b.N), "ms/start-to-lease")
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 / float64(b.N) }
+	b.ReportMetric(ms(rejoin.join), "ms/lease-to-flow")
+	b.ReportMetric(float64(rejoin.worst.Microseconds())/1000, "ms/lease-to-flow-max")
+	b.ReportMetric(ms(rejoin.added), "ms/lease-to-peer-set")
+	b.ReportMetric(ms(rejoin.route), "ms/lease-to-route")
+	b.ReportMetric(ms(rejoin.start), "ms/start-to-lease")
+	b.ReportMetric(ms(fresh.join), "ms/new-lease-to-flow")
+	b.ReportMetric(float64(fresh.worst.Microseconds())/1000, "ms/new-lease-to-flow-max")
+	b.ReportMetric(ms(fresh.daemon), "ms/new-lease-to-daemon")
+	b.ReportMetric(ms(fresh.own), "ms/new-lease-to-own-peers")
+	b.ReportMetric(ms(fresh.start), "ms/new-start-to-lease")
+	b.ReportMetric(ms(rejoin.total), "ms/start-to-flow")
+	b.ReportMetric(ms(fresh.total), "ms/new-start-to-flow")
+	b.ReportMetric(float64(fresh.join)/float64(rejoin.join), "new/rejoin")
 }
 
 func later(a, b time.Time) time.Time {

@@ -13,7 +13,9 @@ package netns
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -215,7 +217,20 @@ func Sweep() {
 }
 
 // Veth connects two namespaces with a veth pair named aName (in a) and bName (in b), both up.
-func Veth(a *NS, aName string, b *NS, bName string) error {
+func Veth(a *NS, aName string, b *NS, bName string) error { return veth(a, aName, b, bName, false) }
+
+// VethNoDAD is Veth for a lab's underlay: neither end runs IPv6 duplicate address
+// detection, for the link-local address the kernel gives it at link up or any address
+// added later (AddrAdd skips it for the ones it adds). On a lab's switch nothing else
+// claims them, and a router cannot forward IPv6 while its link-local address is tentative:
+// the kernel solicits the next hop of a forwarded packet from that address, and sends no
+// solicitation until duplicate address detection ends (one to two seconds after link up);
+// the packets wait in the neighbour's queue until the next attempt, a second later.
+func VethNoDAD(a *NS, aName string, b *NS, bName string) error {
+	return veth(a, aName, b, bName, true)
+}
+
+func veth(a *NS, aName string, b *NS, bName string, noDAD bool) error {
 	ha, err := a.Handle()
 	if err != nil {
 		return err
@@ -234,6 +249,15 @@ func Veth(a *NS, aName string, b *NS, bName string) error {
 	if err := ha.LinkAdd(v); err != nil {
 		return fmt.Errorf("veth %s/%s - %s/%s: %w", a.Name, aName, b.Name, bName, err)
 	}
+	if noDAD {
+		// Before link up, which starts the detection for the link-local address.
+		if err := a.skipDAD(aName); err != nil {
+			return err
+		}
+		if err := b.skipDAD(bName); err != nil {
+			return err
+		}
+	}
 	if err := ha.LinkSetUp(v); err != nil {
 		return err
 	}
@@ -247,6 +271,18 @@ func Veth(a *NS, aName string, b *NS, bName string) error {
 		return err
 	}
 	return hb.LinkSetUp(l)
+}
+
+// skipDAD turns off IPv6 duplicate address detection on link (nothing to do where the
+// namespace has IPv6 off).
+func (n *NS) skipDAD(link string) error {
+	return n.Do(func() error {
+		err := os.WriteFile("/proc/sys/net/ipv6/conf/"+link+"/accept_dad", []byte("0"), 0o644)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("%s: turn off duplicate address detection on %s: %w", n.Name, link, err)
+		}
+		return nil
+	})
 }
 
 // AddrAdd assigns an address (CIDR notation) to a link inside the namespace.
