@@ -39,6 +39,13 @@ func watchFirewall(ctx context.Context, log *slog.Logger, fwDirty, nftDirty, pod
 		return
 	}
 	defer unix.Close(fd)
+	// A receive buffer for a cold start's own allow-list (forced past rmem_max, we have
+	// CAP_NET_ADMIN): thousands of peers' set elements echo as tens of thousands of
+	// notifications at once, and an overflow counts as "anything may have changed", a
+	// second full pass (as the route and neighbour subscriptions, dataplane.Watch).
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 8<<20); err != nil {
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 8<<20)
+	}
 	// A blocked recv is not woken by close(2), so wake up twice a second to check ctx.
 	tv := unix.NsecToTimeval((500 * time.Millisecond).Nanoseconds())
 	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)

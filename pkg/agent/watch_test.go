@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -66,15 +67,32 @@ func TestWatchFirewallClassifies(t *testing.T) {
 		{"nft add table ip other", "f"},
 		{"nft flush ruleset", "fib"},
 		{"own", ""}, // this process's own transaction: the allow-list's echo
+		// A cold start's allow-list of 5,000 dual-stack peers: its echo (tens of thousands
+		// of notifications) must not overflow the socket, whose overflow is handled as
+		// "anything may have changed" (a second full pass right after the first).
+		{"own, 5,000 dual-stack peers", ""},
 	} {
-		if c.cmd == "own" {
+		if strings.HasPrefix(c.cmd, "own") {
+			peers := map[string]vxguard.Peer{"a": {IP: netip.MustParseAddr("192.0.2.1")}}
+			spec := vxguard.Spec{Port: 8472, Network: netip.MustParsePrefix("10.244.0.0/16")}
+			if c.cmd != "own" {
+				spec = vxguard.Spec{Port: 8472, Network: netip.MustParsePrefix("10.0.0.0/8"), SubnetLen: 24,
+					Network6: netip.MustParsePrefix("fd00::/48"), SubnetLen6: 64}
+				peers = map[string]vxguard.Peer{}
+				for i := range 5000 {
+					peers[fmt.Sprint("n", i)] = vxguard.Peer{IP: netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}),
+						Subnet:  netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0}), 24),
+						Subnet6: netip.PrefixFrom(netip.AddrFrom16([16]byte{0: 0xfd, 6: byte(i >> 8), 7: byte(i)}), 64)}
+				}
+			}
+			spec.Peers = peers
 			if err := ns.Do(func() error {
 				g, err := vxguard.New()
 				if err != nil {
 					return err
 				}
 				defer g.Close()
-				_, err = g.Sync(vxguard.Spec{Port: 8472, Network: netip.MustParsePrefix("10.244.0.0/16"), Peers: map[string]vxguard.Peer{"a": {IP: netip.MustParseAddr("192.0.2.1")}}})
+				_, err = g.Sync(spec)
 				return err
 			}); err != nil {
 				t.Fatal(err)
