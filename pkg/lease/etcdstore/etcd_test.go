@@ -204,13 +204,15 @@ func TestReserveRefuses(t *testing.T) {
 	if err := s.SetConfig(ctx, cfg); err != nil {
 		t.Fatal(err)
 	}
-	live, err := s.Acquire(ctx, cfg, self("live", "192.0.2.1"), netip.Prefix{})
-	if err != nil {
-		t.Fatal(err)
+	// Their subnets given as hints: a random one could be one the cases below reserve
+	// (10.244.200-203.0/24), failing them for the wrong reason.
+	live, err := s.Acquire(ctx, cfg, self("live", "192.0.2.1"), netip.MustParsePrefix("10.244.1.0/24"))
+	if err != nil || live.Lease.Subnet != netip.MustParsePrefix("10.244.1.0/24") {
+		t.Fatalf("live: %v, %v", live.Lease.Subnet, err)
 	}
-	gone, err := s.Acquire(ctx, cfg, self("gone", "192.0.2.2"), netip.Prefix{})
-	if err != nil {
-		t.Fatal(err)
+	gone, err := s.Acquire(ctx, cfg, self("gone", "192.0.2.2"), netip.MustParsePrefix("10.244.2.0/24"))
+	if err != nil || gone.Lease.Subnet != netip.MustParsePrefix("10.244.2.0/24") {
+		t.Fatalf("gone: %v, %v", gone.Lease.Subnet, err)
 	}
 	if _, err := cli.Revoke(ctx, clientv3.LeaseID(gone.Token)); err != nil { // down: only its owner record is left
 		t.Fatal(err)
