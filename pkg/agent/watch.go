@@ -8,12 +8,9 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/netagent/netagent/pkg/nlattr"
 )
 
 // nfnlgrpNftables is the netfilter netlink multicast group for nftables ruleset changes
@@ -116,39 +113,78 @@ var selfComm = func() string {
 
 // feed returns whether the completed transactions touched netagent's ip table (the VXLAN
 // allow-list), its bridge table (pod anti-spoofing) and anything else.
+//
+// It allocates nothing: a cold start's own allow-list echoes as tens of thousands of
+// messages, and parsing them into slices left megabytes of garbage.
 func (e *nftEvents) feed(b []byte) (ip, bridge, others bool) {
 	const newGen = 15 // NFT_MSG_NEWGEN
-	msgs, err := syscall.ParseNetlinkMessage(b)
-	if err != nil {
+	if !eachMessage(b, nil) {
 		return true, true, true
 	}
-	for _, m := range msgs {
-		if m.Header.Type&0xff != newGen {
-			switch name := attr(m.Data, 1); {
+	eachMessage(b, func(typ uint16, body []byte) {
+		if typ&0xff != newGen {
+			switch name := attr(body, 1); {
 			case name == nil || string(bytes.TrimRight(name, "\x00")) != "netagent":
 				e.pendOthers = true
-			case len(m.Data) > 0 && m.Data[0] == unix.NFPROTO_BRIDGE: // nfgenmsg.nfgen_family
+			case len(body) > 0 && body[0] == unix.NFPROTO_BRIDGE: // nfgenmsg.nfgen_family
 				e.pendBridge = true
 			default:
 				e.pendIP = true
 			}
-			continue
+			return
 		}
-		if !ownTransaction(m.Data) {
+		if !ownTransaction(body) {
 			ip, bridge, others = ip || e.pendIP, bridge || e.pendBridge, others || e.pendOthers
 		}
 		e.pendIP, e.pendBridge, e.pendOthers = false, false, false
-	}
+	})
 	return ip, bridge, others
+}
+
+// eachMessage calls f (if not nil) with the type and body of each netlink message in b, as
+// syscall.ParseNetlinkMessage splits them; it reports whether b is well-formed (checked
+// before f sees anything only when the caller asks with f nil first).
+func eachMessage(b []byte, f func(typ uint16, body []byte)) bool {
+	for len(b) >= unix.SizeofNlMsghdr {
+		n := int(binary.NativeEndian.Uint32(b))
+		aligned := (n + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1)
+		if n < unix.SizeofNlMsghdr || aligned > len(b) {
+			return false
+		}
+		if f != nil {
+			f(binary.NativeEndian.Uint16(b[4:]), b[unix.SizeofNlMsghdr:n])
+		}
+		b = b[aligned:]
+	}
+	return true
 }
 
 // attr is attribute typ of an nftables message body (after its 4-byte nfgenmsg), or nil.
 // Every table, chain, rule, set and element message carries its table's name as
 // attribute 1.
+// It reads the attributes in place, as nlattr.Get(nlattr.Parse(...)) would find it (none
+// when any attribute is malformed), without allocating.
 func attr(msg []byte, typ uint16) []byte {
 	if len(msg) < 4 {
 		return nil
 	}
-	a, _ := nlattr.Get(nlattr.Parse(msg[4:]), typ)
-	return a
+	b, end := msg[4:], len(msg)-4
+	if r := end % unix.NLA_ALIGNTO; r != 0 { // never from the kernel, which pads
+		b = append(b[:end:end], make([]byte, unix.NLA_ALIGNTO-r)...)
+	}
+	var found []byte
+	for off := 0; len(b)-off >= unix.SizeofRtAttr; {
+		n := int(binary.NativeEndian.Uint16(b[off:]))
+		if n < unix.SizeofRtAttr || off+n > len(b) {
+			return nil
+		}
+		if off+n > end {
+			break // reads into the padding (the last attribute, unpadded): dropped
+		}
+		if t := binary.NativeEndian.Uint16(b[off+2:]) &^ (unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER); found == nil && t == typ {
+			found = b[off+unix.SizeofRtAttr : off+n]
+		}
+		off += (n + unix.NLA_ALIGNTO - 1) &^ (unix.NLA_ALIGNTO - 1)
+	}
+	return found
 }
