@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netagent/netagent/pkg/nlattr"
 )
 
 // nfnlgrpNftables is the netfilter netlink multicast group for nftables ruleset changes
@@ -162,29 +164,10 @@ func eachMessage(b []byte, f func(typ uint16, body []byte)) bool {
 // attr is attribute typ of an nftables message body (after its 4-byte nfgenmsg), or nil.
 // Every table, chain, rule, set and element message carries its table's name as
 // attribute 1.
-// It reads the attributes in place, as nlattr.Get(nlattr.Parse(...)) would find it (none
-// when any attribute is malformed), without allocating.
 func attr(msg []byte, typ uint16) []byte {
 	if len(msg) < 4 {
 		return nil
 	}
-	b, end := msg[4:], len(msg)-4
-	if r := end % unix.NLA_ALIGNTO; r != 0 { // never from the kernel, which pads
-		b = append(b[:end:end], make([]byte, unix.NLA_ALIGNTO-r)...)
-	}
-	var found []byte
-	for off := 0; len(b)-off >= unix.SizeofRtAttr; {
-		n := int(binary.NativeEndian.Uint16(b[off:]))
-		if n < unix.SizeofRtAttr || off+n > len(b) {
-			return nil
-		}
-		if off+n > end {
-			break // reads into the padding (the last attribute, unpadded): dropped
-		}
-		if t := binary.NativeEndian.Uint16(b[off+2:]) &^ (unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER); found == nil && t == typ {
-			found = b[off+unix.SizeofRtAttr : off+n]
-		}
-		off += (n + unix.NLA_ALIGNTO - 1) &^ (unix.NLA_ALIGNTO - 1)
-	}
-	return found
+	a, _ := nlattr.Find(msg[4:], typ)
+	return a
 }

@@ -89,6 +89,33 @@ func Get(as []Attr, typ uint16) ([]byte, bool) {
 	return nil, false
 }
 
+// Find returns the data of the first attribute of type typ in b, as Get(Parse(b), typ)
+// does (nothing when an attribute before it is malformed), without allocating unless b
+// lacks its final padding, which the kernel never leaves out: the agent reads tens of
+// thousands of ruleset notifications at a cold start.
+func Find(b []byte, typ uint16) ([]byte, bool) {
+	end := len(b)
+	if r := end % unix.NLA_ALIGNTO; r != 0 {
+		b = append(b[:end:end], make([]byte, unix.NLA_ALIGNTO-r)...)
+	}
+	var found []byte
+	ok := false
+	for off := 0; len(b)-off >= unix.SizeofRtAttr; {
+		n := int(nl.NativeEndian().Uint16(b[off:]))
+		if n < unix.SizeofRtAttr || off+n > len(b) {
+			return nil, false // Parse returns nothing for a malformed list
+		}
+		if off+n > end {
+			break // reads into the padding (the last attribute, unpadded): dropped
+		}
+		if t := nl.NativeEndian().Uint16(b[off+2:]) &^ (unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER); !ok && t == typ {
+			found, ok = b[off+unix.SizeofRtAttr:off+n], true
+		}
+		off += (n + unix.NLA_ALIGNTO - 1) &^ (unix.NLA_ALIGNTO - 1)
+	}
+	return found, ok
+}
+
 // Contains reports whether the attributes encoded in b include every attribute of want
 // with the same value, recursively: what was written is there, whatever else the kernel
 // adds (newer kernels report more).

@@ -54,5 +54,11 @@ func FuzzParse(f *testing.F) {
 			Parse(a.Data)
 		}
 		Contains(b, []Attr{Nest(2, Bytes(3, []byte{9}))})
+		for _, typ := range []uint16{1, 2, 3} {
+			want, wok := Get(Parse(b), typ)
+			if got, ok := Find(b, typ); ok != wok || !bytes.Equal(got, want) || (got == nil) != (want == nil) {
+				t.Fatalf("Find(%x, %d) = %x, %v; Get(Parse) has %x, %v", b, typ, got, ok, want, wok)
+			}
+		}
 	})
 }
