@@ -20,50 +20,30 @@ import (
 // still starts a new Planner for its full passes (start, resync, config or underlay
 // change); Update covers the lease events in between.
 type Planner struct {
-	gen     uint64
-	base    Plan                               // Build(in) without peers: the device, NAT, MTU and allow-list header
-	in      Input                              // without Peers
-	peers   map[string]subnetLease             // only the enabled families' subnets
-	claim   multimap.Map[netip.Prefix, string] // subnet (either family) -> nodes claiming it (almost always one)
-	wgKeys  map[string][]string                // WireGuard public key -> nodes publishing it (one)
-	verdict map[string]verdict                 // the rest of a Peer is its lease in peers
+	gen    uint64
+	base   Plan                               // Build(in) without peers: the device, NAT, MTU and allow-list header
+	in     Input                              // without Peers
+	peers  map[string]peer                    // by node: its lease (enabled families only) and verdict
+	claim  multimap.Map[netip.Prefix, string] // subnet (either family) -> nodes claiming it (almost always one)
+	wgKeys map[string][]string                // WireGuard public key -> nodes publishing it (one)
 
-	routes map[netip.Prefix]route // the desired routes, compact (see route)
-	devs   []string               // the devices routes go through (a few), for route.dev
-	fdb    map[FDB]bool
-	wg     map[string]WGPeer // by node
-	odd    map[string]bool   // nodes whose subnet length differs from the config's
-	modes  map[Mode]int      // peers per mode
+	// The desired routes, neighbour entries and WireGuard peers are not kept: each follows
+	// from its node's lease and verdict (a subnet's route is its owner's, see routeTo), so
+	// they are rendered when asked for. With thousands of peers a map of them was the
+	// planner's biggest structure. FDB entries are kept: nodes could share one.
+	fdb   map[FDB]bool
+	odd   map[string]bool // nodes whose subnet length differs from the config's
+	modes map[Mode]int    // peers per mode
 
 	tunnelMTU, podMTU int
 	senders           int // peers publishing a VTEP (see Plan.KeepVXLAN)
 }
 
-// route is a desired Route without what its key and the planner repeat: a third of
-// Route's size (two entries per dual-stack peer). A VXLAN route also holds its neighbour
-// entry's MAC: the neighbour's address is the route's destination address (only one
-// routed subnet has a given address), so no map of neighbours is kept beside the routes.
-type route struct {
-	gw     netip.Addr
-	mtu    int32
-	dev    uint8 // index in Planner.devs
-	onLink bool
-	mac    string // the neighbour entry's MAC (VXLAN routes); "": none
-}
-
-// compact returns r as the planner keeps it.
-func (p *Planner) compact(r Route) route {
-	i := slices.Index(p.devs, r.Dev)
-	if i < 0 {
-		i = len(p.devs)
-		p.devs = append(p.devs, r.Dev)
-	}
-	return route{gw: r.Gw, mtu: int32(r.MTU), dev: uint8(i), onLink: r.OnLink}
-}
-
-// route is the Route to dst that r stands for.
-func (p *Planner) route(dst netip.Prefix, r route) Route {
-	return Route{Dst: dst, Gw: r.gw, Dev: p.devs[r.dev], OnLink: r.onLink, MTU: int(r.mtu)}
+// peer is a node's lease and the plan's verdict on it (the rest of its Peer follows from
+// the lease).
+type peer struct {
+	subnetLease
+	verdict
 }
 
 // verdict is the plan's decision on a peer.
@@ -159,21 +139,18 @@ func NewPlanner(in Input) (*Planner, Plan) {
 	if in.VXLANDev == "" {
 		in.VXLANDev = VXLANDevName(in.Config.Backend.VNI)
 	}
+	full := Build(in)
 	p := &Planner{
-		gen:     gens.Add(1),
-		in:      in,
-		peers:   make(map[string]subnetLease, len(in.Peers)),
-		claim:   multimap.New[netip.Prefix, string](subnetsOf(in.Config, len(in.Peers))),
-		wgKeys:  map[string][]string{},
-		wg:      map[string]WGPeer{},
-		verdict: make(map[string]verdict, len(in.Peers)),
-		routes:  make(map[netip.Prefix]route, len(in.Peers)),
-		fdb:     make(map[FDB]bool, len(in.Peers)),
-		odd:     map[string]bool{},
-		modes:   map[Mode]int{},
+		gen:    gens.Add(1),
+		in:     in,
+		peers:  make(map[string]peer, len(in.Peers)),
+		claim:  multimap.New[netip.Prefix, string](subnetsOf(in.Config, len(in.Peers))),
+		wgKeys: map[string][]string{},
+		fdb:    make(map[FDB]bool, len(full.FDB)),
+		odd:    map[string]bool{},
+		modes:  map[Mode]int{},
 	}
 	p.in.Peers = nil
-	full := Build(in)
 	full.Gen = p.gen
 	p.base = Build(p.in)
 	p.podMTU = full.PodMTU
@@ -183,20 +160,23 @@ func NewPlanner(in Input) (*Planner, Plan) {
 	for _, l := range in.Peers {
 		if l.Node != in.Self.Node {
 			e := enabled(in.Config, l)
-			p.peers[l.Node] = e
+			p.peers[l.Node] = peer{subnetLease: e}
 			p.addClaim(e)
 		}
 	}
-	for _, l := range p.peers { // once per node, whatever in.Peers repeats
-		if sendsVXLAN(in.Self.Node, l.Lease) {
+	for _, e := range p.peers { // once per node, whatever in.Peers repeats
+		if sendsVXLAN(in.Self.Node, e.Lease) {
 			p.senders++
 		}
 	}
 	for _, v := range full.Peers {
-		p.verdict[v.Node] = verdict{v.Mode, v.Reason}
-		var ch Changes
-		p.add(p.peers[v.Node], v, &ch)
+		e := p.peers[v.Node]
+		e.verdict = verdict{v.Mode, v.Reason}
+		p.peers[v.Node] = e
 		p.modes[v.Mode]++
+	}
+	for _, e := range p.peers {
+		p.apply(e, true, nil)
 	}
 	return p, full
 }
@@ -272,12 +252,8 @@ func (p *Planner) Update(changed []*lease.Lease) Plan {
 	d := &Delta{From: p.gen}
 	p.gen = gens.Add(1)
 	each(ch.Routes, func(dst netip.Prefix) {
-		r, ok := p.routes[dst]
-		var want Route
-		if ok {
-			want = p.route(dst, r)
-		}
-		d.Routes = append(d.Routes, RouteChange{Dst: dst, Route: want, Del: !ok})
+		r, _, ok := p.routeTo(dst)
+		d.Routes = append(d.Routes, RouteChange{Dst: dst, Route: r, Del: !ok})
 	})
 	// Of the routes touched with one address, at most one is a VXLAN route now: its
 	// neighbour entry is the address's, else the entry goes.
@@ -289,13 +265,13 @@ func (p *Planner) Update(changed []*lease.Lease) Plan {
 			i, at[ip] = len(d.Neighs), len(d.Neighs)
 			d.Neighs = append(d.Neighs, NeighChange{IP: ip, Del: true})
 		}
-		if r, ok := p.routes[dst]; ok && r.mac != "" {
-			d.Neighs[i] = NeighChange{IP: ip, Neigh: Neigh{IP: ip, MAC: r.mac}}
+		if _, mac, ok := p.routeTo(dst); ok && mac != "" {
+			d.Neighs[i] = NeighChange{IP: ip, Neigh: Neigh{IP: ip, MAC: mac}}
 		}
 	}
 	each(ch.FDB, func(f FDB) { d.FDB = append(d.FDB, FDBChange{FDB: f, Del: !p.fdb[f]}) })
 	each(ch.WG, func(n string) {
-		w, ok := p.wg[n]
+		w, ok := p.wgPeer(n)
 		d.WGPeers = append(d.WGPeers, WGPeerChange{Node: n, Peer: w, Del: !ok})
 	})
 	each(ch.Nodes, func(n string) {
@@ -348,7 +324,8 @@ func (p *Planner) update(changed []*lease.Lease) Changes {
 	// Every node that claims a subnet touched by the change may win or lose it.
 	subnets := map[netip.Prefix]bool{}
 	keys := map[string]bool{} // WireGuard keys gained or lost: their other holders' verdicts change
-	// The leases the current entries of changed nodes were planned from (removal needs them).
+	// The leases and verdicts the current entries of changed nodes follow from (removal
+	// needs them).
 	planned := map[string]plannedLease{}
 	for _, changedLease := range changed {
 		if changedLease.Node == p.in.Self.Node {
@@ -365,14 +342,14 @@ func (p *Planner) update(changed []*lease.Lease) Changes {
 			for _, s := range old.subnets() {
 				subnets[s] = true
 			}
-			p.dropClaim(old)
+			p.dropClaim(old.subnetLease)
 			delete(p.peers, l.Node)
 			if sendsVXLAN(p.in.Self.Node, old.Lease) {
 				p.senders--
 			}
 		}
 		if !changedLease.Gone() {
-			p.peers[l.Node] = l
+			p.peers[l.Node] = peer{subnetLease: l} // decided below
 			p.addClaim(l)
 			if sendsVXLAN(p.in.Self.Node, l.Lease) {
 				p.senders++
@@ -414,12 +391,13 @@ func (p *Planner) update(changed []*lease.Lease) Changes {
 	// All removals before all additions: a subnet changing hands must end up with the new
 	// owner's entries whatever order the nodes come in.
 	for n := range affected {
-		l, ok := p.peers[n]
+		e, ok := p.peers[n]
 		if was, changed := planned[n]; changed {
-			l, ok = was.l, was.ok
+			e, ok = was.e, was.ok
 		}
 		if ok {
-			p.remove(l, &ch)
+			p.modes[e.mode]--
+			p.apply(e, false, &ch)
 		}
 	}
 	for n := range affected {
@@ -427,29 +405,24 @@ func (p *Planner) update(changed []*lease.Lease) Changes {
 			continue
 		}
 		ch.Nodes = append(ch.Nodes, n)
-		if old, ok := p.verdict[n]; ok {
-			p.modes[old.mode]--
-		}
-		l, ok := p.peers[n]
+		e, ok := p.peers[n]
 		if !ok {
-			delete(p.verdict, n)
 			continue
 		}
-		v := Peer{Node: l.Node}
-		if quickInvalid(l) == "" {
-			for _, s := range l.subnets() {
+		if quickInvalid(e.subnetLease) == "" {
+			for _, s := range e.subnets() {
 				if _, known := owner[s]; !known {
 					owner[s] = p.ownerOf(s)
 				}
 			}
 		}
-		v.Mode, v.Reason = decide(p.in, l, owner)
-		if v.Mode == WireGuard {
-			v.Mode, v.Reason = wgShared(l.Lease, p.wgKeys[l.WGPublicKey])
+		e.mode, e.reason = decide(p.in, e.subnetLease, owner)
+		if e.mode == WireGuard {
+			e.mode, e.reason = wgShared(e.Lease, p.wgKeys[e.WGPublicKey])
 		}
-		p.verdict[n] = verdict{v.Mode, v.Reason}
-		p.modes[v.Mode]++
-		p.add(l, v, &ch)
+		p.peers[n] = e
+		p.modes[e.mode]++
+		p.apply(e, true, &ch)
 	}
 	return ch
 }
@@ -470,13 +443,13 @@ func (p *Planner) PodMTU() int { return p.podMTU }
 
 // Peer returns the verdict on a node.
 func (p *Planner) Peer(node string) (Peer, bool) {
-	v, ok := p.verdict[node]
+	e, ok := p.peers[node]
 	if !ok {
 		return Peer{}, false
 	}
-	v2 := peerOf(p.in.Underlay, p.peers[node])
-	v2.Mode, v2.Reason = v.mode, v.reason
-	return v2, true
+	v := peerOf(p.in.Underlay, e.subnetLease)
+	v.Mode, v.Reason = e.mode, e.reason
+	return v, true
 }
 
 // Lease is the lease node's peer entry was planned from (subnets of families the config
@@ -497,8 +470,8 @@ func (p *Planner) Leases() iter.Seq[*lease.Lease] {
 		if p == nil {
 			return
 		}
-		for _, l := range p.peers {
-			if !yield(l.Lease) {
+		for _, e := range p.peers {
+			if !yield(e.Lease) {
 				return
 			}
 		}
@@ -519,127 +492,125 @@ func (p *Planner) ownerOf(s netip.Prefix) string {
 	return best
 }
 
-// plannedLease is a node's lease as the desired state has it (ok false: none).
+// plannedLease is a node's lease and verdict as the desired state has them (ok false:
+// none).
 type plannedLease struct {
-	l  subnetLease
+	e  peer
 	ok bool
 }
 
-// contribution is what add puts into the desired state for l with its verdict (in
-// p.verdict); false: nothing.
-func (p *Planner) contribution(l subnetLease) (contribution, bool) {
-	v, ok := p.verdict[l.Node]
+// contribution is the keys of what e puts into the desired state; false: nothing.
+func (p *Planner) contribution(e peer) (contribution, bool) {
 	switch {
-	case !ok:
-		return contribution{}, false
-	case v.mode == WireGuard:
-		return contribution{dst: [2]netip.Prefix{l.Subnet, l.Subnet6}, wg: true}, true
-	case v.mode != Direct && v.mode != VXLAN:
+	case e.mode == WireGuard:
+		return contribution{dst: [2]netip.Prefix{e.Subnet, e.Subnet6}, wg: true}, true
+	case e.mode != Direct && e.mode != VXLAN:
 		return contribution{}, false
 	}
-	c := contribution{vxlan: v.mode == VXLAN}
-	for i, s := range [2]netip.Prefix{l.Subnet, l.Subnet6} {
-		if s.IsValid() {
-			c.dst[i] = s
-		}
-	}
+	c := contribution{dst: [2]netip.Prefix{e.Subnet, e.Subnet6}, vxlan: e.mode == VXLAN}
 	if c.vxlan {
-		c.fdb = FDB{MAC: strings.ToLower(l.VTEPMAC), Dst: l.PublicIPOf(vxlan6(p.in.Self))}
+		c.fdb = FDB{MAC: strings.ToLower(e.VTEPMAC), Dst: e.PublicIPOf(vxlan6(p.in.Self))}
 	}
 	return c, true
 }
 
-// remove takes the contribution of l, the lease its node's entries were planned from (its
-// verdict still in p.verdict), out of the desired state.
-func (p *Planner) remove(l subnetLease, ch *Changes) {
-	c, ok := p.contribution(l)
+// apply puts e's contribution into the desired state (in) or takes it out (e as planned
+// from its lease and verdict), and the keys of all it touched into ch (nil: not wanted).
+// Its routes, neighbour entries and WireGuard peer follow from e: only its FDB entry is
+// kept.
+func (p *Planner) apply(e peer, in bool, ch *Changes) {
+	c, ok := p.contribution(e)
 	if !ok {
+		return
+	}
+	if c.vxlan && in {
+		p.fdb[c.fdb] = true
+	} else if c.vxlan {
+		delete(p.fdb, c.fdb)
+	}
+	if ch == nil {
 		return
 	}
 	for _, dst := range c.dst {
 		if !dst.IsValid() {
 			continue
 		}
-		delete(p.routes, dst)
 		ch.Routes = append(ch.Routes, dst)
 		if c.vxlan {
 			ch.Neighs = append(ch.Neighs, dst)
 		}
 	}
 	if c.wg {
-		delete(p.wg, l.Node)
-		ch.WG = append(ch.WG, l.Node)
+		ch.WG = append(ch.WG, e.Node)
 	}
 	if c.vxlan {
-		delete(p.fdb, c.fdb)
 		ch.FDB = append(ch.FDB, c.fdb)
 	}
 }
 
-// add puts l's entries into the desired state, by its verdict v (also in p.verdict).
-func (p *Planner) add(l subnetLease, v Peer, ch *Changes) {
-	c, ok := p.contribution(l)
-	if !ok {
-		return
+// routeTo is the desired route to dst and, for a VXLAN route, its neighbour entry's MAC
+// (the neighbour's address is dst's address); false: none. It is the route of dst's owner
+// (as decide picks it) when that node is routed: no other claimant of dst is. (This node
+// owns its own subnets, and is no peer.)
+func (p *Planner) routeTo(dst netip.Prefix) (Route, string, bool) {
+	e, ok := p.peers[p.ownerOf(dst)]
+	if !ok || (e.Subnet != dst && e.Subnet6 != dst) {
+		return Route{}, "", false
 	}
-	if c.wg {
-		w := wgPeer(p.in, l)
-		p.wg[v.Node] = w
-		ch.WG = append(ch.WG, v.Node)
-		for _, s := range l.subnets() {
-			p.routes[s] = p.compact(wgRoute(p.in, w, s))
-			ch.Routes = append(ch.Routes, s)
+	return p.routeOf(e, dst)
+}
+
+// routeOf is the route to e's subnet s by e's verdict, and the MAC of its neighbour entry
+// (VXLAN); false: e is not routed.
+func (p *Planner) routeOf(e peer, s netip.Prefix) (Route, string, bool) {
+	switch e.mode {
+	case Direct:
+		return Route{Dst: s, Gw: nextHop(p.in, e.subnetLease, s.Addr().Is6()), Dev: p.in.Underlay.Dev}, "", true
+	case VXLAN:
+		r := Route{Dst: s, Gw: s.Addr(), Dev: p.in.VXLANDev, OnLink: true}
+		if p.in.Config.Backend.Type == config.Hybrid && p.podMTU > p.tunnelMTU {
+			r.MTU = p.tunnelMTU
 		}
-		return
+		return r, strings.ToLower(e.VTEPMAC), true
+	case WireGuard:
+		return wgRoute(p.in, wgPeer(p.in, e.subnetLease), s), "", true
 	}
-	for i, s := range c.dst {
-		if !s.IsValid() {
-			continue
-		}
-		r := Route{Dst: s, Gw: nextHop(p.in, l, i == 1), Dev: p.in.Underlay.Dev}
-		mac := ""
-		if c.vxlan {
-			// The neighbour's address is the route's destination address (see route).
-			r = Route{Dst: s, Gw: s.Addr(), Dev: p.in.VXLANDev, OnLink: true}
-			if p.in.Config.Backend.Type == config.Hybrid && p.podMTU > p.tunnelMTU {
-				r.MTU = p.tunnelMTU
-			}
-			mac = c.fdb.MAC
-			ch.Neighs = append(ch.Neighs, s)
-		}
-		cr := p.compact(r)
-		cr.mac = mac
-		p.routes[s] = cr
-		ch.Routes = append(ch.Routes, s)
+	return Route{}, "", false
+}
+
+// wgPeer is node's WireGuard peer; false: it is not one.
+func (p *Planner) wgPeer(node string) (WGPeer, bool) {
+	e, ok := p.peers[node]
+	if !ok || e.mode != WireGuard {
+		return WGPeer{}, false
 	}
-	if c.vxlan {
-		p.fdb[c.fdb] = true
-		ch.FDB = append(ch.FDB, c.fdb)
-	}
+	return wgPeer(p.in, e.subnetLease), true
 }
 
 // Plan renders the current desired state as a full Plan (for status and full passes).
 func (p *Planner) Plan() Plan {
 	out := p.header()
-	out.Allow.Peers = make(map[string]Allowed, len(p.verdict))
-	for n := range p.verdict {
+	out.Allow.Peers = make(map[string]Allowed, len(p.peers))
+	for n, e := range p.peers {
 		v, _ := p.Peer(n)
 		out.Peers = append(out.Peers, v)
 		if a, ok := allowed(v, vxlan6(p.in.Self)); ok {
 			out.Allow.Peers[n] = a
 		}
-	}
-	for dst, r := range p.routes {
-		out.Routes = append(out.Routes, p.route(dst, r))
-		if r.mac != "" {
-			out.Neighs = append(out.Neighs, Neigh{IP: dst.Addr(), MAC: r.mac})
+		for _, s := range e.subnets() {
+			if r, mac, ok := p.routeOf(e, s); ok {
+				out.Routes = append(out.Routes, r)
+				if mac != "" {
+					out.Neighs = append(out.Neighs, Neigh{IP: s.Addr(), MAC: mac})
+				}
+			}
+		}
+		if w, ok := p.wgPeer(n); ok {
+			out.WGPeers = append(out.WGPeers, w)
 		}
 	}
 	for f := range p.fdb {
 		out.FDB = append(out.FDB, f)
-	}
-	for _, w := range p.wg {
-		out.WGPeers = append(out.WGPeers, w)
 	}
 	return out
 }
