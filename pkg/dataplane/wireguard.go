@@ -120,6 +120,11 @@ func (w *wgState) reconciler(dev *plan.WGDevice) (*wireguard.Reconciler, error) 
 	}
 	w.impl, w.name = impl, dev.Name
 	w.rec = &wireguard.Reconciler{Client: w.client, Links: w.h, Device: ens, Log: w.log}
+	if g, err := w.guardLocked(); err == nil {
+		w.rec.Initiations = g
+	} else {
+		w.log.Warn("wireguard: no record of handshake initiations (a new peer whose first one was lost waits a second)", "err", err)
+	}
 	return w.rec, nil
 }
 
@@ -190,6 +195,11 @@ func (d *Linux) PrepareWireGuard(ctx context.Context, dev *plan.WGDevice) {
 func (w *wgState) prepare(ctx context.Context, dev plan.WGDevice) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	// The guard first: peers that learn of us from the lease send their handshakes at
+	// once, and it records those the device (not up yet, or not knowing them) drops.
+	if err := w.ensureGuard(&dev); err != nil {
+		w.log.Warn("wireguard underlay guard not set ahead of the first pass (the pass sets it)", "err", err)
+	}
 	rec, err := w.reconciler(&dev)
 	if err == nil {
 		_, err = rec.Device.Ensure(ctx)
@@ -344,14 +354,23 @@ func (w *wgState) ensureAddr(dev *plan.WGDevice) error {
 }
 
 func (w *wgState) ensureGuard(dev *plan.WGDevice) error {
+	g, err := w.guardLocked()
+	if err != nil {
+		return err
+	}
+	return g.Set(wgguard.Spec{Underlay: dev.Underlay, Network: dev.Network, Network6: dev.Network6, Routable6: dev.Routable6, Port: uint16(dev.Port)})
+}
+
+// guardLocked returns the underlay guard, opening its netlink connection the first time.
+func (w *wgState) guardLocked() (*wgguard.Guard, error) {
 	if w.guard == nil {
 		g, err := wgguard.New()
 		if err != nil {
-			return err
+			return nil, err
 		}
 		w.guard = g
 	}
-	return w.guard.Set(wgguard.Spec{Underlay: dev.Underlay, Network: dev.Network, Network6: dev.Network6, Routable6: dev.Routable6})
+	return w.guard, nil
 }
 
 // pruneTimeout bounds the wait for a userspace device's daemon to close its socket once
@@ -387,15 +406,12 @@ func (w *wgState) prune(ctx context.Context) (wireguard.Changes, error) {
 		w.rec.Stop()
 	}
 	w.rec, w.name, w.impl = nil, "", device.Impl{}
-	if w.guard == nil {
-		g, err := wgguard.New()
-		if err != nil {
-			return ch, errors.Join(append(errs, err)...)
-		}
-		w.guard = g
+	g, err := w.guardLocked()
+	if err != nil {
+		return ch, errors.Join(append(errs, err)...)
 	}
 	// The zero spec deletes the table; once written it costs one table lookup per Set.
-	if err := w.guard.Set(wgguard.Spec{}); err != nil {
+	if err := g.Set(wgguard.Spec{}); err != nil {
 		errs = append(errs, err)
 	}
 	return ch, errors.Join(errs...)

@@ -20,17 +20,31 @@
 // network, and pass; decrypted pod traffic arrives on the WireGuard device and passes. The
 // family of the underlay does not matter: the rules look at the inner (pod) packets.
 //
-// Scale: one rule per family whatever the number of peers; a check is one dump of a chain
-// per family.
+// With the device's listen port in the Spec, each table also records where WireGuard
+// handshake initiations come from, whether the device accepts them or not:
+//
+//	udp dport <port> udp length 156 @th,64,32 0x1000000 update @initiations { ip saddr }
+//
+// (an initiation is a 148-byte message of type 1, the type's byte followed by three zero
+// bytes). A device drops an initiation from a peer it does not know yet without a trace;
+// the record is how pkg/wireguard learns that a peer it leaves the first handshake to has
+// already tried, so that it starts the handshake itself at once (see Initiations). Both
+// family tables exist then, whatever the pod networks, as the underlay may be either.
+//
+// Scale: two rules per family whatever the number of peers, and a set of at most
+// initiationsMax addresses; a check is one dump of a chain per family.
 package wgguard
 
 import (
 	"bytes"
+	"cmp"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"sync"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -45,6 +59,18 @@ const (
 	Chain    = "underlay-guard"
 	priority = -300
 	tagText  = "netagent-wgguard v1 "
+
+	// Initiations is the set of underlay addresses handshake initiations came from.
+	Initiations = "initiations"
+	// initiationsFor is how long an address stays in it after its last initiation: longer
+	// than pkg/wireguard looks for a first handshake.
+	initiationsFor = 10 * time.Second
+	// initiationsMax bounds the set (anyone on the underlay can send initiations); a full
+	// set records no new address, and a peer's first handshake then waits for its own
+	// timer.
+	initiationsMax = 4096
+	// initiationLen is a handshake initiation's UDP length: the header and 148 bytes.
+	initiationLen = 8 + 148
 )
 
 // Spec is what the guard protects; the zero Spec removes the tables.
@@ -55,6 +81,9 @@ type Spec struct {
 	// Routable6 says IPv6 pods are not masqueraded, so replies from the outside reach them
 	// from the underlay: only packets from the IPv6 pod network are dropped.
 	Routable6 bool
+	// Port is the WireGuard device's listen port: handshake initiations to it are recorded
+	// (0: none are).
+	Port uint16
 }
 
 // Guard owns the tables in the network namespace it was created in.
@@ -74,20 +103,76 @@ func New() (*Guard, error) {
 	return &Guard{conn: c}, nil
 }
 
-// family is one table of the guard: the pod network of its family.
+// family is one table of the guard: the pod network of its family, and the initiations
+// that come over an underlay of its family.
 type family struct {
 	table    *nftables.Table
-	network  netip.Prefix // unset: the table is not wanted
+	network  netip.Prefix // unset: no drop rule
 	src, dst uint32       // offsets of the addresses in the network header
 	routable bool         // match the source too (see Spec.Routable6)
+	port     uint16       // 0: no initiations recorded
 }
 
 func (s Spec) families() [2]family {
 	return [2]family{
-		{table: &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv4}, network: s.Network, src: 12, dst: 16},
-		{table: &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv6}, network: s.Network6, src: 8, dst: 24, routable: s.Routable6},
+		{table: &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv4}, network: s.Network, src: 12, dst: 16, port: s.Port},
+		{table: &nftables.Table{Name: Table, Family: nftables.TableFamilyIPv6}, network: s.Network6, src: 8, dst: 24, routable: s.Routable6, port: s.Port},
 	}
 }
+
+// wanted says whether the family's table exists.
+func (f family) wanted() bool { return f.network.IsValid() || f.port != 0 }
+
+// tags are the user data of the rules the family's chain holds, in order.
+func (f family) tags(underlay string) [][]byte {
+	var ts [][]byte
+	if f.network.IsValid() {
+		ts = append(ts, tag(underlay, f))
+	}
+	if f.port != 0 {
+		ts = append(ts, recordTag(f))
+	}
+	return ts
+}
+
+// addrLen is the length of the family's addresses.
+func (f family) addrLen() uint32 {
+	if f.table.Family == nftables.TableFamilyIPv6 {
+		return 16
+	}
+	return 4
+}
+
+func initiationSet(f family) *nftables.Set {
+	kt := nftables.TypeIPAddr
+	if f.table.Family == nftables.TableFamilyIPv6 {
+		kt = nftables.TypeIP6Addr
+	}
+	return &nftables.Set{Table: f.table, Name: Initiations, KeyType: kt, Dynamic: true, HasTimeout: true, Timeout: initiationsFor, Size: initiationsMax}
+}
+
+func recordTag(f family) []byte { return fmt.Appendf(nil, "%sinitiations port=%d", tagText, f.port) }
+
+// recordRule puts the source of every handshake initiation to the port in set.
+func recordRule(f family, set *nftables.Set) *nftables.Rule {
+	port, length := binary.BigEndian.AppendUint16(nil, f.port), binary.BigEndian.AppendUint16(nil, initiationLen)
+	exprs := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_UDP}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2}, // udp dport
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: port},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 4, Len: 2}, // udp length
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: length},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 8, Len: 4}, // message type
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1, 0, 0, 0}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.src, Len: f.addrLen()},
+		&expr.Dynset{SrcRegKey: 1, SetName: set.Name, SetID: set.ID, Operation: unix.NFT_DYNSET_OP_UPDATE},
+	}
+	return &nftables.Rule{Table: f.table, Chain: chain(f.table), UserData: recordTag(f), Exprs: exprs}
+}
+
+// recordLen is how many expressions recordRule makes.
+const recordLen = 10
 
 func chain(t *nftables.Table) *nftables.Chain {
 	return &nftables.Chain{Name: Chain, Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(priority)}
@@ -145,8 +230,8 @@ func (g *Guard) Set(s Spec) error {
 	}
 	if s != (Spec{}) {
 		switch {
-		case s.Underlay == "" || (!s.Network.IsValid() && !s.Network6.IsValid()):
-			return fmt.Errorf("wireguard underlay guard: want an underlay device and a pod network, have %q, %s and %s", s.Underlay, s.Network, s.Network6)
+		case s.Underlay == "" || (!s.Network.IsValid() && !s.Network6.IsValid() && s.Port == 0):
+			return fmt.Errorf("wireguard underlay guard: want an underlay device and a pod network or a port, have %q, %s, %s and %d", s.Underlay, s.Network, s.Network6, s.Port)
 		case s.Network.IsValid() && !s.Network.Addr().Is4():
 			return fmt.Errorf("wireguard underlay guard: IPv4 pod network %s is not IPv4", s.Network)
 		case s.Network6.IsValid() && (!s.Network6.Addr().Is6() || s.Network6.Addr().Is4In6()):
@@ -160,10 +245,20 @@ func (g *Guard) Set(s Spec) error {
 		// table follows in the same transaction, so no packet sees it missing.
 		g.conn.AddTable(f.table)
 		g.conn.DelTable(f.table)
+		if !f.wanted() {
+			continue
+		}
+		g.conn.AddTable(f.table)
+		g.conn.AddChain(chain(f.table))
 		if f.network.IsValid() {
-			g.conn.AddTable(f.table)
-			g.conn.AddChain(chain(f.table))
 			g.conn.AddRule(rule(f, s.Underlay))
+		}
+		if f.port != 0 {
+			set := initiationSet(f)
+			if err := g.conn.AddSet(set, nil); err != nil {
+				return fmt.Errorf("wireguard underlay guard: set %s: %w", Initiations, err)
+			}
+			g.conn.AddRule(recordRule(f, set))
 		}
 	}
 	if err := g.conn.Flush(); err != nil {
@@ -196,7 +291,7 @@ func (g *Guard) checkLocked() string {
 // check reports how f's table differs from what it should be.
 func (g *Guard) check(f family) string {
 	t := f.table
-	if !f.network.IsValid() {
+	if !f.wanted() {
 		if cur, err := g.conn.ListTableOfFamily(Table, t.Family); err == nil && cur != nil {
 			return fmt.Sprintf("table %s %s is back", familyName(t), Table)
 		}
@@ -211,8 +306,18 @@ func (g *Guard) check(f family) string {
 		return familyName(t) + " underlay guard chain changed"
 	}
 	rs, err := g.conn.GetRules(t, chain(t))
-	if err != nil || len(rs) != 1 || !bytes.Equal(rs[0].UserData, tag(g.spec.Underlay, f)) || len(rs[0].Exprs) != ruleLen(f) {
+	tags := f.tags(g.spec.Underlay)
+	if err != nil || len(rs) != len(tags) {
 		return familyName(t) + " underlay guard rule missing or changed"
+	}
+	for i, r := range rs {
+		n := recordLen
+		if i == 0 && f.network.IsValid() {
+			n = ruleLen(f)
+		}
+		if !bytes.Equal(r.UserData, tags[i]) || len(r.Exprs) != n {
+			return familyName(t) + " underlay guard rule missing or changed"
+		}
 	}
 	return ""
 }
@@ -233,7 +338,7 @@ func (g *Guard) Dropped() uint64 {
 	}
 	var n uint64
 	for _, f := range g.spec.families() {
-		if !f.network.IsValid() {
+		if !f.wanted() {
 			continue
 		}
 		if rs, err := g.conn.GetRules(f.table, chain(f.table)); err == nil {
@@ -241,6 +346,32 @@ func (g *Guard) Dropped() uint64 {
 		}
 	}
 	return n
+}
+
+// Initiations reports, for each underlay address a handshake initiation to the port came
+// from in the last few seconds, how long ago the last one arrived (nil without a port).
+func (g *Guard) Initiations() (map[netip.Addr]time.Duration, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if !g.set || g.spec.Port == 0 {
+		return nil, nil
+	}
+	seen := map[netip.Addr]time.Duration{}
+	for _, f := range g.spec.families() {
+		es, err := g.conn.GetSetElements(initiationSet(f))
+		if err != nil {
+			return nil, fmt.Errorf("wireguard underlay guard: read set %s %s: %w", familyName(f.table), Initiations, err)
+		}
+		for _, e := range es {
+			a, ok := netip.AddrFromSlice(e.Key)
+			timeout := cmp.Or(e.Timeout, initiationsFor)
+			if !ok || e.Expires > timeout {
+				continue
+			}
+			seen[a] = timeout - e.Expires
+		}
+	}
+	return seen, nil
 }
 
 // Remove deletes the tables if they exist (netagent cleanup).

@@ -1,9 +1,12 @@
 package wgguard
 
 import (
+	"bytes"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/netagent/netagent/test/netns"
 )
@@ -95,19 +98,7 @@ func TestSetDriftRemove(t *testing.T) {
 // dropped (counted), one for the node's own address passes; with routable IPv6 pods, only
 // one from a pod source is.
 func TestDrops(t *testing.T) {
-	netns.RequireRoot(t)
-	node, peer := netns.New(t, "wgguard-n"), netns.New(t, "wgguard-p")
-	if err := netns.Veth(node, "eth0", peer, "eth0"); err != nil {
-		t.Fatal(err)
-	}
-	for _, c := range []struct {
-		ns   *netns.NS
-		addr string
-	}{{node, "192.0.2.1/24"}, {node, "2001:db8:1::1/64"}, {peer, "192.0.2.2/24"}, {peer, "2001:db8:1::2/64"}} {
-		if _, err := c.ns.Run("ip", "addr", "add", c.addr, "dev", "eth0", "nodad"); err != nil {
-			t.Fatal(err)
-		}
-	}
+	node, peer := underlay(t)
 	node.MustRun(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
 	// The pod networks are local on the node (lo), so a packet that got through would be
 	// answered.
@@ -156,4 +147,111 @@ func TestDrops(t *testing.T) {
 	if n := g.Dropped(); n != 2 {
 		t.Errorf("Dropped() = %d, want 2 (the pings from a pod source)", n)
 	}
+}
+
+// Handshake initiations to the port are recorded by source, over either underlay family,
+// whether or not anything listens; other messages to the port and initiations to other
+// ports are not.
+func TestInitiations(t *testing.T) {
+	node, peer := underlay(t)
+	if _, err := peer.Run("ip", "addr", "add", "192.0.2.3/24", "dev", "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	var g *Guard
+	if err := node.Do(func() (err error) { g, err = New(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	// IPv6 pods only: the IPv4 table exists for the IPv4 underlay's initiations.
+	if err := g.Set(Spec{Underlay: "eth0", Network6: netip.MustParsePrefix("fd00:10:244::/48"), Port: 51820}); err != nil {
+		t.Fatal(err)
+	}
+	if why := g.Drifted(); why != "" {
+		t.Fatalf("Drifted() = %q right after Set", why)
+	}
+	// The recording rule is the guard's like the drop rule: its loss is drift, repaired.
+	node.MustRun(t, "nft", "flush", "chain", "ip", Table, Chain)
+	if g.Drifted() == "" {
+		t.Fatal("Drifted() = \"\" with the IPv4 recording rule gone")
+	}
+	if err := g.Set(Spec{Underlay: "eth0", Network6: netip.MustParsePrefix("fd00:10:244::/48"), Port: 51820}); err != nil {
+		t.Fatal(err)
+	}
+	if why := g.Drifted(); why != "" {
+		t.Fatalf("Drifted() = %q after the repair", why)
+	}
+	initiation := append([]byte{1, 0, 0, 0}, make([]byte, 144)...)
+	response := append([]byte{2, 0, 0, 0}, make([]byte, 88)...)
+	send := func(from, to netip.AddrPort, b []byte) {
+		t.Helper()
+		err := peer.Do(func() error {
+			c, err := net.DialUDP("udp", net.UDPAddrFromAddrPort(from), net.UDPAddrFromAddrPort(to))
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			_, err = c.Write(b)
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	ap := netip.MustParseAddrPort
+	send(ap("192.0.2.2:40000"), ap("192.0.2.1:51820"), initiation)
+	send(ap("[2001:db8:1::2]:40000"), ap("[2001:db8:1::1]:51820"), initiation)
+	send(ap("192.0.2.3:40000"), ap("192.0.2.1:51820"), response)                           // not an initiation
+	send(ap("192.0.2.3:40000"), ap("192.0.2.1:51821"), initiation)                         // another port
+	send(ap("192.0.2.3:40000"), ap("192.0.2.1:51820"), append(bytes.Clone(initiation), 0)) // another length
+	var seen map[netip.Addr]time.Duration
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		var err error
+		if seen, err = g.Initiations(); err != nil {
+			t.Fatal(err)
+		}
+		if len(seen) >= 2 || time.Now().After(deadline) {
+			break
+		}
+	}
+	if len(seen) != 2 {
+		t.Fatalf("Initiations() = %v, want 192.0.2.2 and 2001:db8:1::2", seen)
+	}
+	for _, a := range []string{"192.0.2.2", "2001:db8:1::2"} {
+		if age, ok := seen[netip.MustParseAddr(a)]; !ok || age < 0 || age > time.Second {
+			t.Errorf("Initiations()[%s] = %v, %v; want a recent one", a, age, ok)
+		}
+	}
+	time.Sleep(300 * time.Millisecond)
+	seen, err := g.Initiations()
+	if age := seen[netip.MustParseAddr("192.0.2.2")]; err != nil || age < 250*time.Millisecond {
+		t.Errorf("Initiations() 300 ms later: age %v, %v; want it to have grown", age, err)
+	}
+	// Without a port nothing is recorded, and the IPv4 table (no IPv4 pods) goes.
+	if err := g.Set(Spec{Underlay: "eth0", Network6: netip.MustParsePrefix("fd00:10:244::/48")}); err != nil {
+		t.Fatal(err)
+	}
+	if seen, err := g.Initiations(); err != nil || seen != nil {
+		t.Errorf("Initiations() without a port = %v, %v", seen, err)
+	}
+	if _, err := node.Run("nft", "list", "table", "ip", Table); err == nil {
+		t.Error("the IPv4 table stayed without IPv4 pods or a port")
+	}
+}
+
+// underlay is a node and a peer on one veth, with addresses of both families.
+func underlay(t *testing.T) (node, peer *netns.NS) {
+	t.Helper()
+	netns.RequireRoot(t)
+	node, peer = netns.New(t, "wgguard-n"), netns.New(t, "wgguard-p")
+	if err := netns.Veth(node, "eth0", peer, "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		ns   *netns.NS
+		addr string
+	}{{node, "192.0.2.1/24"}, {node, "2001:db8:1::1/64"}, {peer, "192.0.2.2/24"}, {peer, "2001:db8:1::2/64"}} {
+		if _, err := c.ns.Run("ip", "addr", "add", c.addr, "dev", "eth0", "nodad"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return node, peer
 }

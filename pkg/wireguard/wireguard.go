@@ -10,8 +10,8 @@
 // handshake survive every pass. Applying the same state twice changes nothing.
 //
 // A new peer's first handshake is started by one side of the pair only, the one with the
-// smaller public key, which retries until it completes; the other starts one only if it
-// has heard nothing from the peer a second later (see handshakeKick): two initiations that
+// smaller public key; the other starts one only when it knows the first was lost, or has
+// heard nothing from the peer a second later (see handshakeKick): two initiations that
 // cross leave both sides waiting 5 s, or worse.
 //
 // Scale: one wgctrl read and at most one write per pass, O(peers) to diff; Peers' overlap
@@ -77,6 +77,9 @@ type Reconciler struct {
 	Links  Links
 	Device Ensurer
 	Log    *slog.Logger
+	// Initiations, when set, tells a new peer whose first initiation was lost (see
+	// handshakeKick); without it such a peer waits followLate.
+	Initiations Initiations
 
 	// mu serialises Set, Drifted and the follow-up checks (which run on a timer's
 	// goroutine), so that one never re-creates a peer another is reading or writing.
@@ -89,13 +92,11 @@ type Reconciler struct {
 	timer   *time.Timer
 }
 
-// followUp is a peer whose first handshake we started (lead) or leave to it, looked at
-// until it has one (see handshakeKick).
+// followUp is a new peer whose first handshake we leave to it, looked at until it has one
+// (see handshakeKick).
 type followUp struct {
-	lead       bool
 	added, due time.Time // due: the next look
-	looks      int
-	rx         int64 // bytes received from the peer at the last look (or when added)
+	rx         int64     // bytes received from the peer when it was added
 }
 
 // Changes says what a Set changed. Peers are named by node where known, else by public key.
@@ -203,7 +204,7 @@ func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
 	if err != nil {
 		return ch, errors.Join(append(errs, fmt.Errorf("read device %s: %w", c.Name, err))...)
 	}
-	wc, lead, follow, d := diff(c, cur)
+	wc, _, follow, d := diff(c, cur)
 	r.last = c
 	if wc != nil {
 		if err := r.Client.ConfigureDevice(c.Name, *wc); err != nil {
@@ -211,7 +212,9 @@ func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
 		} else {
 			d.Created, d.MTU, d.Up = ch.Created, ch.MTU, ch.Up
 			ch = d
-			r.follow(cur, lead, follow)
+			// The peers are known from now: an initiation from one of them that came
+			// before was dropped (if the device had consumed it, its bytes would show).
+			r.follow(cur, follow, time.Now())
 		}
 	}
 	if !ch.Empty() {
@@ -263,9 +266,9 @@ func (r *Reconciler) logger() *slog.Logger {
 // only after REKEY_TIMEOUT (5 s): TestKeyRotation measured a 5.1 s gap. On a peer with a
 // session a kick sends a keepalive, not a handshake.
 //
-// Only the side with the smaller public key kicks (leads). Both sides of a pair usually
-// learn of each other within milliseconds (the same lease event); had both kicked, their
-// initiations cross: each side consumes the other's initiation and answers it, which
+// Only the side with the smaller public key kicks (leads), once. Both sides of a pair
+// usually learn of each other within milliseconds (the same lease event); had both kicked,
+// their initiations cross: each side consumes the other's initiation and answers it, which
 // replaces its own pending handshake, so it drops the answer to its own; no handshake
 // completes, and neither sends a new initiation for REKEY_TIMEOUT (an answer counts as
 // one). TestHandshakeCrossing reproduces it. Worse, wireguard-go consumes the initiation
@@ -273,37 +276,51 @@ func (r *Reconciler) logger() *slog.Logger {
 // carried packets one way only (TestBackendKube, under load), which nothing here could
 // detect. So crossings must not happen, rather than be repaired.
 //
-// The leader looks at the peer again after leadLook, doubling up to leadLookMax: when
-// nothing has come from the peer since the last look, its initiation went where nobody
-// knew our key yet (the peer learns of us later, or its device is not up yet), and it
-// removes and re-adds the peer, which clears its handshake state and WireGuard's rate
-// limit of one initiation per REKEY_TIMEOUT, and kicks again. The peer, not leading,
-// sends nothing to cross it. A peer without a handshake has no session to lose.
+// The leader's initiation is lost when it reaches the follower before the follower knows
+// the leader's key (the follower learns of the leader later, or its device is not up yet:
+// a new node), and WireGuard sends the next one only after REKEY_TIMEOUT. The leader
+// cannot tell a lost initiation from one still on its way (a path's round trip may be
+// longer than any retry we would pick, and a retry, which must clear the peer's handshake
+// state, throws away the answer on its way and the packets queued for the peer), so it
+// does not retry: the follower, which can tell, starts the handshake instead. Its
+// underlay guard records the source of every initiation that reaches the node's port
+// (Initiations), so when it adds a peer it follows and finds that an initiation came from
+// the peer's address before the peer was added, and nothing has been received from the
+// peer since, the leader's initiation was dropped and the leader is waiting: the follower
+// kicks. It waits until that initiation is settle old first: one still queued in the
+// device, consumed after the peer was added, would be answered, and a kick before the
+// answer would cross it; once consumed, the peer's received bytes show it.
 //
-// The follower kicks once, after followLate, if it has heard nothing at all from the
-// leader: the leader has no reason to start (only our side changed: our device was
-// recreated, or a peer removed by hand). A leader that does have a reason has reached us
-// by then (it retries every leadLookMax at most, less than followLate), so the kick does
-// not cross it.
+// Without such a record (no guard, or none of the peer's initiations reached us) the
+// follower kicks once after followLate if it has heard nothing at all from the leader:
+// the leader had no reason to start (only our side changed: our device was recreated, or
+// a peer removed by hand), or its initiation was lost on the way.
 //
-// Both stop looking after followFor, when WireGuard's own retries (on traffic) take over.
+// The follower stops looking after followFor, when WireGuard's own retries (on traffic)
+// take over.
 const handshakeKick = 25 * time.Second
 
 const (
-	leadLook    = 25 * time.Millisecond
-	leadLookMax = 400 * time.Millisecond
-	followLate  = time.Second
-	followFor   = 5 * time.Second
+	settle     = 50 * time.Millisecond
+	followLate = time.Second
+	followFor  = 5 * time.Second
 )
+
+// Initiations tells where handshake initiations to the device's port came from: for each
+// underlay address, how long ago the last one arrived, whether the device took it or not
+// (pkg/wgguard records them in nftables).
+type Initiations interface {
+	Initiations() (map[netip.Addr]time.Duration, error)
+}
 
 // leads reports whether the side with public key self starts the first handshake with peer.
 func leads(self, peer wgtypes.Key) bool { return bytes.Compare(self[:], peer[:]) < 0 }
 
-// follow records the peers just kicked (lead) and the new peers the other side leads, with
-// what they had received so far (cur: the device before the request), and arms the timer.
+// follow records the new peers the other side leads, with what they had received so far
+// (cur: the device before the request), and arms the timer to look at them at once.
 // Called with mu held.
-func (r *Reconciler) follow(cur *wgtypes.Device, lead, follow []wgtypes.Key) {
-	if len(lead)+len(follow) == 0 {
+func (r *Reconciler) follow(cur *wgtypes.Device, follow []wgtypes.Key, added time.Time) {
+	if len(follow) == 0 {
 		return
 	}
 	if r.pending == nil {
@@ -313,14 +330,10 @@ func (r *Reconciler) follow(cur *wgtypes.Device, lead, follow []wgtypes.Key) {
 	for _, p := range cur.Peers {
 		rx[p.PublicKey] = p.ReceiveBytes
 	}
-	now := time.Now()
-	for _, k := range lead {
-		r.pending[k] = &followUp{lead: true, added: now, due: now.Add(leadLook), rx: rx[k]}
-	}
 	for _, k := range follow {
-		r.pending[k] = &followUp{added: now, due: now.Add(followLate), rx: rx[k]}
+		r.pending[k] = &followUp{added: added, due: added, rx: rx[k]}
 	}
-	r.arm(now)
+	r.arm(time.Now())
 }
 
 // Stop ends the follow-ups (the device is being removed, or the reconciler replaced).
@@ -351,8 +364,8 @@ func (r *Reconciler) arm(now time.Time) {
 }
 
 // followUp looks at the pending peers that are due: a peer gone from the desired state or
-// the device, or with a handshake since it was added, needs nothing more; the others are
-// re-created and kicked (lead), or kicked once (follow; see handshakeKick).
+// the device, or heard from since it was added, needs nothing more; the others are kicked
+// once the leader's initiation is known lost, or after followLate (see handshakeKick).
 func (r *Reconciler) followUp() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -375,47 +388,41 @@ func (r *Reconciler) followUp() {
 	for i := range d.Peers {
 		have[d.Peers[i].PublicKey] = &d.Peers[i]
 	}
+	var seen map[netip.Addr]time.Duration
+	if r.Initiations != nil {
+		if seen, err = r.Initiations.Initiations(); err != nil {
+			r.logger().Warn("wireguard handshake follow-up: read the initiations recorded", "dev", name, "err", err)
+		}
+	}
 	now := time.Now()
 	var kick wgtypes.Config
-	var kicked, recreated []string
+	var kicked []string
 	for k, f := range r.pending {
 		p, h := want[k], have[k]
-		if p == nil || h == nil || h.LastHandshakeTime.After(f.added) || now.Sub(f.added) > followFor {
-			delete(r.pending, k)
+		if p == nil || h == nil || h.LastHandshakeTime.After(f.added) || h.ReceiveBytes != f.rx || now.Sub(f.added) > followFor {
+			delete(r.pending, k) // gone, or the leader's handshake is under way
 			continue
 		}
 		if now.Before(f.due) {
 			continue
 		}
-		heard := h.ReceiveBytes != f.rx
-		f.rx = h.ReceiveBytes
-		// Counted from now: a timer that fired late (a busy node) must not look again
-		// before this look's kick had its round trip.
-		f.due = now.Add(min(leadLook<<min(f.looks, 5), leadLookMax))
-		f.looks++
-		switch {
-		case !f.lead:
-			delete(r.pending, k)
-			if heard {
-				continue // the leader's handshake is under way
-			}
-			kick.Peers = append(kick.Peers, wgtypes.PeerConfig{PublicKey: k, UpdateOnly: true, PersistentKeepaliveInterval: new(handshakeKick)})
-			kicked = append(kicked, p.Node)
-		case heard:
-			continue // an answer came: the handshake is under way
-		default:
-			kick.Peers = append(kick.Peers, wgtypes.PeerConfig{PublicKey: k, Remove: true}, newPeer(*p, r.last.PresharedKey, true))
-			f.rx = 0 // a new peer's counters
-			recreated = append(recreated, p.Node)
+		f.due = f.added.Add(followLate)
+		if age, ok := seen[p.Endpoint.Addr().Unmap()]; ok && now.Add(-age).Before(f.added) {
+			f.due = now.Add(settle - age) // the leader's initiation came before we knew it
 		}
-		kick.Peers = append(kick.Peers, keepaliveOff(k))
+		if now.Before(f.due) {
+			continue
+		}
+		delete(r.pending, k)
+		kick.Peers = append(kick.Peers, wgtypes.PeerConfig{PublicKey: k, UpdateOnly: true, PersistentKeepaliveInterval: new(handshakeKick)}, keepaliveOff(k))
+		kicked = append(kicked, p.Node)
 	}
 	if len(kick.Peers) > 0 {
-		log := r.logger().With("dev", name, "kicked", kicked, "recreated", recreated)
+		log := r.logger().With("dev", name, "kicked", kicked)
 		if err := r.Client.ConfigureDevice(name, kick); err != nil {
 			log.Warn("wireguard handshake follow-up", "err", err)
 		} else {
-			log.Debug("wireguard handshake follow-up: no handshake yet")
+			log.Debug("wireguard handshake follow-up: the leader's initiation was lost")
 		}
 	}
 	r.arm(now)

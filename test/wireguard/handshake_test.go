@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 )
@@ -16,7 +17,10 @@ import (
 // the other's and drops the answer to its own, and before the fix (both sides kicked a
 // handshake at once) neither retried for 5 s. Without the delay, the leader's initiation
 // is dropped when it reaches a peer that does not know it yet, and the leader's retry must
-// start it. Both orders of the two Sets.
+// start it. Both orders of the two Sets. Echoes the leader's pod sends while the handshake
+// is under way are queued by WireGuard and must all be answered: a leader that retried by
+// re-creating the peer, as it once did, threw away the queue and, on the slow path, the
+// answer on its way.
 func TestHandshakeCrossing(t *testing.T) {
 	for _, tt := range []struct {
 		name        string
@@ -50,9 +54,20 @@ func TestHandshakeCrossing(t *testing.T) {
 					}
 				}
 			})
+			leader, follower := a, z
+			if bytes.Compare(rawKey(t, a), rawKey(t, z)) > 0 {
+				leader, follower = z, a
+			}
 			t0 := time.Now()
 			first.reconcile(second)
 			second.reconcile(first)
+			// Five echoes 20 ms apart from the start of the handshake; the first ones wait in
+			// WireGuard's queue for it.
+			echoes := make(chan string, 1)
+			go func() {
+				out, _ := leader.pod.Run("ping", "-n", "-q", "-c", "5", "-i", "0.02", "-W", "3", follower.podIP.String())
+				echoes <- out
+			}()
 			hs := func(n *node) bool {
 				d := n.device()
 				return len(d.Peers) == 1 && !d.Peers[0].LastHandshakeTime.IsZero()
@@ -60,6 +75,9 @@ func TestHandshakeCrossing(t *testing.T) {
 			// Well below REKEY_TIMEOUT: a crossing left alone costs 5 s or more.
 			within(t, 2*time.Second, "a handshake on both nodes", func() bool { return hs(first) && hs(second) })
 			t.Logf("first Set to a handshake on both nodes: %v (one-way delay %v)", time.Since(t0).Round(time.Millisecond), tt.delay)
+			if out := <-echoes; !strings.Contains(out, " 5 received") {
+				t.Errorf("echoes from the leader's pod sent during the handshake were lost:\n%s", out)
+			}
 			a.waitPing(z.podIP)
 		})
 	}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/netagent/netagent/pkg/netipx"
+	"github.com/netagent/netagent/pkg/wgguard"
 	"github.com/netagent/netagent/pkg/wireguard"
 	"github.com/netagent/netagent/pkg/wireguard/device"
 	"github.com/netagent/netagent/pkg/wireguard/key"
@@ -134,6 +135,18 @@ func newNode(t testing.TB, i int, bin string) *node {
 	t.Cleanup(func() { n.wg.Close() })
 	n.daemon = &device.Daemon{Binary: bin, Name: n.dev, MTU: mtu, NetNS: n.ns.Path, LogPath: filepath.Join(t.TempDir(), "daemon.log")}
 	n.rec = &wireguard.Reconciler{Client: n.wg, Links: h, Device: n.daemon}
+	// The agent's record of handshake initiations (without its drop rule: tests here send
+	// unencrypted pod traffic on purpose).
+	if err := n.ns.Do(func() error {
+		g, err := wgguard.New()
+		if err == nil {
+			err = g.Set(wgguard.Spec{Underlay: "eth0", Port: port})
+		}
+		n.rec.Initiations = g
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() {
 		if t.Failed() {
 			b, _ := os.ReadFile(n.daemon.LogPath)
