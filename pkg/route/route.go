@@ -46,26 +46,27 @@ type Kernel interface {
 type Reconciler struct {
 	k      Kernel
 	log    *slog.Logger
-	mirror mirror.Mirror[netip.Prefix, kroute]
+	mirror mirror.Mirror[netipx.PrefixKey, kroute] // by destination
 }
 
 // kroute is what the mirror keeps of one of our routes: the fields that decide whether a
 // route is right, and what deleting it takes. A whole netlink.Route is 376 bytes plus three small
-// allocations, ~2 MB per 5,000 peers; this is 40 bytes and none.
+// allocations, ~2 MB per 5,000 peers; this is 28 bytes and none, without pointers (as is
+// its key).
 type kroute struct {
-	gw     netip.Addr
 	link   int32
 	mtu    int32
+	gw     netipx.AddrKey
 	onlink bool
 }
 
 func compact(rt netlink.Route) kroute {
 	k := kroute{link: int32(rt.LinkIndex), mtu: int32(rt.MTU), onlink: rt.Flags&int(netlink.FLAG_ONLINK) != 0}
 	if gw, ok := netip.AddrFromSlice(rt.Gw); ok {
-		k.gw = gw.Unmap()
+		k.gw = netipx.AddrKeyOf(gw.Unmap())
 	} else if v, ok := rt.Via.(*netlink.Via); ok && v != nil {
 		if gw, ok := netip.AddrFromSlice(v.Addr); ok {
-			k.gw = gw.Unmap()
+			k.gw = netipx.AddrKeyOf(gw.Unmap())
 		}
 	}
 	return k
@@ -73,7 +74,7 @@ func compact(rt netlink.Route) kroute {
 
 // route is the netlink form of a mirrored route, for deleting it.
 func (k kroute) route(dst netip.Prefix) *netlink.Route {
-	return toNetlink(plan.Route{Dst: dst, Gw: k.gw, OnLink: k.onlink, MTU: int(k.mtu)}, int(k.link))
+	return toNetlink(plan.Route{Dst: dst, Gw: k.gw.Addr(), OnLink: k.onlink, MTU: int(k.mtu)}, int(k.link))
 }
 
 // New returns a reconciler working through k.
@@ -94,11 +95,12 @@ func (r *Reconciler) Observe(u netlink.RouteUpdate) bool {
 	if u.Table != unix.RT_TABLE_MAIN && u.Table != 0 {
 		return false
 	}
-	p, ok := netipx.Prefix(u.Dst)
+	dst, ok := netipx.Prefix(u.Dst)
 	if !ok {
 		return false
 	}
-	changed, valid := r.mirror.Observe(func(m map[netip.Prefix]kroute) bool {
+	p := netipx.PrefixKeyOf(dst)
+	changed, valid := r.mirror.Observe(func(m map[netipx.PrefixKey]kroute) bool {
 		cur, have := m[p]
 		switch {
 		case u.Type == unix.RTM_DELROUTE:
@@ -126,7 +128,7 @@ func (r *Reconciler) Observe(u netlink.RouteUpdate) bool {
 
 // current returns a copy of our routes: the mirror when valid, else a fresh dump (which
 // becomes the mirror when mirroring).
-func (r *Reconciler) current() (map[netip.Prefix]kroute, error) {
+func (r *Reconciler) current() (map[netipx.PrefixKey]kroute, error) {
 	if m, ok := r.mirror.Snapshot(); ok {
 		return m, nil
 	}
@@ -136,9 +138,9 @@ func (r *Reconciler) current() (map[netip.Prefix]kroute, error) {
 	}
 	// The compact form also detaches from the dump: a parsed route points into its
 	// message's buffer, and keeping thousands would keep every buffer alive.
-	m := make(map[netip.Prefix]kroute, len(cur))
+	m := make(map[netipx.PrefixKey]kroute, len(cur))
 	for k, v := range cur {
-		m[k] = compact(v)
+		m[netipx.PrefixKeyOf(k)] = compact(v)
 	}
 	r.mirror.Load(m)
 	return m, nil
@@ -147,7 +149,7 @@ func (r *Reconciler) current() (map[netip.Prefix]kroute, error) {
 // write performs a kernel change through the mirror (a route already gone counts as
 // deleted).
 func (r *Reconciler) write(dst netip.Prefix, next, prev *kroute, do func() error) error {
-	return r.mirror.Write(dst, next, prev, unix.ESRCH, do)
+	return r.mirror.Write(netipx.PrefixKeyOf(dst), next, prev, unix.ESRCH, do)
 }
 
 // Stats counts what a Sync changed.
@@ -185,9 +187,9 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 	}
 	links := map[string]int{}
 	var errs []error
-	keep := make(map[netip.Prefix]bool, len(want))
+	keep := make(map[netipx.PrefixKey]bool, len(want))
 	for _, w := range want {
-		keep[w.Dst] = true
+		keep[netipx.PrefixKeyOf(w.Dst)] = true
 		idx, ok := links[w.Dev]
 		if !ok {
 			l, err := r.k.LinkByName(w.Dev)
@@ -203,7 +205,7 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 			continue
 		}
 		nr := toNetlink(w, idx)
-		c, had := cur[w.Dst]
+		c, had := cur[netipx.PrefixKeyOf(w.Dst)]
 		next := compact(*nr)
 		if had && c == next {
 			continue
@@ -219,10 +221,11 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 		}
 		r.log.Debug("route set", "dst", w.Dst, "via", w.Gw, "dev", w.Dev, "mtu", w.MTU)
 	}
-	for dst, c := range cur {
-		if keep[dst] {
+	for k, c := range cur {
+		if keep[k] {
 			continue
 		}
+		dst := k.Prefix()
 		if err := r.write(dst, nil, &c, func() error { return r.k.RouteDel(c.route(dst)) }); err != nil {
 			errs = append(errs, fmt.Errorf("delete route %s: %w", dst, err))
 			continue
@@ -288,9 +291,9 @@ func (r *Reconciler) Apply(changes []plan.RouteChange) (Stats, error) {
 		cur  *kroute
 	}
 	var ops []op
-	if !r.mirror.Read(func(m map[netip.Prefix]kroute) {
+	if !r.mirror.Read(func(m map[netipx.PrefixKey]kroute) {
 		for _, ch := range changes {
-			c, have := m[ch.Dst]
+			c, have := m[netipx.PrefixKeyOf(ch.Dst)]
 			switch {
 			case !ch.Del:
 				idx := links[ch.Route.Dev]

@@ -161,7 +161,7 @@ func TestCompactRoundTrip(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			nr := toNetlink(tc.w, 7)
 			k := compact(*nr)
-			if k.link != 7 || k.gw != tc.w.Gw || int(k.mtu) != tc.w.MTU || k.onlink != tc.w.OnLink {
+			if k.link != 7 || k.gw.Addr() != tc.w.Gw || int(k.mtu) != tc.w.MTU || k.onlink != tc.w.OnLink {
 				t.Fatalf("compact(%+v) = %+v", tc.w, k)
 			}
 			back := k.route(tc.w.Dst)

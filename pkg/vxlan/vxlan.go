@@ -25,6 +25,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/mirror"
+	"github.com/netagent/netagent/pkg/netipx"
 	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/plan"
 )
@@ -59,7 +60,7 @@ type Reconciler struct {
 	// nothing to mirror: no neighbour notification concerns us, and a delta without
 	// neighbour or FDB changes applies.
 	none  atomic.Bool
-	neigh mirror.Mirror[netip.Addr, entry]
+	neigh mirror.Mirror[netipx.AddrKey, entry] // by address
 	fdb   mirror.Mirror[fdbKey, entry]
 
 	// With deferDel set, Sync and Apply leave their deletions in pending for Commit.
@@ -88,7 +89,7 @@ func (r *Reconciler) do(d deletion) error {
 	case err == nil:
 		return nil
 	case d.fdb:
-		return fmt.Errorf("delete fdb %s dst %s: %w", net.HardwareAddr(d.key.mac[:]), d.key.dst, err)
+		return fmt.Errorf("delete fdb %s dst %s: %w", net.HardwareAddr(d.key.mac[:]), d.key.dst.Addr(), err)
 	}
 	return fmt.Errorf("delete neighbour %s: %w", d.ip, err)
 }
@@ -141,9 +142,11 @@ type entry struct {
 	hasMAC bool
 }
 
+// fdbKey is an FDB entry's MAC and destination (no pointers, as entry: the mirrors hold
+// thousands).
 type fdbKey struct {
 	mac [6]byte
-	dst netip.Addr
+	dst netipx.AddrKey
 }
 
 func mac6(hw net.HardwareAddr) ([6]byte, bool) {
@@ -178,7 +181,7 @@ func planMAC(s string) [6]byte {
 func fdbKeyOf(hw net.HardwareAddr, ip net.IP) (fdbKey, bool) {
 	m, ok := mac6(hw)
 	a, _ := netip.AddrFromSlice(ip)
-	return fdbKey{m, a.Unmap()}, ok
+	return fdbKey{m, netipx.AddrKeyOf(a.Unmap())}, ok
 }
 
 // delNeigh and delFDB are the netlink forms of mirrored entries, for deleting them;
@@ -192,7 +195,7 @@ func delNeigh(idx int, ip netip.Addr) *netlink.Neigh {
 }
 
 func delFDB(idx int, k fdbKey) *netlink.Neigh {
-	return &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, IP: k.dst.AsSlice(), HardwareAddr: net.HardwareAddr(k.mac[:])}
+	return &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, IP: k.dst.Addr().AsSlice(), HardwareAddr: net.HardwareAddr(k.mac[:])}
 }
 
 func setNeigh(idx int, ip netip.Addr, m [6]byte) *netlink.Neigh {
@@ -247,17 +250,18 @@ func (r *Reconciler) Observe(u netlink.NeighUpdate) bool {
 	var changed bool
 	switch u.Family {
 	case unix.AF_INET, unix.AF_INET6:
-		changed, _ = r.neigh.Observe(func(m map[netip.Addr]entry) bool {
-			cur, have := m[ip]
+		k := netipx.AddrKeyOf(ip)
+		changed, _ = r.neigh.Observe(func(m map[netipx.AddrKey]entry) bool {
+			cur, have := m[k]
 			if del {
-				delete(m, ip)
+				delete(m, k)
 				return have
 			}
 			e := toEntry(u.Neigh)
 			if have && cur == e {
 				return false
 			}
-			m[ip] = e
+			m[k] = e
 			return true
 		})
 	case unix.AF_BRIDGE:
@@ -283,7 +287,7 @@ func (r *Reconciler) Observe(u netlink.NeighUpdate) bool {
 
 // entries returns copies of the current neighbour and FDB entries of device idx, from the
 // mirrors when they are valid for idx, else from a dump.
-func (r *Reconciler) entries(idx int) (map[netip.Addr]entry, map[fdbKey]entry, error) {
+func (r *Reconciler) entries(idx int) (map[netipx.AddrKey]entry, map[fdbKey]entry, error) {
 	if r.Device() == idx {
 		n, okN := r.neigh.Snapshot()
 		f, okF := r.fdb.Snapshot()
@@ -305,12 +309,12 @@ func (r *Reconciler) entries(idx int) (map[netip.Addr]entry, map[fdbKey]entry, e
 	}
 	// The compact entries also detach from the dumps (a parsed entry points into its
 	// dump's buffer, which thousands of kept entries would keep alive).
-	neigh := make(map[netip.Addr]entry, len(ns))
+	neigh := make(map[netipx.AddrKey]entry, len(ns))
 	for _, n := range ns {
 		// Multicast entries are the kernel's (IPv6 multicast, NOARP): everything else on
 		// our device is ours.
 		if ip, ok := netip.AddrFromSlice(n.IP); ok && !ip.IsMulticast() {
-			neigh[ip.Unmap()] = toEntry(n)
+			neigh[netipx.AddrKeyOf(ip.Unmap())] = toEntry(n)
 		}
 	}
 	fdb := make(map[fdbKey]entry, len(fs))
@@ -330,7 +334,7 @@ func (r *Reconciler) entries(idx int) (map[netip.Addr]entry, map[fdbKey]entry, e
 // writeNeigh and writeFDB perform a kernel change through the mirrors (an entry already
 // gone counts as deleted).
 func (r *Reconciler) writeNeigh(ip netip.Addr, next, prev *entry, do func() error) error {
-	return r.neigh.Write(ip, next, prev, unix.ENOENT, do)
+	return r.neigh.Write(netipx.AddrKeyOf(ip), next, prev, unix.ENOENT, do)
 }
 
 func (r *Reconciler) writeFDB(k fdbKey, next, prev *entry, do func() error) error {
@@ -547,10 +551,11 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		return err
 	}
 	var errs []error
-	keep := make(map[netip.Addr]bool, len(neighs))
+	keep := make(map[netipx.AddrKey]bool, len(neighs))
 	for _, w := range neighs {
-		keep[w.IP] = true
-		c, ok := have[w.IP]
+		k := netipx.AddrKeyOf(w.IP)
+		keep[k] = true
+		c, ok := have[k]
 		m := planMAC(w.MAC)
 		if ok && c.permanentWith(m) {
 			continue
@@ -563,16 +568,16 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		}
 		st.NeighSet++
 	}
-	for ip, c := range have {
-		if !keep[ip] {
-			if err := r.remove(deletion{idx: idx, ip: ip, prev: c}, st); err != nil {
+	for k, c := range have {
+		if !keep[k] {
+			if err := r.remove(deletion{idx: idx, ip: k.Addr(), prev: c}, st); err != nil {
 				errs = append(errs, err)
 			}
 		}
 	}
 	keepFDB := make(map[fdbKey]bool, len(fdb))
 	for _, w := range fdb {
-		k := fdbKey{planMAC(w.MAC), w.Dst}
+		k := fdbKey{planMAC(w.MAC), netipx.AddrKeyOf(w.Dst)}
 		keepFDB[k] = true
 		c, ok := haveFDB[k]
 		if ok && c.permanent() {
@@ -588,7 +593,7 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 	}
 	for k, c := range haveFDB {
 		if !keepFDB[k] {
-			if err := r.remove(deletion{idx: idx, fdb: true, ip: k.dst, key: k, prev: c}, st); err != nil {
+			if err := r.remove(deletion{idx: idx, fdb: true, ip: k.dst.Addr(), key: k, prev: c}, st); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -620,10 +625,10 @@ func (r *Reconciler) Apply(neighs []plan.NeighChange, fdbs []plan.FDBChange) (St
 	}
 	var ops []nop
 	var dels []deletion
-	okN := r.neigh.Read(func(m map[netip.Addr]entry) {
+	okN := r.neigh.Read(func(m map[netipx.AddrKey]entry) {
 		for _, ch := range neighs {
 			ip, w := ch.IP, ch.Neigh
-			c, have := m[ip]
+			c, have := m[netipx.AddrKeyOf(ip)]
 			switch {
 			case !ch.Del:
 				mac := planMAC(w.MAC)
@@ -641,7 +646,7 @@ func (r *Reconciler) Apply(neighs []plan.NeighChange, fdbs []plan.FDBChange) (St
 	okF := r.fdb.Read(func(m map[fdbKey]entry) {
 		for _, ch := range fdbs {
 			f := ch.FDB
-			k := fdbKey{planMAC(f.MAC), f.Dst}
+			k := fdbKey{planMAC(f.MAC), netipx.AddrKeyOf(f.Dst)}
 			c, have := m[k]
 			if !ch.Del {
 				if have && c.permanent() {

@@ -267,7 +267,7 @@ func TestMirrorEntries(t *testing.T) {
 		t.Fatal("an entry without a MAC must not match the zero MAC")
 	}
 	k, ok := fdbKeyOf(n.HardwareAddr, net.ParseIP("192.0.2.12"))
-	if !ok || k.mac != mac || k.dst != netip.MustParseAddr("192.0.2.12") {
+	if !ok || k.mac != mac || k.dst.Addr() != netip.MustParseAddr("192.0.2.12") {
 		t.Fatalf("fdbKeyOf: %+v %v", k, ok)
 	}
 	if _, ok := fdbKeyOf(net.HardwareAddr{1, 2, 3}, net.ParseIP("192.0.2.12")); ok {
