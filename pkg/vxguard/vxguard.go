@@ -62,6 +62,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/multimap"
+	"github.com/netagent/netagent/pkg/netipx"
 )
 
 // Names in the kernel.
@@ -115,6 +116,24 @@ type Peer struct {
 	MAC     string       // the outer source MAC (a peer on the same L2); empty: not checked
 }
 
+// node is what the sets hold for one node: its Peer as plain values (60 bytes without
+// pointers instead of 104 with four; the guard keeps one per peer). Peers that differ
+// only in how their MAC is spelled are the same node.
+type node struct {
+	ip              netipx.AddrKey
+	subnet, subnet6 netipx.PrefixKey
+	mac             [6]byte
+	hasMAC          bool // a valid 6-byte MAC: the node's elements go to the L2 sets
+}
+
+func nodeOf(p Peer) node {
+	n := node{ip: netipx.AddrKeyOf(p.IP), subnet: netipx.PrefixKeyOf(p.Subnet), subnet6: netipx.PrefixKeyOf(p.Subnet6)}
+	if m, err := net.ParseMAC(p.MAC); err == nil && len(m) == 6 {
+		n.mac, n.hasMAC = [6]byte(m), true
+	}
+	return n
+}
+
 // elem is one set element in comparable form.
 type elem struct {
 	outer6   bool // in the ip6 table (the peer's outer address is IPv6)
@@ -126,27 +145,28 @@ type elem struct {
 // overlaps anything).
 const maxBlocks = 256
 
-// elems are the set elements of a peer: each configured-length block of its subnet, and
+// elems are the set elements of a node: each configured-length block of its subnet, and
 // its own address, as inner sources; in the table of its outer address's family (none for
 // an IPv6 one when s has no ip6 table).
-func (p Peer) elems(s Spec) []elem {
+func (n node) elems(s Spec) []elem {
 	subnetLen, subnetLen6 := s.SubnetLen, s.SubnetLen6
-	outer6 := p.IP.Is6() && !p.IP.Is4In6() && !p.IP.IsUnspecified() && !p.IP.IsMulticast()
-	if !p.IP.Is4() && !(outer6 && s.guards6()) {
+	ip := n.ip.Addr()
+	outer6 := ip.Is6() && !ip.Is4In6() && !ip.IsUnspecified() && !ip.IsMulticast()
+	if !ip.Is4() && !(outer6 && s.guards6()) {
 		return nil
 	}
-	prefix := p.IP.AsSlice()
+	prefix := ip.AsSlice()
 	set, set6 := SetName, SetName6
-	if m, err := net.ParseMAC(p.MAC); err == nil && len(m) == 6 {
-		prefix = append(append(slices.Clip(prefix), m...), 0, 0) // concatenated fields are padded to 4 bytes
+	if n.hasMAC {
+		prefix = append(append(slices.Clip(prefix), n.mac[:]...), 0, 0) // concatenated fields are padded to 4 bytes
 		set, set6 = SetL2, SetL26
 	}
 	key := func(a netip.Addr) string {
 		b := a.AsSlice()
 		return string(append(slices.Clip(prefix), b...))
 	}
-	out := []elem{{outer6, set + selfSuffix, key(p.IP)}}
-	if s6 := p.Subnet6; s6.IsValid() && s6.Addr().Is6() && !s6.Addr().Is4In6() && subnetLen6 > 0 && subnetLen6 <= 128 {
+	out := []elem{{outer6, set + selfSuffix, key(ip)}}
+	if s6 := n.subnet6.Prefix(); s6.IsValid() && s6.Addr().Is6() && !s6.Addr().Is4In6() && subnetLen6 > 0 && subnetLen6 <= 128 {
 		s6 = s6.Masked()
 		if s6.Bits() >= subnetLen6 { // inside one block
 			out = append(out, elem{outer6, set6, key(netip.PrefixFrom(s6.Addr(), subnetLen6).Masked().Addr())})
@@ -158,10 +178,11 @@ func (p Peer) elems(s Spec) []elem {
 			}
 		}
 	}
-	if !p.Subnet.IsValid() || !p.Subnet.Addr().Is4() || subnetLen <= 0 || subnetLen > 32 {
+	sub := n.subnet.Prefix()
+	if !sub.IsValid() || !sub.Addr().Is4() || subnetLen <= 0 || subnetLen > 32 {
 		return out
 	}
-	sub := p.Subnet.Masked()
+	sub = sub.Masked()
 	if sub.Bits() >= subnetLen { // inside one block: the block is allowed
 		return append(out, elem{outer6, set, key(netip.PrefixFrom(sub.Addr(), subnetLen).Masked().Addr())})
 	}
@@ -206,12 +227,12 @@ type Guard struct {
 	mu    sync.Mutex
 	conn  *nftables.Conn
 	spec  Spec
-	nodes map[string]Peer // node -> what the sets hold for it (as spec shapes it)
+	nodes map[string]node // what the sets hold for each node (as spec shapes it)
 	// byIP is the nodes by outer address (normally one each): every element starts with
 	// its node's outer address, so only nodes of the same address can share one, and
 	// whether an element is still used is asked of them (no map of every element: with
 	// thousands of peers it was the guard's biggest structure).
-	byIP  multimap.Map[netip.Addr, string]
+	byIP  multimap.Map[netipx.AddrKey, string]
 	valid bool   // nodes mirror the kernel's sets
 	base  uint64 // drops counted by rules that were since rebuilt
 }
@@ -419,13 +440,22 @@ func elements(es []elem) []nftables.SetElement {
 	return out
 }
 
-// Sync makes the kernel's tables equal to spec, reading what is there first; it keeps
-// spec.Peers (the caller must not use it afterwards). It rebuilds a table when its
-// structure is not exactly ours, and otherwise only adds and removes set elements; all in
-// one transaction.
+// Sync makes the kernel's tables equal to spec, reading what is there first. It rebuilds a
+// table when its structure is not exactly ours, and otherwise only adds and removes set
+// elements; all in one transaction.
 func (g *Guard) Sync(spec Spec) (Stats, error) {
+	nodes := make(map[string]node, len(spec.Peers))
+	for n, p := range spec.Peers {
+		nodes[n] = nodeOf(p)
+	}
+	spec.Peers = nil
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	return g.sync(spec, nodes)
+}
+
+// sync is Sync of spec with nodes, which becomes the mirror (caller holds mu).
+func (g *Guard) sync(spec Spec, nodes map[string]node) (Stats, error) {
 	g.valid = false
 	if spec.Port == 0 {
 		var st Stats
@@ -439,15 +469,10 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 				return Stats{}, fmt.Errorf("vxguard: remove table: %w", err)
 			}
 		}
-		g.spec, g.nodes, g.byIP, g.valid = spec, map[string]Peer{}, multimap.Map[netip.Addr, string]{}, true
+		g.spec, g.nodes, g.byIP, g.valid = spec, map[string]node{}, multimap.Map[netipx.AddrKey, string]{}, true
 		return st, nil
 	}
-	// spec.Peers becomes the mirror of what each node put in the sets (no copy: with
-	// thousands of peers the maps are most of the guard's memory).
-	nodes, byIP := spec.Peers, multimap.New[netip.Addr, string](len(spec.Peers))
-	if nodes == nil {
-		nodes = map[string]Peer{}
-	}
+	byIP := multimap.New[netipx.AddrKey, string](len(nodes))
 	wanted := make(map[elem]bool, 3*len(nodes)) // for this pass only
 	for n, p := range nodes {
 		es := p.elems(spec)
@@ -455,7 +480,7 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 			delete(nodes, n)
 			continue
 		}
-		byIP.Add(p.IP, n)
+		byIP.Add(p.ip, n)
 		for _, e := range es {
 			wanted[e] = true
 		}
@@ -488,7 +513,6 @@ func (g *Guard) Sync(spec Spec) (Stats, error) {
 			return Stats{}, fmt.Errorf("vxguard: sync tables: %w", err)
 		}
 	}
-	spec.Peers = nil
 	g.spec, g.nodes, g.byIP, g.valid = spec, nodes, byIP, true
 	return st, nil
 }
@@ -560,7 +584,7 @@ func (g *Guard) Invalidate() {
 
 // Set makes the kernel's table equal to spec like Sync, but against the mirror when it is
 // valid and spec keeps the port, network and subnet length: only peers that differ are
-// written, and the kernel is not read. Like Sync it keeps spec.Peers.
+// written, and the kernel is not read.
 func (g *Guard) Set(spec Spec) (Stats, error) {
 	g.mu.Lock()
 	if !g.valid || !sameShape(g.spec, spec) {
@@ -569,7 +593,7 @@ func (g *Guard) Set(spec Spec) (Stats, error) {
 	}
 	changes := map[string]Peer{}
 	for n, p := range spec.Peers {
-		if cur, ok := g.nodes[n]; !ok || cur != p {
+		if cur, ok := g.nodes[n]; !ok || cur != nodeOf(p) {
 			changes[n] = p
 		}
 	}
@@ -586,14 +610,11 @@ func (g *Guard) Set(spec Spec) (Stats, error) {
 // changed the table).
 func (g *Guard) Resync() (Stats, error) {
 	g.mu.Lock()
+	defer g.mu.Unlock()
 	if !g.valid {
-		g.mu.Unlock()
 		return Stats{}, ErrNoMirror
 	}
-	spec := g.spec
-	spec.Peers = g.nodes
-	g.mu.Unlock()
-	return g.Sync(spec)
+	return g.sync(g.spec, g.nodes)
 }
 
 // structureOK reads table t and reports its sets' elements and whether the sets, the two
@@ -692,33 +713,34 @@ func (g *Guard) Update(changes map[string]Peer) (Stats, error) {
 	// Whether each touched element is in a set before and after this batch: a batch can
 	// move an element from one node to another, which must not write anything.
 	type touched struct {
-		ip  netip.Addr
+		ip  netipx.AddrKey
 		was bool
 	}
 	touch := map[elem]*touched{}
-	var moved []string
+	moved := map[string]node{}
 	for n, p := range changes {
+		c := nodeOf(p)
 		old, had := g.nodes[n]
-		if had && old == p {
+		if had && old == c {
 			continue
 		}
-		moved = append(moved, n)
-		for _, q := range []Peer{old, p} {
+		moved[n] = c
+		for _, q := range []node{old, c} {
 			for _, e := range q.elems(g.spec) {
 				if _, ok := touch[e]; !ok {
-					touch[e] = &touched{ip: q.IP, was: g.uses(q.IP, e)}
+					touch[e] = &touched{ip: q.ip, was: g.uses(q.ip, e)}
 				}
 			}
 		}
 	}
-	for _, n := range moved {
+	for n, c := range moved {
 		if old, had := g.nodes[n]; had {
-			g.unindex(n, old.IP)
+			g.byIP.Remove(old.ip, n)
 			delete(g.nodes, n)
 		}
-		if p := changes[n]; len(p.elems(g.spec)) > 0 {
-			g.nodes[n] = p
-			g.byIP.Add(p.IP, n)
+		if len(c.elems(g.spec)) > 0 {
+			g.nodes[n] = c
+			g.byIP.Add(c.ip, n)
 		}
 	}
 	var add, del []elem
@@ -741,18 +763,13 @@ func (g *Guard) Update(changes map[string]Peer) (Stats, error) {
 }
 
 // uses reports whether a node of outer address ip has element e (caller holds mu).
-func (g *Guard) uses(ip netip.Addr, e elem) bool {
+func (g *Guard) uses(ip netipx.AddrKey, e elem) bool {
 	found := false
 	g.byIP.Each(ip, func(n string) bool {
 		found = slices.Contains(g.nodes[n].elems(g.spec), e)
 		return !found
 	})
 	return found
-}
-
-// unindex takes node n off its outer address ip (caller holds mu).
-func (g *Guard) unindex(n string, ip netip.Addr) {
-	g.byIP.Remove(ip, n)
 }
 
 // Dropped is how many packets the guard has dropped since it was created (rules rebuilt

@@ -507,7 +507,7 @@ func TestUpdateRandom(t *testing.T) {
 			t.Fatalf("round %d: Update(%v): %v", round, batch, err)
 		}
 		for n, p := range batch {
-			if len(p.elems(spec(nil))) == 0 {
+			if len(nodeOf(p).elems(spec(nil))) == 0 {
 				delete(nodes, n)
 			} else {
 				nodes[n] = p
