@@ -20,6 +20,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -109,8 +110,9 @@ type Dataplane interface {
 	// WireGuard is the WireGuard device as the kernel has it (false: none).
 	WireGuard() (dataplane.WGStatus, bool)
 	// WireGuardKey is the node's WireGuard public key (the private key stays with the
-	// dataplane); rotate replaces the key, and device dev's, first.
-	WireGuardKey(dev string, rotate bool) (string, error)
+	// dataplane); rotate replaces the key, and device dev's, first. created says the key
+	// did not exist before (a new node).
+	WireGuardKey(dev string, rotate bool) (pub string, created bool, err error)
 }
 
 // Agent runs one node's control loop.
@@ -138,7 +140,16 @@ type Agent struct {
 		p    plan.Plan // header only: MTU, NAT
 	}
 	dockerOK atomic.Bool // the Docker step succeeded once
-	rotated  bool        // the WireGuard key was rotated by this run
+	// keyPublished: the store holds the lease with the node's WireGuard key (or no key
+	// waits to be published: another backend, or a key the lease had from the start).
+	keyPublished atomic.Bool
+	rotated      bool // the WireGuard key was rotated by this run
+	// wgAnnounce is the WireGuard key and port a new node publishes only after its first
+	// pass (see acquire); empty once published.
+	wgAnnounce struct {
+		key  string
+		port int
+	}
 
 	files      []file            // what writeFiles last wrote (the loop's)
 	bigPass    bool              // the last full pass changed many objects
@@ -238,6 +249,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	a.keyPublished.Store(a.wgAnnounce.key == "")
 	log.Info("lease acquired", "subnet", held.Lease.Subnet, "subnet6", held.Lease.Subnet6, "in", time.Since(start).Round(time.Millisecond))
 	a.setLease(held.Lease, cfg)
 	a.opt.Metrics.LeaseHeld.Set(1)
@@ -249,7 +261,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer cancel()
 	s := &state{cfg: cfg, self: held.Lease, ul: ul, grace: newGrace(), start: start,
 		peers: lease.NewPeersWith(lease.Rules{Network: cfg.Network, SubnetLen: cfg.SubnetLen, Network6: cfg.IPv6Network, SubnetLen6: cfg.IPv6SubnetLen,
-			Self: a.opt.Node, SelfIP: held.Lease.PublicIP, SelfIP6: held.Lease.PublicIP6, SelfWGKey: held.Lease.WGPublicKey})}
+			Self: a.opt.Node, SelfIP: held.Lease.PublicIP, SelfIP6: held.Lease.PublicIP6, SelfWGKey: cmp.Or(held.Lease.WGPublicKey, a.wgAnnounce.key)})}
 	listed := a.startInputs(ctx, log, s, held)
 	// Wait for the first full list of peers before touching anything.
 	select {
@@ -357,11 +369,20 @@ func (a *Agent) acquire(ctx context.Context, log *slog.Logger, cfg config.Networ
 	switch cfg.Backend.Type {
 	case config.HostGW:
 	case config.WireGuard:
-		pub, err := a.wireGuardKey()
+		pub, created, err := a.wireGuardKey()
 		if err != nil {
 			return lease.Held{}, err
 		}
 		self.WGPublicKey, self.WGPort = pub, cfg.Backend.Port
+		if created {
+			// A new node's device knows no peer until its first pass, and peers send it
+			// their handshakes as soon as the lease shows its key: dropped, they would
+			// wait for the device to know them and for a handshake started again. So a
+			// new key is published once the first pass has set the peers (announceKey):
+			// peers then reach a device that already knows them.
+			a.wgAnnounce.key, a.wgAnnounce.port = pub, cfg.Backend.Port
+			self.WGPublicKey, self.WGPort = "", 0
+		}
 	default:
 		self.VTEPMAC = plan.VTEPMAC(a.opt.Node).String()
 	}
@@ -386,17 +407,17 @@ func (a *Agent) acquire(ctx context.Context, log *slog.Logger, cfg config.Networ
 
 // wireGuardKey returns the node's WireGuard public key (the dataplane keeps the private
 // key), replaced first once per run when asked to rotate it.
-func (a *Agent) wireGuardKey() (string, error) {
+func (a *Agent) wireGuardKey() (string, bool, error) {
 	rotate := a.opt.WireGuard.RotateKey && !a.rotated
 	dev := a.opt.WireGuard.Device
 	if dev == "" {
 		dev = plan.DefaultWGDev
 	}
-	pub, err := a.dp.WireGuardKey(dev, rotate)
+	pub, created, err := a.dp.WireGuardKey(dev, rotate)
 	if err == nil && rotate {
 		a.rotated = true // not again on a re-claim
 	}
-	return pub, err
+	return pub, created, err
 }
 
 // input is the plan's input: the snapshot of config, own lease, underlay and peers.
@@ -428,10 +449,11 @@ func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held
 			h, rerr := a.opt.Store.Renew(ctx, held)
 			if rerr == nil {
 				held = h
-				log.Info("lease published again with the underlay's new address", "publicIP", held.Lease.PublicIP, "publicIP6", held.Lease.PublicIP6)
+				log.Info("lease published again", "publicIP", held.Lease.PublicIP, "publicIP6", held.Lease.PublicIP6, "wgPublicKey", held.Lease.WGPublicKey)
+				a.published(held.Lease)
 				continue
 			}
-			err = fmt.Errorf("publish the underlay's new address: %w", rerr) // re-claimed below, with it
+			err = fmt.Errorf("publish the lease again: %w", rerr) // re-claimed below, with it
 		}
 		lost := time.Now()
 		a.opt.Metrics.LeaseHeld.Set(0)
@@ -451,6 +473,7 @@ func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held
 			h, err := a.opt.Store.Renew(ctx, held)
 			if err == nil {
 				held = h
+				a.published(held.Lease)
 				a.opt.Metrics.LeaseHeld.Set(1)
 				a.clearError("lease")
 				log.Info("lease re-claimed", "subnet", held.Lease.Subnet, "after", time.Since(lost).Round(time.Millisecond), "attempts", attempt)
@@ -483,6 +506,14 @@ func (a *Agent) keepAlive(ctx context.Context, log *slog.Logger, held lease.Held
 				}
 			}
 		}
+	}
+}
+
+// published notes a lease written to the store: one with the WireGuard key a new node
+// published after its first pass lets it become ready.
+func (a *Agent) published(l lease.Lease) {
+	if l.WGPublicKey != "" && !a.keyPublished.Swap(true) {
+		a.in.post(rKeyPublished)
 	}
 }
 

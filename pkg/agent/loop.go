@@ -21,21 +21,22 @@ import (
 type reason uint32
 
 const (
-	rLeases   reason = 1 << iota // the peer view changed
-	rKernel                      // the kernel drifted from the plan (dataplane Watch)
-	rFirewall                    // iptables changed (someone's, or ours)
-	rAllow                       // netagent's own nftables table changed
-	rResync                      // the resync ticker
-	rConfig                      // the network config changed in the store
-	rStore                       // the store became reachable or unreachable
-	rGrace                       // the post-outage window for vanished peers ended
-	rRetry                       // time to retry a failed full pass
-	rForward                     // the kernel announced a forwarding change
-	rFiles                       // a CNI file was changed or removed
-	rDocker                      // the Docker step succeeded
-	rStart                       // the first pass
-	rRelist                      // the peers were listed again, or a delta could not be applied
-	rFatal                       // the lease cannot be kept by this run (its error is in Agent.fatal)
+	rLeases       reason = 1 << iota // the peer view changed
+	rKernel                          // the kernel drifted from the plan (dataplane Watch)
+	rFirewall                        // iptables changed (someone's, or ours)
+	rAllow                           // netagent's own nftables table changed
+	rResync                          // the resync ticker
+	rConfig                          // the network config changed in the store
+	rStore                           // the store became reachable or unreachable
+	rGrace                           // the post-outage window for vanished peers ended
+	rRetry                           // time to retry a failed full pass
+	rForward                         // the kernel announced a forwarding change
+	rFiles                           // a CNI file was changed or removed
+	rDocker                          // the Docker step succeeded
+	rKeyPublished                    // the lease with a new node's WireGuard key was written
+	rStart                           // the first pass
+	rRelist                          // the peers were listed again, or a delta could not be applied
+	rFatal                           // the lease cannot be kept by this run (its error is in Agent.fatal)
 
 	// rFull are the reasons for a full pass; rDrift those where the plan did not change,
 	// so what a pass writes is counted as a repair; rCheckFirewall those that also check
@@ -120,6 +121,7 @@ func (a *Agent) loop(ctx context.Context, log *slog.Logger, s *state) error {
 			firstPass := !a.ready()
 			err := a.fullPass(ctx, log, s, r&rCheckFirewall != 0, drift)
 			s.passOK = err == nil
+			a.announceKey(log, s)
 			if err != nil {
 				log.Warn("full pass failed; retrying", "in", retry.failed())
 			} else {
@@ -217,9 +219,10 @@ func (a *Agent) reloadConfig(ctx context.Context, log *slog.Logger, s *state) bo
 }
 
 // maybeReady marks the agent ready after its first successful full pass (in route mode,
-// once Docker uses the lease too), starts watching the files it wrote, and tells OnReady.
+// once Docker uses the lease too; a new WireGuard node, once its key is in the store),
+// starts watching the files it wrote, and tells OnReady.
 func (a *Agent) maybeReady(ctx context.Context, log *slog.Logger, s *state) {
-	if a.ready() || !s.passOK || (a.opt.Docker != nil && !a.dockerOK.Load()) {
+	if a.ready() || !s.passOK || (a.opt.Docker != nil && !a.dockerOK.Load()) || !a.keyPublished.Load() {
 		return
 	}
 	a.setReady()
@@ -310,7 +313,8 @@ func (a *Agent) refreshUnderlay(log *slog.Logger, s *state) {
 		return
 	}
 	if pub := gained(s.self, cur); pub != s.self {
-		a.publish(log, s, pub)
+		log.Info("the underlay gained an address; publishing it in the lease", "publicIP", pub.PublicIP, "publicIP6", pub.PublicIP6)
+		a.publish(s, pub)
 	}
 	cur.IP = a.keepLeased(log, s.self.PublicIP, cur.IP, &a.ulWarned)
 	cur.IP6 = a.keepLeased(log, s.self.PublicIP6, cur.IP6, &a.ulWarned6)
@@ -332,11 +336,24 @@ func gained(self lease.Lease, ul dataplane.Underlay) lease.Lease {
 	return self
 }
 
+// announceKey publishes a new node's WireGuard key after its first full pass, whether or
+// not the pass succeeded (a failed one is retried; peers' handshakes then wait for the
+// device, as they would have without the wait).
+func (a *Agent) announceKey(log *slog.Logger, s *state) {
+	if a.wgAnnounce.key == "" {
+		return
+	}
+	pub := s.self
+	pub.WGPublicKey, pub.WGPort = a.wgAnnounce.key, a.wgAnnounce.port
+	a.wgAnnounce.key, a.wgAnnounce.port = "", 0
+	log.Info("the WireGuard device holds its peers; publishing its key in the lease", "publicKey", pub.WGPublicKey, "in", time.Since(s.start).Round(time.Millisecond))
+	a.publish(s, pub)
+}
+
 // publish makes pub the node's lease: the loop plans with it now, the peers' view refuses
 // other leases claiming its addresses, and keepAlive writes it to the store (retrying
 // until it succeeds, as a re-claim).
-func (a *Agent) publish(log *slog.Logger, s *state, pub lease.Lease) {
-	log.Info("the underlay gained an address; publishing it in the lease", "publicIP", pub.PublicIP, "publicIP6", pub.PublicIP6)
+func (a *Agent) publish(s *state, pub lease.Lease) {
 	s.self = pub
 	s.peers.SetSelfIPs(pub.PublicIP, pub.PublicIP6)
 	a.setLease(pub, s.cfg)

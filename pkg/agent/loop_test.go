@@ -488,12 +488,18 @@ func TestLoopWireGuard(t *testing.T) {
 		dp := dataplane.NewFake(testUnderlay())
 		la := startLoopAgent(t, st, dp, 30*time.Second)
 		synctest.Wait()
-		own, _ := dp.WireGuardKey("", false)
+		own, created, _ := dp.WireGuardKey("", false)
 		st.mu.Lock()
 		self := st.peers.Snapshot()
+		renewed := slices.Clone(st.renewed)
 		st.mu.Unlock()
-		if i := slices.IndexFunc(self, func(l *lease.Lease) bool { return l.Node == "n1" }); i < 0 || self[i].WGPublicKey != own || self[i].WGPort != 51820 || self[i].VTEPMAC != "" {
-			t.Fatalf("own lease %+v, want the dataplane's public key %s and port 51820, no VTEP MAC", self, own)
+		// A new key: the lease is claimed without it, and published with it once the
+		// first pass has set the device's peers.
+		if i := slices.IndexFunc(self, func(l *lease.Lease) bool { return l.Node == "n1" }); created || i < 0 || self[i].WGPublicKey != "" || self[i].WGPort != 0 || self[i].VTEPMAC != "" {
+			t.Fatalf("own lease as claimed %+v (key created again: %v), want no key or port yet, no VTEP MAC", self, created)
+		}
+		if len(renewed) != 1 || renewed[0].WGPublicKey != own || renewed[0].WGPort != 51820 || renewed[0].Subnet != st.self {
+			t.Fatalf("own lease published after the first pass: %+v, want one with the dataplane's public key %s and port 51820", renewed, own)
 		}
 		want := func(lines ...string) {
 			t.Helper()
@@ -520,6 +526,35 @@ func TestLoopWireGuard(t *testing.T) {
 		}
 		if sets, deltas := dp.Counts(); sets != 4 || deltas != 3 {
 			t.Errorf("Sets = %d (deltas %d), want the start's full one and three deltas", sets, deltas)
+		}
+		la.stop(t)
+	})
+}
+
+// TestLoopWireGuardReadyAfterKey: a new node becomes ready only once the store holds its
+// lease with its WireGuard key (before that, no peer can reach its pods); a store that
+// refuses the write holds readiness back until it takes it.
+func TestLoopWireGuardReadyAfterKey(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		st := newMemStore(t, config.WireGuard)
+		st.renew = errors.New("etcd is down")
+		dp := dataplane.NewFake(testUnderlay())
+		la := startLoopAgent(t, st, dp, 30*time.Second)
+		time.Sleep(3 * time.Second)
+		synctest.Wait()
+		if sets, _ := dp.Counts(); sets == 0 || la.ready() {
+			t.Fatalf("key not written: %d Sets, ready %t; want the first pass done and not ready", sets, la.ready())
+		}
+		st.mu.Lock()
+		st.renew = nil
+		st.mu.Unlock()
+		time.Sleep(2 * time.Second) // the re-claim's retry
+		synctest.Wait()
+		st.mu.Lock()
+		renewed := slices.Clone(st.renewed)
+		st.mu.Unlock()
+		if !la.ready() || len(renewed) == 0 || renewed[len(renewed)-1].WGPublicKey == "" {
+			t.Fatalf("key written (%+v): ready %t, want ready", renewed, la.ready())
 		}
 		la.stop(t)
 	})

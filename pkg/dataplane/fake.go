@@ -137,17 +137,18 @@ func (f *Fake) Dropped() uint64 { return 0 }
 
 // WireGuardKey returns a public key kept in memory (a new one with rotate), as Linux does
 // with the key in the state directory.
-func (f *Fake) WireGuardKey(_ string, rotate bool) (string, error) {
+func (f *Fake) WireGuardKey(_ string, rotate bool) (pub string, created bool, err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.wgKey == "" || rotate {
+	created = f.wgKey == ""
+	if created || rotate {
 		k, err := wgtypes.GeneratePrivateKey()
 		if err != nil {
-			return "", err
+			return "", false, err
 		}
 		f.wgKey = k.PublicKey().String()
 	}
-	return f.wgKey, nil
+	return f.wgKey, created && !rotate, nil
 }
 
 // WireGuard reports no device: the fake has no kernel to read one from (its Dump shows

@@ -133,28 +133,40 @@ func (w *wgState) reconciler(dev *plan.WGDevice) (*wireguard.Reconciler, error) 
 // gives it the new key at once: peers learn the new public key from the lease published
 // next, and a handshake they start then must find the device already holding it (else it
 // is dropped, and WireGuard retries only after 5 s). The private key never leaves here.
-func (d *Linux) WireGuardKey(dev string, rotate bool) (string, error) {
+func (d *Linux) WireGuardKey(dev string, rotate bool) (pub string, created bool, err error) {
 	if d.wg == nil {
-		return "", errors.New("wireguard backend: the dataplane was not given WireGuard options")
+		return "", false, errors.New("wireguard backend: the dataplane was not given WireGuard options")
 	}
-	return d.wg.key(dev, rotate)
+	if !rotate {
+		return d.wg.loadKey()
+	}
+	pub, err = d.wg.rotateKey(dev)
+	return pub, false, err
 }
 
-func (w *wgState) key(dev string, rotate bool) (string, error) {
+func (w *wgState) loadKey() (string, bool, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.opt.KeyDir == "" {
-		return "", errors.New("wireguard backend: no state directory for the private key (--state-dir)")
+		return "", false, errNoKeyDir
 	}
-	if !rotate {
-		k, created, err := key.LoadOrCreate(w.opt.KeyDir)
-		if err != nil {
-			return "", fmt.Errorf("wireguard key: %w", err)
-		}
-		if created {
-			w.log.Info("wireguard key created", "dir", w.opt.KeyDir, "publicKey", k.PublicKey().String())
-		}
-		return k.PublicKey().String(), nil
+	k, created, err := key.LoadOrCreate(w.opt.KeyDir)
+	if err != nil {
+		return "", false, fmt.Errorf("wireguard key: %w", err)
+	}
+	if created {
+		w.log.Info("wireguard key created", "dir", w.opt.KeyDir, "publicKey", k.PublicKey().String())
+	}
+	return k.PublicKey().String(), created, nil
+}
+
+var errNoKeyDir = errors.New("wireguard backend: no state directory for the private key (--state-dir)")
+
+func (w *wgState) rotateKey(dev string) (string, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.opt.KeyDir == "" {
+		return "", errNoKeyDir
 	}
 	k, err := key.Rotate(w.opt.KeyDir)
 	if err != nil {

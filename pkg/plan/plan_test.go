@@ -245,7 +245,7 @@ nat 10.244.0.0/16 10.244.1.0/24 final false
 			{Node: "x", Subnet: netip.MustParsePrefix("10.244.10.0/24"), PublicIP: netip.MustParseAddr("192.0.2.10"), WGPublicKey: "key-b", WGPort: 51820},
 			near,
 		}, `peer b unreachable (its WireGuard public key is also published by x)
-peer h unreachable (the peer published no WireGuard key (is it running the wireguard backend?))
+peer h unreachable (the peer published no WireGuard key (a new node publishes it after its first pass; else: is it running the wireguard backend?))
 peer m unreachable (the peer publishes this node's WireGuard public key)
 peer x unreachable (its WireGuard public key is also published by b)
 wireguard netagent-wg port 51820 mtu 1440 addr 10.244.1.0/32 network 10.244.0.0/16 subnet 10.244.1.0/24 psk "" underlay eth0
