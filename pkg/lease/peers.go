@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	"github.com/netagent/netagent/pkg/multimap"
+	"github.com/netagent/netagent/pkg/netipx"
 )
 
 // Peers is a watched view of all live leases, one per node, that also remembers which
@@ -37,13 +38,13 @@ import (
 type Peers struct {
 	mu       sync.Mutex
 	rules    Rules
-	cand     map[string]*cand                   // every lease that passed the rules, by store key
-	bySubnet multimap.Map[netip.Prefix, string] // keys per subnet (normally one)
-	odd      map[string]bool                    // keys whose subnet length is not rules.SubnetLen
-	nodes    map[string]*cand                   // node -> its candidates in use (normally one), linked by next
-	dirty    map[string]bool                    // nodes changed since Take
-	full     bool                               // the whole view was replaced since Take
-	bad      map[string]string                  // keys not in use -> why
+	cand     map[string]*cand                      // every lease that passed the rules, by store key
+	bySubnet multimap.Map[netipx.PrefixKey, *cand] // candidates per subnet (normally one)
+	odd      map[string]bool                       // keys whose subnet length is not rules.SubnetLen
+	nodes    map[string]*cand                      // node -> its candidates in use (normally one), linked by next
+	dirty    map[string]bool                       // nodes changed since Take
+	full     bool                                  // the whole view was replaced since Take
+	bad      map[string]string                     // keys not in use -> why
 }
 
 // cand is a lease that passed the rules, under its store key. Its Entry never changes
@@ -78,7 +79,7 @@ func (p *Peers) reset(n int) {
 	if p.rules.Network.IsValid() && p.rules.Network6.IsValid() {
 		subnets = 2 * n
 	}
-	p.cand, p.bySubnet, p.odd = make(map[string]*cand, n), multimap.New[netip.Prefix, string](subnets), map[string]bool{}
+	p.cand, p.bySubnet, p.odd = make(map[string]*cand, n), multimap.New[netipx.PrefixKey, *cand](subnets), map[string]bool{}
 	p.nodes = make(map[string]*cand, n)
 	p.dirty, p.bad = map[string]bool{}, map[string]string{}
 }
@@ -96,9 +97,10 @@ func (p *Peers) put(k string, l Lease, rev int64) {
 		return
 	}
 	delete(p.bad, k)
-	p.cand[k] = &cand{Entry: Entry{l, rev}, key: k}
+	c := &cand{Entry: Entry{l, rev}, key: k}
+	p.cand[k] = c
 	for _, s := range l.Subnets() {
-		p.bySubnet.Add(s, k)
+		p.bySubnet.Add(netipx.PrefixKeyOf(s), c)
 		if p.isOdd(s) {
 			p.odd[k] = true
 		}
@@ -135,7 +137,7 @@ func (p *Peers) drop(k string) []string {
 	delete(p.odd, k)
 	var out []string
 	for _, s := range c.Lease.Subnets() {
-		p.bySubnet.Remove(s, k)
+		p.bySubnet.Remove(netipx.PrefixKeyOf(s), c)
 		out = append(out, p.around(s)...)
 	}
 	return out
@@ -144,7 +146,8 @@ func (p *Peers) drop(k string) []string {
 // around is every candidate whose standing depends on subnet s: the keys of s itself and
 // the odd-length ones overlapping it.
 func (p *Peers) around(s netip.Prefix) []string {
-	out := p.bySubnet.Values(s)
+	var out []string
+	p.bySubnet.Each(netipx.PrefixKeyOf(s), func(c *cand) bool { out = append(out, c.key); return true })
 	for k := range p.odd {
 		for _, c := range p.cand[k].Lease.Subnets() {
 			if c != s && c.Overlaps(s) {
@@ -177,8 +180,8 @@ func (p *Peers) loses(k string) string {
 // losesSubnet says why candidate k, e may not hold its subnet s (empty: it may).
 func (p *Peers) losesSubnet(k string, e Entry, s netip.Prefix) string {
 	why := ""
-	p.bySubnet.Each(s, func(o string) bool {
-		if oe := p.cand[o].Entry; o != k && before(oe, e, o, k) {
+	p.bySubnet.Each(netipx.PrefixKeyOf(s), func(c *cand) bool {
+		if o, oe := c.key, c.Entry; o != k && before(oe, e, o, k) {
 			why = fmt.Sprintf("subnet %s is held by %s (key %s), which was there first", s, oe.Lease.Node, o)
 		}
 		return why == ""
@@ -212,8 +215,8 @@ func (p *Peers) regularOverlapping(s netip.Prefix) (string, netip.Prefix, bool) 
 	n := p.rules.subnetLen(s)
 	if s.Bits() > n { // inside at most one regular subnet
 		r := netip.PrefixFrom(s.Addr(), n).Masked()
-		if k, ok := p.bySubnet.First(r); ok {
-			return k, r, true
+		if c, ok := p.bySubnet.First(netipx.PrefixKeyOf(r)); ok {
+			return c.key, r, true
 		}
 		return "", netip.Prefix{}, false
 	}
@@ -222,8 +225,8 @@ func (p *Peers) regularOverlapping(s netip.Prefix) (string, netip.Prefix, bool) 
 		a := s.Addr()
 		step := uint32(1) << (32 - n)
 		for range 1 << span {
-			if k, ok := p.bySubnet.First(netip.PrefixFrom(a, n)); ok {
-				return k, netip.PrefixFrom(a, n), true
+			if c, ok := p.bySubnet.First(netipx.PrefixKeyOf(netip.PrefixFrom(a, n))); ok {
+				return c.key, netip.PrefixFrom(a, n), true
 			}
 			b := a.As4()
 			v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3]) + step

@@ -11,6 +11,7 @@ import (
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
 	"github.com/netagent/netagent/pkg/multimap"
+	"github.com/netagent/netagent/pkg/netipx"
 )
 
 // Planner keeps a plan up to date one lease at a time, so a lease event costs work for
@@ -21,11 +22,11 @@ import (
 // change); Update covers the lease events in between.
 type Planner struct {
 	gen    uint64
-	base   Plan                               // Build(in) without peers: the device, NAT, MTU and allow-list header
-	in     Input                              // without Peers
-	peers  map[string]peer                    // by node: its lease (enabled families only) and verdict
-	claim  multimap.Map[netip.Prefix, string] // subnet (either family) -> nodes claiming it (almost always one)
-	wgKeys map[string][]string                // WireGuard public key -> nodes publishing it (one)
+	base   Plan                                   // Build(in) without peers: the device, NAT, MTU and allow-list header
+	in     Input                                  // without Peers
+	peers  map[string]peer                        // by node: its lease (enabled families only) and verdict
+	claim  multimap.Map[netipx.PrefixKey, string] // subnet (either family) -> nodes claiming it (almost always one)
+	wgKeys map[string][]string                    // WireGuard public key -> nodes publishing it (one)
 
 	// The desired routes, neighbour entries and WireGuard peers are not kept: each follows
 	// from its node's lease and verdict (a subnet's route is its owner's, see routeTo), so
@@ -144,7 +145,7 @@ func NewPlanner(in Input) (*Planner, Plan) {
 		gen:    gens.Add(1),
 		in:     in,
 		peers:  make(map[string]peer, len(in.Peers)),
-		claim:  multimap.New[netip.Prefix, string](subnetsOf(in.Config, len(in.Peers))),
+		claim:  multimap.New[netipx.PrefixKey, string](subnetsOf(in.Config, len(in.Peers))),
 		wgKeys: map[string][]string{},
 		fdb:    make(map[FDB]bool, len(full.FDB)),
 		odd:    map[string]bool{},
@@ -200,7 +201,7 @@ func (p *Planner) addClaim(l subnetLease) {
 		if s.Bits() != p.in.Config.SubnetLenOf(s) {
 			p.odd[l.Node] = true
 		}
-		p.claim.Add(s, l.Node)
+		p.claim.Add(netipx.PrefixKeyOf(s), l.Node)
 	}
 }
 
@@ -214,7 +215,7 @@ func (p *Planner) dropClaim(l subnetLease) {
 	}
 	delete(p.odd, l.Node)
 	for _, s := range l.subnets() {
-		p.claim.Remove(s, l.Node)
+		p.claim.Remove(netipx.PrefixKeyOf(s), l.Node)
 	}
 }
 
@@ -234,7 +235,7 @@ func (p *Planner) owners(subnets map[netip.Prefix]bool) map[netip.Prefix]string 
 		if p.selfOwns(s) {
 			continue
 		}
-		p.claim.Each(s, func(n string) bool {
+		p.claim.Each(netipx.PrefixKeyOf(s), func(n string) bool {
 			if cur, ok := o[s]; !ok || n < cur {
 				o[s] = n
 			}
@@ -371,7 +372,7 @@ func (p *Planner) update(changed []*lease.Lease) Changes {
 		}
 	}
 	for s := range subnets {
-		p.claim.Each(s, func(n string) bool { affected[n] = true; return true })
+		p.claim.Each(netipx.PrefixKeyOf(s), func(n string) bool { affected[n] = true; return true })
 	}
 	if p.base.WireGuard != nil {
 		for k := range keys {
@@ -385,7 +386,7 @@ func (p *Planner) update(changed []*lease.Lease) Changes {
 	// config change); give decide the full picture for those.
 	if len(p.odd) > 0 {
 		all := make(map[netip.Prefix]bool, p.claim.Len())
-		p.claim.Keys(func(s netip.Prefix) bool { all[s] = true; return true })
+		p.claim.Keys(func(s netipx.PrefixKey) bool { all[s.Prefix()] = true; return true })
 		owner = p.owners(all)
 	}
 	// All removals before all additions: a subnet changing hands must end up with the new
@@ -483,7 +484,7 @@ func (p *Planner) ownerOf(s netip.Prefix) string {
 		return p.in.Self.Node
 	}
 	best := ""
-	p.claim.Each(s, func(n string) bool {
+	p.claim.Each(netipx.PrefixKeyOf(s), func(n string) bool {
 		if best == "" || n < best {
 			best = n
 		}
