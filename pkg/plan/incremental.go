@@ -3,6 +3,7 @@ package plan
 import (
 	"iter"
 	"maps"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -32,7 +33,7 @@ type Planner struct {
 	// from its node's lease and verdict (a subnet's route is its owner's, see routeTo), so
 	// they are rendered when asked for. With thousands of peers a map of them was the
 	// planner's biggest structure. FDB entries are kept: nodes could share one.
-	fdb   map[FDB]bool
+	fdb   map[fdbKey]bool
 	odd   map[string]bool // nodes whose subnet length differs from the config's
 	modes map[Mode]int    // peers per mode
 
@@ -64,6 +65,25 @@ type contribution struct {
 	fdb   FDB             // valid only when vxlan
 	vxlan bool
 	wg    bool // a WireGuard peer (keyed by node)
+}
+
+// fdbKey is an FDB entry as a plain value (a third of an FDB's size, without pointers).
+// The MAC of a VXLAN peer is always in the canonical form lease.ValidMAC requires, so the
+// key gives the entry back (entry).
+type fdbKey struct {
+	mac [6]byte
+	dst netipx.AddrKey
+}
+
+func fdbKeyOf(f FDB) fdbKey {
+	k := fdbKey{dst: netipx.AddrKeyOf(f.Dst)}
+	hw, _ := net.ParseMAC(f.MAC)
+	copy(k.mac[:], hw)
+	return k
+}
+
+func (k fdbKey) entry() FDB {
+	return FDB{MAC: net.HardwareAddr(k.mac[:]).String(), Dst: k.dst.Addr()}
 }
 
 // Changes names the desired entries an update touched (added, changed or removed).
@@ -147,7 +167,7 @@ func NewPlanner(in Input) (*Planner, Plan) {
 		peers:  make(map[string]peer, len(in.Peers)),
 		claim:  multimap.New[netipx.PrefixKey, string](subnetsOf(in.Config, len(in.Peers))),
 		wgKeys: map[string][]string{},
-		fdb:    make(map[FDB]bool, len(full.FDB)),
+		fdb:    make(map[fdbKey]bool, len(full.FDB)),
 		odd:    map[string]bool{},
 		modes:  map[Mode]int{},
 	}
@@ -270,7 +290,7 @@ func (p *Planner) Update(changed []*lease.Lease) Plan {
 			d.Neighs[i] = NeighChange{IP: ip, Neigh: Neigh{IP: ip, MAC: mac}}
 		}
 	}
-	each(ch.FDB, func(f FDB) { d.FDB = append(d.FDB, FDBChange{FDB: f, Del: !p.fdb[f]}) })
+	each(ch.FDB, func(f FDB) { d.FDB = append(d.FDB, FDBChange{FDB: f, Del: !p.fdb[fdbKeyOf(f)]}) })
 	each(ch.WG, func(n string) {
 		w, ok := p.wgPeer(n)
 		d.WGPeers = append(d.WGPeers, WGPeerChange{Node: n, Peer: w, Del: !ok})
@@ -525,9 +545,9 @@ func (p *Planner) apply(e peer, in bool, ch *Changes) {
 		return
 	}
 	if c.vxlan && in {
-		p.fdb[c.fdb] = true
+		p.fdb[fdbKeyOf(c.fdb)] = true
 	} else if c.vxlan {
-		delete(p.fdb, c.fdb)
+		delete(p.fdb, fdbKeyOf(c.fdb))
 	}
 	if ch == nil {
 		return
@@ -610,8 +630,8 @@ func (p *Planner) Plan() Plan {
 			out.WGPeers = append(out.WGPeers, w)
 		}
 	}
-	for f := range p.fdb {
-		out.FDB = append(out.FDB, f)
+	for k := range p.fdb {
+		out.FDB = append(out.FDB, k.entry())
 	}
 	return out
 }
