@@ -278,7 +278,8 @@ func (r *Reconciler) logger() *slog.Logger {
 // one). TestHandshakeCrossing reproduces it. Worse, wireguard-go consumes the initiation
 // and the answer on different goroutines, and a crossing was seen to leave a session that
 // carried packets one way only (TestBackendKube, under load), which nothing here could
-// detect. So crossings must not happen, rather than be repaired.
+// detect. So we never start crossing handshakes ourselves, and repair the ones WireGuard
+// starts (below).
 //
 // The leader's initiation is lost when it reaches the follower before the follower knows
 // the leader's key (the follower learns of the leader later, or its device is not up yet:
@@ -288,8 +289,8 @@ func (r *Reconciler) logger() *slog.Logger {
 // state, throws away the answer on its way and the packets queued for the peer), so it
 // does not retry: the follower, which can tell, starts the handshake instead. Its
 // underlay guard records the source of every initiation that reaches the node's port
-// (Initiations), so when it adds a peer it follows and finds that an initiation came from
-// the peer's address before the peer was added, and nothing has been received from the
+// (Handshakes), so when it adds a peer it follows and finds that an initiation came from
+// the peer's address (around the add or before it) and nothing has been received from the
 // peer since, the leader's initiation was dropped and the leader is waiting: the follower
 // kicks. It waits until that initiation is settle old first: one still queued in the
 // device, consumed after the peer was added, would be answered, and a kick before the
