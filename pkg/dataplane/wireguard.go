@@ -121,9 +121,9 @@ func (w *wgState) reconciler(dev *plan.WGDevice) (*wireguard.Reconciler, error) 
 	w.impl, w.name = impl, dev.Name
 	w.rec = &wireguard.Reconciler{Client: w.client, Links: w.h, Device: ens, Log: w.log}
 	if g, err := w.guardLocked(); err == nil {
-		w.rec.Initiations = g
+		w.rec.Handshakes = g
 	} else {
-		w.log.Warn("wireguard: no record of handshake initiations (a new peer whose first one was lost waits a second)", "err", err)
+		w.log.Warn("wireguard: no record of handshake messages (a new peer whose first initiation was lost waits a second, crossed handshakes 5 s)", "err", err)
 	}
 	return w.rec, nil
 }

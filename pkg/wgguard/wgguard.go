@@ -21,18 +21,20 @@
 // family of the underlay does not matter: the rules look at the inner (pod) packets.
 //
 // With the device's listen port in the Spec, each table also records where WireGuard
-// handshake initiations come from, whether the device accepts them or not:
+// handshake messages come from, whether the device accepts them or not:
 //
 //	udp dport <port> udp length 156 @th,64,32 0x1000000 update @initiations { ip saddr }
+//	udp dport <port> udp length 100 @th,64,32 0x2000000 update @responses { ip saddr }
 //
-// (an initiation is a 148-byte message of type 1, the type's byte followed by three zero
-// bytes). A device drops an initiation from a peer it does not know yet without a trace;
-// the record is how pkg/wireguard learns that a peer it leaves the first handshake to has
-// already tried, so that it starts the handshake itself at once (see Initiations). Both
+// (an initiation is a 148-byte message of type 1, a response a 92-byte one of type 2, the
+// type's byte followed by three zero bytes). A device drops an initiation from a peer it
+// does not know yet, and a response to a handshake it no longer waits for, without a
+// trace; the records are how pkg/wireguard learns that a peer it leaves the first
+// handshake to has already tried, or that two handshakes crossed (see Handshakes). Both
 // family tables exist then, whatever the pod networks, as the underlay may be either.
 //
-// Scale: two rules per family whatever the number of peers, and a set of at most
-// initiationsMax addresses; a check is one dump of a chain per family.
+// Scale: three rules per family whatever the number of peers, and two sets of at most
+// recordMax addresses; a check is one dump of a chain per family.
 package wgguard
 
 import (
@@ -60,18 +62,23 @@ const (
 	priority = -300
 	tagText  = "netagent-wgguard v1 "
 
-	// Initiations is the set of underlay addresses handshake initiations came from.
-	Initiations = "initiations"
-	// initiationsFor is how long an address stays in it after its last initiation: longer
+	// recordFor is how long an address stays in a record after its last message: longer
 	// than pkg/wireguard looks for a first handshake.
-	initiationsFor = 10 * time.Second
-	// initiationsMax bounds the set (anyone on the underlay can send initiations); a full
-	// set records no new address, and a peer's first handshake then waits for its own
-	// timer.
-	initiationsMax = 4096
-	// initiationLen is a handshake initiation's UDP length: the header and 148 bytes.
-	initiationLen = 8 + 148
+	recordFor = 10 * time.Second
+	// recordMax bounds a record (anyone on the underlay can send these messages); a full
+	// one records no new address, and a peer's first handshake then waits for WireGuard's
+	// or pkg/wireguard's own timers.
+	recordMax = 4096
 )
+
+// message is a handshake message the guard records, in the set of its name.
+type message struct {
+	set    string
+	typ    byte
+	length uint16 // UDP length: the header and the message
+}
+
+var messages = [2]message{{"initiations", 1, 8 + 148}, {"responses", 2, 8 + 92}}
 
 // Spec is what the guard protects; the zero Spec removes the tables.
 type Spec struct {
@@ -81,7 +88,7 @@ type Spec struct {
 	// Routable6 says IPv6 pods are not masqueraded, so replies from the outside reach them
 	// from the underlay: only packets from the IPv6 pod network are dropped.
 	Routable6 bool
-	// Port is the WireGuard device's listen port: handshake initiations to it are recorded
+	// Port is the WireGuard device's listen port: handshake messages to it are recorded
 	// (0: none are).
 	Port uint16
 }
@@ -103,14 +110,14 @@ func New() (*Guard, error) {
 	return &Guard{conn: c}, nil
 }
 
-// family is one table of the guard: the pod network of its family, and the initiations
-// that come over an underlay of its family.
+// family is one table of the guard: the pod network of its family, and the handshake
+// messages that come over an underlay of its family.
 type family struct {
 	table    *nftables.Table
 	network  netip.Prefix // unset: no drop rule
 	src, dst uint32       // offsets of the addresses in the network header
 	routable bool         // match the source too (see Spec.Routable6)
-	port     uint16       // 0: no initiations recorded
+	port     uint16       // 0: no handshake messages recorded
 }
 
 func (s Spec) families() [2]family {
@@ -130,7 +137,9 @@ func (f family) tags(underlay string) [][]byte {
 		ts = append(ts, tag(underlay, f))
 	}
 	if f.port != 0 {
-		ts = append(ts, recordTag(f))
+		for _, m := range messages {
+			ts = append(ts, recordTag(f, m))
+		}
 	}
 	return ts
 }
@@ -143,19 +152,21 @@ func (f family) addrLen() uint32 {
 	return 4
 }
 
-func initiationSet(f family) *nftables.Set {
+func recordSet(f family, m message) *nftables.Set {
 	kt := nftables.TypeIPAddr
 	if f.table.Family == nftables.TableFamilyIPv6 {
 		kt = nftables.TypeIP6Addr
 	}
-	return &nftables.Set{Table: f.table, Name: Initiations, KeyType: kt, Dynamic: true, HasTimeout: true, Timeout: initiationsFor, Size: initiationsMax}
+	return &nftables.Set{Table: f.table, Name: m.set, KeyType: kt, Dynamic: true, HasTimeout: true, Timeout: recordFor, Size: recordMax}
 }
 
-func recordTag(f family) []byte { return fmt.Appendf(nil, "%sinitiations port=%d", tagText, f.port) }
+func recordTag(f family, m message) []byte {
+	return fmt.Appendf(nil, "%s%s port=%d", tagText, m.set, f.port)
+}
 
-// recordRule puts the source of every handshake initiation to the port in set.
-func recordRule(f family, set *nftables.Set) *nftables.Rule {
-	port, length := binary.BigEndian.AppendUint16(nil, f.port), binary.BigEndian.AppendUint16(nil, initiationLen)
+// recordRule puts the source of every message m to the port in set.
+func recordRule(f family, m message, set *nftables.Set) *nftables.Rule {
+	port, length := binary.BigEndian.AppendUint16(nil, f.port), binary.BigEndian.AppendUint16(nil, m.length)
 	exprs := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_UDP}},
@@ -164,11 +175,11 @@ func recordRule(f family, set *nftables.Set) *nftables.Rule {
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 4, Len: 2}, // udp length
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: length},
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 8, Len: 4}, // message type
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1, 0, 0, 0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{m.typ, 0, 0, 0}},
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.src, Len: f.addrLen()},
 		&expr.Dynset{SrcRegKey: 1, SetName: set.Name, SetID: set.ID, Operation: unix.NFT_DYNSET_OP_UPDATE},
 	}
-	return &nftables.Rule{Table: f.table, Chain: chain(f.table), UserData: recordTag(f), Exprs: exprs}
+	return &nftables.Rule{Table: f.table, Chain: chain(f.table), UserData: recordTag(f, m), Exprs: exprs}
 }
 
 // recordLen is how many expressions recordRule makes.
@@ -254,11 +265,13 @@ func (g *Guard) Set(s Spec) error {
 			g.conn.AddRule(rule(f, s.Underlay))
 		}
 		if f.port != 0 {
-			set := initiationSet(f)
-			if err := g.conn.AddSet(set, nil); err != nil {
-				return fmt.Errorf("wireguard underlay guard: set %s: %w", Initiations, err)
+			for _, m := range messages {
+				set := recordSet(f, m)
+				if err := g.conn.AddSet(set, nil); err != nil {
+					return fmt.Errorf("wireguard underlay guard: set %s: %w", m.set, err)
+				}
+				g.conn.AddRule(recordRule(f, m, set))
 			}
-			g.conn.AddRule(recordRule(f, set))
 		}
 	}
 	if err := g.conn.Flush(); err != nil {
@@ -348,30 +361,33 @@ func (g *Guard) Dropped() uint64 {
 	return n
 }
 
-// Initiations reports, for each underlay address a handshake initiation to the port came
-// from in the last few seconds, how long ago the last one arrived (nil without a port).
-func (g *Guard) Initiations() (map[netip.Addr]time.Duration, error) {
+// Handshakes reports, for each underlay address a handshake initiation (response) to the
+// port came from in the last few seconds, how long ago the last one arrived (nil without a
+// port).
+func (g *Guard) Handshakes() (initiations, responses map[netip.Addr]time.Duration, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if !g.set || g.spec.Port == 0 {
-		return nil, nil
+		return nil, nil, nil
 	}
-	seen := map[netip.Addr]time.Duration{}
-	for _, f := range g.spec.families() {
-		es, err := g.conn.GetSetElements(initiationSet(f))
-		if err != nil {
-			return nil, fmt.Errorf("wireguard underlay guard: read set %s %s: %w", familyName(f.table), Initiations, err)
-		}
-		for _, e := range es {
-			a, ok := netip.AddrFromSlice(e.Key)
-			timeout := cmp.Or(e.Timeout, initiationsFor)
-			if !ok || e.Expires > timeout {
-				continue
+	var seen [len(messages)]map[netip.Addr]time.Duration
+	for i, m := range messages {
+		seen[i] = map[netip.Addr]time.Duration{}
+		for _, f := range g.spec.families() {
+			es, err := g.conn.GetSetElements(recordSet(f, m))
+			if err != nil {
+				return nil, nil, fmt.Errorf("wireguard underlay guard: read set %s %s: %w", familyName(f.table), m.set, err)
 			}
-			seen[a] = timeout - e.Expires
+			for _, e := range es {
+				a, ok := netip.AddrFromSlice(e.Key)
+				timeout := cmp.Or(e.Timeout, recordFor)
+				if ok && e.Expires <= timeout {
+					seen[i][a] = timeout - e.Expires
+				}
+			}
 		}
 	}
-	return seen, nil
+	return seen[0], seen[1], nil
 }
 
 // Remove deletes the tables if they exist (netagent cleanup).

@@ -149,10 +149,10 @@ func TestDrops(t *testing.T) {
 	}
 }
 
-// Handshake initiations to the port are recorded by source, over either underlay family,
-// whether or not anything listens; other messages to the port and initiations to other
-// ports are not.
-func TestInitiations(t *testing.T) {
+// Handshake initiations and responses to the port are recorded by source, over either
+// underlay family, whether or not anything listens; other messages to the port and
+// handshake messages to other ports are not.
+func TestHandshakes(t *testing.T) {
 	node, peer := underlay(t)
 	if _, err := peer.Run("ip", "addr", "add", "192.0.2.3/24", "dev", "eth0"); err != nil {
 		t.Fatal(err)
@@ -199,38 +199,43 @@ func TestInitiations(t *testing.T) {
 	ap := netip.MustParseAddrPort
 	send(ap("192.0.2.2:40000"), ap("192.0.2.1:51820"), initiation)
 	send(ap("[2001:db8:1::2]:40000"), ap("[2001:db8:1::1]:51820"), initiation)
-	send(ap("192.0.2.3:40000"), ap("192.0.2.1:51820"), response)                           // not an initiation
-	send(ap("192.0.2.3:40000"), ap("192.0.2.1:51821"), initiation)                         // another port
-	send(ap("192.0.2.3:40000"), ap("192.0.2.1:51820"), append(bytes.Clone(initiation), 0)) // another length
-	var seen map[netip.Addr]time.Duration
+	send(ap("192.0.2.3:40000"), ap("192.0.2.1:51820"), response)
+	send(ap("[2001:db8:1::2]:40000"), ap("[2001:db8:1::1]:51821"), response)                        // another port
+	send(ap("192.0.2.3:40000"), ap("192.0.2.1:51821"), initiation)                                  // another port
+	send(ap("192.0.2.2:40000"), ap("192.0.2.1:51820"), append(bytes.Clone(response), 0))            // another length
+	send(ap("[2001:db8:1::2]:40000"), ap("[2001:db8:1::1]:51820"), append([]byte{4, 0, 0, 0}, 0x1)) // another type
+	var ini, resp map[netip.Addr]time.Duration
 	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		var err error
-		if seen, err = g.Initiations(); err != nil {
+		if ini, resp, err = g.Handshakes(); err != nil {
 			t.Fatal(err)
 		}
-		if len(seen) >= 2 || time.Now().After(deadline) {
+		if len(ini)+len(resp) >= 3 || time.Now().After(deadline) {
 			break
 		}
 	}
-	if len(seen) != 2 {
-		t.Fatalf("Initiations() = %v, want 192.0.2.2 and 2001:db8:1::2", seen)
+	if len(ini) != 2 || len(resp) != 1 {
+		t.Fatalf("Handshakes() = initiations %v, responses %v; want 192.0.2.2 and 2001:db8:1::2, and 192.0.2.3", ini, resp)
 	}
 	for _, a := range []string{"192.0.2.2", "2001:db8:1::2"} {
-		if age, ok := seen[netip.MustParseAddr(a)]; !ok || age < 0 || age > time.Second {
-			t.Errorf("Initiations()[%s] = %v, %v; want a recent one", a, age, ok)
+		if age, ok := ini[netip.MustParseAddr(a)]; !ok || age < 0 || age > time.Second {
+			t.Errorf("initiations[%s] = %v, %v; want a recent one", a, age, ok)
 		}
 	}
+	if age, ok := resp[netip.MustParseAddr("192.0.2.3")]; !ok || age < 0 || age > time.Second {
+		t.Errorf("responses[192.0.2.3] = %v, %v; want a recent one", age, ok)
+	}
 	time.Sleep(300 * time.Millisecond)
-	seen, err := g.Initiations()
-	if age := seen[netip.MustParseAddr("192.0.2.2")]; err != nil || age < 250*time.Millisecond {
-		t.Errorf("Initiations() 300 ms later: age %v, %v; want it to have grown", age, err)
+	ini, _, err := g.Handshakes()
+	if age := ini[netip.MustParseAddr("192.0.2.2")]; err != nil || age < 250*time.Millisecond {
+		t.Errorf("Handshakes() 300 ms later: age %v, %v; want it to have grown", age, err)
 	}
 	// Without a port nothing is recorded, and the IPv4 table (no IPv4 pods) goes.
 	if err := g.Set(Spec{Underlay: "eth0", Network6: netip.MustParsePrefix("fd00:10:244::/48")}); err != nil {
 		t.Fatal(err)
 	}
-	if seen, err := g.Initiations(); err != nil || seen != nil {
-		t.Errorf("Initiations() without a port = %v, %v", seen, err)
+	if ini, resp, err := g.Handshakes(); err != nil || ini != nil || resp != nil {
+		t.Errorf("Handshakes() without a port = %v, %v, %v", ini, resp, err)
 	}
 	if _, err := node.Run("nft", "list", "table", "ip", Table); err == nil {
 		t.Error("the IPv4 table stayed without IPv4 pods or a port")

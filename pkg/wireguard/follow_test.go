@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -13,16 +14,31 @@ import (
 )
 
 // fakeDevice is a device behind wgctrl's Client (configuration requests applied with wg(8)'s
-// semantics), the link it is, and the initiations its guard recorded.
+// semantics), the link it is, and the handshake messages its guard recorded.
 type fakeDevice struct {
 	t  *testing.T
 	mu sync.Mutex
 	d  *wgtypes.Device
-	// rx is what the device reports received from each peer; seen[a] when an initiation
-	// from a arrived.
-	rx    map[wgtypes.Key]int64
-	seen  map[netip.Addr]time.Time
-	kicks []time.Time // requests that switched a keepalive on for an existing peer
+	// rx is what the device reports received from each peer; seen[a] (answered[a]) when an
+	// initiation (a response) from a arrived; hs when the device completed a handshake.
+	rx       map[wgtypes.Key]int64
+	seen     map[netip.Addr]time.Time
+	answered map[netip.Addr]time.Time
+	hs       time.Time
+	kicks    []time.Time // requests that switched a keepalive on for an existing peer
+	removes  []time.Time // requests that removed a peer
+}
+
+func newFakeDevice(t *testing.T, self wgtypes.Key) *fakeDevice {
+	return &fakeDevice{t: t, d: &wgtypes.Device{Name: "wg0", PrivateKey: self, ListenPort: 51820},
+		rx: map[wgtypes.Key]int64{}, seen: map[netip.Addr]time.Time{}, answered: map[netip.Addr]time.Time{}}
+}
+
+// onePeer is the desired state with peer as the only peer, at 192.0.2.2.
+func onePeer(self, peer wgtypes.Key) Config {
+	return Config{Name: "wg0", PrivateKey: self, ListenPort: 51820, MTU: 1440, Peers: []Peer{{
+		Node: "peer", PublicKey: peer.PublicKey(), Endpoint: netip.MustParseAddrPort("192.0.2.2:51820"), AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")},
+	}}}
 }
 
 func (f *fakeDevice) Device(string) (*wgtypes.Device, error) {
@@ -32,6 +48,7 @@ func (f *fakeDevice) Device(string) (*wgtypes.Device, error) {
 	d.Peers = append([]wgtypes.Peer(nil), f.d.Peers...)
 	for i := range d.Peers {
 		d.Peers[i].ReceiveBytes = f.rx[d.Peers[i].PublicKey]
+		d.Peers[i].LastHandshakeTime = f.hs
 	}
 	return &d, nil
 }
@@ -43,19 +60,25 @@ func (f *fakeDevice) ConfigureDevice(_ string, c wgtypes.Config) error {
 		if pc.UpdateOnly && pc.PersistentKeepaliveInterval != nil && *pc.PersistentKeepaliveInterval != 0 {
 			f.kicks = append(f.kicks, time.Now())
 		}
+		if pc.Remove {
+			f.removes = append(f.removes, time.Now())
+		}
 	}
 	f.d = apply(f.t, f.d, c)
 	return nil
 }
 
-func (f *fakeDevice) Initiations() (map[netip.Addr]time.Duration, error) {
+func (f *fakeDevice) Handshakes() (initiations, responses map[netip.Addr]time.Duration, err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	m := map[netip.Addr]time.Duration{}
-	for a, at := range f.seen {
-		m[a] = time.Since(at)
+	ages := func(at map[netip.Addr]time.Time) map[netip.Addr]time.Duration {
+		m := map[netip.Addr]time.Duration{}
+		for a, t := range at {
+			m[a] = time.Since(t)
+		}
+		return m
 	}
-	return m, nil
+	return ages(f.seen), ages(f.answered), nil
 }
 
 func (f *fakeDevice) LinkByName(name string) (netlink.Link, error) {
@@ -64,16 +87,22 @@ func (f *fakeDevice) LinkByName(name string) (netlink.Link, error) {
 func (f *fakeDevice) LinkSetMTU(netlink.Link, int) error   { return nil }
 func (f *fakeDevice) LinkSetUp(netlink.Link) error         { return nil }
 func (f *fakeDevice) Ensure(context.Context) (bool, error) { return false, nil }
-func (f *fakeDevice) kicked() []time.Time {
+
+// locked runs do with the fake's lock held.
+func (f *fakeDevice) locked(do func()) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return append([]time.Time(nil), f.kicks...)
+	do()
 }
-func (f *fakeDevice) receive(k wgtypes.Key, n int64) { f.mu.Lock(); defer f.mu.Unlock(); f.rx[k] += n }
-func (f *fakeDevice) initiation(a netip.Addr, at time.Time) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.seen[a] = at
+
+func (f *fakeDevice) kicked() (ts []time.Time) {
+	f.locked(func() { ts = slices.Clone(f.kicks) })
+	return ts
+}
+
+func (f *fakeDevice) recreated() (ts []time.Time) {
+	f.locked(func() { ts = slices.Clone(f.removes) })
+	return ts
 }
 
 // TestFollowerKicks: a follower starts the handshake itself exactly when the leader's
@@ -87,7 +116,7 @@ func TestFollowerKicks(t *testing.T) {
 		// before: when the leader's initiation was recorded, before the Set (0: none;
 		// negative: after it)
 		before time.Duration
-		rx     bool // the device receives from the leader 20 ms after the Set
+		rx     bool // the device receives from the leader 5 ms after the Set
 		// want: the kick's time after the Set, within [min, max]; kick false: none within 1.3 s
 		kick     bool
 		min, max time.Duration
@@ -105,26 +134,23 @@ func TestFollowerKicks(t *testing.T) {
 			for leads(self.PublicKey(), peer.PublicKey()) {
 				self = genKey(t) // we follow: the peer has the smaller key
 			}
-			f := &fakeDevice{t: t, d: &wgtypes.Device{Name: "wg0", PrivateKey: self, ListenPort: 51820}, rx: map[wgtypes.Key]int64{}, seen: map[netip.Addr]time.Time{}}
-			r := &Reconciler{Client: f, Links: f, Device: f, Initiations: f}
+			f := newFakeDevice(t, self)
+			r := &Reconciler{Client: f, Links: f, Device: f, Handshakes: f}
 			t.Cleanup(r.Stop)
 			start := time.Now()
 			if tt.before > 0 {
-				f.initiation(leaderIP, start.Add(-tt.before))
+				f.locked(func() { f.seen[leaderIP] = start.Add(-tt.before) })
 			}
-			c := Config{Name: "wg0", PrivateKey: self, ListenPort: 51820, MTU: 1440, Peers: []Peer{{
-				Node: "leader", PublicKey: peer.PublicKey(), Endpoint: netip.AddrPortFrom(leaderIP, 51820), AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")},
-			}}}
-			if _, err := r.Set(context.Background(), c); err != nil {
+			if _, err := r.Set(context.Background(), onePeer(self, peer)); err != nil {
 				t.Fatal(err)
 			}
 			if tt.before < 0 {
 				time.Sleep(-tt.before)
-				f.initiation(leaderIP, time.Now())
+				f.locked(func() { f.seen[leaderIP] = time.Now() })
 			}
 			if tt.rx {
-				time.Sleep(20 * time.Millisecond)
-				f.receive(peer.PublicKey(), 148)
+				time.Sleep(5 * time.Millisecond)
+				f.locked(func() { f.rx[peer.PublicKey()] += 148 })
 			}
 			time.Sleep(followLate + 300*time.Millisecond)
 			ks := f.kicked()
@@ -136,6 +162,64 @@ func TestFollowerKicks(t *testing.T) {
 			case tt.kick:
 				if at := ks[0].Sub(start); at < tt.min || at > tt.max {
 					t.Errorf("kicked %v after the Set, want %v-%v", at, tt.min, tt.max)
+				}
+			}
+		})
+	}
+}
+
+// TestLeaderRepairsCrossing: the leader re-creates the peer and kicks again exactly when a
+// response from the peer came after its kick and settled without a handshake (the
+// follower's own initiation crossed ours, so the device dropped the answer to ours); not
+// for a response that completed the handshake, nor without one, nor for one from before.
+func TestLeaderRepairsCrossing(t *testing.T) {
+	peerIP := netip.MustParseAddr("192.0.2.2")
+	for _, tt := range []struct {
+		name      string
+		response  time.Duration // when a response comes after the Set (0: none; negative: before)
+		handshake bool          // the device completes a handshake with it
+		repair    bool
+	}{
+		{"crossed: response dropped", 30 * time.Millisecond, false, true},
+		{"response answered our kick", 30 * time.Millisecond, true, false},
+		{"no response", 0, false, false},
+		{"response from before the kick", -time.Second, false, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			self, peer := genKey(t), genKey(t)
+			for !leads(self.PublicKey(), peer.PublicKey()) {
+				self = genKey(t) // we lead
+			}
+			f := newFakeDevice(t, self)
+			r := &Reconciler{Client: f, Links: f, Device: f, Handshakes: f}
+			t.Cleanup(r.Stop)
+			start := time.Now()
+			if tt.response < 0 {
+				f.locked(func() { f.answered[peerIP] = start.Add(tt.response) })
+			}
+			if _, err := r.Set(context.Background(), onePeer(self, peer)); err != nil {
+				t.Fatal(err)
+			}
+			if tt.response > 0 {
+				time.Sleep(tt.response)
+				f.locked(func() {
+					f.answered[peerIP] = time.Now()
+					if tt.handshake {
+						f.hs = time.Now()
+					}
+				})
+			}
+			time.Sleep(500 * time.Millisecond)
+			rs := f.recreated()
+			switch {
+			case !tt.repair && len(rs) > 0:
+				t.Fatalf("re-created %v after the Set, want not", rs[0].Sub(start))
+			case tt.repair && len(rs) != 1:
+				t.Fatalf("re-created %d times, want once", len(rs))
+			case tt.repair:
+				if at := rs[0].Sub(start); at < tt.response+settle || at > tt.response+settle+150*time.Millisecond {
+					t.Errorf("re-created %v after the Set, want soon after %v", at, tt.response+settle)
 				}
 			}
 		})

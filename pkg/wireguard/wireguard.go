@@ -77,9 +77,10 @@ type Reconciler struct {
 	Links  Links
 	Device Ensurer
 	Log    *slog.Logger
-	// Initiations, when set, tells a new peer whose first initiation was lost (see
-	// handshakeKick); without it such a peer waits followLate.
-	Initiations Initiations
+	// Handshakes, when set, tells a new peer whose first initiation was lost, and two
+	// handshakes that crossed (see handshakeKick); without it the first waits followLate,
+	// the second WireGuard's 5 s.
+	Handshakes Handshakes
 
 	// mu serialises Set, Drifted and the follow-up checks (which run on a timer's
 	// goroutine), so that one never re-creates a peer another is reading or writing.
@@ -92,11 +93,14 @@ type Reconciler struct {
 	timer   *time.Timer
 }
 
-// followUp is a new peer whose first handshake we leave to it, looked at until it has one
-// (see handshakeKick).
+// followUp is a new peer whose first handshake we started (lead) or leave to it, looked
+// at until it has one (see handshakeKick).
 type followUp struct {
+	lead       bool
 	added, due time.Time // due: the next look
-	rx         int64     // bytes received from the peer when it was added
+	kicked     time.Time // (lead) the last kick: added, or the last re-creation
+	looks      int
+	rx         int64 // bytes received from the peer when it was added
 }
 
 // Changes says what a Set changed. Peers are named by node where known, else by public key.
@@ -204,7 +208,7 @@ func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
 	if err != nil {
 		return ch, errors.Join(append(errs, fmt.Errorf("read device %s: %w", c.Name, err))...)
 	}
-	wc, _, follow, d := diff(c, cur)
+	wc, lead, follow, d := diff(c, cur)
 	r.last = c
 	if wc != nil {
 		if err := r.Client.ConfigureDevice(c.Name, *wc); err != nil {
@@ -214,7 +218,7 @@ func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
 			ch = d
 			// The peers are known from now: an initiation from one of them that came
 			// before was dropped (if the device had consumed it, its bytes would show).
-			r.follow(cur, follow, time.Now())
+			r.follow(cur, lead, follow, time.Now())
 		}
 	}
 	if !ch.Empty() {
@@ -274,7 +278,8 @@ func (r *Reconciler) logger() *slog.Logger {
 // one). TestHandshakeCrossing reproduces it. Worse, wireguard-go consumes the initiation
 // and the answer on different goroutines, and a crossing was seen to leave a session that
 // carried packets one way only (TestBackendKube, under load), which nothing here could
-// detect. So crossings must not happen, rather than be repaired.
+// detect. So we never start crossing handshakes ourselves, and repair the ones WireGuard
+// starts (below).
 //
 // The leader's initiation is lost when it reaches the follower before the follower knows
 // the leader's key (the follower learns of the leader later, or its device is not up yet:
@@ -284,8 +289,8 @@ func (r *Reconciler) logger() *slog.Logger {
 // state, throws away the answer on its way and the packets queued for the peer), so it
 // does not retry: the follower, which can tell, starts the handshake instead. Its
 // underlay guard records the source of every initiation that reaches the node's port
-// (Initiations), so when it adds a peer it follows and finds that an initiation came from
-// the peer's address before the peer was added, and nothing has been received from the
+// (Handshakes), so when it adds a peer it follows and finds that an initiation came from
+// the peer's address (around the add or before it) and nothing has been received from the
 // peer since, the leader's initiation was dropped and the leader is waiting: the follower
 // kicks. It waits until that initiation is settle old first: one still queued in the
 // device, consumed after the peer was added, would be answered, and a kick before the
@@ -296,31 +301,41 @@ func (r *Reconciler) logger() *slog.Logger {
 // the leader had no reason to start (only our side changed: our device was recreated, or
 // a peer removed by hand), or its initiation was lost on the way.
 //
-// The follower stops looking after followFor, when WireGuard's own retries (on traffic)
-// take over.
+// The follower's WireGuard itself sends an initiation when it has packets for the leader
+// and no session (its pods talk to the leader's as soon as the route is there), and that
+// one can cross the leader's kick. The leader sees it: a response from the peer (recorded
+// by the guard too) arrived after the peer was added, yet no handshake completed, which a
+// response to our pending initiation would have done; the device dropped it because the
+// peer's own initiation had replaced ours. Both sides now wait as responders. The leader
+// then re-creates the peer (clearing its handshake state and WireGuard's rate limit) and
+// kicks again: the follower, which has nothing pending, answers. A re-creation loses the
+// packets queued on our side, 5 s of them otherwise.
+//
+// Both stop looking after followFor, when WireGuard's own retries take over.
 const handshakeKick = 25 * time.Second
 
 const (
-	settle     = 50 * time.Millisecond
-	followLate = time.Second
-	followFor  = 5 * time.Second
+	settle      = 25 * time.Millisecond
+	leadLookMax = 400 * time.Millisecond
+	followLate  = time.Second
+	followFor   = 5 * time.Second
 )
 
-// Initiations tells where handshake initiations to the device's port came from: for each
-// underlay address, how long ago the last one arrived, whether the device took it or not
-// (pkg/wgguard records them in nftables).
-type Initiations interface {
-	Initiations() (map[netip.Addr]time.Duration, error)
+// Handshakes tells where handshake initiations and responses to the device's port came
+// from: for each underlay address, how long ago the last one arrived, whether the device
+// took it or not (pkg/wgguard records them in nftables).
+type Handshakes interface {
+	Handshakes() (initiations, responses map[netip.Addr]time.Duration, err error)
 }
 
 // leads reports whether the side with public key self starts the first handshake with peer.
 func leads(self, peer wgtypes.Key) bool { return bytes.Compare(self[:], peer[:]) < 0 }
 
-// follow records the new peers the other side leads, with what they had received so far
-// (cur: the device before the request), and arms the timer to look at them at once.
+// follow records the peers just kicked (lead) and the new peers the other side leads, with
+// what they had received so far (cur: the device before the request), and arms the timer.
 // Called with mu held.
-func (r *Reconciler) follow(cur *wgtypes.Device, follow []wgtypes.Key, added time.Time) {
-	if len(follow) == 0 {
+func (r *Reconciler) follow(cur *wgtypes.Device, lead, follow []wgtypes.Key, added time.Time) {
+	if len(lead)+len(follow) == 0 {
 		return
 	}
 	if r.pending == nil {
@@ -329,6 +344,9 @@ func (r *Reconciler) follow(cur *wgtypes.Device, follow []wgtypes.Key, added tim
 	rx := make(map[wgtypes.Key]int64, len(cur.Peers))
 	for _, p := range cur.Peers {
 		rx[p.PublicKey] = p.ReceiveBytes
+	}
+	for _, k := range lead {
+		r.pending[k] = &followUp{lead: true, added: added, kicked: added, due: added.Add(settle), rx: rx[k]}
 	}
 	for _, k := range follow {
 		r.pending[k] = &followUp{added: added, due: added, rx: rx[k]}
@@ -364,8 +382,10 @@ func (r *Reconciler) arm(now time.Time) {
 }
 
 // followUp looks at the pending peers that are due: a peer gone from the desired state or
-// the device, or heard from since it was added, needs nothing more; the others are kicked
-// once the leader's initiation is known lost, or after followLate (see handshakeKick).
+// the device, or with a handshake since it was added, needs nothing more; nor does a peer
+// we follow that we heard from. Those we follow are kicked once the leader's initiation is
+// known lost, or after followLate; those we lead are re-created and kicked when their
+// handshake crossed one of theirs (see handshakeKick).
 func (r *Reconciler) followUp() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -388,27 +408,48 @@ func (r *Reconciler) followUp() {
 	for i := range d.Peers {
 		have[d.Peers[i].PublicKey] = &d.Peers[i]
 	}
-	var seen map[netip.Addr]time.Duration
-	if r.Initiations != nil {
-		if seen, err = r.Initiations.Initiations(); err != nil {
-			r.logger().Warn("wireguard handshake follow-up: read the initiations recorded", "dev", name, "err", err)
+	var initiations, responses map[netip.Addr]time.Duration
+	if r.Handshakes != nil {
+		if initiations, responses, err = r.Handshakes.Handshakes(); err != nil {
+			r.logger().Warn("wireguard handshake follow-up: read the handshake messages recorded", "dev", name, "err", err)
 		}
 	}
 	now := time.Now()
+	// since reports how long ago the last message in seen came from p, if after t.
+	since := func(seen map[netip.Addr]time.Duration, p *Peer, t time.Time) (time.Duration, bool) {
+		age, ok := seen[p.Endpoint.Addr().Unmap()]
+		return age, ok && now.Add(-age).After(t)
+	}
 	var kick wgtypes.Config
-	var kicked []string
+	var kicked, recreated []string
 	for k, f := range r.pending {
 		p, h := want[k], have[k]
-		if p == nil || h == nil || h.LastHandshakeTime.After(f.added) || h.ReceiveBytes != f.rx || now.Sub(f.added) > followFor {
-			delete(r.pending, k) // gone, or the leader's handshake is under way
+		if p == nil || h == nil || h.LastHandshakeTime.After(f.added) || (!f.lead && h.ReceiveBytes != f.rx) || now.Sub(f.added) > followFor {
+			delete(r.pending, k) // gone, done, or the leader's handshake is under way
 			continue
 		}
 		if now.Before(f.due) {
 			continue
 		}
+		if f.lead {
+			f.looks++
+			f.due = now.Add(min(settle<<f.looks, leadLookMax))
+			// A response that came after the peer was added and settled without a
+			// handshake was dropped: the handshakes crossed.
+			if age, ok := since(responses, p, f.kicked); !ok || age < settle {
+				continue
+			}
+			kick.Peers = append(kick.Peers, wgtypes.PeerConfig{PublicKey: k, Remove: true}, newPeer(*p, r.last.PresharedKey, true), keepaliveOff(k))
+			f.kicked, f.looks, f.due = now, 0, now.Add(settle)
+			recreated = append(recreated, p.Node)
+			continue
+		}
+		// An initiation from the leader came (before the add, as its kick reached a device
+		// that did not know it yet; the record's clock has a few milliseconds' grain) and
+		// was not consumed: the leader waits for an answer that will not come.
 		f.due = f.added.Add(followLate)
-		if age, ok := seen[p.Endpoint.Addr().Unmap()]; ok && now.Add(-age).Before(f.added) {
-			f.due = now.Add(settle - age) // the leader's initiation came before we knew it
+		if age, ok := since(initiations, p, f.added.Add(-followLate)); ok {
+			f.due = now.Add(settle - age)
 		}
 		if now.Before(f.due) {
 			continue
@@ -418,11 +459,11 @@ func (r *Reconciler) followUp() {
 		kicked = append(kicked, p.Node)
 	}
 	if len(kick.Peers) > 0 {
-		log := r.logger().With("dev", name, "kicked", kicked)
+		log := r.logger().With("dev", name, "kicked", kicked, "recreated", recreated)
 		if err := r.Client.ConfigureDevice(name, kick); err != nil {
 			log.Warn("wireguard handshake follow-up", "err", err)
 		} else {
-			log.Debug("wireguard handshake follow-up: the leader's initiation was lost")
+			log.Debug("wireguard handshake follow-up: an initiation lost, or two crossed")
 		}
 	}
 	r.arm(now)

@@ -417,7 +417,7 @@ func linkLocalICMPv6(f []byte) bool {
 	return src.IsLinkLocalUnicast() || src.IsUnspecified()
 }
 
-func mustKey(t *testing.T, s string) wgtypes.Key {
+func mustKey(t testing.TB, s string) wgtypes.Key {
 	t.Helper()
 	k, err := wgtypes.ParseKey(s)
 	if err != nil {

@@ -8,6 +8,7 @@ package wireguard_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -135,14 +136,17 @@ func newNode(t testing.TB, i int, bin string) *node {
 	t.Cleanup(func() { n.wg.Close() })
 	n.daemon = &device.Daemon{Binary: bin, Name: n.dev, MTU: mtu, NetNS: n.ns.Path, LogPath: filepath.Join(t.TempDir(), "daemon.log")}
 	n.rec = &wireguard.Reconciler{Client: n.wg, Links: h, Device: n.daemon}
-	// The agent's record of handshake initiations (without its drop rule: tests here send
+	if os.Getenv("WGDEBUG") != "" { // the reconcilers' handshake follow-ups, on stderr
+		n.rec.Log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", n.dev)
+	}
+	// The agent's record of handshake messages (without its drop rule: tests here send
 	// unencrypted pod traffic on purpose).
 	if err := n.ns.Do(func() error {
 		g, err := wgguard.New()
 		if err == nil {
 			err = g.Set(wgguard.Spec{Underlay: "eth0", Port: port})
 		}
-		n.rec.Initiations = g
+		n.rec.Handshakes = g
 		return err
 	}); err != nil {
 		t.Fatal(err)
