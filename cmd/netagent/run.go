@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
 	"syscall"
 	"time"
@@ -197,6 +198,12 @@ let through, below DOCKER-USER, so Docker's own rules and isolation still apply.
 func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 	if err := f.validate(); err != nil {
 		return err
+	}
+	if !f.pprof {
+		// No heap profile can be fetched without --pprof, so stop sampling for one: the
+		// profiler's bucket table is otherwise touched page by page as cold start
+		// allocates (BENCHMARKS.md, scale).
+		runtime.MemProfileRate = 0
 	}
 	var onReady func()
 	if os.Getenv("GOGC") == "" {
