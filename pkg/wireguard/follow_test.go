@@ -176,7 +176,7 @@ func TestLeaderRepairsCrossing(t *testing.T) {
 	peerIP := netip.MustParseAddr("192.0.2.2")
 	for _, tt := range []struct {
 		name      string
-		response  time.Duration // when a response comes after the Set (0: none; negative: before)
+		response  time.Duration // when a response comes after the Set (0: none; negative: before; -1ns: every 40 ms)
 		handshake bool          // the device completes a handshake with it
 		repair    bool
 	}{
@@ -184,6 +184,7 @@ func TestLeaderRepairsCrossing(t *testing.T) {
 		{"response answered our kick", 30 * time.Millisecond, true, false},
 		{"no response", 0, false, false},
 		{"response from before the kick", -time.Second, false, false},
+		{"forged responses keep coming: at most maxRepairs", -1, false, true},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
@@ -201,6 +202,14 @@ func TestLeaderRepairsCrossing(t *testing.T) {
 			if _, err := r.Set(context.Background(), onePeer(self, peer)); err != nil {
 				t.Fatal(err)
 			}
+			if tt.response == -1 {
+				go func() {
+					for range 12 {
+						time.Sleep(40 * time.Millisecond)
+						f.locked(func() { f.answered[peerIP] = time.Now() })
+					}
+				}()
+			}
 			if tt.response > 0 {
 				time.Sleep(tt.response)
 				f.locked(func() {
@@ -215,6 +224,10 @@ func TestLeaderRepairsCrossing(t *testing.T) {
 			switch {
 			case !tt.repair && len(rs) > 0:
 				t.Fatalf("re-created %v after the Set, want not", rs[0].Sub(start))
+			case tt.response == -1:
+				if len(rs) != maxRepairs {
+					t.Fatalf("re-created %d times under a stream of forged responses, want %d", len(rs), maxRepairs)
+				}
 			case tt.repair && len(rs) != 1:
 				t.Fatalf("re-created %d times, want once", len(rs))
 			case tt.repair:

@@ -100,6 +100,7 @@ type followUp struct {
 	added, due time.Time // due: the next look
 	kicked     time.Time // (lead) the last kick: added, or the last re-creation
 	looks      int
+	repairs    int   // (lead) re-creations for crossed handshakes
 	rx         int64 // bytes received from the peer when it was added
 }
 
@@ -309,7 +310,8 @@ func (r *Reconciler) logger() *slog.Logger {
 // peer's own initiation had replaced ours. Both sides now wait as responders. The leader
 // then re-creates the peer (clearing its handshake state and WireGuard's rate limit) and
 // kicks again: the follower, which has nothing pending, answers. A re-creation loses the
-// packets queued on our side, 5 s of them otherwise.
+// packets queued on our side, 5 s of them otherwise. At most maxRepairs per new peer:
+// anyone on the underlay can forge a response.
 //
 // Both stop looking after followFor, when WireGuard's own retries take over.
 const handshakeKick = 25 * time.Second
@@ -317,6 +319,7 @@ const handshakeKick = 25 * time.Second
 const (
 	settle      = 25 * time.Millisecond
 	leadLookMax = 400 * time.Millisecond
+	maxRepairs  = 2
 	followLate  = time.Second
 	followFor   = 5 * time.Second
 )
@@ -441,6 +444,9 @@ func (r *Reconciler) followUp() {
 			}
 			kick.Peers = append(kick.Peers, wgtypes.PeerConfig{PublicKey: k, Remove: true}, newPeer(*p, r.last.PresharedKey, true), keepaliveOff(k))
 			f.kicked, f.looks, f.due = now, 0, now.Add(settle)
+			if f.repairs++; f.repairs >= maxRepairs {
+				delete(r.pending, k) // forged responses must not keep re-creating it
+			}
 			recreated = append(recreated, p.Node)
 			continue
 		}

@@ -23,7 +23,8 @@ import (
 // answer on its way. With the follower's pod already sending to the leader's, the
 // follower's WireGuard starts a handshake of its own as soon as it knows the peer, which
 // can cross the leader's: the leader sees the answer to its own dropped and starts again
-// (without that, 2 of these 3 runs stalled in one try, none in another).
+// (without that, 2 of these 3 runs stalled in one try, none in another); the repair drops
+// the packets the leader had queued for the peer.
 func TestHandshakeCrossing(t *testing.T) {
 	for _, tt := range []struct {
 		name          string
@@ -87,7 +88,9 @@ func TestHandshakeCrossing(t *testing.T) {
 			// Well below REKEY_TIMEOUT: a crossing left alone costs 5 s or more.
 			within(t, 2*time.Second, "a handshake on both nodes", func() bool { return hs(first) && hs(second) })
 			t.Logf("first Set to a handshake on both nodes: %v (one-way delay %v)", time.Since(t0).Round(time.Millisecond), tt.delay)
-			if out := <-echoes; !strings.Contains(out, " 5 received") {
+			// Where the handshakes may cross, the leader's repair drops what it had queued
+			// for the peer: the echoes sent after it must come back.
+			if out := <-echoes; !strings.Contains(out, " 5 received") && (!tt.followerSends || strings.Contains(out, " 0 received")) {
 				t.Errorf("echoes from the leader's pod sent during the handshake were lost:\n%s", out)
 			}
 			a.waitPing(z.podIP)
