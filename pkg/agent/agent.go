@@ -95,6 +95,8 @@ type Dataplane interface {
 	// Prepare may start on the parts of a plan that need no peers (the NAT chains) while
 	// the peers are listed.
 	Prepare(ctx context.Context, n plan.NAT)
+	// GuardWireGuard sets the WireGuard backend's underlay guard (quick; before the lease).
+	GuardWireGuard(dev *plan.WGDevice)
 	// PrepareWireGuard may make the WireGuard device (start its daemon, waiting for it)
 	// while the lease is acquired and the peers listed.
 	PrepareWireGuard(ctx context.Context, dev *plan.WGDevice)
@@ -243,6 +245,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		// (The underlay's addresses decide the family WireGuard runs over, so its MTU.)
 		wgDev := plan.Build(a.input(cfg, lease.Lease{PublicIP: ul.IP, PublicIP6: ul.IP6}, ul, nil)).WireGuard
 		prepCtx := ctx // (ctx is replaced below)
+		a.dp.GuardWireGuard(wgDev)
 		a.spawn(func() { a.dp.PrepareWireGuard(prepCtx, wgDev) })
 	}
 	held, err := a.acquire(ctx, log, cfg, ul)

@@ -294,7 +294,11 @@ func (a *Agent) fullPass(ctx context.Context, log *slog.Logger, s *state, firewa
 
 func warnUnreachable(log *slog.Logger, peers []plan.Peer) {
 	for _, v := range peers {
-		if v.Mode == plan.Unreachable {
+		switch {
+		case v.Mode != plan.Unreachable:
+		case v.Reason == plan.NoWGKey:
+			log.Info("peer unreachable until it publishes its WireGuard key", "peer", v.Node, "subnet", v.Subnet)
+		default:
 			log.Warn("peer unreachable", "peer", v.Node, "subnet", v.Subnet, "reason", v.Reason)
 		}
 	}

@@ -61,6 +61,9 @@ func (f *Fake) Prepare(_ context.Context, n plan.NAT) {
 	f.mu.Unlock()
 }
 
+// GuardWireGuard does nothing: the fake has no firewall.
+func (f *Fake) GuardWireGuard(*plan.WGDevice) {}
+
 // PrepareWireGuard does nothing: the fake's WireGuard device is its plan's, made by Set.
 func (f *Fake) PrepareWireGuard(context.Context, *plan.WGDevice) {}
 

@@ -204,14 +204,23 @@ func (d *Linux) PrepareWireGuard(ctx context.Context, dev *plan.WGDevice) {
 	d.wg.prepare(ctx, *dev)
 }
 
+// GuardWireGuard sets the WireGuard underlay guard ahead of the lease: peers that learn of
+// the node send their handshakes at once, and the guard records those the device (not up
+// yet, or not knowing them) drops. A failure is logged; the first pass sets the guard.
+func (d *Linux) GuardWireGuard(dev *plan.WGDevice) {
+	if d.wg == nil || dev == nil {
+		return
+	}
+	d.wg.mu.Lock()
+	defer d.wg.mu.Unlock()
+	if err := d.wg.ensureGuard(dev); err != nil {
+		d.wg.log.Warn("wireguard underlay guard not set ahead of the lease (the first pass sets it)", "err", err)
+	}
+}
+
 func (w *wgState) prepare(ctx context.Context, dev plan.WGDevice) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	// The guard first: peers that learn of us from the lease send their handshakes at
-	// once, and it records those the device (not up yet, or not knowing them) drops.
-	if err := w.ensureGuard(&dev); err != nil {
-		w.log.Warn("wireguard underlay guard not set ahead of the first pass (the pass sets it)", "err", err)
-	}
 	rec, err := w.reconciler(&dev)
 	if err == nil {
 		_, err = rec.Device.Ensure(ctx)

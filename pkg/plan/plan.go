@@ -640,7 +640,7 @@ func decide(in Input, l subnetLease, owner map[netip.Prefix]string) (Mode, strin
 	case config.WireGuard:
 		switch {
 		case l.WGPublicKey == "" || l.WGPort == 0:
-			return Unreachable, "the peer published no WireGuard key (a new node publishes it after its first pass; else: is it running the wireguard backend?)"
+			return Unreachable, NoWGKey
 		case l.WGPublicKey == in.Self.WGPublicKey:
 			return Unreachable, "the peer publishes this node's WireGuard public key"
 		case !wgEndpoint(&in.Self, l.Lease).IsValid():
@@ -749,3 +749,7 @@ func fnv64(s string) uint64 {
 	}
 	return h
 }
+
+// NoWGKey is the reason a wireguard peer without a key is unreachable: a new node publishes
+// its key after its first pass, so every join shows it for a moment (logged at info).
+const NoWGKey = "the peer published no WireGuard key (a new node publishes it after its first pass; else: is it running the wireguard backend?)"

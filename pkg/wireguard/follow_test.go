@@ -27,6 +27,9 @@ type fakeDevice struct {
 	hs       time.Time
 	kicks    []time.Time // requests that switched a keepalive on for an existing peer
 	removes  []time.Time // requests that removed a peer
+	// during runs, lock held, inside the first configuration request, which then takes
+	// 2 ms more (what comes back while WireGuard applies it).
+	during func()
 }
 
 func newFakeDevice(t *testing.T, self wgtypes.Key) *fakeDevice {
@@ -65,6 +68,11 @@ func (f *fakeDevice) ConfigureDevice(_ string, c wgtypes.Config) error {
 		}
 	}
 	f.d = apply(f.t, f.d, c)
+	if f.during != nil {
+		f.during()
+		f.during = nil
+		time.Sleep(2 * time.Millisecond)
+	}
 	return nil
 }
 
@@ -74,7 +82,7 @@ func (f *fakeDevice) Handshakes() (initiations, responses map[netip.Addr]time.Du
 	ages := func(at map[netip.Addr]time.Time) map[netip.Addr]time.Duration {
 		m := map[netip.Addr]time.Duration{}
 		for a, t := range at {
-			m[a] = time.Since(t)
+			m[a] = (time.Since(t) + 4*time.Millisecond).Truncate(4 * time.Millisecond) // read older, as the kernel's jiffies make it
 		}
 		return m
 	}
@@ -176,7 +184,7 @@ func TestLeaderRepairsCrossing(t *testing.T) {
 	peerIP := netip.MustParseAddr("192.0.2.2")
 	for _, tt := range []struct {
 		name      string
-		response  time.Duration // when a response comes after the Set (0: none; negative: before; -1ns: every 40 ms)
+		response  time.Duration // when a response comes after the Set (0: none; negative: before; -1ns: every 40 ms; 1ns, 2ns: see below)
 		handshake bool          // the device completes a handshake with it
 		repair    bool
 	}{
@@ -185,6 +193,8 @@ func TestLeaderRepairsCrossing(t *testing.T) {
 		{"no response", 0, false, false},
 		{"response from before the kick", -time.Second, false, false},
 		{"forged responses keep coming: at most maxRepairs", -1, false, true},
+		{"crossed on a fast path: response during the request", 1, false, true},
+		{"handshake during the request, then a forged response", 2, true, false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
@@ -199,6 +209,16 @@ func TestLeaderRepairsCrossing(t *testing.T) {
 			if tt.response < 0 {
 				f.locked(func() { f.answered[peerIP] = start.Add(tt.response) })
 			}
+			switch tt.response {
+			case 1: // the answer to our kick, dropped, comes back within the request
+				f.during = func() { f.answered[peerIP] = time.Now() }
+			case 2: // the handshake completes within the request; a forged response later
+				f.during = func() { f.hs = time.Now() }
+				go func() {
+					time.Sleep(50 * time.Millisecond)
+					f.locked(func() { f.answered[peerIP] = time.Now() })
+				}()
+			}
 			if _, err := r.Set(context.Background(), onePeer(self, peer)); err != nil {
 				t.Fatal(err)
 			}
@@ -210,7 +230,7 @@ func TestLeaderRepairsCrossing(t *testing.T) {
 					}
 				}()
 			}
-			if tt.response > 0 {
+			if tt.response > 2 {
 				time.Sleep(tt.response)
 				f.locked(func() {
 					f.answered[peerIP] = time.Now()
@@ -230,7 +250,7 @@ func TestLeaderRepairsCrossing(t *testing.T) {
 				}
 			case tt.repair && len(rs) != 1:
 				t.Fatalf("re-created %d times, want once", len(rs))
-			case tt.repair:
+			case tt.repair && tt.response > 2:
 				if at := rs[0].Sub(start); at < tt.response+settle || at > tt.response+settle+150*time.Millisecond {
 					t.Errorf("re-created %v after the Set, want soon after %v", at, tt.response+settle)
 				}

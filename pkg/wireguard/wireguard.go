@@ -212,6 +212,9 @@ func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
 	wc, lead, follow, d := diff(c, cur)
 	r.last = c
 	if wc != nil {
+		// Our kicks leave during the request (and an answer may come back before it
+		// returns): the leader's follow-ups count from before it.
+		sent := time.Now()
 		if err := r.Client.ConfigureDevice(c.Name, *wc); err != nil {
 			errs = append(errs, fmt.Errorf("configure device %s: %w", c.Name, err))
 		} else {
@@ -219,7 +222,7 @@ func (r *Reconciler) Set(ctx context.Context, c Config) (Changes, error) {
 			ch = d
 			// The peers are known from now: an initiation from one of them that came
 			// before was dropped (if the device had consumed it, its bytes would show).
-			r.follow(cur, lead, follow, time.Now())
+			r.follow(cur, lead, follow, sent, time.Now())
 		}
 	}
 	if !ch.Empty() {
@@ -320,8 +323,11 @@ const (
 	settle      = 25 * time.Millisecond
 	leadLookMax = 400 * time.Millisecond
 	maxRepairs  = 2
-	followLate  = time.Second
-	followFor   = 5 * time.Second
+	// grain is how coarse the guard's record of when a message came is (the kernel's
+	// set timeouts count jiffies: 10 ms at HZ=100).
+	grain      = 10 * time.Millisecond
+	followLate = time.Second
+	followFor  = 5 * time.Second
 )
 
 // Handshakes tells where handshake initiations and responses to the device's port came
@@ -337,7 +343,7 @@ func leads(self, peer wgtypes.Key) bool { return bytes.Compare(self[:], peer[:])
 // follow records the peers just kicked (lead) and the new peers the other side leads, with
 // what they had received so far (cur: the device before the request), and arms the timer.
 // Called with mu held.
-func (r *Reconciler) follow(cur *wgtypes.Device, lead, follow []wgtypes.Key, added time.Time) {
+func (r *Reconciler) follow(cur *wgtypes.Device, lead, follow []wgtypes.Key, sent, added time.Time) {
 	if len(lead)+len(follow) == 0 {
 		return
 	}
@@ -349,7 +355,7 @@ func (r *Reconciler) follow(cur *wgtypes.Device, lead, follow []wgtypes.Key, add
 		rx[p.PublicKey] = p.ReceiveBytes
 	}
 	for _, k := range lead {
-		r.pending[k] = &followUp{lead: true, added: added, kicked: added, due: added.Add(settle), rx: rx[k]}
+		r.pending[k] = &followUp{lead: true, added: sent, kicked: sent, due: added.Add(settle), rx: rx[k]}
 	}
 	for _, k := range follow {
 		r.pending[k] = &followUp{added: added, due: added, rx: rx[k]}
@@ -439,7 +445,7 @@ func (r *Reconciler) followUp() {
 			f.due = now.Add(min(settle<<f.looks, leadLookMax))
 			// A response that came after the peer was added and settled without a
 			// handshake was dropped: the handshakes crossed.
-			if age, ok := since(responses, p, f.kicked); !ok || age < settle {
+			if age, ok := since(responses, p, f.kicked.Add(-grain)); !ok || age < settle {
 				continue
 			}
 			kick.Peers = append(kick.Peers, wgtypes.PeerConfig{PublicKey: k, Remove: true}, newPeer(*p, r.last.PresharedKey, true), keepaliveOff(k))
