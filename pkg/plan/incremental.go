@@ -3,7 +3,6 @@ package plan
 import (
 	"iter"
 	"maps"
-	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -28,12 +27,13 @@ type Planner struct {
 	peers  map[string]peer                        // by node: its lease (enabled families only) and verdict
 	claim  multimap.Map[netipx.PrefixKey, string] // subnet (either family) -> nodes claiming it (almost always one)
 	wgKeys map[string][]string                    // WireGuard public key -> nodes publishing it (one)
+	vteps  multimap.Map[vtep, string]             // VTEP MAC -> nodes publishing it (one); VXLAN backends only
 
-	// The desired routes, neighbour entries and WireGuard peers are not kept: each follows
-	// from its node's lease and verdict (a subnet's route is its owner's, see routeTo), so
-	// they are rendered when asked for. With thousands of peers a map of them was the
-	// planner's biggest structure. FDB entries are kept: nodes could share one.
-	fdb   map[fdbKey]bool
+	// The desired routes, neighbour and FDB entries and WireGuard peers are not kept: each
+	// follows from its node's lease and verdict (a subnet's route is its owner's, see
+	// routeTo; a MAC's FDB entry its one VXLAN holder's, see vtepShared), so they are
+	// rendered when asked for. With thousands of peers a map of them was the planner's
+	// biggest structure.
 	odd   map[string]bool // nodes whose subnet length differs from the config's
 	modes map[Mode]int    // peers per mode
 
@@ -65,25 +65,6 @@ type contribution struct {
 	fdb   FDB             // valid only when vxlan
 	vxlan bool
 	wg    bool // a WireGuard peer (keyed by node)
-}
-
-// fdbKey is an FDB entry as a plain value (a third of an FDB's size, without pointers).
-// The MAC of a VXLAN peer is always in the canonical form lease.ValidMAC requires, so the
-// key gives the entry back (entry).
-type fdbKey struct {
-	mac [6]byte
-	dst netipx.AddrKey
-}
-
-func fdbKeyOf(f FDB) fdbKey {
-	k := fdbKey{dst: netipx.AddrKeyOf(f.Dst)}
-	hw, _ := net.ParseMAC(f.MAC)
-	copy(k.mac[:], hw)
-	return k
-}
-
-func (k fdbKey) entry() FDB {
-	return FDB{MAC: net.HardwareAddr(k.mac[:]).String(), Dst: k.dst.Addr()}
 }
 
 // Changes names the desired entries an update touched (added, changed or removed).
@@ -167,13 +148,15 @@ func NewPlanner(in Input) (*Planner, Plan) {
 		peers:  make(map[string]peer, len(in.Peers)),
 		claim:  multimap.New[netipx.PrefixKey, string](subnetsOf(in.Config, len(in.Peers))),
 		wgKeys: map[string][]string{},
-		fdb:    make(map[fdbKey]bool, len(full.FDB)),
 		odd:    map[string]bool{},
 		modes:  map[Mode]int{},
 	}
 	p.in.Peers = nil
 	full.Gen = p.gen
 	p.base = Build(p.in)
+	if p.base.VXLAN != nil {
+		p.vteps = multimap.New[vtep, string](len(in.Peers))
+	}
 	p.podMTU = full.PodMTU
 	if full.VXLAN != nil {
 		p.tunnelMTU = full.VXLAN.MTU
@@ -196,9 +179,6 @@ func NewPlanner(in Input) (*Planner, Plan) {
 		p.peers[v.Node] = e
 		p.modes[v.Mode]++
 	}
-	for _, e := range p.peers {
-		p.apply(e, true, nil)
-	}
 	return p, full
 }
 
@@ -213,6 +193,9 @@ func subnetsOf(c config.Network, n int) int {
 func (p *Planner) addClaim(l subnetLease) {
 	if k := l.WGPublicKey; k != "" && !slices.Contains(p.wgKeys[k], l.Node) {
 		p.wgKeys[k] = append(p.wgKeys[k], l.Node)
+	}
+	if k, ok := p.vtepOf(l); ok && !p.vteps.Contains(k, l.Node) {
+		p.vteps.Add(k, l.Node)
 	}
 	if quickInvalid(l) != "" {
 		return
@@ -233,10 +216,22 @@ func (p *Planner) dropClaim(l subnetLease) {
 			p.wgKeys[k] = c
 		}
 	}
+	if k, ok := p.vtepOf(l); ok {
+		p.vteps.Remove(k, l.Node)
+	}
 	delete(p.odd, l.Node)
 	for _, s := range l.subnets() {
 		p.claim.Remove(netipx.PrefixKeyOf(s), l.Node)
 	}
+}
+
+// vtepOf is l's VTEP MAC when the plan has a VXLAN device (else no peer is in mode VXLAN,
+// and the planner keeps no index of them).
+func (p *Planner) vtepOf(l subnetLease) (vtep, bool) {
+	if p.base.VXLAN == nil {
+		return vtep{}, false
+	}
+	return vtepOf(l.Lease)
 }
 
 // selfOwns reports whether s is one of this node's own subnets.
@@ -290,7 +285,7 @@ func (p *Planner) Update(changed []*lease.Lease) Plan {
 			d.Neighs[i] = NeighChange{IP: ip, Neigh: Neigh{IP: ip, MAC: mac}}
 		}
 	}
-	each(ch.FDB, func(f FDB) { d.FDB = append(d.FDB, FDBChange{FDB: f, Del: !p.fdb[fdbKeyOf(f)]}) })
+	each(ch.FDB, func(f FDB) { d.FDB = append(d.FDB, FDBChange{FDB: f, Del: !p.fdbWanted(f)}) })
 	each(ch.WG, func(n string) {
 		w, ok := p.wgPeer(n)
 		d.WGPeers = append(d.WGPeers, WGPeerChange{Node: n, Peer: w, Del: !ok})
@@ -308,6 +303,19 @@ func (p *Planner) Update(changed []*lease.Lease) Plan {
 	out := p.header()
 	out.Delta = d
 	return out
+}
+
+// fdbWanted reports whether FDB entry f is desired: a VXLAN peer publishing its MAC has it
+// (one at most: see vtepShared).
+func (p *Planner) fdbWanted(f FDB) bool {
+	k, _ := vtepOf(&lease.Lease{VTEPMAC: f.MAC})
+	wanted := false
+	p.vteps.Each(k, func(n string) bool {
+		c, ok := p.contribution(p.peers[n])
+		wanted = ok && c.vxlan && c.fdb == f
+		return !wanted
+	})
+	return wanted
 }
 
 // each calls f once for every distinct key, in order.
@@ -345,6 +353,7 @@ func (p *Planner) update(changed []*lease.Lease) Changes {
 	// Every node that claims a subnet touched by the change may win or lose it.
 	subnets := map[netip.Prefix]bool{}
 	keys := map[string]bool{} // WireGuard keys gained or lost: their other holders' verdicts change
+	macs := map[vtep]bool{}   // VTEP MACs gained or lost, likewise
 	// The leases and verdicts the current entries of changed nodes follow from (removal
 	// needs them).
 	planned := map[string]plannedLease{}
@@ -354,12 +363,18 @@ func (p *Planner) update(changed []*lease.Lease) Changes {
 		}
 		l := enabled(p.in.Config, changedLease)
 		keys[l.WGPublicKey] = true
+		if k, ok := p.vtepOf(l); ok {
+			macs[k] = true
+		}
 		if _, ok := planned[l.Node]; !ok {
 			old, had := p.peers[l.Node]
 			planned[l.Node] = plannedLease{old, had}
 		}
 		if old, ok := p.peers[l.Node]; ok {
 			keys[old.WGPublicKey] = true
+			if k, ok := p.vtepOf(old.subnetLease); ok {
+				macs[k] = true
+			}
 			for _, s := range old.subnets() {
 				subnets[s] = true
 			}
@@ -401,6 +416,9 @@ func (p *Planner) update(changed []*lease.Lease) Changes {
 			}
 		}
 	}
+	for k := range macs {
+		p.vteps.Each(k, func(n string) bool { affected[n] = true; return true })
+	}
 	owner := p.owners(subnets)
 	// Odd-length subnets are checked against every owner (rare: leases from before a
 	// config change); give decide the full picture for those.
@@ -418,7 +436,7 @@ func (p *Planner) update(changed []*lease.Lease) Changes {
 		}
 		if ok {
 			p.modes[e.mode]--
-			p.apply(e, false, &ch)
+			p.touch(e, &ch)
 		}
 	}
 	for n := range affected {
@@ -438,12 +456,15 @@ func (p *Planner) update(changed []*lease.Lease) Changes {
 			}
 		}
 		e.mode, e.reason = decide(p.in, e.subnetLease, owner)
-		if e.mode == WireGuard {
+		switch e.mode {
+		case WireGuard:
 			e.mode, e.reason = wgShared(e.Lease, p.wgKeys[e.WGPublicKey])
+		case VXLAN:
+			e.mode, e.reason = vtepShared(e.Lease, p.vteps)
 		}
 		p.peers[n] = e
 		p.modes[e.mode]++
-		p.apply(e, true, &ch)
+		p.touch(e, &ch)
 	}
 	return ch
 }
@@ -535,21 +556,12 @@ func (p *Planner) contribution(e peer) (contribution, bool) {
 	return c, true
 }
 
-// apply puts e's contribution into the desired state (in) or takes it out (e as planned
-// from its lease and verdict), and the keys of all it touched into ch (nil: not wanted).
-// Its routes, neighbour entries and WireGuard peer follow from e: only its FDB entry is
-// kept.
-func (p *Planner) apply(e peer, in bool, ch *Changes) {
+// touch adds the keys of e's contribution to ch, as e enters or leaves the desired state
+// (as planned from its lease and verdict). The entries themselves follow from the peers,
+// so nothing else changes.
+func (p *Planner) touch(e peer, ch *Changes) {
 	c, ok := p.contribution(e)
 	if !ok {
-		return
-	}
-	if c.vxlan && in {
-		p.fdb[fdbKeyOf(c.fdb)] = true
-	} else if c.vxlan {
-		delete(p.fdb, fdbKeyOf(c.fdb))
-	}
-	if ch == nil {
 		return
 	}
 	for _, dst := range c.dst {
@@ -629,9 +641,9 @@ func (p *Planner) Plan() Plan {
 		if w, ok := p.wgPeer(n); ok {
 			out.WGPeers = append(out.WGPeers, w)
 		}
-	}
-	for k := range p.fdb {
-		out.FDB = append(out.FDB, k.entry())
+		if c, ok := p.contribution(e); ok && c.vxlan {
+			out.FDB = append(out.FDB, c.fdb)
+		}
 	}
 	return out
 }

@@ -73,8 +73,13 @@ func plannerMatchesBuild(t *testing.T, c config.Network, self lease.Lease, backe
 		}
 		if rng.IntN(8) == 0 || backend == config.HostGW && rng.IntN(4) != 0 {
 			l.VTEPMAC = ""
-		} else if rng.IntN(6) == 0 { // the planner keeps FDB entries' MACs as bytes
-			l.VTEPMAC = strings.ToUpper(l.VTEPMAC)
+		} else {
+			if rng.IntN(6) == 0 { // a MAC another node may publish too, now or later
+				l.VTEPMAC = VTEPMAC(fmt.Sprintf("n%d", rng.IntN(12))).String()
+			}
+			if rng.IntN(6) == 0 { // the planner indexes MACs as bytes
+				l.VTEPMAC = strings.ToUpper(l.VTEPMAC)
+			}
 		}
 		switch rng.IntN(12) {
 		case 0:

@@ -23,7 +23,9 @@
 package plan
 
 import (
+	"encoding/hex"
 	"fmt"
+	"iter"
 	"net"
 	"net/netip"
 	"slices"
@@ -31,6 +33,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
+	"github.com/netagent/netagent/pkg/multimap"
 	"github.com/netagent/netagent/pkg/wireguard"
 )
 
@@ -352,7 +355,9 @@ func Build(in Input) Plan {
 	}
 	p.Peers = make([]Peer, 0, len(in.Peers))
 	p.Routes = make([]Route, 0, len(in.Peers))
+	var vteps multimap.Map[vtep, string]
 	if p.VXLAN != nil {
+		vteps = vtepHolders(in.Self.Node, in.Peers)
 		p.Neighs = make([]Neigh, 0, len(in.Peers))
 		p.FDB = make([]FDB, 0, len(in.Peers))
 	}
@@ -363,8 +368,11 @@ func Build(in Input) Plan {
 		l := enabled(c, pl)
 		peer := peerOf(in.Underlay, l)
 		peer.Mode, peer.Reason = decide(in, l, owner)
-		if peer.Mode == WireGuard {
+		switch peer.Mode {
+		case WireGuard:
 			peer.Mode, peer.Reason = wgShared(l.Lease, wgKeys[l.WGPublicKey])
+		case VXLAN:
+			peer.Mode, peer.Reason = vtepShared(l.Lease, vteps)
 		}
 		p.Peers = append(p.Peers, peer)
 		if a, ok := allowed(peer, vxlan6(in.Self)); ok {
@@ -583,16 +591,63 @@ func wgKeyHolders(self string, peers []*lease.Lease) map[string][]string {
 // directory, or a forged lease) are both left out rather than letting input order decide
 // which one gets the other's traffic.
 func wgShared(l *lease.Lease, holders []string) (Mode, string) {
-	other := "" // the smallest name, for a reason that does not depend on input order
-	for _, n := range holders {
-		if n != l.Node && (other == "" || n < other) {
-			other = n
-		}
-	}
-	if other != "" {
+	if other := otherHolder(l.Node, slices.Values(holders)); other != "" {
 		return Unreachable, fmt.Sprintf("its WireGuard public key is also published by %s", other)
 	}
 	return WireGuard, ""
+}
+
+// vtep is a VTEP MAC as an index key.
+type vtep [6]byte
+
+// vtepOf is the VTEP MAC l publishes (false: none; a peer without one is no VXLAN peer).
+// It does not allocate (net.ParseMAC does): Build takes every peer's.
+func vtepOf(l *lease.Lease) (vtep, bool) {
+	var k vtep
+	s := l.VTEPMAC
+	if !lease.ValidMAC(s) {
+		return k, false
+	}
+	for i := range k {
+		_, _ = hex.Decode(k[i:i+1], []byte{s[3*i], s[3*i+1]}) // valid: ValidMAC checked
+	}
+	return k, true
+}
+
+// vtepHolders maps each VTEP MAC among peers to the nodes publishing it.
+func vtepHolders(self string, peers []*lease.Lease) multimap.Map[vtep, string] {
+	m := multimap.New[vtep, string](len(peers))
+	for _, l := range peers {
+		if k, ok := vtepOf(l); ok && l.Node != self && !m.Contains(k, l.Node) {
+			m.Add(k, l.Node)
+		}
+	}
+	return m
+}
+
+// vtepShared decides a VXLAN peer whose VTEP MAC's holders are known. The device sends a
+// MAC's frames to one underlay address, and the neighbour entries of both nodes would name
+// it, so two nodes publishing one MAC (a forged lease copying another node's, or a stale
+// one) are both left out, as for a shared WireGuard key: input order must not decide
+// which one gets the other's traffic, and no FDB entry serves two peers.
+func vtepShared(l *lease.Lease, holders multimap.Map[vtep, string]) (Mode, string) {
+	k, _ := vtepOf(l)
+	if other := otherHolder(l.Node, func(yield func(string) bool) { holders.Each(k, yield) }); other != "" {
+		return Unreachable, fmt.Sprintf("its VTEP MAC is also published by %s", other)
+	}
+	return VXLAN, ""
+}
+
+// otherHolder is the smallest name among holders other than node ("": none); the
+// smallest, so a reason naming it does not depend on input order.
+func otherHolder(node string, holders iter.Seq[string]) string {
+	other := ""
+	for n := range holders {
+		if n != node && (other == "" || n < other) {
+			other = n
+		}
+	}
+	return other
 }
 
 // quickInvalid checks what the plan relies on (leases from the store were fully validated

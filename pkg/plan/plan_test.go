@@ -44,7 +44,7 @@ var underlay = Underlay{Dev: "eth0", MTU: 1500, Connected: []netip.Prefix{netip.
 func render(p Plan) string {
 	slices.SortFunc(p.Routes, func(a, b Route) int { return a.Dst.Addr().Compare(b.Dst.Addr())*2 + cmpInt(a.Dst.Bits(), b.Dst.Bits()) })
 	slices.SortFunc(p.Neighs, func(a, b Neigh) int { return a.IP.Compare(b.IP) })
-	slices.SortFunc(p.FDB, func(a, b FDB) int { return strings.Compare(a.MAC, b.MAC) })
+	slices.SortFunc(p.FDB, func(a, b FDB) int { return strings.Compare(a.MAC, b.MAC)*2 + a.Dst.Compare(b.Dst) })
 	slices.SortFunc(p.Peers, func(a, b Peer) int { return strings.Compare(a.Node, b.Node) })
 	slices.SortFunc(p.WGPeers, func(a, b WGPeer) int { return strings.Compare(a.Node, b.Node) })
 	var b strings.Builder
