@@ -27,6 +27,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/nat"
+	"github.com/netagent/netagent/pkg/nlbatch"
 	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/plan"
 	"github.com/netagent/netagent/pkg/route"
@@ -100,6 +101,13 @@ type Linux struct {
 	kept                string       // the last full plan's KeepVXLAN
 }
 
+// kernel is the netlink handle, with batched writes (a full pass's routes and neighbour
+// and FDB entries) for the reconcilers.
+type kernel struct {
+	*netlink.Handle
+	*nlbatch.Conn
+}
+
 // New opens the kernel of the current network namespace; iptables runs the NAT chains'
 // iptables-save and -restore (nil: the binaries, in the agent's namespace).
 func New(log *slog.Logger, iptables nat.Runner) (*Linux, error) {
@@ -110,12 +118,19 @@ func New(log *slog.Logger, iptables nat.Runner) (*Linux, error) {
 	if err != nil {
 		return nil, fmt.Errorf("netlink: %w", err)
 	}
-	g, err := vxguard.New()
+	b, err := nlbatch.Open()
 	if err != nil {
 		h.Close()
 		return nil, err
 	}
-	d := &Linux{h: h, log: log, route: route.New(h, log), vxlan: vxlan.New(h, log), guard: g, nat: nat.New(iptables)}
+	g, err := vxguard.New()
+	if err != nil {
+		h.Close()
+		b.Close()
+		return nil, err
+	}
+	k := kernel{h, b}
+	d := &Linux{h: h, log: log, route: route.New(k, log), vxlan: vxlan.New(k, log), guard: g, nat: nat.New(iptables)}
 	d.vxDev.Store("")
 	d.ulDev.Store("")
 	d.wgDev.Store("")

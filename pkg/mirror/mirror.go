@@ -102,15 +102,31 @@ func (m *Mirror[K, V]) Observe(f func(cur map[K]V) bool) (changed, valid bool) {
 // next first; if do fails, prev goes back. A deletion failing with gone (the entry was not
 // there) counts as done.
 func (m *Mirror[K, V]) Write(k K, next, prev *V, gone error, do func() error) error {
-	m.record(k, next)
-	err := do()
-	if err != nil && next == nil && gone != nil && errors.Is(err, gone) {
-		err = nil
+	return m.WriteAll([]Change[K, V]{{k, next, prev}}, gone, func() []error { return []error{do()} })[0]
+}
+
+// Change is one kernel change of a key from Prev to Next (nil: absent).
+type Change[K comparable, V comparable] struct {
+	Key        K
+	Next, Prev *V
+}
+
+// WriteAll is Write for changes made together (one batch of netlink requests): do returns
+// each change's outcome, in order.
+func (m *Mirror[K, V]) WriteAll(chs []Change[K, V], gone error, do func() []error) []error {
+	for _, c := range chs {
+		m.record(c.Key, c.Next)
 	}
-	if err != nil {
-		m.record(k, prev)
+	errs := do()
+	for i, c := range chs {
+		if errs[i] != nil && c.Next == nil && gone != nil && errors.Is(errs[i], gone) {
+			errs[i] = nil
+		}
+		if errs[i] != nil {
+			m.record(c.Key, c.Prev)
+		}
 	}
-	return err
+	return errs
 }
 
 func (m *Mirror[K, V]) record(k K, v *V) {

@@ -42,6 +42,13 @@ type Kernel interface {
 	LinkByName(string) (netlink.Link, error)
 }
 
+// Batch is a kernel that writes many routes per system call (pkg/nlbatch), each with its
+// own outcome; a Kernel that has it gets a pass's writes through it.
+type Batch interface {
+	ReplaceRoutes([]*netlink.Route) []error
+	DeleteRoutes([]*netlink.Route) []error
+}
+
 // Reconciler owns netagent's routes in one network namespace.
 type Reconciler struct {
 	k      Kernel
@@ -146,10 +153,63 @@ func (r *Reconciler) current() (map[netipx.PrefixKey]kroute, error) {
 	return m, nil
 }
 
-// write performs a kernel change through the mirror (a route already gone counts as
-// deleted).
-func (r *Reconciler) write(dst netip.Prefix, next, prev *kroute, do func() error) error {
-	return r.mirror.Write(netipx.PrefixKeyOf(dst), next, prev, unix.ESRCH, do)
+// op is one route write: dst set to want, or deleted (want nil), from cur (nil: absent).
+type op struct {
+	dst  netip.Prefix
+	want *netlink.Route
+	cur  *kroute
+	plan plan.Route // for the log and errors
+}
+
+// write performs ops through the mirror, in one batch when the kernel can (a route already
+// gone counts as deleted), and returns each one's outcome.
+func (r *Reconciler) write(ops []op) []error {
+	chs := make([]mirror.Change[netipx.PrefixKey, kroute], len(ops))
+	nrs := make([]*netlink.Route, len(ops))
+	for i, o := range ops {
+		chs[i] = mirror.Change[netipx.PrefixKey, kroute]{Key: netipx.PrefixKeyOf(o.dst), Prev: o.cur}
+		if o.want != nil {
+			next := compact(*o.want)
+			chs[i].Next, nrs[i] = &next, o.want
+		} else {
+			nrs[i] = o.cur.route(o.dst)
+		}
+	}
+	return r.mirror.WriteAll(chs, unix.ESRCH, func() []error {
+		errs := make([]error, len(ops))
+		for _, del := range []bool{false, true} { // deletions last
+			var idx []int
+			var rs []*netlink.Route
+			for i, o := range ops {
+				if (o.want == nil) == del {
+					idx, rs = append(idx, i), append(rs, nrs[i])
+				}
+			}
+			for j, err := range r.send(rs, del) {
+				errs[idx[j]] = err
+			}
+		}
+		return errs
+	})
+}
+
+// send writes rs (deletes them, del), batched when the kernel can.
+func (r *Reconciler) send(rs []*netlink.Route, del bool) []error {
+	if b, ok := r.k.(Batch); ok && len(rs) > 0 {
+		if del {
+			return b.DeleteRoutes(rs)
+		}
+		return b.ReplaceRoutes(rs)
+	}
+	errs := make([]error, len(rs))
+	for i, x := range rs {
+		if del {
+			errs[i] = r.k.RouteDel(x)
+		} else {
+			errs[i] = r.k.RouteReplace(x)
+		}
+	}
+	return errs
 }
 
 // Stats counts what a Sync changed.
@@ -187,6 +247,7 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 	}
 	links := map[string]int{}
 	var errs []error
+	var ops []op
 	keep := make(map[netipx.PrefixKey]bool, len(want))
 	for _, w := range want {
 		keep[netipx.PrefixKeyOf(w.Dst)] = true
@@ -206,34 +267,39 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 		}
 		nr := toNetlink(w, idx)
 		c, had := cur[netipx.PrefixKeyOf(w.Dst)]
-		next := compact(*nr)
-		if had && c == next {
+		if had && c == compact(*nr) {
 			continue
 		}
-		if err := r.write(w.Dst, &next, mirror.Ptr(c, had), func() error { return r.k.RouteReplace(nr) }); err != nil {
-			errs = append(errs, fmt.Errorf("replace route %s via %s dev %s: %w", w.Dst, w.Gw, w.Dev, err))
-			continue
-		}
-		if had {
-			st.Replaced++
-		} else {
-			st.Added++
-		}
-		r.log.Debug("route set", "dst", w.Dst, "via", w.Gw, "dev", w.Dev, "mtu", w.MTU)
+		ops = append(ops, op{dst: w.Dst, want: nr, cur: mirror.Ptr(c, had), plan: w})
 	}
 	for k, c := range cur {
-		if keep[k] {
-			continue
+		if !keep[k] {
+			ops = append(ops, op{dst: k.Prefix(), cur: &c})
 		}
-		dst := k.Prefix()
-		if err := r.write(dst, nil, &c, func() error { return r.k.RouteDel(c.route(dst)) }); err != nil {
-			errs = append(errs, fmt.Errorf("delete route %s: %w", dst, err))
-			continue
-		}
-		st.Deleted++
-		r.log.Debug("route deleted", "dst", dst)
 	}
+	st.count(r, ops, r.write(ops), &errs)
 	return st, errors.Join(errs...)
+}
+
+// count adds what ops did (outs: each one's outcome) to st and their failures to errs.
+func (st *Stats) count(r *Reconciler, ops []op, outs []error, errs *[]error) {
+	for i, o := range ops {
+		switch err := outs[i]; {
+		case err != nil && o.want != nil:
+			*errs = append(*errs, fmt.Errorf("replace route %s via %s dev %s: %w", o.dst, o.plan.Gw, o.plan.Dev, err))
+		case err != nil:
+			*errs = append(*errs, fmt.Errorf("delete route %s: %w", o.dst, err))
+		case o.want == nil:
+			st.Deleted++
+			r.log.Debug("route deleted", "dst", o.dst)
+		case o.cur != nil:
+			st.Replaced++
+			r.log.Debug("route replaced", "dst", o.dst, "via", o.plan.Gw, "dev", o.plan.Dev, "mtu", o.plan.MTU)
+		default:
+			st.Added++
+			r.log.Debug("route added", "dst", o.dst, "via", o.plan.Gw, "dev", o.plan.Dev, "mtu", o.plan.MTU)
+		}
+	}
 }
 
 func toNetlink(w plan.Route, idx int) *netlink.Route {
@@ -285,11 +351,6 @@ func (r *Reconciler) Apply(changes []plan.RouteChange) (Stats, error) {
 			}
 		}
 	}
-	type op struct {
-		dst  netip.Prefix
-		want *netlink.Route
-		cur  *kroute
-	}
 	var ops []op
 	if !r.mirror.Read(func(m map[netipx.PrefixKey]kroute) {
 		for _, ch := range changes {
@@ -304,7 +365,7 @@ func (r *Reconciler) Apply(changes []plan.RouteChange) (Stats, error) {
 				if have && c == compact(*nr) {
 					continue
 				}
-				ops = append(ops, op{dst: ch.Dst, want: nr, cur: mirror.Ptr(c, have)})
+				ops = append(ops, op{dst: ch.Dst, want: nr, cur: mirror.Ptr(c, have), plan: ch.Route})
 			case have:
 				ops = append(ops, op{dst: ch.Dst, cur: &c})
 			}
@@ -312,25 +373,6 @@ func (r *Reconciler) Apply(changes []plan.RouteChange) (Stats, error) {
 	}) {
 		return st, ErrNoMirror
 	}
-	for _, o := range ops {
-		if o.want != nil {
-			next := compact(*o.want)
-			if err := r.write(o.dst, &next, o.cur, func() error { return r.k.RouteReplace(o.want) }); err != nil {
-				errs = append(errs, fmt.Errorf("replace route %s: %w", o.dst, err))
-				continue
-			}
-			if o.cur != nil {
-				st.Replaced++
-			} else {
-				st.Added++
-			}
-			continue
-		}
-		if err := r.write(o.dst, nil, o.cur, func() error { return r.k.RouteDel(o.cur.route(o.dst)) }); err != nil {
-			errs = append(errs, fmt.Errorf("delete route %s: %w", o.dst, err))
-			continue
-		}
-		st.Deleted++
-	}
+	st.count(r, ops, r.write(ops), &errs)
 	return st, errors.Join(errs...)
 }

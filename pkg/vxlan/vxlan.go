@@ -341,6 +341,38 @@ func (r *Reconciler) writeFDB(k fdbKey, next, prev *entry, do func() error) erro
 	return r.fdb.Write(k, next, prev, unix.ENOENT, do)
 }
 
+// Batch is a kernel that sets many neighbour and FDB entries per system call
+// (pkg/nlbatch), each with its own outcome; a full pass's sets go through it when the
+// Kernel has it.
+type Batch interface {
+	SetNeighs([]*netlink.Neigh) []error
+}
+
+// setAll sets ns, batched when the kernel can, and returns each one's outcome.
+func (r *Reconciler) setAll(ns []*netlink.Neigh) []error {
+	if b, ok := r.k.(Batch); ok && len(ns) > 0 {
+		return b.SetNeighs(ns)
+	}
+	errs := make([]error, len(ns))
+	for i, n := range ns {
+		errs[i] = r.k.NeighSet(n)
+	}
+	return errs
+}
+
+// setEntries writes ns through m, a mirror keyed by key(i), and reports each failure by
+// what(i).
+func setEntries[K comparable](r *Reconciler, m *mirror.Mirror[K, entry], chs []mirror.Change[K, entry], ns []*netlink.Neigh, what func(i int) string) (set int, errs []error) {
+	for i, err := range m.WriteAll(chs, unix.ENOENT, func() []error { return r.setAll(ns) }) {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("set %s: %w", what(i), err))
+			continue
+		}
+		set++
+	}
+	return set, errs
+}
+
 // New returns a reconciler working through k.
 func New(k Kernel, log *slog.Logger) *Reconciler { return &Reconciler{k: k, log: log} }
 
@@ -552,6 +584,9 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 	}
 	var errs []error
 	keep := make(map[netipx.AddrKey]bool, len(neighs))
+	var chs []mirror.Change[netipx.AddrKey, entry]
+	var ns []*netlink.Neigh
+	var whats []plan.Neigh
 	for _, w := range neighs {
 		k := netipx.AddrKeyOf(w.IP)
 		keep[k] = true
@@ -562,12 +597,11 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		}
 		n := setNeigh(idx, w.IP, m)
 		next := toEntry(*n)
-		if err := r.writeNeigh(w.IP, &next, mirror.Ptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
-			errs = append(errs, fmt.Errorf("set neighbour %s %s: %w", w.IP, w.MAC, err))
-			continue
-		}
-		st.NeighSet++
+		chs, ns, whats = append(chs, mirror.Change[netipx.AddrKey, entry]{Key: k, Next: &next, Prev: mirror.Ptr(c, ok)}), append(ns, n), append(whats, w)
 	}
+	set, failed := setEntries(r, &r.neigh, chs, ns, func(i int) string { return fmt.Sprintf("neighbour %s %s", whats[i].IP, whats[i].MAC) })
+	st.NeighSet += set
+	errs = append(errs, failed...)
 	for k, c := range have {
 		if !keep[k] {
 			if err := r.remove(deletion{idx: idx, ip: k.Addr(), prev: c}, st); err != nil {
@@ -576,6 +610,9 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		}
 	}
 	keepFDB := make(map[fdbKey]bool, len(fdb))
+	var fchs []mirror.Change[fdbKey, entry]
+	var fns []*netlink.Neigh
+	var fwhats []plan.FDB
 	for _, w := range fdb {
 		k := fdbKey{planMAC(w.MAC), netipx.AddrKeyOf(w.Dst)}
 		keepFDB[k] = true
@@ -585,12 +622,11 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		}
 		n := setFDB(idx, k)
 		next := toEntry(*n)
-		if err := r.writeFDB(k, &next, mirror.Ptr(c, ok), func() error { return r.k.NeighSet(n) }); err != nil {
-			errs = append(errs, fmt.Errorf("set fdb %s dst %s: %w", w.MAC, w.Dst, err))
-			continue
-		}
-		st.FDBSet++
+		fchs, fns, fwhats = append(fchs, mirror.Change[fdbKey, entry]{Key: k, Next: &next, Prev: mirror.Ptr(c, ok)}), append(fns, n), append(fwhats, w)
 	}
+	set, failed = setEntries(r, &r.fdb, fchs, fns, func(i int) string { return fmt.Sprintf("fdb %s dst %s", fwhats[i].MAC, fwhats[i].Dst) })
+	st.FDBSet += set
+	errs = append(errs, failed...)
 	for k, c := range haveFDB {
 		if !keepFDB[k] {
 			if err := r.remove(deletion{idx: idx, fdb: true, ip: k.dst.Addr(), key: k, prev: c}, st); err != nil {
