@@ -2,6 +2,7 @@ package vxlan
 
 import (
 	"bytes"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -377,6 +378,50 @@ func TestNoDeviceWanted(t *testing.T) {
 			}
 			if _, err := r.Apply([]plan.NeighChange{{IP: netip.MustParseAddr("10.244.3.0")}}, nil); err != ErrNoMirror {
 				t.Errorf("Apply(a neighbour) = %v, want ErrNoMirror: there is no device to put it on", err)
+			}
+		})
+	}
+}
+
+// TestApplyMovedVTEP: a peer's new underlay address arrives as the planner's delta puts it
+// (its old FDB entry deleted, the new one set, one MAC). The kernel keeps one destination
+// per MAC, so setting the new one replaces the old and the deletion finds nothing; the
+// device must end with the new entry alone, and the mirror must agree (the next full pass
+// changes nothing).
+func TestApplyMovedVTEP(t *testing.T) {
+	for _, deferred := range []bool{false, true} {
+		t.Run(fmt.Sprintf("deferred=%v", deferred), func(t *testing.T) {
+			n, h := underlay(t, "vxmove")
+			r := New(h, slog.New(slog.DiscardHandler))
+			r.Mirror()
+			if deferred {
+				r.DeferDeletes()
+			}
+			dev := &plan.VXLANDevice{Name: "na.1", VNI: 1, Port: 8472, Underlay: "eth0", Local: netip.MustParseAddr("192.0.2.1"), Addr: netip.MustParsePrefix("10.244.1.0/32"), MAC: plan.VTEPMAC("self").String(), MTU: 1450}
+			macB := plan.VTEPMAC("b").String()
+			neigh := plan.Neigh{IP: netip.MustParseAddr("10.244.2.0"), MAC: macB}
+			from, to := plan.FDB{MAC: macB, Dst: netip.MustParseAddr("192.0.2.2")}, plan.FDB{MAC: macB, Dst: netip.MustParseAddr("198.51.100.2")}
+			if _, err := r.Sync(dev, []plan.Neigh{neigh}, []plan.FDB{from}); err != nil {
+				t.Fatal(err)
+			}
+			st, err := r.Apply(nil, []plan.FDBChange{{FDB: from, Del: true}, {FDB: to}})
+			if err != nil {
+				t.Fatalf("Apply: %v", err)
+			}
+			c, err := r.Commit()
+			if err != nil {
+				t.Fatalf("Commit: %v", err)
+			}
+			st.Add(c)
+			if st.FDBSet != 1 || st.FDBDel != 1 {
+				t.Errorf("Apply and Commit = %+v, want one FDB entry set and one deleted", st)
+			}
+			f := strings.TrimSpace(n.MustRun(t, "bridge", "fdb", "show", "dev", "na.1"))
+			if want := macB + " dst 198.51.100.2 self permanent"; !strings.Contains(f, want) || strings.Count(f, "\n") != 0 {
+				t.Errorf("fdb:\n%s\nwant %q alone", f, want)
+			}
+			if st, err := r.Sync(dev, []plan.Neigh{neigh}, []plan.FDB{to}); err != nil || st.Changed() {
+				t.Errorf("the next full pass = %+v, %v; want nothing to do", st, err)
 			}
 		})
 	}
