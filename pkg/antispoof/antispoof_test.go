@@ -154,6 +154,7 @@ const wantChain = `table bridge netagent {
 		arp htype 1 arp ptype ip arp hlen 6 arp plen 4 iifname . arp saddr ip . ether saddr @pods iifname . arp saddr ip . arp saddr ether @pods accept comment "netagent antispoof v1: ARP from the pod's own address and MAC"
 		ether type ip counter name "spoofed-ipv4" drop comment "netagent antispoof v1: spoofed IPv4"
 		ether type arp counter name "spoofed-arp" drop comment "netagent antispoof v1: spoofed ARP"
+		meta l4proto != ipv6-icmp iifname . ip6 saddr . ether saddr @pods6 accept comment "netagent antispoof v1: IPv6 other than ICMPv6 from the pod's own address and MAC"
 		ip6 nexthdr ipv6-icmp @nh,320,8 0x88 ip6 length 24 iifname . ip6 saddr . ether saddr @pods6 iifname . @nh,384,128 . ether saddr @pods6 accept comment "netagent antispoof v1: NA for the pod's own address"
 		ip6 nexthdr ipv6-icmp @nh,320,8 0x88 ip6 length 32 iifname . ip6 saddr . ether saddr @pods6 iifname . @nh,384,128 . ether saddr @pods6 @nh,512,16 0x201 iifname . @nh,384,128 . @nh,528,48 @pods6 accept comment "netagent antispoof v1: NA for the pod's own address and MAC"
 		ip6 nexthdr ipv6-icmp @nh,320,8 0x87 ip6 length 24 iifname . ip6 saddr . ether saddr @pods6 accept comment "netagent antispoof v1: NS from the pod's own address"

@@ -186,6 +186,13 @@ func rules6() []rule {
 	accept, drop := verdict(nfAccept), verdict(nfDrop)
 	target := []expression{netLoad(ip6ICMP+8, 16, regIP), inPods6()} // after ownSource: name and MAC still loaded
 	return []rule{
+		// The common case first (the chain runs for every frame a pod sends): anything but
+		// ICMPv6 from the pod's own address and MAC. It accepts nothing the rules below
+		// would drop: they single out ICMPv6 (neighbour discovery) and sources not in the
+		// set. A packet whose headers do not parse has no l4proto and falls through.
+		{"IPv6 other than ICMPv6 from the pod's own address and MAC", concat(etherType(unix.ETH_P_IPV6), []expression{
+			l4proto(), cmp(unix.NFT_CMP_NEQ, 1, []byte{unix.IPPROTO_ICMPV6}),
+		}, ownSource(), []expression{accept})},
 		{"NA for the pod's own address", concat(ndp(ndNeighAdvert, 24), ownSource(), target, []expression{accept})},
 		{"NA for the pod's own address and MAC", concat(ndp(ndNeighAdvert, 32), ownSource(), target, option(2, 24), []expression{accept})},
 		{"NS from the pod's own address", concat(ndp(ndNeighSolicit, 24), ownSource(), []expression{accept})},
