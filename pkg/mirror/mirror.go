@@ -112,7 +112,8 @@ type Change[K comparable, V comparable] struct {
 }
 
 // WriteAll is Write for changes made together (one batch of netlink requests): do returns
-// each change's outcome, in order.
+// each change's outcome, in order. Keys must be distinct (a failed change puts its Prev
+// back after every Next was recorded).
 func (m *Mirror[K, V]) WriteAll(chs []Change[K, V], gone error, do func() []error) []error {
 	for _, c := range chs {
 		m.record(c.Key, c.Next)

@@ -38,7 +38,8 @@ type Conn struct {
 	mu  sync.Mutex
 	fd  int
 	seq uint32
-	buf []byte
+	buf []byte // acknowledgements
+	out []byte // a datagram of requests, reused
 }
 
 // Open opens a socket in the calling thread's network namespace.
@@ -77,57 +78,62 @@ func (c *Conn) setup() error {
 // Close closes the socket.
 func (c *Conn) Close() error { return unix.Close(c.fd) }
 
-// ReplaceRoutes sets each route (create or replace), as netlink.RouteReplace; errs[i] is
-// route i's outcome.
-func (c *Conn) ReplaceRoutes(rs []*netlink.Route) []error {
-	return c.each(len(rs), func(i int) (uint16, uint16, []byte, error) {
-		b, err := routeMsg(rs[i])
-		return unix.RTM_NEWROUTE, unix.NLM_F_CREATE | unix.NLM_F_REPLACE, b, err
+// ReplaceRoutes sets n routes (create or replace), as netlink.RouteReplace; route(i) is
+// called as request i is encoded (a caller with thousands need not build them all first),
+// and errs[i] is its outcome.
+func (c *Conn) ReplaceRoutes(n int, route func(i int) *netlink.Route) []error {
+	return c.each(n, func(i int, b []byte) ([]byte, uint16, uint16, error) {
+		b, err := routeMsg(b, route(i), false)
+		return b, unix.RTM_NEWROUTE, unix.NLM_F_CREATE | unix.NLM_F_REPLACE, err
 	})
 }
 
-// DeleteRoutes deletes each route, as netlink.RouteDel.
-func (c *Conn) DeleteRoutes(rs []*netlink.Route) []error {
-	return c.each(len(rs), func(i int) (uint16, uint16, []byte, error) {
-		b, err := routeMsg(rs[i])
-		return unix.RTM_DELROUTE, 0, b, err
+// DeleteRoutes deletes n routes, as netlink.RouteDel.
+func (c *Conn) DeleteRoutes(n int, route func(i int) *netlink.Route) []error {
+	return c.each(n, func(i int, b []byte) ([]byte, uint16, uint16, error) {
+		b, err := routeMsg(b, route(i), true)
+		return b, unix.RTM_DELROUTE, 0, err
 	})
 }
 
-// SetNeighs sets each neighbour or FDB entry (create or replace), as netlink.NeighSet.
-func (c *Conn) SetNeighs(ns []*netlink.Neigh) []error {
-	return c.each(len(ns), func(i int) (uint16, uint16, []byte, error) {
-		b, err := neighMsg(ns[i])
-		return unix.RTM_NEWNEIGH, unix.NLM_F_CREATE | unix.NLM_F_REPLACE, b, err
+// SetNeighs sets n neighbour or FDB entries (create or replace), as netlink.NeighSet.
+func (c *Conn) SetNeighs(n int, neigh func(i int) *netlink.Neigh) []error {
+	return c.each(n, func(i int, b []byte) ([]byte, uint16, uint16, error) {
+		b, err := neighMsg(b, neigh(i))
+		return b, unix.RTM_NEWNEIGH, unix.NLM_F_CREATE | unix.NLM_F_REPLACE, err
 	})
 }
 
-// each sends n requests, perSend to a datagram, and returns each one's outcome.
-func (c *Conn) each(n int, msg func(i int) (typ, flags uint16, body []byte, err error)) []error {
+// each sends n requests, perSend to a datagram, and returns each one's outcome; msg
+// appends request i's body to b.
+func (c *Conn) each(n int, msg func(i int, b []byte) ([]byte, uint16, uint16, error)) []error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	errs := make([]error, n)
+	pending := map[uint32]int{} // sequence number -> request
 	for from := 0; from < n; from += perSend {
-		to := min(from+perSend, n)
-		var out []byte
-		pending := map[uint32]int{} // sequence number -> request
-		for i := from; i < to; i++ {
-			typ, flags, body, err := msg(i)
-			if err != nil {
-				errs[i] = err
+		out := c.out[:0]
+		clear(pending)
+		for i := from; i < min(from+perSend, n); i++ {
+			start := len(out)
+			out = append(out, make([]byte, unix.SizeofNlMsghdr)...)
+			var typ, flags uint16
+			var err error
+			if out, typ, flags, err = msg(i, out); err != nil {
+				out, errs[i] = out[:start], err
 				continue
 			}
 			c.seq++
 			h := unix.NlMsghdr{
-				Len:   uint32(unix.SizeofNlMsghdr + len(body)),
+				Len:   uint32(len(out) - start),
 				Type:  typ,
 				Flags: unix.NLM_F_REQUEST | unix.NLM_F_ACK | flags,
 				Seq:   c.seq,
 			}
-			out = append(out, unsafe.Slice((*byte)(unsafe.Pointer(&h)), unix.SizeofNlMsghdr)...)
-			out = append(out, body...)
+			copy(out[start:], unsafe.Slice((*byte)(unsafe.Pointer(&h)), unix.SizeofNlMsghdr))
 			pending[c.seq] = i
 		}
+		c.out = out
 		if len(pending) == 0 {
 			continue
 		}
@@ -149,13 +155,16 @@ func (c *Conn) each(n int, msg func(i int) (typ, flags uint16, body []byte, err 
 // acks reads acknowledgements until every pending request has one.
 func (c *Conn) acks(pending map[uint32]int, errs []error) error {
 	for len(pending) > 0 {
-		k, _, err := unix.Recvfrom(c.fd, c.buf, 0)
+		k, from, err := unix.Recvfrom(c.fd, c.buf, 0)
 		if err != nil {
 			if errors.Is(err, unix.EINTR) {
 				continue
 			}
 			// ENOBUFS (acknowledgements lost) or the timeout: the outcome is unknown.
 			return fmt.Errorf("netlink receive: %w", err)
+		}
+		if sa, ok := from.(*unix.SockaddrNetlink); !ok || sa.Pid != 0 {
+			continue // not the kernel's
 		}
 		msgs, err := syscall.ParseNetlinkMessage(c.buf[:k])
 		if err != nil {
@@ -175,12 +184,16 @@ func (c *Conn) acks(pending map[uint32]int, errs []error) error {
 	return nil
 }
 
-// routeMsg is the rtmsg and attributes vishvananda/netlink sends for r, for the fields the
-// route reconciler sets; any other field is refused rather than dropped.
-func routeMsg(r *netlink.Route) ([]byte, error) {
+// routeMsg appends the rtmsg and attributes vishvananda/netlink sends for r (RouteReplace,
+// or RouteDel when del) to b. It writes the fields the route reconciler sets: destination,
+// gateway or cross-family next hop, device, MTU, flags, table, protocol and scope; a route
+// with a field that changes which route it is (source, type, priority, TOS, encapsulation,
+// multipath, MPLS, a table above 255) is refused rather than written as another route.
+// Other metrics than the MTU are not written.
+func routeMsg(b []byte, r *netlink.Route, del bool) ([]byte, error) {
 	if r.Dst == nil || r.Src != nil || r.MPLSDst != nil || r.NewDst != nil || r.Encap != nil || r.MultiPath != nil ||
 		r.Priority != 0 || r.Type != 0 || r.Tos != 0 || r.Table < 0 || r.Table > 255 || r.MTULock || r.AdvMSS != 0 || r.Hoplimit != 0 {
-		return nil, fmt.Errorf("nlbatch: route %v uses a field this encoder does not write", r)
+		return b, fmt.Errorf("nlbatch: route %v uses a field this encoder does not write", r)
 	}
 	ones, _ := r.Dst.Mask.Size()
 	family, dst := unix.AF_INET, r.Dst.IP.To4()
@@ -188,13 +201,13 @@ func routeMsg(r *netlink.Route) ([]byte, error) {
 		family, dst = unix.AF_INET6, r.Dst.IP.To16()
 	}
 	if dst == nil {
-		return nil, fmt.Errorf("nlbatch: route destination %v", r.Dst)
+		return b, fmt.Errorf("nlbatch: route destination %v", r.Dst)
 	}
 	attrs := []nlattr.Attr{nlattr.Bytes(unix.RTA_DST, dst)}
 	if r.Gw != nil {
 		gw := r.Gw.To4()
 		if (gw == nil) != (family == unix.AF_INET6) {
-			return nil, fmt.Errorf("nlbatch: route %v: gateway of the other family (use Via)", r.Dst)
+			return b, fmt.Errorf("nlbatch: route %v: gateway of the other family (use Via)", r.Dst)
 		}
 		if gw == nil {
 			gw = r.Gw.To16()
@@ -204,7 +217,7 @@ func routeMsg(r *netlink.Route) ([]byte, error) {
 	if r.Via != nil {
 		v, err := r.Via.Encode()
 		if err != nil {
-			return nil, fmt.Errorf("nlbatch: route %v: %w", r.Dst, err)
+			return b, fmt.Errorf("nlbatch: route %v: %w", r.Dst, err)
 		}
 		attrs = append(attrs, nlattr.Bytes(unix.RTA_VIA, v))
 	}
@@ -225,21 +238,24 @@ func routeMsg(r *netlink.Route) ([]byte, error) {
 		Type:     unix.RTN_UNICAST,
 		Flags:    uint32(r.Flags),
 	}
-	return nlattr.Append(unsafe.Slice((*byte)(unsafe.Pointer(&m)), unix.SizeofRtMsg), attrs), nil
+	if del {
+		m.Type = unix.RTN_UNSPEC // any type, as netlink.RouteDel: the kernel matches a given one
+	}
+	return nlattr.Append(append(b, unsafe.Slice((*byte)(unsafe.Pointer(&m)), unix.SizeofRtMsg)...), attrs), nil
 }
 
-// neighMsg is the ndmsg and attributes vishvananda/netlink sends for n (NeighSet), for the
-// fields the VXLAN reconciler sets.
-func neighMsg(n *netlink.Neigh) ([]byte, error) {
-	if n.Vlan != 0 || n.VNI != 0 || n.MasterIndex != 0 || n.LLIPAddr != nil || n.Type != 0 || n.FlagsExt != 0 {
-		return nil, fmt.Errorf("nlbatch: neighbour %v uses a field this encoder does not write", n)
+// neighMsg appends the ndmsg and attributes vishvananda/netlink sends for n (NeighSet) to
+// b, for the fields the VXLAN reconciler sets (a family must be given).
+func neighMsg(b []byte, n *netlink.Neigh) ([]byte, error) {
+	if n.Family == 0 || n.Vlan != 0 || n.VNI != 0 || n.MasterIndex != 0 || n.LLIPAddr != nil || n.Type != 0 || n.FlagsExt != 0 {
+		return b, fmt.Errorf("nlbatch: neighbour %v uses a field this encoder does not write", n)
 	}
 	ip := n.IP.To4()
 	if ip == nil {
 		ip = n.IP.To16()
 	}
 	if ip == nil {
-		return nil, fmt.Errorf("nlbatch: neighbour address %v", n.IP)
+		return b, fmt.Errorf("nlbatch: neighbour address %v", n.IP)
 	}
 	attrs := []nlattr.Attr{nlattr.Bytes(unix.NDA_DST, ip)}
 	if n.HardwareAddr != nil {
@@ -251,5 +267,5 @@ func neighMsg(n *netlink.Neigh) ([]byte, error) {
 		State:   uint16(n.State),
 		Flags:   uint8(n.Flags),
 	}
-	return nlattr.Append(unsafe.Slice((*byte)(unsafe.Pointer(&m)), unix.SizeofNdMsg), attrs), nil
+	return nlattr.Append(append(b, unsafe.Slice((*byte)(unsafe.Pointer(&m)), unix.SizeofNdMsg)...), attrs), nil
 }

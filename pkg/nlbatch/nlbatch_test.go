@@ -102,12 +102,12 @@ func TestSameAsNetlink(t *testing.T) {
 			t.Fatalf("netlink NeighSet %v: %v", n, err)
 		}
 	}
-	for i, err := range c.ReplaceRoutes(routes(b0, vx)) {
+	for i, err := range c.ReplaceRoutes(all(routes(b0, vx))) {
 		if err != nil {
 			t.Fatalf("batch route %d: %v", i, err)
 		}
 	}
-	for i, err := range c.SetNeighs(neighs(vx, index(t, h, "vx6"))) {
+	for i, err := range c.SetNeighs(all(neighs(vx, index(t, h, "vx6")))) {
 		if err != nil {
 			t.Fatalf("batch neighbour %d: %v", i, err)
 		}
@@ -117,7 +117,7 @@ func TestSameAsNetlink(t *testing.T) {
 		t.Fatalf("batch wrote\n%s\nnetlink wrote\n%s", got, want)
 	}
 	// Replacing with the same values changes nothing; deleting leaves none.
-	for i, err := range c.ReplaceRoutes(routes(b0, vx)) {
+	for i, err := range c.ReplaceRoutes(all(routes(b0, vx))) {
 		if err != nil {
 			t.Fatalf("batch route %d again: %v", i, err)
 		}
@@ -125,7 +125,7 @@ func TestSameAsNetlink(t *testing.T) {
 	if got := dump(t, batch); got != want {
 		t.Fatalf("a second batch changed the kernel:\n%s", got)
 	}
-	for i, err := range c.DeleteRoutes(routes(b0, vx)) {
+	for i, err := range c.DeleteRoutes(all(routes(b0, vx))) {
 		if err != nil {
 			t.Fatalf("batch delete %d: %v", i, err)
 		}
@@ -154,7 +154,7 @@ func TestEachOutcome(t *testing.T) {
 		}
 		rs = append(rs, r)
 	}
-	errs := c.ReplaceRoutes(rs)
+	errs := c.ReplaceRoutes(all(rs))
 	for i, err := range errs {
 		if !errors.Is(err, bad[i]) || (bad[i] == nil) != (err == nil) {
 			t.Errorf("route %d: %v, want %v", i, err, bad[i])
@@ -165,15 +165,18 @@ func TestEachOutcome(t *testing.T) {
 		t.Fatalf("%d routes in the kernel, want %d", len(lines), 300-len(bad))
 	}
 	// Deleting what is not there fails with ESRCH, as netlink.RouteDel.
-	errs = c.DeleteRoutes(rs[4:7])
+	errs = c.DeleteRoutes(all(rs[4:7]))
 	if errs[0] != nil || !errors.Is(errs[1], unix.ESRCH) || errs[2] != nil {
 		t.Fatalf("deletes: %v", errs)
 	}
 	// A field the encoder does not write is refused, not dropped.
-	if errs := c.ReplaceRoutes([]*netlink.Route{{LinkIndex: b0, Dst: prefix("10.3.0.0/24"), Priority: 7}}); errs[0] == nil {
+	if errs := c.ReplaceRoutes(all([]*netlink.Route{{LinkIndex: b0, Dst: prefix("10.3.0.0/24"), Priority: 7}})); errs[0] == nil {
 		t.Fatal("a route with a priority was written without it")
 	}
 }
+
+// all is xs as the batch API takes them.
+func all[T any](xs []*T) (int, func(int) *T) { return len(xs), func(i int) *T { return xs[i] } }
 
 func splitLines(s string) []string {
 	var out []string

@@ -45,8 +45,8 @@ type Kernel interface {
 // Batch is a kernel that writes many routes per system call (pkg/nlbatch), each with its
 // own outcome; a Kernel that has it gets a pass's writes through it.
 type Batch interface {
-	ReplaceRoutes([]*netlink.Route) []error
-	DeleteRoutes([]*netlink.Route) []error
+	ReplaceRoutes(n int, route func(i int) *netlink.Route) []error
+	DeleteRoutes(n int, route func(i int) *netlink.Route) []error
 }
 
 // Reconciler owns netagent's routes in one network namespace.
@@ -81,7 +81,11 @@ func compact(rt netlink.Route) kroute {
 
 // route is the netlink form of a mirrored route, for deleting it.
 func (k kroute) route(dst netip.Prefix) *netlink.Route {
-	return toNetlink(plan.Route{Dst: dst, Gw: k.gw.Addr(), OnLink: k.onlink, MTU: int(k.mtu)}, int(k.link))
+	nr := toNetlink(plan.Route{Dst: dst, Gw: k.gw.Addr(), OnLink: k.onlink, MTU: int(k.mtu)}, int(k.link))
+	// Any scope, as `ip route del`: a delete names the scope it matches, and ours may have
+	// been re-added by someone else with another (a scope-link route would survive).
+	nr.Scope = netlink.SCOPE_NOWHERE
+	return nr
 }
 
 // New returns a reconciler working through k.
@@ -153,39 +157,48 @@ func (r *Reconciler) current() (map[netipx.PrefixKey]kroute, error) {
 	return m, nil
 }
 
-// op is one route write: dst set to want, or deleted (want nil), from cur (nil: absent).
+// op is one route write: plan.Dst set to next over device link, or deleted (del), from
+// cur (had: present). It keeps values, not netlink.Routes: a cold pass holds thousands
+// until its batch is written, and each message is built as it is sent.
 type op struct {
-	dst  netip.Prefix
-	want *netlink.Route
-	cur  *kroute
-	plan plan.Route // for the log and errors
+	plan      plan.Route // for a deletion, only Dst
+	link      int
+	del       bool
+	next, cur kroute
+	had       bool
+}
+
+func (o *op) route() *netlink.Route {
+	if o.del {
+		return o.cur.route(o.plan.Dst)
+	}
+	return toNetlink(o.plan, o.link)
 }
 
 // write performs ops through the mirror, in one batch when the kernel can (a route already
 // gone counts as deleted), and returns each one's outcome.
 func (r *Reconciler) write(ops []op) []error {
 	chs := make([]mirror.Change[netipx.PrefixKey, kroute], len(ops))
-	nrs := make([]*netlink.Route, len(ops))
-	for i, o := range ops {
-		chs[i] = mirror.Change[netipx.PrefixKey, kroute]{Key: netipx.PrefixKeyOf(o.dst), Prev: o.cur}
-		if o.want != nil {
-			next := compact(*o.want)
-			chs[i].Next, nrs[i] = &next, o.want
-		} else {
-			nrs[i] = o.cur.route(o.dst)
+	for i := range ops {
+		o := &ops[i]
+		chs[i].Key = netipx.PrefixKeyOf(o.plan.Dst)
+		if o.had {
+			chs[i].Prev = &o.cur
+		}
+		if !o.del {
+			chs[i].Next = &o.next
 		}
 	}
 	return r.mirror.WriteAll(chs, unix.ESRCH, func() []error {
 		errs := make([]error, len(ops))
 		for _, del := range []bool{false, true} { // deletions last
 			var idx []int
-			var rs []*netlink.Route
-			for i, o := range ops {
-				if (o.want == nil) == del {
-					idx, rs = append(idx, i), append(rs, nrs[i])
+			for i := range ops {
+				if ops[i].del == del {
+					idx = append(idx, i)
 				}
 			}
-			for j, err := range r.send(rs, del) {
+			for j, err := range r.send(len(idx), func(j int) *netlink.Route { return ops[idx[j]].route() }, del) {
 				errs[idx[j]] = err
 			}
 		}
@@ -193,20 +206,20 @@ func (r *Reconciler) write(ops []op) []error {
 	})
 }
 
-// send writes rs (deletes them, del), batched when the kernel can.
-func (r *Reconciler) send(rs []*netlink.Route, del bool) []error {
-	if b, ok := r.k.(Batch); ok && len(rs) > 0 {
+// send writes n routes (deletes them, del), batched when the kernel can.
+func (r *Reconciler) send(n int, route func(i int) *netlink.Route, del bool) []error {
+	if b, ok := r.k.(Batch); ok && n > 0 {
 		if del {
-			return b.DeleteRoutes(rs)
+			return b.DeleteRoutes(n, route)
 		}
-		return b.ReplaceRoutes(rs)
+		return b.ReplaceRoutes(n, route)
 	}
-	errs := make([]error, len(rs))
-	for i, x := range rs {
+	errs := make([]error, n)
+	for i := range n {
 		if del {
-			errs[i] = r.k.RouteDel(x)
+			errs[i] = r.k.RouteDel(route(i))
 		} else {
-			errs[i] = r.k.RouteReplace(x)
+			errs[i] = r.k.RouteReplace(route(i))
 		}
 	}
 	return errs
@@ -265,16 +278,16 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 		if idx < 0 {
 			continue
 		}
-		nr := toNetlink(w, idx)
+		next := compact(*toNetlink(w, idx))
 		c, had := cur[netipx.PrefixKeyOf(w.Dst)]
-		if had && c == compact(*nr) {
+		if had && c == next {
 			continue
 		}
-		ops = append(ops, op{dst: w.Dst, want: nr, cur: mirror.Ptr(c, had), plan: w})
+		ops = append(ops, op{plan: w, link: idx, next: next, cur: c, had: had})
 	}
 	for k, c := range cur {
 		if !keep[k] {
-			ops = append(ops, op{dst: k.Prefix(), cur: &c})
+			ops = append(ops, op{plan: plan.Route{Dst: k.Prefix()}, del: true, cur: c, had: true})
 		}
 	}
 	st.count(r, ops, r.write(ops), &errs)
@@ -285,19 +298,19 @@ func (r *Reconciler) Sync(want []plan.Route) (Stats, error) {
 func (st *Stats) count(r *Reconciler, ops []op, outs []error, errs *[]error) {
 	for i, o := range ops {
 		switch err := outs[i]; {
-		case err != nil && o.want != nil:
-			*errs = append(*errs, fmt.Errorf("replace route %s via %s dev %s: %w", o.dst, o.plan.Gw, o.plan.Dev, err))
+		case err != nil && !o.del:
+			*errs = append(*errs, fmt.Errorf("replace route %s via %s dev %s: %w", o.plan.Dst, o.plan.Gw, o.plan.Dev, err))
 		case err != nil:
-			*errs = append(*errs, fmt.Errorf("delete route %s: %w", o.dst, err))
-		case o.want == nil:
+			*errs = append(*errs, fmt.Errorf("delete route %s: %w", o.plan.Dst, err))
+		case o.del:
 			st.Deleted++
-			r.log.Debug("route deleted", "dst", o.dst)
-		case o.cur != nil:
+			r.log.Debug("route deleted", "dst", o.plan.Dst)
+		case o.had:
 			st.Replaced++
-			r.log.Debug("route replaced", "dst", o.dst, "via", o.plan.Gw, "dev", o.plan.Dev, "mtu", o.plan.MTU)
+			r.log.Debug("route replaced", "dst", o.plan.Dst, "via", o.plan.Gw, "dev", o.plan.Dev, "mtu", o.plan.MTU)
 		default:
 			st.Added++
-			r.log.Debug("route added", "dst", o.dst, "via", o.plan.Gw, "dev", o.plan.Dev, "mtu", o.plan.MTU)
+			r.log.Debug("route added", "dst", o.plan.Dst, "via", o.plan.Gw, "dev", o.plan.Dev, "mtu", o.plan.MTU)
 		}
 	}
 }
@@ -361,13 +374,15 @@ func (r *Reconciler) Apply(changes []plan.RouteChange) (Stats, error) {
 				if idx < 0 {
 					continue
 				}
-				nr := toNetlink(ch.Route, idx)
-				if have && c == compact(*nr) {
+				w := ch.Route
+				w.Dst = ch.Dst
+				next := compact(*toNetlink(w, idx))
+				if have && c == next {
 					continue
 				}
-				ops = append(ops, op{dst: ch.Dst, want: nr, cur: mirror.Ptr(c, have), plan: ch.Route})
+				ops = append(ops, op{plan: w, link: idx, next: next, cur: c, had: have})
 			case have:
-				ops = append(ops, op{dst: ch.Dst, cur: &c})
+				ops = append(ops, op{plan: plan.Route{Dst: ch.Dst}, del: true, cur: c, had: true})
 			}
 		}
 	}) {

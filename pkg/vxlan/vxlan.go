@@ -345,32 +345,47 @@ func (r *Reconciler) writeFDB(k fdbKey, next, prev *entry, do func() error) erro
 // (pkg/nlbatch), each with its own outcome; a full pass's sets go through it when the
 // Kernel has it.
 type Batch interface {
-	SetNeighs([]*netlink.Neigh) []error
+	SetNeighs(n int, neigh func(i int) *netlink.Neigh) []error
 }
 
-// setAll sets ns, batched when the kernel can, and returns each one's outcome.
-func (r *Reconciler) setAll(ns []*netlink.Neigh) []error {
-	if b, ok := r.k.(Batch); ok && len(ns) > 0 {
-		return b.SetNeighs(ns)
+// setAll sets n entries, batched when the kernel can, and returns each one's outcome.
+func (r *Reconciler) setAll(n int, neigh func(i int) *netlink.Neigh) []error {
+	if b, ok := r.k.(Batch); ok && n > 0 {
+		return b.SetNeighs(n, neigh)
 	}
-	errs := make([]error, len(ns))
-	for i, n := range ns {
-		errs[i] = r.k.NeighSet(n)
+	errs := make([]error, n)
+	for i := range n {
+		errs[i] = r.k.NeighSet(neigh(i))
 	}
 	return errs
 }
 
-// setEntries writes ns through m, a mirror keyed by key(i), and reports each failure by
-// what(i).
-func setEntries[K comparable](r *Reconciler, m *mirror.Mirror[K, entry], chs []mirror.Change[K, entry], ns []*netlink.Neigh, what func(i int) string) (set int, errs []error) {
-	for i, err := range m.WriteAll(chs, unix.ENOENT, func() []error { return r.setAll(ns) }) {
+// set is one entry a pass sets: its key, from prev (had: present) to next.
+type set[K comparable] struct {
+	key        K
+	next, prev entry
+	had        bool
+}
+
+// setEntries writes sets through m (neigh(i) is set i's kernel form, built as it is sent)
+// and reports each failure by what(i).
+func setEntries[K comparable](r *Reconciler, m *mirror.Mirror[K, entry], sets []set[K], neigh func(i int) *netlink.Neigh, what func(i int) string) (n int, errs []error) {
+	chs := make([]mirror.Change[K, entry], len(sets))
+	for i := range sets {
+		s := &sets[i]
+		chs[i] = mirror.Change[K, entry]{Key: s.key, Next: &s.next}
+		if s.had {
+			chs[i].Prev = &s.prev
+		}
+	}
+	for i, err := range m.WriteAll(chs, unix.ENOENT, func() []error { return r.setAll(len(sets), neigh) }) {
 		if err != nil {
 			errs = append(errs, fmt.Errorf("set %s: %w", what(i), err))
 			continue
 		}
-		set++
+		n++
 	}
-	return set, errs
+	return n, errs
 }
 
 // New returns a reconciler working through k.
@@ -584,8 +599,7 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 	}
 	var errs []error
 	keep := make(map[netipx.AddrKey]bool, len(neighs))
-	var chs []mirror.Change[netipx.AddrKey, entry]
-	var ns []*netlink.Neigh
+	var sets []set[netipx.AddrKey]
 	var whats []plan.Neigh
 	for _, w := range neighs {
 		k := netipx.AddrKeyOf(w.IP)
@@ -595,12 +609,12 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		if ok && c.permanentWith(m) {
 			continue
 		}
-		n := setNeigh(idx, w.IP, m)
-		next := toEntry(*n)
-		chs, ns, whats = append(chs, mirror.Change[netipx.AddrKey, entry]{Key: k, Next: &next, Prev: mirror.Ptr(c, ok)}), append(ns, n), append(whats, w)
+		sets, whats = append(sets, set[netipx.AddrKey]{key: k, next: toEntry(*setNeigh(idx, w.IP, m)), prev: c, had: ok}), append(whats, w)
 	}
-	set, failed := setEntries(r, &r.neigh, chs, ns, func(i int) string { return fmt.Sprintf("neighbour %s %s", whats[i].IP, whats[i].MAC) })
-	st.NeighSet += set
+	n, failed := setEntries(r, &r.neigh, sets,
+		func(i int) *netlink.Neigh { return setNeigh(idx, whats[i].IP, planMAC(whats[i].MAC)) },
+		func(i int) string { return fmt.Sprintf("neighbour %s %s", whats[i].IP, whats[i].MAC) })
+	st.NeighSet += n
 	errs = append(errs, failed...)
 	for k, c := range have {
 		if !keep[k] {
@@ -610,8 +624,7 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		}
 	}
 	keepFDB := make(map[fdbKey]bool, len(fdb))
-	var fchs []mirror.Change[fdbKey, entry]
-	var fns []*netlink.Neigh
+	var fsets []set[fdbKey]
 	var fwhats []plan.FDB
 	for _, w := range fdb {
 		k := fdbKey{planMAC(w.MAC), netipx.AddrKeyOf(w.Dst)}
@@ -620,12 +633,12 @@ func (r *Reconciler) syncEntries(l netlink.Link, neighs []plan.Neigh, fdb []plan
 		if ok && c.permanent() {
 			continue
 		}
-		n := setFDB(idx, k)
-		next := toEntry(*n)
-		fchs, fns, fwhats = append(fchs, mirror.Change[fdbKey, entry]{Key: k, Next: &next, Prev: mirror.Ptr(c, ok)}), append(fns, n), append(fwhats, w)
+		fsets, fwhats = append(fsets, set[fdbKey]{key: k, next: toEntry(*setFDB(idx, k)), prev: c, had: ok}), append(fwhats, w)
 	}
-	set, failed = setEntries(r, &r.fdb, fchs, fns, func(i int) string { return fmt.Sprintf("fdb %s dst %s", fwhats[i].MAC, fwhats[i].Dst) })
-	st.FDBSet += set
+	n, failed = setEntries(r, &r.fdb, fsets,
+		func(i int) *netlink.Neigh { return setFDB(idx, fsets[i].key) },
+		func(i int) string { return fmt.Sprintf("fdb %s dst %s", fwhats[i].MAC, fwhats[i].Dst) })
+	st.FDBSet += n
 	errs = append(errs, failed...)
 	for k, c := range haveFDB {
 		if !keepFDB[k] {
