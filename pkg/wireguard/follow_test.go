@@ -223,12 +223,24 @@ func TestLeaderRepairsCrossing(t *testing.T) {
 				t.Fatal(err)
 			}
 			if tt.response == -1 {
+				// A forged response every 40 ms, each recorded as settled (30 ms old when
+				// written), so every look after one sees a crossing: only maxRepairs may stop
+				// the re-creations, not the looks' timing (which a loaded CI run stretches).
+				stop := make(chan struct{})
+				t.Cleanup(func() { close(stop) })
 				go func() {
-					for range 12 {
-						time.Sleep(40 * time.Millisecond)
-						f.locked(func() { f.answered[peerIP] = time.Now() })
+					for range 75 {
+						select {
+						case <-stop:
+							return
+						case <-time.After(40 * time.Millisecond):
+						}
+						f.locked(func() { f.answered[peerIP] = time.Now().Add(-30 * time.Millisecond) })
 					}
 				}()
+				for deadline := time.Now().Add(3 * time.Second); len(f.recreated()) < maxRepairs && time.Now().Before(deadline); {
+					time.Sleep(10 * time.Millisecond)
+				}
 			}
 			if tt.response > 2 {
 				time.Sleep(tt.response)
