@@ -40,6 +40,7 @@ type extra struct {
 	Prefix6  int    `json:"prefix6,omitempty"`
 	MTU      int    `json:"mtu"`
 	Ports    int    `json:"ports,omitempty"`
+	Routed   bool   `json:"routed,omitempty"` // podInterface routed: no bridge (Bridge is empty)
 }
 
 // ErrAgentNotReady means the subnet file did not appear in time.
@@ -176,7 +177,10 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		return err
 	}
 	key := ipam.Key{ContainerID: args.ContainerID, IfName: args.IfName}
-	x := extra{HostVeth: bridge.HostVethName(args.ContainerID, args.IfName), Bridge: c.Bridge, Ports: len(c.RuntimeConfig.PortMappings)}
+	x := extra{HostVeth: bridge.HostVethName(args.ContainerID, args.IfName), Bridge: c.Bridge, Ports: len(c.RuntimeConfig.PortMappings), Routed: c.routed}
+	if c.routed {
+		x.Bridge = ""
+	}
 
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
@@ -269,6 +273,10 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	for i, a := range addrs {
 		ips[i] = a.addr.Addr()
 	}
+	if c.routed {
+		rollback.push(func() error { return release(ctx, store, key, nil) })
+		return addRouted(ctx, h, c, args, podNS, x, addrs, mtu, dns, &rollback)
+	}
 	spoof := antispoof.EntriesFor(x.HostVeth, ips...)
 	rollback.push(func() error { return release(ctx, store, key, spoof) })
 
@@ -312,18 +320,8 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	}
 
 	// 4. Host ports, only for pods that publish some, in each family the pod has.
-	if len(c.RuntimeConfig.PortMappings) > 0 {
-		tag := hostport.Tag(args.ContainerID, args.IfName)
-		for _, a := range addrs {
-			t, err := hostport.NewFamily(hostport.DefaultLock, a.addr.Addr().Is6())
-			if err != nil {
-				return err
-			}
-			rollback.push(func() error { return t.Del(ctx, tag) })
-			if err := t.Add(ctx, tag, a.addr.Addr(), a.addr.Masked(), c.RuntimeConfig.PortMappings); err != nil {
-				return fmt.Errorf("host ports: %w", err)
-			}
-		}
+	if err := addHostPorts(ctx, c, args, addrs, &rollback); err != nil {
+		return err
 	}
 
 	// 5. Last, the host end goes up: from here on the attachment is live (see refuseLive).
@@ -338,6 +336,86 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 		ifName: args.IfName, podMAC: wired.PodMAC.String(), netns: args.Netns,
 		addrs: addrs, defaultRoute: c.defGW, dns: dns,
 	}.print()
+}
+
+// addRouted wires a routed pod (podInterface "routed"): steps 2 to 5 of cmdAdd without the
+// bridge, with the pod's own anti-spoofing chain, and the node's routes to the pod last.
+func addRouted(ctx context.Context, h *netlink.Handle, c *netConf, args *skel.CmdArgs, podNS netns.NsHandle, x extra, addrs []ifAddr, mtu int, dns types.DNS, rollback *undo) error {
+	if err := bridge.EnableForwarding(); err != nil {
+		return err
+	}
+	ips := addrsOf(addrs)
+	if ips[len(ips)-1].Is6() {
+		if err := bridge.EnableForwarding6(); err != nil {
+			return err
+		}
+	}
+	for _, a := range addrs {
+		if err := bridge.EnsureUnreachable(h, a.addr.Masked()); err != nil {
+			return err
+		}
+	}
+	routed := routedAddrs(addrs)
+	p := pod(podNS, args.IfName, x.HostVeth, routed, true, mtu, false)
+	wired, err := bridge.AddRouted(h, p)
+	if err != nil {
+		return err
+	}
+	rollback.push(func() error { return bridge.Del(h, x.HostVeth) })
+	r := antispoof.Routed{HostVeth: x.HostVeth, IPs: ips}
+	if err := antispoof.AddRouted(ctx, r); err != nil {
+		return err
+	}
+	rollback.push(func() error { return antispoof.DeleteRouted(ctx, x.HostVeth) })
+	if err := addHostPorts(ctx, c, args, addrs, rollback); err != nil {
+		return err
+	}
+	if err := bridge.Up(h, podNS, wired, x.HostVeth, args.IfName); err != nil {
+		return err
+	}
+	if err := bridge.RouteRouted(h, wired, p); err != nil {
+		return err
+	}
+	return addResult{
+		cniVersion: c.CNIVersion,
+		hostVeth:   x.HostVeth, hostMAC: wired.HostMAC.String(),
+		ifName: args.IfName, podMAC: wired.PodMAC.String(), netns: args.Netns,
+		addrs: routed, defaultRoute: true, dns: dns,
+	}.print()
+}
+
+// addHostPorts publishes the pod's host ports (none for most pods) in each family it has;
+// addrs carry the node subnet's prefix length (the masquerade of hairpin traffic uses it).
+func addHostPorts(ctx context.Context, c *netConf, args *skel.CmdArgs, addrs []ifAddr, rollback *undo) error {
+	if len(c.RuntimeConfig.PortMappings) == 0 {
+		return nil
+	}
+	tag := hostport.Tag(args.ContainerID, args.IfName)
+	for _, a := range addrs {
+		t, err := hostport.NewFamily(hostport.DefaultLock, a.addr.Addr().Is6())
+		if err != nil {
+			return err
+		}
+		rollback.push(func() error { return t.Del(ctx, tag) })
+		if err := t.Add(ctx, tag, a.addr.Addr(), a.addr.Masked(), c.RuntimeConfig.PortMappings); err != nil {
+			return fmt.Errorf("host ports: %w", err)
+		}
+	}
+	return nil
+}
+
+// routedAddrs are a routed pod's interface addresses: host prefixes, via the routed
+// gateways.
+func routedAddrs(addrs []ifAddr) []ifAddr {
+	out := make([]ifAddr, len(addrs))
+	for i, a := range addrs {
+		gw := bridge.RoutedGateway4
+		if a.addr.Addr().Is6() {
+			gw = bridge.RoutedGateway6
+		}
+		out[i] = ifAddr{addr: netip.PrefixFrom(a.addr.Addr(), a.addr.Addr().BitLen()), gw: gw}
+	}
+	return out
 }
 
 // setAddrs records the addresses' prefix lengths and gateways and the MTU.
@@ -473,12 +551,15 @@ func cmdDel(args *skel.CmdArgs) error {
 	spoofDone := make(chan error, 1)
 	go func() {
 		time.Sleep(time.Millisecond)
-		if found {
+		switch {
+		case found && x.Routed:
+			spoofDone <- antispoof.DeleteRouted(ctx, x.HostVeth)
+		case found:
 			spoofDone <- antispoof.Delete(ctx, antispoof.EntriesFor(x.HostVeth, rec.Addrs()...)...)
-		} else {
+		default:
 			// No record, so no address to name the entry by (a repeated DEL, or one after
-			// a failed ADD): whatever entry the host veth has.
-			spoofDone <- antispoof.DeleteVeth(ctx, x.HostVeth)
+			// a failed ADD), nor a mode: whatever entry or chain the host veth has.
+			spoofDone <- errors.Join(antispoof.DeleteVeth(ctx, x.HostVeth), antispoof.DeleteRouted(ctx, x.HostVeth))
 		}
 	}()
 	if err := bridge.Del(h, x.HostVeth); err != nil {
@@ -564,11 +645,23 @@ func cmdCheck(args *skel.CmdArgs) error {
 		return fmt.Errorf("netlink: %w", err)
 	}
 	defer h.Close()
-	p := pod(podNS, args.IfName, x.HostVeth, addrs, c.defGW, x.MTU, false)
-	if err := bridge.Check(h, c.Bridge, netip.PrefixFrom(addrs[0].gw, addrs[0].addr.Bits()), gateway6(addrs), p); err != nil {
-		return fmt.Errorf("check %s: %w", key, err)
+	if x.Routed {
+		p := pod(podNS, args.IfName, x.HostVeth, routedAddrs(addrs), true, x.MTU, false)
+		if err := bridge.CheckRouted(h, p); err != nil {
+			return fmt.Errorf("check %s: %w", key, err)
+		}
+		if ok, err := antispoof.RoutedIntact(context.Background(), antispoof.Routed{HostVeth: x.HostVeth, IPs: rec.Addrs()}); err != nil {
+			return fmt.Errorf("check %s: %w", key, err)
+		} else if !ok {
+			return fmt.Errorf("check %s: anti-spoofing chain %s of table netdev %s is missing or not as written", key, x.HostVeth, antispoof.RoutedTable)
+		}
+	} else {
+		p := pod(podNS, args.IfName, x.HostVeth, addrs, c.defGW, x.MTU, false)
+		if err := bridge.Check(h, c.Bridge, netip.PrefixFrom(addrs[0].gw, addrs[0].addr.Bits()), gateway6(addrs), p); err != nil {
+			return fmt.Errorf("check %s: %w", key, err)
+		}
 	}
-	for _, e := range antispoof.EntriesFor(x.HostVeth, rec.Addrs()...) {
+	for _, e := range bridgeEntries(x, rec) {
 		if ok, err := antispoof.Has(context.Background(), e); err != nil {
 			return fmt.Errorf("check %s: %w", key, err)
 		} else if !ok {
@@ -591,6 +684,15 @@ func cmdCheck(args *skel.CmdArgs) error {
 		}
 	}
 	return nil
+}
+
+// bridgeEntries are the bridge anti-spoofing entries of a bridged attachment (none for a
+// routed one, which has its own chain).
+func bridgeEntries(x extra, rec ipam.Record) []antispoof.Entry {
+	if x.Routed {
+		return nil
+	}
+	return antispoof.EntriesFor(x.HostVeth, rec.Addrs()...)
 }
 
 func addrsOf(addrs []ifAddr) []netip.Addr {
@@ -644,6 +746,12 @@ func cmdGC(args *skel.CmdArgs) error {
 		if err := bridge.Del(h, veth); err != nil {
 			errs = append(errs, err)
 			continue
+		}
+		if recordExtra(r).Routed {
+			if err := antispoof.DeleteRouted(ctx, veth); err != nil {
+				errs = append(errs, err)
+				continue
+			}
 		}
 		if c.delegateIPAM {
 			// The delegate's GC may do nothing (host-local's does not): release the
@@ -699,6 +807,9 @@ func cmdGC(args *skel.CmdArgs) error {
 		}
 	}
 	if err := gcEntries(ctx, h, c.Bridge, want); err != nil {
+		errs = append(errs, err)
+	}
+	if err := gcRoutedChains(ctx, h, validVeth); err != nil {
 		errs = append(errs, err)
 	}
 	if c.delegateIPAM {
@@ -773,6 +884,29 @@ func gcEntries(ctx context.Context, h *netlink.Handle, bridgeName string, want m
 	return antispoof.Delete(ctx, drop...)
 }
 
+// gcRoutedChains removes the routed pods' anti-spoofing chains whose host veth is gone and
+// that no valid attachment owns (an ADD or DEL interrupted between the veth and the chain).
+// A chain whose veth exists and is not ours may be another network's: its GC decides.
+func gcRoutedChains(ctx context.Context, h *netlink.Handle, validVeth map[string]bool) error {
+	chains, err := antispoof.RoutedChains(ctx)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, ch := range chains {
+		if validVeth[ch] {
+			continue
+		}
+		if l, err := bridge.Lookup(h, ch); err != nil || l != nil {
+			continue
+		}
+		if err := antispoof.DeleteRouted(ctx, ch); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
 func cmdStatus(args *skel.CmdArgs) error {
 	c, err := parseConfig(args.StdinData)
 	if err != nil {
@@ -789,8 +923,10 @@ func cmdStatus(args *skel.CmdArgs) error {
 		return notReady(fmt.Sprintf("netlink: %v", err))
 	}
 	defer h.Close()
-	if err := bridge.Status(h, c.Bridge); err != nil {
-		return notReady(err.Error())
+	if !c.routed {
+		if err := bridge.Status(h, c.Bridge); err != nil {
+			return notReady(err.Error())
+		}
 	}
 	if c.delegateIPAM {
 		return nil

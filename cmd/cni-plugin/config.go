@@ -49,6 +49,7 @@ type netConf struct {
 	DataDir          string `json:"dataDir"`
 	MTU              int    `json:"mtu"`
 	HairpinMode      *bool  `json:"hairpinMode"`
+	PodInterface     string `json:"podInterface"`
 	IsDefaultGateway *bool  `json:"isDefaultGateway"`
 
 	RuntimeConfig struct {
@@ -63,6 +64,7 @@ type netConf struct {
 	v4FromFile       bool // the IPv4 subnet comes from the agent's subnet file
 	wait             time.Duration
 	hairpin, defGW   bool
+	routed           bool // podInterface "routed": no bridge, host routes (bridge.AddRouted)
 	subnetFromAgent  bool
 	delegateIPAM     bool
 	subnetFileLoaded bool
@@ -141,6 +143,16 @@ func parse(stdin []byte, forDel bool) (*netConf, error) {
 	}
 	c.hairpin = c.HairpinMode == nil || *c.HairpinMode
 	c.defGW = c.IsDefaultGateway == nil || *c.IsDefaultGateway
+	switch c.PodInterface {
+	case "", "bridge":
+	case "routed":
+		c.routed = true
+		if !c.defGW {
+			return nil, configError("isDefaultGateway", "false with podInterface routed: a routed pod reaches everything, its own subnet too, through its default routes")
+		}
+	default:
+		return nil, configError("podInterface", "%q is not bridge or routed", c.PodInterface)
+	}
 	for _, f := range []struct{ name, v string }{{"subnet", c.Subnet}, {"ipv6Subnet", c.IPv6Subnet}} {
 		if c.delegateIPAM && f.v != "" {
 			return nil, configError("ipam", "set either %s or an ipam section, not both", f.name)

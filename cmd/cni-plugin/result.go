@@ -14,7 +14,7 @@ import (
 // addResult is what a successful ADD reports.
 type addResult struct {
 	cniVersion            string
-	bridge, bridgeMAC     string
+	bridge, bridgeMAC     string // none for a routed pod
 	hostVeth, hostMAC     string
 	ifName, podMAC, netns string
 	addrs                 []ifAddr // IPv4 first
@@ -44,10 +44,13 @@ func (r addResult) library() *current.Result {
 		},
 		DNS: r.dns,
 	}
+	if r.bridge == "" { // a routed pod
+		res.Interfaces = res.Interfaces[1:]
+	}
 	for _, a := range r.addrs {
 		bits := a.addr.Addr().BitLen()
 		res.IPs = append(res.IPs, &current.IPConfig{
-			Interface: current.Int(2),
+			Interface: current.Int(len(res.Interfaces) - 1),
 			Address:   net.IPNet{IP: a.addr.Addr().AsSlice(), Mask: net.CIDRMask(a.addr.Bits(), bits)},
 			Gateway:   a.gw.AsSlice(),
 		})
@@ -60,14 +63,20 @@ func (r addResult) library() *current.Result {
 
 func (r addResult) json() []byte {
 	var b bytes.Buffer
-	fmt.Fprintf(&b, `{"cniVersion":%s,"interfaces":[{"name":%s,"mac":%s},{"name":%s,"mac":%s},{"name":%s,"mac":%s,"sandbox":%s}],`,
-		q(r.cniVersion), q(r.bridge), q(r.bridgeMAC), q(r.hostVeth), q(r.hostMAC), q(r.ifName), q(r.podMAC), q(r.netns))
+	fmt.Fprintf(&b, `{"cniVersion":%s,"interfaces":[`, q(r.cniVersion))
+	pod := 1
+	if r.bridge != "" {
+		fmt.Fprintf(&b, `{"name":%s,"mac":%s},`, q(r.bridge), q(r.bridgeMAC))
+		pod = 2
+	}
+	fmt.Fprintf(&b, `{"name":%s,"mac":%s},{"name":%s,"mac":%s,"sandbox":%s}],`,
+		q(r.hostVeth), q(r.hostMAC), q(r.ifName), q(r.podMAC), q(r.netns))
 	b.WriteString(`"ips":[`)
 	for i, a := range r.addrs {
 		if i > 0 {
 			b.WriteByte(',')
 		}
-		fmt.Fprintf(&b, `{"interface":2,"address":%s,"gateway":%s}`, q(a.addr.String()), q(a.gw.String()))
+		fmt.Fprintf(&b, `{"interface":%d,"address":%s,"gateway":%s}`, pod, q(a.addr.String()), q(a.gw.String()))
 	}
 	b.WriteByte(']')
 	if r.defaultRoute {

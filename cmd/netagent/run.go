@@ -40,6 +40,7 @@ type runFlags struct {
 	cniConfDir   string
 	cniBridge    string
 	cniDataDir   string
+	podIface     string // --pod-interface
 	leaseTTL     time.Duration
 	resync       time.Duration
 	listen       string
@@ -66,6 +67,7 @@ and write the subnet file and CNI config that netagent-cni reads.`)
 	fs.StringVar(&f.cniConfDir, "cni-conf-dir", "/etc/cni/net.d", "where to write the CNI conflist (empty: do not write one)")
 	fs.StringVar(&f.cniBridge, "cni-bridge", "cni0", "bridge name put into the conflist")
 	fs.StringVar(&f.cniDataDir, "cni-data-dir", "", "plugin address store put into the conflist (empty: the plugin's default)")
+	fs.StringVar(&f.podIface, "pod-interface", "bridge", "how the plugin wires pods, put into the conflist: bridge (veths on --cni-bridge) or routed (no bridge: host routes over each pod's veth, as Calico; faster, see BENCHMARKS.md)")
 	fs.StringVar(&f.subnetManager, "subnet-manager", "etcd", "where subnets come from: etcd (leases in etcd) or kube (the Node's spec.podCIDR; peers from the Kubernetes API)")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kube: kubeconfig file (empty: the in-cluster service account)")
 	fs.StringVar(&f.netConf, "net-conf", "/etc/netagent/net-conf.json", "kube: the network config JSON (a mounted ConfigMap; same schema as netagent config set --file)")
@@ -76,7 +78,7 @@ and write the subnet file and CNI config that netagent-cni reads.`)
 	fs.BoolVar(&f.wg.RotateKey, "rotate-wireguard-key", false, "wireguard: replace the node's WireGuard key at start; peers pick up the new public key from the lease")
 	group(fs, "Node", "node-name", "iface", "public-ip")
 	group(fs, "WireGuard backend", "state-dir", "wireguard-device", "wireguard-impl", "wireguard-daemon", "rotate-wireguard-key")
-	group(fs, "CNI files", "subnet-file", "cni-conf-dir", "cni-bridge", "cni-data-dir")
+	group(fs, "CNI files", "subnet-file", "cni-conf-dir", "cni-bridge", "cni-data-dir", "pod-interface")
 	group(fs, "Subnet store: etcd", append([]string{"subnet-manager", "lease-ttl", "embedded-etcd"}, etcdFlagNames...)...)
 	group(fs, "Subnet store: Kubernetes (--subnet-manager=kube)", "kubeconfig", "net-conf")
 	group(fs, "Operation", "resync", "listen", "metrics-listen", "log-level", "pprof")
@@ -145,6 +147,9 @@ func (f *runFlags) validate() error {
 		}
 	default:
 		return fmt.Errorf("--subnet-manager %q: want etcd or kube", f.subnetManager)
+	}
+	if f.podIface != "bridge" && f.podIface != "routed" {
+		return fmt.Errorf("--pod-interface %q: want bridge or routed", f.podIface)
 	}
 	return nil
 }
@@ -268,7 +273,7 @@ func runAgent(ctx context.Context, f *runFlags, d *agent.DockerMode) error {
 		PublicIP:   pub,
 		SubnetFile: f.subnetFile,
 		CNIConfDir: f.cniConfDir,
-		CNIConf:    agent.CNIConf{Bridge: f.cniBridge, DataDir: f.cniDataDir},
+		CNIConf:    agent.CNIConf{Bridge: f.cniBridge, DataDir: f.cniDataDir, PodInterface: f.podIface},
 		Resync:     f.resync,
 		Store:      store,
 		LeaseTTL:   f.leaseTTL,

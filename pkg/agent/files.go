@@ -28,6 +28,9 @@ type CNIConf struct {
 	FileName string // default "10-netagent.conflist"
 	Bridge   string // default "cni0"
 	DataDir  string // plugin dataDir; "" leaves the plugin's default
+	// PodInterface is the plugin's podInterface: "routed", or "" or "bridge" (the default,
+	// which the conflist then leaves out).
+	PodInterface string
 }
 
 // ConfList renders the conflist for the plugin (exported for tests and manifests).
@@ -55,6 +58,9 @@ func confList(c CNIConf, subnetFile string, subnet6 netip.Prefix, mtu int) []byt
 	}
 	if c.DataDir != "" {
 		plugin["dataDir"] = c.DataDir
+	}
+	if c.PodInterface != "" && c.PodInterface != "bridge" {
+		plugin["podInterface"] = c.PodInterface
 	}
 	b, _ := json.MarshalIndent(map[string]any{
 		"cniVersion": "1.0.0",

@@ -326,13 +326,21 @@ func Counters(ctx context.Context) (Counts, error) {
 		return Counts{}, err
 	}
 	defer c.close()
+	// The bridge table's counters and the routed pods' (routed.go), summed.
 	bodies, err := c.dump(unix.NFT_MSG_GETOBJ, true, []attr{str(unix.NFTA_OBJ_TABLE, Table), u32(unix.NFTA_OBJ_TYPE, unix.NFT_OBJECT_COUNTER)})
-	if err != nil {
+	if err != nil && !isAbsent(err) {
+		return Counts{}, fmt.Errorf("read counters: %w", err)
+	}
+	routed, err := c.dumpFam(unix.NFPROTO_NETDEV, unix.NFT_MSG_GETOBJ, true, []attr{str(unix.NFTA_OBJ_TABLE, RoutedTable), u32(unix.NFTA_OBJ_TYPE, unix.NFT_OBJECT_COUNTER)})
+	if err != nil && !isAbsent(err) {
 		return Counts{}, fmt.Errorf("read counters: %w", err)
 	}
 	var out Counts
 	found := 0
-	for _, b := range bodies {
+	add := func(dst *Count, v Count) {
+		dst.Packets, dst.Bytes, found = dst.Packets+v.Packets, dst.Bytes+v.Bytes, found+1
+	}
+	for _, b := range append(bodies, routed...) {
 		as := nlattr.Parse(b)
 		if t, _ := nlattr.Get(as, unix.NFTA_OBJ_TABLE); string(t) != Table+"\x00" {
 			continue
@@ -349,15 +357,15 @@ func Counters(ctx context.Context) (Counts, error) {
 		}
 		switch string(name) {
 		case CounterIPv4 + "\x00":
-			out.SpoofedIPv4, found = v, found+1
+			add(&out.SpoofedIPv4, v)
 		case CounterARP + "\x00":
-			out.SpoofedARP, found = v, found+1
+			add(&out.SpoofedARP, v)
 		case CounterOther + "\x00":
-			out.NotIPv4, found = v, found+1
+			add(&out.NotIPv4, v)
 		case CounterIPv6 + "\x00":
-			out.SpoofedIPv6, found = v, found+1
+			add(&out.SpoofedIPv6, v)
 		case CounterNDP + "\x00":
-			out.SpoofedNDP, found = v, found+1
+			add(&out.SpoofedNDP, v)
 		}
 	}
 	if found == 0 {
@@ -379,7 +387,7 @@ func Dropped(ctx context.Context) (packets, bytes uint64, err error) {
 	return packets, bytes, nil
 }
 
-// Remove deletes the table with everything in it (for `netagent cleanup`); absent is fine.
+// Remove deletes the tables (bridge, and the routed pods' netdev one) with everything in them (for `netagent cleanup`); absent is fine.
 func Remove(ctx context.Context) error {
 	c, err := dial(ctx)
 	if isAbsent(err) {
@@ -389,9 +397,13 @@ func Remove(ctx context.Context) error {
 		return err
 	}
 	defer c.close()
-	err = c.transact([]msg{{unix.NFT_MSG_DELTABLE, 0, []attr{str(unix.NFTA_TABLE_NAME, Table)}}})
+	err = c.transact([]msg{{typ: unix.NFT_MSG_DELTABLE, attrs: []attr{str(unix.NFTA_TABLE_NAME, Table)}}})
 	if err != nil && !isAbsent(err) {
 		return fmt.Errorf("remove table bridge %s: %w", Table, err)
+	}
+	err = c.transact([]msg{routedMsg(unix.NFT_MSG_DELTABLE, 0, str(unix.NFTA_TABLE_NAME, RoutedTable))})
+	if err != nil && !isAbsent(err) {
+		return fmt.Errorf("remove table netdev %s: %w", RoutedTable, err)
 	}
 	return nil
 }

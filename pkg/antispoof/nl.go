@@ -39,10 +39,15 @@ type msg struct {
 	typ   uint16
 	flags uint16
 	attrs []attr
+	fam   uint8 // the nftables family; 0 is bridge (the pods' bridge table)
 }
 
 func (m msg) body() []byte {
-	return nlattr.Append([]byte{unix.NFPROTO_BRIDGE, unix.NFNETLINK_V0, 0, 0}, m.attrs)
+	fam := m.fam
+	if fam == 0 {
+		fam = unix.NFPROTO_BRIDGE
+	}
+	return nlattr.Append([]byte{fam, unix.NFNETLINK_V0, 0, 0}, m.attrs)
 }
 
 func appendNlmsg(b []byte, typ, flags uint16, seq uint32, body []byte) []byte {
@@ -122,12 +127,17 @@ func (c *conn) transact(msgs []msg) error {
 // dump sends a get request (with NLM_F_DUMP when all) and returns the bodies of the
 // answers (after their nfgenmsg header).
 func (c *conn) dump(typ uint16, all bool, attrs []attr) ([][]byte, error) {
+	return c.dumpFam(0, typ, all, attrs)
+}
+
+// dumpFam is dump in nftables family fam (0: bridge).
+func (c *conn) dumpFam(fam uint8, typ uint16, all bool, attrs []attr) ([][]byte, error) {
 	c.seq++
 	flags := uint16(unix.NLM_F_REQUEST | unix.NLM_F_ACK)
 	if all {
 		flags |= unix.NLM_F_DUMP
 	}
-	b := appendNlmsg(nil, unix.NFNL_SUBSYS_NFTABLES<<8|typ, flags, c.seq, msg{attrs: attrs}.body())
+	b := appendNlmsg(nil, unix.NFNL_SUBSYS_NFTABLES<<8|typ, flags, c.seq, msg{attrs: attrs, fam: fam}.body())
 	if err := unix.Sendto(c.fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return nil, fmt.Errorf("nftables send: %w", err)
 	}

@@ -58,7 +58,7 @@ const (
 )
 
 func tableMsg() msg {
-	return msg{unix.NFT_MSG_NEWTABLE, unix.NLM_F_CREATE, []attr{str(unix.NFTA_TABLE_NAME, Table), u32(unix.NFTA_TABLE_FLAGS, 0)}}
+	return msg{typ: unix.NFT_MSG_NEWTABLE, flags: unix.NLM_F_CREATE, attrs: []attr{str(unix.NFTA_TABLE_NAME, Table), u32(unix.NFTA_TABLE_FLAGS, 0)}}
 }
 
 // chainAttrs describe the base chain: bridge prerouting, priority filter (-200), accept.
@@ -78,7 +78,7 @@ func setMsg() msg { return setMsgOf(Set, setID, 7, 4) }
 // where the address has nft type number addrType and addrLen bytes.
 func setMsgOf(name string, id, addrType, addrLen uint32) msg {
 	field := func(n uint32) attr { return nest(unix.NFTA_LIST_ELEM, u32(nftaSetFieldLen, n)) }
-	return msg{unix.NFT_MSG_NEWSET, unix.NLM_F_CREATE, []attr{
+	return msg{typ: unix.NFT_MSG_NEWSET, flags: unix.NLM_F_CREATE, attrs: []attr{
 		str(unix.NFTA_SET_TABLE, Table),
 		str(unix.NFTA_SET_NAME, name),
 		u32(unix.NFTA_SET_FLAGS, nftSetConcat),
@@ -92,7 +92,7 @@ func setMsgOf(name string, id, addrType, addrLen uint32) msg {
 }
 
 func counterMsg(name string) msg {
-	return msg{unix.NFT_MSG_NEWOBJ, unix.NLM_F_CREATE, []attr{
+	return msg{typ: unix.NFT_MSG_NEWOBJ, flags: unix.NLM_F_CREATE, attrs: []attr{
 		str(unix.NFTA_OBJ_TABLE, Table),
 		str(unix.NFTA_OBJ_NAME, name),
 		u32(unix.NFTA_OBJ_TYPE, unix.NFT_OBJECT_COUNTER),
@@ -110,7 +110,7 @@ func setElementMsg(set string, id uint32, typ uint16, keys [][]byte) msg {
 	for i, k := range keys {
 		els[i] = nest(uint16(i+1), nest(unix.NFTA_SET_ELEM_KEY, raw(unix.NFTA_DATA_VALUE, k)))
 	}
-	return msg{typ, unix.NLM_F_CREATE, []attr{
+	return msg{typ: typ, flags: unix.NLM_F_CREATE, attrs: []attr{
 		str(unix.NFTA_SET_ELEM_LIST_SET, set),
 		u32(unix.NFTA_SET_ELEM_LIST_SET_ID, id),
 		str(unix.NFTA_SET_ELEM_LIST_TABLE, Table),
@@ -240,14 +240,14 @@ func (r rule) exprAttrs() []attr {
 func ensureMsgs() []msg {
 	ms := []msg{
 		tableMsg(),
-		{unix.NFT_MSG_NEWCHAIN, unix.NLM_F_CREATE, chainAttrs()},
+		{typ: unix.NFT_MSG_NEWCHAIN, flags: unix.NLM_F_CREATE, attrs: chainAttrs()},
 		setMsg(),
 		counterMsg(CounterIPv4), counterMsg(CounterARP), counterMsg(CounterOther),
-		{unix.NFT_MSG_DELRULE, 0, []attr{str(unix.NFTA_RULE_TABLE, Table), str(unix.NFTA_RULE_CHAIN, Chain)}},
+		{typ: unix.NFT_MSG_DELRULE, attrs: []attr{str(unix.NFTA_RULE_TABLE, Table), str(unix.NFTA_RULE_CHAIN, Chain)}},
 	}
 	ms = append(ms, ensure6Msgs()...)
 	for _, r := range rules() {
-		ms = append(ms, msg{unix.NFT_MSG_NEWRULE, unix.NLM_F_CREATE | unix.NLM_F_APPEND, []attr{
+		ms = append(ms, msg{typ: unix.NFT_MSG_NEWRULE, flags: unix.NLM_F_CREATE | unix.NLM_F_APPEND, attrs: []attr{
 			str(unix.NFTA_RULE_TABLE, Table),
 			str(unix.NFTA_RULE_CHAIN, Chain),
 			nest(unix.NFTA_RULE_EXPRESSIONS, r.exprAttrs()...),
@@ -269,25 +269,6 @@ func intact(c *conn) bool {
 	if err != nil || len(ch) != 1 || !nlattr.Contains(ch[0], chainAttrs()) {
 		return false
 	}
-	want := rules()
 	got, err := c.dump(unix.NFT_MSG_GETRULE, true, []attr{str(unix.NFTA_RULE_TABLE, Table), str(unix.NFTA_RULE_CHAIN, Chain)})
-	if err != nil || len(got) != len(want) {
-		return false
-	}
-	for i, r := range want {
-		if !nlattr.Contains(got[i], []attr{raw(unix.NFTA_RULE_USERDATA, r.userData())}) {
-			return false
-		}
-		exprs, _ := nlattr.Get(nlattr.Parse(got[i]), unix.NFTA_RULE_EXPRESSIONS)
-		list := nlattr.Parse(exprs)
-		if len(list) != len(r.exprs) {
-			return false
-		}
-		for j, e := range r.exprs {
-			if !nlattr.Contains(list[j].Data, e.attr().Nested) {
-				return false
-			}
-		}
-	}
-	return true
+	return err == nil && rulesEqual(got, rules())
 }

@@ -1,7 +1,9 @@
 package antispoof
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -104,13 +106,27 @@ func sync(ctx context.Context, desired func() []Entry, removeStale bool, addOK f
 }
 
 // FromRecords is the desired set of an IPAM store's records: each record's EntriesFor its
-// host veth (bridge.HostVethName of its attachment) and addresses.
+// host veth (bridge.HostVethName of its attachment) and addresses, but for routed pods'.
 func FromRecords(recs []ipam.Record) []Entry {
 	out := make([]Entry, 0, len(recs))
 	for _, r := range recs {
+		if isRouted(r) {
+			continue // its own chain (routed.go), not the bridge set
+		}
 		out = append(out, EntriesFor(bridge.HostVethName(r.ContainerID, r.IfName), r.Addrs()...)...)
 	}
 	return out
+}
+
+// isRouted reports whether the plugin recorded r as a routed pod ("routed" in its extra).
+func isRouted(r ipam.Record) bool {
+	if !bytes.Contains(r.Extra, []byte(`"routed"`)) {
+		return false // the common case, without decoding
+	}
+	var x struct {
+		Routed bool `json:"routed"`
+	}
+	return json.Unmarshal(r.Extra, &x) == nil && x.Routed
 }
 
 // Entries reads the desired set from the plugin's data directory (one IPAM store per

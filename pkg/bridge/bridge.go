@@ -281,12 +281,18 @@ func syncLink(fd int, name string) error {
 // stays down until Up. On error it removes what it created (the pod end goes with the host
 // end).
 func Add(h *netlink.Handle, br *netlink.Bridge, p Pod) (Wired, error) {
+	return addVeth(h, br.Attrs().Index, p, configure)
+}
+
+// addVeth creates p's veth pair, its host end on master (0: none), and runs configure on
+// it; on error it removes what it created.
+func addVeth(h *netlink.Handle, master int, p Pod, configure func(*netlink.Handle, *netlink.Veth, Pod) (Wired, error)) (Wired, error) {
 	veth := &netlink.Veth{
 		LinkAttrs: netlink.LinkAttrs{
 			Name:         p.HostVeth,
 			MTU:          p.MTU,
 			HardwareAddr: HostMAC(p.Addr.Addr()),
-			MasterIndex:  br.Attrs().Index,
+			MasterIndex:  master,
 			TxQLen:       -1,
 		},
 		PeerName:         p.IfName,
@@ -405,6 +411,13 @@ func Check(h *netlink.Handle, bridgeName string, gw, gw6 netip.Prefix, p Pod) er
 	if host.Attrs().Flags&net.FlagUp == 0 {
 		return fmt.Errorf("host veth %s is down", p.HostVeth)
 	}
+	return checkPod(host, p, p.addrs(), nil)
+}
+
+// checkPod checks the pod end of host veth host: the peer of host, up, with p's MTU, the
+// addresses addrs (and its link-local one with IPv6), and default routes via p's gateways;
+// then more, if set, with a handle in the pod namespace and the pod interface.
+func checkPod(host netlink.Link, p Pod, addrs []netip.Prefix, more func(ph *netlink.Handle, pod netlink.Link) error) error {
 	ph, err := netlink.NewHandleAt(netns.NsHandle(p.NetnsFd), unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink in pod namespace: %w", err)
@@ -424,7 +437,7 @@ func Check(h *netlink.Handle, bridgeName string, gw, gw6 netip.Prefix, p Pod) er
 	if p.MTU > 0 && pod.Attrs().MTU != p.MTU {
 		return fmt.Errorf("pod interface %s has MTU %d, want %d", p.IfName, pod.Attrs().MTU, p.MTU)
 	}
-	for _, a := range p.addrs() {
+	for _, a := range addrs {
 		if ok, err := hasAddr(ph, pod, a); err != nil || !ok {
 			return fmt.Errorf("pod interface %s does not carry %s", p.IfName, a)
 		}
@@ -449,6 +462,9 @@ func Check(h *netlink.Handle, bridgeName string, gw, gw6 netip.Prefix, p Pod) er
 		if !found {
 			return fmt.Errorf("pod has no default route via %s on %s", gw, p.IfName)
 		}
+	}
+	if more != nil {
+		return more(ph, pod)
 	}
 	return nil
 }

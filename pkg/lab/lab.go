@@ -59,6 +59,8 @@ type Options struct {
 	// switches its masquerade (default on).
 	IPv6Network    string
 	IPv6Masquerade *bool
+	// PodInterface is the agents' --pod-interface: "routed", or "" for the bridge.
+	PodInterface string
 	// EtcdMembers > 1 runs a cluster of that many members; EtcdBinary runs an external
 	// etcd (e.g. Debian's /usr/bin/etcd) instead of `netagent etcd`.
 	EtcdMembers int
@@ -708,6 +710,9 @@ func (l *Lab) AgentArgs(n *Node) []string {
 		// Whatever the backend: an agent whose plan has no WireGuard removes this device,
 		// left over from when the backend was wireguard.
 		extra = append(extra, "--wireguard-device", l.WGDevice(n))
+		if l.Opt.PodInterface != "" {
+			extra = append(extra, "--pod-interface", l.Opt.PodInterface)
+		}
 		if l.Backend == "wireguard" {
 			extra = append(extra, "--state-dir", filepath.Join(n.Dir, "state"),
 				"--wireguard-daemon", filepath.Join(filepath.Dir(l.Opt.Netagent), "netagent-wireguard"))

@@ -18,7 +18,8 @@ import (
 // throughput over the underlay, in the same run, per backend (one iperf3 TCP stream, 5
 // interleaved rounds of 2 s each); for hybrid it measures a directly routed peer and a
 // VXLAN peer. Each IP family: ipv4 measures IPv4 pods over the IPv4 underlay; ipv6 IPv6
-// pods over the IPv6 underlay (an IPv6-only lab: VXLAN runs over IPv6 too).
+// pods over the IPv6 underlay (an IPv6-only lab: VXLAN runs over IPv6 too). The -routed
+// cases wire the pods with the plugin's podInterface routed (no bridge).
 //
 //	go test -run '^$' -bench Throughput -benchtime 1x ./test/cluster
 //	go test -run '^$' -bench 'Throughput/ipv6' -benchtime 1x ./test/cluster
@@ -43,12 +44,17 @@ func throughput(b *testing.B, bin, family string) {
 	for _, tc := range []struct {
 		backend       string
 		nodes, remote int
-	}{{"host-gw", 2, 0}, {"vxlan", 2, 0}, {"hybrid", 3, 1}} {
-		b.Run(tc.backend, func(b *testing.B) {
+		podIface      string // "routed": the plugin's podInterface routed (no bridge)
+	}{{"host-gw", 2, 0, ""}, {"vxlan", 2, 0, ""}, {"hybrid", 3, 1, ""}, {"host-gw", 2, 0, "routed"}, {"vxlan", 2, 0, "routed"}} {
+		name := tc.backend
+		if tc.podIface != "" {
+			name += "-" + tc.podIface
+		}
+		b.Run(name, func(b *testing.B) {
 			l, err := lab.Up(context.Background(), lab.Options{
-				Prefix: fmt.Sprintf("%s%d-tput-%s%s-", netns.Prefix, os.Getpid(), family[3:], tc.backend[:2]), Dir: b.TempDir(),
+				Prefix: fmt.Sprintf("%s%d-tput-%s%s%.1s-", netns.Prefix, os.Getpid(), family[3:], tc.backend[:2], tc.podIface), Dir: b.TempDir(),
 				Nodes: tc.nodes, Remote: tc.remote, Backend: tc.backend, PodsPerNode: 1, IPFamily: family,
-				Netagent: bin, CNIBinDir: testbin.Dir(),
+				Netagent: bin, CNIBinDir: testbin.Dir(), PodInterface: tc.podIface,
 			})
 			if err != nil {
 				b.Fatal(err)
