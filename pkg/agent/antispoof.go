@@ -98,17 +98,17 @@ func (a *Agent) podGuardPass(ctx context.Context, log *slog.Logger) {
 	if len(withheld) > 0 {
 		signal(g.again) // look again: added then if still missing
 	}
-	if !st.Repaired && st.Added+st.Removed == 0 {
+	if !st.Repaired && st.Added+st.Removed+st.Chains == 0 {
 		return
 	}
 	if a.ready() {
-		n := st.Added + st.Removed
+		n := st.Added + st.Removed + st.Chains
 		if st.Repaired {
 			n++
 		}
 		a.opt.Metrics.Repairs.WithLabelValues("antispoof").Add(float64(n))
 	}
-	log.Info("pod anti-spoofing set repaired", "rules", st.Repaired, "added", st.Added, "removed", st.Removed,
+	log.Info("pod anti-spoofing set repaired", "rules", st.Repaired, "added", st.Added, "removed", st.Removed, "routedChains", st.Chains,
 		"entries", st.Entries, "took", time.Since(t0).Round(time.Microsecond))
 }
 

@@ -114,7 +114,7 @@ var selfComm = func() string {
 }()
 
 // feed returns whether the completed transactions touched netagent's ip table (the VXLAN
-// allow-list), its bridge table (pod anti-spoofing) and anything else.
+// allow-list), its bridge or netdev table (pod anti-spoofing) and anything else.
 //
 // It allocates nothing: a cold start's own allow-list echoes as tens of thousands of
 // messages, and parsing them into slices left megabytes of garbage.
@@ -128,8 +128,8 @@ func (e *nftEvents) feed(b []byte) (ip, bridge, others bool) {
 			switch name := attr(body, 1); {
 			case name == nil || string(bytes.TrimRight(name, "\x00")) != "netagent":
 				e.pendOthers = true
-			case len(body) > 0 && body[0] == unix.NFPROTO_BRIDGE: // nfgenmsg.nfgen_family
-				e.pendBridge = true
+			case len(body) > 0 && (body[0] == unix.NFPROTO_BRIDGE || body[0] == unix.NFPROTO_NETDEV): // nfgenmsg.nfgen_family
+				e.pendBridge = true // pod anti-spoofing: the bridge set, or the routed pods' chains
 			default:
 				e.pendIP = true
 			}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/ipam"
+	"github.com/netagent/netagent/pkg/nlattr"
 	"github.com/netagent/netagent/pkg/nldump"
 )
 
@@ -27,6 +28,7 @@ type Stats struct {
 	Added    int  // entries added
 	Removed  int  // entries removed
 	Repaired bool // the table, chain or rules were missing or not as written, and were rewritten
+	Chains   int  // routed pods' chains written (missing or not as written) or removed (routed.go)
 }
 
 // Sync makes the kernel's set equal to desired and the rule set as this package writes it,
@@ -197,7 +199,9 @@ func SyncDataDirFunc(ctx context.Context, dataDir string, addOK func(Entry) bool
 	err = withLocked(stores, nil, func(recs []ipam.Record) error {
 		var err error
 		st, withheld, err = sync(ctx, func() []Entry { return withVeth(FromRecords(recs)) }, true, addOK)
-		return err
+		n, rerr := syncRouted(ctx, recs)
+		st.Chains = n
+		return errors.Join(err, rerr)
 	})
 	return st, withheld, err
 }
@@ -255,4 +259,95 @@ func openStores(dataDir string) ([]*ipam.Store, error) {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Dir() < out[j].Dir() })
 	return out, nil
+}
+
+// syncRouted makes the routed pods' chains (routed.go) match the records: each routed pod
+// whose host veth exists gets its chain as AddRouted writes it; a chain whose veth is gone
+// and that no routed record names is removed (a chain of a veth that exists and is not
+// recorded may be another data directory's: left). One dump of the chains, one of their
+// rules, and at most one transaction. It returns how many chains it wrote or removed.
+//
+// The plugin writes these chains outside the store lock, so a pass can meet a pod between
+// its veth and its chain (ADD: writing the same chain is harmless) or between removing its
+// chain and releasing its record (DEL: the chain comes back and, once the veth and the
+// record are gone, the next pass removes it).
+func syncRouted(ctx context.Context, recs []ipam.Record) (int, error) {
+	var want []Routed
+	named := map[string]bool{}
+	for _, r := range recs {
+		if isRouted(r) {
+			veth := bridge.HostVethName(r.ContainerID, r.IfName)
+			named[veth] = true
+			want = append(want, Routed{HostVeth: veth, IPs: r.Addrs()})
+		}
+	}
+	links, err := nldump.Retry(netlink.LinkList)
+	if err != nil {
+		return 0, fmt.Errorf("list links: %w", err)
+	}
+	exists := make(map[string]bool, len(links))
+	for _, l := range links {
+		exists[l.Attrs().Name] = true
+	}
+	c, err := dial(ctx)
+	if err != nil {
+		if isAbsent(err) && len(want) == 0 {
+			return 0, nil
+		}
+		return 0, err
+	}
+	defer c.close()
+	chains, err := c.dumpFam(unix.NFPROTO_NETDEV, unix.NFT_MSG_GETCHAIN, true, []attr{str(unix.NFTA_CHAIN_TABLE, RoutedTable)})
+	if err != nil && !isAbsent(err) {
+		return 0, fmt.Errorf("list routed pods' chains: %w", err)
+	}
+	rules, err := c.dumpFam(unix.NFPROTO_NETDEV, unix.NFT_MSG_GETRULE, true, []attr{str(unix.NFTA_RULE_TABLE, RoutedTable)})
+	if err != nil && !isAbsent(err) {
+		return 0, fmt.Errorf("list routed pods' rules: %w", err)
+	}
+	have := map[string][]byte{} // chain name -> its attributes
+	for _, b := range chains {
+		as := nlattr.Parse(b)
+		if t, _ := nlattr.Get(as, unix.NFTA_CHAIN_TABLE); string(t) != RoutedTable+"\x00" {
+			continue
+		}
+		if n, ok := nlattr.Get(as, unix.NFTA_CHAIN_NAME); ok && len(n) > 1 {
+			have[string(n[:len(n)-1])] = b
+		}
+	}
+	ruleOf := map[string][][]byte{}
+	for _, b := range rules {
+		as := nlattr.Parse(b)
+		if t, _ := nlattr.Get(as, unix.NFTA_RULE_TABLE); string(t) != RoutedTable+"\x00" {
+			continue
+		}
+		if n, ok := nlattr.Get(as, unix.NFTA_RULE_CHAIN); ok && len(n) > 1 {
+			ruleOf[string(n[:len(n)-1])] = append(ruleOf[string(n[:len(n)-1])], b)
+		}
+	}
+	var msgs []msg
+	n := 0
+	for _, w := range want {
+		if !exists[w.HostVeth] || w.validate() != nil {
+			continue
+		}
+		if b, ok := have[w.HostVeth]; ok && nlattr.Contains(b, routedChainAttrs(w.HostVeth)) && rulesEqual(ruleOf[w.HostVeth], routedRules(w)) {
+			continue
+		}
+		if len(msgs) == 0 {
+			msgs = routedBaseMsgs()
+		}
+		msgs = append(msgs, routedChainMsgs(w)...)
+		n++
+	}
+	for name := range have {
+		if !named[name] && !exists[name] {
+			msgs = append(msgs, routedDelMsgs(name)...)
+			n++
+		}
+	}
+	if err := c.transact(msgs); err != nil {
+		return 0, fmt.Errorf("sync routed pods' anti-spoofing chains (%d): %w", n, err)
+	}
+	return n, nil
 }
