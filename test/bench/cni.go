@@ -32,6 +32,7 @@ type options struct {
 	floor                   bool
 	markdown, refVersion    string
 	family                  string // familyIPv4 or familyDual
+	podIface                string // our plugin's podInterface ("" is its default, bridge)
 	timeout                 time.Duration
 }
 
@@ -59,6 +60,7 @@ func parseOptions(args []string) (options, error) {
 	fs.StringVar(&o.refVersion, "ref-version", "v1.10.0", "containernetworking/plugins version the reference chain and loopback are built from")
 	fs.BoolVar(&o.pod, "pod", true, "time whole pods as containerd's CRI sets them up: the loopback network too (ADD concurrently with the pod network, DEL after it), runtimeConfig.portMappings always passed (an empty list for these pods)")
 	fs.StringVar(&o.markdown, "markdown", "", `write a markdown block for BENCHMARKS.md to this file ("-" for stdout)`)
+	fs.StringVar(&o.podIface, "pod-interface", "", `our plugin's podInterface for "ours" and "ours4": "" (its default, bridge) or "routed"`)
 	fs.DurationVar(&o.timeout, "timeout", time.Minute, "limit for one plugin call")
 	fs.StringVar(&o.family, "family", familyIPv4, `"ipv4", or "dual": every chain dual stack (ours with ipv6Subnet, the reference's host-local with an IPv4 and an IPv6 range, floor and bare with an IPv6 address and route too), plus ours on an IPv4-only network ("ours4") for the dual / IPv4-only ratio`)
 	fs.Usage = func() {
@@ -255,7 +257,7 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 		}
 		return ""
 	}
-	ours, err := b.newCNIRunner("ours", binDir, oursConf(tmp, "ours", oursBridge, oursSubnet, v6(oursSubnet6)))
+	ours, err := b.newCNIRunner("ours", binDir, oursConf(tmp, "ours", oursBridge, oursSubnet, v6(oursSubnet6), b.opt.podIface))
 	if err != nil {
 		return nil, err
 	}
@@ -297,7 +299,7 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	}
 	if dual {
 		// Last, so the columns before it keep their place in the table.
-		ours4, err := b.newCNIRunner("ours4", binDir, oursConf(tmp, "ours4", ours4Bridge, ours4Subnet, ""))
+		ours4, err := b.newCNIRunner("ours4", binDir, oursConf(tmp, "ours4", ours4Bridge, ours4Subnet, "", b.opt.podIface))
 		if err != nil {
 			return nil, err
 		}

@@ -58,7 +58,7 @@ func prefixes(subnets ...string) []netip.Prefix {
 	return out
 }
 
-// v6Field is `,"key":"subnet6"` for a dual-stack network, and nothing for an IPv4-only one.
+// v6Field is `,"key":"value"` for a value (an IPv6 subnet, a podInterface), and nothing for "".
 func v6Field(key, subnet6 string) string {
 	if subnet6 == "" {
 		return ""
@@ -75,11 +75,11 @@ func floorConf(subnet6 string) []byte {
 }
 
 // oursConf is our plugin's network, its store below tmp/label; subnet6 (optional) makes it
-// dual stack.
-func oursConf(tmp, label, bridge, subnet, subnet6 string) []byte {
+// dual stack, podIface (optional) sets its podInterface.
+func oursConf(tmp, label, bridge, subnet, subnet6, podIface string) []byte {
 	return fmt.Appendf(nil, `{"cniVersion":"1.0.0","name":"netagent","plugins":[`+
-		`{"type":"netagent-cni","bridge":%q,"subnet":%q%s,"dataDir":%s,"capabilities":{"portMappings":true}}]}`,
-		bridge, subnet, v6Field("ipv6Subnet", subnet6), jsonString(filepath.Join(tmp, label)))
+		`{"type":"netagent-cni","bridge":%q,"subnet":%q%s%s,"dataDir":%s,"capabilities":{"portMappings":true}}]}`,
+		bridge, subnet, v6Field("ipv6Subnet", subnet6), v6Field("podInterface", podIface), jsonString(filepath.Join(tmp, label)))
 }
 
 // refConf is the reference chain; with subnet6, host-local hands out an address from each
@@ -316,6 +316,13 @@ func (r *cniRunner) leaks() ([]string, error) {
 	}
 	if len(spoof) > 0 {
 		out = append(out, fmt.Sprintf("%d anti-spoofing entries left", len(spoof)))
+	}
+	var chains []string // routed pods' anti-spoofing chains
+	if err := r.ns.Do(func() (err error) { chains, err = antispoof.RoutedChains(context.Background()); return err }); err != nil {
+		return nil, err
+	}
+	if len(chains) > 0 {
+		out = append(out, fmt.Sprintf("%d routed pods' anti-spoofing chains left", len(chains)))
 	}
 	entries, err := os.ReadDir(filepath.Join(r.cacheDir, "results"))
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
