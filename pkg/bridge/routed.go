@@ -145,15 +145,9 @@ func EnsureUnreachable(h *netlink.Handle, subnet netip.Prefix) error {
 	if subnet.Addr().Is6() {
 		r.Family = unix.AF_INET6
 	}
-	have, err := h.RouteListFiltered(family(subnet.Addr()), r, netlink.RT_FILTER_DST|netlink.RT_FILTER_PROTOCOL)
-	if err == nil {
-		for _, x := range have {
-			if x.Type == unix.RTN_UNREACHABLE && x.Priority == unreachableMetric {
-				return nil
-			}
-		}
-	}
-	if err := h.RouteReplace(r); err != nil {
+	// An add, not a listing first: one request whatever the number of routes. A route of
+	// this destination and metric that exists is taken to be ours (the metric is ours).
+	if err := h.RouteAdd(r); err != nil && !errors.Is(err, syscall.EEXIST) {
 		return fmt.Errorf("add unreachable route for %s: %w", subnet, err)
 	}
 	return nil

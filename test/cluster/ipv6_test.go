@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/netagent/netagent/pkg/antispoof"
+	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/lab"
 	"github.com/netagent/netagent/test/netns"
 )
@@ -28,21 +30,30 @@ func matrix(l *lab.Lab) string {
 // Every backend carries IPv6 pods, in IPv6-only and dual-stack clusters: pod to pod over
 // each family across nodes (on the same L2 and, for vxlan and hybrid, behind a router), pod
 // IPv6 egress masqueraded to the node's IPv6 address, drift of an IPv6 route, neighbour
-// and FDB entry repaired.
+// and FDB entry repaired. The -routed cases wire the pods without a bridge (the plugin's
+// podInterface routed), and also check that a pod's anti-spoofing chain removed by hand
+// is put back by the agent.
 func TestIPv6Backends(t *testing.T) {
 	for _, tc := range []struct {
 		family, backend string
 		nodes, remote   int
+		podIface        string
 	}{
-		{"ipv6", "host-gw", 2, 0},
-		{"ipv6", "vxlan", 3, 1},
-		{"ipv6", "hybrid", 3, 1},
-		{"dual", "host-gw", 2, 0},
-		{"dual", "vxlan", 3, 1},
-		{"dual", "hybrid", 3, 1},
+		{"ipv6", "host-gw", 2, 0, ""},
+		{"ipv6", "vxlan", 3, 1, ""},
+		{"ipv6", "hybrid", 3, 1, ""},
+		{"dual", "host-gw", 2, 0, ""},
+		{"dual", "vxlan", 3, 1, ""},
+		{"dual", "hybrid", 3, 1, ""},
+		{"dual", "host-gw", 2, 0, "routed"},
+		{"ipv6", "vxlan", 3, 1, "routed"},
 	} {
-		t.Run(tc.family+"/"+tc.backend, func(t *testing.T) {
-			l := newLabWith(t, lab.Options{Backend: tc.backend, Nodes: tc.nodes, Remote: tc.remote, PodsPerNode: 1, IPFamily: tc.family})
+		name := tc.family + "/" + tc.backend
+		if tc.podIface != "" {
+			name += "-" + tc.podIface
+		}
+		t.Run(name, func(t *testing.T) {
+			l := newLabWith(t, lab.Options{Backend: tc.backend, Nodes: tc.nodes, Remote: tc.remote, PodsPerNode: 1, IPFamily: tc.family, PodInterface: tc.podIface})
 			for _, p := range l.Pods() {
 				if !p.IP6.IsValid() || (tc.family == "dual") != p.IP.IsValid() {
 					t.Fatalf("pod %s has addresses %s and %s, want the lab's families (%s)", p.Name, p.IP, p.IP6, tc.family)
@@ -83,8 +94,20 @@ func TestIPv6Backends(t *testing.T) {
 					}
 				}
 			}
+			var chain string
+			if tc.podIface == "routed" {
+				chain = bridge.HostVethName(pod.Name, "eth0")
+				ns.MustRun(t, "nft", "delete", "chain", "netdev", antispoof.RoutedTable, chain)
+			}
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
+			if chain != "" {
+				took := waitUntil(t, 10*time.Second, "the agent puts back routed pod "+pod.Name+"'s anti-spoofing chain", func() bool {
+					_, err := ns.Run("nft", "list", "chain", "netdev", antispoof.RoutedTable, chain)
+					return err == nil
+				})
+				t.Logf("chain put back after %s", took.Round(time.Millisecond))
+			}
 			if err := l.WaitConverged(ctx, 10*time.Second); err != nil {
 				t.Fatalf("drift not repaired: %v\nroutes:\n%s", err, ns.MustRun(t, "ip", "-6", "route", "show", "proto", "180"))
 			}
@@ -129,10 +152,23 @@ func icmp6(t *testing.T, ns *netns.NS) (out, in int) {
 
 // With IPv6 masquerading switched off, pods reach the outside with their own addresses
 // (a routable prefix); and an agent restart, and a kill -9 and restart, under a running
-// IPv6 ping lose no packet.
+// IPv6 ping lose no packet; with bridged pods and with routed ones.
 func TestIPv6NoMasqueradeAndRestart(t *testing.T) {
+	for _, podIface := range []string{"", "routed"} {
+		t.Run("pods "+or(podIface, "bridged"), func(t *testing.T) { noMasqueradeAndRestart(t, podIface) })
+	}
+}
+
+func or(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+func noMasqueradeAndRestart(t *testing.T, podIface string) {
 	off := false
-	l := newLabWith(t, lab.Options{Backend: "vxlan", Nodes: 2, PodsPerNode: 1, IPFamily: "dual", IPv6Network: "2001:db8:100::/48", IPv6Masquerade: &off})
+	l := newLabWith(t, lab.Options{Backend: "vxlan", Nodes: 2, PodsPerNode: 1, IPFamily: "dual", IPv6Network: "2001:db8:100::/48", IPv6Masquerade: &off, PodInterface: podIface})
 	n1, n2 := l.Nodes[0], l.Nodes[1]
 	a, b := n1.Pods[0], n2.Pods[0]
 	// The outside host routes the pod network to node1 (as a router announcing it would).

@@ -17,18 +17,24 @@ import (
 // BenchmarkAddFamilies times the plugin's ADD for an IPv4-only and a dual-stack network,
 // alternating in ABBA order in one node namespace (each pod in a fresh namespace, its DEL
 // untimed), and reports each one's median wall and CPU time and their ratios (dual / IPv4,
-// target <= 1.15).
+// target <= 1.15), for bridged and for routed pods (podInterface).
 // The plugin is exec'd from the node namespace as a runtime would, without libcni.
 //
 //	go test -run '^$' -bench BenchmarkAddFamilies -benchtime 30x ./test/cni/
 func BenchmarkAddFamilies(b *testing.B) {
 	netns.RequireRoot(b)
+	for _, podIface := range []string{"bridge", "routed"} {
+		b.Run(podIface, func(b *testing.B) { addFamilies(b, podIface) })
+	}
+}
+
+func addFamilies(b *testing.B, podIface string) {
 	plugin := testbin.Build(b, "./cmd/cni-plugin", "netagent-cni")
 	node := netns.New(b, "node")
 	dataDir := b.TempDir()
 	confs := map[string]string{
-		"ipv4": `{"cniVersion":"1.1.0","name":"v4","type":"netagent-cni","bridge":"br4","subnet":"10.244.32.0/22","dataDir":"` + dataDir + `"}`,
-		"dual": `{"cniVersion":"1.1.0","name":"dual","type":"netagent-cni","bridge":"br6","subnet":"10.244.40.0/22","ipv6Subnet":"fd00:244:40::/64","dataDir":"` + dataDir + `"}`,
+		"ipv4": `{"cniVersion":"1.1.0","name":"v4","type":"netagent-cni","bridge":"br4","subnet":"10.244.32.0/22","podInterface":"` + podIface + `","dataDir":"` + dataDir + `"}`,
+		"dual": `{"cniVersion":"1.1.0","name":"dual","type":"netagent-cni","bridge":"br6","subnet":"10.244.40.0/22","ipv6Subnet":"fd00:244:40::/64","podInterface":"` + podIface + `","dataDir":"` + dataDir + `"}`,
 	}
 	took, cpu := map[string][]time.Duration{}, map[string][]time.Duration{}
 	// run returns the call's wall time and the CPU time of the plugin process (user and
