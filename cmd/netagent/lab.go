@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -186,7 +187,7 @@ Logs and state: %[4]s
 				fmt.Fprintf(stdout, "== %s: %v\n", n.Name, err)
 				continue
 			}
-			fmt.Fprintf(stdout, "== %s (%s)\n%s\n", n.Name, n.IP, out)
+			fmt.Fprintf(stdout, "== %s (%s)\n%s\n", n.Name, nodeAddrs(n), out)
 		}
 		return writePicture(l, *picture, logf)
 	case "down":
@@ -206,6 +207,17 @@ Logs and state: %[4]s
 	return errors.New(labUsage)
 }
 
+// nodeAddrs are a lab node's underlay addresses, for a heading: IPv4, IPv6 or both.
+func nodeAddrs(n *lab.Node) string {
+	var a []string
+	for _, ip := range []netip.Addr{n.IP, n.IP6} {
+		if ip.IsValid() {
+			a = append(a, ip.String())
+		}
+	}
+	return strings.Join(a, ", ")
+}
+
 func labReport(ctx context.Context, l *lab.Lab, w io.Writer, logf func(string, ...any)) error {
 	t0 := time.Now()
 	m := l.Matrix(ctx)
@@ -216,7 +228,7 @@ func labReport(ctx context.Context, l *lab.Lab, w io.Writer, logf func(string, .
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(w, "== %s (%s)\n%s\n", n.Name, n.IP, out)
+		fmt.Fprintf(w, "== %s (%s)\n%s\n", n.Name, nodeAddrs(n), out)
 	}
 	if f := lab.Failures(m); len(f) > 0 {
 		return fmt.Errorf("%d paths fail: %s", len(f), strings.Join(f, ", "))

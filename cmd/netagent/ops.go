@@ -194,8 +194,12 @@ func printStatus(w io.Writer, st agent.Status, ipv6 string) error {
 	if st.Ready {
 		ready = "yes"
 	}
-	fmt.Fprintf(w, "node %s  subnet %s  network %s  backend %s  public IP %s  pod MTU %d  ready %s\n",
-		st.Node, st.Subnet, st.Network, st.Backend, st.PublicIP, st.PodMTU, ready)
+	if st.Subnet == "" && st.Subnet6 != "" { // IPv6 only: no IPv4 fields to show
+		fmt.Fprintf(w, "node %s  backend %s  pod MTU %d  ready %s\n", st.Node, st.Backend, st.PodMTU, ready)
+	} else {
+		fmt.Fprintf(w, "node %s  subnet %s  network %s  backend %s  public IP %s  pod MTU %d  ready %s\n",
+			st.Node, st.Subnet, st.Network, st.Backend, st.PublicIP, st.PodMTU, ready)
+	}
 	switch {
 	case st.Subnet6 != "": // the agent's own word
 		fmt.Fprintf(w, "IPv6 subnet %s  network %s  public IP %s\n", st.Subnet6, st.Network6, cmp.Or(st.PublicIP6, "none"))
