@@ -354,6 +354,9 @@ func addRouted(ctx context.Context, h *netlink.Handle, c *netConf, args *skel.Cm
 		if err := bridge.EnsureUnreachable(h, a.addr.Masked()); err != nil {
 			return err
 		}
+		if err := bridge.EnsureNodeAddr(h, a.gw); err != nil {
+			return err
+		}
 	}
 	routed := routedAddrs(addrs)
 	p := pod(podNS, args.IfName, x.HostVeth, routed, true, mtu, false)

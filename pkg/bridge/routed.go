@@ -23,8 +23,15 @@ import (
 //
 // Both ends hold permanent neighbour entries for each other (the plugin knows both MACs),
 // so no packet waits for ARP or neighbour discovery, and nothing a pod sends can change
-// the node's entry for its address. The host end also answers ARP (proxy_arp) and
-// neighbour solicitations (it carries fe80::1) for a pod that flushed its entries.
+// the node's entry for its address. The host end answers ARP (proxy_arp) but carries no
+// IPv6 address: fe80::1 on it made a dual-stack DEL about 20 ms dearer (the kernel's IPv6
+// teardown of the veth; BENCHMARKS.md), and a pod's neighbour entry for fe80::1 is
+// permanent (`ip neigh flush` leaves it; a pod that deletes it cuts itself off).
+//
+// The node holds the subnet's gateway address on lo (EnsureNodeAddr), as a bridged node
+// holds it on the bridge: what the node itself sends its pods (probes, DNS answers) has a
+// source address the pods route back to, also on a node with no global address of that
+// family of its own (dual-stack pods over an IPv4 underlay).
 //
 // Anti-spoofing for these pods is antispoof.AddRouted (a chain on the host end's ingress).
 
@@ -46,7 +53,7 @@ func hostLen(p netip.Prefix) netip.Prefix { return netip.PrefixFrom(p.Addr(), p.
 
 // AddRouted creates p's veth pair with no master and configures the pod end (its
 // addresses as host prefixes, its link-local address, permanent neighbour entries for the
-// gateways and default routes via them) and the host end (fe80::1, proxy_arp). p.Gateway
+// gateways and default routes via them) and the host end (proxy_arp). p.Gateway
 // and p.Gateway6 must be RoutedGateway4 and RoutedGateway6 (or invalid). The host end stays
 // down until Up; then RouteRouted adds the node's routes to the pod. On error it removes
 // what it created.
@@ -68,10 +75,6 @@ func configureRouted(h *netlink.Handle, veth *netlink.Veth, p Pod) (Wired, error
 	if p.hasV6() {
 		if err := setupV6(h, ph, veth, pod, p); err != nil {
 			return Wired{}, err
-		}
-		gw := &netlink.Addr{IPNet: netipx.IPNet(netip.PrefixFrom(RoutedGateway6, 64)), Flags: unix.IFA_F_NODAD}
-		if err := h.AddrAdd(veth, gw); err != nil && !errors.Is(err, syscall.EEXIST) {
-			return Wired{}, fmt.Errorf("add %s to %s: %w", gw.IPNet, p.HostVeth, err)
 		}
 	}
 	if p.Addr.Addr().Is4() {
@@ -153,6 +156,20 @@ func EnsureUnreachable(h *netlink.Handle, subnet netip.Prefix) error {
 	return nil
 }
 
+// EnsureNodeAddr makes sure lo carries gw, a routed node subnet's gateway address, as a
+// host prefix (see the comment at the top). One add, whether or not it is there.
+func EnsureNodeAddr(h *netlink.Handle, gw netip.Addr) error {
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("find lo: %w", err)
+	}
+	a := &netlink.Addr{IPNet: netipx.IPNet(netip.PrefixFrom(gw, gw.BitLen())), Flags: addrFlags(gw)}
+	if err := h.AddrAdd(lo, a); err != nil && !errors.Is(err, syscall.EEXIST) {
+		return fmt.Errorf("add the pods' gateway address %s to lo: %w", a.IPNet, err)
+	}
+	return nil
+}
+
 // CheckRouted verifies the wiring of routed pod p: the host end is an up veth with no
 // master whose peer is the pod interface; the pod interface is up with the MTU, its
 // addresses as host prefixes, the permanent gateway neighbours and the default routes;
@@ -171,11 +188,6 @@ func CheckRouted(h *netlink.Handle, p Pod) error {
 	}
 	if host.Attrs().Flags&net.FlagUp == 0 {
 		return fmt.Errorf("host veth %s is down", p.HostVeth)
-	}
-	if p.hasV6() {
-		if ok, err := hasAddr(h, host, netip.PrefixFrom(RoutedGateway6, 64)); err != nil || !ok {
-			return fmt.Errorf("host veth %s does not carry the pods' IPv6 gateway %s", p.HostVeth, RoutedGateway6)
-		}
 	}
 	addrs := make([]netip.Prefix, 0, 2)
 	for _, a := range p.addrs() {

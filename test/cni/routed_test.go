@@ -18,7 +18,8 @@ import (
 
 // TestRouted drives the plugin with podInterface "routed" for IPv4, IPv6 and dual stack:
 // ADD wires pods without a bridge (host-length addresses, link-local gateways, the node's
-// host routes and an unreachable route for the subnet) and reports that in its result;
+// host routes, the gateway addresses on lo and an unreachable route for the subnet) and
+// reports that in its result;
 // pods reach each other and the node at once; a pod cannot send from another address
 // (each attack first shown to get through with the pod's chain gone) nor answer neighbour
 // discovery for another pod's address; the agent's sync puts a removed chain back; CHECK
@@ -71,6 +72,16 @@ func routed(t *testing.T, c conf, v4, v6 bool) {
 	}{{v4, "10.244.31.0/24"}, {v6, "fd00:244:31::/64"}} {
 		if want.on && !strings.Contains(unreach, want.subnet) {
 			t.Errorf("no unreachable route for %s:\n%s", want.subnet, unreach)
+		}
+	}
+
+	lo := n.ns.MustRun(t, "ip", "addr", "show", "dev", "lo")
+	for _, want := range []struct {
+		on   bool
+		addr string
+	}{{v4, "10.244.31.1/32"}, {v6, "fd00:244:31::1/128"}} {
+		if want.on != strings.Contains(lo, " "+want.addr+" ") {
+			t.Errorf("lo carries the gateway %s: %t, want %t:\n%s", want.addr, !want.on, want.on, lo)
 		}
 	}
 

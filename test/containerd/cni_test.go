@@ -53,16 +53,72 @@ type scenario struct {
 	// subnet6 is the network's IPv6 subnet when it is dual stack: every pod must get an
 	// address of each family, and every check runs over IPv6 too.
 	subnet6 netip.Prefix
+	// routed: netagent-cni's podInterface routed: no bridge, host-prefix addresses via
+	// 169.254.1.1 and fe80::1.
+	routed bool
+}
+
+// checkWiring asserts how the node wires want pods: for the bridge, the gateways on it and
+// want veths attached; routed, no bridge and want veths with no master.
+func (sc scenario) checkWiring(t *testing.T, ns *netns.NS, want int) {
+	t.Helper()
+	if !sc.routed {
+		checkBridge(t, ns, want, sc.gateways()...)
+		return
+	}
+	h, err := ns.Handle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if _, err := h.LinkByName(bridgeName); err == nil {
+		t.Errorf("routed pods, yet the node has a bridge %s", bridgeName)
+	}
+	links, err := h.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var veths []string
+	for _, l := range links {
+		if l.Type() == "veth" && l.Attrs().MasterIndex == 0 {
+			veths = append(veths, l.Attrs().Name)
+		}
+	}
+	if len(veths) != want {
+		t.Errorf("routed pods' veths = %v, want %d", veths, want)
+	}
+}
+
+// podAddr is the address a pod's eth0 carries for ip in subnet: with the subnet's prefix
+// length on a bridge, a host prefix when routed.
+func (sc scenario) podAddr(ip string, subnet netip.Prefix) string {
+	if sc.routed {
+		return ip + "/" + fmt.Sprint(subnet.Addr().BitLen())
+	}
+	return ip + "/" + fmt.Sprint(subnet.Bits())
+}
+
+// gateway is the pod's default gateway of a family: the bridge's, or the routed one.
+func (sc scenario) gateway(v6 bool) string {
+	switch {
+	case sc.routed && v6:
+		return "fe80::1"
+	case sc.routed:
+		return "169.254.1.1"
+	case v6:
+		return gateway6(sc.subnet6).Addr().String()
+	}
+	return gateway.Addr().String()
 }
 
 // TestNetagentCNIUnderContainerd runs netagent-cni under containerd's CRI: pods get
 // distinct addresses on the node bridge, reach each other and the node, a hostPort
 // reaches its pod, and removing the pods leaves no interface or allocation behind.
-func TestNetagentCNIUnderContainerd(t *testing.T) { runNetagent(t, netip.Prefix{}) }
+func TestNetagentCNIUnderContainerd(t *testing.T) { runNetagent(t, netip.Prefix{}, false) }
 
 // runNetagent runs the scenario with netagent-cni on a network with podSubnet and, if
-// valid, subnet6 (dual stack).
-func runNetagent(t *testing.T, subnet6 netip.Prefix) {
+// valid, subnet6 (dual stack); routed sets podInterface routed.
+func runNetagent(t *testing.T, subnet6 netip.Prefix, routed bool) {
 	netns.RequireRoot(t)
 	plugin := testbin.Build(t, "./cmd/cni-plugin", "netagent-cni")
 	loopback := testbin.Build(t, "github.com/containernetworking/plugins/plugins/main/loopback", "loopback")
@@ -84,6 +140,9 @@ func runNetagent(t *testing.T, subnet6 netip.Prefix) {
 			return ns.AddrAdd("lo", nodeAddr6.String())
 		}
 	}
+	if routed {
+		pc["podInterface"] = "routed"
+	}
 	conf := map[string]any{"cniVersion": "1.0.0", "name": networkName, "plugins": []any{pc}}
 	runPods(t, nodeOptions{
 		// containerd 1.6 always sets up "lo" with a plugin called loopback as well.
@@ -91,7 +150,7 @@ func runNetagent(t *testing.T, subnet6 netip.Prefix) {
 		confName: "10-netagent.conflist",
 		conflist: mustJSON(t, conf),
 		setup:    setup,
-	}, scenario{storeDir: filepath.Join(dataDir, "ipam", networkName), hostPort: true, subnet6: subnet6})
+	}, scenario{storeDir: filepath.Join(dataDir, "ipam", networkName), hostPort: true, subnet6: subnet6, routed: routed})
 }
 
 // TestReferencePluginsUnderContainerd runs the same scenario with the reference bridge and
@@ -192,21 +251,21 @@ func runPods(t *testing.T, opts nodeOptions, sc scenario) {
 			seen[ip] = p.name
 		}
 	})
-	t.Run("node bridge has the gateway and one veth per pod", func(t *testing.T) {
-		checkBridge(t, n.ns, podCount, sc.gateways()...)
+	t.Run("node wiring: one veth per pod (on the bridge with the gateways, or routed)", func(t *testing.T) {
+		sc.checkWiring(t, n.ns, podCount)
 	})
 	t.Run("pod interface and default route", func(t *testing.T) {
 		for i, p := range pods {
 			addrs, err := n.execSync(ctx, servers[i], 5*time.Second, "ip", "-o", "-4", "addr", "show", "dev", "eth0")
 			if err != nil {
 				t.Errorf("pod %s: %v", p.name, err)
-			} else if want := p.ip + "/" + fmt.Sprint(podSubnet.Bits()); !strings.Contains(addrs, " "+want+" ") {
+			} else if want := sc.podAddr(p.ip, podSubnet); !strings.Contains(addrs, " "+want+" ") {
 				t.Errorf("pod %s: eth0 addresses %q, want %s", p.name, strings.TrimSpace(addrs), want)
 			}
 			routes, err := n.execSync(ctx, servers[i], 5*time.Second, "ip", "-4", "route", "show", "default")
 			if err != nil {
 				t.Errorf("pod %s: %v", p.name, err)
-			} else if want := "default via " + gateway.Addr().String(); !strings.Contains(routes, want) {
+			} else if want := "default via " + sc.gateway(false); !strings.Contains(routes, want) {
 				t.Errorf("pod %s: default route %q, want %q", p.name, strings.TrimSpace(routes), want)
 			}
 		}
@@ -334,7 +393,7 @@ func runPods(t *testing.T, opts nodeOptions, sc scenario) {
 			}
 			addrs = append(addrs, podIP6String)
 		}
-		checkBridge(t, n.ns, 1, sc.gateways()...)
+		sc.checkWiring(t, n.ns, 1)
 		for _, addr := range addrs {
 			for q, err := range pingAll(ctx, n.ns, []*pod{p}, addr) {
 				if err != nil {

@@ -20,7 +20,12 @@ var (
 // the plugin's result (PodSandboxStatus ip and additional_ips), the pods reach each other
 // and the node over both families, a hostPort answers over both, and StopPodSandbox and
 // RemovePodSandbox release both addresses and leave no interface or NAT rule behind.
-func TestNetagentCNIDualStackUnderContainerd(t *testing.T) { runNetagent(t, podSubnet6) }
+func TestNetagentCNIDualStackUnderContainerd(t *testing.T) { runNetagent(t, podSubnet6, false) }
+
+// TestNetagentCNIRoutedUnderContainerd is the dual-stack scenario with routed pods
+// (podInterface routed): no bridge, host-prefix addresses via 169.254.1.1 and fe80::1,
+// the same reachability, host ports and clean removal under the real runtime.
+func TestNetagentCNIRoutedUnderContainerd(t *testing.T) { runNetagent(t, podSubnet6, true) }
 
 // gateways are the bridge addresses a scenario needs beyond the IPv4 gateway.
 func (sc scenario) gateways() []netip.Prefix {
@@ -70,7 +75,7 @@ func checkIPv6(ctx context.Context, t *testing.T, n *node, pods []*pod, servers 
 			// `ip addr` flags an address still doing duplicate address detection "tentative":
 			// the plugin must hand over a usable one.
 			addrs, err := n.execSync(ctx, servers[i], 5*time.Second, "ip", "-o", "-6", "addr", "show", "dev", "eth0", "scope", "global")
-			want := fmt.Sprintf("%s/%d", podIP6(p), sc.subnet6.Bits())
+			want := sc.podAddr(podIP6(p).String(), sc.subnet6)
 			switch {
 			case err != nil:
 				t.Errorf("pod %s: %v", p.name, err)
@@ -82,7 +87,7 @@ func checkIPv6(ctx context.Context, t *testing.T, n *node, pods []*pod, servers 
 			routes, err := n.execSync(ctx, servers[i], 5*time.Second, "ip", "-6", "route", "show", "default")
 			if err != nil {
 				t.Errorf("pod %s: %v", p.name, err)
-			} else if want := "default via " + gw.Addr().String(); !strings.Contains(routes, want) {
+			} else if want := "default via " + sc.gateway(true); !strings.Contains(routes, want) {
 				t.Errorf("pod %s: IPv6 default route %q, want %q", p.name, strings.TrimSpace(routes), want)
 			}
 		}
