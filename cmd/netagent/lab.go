@@ -103,6 +103,9 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 		if *podIface != "bridge" {
 			opt.PodInterface = *podIface
 		}
+		if *podIface != "bridge" && *scenario == "docker" {
+			return fmt.Errorf("--pod-interface %s: Docker hosts wire containers with Docker's bridge (route mode)", *podIface)
+		}
 		if *family != "ipv4" && *scenario != "cni" && !(*family == "dual" && *scenario == "kubernetes") {
 			return fmt.Errorf("--ip-family %s: only the cni scenario has IPv6 so far (and kubernetes dual stack)", *family)
 		}

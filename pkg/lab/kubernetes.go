@@ -82,6 +82,12 @@ func (l *Lab) upKubernetes(ctx context.Context) error {
 	if _, err := c.Kubectl(ctx, "-n", "netagent", "patch", "configmap", "netagent-config", "--type", "merge", "-p", patch); err != nil {
 		return err
 	}
+	if l.Opt.PodInterface != "" {
+		// The way the README tells an operator to: the agent's flag as an environment variable.
+		if _, err := c.Kubectl(ctx, "-n", "netagent", "set", "env", "daemonset/netagent", "NETAGENT_POD_INTERFACE="+l.Opt.PodInterface); err != nil {
+			return err
+		}
+	}
 	if _, err := c.Kubectl(ctx, "-n", "netagent", "rollout", "restart", "daemonset/netagent"); err != nil {
 		return err
 	}
