@@ -76,7 +76,13 @@ func run(ctx context.Context, name string, mtu int, verbose bool, log *slog.Logg
 		logger.Verbosef = func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) }
 	}
 	dev := wgdevice.NewDevice(tdev, conn.NewDefaultBind(), logger)
-	defer dev.Close() // closes the TUN, which removes the interface
+	defer func() {
+		// The UDP port first: Close removes the interface (the TUN) before it releases the
+		// port, and whoever sees the interface gone (the agent) starts the next daemon at
+		// once, whose bind then failed with "address already in use".
+		_ = dev.BindClose()
+		dev.Close()
+	}()
 	// The socket appears only now, with the device running: a live socket means a device
 	// that can be configured (device.Daemon waits for exactly that).
 	f, err := ipc.UAPIOpen(name)

@@ -213,7 +213,7 @@ func (c *capture) stop(t testing.TB) [][]byte {
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
-// frameKind classifies an Ethernet frame: "arp", "udp A:p > B:q" (IPv4 or IPv6), a
+// frameKind classifies an Ethernet frame: "arp", "igmp", "udp A:p > B:q" (IPv4 or IPv6), a
 // fragment, IPv6 neighbour discovery or MLD, or what else it is.
 func frameKind(f []byte) string {
 	if len(f) < 14 {
@@ -232,6 +232,11 @@ func frameKind(f []byte) string {
 		// A fragment means the encapsulated packet did not fit the underlay's MTU.
 		if frag := binary.BigEndian.Uint16(ip[6:8]); frag&0x3fff != 0 {
 			return fmt.Sprintf("ipv4 fragment %s > %s", src, dst)
+		}
+		if ip[9] == unix.IPPROTO_IGMP && dst.IsMulticast() {
+			// A host's own multicast membership report (IGMP, link-local, never
+			// forwarded), IPv4's counterpart of MLD: carries no pod data.
+			return "igmp"
 		}
 		if ip[9] != unix.IPPROTO_UDP || len(ip) < ihl+8 {
 			return fmt.Sprintf("ipv4 proto %d %s > %s", ip[9], src, dst)
