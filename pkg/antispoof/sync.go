@@ -264,8 +264,9 @@ func openStores(dataDir string) ([]*ipam.Store, error) {
 // syncRouted makes the routed pods' chains (routed.go) match the records: each routed pod
 // whose host veth exists gets its chain as AddRouted writes it; a chain whose veth is gone
 // and that no routed record names is removed (a chain of a veth that exists and is not
-// recorded may be another data directory's: left). One dump of the chains, one of their
-// rules, and at most one transaction. It returns how many chains it wrote or removed.
+// recorded may be another data directory's: left); a dormant table is woken. One dump
+// each of the table, its chains and their rules, and at most one transaction. It returns
+// how many chains it wrote or removed (and 1 for waking the table).
 //
 // The plugin writes these chains outside the store lock, so a pass can meet a pod between
 // its veth and its chain (ADD: writing the same chain is harmless) or between removing its
@@ -334,9 +335,6 @@ func syncRouted(ctx context.Context, recs []ipam.Record) (int, error) {
 		if b, ok := have[w.HostVeth]; ok && nlattr.Contains(b, routedChainAttrs(w.HostVeth)) && rulesEqual(ruleOf[w.HostVeth], routedRules(w)) {
 			continue
 		}
-		if len(msgs) == 0 {
-			msgs = routedBaseMsgs()
-		}
 		msgs = append(msgs, routedChainMsgs(w)...)
 		n++
 	}
@@ -345,6 +343,18 @@ func syncRouted(ctx context.Context, recs []ipam.Record) (int, error) {
 			msgs = append(msgs, routedDelMsgs(name)...)
 			n++
 		}
+	}
+	// A dormant table unhooks every chain in it: the base messages wake it.
+	tableOK, err := routedTableIntact(c)
+	if err != nil {
+		return 0, fmt.Errorf("read routed pods' table: %w", err)
+	}
+	wake := !tableOK && len(have) > 0
+	if wake {
+		n++
+	}
+	if len(msgs) > 0 || wake {
+		msgs = append(routedBaseMsgs(), msgs...)
 	}
 	if err := c.transact(msgs); err != nil {
 		return 0, fmt.Errorf("sync routed pods' anti-spoofing chains (%d): %w", n, err)

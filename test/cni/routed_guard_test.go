@@ -1,0 +1,52 @@
+package cni_test
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/netagent/netagent/pkg/antispoof"
+)
+
+// spoofFrom reports whether an IPv4 ping from pod a with source src (added to a's eth0
+// for the ping) reaches victim's own stack.
+func spoofFrom(t *testing.T, a, victim *pod, src, dst string) bool {
+	t.Helper()
+	before := seen(t, victim.ns, src)
+	a.ns.MustRun(t, "ip", "addr", "add", src+"/32", "dev", "eth0")
+	defer a.ns.MustRun(t, "ip", "addr", "del", src+"/32", "dev", "eth0")
+	_, _ = a.ns.Run("ping", "-c", "1", "-W", "1", "-q", "-I", src, dst)
+	return seen(t, victim.ns, src) > before
+}
+
+// TestRoutedDormantTable: a dormant netdev table unhooks every routed pod's chain at once
+// (as a dormant bridge table does the bridged pods', which the bridge table's checks
+// catch): CHECK must report it and the agent's sync must wake the table.
+func TestRoutedDormantTable(t *testing.T) {
+	n := newNode(t)
+	n.underlay("10.244.35.0/24")
+	l := n.list("1.1.0", conf{"subnet": "10.244.35.0/24", "podInterface": "routed"})
+	a, b := n.newPod("dormant-a"), n.newPod("dormant-b")
+	n.mustAdd(l, a)
+	vb := podIP(t, n.mustAdd(l, b))
+	const src = "10.244.35.200"
+	if spoofFrom(t, a, b, src, vb) {
+		t.Fatal("a spoofed packet got through with the table intact")
+	}
+	n.ns.MustRun(t, "nft", "add", "table", "netdev", antispoof.RoutedTable, "{ flags dormant; }")
+	if !spoofFrom(t, a, b, src, vb) {
+		t.Fatal("the spoofed packet did not get through with the table dormant: this test cannot see it")
+	}
+	if err := n.check(l, a); err == nil {
+		t.Error("CHECK passed with the routed pods' table dormant")
+	}
+	syncDataDir(t, n, n.dataDir+"/ipam")
+	if out := n.ns.MustRun(t, "nft", "list", "table", "netdev", antispoof.RoutedTable); strings.Contains(out, "dormant") {
+		t.Errorf("the table is still dormant after the agent's sync:\n%s", out)
+	}
+	if spoofFrom(t, a, b, src, vb) {
+		t.Error("the spoofed packet got through after the agent's sync")
+	}
+	if err := n.check(l, a); err != nil {
+		t.Errorf("CHECK after the sync: %v", err)
+	}
+}
