@@ -332,8 +332,16 @@ func syncRouted(ctx context.Context, recs []ipam.Record) (int, error) {
 		if !exists[w.HostVeth] || w.validate() != nil {
 			continue
 		}
-		if b, ok := have[w.HostVeth]; ok && nlattr.Contains(b, routedChainAttrs(w.HostVeth)) && rulesEqual(ruleOf[w.HostVeth], routedRules(w)) {
+		b, ok := have[w.HostVeth]
+		hooked := ok && nlattr.Contains(b, routedChainAttrs(w.HostVeth))
+		if hooked && rulesEqual(ruleOf[w.HostVeth], routedRules(w)) {
 			continue
+		}
+		if ok && !hooked {
+			// A chain of this name that is not our base chain (a regular one, another
+			// hook or priority): the kernel refuses to update it into ours (EOPNOTSUPP),
+			// which would fail every other repair of this transaction too. Replaced.
+			msgs = append(msgs, routedDelMsgs(w.HostVeth)...)
 		}
 		msgs = append(msgs, routedChainMsgs(w)...)
 		n++

@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/netagent/netagent/pkg/antispoof"
+	"github.com/netagent/netagent/pkg/bridge"
 )
 
 // spoofFrom reports whether an IPv4 ping from pod a with source src (added to a's eth0
@@ -48,5 +49,57 @@ func TestRoutedDormantTable(t *testing.T) {
 	}
 	if err := n.check(l, a); err != nil {
 		t.Errorf("CHECK after the sync: %v", err)
+	}
+}
+
+// TestRoutedSyncReplacedChain: a pod's chain replaced by one of the same name that the
+// kernel cannot turn into ours by an update (a regular chain, or a base chain at another
+// priority) must still be repaired by the agent's sync, and must not stop the repair of
+// another pod's chain (one transaction for all).
+func TestRoutedSyncReplacedChain(t *testing.T) {
+	for _, tc := range []struct{ name, spec string }{
+		{"regular chain", ""},
+		{"another priority", "{ type filter hook ingress device %s priority 10; policy accept; }"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := newNode(t)
+			n.underlay("10.244.36.0/24")
+			l := n.list("1.1.0", conf{"subnet": "10.244.36.0/24", "podInterface": "routed"})
+			a, b, c := n.newPod("replaced-a"), n.newPod("replaced-b"), n.newPod("replaced-c")
+			n.mustAdd(l, a)
+			vb := podIP(t, n.mustAdd(l, b))
+			n.mustAdd(l, c)
+			va, vc := bridge.HostVethName("replaced-a", "eth0"), bridge.HostVethName("replaced-c", "eth0")
+			const src = "10.244.36.200"
+			n.ns.MustRun(t, "nft", "delete", "chain", "netdev", antispoof.RoutedTable, va)
+			args := []string{"add", "chain", "netdev", antispoof.RoutedTable, va}
+			if tc.spec != "" {
+				args = append(args, strings.ReplaceAll(tc.spec, "%s", va))
+			}
+			n.ns.MustRun(t, "nft", args...)
+			n.ns.MustRun(t, "nft", "delete", "chain", "netdev", antispoof.RoutedTable, vc)
+			if !spoofFrom(t, a, b, src, vb) {
+				t.Fatal("the spoofed packet did not get through with pod A's chain replaced: this test cannot see it")
+			}
+			if err := n.check(l, a); err == nil {
+				t.Error("CHECK passed with pod A's chain replaced")
+			}
+			var errSync error
+			_ = n.ns.Do(func() error {
+				_, errSync = antispoof.SyncDataDir(t.Context(), n.dataDir+"/ipam")
+				return nil
+			})
+			if errSync != nil {
+				t.Errorf("the agent's sync: %v", errSync)
+			}
+			if spoofFrom(t, a, b, src, vb) {
+				t.Error("the spoofed packet got through after the agent's sync")
+			}
+			for _, p := range []*pod{a, c} {
+				if err := n.check(l, p); err != nil {
+					t.Errorf("CHECK %s after the sync: %v", p.rt.ContainerID, err)
+				}
+			}
+		})
 	}
 }
