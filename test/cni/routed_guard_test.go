@@ -103,3 +103,43 @@ func TestRoutedSyncReplacedChain(t *testing.T) {
 		})
 	}
 }
+
+// TestRoutedCheckNode: CHECK of a routed pod notices what the node lost of its routed
+// subnets (as a bridged pod's CHECK notices the bridge's gateway address): the gateway
+// addresses on lo and the subnets' unreachable routes.
+func TestRoutedCheckNode(t *testing.T) {
+	n := newNode(t)
+	n.underlay("10.244.38.0/24")
+	l := n.list("1.1.0", conf{"subnet": "10.244.38.0/24", "ipv6Subnet": "fd00:244:38::/64", "podInterface": "routed"})
+	a := n.newPod("node-a")
+	n.mustAdd(l, a)
+	if err := n.check(l, a); err != nil {
+		t.Fatalf("CHECK: %v", err)
+	}
+	for _, d := range []struct {
+		name, want   string
+		break_, heal []string
+	}{
+		{"IPv4 gateway on lo", "10.244.38.1/32",
+			[]string{"addr", "del", "10.244.38.1/32", "dev", "lo"},
+			[]string{"addr", "add", "10.244.38.1/32", "dev", "lo"}},
+		{"IPv6 gateway on lo", "fd00:244:38::1/128",
+			[]string{"addr", "del", "fd00:244:38::1/128", "dev", "lo"},
+			[]string{"addr", "add", "fd00:244:38::1/128", "dev", "lo", "nodad"}},
+		{"IPv4 unreachable route", "10.244.38.0/24",
+			[]string{"route", "del", "unreachable", "10.244.38.0/24", "metric", "4294967280"},
+			[]string{"route", "add", "unreachable", "10.244.38.0/24", "metric", "4294967280", "proto", "181"}},
+		{"IPv6 unreachable route", "fd00:244:38::/64",
+			[]string{"-6", "route", "del", "unreachable", "fd00:244:38::/64", "metric", "4294967280"},
+			[]string{"-6", "route", "add", "unreachable", "fd00:244:38::/64", "metric", "4294967280", "proto", "181"}},
+	} {
+		n.ns.MustRun(t, "ip", d.break_...)
+		if err := n.check(l, a); err == nil || !strings.Contains(err.Error(), d.want) {
+			t.Errorf("CHECK with the %s gone = %v, want an error naming %s", d.name, err, d.want)
+		}
+		n.ns.MustRun(t, "ip", d.heal...)
+		if err := n.check(l, a); err != nil {
+			t.Errorf("CHECK with the %s back: %v", d.name, err)
+		}
+	}
+}
