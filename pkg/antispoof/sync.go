@@ -261,6 +261,10 @@ func openStores(dataDir string) ([]*ipam.Store, error) {
 	return out, nil
 }
 
+// betweenRoutedReads runs between syncRouted's reads of the chains and of the links (a
+// test's hook: a pod's ADD happening there).
+var betweenRoutedReads = func() {}
+
 // syncRouted makes the routed pods' chains (routed.go) match the records: each routed pod
 // whose host veth exists gets its chain as AddRouted writes it; a chain whose veth is gone
 // and that no routed record names is removed (a chain of a veth that exists and is not
@@ -282,14 +286,6 @@ func syncRouted(ctx context.Context, recs []ipam.Record) (int, error) {
 			want = append(want, Routed{HostVeth: veth, IPs: r.Addrs()})
 		}
 	}
-	links, err := nldump.Retry(netlink.LinkList)
-	if err != nil {
-		return 0, fmt.Errorf("list links: %w", err)
-	}
-	exists := make(map[string]bool, len(links))
-	for _, l := range links {
-		exists[l.Attrs().Name] = true
-	}
 	c, err := dial(ctx)
 	if err != nil {
 		if isAbsent(err) && len(want) == 0 {
@@ -305,6 +301,19 @@ func syncRouted(ctx context.Context, recs []ipam.Record) (int, error) {
 	rules, err := c.dumpFam(unix.NFPROTO_NETDEV, unix.NFT_MSG_GETRULE, true, []attr{str(unix.NFTA_RULE_TABLE, RoutedTable)})
 	if err != nil && !isAbsent(err) {
 		return 0, fmt.Errorf("list routed pods' rules: %w", err)
+	}
+	// The links after the chains: the plugin adds a chain once its veth exists, so a chain
+	// read above has its veth listed here unless it is really gone. Listed first, a pod
+	// whose veth and chain both came in between (one these records do not name: another
+	// data directory's, or a network's first, its store opened after ours) lost its chain.
+	betweenRoutedReads()
+	links, err := nldump.Retry(netlink.LinkList)
+	if err != nil {
+		return 0, fmt.Errorf("list links: %w", err)
+	}
+	exists := make(map[string]bool, len(links))
+	for _, l := range links {
+		exists[l.Attrs().Name] = true
 	}
 	have := map[string][]byte{} // chain name -> its attributes
 	for _, b := range chains {
