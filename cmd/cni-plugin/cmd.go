@@ -429,6 +429,21 @@ func (x *extra) setAddrs(addrs []ifAddr, mtu int) {
 	}
 }
 
+// gateways are the recorded gateways with their subnets' prefix lengths (those of an
+// older record that are not there, left out).
+func (x extra) gateways() []netip.Prefix {
+	var out []netip.Prefix
+	for _, g := range []struct {
+		addr string
+		bits int
+	}{{x.Gateway, x.Prefix}, {x.Gateway6, x.Prefix6}} {
+		if a, err := netip.ParseAddr(g.addr); err == nil && g.bits > 0 && g.bits <= a.BitLen() {
+			out = append(out, netip.PrefixFrom(a, g.bits))
+		}
+	}
+	return out
+}
+
 // refuseLive fails an ADD of an attachment that is already live: the spec requires an
 // error when the interface exists, and rebuilding it would break the pod's connections.
 // An attachment an interrupted ADD left half-built is not live, and ADD rebuilds it.
@@ -652,6 +667,11 @@ func cmdCheck(args *skel.CmdArgs) error {
 		p := pod(podNS, args.IfName, x.HostVeth, routedAddrs(addrs), true, x.MTU, false)
 		if err := bridge.CheckRouted(h, p); err != nil {
 			return fmt.Errorf("check %s: %w", key, err)
+		}
+		for _, gw := range x.gateways() {
+			if err := bridge.CheckRoutedNode(h, gw); err != nil {
+				return fmt.Errorf("check %s: %w", key, err)
+			}
 		}
 		if ok, err := antispoof.RoutedIntact(context.Background(), antispoof.Routed{HostVeth: x.HostVeth, IPs: rec.Addrs()}); err != nil {
 			return fmt.Errorf("check %s: %w", key, err)

@@ -455,3 +455,36 @@ func TestIPv6Entries(t *testing.T) {
 		t.Errorf("after Delete: %v, want none", got)
 	}
 }
+
+// TestSyncRoutedKeepsANewChain: a routed pod's chain that appears, with its veth, while the
+// agent's sync runs, for a pod its records do not name (another data directory's pod, or
+// the first pod of a network whose store came after the sync opened the stores), is kept.
+// The plugin adds a chain only once its veth exists, so the links must be listed after the
+// chains are read: the other order took such a chain for one whose veth is gone, and
+// removed the live pod's protection with nothing to bring it back.
+func TestSyncRoutedKeepsANewChain(t *testing.T) {
+	netns.RequireRoot(t)
+	ns := netns.New(t, "as")
+	dir := t.TempDir()
+	if _, err := ipam.Open(filepath.Join(dir, "netagent")); err != nil { // a store with no pod
+		t.Fatal(err)
+	}
+	veth := bridge.HostVethName("pod-elsewhere", "eth0")
+	restore := antispoof.SetBetweenRoutedReads(func() {
+		ns.MustRun(t, "ip", "link", "add", veth, "type", "veth", "peer", "name", "peer-elsewhere")
+		if err := antispoof.AddRouted(ctx, antispoof.Routed{HostVeth: veth, IPs: []netip.Addr{netip.MustParseAddr("10.9.0.5")}}); err != nil {
+			t.Error(err)
+		}
+	})
+	in(t, ns, func() error { _, err := antispoof.SyncDataDir(ctx, dir); return err })
+	restore()
+	var chains []string
+	in(t, ns, func() error {
+		var err error
+		chains, err = antispoof.RoutedChains(ctx)
+		return err
+	})
+	if !slices.Contains(chains, veth) {
+		t.Errorf("chains after a sync during the pod's ADD = %v, want %s kept", chains, veth)
+	}
+}

@@ -170,8 +170,14 @@ func routedRules(r Routed) []rule {
 	return append(out, rule{"anything else", []expression{count(CounterOther), drop}})
 }
 
+// routedTableAttrs are the table's attributes as we write them: no flags, so not dormant
+// (a dormant table unhooks every chain in it, and writing it with these wakes it).
+func routedTableAttrs() []attr {
+	return []attr{str(unix.NFTA_TABLE_NAME, RoutedTable), u32(unix.NFTA_TABLE_FLAGS, 0)}
+}
+
 func routedBaseMsgs() []msg {
-	ms := []msg{routedMsg(unix.NFT_MSG_NEWTABLE, unix.NLM_F_CREATE, str(unix.NFTA_TABLE_NAME, RoutedTable), u32(unix.NFTA_TABLE_FLAGS, 0))}
+	ms := []msg{routedMsg(unix.NFT_MSG_NEWTABLE, unix.NLM_F_CREATE, routedTableAttrs()...)}
 	for _, name := range []string{CounterIPv4, CounterARP, CounterIPv6, CounterNDP, CounterOther} {
 		ms = append(ms, routedMsg(unix.NFT_MSG_NEWOBJ, unix.NLM_F_CREATE,
 			str(unix.NFTA_OBJ_TABLE, RoutedTable), str(unix.NFTA_OBJ_NAME, name),
@@ -272,8 +278,9 @@ func RoutedChains(ctx context.Context) ([]string, error) {
 	return out, nil
 }
 
-// RoutedIntact reports whether r's chain is in the kernel as AddRouted writes it: hooked
-// to the veth's ingress with r's rules, every attribute we write.
+// RoutedIntact reports whether r's chain is in the kernel as AddRouted writes it: in a
+// table that is not dormant, hooked to the veth's ingress with r's rules, every attribute
+// we write.
 func RoutedIntact(ctx context.Context, r Routed) (bool, error) {
 	if err := r.validate(); err != nil {
 		return false, err
@@ -283,6 +290,9 @@ func RoutedIntact(ctx context.Context, r Routed) (bool, error) {
 		return false, err
 	}
 	defer c.close()
+	if ok, err := routedTableIntact(c); !ok || err != nil {
+		return false, err
+	}
 	ch, err := c.dumpFam(unix.NFPROTO_NETDEV, unix.NFT_MSG_GETCHAIN, false, []attr{str(unix.NFTA_CHAIN_TABLE, RoutedTable), str(unix.NFTA_CHAIN_NAME, r.HostVeth)})
 	if isAbsent(err) {
 		return false, nil
@@ -298,6 +308,19 @@ func RoutedIntact(ctx context.Context, r Routed) (bool, error) {
 		return false, err
 	}
 	return rulesEqual(got, routedRules(r)), nil
+}
+
+// routedTableIntact reports whether the table is there as routedBaseMsgs writes it (not
+// dormant); absent is false, without an error.
+func routedTableIntact(c *conn) (bool, error) {
+	t, err := c.dumpFam(unix.NFPROTO_NETDEV, unix.NFT_MSG_GETTABLE, false, []attr{str(unix.NFTA_TABLE_NAME, RoutedTable)})
+	if isAbsent(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return len(t) == 1 && nlattr.Contains(t[0], routedTableAttrs()), nil
 }
 
 // rulesEqual reports whether the dumped rules got are want, in order, with every attribute

@@ -261,11 +261,16 @@ func openStores(dataDir string) ([]*ipam.Store, error) {
 	return out, nil
 }
 
+// betweenRoutedReads runs between syncRouted's reads of the chains and of the links (a
+// test's hook: a pod's ADD happening there).
+var betweenRoutedReads = func() {}
+
 // syncRouted makes the routed pods' chains (routed.go) match the records: each routed pod
 // whose host veth exists gets its chain as AddRouted writes it; a chain whose veth is gone
 // and that no routed record names is removed (a chain of a veth that exists and is not
-// recorded may be another data directory's: left). One dump of the chains, one of their
-// rules, and at most one transaction. It returns how many chains it wrote or removed.
+// recorded may be another data directory's: left); a dormant table is woken. One dump
+// each of the table, its chains and their rules, and at most one transaction. It returns
+// how many chains it wrote or removed (and 1 for waking the table).
 //
 // The plugin writes these chains outside the store lock, so a pass can meet a pod between
 // its veth and its chain (ADD: writing the same chain is harmless) or between removing its
@@ -280,14 +285,6 @@ func syncRouted(ctx context.Context, recs []ipam.Record) (int, error) {
 			named[veth] = true
 			want = append(want, Routed{HostVeth: veth, IPs: r.Addrs()})
 		}
-	}
-	links, err := nldump.Retry(netlink.LinkList)
-	if err != nil {
-		return 0, fmt.Errorf("list links: %w", err)
-	}
-	exists := make(map[string]bool, len(links))
-	for _, l := range links {
-		exists[l.Attrs().Name] = true
 	}
 	c, err := dial(ctx)
 	if err != nil {
@@ -304,6 +301,19 @@ func syncRouted(ctx context.Context, recs []ipam.Record) (int, error) {
 	rules, err := c.dumpFam(unix.NFPROTO_NETDEV, unix.NFT_MSG_GETRULE, true, []attr{str(unix.NFTA_RULE_TABLE, RoutedTable)})
 	if err != nil && !isAbsent(err) {
 		return 0, fmt.Errorf("list routed pods' rules: %w", err)
+	}
+	// The links after the chains: the plugin adds a chain once its veth exists, so a chain
+	// read above has its veth listed here unless it is really gone. Listed first, a pod
+	// whose veth and chain both came in between (one these records do not name: another
+	// data directory's, or a network's first, its store opened after ours) lost its chain.
+	betweenRoutedReads()
+	links, err := nldump.Retry(netlink.LinkList)
+	if err != nil {
+		return 0, fmt.Errorf("list links: %w", err)
+	}
+	exists := make(map[string]bool, len(links))
+	for _, l := range links {
+		exists[l.Attrs().Name] = true
 	}
 	have := map[string][]byte{} // chain name -> its attributes
 	for _, b := range chains {
@@ -331,11 +341,16 @@ func syncRouted(ctx context.Context, recs []ipam.Record) (int, error) {
 		if !exists[w.HostVeth] || w.validate() != nil {
 			continue
 		}
-		if b, ok := have[w.HostVeth]; ok && nlattr.Contains(b, routedChainAttrs(w.HostVeth)) && rulesEqual(ruleOf[w.HostVeth], routedRules(w)) {
+		b, ok := have[w.HostVeth]
+		hooked := ok && nlattr.Contains(b, routedChainAttrs(w.HostVeth))
+		if hooked && rulesEqual(ruleOf[w.HostVeth], routedRules(w)) {
 			continue
 		}
-		if len(msgs) == 0 {
-			msgs = routedBaseMsgs()
+		if ok && !hooked {
+			// A chain of this name that is not our base chain (a regular one, another
+			// hook or priority): the kernel refuses to update it into ours (EOPNOTSUPP),
+			// which would fail every other repair of this transaction too. Replaced.
+			msgs = append(msgs, routedDelMsgs(w.HostVeth)...)
 		}
 		msgs = append(msgs, routedChainMsgs(w)...)
 		n++
@@ -345,6 +360,18 @@ func syncRouted(ctx context.Context, recs []ipam.Record) (int, error) {
 			msgs = append(msgs, routedDelMsgs(name)...)
 			n++
 		}
+	}
+	// A dormant table unhooks every chain in it: the base messages wake it.
+	tableOK, err := routedTableIntact(c)
+	if err != nil {
+		return 0, fmt.Errorf("read routed pods' table: %w", err)
+	}
+	wake := !tableOK && len(have) > 0
+	if wake {
+		n++
+	}
+	if len(msgs) > 0 || wake {
+		msgs = append(routedBaseMsgs(), msgs...)
 	}
 	if err := c.transact(msgs); err != nil {
 		return 0, fmt.Errorf("sync routed pods' anti-spoofing chains (%d): %w", n, err)

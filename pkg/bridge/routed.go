@@ -223,6 +223,33 @@ func CheckRouted(h *netlink.Handle, p Pod) error {
 	return nil
 }
 
+// CheckRoutedNode verifies what the node holds for a routed node subnet, gw being its
+// gateway address with the subnet's prefix length: the gateway on lo (EnsureNodeAddr) and
+// the subnet's unreachable route (EnsureUnreachable). Without the first, the node has no
+// source address of the family for its own packets to its pods (on a node with no global
+// address of that family); without the second, a packet for an unused address of the
+// subnet follows the default route back out.
+func CheckRoutedNode(h *netlink.Handle, gw netip.Prefix) error {
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("find lo: %w", err)
+	}
+	host := hostLen(gw)
+	if ok, err := hasAddr(h, lo, host); err != nil || !ok {
+		return fmt.Errorf("lo does not carry the pods' gateway address %s", host)
+	}
+	fam := unix.AF_INET
+	if gw.Addr().Is6() {
+		fam = unix.AF_INET6
+	}
+	want := &netlink.Route{Dst: netipx.IPNet(gw.Masked()), Type: unix.RTN_UNREACHABLE}
+	have, err := h.RouteListFiltered(fam, want, netlink.RT_FILTER_DST|netlink.RT_FILTER_TYPE)
+	if err != nil || len(have) == 0 {
+		return fmt.Errorf("the node has no unreachable route for the pods' subnet %s", gw.Masked())
+	}
+	return nil
+}
+
 // hasPermanent checks for a permanent neighbour entry ip -> mac on link index.
 func hasPermanent(h *netlink.Handle, index int, ip netip.Addr, mac net.HardwareAddr) error {
 	ns, err := h.NeighList(index, family(ip))
