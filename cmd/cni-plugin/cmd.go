@@ -351,6 +351,9 @@ func addRouted(ctx context.Context, h *netlink.Handle, c *netConf, args *skel.Cm
 		}
 	}
 	for _, a := range addrs {
+		if !a.inSubnet() {
+			continue // a delegated IPAM's host prefix: no node subnet to hold or refuse
+		}
 		if err := bridge.EnsureUnreachable(h, a.addr.Masked()); err != nil {
 			return err
 		}
@@ -407,6 +410,13 @@ func addHostPorts(ctx context.Context, c *netConf, args *skel.CmdArgs, addrs []i
 	return nil
 }
 
+// inSubnet reports whether a is an address of a subnet with its gateway in it (not a host
+// prefix a delegated IPAM plugin returned, whose derived "gateway" is merely the next
+// address, maybe another pod's).
+func (a ifAddr) inSubnet() bool {
+	return a.addr.Bits() < a.addr.Addr().BitLen() && a.addr.Masked().Contains(a.gw) && a.gw != a.addr.Addr()
+}
+
 // routedAddrs are a routed pod's interface addresses: host prefixes, via the routed
 // gateways.
 func routedAddrs(addrs []ifAddr) []ifAddr {
@@ -437,7 +447,7 @@ func (x extra) gateways() []netip.Prefix {
 		addr string
 		bits int
 	}{{x.Gateway, x.Prefix}, {x.Gateway6, x.Prefix6}} {
-		if a, err := netip.ParseAddr(g.addr); err == nil && g.bits > 0 && g.bits <= a.BitLen() {
+		if a, err := netip.ParseAddr(g.addr); err == nil && g.bits > 0 && g.bits < a.BitLen() {
 			out = append(out, netip.PrefixFrom(a, g.bits))
 		}
 	}

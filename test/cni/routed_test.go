@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/netip"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -14,6 +15,7 @@ import (
 	"github.com/netagent/netagent/pkg/antispoof"
 	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/test/netns"
+	"github.com/netagent/netagent/test/testbin"
 )
 
 // TestRouted drives the plugin with podInterface "routed" for IPv4, IPv6 and dual stack:
@@ -393,5 +395,61 @@ func TestRoutedBadConfig(t *testing.T) {
 	}
 	if v := n.veths(); len(v) != 0 {
 		t.Errorf("veths after refused ADDs: %v", v)
+	}
+}
+
+// TestRoutedDelegatedIPAM: routed pods with a delegated IPAM plugin. host-local's subnet
+// and gateway give the node its gateway address and unreachable route as our own store
+// does; a static /32 without a gateway gives it neither (its "gateway" would be merely the
+// next address, maybe another pod's), and the pod still works, checks and goes.
+func TestRoutedDelegatedIPAM(t *testing.T) {
+	n := newNode(t)
+	n.underlay("10.244.36.0/24")
+	testbin.Build(t, "github.com/containernetworking/plugins/plugins/ipam/host-local", "host-local")
+	testbin.Build(t, "github.com/containernetworking/plugins/plugins/ipam/static", "static")
+	for _, c := range []struct {
+		name       string
+		ipam       map[string]any
+		ip         string
+		gwOnLo     string // the gateway address lo must carry ("" for none)
+		notOnLo    string // an address lo must not carry
+		unreachSub string
+	}{
+		{"host-local", map[string]any{"type": "host-local", "subnet": "10.244.36.0/24", "dataDir": filepath.Join(n.dataDir, "host-local")},
+			"", "10.244.36.1/32", "", "10.244.36.0/24"},
+		{"static /32", map[string]any{"type": "static", "addresses": []any{map[string]any{"address": "10.244.37.7/32"}}},
+			"10.244.37.7", "", "10.244.37.8/32", ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			l := n.list("1.0.0", conf{"podInterface": "routed", "ipam": c.ipam})
+			p := n.newPod("routed-" + strings.NewReplacer(" ", "-", "/", "").Replace(c.name))
+			ip := podIP(t, n.mustAdd(l, p))
+			if c.ip != "" && ip != c.ip {
+				t.Errorf("pod got %s, want %s", ip, c.ip)
+			}
+			lo := n.ns.MustRun(t, "ip", "-4", "addr", "show", "dev", "lo")
+			if c.gwOnLo != "" && !strings.Contains(lo, " "+c.gwOnLo+" ") {
+				t.Errorf("lo lacks the gateway %s:\n%s", c.gwOnLo, lo)
+			}
+			if c.notOnLo != "" && strings.Contains(lo, " "+c.notOnLo+" ") {
+				t.Errorf("lo took %s, the address after the pod's /32:\n%s", c.notOnLo, lo)
+			}
+			unreach := n.ns.MustRun(t, "ip", "route", "show", "type", "unreachable")
+			if c.unreachSub != "" && !strings.Contains(unreach, c.unreachSub) {
+				t.Errorf("no unreachable route for %s:\n%s", c.unreachSub, unreach)
+			}
+			if err := ping(n.ns, ip); err != nil {
+				t.Errorf("node -> pod: %v", err)
+			}
+			if err := n.check(l, p); err != nil {
+				t.Errorf("CHECK: %v", err)
+			}
+			if err := n.del(l, p); err != nil {
+				t.Fatal(err)
+			}
+			if v := n.veths(); len(v) != 0 {
+				t.Errorf("veths after DEL: %v", v)
+			}
+		})
 	}
 }
