@@ -95,8 +95,11 @@ func (a *Agent) podGuardPass(ctx context.Context, log *slog.Logger) {
 		}
 	}
 	g.missing = now
-	if len(withheld) > 0 {
-		signal(g.again) // look again: added then if still missing
+	if len(withheld) > 0 || st.Chains > 0 {
+		// Look again: a withheld entry is added then if still missing; a routed pod's
+		// chain written back during its DEL (between the chain's removal and the record's
+		// release) is removed then, once the record is gone too.
+		signal(g.again)
 	}
 	if !st.Repaired && st.Added+st.Removed+st.Chains == 0 {
 		return
