@@ -148,7 +148,7 @@ func (f *runFlags) validate() error {
 	default:
 		return fmt.Errorf("--subnet-manager %q: want etcd or kube", f.subnetManager)
 	}
-	if f.podIface != "bridge" && f.podIface != "routed" {
+	if f.podIface != "" && f.podIface != "bridge" && f.podIface != "routed" { // "": route-mode has no such flag
 		return fmt.Errorf("--pod-interface %q: want bridge or routed", f.podIface)
 	}
 	return nil
