@@ -219,14 +219,20 @@ func noMasqueradeAndRestart(t *testing.T, podIface string) {
 // it forwards with a solicitation from the bridge's link-local address, and sent none
 // while that address was in duplicate address detection (1 to 2 s after the bridge's
 // first carrier), so the first exchange took over 2 s. One second is less than that
-// detection takes.
+// detection takes. Both directions, with bridged pods and with routed ones (whose first
+// packet needs no resolution at all: the node's entry for the pod is permanent).
 func TestIPv6FirstPingAcrossNodes(t *testing.T) {
-	for _, tc := range []struct{ family, backend string }{
-		{"ipv6", "vxlan"},
-		{"dual", "host-gw"},
+	for _, tc := range []struct{ family, backend, podIface string }{
+		{"ipv6", "vxlan", ""},
+		{"dual", "host-gw", ""},
+		{"dual", "host-gw", "routed"},
 	} {
-		t.Run(tc.family+"/"+tc.backend, func(t *testing.T) {
-			l := newLabWith(t, lab.Options{Backend: tc.backend, Nodes: 2, IPFamily: tc.family})
+		name := tc.family + "/" + tc.backend
+		if tc.podIface != "" {
+			name += "-" + tc.podIface
+		}
+		t.Run(name, func(t *testing.T) {
+			l := newLabWith(t, lab.Options{Backend: tc.backend, Nodes: 2, IPFamily: tc.family, PodInterface: tc.podIface})
 			ctx := context.Background()
 			a, err := l.AddPod(ctx, l.Nodes[0], "first-a")
 			if err != nil {
@@ -236,12 +242,19 @@ func TestIPv6FirstPingAcrossNodes(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			start := time.Now()
-			if out, err := l.PodNS(a).Run("ping", "-6", "-c", "1", "-W", "1", b.IP6.String()); err != nil {
-				t.Errorf("first IPv6 ping %s -> %s (another node's new pod) unanswered within 1 s: %v\n%s\nnode2 bridge:\n%s", a.IP6, b.IP6, err, out,
-					l.NodeNS(l.Nodes[1]).MustRun(t, "ip", "-6", "addr", "show", "type", "bridge"))
+			// Both directions, each the first packet towards a freshly wired pod.
+			for _, d := range []struct{ from, to *lab.Pod }{{a, b}, {b, a}} {
+				if d.to == a {
+					if d.to, err = l.AddPod(ctx, l.Nodes[0], "first-c"); err != nil {
+						t.Fatal(err)
+					}
+				}
+				start := time.Now()
+				if out, err := l.PodNS(d.from).Run("ping", "-6", "-c", "1", "-W", "1", d.to.IP6.String()); err != nil {
+					t.Errorf("first IPv6 ping %s -> %s (another node's new pod) unanswered within 1 s: %v\n%s\n%s", d.from.IP6, d.to.IP6, err, out, dump6(t, l))
+				}
+				t.Logf("first IPv6 ping %s -> %s answered after %s", d.from.Name, d.to.Name, time.Since(start).Round(time.Millisecond))
 			}
-			t.Logf("first IPv6 ping answered after %s", time.Since(start).Round(time.Millisecond))
 		})
 	}
 }
