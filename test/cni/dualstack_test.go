@@ -1,6 +1,7 @@
 package cni_test
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -280,14 +281,25 @@ func TestDualStackGC(t *testing.T) {
 }
 
 // TestHostPortIPv6: a dual-stack pod's hostPort answers over IPv6 from outside, from the
-// node and from a neighbour pod, and over IPv4 as before; DEL removes the ip6tables rules.
+// node, from a neighbour pod and from itself (hairpin), and over IPv4 as before; DEL
+// removes the ip6tables rules. Bridged pods and routed ones (podInterface routed).
 func TestHostPortIPv6(t *testing.T) {
+	for _, podIface := range []string{"", "routed"} {
+		t.Run("pods "+cmp.Or(podIface, "bridged"), func(t *testing.T) { hostPortIPv6(t, podIface) })
+	}
+}
+
+func hostPortIPv6(t *testing.T, podIface string) {
 	n := newNode(t)
 	ext := n.underlay("10.244.23.0/24")
 	n.ns.MustRun(t, "ip", "addr", "add", "2001:db8:23::10/64", "dev", "eth0", "nodad")
 	ext.MustRun(t, "ip", "addr", "add", "2001:db8:23::20/64", "dev", "eth0", "nodad")
 	ext.MustRun(t, "ip", "route", "add", "fd00:244:23::/64", "via", "2001:db8:23::10")
-	l := n.list("1.0.0", conf{"subnet": "10.244.23.0/24", "ipv6Subnet": "fd00:244:23::/64"})
+	c := conf{"subnet": "10.244.23.0/24", "ipv6Subnet": "fd00:244:23::/64"}
+	if podIface != "" {
+		c["podInterface"] = podIface
+	}
+	l := n.list("1.0.0", c)
 	rules6 := n.ruleCount6()
 	web := n.newPod("web", map[string]any{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"})
 	other := n.newPod("other")
@@ -302,9 +314,9 @@ func TestHostPortIPv6(t *testing.T) {
 		if got, err := c.from.Fetch6("[2001:db8:23::10]:8080"); err != nil || got != "web6" {
 			t.Errorf("IPv6 host port from %s = %q, %v", c.name, got, err)
 		}
-	}
-	if got, err := ext.Fetch("192.0.2.10:8080"); err != nil || got != "web4" {
-		t.Errorf("IPv4 host port from outside = %q, %v", got, err)
+		if got, err := c.from.Fetch("192.0.2.10:8080"); err != nil || got != "web4" {
+			t.Errorf("IPv4 host port from %s = %q, %v", c.name, got, err)
+		}
 	}
 	if err := n.check(l, web); err != nil {
 		t.Errorf("CHECK: %v", err)

@@ -334,48 +334,6 @@ func routedChains(t *testing.T, n *node) []string {
 	return out
 }
 
-// TestRoutedHostPort: a routed dual-stack pod's hostPort answers over both families from
-// outside, from the node, from a neighbour pod and from itself (hairpin); DEL removes it.
-func TestRoutedHostPort(t *testing.T) {
-	n := newNode(t)
-	ext := n.underlay("10.244.33.0/24")
-	n.ns.MustRun(t, "ip", "addr", "add", "2001:db8:33::10/64", "dev", "eth0", "nodad")
-	ext.MustRun(t, "ip", "addr", "add", "2001:db8:33::20/64", "dev", "eth0", "nodad")
-	ext.MustRun(t, "ip", "route", "add", "fd00:244:33::/64", "via", "2001:db8:33::10")
-	l := n.list("1.0.0", conf{"subnet": "10.244.33.0/24", "ipv6Subnet": "fd00:244:33::/64", "podInterface": "routed"})
-	web := n.newPod("web", map[string]any{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"})
-	other := n.newPod("other")
-	n.mustAdd(l, web)
-	n.mustAdd(l, other)
-	web.ns.Serve6(t, 80, func(string) string { return "web6" })
-	web.ns.Serve(t, 80, func(string) string { return "web4" })
-	for _, c := range []struct {
-		name string
-		from *netns.NS
-	}{{"outside host", ext}, {"node itself", n.ns}, {"a neighbour pod", other.ns}, {"the pod itself (hairpin)", web.ns}} {
-		if got, err := c.from.Fetch6("[2001:db8:33::10]:8080"); err != nil || got != "web6" {
-			t.Errorf("IPv6 host port from %s = %q, %v", c.name, got, err)
-		}
-		if got, err := c.from.Fetch("192.0.2.10:8080"); err != nil || got != "web4" {
-			t.Errorf("IPv4 host port from %s = %q, %v", c.name, got, err)
-		}
-	}
-	if err := n.check(l, web); err != nil {
-		t.Errorf("CHECK: %v", err)
-	}
-	for _, p := range []*pod{web, other} {
-		if err := n.del(l, p); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if _, err := ext.Fetch6("[2001:db8:33::10]:8080"); err == nil {
-		t.Error("IPv6 host port still answers after DEL")
-	}
-	if save := n.ns.MustRun(t, "iptables-save", "-t", "nat") + n.ns.MustRun(t, "ip6tables-save", "-t", "nat"); strings.Contains(save, "netagent-hp:") {
-		t.Errorf("host-port rules after DEL:\n%s", save)
-	}
-}
-
 // TestRoutedBadConfig: podInterface errors name the field.
 func TestRoutedBadConfig(t *testing.T) {
 	n := newNode(t)
