@@ -281,13 +281,8 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	rollback.push(func() error { return release(ctx, store, key, spoof) })
 
 	// 2. The bridge and the veth.
-	if err := bridge.EnableForwarding(); err != nil {
+	if err := enableForwarding(ips); err != nil {
 		return err
-	}
-	if ips[len(ips)-1].Is6() {
-		if err := bridge.EnableForwarding6(); err != nil {
-			return err
-		}
 	}
 	br, err := bridge.Ensure(h, c.Bridge, netip.PrefixFrom(addrs[0].gw, addrs[0].addr.Bits()), mtu)
 	if err != nil {
@@ -341,14 +336,9 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 // addRouted wires a routed pod (podInterface "routed"): steps 2 to 5 of cmdAdd without the
 // bridge, with the pod's own anti-spoofing chain, and the node's routes to the pod last.
 func addRouted(ctx context.Context, h *netlink.Handle, c *netConf, args *skel.CmdArgs, podNS netns.NsHandle, x extra, addrs []ifAddr, mtu int, dns types.DNS, rollback *undo) error {
-	if err := bridge.EnableForwarding(); err != nil {
-		return err
-	}
 	ips := addrsOf(addrs)
-	if ips[len(ips)-1].Is6() {
-		if err := bridge.EnableForwarding6(); err != nil {
-			return err
-		}
+	if err := enableForwarding(ips); err != nil {
+		return err
 	}
 	for _, a := range addrs {
 		if !a.inSubnet() {
@@ -388,6 +378,17 @@ func addRouted(ctx context.Context, h *netlink.Handle, c *netConf, args *skel.Cm
 		ifName: args.IfName, podMAC: wired.PodMAC.String(), netns: args.Netns,
 		addrs: routed, defaultRoute: true, dns: dns,
 	}.print()
+}
+
+// enableForwarding turns on forwarding for the families of ips (IPv4 first).
+func enableForwarding(ips []netip.Addr) error {
+	if err := bridge.EnableForwarding(); err != nil {
+		return err
+	}
+	if ips[len(ips)-1].Is6() {
+		return bridge.EnableForwarding6()
+	}
+	return nil
 }
 
 // addHostPorts publishes the pod's host ports (none for most pods) in each family it has;

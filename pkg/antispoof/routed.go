@@ -266,16 +266,26 @@ func RoutedChains(ctx context.Context) ([]string, error) {
 		return nil, fmt.Errorf("list chains of netdev %s: %w", RoutedTable, err)
 	}
 	var out []string
-	for _, b := range bodies {
-		as := nlattr.Parse(b)
-		if t, _ := nlattr.Get(as, unix.NFTA_CHAIN_TABLE); string(t) != RoutedTable+"\x00" {
-			continue
-		}
-		if n, ok := nlattr.Get(as, unix.NFTA_CHAIN_NAME); ok && len(n) > 1 {
-			out = append(out, string(n[:len(n)-1]))
-		}
+	for name := range byName(bodies, unix.NFTA_CHAIN_TABLE, unix.NFTA_CHAIN_NAME) {
+		out = append(out, name)
 	}
 	return out, nil
+}
+
+// byName groups dumped chains or rules of the routed table by chain name: table and name
+// are the attribute types of their table and (their) chain name.
+func byName(bodies [][]byte, table, name uint16) map[string][][]byte {
+	out := map[string][][]byte{}
+	for _, b := range bodies {
+		as := nlattr.Parse(b)
+		if t, _ := nlattr.Get(as, table); string(t) != RoutedTable+"\x00" {
+			continue
+		}
+		if n, ok := nlattr.Get(as, name); ok && len(n) > 1 {
+			out[string(n[:len(n)-1])] = append(out[string(n[:len(n)-1])], b)
+		}
+	}
+	return out
 }
 
 // RoutedIntact reports whether r's chain is in the kernel as AddRouted writes it: in a

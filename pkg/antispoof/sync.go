@@ -213,15 +213,24 @@ func SyncDataDirFunc(ctx context.Context, dataDir string, addOK func(Entry) bool
 // veth exists, so an entry in what was read has its veth in what is listed here, unless it
 // really is gone.
 func withVeth(entries []Entry) []Entry {
-	links, err := nldump.Retry(netlink.LinkList) // pods come and go during the dump
+	have, err := linkNames()
 	if err != nil {
 		return entries // cannot tell: keep what the records say
+	}
+	return slices.DeleteFunc(entries, func(e Entry) bool { return !have[e.HostVeth] })
+}
+
+// linkNames are the names of the links in the calling thread's namespace.
+func linkNames() (map[string]bool, error) {
+	links, err := nldump.Retry(netlink.LinkList) // pods come and go during the dump
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
 	}
 	have := make(map[string]bool, len(links))
 	for _, l := range links {
 		have[l.Attrs().Name] = true
 	}
-	return slices.DeleteFunc(entries, func(e Entry) bool { return !have[e.HostVeth] })
+	return have, nil
 }
 
 // withLocked holds the locks of stores, in order, and calls fn with all their records.
@@ -307,34 +316,12 @@ func syncRouted(ctx context.Context, recs []ipam.Record) (int, error) {
 	// whose veth and chain both came in between (one these records do not name: another
 	// data directory's, or a network's first, its store opened after ours) lost its chain.
 	betweenRoutedReads()
-	links, err := nldump.Retry(netlink.LinkList)
+	exists, err := linkNames()
 	if err != nil {
-		return 0, fmt.Errorf("list links: %w", err)
+		return 0, err
 	}
-	exists := make(map[string]bool, len(links))
-	for _, l := range links {
-		exists[l.Attrs().Name] = true
-	}
-	have := map[string][]byte{} // chain name -> its attributes
-	for _, b := range chains {
-		as := nlattr.Parse(b)
-		if t, _ := nlattr.Get(as, unix.NFTA_CHAIN_TABLE); string(t) != RoutedTable+"\x00" {
-			continue
-		}
-		if n, ok := nlattr.Get(as, unix.NFTA_CHAIN_NAME); ok && len(n) > 1 {
-			have[string(n[:len(n)-1])] = b
-		}
-	}
-	ruleOf := map[string][][]byte{}
-	for _, b := range rules {
-		as := nlattr.Parse(b)
-		if t, _ := nlattr.Get(as, unix.NFTA_RULE_TABLE); string(t) != RoutedTable+"\x00" {
-			continue
-		}
-		if n, ok := nlattr.Get(as, unix.NFTA_RULE_CHAIN); ok && len(n) > 1 {
-			ruleOf[string(n[:len(n)-1])] = append(ruleOf[string(n[:len(n)-1])], b)
-		}
-	}
+	have := byName(chains, unix.NFTA_CHAIN_TABLE, unix.NFTA_CHAIN_NAME) // a chain's attributes: its one body
+	ruleOf := byName(rules, unix.NFTA_RULE_TABLE, unix.NFTA_RULE_CHAIN)
 	var msgs []msg
 	n := 0
 	for _, w := range want {
@@ -342,7 +329,7 @@ func syncRouted(ctx context.Context, recs []ipam.Record) (int, error) {
 			continue
 		}
 		b, ok := have[w.HostVeth]
-		hooked := ok && nlattr.Contains(b, routedChainAttrs(w.HostVeth))
+		hooked := ok && nlattr.Contains(b[0], routedChainAttrs(w.HostVeth))
 		if hooked && rulesEqual(ruleOf[w.HostVeth], routedRules(w)) {
 			continue
 		}

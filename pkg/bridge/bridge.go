@@ -179,6 +179,7 @@ type Pod struct {
 	Gateway6 netip.Addr   // its IPv6 default route via; invalid means none
 	MTU      int
 	Hairpin  bool
+	Routed   bool // no bridge: host-prefix addresses, permanent gateway neighbours (routed.go)
 }
 
 // Wired is what Add created, for the CNI result.
@@ -281,12 +282,12 @@ func syncLink(fd int, name string) error {
 // stays down until Up. On error it removes what it created (the pod end goes with the host
 // end).
 func Add(h *netlink.Handle, br *netlink.Bridge, p Pod) (Wired, error) {
-	return addVeth(h, br.Attrs().Index, p, configure)
+	return addVeth(h, br.Attrs().Index, p)
 }
 
-// addVeth creates p's veth pair, its host end on master (0: none), and runs configure on
-// it; on error it removes what it created.
-func addVeth(h *netlink.Handle, master int, p Pod, configure func(*netlink.Handle, *netlink.Veth, Pod) (Wired, error)) (Wired, error) {
+// addVeth creates p's veth pair, its host end on master (0: none), and configures it; on
+// error it removes what it created.
+func addVeth(h *netlink.Handle, master int, p Pod) (Wired, error) {
 	veth := &netlink.Veth{
 		LinkAttrs: netlink.LinkAttrs{
 			Name:         p.HostVeth,
@@ -343,7 +344,12 @@ func configure(h *netlink.Handle, veth *netlink.Veth, p Pod) (Wired, error) {
 			return Wired{}, err
 		}
 	}
-	for _, a := range p.addrs() {
+	if p.Routed && p.Addr.Addr().Is4() {
+		if err := writeSysctl("/proc/sys/net/ipv4/conf/"+p.HostVeth+"/proxy_arp", "1"); err != nil {
+			return Wired{}, err
+		}
+	}
+	for _, a := range p.ifAddrs() {
 		if err := ph.AddrAdd(pod, &netlink.Addr{IPNet: netipx.IPNet(a), Flags: addrFlags(a.Addr())}); err != nil {
 			return Wired{}, fmt.Errorf("add %s to %s: %w", a, p.IfName, err)
 		}
@@ -351,17 +357,26 @@ func configure(h *netlink.Handle, veth *netlink.Veth, p Pod) (Wired, error) {
 	if err := ph.LinkSetUp(pod); err != nil {
 		return Wired{}, fmt.Errorf("set %s up: %w", p.IfName, err)
 	}
+	hostMAC := HostMAC(p.Addr.Addr())
 	for _, gw := range p.gateways() {
 		r := &netlink.Route{
 			LinkIndex: pod.Attrs().Index,
 			Dst:       defaultDst(gw),
 			Gw:        gw.AsSlice(),
 		}
+		if p.Routed {
+			if err := ph.NeighSet(permanent(pod.Attrs().Index, gw, hostMAC)); err != nil {
+				return Wired{}, fmt.Errorf("add neighbour %s in pod: %w", gw, err)
+			}
+			if gw.Is4() {
+				r.Flags = int(netlink.FLAG_ONLINK)
+			}
+		}
 		if err := ph.RouteAdd(r); err != nil {
 			return Wired{}, fmt.Errorf("add default route via %s in pod: %w", gw, err)
 		}
 	}
-	return Wired{HostMAC: HostMAC(p.Addr.Addr()), PodMAC: pod.Attrs().HardwareAddr, HostIndex: veth.Attrs().Index, PodIndex: pod.Attrs().Index}, nil
+	return Wired{HostMAC: hostMAC, PodMAC: pod.Attrs().HardwareAddr, HostIndex: veth.Attrs().Index, PodIndex: pod.Attrs().Index}, nil
 }
 
 // Del removes the host end hostVeth (and with it the pod end). A missing link is not an
@@ -411,13 +426,13 @@ func Check(h *netlink.Handle, bridgeName string, gw, gw6 netip.Prefix, p Pod) er
 	if host.Attrs().Flags&net.FlagUp == 0 {
 		return fmt.Errorf("host veth %s is down", p.HostVeth)
 	}
-	return checkPod(host, p, p.addrs(), nil)
+	return checkPod(host, p, nil)
 }
 
-// checkPod checks the pod end of host veth host: the peer of host, up, with p's MTU, the
-// addresses addrs (and its link-local one with IPv6), and default routes via p's gateways;
-// then more, if set, with a handle in the pod namespace and the pod interface.
-func checkPod(host netlink.Link, p Pod, addrs []netip.Prefix, more func(ph *netlink.Handle, pod netlink.Link) error) error {
+// checkPod checks the pod end of host veth host: the peer of host, up, with p's MTU, its
+// addresses (and its link-local one with IPv6), and default routes via p's gateways; then
+// more, if set, with a handle in the pod namespace and the pod interface.
+func checkPod(host netlink.Link, p Pod, more func(ph *netlink.Handle, pod netlink.Link) error) error {
 	ph, err := netlink.NewHandleAt(netns.NsHandle(p.NetnsFd), unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink in pod namespace: %w", err)
@@ -437,7 +452,7 @@ func checkPod(host netlink.Link, p Pod, addrs []netip.Prefix, more func(ph *netl
 	if p.MTU > 0 && pod.Attrs().MTU != p.MTU {
 		return fmt.Errorf("pod interface %s has MTU %d, want %d", p.IfName, pod.Attrs().MTU, p.MTU)
 	}
-	for _, a := range addrs {
+	for _, a := range p.ifAddrs() {
 		if ok, err := hasAddr(ph, pod, a); err != nil || !ok {
 			return fmt.Errorf("pod interface %s does not carry %s", p.IfName, a)
 		}

@@ -8,7 +8,6 @@ import (
 	"syscall"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/netagent/netagent/pkg/netipx"
@@ -51,6 +50,9 @@ const unreachableMetric = 0xfffffff0
 
 func hostLen(p netip.Prefix) netip.Prefix { return netip.PrefixFrom(p.Addr(), p.Addr().BitLen()) }
 
+// lo is the loopback device, which has index 1 in every network namespace: no lookup.
+var lo = &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: 1, Name: "lo"}}
+
 // AddRouted creates p's veth pair with no master and configures the pod end (its
 // addresses as host prefixes, its link-local address, permanent neighbour entries for the
 // gateways and default routes via them) and the host end (proxy_arp). p.Gateway
@@ -58,51 +60,8 @@ func hostLen(p netip.Prefix) netip.Prefix { return netip.PrefixFrom(p.Addr(), p.
 // down until Up; then RouteRouted adds the node's routes to the pod. On error it removes
 // what it created.
 func AddRouted(h *netlink.Handle, p Pod) (Wired, error) {
-	return addVeth(h, 0, p, configureRouted)
-}
-
-func configureRouted(h *netlink.Handle, veth *netlink.Veth, p Pod) (Wired, error) {
-	ph, err := netlink.NewHandleAt(netns.NsHandle(p.NetnsFd), unix.NETLINK_ROUTE)
-	if err != nil {
-		return Wired{}, fmt.Errorf("netlink in pod namespace: %w", err)
-	}
-	defer ph.Close()
-	pod, err := ph.LinkByName(p.IfName)
-	if err != nil {
-		return Wired{}, fmt.Errorf("find %s in pod namespace: %w", p.IfName, err)
-	}
-	hostMAC := HostMAC(p.Addr.Addr())
-	if p.hasV6() {
-		if err := setupV6(h, ph, veth, pod, p); err != nil {
-			return Wired{}, err
-		}
-	}
-	if p.Addr.Addr().Is4() {
-		if err := writeSysctl("/proc/sys/net/ipv4/conf/"+p.HostVeth+"/proxy_arp", "1"); err != nil {
-			return Wired{}, err
-		}
-	}
-	for _, a := range p.addrs() {
-		if err := ph.AddrAdd(pod, &netlink.Addr{IPNet: netipx.IPNet(hostLen(a)), Flags: addrFlags(a.Addr())}); err != nil {
-			return Wired{}, fmt.Errorf("add %s to %s: %w", hostLen(a), p.IfName, err)
-		}
-	}
-	if err := ph.LinkSetUp(pod); err != nil {
-		return Wired{}, fmt.Errorf("set %s up: %w", p.IfName, err)
-	}
-	for _, gw := range p.gateways() {
-		if err := ph.NeighSet(permanent(pod.Attrs().Index, gw, hostMAC)); err != nil {
-			return Wired{}, fmt.Errorf("add neighbour %s in pod: %w", gw, err)
-		}
-		r := &netlink.Route{LinkIndex: pod.Attrs().Index, Dst: defaultDst(gw), Gw: gw.AsSlice()}
-		if gw.Is4() {
-			r.Flags = int(netlink.FLAG_ONLINK)
-		}
-		if err := ph.RouteAdd(r); err != nil {
-			return Wired{}, fmt.Errorf("add default route via %s in pod: %w", gw, err)
-		}
-	}
-	return Wired{HostMAC: hostMAC, PodMAC: pod.Attrs().HardwareAddr, HostIndex: veth.Attrs().Index, PodIndex: pod.Attrs().Index}, nil
+	p.Routed = true
+	return addVeth(h, 0, p)
 }
 
 func permanent(index int, ip netip.Addr, mac net.HardwareAddr) *netlink.Neigh {
@@ -159,10 +118,6 @@ func EnsureUnreachable(h *netlink.Handle, subnet netip.Prefix) error {
 // EnsureNodeAddr makes sure lo carries gw, a routed node subnet's gateway address, as a
 // host prefix (see the comment at the top). One add, whether or not it is there.
 func EnsureNodeAddr(h *netlink.Handle, gw netip.Addr) error {
-	lo, err := h.LinkByName("lo")
-	if err != nil {
-		return fmt.Errorf("find lo: %w", err)
-	}
 	a := &netlink.Addr{IPNet: netipx.IPNet(netip.PrefixFrom(gw, gw.BitLen())), Flags: addrFlags(gw)}
 	if err := h.AddrAdd(lo, a); err != nil && !errors.Is(err, syscall.EEXIST) {
 		return fmt.Errorf("add the pods' gateway address %s to lo: %w", a.IPNet, err)
@@ -189,12 +144,9 @@ func CheckRouted(h *netlink.Handle, p Pod) error {
 	if host.Attrs().Flags&net.FlagUp == 0 {
 		return fmt.Errorf("host veth %s is down", p.HostVeth)
 	}
-	addrs := make([]netip.Prefix, 0, 2)
-	for _, a := range p.addrs() {
-		addrs = append(addrs, hostLen(a))
-	}
+	p.Routed = true
 	var podMAC net.HardwareAddr
-	if err := checkPod(host, p, addrs, func(ph *netlink.Handle, pod netlink.Link) error {
+	if err := checkPod(host, p, func(ph *netlink.Handle, pod netlink.Link) error {
 		podMAC = pod.Attrs().HardwareAddr
 		for _, gw := range p.gateways() {
 			if err := hasPermanent(ph, pod.Attrs().Index, gw, host.Attrs().HardwareAddr); err != nil {
@@ -210,12 +162,8 @@ func CheckRouted(h *netlink.Handle, p Pod) error {
 			return fmt.Errorf("node: %w", err)
 		}
 	}
-	for _, want := range hostRoutes(host.Attrs().Index, p) {
-		fam := unix.AF_INET
-		if want.Dst.IP.To4() == nil {
-			fam = unix.AF_INET6
-		}
-		have, err := h.RouteListFiltered(fam, want, netlink.RT_FILTER_DST|netlink.RT_FILTER_OIF)
+	for i, want := range hostRoutes(host.Attrs().Index, p) {
+		have, err := h.RouteListFiltered(family(p.addrs()[i].Addr()), want, netlink.RT_FILTER_DST|netlink.RT_FILTER_OIF)
 		if err != nil || len(have) == 0 {
 			return fmt.Errorf("the node has no route to %s over %s", want.Dst, p.HostVeth)
 		}
@@ -230,20 +178,12 @@ func CheckRouted(h *netlink.Handle, p Pod) error {
 // address of that family); without the second, a packet for an unused address of the
 // subnet follows the default route back out.
 func CheckRoutedNode(h *netlink.Handle, gw netip.Prefix) error {
-	lo, err := h.LinkByName("lo")
-	if err != nil {
-		return fmt.Errorf("find lo: %w", err)
-	}
 	host := hostLen(gw)
 	if ok, err := hasAddr(h, lo, host); err != nil || !ok {
 		return fmt.Errorf("lo does not carry the pods' gateway address %s", host)
 	}
-	fam := unix.AF_INET
-	if gw.Addr().Is6() {
-		fam = unix.AF_INET6
-	}
 	want := &netlink.Route{Dst: netipx.IPNet(gw.Masked()), Type: unix.RTN_UNREACHABLE}
-	have, err := h.RouteListFiltered(fam, want, netlink.RT_FILTER_DST|netlink.RT_FILTER_TYPE)
+	have, err := h.RouteListFiltered(family(gw.Addr()), want, netlink.RT_FILTER_DST|netlink.RT_FILTER_TYPE)
 	if err != nil || len(have) == 0 {
 		return fmt.Errorf("the node has no unreachable route for the pods' subnet %s", gw.Masked())
 	}

@@ -64,6 +64,18 @@ func (p Pod) addrs() []netip.Prefix {
 	return []netip.Prefix{p.Addr}
 }
 
+// ifAddrs are the addresses the pod interface carries: addrs, as host prefixes for a
+// routed pod.
+func (p Pod) ifAddrs() []netip.Prefix {
+	out := p.addrs()
+	if p.Routed {
+		for i, a := range out {
+			out[i] = hostLen(a)
+		}
+	}
+	return out
+}
+
 // gateways are the pod's default routes' gateways.
 func (p Pod) gateways() []netip.Addr {
 	var out []netip.Addr
