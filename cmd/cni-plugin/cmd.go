@@ -323,6 +323,9 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	if err := bridge.Up(h, podNS, wired, x.HostVeth, args.IfName); err != nil {
 		return err
 	}
+	if err := bridge.Usable(podNS, wired); err != nil {
+		return err
+	}
 
 	return addResult{
 		cniVersion: c.CNIVersion,
@@ -370,6 +373,9 @@ func addRouted(ctx context.Context, h *netlink.Handle, c *netConf, args *skel.Cm
 		return err
 	}
 	if err := bridge.RouteRouted(h, wired, p); err != nil {
+		return err
+	}
+	if err := bridge.Usable(podNS, wired); err != nil {
 		return err
 	}
 	return addResult{

@@ -186,6 +186,7 @@ type Pod struct {
 type Wired struct {
 	HostMAC, PodMAC     net.HardwareAddr
 	HostIndex, PodIndex int
+	V6                  []netip.Addr // the pod's IPv6 addresses, which Usable waits for
 }
 
 // ErrLive means an attachment's interfaces already exist and are in use: its host veth is
@@ -376,7 +377,13 @@ func configure(h *netlink.Handle, veth *netlink.Veth, p Pod) (Wired, error) {
 			return Wired{}, fmt.Errorf("add default route via %s in pod: %w", gw, err)
 		}
 	}
-	return Wired{HostMAC: hostMAC, PodMAC: pod.Attrs().HardwareAddr, HostIndex: veth.Attrs().Index, PodIndex: pod.Attrs().Index}, nil
+	w := Wired{HostMAC: hostMAC, PodMAC: pod.Attrs().HardwareAddr, HostIndex: veth.Attrs().Index, PodIndex: pod.Attrs().Index}
+	for _, a := range p.ifAddrs() {
+		if a.Addr().Is6() {
+			w.V6 = append(w.V6, a.Addr())
+		}
+	}
+	return w, nil
 }
 
 // Del removes the host end hostVeth (and with it the pod end). A missing link is not an

@@ -119,8 +119,15 @@ func EnsureUnreachable(h *netlink.Handle, subnet netip.Prefix) error {
 // host prefix (see the comment at the top). One add, whether or not it is there.
 func EnsureNodeAddr(h *netlink.Handle, gw netip.Addr) error {
 	a := &netlink.Addr{IPNet: netipx.IPNet(netip.PrefixFrom(gw, gw.BitLen())), Flags: addrFlags(gw)}
-	if err := h.AddrAdd(lo, a); err != nil && !errors.Is(err, syscall.EEXIST) {
+	err := h.AddrAdd(lo, a)
+	if errors.Is(err, syscall.EEXIST) {
+		return nil
+	}
+	if err != nil {
 		return fmt.Errorf("add the pods' gateway address %s to lo: %w", a.IPNet, err)
+	}
+	if gw.Is6() {
+		return waitLocal(h, []netip.Addr{gw}, usableWait) // as the pods' own addresses (Usable)
 	}
 	return nil
 }

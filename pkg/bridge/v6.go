@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -154,6 +155,50 @@ func ensureSysctl(p, v string) error {
 func writeSysctl(p, v string) error {
 	if err := os.WriteFile(p, []byte(v), 0o644); err != nil {
 		return fmt.Errorf("set %s: %w", strings.TrimPrefix(p, "/proc/sys/"), err)
+	}
+	return nil
+}
+
+// usableWait bounds Usable: the kernel's work item runs in milliseconds even on a busy node.
+const usableWait = 10 * time.Second
+
+// Usable waits until the pod's kernel takes each of w's IPv6 addresses as its own. It
+// installs an IPv6 address's local route from a work item, after the address is added or
+// its link gets a carrier (also without duplicate address detection, also on a busy node
+// later than ADD would return), and drops packets for the address until then: a routed
+// pod, which the node reaches through a permanent neighbour entry, lost the first packet
+// from another node (a bridged pod's neighbour solicitation is retried, and hid it).
+func Usable(podNS netns.NsHandle, w Wired) error {
+	if len(w.V6) == 0 {
+		return nil
+	}
+	ph, err := netlink.NewHandleAt(podNS, unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("netlink in pod namespace: %w", err)
+	}
+	defer ph.Close()
+	return waitLocal(ph, w.V6, usableWait)
+}
+
+// waitLocal waits up to limit until the kernel behind h routes each of addrs locally.
+func waitLocal(h *netlink.Handle, addrs []netip.Addr, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	pause := 50 * time.Microsecond
+	for _, a := range addrs {
+		for {
+			rs, err := h.RouteGet(a.AsSlice())
+			if err != nil && !errors.Is(err, syscall.ENETUNREACH) {
+				return fmt.Errorf("look up the route to %s: %w", a, err)
+			}
+			if len(rs) > 0 && rs[0].Type == unix.RTN_LOCAL {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("the kernel did not take %s as a local address within %s", a, limit)
+			}
+			time.Sleep(pause)
+			pause = min(2*pause, 5*time.Millisecond)
+		}
 	}
 	return nil
 }

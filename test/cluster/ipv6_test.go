@@ -123,9 +123,40 @@ func dump6(t *testing.T, l *lab.Lab) string {
 	var b strings.Builder
 	for _, n := range l.Nodes {
 		fmt.Fprintf(&b, "%s routes:\n%s%s neighbours:\n%s", n.Name, l.NodeNS(n).MustRun(t, "ip", "-6", "route"), n.Name, l.NodeNS(n).MustRun(t, "ip", "-6", "neigh"))
-		for _, p := range n.Pods {
-			fmt.Fprintf(&b, "%s:\n%s%s", p.Name, l.PodNS(p).MustRun(t, "ip", "-6", "addr"), l.PodNS(p).MustRun(t, "ip", "-6", "route"))
+		fmt.Fprintf(&b, "%s counters: %s\n", n.Name, snmp6(l.NodeNS(n)))
+		if out, err := l.NodeNS(n).Run("nft", "list", "table", "netdev", antispoof.RoutedTable); err == nil {
+			fmt.Fprintf(&b, "%s routed pods' table:\n%s", n.Name, out)
 		}
+		for _, p := range n.Pods {
+			fmt.Fprintf(&b, "%s:\n%s%s%s neighbours:\n%s%s counters: %s\n", p.Name, l.PodNS(p).MustRun(t, "ip", "-6", "addr"), l.PodNS(p).MustRun(t, "ip", "-6", "route"),
+				p.Name, l.PodNS(p).MustRun(t, "ip", "-6", "neigh"), p.Name, snmp6(l.PodNS(p)))
+		}
+	}
+	// Whether what failed fails still, or was lost once.
+	for _, row := range l.Matrix(context.Background()) {
+		for _, c := range row {
+			if !c.OK && c.From != c.To {
+				fmt.Fprintf(&b, "again: %s -> %s fails still\n", c.From, c.To)
+			}
+		}
+	}
+	return b.String()
+}
+
+// snmp6 is ns's non-zero IPv6 and ICMPv6 counters that say where a packet went or was
+// dropped (/proc/net/snmp6), for a failure message.
+func snmp6(ns *netns.NS) string {
+	out, err := ns.Run("cat", "/proc/net/snmp6")
+	if err != nil {
+		return err.Error()
+	}
+	var b strings.Builder
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) != 2 || f[1] == "0" || strings.Contains(f[0], "Octets") || strings.Contains(f[0], "ECT") || strings.Contains(f[0], "Mcast") {
+			continue
+		}
+		fmt.Fprintf(&b, "%s=%s ", strings.TrimPrefix(f[0], "Ip6"), f[1])
 	}
 	return b.String()
 }
