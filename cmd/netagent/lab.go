@@ -46,7 +46,7 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 	backend := fs.String("backend", "vxlan", "up: host-gw, vxlan, hybrid or wireguard (encrypted; needs netagent-wireguard beside this binary)")
 	pods := fs.Int("pods-per-node", 2, "up: pods per node")
 	family := fs.String("ip-family", "ipv4", "up: ipv4, ipv6 (an IPv6 underlay from 2001:db8::/32 and IPv6 pods only) or dual")
-	podIface := fs.String("pod-interface", "bridge", "up: how the plugin wires pods: bridge or routed (host routes over each pod's veth, no bridge)")
+	podIface := fs.String("pod-interface", "", "up: how the plugin wires pods: routed (host routes over each pod's veth, no bridge) or bridge (default: the agents' default, auto: routed on the lab's new nodes)")
 	cniBin := fs.String("cni-bin-dir", "", "directory with netagent-cni (default: beside this binary)")
 	picture := fs.String("picture", "", "up, status: also write the topology as an SVG picture to this file")
 	scenario := fs.String("scenario", "cni", "up: cni (agents + CNI pods), docker (Docker hosts: a dockerd per node on its lease, netagent route-mode, containers) or kubernetes (kube-apiserver, controller-manager, scheduler, and containerd, kubelet, kube-proxy per node; netagent's DaemonSet from --manifests)")
@@ -100,10 +100,8 @@ func cmdLab(ctx context.Context, args []string, stdout io.Writer) error {
 			}
 		}
 		opt.Nodes, opt.Remote, opt.Backend, opt.PodsPerNode, opt.IPFamily = *nodes, *remote, *backend, *pods, *family
-		if *podIface != "bridge" {
-			opt.PodInterface = *podIface
-		}
-		if *podIface != "bridge" && *scenario == "docker" {
+		opt.PodInterface = *podIface
+		if *podIface != "" && *podIface != "bridge" && *scenario == "docker" {
 			return fmt.Errorf("--pod-interface %s: Docker hosts wire containers with Docker's bridge (route mode)", *podIface)
 		}
 		if *family != "ipv4" && *scenario != "cni" && !(*family == "dual" && *scenario == "kubernetes") {

@@ -67,7 +67,7 @@ and write the subnet file and CNI config that netagent-cni reads.`)
 	fs.StringVar(&f.cniConfDir, "cni-conf-dir", "/etc/cni/net.d", "where to write the CNI conflist (empty: do not write one)")
 	fs.StringVar(&f.cniBridge, "cni-bridge", "cni0", "bridge name put into the conflist")
 	fs.StringVar(&f.cniDataDir, "cni-data-dir", "", "plugin address store put into the conflist (empty: the plugin's default)")
-	fs.StringVar(&f.podIface, "pod-interface", "bridge", "how the plugin wires pods, put into the conflist: bridge (veths on --cni-bridge) or routed (no bridge: host routes over each pod's veth, as Calico; faster, see BENCHMARKS.md)")
+	fs.StringVar(&f.podIface, "pod-interface", "auto", "how the plugin wires pods, put into the conflist: routed (no bridge: host routes over each pod's veth, as Calico; faster, see BENCHMARKS.md), bridge (veths on --cni-bridge), or auto: routed unless the node has bridged pods")
 	fs.StringVar(&f.subnetManager, "subnet-manager", "etcd", "where subnets come from: etcd (leases in etcd) or kube (the Node's spec.podCIDR; peers from the Kubernetes API)")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kube: kubeconfig file (empty: the in-cluster service account)")
 	fs.StringVar(&f.netConf, "net-conf", "/etc/netagent/net-conf.json", "kube: the network config JSON (a mounted ConfigMap; same schema as netagent config set --file)")
@@ -148,8 +148,8 @@ func (f *runFlags) validate() error {
 	default:
 		return fmt.Errorf("--subnet-manager %q: want etcd or kube", f.subnetManager)
 	}
-	if f.podIface != "" && f.podIface != "bridge" && f.podIface != "routed" { // "": route-mode has no such flag
-		return fmt.Errorf("--pod-interface %q: want bridge or routed", f.podIface)
+	if f.podIface != "" && f.podIface != "bridge" && f.podIface != "routed" && f.podIface != "auto" { // "": route-mode has no such flag
+		return fmt.Errorf("--pod-interface %q: want auto, routed or bridge", f.podIface)
 	}
 	return nil
 }

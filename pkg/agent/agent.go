@@ -234,6 +234,18 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	log.Info("underlay", "dev", ul.Dev, "ip", ul.IP, "ip6", ul.IP6, "mtu", ul.MTU)
+	if a.opt.CNIConfDir != "" && a.opt.CNIConf.PodInterface != "" {
+		iface, why, warn, err := resolvePodInterface(a.opt.CNIConf.PodInterface, a.podDataDir())
+		if err != nil {
+			return err
+		}
+		a.opt.CNIConf.PodInterface = iface
+		level := slog.LevelInfo
+		if warn {
+			level = slog.LevelWarn
+		}
+		log.Log(ctx, level, "pod interface", "podInterface", iface, "why", why)
+	}
 	cfg, err := a.config(ctx, log)
 	if err != nil {
 		return err

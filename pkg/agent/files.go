@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/netagent/netagent/pkg/antispoof"
 	"github.com/netagent/netagent/pkg/atomicfile"
 	"github.com/netagent/netagent/pkg/config"
 	"github.com/netagent/netagent/pkg/lease"
@@ -28,9 +29,35 @@ type CNIConf struct {
 	FileName string // default "10-netagent.conflist"
 	Bridge   string // default "cni0"
 	DataDir  string // plugin dataDir; "" leaves the plugin's default
-	// PodInterface is the plugin's podInterface: "routed", or "" or "bridge" (the default,
-	// which the conflist then leaves out).
+	// PodInterface is the plugin's podInterface: "routed", "" or "bridge" (the plugin's
+	// default, which the conflist then leaves out), or "auto" (resolvePodInterface).
 	PodInterface string
+}
+
+// resolvePodInterface is the podInterface the agent puts into the conflist for asked, and
+// why, given the pods the plugin recorded in dataDir. "auto" is routed (faster, and no
+// bridge to keep) unless the node has bridged pods: a bridged pod and a routed one on the
+// same node cannot reach each other (each takes the other as on its own link, or behind
+// the node, and neither answers the other's neighbour solicitation), so a node keeps the
+// kind its pods have until it is drained. An explicit choice is kept, with a warning when
+// the node's pods are of the other kind.
+func resolvePodInterface(asked, dataDir string) (iface, why string, warn bool, err error) {
+	bridged, routed, err := antispoof.CountPods(dataDir)
+	if err != nil {
+		return "", "", false, fmt.Errorf("count the pods recorded in %s: %w", dataDir, err)
+	}
+	switch {
+	case asked != "auto":
+		other := map[bool]int{true: bridged, false: routed}[asked == "routed"]
+		if other > 0 {
+			return asked, fmt.Sprintf("as asked, though %d pods on this node are wired the other way: they cannot reach the new ones until they are recreated", other), true, nil
+		}
+		return asked, "as asked", false, nil
+	case bridged > 0:
+		return "bridge", fmt.Sprintf("auto: %d bridged pods on this node (drain it to move to routed pods)", bridged), routed > 0, nil
+	default:
+		return "routed", fmt.Sprintf("auto: no bridged pods on this node (%d routed)", routed), false, nil
+	}
 }
 
 // ConfList renders the conflist for the plugin (exported for tests and manifests).

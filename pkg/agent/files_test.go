@@ -2,6 +2,7 @@ package agent
 
 import (
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/netagent/netagent/pkg/ipam"
 	"github.com/netagent/netagent/pkg/subnetfile"
 )
 
@@ -156,5 +158,62 @@ func TestConfListFamilies(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// auto is routed on a node without bridged pods and bridge on one with some; an explicit
+// choice is kept, with a warning when the node's pods are of the other kind.
+func TestResolvePodInterface(t *testing.T) {
+	rng, err := ipam.NewRange(netip.MustParsePrefix("10.244.1.0/24"), netip.Addr{}, netip.Addr{}, netip.Addr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := func(t *testing.T, bridged, routed int) string {
+		dir := t.TempDir()
+		s, err := ipam.Open(filepath.Join(dir, "netagent"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Update(func(tx *ipam.Tx) error {
+			for i := range bridged + routed {
+				rec := ipam.Record{}
+				if i >= bridged {
+					rec.Extra = json.RawMessage(`{"hostVeth":"x","routed":true}`)
+				}
+				if _, err := tx.Allocate(rng, ipam.Key{ContainerID: fmt.Sprint("c", i), IfName: "eth0"}, rec); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return dir
+	}
+	for _, tc := range []struct {
+		asked           string
+		bridged, routed int
+		want            string
+		warn            bool
+	}{
+		{"auto", 0, 0, "routed", false},
+		{"auto", 0, 3, "routed", false},
+		{"auto", 2, 0, "bridge", false},
+		{"auto", 2, 1, "bridge", true},
+		{"routed", 2, 0, "routed", true},
+		{"routed", 0, 2, "routed", false},
+		{"bridge", 0, 2, "bridge", true},
+		{"bridge", 0, 0, "bridge", false},
+	} {
+		t.Run(fmt.Sprintf("%s,%d-bridged,%d-routed", tc.asked, tc.bridged, tc.routed), func(t *testing.T) {
+			got, why, warn, err := resolvePodInterface(tc.asked, store(t, tc.bridged, tc.routed))
+			if err != nil || got != tc.want || warn != tc.warn || why == "" {
+				t.Errorf("resolvePodInterface = %q (%q), warn %v, %v; want %q, warn %v", got, why, warn, err, tc.want, tc.warn)
+			}
+		})
+	}
+	// A node that never had a pod: no data directory at all.
+	if got, _, _, err := resolvePodInterface("auto", filepath.Join(t.TempDir(), "none")); err != nil || got != "routed" {
+		t.Errorf("no data dir: %q, %v; want routed", got, err)
 	}
 }

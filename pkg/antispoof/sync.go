@@ -149,6 +149,29 @@ func Entries(dataDir string) ([]Entry, error) {
 	return out, nil
 }
 
+// CountPods counts the pods netagent-cni recorded under dataDir, bridged and routed
+// (none when the directory does not exist).
+func CountPods(dataDir string) (bridged, routed int, err error) {
+	stores, err := openStores(dataDir)
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, s := range stores {
+		recs, err := s.Records()
+		if err != nil {
+			return 0, 0, err
+		}
+		for _, r := range recs {
+			if isRouted(r) {
+				routed++
+			} else {
+				bridged++
+			}
+		}
+	}
+	return bridged, routed, nil
+}
+
 // ErrNoDataDir means the plugin's data directory is missing while pods have entries.
 var ErrNoDataDir = errors.New("no CNI data dir")
 

@@ -59,7 +59,8 @@ type Options struct {
 	// switches its masquerade (default on).
 	IPv6Network    string
 	IPv6Masquerade *bool
-	// PodInterface is the agents' --pod-interface: "routed", or "" for the bridge.
+	// PodInterface is the agents' --pod-interface: "routed", "bridge", or "" for their
+	// default (auto: routed pods on the lab's new nodes).
 	PodInterface string
 	// EtcdMembers > 1 runs a cluster of that many members; EtcdBinary runs an external
 	// etcd (e.g. Debian's /usr/bin/etcd) instead of `netagent etcd`.
