@@ -16,6 +16,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	bridgepkg "github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/nat"
 	"github.com/netagent/netagent/pkg/nldump"
 	"github.com/netagent/netagent/pkg/subnetfile"
@@ -369,7 +370,10 @@ func mtus(h *netlink.Handle, bridge, underlay string, info subnetfile.Info) []Fi
 	}
 	bad := 0
 	for _, l := range links {
-		if br != nil && l.Attrs().MasterIndex == br.Attrs().Index && l.Type() == "veth" && l.Attrs().MTU != info.MTU {
+		// A bridged pod's host veth is on the bridge; a routed pod's has no master.
+		onBridge := br != nil && l.Attrs().MasterIndex == br.Attrs().Index
+		routed := l.Attrs().MasterIndex == 0 && strings.HasPrefix(l.Attrs().Name, bridgepkg.HostVethPrefix)
+		if (onBridge || routed) && l.Type() == "veth" && l.Attrs().MTU != info.MTU {
 			bad++
 		}
 		if v, ok := l.(*netlink.Vxlan); ok && underlay != "" {
@@ -380,7 +384,7 @@ func mtus(h *netlink.Handle, bridge, underlay string, info subnetfile.Info) []Fi
 	}
 	switch {
 	case bad > 0:
-		out = append(out, Finding{"MTU", Warn, fmt.Sprintf("%d pod interfaces on %s have an MTU other than the subnet file's %d (pods created before an MTU change)", bad, bridge, info.MTU), "recreate those pods"})
+		out = append(out, Finding{"MTU", Warn, fmt.Sprintf("%d pods' host veths (on %s, or routed) have an MTU other than the subnet file's %d (pods created before an MTU change)", bad, bridge, info.MTU), "recreate those pods"})
 	case len(out) == 0:
 		out = append(out, Finding{"MTU", OK, fmt.Sprintf("pod MTU %d consistent", info.MTU), ""})
 	}

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/netagent/netagent/pkg/agent"
+	"github.com/netagent/netagent/pkg/antispoof"
+	"github.com/netagent/netagent/pkg/bridge"
 	"github.com/netagent/netagent/pkg/lab"
 	"github.com/netagent/netagent/test/labtest"
 	"github.com/netagent/netagent/test/netns"
@@ -175,4 +177,15 @@ func TestHealthReadyAndMetrics(t *testing.T) {
 	if code, _, _ := l.Get(n, "/readyz"); code != 503 {
 		t.Errorf("/readyz with no lease = %d, want 503", code)
 	}
+}
+
+// podGuarded reports whether pod p on node n has its anti-spoofing in place: its address in
+// the bridge set (a bridged pod) or its own chain on its host veth (a routed pod).
+func podGuarded(l *lab.Lab, n *lab.Node, p *lab.Pod) bool {
+	ns := l.NodeNS(n)
+	if out, err := ns.Run("nft", "list", "set", "bridge", "netagent", "pods"); err == nil && strings.Contains(out, p.IP.String()) {
+		return true
+	}
+	out, err := ns.Run("nft", "list", "chain", "netdev", antispoof.RoutedTable, bridge.HostVethName(p.Name, "eth0"))
+	return err == nil && strings.Contains(out, p.IP.String())
 }

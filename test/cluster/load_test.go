@@ -209,13 +209,19 @@ func (pl *podLoad) leaks(storeDir string) []string {
 	for _, p := range pl.live {
 		wantEntries[antispoof.EntryFor(bridge.HostVethName(p.id, "eth0"), p.ip).String()] = true
 	}
+	// A bridged pod has its entry in the bridge set, a routed one its chain (by its veth).
 	var entries []antispoof.Entry
+	var chains []string
 	if err := pl.node.Do(func() error {
 		var err error
 		entries, err = antispoof.List(context.Background())
 		if errors.Is(err, antispoof.ErrNotInstalled) {
 			err = nil
 		}
+		if err != nil {
+			return err
+		}
+		chains, err = antispoof.RoutedChains(context.Background())
 		return err
 	}); err != nil {
 		out = append(out, err.Error())
@@ -225,8 +231,13 @@ func (pl *podLoad) leaks(storeDir string) []string {
 			out = append(out, fmt.Sprintf("anti-spoofing entry %q of no live pod", e))
 		}
 	}
-	if len(entries) != len(wantEntries) {
-		out = append(out, fmt.Sprintf("%d anti-spoofing entries for %d live pods", len(entries), len(wantEntries)))
+	for _, c := range chains {
+		if !veths[c] {
+			out = append(out, fmt.Sprintf("routed pod's anti-spoofing chain %q of no live pod", c))
+		}
+	}
+	if len(entries)+len(chains) != len(wantEntries) {
+		out = append(out, fmt.Sprintf("%d anti-spoofing entries and %d routed pods' chains for %d live pods", len(entries), len(chains), len(wantEntries)))
 	}
 	h, err := pl.node.Handle()
 	if err != nil {
