@@ -86,7 +86,7 @@ func confList(c CNIConf, subnetFile string, subnet6 netip.Prefix, mtu int) []byt
 	if c.DataDir != "" {
 		plugin["dataDir"] = c.DataDir
 	}
-	if c.PodInterface != "" && c.PodInterface != "bridge" {
+	if c.PodInterface == "routed" { // bridge is the plugin's default; auto is resolved by Run
 		plugin["podInterface"] = c.PodInterface
 	}
 	b, _ := json.MarshalIndent(map[string]any{
