@@ -270,7 +270,7 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	ref.iptables = true
 	runners := []runner{ours, ref}
 	if b.opt.floor {
-		floor, err := b.newCNIRunner("floor", binDir, floorConf(v6(floorSubnet6)))
+		floor, err := b.newCNIRunner("floor", binDir, floorConf(floorBridge, floorSubnet, v6(floorSubnet6)))
 		if err != nil {
 			return nil, err
 		}
@@ -305,6 +305,19 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 		}
 		ours4.records = func() (int, error) { return oursRecords(filepath.Join(tmp, "ours4", ours4.list.Name)) }
 		runners = append(runners, ours4)
+		if b.opt.floor {
+			// The floor on an IPv4-only network too: the dual / IPv4-only ratio of the bare
+			// kernel work, which no plugin can beat.
+			floor4, err := b.newCNIRunner("floor4", binDir, floorConf(floor4Bridge, floor4Subnet, ""))
+			if err != nil {
+				return nil, err
+			}
+			if err := setupBridge(floor4.ns, floor4Bridge, prefixes(floor4Subnet)...); err != nil {
+				return nil, fmt.Errorf("floor4: %w", err)
+			}
+			floor4.idxArg = true
+			runners = append(runners, floor4)
+		}
 	}
 	res := &results{
 		tput: map[string]map[int]batchSum{},
@@ -316,7 +329,7 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	}
 	for _, r := range runners {
 		res.tput[r.name()] = map[int]batchSum{}
-		if c, ok := r.(*cniRunner); ok && (r.name() == "floor" || r.name() == "ours4") {
+		if c, ok := r.(*cniRunner); ok && (r.name() == "floor" || r.name() == "ours4" || r.name() == "floor4") {
 			res.conf[r.name()] = strings.ReplaceAll(string(c.conf), tmp, "$TMP")
 		}
 	}
@@ -366,7 +379,7 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 		if r.name() == "lo" {
 			continue
 		}
-		if err := b.checkFamilies(pods[r.name()][0], dual && r.name() != "ours4"); err != nil {
+		if err := b.checkFamilies(pods[r.name()][0], dual && r.name() != "ours4" && r.name() != "floor4"); err != nil {
 			return nil, fmt.Errorf("%s: %w", r.name(), err)
 		}
 	}

@@ -123,6 +123,9 @@ type row struct {
 // network (ours4), the base of the dual / IPv4-only ratio.
 func (r *results) columns() []string {
 	if r.opt.family == familyDual {
+		if r.opt.floor {
+			return []string{"ours", "ref", "floor", "bare", "ours4", "floor4"}
+		}
 		return []string{"ours", "ref", "floor", "bare", "ours4"}
 	}
 	return []string{"ours", "ref", "floor", "bare"}
@@ -130,7 +133,7 @@ func (r *results) columns() []string {
 
 // headers are the columns as the tables name them.
 func (r *results) headers() []string {
-	names := map[string]string{"ours": "netagent-cni", "ref": "reference", "floor": "floor plugin", "bare": "bare netlink", "ours4": "netagent-cni IPv4-only"}
+	names := map[string]string{"ours": "netagent-cni", "ref": "reference", "floor": "floor plugin", "bare": "bare netlink", "ours4": "netagent-cni IPv4-only", "floor4": "floor plugin IPv4-only"}
 	var out []string
 	for _, c := range r.columns() {
 		out = append(out, names[c])
@@ -171,13 +174,19 @@ func (r *results) rows() []row {
 	if r.opt.family == familyDual {
 		// The same plugin on both networks, so the ratio is ours / ours4, not ours / ref.
 		d, v4 := percentile(r.add["ours"], 0.5), percentile(r.add["ours4"], 0.5)
-		rw := row{measure: "ADD p50 dual / IPv4-only (ours ÷ ours4)", vals: make([]string, len(cols))}
+		rw := row{measure: "ADD p50 dual / IPv4-only (ours ÷ ours4; floor ÷ floor4 under floor/ref)", vals: make([]string, len(cols))}
 		for i := range rw.vals {
 			rw.vals[i] = "-"
 		}
-		rw.vals[0], rw.vals[len(cols)-1] = fmt.Sprintf("%.2f ms", ms(d)), fmt.Sprintf("%.2f ms", ms(v4))
+		rw.vals[0], rw.vals[slices.Index(cols, "ours4")] = fmt.Sprintf("%.2f ms", ms(d)), fmt.Sprintf("%.2f ms", ms(v4))
 		ratio := float64(d) / float64(v4)
 		rw.ratio, rw.floorRatio = fmtRatio(ratio), "-"
+		if fi := slices.Index(cols, "floor4"); fi >= 0 {
+			// The floor's own ratio, in its column (floor ÷ floor4).
+			fd, f4 := percentile(r.add["floor"], 0.5), percentile(r.add["floor4"], 0.5)
+			rw.vals[slices.Index(cols, "floor")], rw.vals[fi] = fmt.Sprintf("%.2f ms", ms(fd)), fmt.Sprintf("%.2f ms", ms(f4))
+			rw.floorRatio = fmtRatio(float64(fd) / float64(f4))
+		}
 		rw.target = fmt.Sprintf("≤ %.2f", targetDualP50)
 		rw.verdict = verdict(ratio <= targetDualP50, ratio)
 		rows = append(rows, rw)
@@ -357,7 +366,7 @@ func writeMarkdown(w io.Writer, m meta, rows []row, r *results) {
 	fmt.Fprintln(w, "```json")
 	fmt.Fprintln(w, r.conf["ours"])
 	fmt.Fprintln(w, r.conf["ref"])
-	for _, name := range []string{"floor", "ours4"} {
+	for _, name := range []string{"floor", "ours4", "floor4"} {
 		if c, ok := r.conf[name]; ok {
 			fmt.Fprintln(w, c)
 		}

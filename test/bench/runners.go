@@ -34,11 +34,12 @@ const podIf = "eth0"
 // Each chain has its own bridge and subnet (on its own node namespace, so they could share
 // them, but distinct ones make a stray packet or a leak easy to attribute).
 const (
-	oursBridge, oursSubnet   = "cni0", "10.244.0.0/22"
-	refBridge, refSubnet     = "cni1", "10.245.0.0/22"
-	bareBridge, bareSubnet   = "cni2", "10.246.0.0/22"
-	floorBridge, floorSubnet = "cni3", "10.247.0.0/22"
-	ours4Bridge, ours4Subnet = "cni4", "10.248.0.0/22" // dual-stack runs: ours, IPv4 only
+	oursBridge, oursSubnet     = "cni0", "10.244.0.0/22"
+	refBridge, refSubnet       = "cni1", "10.245.0.0/22"
+	bareBridge, bareSubnet     = "cni2", "10.246.0.0/22"
+	floorBridge, floorSubnet   = "cni3", "10.247.0.0/22"
+	ours4Bridge, ours4Subnet   = "cni4", "10.248.0.0/22" // dual-stack runs: ours, IPv4 only
+	floor4Bridge, floor4Subnet = "cni5", "10.249.0.0/22" // dual-stack runs: the floor, IPv4 only
 
 	// The IPv6 subnets of a dual-stack run.
 	oursSubnet6  = "fd00:244::/64"
@@ -68,10 +69,10 @@ func v6Field(key, subnet6 string) string {
 
 // floorConf is the floor plugin's network (test/bench/floorcni): the bridge is made by
 // the bench, the address comes from CNI_ARGS. subnet6 (optional) makes it dual stack.
-func floorConf(subnet6 string) []byte {
+func floorConf(bridge, subnet, subnet6 string) []byte {
 	return fmt.Appendf(nil, `{"cniVersion":"1.0.0","name":"floor","plugins":[`+
 		`{"type":"netagent-bench-floor","bridge":%q,"subnet":%q%s,"capabilities":{"portMappings":true}}]}`,
-		floorBridge, floorSubnet, v6Field("ipv6Subnet", subnet6))
+		bridge, subnet, v6Field("ipv6Subnet", subnet6))
 }
 
 // oursConf is our plugin's network, its store below tmp/label; subnet6 (optional) makes it
