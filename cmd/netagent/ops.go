@@ -194,11 +194,15 @@ func printStatus(w io.Writer, st agent.Status, ipv6 string) error {
 	if st.Ready {
 		ready = "yes"
 	}
+	pods := ""
+	if st.PodInterface != "" {
+		pods = "  pods " + st.PodInterface
+	}
 	if st.Subnet == "" && st.Subnet6 != "" { // IPv6 only: no IPv4 fields to show
-		fmt.Fprintf(w, "node %s  backend %s  pod MTU %d  ready %s\n", st.Node, st.Backend, st.PodMTU, ready)
+		fmt.Fprintf(w, "node %s  backend %s  pod MTU %d%s  ready %s\n", st.Node, st.Backend, st.PodMTU, pods, ready)
 	} else {
-		fmt.Fprintf(w, "node %s  subnet %s  network %s  backend %s  public IP %s  pod MTU %d  ready %s\n",
-			st.Node, st.Subnet, st.Network, st.Backend, st.PublicIP, st.PodMTU, ready)
+		fmt.Fprintf(w, "node %s  subnet %s  network %s  backend %s  public IP %s  pod MTU %d%s  ready %s\n",
+			st.Node, st.Subnet, st.Network, st.Backend, st.PublicIP, st.PodMTU, pods, ready)
 	}
 	switch {
 	case st.Subnet6 != "": // the agent's own word

@@ -240,6 +240,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			return err
 		}
 		a.opt.CNIConf.PodInterface = iface
+		a.mu.Lock()
+		a.status.PodInterface = iface
+		a.mu.Unlock()
 		level := slog.LevelInfo
 		if warn {
 			level = slog.LevelWarn

@@ -35,6 +35,8 @@ type Status struct {
 	Network6  string `json:"network6,omitempty"`
 	PublicIP6 string `json:"publicIP6,omitempty"`
 	PodMTU    int    `json:"podMTU,omitempty"`
+	// PodInterface is how the conflist the agent wrote wires pods: routed or bridge.
+	PodInterface string `json:"podInterface,omitempty"`
 	// Docker is route mode's bridge ("docker0") or "network NAME".
 	Docker string            `json:"docker,omitempty"`
 	Errors map[string]string `json:"errors,omitempty"`

@@ -39,17 +39,17 @@ func TestIPv6Backends(t *testing.T) {
 		nodes, remote   int
 		podIface        string
 	}{
-		{"ipv6", "host-gw", 2, 0, ""},
-		{"ipv6", "vxlan", 3, 1, ""},
-		{"ipv6", "hybrid", 3, 1, ""},
-		{"dual", "host-gw", 2, 0, ""},
-		{"dual", "vxlan", 3, 1, ""},
-		{"dual", "hybrid", 3, 1, ""},
+		{"ipv6", "host-gw", 2, 0, "bridge"},
+		{"ipv6", "vxlan", 3, 1, "bridge"},
+		{"ipv6", "hybrid", 3, 1, "bridge"},
+		{"dual", "host-gw", 2, 0, "bridge"},
+		{"dual", "vxlan", 3, 1, "bridge"},
+		{"dual", "hybrid", 3, 1, "bridge"},
 		{"dual", "host-gw", 2, 0, "routed"},
 		{"ipv6", "vxlan", 3, 1, "routed"},
 	} {
 		name := tc.family + "/" + tc.backend
-		if tc.podIface != "" {
+		if tc.podIface != "bridge" {
 			name += "-" + tc.podIface
 		}
 		t.Run(name, func(t *testing.T) {
@@ -70,6 +70,9 @@ func TestIPv6Backends(t *testing.T) {
 				t.Errorf("pod -> outside over IPv6: server saw %q (%v), want node IP %s", got, err, n1.IP6)
 			}
 			st := status(t, l, n1)
+			if st.PodInterface != tc.podIface {
+				t.Errorf("status: pods %q, want %q", st.PodInterface, tc.podIface)
+			}
 			if st.Subnet6 == "" || st.PublicIP6 != n1.IP6.String() || (tc.family == "dual") != (st.Subnet != "") {
 				t.Errorf("status: subnet %q subnet6 %q publicIP6 %q", st.Subnet, st.Subnet6, st.PublicIP6)
 			}
@@ -185,16 +188,9 @@ func icmp6(t *testing.T, ns *netns.NS) (out, in int) {
 // (a routable prefix); and an agent restart, and a kill -9 and restart, under a running
 // IPv6 ping lose no packet; with bridged pods and with routed ones.
 func TestIPv6NoMasqueradeAndRestart(t *testing.T) {
-	for _, podIface := range []string{"", "routed"} {
-		t.Run("pods "+or(podIface, "bridged"), func(t *testing.T) { noMasqueradeAndRestart(t, podIface) })
+	for _, podIface := range []string{"bridge", "routed"} {
+		t.Run("pods "+podIface, func(t *testing.T) { noMasqueradeAndRestart(t, podIface) })
 	}
-}
-
-func or(s, def string) string {
-	if s == "" {
-		return def
-	}
-	return s
 }
 
 func noMasqueradeAndRestart(t *testing.T, podIface string) {
@@ -254,12 +250,12 @@ func noMasqueradeAndRestart(t *testing.T, podIface string) {
 // packet needs no resolution at all: the node's entry for the pod is permanent).
 func TestIPv6FirstPingAcrossNodes(t *testing.T) {
 	for _, tc := range []struct{ family, backend, podIface string }{
-		{"ipv6", "vxlan", ""},
-		{"dual", "host-gw", ""},
+		{"ipv6", "vxlan", "bridge"},
+		{"dual", "host-gw", "bridge"},
 		{"dual", "host-gw", "routed"},
 	} {
 		name := tc.family + "/" + tc.backend
-		if tc.podIface != "" {
+		if tc.podIface != "bridge" {
 			name += "-" + tc.podIface
 		}
 		t.Run(name, func(t *testing.T) {
