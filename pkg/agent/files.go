@@ -48,7 +48,10 @@ func resolvePodInterface(asked, dataDir string) (iface, why string, warn bool, e
 	}
 	switch {
 	case asked != "auto":
-		other := map[bool]int{true: bridged, false: routed}[asked == "routed"]
+		other := routed
+		if asked == "routed" {
+			other = bridged
+		}
 		if other > 0 {
 			return asked, fmt.Sprintf("as asked, though %d pods on this node are wired the other way: they cannot reach the new ones until they are recreated", other), true, nil
 		}

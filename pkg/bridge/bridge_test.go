@@ -15,8 +15,8 @@ import (
 
 // When Up and Usable return, the pod's kernel takes its IPv6 addresses as its own: a packet
 // for one is delivered at once. The kernel installs an IPv6 address's local route from a
-// work item after the link gets its carrier; without Usable, about one pod in five had no
-// local route yet when Up returned, on an idle machine.
+// work item after the link gets its carrier; without Usable, the first routed pod already
+// had none when Up returned, on an idle machine.
 func TestUsable(t *testing.T) {
 	netns.RequireRoot(t)
 	for _, routed := range []bool{false, true} {

@@ -30,17 +30,7 @@ import (
 // the best any plugin of that kind reaches in the runtime's path.
 // NETAGENT_CRI_BENCH_N sets the pods per kind and node (default 20).
 func TestCRINetworkShare(t *testing.T) {
-	if os.Getenv("NETAGENT_CRI_BENCH") == "" {
-		t.Skip("set NETAGENT_CRI_BENCH=1 to run the CRI benchmark")
-	}
-	netns.RequireRoot(t)
-	count := 20
-	if s := os.Getenv("NETAGENT_CRI_BENCH_N"); s != "" {
-		var err error
-		if count, err = strconv.Atoi(s); err != nil || count < 1 {
-			t.Fatalf("NETAGENT_CRI_BENCH_N=%q is not a positive number", s)
-		}
-	}
+	count := criBench(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Minute)
 	defer cancel()
 	build := func(p string) string {
@@ -181,17 +171,7 @@ func criShares(ctx context.Context, t *testing.T, nodes map[string]*node, names 
 // agent's default; or bridge). It logs the dual-stack / IPv4-only ratio of the network's
 // share of RunPodSandbox (issue 15: at most 1.15) and of StopPodSandbox.
 func TestCRIFamilies(t *testing.T) {
-	if os.Getenv("NETAGENT_CRI_BENCH") == "" {
-		t.Skip("set NETAGENT_CRI_BENCH=1 to run the CRI benchmark")
-	}
-	netns.RequireRoot(t)
-	count := 20
-	if s := os.Getenv("NETAGENT_CRI_BENCH_N"); s != "" {
-		var err error
-		if count, err = strconv.Atoi(s); err != nil || count < 1 {
-			t.Fatalf("NETAGENT_CRI_BENCH_N=%q is not a positive number", s)
-		}
-	}
+	count := criBench(t)
 	podIface := cmp.Or(os.Getenv("NETAGENT_CRI_BENCH_POD_INTERFACE"), "routed")
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Minute)
 	defer cancel()
@@ -218,4 +198,22 @@ func TestCRIFamilies(t *testing.T) {
 		t.Logf("%s (%s pods): network share dual / IPv4-only = %.3f; by the pairs' differences %.3f", call, podIface,
 			share[call]["dual"].Seconds()/share[call]["ipv4"].Seconds(), share[call+" paired"]["dual"].Seconds()/share[call+" paired"]["ipv4"].Seconds())
 	}
+}
+
+// criBench skips a CRI benchmark unless NETAGENT_CRI_BENCH is set, and returns the pods per
+// kind and node, NETAGENT_CRI_BENCH_N (default 20).
+func criBench(t *testing.T) int {
+	t.Helper()
+	if os.Getenv("NETAGENT_CRI_BENCH") == "" {
+		t.Skip("set NETAGENT_CRI_BENCH=1 to run the CRI benchmark")
+	}
+	netns.RequireRoot(t)
+	count := 20
+	if s := os.Getenv("NETAGENT_CRI_BENCH_N"); s != "" {
+		var err error
+		if count, err = strconv.Atoi(s); err != nil || count < 1 {
+			t.Fatalf("NETAGENT_CRI_BENCH_N=%q is not a positive number", s)
+		}
+	}
+	return count
 }
