@@ -293,7 +293,12 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 			return err
 		}
 	}
-	wired, err := bridge.Add(h, br, pod(podNS, args.IfName, x.HostVeth, addrs, c.defGW, mtu, c.hairpin))
+	pn, err := bridge.OpenPodNS(podNS)
+	if err != nil {
+		return err
+	}
+	defer pn.Close()
+	wired, err := bridge.Add(h, br, pn, pod(podNS, args.IfName, x.HostVeth, addrs, c.defGW, mtu, c.hairpin))
 	if err != nil {
 		return err
 	}
@@ -320,10 +325,10 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	}
 
 	// 5. Last, the host end goes up: from here on the attachment is live (see refuseLive).
-	if err := bridge.Up(h, podNS, wired, x.HostVeth, args.IfName); err != nil {
+	if err := bridge.Up(h, pn, wired, x.HostVeth, args.IfName); err != nil {
 		return err
 	}
-	if err := bridge.Usable(podNS, wired); err != nil {
+	if err := bridge.Usable(pn, wired); err != nil {
 		return err
 	}
 
@@ -356,7 +361,12 @@ func addRouted(ctx context.Context, h *netlink.Handle, c *netConf, args *skel.Cm
 	}
 	routed := routedAddrs(addrs)
 	p := pod(podNS, args.IfName, x.HostVeth, routed, true, mtu, false)
-	wired, err := bridge.AddRouted(h, p)
+	pn, err := bridge.OpenPodNS(podNS)
+	if err != nil {
+		return err
+	}
+	defer pn.Close()
+	wired, err := bridge.AddRouted(h, pn, p)
 	if err != nil {
 		return err
 	}
@@ -369,13 +379,13 @@ func addRouted(ctx context.Context, h *netlink.Handle, c *netConf, args *skel.Cm
 	if err := addHostPorts(ctx, c, args, addrs, rollback); err != nil {
 		return err
 	}
-	if err := bridge.Up(h, podNS, wired, x.HostVeth, args.IfName); err != nil {
+	if err := bridge.Up(h, pn, wired, x.HostVeth, args.IfName); err != nil {
 		return err
 	}
 	if err := bridge.RouteRouted(h, wired, p); err != nil {
 		return err
 	}
-	if err := bridge.Usable(podNS, wired); err != nil {
+	if err := bridge.Usable(pn, wired); err != nil {
 		return err
 	}
 	return addResult{
@@ -388,13 +398,7 @@ func addRouted(ctx context.Context, h *netlink.Handle, c *netConf, args *skel.Cm
 
 // enableForwarding turns on forwarding for the families of ips (IPv4 first).
 func enableForwarding(ips []netip.Addr) error {
-	if err := bridge.EnableForwarding(); err != nil {
-		return err
-	}
-	if ips[len(ips)-1].Is6() {
-		return bridge.EnableForwarding6()
-	}
-	return nil
+	return bridge.EnsureForwarding(ips[len(ips)-1].Is6())
 }
 
 // addHostPorts publishes the pod's host ports (none for most pods) in each family it has;

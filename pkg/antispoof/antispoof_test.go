@@ -363,12 +363,17 @@ func TestCounters(t *testing.T) {
 		t.Fatal(err)
 	}
 	veth := bridge.HostVethName("counters", "eth0")
-	wired, err := bridge.Add(h, br, bridge.Pod{NetnsFd: int(podFd.Fd()), IfName: "eth0", HostVeth: veth, Addr: addr, Gateway: gw.Addr(), MTU: 1500})
+	pn, err := bridge.OpenPodNS(vns.NsHandle(podFd.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pn.Close()
+	wired, err := bridge.Add(h, br, pn, bridge.Pod{NetnsFd: int(podFd.Fd()), IfName: "eth0", HostVeth: veth, Addr: addr, Gateway: gw.Addr(), MTU: 1500})
 	if err != nil {
 		t.Fatal(err)
 	}
 	// The plugin sets the host end up last (a live attachment is told from a half-done one by it).
-	in(t, node, func() error { return bridge.Up(h, vns.NsHandle(podFd.Fd()), wired, veth, "eth0") })
+	in(t, node, func() error { return bridge.Up(h, pn, wired, veth, "eth0") })
 	in(t, node, func() error { return antispoof.Install(ctx, []antispoof.Entry{antispoof.EntryFor(veth, addr.Addr())}) })
 	counts := func() antispoof.Counts {
 		var c antispoof.Counts

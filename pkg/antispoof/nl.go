@@ -95,9 +95,17 @@ func (c *conn) transact(msgs []msg) error {
 	c.seq++
 	b := appendNlmsg(nil, unix.NFNL_MSG_BATCH_BEGIN, unix.NLM_F_REQUEST, c.seq, batchHeader)
 	first := c.seq + 1
-	for _, m := range msgs {
+	for i, m := range msgs {
 		c.seq++
-		b = appendNlmsg(b, unix.NFNL_SUBSYS_NFTABLES<<8|m.typ, unix.NLM_F_REQUEST|unix.NLM_F_ACK|m.flags, c.seq, m.body())
+		// Only the last message asks for an acknowledgement: the kernel reports a failed
+		// message anyway, queues every answer until the batch is committed or aborted, and
+		// sends them in order, so the last one's says the rest went through. One receive
+		// instead of one per message (a chain of rules is a message per rule).
+		flags := unix.NLM_F_REQUEST | m.flags
+		if i == len(msgs)-1 {
+			flags |= unix.NLM_F_ACK
+		}
+		b = appendNlmsg(b, unix.NFNL_SUBSYS_NFTABLES<<8|m.typ, uint16(flags), c.seq, m.body())
 	}
 	last := c.seq
 	c.seq++

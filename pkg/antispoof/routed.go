@@ -105,13 +105,18 @@ func routedChainAttrs(veth string) []attr {
 
 // protocol matches the frame's ethertype (skb->protocol).
 func protocol(t uint16) []expression {
-	return []expression{
-		{"meta", []attr{u32(unix.NFTA_META_DREG, 1), u32(unix.NFTA_META_KEY, unix.NFT_META_PROTOCOL)}},
-		cmp(unix.NFT_CMP_EQ, 1, []byte{byte(t >> 8), byte(t)}),
-	}
+	return []expression{meta(unix.NFT_META_PROTOCOL), cmp(unix.NFT_CMP_EQ, 1, []byte{byte(t >> 8), byte(t)})}
 }
 
-// routedRules are the chain's rules for r, in order (see the comment at the top).
+// meta loads the packet's meta key into register 1.
+func meta(key uint32) expression {
+	return expression{"meta", []attr{u32(unix.NFTA_META_DREG, 1), u32(unix.NFTA_META_KEY, key)}}
+}
+
+// routedRules are the chain's rules for r, in order (see the comment at the top). A
+// dual-stack pod's IPv6 rules come after the other ethertypes are dropped, so they need
+// no ethertype test of their own, and what passes them is left to the chain's policy
+// (accept): the kernel's cost of a chain is per expression, paid by every ADD.
 func routedRules(r Routed) []rule {
 	v4, v6, ll := r.addrs()
 	accept, drop := verdict(nfAccept), verdict(nfDrop)
@@ -139,35 +144,36 @@ func routedRules(r Routed) []rule {
 			rule{"spoofed ARP", concat(protocol(unix.ETH_P_ARP), []expression{count(CounterARP), drop})},
 		)
 	}
-	if v6.IsValid() {
-		b6, bl := v6.As16(), ll.As16()
-		icmp := concat(protocol(unix.ETH_P_IPV6), []expression{l4proto(), cmp(unix.NFT_CMP_EQ, 1, []byte{unix.IPPROTO_ICMPV6})})
-		out = append(out,
-			rule{"IPv6 from a source not the pod's", concat(protocol(unix.ETH_P_IPV6), []expression{
-				netLoad(ip6Src, 16, 1), cmp(unix.NFT_CMP_NEQ, 1, b6[:]), cmp(unix.NFT_CMP_NEQ, 1, bl[:]),
-				count(CounterIPv6), drop,
-			})},
-			rule{"NA for the pod's own address", concat(icmp, []expression{
-				th(0, 1, 1), cmp(unix.NFT_CMP_EQ, 1, []byte{ndNeighAdvert}),
-				th(8, 16, 1), cmp(unix.NFT_CMP_EQ, 1, b6[:]), accept,
-			})},
-			rule{"NA for the pod's own link-local address", concat(icmp, []expression{
-				th(0, 1, 1), cmp(unix.NFT_CMP_EQ, 1, []byte{ndNeighAdvert}),
-				th(8, 16, 1), cmp(unix.NFT_CMP_EQ, 1, bl[:]), accept,
-			})},
-			// Left of neighbour discovery: RS and NS pass below; RA, redirects and any
-			// other NA are dropped.
-			rule{"spoofed NDP", concat(icmp, []expression{
-				th(0, 1, 1), cmp(unix.NFT_CMP_GTE, 1, []byte{ndRouterSolicit + 1}), cmp(unix.NFT_CMP_LTE, 1, []byte{ndRedirect}),
-				cmp(unix.NFT_CMP_NEQ, 1, []byte{ndNeighSolicit}),
-				count(CounterNDP), drop,
-			})},
-			rule{"IPv6 from the pod's own addresses", concat(protocol(unix.ETH_P_IPV6), []expression{accept})},
-		)
+	if !v6.IsValid() {
+		// An IPv4-only pod's kernel still sends link-local IPv6 (MLD, router
+		// solicitations): not spoofing, so counted with the other ethertypes.
+		return append(out, rule{"anything else", []expression{count(CounterOther), drop}})
 	}
-	// An IPv4-only pod's kernel still sends link-local IPv6 (MLD, router solicitations):
-	// not spoofing, so counted with the other ethertypes.
-	return append(out, rule{"anything else", []expression{count(CounterOther), drop}})
+	b6, bl := v6.As16(), ll.As16()
+	icmp := []expression{l4proto(), cmp(unix.NFT_CMP_EQ, 1, []byte{unix.IPPROTO_ICMPV6})}
+	return append(out,
+		rule{"neither IPv6 nor the pod's IPv4 or ARP", []expression{
+			meta(unix.NFT_META_PROTOCOL), cmp(unix.NFT_CMP_NEQ, 1, []byte{unix.ETH_P_IPV6 >> 8, unix.ETH_P_IPV6 & 0xff}),
+			count(CounterOther), drop,
+		}},
+		// From here on, IPv6 only.
+		rule{"IPv6 from a source not the pod's", []expression{
+			netLoad(ip6Src, 16, 1), cmp(unix.NFT_CMP_NEQ, 1, b6[:]), cmp(unix.NFT_CMP_NEQ, 1, bl[:]),
+			count(CounterIPv6), drop,
+		}},
+		rule{"NA for another address than the pod's", concat(icmp, []expression{
+			th(0, 1, 1), cmp(unix.NFT_CMP_EQ, 1, []byte{ndNeighAdvert}),
+			th(8, 16, 1), cmp(unix.NFT_CMP_NEQ, 1, b6[:]), cmp(unix.NFT_CMP_NEQ, 1, bl[:]),
+			count(CounterNDP), drop,
+		})},
+		// Left of neighbour discovery: RS, NS and the NAs above pass; RA and redirects
+		// are dropped.
+		rule{"RA or redirect", concat(icmp, []expression{
+			th(0, 1, 1), cmp(unix.NFT_CMP_GTE, 1, []byte{ndRouterSolicit + 1}), cmp(unix.NFT_CMP_LTE, 1, []byte{ndRedirect}),
+			cmp(unix.NFT_CMP_NEQ, 1, []byte{ndNeighSolicit}), cmp(unix.NFT_CMP_NEQ, 1, []byte{ndNeighAdvert}),
+			count(CounterNDP), drop,
+		})},
+	)
 }
 
 // routedTableAttrs are the table's attributes as we write them: no flags, so not dormant

@@ -29,7 +29,6 @@ import (
 	"unsafe"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 
 	"github.com/netagent/netagent/pkg/netipx"
@@ -238,7 +237,7 @@ func Live(h *netlink.Handle, podNS netns.NsHandle, host netlink.Link, ifName str
 // everything, and the bridge keeps the port disabled. Under a burst of ADDs that work runs
 // late, and a pod's first packets were lost after ADD returned. Asking a device for its
 // link state (ETHTOOL_GLINK) makes the kernel apply its pending link event at once.
-func Up(h *netlink.Handle, podNS netns.NsHandle, w Wired, hostVeth, ifName string) error {
+func Up(h *netlink.Handle, pn *PodNS, w Wired, hostVeth, ifName string) error {
 	if err := h.LinkSetUp(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: w.HostIndex}}); err != nil {
 		return fmt.Errorf("set %s up: %w", hostVeth, err)
 	}
@@ -250,13 +249,8 @@ func Up(h *netlink.Handle, podNS netns.NsHandle, w Wired, hostVeth, ifName strin
 	if err := syncLink(fd, hostVeth); err != nil {
 		return err
 	}
-	// The ioctl acts in its socket's namespace: a netlink socket opened in the pod's.
-	s, err := nl.GetNetlinkSocketAt(podNS, netns.None(), unix.NETLINK_ROUTE)
-	if err != nil {
-		return fmt.Errorf("socket in pod namespace: %w", err)
-	}
-	defer s.Close()
-	return syncLink(s.GetFd(), ifName)
+	// The ioctl acts in its socket's namespace: the pod's socket.
+	return syncLink(pn.sock, ifName)
 }
 
 // syncLink reads the link state of device name through socket fd (SIOCETHTOOL,
@@ -279,16 +273,16 @@ func syncLink(fd int, name string) error {
 	return nil
 }
 
-// Add creates the veth pair of p on bridge br and configures the pod end; the host end
-// stays down until Up. On error it removes what it created (the pod end goes with the host
-// end).
-func Add(h *netlink.Handle, br *netlink.Bridge, p Pod) (Wired, error) {
-	return addVeth(h, br.Attrs().Index, p)
+// Add creates the veth pair of p on bridge br and configures the pod end through pn (the
+// pod's namespace, p.NetnsFd's); the host end stays down until Up. On error it removes what
+// it created (the pod end goes with the host end).
+func Add(h *netlink.Handle, br *netlink.Bridge, pn *PodNS, p Pod) (Wired, error) {
+	return addVeth(h, br.Attrs().Index, pn, p)
 }
 
 // addVeth creates p's veth pair, its host end on master (0: none), and configures it; on
 // error it removes what it created.
-func addVeth(h *netlink.Handle, master int, p Pod) (Wired, error) {
+func addVeth(h *netlink.Handle, master int, pn *PodNS, p Pod) (Wired, error) {
 	veth := &netlink.Veth{
 		LinkAttrs: netlink.LinkAttrs{
 			Name:         p.HostVeth,
@@ -317,7 +311,7 @@ func addVeth(h *netlink.Handle, master int, p Pod) (Wired, error) {
 		}
 		return Wired{}, fmt.Errorf("create veth %s/%s: %w", p.HostVeth, p.IfName, err)
 	}
-	w, err := configure(h, veth, p)
+	w, err := configure(h, veth, pn.H, p)
 	if err != nil {
 		_ = h.LinkDel(veth)
 		return Wired{}, err
@@ -325,17 +319,12 @@ func addVeth(h *netlink.Handle, master int, p Pod) (Wired, error) {
 	return w, nil
 }
 
-func configure(h *netlink.Handle, veth *netlink.Veth, p Pod) (Wired, error) {
+func configure(h *netlink.Handle, veth *netlink.Veth, ph *netlink.Handle, p Pod) (Wired, error) {
 	if p.Hairpin {
 		if err := h.LinkSetHairpin(veth, true); err != nil {
 			return Wired{}, fmt.Errorf("set hairpin on %s: %w", p.HostVeth, err)
 		}
 	}
-	ph, err := netlink.NewHandleAt(netns.NsHandle(p.NetnsFd), unix.NETLINK_ROUTE)
-	if err != nil {
-		return Wired{}, fmt.Errorf("netlink in pod namespace: %w", err)
-	}
-	defer ph.Close()
 	pod, err := ph.LinkByName(p.IfName)
 	if err != nil {
 		return Wired{}, fmt.Errorf("find %s in pod namespace: %w", p.IfName, err)
@@ -555,12 +544,6 @@ func Status(h *netlink.Handle, name string) error {
 		return fmt.Errorf("bridge %s is down", name)
 	}
 	return nil
-}
-
-// EnableForwarding turns on IPv4 forwarding in the current network namespace, which a
-// bridge gateway needs; it reads first so the common case is one small read.
-func EnableForwarding() error {
-	return ensureSysctl("/proc/sys/net/ipv4/ip_forward", "1")
 }
 
 func family(a netip.Addr) int {

@@ -57,18 +57,23 @@ func TestUsable(t *testing.T) {
 				if i > 0 {
 					p.Gateway, p.Gateway6 = netip.Addr{}, netip.Addr{} // one default route per family
 				}
-				add := func() (bridge.Wired, error) { return bridge.Add(h, br, p) }
+				pn, err := bridge.OpenPodNS(vns.NsHandle(podFd.Fd()))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer pn.Close()
+				add := func() (bridge.Wired, error) { return bridge.Add(h, br, pn, p) }
 				if routed {
-					add = func() (bridge.Wired, error) { return bridge.AddRouted(h, p) }
+					add = func() (bridge.Wired, error) { return bridge.AddRouted(h, pn, p) }
 				}
 				var w bridge.Wired
 				if err := node.Do(func() (err error) { w, err = add(); return err }); err != nil {
 					t.Fatal(err)
 				}
-				if err := node.Do(func() error { return bridge.Up(h, vns.NsHandle(podFd.Fd()), w, p.HostVeth, p.IfName) }); err != nil {
+				if err := node.Do(func() error { return bridge.Up(h, pn, w, p.HostVeth, p.IfName) }); err != nil {
 					t.Fatal(err)
 				}
-				if err := bridge.Usable(vns.NsHandle(podFd.Fd()), w); err != nil {
+				if err := bridge.Usable(pn, w); err != nil {
 					t.Fatal(err)
 				}
 				rs, err := ph.RouteGet(p.Addr6.Addr().AsSlice())

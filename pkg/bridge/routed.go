@@ -59,9 +59,9 @@ var lo = &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: 1, Name: "lo"}}
 // and p.Gateway6 must be RoutedGateway4 and RoutedGateway6 (or invalid). The host end stays
 // down until Up; then RouteRouted adds the node's routes to the pod. On error it removes
 // what it created.
-func AddRouted(h *netlink.Handle, p Pod) (Wired, error) {
+func AddRouted(h *netlink.Handle, pn *PodNS, p Pod) (Wired, error) {
 	p.Routed = true
-	return addVeth(h, 0, p)
+	return addVeth(h, 0, pn, p)
 }
 
 func permanent(index int, ip netip.Addr, mac net.HardwareAddr) *netlink.Neigh {

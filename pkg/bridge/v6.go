@@ -134,14 +134,6 @@ func enableIPv6(netnsFd int, ifName string) error {
 	return <-errc
 }
 
-// EnableForwarding6 turns on IPv6 forwarding in the current network namespace, which a
-// bridge gateway for IPv6 pods needs (as EnableForwarding for IPv4). Note that with
-// forwarding on, the kernel ignores router advertisements on interfaces whose accept_ra is 1
-// (not 2): a node that learns its own IPv6 default route from RAs needs accept_ra=2.
-func EnableForwarding6() error {
-	return ensureSysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")
-}
-
 // ensureSysctl writes v to the sysctl file p unless it holds v already (the common case is
 // one small read).
 func ensureSysctl(p, v string) error {
@@ -168,16 +160,11 @@ const usableWait = 10 * time.Second
 // later than ADD would return), and drops packets for the address until then: a routed
 // pod, which the node reaches through a permanent neighbour entry, lost the first packet
 // from another node (a bridged pod's neighbour solicitation is retried, and hid it).
-func Usable(podNS netns.NsHandle, w Wired) error {
+func Usable(pn *PodNS, w Wired) error {
 	if len(w.V6) == 0 {
 		return nil
 	}
-	ph, err := netlink.NewHandleAt(podNS, unix.NETLINK_ROUTE)
-	if err != nil {
-		return fmt.Errorf("netlink in pod namespace: %w", err)
-	}
-	defer ph.Close()
-	return waitLocal(ph, w.V6, usableWait)
+	return waitLocal(pn.H, w.V6, usableWait)
 }
 
 // waitLocal waits up to limit until the kernel behind h routes each of addrs locally.

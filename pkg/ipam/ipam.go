@@ -511,7 +511,7 @@ func (st *state) Encode() []byte {
 		}
 		for _, f := range []string{a.ContainerID, a.IfName, a.Netns, string(a.Extra)} {
 			b.WriteByte(' ')
-			b.WriteString(strconv.Quote(f))
+			b.Write(appendQuoted(b.AvailableBuffer(), f))
 		}
 		b.WriteByte('\n')
 	}
@@ -604,14 +604,11 @@ func decodeRecord(s string) (Record, error) {
 	}
 	var f [4]string
 	for i := range f {
-		q, err := strconv.QuotedPrefix(s)
-		if err != nil {
+		var err error
+		if f[i], s, err = cutQuoted(s); err != nil {
 			return Record{}, fmt.Errorf("field %d: %v", i+2, err)
 		}
-		if f[i], err = strconv.Unquote(q); err != nil {
-			return Record{}, fmt.Errorf("field %d: %v", i+2, err)
-		}
-		s = strings.TrimPrefix(s[len(q):], " ")
+		s = strings.TrimPrefix(s, " ")
 	}
 	if s != "" {
 		return Record{}, errors.New("trailing data")
@@ -624,6 +621,64 @@ func decodeRecord(s string) (Record, error) {
 		rec.Extra = json.RawMessage(f[3])
 	}
 	return rec, nil
+}
+
+// appendQuoted appends strconv.Quote(s) to b. The fields the plugin writes (IDs, paths,
+// JSON) are printable ASCII, quoted by escaping '"' and '\\' alone: that short path makes
+// the same bytes without strconv's per-rune work, most of the store's cost on every ADD
+// and DEL (BENCHMARKS.md); anything else goes to strconv.
+func appendQuoted(b []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
+			return strconv.AppendQuote(b, s)
+		}
+	}
+	b = append(b, '"')
+	for i := 0; i < len(s); i++ {
+		if s[i] == '"' || s[i] == '\\' {
+			b = append(b, '\\')
+		}
+		b = append(b, s[i])
+	}
+	return append(b, '"')
+}
+
+// cutQuoted unquotes the Go-quoted string at the start of s and returns it and what
+// follows. A field of printable ASCII with only \" and \\ escapes (what appendQuoted's
+// short path writes) is decoded here; anything else by strconv, which decides alike.
+func cutQuoted(s string) (string, string, error) {
+	if len(s) > 0 && s[0] == '"' {
+		var buf []byte
+	scan:
+		for i := 1; i < len(s); i++ {
+			switch c := s[i]; {
+			case c == '"':
+				if buf == nil {
+					return s[1:i], s[i+1:], nil
+				}
+				return string(buf), s[i+1:], nil
+			case c == '\\':
+				if i+1 == len(s) || (s[i+1] != '"' && s[i+1] != '\\') {
+					break scan
+				}
+				if buf == nil {
+					buf = append(make([]byte, 0, len(s)), s[1:i]...)
+				}
+				i++
+				buf = append(buf, s[i])
+			case c < 0x20 || c > 0x7e:
+				break scan
+			case buf != nil:
+				buf = append(buf, c)
+			}
+		}
+	}
+	q, err := strconv.QuotedPrefix(s)
+	if err != nil {
+		return "", "", err
+	}
+	u, err := strconv.Unquote(q)
+	return u, s[len(q):], err
 }
 
 func (s *Store) save(st *state) error {

@@ -1,0 +1,52 @@
+package ipam
+
+import (
+	"math/rand/v2"
+	"strconv"
+	"testing"
+)
+
+// TestQuoting: the store's quoting writes what strconv.Quote writes and reads back what
+// strconv.Unquote reads, for the fields the plugin writes and for any bytes at all (a
+// store edited by hand, or damaged).
+func TestQuoting(t *testing.T) {
+	fields := []string{
+		"", "eth0", "/var/run/netns/cni-1234", `{"hostVeth":"na0a2a653b007","gateway6":"fd00::1"}`,
+		`back\slash`, `"`, `\`, `\\"`, "tab\there", "newline\n", "nul\x00", "del\x7f", "é utf-8", "\xff\xfe",
+		"\u2028", `ends with \`,
+	}
+	r := rand.New(rand.NewPCG(1, 2))
+	for range 2000 {
+		b := make([]byte, r.IntN(12))
+		for i := range b {
+			const alphabet = "ab\"\\\n\x00\x7f\xc3\xa9 {}"
+			b[i] = alphabet[r.IntN(len(alphabet))]
+		}
+		fields = append(fields, string(b))
+	}
+	for _, f := range fields {
+		q := string(appendQuoted(nil, f))
+		if want := strconv.Quote(f); q != want {
+			t.Fatalf("appendQuoted(%q) = %s, want %s", f, q, want)
+		}
+		got, rest, err := cutQuoted(q + ` "next"`)
+		if err != nil || got != f || rest != ` "next"` {
+			t.Fatalf("cutQuoted(%s) = %q, %q, %v; want %q", q, got, rest, err, f)
+		}
+	}
+	// Quoted text as a damaged or hand-edited store may hold: both decoders agree on
+	// the value, or both refuse it.
+	for _, q := range []string{`"a\"b"`, `"a\qb"`, `"a\x41"`, `"\u00e9"`, `"unterminated`, `"a\"`, `"a` + "\n" + `"`, `noquote`, `""`, `"\\"`, `"a"b`, "\"\xff\""} {
+		for _, in := range []string{q, q + " rest"} {
+			got, _, err := cutQuoted(in)
+			wq, werr := strconv.QuotedPrefix(in)
+			var want string
+			if werr == nil {
+				want, werr = strconv.Unquote(wq)
+			}
+			if (err == nil) != (werr == nil) || got != want {
+				t.Errorf("cutQuoted(%s) = %q, %v; strconv gives %q, %v", in, got, err, want, werr)
+			}
+		}
+	}
+}
