@@ -1,7 +1,9 @@
 package ipam
 
 import (
+	"fmt"
 	"math/rand/v2"
+	"net/netip"
 	"strconv"
 	"testing"
 )
@@ -48,5 +50,48 @@ func TestQuoting(t *testing.T) {
 				t.Errorf("cutQuoted(%s) = %q, %v; strconv gives %q, %v", in, got, err, want, werr)
 			}
 		}
+	}
+}
+
+// BenchmarkUpdate is one ADD's store transaction (allocate and write back) with 60 pods
+// recorded, for an IPv4-only network and a dual-stack one (BENCHMARKS.md).
+func BenchmarkUpdate(b *testing.B) {
+	r4, _ := NewRange(netip.MustParsePrefix("10.244.40.0/22"), netip.Addr{}, netip.Addr{}, netip.Addr{})
+	r6, _ := NewRange(netip.MustParsePrefix("fd00:244:40::/64"), netip.Addr{}, netip.Addr{}, netip.Addr{})
+	for _, tc := range []struct {
+		name   string
+		ranges []Range
+		extra  string
+	}{
+		{"ipv4", []Range{r4}, `{"hostVeth":"na0a2a653b007","bridge":"","gateway":"10.244.40.1","prefix":22,"mtu":1500,"routed":true}`},
+		{"dual", []Range{r4, r6}, `{"hostVeth":"na0a2a653b007","bridge":"","gateway":"10.244.40.1","prefix":22,"gateway6":"fd00:244:40::1","prefix6":64,"mtu":1500,"routed":true}`},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			s, err := Open(b.TempDir())
+			if err != nil {
+				b.Fatal(err)
+			}
+			add := func(k Key) {
+				if err := s.Update(func(tx *Tx) error {
+					_, err := tx.AllocateEach(tc.ranges, k, Record{Netns: "/var/run/netns/cni-0b7a6c1e-5d2f-4c1e-9a8b-3f0e2d1c4b5a", Extra: []byte(tc.extra)})
+					return err
+				}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			for i := range 60 {
+				add(Key{ContainerID: fmt.Sprintf("%064d", i), IfName: "eth0"})
+			}
+			k := Key{ContainerID: "bench", IfName: "eth0"}
+			b.ResetTimer()
+			for range b.N {
+				add(k)
+				b.StopTimer()
+				if err := s.Update(func(tx *Tx) error { tx.Release(k); return nil }); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+		})
 	}
 }
