@@ -37,7 +37,7 @@ import (
 // dropped. MACs are not checked: on a point-to-point link a foreign source MAC misleads
 // nobody. The chain's policy is accept, as the bridge chain's: a chain someone flushed
 // loses the protection until the plugin's next ADD or the agent's repair, not the pod's
-// connectivity.
+// connectivity. (A pod's own IPv6 that no rule drops is accepted by that policy.)
 
 // RoutedTable is the netdev-family table of the routed pods' chains.
 const RoutedTable = "netagent"
@@ -152,7 +152,7 @@ func routedRules(r Routed) []rule {
 	b6, bl := v6.As16(), ll.As16()
 	icmp := []expression{l4proto(), cmp(unix.NFT_CMP_EQ, 1, []byte{unix.IPPROTO_ICMPV6})}
 	return append(out,
-		rule{"neither IPv6 nor the pod's IPv4 or ARP", []expression{
+		rule{"anything else than IPv6", []expression{
 			meta(unix.NFT_META_PROTOCOL), cmp(unix.NFT_CMP_NEQ, 1, []byte{unix.ETH_P_IPV6 >> 8, unix.ETH_P_IPV6 & 0xff}),
 			count(CounterOther), drop,
 		}},
