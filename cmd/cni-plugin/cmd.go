@@ -202,6 +202,11 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 			err = cniError(types.ErrInternal, "add pod network", rollback.run(err))
 		}
 	}()
+	pn, err := bridge.OpenPodNS(podNS) // one visit to the pod's namespace for the whole ADD
+	if err != nil {
+		return err
+	}
+	defer pn.Close()
 
 	// 1. The addresses: our own store, or the delegated IPAM plugin (recorded in our store
 	// too, so DEL, CHECK and GC know the attachment).
@@ -275,7 +280,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	}
 	if c.routed {
 		rollback.push(func() error { return release(ctx, store, key, nil) })
-		return addRouted(ctx, h, c, args, podNS, x, addrs, mtu, dns, &rollback)
+		return addRouted(ctx, h, c, args, podNS, pn, x, addrs, mtu, dns, &rollback)
 	}
 	spoof := antispoof.EntriesFor(x.HostVeth, ips...)
 	rollback.push(func() error { return release(ctx, store, key, spoof) })
@@ -293,11 +298,6 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 			return err
 		}
 	}
-	pn, err := bridge.OpenPodNS(podNS)
-	if err != nil {
-		return err
-	}
-	defer pn.Close()
 	wired, err := bridge.Add(h, br, pn, pod(podNS, args.IfName, x.HostVeth, addrs, c.defGW, mtu, c.hairpin))
 	if err != nil {
 		return err
@@ -343,7 +343,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 
 // addRouted wires a routed pod (podInterface "routed"): steps 2 to 5 of cmdAdd without the
 // bridge, with the pod's own anti-spoofing chain, and the node's routes to the pod last.
-func addRouted(ctx context.Context, h *netlink.Handle, c *netConf, args *skel.CmdArgs, podNS netns.NsHandle, x extra, addrs []ifAddr, mtu int, dns types.DNS, rollback *undo) error {
+func addRouted(ctx context.Context, h *netlink.Handle, c *netConf, args *skel.CmdArgs, podNS netns.NsHandle, pn *bridge.PodNS, x extra, addrs []ifAddr, mtu int, dns types.DNS, rollback *undo) error {
 	ips := addrsOf(addrs)
 	if err := enableForwarding(ips); err != nil {
 		return err
@@ -361,11 +361,6 @@ func addRouted(ctx context.Context, h *netlink.Handle, c *netConf, args *skel.Cm
 	}
 	routed := routedAddrs(addrs)
 	p := pod(podNS, args.IfName, x.HostVeth, routed, true, mtu, false)
-	pn, err := bridge.OpenPodNS(podNS)
-	if err != nil {
-		return err
-	}
-	defer pn.Close()
 	wired, err := bridge.AddRouted(h, pn, p)
 	if err != nil {
 		return err

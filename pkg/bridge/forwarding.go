@@ -28,7 +28,9 @@ var forwardingSysctl = map[int]string{
 // ipv6, for IPv6, which a node routing its pods needs. It asks the kernel over netlink
 // (RTM_GETNETCONF, both families in one datagram) and writes the sysctl only where
 // forwarding is off: a plugin process's first look-up of a /proc/sys file costs it more
-// than the netlink round trip (BENCHMARKS.md), and this runs on every ADD. Note that with
+// than the netlink round trip (BENCHMARKS.md), and this runs on every ADD. Hand-written:
+// vishvananda/netlink has no netconf call, and its NetlinkRequest.Execute (a socket with
+// its options per request) made the check three times as long. Note that with
 // IPv6 forwarding on, the kernel ignores router advertisements on interfaces whose
 // accept_ra is 1 (not 2): a node that learns its own IPv6 default route from RAs needs
 // accept_ra=2.

@@ -2,8 +2,8 @@ package bridge
 
 import (
 	"fmt"
-	"runtime"
 
+	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -18,60 +18,39 @@ type PodNS struct {
 	sock int             // a datagram socket there, for the link-state ioctl (Up)
 }
 
-// OpenPodNS opens handle and socket in the network namespace ns. The visit runs on a
-// locked OS thread of its own, which is discarded (never unlocked) if it cannot get back
-// to the namespace it came from, so no other goroutine ever runs in the pod's namespace.
-func OpenPodNS(ns netns.NsHandle) (*PodNS, error) {
-	type result struct {
-		p   *PodNS
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
+// OpenPodNS opens handle and socket in the network namespace podNS.
+func OpenPodNS(podNS netns.NsHandle) (*PodNS, error) {
+	var p *PodNS
+	err := inNS(podNS, func() error {
+		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 		if err != nil {
-			runtime.UnlockOSThread()
-			done <- result{err: fmt.Errorf("this thread's network namespace: %w", err)}
-			return
+			return fmt.Errorf("netlink in pod namespace: %w", err)
 		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			runtime.UnlockOSThread()
-			done <- result{err: fmt.Errorf("enter pod namespace: %w", err)}
-			return
+		s, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			h.Close()
+			return fmt.Errorf("socket in pod namespace: %w", err)
 		}
-		p, err := openHere()
-		if serr := netns.Set(orig); serr != nil {
-			if p != nil {
-				p.Close()
-			}
-			done <- result{err: fmt.Errorf("leave pod namespace: %w", serr)} // the thread stays locked: it ends with this goroutine
-			return
-		}
-		runtime.UnlockOSThread()
-		done <- result{p, err}
-	}()
-	r := <-done
-	return r.p, r.err
-}
-
-// openHere makes the handle and socket in the calling thread's namespace.
-func openHere() (*PodNS, error) {
-	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-	if err != nil {
-		return nil, fmt.Errorf("netlink in pod namespace: %w", err)
-	}
-	s, err := unix.Socket(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		h.Close()
-		return nil, fmt.Errorf("socket in pod namespace: %w", err)
-	}
-	return &PodNS{H: h, sock: s}, nil
+		p = &PodNS{H: h, sock: s}
+		return nil
+	})
+	return p, err
 }
 
 // Close closes handle and socket.
 func (p *PodNS) Close() {
 	p.H.Close()
 	unix.Close(p.sock)
+}
+
+// inNS runs fn inside the network namespace podNS, on a locked OS thread of its own that
+// is discarded if it cannot get back (containernetworking's ns.Do), so no other goroutine
+// ever runs in the pod's namespace.
+func inNS(podNS netns.NsHandle, fn func() error) error {
+	n, err := ns.GetNS(fmt.Sprintf("/proc/self/fd/%d", int(podNS)))
+	if err != nil {
+		return fmt.Errorf("pod namespace: %w", err)
+	}
+	defer n.Close()
+	return n.Do(func(ns.NetNS) error { return fn() })
 }

@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -119,19 +118,11 @@ func setupV6(h, ph *netlink.Handle, host *netlink.Veth, pod netlink.Link, p Pod)
 }
 
 // enableIPv6 clears disable_ipv6 of ifName in the namespace netnsFd. The sysctl is only
-// reachable from inside the namespace: it runs on a locked OS thread of its own, which is
-// discarded afterwards (never unlocked), so no other goroutine runs in the pod namespace.
+// reachable from inside the namespace.
 func enableIPv6(netnsFd int, ifName string) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := netns.Set(netns.NsHandle(netnsFd)); err != nil {
-			errc <- fmt.Errorf("enter pod namespace: %w", err)
-			return
-		}
-		errc <- writeSysctl("/proc/sys/net/ipv6/conf/"+ifName+"/disable_ipv6", "0")
-	}()
-	return <-errc
+	return inNS(netns.NsHandle(netnsFd), func() error {
+		return writeSysctl("/proc/sys/net/ipv6/conf/"+ifName+"/disable_ipv6", "0")
+	})
 }
 
 // ensureSysctl writes v to the sysctl file p unless it holds v already (the common case is

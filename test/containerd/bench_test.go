@@ -152,26 +152,20 @@ func criSamples(ctx context.Context, t *testing.T, nodes map[string]*node, names
 // the call, as it is for our plugin.
 func criSummary(t *testing.T, took map[criKey][]time.Duration, names []string) map[string]map[string]time.Duration {
 	t.Helper()
-	med := func(k criKey) time.Duration {
-		ds := slices.Clone(took[k])
-		slices.Sort(ds)
-		return ds[len(ds)/2]
-	}
 	paired := func(name, call string) time.Duration {
 		pods, hosts := took[criKey{name, "pod", call}], took[criKey{name, "host", call}]
 		ds := make([]time.Duration, len(pods))
 		for i := range pods {
 			ds[i] = pods[i] - hosts[i]
 		}
-		slices.Sort(ds)
-		return ds[len(ds)/2]
+		return median(ds)
 	}
 	out := map[string]map[string]time.Duration{}
 	for _, call := range []string{"run", "stop"} {
 		out[call] = map[string]time.Duration{}
 		out[call+" paired"] = map[string]time.Duration{}
 		for _, name := range names {
-			pod, host := med(criKey{name, "pod", call}), med(criKey{name, "host", call})
+			pod, host := median(took[criKey{name, "pod", call}]), median(took[criKey{name, "host", call}])
 			out[call][name] = pod - host
 			out[call+" paired"][name] = paired(name, call)
 			n := len(took[criKey{name, "pod", call}])
@@ -181,6 +175,12 @@ func criSummary(t *testing.T, took map[criKey][]time.Duration, names []string) m
 		}
 	}
 	return out
+}
+
+// median is the median of ds (the upper one of an even count).
+func median(ds []time.Duration) time.Duration {
+	ds = slices.Sorted(slices.Values(ds))
+	return ds[len(ds)/2]
 }
 
 // TestCRIFamilies is a benchmark like TestCRINetworkShare (NETAGENT_CRI_BENCH=1): our plugin
@@ -241,10 +241,6 @@ func TestCRIFamilies(t *testing.T) {
 	}
 	t.Log("both halves:")
 	share := criSummary(t, first, names)
-	median := func(ds []time.Duration) time.Duration {
-		ds = slices.Sorted(slices.Values(ds))
-		return ds[len(ds)/2]
-	}
 	for _, call := range []string{"run", "stop"} {
 		// A host-network sandbox involves no CNI network, so with both containerds serving
 		// both families, all of them are one baseline: half the noise of a baseline per
